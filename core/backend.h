@@ -1,0 +1,112 @@
+// Backend / Stream / Event: the one interface the model and executor call (DESIGN.md §3). Two real
+// implementations: CPU (core/cpu_backend.cc, kernels/cpu) and CUDA (kernels/cuda). Model code never
+// branches on the device.
+//
+// Stream semantics, shared by both backends: `launch(fn)` runs `fn` in stream order. On the CPU the
+// compute stream runs it inline on the calling thread and any other stream runs it on its own
+// worker thread (so nonblocking MPI driven there truly overlaps compute); on CUDA `fn` is called at
+// once on the host and enqueues device work on the stream. Events mark a point in a stream.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+#include "kernels/cpu/fp8_gemm.h"
+
+namespace fp8pipe {
+
+using kernels::GemmMode;
+using kernels::QuantParams;
+
+class Event {
+ public:
+  virtual ~Event() = default;
+  virtual void synchronize() = 0;  // block the host until the marked work is done
+  virtual bool query() = 0;        // done yet?
+};
+
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual const std::string& name() const = 0;
+  virtual void launch(std::function<void()> fn) = 0;
+  virtual std::shared_ptr<Event> record() = 0;
+  virtual void wait(const std::shared_ptr<Event>& e) = 0;  // later work waits for e
+  virtual void synchronize() = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // Memory. Tensors are contiguous; `copy` works between any two devices (same dtype and numel).
+  virtual Result<Tensor> empty(const Shape& shape, DType dtype) = 0;
+  Result<Tensor> zeros(const Shape& shape, DType dtype);
+  virtual Status fill_zero(Tensor& t) = 0;
+  virtual Status copy(const Tensor& src, Tensor& dst) = 0;
+
+  virtual Stream& compute() = 0;
+  virtual std::unique_ptr<Stream> create_stream(const std::string& name) = 0;
+
+  // FP8 numerics (FP8.md). x is fp32 or bf16, viewed as [rows, cols]. The result is FP8 with
+  // scales attached. `nonfinite` (optional) receives the number of groups with NaN/Inf amax.
+  virtual Result<Tensor> quantize(const Tensor& x, Granularity g, QuantParams p,
+                                  int64_t* nonfinite = nullptr) = 0;
+  // 128x1 quantization written transposed: [cols, rows] FP8 with 1x128 scales (Wgrad operands).
+  virtual Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p,
+                                             int64_t* nonfinite = nullptr) = 0;
+  // Exact transpose of a 128x128-quantized tensor (bytes and block scales), for Dgrad.
+  virtual Result<Tensor> transpose_fp8(const Tensor& q) = 0;
+  virtual Status dequantize(const Tensor& q, Tensor& out) = 0;  // out fp32, same shape
+  // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
+  virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;
+  // fp32 GEMM: C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged.
+  virtual Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
+                      float alpha = 1.0f, float beta = 0.0f) = 0;
+
+  // Model operators: fp32 tensors viewed as [rows, cols], i32 ids; the math (and what is written
+  // vs accumulated) is documented in kernels/cpu/ops.h. Shapes are checked here.
+  virtual Status embedding_fwd(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
+  virtual Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, Tensor& dtable) = 0;
+  virtual Status rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y,
+                             Tensor& rstd) = 0;
+  virtual Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             Tensor& dx, Tensor& dw_acc) = 0;
+  // x [n, heads * d]; pos [n].
+  virtual Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) = 0;
+  // q, k [B*T, H*dk], v [B*T, H*dv] -> o [B*T, H*dv], lse [B*H*T].
+  virtual Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B,
+                               int64_t T, int64_t H, float scale, Tensor& o, Tensor& lse) = 0;
+  virtual Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                               const Tensor& v, const Tensor& o, const Tensor& lse, int64_t B,
+                               int64_t T, int64_t H, float scale, Tensor& dq, Tensor& dk,
+                               Tensor& dv) = 0;
+  virtual Status swiglu_fwd(const Tensor& g, const Tensor& u, Tensor& h) = 0;
+  virtual Status swiglu_bwd(const Tensor& dh, const Tensor& g, const Tensor& u, Tensor& dg,
+                            Tensor& du) = 0;
+  virtual Status cross_entropy_fwd(const Tensor& logits, const Tensor& targets, Tensor& loss) = 0;
+  virtual Status cross_entropy_bwd(const Tensor& logits, const Tensor& targets, float row_scale,
+                                   Tensor& dlogits) = 0;
+  virtual Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk,
+                             int64_t n_groups, int64_t max_groups, float route_scale,
+                             Tensor& scores, Tensor& idx, Tensor& gates) = 0;
+  virtual Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) = 0;
+  // out[rows[i]] += w[i] * in[i]; w may be an undefined Tensor (weight 1).
+  virtual Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
+                                  Tensor& out) = 0;
+  virtual Status add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+  virtual Status axpy(float alpha, const Tensor& x, Tensor& y) = 0;
+  virtual Status round_bf16(const Tensor& x, Tensor& out) = 0;  // emulates bf16 storage
+  // Copies a device tensor to host memory (a plain copy on the CPU backend).
+  Result<Tensor> to_host(const Tensor& t);
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// The CUDA backend for local device `device_index`; an error when not built with CUDA or no GPU.
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index);
+
+}  // namespace fp8pipe

@@ -1,0 +1,219 @@
+// The CPU backend: host memory, inline compute stream, worker-thread side streams, and the FP8
+// numerics of kernels/cpu (bit-exact quantization; fast or exact FP8 GEMM; OpenBLAS sgemm).
+#include <cblas.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/backend.h"
+#include "core/cpu_ops.h"
+#include "core/cpu_stream.h"
+#include "kernels/cpu/fp8_gemm.h"
+#include "kernels/cpu/quantize.h"
+
+namespace fp8pipe {
+namespace {
+
+namespace k = kernels;
+
+Status check_float_input(const Tensor& x, const char* op) {
+  if (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16) {
+    return FP8_INVALID("{}: input must be fp32 or bf16, got {}", op, x.describe());
+  }
+  if (x.rank() < 1) return FP8_INVALID("{}: input must have rank >= 1, got a scalar", op);
+  return Status::Ok();
+}
+
+Status check_fp8(const Tensor& q, const char* op) {
+  if (!is_fp8(q.dtype()) || !q.scale()) {
+    return FP8_INVALID("{}: expected an FP8 tensor with scales, got {}", op, q.describe());
+  }
+  return Status::Ok();
+}
+
+k::Fp8Operand operand(const Tensor& t) {
+  return k::Fp8Operand{t.data_as<uint8_t>(), t.scale()->data_as<float>(), t.granularity(),
+                       fp8_format(t.dtype())};
+}
+
+class CpuBackend final : public CpuOps {
+ public:
+  CpuBackend() : compute_("compute", /*inline_exec=*/true) {}
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override { return "cpu"; }
+
+  Result<Tensor> empty(const Shape& shape, DType dtype) override {
+    for (int64_t d : shape) {
+      if (d < 0) return FP8_INVALID("negative dimension in shape {}", shape_str(shape));
+    }
+    auto buf = std::make_shared<Buffer>();
+    buf->bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+    // 64-byte alignment for vector loads; aligned_alloc needs a size multiple of the alignment.
+    const size_t alloc = (buf->bytes + 63) / 64 * 64;
+    buf->ptr = alloc ? std::aligned_alloc(64, alloc) : nullptr;
+    if (alloc && !buf->ptr) {
+      return FP8_ERROR(Code::kInternal, "out of host memory allocating {} bytes", alloc);
+    }
+    buf->device = Device::kCpu;
+    buf->release = [](void* p) { std::free(p); };
+    return Tensor(shape, dtype, std::move(buf));
+  }
+
+  Status fill_zero(Tensor& t) override {
+    if (t.nbytes()) std::memset(t.data(), 0, t.nbytes());
+    return Status::Ok();
+  }
+
+  Status copy(const Tensor& src, Tensor& dst) override {
+    if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+      return FP8_INVALID("copy: {} -> {}: dtype and element count must match", src.describe(),
+                         dst.describe());
+    }
+    if (src.device() != Device::kCpu || dst.device() != Device::kCpu) {
+      return FP8_INVALID("copy: the CPU backend cannot reach device memory ({} -> {})",
+                         src.describe(), dst.describe());
+    }
+    if (src.nbytes()) std::memmove(dst.data(), src.data(), src.nbytes());
+    return Status::Ok();
+  }
+
+  Stream& compute() override { return compute_; }
+  std::unique_ptr<Stream> create_stream(const std::string& name) override {
+    return std::make_unique<CpuStream>(name, /*inline_exec=*/false);
+  }
+
+  Result<Tensor> quantize(const Tensor& x, Granularity g, QuantParams p,
+                          int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize"));
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(g, R, C)}, DType::kF32));
+    const int64_t bad =
+        x.dtype() == DType::kF32
+            ? k::quantize(x.data_as<float>(), R, C, g, p, q.data_as<uint8_t>(), s.data_as<float>())
+            : k::quantize_bf16(x.data_as<uint16_t>(), R, C, g, p, q.data_as<uint8_t>(),
+                               s.data_as<float>());
+    if (nonfinite) *nonfinite = bad;
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), g, p.pow2);
+    return q;
+  }
+
+  Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p, int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize_transposed"));
+    if (x.dtype() != DType::kF32) {
+      return FP8_INVALID("quantize_transposed: fp32 input required, got {}", x.describe());
+    }
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({C, R}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
+    const int64_t bad = k::quantize_128x1_transposed(x.data_as<float>(), R, C, p,
+                                                     q.data_as<uint8_t>(), s.data_as<float>());
+    if (nonfinite) *nonfinite = bad;
+    // The 128x1 scale array of X is the 1x128 scale array of X^T.
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
+    return q;
+  }
+
+  Result<Tensor> transpose_fp8(const Tensor& q) override {
+    FP8_RETURN_IF_ERROR(check_fp8(q, "transpose_fp8"));
+    if (q.granularity() != Granularity::k128x128 || q.rank() != 2) {
+      return FP8_INVALID("transpose_fp8: needs a 2-D 128x128-quantized tensor, got {}",
+                         q.describe());
+    }
+    const int64_t R = q.dim(0), C = q.dim(1);
+    FP8_ASSIGN_OR_RETURN(Tensor t, empty({C, R}, q.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s,
+                         empty({k::scale_count(Granularity::k128x128, C, R)}, DType::kF32));
+    k::transpose_128x128(q.data_as<uint8_t>(), q.scale()->data_as<float>(), R, C,
+                         t.data_as<uint8_t>(), s.data_as<float>());
+    t.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k128x128, q.pow2_scales());
+    return t;
+  }
+
+  Status dequantize(const Tensor& q, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(check_fp8(q, "dequantize"));
+    if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
+      return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
+                         out.describe());
+    }
+    k::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
+                  q.granularity(), fp8_format(q.dtype()), out.data_as<float>());
+    return Status::Ok();
+  }
+
+  Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
+    FP8_RETURN_IF_ERROR(check_fp8(a, "gemm_fp8 A"));
+    FP8_RETURN_IF_ERROR(check_fp8(b, "gemm_fp8 B"));
+    const int64_t M = a.rows(), N = b.rows(), K = a.cols();
+    if (b.cols() != K) {
+      return FP8_INVALID("gemm_fp8: reduction dims differ: A {} vs B {} (out = A . B^T)",
+                         a.describe(), b.describe());
+    }
+    if (out.numel() != M * N || (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
+      return FP8_INVALID("gemm_fp8: output must be fp32 or bf16 with {}x{} elements, got {}", M, N,
+                         out.describe());
+    }
+    const bool ok = k::fp8_gemm(operand(a), operand(b), M, N, K, mode,
+                                out.dtype() == DType::kF32 ? out.data_as<float>() : nullptr,
+                                out.dtype() == DType::kBF16 ? out.data_as<uint16_t>() : nullptr);
+    if (!ok) {
+      return FP8_INVALID(
+          "gemm_fp8: unsupported scale pair {} x {} (128x128 x 128x128 has no "
+          "kernel, as in cuBLASLt)",
+          granularity_name(a.granularity()), granularity_name(b.granularity()));
+    }
+    return Status::Ok();
+  }
+
+  Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
+              float beta) override {
+    for (const Tensor* t : {&a, &b, static_cast<const Tensor*>(&c)}) {
+      if (t->dtype() != DType::kF32)
+        return FP8_INVALID("gemm: fp32 required, got {}", t->describe());
+    }
+    const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
+    const int64_t Kb = tb ? b.cols() : b.rows(), N = tb ? b.rows() : b.cols();
+    if (K != Kb || c.rows() != M || c.cols() != N) {
+      return FP8_INVALID("gemm: shapes do not chain: op(A) {}x{}, op(B) {}x{}, C {}", M, K, Kb, N,
+                         c.describe());
+    }
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
+                a.data_as<float>(), static_cast<int>(a.cols()), b.data_as<float>(),
+                static_cast<int>(b.cols()), beta, c.data_as<float>(), static_cast<int>(N));
+    return Status::Ok();
+  }
+
+ private:
+  static DType fp8_dtype(QuantParams p) {
+    return p.fmt == k::Fp8Format::kE4M3 ? DType::kE4M3 : DType::kE5M2;
+  }
+  CpuStream compute_;
+};
+
+}  // namespace
+
+Result<Tensor> Backend::zeros(const Shape& shape, DType dtype) {
+  FP8_ASSIGN_OR_RETURN(Tensor t, empty(shape, dtype));
+  FP8_RETURN_IF_ERROR(fill_zero(t));
+  return t;
+}
+
+Result<Tensor> Backend::to_host(const Tensor& t) {
+  if (t.device() == Device::kCpu) return t;
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty(t.shape(), t.dtype()));
+  FP8_RETURN_IF_ERROR(copy(t, h));
+  return h;
+}
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+#ifndef FP8PIPE_HAVE_CUDA
+Result<std::unique_ptr<Backend>> make_cuda_backend(int) {
+  return Status(Code::kUnimplemented, "this fp8pipe was built without CUDA",
+                "rebuild with -DFP8PIPE_CUDA=ON on a machine with the CUDA toolkit");
+}
+#endif
+
+}  // namespace fp8pipe

@@ -1,0 +1,330 @@
+// Attention of a block: DeepSeek-V3 MLA (low-rank Q and KV with RMSNormed latents, a decoupled RoPE
+// key shared by all heads) or plain MHA. Projections are Linears (FP8 under FP8 precision); the
+// norms, RoPE and the causal attention core stay fp32 (FP8.md §1.1).
+#include "core/model/attention.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace fp8pipe::model {
+namespace {
+
+// ---- head-layout packing on host memory ----
+// CPU tensors are host memory, so these are plain loops; a CUDA backend needs device kernels for
+// them (they refuse non-host tensors rather than touching device pointers).
+
+Status need_host(const Tensor& t, const char* who) {
+  if (t.device() == Device::kCpu) return Status::Ok();
+  return FP8_ERROR(Code::kUnimplemented, "attention {}: head packing has no {} kernel yet", who,
+                   device_name(t.device()));
+}
+
+// x [n, H*(a+b)] (per head [a | b]) -> xa [n, H*a], xb [n, H*b].
+Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int64_t H, int64_t a,
+                                              int64_t b) {
+  FP8_RETURN_IF_ERROR(need_host(x, "split_heads"));
+  if (x.cols() != H * (a + b)) {
+    return FP8_INVALID("attention split_heads: {} columns, expected {}*({}+{})", x.cols(), H, a, b);
+  }
+  const int64_t n = x.rows();
+  FP8_ASSIGN_OR_RETURN(Tensor xa, new_f32(c, n, H * a));
+  FP8_ASSIGN_OR_RETURN(Tensor xb, new_f32(c, n, H * b));
+  const float* s = x.data_as<float>();
+  float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
+  for (int64_t r = 0; r < n * H; ++r) {
+    std::memcpy(pa + r * a, s + r * (a + b), a * sizeof(float));
+    std::memcpy(pb + r * b, s + r * (a + b) + a, b * sizeof(float));
+  }
+  return std::make_pair(std::move(xa), std::move(xb));
+}
+
+// The inverse (and transpose) of split_heads: [n, H*a], [n, H*b] -> [n, H*(a+b)].
+Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int64_t H, int64_t a,
+                           int64_t b) {
+  FP8_RETURN_IF_ERROR(need_host(xa, "merge_heads"));
+  FP8_RETURN_IF_ERROR(need_host(xb, "merge_heads"));
+  const int64_t n = xa.rows();
+  if (xa.cols() != H * a || xb.cols() != H * b || xb.rows() != n) {
+    return FP8_INVALID("attention merge_heads: parts {} and {} do not match {} heads of {}+{}",
+                       xa.describe(), xb.describe(), H, a, b);
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor x, new_f32(c, n, H * (a + b)));
+  const float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
+  float* d = x.data_as<float>();
+  for (int64_t r = 0; r < n * H; ++r) {
+    std::memcpy(d + r * (a + b), pa + r * a, a * sizeof(float));
+    std::memcpy(d + r * (a + b) + a, pb + r * b, b * sizeof(float));
+  }
+  return x;
+}
+
+// x [n, d] -> [n, H*d], the same row for every head (the shared RoPE key).
+Result<Tensor> broadcast_heads(ModelCtx& c, const Tensor& x, int64_t H) {
+  FP8_RETURN_IF_ERROR(need_host(x, "broadcast_heads"));
+  const int64_t n = x.rows(), d = x.cols();
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, n, H * d));
+  const float* s = x.data_as<float>();
+  float* o = y.data_as<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t h = 0; h < H; ++h) std::memcpy(o + (r * H + h) * d, s + r * d, d * sizeof(float));
+  }
+  return y;
+}
+
+// The transpose of broadcast_heads: [n, H*d] -> [n, d], summed over heads (fp32, head order).
+Result<Tensor> sum_heads(ModelCtx& c, const Tensor& x, int64_t H) {
+  FP8_RETURN_IF_ERROR(need_host(x, "sum_heads"));
+  const int64_t n = x.rows(), d = x.cols() / H;
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n, d));
+  const float* s = x.data_as<float>();
+  float* o = y.data_as<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < d; ++i) o[r * d + i] += s[(r * H + h) * d + i];
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+struct Attention::Impl {
+  bool mla = true;
+  int64_t H = 0, hidden = 0;
+  int64_t q_lora = 0, kv_lora = 0, nope = 0, rope = 0, vdim = 0;  // MHA: nope 0, rope = head dim
+  float theta = 10000.0f, scale = 1.0f;
+  Linear wq_a, wq_b, wq, wkv_a, wkv_b, wk, wv, wo;
+  RMSNorm q_norm, kv_norm;
+  struct Saved {
+    Tensor q, k, v, o, lse, pos;  // attention-core operands (fp32) and row positions
+    int64_t B = 0, T = 0;
+  };
+  PerMicrobatch<Saved> saved;
+  bool q_lowrank() const { return mla && q_lora > 0; }
+  int64_t dk() const { return nope + rope; }
+
+  Status init_mla(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
+  Status init_mha(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
+  Result<Tensor> positions(ModelCtx& c, int64_t n, int64_t T);
+  Result<Tensor> query(ModelCtx& c, int mb, const Tensor& x, const Tensor& pos);
+  Status mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Status mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Result<Tensor> query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos);
+  Result<Tensor> mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk, const Tensor& dv,
+                                 const Tensor& pos);
+  Result<Tensor> mha_kv_backward(ModelCtx& c, int mb, Tensor& dk, const Tensor& dv,
+                                 const Tensor& pos);
+};
+
+Status Attention::Impl::init_mla(ModelCtx& c, const std::string& p, const config::Model& m,
+                                 uint64_t seed) {
+  const config::Mla& a = m.mla();
+  q_lora = a.q_lora_rank();
+  kv_lora = a.kv_lora_rank();
+  nope = a.qk_nope_head_dim();
+  rope = a.qk_rope_head_dim();
+  vdim = a.v_head_dim();
+  if (q_lora < 0 || kv_lora <= 0 || nope <= 0 || rope <= 0 || rope % 2 || vdim <= 0) {
+    return FP8_INVALID("{}: bad MLA dims {}", p, a.ShortDebugString());
+  }
+  const float std = m.init_std();
+  if (q_lowrank()) {
+    FP8_RETURN_IF_ERROR(wq_a.init(c, p + ".wq_a.weight", hidden, q_lora, seed, std));
+    FP8_RETURN_IF_ERROR(q_norm.init(c, p + ".q_norm.weight", q_lora, m.norm_eps(), seed));
+    FP8_RETURN_IF_ERROR(wq_b.init(c, p + ".wq_b.weight", q_lora, H * dk(), seed, std));
+  } else {
+    FP8_RETURN_IF_ERROR(wq.init(c, p + ".wq.weight", hidden, H * dk(), seed, std));
+  }
+  FP8_RETURN_IF_ERROR(wkv_a.init(c, p + ".wkv_a.weight", hidden, kv_lora + rope, seed, std));
+  FP8_RETURN_IF_ERROR(kv_norm.init(c, p + ".kv_norm.weight", kv_lora, m.norm_eps(), seed));
+  FP8_RETURN_IF_ERROR(wkv_b.init(c, p + ".wkv_b.weight", kv_lora, H * (nope + vdim), seed, std));
+  return wo.init(c, p + ".wo.weight", H * vdim, hidden, seed, std);
+}
+
+Status Attention::Impl::init_mha(ModelCtx& c, const std::string& p, const config::Model& m,
+                                 uint64_t seed) {
+  const int64_t hd = m.head_dim() > 0 ? m.head_dim() : hidden / H;
+  if (hd <= 0 || hd % 2) return FP8_INVALID("{}: MHA head dim {} must be even and > 0", p, hd);
+  nope = 0;
+  rope = hd;  // RoPE on the full head dim
+  vdim = hd;
+  const float std = m.init_std();
+  FP8_RETURN_IF_ERROR(wq.init(c, p + ".wq.weight", hidden, H * hd, seed, std));
+  FP8_RETURN_IF_ERROR(wk.init(c, p + ".wk.weight", hidden, H * hd, seed, std));
+  FP8_RETURN_IF_ERROR(wv.init(c, p + ".wv.weight", hidden, H * hd, seed, std));
+  return wo.init(c, p + ".wo.weight", H * hd, hidden, seed, std);
+}
+
+Status Attention::init(ModelCtx& c, const std::string& prefix, const config::Model& m,
+                       uint64_t seed) {
+  impl_ = std::make_shared<Impl>();
+  Impl& a = *impl_;
+  a.mla = m.attention() == config::Model::MLA;
+  a.H = m.heads();
+  a.hidden = m.hidden();
+  a.theta = m.rope_theta();
+  if (a.H <= 0 || a.hidden <= 0) {
+    return FP8_INVALID("{}: heads {} and hidden {} must be > 0", prefix, a.H, a.hidden);
+  }
+  FP8_RETURN_IF_ERROR(a.mla ? a.init_mla(c, prefix, m, seed) : a.init_mha(c, prefix, m, seed));
+  a.scale = 1.0f / std::sqrt(static_cast<float>(a.dk()));
+  return Status::Ok();
+}
+
+// i32 [n], row r at position r % T, built on the host and copied to the backend.
+Result<Tensor> Attention::Impl::positions(ModelCtx& c, int64_t n, int64_t T) {
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor host, cpu->empty({n}, DType::kI32));
+  int32_t* p = host.data_as<int32_t>();
+  for (int64_t r = 0; r < n; ++r) p[r] = static_cast<int32_t>(r % T);
+  FP8_ASSIGN_OR_RETURN(Tensor pos, c.be->empty({n}, DType::kI32));
+  FP8_RETURN_IF_ERROR(c.be->copy(host, pos));
+  return pos;
+}
+
+// q [n, H*dk] = per head [q_nope | RoPE(q_rope)] (MHA: RoPE over the whole head).
+Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, const Tensor& pos) {
+  Tensor qf;
+  if (q_lowrank()) {
+    FP8_ASSIGN_OR_RETURN(Tensor cq, wq_a.forward(c, mb, x));
+    FP8_ASSIGN_OR_RETURN(Tensor cqn, q_norm.forward(c, mb, cq));
+    FP8_ASSIGN_OR_RETURN(qf, wq_b.forward(c, mb, cqn));
+  } else {
+    FP8_ASSIGN_OR_RETURN(qf, wq.forward(c, mb, x));
+  }
+  if (nope == 0) {  // Linear outputs are fresh tensors: rotate in place
+    FP8_RETURN_IF_ERROR(c.be->rope(qf, pos, H, theta, false));
+    return qf;
+  }
+  FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, qf, H, nope, rope));
+  FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, false));
+  return merge_heads(c, parts.first, parts.second, H, nope, rope);
+}
+
+// MLA keys and values: [c_kv | k_rope] = x W_kva; [k_nope | v] per head = kv_norm(c_kv) W_kvb;
+// k = [k_nope | RoPE(k_rope) broadcast to every head].
+Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(Tensor kv, wkv_a.forward(c, mb, x));
+  FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, kv, 1, kv_lora, rope));
+  FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
+  FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
+  FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, kvb, H, nope, vdim));
+  FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, theta, false));
+  FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, lat.second, H));
+  FP8_ASSIGN_OR_RETURN(s.k, merge_heads(c, kv_parts.first, k_rope, H, nope, rope));
+  s.v = std::move(kv_parts.second);
+  return Status::Ok();
+}
+
+Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(s.k, wk.forward(c, mb, x));
+  FP8_RETURN_IF_ERROR(c.be->rope(s.k, s.pos, H, theta, false));
+  FP8_ASSIGN_OR_RETURN(s.v, wv.forward(c, mb, x));
+  return Status::Ok();
+}
+
+Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T) {
+  Impl& a = *impl_;
+  if (x.cols() != a.hidden || x.rows() != B * T) {
+    return FP8_INVALID("attention: input {} is not [{}*{}, {}]", x.describe(), B, T, a.hidden);
+  }
+  Impl::Saved& s = a.saved.put(mb);
+  s.B = B;
+  s.T = T;
+  FP8_ASSIGN_OR_RETURN(s.pos, a.positions(c, x.rows(), T));
+  FP8_ASSIGN_OR_RETURN(s.q, a.query(c, mb, x, s.pos));
+  FP8_RETURN_IF_ERROR(a.mla ? a.mla_kv(c, mb, x, s) : a.mha_kv(c, mb, x, s));
+  FP8_ASSIGN_OR_RETURN(s.o, new_f32(c, x.rows(), a.H * a.vdim));
+  FP8_ASSIGN_OR_RETURN(s.lse, c.be->empty({B * a.H * T}, DType::kF32));
+  FP8_RETURN_IF_ERROR(c.be->attention_fwd(s.q, s.k, s.v, B, T, a.H, a.scale, s.o, s.lse));
+  Tensor o = s.o;  // the backward uses the fp32 core output; W_o sees bf16 activations
+  if (c.precision != Precision::kFP32) {
+    FP8_ASSIGN_OR_RETURN(o, new_f32(c, s.o.rows(), s.o.cols()));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(s.o, o));
+  }
+  return a.wo.forward(c, mb, o);
+}
+
+// dq -> dx through the query path (inverse RoPE is the transpose of RoPE).
+Result<Tensor> Attention::Impl::query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos) {
+  Tensor dqf = dq;
+  if (nope == 0) {  // dq is a fresh tensor owned by this backward: rotate in place
+    FP8_RETURN_IF_ERROR(c.be->rope(dqf, pos, H, theta, true));
+  } else {
+    FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, dq, H, nope, rope));
+    FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, true));
+    FP8_ASSIGN_OR_RETURN(dqf, merge_heads(c, parts.first, parts.second, H, nope, rope));
+  }
+  if (!q_lowrank()) return wq.backward_input(c, mb, dqf);
+  FP8_ASSIGN_OR_RETURN(Tensor dcqn, wq_b.backward_input(c, mb, dqf));
+  FP8_ASSIGN_OR_RETURN(Tensor dcq, q_norm.backward(c, mb, dcqn));
+  return wq_a.backward_input(c, mb, dcq);
+}
+
+// dk, dv -> dx through the MLA KV path; the shared key's gradient sums over heads.
+Result<Tensor> Attention::Impl::mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk,
+                                                const Tensor& dv, const Tensor& pos) {
+  FP8_ASSIGN_OR_RETURN(auto dk_parts, split_heads(c, dk, H, nope, rope));
+  FP8_ASSIGN_OR_RETURN(Tensor dk_rope, sum_heads(c, dk_parts.second, H));
+  FP8_RETURN_IF_ERROR(c.be->rope(dk_rope, pos, 1, theta, true));
+  FP8_ASSIGN_OR_RETURN(Tensor dkvb, merge_heads(c, dk_parts.first, dv, H, nope, vdim));
+  FP8_ASSIGN_OR_RETURN(Tensor dckv, wkv_b.backward_input(c, mb, dkvb));
+  FP8_ASSIGN_OR_RETURN(Tensor dckv_in, kv_norm.backward(c, mb, dckv));
+  FP8_ASSIGN_OR_RETURN(Tensor dkv, merge_heads(c, dckv_in, dk_rope, 1, kv_lora, rope));
+  return wkv_a.backward_input(c, mb, dkv);
+}
+
+Result<Tensor> Attention::Impl::mha_kv_backward(ModelCtx& c, int mb, Tensor& dk, const Tensor& dv,
+                                                const Tensor& pos) {
+  FP8_RETURN_IF_ERROR(c.be->rope(dk, pos, H, theta, true));
+  FP8_ASSIGN_OR_RETURN(Tensor dx, wk.backward_input(c, mb, dk));
+  FP8_ASSIGN_OR_RETURN(Tensor dxv, wv.backward_input(c, mb, dv));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dxv, dx));
+  return dx;
+}
+
+Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
+  Impl& a = *impl_;
+  FP8_ASSIGN_OR_RETURN(Impl::Saved * s, a.saved.get(mb, "attention"));
+  FP8_ASSIGN_OR_RETURN(Tensor dout, a.wo.backward_input(c, mb, dy));
+  FP8_ASSIGN_OR_RETURN(Tensor dq, new_f32(c, s->q.rows(), s->q.cols()));
+  FP8_ASSIGN_OR_RETURN(Tensor dk, new_f32(c, s->k.rows(), s->k.cols()));
+  FP8_ASSIGN_OR_RETURN(Tensor dv, new_f32(c, s->v.rows(), s->v.cols()));
+  FP8_RETURN_IF_ERROR(c.be->attention_bwd(dout, s->q, s->k, s->v, s->o, s->lse, s->B, s->T, a.H,
+                                          a.scale, dq, dk, dv));
+  FP8_ASSIGN_OR_RETURN(Tensor dx, a.query_backward(c, mb, dq, s->pos));
+  Tensor dx_kv;
+  if (a.mla) {
+    FP8_ASSIGN_OR_RETURN(dx_kv, a.mla_kv_backward(c, mb, dk, dv, s->pos));
+  } else {
+    FP8_ASSIGN_OR_RETURN(dx_kv, a.mha_kv_backward(c, mb, dk, dv, s->pos));
+  }
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx_kv, dx));
+  a.saved.erase(mb);
+  return dx;
+}
+
+Status Attention::backward_weight(ModelCtx& c, int mb) {
+  Impl& a = *impl_;
+  for (Linear* l : {&a.wq_a, &a.wq_b, &a.wq, &a.wkv_a, &a.wkv_b, &a.wk, &a.wv, &a.wo}) {
+    if (l->weight().value.defined()) FP8_RETURN_IF_ERROR(l->backward_weight(c, mb));
+  }
+  return Status::Ok();
+}
+
+std::vector<Param*> Attention::params() {
+  Impl& a = *impl_;
+  if (!a.mla) return {&a.wq.weight(), &a.wk.weight(), &a.wv.weight(), &a.wo.weight()};
+  std::vector<Param*> ps;
+  if (a.q_lowrank()) {
+    ps = {&a.wq_a.weight(), &a.q_norm.weight(), &a.wq_b.weight()};
+  } else {
+    ps = {&a.wq.weight()};
+  }
+  for (Param* p : {&a.wkv_a.weight(), &a.kv_norm.weight(), &a.wkv_b.weight(), &a.wo.weight()}) {
+    ps.push_back(p);
+  }
+  return ps;
+}
+
+}  // namespace fp8pipe::model

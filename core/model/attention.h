@@ -1,0 +1,28 @@
+// Self-attention of a block: MLA (DeepSeek-V3 multi-head latent attention: low-rank compressed Q
+// and KV with RMSNorms on the latents, per-head no-RoPE parts, one decoupled RoPE key shared by
+// all heads, causal softmax) or plain MHA (config choice for small tests). The projections are FP8
+// Linears under FP8 precision; the attention core stays fp32 (FP8.md §1.1).
+#pragma once
+
+#include "configs/fp8pipe.pb.h"
+#include "core/model/layers.h"
+
+namespace fp8pipe::model {
+
+class Attention {
+ public:
+  // prefix e.g. "layers.3.attn"; parameter names follow DeepSeek-V3's checkpoint
+  // (wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo; MHA: wq, wk, wv, wo).
+  Status init(ModelCtx& c, const std::string& prefix, const config::Model& m, uint64_t seed);
+  // x [B*T, hidden] -> [B*T, hidden]; the position of row r is r % T.
+  Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T);
+  Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
+  Status backward_weight(ModelCtx& c, int mb);
+  std::vector<Param*> params();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace fp8pipe::model

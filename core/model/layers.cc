@@ -1,0 +1,88 @@
+#include "core/model/layers.h"
+
+namespace fp8pipe::model {
+
+Status RMSNorm::init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed) {
+  eps_ = eps;
+  w_.decay = false;
+  return init_param(*c.be, w_, name, {dim}, seed, 0.0f, 1.0f);
+}
+
+Result<Tensor> RMSNorm::forward(ModelCtx& c, int mb, const Tensor& x) {
+  Saved& s = saved_.put(mb);
+  s.x = x;
+  FP8_ASSIGN_OR_RETURN(s.rstd, c.be->empty({x.rows()}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), x.cols()));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(x, w_.value, eps_, y, s.rstd));
+  return y;
+}
+
+Result<Tensor> RMSNorm::backward(ModelCtx& c, int mb, const Tensor& dy) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  FP8_ASSIGN_OR_RETURN(Tensor dx, new_f32(c, dy.rows(), dy.cols()));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_bwd(dy, s->x, w_.value, s->rstd, dx, w_.grad));
+  saved_.erase(mb);
+  return dx;
+}
+
+Status Embedding::init(ModelCtx& c, const std::string& name, int64_t vocab, int64_t dim,
+                       uint64_t seed, float std) {
+  w_.decay = true;
+  return init_param(*c.be, w_, name, {vocab, dim}, seed, std);
+}
+
+Result<Tensor> Embedding::forward(ModelCtx& c, int mb, const Tensor& ids) {
+  ids_.put(mb) = ids;
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, ids.numel(), w_.value.cols()));
+  FP8_RETURN_IF_ERROR(c.be->embedding_fwd(w_.value, ids, y));
+  return y;
+}
+
+Status Embedding::backward(ModelCtx& c, int mb, const Tensor& dy) {
+  FP8_ASSIGN_OR_RETURN(Tensor * ids, ids_.get(mb, w_.name.c_str()));
+  FP8_RETURN_IF_ERROR(c.be->embedding_bwd_acc(dy, *ids, w_.grad));
+  ids_.erase(mb);
+  return Status::Ok();
+}
+
+Status SwiGLU::init(ModelCtx& c, const std::string& name, int64_t dim, int64_t hidden,
+                    uint64_t seed, float std, bool expert) {
+  FP8_RETURN_IF_ERROR(w1_.init(c, name + ".w1.weight", dim, hidden, seed, std, true, expert));
+  FP8_RETURN_IF_ERROR(w3_.init(c, name + ".w3.weight", dim, hidden, seed, std, true, expert));
+  return w2_.init(c, name + ".w2.weight", hidden, dim, seed, std, true, expert);
+}
+
+Result<Tensor> SwiGLU::forward(ModelCtx& c, int mb, const Tensor& x) {
+  Saved& s = saved_.put(mb);
+  FP8_ASSIGN_OR_RETURN(s.g, w1_.forward(c, mb, x));
+  FP8_ASSIGN_OR_RETURN(s.u, w3_.forward(c, mb, x));
+  FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), s.g.cols()));
+  FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+  return w2_.forward(c, mb, h);
+}
+
+Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, "swiglu"));
+  FP8_ASSIGN_OR_RETURN(Tensor dh, w2_.backward_input(c, mb, dy));
+  FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), dh.cols()));
+  FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), dh.cols()));
+  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s->g, s->u, dg, du));
+  if (c.precision != Precision::kFP32) {
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor dx, w1_.backward_input(c, mb, dg));
+  FP8_ASSIGN_OR_RETURN(Tensor dx3, w3_.backward_input(c, mb, du));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx3, dx));
+  saved_.erase(mb);
+  return dx;
+}
+
+Status SwiGLU::backward_weight(ModelCtx& c, int mb) {
+  FP8_RETURN_IF_ERROR(w1_.backward_weight(c, mb));
+  FP8_RETURN_IF_ERROR(w3_.backward_weight(c, mb));
+  return w2_.backward_weight(c, mb);
+}
+
+}  // namespace fp8pipe::model

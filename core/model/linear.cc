@@ -1,0 +1,118 @@
+#include "core/model/linear.h"
+
+namespace fp8pipe::model {
+
+Status Linear::init(ModelCtx& c, const std::string& name, int64_t in, int64_t out, uint64_t seed,
+                    float std, bool fp8, bool expert) {
+  in_ = in;
+  out_ = out;
+  fp8_ = fp8;
+  w_.expert = expert;
+  return init_param(*c.be, w_, name, {out, in}, seed, std);
+}
+
+Status Linear::refresh_weight_cache(ModelCtx& c) {
+  if (cached_version_ == c.weight_version && (wq_.defined() || wb_.defined())) {
+    return Status::Ok();
+  }
+  if (use_fp8(c)) {
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(wq_, c.be->quantize(w_.value, Granularity::k128x128, c.qp, &bad));
+    FP8_ASSIGN_OR_RETURN(wq_t_, c.be->transpose_fp8(wq_));
+    c.nonfinite_groups += bad;
+  } else if (bf16_path(c)) {
+    FP8_ASSIGN_OR_RETURN(wb_, new_f32(c, out_, in_));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(w_.value, wb_));
+  }
+  cached_version_ = c.weight_version;
+  return Status::Ok();
+}
+
+// fp32 GEMM of a [n, k] with b ([m, k] when trans_b, else [k, m]); rounded to bf16 unless FP32.
+Result<Tensor> Linear::gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b) {
+  const int64_t m = trans_b ? b.rows() : b.cols();
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, a.rows(), m));
+  FP8_RETURN_IF_ERROR(c.be->gemm(a, false, b, trans_b, y));
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
+  return y;
+}
+
+Result<Tensor> Linear::forward(ModelCtx& c, int mb, const Tensor& x) {
+  if (x.cols() != in_) {
+    return FP8_INVALID("{}: input has {} features, layer expects {}", w_.name, x.cols(), in_);
+  }
+  FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
+  Saved& s = saved_.put(mb);
+  if (use_fp8(c)) {
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(s.xq, c.be->quantize(x, Granularity::k1x128, c.qp, &bad));
+    c.nonfinite_groups += bad;
+    FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), out_));
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(s.xq, wq_, y, c.gemm));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
+    return y;
+  }
+  if (bf16_path(c)) {
+    FP8_ASSIGN_OR_RETURN(s.x, new_f32(c, x.rows(), in_));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(x, s.x));
+    return gemm_out(c, s.x, wb_, true);
+  }
+  s.x = x;  // activations are not modified in place by callers
+  return gemm_out(c, x, w_.value, true);
+}
+
+Result<Tensor> Linear::apply(ModelCtx& c, const Tensor& x) {
+  constexpr int kScratch = -1;
+  FP8_ASSIGN_OR_RETURN(Tensor y, forward(c, kScratch, x));
+  saved_.erase(kScratch);
+  return y;
+}
+
+Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
+  s->dy = dy;
+  if (use_fp8(c)) {
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(Tensor dyq, c.be->quantize(dy, Granularity::k1x128, c.qp, &bad));
+    c.nonfinite_groups += bad;
+    FP8_ASSIGN_OR_RETURN(Tensor dx, new_f32(c, dy.rows(), in_));
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyq, wq_t_, dx, c.gemm));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(dx, dx));
+    return dx;
+  }
+  if (bf16_path(c)) {
+    FP8_ASSIGN_OR_RETURN(Tensor dyb, new_f32(c, dy.rows(), out_));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(dy, dyb));
+    s->dy = dyb;
+    return gemm_out(c, dyb, wb_, false);
+  }
+  return gemm_out(c, dy, w_.value, false);
+}
+
+Status Linear::backward_weight(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  if (!s->dy.defined()) {
+    return FP8_ERROR(Code::kInternal, "{}: backward_weight before backward_input (mb {})", w_.name,
+                     mb);
+  }
+  if (use_fp8(c)) {
+    // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed).
+    FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, s->xq.rows(), in_));
+    FP8_RETURN_IF_ERROR(c.be->dequantize(s->xq, xd));
+    int64_t bad1 = 0, bad2 = 0;
+    FP8_ASSIGN_OR_RETURN(Tensor xt, c.be->quantize_transposed(xd, c.qp, &bad1));
+    FP8_ASSIGN_OR_RETURN(Tensor dyt, c.be->quantize_transposed(s->dy, c.qp, &bad2));
+    c.nonfinite_groups += bad1 + bad2;
+    FP8_ASSIGN_OR_RETURN(Tensor dw, new_f32(c, out_, in_));
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt, xt, dw, c.gemm));
+    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dw, w_.grad));
+  } else {
+    // grad += dY^T X (fp32 accumulation straight into the main gradient).
+    FP8_RETURN_IF_ERROR(c.be->gemm(s->dy, true, s->x, false, w_.grad, 1.0f, 1.0f));
+  }
+  saved_.erase(mb);
+  return Status::Ok();
+}
+
+}  // namespace fp8pipe::model

@@ -1,0 +1,52 @@
+// Linear layer y = x . W^T (W [out, in], no bias, as in DeepSeek-V3) in the three precisions, with
+// the three GEMMs split so schedules can defer the weight gradient (DESIGN.md §4, FP8.md §1.4,
+// §2.5):
+//   forward         FP8: X 1x128 x W 128x128; X is cached in FP8 (1x128) for the backward.
+//   backward_input  FP8: dY 1x128 x W^T (exact byte/scale transpose of W's 128x128 blocks).
+//   backward_weight FP8: dY^T x X^T, both 128x1 (X re-quantized from its FP8 cache, DeepSeek).
+// FP8 and BF16 round the GEMM output to bf16 (activations are bf16 in both); FP32 is plain fp32.
+// `fp8` = false keeps a layer in BF16 under FP8 precision (router, head, as the recipe says).
+#pragma once
+
+#include "core/model/module.h"
+
+namespace fp8pipe::model {
+
+class Linear {
+ public:
+  Status init(ModelCtx& c, const std::string& name, int64_t in, int64_t out, uint64_t seed,
+              float std, bool fp8 = true, bool expert = false);
+
+  Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);          // x [n, in] -> [n, out]
+  Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);  // -> dx [n, in]
+  Status backward_weight(ModelCtx& c, int mb);  // W.grad += dY^T X; frees mb's saved state
+  // Forward on an input whose gradient is never needed (no state kept).
+  Result<Tensor> apply(ModelCtx& c, const Tensor& x);
+
+  Param& weight() { return w_; }
+  int64_t in() const { return in_; }
+  int64_t out() const { return out_; }
+  size_t saved_microbatches() const { return saved_.size(); }
+
+ private:
+  bool use_fp8(const ModelCtx& c) const { return fp8_ && c.precision == Precision::kFP8; }
+  // BF16 GEMMs: BF16 precision, and the non-FP8 layers (head) under FP8 precision.
+  bool bf16_path(const ModelCtx& c) const { return !use_fp8(c) && c.precision != Precision::kFP32; }
+  Status refresh_weight_cache(ModelCtx& c);
+  Result<Tensor> gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b);
+
+  struct Saved {
+    Tensor x;   // fp32 (or bf16-rounded) input, non-FP8 modes
+    Tensor xq;  // FP8 1x128 input, FP8 mode
+    Tensor dy;  // output gradient, kept from backward_input to backward_weight
+  };
+  Param w_;
+  int64_t in_ = 0, out_ = 0;
+  bool fp8_ = true;
+  PerMicrobatch<Saved> saved_;
+  // Quantized (FP8) or rounded (BF16) weight, rebuilt when ModelCtx::weight_version changes.
+  Tensor wq_, wq_t_, wb_;
+  uint64_t cached_version_ = ~0ull;
+};
+
+}  // namespace fp8pipe::model

@@ -1,0 +1,48 @@
+#include "core/model/module.h"
+
+namespace fp8pipe::model {
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::kFP32:
+      return "FP32";
+    case Precision::kBF16:
+      return "BF16";
+    case Precision::kFP8:
+      return "FP8";
+  }
+  return "?";
+}
+
+namespace {
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+}  // namespace
+
+Status init_param(Backend& be, Param& p, std::string name, Shape shape, uint64_t seed, float std,
+                  float fill) {
+  p.name = std::move(name);
+  std::mt19937_64 rng(seed ^ fnv1a(p.name));
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor host, cpu->empty(shape, DType::kF32));
+  float* h = host.data_as<float>();
+  std::normal_distribution<float> dist(0.0f, std > 0 ? std : 1.0f);
+  for (int64_t i = 0; i < host.numel(); ++i) h[i] = std > 0 ? dist(rng) : fill;
+  FP8_ASSIGN_OR_RETURN(p.value, be.empty(shape, DType::kF32));
+  FP8_RETURN_IF_ERROR(be.copy(host, p.value));
+  FP8_ASSIGN_OR_RETURN(p.grad, be.zeros(shape, DType::kF32));
+  return Status::Ok();
+}
+
+Result<Tensor> new_f32(ModelCtx& c, int64_t rows, int64_t cols) {
+  return c.be->empty({rows, cols}, DType::kF32);
+}
+
+Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols) {
+  return c.be->zeros({rows, cols}, DType::kF32);
+}
+
+}  // namespace fp8pipe::model

@@ -1,0 +1,68 @@
+// Building blocks shared by every layer of the model: the precision mode, the per-call context,
+// parameters (fp32 master value + fp32 gradient, named by global name), and the micro-batch
+// keyed store of saved activations that lets F, B (dgrad) and W (wgrad) run at different times.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+
+namespace fp8pipe::model {
+
+// FP32: everything fp32. BF16: GEMM operands and outputs rounded to bf16 (fp32 accumulation), the
+// twin baseline. FP8: the linear layers of attention and FFN/experts run FP8.md's recipe.
+enum class Precision { kFP32, kBF16, kFP8 };
+const char* precision_name(Precision p);
+
+struct ModelCtx {
+  Backend* be = nullptr;
+  Precision precision = Precision::kFP32;
+  GemmMode gemm = GemmMode::kFast;
+  QuantParams qp;                // FP8 format and pow2 scales
+  uint64_t weight_version = 0;   // bumped by the optimizer: invalidates cached quantized weights
+  int64_t nonfinite_groups = 0;  // FP8 groups with NaN/Inf amax seen since the last reset
+  float loss_scale = 1.0f;       // d(objective)/d(micro-batch loss): set per backward
+};
+
+struct Param {
+  std::string name;     // global name, e.g. "layers.3.attn.wq_a.weight"
+  Tensor value;         // fp32 master weight
+  Tensor grad;          // fp32, accumulated over micro-batches until zeroed
+  bool decay = true;    // AdamW weight decay applies (not to norms)
+  bool expert = false;  // a routed expert's parameter (sharded over ep later)
+};
+
+// Allocates value (normal(0, std), or constant `fill` when std == 0) and a zero grad. The random
+// stream is a function of (seed, name) only, so a parameter gets the same values whichever rank
+// or stage holds it: multi-rank runs start from the single-process model exactly.
+Status init_param(Backend& be, Param& p, std::string name, Shape shape, uint64_t seed, float std,
+                  float fill = 0.0f);
+
+// Saved activations per micro-batch. `take` removes the entry (the last user frees it).
+template <typename T>
+class PerMicrobatch {
+ public:
+  T& put(int mb) { return m_[mb]; }
+  Result<T*> get(int mb, const char* who) {
+    auto it = m_.find(mb);
+    if (it == m_.end()) {
+      return FP8_ERROR(Code::kInternal, "{}: no saved activations for micro-batch {}", who, mb);
+    }
+    return &it->second;
+  }
+  void erase(int mb) { m_.erase(mb); }
+  size_t size() const { return m_.size(); }
+
+ private:
+  std::map<int, T> m_;
+};
+
+// A new fp32 tensor [rows, cols] on the context's backend.
+Result<Tensor> new_f32(ModelCtx& c, int64_t rows, int64_t cols);
+Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols);
+
+}  // namespace fp8pipe::model

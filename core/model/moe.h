@@ -1,0 +1,37 @@
+// DeepSeek-V3 mixture of experts: shared experts (always on) + routed experts chosen per token by
+// sigmoid affinity + balancing bias among node-limited expert groups; gates normalised over the
+// selected experts times route_scale; optional sequence-wise balance loss; optional capacity
+// factor with counted drops. Split into phases (route, dispatch, experts, combine) so the
+// executor can put the expert-parallel all-to-all between them (DESIGN.md §5).
+#pragma once
+
+#include "configs/fp8pipe.pb.h"
+#include "core/model/layers.h"
+
+namespace fp8pipe::model {
+
+struct MoeStepStats {
+  std::vector<int64_t> load;  // tokens routed to each expert since reset (after drops)
+  int64_t dropped = 0;        // token-expert assignments dropped by the capacity factor
+  double aux_loss = 0;        // sum of sequence-wise balance losses added to the loss
+};
+
+class MoE {
+ public:
+  Status init(ModelCtx& c, const std::string& prefix, const config::Model& m, uint64_t seed);
+  // x [B*T, hidden] -> [B*T, hidden]. The balance loss (if alpha > 0) is part of the objective:
+  // its gradient is added inside backward_input; its value is reported in stats().
+  Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T);
+  Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
+  Status backward_weight(ModelCtx& c, int mb);
+  std::vector<Param*> params();  // router, shared and routed experts (not the bias)
+  Param& bias();                 // e_score_correction_bias [E]: updated by the balancing rule
+  MoeStepStats& stats();
+  void reset_stats();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace fp8pipe::model

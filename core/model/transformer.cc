@@ -1,0 +1,225 @@
+#include "core/model/transformer.h"
+
+#include <numeric>
+
+namespace fp8pipe::model {
+namespace {
+
+// i32 tensor from host values.
+Result<Tensor> i32_tensor(ModelCtx& c, const std::vector<int32_t>& v) {
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({static_cast<int64_t>(v.size())}, DType::kI32));
+  std::copy(v.begin(), v.end(), h.data_as<int32_t>());
+  if (c.be->device() == Device::kCpu) return h;
+  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(h.shape(), DType::kI32));
+  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
+  return d;
+}
+
+// Tokens tok[b][first + i] for i < len, every row b, flattened.
+std::vector<int32_t> token_window(const MicroBatch& mb, int64_t first, int64_t len) {
+  std::vector<int32_t> out;
+  out.reserve(mb.B * len);
+  for (int64_t b = 0; b < mb.B; ++b)
+    for (int64_t i = 0; i < len; ++i) out.push_back(mb.tokens[b * (mb.T + 1) + first + i]);
+  return out;
+}
+
+Result<double> sum_host(ModelCtx& c, const Tensor& t) {
+  FP8_ASSIGN_OR_RETURN(Tensor h, c.be->to_host(t));
+  double s = 0;
+  for (int64_t i = 0; i < h.numel(); ++i) s += h.data_as<float>()[i];
+  return s;
+}
+
+}  // namespace
+
+Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed) {
+  cfg_ = m;
+  const float std = m.init_std();
+  FP8_RETURN_IF_ERROR(embed_.init(c, "embed.weight", m.vocab_size(), m.hidden(), seed, std));
+  const bool has_moe = m.has_moe() && m.moe().routed_experts() > 0;
+  for (int i = 0; i < m.layers(); ++i) {
+    blocks_.push_back(std::make_unique<Block>());
+    const bool moe = has_moe && i >= m.dense_layers();
+    FP8_RETURN_IF_ERROR(blocks_.back()->init(c, "layers." + std::to_string(i), m, moe, seed));
+  }
+  FP8_RETURN_IF_ERROR(final_norm_.init(c, "norm.weight", m.hidden(), m.norm_eps(), seed));
+  FP8_RETURN_IF_ERROR(head_.init(c, "head.weight", m.hidden(), m.vocab_size(), seed, std, false));
+  mtp_.resize(m.mtp_depth());
+  for (int k = 1; k <= m.mtp_depth(); ++k) {
+    Mtp& t = mtp_[k - 1];
+    const std::string p = "mtp." + std::to_string(k - 1);
+    FP8_RETURN_IF_ERROR(t.enorm.init(c, p + ".enorm.weight", m.hidden(), m.norm_eps(), seed));
+    FP8_RETURN_IF_ERROR(t.hnorm.init(c, p + ".hnorm.weight", m.hidden(), m.norm_eps(), seed));
+    FP8_RETURN_IF_ERROR(t.eh_e.init(c, p + ".eh_proj_e.weight", m.hidden(), m.hidden(), seed, std));
+    FP8_RETURN_IF_ERROR(t.eh_h.init(c, p + ".eh_proj_h.weight", m.hidden(), m.hidden(), seed, std));
+    t.block = std::make_unique<Block>();
+    FP8_RETURN_IF_ERROR(t.block->init(c, p + ".block", m, has_moe, seed));
+  }
+  return Status::Ok();
+}
+
+Result<Tensor> Model::embed_forward(ModelCtx& c, int mb, const MicroBatch& batch) {
+  FP8_ASSIGN_OR_RETURN(Tensor ids, i32_tensor(c, token_window(batch, 0, batch.T)));
+  return embed_.forward(c, mb * kSlots, ids);
+}
+
+Status Model::embed_backward(ModelCtx& c, int mb, const Tensor& dx) {
+  return embed_.backward(c, mb * kSlots, dx);
+}
+
+Result<Tensor> Model::logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
+                                      Tensor* logits, double* ce_sum) {
+  FP8_ASSIGN_OR_RETURN(*logits, head_.forward(c, key, h));
+  FP8_ASSIGN_OR_RETURN(Tensor loss, c.be->empty({h.rows()}, DType::kF32));
+  FP8_RETURN_IF_ERROR(c.be->cross_entropy_fwd(*logits, targets, loss));
+  FP8_ASSIGN_OR_RETURN(*ce_sum, sum_host(c, loss));
+  return loss;
+}
+
+// One MTP depth k (1-based): returns h^k over B rows of length len_prev - 1.
+Result<Tensor> Model::mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_prev,
+                                  int64_t len_prev, const MicroBatch& batch, HeadSaved& hs) {
+  Mtp& t = mtp_[k - 1];
+  const int key = mb * kSlots + k;
+  const int64_t len = len_prev - 1, B = batch.B;
+  std::vector<int32_t> keep;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < len; ++i) keep.push_back(static_cast<int32_t>(b * len_prev + i));
+  FP8_ASSIGN_OR_RETURN(Tensor keep_t, i32_tensor(c, keep));
+  FP8_ASSIGN_OR_RETURN(Tensor hk, new_f32(c, B * len, h_prev.cols()));
+  FP8_RETURN_IF_ERROR(c.be->gather_rows(h_prev, keep_t, hk));
+  FP8_ASSIGN_OR_RETURN(Tensor ids, i32_tensor(c, token_window(batch, k, len)));
+  FP8_ASSIGN_OR_RETURN(Tensor e, embed_.forward(c, key, ids));
+  FP8_ASSIGN_OR_RETURN(Tensor en, t.enorm.forward(c, key, e));
+  FP8_ASSIGN_OR_RETURN(Tensor hn, t.hnorm.forward(c, key, hk));
+  FP8_ASSIGN_OR_RETURN(Tensor x, t.eh_e.forward(c, key, en));
+  FP8_ASSIGN_OR_RETURN(Tensor xh, t.eh_h.forward(c, key, hn));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, xh, x));
+  hs.keep[k] = keep_t;
+  hs.rows[k - 1] = h_prev.rows();
+  return t.block->forward(c, key, x, B, len);
+}
+
+Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
+                                      const MicroBatch& batch) {
+  const int D = static_cast<int>(mtp_.size());
+  HeadSaved& hs = head_saved_.put(mb);
+  hs.B = batch.B;
+  hs.T = batch.T;
+  hs.logits.assign(D + 1, Tensor());
+  hs.targets.assign(D + 1, Tensor());
+  hs.keep.assign(D + 1, Tensor());
+  hs.rows.assign(D + 1, 0);
+  LossParts lp;
+  lp.tokens = batch.B * batch.T;
+  FP8_ASSIGN_OR_RETURN(Tensor hn, final_norm_.forward(c, mb, h));
+  FP8_ASSIGN_OR_RETURN(hs.targets[0], i32_tensor(c, token_window(batch, 1, batch.T)));
+  double ce = 0;
+  FP8_RETURN_IF_ERROR(
+      logits_and_loss(c, mb * kSlots, hn, hs.targets[0], &hs.logits[0], &ce).status());
+  lp.main = ce / lp.tokens;
+  Tensor prev = h;
+  for (int k = 1; k <= D; ++k) {
+    const int64_t len_prev = batch.T - (k - 1);
+    FP8_ASSIGN_OR_RETURN(Tensor hk, mtp_forward(c, mb, k, prev, len_prev, batch, hs));
+    FP8_ASSIGN_OR_RETURN(hs.targets[k], i32_tensor(c, token_window(batch, k + 1, len_prev - 1)));
+    FP8_RETURN_IF_ERROR(
+        logits_and_loss(c, mb * kSlots + k, hk, hs.targets[k], &hs.logits[k], &ce).status());
+    lp.mtp.push_back(ce / lp.tokens);
+    prev = hk;
+  }
+  lp.total = lp.main;
+  for (double l : lp.mtp) lp.total += cfg_.mtp_lambda() / D * l;
+  return lp;
+}
+
+Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale) {
+  FP8_ASSIGN_OR_RETURN(HeadSaved * hs, head_saved_.get(mb, "head"));
+  c.loss_scale = loss_scale;  // also scales the MoE balance losses' gradients
+  const int D = static_cast<int>(mtp_.size());
+  const float row_scale = loss_scale / static_cast<float>(hs->B * hs->T);
+  Tensor carry;  // gradient w.r.t. h^k flowing from depth k+1
+  for (int k = D; k >= 1; --k) {
+    Mtp& t = mtp_[k - 1];
+    const int key = mb * kSlots + k;
+    Tensor& lg = hs->logits[k];
+    FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, lg.rows(), lg.cols()));
+    FP8_RETURN_IF_ERROR(
+        c.be->cross_entropy_bwd(lg, hs->targets[k], row_scale * cfg_.mtp_lambda() / D, dl));
+    FP8_ASSIGN_OR_RETURN(Tensor dh, head_.backward_input(c, key, dl));
+    if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));
+    FP8_ASSIGN_OR_RETURN(Tensor dx, t.block->backward_input(c, key, dh));
+    FP8_ASSIGN_OR_RETURN(Tensor den, t.eh_e.backward_input(c, key, dx));
+    FP8_ASSIGN_OR_RETURN(Tensor dhn, t.eh_h.backward_input(c, key, dx));
+    FP8_ASSIGN_OR_RETURN(Tensor de, t.enorm.backward(c, key, den));
+    FP8_RETURN_IF_ERROR(embed_.backward(c, key, de));
+    FP8_ASSIGN_OR_RETURN(Tensor dhk, t.hnorm.backward(c, key, dhn));
+    FP8_ASSIGN_OR_RETURN(carry, new_zeros(c, hs->rows[k - 1], dhk.cols()));
+    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dhk, hs->keep[k], Tensor(), carry));
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, hs->logits[0].rows(), hs->logits[0].cols()));
+  FP8_RETURN_IF_ERROR(c.be->cross_entropy_bwd(hs->logits[0], hs->targets[0], row_scale, dl));
+  FP8_ASSIGN_OR_RETURN(Tensor dhn, head_.backward_input(c, mb * kSlots, dl));
+  FP8_ASSIGN_OR_RETURN(Tensor dh, final_norm_.backward(c, mb, dhn));
+  if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));
+  return dh;
+}
+
+Status Model::head_backward_weight(ModelCtx& c, int mb) {
+  for (int k = 0; k <= static_cast<int>(mtp_.size()); ++k) {
+    const int key = mb * kSlots + k;
+    FP8_RETURN_IF_ERROR(head_.backward_weight(c, key));
+    if (k == 0) continue;
+    Mtp& t = mtp_[k - 1];
+    FP8_RETURN_IF_ERROR(t.block->backward_weight(c, key));
+    FP8_RETURN_IF_ERROR(t.eh_e.backward_weight(c, key));
+    FP8_RETURN_IF_ERROR(t.eh_h.backward_weight(c, key));
+  }
+  head_saved_.erase(mb);
+  return Status::Ok();
+}
+
+Result<LossParts> Model::forward(ModelCtx& c, int mb, const MicroBatch& batch) {
+  FP8_ASSIGN_OR_RETURN(Tensor x, embed_forward(c, mb, batch));
+  for (auto& b : blocks_) {
+    FP8_ASSIGN_OR_RETURN(x, b->forward(c, mb, x, batch.B, batch.T));
+  }
+  return head_forward(c, mb, x, batch);
+}
+
+Status Model::backward(ModelCtx& c, int mb, float loss_scale) {
+  FP8_ASSIGN_OR_RETURN(Tensor dx, head_backward_input(c, mb, loss_scale));
+  FP8_RETURN_IF_ERROR(head_backward_weight(c, mb));
+  for (int i = num_blocks() - 1; i >= 0; --i) {
+    FP8_ASSIGN_OR_RETURN(dx, blocks_[i]->backward_input(c, mb, dx));
+    FP8_RETURN_IF_ERROR(blocks_[i]->backward_weight(c, mb));
+  }
+  return embed_backward(c, mb, dx);
+}
+
+std::vector<Param*> Model::params() {
+  std::vector<Param*> ps = {&embed_.weight()};
+  for (auto& b : blocks_)
+    for (Param* p : b->params()) ps.push_back(p);
+  ps.push_back(&final_norm_.weight());
+  ps.push_back(&head_.weight());
+  for (auto& t : mtp_) {
+    for (Param* p : {&t.enorm.weight(), &t.hnorm.weight(), &t.eh_e.weight(), &t.eh_h.weight()})
+      ps.push_back(p);
+    for (Param* p : t.block->params()) ps.push_back(p);
+  }
+  return ps;
+}
+
+std::vector<MoE*> Model::moes() {
+  std::vector<MoE*> out;
+  for (auto& b : blocks_)
+    if (b->moe()) out.push_back(b->moe());
+  for (auto& t : mtp_)
+    if (t.block->moe()) out.push_back(t.block->moe());
+  return out;
+}
+
+}  // namespace fp8pipe::model

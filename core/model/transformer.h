@@ -1,0 +1,86 @@
+// The whole DeepSeek-V3-style model: embedding -> blocks -> final RMSNorm -> output head ->
+// cross-entropy, plus D multi-token-prediction modules sharing the embedding and head
+// (DESIGN.md §4, DSV3_FACTS.md "MTP"). Pieces are exposed separately (embed, block i, head+loss)
+// so a pipeline stage can hold any contiguous range; `forward`/`backward` run them all.
+//
+// Tokens: each of the B rows of a micro-batch holds T+1 tokens t_0..t_T; the main model reads
+// t_0..t_{T-1} and predicts t_1..t_T. MTP depth k reads h^{k-1} at positions i = 0..T-1-k with
+// Emb(t_{i+k}) and predicts t_{i+k+1}: h^k = Block_k(W_k [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]).
+// Losses: L_main = mean CE over B*T; L_k = sum CE / (B*T) (the report normalises by T);
+// L = L_main + lambda/D * sum_k L_k (+ MoE balance losses).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/model/block.h"
+
+namespace fp8pipe::model {
+
+struct MicroBatch {
+  int64_t B = 0, T = 0;
+  std::vector<int32_t> tokens;  // host, [B][T+1]
+};
+
+struct LossParts {
+  double main = 0;          // mean next-token CE (nats)
+  std::vector<double> mtp;  // L_k per depth
+  double aux = 0;           // MoE sequence-wise balance losses
+  double total = 0;         // the objective that gradients are taken of
+  int64_t tokens = 0;       // predicted main tokens (B*T)
+};
+
+class Model {
+ public:
+  Status init(ModelCtx& c, const config::Model& m, uint64_t seed);
+
+  // Full pass of one micro-batch; gradients of loss_scale * L accumulate into Param::grad.
+  Result<LossParts> forward(ModelCtx& c, int mb, const MicroBatch& batch);
+  Status backward(ModelCtx& c, int mb, float loss_scale);  // dgrad then wgrad of everything
+
+  // Pieces for pipeline stages (the executor composes these).
+  Result<Tensor> embed_forward(ModelCtx& c, int mb, const MicroBatch& batch);
+  Status embed_backward(ModelCtx& c, int mb, const Tensor& dx);
+  Block& block(int i) { return *blocks_[i]; }
+  int num_blocks() const { return static_cast<int>(blocks_.size()); }
+  Result<LossParts> head_forward(ModelCtx& c, int mb, const Tensor& h, const MicroBatch& batch);
+  Result<Tensor> head_backward_input(ModelCtx& c, int mb, float loss_scale);  // -> dh
+  Status head_backward_weight(ModelCtx& c, int mb);
+
+  std::vector<Param*> params();  // every trained parameter, in a fixed order
+  std::vector<MoE*> moes();      // MoE layers of the main blocks and MTP blocks
+  const config::Model& config() const { return cfg_; }
+
+ private:
+  struct Mtp {
+    RMSNorm enorm, hnorm;
+    Linear eh_e, eh_h;  // W_k split over the concatenation: W_k[e; h] = W_e e + W_h h
+    std::unique_ptr<Block> block;
+  };
+  struct HeadSaved {
+    std::vector<Tensor> logits;   // per depth (0 = main)
+    std::vector<Tensor> targets;  // i32 per depth
+    std::vector<Tensor> keep;     // i32 row indices of h^{k-1} kept for depth k
+    std::vector<int64_t> rows;    // h^{k-1} rows per depth
+    int64_t B = 0, T = 0;
+  };
+  Result<Tensor> mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_prev, int64_t len_prev,
+                             const MicroBatch& batch, HeadSaved& hs);
+  Result<Tensor> logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
+                                 Tensor* logits, double* ce_sum);
+
+  config::Model cfg_;
+  Embedding embed_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  RMSNorm final_norm_;
+  Linear head_;
+  std::vector<Mtp> mtp_;
+  PerMicrobatch<HeadSaved> head_saved_;
+  PerMicrobatch<Tensor> block_out_;  // main-model output h^0 per micro-batch (full-model path)
+};
+
+// Slot keys so that a layer shared by the main model and the MTP depths (embedding, head) keeps
+// separate saved state per use: key = mb * kSlots + depth.
+constexpr int kSlots = 16;
+
+}  // namespace fp8pipe::model

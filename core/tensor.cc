@@ -1,0 +1,46 @@
+#include "core/tensor.h"
+
+#include <fmt/format.h>
+
+namespace fp8pipe {
+
+const char* device_name(Device d) { return d == Device::kCpu ? "cpu" : "cuda"; }
+
+int64_t numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+std::string shape_str(const Shape& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+Tensor::Tensor(Shape shape, DType dtype, std::shared_ptr<Buffer> buf, size_t offset)
+    : shape_(std::move(shape)), dtype_(dtype), buf_(std::move(buf)), offset_(offset) {}
+
+Result<Tensor> Tensor::reshape(Shape s) const {
+  if (fp8pipe::numel(s) != numel()) {
+    return FP8_INVALID("cannot reshape {} ({} elements) to {} ({} elements)", shape_str(shape_),
+                       numel(), shape_str(s), fp8pipe::numel(s));
+  }
+  Tensor t = *this;
+  t.shape_ = std::move(s);
+  return t;
+}
+
+Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
+  Tensor t = *this;
+  const int64_t row_elems = shape_.empty() ? 1 : numel() / shape_[0];
+  t.shape_[0] = end - begin;
+  t.offset_ = offset_ + static_cast<size_t>(begin * row_elems) * dtype_size(dtype_);
+  t.scale_.reset();  // a row slice of an FP8 tensor does not keep a consistent scale layout
+  return t;
+}
+
+std::string Tensor::describe() const {
+  std::string s =
+      fmt::format("{}{} {}", dtype_name(dtype_), shape_str(shape_), device_name(device()));
+  if (scale_) s += fmt::format(" ({} {} scales)", granularity_name(gran_), pow2_ ? "pow2" : "fp32");
+  return s;
+}
+
+}  // namespace fp8pipe

@@ -1,0 +1,66 @@
+// The non-GEMM operators of the model on the CPU (fp32), each with its backward. Leaf kernels:
+// pointers and shapes only. The CUDA backend implements the same signatures in kernels/cuda, and
+// core/backend.h exposes them on Tensors. Conventions: row-major; "rows" = tokens; gradients are
+// written (not accumulated) unless the name says accumulate (`_acc`).
+#pragma once
+
+#include <cstdint>
+
+namespace fp8pipe::kernels {
+
+// out[n][D] = table[ids[n]][:].  Backward: dtable[ids[n]][:] += dout[n][:] (serial, deterministic).
+void embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t D, float* out);
+void embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable);
+
+// RMSNorm: y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps) per row (accumulated in double).
+void rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float eps, float* y,
+                 float* rstd);
+// dx written; dw accumulated (+=) over rows.
+void rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, int64_t n,
+                 int64_t D, float* dx, float* dw_acc);
+
+// Rotary embedding on x[n][H][d] (d even, interleaved pairs (2i, 2i+1) as DeepSeek's reference
+// code), position of row r = pos[r]; frequency of pair i = theta^(-2i/d). In place. `inverse`
+// rotates by -angle (this is the backward, the rotation being orthogonal).
+void rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, float theta, bool inverse);
+
+// Causal multi-head attention for one sequence batch: q,k [B][T][H][dk], v [B][T][H][dv] ->
+// o [B][T][H][dv]; lse [B][H][T] = log-sum-exp of the scaled scores (saved for backward).
+void attention_fwd(const float* q, const float* k, const float* v, int64_t B, int64_t T, int64_t H,
+                   int64_t dk, int64_t dv, float scale, float* o, float* lse);
+// dq, dk, dv written.
+void attention_bwd(const float* dout, const float* q, const float* k, const float* v,
+                   const float* o, const float* lse, int64_t B, int64_t T, int64_t H, int64_t dk,
+                   int64_t dv, float scale, float* dq, float* dk_out, float* dv_out);
+
+// SwiGLU: h = silu(g) * u on [n][F]. Backward: dg, du from dh.
+void swiglu_fwd(const float* g, const float* u, int64_t n, float* h);
+void swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du);
+
+// Cross-entropy of logits[n][V] against targets (target < 0 = ignored): loss[n] per row (nats,
+// 0 for ignored). Backward: dlogits = (softmax - onehot) * row_scale for non-ignored rows.
+void cross_entropy_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                       float* loss);
+void cross_entropy_bwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                       float row_scale, float* dlogits);
+
+// MoE routing (DeepSeek-V3): scores s = sigmoid(logits) [n][E]; selection by s + bias among at
+// most `max_groups` of `n_groups` contiguous expert groups (groups ranked by the sum of their top
+// `topk / max_groups` biased scores; n_groups == 1 disables the limit); top-k experts by biased
+// score (ties to the lower index); gates = s_sel / sum(s_sel) * route_scale (bias never in gates).
+// idx[n][topk] lists the chosen experts in descending biased-score order.
+void router_topk(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
+                 int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
+                 int32_t* idx, float* gates);
+
+// Row gather / scatter-add: out[i] = in[rows[i]];  out[rows[i]] += w[i] * in[i] (w may be null).
+void gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out);
+void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
+                      float* out);
+
+// Elementwise helpers.
+void add(const float* a, const float* b, int64_t n, float* out);  // out = a + b
+void axpy(float alpha, const float* x, int64_t n, float* y);      // y += alpha * x
+void round_bf16(const float* x, int64_t n, float* out);           // out = f32(bf16_rne(x))
+
+}  // namespace fp8pipe::kernels

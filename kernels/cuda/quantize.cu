@@ -1,0 +1,692 @@
+// Fused FP8 quantize kernels (1x128, 128x1 [+transpose], 128x128, per-tensor), dequantize and the
+// exact 128x128 transpose, bit-identical to kernels/cpu/quantize.cc (FP8.md §2.1-2.3, §4).
+//
+// Design (memory-bound: every input byte is read once, every output byte written once):
+// - amax is an integer max over |x| bit patterns (sign cleared). For non-NaN floats the unsigned
+//   order of those bits is the order of |x|, and Inf/NaN sort above every finite value, so one
+//   integer max is exact, order-independent and is the explicit NaN/Inf check of FP8.md §2.1
+//   (no fmaxf). bf16 pairs are maxed per half-word with __vmaxu2 without unpacking.
+// - Scale math uses __fdiv_rn and the code multiply __fmul_rn (FP8.md §4; the build also uses
+//   -fmad=false). Encoding uses the hardware cvt.rn.satfinite.{e4m3,e5m2}x2.f32, which equals
+//   fp8_codec.h's float_to_fp8(.., saturate) on all 2^32 inputs (checked by codec_check.cu).
+// - 1x128 (the hot activation path): 16-byte vector loads; a warp covers one fp32 group (32 lanes
+//   x 4) or two bf16 groups (16 lanes x 8) per load, and issues 4 independent loads (4 or 8 rows at
+//   one k-block) before any use, so 64 B per lane are in flight. Group amax is a warp redux (fp32)
+//   or 4 xor-shuffles (bf16). A 256-thread block covers 32 (fp32) / 64 (bf16) rows of one k-block,
+//   so its scales s[kb*R + r] are written as one contiguous run. Blocks are ordered k-block
+//   fastest, so neighbouring blocks stream adjacent 128-column segments of the same rows.
+// - 128x1 (+transpose): 128x64 tiles staged through shared memory with 16-byte loads; each thread
+//   owns 32 rows of one column (conflict-free column reads), 4 threads combine the amax through
+//   shared memory, and the transposed output is written as 16-byte stores along qt's rows.
+// - 128x128: one block per tile, the tile held in registers (64 values per thread), block amax via
+//   warp redux + shared memory, then encode from registers.
+// - Shapes whose rows are not 16-byte aligned fall back to scalar variants of the same kernels.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "kernels/cpu/fp8_codec.h"
+#include "kernels/cuda/quantize.cuh"
+
+namespace fp8pipe::kernels::gpu {
+namespace {
+
+constexpr int kG = 128;
+constexpr int kThreads = 256;
+constexpr uint32_t kMaxFiniteBits = 0x7F7FFFFFu;
+constexpr uint32_t kQuietNaNBits = 0x7FC00000u;  // std::numeric_limits<float>::quiet_NaN()
+
+// ---------------------------------------------------------------------------------------------
+// Element helpers
+
+template <class T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr int kPerVec = 4;  // per 16-byte vector
+  __device__ static float f32(float v) { return v; }
+  __device__ static uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+};
+template <>
+struct Elem<uint16_t> {
+  static constexpr int kPerVec = 8;
+  __device__ static float f32(uint16_t v) {
+    return __uint_as_float(static_cast<uint32_t>(v) << 16);
+  }
+  __device__ static uint32_t abs_bits(uint16_t v) {
+    return (static_cast<uint32_t>(v) & 0x7FFFu) << 16;
+  }
+};
+
+// Max |x| bits over one 16-byte vector.
+__device__ __forceinline__ uint32_t vec_abs_max(const uint4& v, float*) {
+  const uint32_t a = max(v.x & 0x7FFFFFFFu, v.y & 0x7FFFFFFFu);
+  const uint32_t b = max(v.z & 0x7FFFFFFFu, v.w & 0x7FFFFFFFu);
+  return max(a, b);
+}
+__device__ __forceinline__ uint32_t vec_abs_max(const uint4& v, uint16_t*) {
+  const uint32_t m = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
+                              __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+  return max(m & 0xFFFFu, m >> 16) << 16;  // as fp32 bits
+}
+
+// Two floats -> two FP8 codes (lo in the low byte), RNE + SATFINITE, NaN -> 0x7F.
+template <Fp8Format F>
+__device__ __forceinline__ uint32_t cvt2(float lo, float hi) {
+  uint16_t r;
+  if constexpr (F == Fp8Format::kE4M3) {
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+// Encode one 16-byte input vector scaled by inv: 4 codes (fp32) in a uint32 or 8 (bf16) in a uint2.
+template <Fp8Format F>
+__device__ __forceinline__ uint32_t encode_vec(const uint4& v, float inv, float*) {
+  const uint32_t lo =
+      cvt2<F>(__fmul_rn(__uint_as_float(v.x), inv), __fmul_rn(__uint_as_float(v.y), inv));
+  const uint32_t hi =
+      cvt2<F>(__fmul_rn(__uint_as_float(v.z), inv), __fmul_rn(__uint_as_float(v.w), inv));
+  return lo | (hi << 16);
+}
+template <Fp8Format F>
+__device__ __forceinline__ uint32_t encode_bf16x4(uint32_t a, uint32_t b, float inv) {
+  const uint32_t lo = cvt2<F>(__fmul_rn(__uint_as_float(a << 16), inv),
+                              __fmul_rn(__uint_as_float(a & 0xFFFF0000u), inv));
+  const uint32_t hi = cvt2<F>(__fmul_rn(__uint_as_float(b << 16), inv),
+                              __fmul_rn(__uint_as_float(b & 0xFFFF0000u), inv));
+  return lo | (hi << 16);
+}
+template <Fp8Format F>
+__device__ __forceinline__ uint2 encode_vec(const uint4& v, float inv, uint16_t*) {
+  return make_uint2(encode_bf16x4<F>(v.x, v.y, inv), encode_bf16x4<F>(v.z, v.w, inv));
+}
+
+template <Fp8Format F>
+__device__ __forceinline__ uint8_t encode1(float x, float inv) {
+  return static_cast<uint8_t>(cvt2<F>(__fmul_rn(x, inv), 0.0f) & 0xFFu);
+}
+
+// FP8.md §2.2 from the amax bits (as computed above); mirrors compute_scale() in quantize.cc.
+struct Scale {
+  float sf, inv;
+  bool finite;
+};
+__device__ __forceinline__ Scale scale_from_bits(uint32_t m, bool pow2, float fmax) {
+  if (m > kMaxFiniteBits) {
+    const float nan = __uint_as_float(kQuietNaNBits);
+    return {nan, nan, false};
+  }
+  const float amax = __uint_as_float(m);
+  const float a = amax > 1e-4f ? amax : 1e-4f;
+  const float t = __fdiv_rn(a, fmax);
+  if (!pow2) return {t, __fdiv_rn(1.0f, t), true};
+  const uint32_t b = __float_as_uint(t);
+  const uint32_t e = (b >> 23) + ((b & 0x7FFFFFu) != 0u ? 1u : 0u);  // t > 0 normal: e in [1,254]
+  return {__uint_as_float(e << 23), __uint_as_float((254u - e) << 23), true};
+}
+
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+  return __ldg(static_cast<const uint4*>(p));
+}
+
+inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+inline int blocks_for(int64_t n, int64_t per) { return static_cast<int>((n + per - 1) / per); }
+
+// ---------------------------------------------------------------------------------------------
+// 1x128, vectorised. Requirements: cols % kPerVec == 0, x 16-byte aligned, q aligned to the
+// per-lane output (4 B fp32, 8 B bf16).
+
+constexpr int kLoads = 4;  // independent 16-byte loads per lane
+
+template <class T, Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    q1x128_vec_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
+                      uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  constexpr int kLanesPerGroup = kG / kPerVec;           // 32 or 16
+  constexpr int kGroupsPerLoad = 32 / kLanesPerGroup;    // 1 or 2
+  constexpr int kRowsPerWarp = kGroupsPerLoad * kLoads;  // 4 or 8
+  constexpr int kRowsPerBlock = kRowsPerWarp * (kThreads / 32);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / kLanesPerGroup, li = lane % kLanesPerGroup;
+  const int64_t kb = blockIdx.x % KB;
+  const int64_t r0 = (blockIdx.x / KB) * kRowsPerBlock + warp * kRowsPerWarp + sub;
+  const int64_t c = kb * kG + li * kPerVec;
+  const bool col_ok = c < C;
+
+  uint4 v[kLoads];
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    const int64_t r = r0 + j * kGroupsPerLoad;
+    v[j] = (col_ok && r < R) ? ldg16(x + r * C + c) : make_uint4(0, 0, 0, 0);
+  }
+  const float fmax = fp8_max(F);
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    const int64_t r = r0 + j * kGroupsPerLoad;
+    uint32_t m = vec_abs_max(v[j], static_cast<T*>(nullptr));
+    if constexpr (kLanesPerGroup == 32) {
+      m = __reduce_max_sync(0xFFFFFFFFu, m);
+    } else {
+#pragma unroll
+      for (int o = kLanesPerGroup / 2; o > 0; o >>= 1)
+        m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    }
+    const Scale sc = scale_from_bits(m, pow2, fmax);
+    if (r < R) {
+      if (li == 0) {
+        s[kb * R + r] = sc.sf;
+        if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+      }
+      if (col_ok) {
+        auto out = encode_vec<F>(v[j], sc.inv, static_cast<T*>(nullptr));
+        *reinterpret_cast<decltype(out)*>(q + r * C + c) = out;
+      }
+    }
+  }
+}
+
+// 1x128, scalar fallback: one warp per group, each lane 4 elements (strided by 32).
+template <class T, Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    q1x128_scalar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
+                         uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (g >= R * KB) return;
+  const int64_t kb = g % KB, r = g / KB;
+  float xv[4];
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t c = kb * kG + lane + 32 * i;
+    const T e = c < C ? x[r * C + c] : T(0);
+    xv[i] = Elem<T>::f32(e);
+    m = max(m, Elem<T>::abs_bits(e));
+  }
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  const Scale sc = scale_from_bits(m, pow2, fp8_max(F));
+  if (lane == 0) {
+    s[kb * R + r] = sc.sf;
+    if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t c = kb * kG + lane + 32 * i;
+    if (c < C) q[r * C + c] = encode1<F>(xv[i], sc.inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 128x1 groups (a scale per row-block per column), optionally writing the codes transposed.
+// Tile: 128 rows x 64 columns through shared memory. Thread t owns column t%64, rows
+// (t/64)*32 .. +32 of the tile.
+
+constexpr int kTc = 64;
+
+template <class T, Fp8Format F, bool kTranspose>
+__global__ void __launch_bounds__(kThreads)
+    q128x1_kernel(const T* __restrict__ x, int64_t R, int64_t C, bool pow2, bool vec_in,
+                  bool vec_out, uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  constexpr int kVecPerRow = kTc / kPerVec;  // 16 (fp32) or 8 (bf16)
+  __shared__ __align__(16) T tile[kG][kTc];
+  __shared__ uint32_t red[kThreads / kTc][kTc];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTc;
+  const int64_t rb = blockIdx.y, r0 = rb * kG;
+  const int t = threadIdx.x;
+
+  if (vec_in) {
+    constexpr int kIters = kG * kVecPerRow / kThreads;  // 8 or 4
+    uint4 v[kIters];
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int idx = i * kThreads + t, row = idx / kVecPerRow, cv = (idx % kVecPerRow) * kPerVec;
+      const int64_t r = r0 + row, c = c0 + cv;
+      v[i] = (r < R && c < C) ? ldg16(x + r * C + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int idx = i * kThreads + t, row = idx / kVecPerRow, cv = (idx % kVecPerRow) * kPerVec;
+      *reinterpret_cast<uint4*>(&tile[row][cv]) = v[i];
+    }
+  } else {
+    for (int idx = t; idx < kG * kTc; idx += kThreads) {
+      const int row = idx / kTc, col = idx % kTc;
+      const int64_t r = r0 + row, c = c0 + col;
+      tile[row][col] = (r < R && c < C) ? x[r * C + c] : T(0);
+    }
+  }
+  __syncthreads();
+
+  const int col = t % kTc, part = t / kTc;  // part: rows part*32 .. +32
+  float xv[32];
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const T e = tile[part * 32 + i][col];
+    xv[i] = Elem<T>::f32(e);
+    m = max(m, Elem<T>::abs_bits(e));
+  }
+  red[part][col] = m;
+  __syncthreads();
+  m = max(max(red[0][col], red[1][col]), max(red[2][col], red[3][col]));
+  const Scale sc = scale_from_bits(m, pow2, fp8_max(F));
+  const int64_t c = c0 + col;
+  if (c >= C) return;
+  if (part == 0) {
+    s[rb * C + c] = sc.sf;
+    if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+  }
+  const int64_t rr = r0 + part * 32;  // first row of this thread's run
+  if constexpr (kTranspose) {
+    uint8_t* out = q + c * R + rr;  // qt[c][rr .. rr+32)
+    if (vec_out && rr + 32 <= R) {
+      uint32_t w[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        w[i] = cvt2<F>(__fmul_rn(xv[4 * i], sc.inv), __fmul_rn(xv[4 * i + 1], sc.inv)) |
+               (cvt2<F>(__fmul_rn(xv[4 * i + 2], sc.inv), __fmul_rn(xv[4 * i + 3], sc.inv)) << 16);
+      }
+      reinterpret_cast<uint4*>(out)[0] = make_uint4(w[0], w[1], w[2], w[3]);
+      reinterpret_cast<uint4*>(out)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        if (rr + i < R) out[i] = encode1<F>(xv[i], sc.inv);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      if (rr + i < R) q[(rr + i) * C + c] = encode1<F>(xv[i], sc.inv);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 128x128 blocks: one thread block per tile (blockIdx.x = kb, blockIdx.y = rb).
+
+__device__ __forceinline__ uint32_t block_max(uint32_t m, uint32_t* red8) {
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  if ((threadIdx.x & 31) == 0) red8[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = red8[0];
+#pragma unroll
+  for (int i = 1; i < kThreads / 32; ++i) m = max(m, red8[i]);
+  return m;
+}
+
+__device__ __forceinline__ void write_block_scale(const Scale& sc, float* s, int64_t rb, int64_t kb,
+                                                  int64_t KB, int* nonfinite) {
+  if (threadIdx.x != 0) return;
+  const int64_t ld = (KB + 3) / 4 * 4;
+  s[rb * ld + kb] = sc.sf;
+  if (kb == KB - 1) {
+    for (int64_t k = KB; k < ld; ++k) s[rb * ld + k] = 0.0f;  // padding, as the CPU writes it
+  }
+  if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+}
+
+template <class T, Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    q128x128_vec_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
+                        uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  constexpr int kLanesPerRow = kG / kPerVec;       // 32 or 16
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;  // rows a warp covers per load: 1 or 2
+  constexpr int kRowsPerIter = kRowsPerLoad * (kThreads / 32);  // 8 or 16
+  constexpr int kIters = kG / kRowsPerIter;                     // 16 or 8
+  __shared__ uint32_t red8[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t kb = blockIdx.x, rb = blockIdx.y;
+  const int64_t c = kb * kG + (lane % kLanesPerRow) * kPerVec;
+  const int64_t rbase = rb * kG + warp * kRowsPerLoad + lane / kLanesPerRow;
+  const bool col_ok = c < C;
+  uint4 v[kIters];
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int64_t r = rbase + i * kRowsPerIter;
+    v[i] = (col_ok && r < R) ? ldg16(x + r * C + c) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) m = max(m, vec_abs_max(v[i], static_cast<T*>(nullptr)));
+  const Scale sc = scale_from_bits(block_max(m, red8), pow2, fp8_max(F));
+  write_block_scale(sc, s, rb, kb, KB, nonfinite);
+  if (!col_ok) return;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int64_t r = rbase + i * kRowsPerIter;
+    if (r < R) {
+      auto out = encode_vec<F>(v[i], sc.inv, static_cast<T*>(nullptr));
+      *reinterpret_cast<decltype(out)*>(q + r * C + c) = out;
+    }
+  }
+}
+
+template <class T, Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    q128x128_scalar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
+                           uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+  __shared__ uint32_t red8[kThreads / 32];
+  const int64_t kb = blockIdx.x, rb = blockIdx.y;
+  uint32_t m = 0;
+  for (int idx = threadIdx.x; idx < kG * kG; idx += kThreads) {
+    const int64_t r = rb * kG + idx / kG, c = kb * kG + idx % kG;
+    if (r < R && c < C) m = max(m, Elem<T>::abs_bits(x[r * C + c]));
+  }
+  const Scale sc = scale_from_bits(block_max(m, red8), pow2, fp8_max(F));
+  write_block_scale(sc, s, rb, kb, KB, nonfinite);
+  for (int idx = threadIdx.x; idx < kG * kG; idx += kThreads) {
+    const int64_t r = rb * kG + idx / kG, c = kb * kG + idx % kG;
+    if (r < R && c < C) q[r * C + c] = encode1<F>(Elem<T>::f32(x[r * C + c]), sc.inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-tensor: amax pass (atomicMax of |x| bits into *amax_bits, which is s[0]), encode pass, then a
+// one-thread finalize that turns s[0] into the scale. Vector paths need x 16-byte aligned and q
+// aligned to the per-vector output; n % kPerVec tail elements are handled by scalar code.
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    amax_tensor_kernel(const T* __restrict__ x, int64_t n, bool vec, uint32_t* amax_bits) {
+  __shared__ uint32_t red8[kThreads / 32];
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  uint32_t m = 0;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t nv = n / kPerVec;
+    for (int64_t i = tid; i < nv; i += stride)
+      m = max(m, vec_abs_max(ldg16(x + i * kPerVec), static_cast<T*>(nullptr)));
+    done = nv * kPerVec;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) m = max(m, Elem<T>::abs_bits(x[i]));
+  m = block_max(m, red8);
+  if (threadIdx.x == 0 && m != 0) atomicMax(amax_bits, m);
+}
+
+template <class T, Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    encode_tensor_kernel(const T* __restrict__ x, int64_t n, bool vec, bool pow2,
+                         const uint32_t* amax_bits, uint8_t* __restrict__ q) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const Scale sc = scale_from_bits(*amax_bits, pow2, fp8_max(F));
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t nv = n / kPerVec;
+    for (int64_t i = tid; i < nv; i += stride) {
+      auto out = encode_vec<F>(ldg16(x + i * kPerVec), sc.inv, static_cast<T*>(nullptr));
+      *reinterpret_cast<decltype(out)*>(q + i * kPerVec) = out;
+    }
+    done = nv * kPerVec;
+  }
+  for (int64_t i = done + tid; i < n; i += stride) q[i] = encode1<F>(Elem<T>::f32(x[i]), sc.inv);
+}
+
+__global__ void finalize_tensor_kernel(float* s, bool pow2, float fmax, int* nonfinite) {
+  const Scale sc = scale_from_bits(__float_as_uint(s[0]), pow2, fmax);
+  s[0] = sc.sf;
+  if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize: out = f32(decode(q) * s). Decode through the hardware e4m3/e5m2 -> f16 -> f32 cvt
+// (exact, equal to fp8_to_float for all 256 codes: checked by codec_check.cu).
+
+template <Fp8Format F>
+__device__ __forceinline__ float2 decode2(uint16_t two) {
+  uint32_t h2;
+  if constexpr (F == Fp8Format::kE4M3) {
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
+  } else {
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(h2) : "h"(two));
+  }
+  __half2 h = *reinterpret_cast<__half2*>(&h2);
+  return __half22float2(h);
+}
+
+__device__ __forceinline__ float scale_at(const float* s, Granularity g, int64_t R, int64_t C,
+                                          int64_t r, int64_t c) {
+  switch (g) {
+    case Granularity::k1x128:
+      return s[(c / kG) * R + r];
+    case Granularity::k128x1:
+      return s[(r / kG) * C + c];
+    case Granularity::k128x128:
+      return s[(r / kG) * (((C + kG - 1) / kG + 3) / 4 * 4) + c / kG];
+    case Granularity::kPerTensor:
+      break;
+  }
+  return s[0];
+}
+
+template <Fp8Format F>
+__global__ void __launch_bounds__(kThreads)
+    dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ s, int64_t R, int64_t C,
+                   Granularity g, bool vec, float* __restrict__ out) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  if (vec) {  // C % 4 == 0: 4 codes (one uint32) -> float4
+    const int64_t C4 = C / 4, n4 = R * C4;
+    for (int64_t i = tid; i < n4; i += stride) {
+      const int64_t r = i / C4, c = (i % C4) * 4;
+      const uint32_t w = reinterpret_cast<const uint32_t*>(q)[i];
+      const float2 a = decode2<F>(static_cast<uint16_t>(w & 0xFFFFu));
+      const float2 b = decode2<F>(static_cast<uint16_t>(w >> 16));
+      float4 o;
+      if (g == Granularity::k128x1) {
+        o = make_float4(__fmul_rn(a.x, scale_at(s, g, R, C, r, c)),
+                        __fmul_rn(a.y, scale_at(s, g, R, C, r, c + 1)),
+                        __fmul_rn(b.x, scale_at(s, g, R, C, r, c + 2)),
+                        __fmul_rn(b.y, scale_at(s, g, R, C, r, c + 3)));
+      } else {
+        const float sf = scale_at(s, g, R, C, r, c);  // 4 | 128: one group
+        o = make_float4(__fmul_rn(a.x, sf), __fmul_rn(a.y, sf), __fmul_rn(b.x, sf),
+                        __fmul_rn(b.y, sf));
+      }
+      reinterpret_cast<float4*>(out)[i] = o;
+    }
+    return;
+  }
+  for (int64_t i = tid; i < R * C; i += stride) {
+    const int64_t r = i / C, c = i % C;
+    out[i] = __fmul_rn(decode2<F>(q[i]).x, scale_at(s, g, R, C, r, c));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact byte transpose (32x32 tiles) and block-scale transpose of a 128x128-quantized tensor.
+
+__global__ void transpose_bytes_kernel(const uint8_t* __restrict__ q, int64_t R, int64_t C,
+                                       uint8_t* __restrict__ qt) {
+  __shared__ uint8_t tile[32][33];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32,
+                r0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int tx = threadIdx.x, ty = threadIdx.y;  // 32 x 8
+#pragma unroll
+  for (int i = 0; i < 32; i += 8) {
+    const int64_t r = r0 + ty + i, c = c0 + tx;
+    if (r < R && c < C) tile[ty + i][tx] = q[r * C + c];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 32; i += 8) {
+    const int64_t c = c0 + ty + i, r = r0 + tx;
+    if (r < R && c < C) qt[c * R + r] = tile[tx][ty + i];
+  }
+}
+
+__global__ void transpose_block_scales_kernel(const float* __restrict__ s, int64_t RB, int64_t KB,
+                                              float* __restrict__ st) {
+  const int64_t ld = (KB + 3) / 4 * 4, ldt = (RB + 3) / 4 * 4;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // over KB x ldt
+  if (i >= KB * ldt) return;
+  const int64_t kb = i / ldt, rb = i % ldt;
+  st[i] = rb < RB ? s[rb * ld + kb] : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host dispatch
+
+template <class T, Fp8Format F>
+Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p, uint8_t* q,
+                  float* s, int* nonfinite, cudaStream_t st) {
+  constexpr int kPerVec = Elem<T>::kPerVec;
+  const int64_t KB = ceil_div(C, kG), RB = ceil_div(R, kG);
+  const size_t out_align = kPerVec;  // bytes of codes per 16-byte input vector
+  switch (g) {
+    case Granularity::k1x128: {
+      if (C % kPerVec == 0 && aligned(x, 16) && aligned(q, out_align)) {
+        constexpr int64_t kRowsPerBlock = (32 / (kG / kPerVec)) * kLoads * (kThreads / 32);
+        const int64_t nb = ceil_div(R, kRowsPerBlock) * KB;
+        FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
+        q1x128_vec_kernel<T, F>
+            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+      } else {
+        const int64_t nb = ceil_div(R * KB, kThreads / 32);
+        FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
+        q1x128_scalar_kernel<T, F>
+            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+      }
+      break;
+    }
+    case Granularity::k128x1: {
+      FP8PIPE_REQUIRE(RB <= 65535 && ceil_div(C, kTc) < (1ll << 31),
+                      "quantize 128x1: too many rows");
+      const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
+      const bool vec_in = C % kPerVec == 0 && aligned(x, 16);
+      q128x1_kernel<T, F, false>
+          <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, false, q, s, nonfinite);
+      break;
+    }
+    case Granularity::k128x128: {
+      FP8PIPE_REQUIRE(RB <= 65535 && KB < (1ll << 31), "quantize 128x128: too many rows");
+      const dim3 grid(static_cast<unsigned>(KB), static_cast<unsigned>(RB));
+      if (C % kPerVec == 0 && aligned(x, 16) && aligned(q, out_align)) {
+        q128x128_vec_kernel<T, F><<<grid, kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+      } else {
+        q128x128_scalar_kernel<T, F>
+            <<<grid, kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+      }
+      break;
+    }
+    case Granularity::kPerTensor: {
+      const int64_t n = R * C;
+      const bool vec = aligned(x, 16) && aligned(q, out_align);
+      FP8PIPE_CUDA_TRY(cudaMemsetAsync(s, 0, sizeof(float), st));
+      const int grid =
+          static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads * kPerVec), 132 * 16));
+      auto* amax = reinterpret_cast<uint32_t*>(s);
+      if (grid > 0) {
+        amax_tensor_kernel<T><<<grid, kThreads, 0, st>>>(x, n, vec, amax);
+        FP8PIPE_CUDA_LAUNCH_CHECK();
+        encode_tensor_kernel<T, F><<<grid, kThreads, 0, st>>>(x, n, vec, p.pow2, amax, q);
+        FP8PIPE_CUDA_LAUNCH_CHECK();
+      }
+      finalize_tensor_kernel<<<1, 1, 0, st>>>(s, p.pow2, fp8_max(F), nonfinite);
+      break;
+    }
+  }
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+template <class T>
+Result quantize_any(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p, uint8_t* q,
+                    float* s, int* nonfinite, cudaStream_t st) {
+  if (R <= 0 || C <= 0) {  // as the CPU: scales zeroed, nothing else
+    const int64_t ns = std::max<int64_t>(0, scale_count(g, R, C));
+    if (ns > 0) FP8PIPE_CUDA_TRY(cudaMemsetAsync(s, 0, ns * sizeof(float), st));
+    return Result::Ok();
+  }
+  if (p.fmt == Fp8Format::kE4M3)
+    return quantize_t<T, Fp8Format::kE4M3>(x, R, C, g, p, q, s, nonfinite, st);
+  return quantize_t<T, Fp8Format::kE5M2>(x, R, C, g, p, q, s, nonfinite, st);
+}
+
+template <class T, Fp8Format F>
+Result q128x1_t_launch(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t* qt, float* s,
+                       int* nonfinite, cudaStream_t st) {
+  const int64_t RB = ceil_div(R, kG);
+  FP8PIPE_REQUIRE(RB <= 65535 && ceil_div(C, kTc) < (1ll << 31), "quantize 128x1: too many rows");
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
+  const bool vec_in = C % Elem<T>::kPerVec == 0 && aligned(x, 16);
+  const bool vec_out = R % 16 == 0 && aligned(qt, 16);
+  q128x1_kernel<T, F, true>
+      <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, vec_out, qt, s, nonfinite);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+template <class T>
+Result q128x1_t_any(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t* qt, float* s,
+                    int* nonfinite, cudaStream_t st) {
+  if (R <= 0 || C <= 0) return Result::Ok();  // as the CPU
+  if (p.fmt == Fp8Format::kE4M3)
+    return q128x1_t_launch<T, Fp8Format::kE4M3>(x, R, C, p, qt, s, nonfinite, st);
+  return q128x1_t_launch<T, Fp8Format::kE5M2>(x, R, C, p, qt, s, nonfinite, st);
+}
+
+}  // namespace
+
+Result quantize(const float* x, int64_t rows, int64_t cols, Granularity g, QuantParams p,
+                uint8_t* q, float* s, int* nonfinite, cudaStream_t stream) {
+  return quantize_any(x, rows, cols, g, p, q, s, nonfinite, stream);
+}
+
+Result quantize_bf16(const uint16_t* x, int64_t rows, int64_t cols, Granularity g, QuantParams p,
+                     uint8_t* q, float* s, int* nonfinite, cudaStream_t stream) {
+  return quantize_any(x, rows, cols, g, p, q, s, nonfinite, stream);
+}
+
+Result quantize_128x1_transposed(const float* x, int64_t rows, int64_t cols, QuantParams p,
+                                 uint8_t* qt, float* s, int* nonfinite, cudaStream_t stream) {
+  return q128x1_t_any(x, rows, cols, p, qt, s, nonfinite, stream);
+}
+
+Result quantize_128x1_transposed_bf16(const uint16_t* x, int64_t rows, int64_t cols, QuantParams p,
+                                      uint8_t* qt, float* s, int* nonfinite, cudaStream_t stream) {
+  return q128x1_t_any(x, rows, cols, p, qt, s, nonfinite, stream);
+}
+
+Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
+                  Fp8Format fmt, float* out, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return Result::Ok();
+  const bool vec = cols % 4 == 0 && aligned(q, 4) && aligned(out, 16);
+  const int grid =
+      static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, kThreads * 4), 132 * 32));
+  if (fmt == Fp8Format::kE4M3) {
+    dequant_kernel<Fp8Format::kE4M3><<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, out);
+  } else {
+    dequant_kernel<Fp8Format::kE5M2><<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, out);
+  }
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+Result transpose_128x128(const uint8_t* q, const float* s, int64_t rows, int64_t cols, uint8_t* qt,
+                         float* st, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return Result::Ok();
+  FP8PIPE_REQUIRE(ceil_div(rows, 32) <= 65535, "transpose_128x128: too many rows");
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)),
+                  static_cast<unsigned>(ceil_div(rows, 32)));
+  transpose_bytes_kernel<<<grid, dim3(32, 8), 0, stream>>>(q, rows, cols, qt);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  const int64_t RB = ceil_div(rows, kG), KB = ceil_div(cols, kG);
+  const int64_t n = KB * pad4(RB);
+  transpose_block_scales_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(s, RB, KB, st);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+}  // namespace fp8pipe::kernels::gpu

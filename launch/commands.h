@@ -1,0 +1,14 @@
+// The fp8pipe subcommands. Each takes the arguments after its name and returns the process exit
+// code; errors are printed (with rank, file:line and hint) by the command itself.
+#pragma once
+
+namespace fp8pipe::cli {
+
+int cmd_config(int argc, char** argv);        // print the resolved config
+int cmd_quantize(int argc, char** argv);      // quantize a safetensors file to FP8
+int cmd_bench(int argc, char** argv);         // micro-benchmarks (CPU; GPU when built with CUDA)
+int cmd_train(int argc, char** argv);         // train a model from a config
+int cmd_eval(int argc, char** argv);          // held-out loss of a saved model
+int cmd_prepare_data(int argc, char** argv);  // byte-level text -> token files
+
+}  // namespace fp8pipe::cli

@@ -1,0 +1,67 @@
+// The trainer: builds the model, optimizer, data and metrics from a validated config and runs the
+// loop of DESIGN.md §2 (one process for now; the executor of the distributed runtime slots in at
+// run_microbatches). Setup is a sequence of named calls; the step body fits on one screen.
+#pragma once
+
+#include <memory>
+#include <optional>
+
+#include "core/data.h"
+#include "core/model/transformer.h"
+#include "launch/metrics.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+
+namespace fp8pipe {
+
+struct StepResult {
+  model::LossParts loss;  // averaged over micro-batches
+  double grad_norm = 0;
+  float lr = 0;
+  bool skipped = false;
+};
+
+class Trainer {
+ public:
+  static Result<std::unique_ptr<Trainer>> create(const config::Config& cfg);
+
+  Status run(MetricsSink& sink);  // steps [step(), train.steps)
+  Result<StepResult> train_step();
+  // Mean main loss over `batches` held-out global batches (no gradients kept).
+  Result<double> evaluate(int64_t batches);
+
+  // Model-only checkpoint (safetensors: every parameter and router bias by global name).
+  Status save_model(const std::string& path) const;
+  Status load_model(const std::string& path);
+
+  int64_t step() const { return step_; }
+  model::Model& model() { return *model_; }
+  model::ModelCtx& ctx() { return ctx_; }
+  const data::SyntheticMarkov* synthetic() const { return synthetic_.get(); }
+
+ private:
+  Trainer() = default;
+  Status setup_model();
+  Status setup_optimizer();
+  Status setup_data();
+  Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
+  Status update_router_biases();
+  StepRecord record(const StepResult& r, double seconds);
+
+  config::Config cfg_;
+  std::unique_ptr<Backend> be_;
+  model::ModelCtx ctx_;
+  std::unique_ptr<model::Model> model_;
+  std::optional<optim::AdamW> opt_;
+  std::optional<optim::LrSchedule> lr_;
+  std::shared_ptr<data::TokenSource> source_;
+  std::shared_ptr<data::SyntheticMarkov> synthetic_;
+  std::optional<data::Batcher> batcher_;
+  int64_t step_ = 0, skipped_ = 0, tokens_seen_ = 0;
+  double flops_per_token_ = 0;
+};
+
+// The precision/GEMM/FP8 settings of a config as a model context on `be`.
+model::ModelCtx make_ctx(const config::Config& cfg, Backend* be);
+
+}  // namespace fp8pipe

@@ -1,0 +1,111 @@
+// Learning-rate schedules. Every kind is stored as one piecewise description (warm-up, constant,
+// cosine, two tails), so lr(step) is one short function; the factories validate and fill it.
+#include "optim/lr_schedule.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numbers>
+
+namespace fp8pipe::optim {
+namespace {
+
+Status check_lr(const char* name, double v) {
+  if (!std::isfinite(v) || v < 0.0) {
+    return FP8_INVALID("lr schedule: {} must be finite and >= 0, got {}", name, v);
+  }
+  return Status::Ok();
+}
+
+Status check_order(const char* lo_name, int64_t lo, const char* hi_name, int64_t hi) {
+  if (hi < lo) {
+    return FP8_INVALID("lr schedule: {} ({}) must be >= {} ({})", hi_name, hi, lo_name, lo);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps) {
+  auto at = [total_steps](double tokens_t) {
+    return static_cast<int64_t>(std::llround(static_cast<double>(total_steps) * tokens_t / 14.8));
+  };
+  DeepSeekV3Lr p;
+  p.warmup_steps = warmup_steps;
+  p.constant_end = std::max(at(10.0), warmup_steps);
+  p.cosine_end = std::max(at(14.3), p.constant_end);
+  p.tail_end = std::max(at(14.633), p.cosine_end);
+  return p;
+}
+
+Result<LrSchedule> LrSchedule::constant(double lr, int64_t warmup_steps) {
+  FP8_RETURN_IF_ERROR(check_lr("lr", lr));
+  if (warmup_steps < 0) {
+    return FP8_INVALID("lr schedule: warmup_steps must be >= 0, got {}", warmup_steps);
+  }
+  LrSchedule s;
+  s.kind_ = Kind::kConstant;
+  s.p_ = DeepSeekV3Lr{lr, lr, lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  return s;
+}
+
+Result<LrSchedule> LrSchedule::warmup_cosine(double peak_lr, double min_lr, int64_t warmup_steps,
+                                             int64_t total_steps) {
+  FP8_RETURN_IF_ERROR(check_lr("peak_lr", peak_lr));
+  FP8_RETURN_IF_ERROR(check_lr("min_lr", min_lr));
+  if (min_lr > peak_lr) {
+    return FP8_INVALID("lr schedule: min_lr ({}) must be <= peak_lr ({})", min_lr, peak_lr);
+  }
+  if (warmup_steps < 0) {
+    return FP8_INVALID("lr schedule: warmup_steps must be >= 0, got {}", warmup_steps);
+  }
+  FP8_RETURN_IF_ERROR(check_order("warmup_steps", warmup_steps, "total_steps", total_steps));
+  LrSchedule s;
+  s.kind_ = Kind::kWarmupCosine;
+  s.p_ = DeepSeekV3Lr{peak_lr, min_lr, min_lr, warmup_steps, warmup_steps, total_steps, INT64_MAX};
+  return s;
+}
+
+Result<LrSchedule> LrSchedule::deepseek_v3(const DeepSeekV3Lr& p) {
+  FP8_RETURN_IF_ERROR(check_lr("peak_lr", p.peak_lr));
+  FP8_RETURN_IF_ERROR(check_lr("min_lr", p.min_lr));
+  FP8_RETURN_IF_ERROR(check_lr("final_lr", p.final_lr));
+  if (p.warmup_steps < 0) {
+    return FP8_INVALID("lr schedule: warmup_steps must be >= 0, got {}", p.warmup_steps);
+  }
+  FP8_RETURN_IF_ERROR(check_order("warmup_steps", p.warmup_steps, "constant_end", p.constant_end));
+  FP8_RETURN_IF_ERROR(check_order("constant_end", p.constant_end, "cosine_end", p.cosine_end));
+  FP8_RETURN_IF_ERROR(check_order("cosine_end", p.cosine_end, "tail_end", p.tail_end));
+  LrSchedule s;
+  s.kind_ = Kind::kDeepSeekV3;
+  s.p_ = p;
+  return s;
+}
+
+double LrSchedule::warmup(int64_t step) const {
+  return p_.peak_lr * static_cast<double>(step) / static_cast<double>(p_.warmup_steps);
+}
+
+float LrSchedule::lr(int64_t step) const {
+  const DeepSeekV3Lr& p = p_;
+  double lr;
+  if (step <= 0) {
+    lr = p.warmup_steps > 0 ? 0.0 : p.peak_lr;
+  } else if (step <= p.warmup_steps) {
+    lr = warmup(step);
+  } else if (step <= p.constant_end) {
+    lr = p.peak_lr;
+  } else if (step <= p.cosine_end) {
+    const double span = static_cast<double>(p.cosine_end - p.constant_end);
+    const double progress = static_cast<double>(step - p.constant_end) / span;
+    const double cosine = 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+    lr = p.min_lr + (p.peak_lr - p.min_lr) * cosine;
+  } else if (step <= p.tail_end) {
+    lr = p.min_lr;
+  } else {
+    lr = p.final_lr;
+  }
+  return static_cast<float>(lr);
+}
+
+}  // namespace fp8pipe::optim

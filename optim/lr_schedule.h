@@ -1,0 +1,59 @@
+// Learning-rate schedules as pure functions of the step: constant, linear warm-up + cosine decay,
+// and DeepSeek-V3's warm-up / constant / cosine / two constant tails (DSV3_FACTS.md "Training
+// hyperparameters"). Construction validates every parameter; lr(step) cannot fail.
+#pragma once
+
+#include <cstdint>
+
+#include "core/status.h"
+
+namespace fp8pipe::optim {
+
+// DeepSeek-V3's schedule in optimizer steps. With s the 1-based step:
+//   s <= warmup_steps                 peak_lr * s / warmup_steps        (linear from 0)
+//   warmup_steps < s <= constant_end  peak_lr
+//   constant_end < s <= cosine_end    cosine from peak_lr down to min_lr
+//   cosine_end < s <= tail_end        min_lr
+//   s > tail_end                      final_lr
+// The paper's values are in tokens (cosine 10T -> 14.3T, min_lr to 14.633T, final_lr to 14.8T);
+// deepseek_v3_lr() converts them to steps assuming a constant batch.
+struct DeepSeekV3Lr {
+  double peak_lr = 2.2e-4;
+  double min_lr = 2.2e-5;
+  double final_lr = 7.3e-6;
+  int64_t warmup_steps = 2000;
+  int64_t constant_end = 0;
+  int64_t cosine_end = 0;
+  int64_t tail_end = 0;
+};
+
+// The DeepSeek-V3 boundaries for a run of total_steps at constant batch: constant to 10/14.8,
+// cosine to 14.3/14.8, min_lr to 14.633/14.8 of total_steps, final_lr to the end.
+DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps = 2000);
+
+class LrSchedule {
+ public:
+  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3 };
+
+  // lr for every step after an optional linear warm-up from 0.
+  static Result<LrSchedule> constant(double lr, int64_t warmup_steps = 0);
+  // Linear warm-up from 0 to peak_lr over warmup_steps, then cosine from peak_lr at warmup_steps
+  // to min_lr at total_steps, min_lr afterwards: half-way through the cosine lr = (peak+min)/2.
+  static Result<LrSchedule> warmup_cosine(double peak_lr, double min_lr, int64_t warmup_steps,
+                                          int64_t total_steps);
+  static Result<LrSchedule> deepseek_v3(const DeepSeekV3Lr& p);
+
+  // lr of the 1-based optimizer step (the AdamW step counter after increment); lr(0) = 0 when
+  // there is a warm-up. Computed in fp64, returned rounded to fp32.
+  float lr(int64_t step) const;
+  Kind kind() const { return kind_; }
+
+ private:
+  LrSchedule() = default;
+  double warmup(int64_t step) const;
+
+  Kind kind_ = Kind::kConstant;
+  DeepSeekV3Lr p_;  // all kinds are expressed with these fields
+};
+
+}  // namespace fp8pipe::optim

@@ -1,0 +1,137 @@
+// CPU backend: memory, streams/events ordering and overlap, and that the Tensor-level FP8 ops
+// agree with an independent fp64 computation.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <random>
+#include <thread>
+
+#include "core/backend.h"
+
+namespace fp8pipe {
+namespace {
+
+Tensor random_tensor(Backend& be, Shape shape, uint32_t seed, float scale = 1.0f) {
+  Tensor t = be.empty(shape, DType::kF32).value();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = dist(rng);
+  return t;
+}
+
+TEST(CpuBackend, EmptyZerosCopyAndErrors) {
+  auto be = make_cpu_backend();
+  Tensor z = be->zeros({3, 5}, DType::kF32).value();
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(z.data_as<float>()[i], 0.0f);
+  Tensor r = random_tensor(*be, {3, 5}, 1);
+  ASSERT_TRUE(be->copy(r, z).ok());
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(z.data_as<float>()[i], r.data_as<float>()[i]);
+  Tensor wrong = be->empty({4, 5}, DType::kF32).value();
+  Status s = be->copy(r, wrong);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.to_string().find("element count"), std::string::npos) << s.to_string();
+  EXPECT_FALSE(be->empty({-1, 2}, DType::kF32).ok());
+  auto bad_reshape = r.reshape({4, 4});
+  EXPECT_FALSE(bad_reshape.ok());
+}
+
+TEST(CpuStream, WorkerRunsInOrderAndOverlapsCaller) {
+  auto be = make_cpu_backend();
+  auto side = be->create_stream("comm");
+  std::vector<int> order;
+  std::atomic<bool> release{false};
+  // The first closure blocks until the caller releases it: only possible if the side stream runs
+  // on another thread while the caller keeps going (overlap).
+  side->launch([&] {
+    while (!release.load()) std::this_thread::yield();
+    order.push_back(1);
+  });
+  side->launch([&] { order.push_back(2); });
+  auto ev = side->record();
+  EXPECT_FALSE(ev->query());
+  release = true;  // caller proceeds while the worker was blocked
+  ev->synchronize();
+  EXPECT_TRUE(ev->query());
+  side->synchronize();
+  ASSERT_EQ(order.size(), 2u);
+  EXPECT_EQ(order[0], 1);
+  EXPECT_EQ(order[1], 2);
+}
+
+TEST(CpuStream, WaitOrdersAcrossStreams) {
+  auto be = make_cpu_backend();
+  auto a = be->create_stream("a");
+  auto b = be->create_stream("b");
+  std::atomic<int> value{0};
+  a->launch([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    value = 7;
+  });
+  auto ev = a->record();
+  b->wait(ev);
+  int seen = -1;
+  b->launch([&] { seen = value.load(); });
+  b->synchronize();
+  EXPECT_EQ(seen, 7);
+  // The inline compute stream's events are complete at once.
+  EXPECT_TRUE(be->compute().record()->query());
+}
+
+TEST(CpuBackend, Fp32GemmMatchesFp64) {
+  auto be = make_cpu_backend();
+  const int M = 7, N = 5, K = 9;
+  Tensor a = random_tensor(*be, {K, M}, 2);  // used transposed
+  Tensor b = random_tensor(*be, {N, K}, 3);  // used transposed
+  Tensor c = be->zeros({M, N}, DType::kF32).value();
+  ASSERT_TRUE(be->gemm(a, true, b, true, c).ok());
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      double ref = 0;
+      for (int k = 0; k < K; ++k)
+        ref += double(a.data_as<float>()[k * M + m]) * b.data_as<float>()[n * K + k];
+      EXPECT_NEAR(c.data_as<float>()[m * N + n], ref, 1e-5 * (1 + std::fabs(ref)));
+    }
+  Tensor bad = be->zeros({M, N + 1}, DType::kF32).value();
+  EXPECT_FALSE(be->gemm(a, true, b, true, bad).ok());
+}
+
+// Fprop through the Tensor API: X[M,K] 1x128 x W[N,K] 128x128, against fp64 on the dequantized
+// operands. Fast mode accumulates in fp32, so the bound is K * 2^-24 * sum|terms| (plus slack).
+TEST(CpuBackend, Fp8FpropMatchesFp64OfDequantized) {
+  auto be = make_cpu_backend();
+  const int M = 64, N = 96, K = 384;
+  Tensor x = random_tensor(*be, {M, K}, 4);
+  Tensor w = random_tensor(*be, {N, K}, 5, 0.05f);
+  QuantParams p;
+  Tensor xq = be->quantize(x, Granularity::k1x128, p).value();
+  Tensor wq = be->quantize(w, Granularity::k128x128, p).value();
+  Tensor xd = be->empty({M, K}, DType::kF32).value(), wd = be->empty({N, K}, DType::kF32).value();
+  ASSERT_TRUE(be->dequantize(xq, xd).ok());
+  ASSERT_TRUE(be->dequantize(wq, wd).ok());
+  for (GemmMode mode : {GemmMode::kFast, GemmMode::kExact}) {
+    Tensor y = be->empty({M, N}, DType::kF32).value();
+    ASSERT_TRUE(be->gemm_fp8(xq, wq, y, mode).ok());
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        double ref = 0, mag = 0;
+        for (int k = 0; k < K; ++k) {
+          const double t = double(xd.data_as<float>()[m * K + k]) * wd.data_as<float>()[n * K + k];
+          ref += t;
+          mag += std::fabs(t);
+        }
+        // Fast: fp32 accumulation, |err| <= K * 2^-24 * sum|t|. Exact (FP8.md 2.4): each 32-term
+        // step loses < 33 u + 2^-13 |s| with u = 2^-13 * 2^emax <= 2^-13 * max(|t|, |c|), and |c|
+        // is at most the block's sum|t| after 4 steps, so |err| <= 5 * 33 * 2^-13 * sum|t|.
+        const double bound = mode == GemmMode::kFast ? K * 0x1p-24 : 5 * 33 * 0x1p-13;
+        EXPECT_NEAR(y.data_as<float>()[m * N + n], ref, mag * bound + 1e-30);
+      }
+  }
+  Tensor wrong = be->empty({M, N + 1}, DType::kF32).value();
+  EXPECT_FALSE(be->gemm_fp8(xq, wq, wrong, GemmMode::kFast).ok());
+  EXPECT_FALSE(be->gemm_fp8(wq, wq, wrong, GemmMode::kFast).ok());  // 128x128 x 128x128
+}
+
+}  // namespace
+}  // namespace fp8pipe

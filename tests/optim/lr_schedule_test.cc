@@ -1,0 +1,78 @@
+// Learning-rate schedules at their key steps (warm-up end, cosine half-way = (peak+min)/2, cosine
+// end = min_lr, DeepSeek-V3's tails) and validation messages that name the bad parameter.
+#include "optim/lr_schedule.h"
+
+#include <gtest/gtest.h>
+
+namespace fp8pipe::optim {
+namespace {
+
+LrSchedule ok(Result<LrSchedule> r) {
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  return std::move(r).value();
+}
+
+void expect_error_names(Result<LrSchedule> r, const std::string& field) {
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find(field), std::string::npos) << r.status().to_string();
+}
+
+TEST(LrSchedule, Constant) {
+  LrSchedule s = ok(LrSchedule::constant(3e-4));
+  EXPECT_FLOAT_EQ(s.lr(1), 3e-4f);
+  EXPECT_FLOAT_EQ(s.lr(1000000), 3e-4f);
+  LrSchedule w = ok(LrSchedule::constant(3e-4, 10));
+  EXPECT_EQ(w.lr(0), 0.0f);
+  EXPECT_FLOAT_EQ(w.lr(5), 1.5e-4f);
+  EXPECT_FLOAT_EQ(w.lr(10), 3e-4f);
+  EXPECT_FLOAT_EQ(w.lr(11), 3e-4f);
+}
+
+TEST(LrSchedule, WarmupCosineKeySteps) {
+  LrSchedule s = ok(LrSchedule::warmup_cosine(1e-3, 1e-4, 100, 1100));
+  EXPECT_EQ(s.lr(0), 0.0f);
+  EXPECT_FLOAT_EQ(s.lr(1), 1e-5f);
+  EXPECT_FLOAT_EQ(s.lr(50), 5e-4f);
+  EXPECT_FLOAT_EQ(s.lr(100), 1e-3f);                // warm-up end = peak
+  EXPECT_FLOAT_EQ(s.lr(600), (1e-3f + 1e-4f) / 2);  // half-way through the cosine
+  EXPECT_FLOAT_EQ(s.lr(1100), 1e-4f);               // end = min_lr
+  EXPECT_FLOAT_EQ(s.lr(50000), 1e-4f);
+  for (int t = 101; t <= 1100; ++t) EXPECT_LE(s.lr(t), s.lr(t - 1)) << t;
+  LrSchedule no_warmup = ok(LrSchedule::warmup_cosine(1e-3, 0.0, 0, 10));
+  EXPECT_FLOAT_EQ(no_warmup.lr(0), 1e-3f);
+  EXPECT_FLOAT_EQ(no_warmup.lr(5), 5e-4f);
+}
+
+TEST(LrSchedule, DeepSeekV3) {
+  // 14,800 steps stand for 14.8T tokens: one step per billion tokens.
+  const DeepSeekV3Lr p = deepseek_v3_lr(14800, 2000);
+  EXPECT_EQ(p.constant_end, 10000);
+  EXPECT_EQ(p.cosine_end, 14300);
+  EXPECT_EQ(p.tail_end, 14633);
+  LrSchedule s = ok(LrSchedule::deepseek_v3(p));
+  EXPECT_FLOAT_EQ(s.lr(1000), 1.1e-4f);
+  EXPECT_FLOAT_EQ(s.lr(2000), 2.2e-4f);
+  EXPECT_FLOAT_EQ(s.lr(10000), 2.2e-4f);
+  EXPECT_FLOAT_EQ(s.lr(12150), (2.2e-4f + 2.2e-5f) / 2);
+  EXPECT_FLOAT_EQ(s.lr(14300), 2.2e-5f);
+  EXPECT_FLOAT_EQ(s.lr(14633), 2.2e-5f);
+  EXPECT_FLOAT_EQ(s.lr(14634), 7.3e-6f);
+  EXPECT_FLOAT_EQ(s.lr(14800), 7.3e-6f);
+}
+
+TEST(LrSchedule, ValidationNamesTheParameter) {
+  expect_error_names(LrSchedule::constant(-1.0), "lr");
+  expect_error_names(LrSchedule::constant(1e-3, -5), "warmup_steps");
+  expect_error_names(LrSchedule::warmup_cosine(NAN, 0.0, 1, 2), "peak_lr");
+  expect_error_names(LrSchedule::warmup_cosine(1e-3, 1e-2, 1, 2), "min_lr");
+  expect_error_names(LrSchedule::warmup_cosine(1e-3, 1e-4, 10, 5), "total_steps");
+  DeepSeekV3Lr p = deepseek_v3_lr(1000, 10);
+  p.cosine_end = p.constant_end - 1;
+  expect_error_names(LrSchedule::deepseek_v3(p), "cosine_end");
+  p = deepseek_v3_lr(1000, 10);
+  p.final_lr = -1.0;
+  expect_error_names(LrSchedule::deepseek_v3(p), "final_lr");
+}
+
+}  // namespace
+}  // namespace fp8pipe::optim
