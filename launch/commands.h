@@ -10,5 +10,6 @@ int cmd_bench(int argc, char** argv);         // micro-benchmarks (CPU; GPU when
 int cmd_train(int argc, char** argv);         // train a model from a config
 int cmd_eval(int argc, char** argv);          // held-out loss of a saved model
 int cmd_prepare_data(int argc, char** argv);  // byte-level text -> token files
+int cmd_plot(int argc, char** argv);          // JSONL metrics -> one SVG of curves
 
 }  // namespace fp8pipe::cli

@@ -26,6 +26,7 @@ constexpr Command kCommands[] = {
     {"bench", fp8pipe::cli::cmd_bench,
      "[--filter NAME] [--json FILE]   quantize and FP8 GEMM throughput vs fp32 sgemm"},
     {"prepare-data", fp8pipe::cli::cmd_prepare_data, "OUT FILE... [--help]   text to byte tokens"},
+    {"plot", fp8pipe::cli::cmd_plot, "RUN.jsonl... [-o OUT.svg] [--labels ..] [--floor X]   SVG"},
 };
 
 int usage(FILE* out) {
