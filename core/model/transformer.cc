@@ -34,16 +34,25 @@ Result<double> sum_host(ModelCtx& c, const Tensor& t) {
 
 }  // namespace
 
-Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed) {
+Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart part) {
   cfg_ = m;
+  if (part.block_end < 0) part.block_end = m.layers();
+  if (part.block_begin < 0 || part.block_begin > part.block_end || part.block_end > m.layers()) {
+    return FP8_INVALID("model part: blocks [{}, {}) outside [0, {})", part.block_begin,
+                       part.block_end, m.layers());
+  }
+  part_ = part;
   const float std = m.init_std();
-  FP8_RETURN_IF_ERROR(embed_.init(c, "embed.weight", m.vocab_size(), m.hidden(), seed, std));
+  if (part.embed || part.head) {
+    FP8_RETURN_IF_ERROR(embed_.init(c, "embed.weight", m.vocab_size(), m.hidden(), seed, std));
+  }
   const bool has_moe = m.has_moe() && m.moe().routed_experts() > 0;
-  for (int i = 0; i < m.layers(); ++i) {
+  for (int i = part.block_begin; i < part.block_end; ++i) {
     blocks_.push_back(std::make_unique<Block>());
     const bool moe = has_moe && i >= m.dense_layers();
     FP8_RETURN_IF_ERROR(blocks_.back()->init(c, "layers." + std::to_string(i), m, moe, seed));
   }
+  if (!part.head) return Status::Ok();
   FP8_RETURN_IF_ERROR(final_norm_.init(c, "norm.weight", m.hidden(), m.norm_eps(), seed));
   FP8_RETURN_IF_ERROR(head_.init(c, "head.weight", m.hidden(), m.vocab_size(), seed, std, false));
   mtp_.resize(m.mtp_depth());
@@ -200,9 +209,11 @@ Status Model::backward(ModelCtx& c, int mb, float loss_scale) {
 }
 
 std::vector<Param*> Model::params() {
-  std::vector<Param*> ps = {&embed_.weight()};
+  std::vector<Param*> ps;
+  if (part_.embed || part_.head) ps.push_back(&embed_.weight());
   for (auto& b : blocks_)
     for (Param* p : b->params()) ps.push_back(p);
+  if (!part_.head) return ps;
   ps.push_back(&final_norm_.weight());
   ps.push_back(&head_.weight());
   for (auto& t : mtp_) {

@@ -30,9 +30,18 @@ struct LossParts {
   int64_t tokens = 0;       // predicted main tokens (B*T)
 };
 
+// Which pieces of the model one pipeline chunk holds: blocks [block_begin, block_end), the
+// embedding (first stage) and the head with final norm and MTP modules (last stage; MTP also
+// needs the embedding, so a head chunk holds an embedding copy whose gradient is summed with the
+// first stage's by global name). block_end < 0 means "through the last block".
+struct ModelPart {
+  int block_begin = 0, block_end = -1;
+  bool embed = true, head = true;
+};
+
 class Model {
  public:
-  Status init(ModelCtx& c, const config::Model& m, uint64_t seed);
+  Status init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart part = {});
 
   // Full pass of one micro-batch; gradients of loss_scale * L accumulate into Param::grad.
   Result<LossParts> forward(ModelCtx& c, int mb, const MicroBatch& batch);
@@ -41,8 +50,10 @@ class Model {
   // Pieces for pipeline stages (the executor composes these).
   Result<Tensor> embed_forward(ModelCtx& c, int mb, const MicroBatch& batch);
   Status embed_backward(ModelCtx& c, int mb, const Tensor& dx);
+  // Blocks held by this chunk, indexed from 0 (global index = part().block_begin + i).
   Block& block(int i) { return *blocks_[i]; }
   int num_blocks() const { return static_cast<int>(blocks_.size()); }
+  const ModelPart& part() const { return part_; }
   Result<LossParts> head_forward(ModelCtx& c, int mb, const Tensor& h, const MicroBatch& batch);
   Result<Tensor> head_backward_input(ModelCtx& c, int mb, float loss_scale);  // -> dh
   Status head_backward_weight(ModelCtx& c, int mb);
@@ -70,6 +81,7 @@ class Model {
                                  Tensor* logits, double* ce_sum);
 
   config::Model cfg_;
+  ModelPart part_;
   Embedding embed_;
   std::vector<std::unique_ptr<Block>> blocks_;
   RMSNorm final_norm_;
