@@ -17,8 +17,9 @@
 // contention between threads polling the same progress engine, and needs only
 // MPI_THREAD_SERIALIZED; mpi_init() asks for MPI_THREAD_MULTIPLE (so abort_all() may call
 // MPI_Abort from any thread) and fails clearly below SERIALIZED. Communicator creation also runs
-// on the comm thread. The comm thread is the CPU "comm stream" of DESIGN.md §3: a worker thread
-// that runs this process's communication in order, per communicator.
+// on the comm thread (blocking MPI_Comm_split, after a timed check that every rank arrived). The
+// comm thread is the CPU "comm stream" of DESIGN.md §3; it is not a core/cpu_stream.h CpuStream,
+// which runs one closure at a time, because it keeps many ops in flight and polls them together.
 #pragma once
 
 #include <atomic>
@@ -121,8 +122,7 @@ class Comm {
                                     std::vector<int64_t>* recv_counts) = 0;
 
   // Reductions (fp32, fp64, int32, int64). send == recv reduces in place.
-  virtual Work all_reduce(const void* send, void* recv, int64_t count, DataType t,
-                          ReduceOp op) = 0;
+  virtual Work all_reduce(const void* send, void* recv, int64_t count, DataType t, ReduceOp op) = 0;
   // send holds size() blocks of `block` elements; recv gets the reduced block rank().
   virtual Work reduce_scatter(const void* send, void* recv, int64_t block, DataType t,
                               ReduceOp op = ReduceOp::kSum) = 0;

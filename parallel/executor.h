@@ -1,0 +1,67 @@
+// The pipeline executor: runs one rank's instruction list (parallel/schedule.h) through a table of
+// handlers over this rank's model chunks, moving activations and gradients between stages with
+// point-to-point messages on the pipeline communicator. A world of one runs the same code with no
+// communicator (DESIGN.md §1: "a single process runs the same executor on a world of one").
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "core/model/transformer.h"
+#include "parallel/comm.h"
+#include "parallel/schedule.h"
+
+namespace fp8pipe::parallel {
+
+// Blocks per stage for `stages` stages of an L-layer model: as even as possible, extra blocks to
+// the earlier stages (the last stage also carries the head and MTP modules).
+Result<std::vector<model::ModelPart>> partition_stages(const config::Model& m, int stages);
+
+// The stage that local chunk `dir` of pipeline rank `rank` runs (the inverse of rank_of).
+int stage_of(const Schedule& s, int rank, int dir);
+// Number of local chunks per rank: 2 for dualpipe/dualpipev, else 1.
+int chunks_per_rank(const Schedule& s);
+
+struct ExecutorStats {
+  model::LossParts loss;  // sums over the micro-batches whose loss this rank computed
+  int64_t loss_microbatches = 0;
+};
+
+class PipelineExecutor {
+ public:
+  // Micro-batch `mb` of stream `stream` (global micro-batch stream * mb_per_stream + mb).
+  using BatchFn = std::function<const model::MicroBatch&(int stream, int mb)>;
+
+  // chunks[dir] runs this rank's ops of `dir`; pp may be null when the schedule has one rank.
+  PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp, std::vector<model::Model*> chunks,
+                   model::ModelCtx* ctx, int64_t hidden);
+
+  // One step's instruction list. Gradients of loss_scale * (each micro-batch's loss) accumulate.
+  Result<ExecutorStats> run(const BatchFn& batch, float loss_scale);
+
+ private:
+  using Key = std::pair<int, int>;  // (dir, mb)
+  Status forward(const BatchFn& batch, int mb, int dir, int stage);
+  Status backward(int mb, int dir, int stage, bool defer_w, float loss_scale);
+  Status weight(int mb, int dir, int stage);
+  Status send(const Instr& in);
+  Status recv(const Instr& in, const BatchFn& batch);
+  Result<int> tag_of(const Instr& in) const;
+  bool is_last(int stage) const { return stage == sched_.stages() - 1; }
+  // Where the output of (stream, stage) goes when the next stage is on this rank: its dir.
+  int local_next_dir(int stream, int stage, int step) const;
+
+  const Schedule& sched_;
+  int rank_;
+  Comm* pp_;
+  std::vector<model::Model*> chunks_;
+  model::ModelCtx* ctx_;
+  int64_t hidden_;
+  std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
+  std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
+  ExecutorStats stats_;
+};
+
+}  // namespace fp8pipe::parallel

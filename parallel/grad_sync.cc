@@ -1,0 +1,122 @@
+#include "parallel/grad_sync.h"
+
+#include <algorithm>
+
+#include "parallel/executor.h"
+
+namespace fp8pipe::parallel {
+namespace {
+
+// The global stages (model parts) holding parameter `name`.
+std::vector<int> stages_holding(const std::string& name,
+                                const std::vector<model::ModelPart>& stages) {
+  std::vector<int> out;
+  const int S = static_cast<int>(stages.size());
+  if (name.rfind("layers.", 0) == 0) {
+    const int block = std::stoi(name.substr(7));
+    for (int s = 0; s < S; ++s)
+      if (block >= stages[s].block_begin && block < stages[s].block_end) out.push_back(s);
+  } else if (name.rfind("embed.", 0) == 0) {
+    for (int s = 0; s < S; ++s)
+      if (stages[s].embed || stages[s].head) out.push_back(s);
+  } else {
+    out.push_back(S - 1);  // final norm, head, MTP modules
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<int> holders_of(const std::string& name, const Schedule& s,
+                            const std::vector<model::ModelPart>& stages, const Topology& topo) {
+  std::vector<int> ranks;
+  for (int st : stages_holding(name, stages)) {
+    for (int dir = 0; dir < chunks_per_rank(s); ++dir) {
+      for (int r = 0; r < s.ranks; ++r) {
+        if (stage_of(s, r, dir) != st) continue;
+        for (int d = 0; d < topo.dp(); ++d) ranks.push_back(topo.rank_of(r, d));
+      }
+    }
+  }
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  return ranks;
+}
+
+NameSync::NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
+                   int world_rank, Comm* world)
+    : entries_(std::move(entries)), holders_(std::move(holders)), rank_(world_rank), world_(world) {
+  std::sort(entries_.begin(), entries_.end(),
+            [](const SyncEntry& a, const SyncEntry& b) { return a.name < b.name; });
+  std::map<std::vector<int>, size_t> index;
+  for (const SyncEntry& e : entries_) {
+    const auto& ranks = holders_[e.name];
+    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
+    if (fresh) sets_.push_back({ranks, {}, 0});
+    sets_[it->second].entries.push_back(&e);
+    sets_[it->second].numel += e.numel;
+  }
+}
+
+bool NameSync::is_leader(const std::string& name) const {
+  auto it = holders_.find(name);
+  return it == holders_.end() || it->second.empty() || it->second.front() == rank_;
+}
+
+Status NameSync::all_reduce_sum() {
+  // Local copies first: the first copy holds the rank's sum.
+  for (SyncEntry& e : entries_)
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      for (int64_t i = 0; i < e.numel; ++i) e.copies[0][i] += e.copies[c][i];
+  std::vector<std::vector<float>> mine(sets_.size());
+  std::vector<std::vector<std::vector<float>>> theirs(sets_.size());
+  std::vector<Work> phase1, phase2;
+  for (size_t k = 0; k < sets_.size(); ++k) {  // phase 1: members -> leader
+    const Set& set = sets_[k];
+    if (set.ranks.size() < 2) continue;
+    auto& buf = mine[k];
+    for (const SyncEntry* e : set.entries) buf.insert(buf.end(), e->copies[0], e->copies[0] + e->numel);
+    if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
+    const int tag = static_cast<int>(k % 32768);
+    if (set.ranks.front() == rank_) {
+      theirs[k].resize(set.ranks.size());
+      for (size_t m = 1; m < set.ranks.size(); ++m) {
+        theirs[k][m].resize(buf.size());
+        phase1.push_back(world_->recv(theirs[k][m].data(), buf.size(), DataType::kFloat32,
+                                      set.ranks[m], tag));
+      }
+    } else {
+      phase1.push_back(world_->send(buf.data(), buf.size(), DataType::kFloat32, set.ranks.front(), tag));
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(phase1));
+  for (size_t k = 0; k < sets_.size(); ++k) {  // phase 2: leader sums in rank order, sends back
+    const Set& set = sets_[k];
+    if (set.ranks.size() < 2) continue;
+    auto& buf = mine[k];
+    const int tag = static_cast<int>(k % 32768);
+    if (set.ranks.front() == rank_) {
+      for (size_t m = 1; m < set.ranks.size(); ++m)
+        for (size_t i = 0; i < buf.size(); ++i) buf[i] += theirs[k][m][i];
+      for (size_t m = 1; m < set.ranks.size(); ++m)
+        phase2.push_back(world_->send(buf.data(), buf.size(), DataType::kFloat32, set.ranks[m], tag));
+    } else {
+      phase2.push_back(world_->recv(buf.data(), buf.size(), DataType::kFloat32, set.ranks.front(), tag));
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(phase2));
+  for (size_t k = 0; k < sets_.size(); ++k) {  // unpack into every local copy
+    if (sets_[k].ranks.size() < 2) continue;
+    int64_t off = 0;
+    for (const SyncEntry* e : sets_[k].entries) {
+      for (float* c : e->copies) std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
+      off += e->numel;
+    }
+  }
+  for (const SyncEntry& e : entries_)  // sets of one rank: spread the local sum to all copies
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      std::copy(e.copies[0], e.copies[0] + e.numel, e.copies[c]);
+  return Status::Ok();
+}
+
+}  // namespace fp8pipe::parallel

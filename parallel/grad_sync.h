@@ -1,0 +1,54 @@
+// Summing the copies of every parameter by global name: a parameter lives on the dp replicas of
+// each pipeline rank whose chunks hold it (DualPipe keeps every stage on two ranks; the embedding
+// sits in the first stage and, for MTP, in the last). Every copy ends with the sum over all of them,
+// so replicas stay identical after identical optimizer steps. Also used for the MoE expert loads
+// behind the router-bias update. Pure layout logic (holders_of) plus a two-phase point-to-point
+// exchange on the world communicator: members send to the set's lowest rank, which sums in rank
+// order (deterministic) and sends the result back.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/model/transformer.h"
+#include "parallel/comm.h"
+#include "parallel/schedule.h"
+#include "parallel/topology.h"
+
+namespace fp8pipe::parallel {
+
+// World ranks holding global parameter `name`, ascending.
+std::vector<int> holders_of(const std::string& name, const Schedule& s,
+                            const std::vector<model::ModelPart>& stages, const Topology& topo);
+
+struct SyncEntry {
+  std::string name;
+  std::vector<float*> copies;  // this rank's local copies (one per chunk holding it)
+  int64_t numel = 0;
+};
+
+class NameSync {
+ public:
+  // entries: this rank's named buffers; holders[name] = the world ranks holding that name.
+  NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
+           int world_rank, Comm* world);
+  // Every copy := the sum over all copies on all holders. Deterministic.
+  Status all_reduce_sum();
+  // True when this rank is the lowest holder of `name` (to count a name once globally).
+  bool is_leader(const std::string& name) const;
+
+ private:
+  struct Set {
+    std::vector<int> ranks;
+    std::vector<const SyncEntry*> entries;  // in name order
+    int64_t numel = 0;
+  };
+  std::vector<SyncEntry> entries_;
+  std::map<std::string, std::vector<int>> holders_;
+  std::vector<Set> sets_;  // sorted by their first name: the same order on every rank
+  int rank_;
+  Comm* world_;
+};
+
+}  // namespace fp8pipe::parallel

@@ -1,0 +1,178 @@
+// The pipeline executor against a single-process reference, under mpirun: every rank also builds
+// the whole model and runs every micro-batch of the global batch itself (the reference), then the
+// schedule runs on this rank's chunks, copies are summed by global name (NameSync), and each local
+// parameter's gradient and the global loss must match the reference (fp32: relative 1e-5).
+// Layouts come from the world size: -np 2 -> pp 2; -np 4 -> pp 4 and pp 2 x dp 2.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <map>
+
+#include "core/config.h"
+#include "parallel/executor.h"
+#include "parallel/grad_sync.h"
+
+namespace fp8pipe::parallel {
+namespace {
+
+int g_rank = 0, g_world = 1;
+
+config::Config tiny(int layers) {
+  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
+                         std::vector<std::string>{"--precision.mode=FP32", "--train.seq_len=8",
+                                                  "--model.layers=" + std::to_string(layers)});
+  EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+  return *cfg;
+}
+
+model::MicroBatch micro_batch(int index, int B, int T, int vocab) {
+  model::MicroBatch mb;
+  mb.B = B;
+  mb.T = T;
+  for (int i = 0; i < B * (T + 1); ++i)
+    mb.tokens.push_back(static_cast<int32_t>((i * 37 + index * 101 + 11) % vocab));
+  return mb;
+}
+
+struct Reference {
+  double loss = 0;
+  std::map<std::string, std::vector<float>> grads;
+};
+
+// The whole model over `n` micro-batches, each scaled 1/n: what one process would do.
+Reference reference(const config::Config& cfg, int n, int B, int T) {
+  auto be = make_cpu_backend();
+  model::ModelCtx c;
+  c.be = be.get();
+  model::Model m;
+  EXPECT_TRUE(m.init(c, cfg.model(), 7).ok());
+  Reference r;
+  for (int g = 0; g < n; ++g) {
+    auto lp = m.forward(c, g, micro_batch(g, B, T, cfg.model().vocab_size()));
+    EXPECT_TRUE(lp.ok()) << lp.status().to_string();
+    r.loss += lp->total / n;
+    EXPECT_TRUE(m.backward(c, g, 1.0f / n).ok());
+  }
+  for (model::Param* p : m.params()) {
+    const float* d = p->grad.data_as<float>();
+    r.grads[p->name].assign(d, d + p->grad.numel());
+  }
+  return r;
+}
+
+void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M) {
+  const auto cfg = tiny(layers);
+  const int B = 2, T = 8;
+  const Reference ref = reference(cfg, dp * M, B, T);
+  auto topo = Topology::create(pp, dp, 1, pp * dp, g_rank);
+  ASSERT_TRUE(topo.ok()) << topo.status().to_string();
+  auto comms = create_comms(*topo, CommOptions{60});
+  ASSERT_TRUE(comms.ok()) << comms.status().to_string();
+  auto sched = make_schedule(kind, pp, M);
+  ASSERT_TRUE(sched.ok()) << sched.status().to_string();
+  auto parts = partition_stages(cfg.model(), sched->stages());
+  ASSERT_TRUE(parts.ok()) << parts.status().to_string();
+
+  auto be = make_cpu_backend();
+  model::ModelCtx c;
+  c.be = be.get();
+  const int prank = topo->coords().stage, dpi = topo->coords().dp_index;
+  std::vector<std::unique_ptr<model::Model>> chunks;
+  std::vector<model::Model*> ptrs;
+  for (int dir = 0; dir < chunks_per_rank(*sched); ++dir) {
+    chunks.push_back(std::make_unique<model::Model>());
+    ASSERT_TRUE(
+        chunks.back()->init(c, cfg.model(), 7, (*parts)[stage_of(*sched, prank, dir)]).ok());
+    ptrs.push_back(chunks.back().get());
+  }
+  std::map<std::pair<int, int>, model::MicroBatch> batches;
+  auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
+    const int g = dpi * M + stream * sched->mb_per_stream() + mb;
+    auto it = batches.try_emplace({stream, mb}, micro_batch(g, B, T, cfg.model().vocab_size()));
+    return it.first->second;
+  };
+  PipelineExecutor ex(*sched, prank, &comms->get(GroupKind::kPipeline), ptrs, &c,
+                      cfg.model().hidden());
+  auto st = ex.run(batch, 1.0f / (dp * M));
+  ASSERT_TRUE(st.ok()) << st.status().to_string();
+
+  std::map<std::string, SyncEntry> entries;
+  std::map<std::string, std::vector<int>> holders;
+  for (auto& ch : chunks) {
+    for (model::Param* p : ch->params()) {
+      auto& e = entries[p->name];
+      e.name = p->name;
+      e.numel = p->grad.numel();
+      e.copies.push_back(p->grad.data_as<float>());
+      holders[p->name] = holders_of(p->name, *sched, *parts, *topo);
+    }
+  }
+  std::vector<SyncEntry> list;
+  for (auto& [n, e] : entries) list.push_back(e);
+  NameSync sync(list, holders, g_rank, &comms->get(GroupKind::kWorld));
+  ASSERT_TRUE(sync.all_reduce_sum().ok());
+
+  for (auto& [name, e] : entries) {
+    ASSERT_TRUE(ref.grads.count(name)) << name;
+    const auto& want = ref.grads.at(name);
+    double num = 0, den = 0;
+    for (float* copy : e.copies) {
+      for (int64_t i = 0; i < e.numel; ++i) {
+        num += std::pow(double(copy[i]) - want[i], 2);
+        den += std::pow(double(want[i]), 2);
+      }
+    }
+    EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-12)
+        << "rank " << g_rank << " " << name << " (" << schedule_kind_name(kind) << ")";
+  }
+  double loss[2] = {st->loss.total, static_cast<double>(st->loss_microbatches)};
+  MPI_Allreduce(MPI_IN_PLACE, loss, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  EXPECT_EQ(loss[1], dp * M);
+  EXPECT_NEAR(loss[0] / loss[1], ref.loss, 1e-5 * std::fabs(ref.loss));
+}
+
+TEST(Pipeline, OneF1B) {
+  if (g_world == 2) run_layout(ScheduleKind::k1F1B, 2, 1, 4, 4);
+  if (g_world == 4) run_layout(ScheduleKind::k1F1B, 4, 1, 4, 4);
+  if (g_world == 4) run_layout(ScheduleKind::k1F1B, 2, 2, 4, 2);
+}
+
+TEST(Pipeline, ZB1P) {
+  if (g_world == 2) run_layout(ScheduleKind::kZB1P, 2, 1, 4, 4);
+  if (g_world == 4) run_layout(ScheduleKind::kZB1P, 4, 1, 4, 5);
+}
+
+TEST(Pipeline, DualPipe) {
+  if (g_world == 2) run_layout(ScheduleKind::kDualPipe, 2, 1, 4, 6);
+  if (g_world == 4) run_layout(ScheduleKind::kDualPipe, 4, 1, 4, 8);
+  if (g_world == 4) run_layout(ScheduleKind::kDualPipe, 2, 2, 4, 4);
+}
+
+TEST(Pipeline, DualPipeV) {
+  if (g_world == 2) run_layout(ScheduleKind::kDualPipeV, 2, 1, 4, 4);
+  if (g_world == 4) run_layout(ScheduleKind::kDualPipeV, 4, 1, 8, 8);
+}
+
+}  // namespace
+}  // namespace fp8pipe::parallel
+
+int main(int argc, char** argv) {
+  auto w = fp8pipe::parallel::mpi_init(&argc, &argv);
+  if (!w.ok()) {
+    std::fprintf(stderr, "%s\n", w.status().to_string().c_str());
+    return 1;
+  }
+  fp8pipe::parallel::g_rank = w->rank;
+  fp8pipe::parallel::g_world = w->size;
+  ::testing::InitGoogleTest(&argc, argv);
+  if (w->rank != 0) {
+    auto& l = ::testing::UnitTest::GetInstance()->listeners();
+    delete l.Release(l.default_result_printer());
+  }
+  const int rc = RUN_ALL_TESTS();
+  int worst = rc;
+  MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  (void)fp8pipe::parallel::mpi_finalize();
+  return worst;
+}
