@@ -1,20 +1,25 @@
 // `fp8pipe bench`: micro-benchmarks of the FP8 numerics on this machine's backend. Quantize GB/s
 // (bytes read + written) and FP8 GEMM throughput as a ratio to a plain fp32 sgemm of the same
-// shape, the two timed alternately in one run so machine drift cancels in the ratio.
+// shape, the two timed alternately in one run so machine drift cancels in the ratio. "train" rows
+// time whole training steps (FP8 against BF16) of the tiny and a shrunken small config.
 #include <cblas.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "launch/commands.h"
+#include "launch/flops.h"
+#include "launch/trainer.h"
 
 namespace fp8pipe::cli {
 namespace {
@@ -55,12 +60,33 @@ struct Row {
   double value, baseline, ratio;
 };
 
+// `s` cut at spaces into lines of at most `width` characters (a longer word stays whole).
+std::vector<std::string> wrap(const std::string& s, size_t width) {
+  std::vector<std::string> lines(1);
+  size_t b = 0;
+  while (b < s.size()) {
+    size_t e = s.find(' ', b);
+    if (e == std::string::npos) e = s.size();
+    const std::string word = s.substr(b, e - b);
+    if (!lines.back().empty() && lines.back().size() + 1 + word.size() > width)
+      lines.emplace_back();
+    lines.back() += (lines.back().empty() ? "" : " ") + word;
+    b = e + 1;
+  }
+  return lines;
+}
+
+// The table; a long shape (a train row's overrides) continues on the lines below its row.
 void print_rows(const std::vector<Row>& rows) {
-  fmt::print("{:<26} {:<18} {:>12} {:>12} {:>8}  {}\n", "bench", "shape", "value", "baseline",
+  size_t w = 18;
+  for (const auto& r : rows) w = std::max(w, std::min<size_t>(r.shape.size(), 50));
+  fmt::print("{:<26} {:<{}} {:>12} {:>12} {:>8}  {}\n", "bench", "shape", w, "value", "baseline",
              "ratio", "metric");
   for (const auto& r : rows) {
-    fmt::print("{:<26} {:<18} {:>12.3f} {:>12.3f} {:>8.3f}  {}\n", r.name, r.shape, r.value,
+    const auto shape = wrap(r.shape, w);
+    fmt::print("{:<26} {:<{}} {:>12.3f} {:>12.3f} {:>8.3f}  {}\n", r.name, shape[0], w, r.value,
                r.baseline, r.ratio, r.metric);
+    for (size_t i = 1; i < shape.size(); ++i) fmt::print("{:<26} {}\n", "", shape[i]);
   }
 }
 
@@ -109,65 +135,175 @@ Row bench_gemm(kernels::GemmMode mode, int64_t M, int64_t N, int64_t K, int reps
           t32 / t8};
 }
 
+// A "train" row's setup: a config file shrunk to CPU size by overrides (printed as its shape).
+struct TrainCase {
+  std::string name, config;
+  std::vector<std::string> overrides;
+};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : " ") + x;
+  return s.empty() ? "(as is)" : s;
+}
+
+Result<std::unique_ptr<Trainer>> make_trainer(const std::string& path,
+                                              std::vector<std::string> overrides,
+                                              const char* mode) {
+  overrides.push_back(fmt::format("--precision.mode={}", mode));
+  FP8_ASSIGN_OR_RETURN(auto cfg, load_config(path, overrides));
+  return Trainer::create(cfg);
+}
+
+// Whole training steps (forward, backward, optimizer) in FP8 against BF16, same config, seed and
+// data otherwise; one warm-up step each, then `reps` steps timed alternately (median). Two rows:
+// tokens/s and achieved GFLOP/s = flops_per_token(...).train() x tokens / s; ratio = FP8 / BF16
+// step time (> 1: FP8 slower; on the CPU backend both are emulated in fp32).
+Result<std::vector<Row>> bench_train(const TrainCase& c, const std::string& dir, int reps) {
+  const std::string path = dir + "/" + c.config;
+  if (!std::filesystem::exists(path)) {
+    return Status(Code::kNotFound, fmt::format("bench {}: no config '{}'", c.name, path),
+                  "run from the repository root or pass --configs DIR");
+  }
+  FP8_ASSIGN_OR_RETURN(const auto cfg, load_config(path, c.overrides));
+  const log::Level saved = log::threshold();
+  log::set_threshold(log::Level::kWarn);  // the trainers' set-up lines would break the table
+  auto fp8 = make_trainer(path, c.overrides, "FP8");
+  auto bf16 = make_trainer(path, c.overrides, "BF16");
+  Status failed;
+  auto step = [&](Result<std::unique_ptr<Trainer>>& t) {
+    if (!failed.ok()) return;
+    if (auto r = (*t)->train_step(); !r.ok()) failed = r.status();
+  };
+  std::pair<double, double> times{1, 1};
+  if (fp8.ok() && bf16.ok()) {
+    times = paired_median([&] { step(fp8); }, [&] { step(bf16); }, reps);
+  }
+  log::set_threshold(saved);
+  FP8_RETURN_IF_ERROR(fp8.status());
+  FP8_RETURN_IF_ERROR(bf16.status());
+  FP8_RETURN_IF_ERROR(failed);
+  const auto [t8, t16] = times;
+  const double tokens = double(cfg.train().global_batch()) * cfg.train().seq_len();
+  const double flop = flops_per_token(cfg.model(), cfg.train().seq_len()).train();
+  const std::string shape = join(c.overrides);
+  return std::vector<Row>{
+      {c.name, shape, "tok/s (fp8 | bf16), ratio = fp8/bf16 step time", tokens / t8, tokens / t16,
+       t8 / t16},
+      {c.name, shape, fmt::format("GFLOP/s (fp8 | bf16) at {:.4g} train FLOP/token", flop),
+       flop * tokens / t8 / 1e9, flop * tokens / t16 / 1e9, t8 / t16},
+  };
+}
+
+// tiny as is (--quick: a quarter of the batch); small cut to 2 blocks (1 dense + 1 MoE, + MTP),
+// 16 routed experts, a 4096 vocabulary and a few sequences, keeping its widths (hidden 1024, MLA
+// ranks, expert_hidden 384, top-8 routing) so a step takes seconds on a CPU.
+std::vector<TrainCase> train_cases(bool quick) {
+  std::vector<std::string> tiny;
+  if (quick) tiny = {"--train.global_batch=8"};
+  std::vector<std::string> small = {"--model.layers=2", "--model.moe.routed_experts=16",
+                                    "--model.vocab_size=4096", "--parallel.microbatches=1"};
+  small.push_back(quick ? "--train.seq_len=64" : "--train.seq_len=128");
+  small.push_back(quick ? "--train.global_batch=1" : "--train.global_batch=2");
+  return {{"train tiny", "tiny.textproto", tiny}, {"train small", "small.textproto", small}};
+}
+
 int usage() {
   std::fprintf(stderr,
-               "usage: fp8pipe bench [--filter SUBSTRING] [--json FILE] [--reps N] [--quick]\n");
+               "usage: fp8pipe bench [--filter SUBSTRING] [--json FILE] [--reps N] [--quick] "
+               "[--configs DIR]\n");
   return 2;
+}
+
+// Appends one JSON object per row to `path`.
+bool write_json(const std::string& path, const std::vector<Row>& rows) {
+  FILE* f = std::fopen(path.c_str(), "a");
+  if (!f) {
+    log::error("bench: cannot open --json file '{}'", path);
+    return false;
+  }
+  for (const auto& r : rows) {
+    fmt::print(f,
+               "{{\"bench\":\"{}\",\"shape\":\"{}\",\"metric\":\"{}\",\"value\":{:.6g},"
+               "\"baseline\":{:.6g},\"ratio\":{:.6g},\"backend\":\"cpu\"}}\n",
+               r.name, r.shape, r.metric, r.value, r.baseline, r.ratio);
+  }
+  std::fclose(f);
+  return true;
+}
+
+struct Options {
+  std::string filter, json, configs = "configs";
+  int reps = 7;
+  bool quick = false;
+};
+
+bool parse_options(int argc, char** argv, Options& o) {
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--filter" && i + 1 < argc)
+      o.filter = argv[++i];
+    else if (a == "--json" && i + 1 < argc)
+      o.json = argv[++i];
+    else if (a == "--reps" && i + 1 < argc)
+      o.reps = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--configs" && i + 1 < argc)
+      o.configs = argv[++i];
+    else if (a == "--quick")
+      o.quick = true;
+    else {
+      std::fprintf(stderr, "fp8pipe bench: unknown argument '%s'\n", a.c_str());
+      return false;
+    }
+  }
+  return true;
+}
+
+using Bench = std::pair<std::string, std::function<Result<std::vector<Row>>()>>;
+
+std::vector<Bench> all_benches(const Options& o) {
+  const int reps = o.reps;
+  const int64_t qR = o.quick ? 512 : 4096, qC = o.quick ? 1024 : 4096;
+  const int64_t gm = o.quick ? 256 : 1024;
+  using kernels::GemmMode;
+  auto one = [](Row r) { return Result<std::vector<Row>>(std::vector<Row>{std::move(r)}); };
+  std::vector<Bench> b = {
+      {"quantize 1x128", [=] { return one(bench_quantize(Granularity::k1x128, qR, qC, reps)); }},
+      {"quantize 128x128",
+       [=] { return one(bench_quantize(Granularity::k128x128, qR, qC, reps)); }},
+      {"quantize 128x1", [=] { return one(bench_quantize(Granularity::k128x1, qR, qC, reps)); }},
+      {"fp8 gemm fast", [=] { return one(bench_gemm(GemmMode::kFast, gm, gm, gm, reps)); }},
+      {"fp8 gemm fast", [=] { return one(bench_gemm(GemmMode::kFast, gm, 2 * gm, gm / 2, reps)); }},
+      {"fp8 gemm exact",
+       [=] { return one(bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3))); }},
+  };
+  const int train_reps = std::min(reps, o.quick ? 3 : 5);  // training steps take seconds
+  for (const auto& c : train_cases(o.quick)) {
+    b.push_back({c.name, [=] { return bench_train(c, o.configs, train_reps); }});
+  }
+  return b;
 }
 
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
-  std::string filter, json;
-  int reps = 7;
-  bool quick = false;
-  for (int i = 0; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--filter" && i + 1 < argc)
-      filter = argv[++i];
-    else if (a == "--json" && i + 1 < argc)
-      json = argv[++i];
-    else if (a == "--reps" && i + 1 < argc)
-      reps = std::max(1, std::atoi(argv[++i]));
-    else if (a == "--quick")
-      quick = true;
-    else {
-      std::fprintf(stderr, "fp8pipe bench: unknown argument '%s'\n", a.c_str());
-      return usage();
-    }
-  }
-  const int64_t qR = quick ? 512 : 4096, qC = quick ? 1024 : 4096;
-  const int64_t gm = quick ? 256 : 1024;
-  using kernels::GemmMode;
-  const std::vector<std::pair<std::string, std::function<Row()>>> benches = {
-      {"quantize 1x128", [&] { return bench_quantize(Granularity::k1x128, qR, qC, reps); }},
-      {"quantize 128x128", [&] { return bench_quantize(Granularity::k128x128, qR, qC, reps); }},
-      {"quantize 128x1", [&] { return bench_quantize(Granularity::k128x1, qR, qC, reps); }},
-      {"fp8 gemm fast", [&] { return bench_gemm(GemmMode::kFast, gm, gm, gm, reps); }},
-      {"fp8 gemm fast", [&] { return bench_gemm(GemmMode::kFast, gm, 2 * gm, gm / 2, reps); }},
-      {"fp8 gemm exact",
-       [&] { return bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3)); }},
-  };
+  Options o;
+  if (!parse_options(argc, argv, o)) return usage();
   std::vector<Row> rows;
-  for (const auto& [name, run] : benches) {
-    if (filter.empty() || name.find(filter) != std::string::npos) rows.push_back(run());
+  int rc = 0;
+  for (const auto& [name, run] : all_benches(o)) {
+    if (!o.filter.empty() && name.find(o.filter) == std::string::npos) continue;
+    auto r = run();
+    if (!r.ok()) {
+      std::fprintf(stderr, "%s\n", r.status().to_string().c_str());
+      rc = 1;
+      continue;
+    }
+    rows.insert(rows.end(), r->begin(), r->end());
   }
   print_rows(rows);
-  if (!json.empty()) {
-    FILE* f = std::fopen(json.c_str(), "a");
-    if (!f) {
-      log::error("bench: cannot open --json file '{}'", json);
-      return 1;
-    }
-    for (const auto& r : rows) {
-      fmt::print(f,
-                 "{{\"bench\":\"{}\",\"shape\":\"{}\",\"metric\":\"{}\",\"value\":{:.6g},"
-                 "\"baseline\":{:.6g},\"ratio\":{:.6g},\"backend\":\"cpu\"}}\n",
-                 r.name, r.shape, r.metric, r.value, r.baseline, r.ratio);
-    }
-    std::fclose(f);
-  }
-  return 0;
+  if (!o.json.empty() && !write_json(o.json, rows)) return 1;
+  return rc;
 }
 
 }  // namespace fp8pipe::cli

@@ -214,11 +214,27 @@ std::vector<std::string> default_labels(const std::vector<std::string>& paths) {
 
 // ---- panels ------------------------------------------------------------------------------------
 
+plot::Panel make_panel(std::string id, std::string title, std::string ylabel) {
+  plot::Panel p;
+  p.id = std::move(id);
+  p.title = std::move(title);
+  p.xlabel = "step";
+  p.ylabel = std::move(ylabel);
+  return p;
+}
+
+plot::Series make_series(std::string label, int colour = -1) {
+  plot::Series s;
+  s.label = std::move(label);
+  s.colour = colour;
+  return s;
+}
+
 plot::Panel loss_panel(const std::vector<Run>& runs, std::optional<double> floor) {
-  plot::Panel p{.id = "loss", .title = "Loss", .xlabel = "step", .ylabel = "loss (nats/token)"};
+  plot::Panel p = make_panel("loss", "Loss", "loss (nats/token)");
   for (size_t r = 0; r < runs.size(); ++r) {
-    plot::Series line{.label = runs[r].label, .colour = static_cast<int>(r)};
-    plot::Series eval{.label = runs[r].label + " eval", .colour = static_cast<int>(r)};
+    plot::Series line = make_series(runs[r].label, static_cast<int>(r));
+    plot::Series eval = make_series(runs[r].label + " eval", static_cast<int>(r));
     for (const auto& pt : runs[r].points) {
       line.x.push_back(pt.step);
       line.y.push_back(pt.loss);
@@ -237,10 +253,9 @@ plot::Panel loss_panel(const std::vector<Run>& runs, std::optional<double> floor
 // One line per run of `field` against step.
 plot::Panel field_panel(const std::vector<Run>& runs, std::string id, std::string title,
                         std::string ylabel, double Point::*field) {
-  plot::Panel p{.id = std::move(id), .title = std::move(title), .xlabel = "step"};
-  p.ylabel = std::move(ylabel);
+  plot::Panel p = make_panel(std::move(id), std::move(title), std::move(ylabel));
   for (size_t r = 0; r < runs.size(); ++r) {
-    plot::Series s{.label = runs[r].label, .colour = static_cast<int>(r)};
+    plot::Series s = make_series(runs[r].label, static_cast<int>(r));
     for (const auto& pt : runs[r].points) {
       s.x.push_back(pt.step);
       s.y.push_back(pt.*field);
@@ -252,16 +267,14 @@ plot::Panel field_panel(const std::vector<Run>& runs, std::string id, std::strin
 
 // Max/mean expert load per MoE layer of the first run, y from 1 (perfect balance).
 plot::Panel load_panel(const Run& run) {
-  plot::Panel p{.id = "expert_load",
-                .title = "Expert load, max/mean (" + run.label + ")",
-                .xlabel = "step",
-                .ylabel = "max / mean tokens per expert"};
+  plot::Panel p = make_panel("expert_load", "Expert load, max/mean (" + run.label + ")",
+                             "max / mean tokens per expert");
   p.ymin = 1.0;
   std::map<std::string, size_t> index;
   for (const auto& pt : run.points) {
     for (const auto& [layer, ratio] : pt.loads) {
       auto [it, fresh] = index.emplace(layer, p.lines.size());
-      if (fresh) p.lines.push_back({.label = layer});
+      if (fresh) p.lines.push_back(make_series(layer));
       p.lines[it->second].x.push_back(pt.step);
       p.lines[it->second].y.push_back(ratio);
     }

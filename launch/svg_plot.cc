@@ -17,7 +17,7 @@ namespace {
 constexpr const char* kPalette[] = {"#0072B2", "#E69F00", "#009E73", "#D55E00",
                                     "#CC79A7", "#56B4E9", "#000000"};
 constexpr int kColours = 7;
-constexpr const char* kDashes[] = {"", "7 3", "2 2", "10 3 2 3"};  // after the colours run out
+constexpr const char* kDashes[] = {"none", "7 3", "2 2", "10 3 2 3"};  // after the colours run out
 
 constexpr double kPanelW = 600, kPanelH = 360, kTitleH = 40;
 constexpr double kLeft = 72, kRight = 20, kTop = 34, kBottom = 48, kLegendRow = 18;
@@ -189,6 +189,7 @@ void draw_data(std::string& out, const Panel& p, const Frame& f, const std::stri
         "stroke-width=\"1.8\" stroke-linejoin=\"round\" stroke-dasharray=\"{}\" points=\"{}\"/>\n",
         esc(s.label), st.colour, st.dash, points_of(s, f));
   }
+  out += "</g>\n";  // markers unclipped: a point on the frame stays whole
   for (size_t i = 0; i < p.markers.size(); ++i) {
     const Series& s = p.markers[i];
     const Style st = style_of(s.colour < 0 ? static_cast<int>(i) : s.colour);
@@ -201,7 +202,6 @@ void draw_data(std::string& out, const Panel& p, const Frame& f, const std::stri
     }
     out += "</g>\n";
   }
-  out += "</g>\n";
 }
 
 // The axis ranges of a panel: nice ticks around its data (and reference line).
@@ -220,8 +220,10 @@ void fit_ranges(const Panel& p, Frame& f) {
   if (ex.empty()) ex.lo = 0, ex.hi = 1;
   if (ey.empty()) ey.lo = 0, ey.hi = 1;
   f.xt = nice_ticks(ex.lo, ex.hi, 7, p.integer_x);
-  if (p.ymin) {  // ticks from the fixed bottom: ymin + k * step
-    f.yt = nice_ticks(0, std::max(ey.hi - *p.ymin, 1e-9), 6);
+  ey.hi += 0.02 * (ey.hi - ey.lo);  // keep the highest point off the frame
+  // With a fixed bottom the ticks are ymin + k * step.
+  if (p.ymin) {
+    f.yt = nice_ticks(0, std::max(ey.hi - *p.ymin, std::max(1e-9, 0.1 * std::abs(*p.ymin))), 6);
     f.yt.lo += *p.ymin;
     f.yt.hi += *p.ymin;
     for (double& v : f.yt.at) v += *p.ymin;
@@ -234,8 +236,12 @@ void draw_panel(std::string& out, const Panel& p, int index, double ox, double o
   const auto legend = legend_of(p);
   const double width = kPanelW - kLeft - kRight;
   const int rows = legend_rows(legend, width);
-  Frame f{ox + kLeft, ox + kPanelW - kRight, oy + kPanelH - kBottom,
-          oy + kTop + rows * kLegendRow + 4};
+  Frame f{ox + kLeft,
+          ox + kPanelW - kRight,
+          oy + kPanelH - kBottom,
+          oy + kTop + rows * kLegendRow + 4,
+          {},
+          {}};
   fit_ranges(p, f);
   const std::string clip = fmt::format("clip-{}", index);
   out += fmt::format(
@@ -278,7 +284,9 @@ Ticks nice_ticks(double lo, double hi, int target, bool integer) {
   t.lo = std::floor(lo / t.step + 1e-9) * t.step;
   t.hi = std::ceil(hi / t.step - 1e-9) * t.step;
   if (!(t.hi > t.lo)) t.hi = t.lo + t.step;
-  for (double v = t.lo; v <= t.hi + t.step * 1e-6; v += t.step) {
+  const int n = static_cast<int>(std::lround((t.hi - t.lo) / t.step));
+  for (int k = 0; k <= n; ++k) {
+    const double v = t.lo + k * t.step;
     t.at.push_back(std::abs(v) < t.step * 1e-9 ? 0.0 : v);
   }
   return t;

@@ -1,0 +1,129 @@
+// `fp8pipe schedule --kind K --stages PP --microbatches M [--trace FILE.json] [--svg FILE.svg]
+// [--cost F,B,W,FB] [--instrs]`: builds the schedule, validates it by simulating all ranks, and
+// prints the DESIGN.md §5 text format (or, with --instrs, every instruction incl. sends/receives).
+// --stages counts pipeline RANKS (config parallel.pp). An invalid request or schedule prints the
+// rule (and for a bad schedule the step x rank grid) and exits 2. --trace / --svg draw the timeline
+// under the cost model (default 1,2,1,3: DeepSeek's figure ratios) and print bubbles on stderr.
+#include <charconv>
+#include <cstdio>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "launch/commands.h"
+#include "parallel/schedule.h"
+#include "parallel/schedule_format.h"
+#include "parallel/validate.h"
+
+namespace fp8pipe::cli {
+namespace {
+
+namespace pl = fp8pipe::parallel;
+
+constexpr char kUsage[] =
+    "usage: fp8pipe schedule --kind 1f1b|zb1p|dualpipe|dualpipev --stages PP --microbatches M "
+    "[--trace FILE.json] [--svg FILE.svg] [--cost F,B,W,FB] [--instrs]";
+
+struct Options {
+  pl::ScheduleKind kind = pl::ScheduleKind::kDualPipe;
+  int stages = 0, microbatches = 0;
+  std::string trace, svg;
+  pl::Costs costs;
+  bool cost_given = false, instrs = false;
+};
+
+Result<int> parse_int(std::string_view flag, std::string_view v) {
+  int x = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+  if (ec != std::errc() || p != v.data() + v.size()) {
+    return FP8_INVALID("{}: '{}' is not an integer", flag, v);
+  }
+  return x;
+}
+
+Status set_flag(Options& o, std::string_view flag, std::string_view v) {
+  if (flag == "--kind") {
+    FP8_ASSIGN_OR_RETURN(o.kind, pl::parse_schedule_kind(v));
+  } else if (flag == "--stages") {
+    FP8_ASSIGN_OR_RETURN(o.stages, parse_int(flag, v));
+  } else if (flag == "--microbatches") {
+    FP8_ASSIGN_OR_RETURN(o.microbatches, parse_int(flag, v));
+  } else if (flag == "--trace") {
+    o.trace = v;
+  } else if (flag == "--svg") {
+    o.svg = v;
+  } else if (flag == "--cost") {
+    FP8_ASSIGN_OR_RETURN(o.costs, pl::parse_costs(v));
+    o.cost_given = true;
+  } else {
+    return FP8_INVALID(
+        "unknown flag '{}' (valid: --kind, --stages, --microbatches, --trace, --svg, --cost, "
+        "--instrs)",
+        flag);
+  }
+  return Status::Ok();
+}
+
+Result<Options> parse(int argc, char** argv) {
+  Options o;
+  bool kind = false;
+  for (int i = 0; i < argc; ++i) {
+    const std::string_view flag = argv[i];
+    if (flag == "--instrs") {
+      o.instrs = true;
+      continue;
+    }
+    if (i + 1 >= argc) return FP8_INVALID("{} needs a value\n{}", flag, kUsage);
+    FP8_RETURN_IF_ERROR(set_flag(o, flag, argv[++i]));
+    kind |= flag == "--kind";
+  }
+  if (!kind || o.stages == 0 || o.microbatches == 0) {
+    return FP8_INVALID("--kind, --stages and --microbatches are required\n{}", kUsage);
+  }
+  return o;
+}
+
+Status write_file(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+  if (!f) return FP8_ERROR(Code::kIo, "cannot write {}", path);
+  return Status::Ok();
+}
+
+// Timeline, trace, SVG and the bubble summary (stderr) when asked for.
+Status draw(const Options& o, const pl::Schedule& s) {
+  if (o.trace.empty() && o.svg.empty() && !o.cost_given) return Status::Ok();
+  FP8_ASSIGN_OR_RETURN(const pl::Timeline t, pl::simulate_timeline(s, o.costs));
+  if (!o.trace.empty()) FP8_RETURN_IF_ERROR(write_file(o.trace, pl::chrome_trace_json(s, t)));
+  if (!o.svg.empty()) FP8_RETURN_IF_ERROR(write_file(o.svg, pl::timeline_svg(s, t, o.costs)));
+  std::fputs(pl::format_bubbles(s, t, o.costs).c_str(), stderr);
+  return Status::Ok();
+}
+
+}  // namespace
+
+int cmd_schedule(int argc, char** argv) {
+  auto opts = parse(argc, argv);
+  if (!opts.ok()) {
+    std::fprintf(stderr, "%s\n", opts.status().to_string().c_str());
+    return 2;
+  }
+  auto sched = pl::make_schedule(opts->kind, opts->stages, opts->microbatches);
+  Status st = sched.ok() ? pl::validate_schedule(*sched) : sched.status();
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s\n", st.to_string().c_str());
+    return 2;
+  }
+  const std::string text =
+      opts->instrs ? pl::format_instructions(*sched) : pl::format_schedule(*sched);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  st = draw(*opts, *sched);
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s\n", st.to_string().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace fp8pipe::cli
