@@ -3,6 +3,7 @@
 // duplicate keys preserved for callers that must reject them.
 #include "core/json.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 
@@ -365,11 +366,17 @@ std::string write_double(double d) {
   return s;
 }
 
-// Short arrays of scalars (shapes, offsets) stay on one line when pretty-printing.
+// Short arrays and objects of scalars (shapes, offsets, small records) stay on one line when
+// pretty-printing; strings count as scalars only while short.
 bool is_flat(const Value& v) {
-  if (!v.is_array() || v.items().size() > 16) return false;
-  for (const Value& x : v.items()) {
-    if (x.is_array() || x.is_object()) return false;
+  auto scalar = [](const Value& x) {
+    return !x.is_array() && !x.is_object() && (!x.is_string() || x.as_string().size() <= 48);
+  };
+  if (v.is_array())
+    return v.items().size() <= 16 && std::all_of(v.items().begin(), v.items().end(), scalar);
+  if (!v.is_object() || v.members().size() > 8) return false;
+  for (const auto& [k, x] : v.members()) {
+    if (!scalar(x)) return false;
   }
   return true;
 }
@@ -389,8 +396,8 @@ void write_to(std::string& out, const Value& v, int indent, int level) {
     case Value::Kind::kInt:
       out += std::to_string(v.as_int());
       return;
-    case Value::Kind::kDouble:
-      out += write_double(v.as_double());
+    case Value::Kind::kDouble:  // a parsed or exact token is written as it was
+      out += v.number_text().empty() ? write_double(v.as_double()) : v.number_text();
       return;
     case Value::Kind::kString:
       out += quote(v.as_string());
@@ -408,9 +415,9 @@ void write_to(std::string& out, const Value& v, int indent, int level) {
     case Value::Kind::kObject:
       out += '{';
       for (size_t i = 0; i < v.members().size(); ++i) {
-        out += i ? "," : "";
+        out += i ? (indent >= 0 && !pretty ? ", " : ",") : "";
         newline(level + 1);
-        out += quote(v.members()[i].first) + (pretty ? ": " : ":");
+        out += quote(v.members()[i].first) + (indent >= 0 ? ": " : ":");
         write_to(out, v.members()[i].second, indent, level + 1);
       }
       if (!v.members().empty()) newline(level);

@@ -23,9 +23,19 @@ class Value {
   Value() = default;  // null
   Value(std::nullptr_t) {}
   Value(bool b) : kind_(Kind::kBool), bool_(b) {}
-  template <typename T>
-  requires(std::is_integral_v<T> && !std::is_same_v<T, bool>) Value(T v)
-      : kind_(Kind::kInt), int_(static_cast<int64_t>(v)) {}
+  // Integers are exact; an unsigned value above INT64_MAX is kept as its decimal token (a kDouble
+  // whose number_text() is exact: get_u64() and write() use it).
+  template <typename T,
+            typename = std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>>>
+  Value(T v) : kind_(Kind::kInt), int_(static_cast<int64_t>(v)) {
+    if constexpr (std::is_unsigned_v<T>) {
+      if (uint64_t(v) > uint64_t(INT64_MAX)) {
+        kind_ = Kind::kDouble;
+        double_ = static_cast<double>(v);
+        text_ = std::to_string(uint64_t(v));
+      }
+    }
+  }
   Value(double d) : kind_(Kind::kDouble), double_(d) {}
   Value(std::string s) : kind_(Kind::kString), text_(std::move(s)) {}
   Value(std::string_view s) : Value(std::string(s)) {}

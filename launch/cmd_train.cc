@@ -1,7 +1,8 @@
-// `fp8pipe train CONFIG [--a.b=v ...]` and `fp8pipe eval CONFIG --checkpoint PATH`: load and
-// validate the config on every rank before any work, then run the trainer. Under mpirun each
-// process is one rank; this build trains on one rank (pp = dp = 1) until the distributed runtime
-// lands, and refuses larger layouts with a clear message.
+// `fp8pipe train CONFIG [--a.b=v ...] [--fallback] [--reshard]` and `fp8pipe eval CONFIG
+// --checkpoint PATH`: load and validate the config on every rank before any work, resume
+// (checkpoint.resume), run the trainer. Under mpirun each process is one rank; this build trains on
+// one rank (pp = dp = 1) until the distributed runtime lands, and refuses larger layouts with a
+// clear message.
 #include <mpi.h>
 
 #include <filesystem>
@@ -57,6 +58,24 @@ Status parse_args(int argc, char** argv, const std::vector<std::string>& own, st
   return Status::Ok();
 }
 
+// Removes the value-less flags --fallback and --reshard from argv (checkpoint resume choices).
+ResumeOptions take_resume_flags(int& argc, char** argv) {
+  ResumeOptions r;
+  int out = 0;
+  for (int i = 0; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--fallback") {
+      r.fallback = true;
+    } else if (a == "--reshard") {
+      r.reshard = true;
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  argc = out;
+  return r;
+}
+
 int fail(const Status& s) {
   log::error("{}", s.to_string());
   return 2;
@@ -92,6 +111,7 @@ int cmd_train(int argc, char** argv) {
   std::string path;
   std::vector<std::pair<std::string, std::string>> opts;
   std::vector<std::string> ov;
+  const ResumeOptions resume = take_resume_flags(argc, argv);
   if (Status s = parse_args(argc, argv, {"--save"}, &path, &opts, &ov); !s.ok()) return fail(s);
   auto cfg = load_for_world(path, ov, mpi.world);
   if (!cfg.ok()) return fail(cfg.status());
@@ -100,6 +120,7 @@ int cmd_train(int argc, char** argv) {
   if (!sink.ok()) return fail(sink.status());
   auto trainer = Trainer::create(*cfg);
   if (!trainer.ok()) return fail(trainer.status());
+  if (Status s = (*trainer)->resume(resume); !s.ok()) return fail(s);
   if (Status s = (*trainer)->run(*sink); !s.ok()) return fail(s);
   std::string save =
       cfg->checkpoint().dir().empty() ? "" : cfg->checkpoint().dir() + "/model.safetensors";

@@ -16,6 +16,7 @@ struct Command {
 constexpr Command kCommands[] = {
     {"train", fp8pipe::cli::cmd_train,
      "CONFIG [--a.b=v ...] [--save PATH]   train (under mpirun: one process per rank)"},
+    {"ckpt", fp8pipe::cli::cmd_ckpt, "inspect|verify DIR [--step N] | export DIR OUT [--step N]"},
     {"eval", fp8pipe::cli::cmd_eval,
      "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model"},
     {"config", fp8pipe::cli::cmd_config,
@@ -26,6 +27,7 @@ constexpr Command kCommands[] = {
     {"bench", fp8pipe::cli::cmd_bench,
      "[--filter NAME] [--json FILE]   quantize and FP8 GEMM throughput vs fp32 sgemm"},
     {"prepare-data", fp8pipe::cli::cmd_prepare_data, "OUT FILE... [--help]   text to byte tokens"},
+    {"schedule", fp8pipe::cli::cmd_schedule, "--kind K --stages PP --microbatches M  schedule"},
     {"plot", fp8pipe::cli::cmd_plot, "RUN.jsonl... [-o OUT.svg] [--labels ..] [--floor X]   SVG"},
 };
 

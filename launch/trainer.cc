@@ -5,7 +5,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <set>
 
+#include "core/config.h"
 #include "core/log.h"
 #include "core/safetensors.h"
 #include "launch/flops.h"
@@ -39,6 +42,7 @@ Result<std::unique_ptr<Trainer>> Trainer::create(const config::Config& cfg) {
   FP8_RETURN_IF_ERROR(t->setup_model());
   FP8_RETURN_IF_ERROR(t->setup_optimizer());
   FP8_RETURN_IF_ERROR(t->setup_data());
+  FP8_RETURN_IF_ERROR(t->setup_checkpoints());
   return t;
 }
 
@@ -221,8 +225,9 @@ Status Trainer::run(MetricsSink& sink) {
       FP8_ASSIGN_OR_RETURN(rec.eval_loss, evaluate(t.eval_batches()));
     }
     sink.write(rec);
+    FP8_RETURN_IF_ERROR(maybe_checkpoint());
   }
-  return Status::Ok();
+  return finish_checkpoints();
 }
 
 Result<double> Trainer::evaluate(int64_t batches) {
@@ -264,6 +269,195 @@ Status Trainer::load_model(const std::string& path) {
   auto it = r.metadata().find("step");
   if (it != r.metadata().end()) step_ = std::stoll(it->second);
   ++ctx_.weight_version;
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints: what a rank saves and restores (the format and its guarantees: core/checkpoint.h).
+
+Status Trainer::setup_checkpoints() {
+  const auto& k = cfg_.checkpoint();
+  if (k.dir().empty()) return Status::Ok();
+  ckpt_ = std::make_unique<ckpt::Checkpointer>(
+      ckpt::Options{k.dir(), k.keep_last(), k.keep_every(), k.async()});
+  return Status::Ok();
+}
+
+ckpt::Topology Trainer::topology() const {
+  const auto& p = cfg_.parallel();
+  return {p.pp(), p.dp(), p.ep(), p.pp() * p.dp()};
+}
+
+// This rank's slices: the fp32 master weights and bf16 moments of its optimizer groups (each
+// group a [begin, end) of a global tensor, the whole tensor on one rank) and the router biases.
+// Weights are borrowed (a sync save writes before returning; an async one copies them first).
+ckpt::SaveRequest Trainer::checkpoint_request() {
+  ckpt::SaveRequest r;
+  r.step = step_;
+  r.tokens_seen = tokens_seen_;
+  r.optimizer_step = opt_->step_count();
+  r.skipped_steps = skipped_;
+  r.config = to_text(cfg_);
+  r.topology = topology();
+  r.rank = {0, 0, 0, step_, cfg_.train().seed(), step_, skipped_};
+  std::map<std::string, Shape> shapes;
+  for (auto* p : model_->params()) shapes[p->name] = p->value.shape();
+  for (const optim::ParamGroup& g : opt_->groups()) {
+    auto* bytes = reinterpret_cast<const uint8_t*>(g.param);
+    r.slices.push_back({g.name,
+                        ckpt::Kind::kParam,
+                        "F32",
+                        shapes.at(g.name),
+                        g.begin,
+                        g.end,
+                        0,
+                        {bytes, size_t(g.numel()) * sizeof(float)},
+                        nullptr});
+  }
+  for (optim::StateArray& a : opt_->export_state().arrays) {
+    const bool sq = a.name.ends_with(".exp_avg_sq");
+    const std::string param = a.name.substr(0, a.name.rfind(".exp_avg"));
+    auto owned = std::make_shared<const std::vector<uint8_t>>(std::move(a.bytes));
+    r.slices.push_back({a.name, sq ? ckpt::Kind::kExpAvgSq : ckpt::Kind::kExpAvg, "BF16",
+                        shapes.at(param), a.begin, a.end, 0, *owned, owned});
+  }
+  for (auto* moe : model_->moes()) {
+    const model::Param& b = moe->bias();
+    r.slices.push_back({b.name,
+                        ckpt::Kind::kRouterBias,
+                        "F32",
+                        b.value.shape(),
+                        0,
+                        b.value.numel(),
+                        0,
+                        {static_cast<const uint8_t*>(b.value.data()), b.value.nbytes()},
+                        nullptr});
+  }
+  return r;
+}
+
+Status Trainer::save_checkpoint() {
+  if (!ckpt_) return FP8_INVALID("save_checkpoint: checkpoint.dir is empty");
+  FP8_RETURN_IF_ERROR(ckpt_->save(checkpoint_request()));
+  last_checkpoint_step_ = step_;
+  log::info("checkpoint: {} step {} ({})", ckpt_->options().async ? "writing" : "saved", step_,
+            ckpt_->options().root);
+  return Status::Ok();
+}
+
+Status Trainer::maybe_checkpoint() {
+  const int64_t every = cfg_.checkpoint().every();
+  if (!ckpt_ || every <= 0 || step_ % every != 0) return Status::Ok();
+  return save_checkpoint();
+}
+
+Status Trainer::finish_checkpoints() {
+  if (!ckpt_) return Status::Ok();
+  if (last_checkpoint_step_ != step_) FP8_RETURN_IF_ERROR(save_checkpoint());
+  return ckpt_->finish();
+}
+
+// Refuses a checkpoint this run cannot continue exactly: another layout (unless resharding is
+// asked for) or another data seed. Warns when the LR schedule's length changed.
+Status Trainer::check_resumable(const ckpt::Manifest& m, const ResumeOptions& opt) const {
+  if (!(m.topology == topology()) && !opt.reshard) {
+    return Status(Code::kInvalidArgument,
+                  fmt::format("checkpoint step {} was written with {}; this run is {}", m.step,
+                              m.topology.to_string(), topology().to_string()),
+                  "pass --reshard to re-slice it by global tensor name");
+  }
+  for (const ckpt::RankState& rs : m.ranks) {
+    if (rs.rng_seed != cfg_.train().seed() || rs.data_step != m.step) {
+      return Status(Code::kInvalidArgument,
+                    fmt::format("checkpoint step {}: rank {} has train.seed={} at data step {}; "
+                                "this run has train.seed={} (the data order would change)",
+                                m.step, rs.rank, rs.rng_seed, rs.data_step, cfg_.train().seed()),
+                    fmt::format("run with --train.seed={}", rs.rng_seed));
+    }
+  }
+  auto saved = parse_config_text(m.config, "checkpoint config");
+  const auto& o = cfg_.optim();
+  if (saved.ok() && o.decay_steps() == 0 && saved->train().steps() != cfg_.train().steps()) {
+    log::warn(
+        "checkpoint: train.steps {} -> {} with optim.decay_steps=0 changes the LR schedule "
+        "after step {}; set optim.decay_steps to keep it",
+        saved->train().steps(), cfg_.train().steps(), m.step);
+  }
+  return Status::Ok();
+}
+
+// Master weights (this rank's optimizer slices) and router biases, by global name; the
+// checkpoint's tensors must be exactly this model's.
+Status Trainer::restore_tensors(const ckpt::Loaded& l) {
+  std::set<std::string> want;
+  auto check = [&](const std::string& name, const Shape& shape) -> Status {
+    want.insert(name);
+    const ckpt::TensorRecord* t = l.manifest().find(name);
+    if (!t)
+      return FP8_INVALID("checkpoint {}: no tensor '{}' (model changed?)", l.step_dir(), name);
+    if (t->shape != shape) {
+      return FP8_INVALID("checkpoint {}: tensor '{}' has shape {}, the model needs {}",
+                         l.step_dir(), name, shape_str(t->shape), shape_str(shape));
+    }
+    return Status::Ok();
+  };
+  std::map<std::string, model::Param*> params;
+  for (auto* p : model_->params()) params[p->name] = p;
+  for (const optim::ParamGroup& g : opt_->groups()) {
+    const Shape& shape = params.at(g.name)->value.shape();
+    FP8_RETURN_IF_ERROR(check(g.name, shape));
+    FP8_RETURN_IF_ERROR(check(g.name + ".exp_avg", shape));
+    FP8_RETURN_IF_ERROR(check(g.name + ".exp_avg_sq", shape));
+    FP8_RETURN_IF_ERROR(l.read(g.name, "F32", g.begin, g.end, g.param));
+  }
+  for (auto* moe : model_->moes()) {
+    model::Param& b = moe->bias();
+    FP8_RETURN_IF_ERROR(check(b.name, b.value.shape()));
+    FP8_RETURN_IF_ERROR(l.read(b.name, "F32", 0, b.value.numel(), b.value.data()));
+  }
+  for (const ckpt::TensorRecord& t : l.manifest().tensors) {
+    if (!want.count(t.name))
+      return FP8_INVALID("checkpoint {}: tensor '{}' is not in this model", l.step_dir(), t.name);
+  }
+  return Status::Ok();
+}
+
+Status Trainer::restore_optimizer(const ckpt::Loaded& l) {
+  optim::AdamWState st;
+  st.step = l.manifest().optimizer_step;
+  for (const optim::ParamGroup& g : opt_->groups()) {
+    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+      optim::StateArray a{g.name + suffix, g.begin, g.end,
+                          std::vector<uint8_t>(size_t(g.numel()) * 2)};
+      FP8_RETURN_IF_ERROR(l.read(a.name, "BF16", a.begin, a.end, a.bytes.data()));
+      st.arrays.push_back(std::move(a));
+    }
+  }
+  return opt_->import_state(st);
+}
+
+Status Trainer::resume(const ResumeOptions& opt) {
+  const auto& k = cfg_.checkpoint();
+  if (k.resume() == "none" || (k.resume() == "auto" && k.dir().empty())) return Status::Ok();
+  const std::string which = k.resume() == "auto" ? "" : k.resume();
+  FP8_ASSIGN_OR_RETURN(auto found, ckpt::resolve(k.dir(), which, opt.fallback));
+  if (!found) {
+    log::info("checkpoint: no committed checkpoint under {}; starting at step 0", k.dir());
+    return Status::Ok();
+  }
+  FP8_RETURN_IF_ERROR(check_resumable(found->manifest, opt));
+  FP8_ASSIGN_OR_RETURN(auto loaded,
+                       ckpt::Loaded::open(found->step_dir, std::move(found->manifest)));
+  FP8_RETURN_IF_ERROR(restore_tensors(loaded));
+  FP8_RETURN_IF_ERROR(restore_optimizer(loaded));
+  const ckpt::Manifest& m = loaded.manifest();
+  step_ = m.step;  // also the data position and, through the schedule, the LR
+  tokens_seen_ = m.tokens_seen;
+  skipped_ = m.skipped_steps;
+  last_checkpoint_step_ = step_;
+  ++ctx_.weight_version;  // cached quantized weights are stale
+  log::info("checkpoint: resumed from {} (step {}, {} tokens, {} skipped)", found->step_dir, step_,
+            tokens_seen_, skipped_);
   return Status::Ok();
 }
 

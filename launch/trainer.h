@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 
+#include "core/checkpoint.h"
 #include "core/data.h"
 #include "core/model/transformer.h"
 #include "launch/metrics.h"
@@ -13,6 +14,12 @@
 #include "optim/lr_schedule.h"
 
 namespace fp8pipe {
+
+// Command-line choices for resuming (cmd_train's --fallback and --reshard).
+struct ResumeOptions {
+  bool fallback = false;  // newest checkpoint corrupt: resume from the previous committed one
+  bool reshard = false;   // accept a checkpoint of another layout, re-sliced by global name
+};
 
 struct StepResult {
   model::LossParts loss;  // averaged over micro-batches
@@ -34,6 +41,15 @@ class Trainer {
   Status save_model(const std::string& path) const;
   Status load_model(const std::string& path);
 
+  // Checkpoints (DESIGN.md §6, core/checkpoint.h), when checkpoint.dir is set. resume() follows
+  // checkpoint.resume (auto: the newest committed checkpoint if any; none; a step directory) and
+  // restores master weights, Adam moments and step counter, router biases, step (hence the LR
+  // and the data position), tokens seen and skipped steps. run() saves every checkpoint.every
+  // steps and at the end (finish_checkpoints), which also waits for an async write.
+  Status resume(const ResumeOptions& opt);
+  Status save_checkpoint();
+  Status finish_checkpoints();
+
   int64_t step() const { return step_; }
   model::Model& model() { return *model_; }
   model::ModelCtx& ctx() { return ctx_; }
@@ -47,6 +63,13 @@ class Trainer {
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
   Status update_router_biases();
   StepRecord record(const StepResult& r, double seconds);
+  Status setup_checkpoints();
+  Status maybe_checkpoint();
+  ckpt::Topology topology() const;
+  ckpt::SaveRequest checkpoint_request();
+  Status check_resumable(const ckpt::Manifest& m, const ResumeOptions& opt) const;
+  Status restore_tensors(const ckpt::Loaded& l);
+  Status restore_optimizer(const ckpt::Loaded& l);
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;
@@ -59,6 +82,8 @@ class Trainer {
   std::optional<data::Batcher> batcher_;
   int64_t step_ = 0, skipped_ = 0, tokens_seen_ = 0;
   double flops_per_token_ = 0;
+  std::unique_ptr<ckpt::Checkpointer> ckpt_;
+  int64_t last_checkpoint_step_ = -1;
 };
 
 // The precision/GEMM/FP8 settings of a config as a model context on `be`.
