@@ -6,6 +6,7 @@
 #include <mpi.h>
 
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,21 +14,42 @@
 #include "core/log.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
+#include "parallel/comm.h"
 
 namespace fp8pipe::cli {
 namespace {
 
+// MPI for the process (one rank per process under mpirun), then the layout and communicators
+// once the config is known. A fatal error on one rank of a multi-rank job aborts them all.
 struct MpiSession {
-  int rank = 0, world = 1;
+  int rank = 0, world = 1, ranks_per_host = 0;
+  std::optional<Runtime> rt;
+  std::optional<parallel::CommSet> comms;
   MpiSession() {
-    int inited = 0;
-    MPI_Initialized(&inited);
-    if (!inited) MPI_Init(nullptr, nullptr);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    auto w = parallel::mpi_init(nullptr, nullptr);
+    if (!w.ok()) {
+      log::error("{}", w.status().to_string());
+      std::exit(2);
+    }
+    rank = w->rank;
+    world = w->size;
+    ranks_per_host = w->ranks_per_host;
     set_process_rank(rank);
   }
-  ~MpiSession() { MPI_Finalize(); }
+  ~MpiSession() {
+    comms.reset();
+    (void)parallel::mpi_finalize();
+  }
+  Result<const Runtime*> runtime(const config::Config& cfg) {
+    const auto& p = cfg.parallel();
+    int rpn = p.ranks_per_node() > 0 ? p.ranks_per_node() : ranks_per_host;
+    if (rpn <= 0 || world % rpn != 0) rpn = world;
+    FP8_ASSIGN_OR_RETURN(auto topo, parallel::Topology::create(p.pp(), p.dp(), p.ep(), rpn, rank));
+    FP8_ASSIGN_OR_RETURN(auto cs, parallel::create_comms(topo, {cfg.fault().timeout_s()}));
+    comms.emplace(std::move(cs));
+    rt.emplace(Runtime{std::move(topo), &*comms});
+    return &*rt;
+  }
 };
 
 // Splits argv into the config path, "--flag VALUE" options named in `own`, and overrides.
@@ -76,6 +98,9 @@ ResumeOptions take_resume_flags(int& argc, char** argv) {
   return r;
 }
 
+// A failure after the communicators exist: on a multi-rank job end every rank, never hang them.
+int fail_all(const MpiSession& mpi, const Status& s);
+
 int fail(const Status& s) {
   log::error("{}", s.to_string());
   return 2;
@@ -94,14 +119,12 @@ Result<config::Config> load_for_world(const std::string& path, const std::vector
                                       int world) {
   FP8_ASSIGN_OR_RETURN(auto cfg, load_config(path, ov));
   FP8_RETURN_IF_ERROR(validate(cfg, world));
-  if (cfg.parallel().pp() * cfg.parallel().dp() > 1) {
-    return Status(Code::kUnimplemented,
-                  fmt::format("parallel.pp={} parallel.dp={}: multi-rank training is not in this "
-                              "build yet; only pp = dp = 1 runs",
-                              cfg.parallel().pp(), cfg.parallel().dp()),
-                  "run with mpirun -np 1 and --parallel.pp=1 --parallel.dp=1");
-  }
   return cfg;
+}
+
+int fail_all(const MpiSession& mpi, const Status& s) {
+  if (mpi.world > 1) parallel::abort_all(s);
+  return fail(s);
 }
 
 }  // namespace
@@ -118,10 +141,13 @@ int cmd_train(int argc, char** argv) {
   if (Status s = make_parent_dir(cfg->log().jsonl()); !s.ok()) return fail(s);
   auto sink = MetricsSink::open(cfg->log().jsonl(), mpi.rank, cfg->log().every(), mpi.rank == 0);
   if (!sink.ok()) return fail(sink.status());
-  auto trainer = Trainer::create(*cfg);
-  if (!trainer.ok()) return fail(trainer.status());
-  if (Status s = (*trainer)->resume(resume); !s.ok()) return fail(s);
-  if (Status s = (*trainer)->run(*sink); !s.ok()) return fail(s);
+  auto rt = mpi.runtime(*cfg);
+  if (!rt.ok()) return fail(rt.status());
+  auto trainer = Trainer::create(*cfg, *rt);
+  if (!trainer.ok()) return fail_all(mpi, trainer.status());
+  if (Status s = (*trainer)->resume(resume); !s.ok()) return fail_all(mpi, s);
+  if (Status s = (*trainer)->run(*sink); !s.ok()) return fail_all(mpi, s);
+  if (mpi.world > 1) return 0;  // model-only export of a multi-rank run: `fp8pipe ckpt export`
   std::string save =
       cfg->checkpoint().dir().empty() ? "" : cfg->checkpoint().dir() + "/model.safetensors";
   for (auto& [k, v] : opts)
@@ -154,6 +180,7 @@ int cmd_eval(int argc, char** argv) {
   if (std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
   auto cfg = load_for_world(path, ov, mpi.world);
   if (!cfg.ok()) return fail(cfg.status());
+  if (mpi.world > 1) return fail(FP8_INVALID("eval runs on one process (mpirun -np 1)"));
   auto trainer = Trainer::create(*cfg);
   if (!trainer.ok()) return fail(trainer.status());
   if (Status s = (*trainer)->load_model(ckpt); !s.ok()) return fail(s);

@@ -1,6 +1,8 @@
-// The trainer: builds the model, optimizer, data and metrics from a validated config and runs the
-// loop of DESIGN.md §2 (one process for now; the executor of the distributed runtime slots in at
-// run_microbatches). Setup is a sequence of named calls; the step body fits on one screen.
+// The trainer: builds this rank's model chunks, optimizer, data and metrics from a validated
+// config and runs the loop of DESIGN.md §2. Every micro-batch goes through the pipeline executor
+// (a world of one runs the same schedule with one rank), then copies of each parameter are summed
+// by global name over the pipeline and data-parallel ranks holding it (launch/trainer_parallel.cc).
+// Setup is a sequence of named calls; the step body fits on one screen.
 #pragma once
 
 #include <memory>
@@ -12,6 +14,9 @@
 #include "launch/metrics.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/executor.h"
+#include "parallel/grad_sync.h"
+#include "parallel/topology.h"
 
 namespace fp8pipe {
 
@@ -28,9 +33,17 @@ struct StepResult {
   bool skipped = false;
 };
 
+// The process's place in a multi-rank job: its layout and communicators (owned by the caller).
+struct Runtime {
+  parallel::Topology topo;
+  parallel::CommSet* comms = nullptr;
+};
+
 class Trainer {
  public:
-  static Result<std::unique_ptr<Trainer>> create(const config::Config& cfg);
+  // rt null: a world of one (no MPI needed).
+  static Result<std::unique_ptr<Trainer>> create(const config::Config& cfg,
+                                                 const Runtime* rt = nullptr);
 
   Status run(MetricsSink& sink);  // steps [step(), train.steps)
   Result<StepResult> train_step();
@@ -51,7 +64,8 @@ class Trainer {
   Status finish_checkpoints();
 
   int64_t step() const { return step_; }
-  model::Model& model() { return *model_; }
+  model::Model& model() { return *model_; }  // this rank's first chunk (the whole model on one)
+  bool is_root() const { return world_rank_ == 0; }
   model::ModelCtx& ctx() { return ctx_; }
   const data::SyntheticMarkov* synthetic() const { return synthetic_.get(); }
 
@@ -60,8 +74,13 @@ class Trainer {
   Status setup_model();
   Status setup_optimizer();
   Status setup_data();
+  Status setup_parallel(const Runtime* rt);
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
+  Result<double> sync_grads_and_norm();
   Status update_router_biases();
+  std::vector<model::Param*> all_params() const;  // every local chunk's parameters
+  std::vector<model::MoE*> all_moes() const;
+  Status sum_over_world(std::vector<double>& v);
   StepRecord record(const StepResult& r, double seconds);
   Status setup_checkpoints();
   Status maybe_checkpoint();
@@ -74,7 +93,16 @@ class Trainer {
   config::Config cfg_;
   std::unique_ptr<Backend> be_;
   model::ModelCtx ctx_;
-  std::unique_ptr<model::Model> model_;
+  std::vector<std::unique_ptr<model::Model>> chunks_;  // one per local pipeline chunk
+  model::Model* model_ = nullptr;                      // chunks_[0]
+  std::optional<parallel::Topology> topo_;
+  parallel::CommSet* comms_ = nullptr;
+  int world_rank_ = 0, world_size_ = 1;
+  std::optional<parallel::Schedule> sched_;
+  std::vector<model::ModelPart> parts_;
+  std::unique_ptr<parallel::PipelineExecutor> exec_;
+  std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
+  std::vector<std::vector<double>> loads_;  // per local MoE: expert loads for the sync
   std::optional<optim::AdamW> opt_;
   std::optional<optim::LrSchedule> lr_;
   std::shared_ptr<data::TokenSource> source_;

@@ -122,6 +122,18 @@ Status PipelineExecutor::weight(int mb, int dir, int stage) {
   return Status::Ok();
 }
 
+void PipelineExecutor::flush_grads(int dir) {
+  for (model::Param* p : chunks_[dir]->params()) {
+    float* g = p->grad.data_as<float>();  // host memory (the CPU backend)
+    const int64_t n = p->grad.numel();
+    if (static_cast<int64_t>(p->grad_acc.size()) != n) p->grad_acc.assign(n, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      p->grad_acc[i] += g[i];
+      g[i] = 0.0f;
+    }
+  }
+}
+
 // Tag of a message, unique within a step: (kind, stream, sender stage, micro-batch).
 Result<int> PipelineExecutor::tag_of(const Instr& in) const {
   const Transfer t = transfer_of(sched_, rank_, in);
@@ -171,13 +183,16 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
         break;
       case Op::kB:
         s = backward(in.mb, in.dir, in.stage, in.defer_w, loss_scale);
+        flush_grads(in.dir);
         break;
       case Op::kW:
         s = weight(in.mb, in.dir, in.stage);
+        flush_grads(in.dir);
         break;
       case Op::kFB:
         s = forward(batch, in.mb, in.dir, in.stage);
         if (s.ok()) s = backward(in.mb_b, in.dir_b, in.stage_b, false, loss_scale);
+        flush_grads(in.dir_b);
         break;
       case Op::kSendAct:
       case Op::kSendGrad:

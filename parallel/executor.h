@@ -46,6 +46,9 @@ class PipelineExecutor {
   Status forward(const BatchFn& batch, int mb, int dir, int stage);
   Status backward(int mb, int dir, int stage, bool defer_w, float loss_scale);
   Status weight(int mb, int dir, int stage);
+  // Moves chunk `dir`'s fp32 gradients into their fp64 accumulators (Param::grad_acc): each
+  // instruction's contribution is summed in fp64, so any schedule's order rounds alike in fp32.
+  void flush_grads(int dir);
   Status send(const Instr& in);
   Status recv(const Instr& in, const BatchFn& batch);
   Result<int> tag_of(const Instr& in) const;

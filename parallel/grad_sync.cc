@@ -68,25 +68,27 @@ Status NameSync::all_reduce_sum() {
   for (SyncEntry& e : entries_)
     for (size_t c = 1; c < e.copies.size(); ++c)
       for (int64_t i = 0; i < e.numel; ++i) e.copies[0][i] += e.copies[c][i];
-  std::vector<std::vector<float>> mine(sets_.size());
-  std::vector<std::vector<std::vector<float>>> theirs(sets_.size());
+  std::vector<std::vector<double>> mine(sets_.size());
+  std::vector<std::vector<std::vector<double>>> theirs(sets_.size());
   std::vector<Work> phase1, phase2;
   for (size_t k = 0; k < sets_.size(); ++k) {  // phase 1: members -> leader
     const Set& set = sets_[k];
     if (set.ranks.size() < 2) continue;
     auto& buf = mine[k];
-    for (const SyncEntry* e : set.entries) buf.insert(buf.end(), e->copies[0], e->copies[0] + e->numel);
+    for (const SyncEntry* e : set.entries)
+      buf.insert(buf.end(), e->copies[0], e->copies[0] + e->numel);
     if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
     const int tag = static_cast<int>(k % 32768);
     if (set.ranks.front() == rank_) {
       theirs[k].resize(set.ranks.size());
       for (size_t m = 1; m < set.ranks.size(); ++m) {
         theirs[k][m].resize(buf.size());
-        phase1.push_back(world_->recv(theirs[k][m].data(), buf.size(), DataType::kFloat32,
-                                      set.ranks[m], tag));
+        phase1.push_back(
+            world_->recv(theirs[k][m].data(), buf.size(), DataType::kFloat64, set.ranks[m], tag));
       }
     } else {
-      phase1.push_back(world_->send(buf.data(), buf.size(), DataType::kFloat32, set.ranks.front(), tag));
+      phase1.push_back(
+          world_->send(buf.data(), buf.size(), DataType::kFloat64, set.ranks.front(), tag));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase1));
@@ -99,9 +101,11 @@ Status NameSync::all_reduce_sum() {
       for (size_t m = 1; m < set.ranks.size(); ++m)
         for (size_t i = 0; i < buf.size(); ++i) buf[i] += theirs[k][m][i];
       for (size_t m = 1; m < set.ranks.size(); ++m)
-        phase2.push_back(world_->send(buf.data(), buf.size(), DataType::kFloat32, set.ranks[m], tag));
+        phase2.push_back(
+            world_->send(buf.data(), buf.size(), DataType::kFloat64, set.ranks[m], tag));
     } else {
-      phase2.push_back(world_->recv(buf.data(), buf.size(), DataType::kFloat32, set.ranks.front(), tag));
+      phase2.push_back(
+          world_->recv(buf.data(), buf.size(), DataType::kFloat64, set.ranks.front(), tag));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase2));
@@ -109,7 +113,8 @@ Status NameSync::all_reduce_sum() {
     if (sets_[k].ranks.size() < 2) continue;
     int64_t off = 0;
     for (const SyncEntry* e : sets_[k].entries) {
-      for (float* c : e->copies) std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
+      for (double* c : e->copies)
+        std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
       off += e->numel;
     }
   }

@@ -1,10 +1,10 @@
 // Summing the copies of every parameter by global name: a parameter lives on the dp replicas of
 // each pipeline rank whose chunks hold it (DualPipe keeps every stage on two ranks; the embedding
-// sits in the first stage and, for MTP, in the last). Every copy ends with the sum over all of them,
-// so replicas stay identical after identical optimizer steps. Also used for the MoE expert loads
-// behind the router-bias update. Pure layout logic (holders_of) plus a two-phase point-to-point
-// exchange on the world communicator: members send to the set's lowest rank, which sums in rank
-// order (deterministic) and sends the result back.
+// sits in the first stage and, for MTP, in the last). Every copy ends with the sum over all of
+// them, so replicas stay identical after identical optimizer steps. Also used for the MoE expert
+// loads behind the router-bias update. Pure layout logic (holders_of) plus a two-phase
+// point-to-point exchange on the world communicator: members send to the set's lowest rank, which
+// sums in rank order (deterministic) and sends the result back.
 #pragma once
 
 #include <map>
@@ -24,7 +24,7 @@ std::vector<int> holders_of(const std::string& name, const Schedule& s,
 
 struct SyncEntry {
   std::string name;
-  std::vector<float*> copies;  // this rank's local copies (one per chunk holding it)
+  std::vector<double*> copies;  // this rank's local copies (one per chunk holding it)
   int64_t numel = 0;
 };
 
@@ -33,7 +33,7 @@ class NameSync {
   // entries: this rank's named buffers; holders[name] = the world ranks holding that name.
   NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
            int world_rank, Comm* world);
-  // Every copy := the sum over all copies on all holders. Deterministic.
+  // Every copy := the sum over all copies on all holders, in fp64. Deterministic.
   Status all_reduce_sum();
   // True when this rank is the lowest holder of `name` (to count a name once globally).
   bool is_leader(const std::string& name) const;

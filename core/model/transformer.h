@@ -31,9 +31,11 @@ struct LossParts {
 };
 
 // Which pieces of the model one pipeline chunk holds: blocks [block_begin, block_end), the
-// embedding (first stage) and the head with final norm and MTP modules (last stage; MTP also
-// needs the embedding, so a head chunk holds an embedding copy whose gradient is summed with the
-// first stage's by global name). block_end < 0 means "through the last block".
+// embedding (first stage) and the head with final norm and MTP modules (last stage). MTP also
+// reads the embedding, so a head chunk holds its own copy of "embed.weight" — even in a whole
+// model — whose gradient is summed with the first stage's by global name. Keeping the two uses
+// in separate copies everywhere makes the summation tree of a one-process run the same as a
+// pipelined one's. block_end < 0 means "through the last block".
 struct ModelPart {
   int block_begin = 0, block_end = -1;
   bool embed = true, head = true;
@@ -58,8 +60,10 @@ class Model {
   Result<Tensor> head_backward_input(ModelCtx& c, int mb, float loss_scale);  // -> dh
   Status head_backward_weight(ModelCtx& c, int mb);
 
-  std::vector<Param*> params();  // every trained parameter, in a fixed order
-  std::vector<MoE*> moes();      // MoE layers of the main blocks and MTP blocks
+  // Every trained parameter, in a fixed order; a whole model lists "embed.weight" twice (the
+  // input copy and the MTP copy): their gradients are summed by name before the optimizer step.
+  std::vector<Param*> params();
+  std::vector<MoE*> moes();  // MoE layers of the main blocks and MTP blocks
   const config::Model& config() const { return cfg_; }
 
  private:
@@ -82,7 +86,7 @@ class Model {
 
   config::Model cfg_;
   ModelPart part_;
-  Embedding embed_;
+  Embedding embed_, head_embed_;
   std::vector<std::unique_ptr<Block>> blocks_;
   RMSNorm final_norm_;
   Linear head_;

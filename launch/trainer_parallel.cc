@@ -1,0 +1,178 @@
+// The trainer's distributed half: layout and schedule set-up, one global batch through the
+// pipeline executor, and the name-based sums that keep every copy of a parameter identical
+// (DualPipe's two copies of a stage, dp replicas) plus the global gradient norm and expert loads.
+#include <fmt/format.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "core/log.h"
+#include "launch/trainer.h"
+#include "optim/bias_update.h"
+
+namespace fp8pipe {
+
+Status Trainer::setup_parallel(const Runtime* rt) {
+  const auto& p = cfg_.parallel();
+  if (p.ep() > 1) {
+    return Status(
+        Code::kUnimplemented,
+        fmt::format("parallel.ep={}: expert parallelism is not in this build yet", p.ep()),
+        "use --parallel.ep=1 (experts replicated over dp)");
+  }
+  if (rt) {
+    topo_ = rt->topo;
+    comms_ = rt->comms;
+  } else {
+    if (p.pp() * p.dp() != 1) {
+      return FP8_INVALID(
+          "parallel.pp={} parallel.dp={} needs {} MPI ranks; this process runs alone", p.pp(),
+          p.dp(), p.pp() * p.dp());
+    }
+    FP8_ASSIGN_OR_RETURN(auto t, parallel::Topology::create(1, 1, 1, 1, 0));
+    topo_ = std::move(t);
+  }
+  world_rank_ = comms_ ? comms_->get(parallel::GroupKind::kWorld).group().index : 0;
+  world_size_ = p.pp() * p.dp();
+  FP8_ASSIGN_OR_RETURN(auto kind, parallel::parse_schedule_kind(p.schedule()));
+  FP8_ASSIGN_OR_RETURN(auto s,
+                       parallel::make_schedule(kind, p.pp(), std::max(1, p.microbatches())));
+  sched_ = std::move(s);
+  FP8_ASSIGN_OR_RETURN(parts_, parallel::partition_stages(cfg_.model(), sched_->stages()));
+  return Status::Ok();
+}
+
+std::vector<model::Param*> Trainer::all_params() const {
+  std::vector<model::Param*> out;
+  for (auto& c : chunks_)
+    for (auto* p : c->params()) out.push_back(p);
+  return out;
+}
+
+std::vector<model::MoE*> Trainer::all_moes() const {
+  std::vector<model::MoE*> out;
+  for (auto& c : chunks_)
+    for (auto* m : c->moes()) out.push_back(m);
+  return out;
+}
+
+Status Trainer::sum_over_world(std::vector<double>& v) {
+  if (!comms_ || world_size_ == 1) return Status::Ok();
+  auto& w = comms_->get(parallel::GroupKind::kWorld);
+  return w
+      .all_reduce(v.data(), v.data(), static_cast<int64_t>(v.size()), parallel::DataType::kFloat64,
+                  parallel::ReduceOp::kSum)
+      .wait();
+}
+
+// One global batch: this replica's micro-batches through the schedule; losses are global means.
+Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t step, bool backward) {
+  const int64_t G = cfg_.train().global_batch(), T = cfg_.train().seq_len();
+  const int dp = cfg_.parallel().dp(), M = std::max(1, cfg_.parallel().microbatches());
+  const int64_t B = G / (dp * M), d = topo_->coords().dp_index;
+  FP8_ASSIGN_OR_RETURN(auto rows, batcher_->rows(split, step, d * M * B, (d + 1) * M * B));
+  std::map<std::pair<int, int>, model::MicroBatch> cache;
+  auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
+    auto [it, fresh] = cache.try_emplace({stream, mb});
+    if (fresh) {
+      const int64_t g = stream * sched_->mb_per_stream() + mb;
+      it->second.B = B;
+      it->second.T = T;
+      it->second.tokens.assign(rows.begin() + g * B * (T + 1),
+                               rows.begin() + (g + 1) * B * (T + 1));
+    }
+    return it->second;
+  };
+  const float scale = backward ? 1.0f / static_cast<float>(dp * M) : 0.0f;
+  for (auto* p : all_params()) std::fill(p->grad_acc.begin(), p->grad_acc.end(), 0.0);
+  FP8_ASSIGN_OR_RETURN(auto st, exec_->run(batch, scale));
+  const size_t D = st.loss.mtp.size();
+  std::vector<double> v = {st.loss.main, st.loss.total, static_cast<double>(st.loss.tokens),
+                           static_cast<double>(st.loss_microbatches), 0.0};
+  for (auto* moe : all_moes()) v[4] += moe->stats().aux_loss;
+  v.resize(5 + cfg_.model().mtp_depth(), 0.0);
+  for (size_t k = 0; k < D; ++k) v[5 + k] = st.loss.mtp[k];
+  FP8_RETURN_IF_ERROR(sum_over_world(v));
+  model::LossParts lp;
+  const double n = std::max(1.0, v[3]);
+  lp.main = v[0] / n;
+  lp.total = v[1] / n;
+  lp.tokens = static_cast<int64_t>(v[2]);
+  lp.aux = v[4] / n;
+  for (int k = 0; k < cfg_.model().mtp_depth(); ++k) lp.mtp.push_back(v[5 + k] / n);
+  return lp;
+}
+
+// Sums every parameter's copies by global name, then the global gradient norm (each name counted
+// once, on its lowest holder).
+Result<double> Trainer::sync_grads_and_norm() {
+  if (!grad_sync_) {
+    std::map<std::string, parallel::SyncEntry> entries;
+    std::map<std::string, std::vector<int>> holders;
+    for (auto* p : all_params()) {
+      auto& e = entries[p->name];
+      e.name = p->name;
+      e.numel = p->grad.numel();
+      if (static_cast<int64_t>(p->grad_acc.size()) != e.numel) p->grad_acc.assign(e.numel, 0.0);
+      e.copies.push_back(p->grad_acc.data());
+      holders[p->name] = parallel::holders_of(p->name, *sched_, parts_, *topo_);
+    }
+    std::vector<parallel::SyncEntry> list;
+    for (auto& [n, e] : entries) list.push_back(e);
+    grad_sync_ = std::make_unique<parallel::NameSync>(
+        list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
+  }
+  FP8_RETURN_IF_ERROR(grad_sync_->all_reduce_sum());
+  for (auto* p : all_params()) {  // the fp64 sums, rounded once, are what the optimizer sees
+    float* g = p->grad.data_as<float>();
+    for (int64_t i = 0; i < p->grad.numel(); ++i) g[i] = static_cast<float>(p->grad_acc[i]);
+  }
+  std::vector<double> sq = {0.0};
+  std::set<std::string> counted;
+  for (auto* p : all_params()) {
+    if (!grad_sync_->is_leader(p->name) || !counted.insert(p->name).second) continue;
+    const float* g = p->grad.data_as<float>();
+    for (int64_t i = 0; i < p->grad.numel(); ++i) sq[0] += static_cast<double>(g[i]) * g[i];
+  }
+  FP8_RETURN_IF_ERROR(sum_over_world(sq));
+  return std::sqrt(sq[0]);
+}
+
+// Expert loads summed over every copy of each MoE layer (keyed by its bias name), then the
+// auxiliary-loss-free bias update, identical on every copy.
+Status Trainer::update_router_biases() {
+  auto moes = all_moes();
+  if (!load_sync_) {
+    loads_.resize(moes.size());
+    std::vector<parallel::SyncEntry> list;
+    std::map<std::string, std::vector<int>> holders;
+    std::map<std::string, size_t> at;
+    for (size_t i = 0; i < moes.size(); ++i) {
+      const std::string& name = moes[i]->bias().name;
+      loads_[i].resize(moes[i]->bias().value.numel());
+      auto [it, fresh] = at.try_emplace(name, list.size());
+      if (fresh) list.push_back({name, {}, static_cast<int64_t>(loads_[i].size())});
+      list[it->second].copies.push_back(loads_[i].data());
+      holders[name] = parallel::holders_of(name, *sched_, parts_, *topo_);
+    }
+    load_sync_ = std::make_unique<parallel::NameSync>(
+        list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
+  }
+  for (size_t i = 0; i < moes.size(); ++i) {
+    const auto& load = moes[i]->stats().load;
+    for (size_t e = 0; e < load.size(); ++e) loads_[i][e] = static_cast<double>(load[e]);
+  }
+  FP8_RETURN_IF_ERROR(load_sync_->all_reduce_sum());
+  const float gamma = cfg_.model().moe().bias_update_rate();
+  for (size_t i = 0; i < moes.size(); ++i) {
+    auto& load = moes[i]->stats().load;
+    for (size_t e = 0; e < load.size(); ++e) load[e] = static_cast<int64_t>(loads_[i][e]);
+    FP8_RETURN_IF_ERROR(optim::update_router_bias(moes[i]->bias().value.data_as<float>(),
+                                                  load.data(), static_cast<int64_t>(load.size()),
+                                                  gamma));
+  }
+  return Status::Ok();
+}
+
+}  // namespace fp8pipe
