@@ -123,15 +123,17 @@ Status PipelineExecutor::weight(int mb, int dir, int stage) {
 }
 
 void PipelineExecutor::flush_grads(int dir) {
-  for (model::Param* p : chunks_[dir]->params()) {
-    float* g = p->grad.data_as<float>();  // host memory (the CPU backend)
-    const int64_t n = p->grad.numel();
+  auto flush = [](model::Param* p, Tensor& grad) {
+    float* g = grad.data_as<float>();  // host memory (the CPU backend)
+    const int64_t n = grad.numel();
     if (static_cast<int64_t>(p->grad_acc.size()) != n) p->grad_acc.assign(n, 0.0);
     for (int64_t i = 0; i < n; ++i) {
       p->grad_acc[i] += g[i];
       g[i] = 0.0f;
     }
-  }
+  };
+  for (model::Param* p : chunks_[dir]->params()) flush(p, p->grad);
+  for (auto [p, grad] : chunks_[dir]->extra_grads()) flush(p, *grad);
 }
 
 // Tag of a message, unique within a step: (kind, stream, sender stage, micro-batch).

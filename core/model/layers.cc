@@ -38,9 +38,9 @@ Result<Tensor> Embedding::forward(ModelCtx& c, int mb, const Tensor& ids) {
   return y;
 }
 
-Status Embedding::backward(ModelCtx& c, int mb, const Tensor& dy) {
+Status Embedding::backward(ModelCtx& c, int mb, const Tensor& dy, Tensor* grad) {
   FP8_ASSIGN_OR_RETURN(Tensor * ids, ids_.get(mb, w_.name.c_str()));
-  FP8_RETURN_IF_ERROR(c.be->embedding_bwd_acc(dy, *ids, w_.grad));
+  FP8_RETURN_IF_ERROR(c.be->embedding_bwd_acc(dy, *ids, grad ? *grad : w_.grad));
   ids_.erase(mb);
   return Status::Ok();
 }

@@ -29,7 +29,8 @@ class Embedding {
   Status init(ModelCtx& c, const std::string& name, int64_t vocab, int64_t dim, uint64_t seed,
               float std);
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& ids);  // ids i32 [n] -> [n, dim]
-  Status backward(ModelCtx& c, int mb, const Tensor& dy);          // table.grad += scatter(dy)
+  // table.grad (or *grad when given) += scatter(dy)
+  Status backward(ModelCtx& c, int mb, const Tensor& dy, Tensor* grad = nullptr);
   Param& weight() { return w_; }
 
  private:

@@ -29,12 +29,12 @@ struct ModelCtx {
 };
 
 struct Param {
-  std::string name;     // global name, e.g. "layers.3.attn.wq_a.weight"
-  Tensor value;         // fp32 master weight
-  Tensor grad;          // fp32 gradient; the executor flushes it into grad_acc per instruction
+  std::string name;  // global name, e.g. "layers.3.attn.wq_a.weight"
+  Tensor value;      // fp32 master weight
+  Tensor grad;       // fp32 gradient; the executor flushes it into grad_acc per instruction
   std::vector<double> grad_acc;  // host fp64 sum over micro-batches: order-independent in fp32
-  bool decay = true;    // AdamW weight decay applies (not to norms)
-  bool expert = false;  // a routed expert's parameter (sharded over ep later)
+  bool decay = true;             // AdamW weight decay applies (not to norms)
+  bool expert = false;           // a routed expert's parameter (sharded over ep later)
 };
 
 // Allocates value (normal(0, std), or constant `fill` when std == 0) and a zero grad. The random

@@ -46,8 +46,11 @@ Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart
   if (part.embed) {
     FP8_RETURN_IF_ERROR(embed_.init(c, "embed.weight", m.vocab_size(), m.hidden(), seed, std));
   }
-  if (part.head) {  // the MTP modules' copy of the shared embedding (see the header)
+  if (part.head && !part.embed) {  // the MTP modules' copy of the shared embedding
     FP8_RETURN_IF_ERROR(head_embed_.init(c, "embed.weight", m.vocab_size(), m.hidden(), seed, std));
+  }
+  if (part.head && part.embed) {
+    FP8_ASSIGN_OR_RETURN(mtp_embed_grad_, c.be->zeros({m.vocab_size(), m.hidden()}, DType::kF32));
   }
   const bool has_moe = m.has_moe() && m.moe().routed_experts() > 0;
   for (int i = part.block_begin; i < part.block_end; ++i) {
@@ -103,7 +106,8 @@ Result<Tensor> Model::mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_pr
   FP8_ASSIGN_OR_RETURN(Tensor hk, new_f32(c, B * len, h_prev.cols()));
   FP8_RETURN_IF_ERROR(c.be->gather_rows(h_prev, keep_t, hk));
   FP8_ASSIGN_OR_RETURN(Tensor ids, i32_tensor(c, token_window(batch, k, len)));
-  FP8_ASSIGN_OR_RETURN(Tensor e, head_embed_.forward(c, key, ids));
+  Embedding& emb = part_.embed ? embed_ : head_embed_;
+  FP8_ASSIGN_OR_RETURN(Tensor e, emb.forward(c, key, ids));
   FP8_ASSIGN_OR_RETURN(Tensor en, t.enorm.forward(c, key, e));
   FP8_ASSIGN_OR_RETURN(Tensor hn, t.hnorm.forward(c, key, hk));
   FP8_ASSIGN_OR_RETURN(Tensor x, t.eh_e.forward(c, key, en));
@@ -166,7 +170,11 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
     FP8_ASSIGN_OR_RETURN(Tensor den, t.eh_e.backward_input(c, key, dx));
     FP8_ASSIGN_OR_RETURN(Tensor dhn, t.eh_h.backward_input(c, key, dx));
     FP8_ASSIGN_OR_RETURN(Tensor de, t.enorm.backward(c, key, den));
-    FP8_RETURN_IF_ERROR(head_embed_.backward(c, key, de));
+    if (part_.embed) {
+      FP8_RETURN_IF_ERROR(embed_.backward(c, key, de, &mtp_embed_grad_));
+    } else {
+      FP8_RETURN_IF_ERROR(head_embed_.backward(c, key, de));
+    }
     FP8_ASSIGN_OR_RETURN(Tensor dhk, t.hnorm.backward(c, key, dhn));
     FP8_ASSIGN_OR_RETURN(carry, new_zeros(c, hs->rows[k - 1], dhk.cols()));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dhk, hs->keep[k], Tensor(), carry));
@@ -208,7 +216,12 @@ Status Model::backward(ModelCtx& c, int mb, float loss_scale) {
     FP8_ASSIGN_OR_RETURN(dx, blocks_[i]->backward_input(c, mb, dx));
     FP8_RETURN_IF_ERROR(blocks_[i]->backward_weight(c, mb));
   }
-  return embed_backward(c, mb, dx);
+  FP8_RETURN_IF_ERROR(embed_backward(c, mb, dx));
+  for (auto [p, grad] : extra_grads()) {  // one process, one pass: fold the MTP path back in
+    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, *grad, p->grad));
+    FP8_RETURN_IF_ERROR(c.be->fill_zero(*grad));
+  }
+  return Status::Ok();
 }
 
 std::vector<Param*> Model::params() {
@@ -217,7 +230,7 @@ std::vector<Param*> Model::params() {
   for (auto& b : blocks_)
     for (Param* p : b->params()) ps.push_back(p);
   if (!part_.head) return ps;
-  ps.push_back(&head_embed_.weight());
+  if (!part_.embed) ps.push_back(&head_embed_.weight());
   ps.push_back(&final_norm_.weight());
   ps.push_back(&head_.weight());
   for (auto& t : mtp_) {
@@ -226,6 +239,11 @@ std::vector<Param*> Model::params() {
     for (Param* p : t.block->params()) ps.push_back(p);
   }
   return ps;
+}
+
+std::vector<std::pair<Param*, Tensor*>> Model::extra_grads() {
+  if (!mtp_embed_grad_.defined()) return {};
+  return {{&embed_.weight(), &mtp_embed_grad_}};
 }
 
 std::vector<MoE*> Model::moes() {

@@ -32,10 +32,10 @@ struct LossParts {
 
 // Which pieces of the model one pipeline chunk holds: blocks [block_begin, block_end), the
 // embedding (first stage) and the head with final norm and MTP modules (last stage). MTP also
-// reads the embedding, so a head chunk holds its own copy of "embed.weight" — even in a whole
-// model — whose gradient is summed with the first stage's by global name. Keeping the two uses
-// in separate copies everywhere makes the summation tree of a one-process run the same as a
-// pipelined one's. block_end < 0 means "through the last block".
+// reads the embedding: a head chunk without the embedding holds its own copy of "embed.weight",
+// whose gradient is summed with the first stage's by global name; a chunk with both keeps the MTP
+// path's embedding gradient in a separate buffer (extra_grads) so that the two uses are summed in
+// fp64 in every layout alike. block_end < 0 means "through the last block".
 struct ModelPart {
   int block_begin = 0, block_end = -1;
   bool embed = true, head = true;
@@ -60,9 +60,10 @@ class Model {
   Result<Tensor> head_backward_input(ModelCtx& c, int mb, float loss_scale);  // -> dh
   Status head_backward_weight(ModelCtx& c, int mb);
 
-  // Every trained parameter, in a fixed order; a whole model lists "embed.weight" twice (the
-  // input copy and the MTP copy): their gradients are summed by name before the optimizer step.
-  std::vector<Param*> params();
+  std::vector<Param*> params();  // every trained parameter, in a fixed order, names unique
+  // Gradient buffers that belong to a parameter but are kept apart (the MTP path's embedding
+  // gradient in a chunk holding both uses): the executor flushes each into its Param's grad_acc.
+  std::vector<std::pair<Param*, Tensor*>> extra_grads();
   std::vector<MoE*> moes();  // MoE layers of the main blocks and MTP blocks
   const config::Model& config() const { return cfg_; }
 
@@ -86,7 +87,8 @@ class Model {
 
   config::Model cfg_;
   ModelPart part_;
-  Embedding embed_, head_embed_;
+  Embedding embed_, head_embed_;  // head_embed_: the MTP copy of a head chunk without embed_
+  Tensor mtp_embed_grad_;         // chunks with both: the MTP path's embedding gradient
   std::vector<std::unique_ptr<Block>> blocks_;
   RMSNorm final_norm_;
   Linear head_;
