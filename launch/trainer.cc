@@ -227,7 +227,12 @@ Status Trainer::save_model(const std::string& path) const {
     auto* bytes = static_cast<const uint8_t*>(p.value.data());
     return w.add(p.name, "F32", p.value.shape(), std::span<const uint8_t>(bytes, p.value.nbytes()));
   };
-  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(add(*p));
+  // A rank may hold a parameter in two chunks (DualPipe puts the first and the last stage, each
+  // with an "embed.weight", on one rank; the copies are equal, their gradients being summed by
+  // name): write each global name once.
+  std::set<std::string> written;
+  for (auto* p : all_params())
+    if (written.insert(p->name).second) FP8_RETURN_IF_ERROR(add(*p));
   for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(add(moe->bias()));
   w.set_metadata("format", "fp8pipe-model");
   w.set_metadata("step", std::to_string(step_));

@@ -1,0 +1,246 @@
+// `fp8pipe simulate CONFIG [--a.b=v ...] [--calibration FILE.json] [--trace FILE.json]
+// [--csv FILE.csv] [--sweep] [--svg FILE.svg]`: predicts a training step on the config's cluster
+// with the discrete-event simulator (parallel/sim/) and, with --sweep, scaling curves over layouts.
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "launch/commands.h"
+#include "launch/flops.h"
+#include "launch/svg_plot.h"
+#include "parallel/schedule.h"
+#include "parallel/sim/cost_model.h"
+#include "parallel/sim/simulator.h"
+
+namespace fp8pipe::cli {
+namespace {
+
+namespace pl = fp8pipe::parallel;
+namespace sim = fp8pipe::parallel::sim;
+
+constexpr char kUsage[] =
+    "usage: fp8pipe simulate CONFIG [--a.b=v ...] [--calibration FILE.json] [--trace FILE.json] "
+    "[--csv FILE.csv] [--sweep] [--svg FILE.svg]";
+
+struct Options {
+  std::string config, calibration, trace, csv, svg;
+  bool sweep = false;
+  std::vector<std::string> overrides;
+};
+
+Result<Options> parse(int argc, char** argv) {
+  Options o;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](std::string& out) -> Status {
+      if (i + 1 >= argc) return FP8_INVALID("{} needs a value\n{}", a, kUsage);
+      out = argv[++i];
+      return Status::Ok();
+    };
+    if (a == "--sweep") {
+      o.sweep = true;
+    } else if (a == "--trace") {
+      FP8_RETURN_IF_ERROR(value(o.trace));
+    } else if (a == "--csv") {
+      FP8_RETURN_IF_ERROR(value(o.csv));
+    } else if (a == "--svg") {
+      FP8_RETURN_IF_ERROR(value(o.svg));
+    } else if (a == "--calibration") {
+      FP8_RETURN_IF_ERROR(value(o.calibration));
+    } else if (a.starts_with("--")) {
+      o.overrides.push_back(a);
+      if (a.find('=') == std::string::npos && i + 1 < argc) o.overrides.push_back(argv[++i]);
+    } else if (o.config.empty()) {
+      o.config = a;
+    } else {
+      return FP8_INVALID("unexpected argument '{}'\n{}", a, kUsage);
+    }
+  }
+  if (o.config.empty()) return FP8_INVALID("a CONFIG is required\n{}", kUsage);
+  return o;
+}
+
+Status write_file(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary);
+  f << text;
+  if (!f) return FP8_ERROR(Code::kIo, "cannot write {}", path);
+  return Status::Ok();
+}
+
+struct Run {
+  config::Config cfg;
+  pl::Schedule sched;
+  sim::CostModel cm;
+  sim::StepResult r;
+};
+
+Result<Run> run_one(const config::Config& cfg, const sim::Calibration& cal, bool events) {
+  Run run;
+  run.cfg = cfg;
+  const auto& p = cfg.parallel();
+  FP8_ASSIGN_OR_RETURN(auto kind, pl::parse_schedule_kind(p.schedule()));
+  FP8_ASSIGN_OR_RETURN(run.sched, pl::make_schedule(kind, p.pp(), p.microbatches()));
+  FP8_ASSIGN_OR_RETURN(run.cm, sim::build_cost_model(cfg, run.sched, cal));
+  FP8_ASSIGN_OR_RETURN(run.r, sim::simulate_step(cfg, run.sched, run.cm, events));
+  return run;
+}
+
+constexpr char kCsvHeader[] =
+    "study,gpus,pp,dp,ep,schedule,microbatches,step_s,pipeline_s,bubble_s,bubble_frac,"
+    "exposed_comm_s,mem_gib,params_b,tokens_per_s_per_gpu,tflops_per_gpu,mfu_bf16,"
+    "gpu_hours_per_trillion\n";
+
+std::string csv_row(const std::string& study, const Run& x) {
+  const auto& p = x.cfg.parallel();
+  const auto& r = x.r;
+  return fmt::format(
+      "{},{},{},{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.2f},{:.3f},{:.1f},"
+      "{:.1f},{:.4f},{:.0f}\n",
+      study, int64_t(p.pp()) * p.dp(), p.pp(), p.dp(), p.ep(), p.schedule(), p.microbatches(),
+      r.step_s, r.pipe.makespan, r.bubble_s, r.bubble_frac, r.exposed_comm_s,
+      r.mem.total() / double(1ull << 30), r.params_per_gpu / 1e9, r.tokens_per_s_per_gpu,
+      r.tflops_per_gpu, r.mfu_bf16, r.gpu_hours_per_trillion);
+}
+
+// The consistency line: the cost model's model FLOPs per token vs launch/flops.h's.
+std::string flops_check(const Run& x) {
+  const double per_token = x.r.model_flops_per_step / x.r.tokens_per_step;
+  const double ref = flops_per_token(x.cfg.model(), x.cfg.train().seq_len()).train();
+  return fmt::format("check       model FLOPs/token {:.1f} G (launch/flops.h: {:.1f} G)\n",
+                     per_token / 1e9, ref / 1e9);
+}
+
+}  // namespace
+
+// Sweep (in cmd_simulate_sweep below): layouts derived from the base config.
+Status simulate_sweep(const config::Config& base, const sim::Calibration& cal,
+                      const std::string& csv, const std::string& svg);
+
+int cmd_simulate(int argc, char** argv) {
+  auto fail = [](const Status& s, int code) {
+    std::fprintf(stderr, "fp8pipe simulate: %s\n", s.to_string().c_str());
+    return code;
+  };
+  auto opts = parse(argc, argv);
+  if (!opts.ok()) return fail(opts.status(), 2);
+  auto cfg = load_config(opts->config, opts->overrides);
+  if (!cfg.ok()) return fail(cfg.status(), 2);
+  sim::Calibration cal;
+  std::string calib =
+      opts->calibration.empty() ? cfg->cluster().calibration_file() : opts->calibration;
+  if (!calib.empty()) {
+    auto c = sim::load_calibration(calib);
+    if (!c.ok()) return fail(c.status(), 2);
+    cal = *c;
+  }
+  if (opts->sweep) {
+    Status st = simulate_sweep(*cfg, cal, opts->csv.empty() ? "sweep.csv" : opts->csv,
+                               opts->svg.empty() ? "sweep.svg" : opts->svg);
+    return st.ok() ? 0 : fail(st, 1);
+  }
+  auto run = run_one(*cfg, cal, !opts->trace.empty());
+  if (!run.ok()) return fail(run.status(), 2);
+  std::string out = sim::format_step(run->cfg, run->sched, run->cm, run->r) + flops_check(*run);
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  Status st;
+  if (!opts->trace.empty()) {
+    st = write_file(opts->trace, sim::chrome_trace(run->r.pipe, run->sched.ranks));
+  }
+  if (st.ok() && !opts->csv.empty()) {
+    st = write_file(opts->csv, kCsvHeader + csv_row("single", *run));
+  }
+  return st.ok() ? 0 : fail(st, 1);
+}
+
+namespace {
+
+struct Point {
+  std::string study;
+  int gpus, pp, ep, mb;
+  std::string kind;
+};
+
+// GPUs 256 -> 2048 by dp (pp fixed, ep = min(base ep, dp), global batch fixed) for each kind;
+// pp, ep and micro-batch count (sequences per micro-batch) at the base GPU count.
+std::vector<Point> sweep_points(const config::Config& b) {
+  const auto& p = b.parallel();
+  const int gpus = p.pp() * p.dp();
+  std::vector<Point> pts;
+  for (const char* k : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
+    for (int g = 256; g <= gpus; g *= 2) pts.push_back({"gpus", g, p.pp(), p.ep(), 0, k});
+    for (int pp : {8, 16, 32}) pts.push_back({"pp", gpus, pp, p.ep(), 0, k});
+  }
+  for (int ep : {8, 16, 32, 64, 128}) pts.push_back({"ep", gpus, p.pp(), ep, 0, p.schedule()});
+  const int mbs = p.microbatches();
+  for (int m : {mbs / 4, mbs / 2, mbs})
+    pts.push_back({"microbatches", gpus, p.pp(), p.ep(), m, p.schedule()});
+  return pts;
+}
+
+Result<config::Config> layout(const config::Config& base, const Point& pt) {
+  config::Config c = base;
+  auto* p = c.mutable_parallel();
+  const int dp = pt.gpus / pt.pp;
+  p->set_pp(pt.pp), p->set_dp(dp), p->set_ep(std::min(pt.ep, dp)), p->set_schedule(pt.kind);
+  const int64_t seqs = c.train().global_batch() / dp;
+  p->set_microbatches(pt.mb > 0 ? pt.mb : int(seqs));
+  c.mutable_cluster()->set_gpus(pt.gpus);
+  FP8_RETURN_IF_ERROR(validate(c));
+  return c;
+}
+
+plot::Panel panel(const std::vector<std::pair<Point, Run>>& runs, const char* id, const char* title,
+                  const char* ylabel, double (*y)(const Run&)) {
+  plot::Panel pn;
+  pn.id = id, pn.title = title, pn.xlabel = "GPUs", pn.ylabel = ylabel;
+  for (const char* k : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
+    plot::Series s;
+    s.label = k;
+    for (const auto& [pt, run] : runs) {
+      if (pt.study != "gpus" || pt.kind != k) continue;
+      s.x.push_back(pt.gpus), s.y.push_back(y(run));
+    }
+    pn.lines.push_back(s);
+  }
+  pn.ymin = 0;
+  return pn;
+}
+
+}  // namespace
+
+Status simulate_sweep(const config::Config& base, const sim::Calibration& cal,
+                      const std::string& csv, const std::string& svg) {
+  std::string rows = kCsvHeader;
+  std::vector<std::pair<Point, Run>> runs;
+  for (const Point& pt : sweep_points(base)) {
+    auto c = layout(base, pt);
+    auto run = c.ok() ? run_one(*c, cal, false) : Result<Run>(c.status());
+    if (!run.ok()) {
+      std::fprintf(stderr, "skip %s gpus=%d pp=%d ep=%d %s: %s\n", pt.study.c_str(), pt.gpus, pt.pp,
+                   pt.ep, pt.kind.c_str(), run.status().message().c_str());
+      continue;
+    }
+    rows += csv_row(pt.study, *run);
+    std::fputs(csv_row(pt.study, *run).c_str(), stdout);
+    runs.emplace_back(pt, std::move(*run));
+  }
+  std::vector<plot::Panel> panels = {
+      panel(runs, "tps", "tokens/s per GPU", "tokens/s",
+            [](const Run& r) { return r.r.tokens_per_s_per_gpu; }),
+      panel(runs, "cost", "GPU-hours per trillion tokens", "GPU-hours",
+            [](const Run& r) { return r.r.gpu_hours_per_trillion; }),
+      panel(runs, "bubble", "pipeline bubble (worst rank)", "fraction",
+            [](const Run& r) { return r.r.bubble_frac; }),
+      panel(runs, "mem", "memory per GPU", "GiB",
+            [](const Run& r) { return r.r.mem.total() / double(1ull << 30); })};
+  FP8_RETURN_IF_ERROR(write_file(csv, rows));
+  return write_file(svg, plot::render_svg("fp8pipe simulate: scaling by data parallelism (pp " +
+                                              std::to_string(base.parallel().pp()) + ")",
+                                          panels, 2));
+}
+
+}  // namespace fp8pipe::cli

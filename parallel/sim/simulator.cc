@@ -1,0 +1,284 @@
+// The step simulator: a sweep over all ranks' instruction lists with a compute and a comm stream
+// per rank (sends on comm, receives blocking compute), then the step's DP sync, optimizer step,
+// memory per GPU and throughput figures. See simulator.h for the model.
+#include "parallel/sim/simulator.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+
+#include "parallel/executor.h"
+
+namespace fp8pipe::parallel::sim {
+
+double OpCosts::op(const Instr& in) const {
+  if (model) return op_time(*model, in);
+  switch (in.op) {
+    case Op::kF:
+      return f;
+    case Op::kB:
+      return in.defer_w ? b_input : b_input + w;
+    case Op::kW:
+      return w;
+    case Op::kFB:
+      return fb;
+    default:
+      return 0;
+  }
+}
+
+double OpCosts::exposed_comm(const Instr& in) const {
+  if (!model) return 0;
+  const auto& ch = model->chunks;
+  switch (in.op) {
+    case Op::kF:
+      return ch[in.stage].f.a2a_s;
+    case Op::kB:
+      return ch[in.stage].b.a2a_s;
+    case Op::kFB: {
+      const double comm = ch[in.stage].f.a2a_s + ch[in.stage_b].b.a2a_s;
+      const double compute =
+          ch[in.stage].f.compute_s + ch[in.stage_b].b.compute_s + ch[in.stage_b].w.compute_s;
+      return std::max(0.0, comm - compute) + model->cal.fb_exposed_frac * comm;
+    }
+    default:
+      return 0;
+  }
+}
+
+double OpCosts::send_bytes(int stage) const {
+  return model ? model->chunks[stage].p2p_bytes : p2p_bytes;
+}
+double OpCosts::send_time(int stage) const {
+  return model ? send_bytes(stage) / (model->p2p_gbps * 1e9) : send_bytes(stage) / p2p_bytes_per_s;
+}
+double OpCosts::latency() const { return model ? model->p2p_latency_s : p2p_latency; }
+
+namespace {
+
+struct RankState {
+  size_t pc = 0;
+  double now = 0, comm_free = 0, held = 0, held_bytes = 0;
+};
+
+// Activations: + one chunk's worth at F, - at its full B or its W (TR Table 2's accounting).
+void track_activations(const Schedule& s, const OpCosts& c, const Instr& in, int r, RankState& st,
+                       PipelineResult& out) {
+  auto bytes = [&](int stage) { return c.model ? c.model->chunks[stage].act_bytes : 0.0; };
+  auto add = [&](int stage, double sign) {
+    st.held += sign;
+    st.held_bytes += sign * bytes(stage);
+  };
+  if (in.op == Op::kF || in.op == Op::kFB) add(in.stage, 1);
+  if (in.op == Op::kB && !in.defer_w) add(in.stage, -1);
+  if (in.op == Op::kW) add(in.stage, -1);
+  // FB: the forward's activations are allocated before the backward's are freed.
+  out.peak_act_units[r] = std::max(out.peak_act_units[r], st.held);
+  out.peak_act_bytes[r] = std::max(out.peak_act_bytes[r], st.held_bytes);
+  if (in.op == Op::kFB) add(in.stage_b, -1);
+  (void)s;
+}
+
+// Runs rank r until it blocks on a RECV whose SEND has not been posted; true if it moved.
+bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
+             std::map<Transfer, double>& arrival, PipelineResult& out, bool keep) {
+  bool moved = false;
+  for (; st.pc < s.rank_instrs[r].size(); ++st.pc, moved = true) {
+    const Instr& in = s.rank_instrs[r][st.pc];
+    if (in.op == Op::kSendAct || in.op == Op::kSendGrad) {
+      const double start = std::max(st.now, st.comm_free), dur = c.send_time(in.stage);
+      st.comm_free = start + dur;
+      arrival[transfer_of(s, r, in)] = st.comm_free + c.latency();
+      out.bytes_sent += c.send_bytes(in.stage);
+      if (keep) out.events.push_back({r, true, instr_label(in), start, dur});
+    } else if (in.op == Op::kRecvAct || in.op == Op::kRecvGrad) {
+      const Transfer tr = transfer_of(s, r, in);
+      auto it = arrival.find(tr);
+      if (it == arrival.end()) break;
+      out.recv_wait[r] += std::max(0.0, it->second - st.now);
+      st.now = std::max(st.now, it->second);
+      // The message carries the sender's stage output: its size is the sender stage's.
+      out.bytes_received += c.send_bytes(tr.src_stage);
+    } else {
+      const double d = c.op(in);
+      if (keep) out.events.push_back({r, false, instr_label(in), st.now, d});
+      st.now += d;
+      out.busy[r] += d;
+      out.op_cost_sum += d;
+      out.exposed_a2a[r] += c.exposed_comm(in);
+      track_activations(s, c, in, r, st, out);
+    }
+  }
+  return moved;
+}
+
+}  // namespace
+
+Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bool keep_events) {
+  PipelineResult out;
+  const size_t n = s.ranks;
+  out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
+  out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
+  std::vector<RankState> st(n);
+  std::map<Transfer, double> arrival;
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (int r = 0; r < s.ranks; ++r) moved |= advance(s, c, r, st[r], arrival, out, keep_events);
+  }
+  for (int r = 0; r < s.ranks; ++r) {
+    if (st[r].pc < s.rank_instrs[r].size()) {
+      return FP8_INVALID(
+          "simulate: rank {} is stuck at instruction #{} ({}); validate the schedule", r, st[r].pc,
+          instr_label(s.rank_instrs[r][st[r].pc]));
+    }
+    out.makespan = std::max(out.makespan, st[r].now);
+  }
+  return out;
+}
+
+namespace {
+
+// Parameters of the chunks rank r holds, split into the part replicated over dp and experts.
+void rank_params(const config::Config& cfg, const Schedule& s, const CostModel& cm, int r,
+                 double& dense, double& expert) {
+  dense = expert = 0;
+  bool first = false, last = false;
+  for (int dir = 0; dir < chunks_per_rank(s); ++dir) {
+    const int st = stage_of(s, r, dir);
+    dense += cm.chunks[st].dense_params, expert += cm.chunks[st].expert_params;
+    first |= st == 0, last |= st == s.stages() - 1;
+  }
+  // TR §3.2.3: with the embedding stage and the head/MTP stage on one rank, MTP shares the
+  // embedding physically (the cost model counted an MTP copy on the head stage).
+  if (first && last && s.stages() > 1 && cfg.model().mtp_depth() > 0) {
+    dense -= double(cfg.model().vocab_size()) * cfg.model().hidden();
+  }
+}
+
+// ZeRO-1 over dp: reduce-scatter FP32 gradients, all-gather BF16 parameters, ring over n ranks
+// (bytes per GPU (n-1)/n x size) at the inter-node rate; experts over dp/ep replicas.
+void rank_step(const config::Config& cfg, const CostModel& cm, double dense, double expert,
+               double& sync_s, double& opt_s, Memory& mem) {
+  const auto& p = cfg.parallel();
+  const Calibration& c = cm.cal;
+  const double dp = p.dp(), edp = std::max(1, p.dp() / std::max(1, p.ep()));
+  const double ring =
+      ((dp - 1) / dp * dense + (edp - 1) / edp * expert) * (c.grad_comm_bytes + c.param_bytes);
+  sync_s = ring / (cm.net_bytes_per_s * c.net_eff) * (1 - c.dp_overlap);
+  const bool z1 = cfg.optim().zero1();
+  const double shard = z1 ? dense / dp + expert / edp : dense + expert;
+  // Optimizer state: FP32 master + BF16 Adam moments (TR §3.2.3) = 8 B per sharded param.
+  // Step traffic: master r/w 8, moments r/w 8, FP32 grad read 4, BF16 param write 2 = 22 B.
+  opt_s = shard * 22 / (cm.hbm_bytes_per_s * c.hbm_eff);
+  mem.params = (dense + expert) * c.param_bytes;
+  mem.grads = (dense + expert) * 4;  // FP32 gradient accumulators (TR §3.3), not sharded
+  mem.optimizer = shard * 8;
+}
+
+void throughput(const config::Config& cfg, const Schedule& s, const CostModel& cm, StepResult& r) {
+  const double gpus = double(cfg.parallel().pp()) * cfg.parallel().dp();
+  r.tokens_per_step = double(cfg.train().global_batch()) * cfg.train().seq_len();
+  double per_mb = 0;
+  for (const ChunkCost& c : cm.chunks) per_mb += c.f.work.model + c.b.work.model + c.w.work.model;
+  r.model_flops_per_step = per_mb * s.microbatches * cfg.parallel().dp();
+  r.tokens_per_s_per_gpu = r.tokens_per_step / r.step_s / gpus;
+  r.tflops_per_gpu = r.model_flops_per_step / r.step_s / gpus / 1e12;
+  r.mfu_bf16 = r.tflops_per_gpu * 1e12 / cm.peak_bf16;
+  r.mfu_fp8 = r.tflops_per_gpu * 1e12 / cm.peak_fp8;
+  r.gpu_hours_per_trillion = 1e12 / r.tokens_per_s_per_gpu / 3600;
+}
+
+}  // namespace
+
+Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, const CostModel& cm,
+                                 bool keep_events) {
+  OpCosts oc;
+  oc.model = &cm;
+  StepResult r;
+  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events));
+  double tail = 0;
+  const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
+  for (int k = 0; k < s.ranks; ++k) {
+    double dense = 0, expert = 0, sync = 0, opt = 0;
+    Memory mem;
+    rank_params(cfg, s, cm, k, dense, expert);
+    rank_step(cfg, cm, dense, expert, sync, opt, mem);
+    r.params_by_rank.push_back(dense + expert);
+    mem.activations = r.pipe.peak_act_bytes[k];
+    mem.buffers = buffers;
+    if (mem.total() > r.mem.total()) r.mem = mem, r.params_per_gpu = dense + expert;
+    if (sync + opt > tail) tail = sync + opt, r.dp_sync_s = sync, r.optimizer_s = opt;
+    const double bubble = r.pipe.bubble(k);
+    r.bubble_s = std::max(r.bubble_s, bubble);
+    r.exposed_comm_s =
+        std::max(r.exposed_comm_s, r.pipe.exposed_a2a[k] + r.pipe.recv_wait[k] + sync);
+  }
+  r.step_s = r.pipe.makespan + tail;
+  r.bubble_frac = r.pipe.makespan > 0 ? r.bubble_s / r.pipe.makespan : 0;
+  throughput(cfg, s, cm, r);
+  return r;
+}
+
+std::string format_step(const config::Config& cfg, const Schedule& s, const CostModel& cm,
+                        const StepResult& r) {
+  const auto& p = cfg.parallel();
+  const double gib = double(1ull << 30);
+  const ChunkCost& c = cm.chunks[std::min<int>(1, cm.chunks.size() - 1)];
+  std::string o = fmt::format(
+      "layout      pp={} dp={} ep={} gpus={} schedule={} microbatches={} ({} tokens each)\n",
+      p.pp(), p.dp(), p.ep(), int64_t(p.pp()) * p.dp(), schedule_kind_name(s.kind), s.microbatches,
+      cm.tokens_per_mb);
+  o += fmt::format(
+      "chunk[1]    blocks={} moe={} F={:.2f} ms (a2a {:.2f}) B={:.2f} ms (a2a {:.2f}) W={:.2f} "
+      "ms F&B={:.2f} ms\n",
+      c.blocks, c.moe_blocks, 1e3 * c.f.compute_s, 1e3 * c.f.a2a_s, 1e3 * c.b.compute_s,
+      1e3 * c.b.a2a_s, 1e3 * c.w.compute_s, 1e3 * fb_time(cm, c.stage, c.stage));
+  o += fmt::format("step        {:.3f} s = pipeline {:.3f} + dp sync {:.3f} + optimizer {:.3f}\n",
+                   r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s);
+  o += fmt::format("bubble      {:.3f} s ({:.1f}% of the pipeline, worst rank)\n", r.bubble_s,
+                   100 * r.bubble_frac);
+  o +=
+      fmt::format("exposed     {:.3f} s communication (EP a2a + p2p waits + DP sync, worst rank)\n",
+                  r.exposed_comm_s);
+  o += fmt::format(
+      "memory/GPU  {:.1f} GiB = params {:.1f} ({:.2f}B) + grads {:.1f} + optimizer {:.1f} + "
+      "activations {:.1f} + buffers {:.1f} (of {:.1f})\n",
+      r.mem.total() / gib, r.mem.params / gib, r.params_per_gpu / 1e9, r.mem.grads / gib,
+      r.mem.optimizer / gib, r.mem.activations / gib, r.mem.buffers / gib, cfg.cluster().hbm_gib());
+  o += fmt::format(
+      "throughput  {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU, MFU {:.1f}% of BF16 peak "
+      "({:.1f}% of FP8 peak)\n",
+      r.tokens_per_s_per_gpu, r.tflops_per_gpu, 100 * r.mfu_bf16, 100 * r.mfu_fp8);
+  o += "rank busy   ";
+  for (double b : r.pipe.busy) o += fmt::format(" {:.2f}", b);
+  o += " s\nstage F+B+W";
+  for (const ChunkCost& ch : cm.chunks) {
+    o += fmt::format(" {:.0f}", 1e3 * (ch.f.compute_s + ch.b.compute_s + ch.w.compute_s));
+  }
+  o += " ms (compute only)\n";
+  o += fmt::format("cost        {:.0f}K GPU-hours per trillion tokens\n",
+                   r.gpu_hours_per_trillion / 1e3);
+  return o;
+}
+
+std::string chrome_trace(const PipelineResult& r, int ranks) {
+  std::string o = "{\"traceEvents\":[\n";
+  for (int k = 0; k < ranks; ++k) {
+    o += fmt::format(
+        "{{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":{0},\"args\":{{\"name\":\"rank "
+        "{0}\"}}}},\n{{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":{0},\"tid\":0,"
+        "\"args\":{{\"name\":\"compute\"}}}},\n{{\"ph\":\"M\",\"name\":\"thread_name\","
+        "\"pid\":{0},\"tid\":1,\"args\":{{\"name\":\"comm\"}}}},\n",
+        k);
+  }
+  for (const TraceEvent& e : r.events) {
+    o += fmt::format(
+        "{{\"ph\":\"X\",\"name\":\"{}\",\"pid\":{},\"tid\":{},\"ts\":{:.3f},\"dur\":{:.3f}}},\n",
+        e.name, e.rank, e.comm ? 1 : 0, e.start * 1e6, e.dur * 1e6);
+  }
+  if (o.ends_with(",\n")) o.resize(o.size() - 2);
+  return o + "\n]}\n";
+}
+
+}  // namespace fp8pipe::parallel::sim
