@@ -13,5 +13,6 @@ int cmd_ckpt(int argc, char** argv);          // inspect, verify, export checkpo
 int cmd_prepare_data(int argc, char** argv);  // byte-level text -> token files
 int cmd_schedule(int argc, char** argv);      // print + validate a pipeline schedule
 int cmd_plot(int argc, char** argv);          // JSONL metrics -> one SVG of curves
+int cmd_simulate(int argc, char** argv);      // predict step time, memory, cost on a cluster
 
 }  // namespace fp8pipe::cli
