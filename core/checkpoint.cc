@@ -186,6 +186,14 @@ class Fields {
       return bad(k, fmt::format("expected an integer >= {}", min));
     return v->as_int();
   }
+  // An int field (version, topology, ranks, replica): also <= INT32_MAX, so a large value is
+  // refused rather than truncated (version 4294967297 must not read as version 1).
+  Result<int> i32(std::string_view k, int min = 0) const {
+    FP8_ASSIGN_OR_RETURN(int64_t v, i64(k, min));
+    if (v > INT32_MAX)
+      return bad(k, fmt::format("expected an integer in [{}, {}]", min, INT32_MAX));
+    return static_cast<int>(v);
+  }
   Result<uint64_t> u64(std::string_view k) const {
     uint64_t out;
     if (!v_.find(k)->get_u64(&out)) return bad(k, "expected an unsigned 64-bit integer");
@@ -221,9 +229,9 @@ Result<RankState> parse_rank(const Fields& f) {
   FP8_RETURN_IF_ERROR(
       f.expect({"rank", "pp_rank", "dp_rank", "data_step", "rng", "skipped_steps"}));
   RankState r;
-  FP8_ASSIGN_OR_RETURN(r.rank, f.i64("rank"));
-  FP8_ASSIGN_OR_RETURN(r.pp_rank, f.i64("pp_rank"));
-  FP8_ASSIGN_OR_RETURN(r.dp_rank, f.i64("dp_rank"));
+  FP8_ASSIGN_OR_RETURN(r.rank, f.i32("rank"));
+  FP8_ASSIGN_OR_RETURN(r.pp_rank, f.i32("pp_rank"));
+  FP8_ASSIGN_OR_RETURN(r.dp_rank, f.i32("dp_rank"));
   FP8_ASSIGN_OR_RETURN(r.data_step, f.i64("data_step"));
   FP8_ASSIGN_OR_RETURN(r.skipped_steps, f.i64("skipped_steps"));
   const Fields rng = f.sub("rng");
@@ -237,7 +245,7 @@ Result<FileRecord> parse_file(const Fields& f) {
   FP8_RETURN_IF_ERROR(f.expect({"file", "rank", "bytes", "crc32"}));
   FileRecord r;
   FP8_ASSIGN_OR_RETURN(r.file, f.str("file"));
-  FP8_ASSIGN_OR_RETURN(r.rank, f.i64("rank"));
+  FP8_ASSIGN_OR_RETURN(r.rank, f.i32("rank"));
   FP8_ASSIGN_OR_RETURN(r.bytes, f.u64("bytes"));
   FP8_ASSIGN_OR_RETURN(uint64_t crc, f.u64("crc32"));
   if (crc > UINT32_MAX) return FP8_INVALID("manifest: crc32 {} of {} exceeds 32 bits", crc, r.file);
@@ -249,10 +257,10 @@ Result<ShardRecord> parse_shard(const Fields& f) {
   FP8_RETURN_IF_ERROR(f.expect({"file", "rank", "begin", "end", "replica"}));
   ShardRecord s;
   FP8_ASSIGN_OR_RETURN(s.file, f.str("file"));
-  FP8_ASSIGN_OR_RETURN(s.rank, f.i64("rank"));
+  FP8_ASSIGN_OR_RETURN(s.rank, f.i32("rank"));
   FP8_ASSIGN_OR_RETURN(s.begin, f.i64("begin"));
   FP8_ASSIGN_OR_RETURN(s.end, f.i64("end", s.begin));
-  FP8_ASSIGN_OR_RETURN(s.replica, f.i64("replica"));
+  FP8_ASSIGN_OR_RETURN(s.replica, f.i32("replica"));
   return s;
 }
 
@@ -296,7 +304,7 @@ Status parse_manifest(const json::Value& doc, Manifest& m) {
       f.expect({"format", "version", "step", "tokens_seen", "optimizer_step", "skipped_steps",
                 "config", "topology", "ranks", "files", "tensors"}));
   FP8_ASSIGN_OR_RETURN(std::string format, f.str("format"));
-  FP8_ASSIGN_OR_RETURN(m.version, f.i64("version"));
+  FP8_ASSIGN_OR_RETURN(m.version, f.i32("version"));
   if (format != kFormatName || m.version != kFormatVersion) {
     return FP8_INVALID("manifest format '{}' version {}: this build reads '{}' version {}", format,
                        m.version, kFormatName, kFormatVersion);
@@ -308,10 +316,10 @@ Status parse_manifest(const json::Value& doc, Manifest& m) {
   FP8_ASSIGN_OR_RETURN(m.config, f.str("config"));
   const Fields topo = f.sub("topology");
   FP8_RETURN_IF_ERROR(topo.expect({"pp", "dp", "ep", "world"}));
-  FP8_ASSIGN_OR_RETURN(m.topology.pp, topo.i64("pp", 1));
-  FP8_ASSIGN_OR_RETURN(m.topology.dp, topo.i64("dp", 1));
-  FP8_ASSIGN_OR_RETURN(m.topology.ep, topo.i64("ep", 1));
-  FP8_ASSIGN_OR_RETURN(m.topology.world, topo.i64("world", 1));
+  FP8_ASSIGN_OR_RETURN(m.topology.pp, topo.i32("pp", 1));
+  FP8_ASSIGN_OR_RETURN(m.topology.dp, topo.i32("dp", 1));
+  FP8_ASSIGN_OR_RETURN(m.topology.ep, topo.i32("ep", 1));
+  FP8_ASSIGN_OR_RETURN(m.topology.world, topo.i32("world", 1));
   FP8_RETURN_IF_ERROR(parse_list(f, "ranks", parse_rank, m.ranks));
   FP8_RETURN_IF_ERROR(parse_list(f, "files", parse_file, m.files));
   return parse_list(f, "tensors", parse_tensor, m.tensors);

@@ -1,6 +1,6 @@
 // `fp8pipe ckpt inspect|verify|export`: look into training checkpoints (core/checkpoint.h)
 // without a config or a model: list steps and shards, check checksums and coverage before a
-// resume or a copy, and consolidate the fp32 weights into one standard safetensors file.
+// resume or a copy, and consolidate the fp32 weights into one safetensors file or an HF folder.
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/checkpoint.h"
+#include "core/hf_export.h"
 #include "core/safetensors.h"
 #include "launch/commands.h"
 
@@ -21,21 +22,46 @@ constexpr const char* kUsage =
     "usage: fp8pipe ckpt inspect DIR [--step N]\n"
     "       fp8pipe ckpt verify DIR [--step N]\n"
     "       fp8pipe ckpt export DIR OUT.safetensors [--step N]\n"
-    "DIR is a checkpoint root (checkpoint.dir) or one step_NNNNNNNN directory.\n";
+    "       fp8pipe ckpt export DIR OUTDIR --format hf [--step N] [--dtype bf16|fp32]\n"
+    "                           [--max-shard-mb N]\n"
+    "DIR is a checkpoint root (checkpoint.dir) or one step_NNNNNNNN directory. --format hf\n"
+    "writes a Hugging Face DeepseekV3 folder (config.json + safetensors; docs/HF_EXPORT.md).\n";
 
 struct Args {
   std::vector<std::string> positional;
   std::string step;  // "" = every step (inspect/verify) or the newest committed (export)
+  std::string format = "fp8pipe";  // export: fp8pipe (one file) | hf (a DeepseekV3 folder)
+  std::string dtype = "bf16";      // --format hf tensor dtype
+  std::string shard_mb = "5120";   // --format hf shard size limit in MiB
 };
+
+// "--name V" or "--name=V" at argv[i]: stores V and advances i; false if argv[i] is not --name.
+bool take(int argc, char** argv, int& i, std::string_view name, std::string& out) {
+  const std::string_view s = argv[i];
+  if (s == name && i + 1 < argc) {
+    out = argv[++i];
+    return true;
+  }
+  if (s.starts_with(name) && s.size() > name.size() && s[name.size()] == '=') {
+    out = s.substr(name.size() + 1);
+    return true;
+  }
+  return false;
+}
+
+bool is_count(const std::string& s, int64_t* n) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *n);
+  return ec == std::errc() && p == s.data() + s.size() && *n >= 0;
+}
 
 Result<Args> parse(int argc, char** argv) {
   Args a;
   for (int i = 0; i < argc; ++i) {
     const std::string s = argv[i];
-    if (s == "--step" && i + 1 < argc) {
-      a.step = argv[++i];
-    } else if (s.starts_with("--step=")) {
-      a.step = s.substr(7);
+    if (take(argc, argv, i, "--step", a.step) || take(argc, argv, i, "--format", a.format) ||
+        take(argc, argv, i, "--dtype", a.dtype) ||
+        take(argc, argv, i, "--max-shard-mb", a.shard_mb)) {
+      continue;
     } else if (s.starts_with("-")) {
       return FP8_INVALID("unknown option '{}'", s);
     } else {
@@ -43,9 +69,14 @@ Result<Args> parse(int argc, char** argv) {
     }
   }
   int64_t n = 0;
-  auto [p, ec] = std::from_chars(a.step.data(), a.step.data() + a.step.size(), n);
-  if (!a.step.empty() && (ec != std::errc() || p != a.step.data() + a.step.size() || n < 0))
+  if (!a.step.empty() && !is_count(a.step, &n))
     return FP8_INVALID("--step={}: expected a step number", a.step);
+  if (!is_count(a.shard_mb, &n) || n == 0)
+    return FP8_INVALID("--max-shard-mb={}: expected a positive number", a.shard_mb);
+  if (a.format != "fp8pipe" && a.format != "hf")
+    return FP8_INVALID("--format={}: expected fp8pipe or hf", a.format);
+  if (a.dtype != "bf16" && a.dtype != "fp32")
+    return FP8_INVALID("--dtype={}: expected bf16 or fp32", a.dtype);
   return a;
 }
 
@@ -172,6 +203,15 @@ Status export_model(const Args& a) {
   if (!found) return FP8_ERROR(Code::kNotFound, "no committed checkpoint under {}", t.root);
   const int64_t step = found->manifest.step;
   FP8_ASSIGN_OR_RETURN(auto l, ckpt::Loaded::open(found->step_dir, std::move(found->manifest)));
+  if (a.format == "hf") {
+    hf::Options o;
+    o.dtype = a.dtype;
+    o.max_shard_bytes = std::stoull(a.shard_mb) << 20;
+    FP8_RETURN_IF_ERROR(hf::export_folder(l, a.positional[1], o));
+    fmt::print("exported {} (step {}) as a Hugging Face DeepseekV3 folder ({}) to {}\n",
+               found->step_dir, step, a.dtype, a.positional[1]);
+    return Status::Ok();
+  }
   safetensors::Writer w;
   int64_t n = 0;
   for (const ckpt::TensorRecord& tr : l.manifest().tensors) {

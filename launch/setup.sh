@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 pkgs=(build-essential cmake ninja-build pkg-config git python3 python3-pip
       openmpi-bin libopenmpi-dev libprotobuf-dev protobuf-compiler libfmt-dev
-      libgtest-dev libgmock-dev libopenblas-dev zlib1g-dev)
+      libgtest-dev libgmock-dev libopenblas-dev zlib1g-dev
+      clang-16 libclang-rt-16-dev)  # clang-16 + libFuzzer: tests/fuzz/run_fuzz.sh
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,342 @@
+// Checkpoint -> Hugging Face DeepseekV3 folder: the fp8pipe-name -> DeepSeek-name mapping, the
+// DeepseekV3 config.json, and the shard writer. RoPE needs no permutation: our interleaved-pair
+// layout is DeepSeek's, which transformers reads with rope_interleave = true (docs/HF_EXPORT.md).
+#include "core/hf_export.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "core/config.h"
+#include "core/json.h"
+#include "core/log.h"
+#include "core/safetensors.h"
+#include "kernels/cpu/fp8_codec.h"
+
+namespace fp8pipe::hf {
+namespace {
+
+namespace fs = std::filesystem;
+using Shape = std::vector<int64_t>;
+
+struct Mapper {
+  const config::Model& m;
+  std::vector<Mapped> out;
+
+  void add(std::string name, Shape shape, std::string src, bool f32 = false) {
+    out.push_back({std::move(name), std::move(shape), {std::move(src)}, f32});
+  }
+
+  // SwiGLU: our w1 gate, w3 up, w2 down; [out, in] like torch.nn.Linear.
+  void mlp(const std::string& ours, const std::string& hf, int64_t inter) {
+    const int64_t d = m.hidden();
+    add(hf + ".gate_proj.weight", {inter, d}, ours + ".w1.weight");
+    add(hf + ".up_proj.weight", {inter, d}, ours + ".w3.weight");
+    add(hf + ".down_proj.weight", {d, inter}, ours + ".w2.weight");
+  }
+
+  void attention(const std::string& ours, const std::string& hf) {
+    const config::Mla& a = m.mla();
+    const int64_t d = m.hidden(), H = m.heads(), q = a.q_lora_rank(), kv = a.kv_lora_rank();
+    const int64_t dk = a.qk_nope_head_dim() + a.qk_rope_head_dim();
+    if (q > 0) {
+      add(hf + ".q_a_proj.weight", {q, d}, ours + ".wq_a.weight");
+      add(hf + ".q_a_layernorm.weight", {q}, ours + ".q_norm.weight");
+      add(hf + ".q_b_proj.weight", {H * dk, q}, ours + ".wq_b.weight");
+    } else {
+      add(hf + ".q_proj.weight", {H * dk, d}, ours + ".wq.weight");
+    }
+    add(hf + ".kv_a_proj_with_mqa.weight", {kv + a.qk_rope_head_dim(), d}, ours + ".wkv_a.weight");
+    add(hf + ".kv_a_layernorm.weight", {kv}, ours + ".kv_norm.weight");
+    add(hf + ".kv_b_proj.weight", {H * (a.qk_nope_head_dim() + a.v_head_dim()), kv},
+        ours + ".wkv_b.weight");
+    add(hf + ".o_proj.weight", {d, H * a.v_head_dim()}, ours + ".wo.weight");
+  }
+
+  void block(const std::string& ours, const std::string& hf, bool moe) {
+    const int64_t d = m.hidden();
+    add(hf + ".input_layernorm.weight", {d}, ours + ".attn_norm.weight");
+    add(hf + ".post_attention_layernorm.weight", {d}, ours + ".ffn_norm.weight");
+    attention(ours + ".attn", hf + ".self_attn");
+    if (!moe) return mlp(ours + ".ffn", hf + ".mlp", m.ffn_hidden());
+    const config::Moe& e = m.moe();
+    add(hf + ".mlp.gate.weight", {e.routed_experts(), d}, ours + ".ffn.gate.weight");
+    add(hf + ".mlp.gate.e_score_correction_bias", {e.routed_experts()},
+        ours + ".ffn.gate.e_score_correction_bias", true);
+    for (int j = 0; j < e.routed_experts(); ++j) {
+      const std::string s = std::to_string(j);
+      mlp(ours + ".ffn.experts." + s, hf + ".mlp.experts." + s, e.expert_hidden());
+    }
+    if (e.shared_experts() > 0) {
+      mlp(ours + ".ffn.shared_experts", hf + ".mlp.shared_experts",
+          int64_t{e.expert_hidden()} * e.shared_experts());
+    }
+  }
+
+  // MTP module k as DeepSeek ships it: layer L + k with its own copies of embed, norm and head.
+  void mtp(int k, bool moe) {
+    const int64_t d = m.hidden(), V = m.vocab_size();
+    const std::string ours = "mtp." + std::to_string(k);
+    const std::string hf = "model.layers." + std::to_string(m.layers() + k);
+    add(hf + ".embed_tokens.weight", {V, d}, "embed.weight");
+    add(hf + ".enorm.weight", {d}, ours + ".enorm.weight");
+    add(hf + ".hnorm.weight", {d}, ours + ".hnorm.weight");
+    out.push_back({hf + ".eh_proj.weight",
+                   {d, 2 * d},
+                   {ours + ".eh_proj_e.weight", ours + ".eh_proj_h.weight"},
+                   false});
+    block(ours + ".block", hf, moe);
+    add(hf + ".shared_head.norm.weight", {d}, "norm.weight");
+    add(hf + ".shared_head.head.weight", {V, d}, "head.weight");
+  }
+};
+
+bool has_moe(const config::Model& m) { return m.has_moe() && m.moe().routed_experts() > 0; }
+
+// A float config value as the shortest decimal that reads back as the same float (1e-06, not
+// 9.999999974752427e-07).
+json::Value num(float f) { return json::Value(std::stod(fmt::format("{}", f))); }
+
+void moe_fields(json::Value& c, const config::Model& m) {
+  if (!has_moe(m)) {  // all blocks dense: the MoE layer index range is empty
+    for (const char* k :
+         {"n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size"})
+      c.set(k, nullptr);
+    c.set("first_k_dense_replace", m.layers() + m.mtp_depth());
+    c.set("n_group", 1);
+    c.set("topk_group", 1);
+    c.set("routed_scaling_factor", 1.0);
+    return;
+  }
+  const config::Moe& e = m.moe();
+  c.set("n_routed_experts", e.routed_experts());
+  c.set("n_shared_experts", e.shared_experts());
+  c.set("num_experts_per_tok", e.topk());
+  c.set("moe_intermediate_size", e.expert_hidden());
+  c.set("first_k_dense_replace", m.dense_layers());
+  c.set("moe_layer_freq", 1);
+  c.set("n_group", e.n_groups());
+  c.set("topk_group", e.max_nodes() > 0 ? e.max_nodes() : e.n_groups());
+  c.set("routed_scaling_factor", num(e.route_scale()));
+  c.set("topk_method", "noaux_tc");
+  c.set("scoring_func", "sigmoid");
+  c.set("norm_topk_prob", true);
+  c.set("ep_size", 1);
+}
+
+Status write_text(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << text;
+    if (!f.flush()) return FP8_ERROR(Code::kInternal, "cannot write {}", tmp.string());
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return FP8_ERROR(Code::kInternal, "cannot rename {}: {}", tmp.string(), ec.message());
+  return Status::Ok();
+}
+
+int64_t numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t x : s) n *= x;
+  return n;
+}
+
+// Checks that every source is a whole model tensor whose shapes concatenate to `t.shape`, and
+// records which manifest tensors were used.
+Status check_sources(const ckpt::Manifest& man, const Mapped& t, std::set<std::string>& used) {
+  int64_t cols = 0;
+  for (const std::string& s : t.sources) {
+    const ckpt::TensorRecord* r = man.find(s);
+    if (!r || (r->kind != ckpt::Kind::kParam && r->kind != ckpt::Kind::kRouterBias))
+      return FP8_ERROR(Code::kNotFound, "{} needs model tensor '{}', absent from the checkpoint",
+                       t.name, s);
+    if (r->dtype != "F32") return FP8_INVALID("tensor '{}' is {}, expected F32", s, r->dtype);
+    Shape want = t.shape;
+    want.back() = r->shape.empty() ? 0 : r->shape.back();
+    if (r->shape != want || (t.sources.size() == 1 && r->shape != t.shape))
+      return FP8_INVALID("{}: source '{}' has shape [{}], expected [{}] for a [{}] export", t.name,
+                         s, fmt::join(r->shape, ", "), fmt::join(want, ", "),
+                         fmt::join(t.shape, ", "));
+    cols += r->shape.back();
+    used.insert(s);
+  }
+  if (cols != t.shape.back())
+    return FP8_INVALID("{}: sources have {} columns, expected {}", t.name, cols, t.shape.back());
+  return Status::Ok();
+}
+
+// Reads the sources of `t`, concatenates them along the last dimension and encodes the result.
+Result<std::vector<uint8_t>> assemble(const ckpt::Loaded& l, const Mapped& t, bool bf16) {
+  const int64_t n = numel(t.shape), C = t.shape.back(), rows = C ? n / C : 0;
+  std::vector<float> whole(size_t(n), 0.0f);
+  int64_t off = 0;
+  for (const std::string& s : t.sources) {
+    const ckpt::TensorRecord* r = l.manifest().find(s);
+    const int64_t c = r->shape.back();
+    std::vector<float> part(size_t(rows * c));
+    FP8_RETURN_IF_ERROR(l.read(s, "F32", 0, rows * c, part.data()));
+    for (int64_t i = 0; i < rows; ++i)
+      std::copy_n(part.data() + i * c, c, whole.data() + i * C + off);
+    off += c;
+  }
+  if (!bf16 || t.keep_f32) {
+    std::vector<uint8_t> b(whole.size() * 4);
+    std::memcpy(b.data(), whole.data(), b.size());
+    return b;
+  }
+  std::vector<uint8_t> b(whole.size() * 2);
+  for (size_t i = 0; i < whole.size(); ++i) {
+    const uint16_t h = kernels::float_to_bf16(whole[i]);
+    std::memcpy(b.data() + 2 * i, &h, 2);
+  }
+  return b;
+}
+
+// Groups tensors into shards of at most max_bytes (a larger tensor gets a shard of its own).
+std::vector<std::vector<size_t>> plan_shards(const std::vector<Mapped>& ts, bool bf16,
+                                             uint64_t max_bytes, uint64_t* total) {
+  std::vector<std::vector<size_t>> shards(1);
+  uint64_t cur = 0;
+  *total = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const uint64_t b = uint64_t(numel(ts[i].shape)) * (bf16 && !ts[i].keep_f32 ? 2 : 4);
+    if (cur > 0 && cur + b > max_bytes) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(i);
+    cur += b;
+    *total += b;
+  }
+  return shards;
+}
+
+// transformers' noaux_tc scores a group by the sum of its top 2 biased affinities; ours sums the
+// top topk / max_nodes (2 for DeepSeek-V3). Routing differs when those counts differ.
+void warn_group_score(const config::Model& m) {
+  if (!has_moe(m) || m.moe().n_groups() <= 1) return;
+  const config::Moe& e = m.moe();
+  const int64_t gsize = e.routed_experts() / e.n_groups();
+  const int64_t groups = e.max_nodes() > 0 ? e.max_nodes() : e.n_groups();
+  const int64_t ours = std::min(gsize, std::max<int64_t>(1, e.topk() / groups));
+  if (ours != std::min<int64_t>(gsize, 2))
+    log::warn(
+        "hf export: group score sums the top {} of each group here, transformers sums the "
+        "top 2: node-limited routing will differ",
+        ours);
+}
+
+std::string shard_name(size_t i, size_t n) {
+  if (n == 1) return "model.safetensors";
+  return fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, n);
+}
+
+}  // namespace
+
+Result<std::vector<Mapped>> tensor_map(const config::Model& m) {
+  if (m.attention() != config::Model::MLA)
+    return FP8_INVALID("hf export: DeepseekV3 has MLA attention only (model.attention is MHA)");
+  Mapper mp{m, {}};
+  const int64_t d = m.hidden(), V = m.vocab_size();
+  mp.add("model.embed_tokens.weight", {V, d}, "embed.weight");
+  for (int i = 0; i < m.layers(); ++i) {
+    mp.block("layers." + std::to_string(i), "model.layers." + std::to_string(i),
+             has_moe(m) && i >= m.dense_layers());
+  }
+  mp.add("model.norm.weight", {d}, "norm.weight");
+  mp.add("lm_head.weight", {V, d}, "head.weight");
+  for (int k = 0; k < m.mtp_depth(); ++k) mp.mtp(k, has_moe(m));
+  return std::move(mp.out);
+}
+
+Result<std::string> config_json(const config::Model& m, int64_t max_positions,
+                                const std::string& torch_dtype) {
+  if (m.attention() != config::Model::MLA)
+    return FP8_INVALID("hf export: DeepseekV3 has MLA attention only (model.attention is MHA)");
+  const config::Mla& a = m.mla();
+  json::Value c = json::Value::object();
+  c.set("architectures", json::Value::array()).push_back("DeepseekV3ForCausalLM");
+  c.set("model_type", "deepseek_v3");
+  c.set("vocab_size", m.vocab_size());
+  c.set("hidden_size", m.hidden());
+  c.set("intermediate_size", m.ffn_hidden());
+  c.set("num_hidden_layers", m.layers());
+  c.set("num_attention_heads", m.heads());
+  c.set("num_key_value_heads", m.heads());
+  c.set("q_lora_rank", a.q_lora_rank() > 0 ? json::Value(a.q_lora_rank()) : json::Value());
+  c.set("kv_lora_rank", a.kv_lora_rank());
+  c.set("qk_nope_head_dim", a.qk_nope_head_dim());
+  c.set("qk_rope_head_dim", a.qk_rope_head_dim());
+  c.set("v_head_dim", a.v_head_dim());
+  c.set("head_dim", a.qk_rope_head_dim());  // what transformers derives (the RoPE width)
+  moe_fields(c, m);
+  c.set("num_nextn_predict_layers", m.mtp_depth());
+  c.set("hidden_act", "silu");
+  c.set("max_position_embeddings", max_positions);
+  c.set("rope_theta", num(m.rope_theta()));
+  c.set("rope_scaling", nullptr);
+  c.set("rope_interleave", true);  // our q/k RoPE dims are interleaved pairs, as DeepSeek's
+  c.set("rms_norm_eps", num(m.norm_eps()));
+  c.set("initializer_range", num(m.init_std()));
+  c.set("attention_bias", false);
+  c.set("attention_dropout", 0.0);
+  c.set("tie_word_embeddings", false);
+  c.set("use_cache", true);
+  c.set("torch_dtype", torch_dtype);
+  return json::write(c, 2) + "\n";
+}
+
+Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Options& opt) {
+  if (opt.dtype != "bf16" && opt.dtype != "fp32")
+    return FP8_INVALID("--dtype={}: expected bf16 or fp32", opt.dtype);
+  const bool bf16 = opt.dtype == "bf16";
+  const ckpt::Manifest& man = l.manifest();
+  FP8_ASSIGN_OR_RETURN(config::Config cfg, parse_config_text(man.config, "manifest config"));
+  apply_defaults(cfg);
+  const config::Model& m = cfg.model();
+  warn_group_score(m);
+  FP8_ASSIGN_OR_RETURN(std::vector<Mapped> ts, tensor_map(m));
+  std::set<std::string> used;
+  for (const Mapped& t : ts) FP8_RETURN_IF_ERROR(check_sources(man, t, used));
+  for (const ckpt::TensorRecord& r : man.tensors) {
+    const bool model = r.kind == ckpt::Kind::kParam || r.kind == ckpt::Kind::kRouterBias;
+    if (model && !used.count(r.name))
+      return FP8_INVALID("hf export: checkpoint tensor '{}' has no DeepseekV3 name", r.name);
+  }
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return FP8_ERROR(Code::kInternal, "cannot create {}: {}", out_dir, ec.message());
+  uint64_t total = 0;
+  const auto shards = plan_shards(ts, bf16, std::max<uint64_t>(opt.max_shard_bytes, 1), &total);
+  json::Value weight_map = json::Value::object();
+  for (size_t s = 0; s < shards.size(); ++s) {
+    safetensors::Writer w;
+    const std::string file = shard_name(s, shards.size());
+    for (size_t i : shards[s]) {
+      const Mapped& t = ts[i];
+      FP8_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, assemble(l, t, bf16));
+      FP8_RETURN_IF_ERROR(
+          w.add(t.name, bf16 && !t.keep_f32 ? "BF16" : "F32", t.shape, std::move(bytes)));
+      weight_map.set(t.name, file);
+    }
+    w.set_metadata("format", "pt");  // transformers refuses safetensors metadata without it
+    FP8_RETURN_IF_ERROR(w.write((fs::path(out_dir) / file).string()));
+  }
+  if (shards.size() > 1) {
+    json::Value idx = json::Value::object();
+    idx.set("metadata", json::Value::object()).set("total_size", total);
+    idx.set("weight_map", std::move(weight_map));
+    FP8_RETURN_IF_ERROR(
+        write_text(fs::path(out_dir) / "model.safetensors.index.json", json::write(idx, 2) + "\n"));
+  }
+  FP8_ASSIGN_OR_RETURN(std::string cj,
+                       config_json(m, cfg.train().seq_len(), bf16 ? "bfloat16" : "float32"));
+  return write_text(fs::path(out_dir) / "config.json", cj);
+}
+
+}  // namespace fp8pipe::hf

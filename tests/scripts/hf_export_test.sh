@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# End-to-end test of `fp8pipe ckpt export --format hf`: trains the tiny config 3 steps with a
+# checkpoint, exports it as a DeepseekV3 folder (bf16 single file, fp32 sharded) and checks both
+# with check_hf_export.py (schema from config.json, values vs the consolidated fp8pipe export).
+# Usage (CTest): bash hf_export_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+
+BUILD=${1:?usage: $0 BUILD_DIR SOURCE_DIR}
+SRC=${2:?usage: $0 BUILD_DIR SOURCE_DIR}
+BIN=$BUILD/launch/fp8pipe
+CHECK=$SRC/tests/scripts/check_hf_export.py
+
+die() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+[ -x "$BIN" ] || die "$BIN is not built (ninja -C $BUILD fp8pipe)"
+command -v python3 >/dev/null || die "python3 not found: run launch/setup.sh"
+python3 -c 'import numpy, safetensors' 2>/dev/null ||
+  die "python packages missing: pip install -r $SRC/requirements-test.txt (launch/setup.sh does)"
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+"$BIN" train "$SRC/configs/tiny.textproto" --train.steps=3 --optim.warmup_steps=1 \
+  --train.eval_every=0 --checkpoint.dir="$TMP/ck" --checkpoint.every=3 --log.jsonl= \
+  >"$TMP/train.log" 2>&1 || { tail -5 "$TMP/train.log"; die "training the tiny config failed"; }
+"$BIN" ckpt export "$TMP/ck" "$TMP/model.safetensors" || die "consolidated export failed"
+
+"$BIN" ckpt export "$TMP/ck" "$TMP/hf_bf16" --format hf --step 3 || die "hf export (bf16) failed"
+python3 "$CHECK" "$TMP/hf_bf16" "$TMP/model.safetensors" || die "bf16 folder check"
+
+"$BIN" ckpt export "$TMP/ck" "$TMP/hf_fp32" --format hf --dtype fp32 --max-shard-mb 1 ||
+  die "hf export (fp32, sharded) failed"
+[ -f "$TMP/hf_fp32/model.safetensors.index.json" ] || die "fp32 export was not sharded"
+python3 "$CHECK" "$TMP/hf_fp32" "$TMP/model.safetensors" || die "fp32 sharded folder check"
+
+# Bad arguments are refused with the usage text.
+"$BIN" ckpt export "$TMP/ck" "$TMP/x" --format onnx 2>/dev/null && die "--format onnx accepted"
+"$BIN" ckpt export "$TMP/ck" "$TMP/x" --format hf --dtype fp8 2>/dev/null && die "--dtype fp8 accepted"
+echo "PASS: hf_export_test"
