@@ -28,7 +28,8 @@ constexpr Command kCommands[] = {
      "[--filter NAME] [--json FILE]   quantize and FP8 GEMM throughput vs fp32 sgemm"},
     {"prepare-data", fp8pipe::cli::cmd_prepare_data, "OUT FILE... [--help]   text to byte tokens"},
     {"schedule", fp8pipe::cli::cmd_schedule, "--kind K --stages PP --microbatches M  schedule"},
-    {"simulate", fp8pipe::cli::cmd_simulate, "CONFIG [--a.b=v ...] [--trace F] [--csv F] [--sweep]"},
+    {"simulate", fp8pipe::cli::cmd_simulate,
+     "CONFIG [--a.b=v ...] [--trace F] [--csv F] [--sweep]"},
     {"plot", fp8pipe::cli::cmd_plot, "RUN.jsonl... [-o OUT.svg] [--labels ..] [--floor X]   SVG"},
 };
 

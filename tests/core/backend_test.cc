@@ -1,5 +1,7 @@
 // CPU backend: memory, streams/events ordering and overlap, and that the Tensor-level FP8 ops
 // agree with an independent fp64 computation.
+#include "core/backend.h"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -7,8 +9,6 @@
 #include <cmath>
 #include <random>
 #include <thread>
-
-#include "core/backend.h"
 
 namespace fp8pipe {
 namespace {

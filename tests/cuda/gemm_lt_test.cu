@@ -143,8 +143,10 @@ void check_gemm(const std::string& name, const Op& a, const Op& b, int64_t M, in
     std::vector<float> exact_f(bf16 ? 0 : M * N), fast_f(M * N);
     std::vector<uint16_t> exact_b(bf16 ? M * N : 0);
     ASSERT_TRUE(kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kExact,
-                         bf16 ? nullptr : exact_f.data(), bf16 ? exact_b.data() : nullptr));
-    ASSERT_TRUE(kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kFast, fast_f.data(), nullptr));
+                                  bf16 ? nullptr : exact_f.data(),
+                                  bf16 ? exact_b.data() : nullptr));
+    ASSERT_TRUE(
+        kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kFast, fast_f.data(), nullptr));
 
     GpuOut g1;
     run_gpu(lt, a, b, M, N, K, bf16, /*splitk1=*/true, &g1);
