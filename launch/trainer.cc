@@ -210,7 +210,9 @@ Status Trainer::run(MetricsSink& sink) {
   using Clock = std::chrono::steady_clock;
   while (step_ < t.steps()) {
     const auto t0 = Clock::now();
+    FP8_RETURN_IF_ERROR(trace_step_begin());
     FP8_ASSIGN_OR_RETURN(StepResult r, train_step());
+    FP8_RETURN_IF_ERROR(trace_step_end());
     StepRecord rec = record(r, std::chrono::duration<double>(Clock::now() - t0).count());
     if (t.eval_every() > 0 && (step_ % t.eval_every() == 0 || step_ == t.steps())) {
       FP8_ASSIGN_OR_RETURN(rec.eval_loss, evaluate(t.eval_batches()));
@@ -219,6 +221,34 @@ Status Trainer::run(MetricsSink& sink) {
     FP8_RETURN_IF_ERROR(maybe_checkpoint());
   }
   return finish_checkpoints();
+}
+
+// log.trace: the steps [trace_start, trace_start + trace_steps) (1-based) are traced on every
+// rank and written to the path with "{rank}" replaced (Chrome trace / Perfetto JSON).
+Status Trainer::trace_step_begin() {
+  const auto& l = cfg_.log();
+  const int64_t next = step_ + 1;
+  if (l.trace().empty() || next < l.trace_start() || next >= l.trace_start() + l.trace_steps()) {
+    return Status::Ok();
+  }
+  if (!tracer_) tracer_ = std::make_unique<parallel::Tracer>(world_rank_);
+  exec_->set_tracer(tracer_.get(), next);
+  return Status::Ok();
+}
+
+Status Trainer::trace_step_end() {
+  exec_->set_tracer(nullptr, 0);
+  const auto& l = cfg_.log();
+  if (!tracer_ || step_ + 1 < l.trace_start() + l.trace_steps()) return Status::Ok();
+  std::string path = l.trace();
+  for (size_t pos; (pos = path.find("{rank}")) != std::string::npos;) {
+    path.replace(pos, 6, std::to_string(world_rank_));
+  }
+  FP8_RETURN_IF_ERROR(tracer_->write(path));
+  log::info("trace: {} events of steps {}..{} written to {}", tracer_->size(), l.trace_start(),
+            l.trace_start() + l.trace_steps() - 1, path);
+  tracer_.reset();
+  return Status::Ok();
 }
 
 Result<double> Trainer::evaluate(int64_t batches) {

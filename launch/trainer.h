@@ -75,6 +75,8 @@ class Trainer {
   Status setup_optimizer();
   Status setup_data();
   Status setup_parallel(const Runtime* rt);
+  Status trace_step_begin();
+  Status trace_step_end();
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
   Result<double> sync_grads_and_norm();
   Status update_router_biases();
@@ -102,6 +104,7 @@ class Trainer {
   std::vector<model::ModelPart> parts_;
   std::unique_ptr<parallel::PipelineExecutor> exec_;
   std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
+  std::unique_ptr<parallel::Tracer> tracer_;
   std::vector<std::vector<double>> loads_;  // per local MoE: expert loads for the sync
   std::optional<optim::AdamW> opt_;
   std::optional<optim::LrSchedule> lr_;

@@ -178,6 +178,7 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
   for (const Instr& in : sched_.rank_instrs[rank_]) {
+    const double t0 = tracer_ ? tracer_->now_us() : 0;
     Status s;
     switch (in.op) {
       case Op::kF:
@@ -207,6 +208,14 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
     }
     if (!s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
+    if (tracer_) {  // compute ops on the compute row; a receive's wait and a send's post on comm
+      const double t1 = tracer_->now_us();
+      const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;
+      if (send)
+        tracer_->instant(instr_label(in), "comm", t0, trace_step_);
+      else
+        tracer_->interval(instr_label(in), in.is_comm() ? "comm" : "compute", t0, t1, trace_step_);
+    }
   }
   for (auto& [w, t] : pending_) FP8_RETURN_IF_ERROR(w.wait());
   pending_.clear();

@@ -12,6 +12,7 @@
 #include "core/model/transformer.h"
 #include "parallel/comm.h"
 #include "parallel/schedule.h"
+#include "parallel/trace.h"
 
 namespace fp8pipe::parallel {
 
@@ -40,6 +41,11 @@ class PipelineExecutor {
 
   // One step's instruction list. Gradients of loss_scale * (each micro-batch's loss) accumulate.
   Result<ExecutorStats> run(const BatchFn& batch, float loss_scale);
+  // Record executed instructions and communication waits of the following runs (null: stop).
+  void set_tracer(Tracer* t, int64_t step) {
+    tracer_ = t;
+    trace_step_ = step;
+  }
 
  private:
   using Key = std::pair<int, int>;  // (dir, mb)
@@ -65,6 +71,8 @@ class PipelineExecutor {
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
   std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
   ExecutorStats stats_;
+  Tracer* tracer_ = nullptr;
+  int64_t trace_step_ = 0;
 };
 
 }  // namespace fp8pipe::parallel

@@ -56,6 +56,19 @@ for mode in FP32 FP8; do
   done
 done
 
+# log.trace: one Chrome-trace JSON per rank for step 2, with compute ops and comm waits.
+if run trace 4 --parallel.pp=4 --parallel.schedule=dualpipe --log.trace="$TMP/trace_r{rank}.json" &&
+   python3 - "$TMP" <<'PY'
+import json, sys
+for r in range(4):
+    ev = json.load(open(f"{sys.argv[1]}/trace_r{r}.json"))["traceEvents"]
+    x = [e for e in ev if e.get("ph") == "X"]
+    assert all(e["pid"] == r and e["args"]["step"] == 2 and e["dur"] >= 0 for e in x), r
+    assert any(e["tid"] == 0 and e["name"].startswith(("F", "B", "W")) for e in x), r  # compute
+    assert any(e["tid"] == 1 and e["name"].startswith("R<") for e in x), r              # comm waits
+PY
+then ok "per-rank Chrome traces"; else bad "per-rank Chrome traces"; fi
+
 expect_fail() {  # expect_fail DESCRIPTION NP PATTERN [overrides...]
   local what=$1 np=$2 pat=$3; shift 3
   local start=$SECONDS
