@@ -5,6 +5,8 @@
 // clear message.
 #include <mpi.h>
 
+#include <atomic>
+#include <csignal>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -129,8 +131,12 @@ int fail_all(const MpiSession& mpi, const Status& s) {
 
 }  // namespace
 
+std::atomic<bool> g_sigterm{false};  // set by the signal handler only
+extern "C" void on_sigterm(int) { g_sigterm.store(true); }
+
 int cmd_train(int argc, char** argv) {
   MpiSession mpi;
+  std::signal(SIGTERM, on_sigterm);
   std::string path;
   std::vector<std::pair<std::string, std::string>> opts;
   std::vector<std::string> ov;
@@ -145,6 +151,7 @@ int cmd_train(int argc, char** argv) {
   if (!rt.ok()) return fail(rt.status());
   auto trainer = Trainer::create(*cfg, *rt);
   if (!trainer.ok()) return fail_all(mpi, trainer.status());
+  (*trainer)->set_stop_flag(&g_sigterm);
   if (Status s = (*trainer)->resume(resume); !s.ok()) return fail_all(mpi, s);
   if (Status s = (*trainer)->run(*sink); !s.ok()) return fail_all(mpi, s);
   if (mpi.world > 1) return 0;  // model-only export of a multi-rank run: `fp8pipe ckpt export`

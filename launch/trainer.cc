@@ -208,6 +208,7 @@ StepRecord Trainer::record(const StepResult& r, double seconds) {
 Status Trainer::run(MetricsSink& sink) {
   const auto& t = cfg_.train();
   using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
   while (step_ < t.steps()) {
     const auto t0 = Clock::now();
     FP8_RETURN_IF_ERROR(trace_step_begin());
@@ -219,8 +220,30 @@ Status Trainer::run(MetricsSink& sink) {
     }
     sink.write(rec);
     FP8_RETURN_IF_ERROR(maybe_checkpoint());
+    FP8_ASSIGN_OR_RETURN(bool stop,
+                         should_stop(std::chrono::duration<double>(Clock::now() - start).count()));
+    if (stop) {
+      stopped_early_ = true;
+      if (is_root()) log::info("stopping after step {} (SIGTERM or fault.walltime_s)", step_);
+      break;
+    }
   }
   return finish_checkpoints();
+}
+
+// Stop when any rank got SIGTERM or the wall-time budget is spent: a MAX all-reduce, so every
+// rank takes the same decision after the same step (STYLE.md 8).
+Result<bool> Trainer::should_stop(double elapsed_s) {
+  const double budget = cfg_.fault().walltime_s();
+  const bool mine = (stop_flag_ && stop_flag_->load()) || (budget > 0 && elapsed_s >= budget);
+  std::vector<double> v = {mine ? 1.0 : 0.0};
+  if (comms_ && world_size_ > 1) {
+    FP8_RETURN_IF_ERROR(comms_->get(parallel::GroupKind::kWorld)
+                            .all_reduce(v.data(), v.data(), 1, parallel::DataType::kFloat64,
+                                        parallel::ReduceOp::kMax)
+                            .wait());
+  }
+  return v[0] > 0;
 }
 
 // log.trace: the steps [trace_start, trace_start + trace_steps) (1-based) are traced on every

@@ -5,6 +5,7 @@
 // Setup is a sequence of named calls; the step body fits on one screen.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <optional>
 
@@ -63,6 +64,11 @@ class Trainer {
   Status save_checkpoint();
   Status finish_checkpoints();
 
+  // A flag the caller raises (SIGTERM): run() then stops after the current step, on every rank
+  // together, saving a checkpoint. fault.walltime_s does the same after that many seconds.
+  void set_stop_flag(const std::atomic<bool>* flag) { stop_flag_ = flag; }
+  bool stopped_early() const { return stopped_early_; }
+
   int64_t step() const { return step_; }
   model::Model& model() { return *model_; }  // this rank's first chunk (the whole model on one)
   bool is_root() const { return world_rank_ == 0; }
@@ -105,6 +111,9 @@ class Trainer {
   std::unique_ptr<parallel::PipelineExecutor> exec_;
   std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
   std::unique_ptr<parallel::Tracer> tracer_;
+  const std::atomic<bool>* stop_flag_ = nullptr;
+  bool stopped_early_ = false;
+  Result<bool> should_stop(double elapsed_s);
   std::vector<std::vector<double>> loads_;  // per local MoE: expert loads for the sync
   std::optional<optim::AdamW> opt_;
   std::optional<optim::LrSchedule> lr_;
