@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "launch/cli_files.h"
 #include "launch/commands.h"
 #include "parallel/schedule.h"
 #include "parallel/schedule_format.h"
@@ -84,19 +85,12 @@ Result<Options> parse(int argc, char** argv) {
   return o;
 }
 
-Status write_file(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-  if (!f) return FP8_ERROR(Code::kIo, "cannot write {}", path);
-  return Status::Ok();
-}
-
 // Timeline, trace, SVG and the bubble summary (stderr) when asked for.
 Status draw(const Options& o, const pl::Schedule& s) {
   if (o.trace.empty() && o.svg.empty() && !o.cost_given) return Status::Ok();
   FP8_ASSIGN_OR_RETURN(const pl::Timeline t, pl::simulate_timeline(s, o.costs));
-  if (!o.trace.empty()) FP8_RETURN_IF_ERROR(write_file(o.trace, pl::chrome_trace_json(s, t)));
-  if (!o.svg.empty()) FP8_RETURN_IF_ERROR(write_file(o.svg, pl::timeline_svg(s, t, o.costs)));
+  if (!o.trace.empty()) FP8_RETURN_IF_ERROR(write_text_file(o.trace, pl::chrome_trace_json(s, t)));
+  if (!o.svg.empty()) FP8_RETURN_IF_ERROR(write_text_file(o.svg, pl::timeline_svg(s, t, o.costs)));
   std::fputs(pl::format_bubbles(s, t, o.costs).c_str(), stderr);
   return Status::Ok();
 }

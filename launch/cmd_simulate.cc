@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "launch/cli_files.h"
 #include "launch/commands.h"
 #include "launch/flops.h"
 #include "launch/svg_plot.h"
@@ -62,13 +63,6 @@ Result<Options> parse(int argc, char** argv) {
   }
   if (o.config.empty()) return FP8_INVALID("a CONFIG is required\n{}", kUsage);
   return o;
-}
-
-Status write_file(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-  if (!f) return FP8_ERROR(Code::kIo, "cannot write {}", path);
-  return Status::Ok();
 }
 
 struct Run {
@@ -148,10 +142,10 @@ int cmd_simulate(int argc, char** argv) {
   std::fwrite(out.data(), 1, out.size(), stdout);
   Status st;
   if (!opts->trace.empty()) {
-    st = write_file(opts->trace, sim::chrome_trace(run->r.pipe, run->sched.ranks));
+    st = write_text_file(opts->trace, sim::chrome_trace(run->r.pipe, run->sched.ranks));
   }
   if (st.ok() && !opts->csv.empty()) {
-    st = write_file(opts->csv, kCsvHeader + csv_row("single", *run));
+    st = write_text_file(opts->csv, kCsvHeader + csv_row("single", *run));
   }
   return st.ok() ? 0 : fail(st, 1);
 }
@@ -237,8 +231,9 @@ Status simulate_sweep(const config::Config& base, const sim::Calibration& cal,
             [](const Run& r) { return r.r.bubble_frac; }),
       panel(runs, "mem", "memory per GPU", "GiB",
             [](const Run& r) { return r.r.mem.total() / double(1ull << 30); })};
-  FP8_RETURN_IF_ERROR(write_file(csv, rows));
-  return write_file(svg, plot::render_svg("fp8pipe simulate: scaling by data parallelism (pp " +
+  FP8_RETURN_IF_ERROR(write_text_file(csv, rows));
+  return write_text_file(svg,
+                         plot::render_svg("fp8pipe simulate: scaling by data parallelism (pp " +
                                               std::to_string(base.parallel().pp()) + ")",
                                           panels, 2));
 }

@@ -16,25 +16,15 @@
 #include <random>
 
 #include "core/json.h"
+#include "tests/test_files.h"
 
 namespace fp8pipe::ckpt {
 namespace {
 
 namespace fs = std::filesystem;
 
-fs::path temp_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path d = fs::path(::testing::TempDir()) / fmt::format("fp8pipe_ckpt_{}_{}_{}", ::getpid(),
-                                                            info->test_suite_name(), info->name());
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::vector<uint8_t> read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
+fs::path temp_dir() { return fp8pipe::testing::temp_dir("ckpt"); }
+using fp8pipe::testing::read_file;
 
 void write_bytes(const fs::path& p, const std::vector<uint8_t>& b) {
   std::ofstream(p, std::ios::binary | std::ios::trunc)

@@ -9,24 +9,15 @@
 #include <filesystem>
 #include <fstream>
 
+#include "tests/test_files.h"
+
 namespace fp8pipe::safetensors {
 namespace {
 
 namespace fs = std::filesystem;
 
-fs::path temp_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path d = fs::path(::testing::TempDir()) / fmt::format("fp8pipe_st_{}_{}_{}", ::getpid(),
-                                                            info->test_suite_name(), info->name());
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::vector<uint8_t> read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), {}};
-}
+fs::path temp_dir() { return fp8pipe::testing::temp_dir("st"); }
+using fp8pipe::testing::read_file;
 
 // A file image: u64le length, the header as given (not padded), then `data`.
 std::vector<uint8_t> image(std::string_view header, std::vector<uint8_t> data = {},
