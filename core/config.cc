@@ -588,6 +588,15 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
   c.expect(experts <= 0 || experts % p.ep() == 0,
            "model.moe.routed_experts={} must be divisible by parallel.ep={} (valid ep: {})",
            experts, p.ep(), divisors(std::gcd(experts, p.dp())));
+  // An ep group spanning nodes: node-limited routing must see whole nodes, so every routing
+  // group's experts sit on one node (n_groups a multiple of the nodes the group spans).
+  const int rpn = p.ranks_per_node(), groups = cfg.model().moe().n_groups();
+  if (rpn > 0 && p.ep() > rpn && p.ep() % rpn == 0 && groups > 0) {
+    c.expect(groups % (p.ep() / rpn) == 0,
+             "model.moe.n_groups={} must be a multiple of the {} nodes one ep group spans "
+             "(parallel.ep={} / parallel.ranks_per_node={}) so each group's experts share a node",
+             groups, p.ep() / rpn, p.ep(), rpn);
+  }
   const int stages = p.schedule() == "dualpipev" ? 2 * p.pp() : p.pp();
   c.expect(cfg.model().layers() >= stages,
            "model.layers={} must be >= the {} pipeline stages of schedule {} with parallel.pp={} "

@@ -11,6 +11,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "core/safetensors.h"
+#include "launch/fault_inject.h"
 #include "launch/flops.h"
 #include "optim/bias_update.h"
 
@@ -49,6 +50,12 @@ Result<std::unique_ptr<Trainer>> Trainer::create(const config::Config& cfg, cons
 
 Status Trainer::setup_model() {
   ctx_ = make_ctx(cfg_, be_.get());
+  if (topo_->ep() > 1) {  // routed experts sharded over the ep group (parallel/expert_comm.h)
+    ep_comm_ = std::make_unique<parallel::CommExpertComm>(
+        &comms_->get(parallel::GroupKind::kExpert), parallel::ep_ranks_per_node(*topo_));
+    ctx_.ep = ep_comm_.get();
+    ctx_.ep_two_level = cfg_.parallel().ep_dispatch() == "two_level";
+  }
   const int prank = topo_->coords().stage;
   for (int dir = 0; dir < parallel::chunks_per_rank(*sched_); ++dir) {
     chunks_.push_back(std::make_unique<model::Model>());
@@ -148,6 +155,7 @@ Result<StepResult> Trainer::train_step() {
   ctx_.nonfinite_groups = 0;
   StepResult r;
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
+  FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(world_rank_, step_ + 1, all_params()));
   FP8_ASSIGN_OR_RETURN(r.grad_norm, sync_grads_and_norm());
   r.lr = lr_->lr(step_ + 1);
   const bool finite = std::isfinite(r.grad_norm) && std::isfinite(r.loss.total);

@@ -16,6 +16,7 @@
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
 #include "parallel/executor.h"
+#include "parallel/expert_comm.h"
 #include "parallel/grad_sync.h"
 #include "parallel/topology.h"
 
@@ -109,6 +110,7 @@ class Trainer {
   std::optional<parallel::Schedule> sched_;
   std::vector<model::ModelPart> parts_;
   std::unique_ptr<parallel::PipelineExecutor> exec_;
+  std::unique_ptr<parallel::CommExpertComm> ep_comm_;  // ctx_.ep when parallel.ep > 1
   std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
   std::unique_ptr<parallel::Tracer> tracer_;
   const std::atomic<bool>* stop_flag_ = nullptr;

@@ -15,12 +15,6 @@ namespace fp8pipe {
 
 Status Trainer::setup_parallel(const Runtime* rt) {
   const auto& p = cfg_.parallel();
-  if (p.ep() > 1) {
-    return Status(
-        Code::kUnimplemented,
-        fmt::format("parallel.ep={}: expert parallelism is not in this build yet", p.ep()),
-        "use --parallel.ep=1 (experts replicated over dp)");
-  }
   if (rt) {
     topo_ = rt->topo;
     comms_ = rt->comms;
@@ -116,7 +110,8 @@ Result<double> Trainer::sync_grads_and_norm() {
       e.numel = p->grad.numel();
       if (static_cast<int64_t>(p->grad_acc.size()) != e.numel) p->grad_acc.assign(e.numel, 0.0);
       e.copies.push_back(p->grad_acc.data());
-      holders[p->name] = parallel::holders_of(p->name, *sched_, parts_, *topo_);
+      holders[p->name] = parallel::holders_of(p->name, *sched_, parts_, *topo_,
+                                              cfg_.model().moe().routed_experts());
     }
     std::vector<parallel::SyncEntry> list;
     for (auto& [n, e] : entries) list.push_back(e);

@@ -27,14 +27,33 @@ std::vector<int> stages_holding(const std::string& name,
 
 }  // namespace
 
+int expert_of(const std::string& name) {
+  static const std::string kKey = ".experts.";
+  const size_t at = name.find(kKey);
+  if (at == std::string::npos) return -1;
+  size_t end = at + kKey.size();
+  int e = 0;
+  bool digits = false;
+  for (; end < name.size() && name[end] >= '0' && name[end] <= '9'; ++end, digits = true)
+    e = e * 10 + (name[end] - '0');
+  return digits ? e : -1;
+}
+
 std::vector<int> holders_of(const std::string& name, const Schedule& s,
-                            const std::vector<model::ModelPart>& stages, const Topology& topo) {
+                            const std::vector<model::ModelPart>& stages, const Topology& topo,
+                            int64_t routed_experts) {
+  const int e = expert_of(name);
+  const int owner =
+      e >= 0 && routed_experts > 0 && topo.ep() > 1 ? e / (routed_experts / topo.ep()) : -1;
   std::vector<int> ranks;
   for (int st : stages_holding(name, stages)) {
     for (int dir = 0; dir < chunks_per_rank(s); ++dir) {
       for (int r = 0; r < s.ranks; ++r) {
         if (stage_of(s, r, dir) != st) continue;
-        for (int d = 0; d < topo.dp(); ++d) ranks.push_back(topo.rank_of(r, d));
+        for (int d = 0; d < topo.dp(); ++d) {
+          const int rank = topo.rank_of(r, d);
+          if (owner < 0 || topo.coords_of(rank).ep_index == owner) ranks.push_back(rank);
+        }
       }
     }
   }

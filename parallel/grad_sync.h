@@ -18,9 +18,14 @@
 
 namespace fp8pipe::parallel {
 
-// World ranks holding global parameter `name`, ascending.
+// World ranks holding global parameter `name`, ascending. A routed expert's parameters
+// ("...experts.<e>...") live only on the ranks whose ep_index owns expert e (routed_experts / ep
+// experts each, in order); 0 routed_experts: no expert sharding.
 std::vector<int> holders_of(const std::string& name, const Schedule& s,
-                            const std::vector<model::ModelPart>& stages, const Topology& topo);
+                            const std::vector<model::ModelPart>& stages, const Topology& topo,
+                            int64_t routed_experts = 0);
+// The routed expert a parameter name belongs to ("layers.3.ffn.experts.5.w1.weight" -> 5), or -1.
+int expert_of(const std::string& name);
 
 struct SyncEntry {
   std::string name;

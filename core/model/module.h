@@ -4,12 +4,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "core/model/expert_comm.h"
 
 namespace fp8pipe::model {
 
@@ -26,6 +28,14 @@ struct ModelCtx {
   uint64_t weight_version = 0;   // bumped by the optimizer: invalidates cached quantized weights
   int64_t nonfinite_groups = 0;  // FP8 groups with NaN/Inf amax seen since the last reset
   float loss_scale = 1.0f;       // d(objective)/d(micro-batch loss): set per backward
+  // Expert parallelism: null keeps every routed expert on this rank. two_level: tokens cross
+  // nodes once per node, then are forwarded inside the node (parallel.ep_dispatch).
+  ExpertComm* ep = nullptr;
+  bool ep_two_level = false;
+  // Waits for an in-flight all-to-all. The executor's FB overlap sets it to run the other chunk
+  // of an FB pair until the exchange completes; unset, it simply waits.
+  std::function<Status(const ExpertComm::Done&)> await;
+  Status wait(const ExpertComm::Done& d) const { return await ? await(d) : d(); }
 };
 
 struct Param {

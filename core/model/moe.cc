@@ -1,11 +1,17 @@
-// DeepSeek-V3 mixture of experts (moe.h): forward = route -> dispatch -> experts -> combine, each a
-// function so the expert-parallel all-to-all can later sit between them; the routing bookkeeping
-// (stable sort, capacity, gate and balance-loss gradients) is small [n, E] work done on the host.
+// DeepSeek-V3 mixture of experts (moe.h): forward = route -> dispatch -> experts -> combine. Kept
+// assignments travel as records (source, assignment, expert, gate, row) with the token rows over
+// one all-to-all hop (flat) or two (two-level: once per node across nodes, then inside the node);
+// the owner applies the gates and sums per row, so combine is the transpose of dispatch (rows go
+// back and are summed). With ep = 1 the same path runs with local copies. Routing bookkeeping
+// (capacity, record sorting, gate and balance-loss gradients) is small host work.
 #include "core/model/moe.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <numeric>
+#include <tuple>
 
 namespace fp8pipe::model {
 namespace {
@@ -36,42 +42,64 @@ struct MoE::Impl {
     std::vector<int32_t> idx;   // [n, K] selected experts
     std::vector<float> gates;   // [n, K] s_sel / sum(s_sel) * route_scale
   };
-  struct Dispatch {
-    std::vector<int64_t> offset;  // [E + 1] first buffer row of each expert
-    std::vector<int32_t> assign;  // [m] flat assignment t * K + k of each buffer row
-    Tensor tokens;                // i32 [m] token of each buffer row
-    Tensor weights;               // f32 [m] gate of each buffer row
-    Tensor x;                     // [m, hidden] gathered inputs ordered by expert (the EP send)
-    int64_t dropped = 0;
+  // One kept (token, expert) assignment on its way to the expert's owner: its source ep rank,
+  // flat assignment a = t * K + k there, global expert, gate, and the row of the buffer of the
+  // rank now holding the record that carries the token's hidden state.
+  struct Rec {
+    int32_t src = 0, a = 0, e = 0, row = 0;
+    float g = 0;
+  };
+  // One all-to-all hop of token rows: a row goes once to each rank that one of its records goes
+  // to. Forward moves rows (gather by send_idx); the transpose returns rows and sums them back
+  // (scatter-add by send_idx), which is how combine and the input gradient come home.
+  struct Hop {
+    std::vector<int32_t> send_idx;              // input row of each sent row, by destination
+    std::vector<int64_t> send_rows, recv_rows;  // rows per ep rank
+    int64_t n_in = 0, n_out = 0;
   };
   struct Saved {
     int64_t B = 0, T = 0;
     Routing r;
-    Dispatch d;
-    Tensor out;                // [m, hidden] expert outputs (the gate gradient needs them)
-    std::vector<uint8_t> ran;  // experts whose SwiGLU ran (and keeps state) for this mb
+    std::vector<Hop> hops;        // 1 (flat) or 2 (two-level: cross-node, then inside the node)
+    std::vector<Rec> recs;        // the records this rank's experts serve, ordered (e, src, a)
+    std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
+    Tensor rows;                  // i32 [m] last-hop row of each record
+    Tensor gates;                 // f32 [m]
+    Tensor out;                   // [m, hidden] unweighted expert outputs (for dgate)
+    std::vector<uint8_t> ran;     // local experts whose SwiGLU ran (and keeps state) for this mb
   };
 
   int64_t hidden = 0, E = 0, K = 0, n_groups = 1, max_groups = 1;
+  int64_t E_local = 0, e_begin = 0;  // this rank's experts: [e_begin, e_begin + E_local)
+  int P = 1, me = 0, per_node = 1;   // ep group size, this rank, ep ranks per node
   float route_scale = 1.0f, alpha = 0.0f, capacity_factor = 0.0f;
   Linear router;
   Param bias;
   std::unique_ptr<SwiGLU> shared;
-  std::vector<SwiGLU> experts;
+  std::vector<SwiGLU> experts;  // local experts only
   MoeStepStats stats;
   PerMicrobatch<Saved> saved;
 
   Result<Routing> route(ModelCtx& c, int mb, const Tensor& x);
-  Result<Dispatch> dispatch(ModelCtx& c, const Tensor& x, const Routing& r) const;
-  Result<Tensor> run_experts(ModelCtx& c, int mb, Saved& s);
-  Result<Tensor> combine(ModelCtx& c, int mb, const Tensor& x, const Saved& s);
+  std::vector<Rec> records(const Routing& r, int64_t n, int64_t* dropped) const;
+  int owner(int32_t e) const { return static_cast<int>(e / E_local); }
+  Status exchange(ModelCtx& c, const void* send, std::span<const int64_t> sc, void* recv,
+                  std::span<const int64_t> rc, int64_t row_bytes) const;
+  Result<std::vector<int64_t>> exchange_counts(ModelCtx& c, const std::vector<int64_t>& send,
+                                               int per_peer) const;
+  Result<Tensor> hop_forward(ModelCtx& c, const Tensor& x, std::vector<Rec>& recs, int which,
+                             Hop& hop, int64_t& stats_cross) const;
+  Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
+  Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const;
+  Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
+  Status return_dgates(ModelCtx& c, const Saved& s, const std::vector<double>& dg,
+                       std::vector<double>& dgate) const;
   double balance_loss(const Routing& r, int64_t B, int64_t T, double scale,
                       std::vector<double>* ds) const;
   Status experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy,
                           std::vector<double>& dgate, Tensor& dx);
   Status router_backward(ModelCtx& c, int mb, const Saved& s, const std::vector<double>& dgate,
                          Tensor& dx);
-  int64_t rows_of(const Dispatch& d, int64_t e) const { return d.offset[e + 1] - d.offset[e]; }
 };
 
 // ---- forward phases -----------------------------------------------------------------------------
@@ -92,72 +120,174 @@ Result<MoE::Impl::Routing> MoE::Impl::route(ModelCtx& c, int mb, const Tensor& x
   return r;
 }
 
-// Per-expert token lists by a stable counting sort of (expert, token); with a capacity factor an
-// expert keeps its first ceil(cf * n * K / E) assignments in token order and the rest are dropped.
-Result<MoE::Impl::Dispatch> MoE::Impl::dispatch(ModelCtx& c, const Tensor& x,
-                                                const Routing& r) const {
-  const int64_t n = x.rows(), nk = n * K;
+// The kept assignments in token order. With a capacity factor an expert keeps its first
+// ceil(cf * n * K / E) assignments of this rank's micro-batch (token order); the rest drop.
+std::vector<MoE::Impl::Rec> MoE::Impl::records(const Routing& r, int64_t n,
+                                               int64_t* dropped) const {
+  const int64_t nk = n * K;
   const int64_t capacity =
       capacity_factor > 0
           ? static_cast<int64_t>(std::ceil(static_cast<double>(capacity_factor) * nk / E))
           : std::numeric_limits<int64_t>::max();
-  std::vector<int64_t> count(E, 0);
-  for (int64_t a = 0; a < nk; ++a) ++count[r.idx[a]];
-  Dispatch d;
-  d.offset.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t kept = std::min(count[e], capacity);
-    d.dropped += count[e] - kept;
-    d.offset[e + 1] = d.offset[e] + kept;
-  }
-  const int64_t m = d.offset[E];
-  d.assign.resize(m);
-  std::vector<int64_t> next(d.offset.begin(), d.offset.end() - 1);
-  for (int64_t a = 0; a < nk; ++a) {  // token-major order: the sort is stable in token order
+  std::vector<int64_t> used(E, 0);
+  std::vector<Rec> recs;
+  recs.reserve(nk);
+  for (int64_t a = 0; a < nk; ++a) {
     const int32_t e = r.idx[a];
-    if (next[e] < d.offset[e + 1]) d.assign[next[e]++] = static_cast<int32_t>(a);
+    if (used[e]++ >= capacity) {
+      ++*dropped;
+      continue;
+    }
+    recs.push_back({me, static_cast<int32_t>(a), e, static_cast<int32_t>(a / K), r.gates[a]});
   }
-  std::vector<int32_t> tok(m);
-  std::vector<float> w(m);
-  for (int64_t i = 0; i < m; ++i) {
-    tok[i] = static_cast<int32_t>(d.assign[i] / K);
-    w[i] = r.gates[d.assign[i]];
-  }
-  FP8_ASSIGN_OR_RETURN(d.tokens, upload(c, tok, {m}, DType::kI32));
-  FP8_ASSIGN_OR_RETURN(d.weights, upload(c, w, {m}, DType::kF32));
-  FP8_ASSIGN_OR_RETURN(d.x, new_f32(c, m, hidden));
-  if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x, d.tokens, d.x));
-  return d;
+  return recs;
 }
 
-// Each routed expert on its contiguous slice of the buffer; experts without tokens do not run
-// (so they keep no saved state for this micro-batch).
-Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, Saved& s) {
-  const Dispatch& d = s.d;
-  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, d.offset[E], hidden));
-  s.ran.assign(E, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    if (rows_of(d, e) == 0) continue;
-    FP8_ASSIGN_OR_RETURN(Tensor ye,
-                         experts[e].forward(c, mb, d.x.slice_rows(d.offset[e], d.offset[e + 1])));
-    Tensor dst = out.slice_rows(d.offset[e], d.offset[e + 1]);
-    FP8_RETURN_IF_ERROR(c.be->copy(ye, dst));
-    s.ran[e] = 1;
+// One all-to-all on the ep group (a copy when this rank is the whole group), waited for through
+// the context's overlap hook.
+Status MoE::Impl::exchange(ModelCtx& c, const void* send, std::span<const int64_t> sc, void* recv,
+                           std::span<const int64_t> rc, int64_t row_bytes) const {
+  if (!c.ep) {
+    if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
+    if (sc[0] > 0) std::memcpy(recv, send, static_cast<size_t>(sc[0] * row_bytes));
+    return Status::Ok();
+  }
+  return c.wait(c.ep->all_to_all(send, sc, recv, rc, row_bytes));
+}
+
+// `per_peer` int64 counts to and from every ep rank.
+Result<std::vector<int64_t>> MoE::Impl::exchange_counts(ModelCtx& c,
+                                                        const std::vector<int64_t>& send,
+                                                        int per_peer) const {
+  std::vector<int64_t> recv(send.size()), ones(P, 1);
+  FP8_RETURN_IF_ERROR(exchange(c, send.data(), ones, recv.data(), ones, 8 * per_peer));
+  return recv;
+}
+
+// Hop `which` of the dispatch: records go to their next rank (flat: the expert's owner;
+// two-level hop 0: the rank with this rank's local index on the owner's node, hop 1: the owner),
+// each row once per destination; counts first, then rows and records. On return `recs` are the
+// records that arrived here, their rows indexing the returned buffer.
+Result<Tensor> MoE::Impl::hop_forward(ModelCtx& c, const Tensor& x, std::vector<Rec>& recs,
+                                      int which, Hop& hop, int64_t& stats_cross) const {
+  auto dest = [&](const Rec& r) {
+    const int o = owner(r.e);
+    return which == 0 && c.ep_two_level && per_node < P ? o / per_node * per_node + me % per_node
+                                                        : o;
+  };
+  hop = Hop{};
+  hop.n_in = x.rows();
+  hop.send_rows.assign(P, 0);
+  std::vector<std::vector<Rec>> by(P);
+  for (const Rec& r : recs) by[dest(r)].push_back(r);
+  std::vector<Rec> out_recs;
+  std::vector<int64_t> counts(2 * P, 0);
+  for (int p = 0; p < P; ++p) {
+    std::stable_sort(by[p].begin(), by[p].end(),
+                     [](const Rec& a, const Rec& b) { return a.row < b.row; });
+    const int64_t base = static_cast<int64_t>(hop.send_idx.size());
+    int32_t last = -1;
+    for (Rec r : by[p]) {
+      if (r.row != last) {
+        last = r.row;
+        hop.send_idx.push_back(r.row);
+      }
+      r.row = static_cast<int32_t>(hop.send_idx.size() - 1 - base);
+      out_recs.push_back(r);
+    }
+    hop.send_rows[p] = static_cast<int64_t>(hop.send_idx.size()) - base;
+    if (p / per_node != me / per_node) stats_cross += hop.send_rows[p];
+    counts[2 * p] = hop.send_rows[p];
+    counts[2 * p + 1] = static_cast<int64_t>(by[p].size());
+  }
+  FP8_ASSIGN_OR_RETURN(auto got, exchange_counts(c, counts, 2));
+  std::vector<int64_t> send_nrec(P), recv_nrec(P), row_off(P + 1, 0);
+  hop.recv_rows.assign(P, 0);
+  for (int p = 0; p < P; ++p) {
+    send_nrec[p] = counts[2 * p + 1];
+    hop.recv_rows[p] = got[2 * p];
+    recv_nrec[p] = got[2 * p + 1];
+    row_off[p + 1] = row_off[p] + got[2 * p];
+  }
+  hop.n_out = row_off[P];
+  FP8_ASSIGN_OR_RETURN(Tensor y, move_rows(c, x, hop));
+  std::vector<Rec> in_recs(std::accumulate(recv_nrec.begin(), recv_nrec.end(), int64_t{0}));
+  FP8_RETURN_IF_ERROR(
+      exchange(c, out_recs.data(), send_nrec, in_recs.data(), recv_nrec, sizeof(Rec)));
+  int64_t i = 0;
+  for (int p = 0; p < P; ++p)
+    for (int64_t j = 0; j < recv_nrec[p]; ++j, ++i) in_recs[i].row += row_off[p];
+  recs = std::move(in_recs);
+  return y;
+}
+
+// Rows along a hop: gathered by send_idx, exchanged; [n_in, hidden] -> [n_out, hidden].
+Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const {
+  const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
+  FP8_ASSIGN_OR_RETURN(Tensor send, new_f32(c, ns, hidden));
+  if (ns > 0) {
+    FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));
+    FP8_RETURN_IF_ERROR(c.be->gather_rows(x, idx, send));
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor recv, new_f32(c, hop.n_out, hidden));
+  FP8_RETURN_IF_ERROR(exchange(c, send.data(), hop.send_rows, recv.data(), hop.recv_rows,
+                               hidden * int64_t{sizeof(float)}));
+  return recv;
+}
+
+// The transpose of move_rows: rows go back to their senders and are summed into the rows they
+// came from (a token reaching two experts gets both contributions); [n_out] -> [n_in, hidden].
+Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const {
+  const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
+  FP8_ASSIGN_OR_RETURN(Tensor back, new_f32(c, ns, hidden));
+  FP8_RETURN_IF_ERROR(exchange(c, y.data(), hop.recv_rows, back.data(), hop.send_rows,
+                               hidden * int64_t{sizeof(float)}));
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, hop.n_in, hidden));
+  if (ns > 0) {
+    FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));
+    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(back, idx, Tensor(), out));
   }
   return out;
 }
 
-// y = sum over kept assignments of gate * expert output (back in token order) + shared(x).
-Result<Tensor> MoE::Impl::combine(ModelCtx& c, int mb, const Tensor& x, const Saved& s) {
-  FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, x.rows(), hidden));
-  if (s.d.offset[E] > 0) {
-    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.d.tokens, s.d.weights, y));
+// The owner's part: records ordered by (expert, source, assignment), each local expert on its
+// contiguous slice; returns sum over a row's records of gate * expert output, per last-hop row.
+// Experts without tokens do not run (so they keep no saved state for this micro-batch).
+Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s) {
+  std::stable_sort(s.recs.begin(), s.recs.end(), [](const Rec& a, const Rec& b) {
+    return std::tie(a.e, a.src, a.a) < std::tie(b.e, b.src, b.a);
+  });
+  const int64_t m = static_cast<int64_t>(s.recs.size());
+  s.offset.assign(E_local + 1, 0);
+  std::vector<int32_t> rows(m);
+  std::vector<float> gates(m);
+  for (int64_t i = 0; i < m; ++i) {
+    const Rec& r = s.recs[i];
+    if (r.e < e_begin || r.e >= e_begin + E_local) {
+      return FP8_ERROR(Code::kInternal, "moe: expert {} reached ep rank {} (owns {}..{})", r.e, me,
+                       e_begin, e_begin + E_local - 1);
+    }
+    ++s.offset[r.e - e_begin + 1];
+    rows[i] = r.row;
+    gates[i] = r.g;
   }
-  if (shared) {
-    FP8_ASSIGN_OR_RETURN(Tensor ys, shared->forward(c, mb, x));
-    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, ys, y));
+  for (int64_t e = 0; e < E_local; ++e) s.offset[e + 1] += s.offset[e];
+  FP8_ASSIGN_OR_RETURN(s.rows, upload(c, rows, {m}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(s.gates, upload(c, gates, {m}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(Tensor xin, new_f32(c, m, hidden));
+  if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
+  FP8_ASSIGN_OR_RETURN(s.out, new_f32(c, m, hidden));
+  s.ran.assign(E_local, 0);
+  for (int64_t e = 0; e < E_local; ++e) {
+    const int64_t lo = s.offset[e], hi = s.offset[e + 1];
+    if (lo == hi) continue;
+    FP8_ASSIGN_OR_RETURN(Tensor ye, experts[e].forward(c, mb, xin.slice_rows(lo, hi)));
+    Tensor dst = s.out.slice_rows(lo, hi);
+    FP8_RETURN_IF_ERROR(c.be->copy(ye, dst));
+    s.ran[e] = 1;
   }
-  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, x_last.rows(), hidden));
+  if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.rows, s.gates, y));
   return y;
 }
 
@@ -197,37 +327,75 @@ double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T, double sc
 
 // ---- backward phases ----------------------------------------------------------------------------
 
-// Routed part: dgate[a] = <dy_t, out_a> for each kept assignment a of token t; each expert gets
-// gate * dy_t on its slice; its input gradient is scattered back to token order into dx.
+// Routed part. dy travels the dispatch hops to the owners; there, per record, dgate = <dy_row,
+// expert output> (sent home to the record's source), the expert gets gate * dy_row, and its
+// input gradient is summed per row and returned along the hops into dx.
 Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy,
                                    std::vector<double>& dgate, Tensor& dx) {
-  const Dispatch& d = s.d;
-  const int64_t m = d.offset[E];
-  if (m == 0) return Status::Ok();
-  FP8_ASSIGN_OR_RETURN(Tensor dyr, new_f32(c, m, hidden));
-  FP8_RETURN_IF_ERROR(c.be->gather_rows(dy, d.tokens, dyr));
-  FP8_ASSIGN_OR_RETURN(std::vector<float> dyh, download<float>(c, dyr));
-  FP8_ASSIGN_OR_RETURN(std::vector<float> oh, download<float>(c, s.out));
-  for (int64_t i = 0; i < m; ++i) {
-    double dot = 0.0;
-    for (int64_t j = 0; j < hidden; ++j) dot += double{dyh[i * hidden + j]} * oh[i * hidden + j];
-    dgate[d.assign[i]] = dot;
+  Tensor dyl = dy;
+  for (const Hop& h : s.hops) {
+    FP8_ASSIGN_OR_RETURN(dyl, move_rows(c, dyl, h));
   }
-  // Row scaling by the gates: scatter with identity rows.
-  std::vector<int32_t> iota(m);
-  for (int64_t i = 0; i < m; ++i) iota[i] = static_cast<int32_t>(i);
-  FP8_ASSIGN_OR_RETURN(Tensor ident, upload(c, iota, {m}, DType::kI32));
-  FP8_ASSIGN_OR_RETURN(Tensor dout, new_zeros(c, m, hidden));
-  FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dyr, ident, d.weights, dout));
-  FP8_ASSIGN_OR_RETURN(Tensor dxr, new_f32(c, m, hidden));  // the combine-side EP buffer
-  for (int64_t e = 0; e < E; ++e) {
-    if (!s.ran[e]) continue;
-    const int64_t lo = d.offset[e], hi = d.offset[e + 1];
-    FP8_ASSIGN_OR_RETURN(Tensor dxe, experts[e].backward_input(c, mb, dout.slice_rows(lo, hi)));
-    Tensor dst = dxr.slice_rows(lo, hi);
-    FP8_RETURN_IF_ERROR(c.be->copy(dxe, dst));
+  const int64_t m = static_cast<int64_t>(s.recs.size());
+  std::vector<double> dg(m, 0.0);
+  FP8_ASSIGN_OR_RETURN(Tensor dxl, new_zeros(c, dyl.rows(), hidden));
+  if (m > 0) {
+    FP8_ASSIGN_OR_RETURN(Tensor dyr, new_f32(c, m, hidden));
+    FP8_RETURN_IF_ERROR(c.be->gather_rows(dyl, s.rows, dyr));
+    FP8_ASSIGN_OR_RETURN(std::vector<float> dyh, download<float>(c, dyr));
+    FP8_ASSIGN_OR_RETURN(std::vector<float> oh, download<float>(c, s.out));
+    for (int64_t i = 0; i < m; ++i) {
+      double dot = 0.0;
+      for (int64_t j = 0; j < hidden; ++j) dot += double{dyh[i * hidden + j]} * oh[i * hidden + j];
+      dg[i] = dot;
+    }
+    // Row scaling by the gates: scatter with identity rows.
+    std::vector<int32_t> iota(m);
+    for (int64_t i = 0; i < m; ++i) iota[i] = static_cast<int32_t>(i);
+    FP8_ASSIGN_OR_RETURN(Tensor ident, upload(c, iota, {m}, DType::kI32));
+    FP8_ASSIGN_OR_RETURN(Tensor dout, new_zeros(c, m, hidden));
+    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dyr, ident, s.gates, dout));
+    FP8_ASSIGN_OR_RETURN(Tensor dxr, new_f32(c, m, hidden));
+    for (int64_t e = 0; e < E_local; ++e) {
+      if (!s.ran[e]) continue;
+      const int64_t lo = s.offset[e], hi = s.offset[e + 1];
+      FP8_ASSIGN_OR_RETURN(Tensor dxe, experts[e].backward_input(c, mb, dout.slice_rows(lo, hi)));
+      Tensor dst = dxr.slice_rows(lo, hi);
+      FP8_RETURN_IF_ERROR(c.be->copy(dxe, dst));
+    }
+    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }
-  return c.be->scatter_add_rows(dxr, d.tokens, Tensor(), dx);
+  FP8_RETURN_IF_ERROR(return_dgates(c, s, dg, dgate));
+  for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
+    FP8_ASSIGN_OR_RETURN(dxl, return_rows(c, dxl, *h));
+  }
+  return c.be->axpy(1.0f, dxl, dx);
+}
+
+// Gate gradients from the owners straight back to each record's source rank.
+Status MoE::Impl::return_dgates(ModelCtx& c, const Saved& s, const std::vector<double>& dg,
+                                std::vector<double>& dgate) const {
+  struct Item {
+    int64_t a;
+    double d;
+  };
+  std::vector<std::vector<Item>> by(P);
+  for (size_t i = 0; i < s.recs.size(); ++i) by[s.recs[i].src].push_back({s.recs[i].a, dg[i]});
+  std::vector<int64_t> sc(P);
+  std::vector<Item> send;
+  for (int p = 0; p < P; ++p) {
+    sc[p] = static_cast<int64_t>(by[p].size());
+    send.insert(send.end(), by[p].begin(), by[p].end());
+  }
+  FP8_ASSIGN_OR_RETURN(auto rc, exchange_counts(c, sc, 1));
+  std::vector<Item> recv(std::accumulate(rc.begin(), rc.end(), int64_t{0}));
+  FP8_RETURN_IF_ERROR(exchange(c, send.data(), sc, recv.data(), rc, sizeof(Item)));
+  for (const Item& it : recv) {
+    if (it.a < 0 || it.a >= static_cast<int64_t>(dgate.size()))
+      return FP8_ERROR(Code::kInternal, "moe: gate gradient for assignment {} out of range", it.a);
+    dgate[it.a] = it.d;
+  }
+  return Status::Ok();
 }
 
 // Router part: gates g_k = rs * s_k / Z (Z = sum of the selected s) give, by the quotient rule,
@@ -291,10 +459,20 @@ Status MoE::init(ModelCtx& c, const std::string& prefix, const config::Model& m,
                                        int64_t{moe.expert_hidden()} * moe.shared_experts(), seed,
                                        init_std));
   }
-  p.experts.resize(p.E);
-  for (int64_t e = 0; e < p.E; ++e) {
-    FP8_RETURN_IF_ERROR(p.experts[e].init(c, prefix + ".experts." + std::to_string(e), p.hidden,
-                                          moe.expert_hidden(), seed, init_std, /*expert=*/true));
+  p.P = c.ep ? c.ep->size() : 1;
+  p.me = c.ep ? c.ep->rank() : 0;
+  p.per_node = c.ep ? std::max(1, c.ep->ranks_per_node()) : 1;
+  if (p.E % p.P != 0 || p.P % p.per_node != 0) {
+    return FP8_INVALID("{}: {} routed experts cannot be split over {} ep ranks ({} per node)",
+                       prefix, p.E, p.P, p.per_node);
+  }
+  p.E_local = p.E / p.P;
+  p.e_begin = p.me * p.E_local;
+  p.experts.resize(p.E_local);
+  for (int64_t e = 0; e < p.E_local; ++e) {
+    FP8_RETURN_IF_ERROR(p.experts[e].init(c, prefix + ".experts." + std::to_string(p.e_begin + e),
+                                          p.hidden, moe.expert_hidden(), seed, init_std,
+                                          /*expert=*/true));
   }
   reset_stats();
   return Status::Ok();
@@ -311,12 +489,31 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   s.B = B;
   s.T = T;
   FP8_ASSIGN_OR_RETURN(s.r, p.route(c, mb, x));
-  FP8_ASSIGN_OR_RETURN(s.d, p.dispatch(c, x, s.r));
-  FP8_ASSIGN_OR_RETURN(s.out, p.run_experts(c, mb, s));
-  FP8_ASSIGN_OR_RETURN(Tensor y, p.combine(c, mb, x, s));
-  for (int64_t e = 0; e < p.E; ++e) p.stats.load[e] += p.rows_of(s.d, e);
-  p.stats.dropped += s.d.dropped;
+  int64_t dropped = 0;
+  std::vector<Impl::Rec> recs = p.records(s.r, x.rows(), &dropped);
+  for (const Impl::Rec& r : recs) ++p.stats.load[r.e];
+  p.stats.dropped += dropped;
+  p.stats.tokens += x.rows();
   p.stats.aux_loss += p.balance_loss(s.r, B, T, 0.0, nullptr);
+  // Dispatch: one hop (flat) or two (two-level, when the ep group spans nodes).
+  s.hops.resize(c.ep_two_level && p.per_node < p.P ? 2 : 1);
+  Tensor xl = x;
+  for (size_t h = 0; h < s.hops.size(); ++h) {
+    FP8_ASSIGN_OR_RETURN(
+        xl, p.hop_forward(c, xl, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
+  }
+  s.recs = std::move(recs);
+  FP8_ASSIGN_OR_RETURN(Tensor yl, p.run_experts(c, mb, xl, s));
+  // Combine: the gated sums travel the hops back, summed per row at each sender.
+  for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
+    FP8_ASSIGN_OR_RETURN(yl, p.return_rows(c, yl, *h));
+  }
+  Tensor y = yl;
+  if (p.shared) {
+    FP8_ASSIGN_OR_RETURN(Tensor ys, p.shared->forward(c, mb, x));
+    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, ys, y));
+  }
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
   return y;
 }
 
@@ -333,8 +530,7 @@ Result<Tensor> MoE::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   std::vector<double> dgate(s->r.idx.size(), 0.0);  // dropped assignments keep 0
   FP8_RETURN_IF_ERROR(p.experts_backward(c, mb, *s, dy, dgate, dx));
   FP8_RETURN_IF_ERROR(p.router_backward(c, mb, *s, dgate, dx));
-  s->d.x = Tensor();  // activations no longer needed; the W pass needs only `ran`
-  s->out = Tensor();
+  s->out = Tensor();  // activations no longer needed; the W pass needs only `ran`
   return dx;
 }
 
@@ -343,7 +539,7 @@ Status MoE::backward_weight(ModelCtx& c, int mb) {
   FP8_ASSIGN_OR_RETURN(Impl::Saved * s, p.saved.get(mb, "moe"));
   FP8_RETURN_IF_ERROR(p.router.backward_weight(c, mb));
   if (p.shared) FP8_RETURN_IF_ERROR(p.shared->backward_weight(c, mb));
-  for (int64_t e = 0; e < p.E; ++e) {
+  for (int64_t e = 0; e < p.E_local; ++e) {
     if (s->ran[e]) FP8_RETURN_IF_ERROR(p.experts[e].backward_weight(c, mb));
   }
   p.saved.erase(mb);

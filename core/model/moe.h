@@ -1,8 +1,10 @@
 // DeepSeek-V3 mixture of experts: shared experts (always on) + routed experts chosen per token by
 // sigmoid affinity + balancing bias among node-limited expert groups; gates normalised over the
 // selected experts times route_scale; optional sequence-wise balance loss; optional capacity
-// factor with counted drops. Split into phases (route, dispatch, experts, combine) so the
-// executor can put the expert-parallel all-to-all between them (DESIGN.md §5).
+// factor with counted drops. Phases: route, dispatch (all-to-all to the experts' owners over
+// ModelCtx::ep, flat or two-level), experts, combine (the transpose); each wait on an exchange
+// goes through ModelCtx::wait so an FB pair can compute the other chunk meanwhile (DESIGN.md §5).
+// With expert parallelism a rank holds only its routed experts (params() lists those).
 #pragma once
 
 #include "configs/fp8pipe.pb.h"
@@ -11,9 +13,11 @@
 namespace fp8pipe::model {
 
 struct MoeStepStats {
-  std::vector<int64_t> load;  // tokens routed to each expert since reset (after drops)
-  int64_t dropped = 0;        // token-expert assignments dropped by the capacity factor
-  double aux_loss = 0;        // sum of sequence-wise balance losses added to the loss
+  std::vector<int64_t> load;    // tokens routed to each expert since reset (after drops)
+  int64_t dropped = 0;          // token-expert assignments dropped by the capacity factor
+  double aux_loss = 0;          // sum of sequence-wise balance losses added to the loss
+  int64_t tokens = 0;           // token rows this rank dispatched
+  int64_t cross_node_rows = 0;  // token rows this rank sent to another node (dispatch only)
 };
 
 class MoE {

@@ -11,6 +11,7 @@
 
 #include "core/config.h"
 #include "parallel/executor.h"
+#include "parallel/expert_comm.h"
 #include "parallel/grad_sync.h"
 
 namespace fp8pipe::parallel {
@@ -63,11 +64,24 @@ Reference reference(const config::Config& cfg, int n, int B, int T) {
   return r;
 }
 
-void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M) {
+struct EpLayout {
+  int ep = 1;
+  int ranks_per_node = 0;  // 0: the whole world on one node
+  bool two_level = false;
+};
+
+struct LayoutResult {
+  int64_t tokens = 0, cross_node_rows = 0;  // summed over ranks and MoE layers
+};
+
+// traffic (optional) gets the MoE dispatch traffic, for the two-level checks.
+void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M, EpLayout ep = {},
+                LayoutResult* traffic = nullptr) {
   const auto cfg = tiny(layers);
   const int B = 2, T = 8;
   const Reference ref = reference(cfg, dp * M, B, T);
-  auto topo = Topology::create(pp, dp, 1, pp * dp, g_rank);
+  auto topo =
+      Topology::create(pp, dp, ep.ep, ep.ranks_per_node ? ep.ranks_per_node : pp * dp, g_rank);
   ASSERT_TRUE(topo.ok()) << topo.status().to_string();
   auto comms = create_comms(*topo, CommOptions{60});
   ASSERT_TRUE(comms.ok()) << comms.status().to_string();
@@ -79,6 +93,13 @@ void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M) {
   auto be = make_cpu_backend();
   model::ModelCtx c;
   c.be = be.get();
+  std::unique_ptr<CommExpertComm> ep_comm;
+  if (ep.ep > 1) {
+    ep_comm =
+        std::make_unique<CommExpertComm>(&comms->get(GroupKind::kExpert), ep_ranks_per_node(*topo));
+    c.ep = ep_comm.get();
+    c.ep_two_level = ep.two_level;
+  }
   const int prank = topo->coords().stage, dpi = topo->coords().dp_index;
   std::vector<std::unique_ptr<model::Model>> chunks;
   std::vector<model::Model*> ptrs;
@@ -108,7 +129,8 @@ void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M) {
       e.numel = p->grad.numel();
       ASSERT_EQ(static_cast<int64_t>(p->grad_acc.size()), p->grad.numel()) << p->name;
       e.copies.push_back(p->grad_acc.data());
-      holders[p->name] = holders_of(p->name, *sched, *parts, *topo);
+      holders[p->name] =
+          holders_of(p->name, *sched, *parts, *topo, cfg.model().moe().routed_experts());
     }
   }
   std::vector<SyncEntry> list;
@@ -133,6 +155,27 @@ void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M) {
   MPI_Allreduce(MPI_IN_PLACE, loss, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
   EXPECT_EQ(loss[1], dp * M);
   EXPECT_NEAR(loss[0] / loss[1], ref.loss, 1e-5 * std::fabs(ref.loss));
+  // Every reference parameter is held somewhere (experts only on their owners).
+  int64_t mine = static_cast<int64_t>(entries.size()), all = 0;
+  std::map<std::string, int> is_leader;
+  int64_t led = 0;
+  for (auto& [name, e] : entries)
+    led += holders_of(name, *sched, *parts, *topo, cfg.model().moe().routed_experts()).front() ==
+           g_rank;
+  MPI_Allreduce(&led, &all, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  EXPECT_EQ(all, static_cast<int64_t>(ref.grads.size())) << "rank " << g_rank << " holds " << mine;
+  if (traffic) {
+    int64_t t[2] = {0, 0};
+    for (auto& ch : chunks) {
+      for (model::MoE* m : ch->moes()) {
+        t[0] += m->stats().tokens;
+        t[1] += m->stats().cross_node_rows;
+      }
+    }
+    MPI_Allreduce(MPI_IN_PLACE, t, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+    traffic->tokens = t[0];
+    traffic->cross_node_rows = t[1];
+  }
 }
 
 TEST(Pipeline, OneF1B) {
@@ -155,6 +198,24 @@ TEST(Pipeline, DualPipe) {
 TEST(Pipeline, DualPipeV) {
   if (g_world == 2) run_layout(ScheduleKind::kDualPipeV, 2, 1, 4, 4);
   if (g_world == 4) run_layout(ScheduleKind::kDualPipeV, 4, 1, 8, 8);
+}
+
+// Routed experts sharded over ep ranks, tokens moved by all-to-all: the same gradients and loss.
+// Two-level dispatch (ep spanning two emulated nodes of two ranks) sends a token at most once to
+// each other node, never more than flat dispatch does; with node-limited routing (max_nodes 2 of
+// 4 groups) and two nodes, at most once in total.
+TEST(ExpertParallel, FlatAndTwoLevelMatchTheReference) {
+  if (g_world == 2) run_layout(ScheduleKind::k1F1B, 1, 2, 4, 2, {2});
+  if (g_world != 4) return;
+  run_layout(ScheduleKind::kDualPipe, 2, 2, 4, 4, {2});
+  run_layout(ScheduleKind::k1F1B, 2, 2, 4, 2, {2, 1, true});  // ep over two 1-rank nodes
+  LayoutResult flat, two;
+  run_layout(ScheduleKind::k1F1B, 1, 4, 4, 2, {4, 2, false}, &flat);
+  run_layout(ScheduleKind::k1F1B, 1, 4, 4, 2, {4, 2, true}, &two);
+  EXPECT_EQ(flat.tokens, two.tokens);
+  EXPECT_GT(two.tokens, 0);
+  EXPECT_LE(two.cross_node_rows, two.tokens);  // 2 nodes: one other node at most per token
+  EXPECT_LT(two.cross_node_rows, flat.cross_node_rows);
 }
 
 }  // namespace
