@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# A rank that hangs (SIGSTOP) in the middle of training: mpirun cannot see it, so fp8pipe's own
+# watchdog must end the job. The other rank fails after fault.timeout_s (not before, not much
+# after) with the comm timeout naming the op it waited on and its group; abort_all ends every
+# rank, the stopped one included, and the job exits non-zero without hanging.
+#  1. pp=2 1f1b: the survivor waits in a pipeline receive; its message names the hung peer rank and
+#     the pipeline instruction it was on.
+#  2. dp=2: the survivor waits in a world all-reduce (loss or gradient sums), where the message can
+#     only name the collective and its group; whether it names the hung rank is reported as a note.
+# Usage: fault_hang_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
+BIN=$BUILD/launch/fp8pipe
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+TMP=$(mktemp -d)
+pass=0; fail=0
+ok() { echo "ok: $1"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+SLACK_S=8  # the abort, mpirun's teardown, a loaded machine
+ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
+      --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16)
+
+alive() {  # alive PID: the process exists and is not a zombie
+  local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st:0:1}" != Z ]
+}
+cleanup() {  # never leave a stopped rank behind
+  for f in "$TMP"/*.pid.*; do
+    [ -f "$f" ] || continue
+    local p; p=$(cat "$f")
+    if alive "$p" && grep -q fp8pipe "/proc/$p/cmdline" 2>/dev/null; then
+      kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
+    fi
+  done
+  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
+}
+trap cleanup EXIT
+steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
+now() { echo "$EPOCHREALTIME"; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# stop_case NAME RANK TIMEOUT_S [overrides...]: start the job, SIGSTOP RANK once it has logged a
+# step (then it is inside the next one), wait for mpirun. Sets RC, ELAPSED (s from the stop to the
+# exit) and LEFT (PIDs of the job still alive).
+stop_case() {
+  local name=$1 victim=$2 to=$3; shift 3
+  timeout -k 5 45 mpirun -np 2 bash -c \
+    'echo $$ >"$0.pid.${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}"; exec "$@"' "$TMP/$name" \
+    "$BIN" train "$SRC/configs/tiny.textproto" "${ARGS[@]}" --fault.timeout_s="$to" "$@" \
+    --log.jsonl="$TMP/$name.r{rank}.jsonl" >"$TMP/$name.log" 2>&1 &
+  local mp=$!
+  for _ in $(seq 600); do
+    [ "$(steps_logged "$TMP/$name.r$victim.jsonl")" -ge 1 ] && [ -s "$TMP/$name.pid.$victim" ] && break
+    sleep 0.1
+  done
+  sleep 0.1
+  local t0; t0=$(now)
+  kill -STOP "$(cat "$TMP/$name.pid.$victim")"
+  wait $mp; RC=$?
+  ELAPSED=$(secs "$t0" "$(now)")
+  sleep 0.5  # let the launcher's kills land before looking for leftovers
+  LEFT=""
+  for f in "$TMP/$name".pid.*; do alive "$(cat "$f")" && LEFT+=" $(cat "$f")"; done
+}
+# in_window TIMEOUT_S: the job ended after the watchdog's timeout, within the slack.
+in_window() { awk -v e="$ELAPSED" -v t="$1" -v s=$SLACK_S 'BEGIN { exit !(e >= t - 1 && e <= t + s) }'; }
+first_abort() { grep -m1 "aborting all ranks" "$1"; }
+
+# 1. Pipeline: rank 1 stops; rank 0 times out in a receive from it.
+stop_case pp 1 10 --parallel.pp=2 --parallel.schedule=1f1b
+pat="^\[fp8pipe r0 .*aborting all ranks: .*pipeline rank 0 at [A-Za-z]+<[^:]*: comm timeout: "
+pat+="(recv|send)\((from|to) 1 \[world 1\].* on pp.* not done after 10 s"
+if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_window 10 && [ -z "$LEFT" ] &&
+   first_abort "$TMP/pp.log" | grep -Eq "$pat" && grep -q "last comm ops of this rank" "$TMP/pp.log"; then
+  ok "SIGSTOP of rank 1 (pp=2): rank 0's watchdog ended the job in ${ELAPSED} s (rc $RC): $(
+    grep -Eo 'pipeline rank 0 at [^ ]* comm timeout: [^)]*\)' "$TMP/pp.log" | head -1)"
+else
+  bad "SIGSTOP of rank 1 (pp=2) (rc $RC, ${ELAPSED} s, left:${LEFT:- none})"
+  grep -v '^    #' "$TMP/pp.log" | tail -8
+fi
+
+# 2. Data parallel: rank 1 stops; rank 0 times out in a collective on the world group.
+stop_case dp 1 5 --parallel.dp=2
+pat="^\[fp8pipe r0 .*aborting all ranks: .*comm timeout: .*on world .* not done after 5 s"
+if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_window 5 && [ -z "$LEFT" ] &&
+   first_abort "$TMP/dp.log" | grep -Eq "$pat"; then
+  ok "SIGSTOP of rank 1 (dp=2): rank 0's watchdog ended the job in ${ELAPSED} s (rc $RC): $(
+    first_abort "$TMP/dp.log" | grep -Eo 'comm timeout: .*')"
+  first_abort "$TMP/dp.log" | grep -Eq "rank 1|world 1" ||
+    echo "note: the collective timeout does not name the hung rank (rank 1)"
+else
+  bad "SIGSTOP of rank 1 (dp=2) (rc $RC, ${ELAPSED} s, left:${LEFT:- none})"
+  grep -v '^    #' "$TMP/dp.log" | tail -8
+fi
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# A rank killed with SIGKILL in the middle of training (pp=2, 1f1b, two processes) ends the job on
+# every rank, well within fault.timeout_s, with a non-zero exit and a message naming the dead rank:
+#  1. under plain mpirun, the launcher sees the death and ends the job ("process rank 1 ... exited
+#     on signal 9");
+#  2. with the launcher told not to react (--mca orte_abort_on_non_zero_status 0), fp8pipe's own
+#     watchdog does: the survivor fails after fault.timeout_s naming the dead peer, its group and
+#     the pipeline instruction it was waiting in, and abort_all ends the job.
+# In both cases no process of the job may be left behind.
+# Usage: fault_rank_death_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
+BIN=$BUILD/launch/fp8pipe
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+TMP=$(mktemp -d)
+pass=0; fail=0
+ok() { echo "ok: $1"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+TIMEOUT_S=10  # fault.timeout_s
+SLACK_S=8     # start-up of the abort, mpirun's teardown, a loaded machine
+ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
+      --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16 --parallel.pp=2
+      --parallel.schedule=1f1b --fault.timeout_s=$TIMEOUT_S)
+
+# Each rank writes its PID (that of fp8pipe itself, through exec) to $TMP/<case>.pid.<rank>.
+alive() {  # alive PID: the process exists and is not a zombie
+  local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st:0:1}" != Z ]
+}
+cleanup() {
+  for f in "$TMP"/*.pid.*; do
+    [ -f "$f" ] || continue
+    local p; p=$(cat "$f")
+    if alive "$p" && grep -q fp8pipe "/proc/$p/cmdline" 2>/dev/null; then
+      kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
+    fi
+  done
+  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
+}
+trap cleanup EXIT
+steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
+now() { echo "$EPOCHREALTIME"; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# kill_case NAME RANK [mpirun options...]: start the job, SIGKILL RANK once it has logged a step
+# (then it is inside the next one), wait for mpirun. Sets RC and ELAPSED (s from kill to exit).
+kill_case() {
+  local name=$1 victim=$2; shift 2
+  timeout -k 5 45 mpirun "$@" -np 2 bash -c \
+    'echo $$ >"$0.pid.${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}"; exec "$@"' "$TMP/$name" \
+    "$BIN" train "$SRC/configs/tiny.textproto" "${ARGS[@]}" --log.jsonl="$TMP/$name.r{rank}.jsonl" \
+    >"$TMP/$name.log" 2>&1 &
+  local mp=$!
+  for _ in $(seq 600); do
+    [ "$(steps_logged "$TMP/$name.r$victim.jsonl")" -ge 1 ] && [ -s "$TMP/$name.pid.$victim" ] && break
+    sleep 0.1
+  done
+  sleep 0.1
+  local t0; t0=$(now)
+  kill -KILL "$(cat "$TMP/$name.pid.$victim")"
+  wait $mp; RC=$?
+  ELAPSED=$(secs "$t0" "$(now)")
+  LEFT=""
+  for f in "$TMP/$name".pid.*; do alive "$(cat "$f")" && LEFT+=" $(cat "$f")"; done
+}
+in_time() { awk -v e="$1" -v l=$((TIMEOUT_S + SLACK_S)) 'BEGIN { exit !(e <= l) }'; }
+
+# 1. Plain mpirun: the launcher notices the death.
+kill_case launcher 1
+if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_time "$ELAPSED" && [ -z "$LEFT" ] &&
+   grep -Eq "rank 1 .*(signal 9|Killed)" "$TMP/launcher.log"; then
+  ok "SIGKILL of rank 1: job ended in ${ELAPSED} s (rc $RC), mpirun names rank 1"
+else
+  bad "SIGKILL of rank 1 under plain mpirun (rc $RC, ${ELAPSED} s, left:${LEFT:- none})"
+  tail -8 "$TMP/launcher.log"
+fi
+
+# 2. mpirun does not react: fp8pipe's watchdog on the survivor ends the job.
+kill_case watchdog 1 --mca orte_abort_on_non_zero_status 0
+pat="^\[fp8pipe r0 .*aborting all ranks: .*pipeline rank 0 at [A-Za-z]+<[^:]*: comm timeout: "
+pat+="(recv|send)\((from|to) 1 \[world 1\].* on pp.* not done after $TIMEOUT_S s"
+if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_time "$ELAPSED" && [ -z "$LEFT" ] &&
+   awk -v e="$ELAPSED" -v t=$TIMEOUT_S 'BEGIN { exit !(e >= t - 1) }' &&
+   grep -Eq "$pat" "$TMP/watchdog.log"; then
+  ok "SIGKILL of rank 1, launcher passive: rank 0's watchdog ended the job in ${ELAPSED} s (rc $RC): $(
+    grep -Eo 'pipeline rank 0 at [^ ]* comm timeout: [^)]*\)' "$TMP/watchdog.log" | head -1)"
+else
+  bad "SIGKILL of rank 1 with a passive launcher (rc $RC, ${ELAPSED} s, left:${LEFT:- none})"
+  grep -v '^    #' "$TMP/watchdog.log" | tail -8
+fi
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
