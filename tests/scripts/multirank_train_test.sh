@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-rank training under real mpirun against the single-process run of the same global batch:
 # per-step losses and gradient norms of 1f1b, zb1p, dualpipe and dualpipev layouts (pp=2, pp=4,
-# pp=2 x dp=2) must match within 1e-5 relative, in FP32 and FP8. Then bad layouts must fail on
+# pp=2 x dp=2, with expert parallelism ep=2: flat, two-level over two 1-rank nodes, and pp=4 x
+# dp=2 x ep=2 on two emulated 4-rank nodes) must match within 1e-5 relative, in FP32 and FP8. Then bad layouts must fail on
 # every rank with one clear message and a non-zero exit, without hanging.
 # Usage: multirank_train_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
@@ -42,7 +43,10 @@ for mode in FP32 FP8; do
   run "single16_$mode" 1 --precision.mode=$mode --parallel.microbatches=16 ||
     { bad "single $mode run (16 micro-batches)"; continue; }
   for layout in "2 1f1b --parallel.pp=2" "2 zb1p --parallel.pp=2" "4 dualpipe --parallel.pp=4" \
-                "4 dualpipev --parallel.pp=2 --parallel.dp=2" "4 dualpipe --parallel.pp=2 --parallel.dp=2"; do
+                "4 dualpipev --parallel.pp=2 --parallel.dp=2" "4 dualpipe --parallel.pp=2 --parallel.dp=2" \
+                "4 dualpipe --parallel.pp=2 --parallel.dp=2 --parallel.ep=2" \
+                "4 1f1b --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.ranks_per_node=1 --parallel.ep_dispatch=two_level" \
+                "8 dualpipe --parallel.pp=4 --parallel.dp=2 --parallel.ep=2 --parallel.ranks_per_node=4"; do
     set -- $layout; np=$1; kind=$2; shift 2
     name="${mode}_${kind}_np${np}_$(echo "$@" | tr -dc 'a-z0-9')"
     ref="single_$mode"
