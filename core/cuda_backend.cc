@@ -1,0 +1,834 @@
+// The CUDA backend: the Backend interface (core/backend.h) on one GPU, with the numerics of the
+// CPU backend (kernels/cuda: fused quantize kernels bit-identical to kernels/cpu/quantize, the
+// cuBLASLt FP8 GEMM bit-identical to GemmMode::kExact with splitK forced to 1, and the model
+// operators of kernels/cuda/ops.cuh, whose bounds against the CPU are stated there).
+//
+// Streams. Every Stream is a CUDA stream (non-blocking w.r.t. the legacy stream). launch(fn) calls
+// fn at once on the calling thread with that stream made "current" (a thread-local), so every
+// backend op fn issues is enqueued on it; outside a launch the current stream is the compute
+// stream. record() records a cudaEvent; wait(e) is cudaStreamWaitEvent (a host wait for a foreign
+// Event). An op whose result the host needs (to_host, copies from or to host memory, the
+// `nonfinite` counts, the index range checks of embedding_fwd / cross_entropy_fwd) synchronizes
+// the current stream.
+//
+// Memory. Tensors come from the device's stream-ordered pool (cudaMallocAsync on the current
+// stream, the pool keeps freed memory cached) and are freed with cudaFreeAsync on the compute
+// stream when the last handle goes. So a tensor used on a side stream must be ordered back into
+// the compute stream (compute().wait(side.record())) before its last handle is dropped: the rule
+// of every stream-ordered caching allocator (PyTorch's record_stream). Temporaries of one op are
+// freed on the stream that used them. The device context (compute stream, cuBLAS handle, the
+// cuBLASLt plans and workspace) is shared by the backend and every buffer's deleter, so tensors
+// may outlive the Backend object.
+//
+// FP8 GEMM. One gpu::LtGemm (handle, 32 MiB workspace, cached descriptors + algorithm per shape)
+// per stream that runs GEMMs; GemmMode::kExact forces splitK = 1 (bit-identical to the CPU model),
+// kFast takes cuBLASLt's first heuristic. Shapes outside cuBLASLt's FP8 rules (FP8.md §3.3: K % 16,
+// VEC128 rows % 4, 16-byte alignments; E5M2 x E5M2) run as the CPU's kFast does: exact dequantize
+// to fp32, then an fp32 GEMM (logged once per shape). 128x128 x 128x128 is refused, as on the CPU.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/log.h"
+#include "kernels/cuda/fp8_gemm_lt.h"
+#include "kernels/cuda/ops.cuh"
+#include "kernels/cuda/quantize.cuh"
+
+namespace fp8pipe {
+namespace {
+
+namespace k = kernels;
+namespace g = kernels::gpu;
+
+// The stream of the enclosing CudaStream::launch on this thread (null: the compute stream).
+thread_local cudaStream_t tl_current = nullptr;
+
+Status cuda_error(cudaError_t e, const char* what) {
+  return FP8_ERROR(Code::kInternal, "{}: {} ({})", what, cudaGetErrorName(e),
+                   cudaGetErrorString(e));
+}
+
+#define FP8_CUDA(what, expr)                            \
+  do {                                                  \
+    const cudaError_t e_ = (expr);                      \
+    if (e_ != cudaSuccess) return cuda_error(e_, what); \
+  } while (0)
+
+// A gpu::Result from kernels/cuda as a Status naming the backend op.
+#define FP8_GPU(op, expr)                                                           \
+  do {                                                                              \
+    const ::fp8pipe::kernels::gpu::Result r_ = (expr);                              \
+    if (!r_.ok) return FP8_ERROR(::fp8pipe::Code::kInternal, "{}: {}", op, r_.msg); \
+  } while (0)
+
+// Stream and event methods return void: a CUDA error there is a broken device, reported loudly.
+void check_or_die(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  log::error("CUDA error in {}: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
+  std::abort();
+}
+
+// ---- device context
+// ------------------------------------------------------------------------------
+
+struct DeviceCtx {
+  int device = 0;
+  cudaStream_t compute = nullptr;
+  cublasHandle_t blas = nullptr;
+  std::mutex mu;  // guards the maps below
+  std::map<cudaStream_t, std::unique_ptr<g::LtGemm>> lt;
+  std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
+  std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged;
+
+  ~DeviceCtx() {
+    cudaSetDevice(device);
+    if (compute) cudaStreamSynchronize(compute);
+    lt.clear();
+    for (auto& [key, p] : freq) cudaFree(p);
+    if (blas) cublasDestroy(blas);
+    if (compute) cudaStreamDestroy(compute);
+  }
+
+  Result<g::LtGemm*> lt_for(cudaStream_t s) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto& slot = lt[s];
+    if (!slot) {
+      auto gm = std::make_unique<g::LtGemm>();
+      const g::Result r = gm->init();
+      if (!r.ok) return FP8_ERROR(Code::kInternal, "cuBLASLt init: {}", r.msg);
+      slot = std::move(gm);
+    }
+    return slot.get();
+  }
+};
+
+// ---- streams and events
+// ----------------------------------------------------------------------------
+
+class CudaEvent final : public Event {
+ public:
+  CudaEvent() { check_or_die(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming), "event"); }
+  ~CudaEvent() override { cudaEventDestroy(ev_); }
+  void synchronize() override { check_or_die(cudaEventSynchronize(ev_), "event synchronize"); }
+  bool query() override {
+    const cudaError_t e = cudaEventQuery(ev_);
+    if (e == cudaErrorNotReady) return false;
+    check_or_die(e, "event query");
+    return true;
+  }
+  cudaEvent_t get() const { return ev_; }
+
+ private:
+  cudaEvent_t ev_ = nullptr;
+};
+
+class CudaStream final : public Stream {
+ public:
+  // owned: created here and destroyed with this object; else it wraps the context's compute stream.
+  CudaStream(std::string name, std::shared_ptr<DeviceCtx> ctx, bool owned)
+      : name_(std::move(name)), ctx_(std::move(ctx)), owned_(owned) {
+    if (owned_) {
+      check_or_die(cudaSetDevice(ctx_->device), "cudaSetDevice");
+      check_or_die(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "stream create");
+    } else {
+      s_ = ctx_->compute;
+    }
+  }
+  ~CudaStream() override {
+    if (!owned_) return;
+    cudaSetDevice(ctx_->device);
+    cudaStreamSynchronize(s_);
+    {
+      std::lock_guard<std::mutex> lk(ctx_->mu);
+      ctx_->lt.erase(s_);
+    }
+    cudaStreamDestroy(s_);
+  }
+  const std::string& name() const override { return name_; }
+  void launch(std::function<void()> fn) override {
+    check_or_die(cudaSetDevice(ctx_->device), "cudaSetDevice");
+    const cudaStream_t prev = tl_current;
+    tl_current = s_;
+    fn();
+    tl_current = prev;
+  }
+  std::shared_ptr<Event> record() override {
+    check_or_die(cudaSetDevice(ctx_->device), "cudaSetDevice");  // the event's device = stream's
+    auto e = std::make_shared<CudaEvent>();
+    check_or_die(cudaEventRecord(e->get(), s_), "event record");
+    return e;
+  }
+  void wait(const std::shared_ptr<Event>& e) override {
+    if (auto* ce = dynamic_cast<CudaEvent*>(e.get())) {
+      check_or_die(cudaStreamWaitEvent(s_, ce->get(), 0), "stream wait event");
+    } else {
+      e->synchronize();  // a CPU event: the host waits before enqueuing more
+    }
+  }
+  void synchronize() override { check_or_die(cudaStreamSynchronize(s_), "stream synchronize"); }
+
+ private:
+  std::string name_;
+  std::shared_ptr<DeviceCtx> ctx_;
+  bool owned_;
+  cudaStream_t s_ = nullptr;
+};
+
+// ---- argument checks (the CPU backend's rules, plus "on this device")
+// ----------------------------
+
+Status need(bool ok, const char* op, const char* what, const Tensor& t) {
+  if (ok) return Status::Ok();
+  return FP8_INVALID("{}: {} (got {})", op, what, t.defined() ? t.describe() : "undefined");
+}
+Status on_gpu(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    FP8_RETURN_IF_ERROR(need(t->defined() && t->device() == Device::kCuda, op,
+                             "a CUDA tensor is required (copy host data with Backend::copy)", *t));
+  }
+  return Status::Ok();
+}
+Status f32(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    FP8_RETURN_IF_ERROR(on_gpu(op, {t}));
+    FP8_RETURN_IF_ERROR(need(t->dtype() == DType::kF32, op, "fp32 required", *t));
+  }
+  return Status::Ok();
+}
+Status i32(const char* op, const Tensor& t) {
+  FP8_RETURN_IF_ERROR(on_gpu(op, {&t}));
+  return need(t.dtype() == DType::kI32, op, "i32 required", t);
+}
+Status same(const char* op, const Tensor& a, const Tensor& b) {
+  return need(a.numel() == b.numel(), op, "element counts differ", b);
+}
+Status check_float_input(const Tensor& x, const char* op) {
+  FP8_RETURN_IF_ERROR(on_gpu(op, {&x}));
+  if (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16) {
+    return FP8_INVALID("{}: input must be fp32 or bf16, got {}", op, x.describe());
+  }
+  if (x.rank() < 1) return FP8_INVALID("{}: input must have rank >= 1, got a scalar", op);
+  return Status::Ok();
+}
+Status check_fp8(const Tensor& q, const char* op) {
+  FP8_RETURN_IF_ERROR(on_gpu(op, {&q}));
+  if (!is_fp8(q.dtype()) || !q.scale() || q.scale()->device() != Device::kCuda) {
+    return FP8_INVALID("{}: expected a CUDA FP8 tensor with CUDA scales, got {}", op, q.describe());
+  }
+  return Status::Ok();
+}
+
+k::Fp8Operand operand(const Tensor& t) {
+  return k::Fp8Operand{t.data_as<uint8_t>(), t.scale()->data_as<float>(), t.granularity(),
+                       fp8_format(t.dtype())};
+}
+
+DType fp8_dtype(QuantParams p) {
+  return p.fmt == k::Fp8Format::kE4M3 ? DType::kE4M3 : DType::kE5M2;
+}
+
+// ---- the backend
+// ---------------------------------------------------------------------------------
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(std::shared_ptr<DeviceCtx> ctx, std::string name)
+      : ctx_(std::move(ctx)), name_(std::move(name)), compute_("compute", ctx_, /*owned=*/false) {}
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return name_; }
+
+  Result<Tensor> empty(const Shape& shape, DType dtype) override {
+    for (int64_t d : shape) {
+      if (d < 0) return FP8_INVALID("negative dimension in shape {}", shape_str(shape));
+    }
+    const size_t bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(bytes, ctx_->compute));
+    return Tensor(shape, dtype, std::move(buf));
+  }
+
+  Status fill_zero(Tensor& t) override {
+    if (!t.nbytes()) return Status::Ok();
+    if (t.device() == Device::kCpu) {
+      std::memset(t.data(), 0, t.nbytes());
+      return Status::Ok();
+    }
+    FP8_CUDA("fill_zero", cudaMemsetAsync(t.data(), 0, t.nbytes(), cur()));
+    return Status::Ok();
+  }
+
+  Status copy(const Tensor& src, Tensor& dst) override {
+    if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+      return FP8_INVALID("copy: {} -> {}: dtype and element count must match", src.describe(),
+                         dst.describe());
+    }
+    if (!src.nbytes()) return Status::Ok();
+    const bool hs = src.device() == Device::kCpu, hd = dst.device() == Device::kCpu;
+    if (hs && hd) {
+      std::memmove(dst.data(), src.data(), src.nbytes());
+      return Status::Ok();
+    }
+    const cudaMemcpyKind kind = hs   ? cudaMemcpyHostToDevice
+                                : hd ? cudaMemcpyDeviceToHost
+                                     : cudaMemcpyDeviceToDevice;
+    FP8_CUDA("cudaSetDevice", cudaSetDevice(ctx_->device));
+    FP8_CUDA("copy", cudaMemcpyAsync(dst.data(), src.data(), src.nbytes(), kind, cur()));
+    // Host memory is pageable and may be reused as soon as we return: finish the copy.
+    if (hs || hd) FP8_CUDA("copy (synchronize)", cudaStreamSynchronize(cur()));
+    return Status::Ok();
+  }
+
+  Stream& compute() override { return compute_; }
+  std::unique_ptr<Stream> create_stream(const std::string& name) override {
+    return std::make_unique<CudaStream>(name, ctx_, /*owned=*/true);
+  }
+
+  // ---- FP8 numerics ----
+
+  Result<Tensor> quantize(const Tensor& x, Granularity gr, QuantParams p,
+                          int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize"));
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(gr, R, C)}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
+    if (R * C > 0) {
+      FP8_GPU("quantize",
+              x.dtype() == DType::kF32
+                  ? g::quantize(x.data_as<float>(), R, C, gr, p, q.data_as<uint8_t>(),
+                                s.data_as<float>(), bad, cur())
+                  : g::quantize_bf16(x.data_as<uint16_t>(), R, C, gr, p, q.data_as<uint8_t>(),
+                                     s.data_as<float>(), bad, cur()));
+    }
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), gr, p.pow2);
+    return q;
+  }
+
+  Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p, int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize_transposed"));
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({C, R}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
+    if (R * C > 0) {
+      FP8_GPU("quantize_transposed",
+              x.dtype() == DType::kF32
+                  ? g::quantize_128x1_transposed(x.data_as<float>(), R, C, p, q.data_as<uint8_t>(),
+                                                 s.data_as<float>(), bad, cur())
+                  : g::quantize_128x1_transposed_bf16(x.data_as<uint16_t>(), R, C, p,
+                                                      q.data_as<uint8_t>(), s.data_as<float>(), bad,
+                                                      cur()));
+    }
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
+    return q;
+  }
+
+  Result<Tensor> transpose_fp8(const Tensor& q) override {
+    FP8_RETURN_IF_ERROR(check_fp8(q, "transpose_fp8"));
+    if (q.granularity() != Granularity::k128x128 || q.rank() != 2) {
+      return FP8_INVALID("transpose_fp8: needs a 2-D 128x128-quantized tensor, got {}",
+                         q.describe());
+    }
+    const int64_t R = q.dim(0), C = q.dim(1);
+    FP8_ASSIGN_OR_RETURN(Tensor t, empty({C, R}, q.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s,
+                         empty({k::scale_count(Granularity::k128x128, C, R)}, DType::kF32));
+    if (R * C > 0) {
+      FP8_GPU("transpose_fp8",
+              g::transpose_128x128(q.data_as<uint8_t>(), q.scale()->data_as<float>(), R, C,
+                                   t.data_as<uint8_t>(), s.data_as<float>(), cur()));
+    }
+    t.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k128x128, q.pow2_scales());
+    return t;
+  }
+
+  Status dequantize(const Tensor& q, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(check_fp8(q, "dequantize"));
+    FP8_RETURN_IF_ERROR(on_gpu("dequantize", {&out}));
+    if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
+      return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
+                         out.describe());
+    }
+    if (!q.numel()) return Status::Ok();
+    FP8_GPU("dequantize",
+            g::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
+                          q.granularity(), fp8_format(q.dtype()), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
+    FP8_RETURN_IF_ERROR(check_fp8(a, "gemm_fp8 A"));
+    FP8_RETURN_IF_ERROR(check_fp8(b, "gemm_fp8 B"));
+    FP8_RETURN_IF_ERROR(on_gpu("gemm_fp8", {&out}));
+    const int64_t M = a.rows(), N = b.rows(), K = a.cols();
+    if (b.cols() != K) {
+      return FP8_INVALID("gemm_fp8: reduction dims differ: A {} vs B {} (out = A . B^T)",
+                         a.describe(), b.describe());
+    }
+    if (out.numel() != M * N || (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
+      return FP8_INVALID("gemm_fp8: output must be fp32 or bf16 with {}x{} elements, got {}", M, N,
+                         out.describe());
+    }
+    if (a.granularity() == Granularity::k128x128 && b.granularity() == Granularity::k128x128) {
+      return FP8_INVALID(
+          "gemm_fp8: unsupported scale pair {} x {} (128x128 x 128x128 has no "
+          "kernel, as in cuBLASLt)",
+          granularity_name(a.granularity()), granularity_name(b.granularity()));
+    }
+    const k::Fp8Operand oa = operand(a), ob = operand(b);
+    float* of = out.dtype() == DType::kF32 ? out.data_as<float>() : nullptr;
+    uint16_t* ob16 = out.dtype() == DType::kBF16 ? out.data_as<uint16_t>() : nullptr;
+    const g::Result args = g::check_fp8_gemm_args(oa, ob, M, N, K, of, ob16);
+    if (!args.ok) return gemm_fp8_fallback(a, b, out, args.msg);
+    FP8_ASSIGN_OR_RETURN(g::LtGemm * lt, ctx_->lt_for(cur()));
+    FP8_GPU("gemm_fp8",
+            lt->fp8_gemm(oa, ob, M, N, K, of, ob16, cur(), /*splitk1=*/mode == GemmMode::kExact));
+    return Status::Ok();
+  }
+
+  Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
+              float beta) override {
+    FP8_RETURN_IF_ERROR(f32("gemm", {&a, &b, &c}));
+    const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
+    const int64_t Kb = tb ? b.cols() : b.rows(), N = tb ? b.rows() : b.cols();
+    if (K != Kb || c.rows() != M || c.cols() != N) {
+      return FP8_INVALID("gemm: shapes do not chain: op(A) {}x{}, op(B) {}x{}, C {}", M, K, Kb, N,
+                         c.describe());
+    }
+    return sgemm(a.data_as<float>(), a.cols(), ta, b.data_as<float>(), b.cols(), tb,
+                 c.data_as<float>(), M, N, K, alpha, beta);
+  }
+
+  // ---- model operators (shape rules of core/cpu_ops.cc) ----
+
+  Status embedding_fwd(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(f32("embedding_fwd", {&table, &out}));
+    FP8_RETURN_IF_ERROR(i32("embedding_fwd", ids));
+    const int64_t D = table.cols();
+    FP8_RETURN_IF_ERROR(
+        need(out.numel() == ids.numel() * D, "embedding_fwd", "out must be [n, D]", out));
+    FP8_ASSIGN_OR_RETURN(auto bad, first_bad(ids, 0, table.rows()));
+    if (bad.first >= 0) {
+      return FP8_INVALID("embedding_fwd: token id {} at position {} outside the vocabulary [0, {})",
+                         bad.second, bad.first, table.rows());
+    }
+    FP8_GPU("embedding_fwd", g::embedding_fwd(table.data_as<float>(), ids.data_as<int32_t>(),
+                                              ids.numel(), D, out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, Tensor& dtable) override {
+    FP8_RETURN_IF_ERROR(f32("embedding_bwd", {&dout, &dtable}));
+    FP8_RETURN_IF_ERROR(i32("embedding_bwd", ids));
+    FP8_GPU("embedding_bwd",
+            g::embedding_bwd_acc(dout.data_as<float>(), ids.data_as<int32_t>(), ids.numel(),
+                                 dtable.cols(), dtable.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y,
+                     Tensor& rstd) override {
+    FP8_RETURN_IF_ERROR(f32("rmsnorm_fwd", {&x, &w, &y, &rstd}));
+    FP8_RETURN_IF_ERROR(
+        need(w.numel() == x.cols(), "rmsnorm_fwd", "weight must have cols(x) elements", w));
+    FP8_RETURN_IF_ERROR(same("rmsnorm_fwd", x, y));
+    FP8_RETURN_IF_ERROR(
+        need(rstd.numel() == x.rows(), "rmsnorm_fwd", "rstd must have rows(x) elements", rstd));
+    FP8_GPU("rmsnorm_fwd",
+            g::rmsnorm_fwd(x.data_as<float>(), w.data_as<float>(), x.rows(), x.cols(), eps,
+                           y.data_as<float>(), rstd.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                     Tensor& dx, Tensor& dw_acc) override {
+    FP8_RETURN_IF_ERROR(f32("rmsnorm_bwd", {&dy, &x, &w, &rstd, &dx, &dw_acc}));
+    FP8_RETURN_IF_ERROR(same("rmsnorm_bwd", x, dy));
+    FP8_RETURN_IF_ERROR(same("rmsnorm_bwd", x, dx));
+    FP8_GPU("rmsnorm_bwd",
+            g::rmsnorm_bwd(dy.data_as<float>(), x.data_as<float>(), w.data_as<float>(),
+                           rstd.data_as<float>(), x.rows(), x.cols(), dx.data_as<float>(),
+                           dw_acc.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) override {
+    FP8_RETURN_IF_ERROR(f32("rope", {&x}));
+    FP8_RETURN_IF_ERROR(i32("rope", pos));
+    const int64_t d = x.cols() / heads;
+    FP8_RETURN_IF_ERROR(
+        need(d * heads == x.cols() && d % 2 == 0, "rope", "cols must be heads * even d", x));
+    FP8_RETURN_IF_ERROR(need(pos.numel() == x.rows(), "rope", "one position per row", pos));
+    FP8_ASSIGN_OR_RETURN(const double* freq, rope_freq(d, theta));
+    FP8_GPU("rope", g::rope(x.data_as<float>(), pos.data_as<int32_t>(), x.rows(), heads, d, freq,
+                            inverse, cur()));
+    return Status::Ok();
+  }
+
+  Status attention_fwd(const Tensor& q, const Tensor& kk, const Tensor& v, int64_t B, int64_t T,
+                       int64_t H, float scale, Tensor& o, Tensor& lse) override {
+    FP8_RETURN_IF_ERROR(f32("attention_fwd", {&q, &kk, &v, &o, &lse}));
+    if (B * T * H == 0) return Status::Ok();
+    const int64_t dk = q.numel() / (B * T * H), dv = v.numel() / (B * T * H);
+    FP8_RETURN_IF_ERROR(need(q.numel() == B * T * H * dk && kk.numel() == q.numel(),
+                             "attention_fwd", "q and k must be [B*T, H*dk]", kk));
+    FP8_RETURN_IF_ERROR(need(o.numel() == v.numel() && lse.numel() == B * H * T, "attention_fwd",
+                             "o must match v and lse be [B*H*T]", o));
+    FP8_GPU("attention_fwd",
+            g::attention_fwd(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(), B, T, H,
+                             dk, dv, scale, o.data_as<float>(), lse.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& kk, const Tensor& v,
+                       const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
+                       float scale, Tensor& dq, Tensor& dk, Tensor& dv) override {
+    FP8_RETURN_IF_ERROR(f32("attention_bwd", {&dout, &q, &kk, &v, &o, &lse, &dq, &dk, &dv}));
+    if (B * T * H == 0) return Status::Ok();
+    const int64_t dkk = q.numel() / (B * T * H), dvv = v.numel() / (B * T * H);
+    FP8_RETURN_IF_ERROR(same("attention_bwd", q, dq));
+    FP8_RETURN_IF_ERROR(same("attention_bwd", kk, dk));
+    FP8_RETURN_IF_ERROR(same("attention_bwd", v, dv));
+    FP8_RETURN_IF_ERROR(
+        need(dout.numel() == v.numel() && o.numel() == v.numel() && lse.numel() == B * H * T,
+             "attention_bwd", "dout and o must match v, lse be [B*H*T]", dout));
+    FP8_ASSIGN_OR_RETURN(auto scratch, alloc(B * H * T * sizeof(float), cur()));
+    FP8_GPU("attention_bwd",
+            g::attention_bwd(dout.data_as<float>(), q.data_as<float>(), kk.data_as<float>(),
+                             v.data_as<float>(), o.data_as<float>(), lse.data_as<float>(), B, T, H,
+                             dkk, dvv, scale, dq.data_as<float>(), dk.data_as<float>(),
+                             dv.data_as<float>(), static_cast<float*>(scratch->ptr), cur()));
+    return Status::Ok();
+  }
+
+  Status swiglu_fwd(const Tensor& gt, const Tensor& u, Tensor& h) override {
+    FP8_RETURN_IF_ERROR(f32("swiglu_fwd", {&gt, &u, &h}));
+    FP8_RETURN_IF_ERROR(same("swiglu_fwd", gt, u));
+    FP8_RETURN_IF_ERROR(same("swiglu_fwd", gt, h));
+    FP8_GPU("swiglu_fwd", g::swiglu_fwd(gt.data_as<float>(), u.data_as<float>(), gt.numel(),
+                                        h.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status swiglu_bwd(const Tensor& dh, const Tensor& gt, const Tensor& u, Tensor& dg,
+                    Tensor& du) override {
+    FP8_RETURN_IF_ERROR(f32("swiglu_bwd", {&dh, &gt, &u, &dg, &du}));
+    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, dh));
+    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, u));
+    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, dg));
+    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, du));
+    FP8_GPU("swiglu_bwd",
+            g::swiglu_bwd(dh.data_as<float>(), gt.data_as<float>(), u.data_as<float>(), gt.numel(),
+                          dg.data_as<float>(), du.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status cross_entropy_fwd(const Tensor& logits, const Tensor& targets, Tensor& loss) override {
+    FP8_RETURN_IF_ERROR(f32("cross_entropy_fwd", {&logits, &loss}));
+    FP8_RETURN_IF_ERROR(i32("cross_entropy_fwd", targets));
+    FP8_RETURN_IF_ERROR(need(targets.numel() == logits.rows() && loss.numel() == logits.rows(),
+                             "cross_entropy_fwd", "one target and one loss per row", targets));
+    FP8_ASSIGN_OR_RETURN(auto bad, first_bad(targets, INT32_MIN, logits.cols()));
+    if (bad.first >= 0) {
+      return FP8_INVALID("cross_entropy_fwd: target {} at row {} >= vocab {}", bad.second,
+                         bad.first, logits.cols());
+    }
+    FP8_GPU("cross_entropy_fwd",
+            g::cross_entropy_fwd(logits.data_as<float>(), targets.data_as<int32_t>(), logits.rows(),
+                                 logits.cols(), loss.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status cross_entropy_bwd(const Tensor& logits, const Tensor& targets, float row_scale,
+                           Tensor& dlogits) override {
+    FP8_RETURN_IF_ERROR(f32("cross_entropy_bwd", {&logits, &dlogits}));
+    FP8_RETURN_IF_ERROR(i32("cross_entropy_bwd", targets));
+    FP8_RETURN_IF_ERROR(same("cross_entropy_bwd", logits, dlogits));
+    FP8_RETURN_IF_ERROR(
+        need(targets.numel() == logits.rows(), "cross_entropy_bwd", "one target per row", targets));
+    FP8_GPU("cross_entropy_bwd",
+            g::cross_entropy_bwd(logits.data_as<float>(), targets.data_as<int32_t>(), logits.rows(),
+                                 logits.cols(), row_scale, dlogits.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64_t n_groups,
+                     int64_t max_groups, float route_scale, Tensor& scores, Tensor& idx,
+                     Tensor& gates) override {
+    FP8_RETURN_IF_ERROR(f32("router_topk", {&logits, &bias, &scores, &gates}));
+    FP8_RETURN_IF_ERROR(i32("router_topk", idx));
+    const int64_t n = logits.rows(), E = logits.cols();
+    FP8_RETURN_IF_ERROR(need(bias.numel() == E && scores.numel() == n * E, "router_topk",
+                             "bias [E] and scores [n, E] required", scores));
+    FP8_RETURN_IF_ERROR(need(idx.numel() == n * topk && gates.numel() == n * topk, "router_topk",
+                             "idx and gates must be [n, topk]", idx));
+    if (n_groups < 1 || E % n_groups || max_groups < 1 || max_groups > n_groups ||
+        topk > (E / n_groups) * max_groups) {
+      return FP8_INVALID(
+          "router_topk: experts={} groups={} max_groups={} topk={}: need groups | "
+          "experts, 1 <= max_groups <= groups, topk <= experts/groups * max_groups",
+          E, n_groups, max_groups, topk);
+    }
+    FP8_GPU("router_topk",
+            g::router_topk(logits.data_as<float>(), bias.data_as<float>(), n, E, topk, n_groups,
+                           max_groups, route_scale, scores.data_as<float>(), idx.data_as<int32_t>(),
+                           gates.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(f32("gather_rows", {&in, &out}));
+    FP8_RETURN_IF_ERROR(i32("gather_rows", rows));
+    FP8_RETURN_IF_ERROR(need(out.numel() == rows.numel() * in.cols(), "gather_rows",
+                             "out must be [len(rows), cols(in)]", out));
+    FP8_GPU("gather_rows", g::gather_rows(in.data_as<float>(), rows.data_as<int32_t>(),
+                                          rows.numel(), in.cols(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
+                          Tensor& out) override {
+    FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&in, &out}));
+    FP8_RETURN_IF_ERROR(i32("scatter_add_rows", rows));
+    if (w.defined()) {
+      FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&w}));
+      FP8_RETURN_IF_ERROR(same("scatter_add_rows", rows, w));
+    }
+    FP8_RETURN_IF_ERROR(need(in.numel() == rows.numel() * out.cols(), "scatter_add_rows",
+                             "in must be [len(rows), cols(out)]", in));
+    FP8_GPU("scatter_add_rows",
+            g::scatter_add_rows(in.data_as<float>(), rows.data_as<int32_t>(),
+                                w.defined() ? w.data_as<float>() : nullptr, rows.numel(),
+                                out.cols(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status add(const Tensor& a, const Tensor& b, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(f32("add", {&a, &b, &out}));
+    FP8_RETURN_IF_ERROR(same("add", a, b));
+    FP8_RETURN_IF_ERROR(same("add", a, out));
+    FP8_GPU("add",
+            g::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status axpy(float alpha, const Tensor& x, Tensor& y) override {
+    FP8_RETURN_IF_ERROR(f32("axpy", {&x, &y}));
+    FP8_RETURN_IF_ERROR(same("axpy", x, y));
+    FP8_GPU("axpy", g::axpy(alpha, x.data_as<float>(), x.numel(), y.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+  Status round_bf16(const Tensor& x, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(f32("round_bf16", {&x, &out}));
+    FP8_RETURN_IF_ERROR(same("round_bf16", x, out));
+    FP8_GPU("round_bf16",
+            g::round_bf16(x.data_as<float>(), x.numel(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
+ private:
+  cudaStream_t cur() const { return tl_current ? tl_current : ctx_->compute; }
+
+  // A device buffer from the stream-ordered pool, allocated on `alloc_stream`, freed on the
+  // compute stream (tensors) or on `alloc_stream` (temporaries: see the file comment).
+  Result<std::shared_ptr<Buffer>> alloc(size_t bytes, cudaStream_t alloc_stream) {
+    auto buf = std::make_shared<Buffer>();
+    buf->bytes = bytes;
+    buf->device = Device::kCuda;
+    if (!bytes) return buf;
+    FP8_CUDA("cudaSetDevice", cudaSetDevice(ctx_->device));
+    const cudaStream_t s = alloc_stream == ctx_->compute ? cur() : alloc_stream;
+    const cudaError_t e = cudaMallocAsync(&buf->ptr, bytes, s);
+    if (e != cudaSuccess) {
+      return Status(Code::kInternal,
+                    fmt::format("out of device memory allocating {} bytes on cuda:{}: {}", bytes,
+                                ctx_->device, cudaGetErrorString(e)),
+                    "reduce the micro-batch or sequence length, or use more pipeline stages");
+    }
+    const cudaStream_t free_on = alloc_stream == ctx_->compute ? ctx_->compute : alloc_stream;
+    std::shared_ptr<DeviceCtx> ctx = ctx_;
+    buf->release = [ctx, free_on](void* p) {
+      cudaSetDevice(ctx->device);
+      cudaFreeAsync(p, free_on);
+    };
+    return buf;
+  }
+
+  // An fp32 temporary of one op, freed on the stream that uses it.
+  Result<Tensor> temp(const Shape& shape) {
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(numel(shape) * sizeof(float), cur()));
+    return Tensor(shape, DType::kF32, std::move(buf));
+  }
+
+  // A zeroed device counter for the kernels' non-finite group count (null when not asked for).
+  Result<std::shared_ptr<Buffer>> counter(int64_t* wanted) {
+    if (!wanted) return std::shared_ptr<Buffer>();
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(sizeof(int), cur()));
+    FP8_CUDA("counter", cudaMemsetAsync(buf->ptr, 0, sizeof(int), cur()));
+    return buf;
+  }
+  Status read_counter(int* dev, int64_t* out) {
+    if (!dev) return Status::Ok();
+    int h = 0;
+    FP8_CUDA("nonfinite count",
+             cudaMemcpyAsync(&h, dev, sizeof(int), cudaMemcpyDeviceToHost, cur()));
+    FP8_CUDA("nonfinite count", cudaStreamSynchronize(cur()));
+    *out = h;
+    return Status::Ok();
+  }
+
+  // (position, value) of the first id outside [lo, hi), or (-1, 0). Synchronizes the stream.
+  Result<std::pair<int64_t, int32_t>> first_bad(const Tensor& ids, int64_t lo, int64_t hi) {
+    const int64_t n = ids.numel();
+    if (n == 0) return std::pair<int64_t, int32_t>{-1, 0};
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(sizeof(int64_t), cur()));
+    int64_t h = n;
+    FP8_CUDA("index check",
+             cudaMemcpyAsync(buf->ptr, &h, sizeof(h), cudaMemcpyHostToDevice, cur()));
+    FP8_GPU("index check", g::find_bad_index(ids.data_as<int32_t>(), n, lo, hi,
+                                             static_cast<int64_t*>(buf->ptr), cur()));
+    FP8_CUDA("index check",
+             cudaMemcpyAsync(&h, buf->ptr, sizeof(h), cudaMemcpyDeviceToHost, cur()));
+    FP8_CUDA("index check", cudaStreamSynchronize(cur()));
+    if (h >= n) return std::pair<int64_t, int32_t>{-1, 0};
+    int32_t v = 0;
+    FP8_CUDA("index check", cudaMemcpyAsync(&v, ids.data_as<int32_t>() + h, sizeof(v),
+                                            cudaMemcpyDeviceToHost, cur()));
+    FP8_CUDA("index check", cudaStreamSynchronize(cur()));
+    return std::pair<int64_t, int32_t>{h, v};
+  }
+
+  // Pair frequencies theta^(-2i/d) in double, computed on the host exactly as kernels/cpu/ops.cc
+  // does, uploaded once per (d, theta).
+  Result<const double*> rope_freq(int64_t d, float theta) {
+    uint32_t tb;
+    std::memcpy(&tb, &theta, 4);
+    std::lock_guard<std::mutex> lk(ctx_->mu);
+    auto it = ctx_->freq.find({d, tb});
+    if (it != ctx_->freq.end()) return static_cast<const double*>(it->second);
+    const int64_t half = d / 2;
+    std::vector<double> freq(half);
+    for (int64_t i = 0; i < half; ++i) {
+      freq[i] = std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / d);
+    }
+    void* raw = nullptr;
+    FP8_CUDA("rope table", cudaMalloc(&raw, std::max<int64_t>(half, 1) * sizeof(double)));
+    double* p = static_cast<double*>(raw);
+    FP8_CUDA("rope table",
+             cudaMemcpy(p, freq.data(), half * sizeof(double), cudaMemcpyHostToDevice));
+    ctx_->freq[{d, tb}] = p;
+    return static_cast<const double*>(p);
+  }
+
+  // Row-major C[M][N] = alpha op(A) op(B) + beta C as the column-major C^T = op(B)^T op(A)^T.
+  Status sgemm(const float* a, int64_t lda, bool ta, const float* b, int64_t ldb, bool tb, float* c,
+               int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    if (M == 0 || N == 0) return Status::Ok();
+    std::lock_guard<std::mutex> lk(blas_mu_);
+    const cublasStatus_t s1 = cublasSetStream(ctx_->blas, cur());
+    const cublasStatus_t s2 =
+        cublasSgemm(ctx_->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                    static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, b,
+                    static_cast<int>(std::max<int64_t>(ldb, 1)), a,
+                    static_cast<int>(std::max<int64_t>(lda, 1)), &beta, c, static_cast<int>(N));
+    if (s1 != CUBLAS_STATUS_SUCCESS || s2 != CUBLAS_STATUS_SUCCESS) {
+      return FP8_ERROR(Code::kInternal, "gemm: cublasSgemm M={} N={} K={}: {}", M, N, K,
+                       g::cublas_status_name(s2 != CUBLAS_STATUS_SUCCESS ? s2 : s1));
+    }
+    return Status::Ok();
+  }
+
+  // The CPU's kFast path for shapes cuBLASLt's FP8 kernels do not take: exact dequantize of both
+  // operands, fp32 GEMM, and (for a bf16 output) one RNE rounding of the fp32 result.
+  Status gemm_fp8_fallback(const Tensor& a, const Tensor& b, Tensor& out, const std::string& why) {
+    const int64_t M = a.rows(), N = b.rows(), K = a.cols();
+    {
+      std::lock_guard<std::mutex> lk(ctx_->mu);
+      if (ctx_->fallback_logged.insert({M, N, K}).second) {
+        log::warn("gemm_fp8 {}x{}x{}: not a cuBLASLt FP8 shape ({}); using dequantize + fp32 GEMM",
+                  M, N, K, why);
+      }
+    }
+    FP8_ASSIGN_OR_RETURN(Tensor da, temp({M, K}));
+    FP8_ASSIGN_OR_RETURN(Tensor db, temp({N, K}));
+    FP8_RETURN_IF_ERROR(dequantize(a, da));
+    FP8_RETURN_IF_ERROR(dequantize(b, db));
+    if (out.dtype() == DType::kF32) {
+      return sgemm(da.data_as<float>(), K, false, db.data_as<float>(), K, true,
+                   out.data_as<float>(), M, N, K, 1.0f, 0.0f);
+    }
+    FP8_ASSIGN_OR_RETURN(Tensor tmp, temp({M, N}));
+    FP8_RETURN_IF_ERROR(sgemm(da.data_as<float>(), K, false, db.data_as<float>(), K, true,
+                              tmp.data_as<float>(), M, N, K, 1.0f, 0.0f));
+    FP8_GPU("gemm_fp8",
+            g::f32_to_bf16(tmp.data_as<float>(), M * N, out.data_as<uint16_t>(), cur()));
+    return Status::Ok();
+  }
+
+  std::shared_ptr<DeviceCtx> ctx_;
+  std::string name_;
+  CudaStream compute_;
+  std::mutex blas_mu_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    return Status(
+        Code::kUnimplemented,
+        fmt::format("no CUDA device ({})", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e)),
+        "run on a GPU machine, or use the CPU backend");
+  }
+  if (device_index < 0 || device_index >= count) {
+    return FP8_INVALID("CUDA device {} does not exist: {} device(s) visible", device_index, count);
+  }
+  cudaDeviceProp prop{};
+  FP8_CUDA("cudaGetDeviceProperties", cudaGetDeviceProperties(&prop, device_index));
+  if (prop.major != 9 || prop.minor != 0) {
+    return Status(Code::kUnimplemented,
+                  fmt::format("CUDA device {} ({}) is sm_{}{}; fp8pipe's kernels are built for "
+                              "sm_90a (Hopper) only",
+                              device_index, prop.name, prop.major, prop.minor),
+                  "FP8 block scaling in cuBLASLt needs sm_90 (FP8.md §3.1)");
+  }
+  FP8_CUDA("cudaSetDevice", cudaSetDevice(device_index));
+  // Keep freed memory in the device's pool instead of returning it to the driver at every sync.
+  cudaMemPool_t pool = nullptr;
+  FP8_CUDA("cudaDeviceGetDefaultMemPool", cudaDeviceGetDefaultMemPool(&pool, device_index));
+  uint64_t threshold = UINT64_MAX;
+  FP8_CUDA("cudaMemPoolSetAttribute",
+           cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  auto ctx = std::make_shared<DeviceCtx>();
+  ctx->device = device_index;
+  FP8_CUDA("cudaStreamCreate", cudaStreamCreateWithFlags(&ctx->compute, cudaStreamNonBlocking));
+  if (cublasCreate(&ctx->blas) != CUBLAS_STATUS_SUCCESS) {
+    return FP8_ERROR(Code::kInternal, "cublasCreate failed on cuda:{}", device_index);
+  }
+  // fp32 GEMMs stay fp32 (no TF32): the CPU backend is the reference.
+  if (cublasSetMathMode(ctx->blas, CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS) {
+    return FP8_ERROR(Code::kInternal, "cublasSetMathMode failed on cuda:{}", device_index);
+  }
+  return std::unique_ptr<Backend>(
+      std::make_unique<CudaBackend>(ctx, fmt::format("cuda:{} ({})", device_index, prop.name)));
+}
+
+}  // namespace fp8pipe

@@ -1,0 +1,666 @@
+// CUDA model operators (kernels/cuda/ops.cuh): the kernels/cpu/ops.cc math on the GPU, written
+// for equality with the CPU reference first and speed second.
+//
+// Kernel shapes:
+// - elementwise ops (add, axpy, swiglu, round_bf16, AdamW, gather, embedding forward): grid-stride
+//   loops, one element per thread per iteration; same expression order as the CPU (no FMA: the
+//   build uses -fmad=false), so results are bit-identical where the math has no libm call.
+// - accumulating ops whose CPU loop runs over rows in order (embedding backward, scatter_add_rows,
+//   rmsnorm's dw): one thread per column walks the rows in the CPU's order. Duplicate ids then add
+//   in the same order as on the CPU: deterministic and bit-identical, with D-way parallelism only
+//   (a sort-based segmented reduction is the faster follow-up).
+// - row reductions (rmsnorm, cross-entropy): one 256-thread block per row, double accumulation
+//   like the CPU but tree-reduced.
+// - attention: one warp per query row (forward, dQ) or key row (dK, dV), head dims spread over
+//   the lanes (<= 8 per lane, d <= 256), one key (query) per iteration with a xor-butterfly warp
+//   dot product (every lane gets the same bits), online softmax in fp32. No T x T buffer, no
+//   atomics: the backward is two passes (dQ and D_i by query rows; dK, dV by key rows, re-forming
+//   P from the saved lse). Chosen over cuBLAS-batched GEMMs for its O(T) memory and deterministic
+//   backward; it is a correctness baseline, not a tensor-core kernel (the tiled
+//   FlashAttention-style version is the follow-up for the throughput goals of issue #7).
+// - router: one thread per token running the CPU's insertion top-k and group limit verbatim.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cpu/fp8_codec.h"
+#include "kernels/cuda/ops.cuh"
+
+namespace fp8pipe::kernels::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kColThreads = 128;
+constexpr int kMaxPerLane = static_cast<int>(kAttnMaxHeadDim / 32);
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+int grid_for(int64_t n, int per = kThreads) {
+  const int64_t b = (n + per - 1) / per;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 8));
+}
+
+__device__ __forceinline__ int64_t gtid() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t gstride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// xor-butterfly sum: every lane ends with the same bits (each pairwise add is commutative).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Block-wide reductions for kThreads threads; the result is returned to every thread.
+__device__ double block_sum_d(double v) {
+  __shared__ double sh[kThreads / 32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  v = warp_sum_d(v);
+  __syncthreads();  // sh may still be read by a previous call
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  double r = 0.0;
+  for (int w = 0; w < kThreads / 32; ++w) r += sh[w];
+  return r;
+}
+__device__ float block_max(float v) {
+  __shared__ float sh[kThreads / 32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  float r = -INFINITY;
+  for (int w = 0; w < kThreads / 32; ++w) r = fmaxf(r, sh[w]);
+  return r;
+}
+
+// ---- indices, embedding, rows ------------------------------------------------------------------
+
+__global__ void k_find_bad(const int32_t* ids, int64_t n, int64_t lo, int64_t hi,
+                           unsigned long long* first) {
+  for (int64_t i = gtid(); i < n; i += gstride()) {
+    const int64_t v = ids[i];
+    if (v < lo || v >= hi) atomicMin(first, static_cast<unsigned long long>(i));
+  }
+}
+
+__global__ void k_gather(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out) {
+  for (int64_t i = gtid(); i < n * D; i += gstride()) {
+    const int64_t r = i / D, c = i - r * D;
+    out[i] = in[static_cast<int64_t>(rows[r]) * D + c];
+  }
+}
+
+// One thread per column, rows in order (the CPU's order for every output element).
+__global__ void k_scatter_add_cols(const float* in, const int32_t* rows, const float* w, int64_t n,
+                                   int64_t D, float* out) {
+  const int64_t c = gtid();
+  if (c >= D) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = w ? w[i] : 1.0f;
+    float* y = out + static_cast<int64_t>(rows[i]) * D + c;
+    *y = *y + a * in[i * D + c];
+  }
+}
+
+// ---- rmsnorm
+// --------------------------------------------------------------------------------------
+
+__global__ void k_rmsnorm_fwd(const float* x, const float* w, int64_t D, float eps, float* y,
+                              float* rstd) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * D;
+  double ss = 0.0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) ss += static_cast<double>(xr[c]) * xr[c];
+  ss = block_sum_d(ss);
+  const float rs = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
+  if (threadIdx.x == 0) rstd[r] = rs;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) y[r * D + c] = xr[c] * rs * w[c];
+}
+
+__global__ void k_rmsnorm_bwd_dx(const float* dy, const float* x, const float* w, const float* rstd,
+                                 int64_t D, float* dx) {
+  const int64_t r = blockIdx.x;
+  const float *xr = x + r * D, *dyr = dy + r * D;
+  const float rs = rstd[r];
+  double dot = 0.0;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) {
+    dot += static_cast<double>(xr[c]) * w[c] * dyr[c];
+  }
+  dot = block_sum_d(dot);
+  const float k = static_cast<float>(dot / static_cast<double>(D)) * (rs * rs * rs);
+  for (int64_t c = threadIdx.x; c < D; c += kThreads)
+    dx[r * D + c] = rs * (w[c] * dyr[c]) - xr[c] * k;
+}
+
+__global__ void k_rmsnorm_bwd_dw(const float* dy, const float* x, const float* rstd, int64_t n,
+                                 int64_t D, float* dw) {
+  const int64_t c = gtid();
+  if (c >= D) return;
+  float acc = dw[c];
+  for (int64_t r = 0; r < n; ++r) acc = acc + dy[r * D + c] * (x[r * D + c] * rstd[r]);
+  dw[c] = acc;
+}
+
+// ---- rope ---------------------------------------------------------------------------------------
+
+__global__ void k_rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d,
+                       const double* freq, bool inverse) {
+  const int64_t half = d / 2, total = n * H * half;
+  const double sign = inverse ? -1.0 : 1.0;
+  for (int64_t t = gtid(); t < total; t += gstride()) {
+    const int64_t i = t % half, rh = t / half, r = rh / H;
+    const double ang = static_cast<double>(pos[r]) * freq[i];
+    const float cs = static_cast<float>(cos(ang));
+    const float sn = static_cast<float>(sign * sin(ang));
+    float* xh = x + rh * d;
+    const float a = xh[2 * i], b = xh[2 * i + 1];
+    xh[2 * i] = a * cs - b * sn;
+    xh[2 * i + 1] = a * sn + b * cs;
+  }
+}
+
+// ---- attention
+// ------------------------------------------------------------------------------------
+
+struct AttnArgs {
+  int64_t B, T, H, dk, dv;
+  float scale;
+};
+
+// Loads row[c] for c = lane + 32 t (zeros past d).
+__device__ __forceinline__ void load_row(const float* row, int64_t d, int lane, float* r) {
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    r[t] = c < d ? row[c] : 0.0f;
+  }
+}
+// Dot of a register row with a memory row, reduced over the warp.
+__device__ __forceinline__ float dot_row(const float* r, const float* row, int64_t d, int lane) {
+  float part = 0.0f;
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < d) part += r[t] * row[c];
+  }
+  return warp_sum(part);
+}
+
+// Row (b, t, h) of a [B][T][H][d] tensor.
+__device__ __forceinline__ int64_t row_off(int64_t b, int64_t t, int64_t h, const AttnArgs& a,
+                                           int64_t d) {
+  return ((b * a.T + t) * a.H + h) * d;
+}
+
+__global__ void k_attn_fwd(const float* q, const float* k, const float* v, AttnArgs a, float* o,
+                           float* lse) {
+  const int64_t wid = gtid() / 32;
+  const int lane = threadIdx.x & 31;
+  if (wid >= a.B * a.H * a.T) return;
+  const int64_t bh = wid / a.T, i = wid % a.T, b = bh / a.H, h = bh % a.H;
+  float qr[kMaxPerLane], acc[kMaxPerLane];
+  load_row(q + row_off(b, i, h, a, a.dk), a.dk, lane, qr);
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) acc[t] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j = 0; j <= i; ++j) {
+    const float s = dot_row(qr, k + row_off(b, j, h, a, a.dk), a.dk, lane) * a.scale;
+    const float mn = fmaxf(m, s);
+    const float corr = expf(m - mn);
+    const float p = expf(s - mn);
+    l = l * corr + p;
+    const float* vj = v + row_off(b, j, h, a, a.dv);
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int64_t c = lane + 32 * t;
+      if (c < a.dv) acc[t] = acc[t] * corr + p * vj[c];
+    }
+    m = mn;
+  }
+  const float inv_l = 1.0f / l;
+  float* oi = o + row_off(b, i, h, a, a.dv);
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < a.dv) oi[c] = acc[t] * inv_l;
+  }
+  if (lane == 0) lse[bh * a.T + i] = m + logf(l);
+}
+
+// dQ by query rows; also stores D_i = rowsum(dO_i * O_i) for the key pass.
+__global__ void k_attn_bwd_dq(const float* dout, const float* q, const float* k, const float* v,
+                              const float* o, const float* lse, AttnArgs a, float* dq,
+                              float* dsum) {
+  const int64_t wid = gtid() / 32;
+  const int lane = threadIdx.x & 31;
+  if (wid >= a.B * a.H * a.T) return;
+  const int64_t bh = wid / a.T, i = wid % a.T, b = bh / a.H, h = bh % a.H;
+  float qr[kMaxPerLane], dor[kMaxPerLane], g[kMaxPerLane];
+  load_row(q + row_off(b, i, h, a, a.dk), a.dk, lane, qr);
+  load_row(dout + row_off(b, i, h, a, a.dv), a.dv, lane, dor);
+  const float Di = dot_row(dor, o + row_off(b, i, h, a, a.dv), a.dv, lane);
+  if (lane == 0) dsum[bh * a.T + i] = Di;
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) g[t] = 0.0f;
+  const float li = lse[bh * a.T + i];
+  for (int64_t j = 0; j <= i; ++j) {
+    const float* kj = k + row_off(b, j, h, a, a.dk);
+    const float p = expf(dot_row(qr, kj, a.dk, lane) * a.scale - li);
+    const float dp = dot_row(dor, v + row_off(b, j, h, a, a.dv), a.dv, lane);
+    const float ds = p * (dp - Di) * a.scale;
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int64_t c = lane + 32 * t;
+      if (c < a.dk) g[t] += ds * kj[c];
+    }
+  }
+  float* dqi = dq + row_off(b, i, h, a, a.dk);
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < a.dk) dqi[c] = g[t];
+  }
+}
+
+// dK, dV by key rows j, over the queries i >= j.
+__global__ void k_attn_bwd_dkdv(const float* dout, const float* q, const float* k, const float* v,
+                                const float* lse, const float* dsum, AttnArgs a, float* dk,
+                                float* dv) {
+  const int64_t wid = gtid() / 32;
+  const int lane = threadIdx.x & 31;
+  if (wid >= a.B * a.H * a.T) return;
+  const int64_t bh = wid / a.T, j = wid % a.T, b = bh / a.H, h = bh % a.H;
+  float kr[kMaxPerLane], vr[kMaxPerLane], gk[kMaxPerLane], gv[kMaxPerLane];
+  load_row(k + row_off(b, j, h, a, a.dk), a.dk, lane, kr);
+  load_row(v + row_off(b, j, h, a, a.dv), a.dv, lane, vr);
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) gk[t] = gv[t] = 0.0f;
+  for (int64_t i = j; i < a.T; ++i) {
+    const float* qi = q + row_off(b, i, h, a, a.dk);
+    const float* doi = dout + row_off(b, i, h, a, a.dv);
+    const float p = expf(dot_row(kr, qi, a.dk, lane) * a.scale - lse[bh * a.T + i]);
+    const float dp = dot_row(vr, doi, a.dv, lane);
+    const float ds = p * (dp - dsum[bh * a.T + i]) * a.scale;
+#pragma unroll
+    for (int t = 0; t < kMaxPerLane; ++t) {
+      const int64_t c = lane + 32 * t;
+      if (c < a.dk) gk[t] += ds * qi[c];
+      if (c < a.dv) gv[t] += p * doi[c];
+    }
+  }
+  float* dkj = dk + row_off(b, j, h, a, a.dk);
+  float* dvj = dv + row_off(b, j, h, a, a.dv);
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < a.dk) dkj[c] = gk[t];
+    if (c < a.dv) dvj[c] = gv[t];
+  }
+}
+
+// ---- swiglu, cross-entropy --------------------------------------------------------------------
+
+__global__ void k_swiglu_fwd(const float* g, const float* u, int64_t n, float* h) {
+  for (int64_t i = gtid(); i < n; i += gstride()) h[i] = g[i] * sigmoidf_(g[i]) * u[i];
+}
+
+__global__ void k_swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg,
+                             float* du) {
+  for (int64_t i = gtid(); i < n; i += gstride()) {
+    const float s = sigmoidf_(g[i]);
+    dg[i] = dh[i] * u[i] * (s + g[i] * s * (1.0f - s));
+    du[i] = dh[i] * g[i] * s;
+  }
+}
+
+// (max, log-sum) of one row, as kernels/cpu/ops.cc log_sum_exp: the sum of float exps in double.
+struct RowLse {
+  float m;
+  double ls;
+};
+__device__ RowLse row_lse(const float* x, int64_t V) {
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) m = fmaxf(m, x[j]);
+  m = block_max(m);
+  double s = 0.0;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) s += static_cast<double>(expf(x[j] - m));
+  s = block_sum_d(s);
+  return {m, log(s)};
+}
+
+__global__ void k_ce_fwd(const float* logits, const int32_t* targets, int64_t V, float* loss) {
+  const int64_t r = blockIdx.x;
+  const int32_t t = targets[r];
+  if (t < 0) {
+    if (threadIdx.x == 0) loss[r] = 0.0f;
+    return;
+  }
+  const float* x = logits + r * V;
+  const RowLse l = row_lse(x, V);
+  if (threadIdx.x == 0) {
+    loss[r] = static_cast<float>(static_cast<double>(l.m) - x[t] + l.ls);
+  }
+}
+
+__global__ void k_ce_bwd(const float* logits, const int32_t* targets, int64_t V, float row_scale,
+                         float* dlogits) {
+  const int64_t r = blockIdx.x;
+  const int32_t t = targets[r];
+  float* d = dlogits + r * V;
+  if (t < 0) {
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) d[j] = 0.0f;
+    return;
+  }
+  const float* x = logits + r * V;
+  const RowLse l = row_lse(x, V);
+  const float ls = static_cast<float>(l.ls);
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    float v = expf((x[j] - l.m) - ls) * row_scale;
+    if (j == t) v -= row_scale;
+    d[j] = v;
+  }
+}
+
+// ---- router -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ bool ranks_before(float va, int64_t ia, float vb, int64_t ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// kernels/cpu/ops.cc top_k, verbatim.
+__device__ void top_k_dev(const float* val, const uint8_t* allowed, int64_t n, int64_t k,
+                          int32_t* out) {
+  if (k <= 0) return;
+  int64_t m = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    if (allowed && !allowed[e]) continue;
+    if (m == k && !ranks_before(val[e], e, val[out[k - 1]], out[k - 1])) continue;
+    int64_t pos = m < k ? m++ : k - 1;
+    while (pos > 0 && ranks_before(val[e], e, val[out[pos - 1]], out[pos - 1])) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = static_cast<int32_t>(e);
+  }
+}
+
+__global__ void k_router(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
+                         int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
+                         int32_t* idx, float* gates) {
+  const int64_t r = gtid();
+  if (r >= n) return;
+  float biased[kRouterMaxExperts];
+  uint8_t allowed[kRouterMaxExperts];
+  const bool limited = n_groups > 1 && max_groups < n_groups;
+  float* s = scores + r * E;
+  for (int64_t e = 0; e < E; ++e) {
+    s[e] = sigmoidf_(logits[r * E + e]);
+    biased[e] = s[e] + (bias ? bias[e] : 0.0f);
+  }
+  if (limited) {  // kernels/cpu/ops.cc limit_groups, verbatim
+    const int64_t gsize = E / n_groups;
+    const int64_t per = min(gsize, max(int64_t{1}, topk / max_groups));
+    int32_t best[kRouterMaxExperts];
+    int32_t kept[kRouterMaxGroups];
+    float gscore[kRouterMaxGroups];
+    for (int64_t g = 0; g < n_groups; ++g) {
+      top_k_dev(biased + g * gsize, nullptr, gsize, per, best);
+      float sum = 0.0f;
+      for (int64_t q = 0; q < per; ++q) sum += biased[g * gsize + best[q]];
+      gscore[g] = sum;
+    }
+    top_k_dev(gscore, nullptr, n_groups, max_groups, kept);
+    for (int64_t e = 0; e < E; ++e) allowed[e] = 0;
+    for (int64_t q = 0; q < max_groups; ++q) {
+      for (int64_t e = kept[q] * gsize; e < (kept[q] + 1) * gsize; ++e) allowed[e] = 1;
+    }
+  }
+  int32_t* ir = idx + r * topk;
+  top_k_dev(biased, limited ? allowed : nullptr, E, topk, ir);
+  float sum = 0.0f;
+  for (int64_t t = 0; t < topk; ++t) sum += s[ir[t]];
+  for (int64_t t = 0; t < topk; ++t) gates[r * topk + t] = s[ir[t]] / sum * route_scale;
+}
+
+// ---- elementwise --------------------------------------------------------------------------------
+
+__global__ void k_add(const float* a, const float* b, int64_t n, float* out) {
+  for (int64_t i = gtid(); i < n; i += gstride()) out[i] = a[i] + b[i];
+}
+__global__ void k_axpy(float alpha, const float* x, int64_t n, float* y) {
+  for (int64_t i = gtid(); i < n; i += gstride()) y[i] = y[i] + alpha * x[i];
+}
+__global__ void k_round_bf16(const float* x, int64_t n, float* out) {
+  for (int64_t i = gtid(); i < n; i += gstride()) out[i] = bf16_to_float(float_to_bf16(x[i]));
+}
+__global__ void k_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = gtid(); i < n; i += gstride()) out[i] = float_to_bf16(x[i]);
+}
+
+// kernels/cpu/adamw.cc adamw_step, operation for operation.
+__global__ void k_adamw(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
+                        AdamWScalars s) {
+  for (int64_t i = gtid(); i < n; i += gstride()) {
+    const float gi = g[i] * s.grad_scale;
+    float mi = bf16_to_float(m[i]);
+    float vi = bf16_to_float(v[i]);
+    const float m_decayed = s.beta1 * mi;
+    const float m_new = s.one_minus_beta1 * gi;
+    mi = m_decayed + m_new;
+    const float g2 = gi * gi;
+    const float v_decayed = s.beta2 * vi;
+    const float v_new = s.one_minus_beta2 * g2;
+    vi = v_decayed + v_new;
+    const float root = __fsqrt_rn(vi);
+    const float scaled_root = __fdiv_rn(root, s.sqrt_bc2);
+    const float denom = scaled_root + s.eps;
+    const float ratio = __fdiv_rn(mi, denom);
+    const float delta = s.step_size * ratio;
+    const float decayed = p[i] * s.decay;
+    p[i] = decayed - delta;
+    m[i] = float_to_bf16(mi);
+    v[i] = float_to_bf16(vi);
+  }
+}
+
+}  // namespace
+
+#define FP8PIPE_LAUNCH(kernel, grid, block, stream, ...)   \
+  do {                                                     \
+    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__); \
+    FP8PIPE_CUDA_LAUNCH_CHECK();                           \
+  } while (0)
+
+Result find_bad_index(const int32_t* ids, int64_t n, int64_t lo, int64_t hi, int64_t* first_bad,
+                      cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_find_bad, grid_for(n), kThreads, stream, ids, n, lo, hi,
+                 reinterpret_cast<unsigned long long*>(first_bad));
+  return Result::Ok();
+}
+
+Result embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t D, float* out,
+                     cudaStream_t stream) {
+  if (n * D == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_gather, grid_for(n * D), kThreads, stream, table, ids, n, D, out);
+  return Result::Ok();
+}
+
+Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable,
+                         cudaStream_t stream) {
+  return scatter_add_rows(dout, ids, nullptr, n, D, dtable, stream);
+}
+
+Result rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float eps, float* y,
+                   float* rstd, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "rmsnorm_fwd: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_rmsnorm_fwd, static_cast<unsigned>(n), kThreads, stream, x, w, D, eps, y, rstd);
+  return Result::Ok();
+}
+
+Result rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, int64_t n,
+                   int64_t D, float* dx, float* dw_acc, cudaStream_t stream) {
+  if (n == 0 || D == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "rmsnorm_bwd: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_rmsnorm_bwd_dx, static_cast<unsigned>(n), kThreads, stream, dy, x, w, rstd, D,
+                 dx);
+  FP8PIPE_LAUNCH(k_rmsnorm_bwd_dw, grid_for(D, kColThreads), kColThreads, stream, dy, x, rstd, n, D,
+                 dw_acc);
+  return Result::Ok();
+}
+
+Result rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
+            bool inverse, cudaStream_t stream) {
+  const int64_t total = n * H * (d / 2);
+  if (total == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_rope, grid_for(total), kThreads, stream, x, pos, n, H, d, freq, inverse);
+  return Result::Ok();
+}
+
+namespace {
+Result check_attn(int64_t B, int64_t T, int64_t H, int64_t dk, int64_t dv) {
+  FP8PIPE_REQUIRE(dk <= kAttnMaxHeadDim && dv <= kAttnMaxHeadDim,
+                  "attention: head dims dk=" + std::to_string(dk) + " dv=" + std::to_string(dv) +
+                      " exceed the warp-per-row kernel's limit of " +
+                      std::to_string(kAttnMaxHeadDim));
+  FP8PIPE_REQUIRE(B * H * T * 32 < (int64_t{1} << 40), "attention: too many rows");
+  return Result::Ok();
+}
+constexpr int kAttnThreads = 128;  // 4 warps = 4 rows per block
+int attn_grid(int64_t rows) {
+  return static_cast<int>((rows * 32 + kAttnThreads - 1) / kAttnThreads);
+}
+}  // namespace
+
+Result attention_fwd(const float* q, const float* k, const float* v, int64_t B, int64_t T,
+                     int64_t H, int64_t dk, int64_t dv, float scale, float* o, float* lse,
+                     cudaStream_t stream) {
+  FP8PIPE_GPU_TRY(check_attn(B, T, H, dk, dv));
+  const int64_t rows = B * H * T;
+  if (rows == 0) return Result::Ok();
+  const AttnArgs a{B, T, H, dk, dv, scale};
+  FP8PIPE_LAUNCH(k_attn_fwd, attn_grid(rows), kAttnThreads, stream, q, k, v, a, o, lse);
+  return Result::Ok();
+}
+
+Result attention_bwd(const float* dout, const float* q, const float* k, const float* v,
+                     const float* o, const float* lse, int64_t B, int64_t T, int64_t H, int64_t dk,
+                     int64_t dv, float scale, float* dq, float* dk_out, float* dv_out,
+                     float* dscratch, cudaStream_t stream) {
+  FP8PIPE_GPU_TRY(check_attn(B, T, H, dk, dv));
+  const int64_t rows = B * H * T;
+  if (rows == 0) return Result::Ok();
+  const AttnArgs a{B, T, H, dk, dv, scale};
+  FP8PIPE_LAUNCH(k_attn_bwd_dq, attn_grid(rows), kAttnThreads, stream, dout, q, k, v, o, lse, a, dq,
+                 dscratch);
+  FP8PIPE_LAUNCH(k_attn_bwd_dkdv, attn_grid(rows), kAttnThreads, stream, dout, q, k, v, lse,
+                 dscratch, a, dk_out, dv_out);
+  return Result::Ok();
+}
+
+Result swiglu_fwd(const float* g, const float* u, int64_t n, float* h, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_swiglu_fwd, grid_for(n), kThreads, stream, g, u, n, h);
+  return Result::Ok();
+}
+
+Result swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du,
+                  cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_swiglu_bwd, grid_for(n), kThreads, stream, dh, g, u, n, dg, du);
+  return Result::Ok();
+}
+
+Result cross_entropy_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                         float* loss, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "cross_entropy_fwd: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_ce_fwd, static_cast<unsigned>(n), kThreads, stream, logits, targets, V, loss);
+  return Result::Ok();
+}
+
+Result cross_entropy_bwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                         float row_scale, float* dlogits, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "cross_entropy_bwd: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_ce_bwd, static_cast<unsigned>(n), kThreads, stream, logits, targets, V,
+                 row_scale, dlogits);
+  return Result::Ok();
+}
+
+Result router_topk(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
+                   int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
+                   int32_t* idx, float* gates, cudaStream_t stream) {
+  FP8PIPE_REQUIRE(E <= kRouterMaxExperts && topk <= kRouterMaxTopk && n_groups <= kRouterMaxGroups,
+                  "router_topk: experts=" + std::to_string(E) + " topk=" + std::to_string(topk) +
+                      " groups=" + std::to_string(n_groups) + " exceed the kernel's limits (" +
+                      std::to_string(kRouterMaxExperts) + ", " + std::to_string(kRouterMaxTopk) +
+                      ", " + std::to_string(kRouterMaxGroups) + ")");
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_router, grid_for(n, 64), 64, stream, logits, bias, n, E, topk, n_groups,
+                 max_groups, route_scale, scores, idx, gates);
+  return Result::Ok();
+}
+
+Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
+                   cudaStream_t stream) {
+  if (n * D == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_gather, grid_for(n * D), kThreads, stream, in, rows, n, D, out);
+  return Result::Ok();
+}
+
+Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
+                        float* out, cudaStream_t stream) {
+  if (n == 0 || D == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_scatter_add_cols, grid_for(D, kColThreads), kColThreads, stream, in, rows, w, n,
+                 D, out);
+  return Result::Ok();
+}
+
+Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_add, grid_for(n), kThreads, stream, a, b, n, out);
+  return Result::Ok();
+}
+
+Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_axpy, grid_for(n), kThreads, stream, alpha, x, n, y);
+  return Result::Ok();
+}
+
+Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_round_bf16, grid_for(n), kThreads, stream, x, n, out);
+  return Result::Ok();
+}
+
+Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_to_bf16, grid_for(n), kThreads, stream, x, n, out);
+  return Result::Ok();
+}
+
+Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
+                  const AdamWScalars& s, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_adamw, grid_for(n), kThreads, stream, p, g, m, v, n, s);
+  return Result::Ok();
+}
+
+}  // namespace fp8pipe::kernels::gpu

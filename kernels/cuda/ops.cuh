@@ -1,0 +1,96 @@
+// The model operators of kernels/cpu/ops.h on CUDA (fp32), with the same signatures plus a stream.
+// Host-includable (no device code). All pointers are device pointers; every call is asynchronous
+// on `stream` and returns a gpu::Result for launch/argument errors only.
+//
+// Numerics against the CPU reference (kernels/cpu/ops.cc), what the tests in tests/cuda check:
+//   bit-identical: embedding fwd/bwd, gather/scatter_add rows, add, axpy, round_bf16, the
+//     column sums of rmsnorm_bwd (dw); every accumulation that the CPU does in row order is done in
+//     the same order here (one thread per column walking the rows), so duplicated ids/rows give
+//     the same bits as the CPU and the result is deterministic (no atomics anywhere).
+//   within a few ulp: rmsnorm (the per-row double sums are tree-reduced), rope (double sin/cos of
+//     the device libm, rounded to float), swiglu and the router scores (expf: CUDA's <= 2 ulp vs
+//     glibc's), cross-entropy (double sum in another order).
+//   within ~1e-5 relative: attention (fp32 dot products reduced across a warp instead of in index
+//     order; online softmax instead of two passes).
+// Router top-k: the CPU algorithm verbatim (insertion top-k, ties to the lower index, group limit
+// by the sum of each group's top topk/max_groups biased scores), one thread per token.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/adamw.h"
+#include "kernels/cuda/cuda_check.h"
+
+namespace fp8pipe::kernels::gpu {
+
+// Limits of the one-thread-per-token router and the warp-per-row attention (checked, named in the
+// error): experts per token row, top-k, groups; head dims.
+constexpr int64_t kRouterMaxExperts = 512;
+constexpr int64_t kRouterMaxTopk = 32;
+constexpr int64_t kRouterMaxGroups = 64;
+constexpr int64_t kAttnMaxHeadDim = 256;
+
+// Index range check for ids living on the device: writes to *first_bad (device int64, caller sets
+// it to n beforehand) the smallest i with ids[i] outside [lo, hi), or leaves n.
+Result find_bad_index(const int32_t* ids, int64_t n, int64_t lo, int64_t hi, int64_t* first_bad,
+                      cudaStream_t stream);
+
+Result embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t D, float* out,
+                     cudaStream_t stream);
+Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable,
+                         cudaStream_t stream);
+
+Result rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float eps, float* y,
+                   float* rstd, cudaStream_t stream);
+Result rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, int64_t n,
+                   int64_t D, float* dx, float* dw_acc, cudaStream_t stream);
+
+// freq[half] are the pair frequencies theta^(-2i/d) computed on the host in double (so they are
+// the CPU's bits); angles pos*freq are formed in double on the device.
+Result rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
+            bool inverse, cudaStream_t stream);
+
+// Causal attention, layouts of kernels/cpu/ops.h. `dscratch` (backward only) holds B*H*T floats
+// (D_i = rowsum(dO_i * O_i)).
+Result attention_fwd(const float* q, const float* k, const float* v, int64_t B, int64_t T,
+                     int64_t H, int64_t dk, int64_t dv, float scale, float* o, float* lse,
+                     cudaStream_t stream);
+Result attention_bwd(const float* dout, const float* q, const float* k, const float* v,
+                     const float* o, const float* lse, int64_t B, int64_t T, int64_t H, int64_t dk,
+                     int64_t dv, float scale, float* dq, float* dk_out, float* dv_out,
+                     float* dscratch, cudaStream_t stream);
+
+Result swiglu_fwd(const float* g, const float* u, int64_t n, float* h, cudaStream_t stream);
+Result swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du,
+                  cudaStream_t stream);
+
+Result cross_entropy_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                         float* loss, cudaStream_t stream);
+Result cross_entropy_bwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
+                         float row_scale, float* dlogits, cudaStream_t stream);
+
+// bias may be null (no bias).
+Result router_topk(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
+                   int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
+                   int32_t* idx, float* gates, cudaStream_t stream);
+
+Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
+                   cudaStream_t stream);
+// w may be null (weight 1).
+Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
+                        float* out, cudaStream_t stream);
+
+Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);
+Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);
+Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream);
+// out_bf16[i] = bf16_rne(x[i]) (bits), for GEMM outputs requested as bf16.
+Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream);
+
+// Fused AdamW, bit-identical to kernels::adamw_step (kernels/cpu/adamw.h: same fp32 scalars from
+// adamw_scalars(), same operation order, no FMA contraction: the build uses -fmad=false).
+Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
+                  const AdamWScalars& s, cudaStream_t stream);
+
+}  // namespace fp8pipe::kernels::gpu

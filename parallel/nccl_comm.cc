@@ -1,0 +1,635 @@
+// NCCL backend of Comm (parallel/nccl_comm.h): a queue of ops issued in order on one CUDA stream
+// by one thread per communicator, which also polls each op's cudaEvent (and NCCL's asynchronous
+// error state) and completes the ops' Work. Host buffers are staged through device memory.
+#include "parallel/nccl_comm.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include "core/log.h"
+
+namespace fp8pipe::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Status cuda_error(cudaError_t e, const char* what) {
+  return FP8_ERROR(Code::kInternal, "{}: {} ({})", what, cudaGetErrorName(e),
+                   cudaGetErrorString(e));
+}
+#define FP8_CUDA(what, expr)                            \
+  do {                                                  \
+    const cudaError_t e_ = (expr);                      \
+    if (e_ != cudaSuccess) return cuda_error(e_, what); \
+  } while (0)
+#define FP8_NCCL(expr)                                                                   \
+  do {                                                                                   \
+    const ncclResult_t r_ = (expr);                                                      \
+    if (r_ != ncclSuccess)                                                               \
+      return FP8_ERROR(Code::kInternal, "{} failed: {}", #expr, ncclGetErrorString(r_)); \
+  } while (0)
+
+ncclDataType_t nccl_type(DataType t) {
+  switch (t) {
+    case DataType::kFloat32:
+      return ncclFloat32;
+    case DataType::kFloat64:
+      return ncclFloat64;
+    case DataType::kInt32:
+      return ncclInt32;
+    case DataType::kInt64:
+      return ncclInt64;
+    case DataType::kBFloat16:
+      return ncclBfloat16;
+    case DataType::kByte:
+      return ncclUint8;
+  }
+  return ncclUint8;
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+  }
+  return ncclSum;
+}
+
+// Device (or managed) memory that NCCL can use directly; anything else is staged.
+bool is_device_ptr(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free error of an unknown pointer
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+// The last ops of one communicator, for timeout messages.
+class History {
+ public:
+  void record(const std::string& line) {
+    std::lock_guard<std::mutex> lk(mu_);
+    lines_.push_back(line);
+    if (lines_.size() > 16) lines_.pop_front();
+  }
+  std::string format() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::string s;
+    for (const auto& l : lines_) s += "    " + l + "\n";
+    return s;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::deque<std::string> lines_;
+};
+
+struct Staged {
+  void* host = nullptr;
+  void* dev = nullptr;
+  size_t bytes = 0;
+  bool copy_out = false;
+};
+
+struct Op;
+using IssueFn = std::function<Status(Op&)>;
+
+struct Op {
+  std::string what;
+  std::shared_ptr<WorkState> state;
+  std::shared_ptr<Event> ready;  // the producer stream's point at issue time (may be null)
+  IssueFn issue;                 // enqueues the op (or its first phase) on the comm stream
+  // Multi-phase ops (all_to_all_v_counted): after the current phase has completed, returns the
+  // next phase's issue function; later ops of the comm wait until it is enqueued.
+  std::function<Result<IssueFn>()> next;
+  std::function<void()> after;  // host work once the op is complete (copy counts out, ...)
+  cudaEvent_t ev = nullptr;
+  std::vector<Staged> staged;
+};
+
+class NcclComm final : public Comm {
+ public:
+  NcclComm(ncclComm_t comm, Group group, const NcclOptions& opts, cudaStream_t stream)
+      : comm_(comm),
+        group_(std::move(group)),
+        timeout_s_(opts.timeout_s),
+        device_(opts.device),
+        order_after_(opts.order_after),
+        stream_(stream),
+        history_(std::make_shared<History>()) {
+    worker_ = std::thread([this] { loop(); });
+  }
+
+  ~NcclComm() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    // Let in-flight ops finish for up to the timeout, then abort the NCCL comm so a hung peer
+    // cannot hang this process's shutdown.
+    const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s_);
+    while (!finished_.load() && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!finished_.load()) {
+      log::warn("nccl comm {}: ops still in flight at shutdown after {:g} s: aborting it",
+                group_.name, timeout_s_);
+      aborted_.store(true);
+      ncclCommAbort(comm_);
+      worker_.join();
+    } else {
+      worker_.join();
+      ncclCommDestroy(comm_);
+    }
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  const Group& group() const override { return group_; }
+  double timeout_s() const override { return timeout_s_; }
+
+  Work send(const void* buf, int64_t count, DataType t, int peer, int tag) override {
+    const std::string what =
+        fmt::format("send {} x {} to {} tag {}", count, data_type_name(t), peer, tag);
+    if (Status s = check_peer(peer, tag); !s.ok()) return fail(what, s);
+    const size_t bytes = count * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      FP8_ASSIGN_OR_RETURN(void* d, stage(op, const_cast<void*>(buf), bytes, true, false));
+      FP8_NCCL(ncclSend(d, bytes, ncclUint8, peer, comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work recv(void* buf, int64_t count, DataType t, int peer, int tag) override {
+    const std::string what =
+        fmt::format("recv {} x {} from {} tag {}", count, data_type_name(t), peer, tag);
+    if (Status s = check_peer(peer, tag); !s.ok()) return fail(what, s);
+    const size_t bytes = count * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      FP8_ASSIGN_OR_RETURN(void* d, stage(op, buf, bytes, false, true));
+      FP8_NCCL(ncclRecv(d, bytes, ncclUint8, peer, comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work all_to_all_v(const void* send, std::span<const int64_t> send_counts, void* recv,
+                    std::span<const int64_t> recv_counts, DataType t, int64_t row_elems) override {
+    const std::string what = fmt::format("all_to_all_v {}", data_type_name(t));
+    if (Status s = check_counts(send_counts, recv_counts); !s.ok()) return fail(what, s);
+    const size_t row_bytes = row_elems * data_type_size(t);
+    std::vector<int64_t> sc(send_counts.begin(), send_counts.end());
+    std::vector<int64_t> rc(recv_counts.begin(), recv_counts.end());
+    return submit(
+        what, [=, this](Op& op) { return issue_all_to_all(op, send, sc, recv, rc, row_bytes); });
+  }
+
+  Work exchange_counts(std::span<const int64_t> send_counts,
+                       std::span<int64_t> recv_counts) override {
+    const std::string what = "exchange_counts";
+    if (Status s = check_counts(send_counts, recv_counts); !s.ok()) return fail(what, s);
+    const int64_t* sc = send_counts.data();
+    int64_t* rc = recv_counts.data();
+    return submit(what, [=, this](Op& op) { return issue_counts(op, sc, rc); });
+  }
+
+  Work all_to_all_v_counted(const void* send, std::span<const int64_t> send_counts, DataType t,
+                            int64_t row_elems, RecvAlloc alloc,
+                            std::vector<int64_t>* recv_counts) override {
+    const std::string what = fmt::format("all_to_all_v_counted {}", data_type_name(t));
+    if (static_cast<int>(send_counts.size()) != size() || !recv_counts || !alloc) {
+      return fail(
+          what, FP8_INVALID("need {} send counts, a recv_counts vector and an allocator", size()));
+    }
+    recv_counts->assign(size(), 0);
+    const size_t row_bytes = row_elems * data_type_size(t);
+    std::vector<int64_t> sc(send_counts.begin(), send_counts.end());
+    auto op = make_op(what);
+    const int64_t* scp = nullptr;  // filled below from the op-owned copy
+    auto owned = std::make_shared<std::vector<int64_t>>(std::move(sc));
+    scp = owned->data();
+    op->issue = [=, this](Op& o) { return issue_counts(o, scp, recv_counts->data()); };
+    op->next = [=, this]() -> Result<IssueFn> {
+      const int64_t total = std::accumulate(recv_counts->begin(), recv_counts->end(), int64_t{0});
+      void* recv = alloc(total);
+      if (total > 0 && !recv) {
+        return FP8_ERROR(Code::kInternal,
+                         "all_to_all_v_counted: allocator returned null for {} rows", total);
+      }
+      std::vector<int64_t> rc = *recv_counts;
+      return IssueFn(
+          [=, this](Op& o) { return issue_all_to_all(o, send, *owned, recv, rc, row_bytes); });
+    };
+    return enqueue(std::move(op));
+  }
+
+  Work all_reduce(const void* send, void* recv, int64_t count, DataType t, ReduceOp rop) override {
+    const std::string what =
+        fmt::format("all_reduce {} x {} {}", count, data_type_name(t), reduce_op_name(rop));
+    if (!data_type_reducible(t)) {
+      return fail(what, FP8_INVALID("{} does not reduce", data_type_name(t)));
+    }
+    const size_t bytes = count * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      void *ds, *dr;
+      FP8_RETURN_IF_ERROR(stage_pair(op, send, bytes, recv, bytes, &ds, &dr));
+      FP8_NCCL(ncclAllReduce(ds, dr, count, nccl_type(t), nccl_op(rop), comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work reduce_scatter(const void* send, void* recv, int64_t block, DataType t,
+                      ReduceOp rop) override {
+    const std::string what =
+        fmt::format("reduce_scatter {} x {} {}", block, data_type_name(t), reduce_op_name(rop));
+    if (!data_type_reducible(t)) {
+      return fail(what, FP8_INVALID("{} does not reduce", data_type_name(t)));
+    }
+    const size_t bytes = block * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      void *ds, *dr;
+      FP8_RETURN_IF_ERROR(stage_pair(op, send, bytes * size(), recv, bytes, &ds, &dr));
+      FP8_NCCL(ncclReduceScatter(ds, dr, block, nccl_type(t), nccl_op(rop), comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work all_gather(const void* send, void* recv, int64_t block, DataType t) override {
+    const std::string what = fmt::format("all_gather {} x {}", block, data_type_name(t));
+    const size_t bytes = block * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      void *ds, *dr;
+      FP8_RETURN_IF_ERROR(stage_pair(op, send, bytes, recv, bytes * size(), &ds, &dr));
+      FP8_NCCL(ncclAllGather(ds, dr, block, nccl_type(t), comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work broadcast(void* buf, int64_t count, DataType t, int root) override {
+    const std::string what =
+        fmt::format("broadcast {} x {} from {}", count, data_type_name(t), root);
+    if (root < 0 || root >= size()) {
+      return fail(what, FP8_INVALID("root {} outside [0, {})", root, size()));
+    }
+    const size_t bytes = count * data_type_size(t);
+    return submit(what, [=, this](Op& op) -> Status {
+      FP8_ASSIGN_OR_RETURN(void* d, stage(op, buf, bytes, rank() == root, rank() != root));
+      FP8_NCCL(ncclBroadcast(d, d, bytes, ncclUint8, root, comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+  Work barrier() override {
+    return submit("barrier", [this](Op& op) -> Status {
+      FP8_ASSIGN_OR_RETURN(void* d, stage(op, nullptr, sizeof(int32_t), false, false));
+      FP8_CUDA("barrier", cudaMemsetAsync(d, 0, sizeof(int32_t), stream_));
+      FP8_NCCL(ncclAllReduce(d, d, 1, ncclInt32, ncclSum, comm_, stream_));
+      return Status::Ok();
+    });
+  }
+
+ private:
+  // ---- queueing ----
+
+  std::unique_ptr<Op> make_op(const std::string& what) {
+    auto op = std::make_unique<Op>();
+    op->what = fmt::format("{} on {}", what, group_.name);
+    std::shared_ptr<History> h = history_;
+    op->state = std::make_shared<WorkState>(op->what, timeout_s_, [h] { return h->format(); });
+    if (order_after_) op->ready = order_after_->record();
+    return op;
+  }
+
+  Work submit(const std::string& what, IssueFn issue) {
+    auto op = make_op(what);
+    op->issue = std::move(issue);
+    return enqueue(std::move(op));
+  }
+
+  Work enqueue(std::unique_ptr<Op> op) {
+    Work w(op->state);
+    history_->record(op->what + ": queued");
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (stop_) {
+        op->state->complete(FP8_ERROR(Code::kAborted, "{}: the comm is shutting down", op->what));
+        return w;
+      }
+      queue_.push_back(std::move(op));
+    }
+    cv_.notify_all();
+    return w;
+  }
+
+  Work fail(const std::string& what, const Status& s) {
+    return Work::failed(s.with_context(fmt::format("{} on {}", what, group_.name)));
+  }
+
+  Status check_peer(int peer, int tag) const {
+    if (peer < 0 || peer >= size()) return FP8_INVALID("peer {} outside [0, {})", peer, size());
+    if (tag < 0) return FP8_INVALID("tag {} must be >= 0", tag);
+    return Status::Ok();
+  }
+  Status check_counts(std::span<const int64_t> a, std::span<const int64_t> b) const {
+    if (static_cast<int>(a.size()) != size() || static_cast<int>(b.size()) != size()) {
+      return FP8_INVALID("need {} counts each way, got {} and {}", size(), a.size(), b.size());
+    }
+    return Status::Ok();
+  }
+
+  // ---- staging (runs on the comm thread, in stream order) ----
+
+  // A device pointer for `bytes` at p. Host memory (or p == null: scratch) gets a device buffer
+  // from the stream-ordered pool: filled from p now when `in`, copied back to p at completion
+  // when `out`.
+  Result<void*> stage(Op& op, void* p, size_t bytes, bool in, bool out) {
+    if (bytes == 0) return p;
+    if (p && is_device_ptr(p)) return p;
+    void* d = nullptr;
+    FP8_CUDA("staging alloc", cudaMallocAsync(&d, bytes, stream_));
+    op.staged.push_back({p, d, bytes, out && p != nullptr});
+    if (in && p) {
+      FP8_CUDA("staging copy in", cudaMemcpyAsync(d, p, bytes, cudaMemcpyHostToDevice, stream_));
+    }
+    return d;
+  }
+  Status stage_pair(Op& op, const void* send, size_t sbytes, void* recv, size_t rbytes, void** ds,
+                    void** dr) {
+    if (send == recv) {  // in place
+      FP8_ASSIGN_OR_RETURN(*ds, stage(op, recv, std::max(sbytes, rbytes), true, true));
+      *dr = *ds;
+      return Status::Ok();
+    }
+    FP8_ASSIGN_OR_RETURN(*ds, stage(op, const_cast<void*>(send), sbytes, true, false));
+    FP8_ASSIGN_OR_RETURN(*dr, stage(op, recv, rbytes, false, true));
+    return Status::Ok();
+  }
+
+  Status issue_counts(Op& op, const int64_t* send_counts, int64_t* recv_counts) {
+    const size_t bytes = size() * sizeof(int64_t);
+    FP8_ASSIGN_OR_RETURN(void* ds,
+                         stage(op, const_cast<int64_t*>(send_counts), bytes, true, false));
+    FP8_ASSIGN_OR_RETURN(void* dr, stage(op, recv_counts, bytes, false, true));
+    FP8_NCCL(ncclGroupStart());
+    for (int p = 0; p < size(); ++p) {
+      ncclSend(static_cast<int64_t*>(ds) + p, 1, ncclInt64, p, comm_, stream_);
+      ncclRecv(static_cast<int64_t*>(dr) + p, 1, ncclInt64, p, comm_, stream_);
+    }
+    FP8_NCCL(ncclGroupEnd());
+    return Status::Ok();
+  }
+
+  Status issue_all_to_all(Op& op, const void* send, const std::vector<int64_t>& sc, void* recv,
+                          const std::vector<int64_t>& rc, size_t row_bytes) {
+    const int64_t st = std::accumulate(sc.begin(), sc.end(), int64_t{0});
+    const int64_t rt = std::accumulate(rc.begin(), rc.end(), int64_t{0});
+    FP8_ASSIGN_OR_RETURN(void* ds, stage(op, const_cast<void*>(send), st * row_bytes, true, false));
+    FP8_ASSIGN_OR_RETURN(void* dr, stage(op, recv, rt * row_bytes, false, true));
+    const char* s = static_cast<const char*>(ds);
+    char* r = static_cast<char*>(dr);
+    FP8_NCCL(ncclGroupStart());
+    size_t so = 0, ro = 0;
+    for (int p = 0; p < size(); ++p) {
+      const size_t sb = sc[p] * row_bytes, rb = rc[p] * row_bytes;
+      if (p == rank()) {
+        if (sb != rb) {
+          ncclGroupEnd();
+          return FP8_INVALID("all_to_all_v: {} rows to self but {} from self", sc[p], rc[p]);
+        }
+        if (sb) {
+          const cudaError_t e =
+              cudaMemcpyAsync(r + ro, s + so, sb, cudaMemcpyDeviceToDevice, stream_);
+          if (e != cudaSuccess) {
+            ncclGroupEnd();
+            return cuda_error(e, "all_to_all_v self copy");
+          }
+        }
+      } else {
+        if (sb) ncclSend(s + so, sb, ncclUint8, p, comm_, stream_);
+        if (rb) ncclRecv(r + ro, rb, ncclUint8, p, comm_, stream_);
+      }
+      so += sb;
+      ro += rb;
+    }
+    FP8_NCCL(ncclGroupEnd());
+    return Status::Ok();
+  }
+
+  // ---- the comm thread ----
+
+  Status start(Op& op) {
+    if (!op.ev) FP8_CUDA("event", cudaEventCreateWithFlags(&op.ev, cudaEventDisableTiming));
+    FP8_RETURN_IF_ERROR(op.issue(op));
+    FP8_CUDA("event record", cudaEventRecord(op.ev, stream_));
+    return Status::Ok();
+  }
+
+  // Copies staged outputs back to host memory and releases the staging buffers.
+  Status unstage(Op& op) {
+    Status st;
+    for (const Staged& s : op.staged) {
+      if (s.copy_out && st.ok()) {
+        // The op's event has completed: a plain copy (legacy stream, which does not wait for our
+        // non-blocking streams) reads finished data.
+        const cudaError_t e = cudaMemcpy(s.host, s.dev, s.bytes, cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess) st = cuda_error(e, "staging copy out");
+      }
+      cudaFreeAsync(s.dev, stream_);
+    }
+    op.staged.clear();
+    return st;
+  }
+
+  void finish(Op& op, Status s) {
+    Status u = unstage(op);
+    if (s.ok()) s = u;
+    if (s.ok() && op.after) op.after();
+    if (op.ev) cudaEventDestroy(op.ev);
+    op.ev = nullptr;
+    history_->record(op.what + (s.ok() ? ": done" : ": FAILED: " + s.message()));
+    op.state->complete(std::move(s));
+  }
+
+  // Polls the in-flight ops once; true if any completed.
+  bool poll() {
+    bool progressed = false;
+    if (blocked_) {
+      const cudaError_t e = cudaEventQuery(blocked_->ev);
+      if (e == cudaSuccess) {
+        progressed = true;
+        Status s = unstage(*blocked_);
+        Result<IssueFn> nx = s.ok() ? blocked_->next() : Result<IssueFn>(s);
+        if (nx.ok()) {
+          blocked_->issue = std::move(nx.value());
+          blocked_->next = nullptr;
+          s = start(*blocked_);
+        } else {
+          s = nx.status();
+        }
+        if (s.ok()) {
+          inflight_.push_back(std::move(blocked_));
+        } else {
+          finish(*blocked_, s);
+        }
+        blocked_.reset();
+      } else if (e != cudaErrorNotReady) {
+        finish(*blocked_, cuda_error(e, "event query"));
+        blocked_.reset();
+      }
+    }
+    for (auto it = inflight_.begin(); it != inflight_.end();) {
+      const cudaError_t e = cudaEventQuery((*it)->ev);
+      if (e == cudaErrorNotReady) {
+        ++it;
+        continue;
+      }
+      progressed = true;
+      finish(**it, e == cudaSuccess ? Status::Ok() : cuda_error(e, "event query"));
+      it = inflight_.erase(it);
+    }
+    return progressed;
+  }
+
+  // NCCL's asynchronous error (a peer died, a network error): fails everything.
+  bool async_failed() {
+    ncclResult_t r = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &r) != ncclSuccess) return false;
+    if (r == ncclSuccess || r == ncclInProgress) return false;
+    const Status s = FP8_ERROR(Code::kAborted, "NCCL asynchronous error on {}: {} ({})",
+                               group_.name, ncclGetErrorString(r), ncclGetLastError(comm_));
+    fail_all(s);
+    return true;
+  }
+
+  void fail_all(const Status& s) {
+    if (blocked_) finish(*blocked_, s);
+    blocked_.reset();
+    for (auto& op : inflight_) finish(*op, s);
+    inflight_.clear();
+    std::deque<std::unique_ptr<Op>> q;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      q.swap(queue_);
+    }
+    for (auto& op : q) op->state->complete(s);
+  }
+
+  void loop() {
+    cudaSetDevice(device_);
+    for (;;) {
+      if (aborted_.load() || async_failed()) {
+        fail_all(FP8_ERROR(Code::kAborted, "nccl comm {} aborted", group_.name));
+        break;
+      }
+      bool progressed = false;
+      // Issue queued ops in order (the head waits for its producer event).
+      while (!blocked_) {
+        std::unique_ptr<Op> op;
+        {
+          std::lock_guard<std::mutex> lk(mu_);
+          if (queue_.empty()) break;
+          if (queue_.front()->ready && !queue_.front()->ready->query()) break;
+          op = std::move(queue_.front());
+          queue_.pop_front();
+        }
+        progressed = true;
+        if (Status s = start(*op); !s.ok()) {
+          finish(*op, s);
+        } else if (op->next) {
+          blocked_ = std::move(op);
+        } else {
+          inflight_.push_back(std::move(op));
+        }
+      }
+      progressed |= poll();
+      std::unique_lock<std::mutex> lk(mu_);
+      const bool idle = queue_.empty() && inflight_.empty() && !blocked_;
+      if (idle && stop_) break;
+      if (idle) {
+        cv_.wait_for(lk, std::chrono::milliseconds(50));
+      } else if (!progressed) {
+        lk.unlock();
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+    }
+    finished_.store(true);
+  }
+
+  ncclComm_t comm_;
+  Group group_;
+  double timeout_s_;
+  int device_;
+  Stream* order_after_;
+  cudaStream_t stream_;
+  std::shared_ptr<History> history_;
+
+  std::mutex mu_;  // guards queue_ and stop_
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Op>> queue_;
+  bool stop_ = false;
+  // Comm-thread only:
+  std::deque<std::unique_ptr<Op>> inflight_;
+  std::unique_ptr<Op> blocked_;
+  std::atomic<bool> finished_{false};
+  std::atomic<bool> aborted_{false};
+  std::thread worker_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Comm>> create_nccl_comm(Comm& mpi, const NcclOptions& opts) {
+  if (!(opts.timeout_s > 0)) {
+    return FP8_INVALID("fault.timeout_s must be > 0, got {}", opts.timeout_s);
+  }
+  int count = 0;
+  FP8_CUDA("cudaGetDeviceCount", cudaGetDeviceCount(&count));
+  if (opts.device < 0 || opts.device >= count) {
+    return Status(Code::kInvalidArgument,
+                  fmt::format("nccl comm {}: CUDA device {} does not exist ({} visible)",
+                              mpi.name(), opts.device, count),
+                  "one GPU per local rank: start at most as many ranks per node as GPUs");
+  }
+  FP8_CUDA("cudaSetDevice", cudaSetDevice(opts.device));
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  if (mpi.rank() == 0) FP8_NCCL(ncclGetUniqueId(&id));
+  FP8_RETURN_IF_ERROR(
+      mpi.broadcast(&id, sizeof(id), DataType::kByte, 0).wait().with_context("ncclUniqueId"));
+  ncclComm_t comm = nullptr;
+  FP8_NCCL(ncclCommInitRank(&comm, mpi.size(), id, mpi.rank()));
+  cudaStream_t stream = nullptr;
+  const cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (e != cudaSuccess) {
+    ncclCommDestroy(comm);
+    return cuda_error(e, "comm stream");
+  }
+  return std::unique_ptr<Comm>(std::make_unique<NcclComm>(comm, mpi.group(), opts, stream));
+}
+
+Result<CommSet> create_nccl_comms(CommSet& mpi, const NcclOptions& opts) {
+  CommSet set;
+  std::unique_ptr<Comm>* dst[] = {&set.world, &set.pp, &set.dp, &set.ep, &set.expert_dp, &set.node};
+  for (size_t i = 0; i < kGroupKinds.size(); ++i) {
+    FP8_ASSIGN_OR_RETURN(*dst[i], create_nccl_comm(mpi.get(kGroupKinds[i]), opts));
+  }
+  return set;
+}
+
+}  // namespace fp8pipe::parallel

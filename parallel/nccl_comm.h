@@ -1,0 +1,45 @@
+// NCCL backend of Comm (parallel/comm.h), built when CUDA and NCCL are found (FP8PIPE_HAVE_CUDA).
+// One GPU per local rank; each communicator mirrors an MPI one (same group, same ranks): rank 0
+// of the group makes the ncclUniqueId and broadcasts it over the MPI comm (so every MPI call
+// still goes through the MPI comm thread), then every member calls ncclCommInitRank.
+//
+// Execution: each NcclComm owns one CUDA stream (non-blocking) and one issue/poll thread. Ops are
+// queued by the caller and issued by that thread in issue order on the comm stream; each op
+// records a cudaEvent, and the thread polls the events (and ncclCommGetAsyncError) to complete
+// the ops' Work. Buffers may be device or host memory: host buffers are staged through device
+// memory (copied in at issue, out when the op's event has completed), so code written for the MPI
+// comm (agree(), host-side counts) works unchanged, only slower.
+//
+// Ordering with compute: with `order_after` set (the Backend's compute stream), every op first
+// records an event on that stream when it is issued by the caller, and the comm thread waits for
+// it before enqueuing the op: an op never reads a buffer before the kernels that were enqueued to
+// produce it have finished. A completed Work means the data is in place for any later work.
+//
+// Differences from the MPI comm (documented limits):
+//   - NCCL has no message tags: point-to-point messages between two ranks match in issue order
+//     (`tag` is only checked >= 0). The schedule validator's matching of sends and receives per
+//     pair in order is what makes this safe for the pipeline executor.
+//   - all_to_all_v_counted holds later ops of the same comm until its counts phase has completed
+//     and its data phase is issued (the same collective order on every rank, as the MPI comm).
+#pragma once
+
+#include <memory>
+
+#include "core/backend.h"
+#include "parallel/comm.h"
+
+namespace fp8pipe::parallel {
+
+struct NcclOptions {
+  double timeout_s = 600;         // config fault.timeout_s: the default timeout of every wait
+  int device = 0;                 // this rank's CUDA device (its position on its node)
+  Stream* order_after = nullptr;  // producer stream (the compute stream), or null for none
+};
+
+// The NCCL communicator of `mpi`'s group. Collective over the group (every member calls it).
+Result<std::unique_ptr<Comm>> create_nccl_comm(Comm& mpi, const NcclOptions& opts);
+
+// An NCCL CommSet mirroring every communicator of an MPI CommSet, in the same fixed order.
+Result<CommSet> create_nccl_comms(CommSet& mpi, const NcclOptions& opts);
+
+}  // namespace fp8pipe::parallel

@@ -1,0 +1,479 @@
+// The CUDA Backend (core/cuda_backend.cc) against the CPU backend on random inputs, op by op,
+// through the Backend interface only. Bounds, as stated in kernels/cuda/ops.cuh:
+//   bit-identical: quantize (every granularity, fp32/bf16, E4M3/E5M2, pow2/fp32 scales, NaN
+//     groups and counts), quantize_transposed, transpose_fp8, dequantize, gemm_fp8 in kExact
+//     mode (splitK = 1), embedding fwd/bwd, gather/scatter rows (duplicates included), add,
+//     axpy, round_bf16, rmsnorm's dw, router indices;
+//   |gpu - cpu| <= atol + rtol * |cpu| otherwise, with the (atol, rtol) given at each check.
+#include "core/backend.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace fp8pipe {
+namespace {
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    cpu_ = make_cpu_backend();
+    auto g = make_cuda_backend(0);
+    ASSERT_TRUE(g.ok()) << g.status().to_string();
+    gpu_ = std::move(g.value());
+  }
+
+  template <class T>
+  Tensor host(const Shape& s, DType dt, const std::vector<T>& v) {
+    Tensor t = cpu_->empty(s, dt).value();
+    EXPECT_EQ(t.nbytes(), v.size() * sizeof(T));
+    std::memcpy(t.data(), v.data(), t.nbytes());
+    return t;
+  }
+  Tensor hostf(const Shape& s, const std::vector<float>& v) { return host(s, DType::kF32, v); }
+  Tensor hosti(const Shape& s, const std::vector<int32_t>& v) { return host(s, DType::kI32, v); }
+  Tensor dev(const Tensor& h) {
+    Tensor d = gpu_->empty(h.shape(), h.dtype()).value();
+    EXPECT_TRUE(gpu_->copy(h, d).ok());
+    return d;
+  }
+  // A device copy of an FP8 host tensor with its scales.
+  Tensor dev_fp8(const Tensor& h) {
+    Tensor d = dev(h);
+    d.set_scale(std::make_shared<Tensor>(dev(*h.scale())), h.granularity(), h.pow2_scales());
+    return d;
+  }
+  template <class T>
+  std::vector<T> back(const Tensor& d) {
+    Tensor h = gpu_->to_host(d).value();
+    std::vector<T> v(h.numel());
+    std::memcpy(v.data(), h.data(), h.nbytes());
+    return v;
+  }
+  template <class T>
+  std::vector<T> vec(const Tensor& h) {
+    std::vector<T> v(h.numel());
+    std::memcpy(v.data(), h.data(), h.nbytes());
+    return v;
+  }
+
+  std::unique_ptr<Backend> cpu_, gpu_;
+};
+
+std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, sigma);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+std::vector<int32_t> randi(size_t n, uint32_t seed, int lo, int hi) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> d(lo, hi - 1);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+uint32_t bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+template <class T>
+void expect_bits(const std::vector<T>& want, const std::vector<T>& got, const std::string& what) {
+  ASSERT_EQ(want.size(), got.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    bool same;
+    if constexpr (std::is_same_v<T, float>) {
+      same = (std::isnan(want[i]) && std::isnan(got[i])) || bits(want[i]) == bits(got[i]);
+    } else {
+      same = want[i] == got[i];
+    }
+    if (!same && bad++ < 5) {
+      ADD_FAILURE() << what << "[" << i << "]: cpu " << +want[i] << " gpu " << +got[i];
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.size() << " differ";
+}
+
+void expect_near(const std::vector<float>& want, const std::vector<float>& got, float atol,
+                 float rtol, const std::string& what) {
+  ASSERT_EQ(want.size(), got.size()) << what;
+  int64_t bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(want[i]) - got[i]);
+    worst = std::max(worst, err);
+    if (!(err <= atol + rtol * std::fabs(want[i])) && bad++ < 5) {
+      ADD_FAILURE() << what << "[" << i << "]: cpu " << want[i] << " gpu " << got[i];
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": max abs error " << worst;
+}
+
+// ---- FP8 numerics
+// ---------------------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, QuantizeBitIdentical) {
+  const int64_t R = 257, C = 300;
+  std::vector<float> x = randn(R * C, 1, 3.0f);
+  x[5] = NAN;                                          // a non-finite group
+  x[R * C - 1] = INFINITY;                             // and another at the edge
+  for (int i = 0; i < 40; ++i) x[1000 + i] *= 1e-30f;  // tiny magnitudes
+  const Tensor hx = hostf({R, C}, x), dx = dev(hx);
+  std::vector<uint16_t> xb(x.size());
+  for (size_t i = 0; i < x.size(); ++i) xb[i] = static_cast<uint16_t>(bits(x[i]) >> 16);
+  const Tensor hxb = host({R, C}, DType::kBF16, xb), dxb = dev(hxb);
+  for (Granularity g :
+       {Granularity::k1x128, Granularity::k128x1, Granularity::k128x128, Granularity::kPerTensor}) {
+    for (auto fmt : {kernels::Fp8Format::kE4M3, kernels::Fp8Format::kE5M2}) {
+      for (bool pow2 : {true, false}) {
+        for (bool bf16 : {false, true}) {
+          const QuantParams p{fmt, pow2};
+          const std::string what = std::string(granularity_name(g)) +
+                                   (fmt == kernels::Fp8Format::kE4M3 ? " e4m3" : " e5m2") +
+                                   (pow2 ? " pow2" : " fp32") + (bf16 ? " bf16" : " f32");
+          int64_t nc = -1, ng = -2;
+          Tensor qc = cpu_->quantize(bf16 ? hxb : hx, g, p, &nc).value();
+          Tensor qg = gpu_->quantize(bf16 ? dxb : dx, g, p, &ng).value();
+          EXPECT_EQ(nc, ng) << what;
+          expect_bits(vec<uint8_t>(qc), back<uint8_t>(qg), what + " codes");
+          expect_bits(vec<float>(*qc.scale()), back<float>(*qg.scale()), what + " scales");
+          // dequantize of the same codes
+          Tensor oc = cpu_->empty({R, C}, DType::kF32).value();
+          Tensor og = gpu_->empty({R, C}, DType::kF32).value();
+          ASSERT_TRUE(cpu_->dequantize(qc, oc).ok());
+          ASSERT_TRUE(gpu_->dequantize(qg, og).ok());
+          expect_bits(vec<float>(oc), back<float>(og), what + " dequantize");
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
+  const int64_t R = 300, C = 260;
+  const Tensor hx = hostf({R, C}, randn(R * C, 2, 5.0f)), dx = dev(hx);
+  const QuantParams p{};
+  int64_t nc = -1, ng = -2;
+  Tensor tc = cpu_->quantize_transposed(hx, p, &nc).value();
+  Tensor tg = gpu_->quantize_transposed(dx, p, &ng).value();
+  EXPECT_EQ(nc, ng);
+  EXPECT_EQ(tg.shape(), (Shape{C, R}));
+  expect_bits(vec<uint8_t>(tc), back<uint8_t>(tg), "128x1^T codes");
+  expect_bits(vec<float>(*tc.scale()), back<float>(*tg.scale()), "128x1^T scales");
+
+  Tensor bc = cpu_->quantize(hx, Granularity::k128x128, p).value();
+  Tensor bg = gpu_->quantize(dx, Granularity::k128x128, p).value();
+  Tensor btc = cpu_->transpose_fp8(bc).value();
+  Tensor btg = gpu_->transpose_fp8(bg).value();
+  expect_bits(vec<uint8_t>(btc), back<uint8_t>(btg), "transpose_fp8 codes");
+  expect_bits(vec<float>(*btc.scale()), back<float>(*btg.scale()), "transpose_fp8 scales");
+}
+
+// Fprop (1x128 x 128x128), Dgrad (1x128 x transposed 128x128), Wgrad (1x128 x 1x128): kExact is
+// bit-identical to the CPU model; kFast within fp32 accumulation-order noise.
+TEST_F(CudaBackendTest, GemmFp8) {
+  const int64_t M = 256, N = 384, K = 512;
+  const QuantParams p{};
+  const Tensor ha = hostf({M, K}, randn(M * K, 3)), hb = hostf({N, K}, randn(N * K, 4));
+  struct Case {
+    Granularity ga, gb;
+    const char* name;
+  };
+  for (const Case& c : {Case{Granularity::k1x128, Granularity::k128x128, "vec x blk"},
+                        Case{Granularity::k1x128, Granularity::k1x128, "vec x vec"},
+                        Case{Granularity::k128x128, Granularity::k1x128, "blk x vec"}}) {
+    Tensor qa = cpu_->quantize(ha, c.ga, p).value(), qb = cpu_->quantize(hb, c.gb, p).value();
+    Tensor da = dev_fp8(qa), db = dev_fp8(qb);
+    for (DType out : {DType::kF32, DType::kBF16}) {
+      const std::string what = std::string(c.name) + (out == DType::kF32 ? " f32" : " bf16");
+      Tensor oc = cpu_->empty({M, N}, out).value(), og = gpu_->empty({M, N}, out).value();
+      ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kExact).ok());
+      const Status s = gpu_->gemm_fp8(da, db, og, GemmMode::kExact);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      if (out == DType::kF32) {
+        expect_bits(vec<float>(oc), back<float>(og), what + " exact");
+      } else {
+        expect_bits(vec<uint16_t>(oc), back<uint16_t>(og), what + " exact");
+      }
+    }
+    Tensor oc = cpu_->empty({M, N}, DType::kF32).value();
+    Tensor og = gpu_->empty({M, N}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kFast).ok());
+    ASSERT_TRUE(gpu_->gemm_fp8(da, db, og, GemmMode::kFast).ok());
+    expect_near(vec<float>(oc), back<float>(og), 2e-3f, 1e-4f, std::string(c.name) + " fast");
+  }
+  // 128x128 x 128x128 is refused, as on the CPU.
+  Tensor b1 = gpu_->quantize(dev(ha), Granularity::k128x128, p).value();
+  Tensor o = gpu_->empty({M, M}, DType::kF32).value();
+  EXPECT_FALSE(gpu_->gemm_fp8(b1, b1, o, GemmMode::kExact).ok());
+}
+
+// Shapes cuBLASLt's FP8 kernels refuse (K % 16 != 0, rows % 4 != 0) take the dequantize + fp32
+// GEMM path, i.e. the CPU's kFast.
+TEST_F(CudaBackendTest, GemmFp8FallbackShapes) {
+  const int64_t M = 6, N = 10, K = 200;
+  const QuantParams p{};
+  const Tensor ha = hostf({M, K}, randn(M * K, 5)), hb = hostf({N, K}, randn(N * K, 6));
+  Tensor qa = cpu_->quantize(ha, Granularity::k1x128, p).value();
+  Tensor qb = cpu_->quantize(hb, Granularity::k128x128, p).value();
+  Tensor oc = cpu_->empty({M, N}, DType::kF32).value(),
+         og = gpu_->empty({M, N}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kFast).ok());
+  const Status s = gpu_->gemm_fp8(dev_fp8(qa), dev_fp8(qb), og, GemmMode::kFast);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  expect_near(vec<float>(oc), back<float>(og), 1e-4f, 1e-5f, "fallback f32");
+}
+
+TEST_F(CudaBackendTest, GemmFp32) {
+  const int64_t M = 37, N = 53, K = 71;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      const Tensor ha = ta ? hostf({K, M}, randn(M * K, 7)) : hostf({M, K}, randn(M * K, 7));
+      const Tensor hb = tb ? hostf({N, K}, randn(N * K, 8)) : hostf({K, N}, randn(N * K, 8));
+      const Tensor hc = hostf({M, N}, randn(M * N, 9));
+      Tensor dc = dev(hc);
+      Tensor cc = cpu_->empty({M, N}, DType::kF32).value();
+      ASSERT_TRUE(cpu_->copy(hc, cc).ok());
+      ASSERT_TRUE(cpu_->gemm(ha, ta, hb, tb, cc, 0.5f, 0.25f).ok());
+      const Status s = gpu_->gemm(dev(ha), ta, dev(hb), tb, dc, 0.5f, 0.25f);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      expect_near(vec<float>(cc), back<float>(dc), 1e-5f, 1e-5f,
+                  std::string("gemm ta=") + (ta ? "1" : "0") + " tb=" + (tb ? "1" : "0"));
+    }
+  }
+}
+
+// ---- model operators
+// ------------------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, EmbeddingGatherScatterElementwise) {
+  const int64_t V = 50, D = 130, n = 400;
+  const Tensor table = hostf({V, D}, randn(V * D, 10));
+  const Tensor ids = hosti({n}, randi(n, 11, 0, V));  // many duplicates
+  Tensor oc = cpu_->empty({n, D}, DType::kF32).value(),
+         og = gpu_->empty({n, D}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->embedding_fwd(table, ids, oc).ok());
+  ASSERT_TRUE(gpu_->embedding_fwd(dev(table), dev(ids), og).ok());
+  expect_bits(vec<float>(oc), back<float>(og), "embedding_fwd");
+
+  const Tensor dout = hostf({n, D}, randn(n * D, 12));
+  Tensor tc = cpu_->empty({V, D}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->copy(table, tc).ok());
+  Tensor tg = dev(table);
+  ASSERT_TRUE(cpu_->embedding_bwd_acc(dout, ids, tc).ok());
+  ASSERT_TRUE(gpu_->embedding_bwd_acc(dev(dout), dev(ids), tg).ok());
+  expect_bits(vec<float>(tc), back<float>(tg), "embedding_bwd_acc");
+
+  std::vector<int32_t> bad_ids = randi(n, 13, 0, V);
+  bad_ids[77] = static_cast<int32_t>(V);
+  EXPECT_FALSE(gpu_->embedding_fwd(dev(table), dev(hosti({n}, bad_ids)), og).ok());
+
+  // gather / weighted scatter-add with duplicate rows
+  Tensor gc = cpu_->empty({n, D}, DType::kF32).value(),
+         gg = gpu_->empty({n, D}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->gather_rows(table, ids, gc).ok());
+  ASSERT_TRUE(gpu_->gather_rows(dev(table), dev(ids), gg).ok());
+  expect_bits(vec<float>(gc), back<float>(gg), "gather_rows");
+  const Tensor w = hostf({n}, randn(n, 14));
+  for (bool weighted : {false, true}) {
+    Tensor sc = cpu_->empty({V, D}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->copy(table, sc).ok());
+    Tensor sg = dev(table);
+    ASSERT_TRUE(cpu_->scatter_add_rows(dout, ids, weighted ? w : Tensor(), sc).ok());
+    ASSERT_TRUE(gpu_->scatter_add_rows(dev(dout), dev(ids), weighted ? dev(w) : Tensor(), sg).ok());
+    expect_bits(vec<float>(sc), back<float>(sg), weighted ? "scatter weighted" : "scatter");
+  }
+
+  // add, axpy, round_bf16
+  const Tensor a = hostf({n, D}, randn(n * D, 15, 100.0f)), b = hostf({n, D}, randn(n * D, 16));
+  Tensor ac = cpu_->empty({n, D}, DType::kF32).value(),
+         ag = gpu_->empty({n, D}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->add(a, b, ac).ok());
+  ASSERT_TRUE(gpu_->add(dev(a), dev(b), ag).ok());
+  expect_bits(vec<float>(ac), back<float>(ag), "add");
+  ASSERT_TRUE(cpu_->axpy(-0.37f, a, ac).ok());
+  ASSERT_TRUE(gpu_->axpy(-0.37f, dev(a), ag).ok());
+  expect_bits(vec<float>(ac), back<float>(ag), "axpy");
+  ASSERT_TRUE(cpu_->round_bf16(a, ac).ok());
+  ASSERT_TRUE(gpu_->round_bf16(dev(a), ag).ok());
+  expect_bits(vec<float>(ac), back<float>(ag), "round_bf16");
+}
+
+TEST_F(CudaBackendTest, RmsNorm) {
+  const int64_t n = 67, D = 1000;
+  const Tensor x = hostf({n, D}, randn(n * D, 20, 3.0f)), w = hostf({D}, randn(D, 21));
+  Tensor yc = cpu_->empty({n, D}, DType::kF32).value(),
+         yg = gpu_->empty({n, D}, DType::kF32).value();
+  Tensor rc = cpu_->empty({n}, DType::kF32).value(), rg = gpu_->empty({n}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->rmsnorm_fwd(x, w, 1e-6f, yc, rc).ok());
+  ASSERT_TRUE(gpu_->rmsnorm_fwd(dev(x), dev(w), 1e-6f, yg, rg).ok());
+  expect_near(vec<float>(rc), back<float>(rg), 0.0f, 2.4e-7f, "rmsnorm rstd");
+  expect_near(vec<float>(yc), back<float>(yg), 0.0f, 5e-7f, "rmsnorm y");
+  // backward from the same inputs (the CPU's rstd on both): dw bit-identical.
+  const Tensor dy = hostf({n, D}, randn(n * D, 22));
+  const Tensor dw0 = hostf({D}, randn(D, 23));
+  Tensor dxc = cpu_->empty({n, D}, DType::kF32).value(),
+         dxg = gpu_->empty({n, D}, DType::kF32).value();
+  Tensor dwc = cpu_->empty({D}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->copy(dw0, dwc).ok());
+  Tensor dwg = dev(dw0);
+  ASSERT_TRUE(cpu_->rmsnorm_bwd(dy, x, w, rc, dxc, dwc).ok());
+  ASSERT_TRUE(gpu_->rmsnorm_bwd(dev(dy), dev(x), dev(w), dev(rc), dxg, dwg).ok());
+  expect_near(vec<float>(dxc), back<float>(dxg), 1e-6f, 1e-6f, "rmsnorm dx");
+  expect_bits(vec<float>(dwc), back<float>(dwg), "rmsnorm dw");
+}
+
+TEST_F(CudaBackendTest, Rope) {
+  const int64_t n = 300, H = 3, d = 64;
+  const Tensor x = hostf({n, H * d}, randn(n * H * d, 30));
+  const Tensor pos = hosti({n}, randi(n, 31, 0, 8192));
+  for (bool inverse : {false, true}) {
+    Tensor xc = cpu_->empty({n, H * d}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->copy(x, xc).ok());
+    Tensor xg = dev(x);
+    ASSERT_TRUE(cpu_->rope(xc, pos, H, 10000.0f, inverse).ok());
+    ASSERT_TRUE(gpu_->rope(xg, dev(pos), H, 10000.0f, inverse).ok());
+    expect_near(vec<float>(xc), back<float>(xg), 1e-6f, 1e-6f, inverse ? "rope inverse" : "rope");
+  }
+}
+
+TEST_F(CudaBackendTest, Attention) {
+  struct Dims {
+    int64_t B, T, H, dk, dv;
+  };
+  for (const Dims& s : {Dims{2, 64, 3, 192, 128}, Dims{1, 33, 2, 40, 24}}) {
+    const int64_t n = s.B * s.T;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(s.dk));
+    const Tensor q = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 40));
+    const Tensor k = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 41));
+    const Tensor v = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 42));
+    const Tensor dq_ = dev(q), dk_ = dev(k), dv_ = dev(v);
+    Tensor oc = cpu_->empty({n, s.H * s.dv}, DType::kF32).value();
+    Tensor og = gpu_->empty({n, s.H * s.dv}, DType::kF32).value();
+    Tensor lc = cpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
+    Tensor lg = gpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->attention_fwd(q, k, v, s.B, s.T, s.H, scale, oc, lc).ok());
+    const Status st = gpu_->attention_fwd(dq_, dk_, dv_, s.B, s.T, s.H, scale, og, lg);
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    const std::string what = "attention dk=" + std::to_string(s.dk);
+    expect_near(vec<float>(oc), back<float>(og), 2e-5f, 1e-4f, what + " o");
+    expect_near(vec<float>(lc), back<float>(lg), 2e-5f, 1e-5f, what + " lse");
+    // backward from the CPU's o and lse on both sides
+    const Tensor dout = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 43));
+    Tensor gqc = cpu_->empty(q.shape(), DType::kF32).value(),
+           gqg = gpu_->empty(q.shape(), DType::kF32).value();
+    Tensor gkc = cpu_->empty(k.shape(), DType::kF32).value(),
+           gkg = gpu_->empty(k.shape(), DType::kF32).value();
+    Tensor gvc = cpu_->empty(v.shape(), DType::kF32).value(),
+           gvg = gpu_->empty(v.shape(), DType::kF32).value();
+    ASSERT_TRUE(
+        cpu_->attention_bwd(dout, q, k, v, oc, lc, s.B, s.T, s.H, scale, gqc, gkc, gvc).ok());
+    ASSERT_TRUE(gpu_->attention_bwd(dev(dout), dq_, dk_, dv_, dev(oc), dev(lc), s.B, s.T, s.H,
+                                    scale, gqg, gkg, gvg)
+                    .ok());
+    expect_near(vec<float>(gqc), back<float>(gqg), 5e-5f, 1e-4f, what + " dq");
+    expect_near(vec<float>(gkc), back<float>(gkg), 5e-5f, 1e-4f, what + " dk");
+    expect_near(vec<float>(gvc), back<float>(gvg), 5e-5f, 1e-4f, what + " dv");
+  }
+}
+
+TEST_F(CudaBackendTest, SwigluAndCrossEntropy) {
+  const int64_t n = 1000, F = 37;
+  const Tensor gt = hostf({n, F}, randn(n * F, 50, 4.0f)), u = hostf({n, F}, randn(n * F, 51));
+  Tensor hc = cpu_->empty({n, F}, DType::kF32).value(),
+         hg = gpu_->empty({n, F}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->swiglu_fwd(gt, u, hc).ok());
+  ASSERT_TRUE(gpu_->swiglu_fwd(dev(gt), dev(u), hg).ok());
+  expect_near(vec<float>(hc), back<float>(hg), 1e-7f, 1e-6f, "swiglu h");
+  const Tensor dh = hostf({n, F}, randn(n * F, 52));
+  Tensor ggc = cpu_->empty({n, F}, DType::kF32).value(),
+         ggg = gpu_->empty({n, F}, DType::kF32).value();
+  Tensor guc = cpu_->empty({n, F}, DType::kF32).value(),
+         gug = gpu_->empty({n, F}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->swiglu_bwd(dh, gt, u, ggc, guc).ok());
+  ASSERT_TRUE(gpu_->swiglu_bwd(dev(dh), dev(gt), dev(u), ggg, gug).ok());
+  expect_near(vec<float>(ggc), back<float>(ggg), 1e-6f, 1e-5f, "swiglu dg");
+  expect_near(vec<float>(guc), back<float>(gug), 1e-7f, 1e-6f, "swiglu du");
+
+  const int64_t R = 64, V = 3001;
+  const Tensor logits = hostf({R, V}, randn(R * V, 53, 5.0f));
+  std::vector<int32_t> t = randi(R, 54, 0, V);
+  t[3] = -1;  // ignored rows
+  t[40] = -1;
+  const Tensor tg = hosti({R}, t);
+  Tensor lc = cpu_->empty({R}, DType::kF32).value(), lg = gpu_->empty({R}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->cross_entropy_fwd(logits, tg, lc).ok());
+  ASSERT_TRUE(gpu_->cross_entropy_fwd(dev(logits), dev(tg), lg).ok());
+  expect_near(vec<float>(lc), back<float>(lg), 1e-5f, 1e-6f, "ce loss");
+  Tensor dc = cpu_->empty({R, V}, DType::kF32).value(),
+         dg = gpu_->empty({R, V}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->cross_entropy_bwd(logits, tg, 0.125f, dc).ok());
+  ASSERT_TRUE(gpu_->cross_entropy_bwd(dev(logits), dev(tg), 0.125f, dg).ok());
+  expect_near(vec<float>(dc), back<float>(dg), 1e-8f, 1e-5f, "ce dlogits");
+  t[7] = static_cast<int32_t>(V);
+  EXPECT_FALSE(gpu_->cross_entropy_fwd(dev(logits), dev(hosti({R}, t)), lg).ok());
+}
+
+TEST_F(CudaBackendTest, RouterTopk) {
+  struct Case {
+    int64_t E, topk, groups, max_groups;
+  };
+  for (const Case& c : {Case{64, 6, 8, 3}, Case{256, 8, 8, 4}, Case{16, 4, 1, 1}}) {
+    for (bool ties : {false, true}) {
+      const int64_t n = 257;
+      std::vector<float> l = randn(n * c.E, 60, 2.0f);
+      if (ties) {
+        for (auto& x : l) x = std::round(x * 2.0f) / 2.0f;  // few distinct values: many ties
+      }
+      std::vector<float> b = randn(c.E, 61, 0.1f);
+      if (ties) std::fill(b.begin(), b.end(), 0.0f);
+      const Tensor lg = hostf({n, c.E}, l), bias = hostf({c.E}, b);
+      Tensor sc = cpu_->empty({n, c.E}, DType::kF32).value();
+      Tensor sg = gpu_->empty({n, c.E}, DType::kF32).value();
+      Tensor ic = cpu_->empty({n, c.topk}, DType::kI32).value();
+      Tensor ig = gpu_->empty({n, c.topk}, DType::kI32).value();
+      Tensor gc = cpu_->empty({n, c.topk}, DType::kF32).value();
+      Tensor gg = gpu_->empty({n, c.topk}, DType::kF32).value();
+      ASSERT_TRUE(
+          cpu_->router_topk(lg, bias, c.topk, c.groups, c.max_groups, 2.5f, sc, ic, gc).ok());
+      const Status s =
+          gpu_->router_topk(dev(lg), dev(bias), c.topk, c.groups, c.max_groups, 2.5f, sg, ig, gg);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      const std::string what = "router E=" + std::to_string(c.E) + (ties ? " ties" : "");
+      expect_near(vec<float>(sc), back<float>(sg), 0.0f, 4e-7f, what + " scores");
+      expect_bits(vec<int32_t>(ic), back<int32_t>(ig), what + " idx");
+      expect_near(vec<float>(gc), back<float>(gg), 0.0f, 1e-6f, what + " gates");
+    }
+  }
+}
+
+// Ops launched on a side stream run there; events order them against the compute stream.
+TEST_F(CudaBackendTest, StreamsAndEvents) {
+  const int64_t n = 1 << 20;
+  const Tensor a = hostf({n}, randn(n, 70)), b = hostf({n}, randn(n, 71));
+  Tensor da = dev(a), db = dev(b);
+  Tensor out = gpu_->empty({n}, DType::kF32).value();
+  auto side = gpu_->create_stream("side");
+  side->wait(gpu_->compute().record());
+  side->launch([&] { ASSERT_TRUE(gpu_->add(da, db, out).ok()); });
+  auto done = side->record();
+  gpu_->compute().wait(done);
+  done->synchronize();
+  EXPECT_TRUE(done->query());
+  Tensor want = cpu_->empty({n}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->add(a, b, want).ok());
+  expect_bits(vec<float>(want), back<float>(out), "add on a side stream");
+  side->synchronize();
+}
+
+}  // namespace
+}  // namespace fp8pipe
