@@ -614,8 +614,69 @@ void maybe_crash_for_test() {
 
 }  // namespace
 
-Status save(const Options& opt, const SaveRequest& req) {
+namespace {
+
+// A rank's record as text for the gather: a partial manifest holding just its file, state and
+// tensors (the manifest's JSON reader checks it on rank 0).
+std::string rank_file_json(const RankFile& rf) {
+  Manifest m;
+  m.ranks = {rf.state};
+  m.files = {rf.file};
+  m.tensors = rf.tensors;
+  return m.to_json();
+}
+
+Result<RankFile> parse_rank_file(const std::string& text, int rank) {
+  FP8_ASSIGN_OR_RETURN(Manifest m, Manifest::from_json(text, fmt::format("rank {} record", rank)));
+  if (m.ranks.size() != 1 || m.files.size() != 1 || m.files[0].rank != rank) {
+    return FP8_ERROR(Code::kInternal, "checkpoint: rank {} sent a malformed record", rank);
+  }
+  return RankFile{m.files[0], m.ranks[0], std::move(m.tensors)};
+}
+
+Status prepare_step_dir(const Options& opt, int64_t step);
+
+}  // namespace
+
+Status save_distributed(const Options& opt, const SaveRequest& req, const Collective& col) {
   const fs::path dir = fs::path(opt.root) / step_dir_name(req.step);
+  Status st = col.rank == 0 ? prepare_step_dir(opt, req.step) : Status::Ok();
+  FP8_ASSIGN_OR_RETURN(bool ready, col.agree(st.ok()));
+  FP8_RETURN_IF_ERROR(st);
+  if (!ready)
+    return FP8_ERROR(Code::kIo, "checkpoint step {}: rank 0 could not create {}", req.step,
+                     dir.string());
+  auto rf = write_rank_file(dir.string(), req);
+  FP8_ASSIGN_OR_RETURN(bool written, col.agree(rf.ok()));
+  FP8_RETURN_IF_ERROR(rf.status());
+  if (!written) {
+    return FP8_ERROR(Code::kIo, "checkpoint step {}: another rank failed to write its shard",
+                     req.step);
+  }
+  maybe_crash_for_test();
+  FP8_ASSIGN_OR_RETURN(auto texts, col.gather(rank_file_json(*rf)));
+  if (col.rank == 0) {
+    st = [&]() -> Status {
+      std::vector<RankFile> files;
+      for (int r = 0; r < static_cast<int>(texts.size()); ++r) {
+        FP8_ASSIGN_OR_RETURN(RankFile f, parse_rank_file(texts[r], r));
+        files.push_back(std::move(f));
+      }
+      FP8_RETURN_IF_ERROR(commit(opt.root, req, std::move(files)));
+      return apply_retention(opt.root, opt.keep_last, opt.keep_every);
+    }();
+  }
+  FP8_ASSIGN_OR_RETURN(bool committed, col.agree(st.ok()));
+  FP8_RETURN_IF_ERROR(st);
+  if (!committed)
+    return FP8_ERROR(Code::kIo, "checkpoint step {}: rank 0 failed to commit", req.step);
+  return Status::Ok();
+}
+
+namespace {
+
+Status prepare_step_dir(const Options& opt, int64_t step) {
+  const fs::path dir = fs::path(opt.root) / step_dir_name(step);
   std::error_code ec;
   fs::create_directories(opt.root, ec);
   if (ec)
@@ -623,7 +684,14 @@ Status save(const Options& opt, const SaveRequest& req) {
   if (fs::exists(dir)) FP8_RETURN_IF_ERROR(remove_step_dir(dir));  // a stale attempt at this step
   fs::create_directory(dir, ec);
   if (ec) return FP8_ERROR(Code::kIo, "cannot create {}: {}", dir.string(), ec.message());
-  FP8_RETURN_IF_ERROR(fsync_dir(opt.root));
+  return fsync_dir(opt.root);
+}
+
+}  // namespace
+
+Status save(const Options& opt, const SaveRequest& req) {
+  const fs::path dir = fs::path(opt.root) / step_dir_name(req.step);
+  FP8_RETURN_IF_ERROR(prepare_step_dir(opt, req.step));
   FP8_ASSIGN_OR_RETURN(RankFile rf, write_rank_file(dir.string(), req));
   maybe_crash_for_test();
   std::vector<RankFile> files;

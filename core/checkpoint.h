@@ -18,13 +18,15 @@
 // 1-D [end - begin] otherwise. The file's __metadata__ has "slice:<name>" = {"shape": global
 // shape, "begin", "end", "kind", "replica"} so a shard describes itself without the manifest.
 //
-// N ranks (the distributed runtime): every rank calls write_rank_file() for its own slices, the
-// RankFile records (small) are gathered to rank 0, and rank 0 alone calls commit(); ranks wait on
-// a barrier after it. The step to save at is a function of the step number, so all ranks agree
-// (STYLE.md 8). This build runs rank 0 of world 1 through Checkpointer, which does all three.
+// N ranks (save_distributed): rank 0 prepares the step directory, every rank calls
+// write_rank_file() for its own slices, the RankFile records (small) are gathered to rank 0, and
+// rank 0 alone calls commit(); every rank then learns the outcome together. The step to save at
+// is a function of the step number, so all ranks agree (STYLE.md 8). One process uses
+// Checkpointer (sync or async), which does all of it locally.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -171,6 +173,21 @@ struct Options {
 // Test hook: with FP8PIPE_TEST_CRASH_IN_SAVE=1 in the environment the process _exit(1)s after
 // the rank files are written, before manifest.json and COMMITTED (a crash mid-save).
 Status save(const Options& opt, const SaveRequest& req);
+
+// The collectives an N-rank save needs, supplied by the caller (the trainer, over MPI), so this
+// library does not depend on the communication layer.
+struct Collective {
+  int rank = 0, size = 1;
+  // MIN over ranks of `ok`: true only if every rank passed true. Also the barrier.
+  std::function<Result<bool>(bool ok)> agree;
+  // Rank 0 gets every rank's string, by rank; other ranks get an empty vector.
+  std::function<Result<std::vector<std::string>>(const std::string& mine)> gather;
+};
+
+// The N-rank save (synchronous): rank 0 (re)creates the step dir; all write their rank file;
+// the records are gathered; rank 0 commits and applies retention; the outcome is agreed, so every
+// rank fails if any did. FP8PIPE_TEST_CRASH_IN_SAVE=1 exits after the rank files, as in save().
+Status save_distributed(const Options& opt, const SaveRequest& req, const Collective& col);
 
 // Saves with save(), synchronously or on a background thread. Async: save() first waits for the
 // previous write and returns its error if it failed (then this request is not started); otherwise

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -90,13 +91,15 @@ Status Trainer::setup_optimizer() {
   ac.eps = o.eps();
   ac.weight_decay = o.weight_decay();
   ac.clip_norm = cfg_.train().grad_clip();
+  // ZeRO-1: a rank keeps Adam state only for its shard of each parameter (sharded over every
+  // rank holding the name: dp replicas, or an expert's ep owners, and DualPipe's two copies).
+  setup_owned();
   std::vector<optim::ParamGroup> groups;
-  std::map<std::string, int> seen;
-  for (auto* p : all_params()) {
-    const int copy = seen[p->name]++;  // a second local copy (DualPipe's embedding) gets "@1"
-    groups.push_back({copy ? p->name + "@" + std::to_string(copy) : p->name,
-                      p->value.data_as<float>(), p->grad.data_as<float>(), 0, p->value.numel(),
-                      p->decay});
+  for (const Owned& o : owned_) {
+    if (o.begin == o.end) continue;
+    model::Param* p = o.copies.front();
+    groups.push_back({o.name, p->value.data_as<float>() + o.begin,
+                      p->grad.data_as<float>() + o.begin, o.begin, o.end, p->decay});
   }
   FP8_ASSIGN_OR_RETURN(auto opt, optim::AdamW::create(ac, std::move(groups)));
   opt_.emplace(std::move(opt));
@@ -119,6 +122,50 @@ Status Trainer::setup_optimizer() {
     FP8_ASSIGN_OR_RETURN(
         auto s, optim::LrSchedule::warmup_cosine(o.lr(), o.min_lr(), o.warmup_steps(), total));
     lr_.emplace(s);
+  }
+  return Status::Ok();
+}
+
+void Trainer::setup_owned() {
+  std::map<std::string, size_t> at;
+  for (auto* p : all_params()) {
+    auto [it, fresh] = at.try_emplace(p->name, owned_.size());
+    if (!fresh) {
+      owned_[it->second].copies.push_back(p);
+      continue;
+    }
+    Owned o;
+    o.name = p->name;
+    o.copies = {p};
+    o.holders =
+        parallel::holders_of(p->name, *sched_, parts_, *topo_, cfg_.model().moe().routed_experts());
+    const auto pos = std::find(o.holders.begin(), o.holders.end(), world_rank_);
+    const optim::Range r =
+        optim::shard_range(p->value.numel(), static_cast<int>(pos - o.holders.begin()),
+                           static_cast<int>(o.holders.size()));
+    o.begin = r.begin;
+    o.end = r.end;
+    owned_.push_back(std::move(o));
+  }
+}
+
+Status Trainer::gather_params() {
+  if (!param_gather_) {
+    std::vector<parallel::GatherEntry> entries;
+    std::map<std::string, std::vector<int>> holders;
+    for (const Owned& o : owned_) {
+      entries.push_back(
+          {o.name, o.copies.front()->value.data_as<float>(), o.copies.front()->value.numel()});
+      holders[o.name] = o.holders;
+    }
+    param_gather_ = std::make_unique<parallel::ShardGather>(
+        std::move(entries), std::move(holders), world_rank_,
+        comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
+  }
+  FP8_RETURN_IF_ERROR(param_gather_->all_gather());
+  for (const Owned& o : owned_) {  // a second local copy (DualPipe's embedding) follows the first
+    for (size_t c = 1; c < o.copies.size(); ++c)
+      FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->value, o.copies[c]->value));
   }
   return Status::Ok();
 }
@@ -173,6 +220,7 @@ Result<StepResult> Trainer::train_step() {
   } else {
     const float clip = optim::AdamW::clip_factor(r.grad_norm, cfg_.train().grad_clip());
     FP8_RETURN_IF_ERROR(opt_->step(r.lr, clip));
+    FP8_RETURN_IF_ERROR(gather_params());
     ++ctx_.weight_version;
     FP8_RETURN_IF_ERROR(update_router_biases());
   }
@@ -335,14 +383,44 @@ Status Trainer::load_model(const std::string& path) {
 Status Trainer::setup_checkpoints() {
   const auto& k = cfg_.checkpoint();
   if (k.dir().empty()) return Status::Ok();
-  if (world_size_ > 1) {  // the per-rank writers exist; gathering the commit is not built yet
-    if (is_root())
-      log::warn("checkpoint.dir={}: multi-rank checkpoints are not written yet", k.dir());
-    return Status::Ok();
+  bool async = k.async();
+  if (world_size_ > 1 && async) {  // the N-rank commit gathers over MPI on the main thread
+    if (is_root()) log::warn("checkpoint.async: multi-rank checkpoints are written synchronously");
+    async = false;
   }
   ckpt_ = std::make_unique<ckpt::Checkpointer>(
-      ckpt::Options{k.dir(), k.keep_last(), k.keep_every(), k.async()});
+      ckpt::Options{k.dir(), k.keep_last(), k.keep_every(), async});
   return Status::Ok();
+}
+
+// The N-rank save's collectives on the world communicator: a MIN agreement and a gather of
+// strings to rank 0 (lengths, then bytes, point to point).
+ckpt::Collective Trainer::checkpoint_collective() {
+  ckpt::Collective col;
+  col.rank = world_rank_;
+  col.size = world_size_;
+  parallel::Comm* w = &comms_->get(parallel::GroupKind::kWorld);
+  col.agree = [w](bool ok) { return parallel::agree(*w, ok); };
+  col.gather = [w, this](const std::string& mine) -> Result<std::vector<std::string>> {
+    constexpr int kLenTag = 32001, kDataTag = 32002;
+    std::vector<std::string> all;
+    if (world_rank_ != 0) {
+      int64_t n = static_cast<int64_t>(mine.size());
+      FP8_RETURN_IF_ERROR(w->send(&n, 1, parallel::DataType::kInt64, 0, kLenTag).wait());
+      FP8_RETURN_IF_ERROR(w->send(mine.data(), n, parallel::DataType::kByte, 0, kDataTag).wait());
+      return all;
+    }
+    all.resize(world_size_);
+    all[0] = mine;
+    for (int r = 1; r < world_size_; ++r) {
+      int64_t n = 0;
+      FP8_RETURN_IF_ERROR(w->recv(&n, 1, parallel::DataType::kInt64, r, kLenTag).wait());
+      all[r].resize(n);
+      FP8_RETURN_IF_ERROR(w->recv(all[r].data(), n, parallel::DataType::kByte, r, kDataTag).wait());
+    }
+    return all;
+  };
+  return col;
 }
 
 ckpt::Topology Trainer::topology() const {
@@ -361,7 +439,9 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
   r.skipped_steps = skipped_;
   r.config = to_text(cfg_);
   r.topology = topology();
-  r.rank = {0, 0, 0, step_, cfg_.train().seed(), step_, skipped_};
+  r.rank = {world_rank_, topo_->coords().stage, topo_->coords().dp_index,
+            step_,       cfg_.train().seed(),   step_,
+            skipped_};
   std::map<std::string, Shape> shapes;
   for (auto* p : all_params()) shapes[p->name] = p->value.shape();
   for (const optim::ParamGroup& g : opt_->groups()) {
@@ -383,8 +463,14 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
     r.slices.push_back({a.name, sq ? ckpt::Kind::kExpAvgSq : ckpt::Kind::kExpAvg, "BF16",
                         shapes.at(param), a.begin, a.end, 0, *owned, owned});
   }
+  std::set<std::string> biases;
   for (auto* moe : all_moes()) {
     const model::Param& b = moe->bias();
+    // Every holder keeps an identical copy: the lowest holder writes it, once.
+    if (parallel::holders_of(b.name, *sched_, parts_, *topo_).front() != world_rank_ ||
+        !biases.insert(b.name).second) {
+      continue;
+    }
     r.slices.push_back({b.name,
                         ckpt::Kind::kRouterBias,
                         "F32",
@@ -400,10 +486,17 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
 
 Status Trainer::save_checkpoint() {
   if (!ckpt_) return FP8_INVALID("save_checkpoint: checkpoint.dir is empty");
-  FP8_RETURN_IF_ERROR(ckpt_->save(checkpoint_request()));
+  if (world_size_ > 1) {
+    FP8_RETURN_IF_ERROR(
+        ckpt::save_distributed(ckpt_->options(), checkpoint_request(), checkpoint_collective()));
+  } else {
+    FP8_RETURN_IF_ERROR(ckpt_->save(checkpoint_request()));
+  }
   last_checkpoint_step_ = step_;
-  log::info("checkpoint: {} step {} ({})", ckpt_->options().async ? "writing" : "saved", step_,
-            ckpt_->options().root);
+  if (is_root()) {
+    log::info("checkpoint: {} step {} ({})", ckpt_->options().async ? "writing" : "saved", step_,
+              ckpt_->options().root);
+  }
   return Status::Ok();
 }
 
@@ -448,8 +541,9 @@ Status Trainer::check_resumable(const ckpt::Manifest& m, const ResumeOptions& op
   return Status::Ok();
 }
 
-// Master weights (this rank's optimizer slices) and router biases, by global name; the
-// checkpoint's tensors must be exactly this model's.
+// Master weights (every parameter this rank holds, whole: ZeRO-1 shards only the optimizer state)
+// and router biases, by global name, re-sliced from whichever shards cover them. One process
+// also checks that the checkpoint holds nothing this model lacks.
 Status Trainer::restore_tensors(const ckpt::Loaded& l) {
   std::set<std::string> want;
   auto check = [&](const std::string& name, const Shape& shape) -> Status {
@@ -463,20 +557,21 @@ Status Trainer::restore_tensors(const ckpt::Loaded& l) {
     }
     return Status::Ok();
   };
-  std::map<std::string, model::Param*> params;
-  for (auto* p : all_params()) params[p->name] = p;
-  for (const optim::ParamGroup& g : opt_->groups()) {
-    const Shape& shape = params.at(g.name)->value.shape();
-    FP8_RETURN_IF_ERROR(check(g.name, shape));
-    FP8_RETURN_IF_ERROR(check(g.name + ".exp_avg", shape));
-    FP8_RETURN_IF_ERROR(check(g.name + ".exp_avg_sq", shape));
-    FP8_RETURN_IF_ERROR(l.read(g.name, "F32", g.begin, g.end, g.param));
+  for (const Owned& o : owned_) {
+    model::Param& p = *o.copies.front();
+    FP8_RETURN_IF_ERROR(check(o.name, p.value.shape()));
+    FP8_RETURN_IF_ERROR(check(o.name + ".exp_avg", p.value.shape()));
+    FP8_RETURN_IF_ERROR(check(o.name + ".exp_avg_sq", p.value.shape()));
+    FP8_RETURN_IF_ERROR(l.read(o.name, "F32", 0, p.value.numel(), p.value.data()));
+    for (size_t c = 1; c < o.copies.size(); ++c)
+      FP8_RETURN_IF_ERROR(be_->copy(p.value, o.copies[c]->value));
   }
   for (auto* moe : all_moes()) {
     model::Param& b = moe->bias();
     FP8_RETURN_IF_ERROR(check(b.name, b.value.shape()));
     FP8_RETURN_IF_ERROR(l.read(b.name, "F32", 0, b.value.numel(), b.value.data()));
   }
+  if (world_size_ > 1) return Status::Ok();  // other ranks hold the other names
   for (const ckpt::TensorRecord& t : l.manifest().tensors) {
     if (!want.count(t.name))
       return FP8_INVALID("checkpoint {}: tensor '{}' is not in this model", l.step_dir(), t.name);
@@ -501,7 +596,6 @@ Status Trainer::restore_optimizer(const ckpt::Loaded& l) {
 Status Trainer::resume(const ResumeOptions& opt) {
   const auto& k = cfg_.checkpoint();
   if (k.resume() == "none" || (k.resume() == "auto" && k.dir().empty())) return Status::Ok();
-  if (world_size_ > 1) return Status::Ok();  // multi-rank checkpoints are not written yet
   const std::string which = k.resume() == "auto" ? "" : k.resume();
   FP8_ASSIGN_OR_RETURN(auto found, ckpt::resolve(k.dir(), which, opt.fallback));
   if (!found) {
@@ -518,9 +612,26 @@ Status Trainer::resume(const ResumeOptions& opt) {
   tokens_seen_ = m.tokens_seen;
   skipped_ = m.skipped_steps;
   last_checkpoint_step_ = step_;
-  ++ctx_.weight_version;  // cached quantized weights are stale
-  log::info("checkpoint: resumed from {} (step {}, {} tokens, {} skipped)", found->step_dir, step_,
-            tokens_seen_, skipped_);
+  ++ctx_.weight_version;            // cached quantized weights are stale
+  if (comms_ && world_size_ > 1) {  // every rank must have resolved the same checkpoint
+    std::vector<double> lo = {-static_cast<double>(step_)}, hi = {static_cast<double>(step_)};
+    auto& w = comms_->get(parallel::GroupKind::kWorld);
+    FP8_RETURN_IF_ERROR(w.all_reduce(lo.data(), lo.data(), 1, parallel::DataType::kFloat64,
+                                     parallel::ReduceOp::kMax)
+                            .wait());
+    FP8_RETURN_IF_ERROR(w.all_reduce(hi.data(), hi.data(), 1, parallel::DataType::kFloat64,
+                                     parallel::ReduceOp::kMax)
+                            .wait());
+    if (-lo[0] != hi[0]) {
+      return FP8_ERROR(Code::kAborted,
+                       "checkpoint: ranks resumed from different steps ({} .. {}) under {}", -lo[0],
+                       hi[0], k.dir());
+    }
+  }
+  if (is_root()) {
+    log::info("checkpoint: resumed from {} (step {}, {} tokens, {} skipped)", found->step_dir,
+              step_, tokens_seen_, skipped_);
+  }
   return Status::Ok();
 }
 

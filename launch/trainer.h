@@ -88,6 +88,17 @@ class Trainer {
   Result<double> sync_grads_and_norm();
   Status update_router_biases();
   std::vector<model::Param*> all_params() const;  // every local chunk's parameters
+  // ZeRO-1: each global parameter on this rank, its local copies (DualPipe may hold one twice),
+  // the world ranks holding it and the piece of it whose optimizer state this rank owns.
+  struct Owned {
+    std::string name;
+    std::vector<model::Param*> copies;
+    std::vector<int> holders;
+    int64_t begin = 0, end = 0;
+  };
+  void setup_owned();
+  Status gather_params();  // after the optimizer step: every holder gets every shard
+  ckpt::Collective checkpoint_collective();
   std::vector<model::MoE*> all_moes() const;
   Status sum_over_world(std::vector<double>& v);
   StepRecord record(const StepResult& r, double seconds);
@@ -112,6 +123,8 @@ class Trainer {
   std::unique_ptr<parallel::PipelineExecutor> exec_;
   std::unique_ptr<parallel::CommExpertComm> ep_comm_;  // ctx_.ep when parallel.ep > 1
   std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
+  std::vector<Owned> owned_;  // by global name
+  std::unique_ptr<parallel::ShardGather> param_gather_;
   std::unique_ptr<parallel::Tracer> tracer_;
   const std::atomic<bool>* stop_flag_ = nullptr;
   bool stopped_early_ = false;

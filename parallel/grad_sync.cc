@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "optim/adamw.h"
 #include "parallel/executor.h"
 
 namespace fp8pipe::parallel {
@@ -140,6 +141,75 @@ Status NameSync::all_reduce_sum() {
   for (const SyncEntry& e : entries_)  // sets of one rank: spread the local sum to all copies
     for (size_t c = 1; c < e.copies.size(); ++c)
       std::copy(e.copies[0], e.copies[0] + e.numel, e.copies[c]);
+  return Status::Ok();
+}
+
+ShardGather::ShardGather(std::vector<GatherEntry> entries,
+                         std::map<std::string, std::vector<int>> holders, int world_rank,
+                         Comm* world)
+    : entries_(std::move(entries)), rank_(world_rank), world_(world) {
+  std::sort(entries_.begin(), entries_.end(),
+            [](const GatherEntry& a, const GatherEntry& b) { return a.name < b.name; });
+  std::map<std::vector<int>, size_t> index;
+  for (const GatherEntry& e : entries_) {
+    const auto& ranks = holders[e.name];
+    if (ranks.size() < 2) continue;
+    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
+    if (fresh) sets_.push_back({ranks, {}});
+    sets_[it->second].entries.push_back(&e);
+  }
+}
+
+Status ShardGather::all_gather() {
+  if (sets_.empty()) return Status::Ok();
+  if (!world_) return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
+  // Member j's shards of a set's names, concatenated in name order.
+  auto pack_size = [](const Set& set, int j) {
+    int64_t n = 0;
+    for (const GatherEntry* e : set.entries) {
+      const optim::Range r = optim::shard_range(e->numel, j, static_cast<int>(set.ranks.size()));
+      n += r.end - r.begin;
+    }
+    return n;
+  };
+  std::vector<std::vector<float>> mine(sets_.size());
+  std::vector<std::vector<std::vector<float>>> theirs(sets_.size());
+  std::vector<Work> works;
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    const int n = static_cast<int>(set.ranks.size());
+    const int me =
+        static_cast<int>(std::find(set.ranks.begin(), set.ranks.end(), rank_) - set.ranks.begin());
+    for (const GatherEntry* e : set.entries) {
+      const optim::Range r = optim::shard_range(e->numel, me, n);
+      mine[k].insert(mine[k].end(), e->data + r.begin, e->data + r.end);
+    }
+    theirs[k].resize(n);
+    const int tag = static_cast<int>(k % 32768);
+    for (int j = 0; j < n; ++j) {
+      if (j == me) continue;
+      theirs[k][j].resize(pack_size(set, j));
+      works.push_back(world_->recv(theirs[k][j].data(), theirs[k][j].size(), DataType::kFloat32,
+                                   set.ranks[j], tag));
+      works.push_back(
+          world_->send(mine[k].data(), mine[k].size(), DataType::kFloat32, set.ranks[j], tag));
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(works));
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    const int n = static_cast<int>(set.ranks.size());
+    for (int j = 0; j < n; ++j) {
+      if (set.ranks[j] == rank_) continue;
+      int64_t off = 0;
+      for (const GatherEntry* e : set.entries) {
+        const optim::Range r = optim::shard_range(e->numel, j, n);
+        std::copy(theirs[k][j].begin() + off, theirs[k][j].begin() + off + (r.end - r.begin),
+                  e->data + r.begin);
+        off += r.end - r.begin;
+      }
+    }
+  }
   return Status::Ok();
 }
 

@@ -56,4 +56,31 @@ class NameSync {
   Comm* world_;
 };
 
+// ZeRO-1's parameter all-gather by global name: holder i (of n, in holders_of order) of a name
+// owns optim::shard_range(numel, i, n) of it and has just updated that shard; afterwards every
+// holder has every shard (fp32, in place). Point-to-point on the world communicator, one message
+// per (set of holders, pair of members) carrying all that set's names.
+struct GatherEntry {
+  std::string name;
+  float* data = nullptr;  // this rank's full copy
+  int64_t numel = 0;
+};
+
+class ShardGather {
+ public:
+  ShardGather(std::vector<GatherEntry> entries, std::map<std::string, std::vector<int>> holders,
+              int world_rank, Comm* world);
+  Status all_gather();
+
+ private:
+  struct Set {
+    std::vector<int> ranks;
+    std::vector<const GatherEntry*> entries;  // in name order
+  };
+  std::vector<GatherEntry> entries_;
+  std::vector<Set> sets_;
+  int rank_;
+  Comm* world_;
+};
+
 }  // namespace fp8pipe::parallel

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Multi-rank checkpoints under real mpirun (issue #5 Done-when), tiny config with DualPipe, FP8,
+# pp=2 x dp=2 x ep=2 (4 ranks, ZeRO-1 shards, experts sharded):
+#   1. 6 steps straight vs 6 steps killed with SIGKILL mid-step after the step-3 checkpoint and
+#      resumed: losses of steps 4..6 identical and the exported final parameters bitwise equal;
+#   2. a crash in the middle of the step-6 checkpoint write (every rank exits after writing its
+#      shard, FP8PIPE_TEST_CRASH_IN_SAVE=1) leaves step 3 as `latest`; resuming uses it and
+#      still ends bitwise equal;
+#   3. resharding (FP32, where layouts agree to 1e-5): step 3 of the dp=2 run resumed at dp=4
+#      (8 ranks) continues the dp=2 run's losses within 1e-5, and its step 6 resumed back at dp=2
+#      does too; without --reshard the layout change is refused with a message.
+# Usage (CTest): bash multirank_resume_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+BUILD=$(cd "$1" && pwd)
+SRC=$(cd "$2" && pwd)
+BIN=$BUILD/launch/fp8pipe
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+TMP=$(mktemp -d)
+trap 'pkill -9 -f "$TMP" 2>/dev/null; rm -rf "$TMP"' EXIT
+pass=0 fail=0
+ok() { echo "ok: $1"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+
+COMMON=(--log.every=1 --train.eval_every=0 --optim.warmup_steps=1 --optim.decay_steps=20
+  --train.seq_len=16 --parallel.pp=2 --parallel.ep=2 --parallel.schedule=dualpipe
+  --checkpoint.every=3 --checkpoint.keep_last=0)
+run() { # run NAME NP STEPS [overrides...]: checkpoints under $TMP/NAME, metrics NAME.rR.jsonl
+  local name=$1 np=$2 steps=$3
+  shift 3
+  timeout 300 mpirun -np "$np" "$BIN" train "$SRC/configs/tiny.textproto" "${COMMON[@]}" \
+    --train.steps="$steps" --checkpoint.dir="$TMP/$name" --log.jsonl="$TMP/$name.r{rank}.jsonl" \
+    "$@" >>"$TMP/$name.log" 2>&1
+}
+# losses A B FROM TO [TOL]: rank 0's loss and mtp_loss of steps FROM..TO, last record per step;
+# TOL omitted: identical to the printed digits.
+losses() {
+  python3 - "$@" <<'PY'
+import json, sys
+a, b, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tol = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+def load(p):
+    out = {}
+    for l in open(p):
+        if l.startswith('{"step"'):
+            r = json.loads(l.replace("nan", "null"))
+            out[r["step"]] = r
+    return out
+x, y = load(a), load(b)
+for s in range(lo, hi + 1):
+    assert s in x and s in y, f"step {s} missing ({sorted(x)}, {sorted(y)})"
+    for k in ("loss", "mtp_loss"):
+        rel = abs(x[s][k] - y[s][k]) / abs(x[s][k])
+        assert rel <= tol, f"step {s} {k}: {x[s][k]} vs {y[s][k]} (rel {rel:.2e} > {tol})"
+PY
+}
+export_eq() { # export_eq DIR_A DIR_B: consolidated exports of two checkpoints, byte for byte
+  "$BIN" ckpt export "$1" "$TMP/x1.safetensors" >/dev/null 2>&1 &&
+    "$BIN" ckpt export "$2" "$TMP/x2.safetensors" >/dev/null 2>&1 &&
+    cmp -s "$TMP/x1.safetensors" "$TMP/x2.safetensors"
+}
+
+FP8=(--precision.mode=FP8 --parallel.dp=2)
+if run straight 4 6 "${FP8[@]}" && "$BIN" ckpt verify "$TMP/straight/step_00000006" >/dev/null; then
+  ok "straight 6-step run, 4 ranks, checkpoint verifies"
+else
+  bad "straight run"
+  tail -20 "$TMP/straight.log"
+fi
+
+# 1. SIGKILL mid-step 5, after the step-3 checkpoint is committed.
+run killed 4 6 "${FP8[@]}" &
+job=$!
+for _ in $(seq 600); do
+  grep -q '"step":4' "$TMP/killed.r0.jsonl" 2>/dev/null && break
+  sleep 0.05
+done
+pkill -9 -f "checkpoint.dir=$TMP/killed" 2>/dev/null
+wait $job
+if [ -f "$TMP/killed/step_00000003/COMMITTED" ] && [ ! -f "$TMP/killed/step_00000006/COMMITTED" ]; then
+  ok "killed after the step-3 checkpoint, before step 6"
+else
+  bad "kill timing: $(ls "$TMP/killed")"
+fi
+if run killed 4 6 "${FP8[@]}" && grep -q "resumed from .*step_00000003" "$TMP/killed.log" &&
+  losses "$TMP/straight.r0.jsonl" "$TMP/killed.r0.jsonl" 4 6 &&
+  export_eq "$TMP/straight/step_00000006" "$TMP/killed/step_00000006"; then
+  ok "SIGKILL + resume: steps 4..6 losses identical, final parameters bitwise equal"
+else
+  bad "SIGKILL + resume"
+  tail -5 "$TMP/killed.log"
+fi
+
+# 2. A crash while writing the step-6 checkpoint: step 3 stays latest and is used.
+run crash 4 3 "${FP8[@]}"
+FP8PIPE_TEST_CRASH_IN_SAVE=1 run crash 4 6 "${FP8[@]}"
+if [ "$(cat "$TMP/crash/latest")" = "step_00000003" ] && [ ! -f "$TMP/crash/step_00000006/COMMITTED" ] &&
+  run crash 4 6 "${FP8[@]}" && losses "$TMP/straight.r0.jsonl" "$TMP/crash.r0.jsonl" 4 6 &&
+  export_eq "$TMP/straight/step_00000006" "$TMP/crash/step_00000006"; then
+  ok "crash mid-write: previous checkpoint intact and used, final parameters bitwise equal"
+else
+  bad "crash mid-write"
+  tail -5 "$TMP/crash.log"
+fi
+
+# 3. Resharding dp=2 -> dp=4 -> dp=2 in FP32.
+FP32=(--precision.mode=FP32)
+run ref32 4 9 "${FP32[@]}" --parallel.dp=2
+if run refuse 8 6 "${FP32[@]}" --parallel.dp=4 --checkpoint.resume="$TMP/ref32/step_00000003"; then
+  bad "a layout change without --reshard was accepted"
+elif grep -q "pass --reshard" "$TMP/refuse.log"; then
+  ok "layout change without --reshard refused with a message"
+else
+  bad "layout change refused without the message"
+  tail -5 "$TMP/refuse.log"
+fi
+if run dp4 8 6 "${FP32[@]}" --parallel.dp=4 --checkpoint.resume="$TMP/ref32/step_00000003" --reshard &&
+  losses "$TMP/ref32.r0.jsonl" "$TMP/dp4.r0.jsonl" 4 6 1e-5; then
+  ok "reshard dp=2 -> dp=4: steps 4..6 within 1e-5 of the dp=2 run"
+else
+  bad "reshard dp=2 -> dp=4"
+  tail -5 "$TMP/dp4.log"
+fi
+if run back 4 9 "${FP32[@]}" --parallel.dp=2 --checkpoint.resume="$TMP/dp4/step_00000006" --reshard &&
+  losses "$TMP/ref32.r0.jsonl" "$TMP/back.r0.jsonl" 7 9 1e-5; then
+  ok "reshard dp=4 -> dp=2: steps 7..9 within 1e-5 of the dp=2 run"
+else
+  bad "reshard dp=4 -> dp=2"
+  tail -5 "$TMP/back.log"
+fi
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
