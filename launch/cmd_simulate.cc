@@ -1,6 +1,9 @@
 // `fp8pipe simulate CONFIG [--a.b=v ...] [--calibration FILE.json] [--trace FILE.json]
 // [--csv FILE.csv] [--sweep] [--svg FILE.svg]`: predicts a training step on the config's cluster
 // with the discrete-event simulator (parallel/sim/) and, with --sweep, scaling curves over layouts.
+// With `--calibrate-from TRACE` (log.trace files of a real run, "{rank}" expanded over the ranks;
+// repeatable) or `--measured-costs FILE.json` the per-stage costs come from that run instead of
+// the GPU cost model (parallel/sim/measured.h); `--write-calibration FILE.json` saves them.
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -15,6 +18,7 @@
 #include "launch/svg_plot.h"
 #include "parallel/schedule.h"
 #include "parallel/sim/cost_model.h"
+#include "parallel/sim/measured.h"
 #include "parallel/sim/simulator.h"
 
 namespace fp8pipe::cli {
@@ -25,10 +29,15 @@ namespace sim = fp8pipe::parallel::sim;
 
 constexpr char kUsage[] =
     "usage: fp8pipe simulate CONFIG [--a.b=v ...] [--calibration FILE.json] [--trace FILE.json] "
-    "[--csv FILE.csv] [--sweep] [--svg FILE.svg]";
+    "[--csv FILE.csv] [--sweep] [--svg FILE.svg]\n"
+    "       fp8pipe simulate CONFIG [--a.b=v ...] (--calibrate-from TRACE.json ... "
+    "[--calibrate-stat mean|median] [--write-calibration FILE.json] | --measured-costs "
+    "FILE.json) [--trace FILE.json]";
 
 struct Options {
-  std::string config, calibration, trace, csv, svg;
+  std::string config, calibration, trace, csv, svg, write_calibration, measured_costs;
+  std::string calibrate_stat;  // default mean
+  std::vector<std::string> calibrate_from;
   bool sweep = false;
   std::vector<std::string> overrides;
 };
@@ -52,6 +61,14 @@ Result<Options> parse(int argc, char** argv) {
       FP8_RETURN_IF_ERROR(value(o.svg));
     } else if (a == "--calibration") {
       FP8_RETURN_IF_ERROR(value(o.calibration));
+    } else if (a == "--calibrate-from") {
+      FP8_RETURN_IF_ERROR(value(o.calibrate_from.emplace_back()));
+    } else if (a == "--calibrate-stat") {
+      FP8_RETURN_IF_ERROR(value(o.calibrate_stat));
+    } else if (a == "--write-calibration") {
+      FP8_RETURN_IF_ERROR(value(o.write_calibration));
+    } else if (a == "--measured-costs") {
+      FP8_RETURN_IF_ERROR(value(o.measured_costs));
     } else if (a.starts_with("--")) {
       o.overrides.push_back(a);
       if (a.find('=') == std::string::npos && i + 1 < argc) o.overrides.push_back(argv[++i]);
@@ -62,6 +79,20 @@ Result<Options> parse(int argc, char** argv) {
     }
   }
   if (o.config.empty()) return FP8_INVALID("a CONFIG is required\n{}", kUsage);
+  const bool measured = !o.calibrate_from.empty() || !o.measured_costs.empty();
+  if (!o.calibrate_from.empty() && !o.measured_costs.empty()) {
+    return FP8_INVALID("--calibrate-from and --measured-costs exclude each other\n{}", kUsage);
+  }
+  if ((!o.write_calibration.empty() || !o.calibrate_stat.empty()) && o.calibrate_from.empty()) {
+    return FP8_INVALID("--write-calibration and --calibrate-stat need --calibrate-from\n{}",
+                       kUsage);
+  }
+  if (measured && (o.sweep || !o.calibration.empty() || !o.csv.empty())) {
+    return FP8_INVALID(
+        "--sweep, --calibration and --csv use the GPU cost model; they do not combine with "
+        "measured costs\n{}",
+        kUsage);
+  }
   return o;
 }
 
@@ -108,6 +139,50 @@ std::string flops_check(const Run& x) {
                      per_token / 1e9, ref / 1e9);
 }
 
+// The simulator on costs measured by a real run (`--calibrate-from`, `--measured-costs`).
+Status simulate_measured_run(const config::Config& cfg, const Options& o) {
+  const auto& p = cfg.parallel();
+  FP8_ASSIGN_OR_RETURN(auto kind, pl::parse_schedule_kind(p.schedule()));
+  FP8_ASSIGN_OR_RETURN(auto sched, pl::make_schedule(kind, p.pp(), p.microbatches()));
+  const int64_t rows = int64_t(p.dp()) * p.microbatches();
+  if (cfg.train().global_batch() % rows != 0) {
+    return FP8_INVALID(
+        "simulate: train.global_batch={} is not a multiple of parallel.dp={} x "
+        "parallel.microbatches={}",
+        cfg.train().global_batch(), p.dp(), p.microbatches());
+  }
+  const int64_t tokens = cfg.train().global_batch() / rows * cfg.train().seq_len();
+  sim::MeasuredCosts m;
+  if (!o.calibrate_from.empty()) {
+    std::vector<sim::MeasuredEvent> events;
+    for (const std::string& pattern : o.calibrate_from) {
+      const bool per_rank = pattern.find("{rank}") != std::string::npos;
+      for (int r = 0; r < (per_rank ? p.pp() * p.dp() : 1); ++r) {
+        std::string path = pattern;
+        for (size_t pos; (pos = path.find("{rank}")) != std::string::npos;) {
+          path.replace(pos, 6, std::to_string(r));
+        }
+        FP8_ASSIGN_OR_RETURN(auto ev, sim::read_trace(path));
+        events.insert(events.end(), ev.begin(), ev.end());
+      }
+    }
+    FP8_ASSIGN_OR_RETURN(
+        auto stat, sim::parse_statistic(o.calibrate_stat.empty() ? "mean" : o.calibrate_stat));
+    FP8_ASSIGN_OR_RETURN(m, sim::calibrate(sched, p.dp(), tokens, events, stat));
+    if (!o.write_calibration.empty()) {
+      FP8_RETURN_IF_ERROR(write_text_file(o.write_calibration, sim::to_json(m)));
+    }
+  } else {
+    FP8_ASSIGN_OR_RETURN(m, sim::load_measured(o.measured_costs));
+  }
+  FP8_RETURN_IF_ERROR(m.check_covers(sched, tokens));
+  FP8_ASSIGN_OR_RETURN(auto r, sim::simulate_measured(sched, m, !o.trace.empty()));
+  const std::string out = sim::format_measured(sched, m, r);
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  if (!o.trace.empty()) return write_text_file(o.trace, sim::chrome_trace(r.pipe, sched.ranks));
+  return Status::Ok();
+}
+
 }  // namespace
 
 // Sweep (in cmd_simulate_sweep below): layouts derived from the base config.
@@ -123,6 +198,10 @@ int cmd_simulate(int argc, char** argv) {
   if (!opts.ok()) return fail(opts.status(), 2);
   auto cfg = load_config(opts->config, opts->overrides);
   if (!cfg.ok()) return fail(cfg.status(), 2);
+  if (!opts->calibrate_from.empty() || !opts->measured_costs.empty()) {
+    Status st = simulate_measured_run(*cfg, *opts);
+    return st.ok() ? 0 : fail(st, 1);
+  }
   sim::Calibration cal;
   std::string calib =
       opts->calibration.empty() ? cfg->cluster().calibration_file() : opts->calibration;

@@ -9,11 +9,13 @@
 #include <map>
 
 #include "parallel/executor.h"
+#include "parallel/sim/measured.h"
 
 namespace fp8pipe::parallel::sim {
 
 double OpCosts::op(const Instr& in) const {
   if (model) return op_time(*model, in);
+  if (measured) return measured->op(in);
   switch (in.op) {
     case Op::kF:
       return f;
@@ -47,13 +49,21 @@ double OpCosts::exposed_comm(const Instr& in) const {
   }
 }
 
+double OpCosts::overhead(const Instr& in) const {
+  return measured ? measured->comm_overhead(in) : 0;
+}
+
 double OpCosts::send_bytes(int stage) const {
   return model ? model->chunks[stage].p2p_bytes : p2p_bytes;
 }
 double OpCosts::send_time(int stage) const {
+  if (measured) return 0;
   return model ? send_bytes(stage) / (model->p2p_gbps * 1e9) : send_bytes(stage) / p2p_bytes_per_s;
 }
-double OpCosts::latency() const { return model ? model->p2p_latency_s : p2p_latency; }
+double OpCosts::latency() const {
+  if (measured) return measured->p2p_s;
+  return model ? model->p2p_latency_s : p2p_latency;
+}
 
 namespace {
 
@@ -92,12 +102,20 @@ bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
       arrival[transfer_of(s, r, in)] = st.comm_free + c.latency();
       out.bytes_sent += c.send_bytes(in.stage);
       if (keep) out.events.push_back({r, true, instr_label(in), start, dur});
+      const double host = c.overhead(in);
+      st.now += host, out.busy[r] += host;
     } else if (in.op == Op::kRecvAct || in.op == Op::kRecvGrad) {
       const Transfer tr = transfer_of(s, r, in);
       auto it = arrival.find(tr);
       if (it == arrival.end()) break;
       out.recv_wait[r] += std::max(0.0, it->second - st.now);
+      if (keep) {
+        out.events.push_back(
+            {r, true, instr_label(in), st.now, std::max(0.0, it->second - st.now)});
+      }
       st.now = std::max(st.now, it->second);
+      const double host = c.overhead(in);
+      st.now += host, out.busy[r] += host;
       // The message carries the sender's stage output: its size is the sender stage's.
       out.bytes_received += c.send_bytes(tr.src_stage);
     } else {

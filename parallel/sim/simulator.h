@@ -13,6 +13,8 @@
 
 namespace fp8pipe::parallel::sim {
 
+struct MeasuredCosts;  // measured.h
+
 // Per-op durations of the pipeline (seconds or any unit) and p2p message sizes. From a
 // CostModel, or set directly (tests: Table 2 ratios). A deferred B costs b_input; a full B
 // b_input + w; FB `fb` if >= 0, else max(F + full B, their exposed all-to-all) via the model.
@@ -22,8 +24,13 @@ struct OpCosts {
   // ... or uniform per-chunk costs (F, B = b_input + w, W, F&B) and p2p link parameters.
   double f = 1, b_input = 1, w = 1, fb = 3;
   double p2p_bytes = 0, p2p_latency = 0, p2p_bytes_per_s = 1;
+  // ... or per-stage costs measured on a real run (measured.h): sends take no comm-stream time
+  // (the message's whole cost is its latency) and comm ops hold the compute stream for their
+  // measured host overhead.
+  const MeasuredCosts* measured = nullptr;
 
   double op(const Instr& in) const;
+  double overhead(const Instr& in) const;      // comm ops: compute-stream time (0 unless measured)
   double exposed_comm(const Instr& in) const;  // EP all-to-all time not hidden inside op()
   double send_bytes(int stage) const;
   double send_time(int stage) const;  // on the sender's comm stream (bytes / bandwidth)
@@ -53,7 +60,8 @@ struct PipelineResult {
 
 // Runs all ranks' lists. Sends are posted on the comm stream when the compute stream reaches
 // them (after the op that produced the data), serialise there, and arrive latency + bytes/bw
-// later; a RECV blocks the compute stream until its message has arrived.
+// later; a RECV blocks the compute stream until its message has arrived. With keep_events, the
+// events are compute ops, sends (comm row) and receive waits (comm row, "R<..", maybe 0 long).
 Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c,
                                          bool keep_events = false);
 

@@ -8,7 +8,10 @@
 
 #include "core/config.h"
 #include "parallel/schedule_format.h"
+#include "parallel/sim/measured.h"
 #include "parallel/sim/simulator.h"
+#include "parallel/trace.h"
+#include "tests/test_files.h"
 
 namespace fp8pipe::parallel::sim {
 namespace {
@@ -177,6 +180,256 @@ TEST(SimDsv3, Simulates) {
     EXPECT_LT(r->mfu_bf16, 1.0);
     EXPECT_DOUBLE_EQ(r->pipe.bytes_sent, r->pipe.bytes_received);
   }
+}
+
+// ---- The simulator calibrated on measured traces (measured.h) ----
+
+// Known per-stage costs, all different, with F&B pairs cheaper than F + B + W (as if overlapped).
+MeasuredCosts truth_costs(const Schedule& s) {
+  MeasuredCosts m;
+  m.schedule = schedule_kind_name(s.kind);
+  m.tokens_per_mb = 256;
+  for (int st = 0; st < s.stages(); ++st) {
+    StageTimes t;
+    t.f = 1 + 0.3 * st, t.b = 1.5 + 0.1 * st, t.w = 0.7 + 0.05 * st, t.bw = t.b + t.w + 0.1;
+    t.send = 0.05 + 0.01 * st, t.recv = 0.02;
+    m.stages.push_back(t);
+  }
+  for (const auto& list : s.rank_instrs) {
+    for (const Instr& in : list) {
+      if (in.op == Op::kFB) m.fb[{in.stage, in.stage_b}] = m.stages[in.stage].f + 0.9;
+    }
+  }
+  m.p2p_s = 0.3, m.tail_s = 2.0;
+  return m;
+}
+
+// What the trainer would trace for `steps` consecutive steps if every op took exactly the
+// simulated time: the simulator's events (µs) on every rank of every dp replica, each world rank
+// with its own clock offset, steps one simulated step apart.
+std::vector<MeasuredEvent> synthetic_trace(const Schedule& s, const MeasuredCosts& m, int dp,
+                                           int steps) {
+  auto r = simulate_measured(s, m, true);
+  EXPECT_TRUE(r.ok()) << r.status().to_string();
+  std::vector<MeasuredEvent> out;
+  for (int rank = 0; rank < s.ranks; ++rank) {
+    for (int d = 0; d < dp; ++d) {
+      const int world = rank * dp + d;
+      const double clock = 1e6 * (0.37 * world + 5);  // unknown per-rank trace origin
+      for (int k = 0; k < steps; ++k) {
+        for (const TraceEvent& e : r->pipe.events) {
+          if (e.rank != rank) continue;
+          const bool send = e.comm && e.name.starts_with("S>");
+          out.push_back({world, 2 + k, e.name, clock + 1e6 * (k * r->step_s + e.start),
+                         send ? 0.0 : 1e6 * e.dur, send});
+        }
+      }
+    }
+  }
+  return out;
+}
+
+void expect_same_costs(const MeasuredCosts& a, const MeasuredCosts& b, const std::string& what) {
+  constexpr double eps = 1e-9;
+  ASSERT_EQ(a.stages.size(), b.stages.size()) << what;
+  for (size_t st = 0; st < a.stages.size(); ++st) {
+    const StageTimes &x = a.stages[st], &y = b.stages[st];
+    const std::pair<double, double> pairs[] = {{x.f, y.f},   {x.b, y.b},       {x.w, y.w},
+                                               {x.bw, y.bw}, {x.send, y.send}, {x.recv, y.recv}};
+    for (const auto& [u, v] : pairs) EXPECT_NEAR(u, v, eps) << what << " stage " << st;
+  }
+  EXPECT_EQ(a.fb.size(), b.fb.size()) << what;
+  for (const auto& [k, v] : a.fb) {
+    ASSERT_TRUE(b.fb.count(k)) << what;
+    EXPECT_NEAR(v, b.fb.at(k), eps) << what;
+  }
+  EXPECT_NEAR(a.p2p_s, b.p2p_s, eps) << what;
+  EXPECT_NEAR(a.tail_s, b.tail_s, eps) << what;
+}
+
+// Traces generated from known costs calibrate back to those costs (per stage, the message cost
+// through unknown clock offsets, the time between steps), and re-simulate to the same step.
+TEST(SimMeasured, CalibrationRecoversKnownCosts) {
+  // slow_send: the last stage's send overhead, large enough that the rank finishing last ends
+  // with a SEND (whose overhead must not be counted again in the time between steps).
+  const struct {
+    ScheduleKind kind;
+    int ranks, mbs, dp;
+    double slow_send;
+  } cases[] = {{ScheduleKind::k1F1B, 2, 8, 1, 0},      {ScheduleKind::kZB1P, 2, 8, 1, 0},
+               {ScheduleKind::kDualPipeV, 2, 8, 1, 0}, {ScheduleKind::kDualPipe, 2, 8, 1, 0},
+               {ScheduleKind::k1F1B, 4, 8, 2, 0},      {ScheduleKind::kDualPipeV, 4, 10, 1, 0},
+               {ScheduleKind::k1F1B, 2, 8, 1, 5}};
+  for (const auto& c : cases) {
+    const Schedule s = make(c.kind, c.ranks, c.mbs);
+    const std::string what =
+        fmt::format("{} x{} dp{} send {}", schedule_kind_name(c.kind), c.ranks, c.dp, c.slow_send);
+    MeasuredCosts truth = truth_costs(s);
+    if (c.slow_send > 0) truth.stages.back().send = c.slow_send;
+    // Only what the schedule runs is measured (a rank's last instruction has no gap after it).
+    MeasuredCosts expect = truth;
+    std::vector<StageTimes> seen(s.stages());
+    for (const auto& list : s.rank_instrs) {
+      for (size_t i = 0; i < list.size(); ++i) {
+        const Instr& in = list[i];
+        StageTimes& t = seen[in.stage];
+        const bool next = i + 1 < list.size();
+        if (in.op == Op::kF) t.f = 1;
+        if (in.op == Op::kB) (in.defer_w ? t.b : t.bw) = 1;
+        if (in.op == Op::kW) t.w = 1;
+        if ((in.op == Op::kSendAct || in.op == Op::kSendGrad) && next) t.send = 1;
+        if ((in.op == Op::kRecvAct || in.op == Op::kRecvGrad) && next) t.recv = 1;
+      }
+    }
+    for (int st = 0; st < s.stages(); ++st) {
+      StageTimes &t = expect.stages[st], &u = seen[st];
+      for (auto [x, y] : {std::pair{&t.f, u.f},
+                          {&t.b, u.b},
+                          {&t.w, u.w},
+                          {&t.bw, u.bw},
+                          {&t.send, u.send},
+                          {&t.recv, u.recv}}) {
+        if (y < 0) *x = -1;
+      }
+    }
+    auto m = calibrate(s, c.dp, 256, synthetic_trace(s, truth, c.dp, 3));
+    ASSERT_TRUE(m.ok()) << what << ": " << m.status().to_string();
+    expect_same_costs(expect, *m, what);
+    EXPECT_EQ(m->traced_steps, 3) << what;
+    auto again = simulate_measured(s, *m);
+    auto want = simulate_measured(s, truth);
+    ASSERT_TRUE(again.ok() && want.ok()) << what;
+    EXPECT_NEAR(again->step_s, want->step_s, 1e-9) << what;
+    EXPECT_NEAR(m->trace_pipeline_s, want->pipe.makespan, 1e-9) << what;
+    EXPECT_GT(want->bubble_s, 0) << what;
+    EXPECT_GT(want->step_s, want->pipe.makespan) << what;
+    // The calibration file keeps every cost (to 1 ns).
+    auto back = parse_measured(to_json(*m), "json");
+    ASSERT_TRUE(back.ok()) << back.status().to_string();
+    expect_same_costs(*m, *back, what + " (json)");
+    EXPECT_EQ(back->schedule, m->schedule);
+    EXPECT_EQ(back->tokens_per_mb, 256);
+    EXPECT_NEAR(back->trace_pipeline_s, m->trace_pipeline_s, 1e-9);
+  }
+}
+
+// Each measured cost moves the simulated step: the prediction is not insensitive to the data.
+TEST(SimMeasured, StepFollowsTheCosts) {
+  const Schedule s = make(ScheduleKind::k1F1B, 2, 8);
+  const MeasuredCosts base = truth_costs(s);
+  const double step = simulate_measured(s, base)->step_s;
+  // 1F1B on 2 ranks, 8 micro-batches: the last stage runs F + B+W per micro-batch; stage 0 adds
+  // its first F, its last B+W, and the messages between (closed form of the schedule).
+  const StageTimes &s0 = base.stages[0], &s1 = base.stages[1];
+  EXPECT_GT(step, 8 * (s1.f + s1.bw) + s0.f + s0.bw + base.tail_s);
+  for (auto field : {&StageTimes::f, &StageTimes::bw}) {
+    MeasuredCosts slower = base;
+    slower.stages[1].*field *= 2;
+    EXPECT_GT(simulate_measured(s, slower)->step_s, step + 8 * (base.stages[1].*field) * 0.99);
+  }
+  MeasuredCosts late = base;
+  late.p2p_s *= 3, late.tail_s *= 2;
+  EXPECT_GT(simulate_measured(s, late)->step_s, step + base.tail_s);
+}
+
+// One F slowed by X (time lost to another process): the mean moves by X / samples, the median
+// not at all; the statistic is kept in the calibration file.
+TEST(SimMeasured, MeanOrMedian) {
+  const Schedule s = make(ScheduleKind::k1F1B, 2, 8);
+  const MeasuredCosts truth = truth_costs(s);
+  auto events = synthetic_trace(s, truth, 1, 2);
+  int fs = 0;
+  for (auto& e : events) {
+    if (e.rank == 1 && e.name.starts_with("F")) {
+      if (fs++ == 0) e.dur_us += 1e6 * 1.6;  // overlaps the next event: no gap after it
+    }
+  }
+  ASSERT_EQ(fs, 16);
+  auto mean = calibrate(s, 1, 256, events, Statistic::kMean);
+  auto median = calibrate(s, 1, 256, events, Statistic::kMedian);
+  ASSERT_TRUE(mean.ok() && median.ok()) << mean.status().to_string();
+  EXPECT_NEAR(mean->stages[1].f, truth.stages[1].f + 1.6 / 16, 1e-9);
+  EXPECT_NEAR(median->stages[1].f, truth.stages[1].f, 1e-9);
+  EXPECT_NEAR(mean->stages[0].f, truth.stages[0].f, 1e-9);
+  auto back = parse_measured(to_json(*median), "json");
+  ASSERT_TRUE(back.ok()) << back.status().to_string();
+  EXPECT_EQ(back->statistic, Statistic::kMedian);
+}
+
+TEST(SimMeasured, RefusesMismatchedTraces) {
+  const Schedule one = make(ScheduleKind::k1F1B, 2, 8), zb = make(ScheduleKind::kZB1P, 2, 8);
+  const auto zb_events = synthetic_trace(zb, truth_costs(zb), 1, 2);
+  // Traces of another schedule.
+  auto m = calibrate(one, 1, 256, zb_events);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("same parallel.* settings"), std::string::npos)
+      << m.status().to_string();
+  // A rank missing.
+  std::vector<MeasuredEvent> rank0;
+  for (const auto& e : zb_events)
+    if (e.rank == 0) rank0.push_back(e);
+  m = calibrate(zb, 1, 256, rank0);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("no events of rank 1"), std::string::npos);
+  // One traced step: the time outside the pipeline cannot be measured.
+  m = calibrate(zb, 1, 256, synthetic_trace(zb, truth_costs(zb), 1, 1));
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("log.trace_steps >= 2"), std::string::npos);
+  // Costs of 1F1B (full B only) cannot run ZB1P's deferred W; ZB1P's costs run 1F1B (B = b + w).
+  auto full_only = calibrate(one, 1, 256, synthetic_trace(one, truth_costs(one), 1, 2));
+  ASSERT_TRUE(full_only.ok()) << full_only.status().to_string();
+  auto st = full_only->check_covers(zb, 256);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("zb1p"), std::string::npos) << st.to_string();
+  auto split = calibrate(zb, 1, 256, zb_events);
+  ASSERT_TRUE(split.ok()) << split.status().to_string();
+  EXPECT_TRUE(split->check_covers(one, 256).ok());
+  for (const Instr& in : one.rank_instrs[1]) {
+    if (in.op == Op::kB) {
+      EXPECT_DOUBLE_EQ(split->op(in), split->stages[1].b + split->stages[1].w);
+    }
+  }
+  EXPECT_FALSE(split->check_covers(one, 512).ok());  // other micro-batch size
+  EXPECT_FALSE(split->check_covers(make(ScheduleKind::k1F1B, 4, 8), 256).ok());
+}
+
+// The trainer's trace writer (parallel/trace.h) and the calibration's reader agree.
+TEST(SimMeasured, ReadsTheTracerFormat) {
+  const auto dir = testing::temp_dir("sim");
+  Tracer t(3);
+  t.interval("R<a0d0", "comm", 0, 12.5, 2);
+  t.interval("F0d0", "compute", 12.5, 40.25, 2);
+  t.instant("S>a0d0", "comm", 40.5, 2);
+  ASSERT_TRUE(t.write((dir / "t.json").string()).ok());
+  auto ev = read_trace((dir / "t.json").string());
+  ASSERT_TRUE(ev.ok()) << ev.status().to_string();
+  ASSERT_EQ(ev->size(), 3u);
+  EXPECT_EQ((*ev)[0].rank, 3);
+  EXPECT_EQ((*ev)[0].step, 2);
+  EXPECT_EQ((*ev)[1].name, "F0d0");
+  EXPECT_DOUBLE_EQ((*ev)[1].ts_us, 12.5);
+  EXPECT_DOUBLE_EQ((*ev)[1].dur_us, 27.75);
+  EXPECT_TRUE((*ev)[2].instant);
+  // Other rows and names, and begin/end phases, are not instructions.
+  auto other = parse_trace(
+      "{\"traceEvents\":[{\"ph\":\"X\",\"name\":\"a2a d0\",\"pid\":0,\"tid\":2,\"ts\":1,"
+      "\"dur\":2,\"args\":{\"step\":2}},{\"ph\":\"X\",\"name\":\"F0d0\",\"pid\":0,\"tid\":2,"
+      "\"ts\":1,\"dur\":2,\"args\":{\"step\":2}},{\"ph\":\"X\",\"name\":\"Fwd\",\"pid\":0,"
+      "\"tid\":0,\"ts\":1,\"dur\":2,\"args\":{\"step\":2}},{\"ph\":\"B\",\"name\":\"F0d0\","
+      "\"pid\":0,\"tid\":0,\"ts\":1,\"args\":{\"step\":2}},{\"ph\":\"X\",\"name\":"
+      "\"FB7d0,3d1\",\"pid\":0,\"tid\":0,\"ts\":1,\"dur\":2,\"args\":{\"step\":2}}]}",
+      "other");
+  ASSERT_TRUE(other.ok()) << other.status().to_string();
+  ASSERT_EQ(other->size(), 1u);
+  EXPECT_EQ((*other)[0].name, "FB7d0,3d1");
+  EXPECT_FALSE(read_trace((dir / "missing.json").string()).ok());
+  EXPECT_FALSE(parse_trace("{\"traceEvents\":[{\"ph\":\"X\",\"name\":\"F0d0\"}]}", "x").ok());
+  EXPECT_FALSE(parse_measured("{\"format\":\"other\"}", "x").ok());
+  EXPECT_FALSE(parse_measured("{\"format\":\"fp8pipe-measured-costs\",\"schedule\":\"1f1b\","
+                              "\"tokens_per_microbatch\":256,\"p2p_ms\":0,\"tail_ms\":-1,"
+                              "\"stage_costs\":[{\"stage\":0,\"f_ms\":1}]}",
+                              "x")
+                   .ok());
 }
 
 }  // namespace
