@@ -1,6 +1,8 @@
 #include "launch/metrics.h"
 
 #include <fmt/format.h>
+
+#include <cmath>
 #include <unistd.h>
 
 #include "core/log.h"
@@ -51,14 +53,19 @@ void MetricsSink::write(const StepRecord& r) {
     loads += fmt::format("{}{{\"layer\":\"{}\",\"max_over_mean\":{:.6g},\"dead\":{}}}",
                          loads.empty() ? "" : ",", l.layer, l.max_over_mean, l.dead);
   }
+  // JSON has no NaN/Inf: a non-finite value (a skipped step's loss or norm) is written as null.
+  auto g = [](double v, int digits) {
+    return std::isfinite(v) ? fmt::format("{:.{}g}", v, digits) : std::string("null");
+  };
   fmt::print(f_,
-             "{{\"step\":{},\"loss\":{:.8g},\"mtp_loss\":{:.8g},\"aux_loss\":{:.6g},\"lr\":{:.6g},"
-             "\"grad_norm\":{:.6g},\"tokens_per_s\":{:.6g},\"tflops\":{:.6g},\"mfu\":{:.6g},"
-             "\"mem_gib\":{:.4g},\"ms\":{:.6g},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
-             "\"expert_overload\":{:.6g},\"eval_loss\":{:.8g},\"expert_load\":[{}]}}\n",
-             r.step, r.loss, r.mtp_loss, r.aux_loss, r.lr, r.grad_norm, r.tokens_per_s, r.tflops,
-             r.mfu, r.mem_gib, r.ms, r.tokens_seen, r.skipped, r.dropped, r.expert_overload,
-             r.eval_loss, loads);
+             "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
+             "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
+             "\"mem_gib\":{},\"ms\":{},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
+             "\"expert_overload\":{},\"eval_loss\":{},\"expert_load\":[{}]}}\n",
+             r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6),
+             g(r.grad_norm, 6), g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4),
+             g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, g(r.expert_overload, 6),
+             g(r.eval_loss, 8), loads);
   std::fflush(f_);
 }
 
