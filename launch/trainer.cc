@@ -268,7 +268,9 @@ Status Trainer::run(MetricsSink& sink) {
   while (step_ < t.steps()) {
     const auto t0 = Clock::now();
     FP8_RETURN_IF_ERROR(trace_step_begin());
-    FP8_ASSIGN_OR_RETURN(StepResult r, train_step());
+    auto stepped = train_step();  // an error names the step (a timeout names its op and peer)
+    if (!stepped.ok()) return stepped.status().with_context(fmt::format("step {}", step_ + 1));
+    StepResult r = std::move(*stepped);
     FP8_RETURN_IF_ERROR(trace_step_end());
     StepRecord rec = record(r, std::chrono::duration<double>(Clock::now() - t0).count());
     if (t.eval_every() > 0 && (step_ % t.eval_every() == 0 || step_ == t.steps())) {
