@@ -118,7 +118,7 @@ Result<double> Trainer::sync_grads_and_norm() {
     grad_sync_ = std::make_unique<parallel::NameSync>(
         list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
   }
-  FP8_RETURN_IF_ERROR(grad_sync_->all_reduce_sum());
+  FP8_RETURN_IF_ERROR(grad_sync_->reduce_scatter_sum());  // ZeRO-1: this rank's shards
   for (auto* p : all_params()) {  // the fp64 sums, rounded once, are what the optimizer sees
     float* g = p->grad.data_as<float>();
     for (int64_t i = 0; i < p->grad.numel(); ++i) g[i] = static_cast<float>(p->grad_acc[i]);

@@ -83,7 +83,7 @@ bool NameSync::is_leader(const std::string& name) const {
   return it == holders_.end() || it->second.empty() || it->second.front() == rank_;
 }
 
-Status NameSync::all_reduce_sum() {
+Status NameSync::sum(bool scatter) {
   // Local copies first: the first copy holds the rank's sum.
   for (SyncEntry& e : entries_)
     for (size_t c = 1; c < e.copies.size(); ++c)
@@ -112,31 +112,65 @@ Status NameSync::all_reduce_sum() {
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase1));
+  // Member m's part of a set's sums: everything, or (scatter) its shard of each name.
+  auto part = [&](const Set& set, size_t m, auto&& fn) {
+    int64_t off = 0;
+    for (const SyncEntry* e : set.entries) {
+      const optim::Range r = scatter ? optim::shard_range(e->numel, static_cast<int>(m),
+                                                          static_cast<int>(set.ranks.size()))
+                                     : optim::Range{0, e->numel};
+      fn(e, off, r);
+      off += e->numel;
+    }
+  };
+  std::vector<std::vector<std::vector<double>>> parts(sets_.size());
   for (size_t k = 0; k < sets_.size(); ++k) {  // phase 2: leader sums in rank order, sends back
     const Set& set = sets_[k];
     if (set.ranks.size() < 2) continue;
     auto& buf = mine[k];
     const int tag = static_cast<int>(k % 32768);
+    parts[k].resize(set.ranks.size());
     if (set.ranks.front() == rank_) {
       for (size_t m = 1; m < set.ranks.size(); ++m)
         for (size_t i = 0; i < buf.size(); ++i) buf[i] += theirs[k][m][i];
-      for (size_t m = 1; m < set.ranks.size(); ++m)
+      for (size_t m = 1; m < set.ranks.size(); ++m) {
+        auto& out = parts[k][m];
+        part(set, m, [&](const SyncEntry*, int64_t off, optim::Range r) {
+          out.insert(out.end(), buf.begin() + off + r.begin, buf.begin() + off + r.end);
+        });
         phase2.push_back(
-            world_->send(buf.data(), buf.size(), DataType::kFloat64, set.ranks[m], tag));
+            world_->send(out.data(), out.size(), DataType::kFloat64, set.ranks[m], tag));
+      }
     } else {
+      const size_t m = static_cast<size_t>(std::find(set.ranks.begin(), set.ranks.end(), rank_) -
+                                           set.ranks.begin());
+      int64_t n = 0;
+      part(set, m, [&](const SyncEntry*, int64_t, optim::Range r) { n += r.end - r.begin; });
+      parts[k][m].resize(n);
       phase2.push_back(
-          world_->recv(buf.data(), buf.size(), DataType::kFloat64, set.ranks.front(), tag));
+          world_->recv(parts[k][m].data(), n, DataType::kFloat64, set.ranks.front(), tag));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase2));
   for (size_t k = 0; k < sets_.size(); ++k) {  // unpack into every local copy
-    if (sets_[k].ranks.size() < 2) continue;
-    int64_t off = 0;
-    for (const SyncEntry* e : sets_[k].entries) {
-      for (double* c : e->copies)
-        std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
-      off += e->numel;
+    const Set& set = sets_[k];
+    if (set.ranks.size() < 2) continue;
+    if (set.ranks.front() == rank_) {
+      part(set, 0, [&](const SyncEntry* e, int64_t off, optim::Range) {
+        for (double* c : e->copies)
+          std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
+      });
+      continue;
     }
+    const size_t m = static_cast<size_t>(std::find(set.ranks.begin(), set.ranks.end(), rank_) -
+                                         set.ranks.begin());
+    int64_t at = 0;
+    part(set, m, [&](const SyncEntry* e, int64_t, optim::Range r) {
+      for (double* c : e->copies)
+        std::copy(parts[k][m].begin() + at, parts[k][m].begin() + at + (r.end - r.begin),
+                  c + r.begin);
+      at += r.end - r.begin;
+    });
   }
   for (const SyncEntry& e : entries_)  // sets of one rank: spread the local sum to all copies
     for (size_t c = 1; c < e.copies.size(); ++c)

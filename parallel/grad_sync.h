@@ -39,7 +39,11 @@ class NameSync {
   NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
            int world_rank, Comm* world);
   // Every copy := the sum over all copies on all holders, in fp64. Deterministic.
-  Status all_reduce_sum();
+  Status all_reduce_sum() { return sum(false); }
+  // ZeRO-1's reduce-scatter: the same sums, but each holder (position i of n in its holders)
+  // receives only optim::shard_range(numel, i, n) of each name, the rest of its copies being
+  // stale; the lowest holder (the leader) has the whole sum. Half the traffic of all_reduce_sum.
+  Status reduce_scatter_sum() { return sum(true); }
   // True when this rank is the lowest holder of `name` (to count a name once globally).
   bool is_leader(const std::string& name) const;
 
@@ -49,6 +53,7 @@ class NameSync {
     std::vector<const SyncEntry*> entries;  // in name order
     int64_t numel = 0;
   };
+  Status sum(bool scatter);
   std::vector<SyncEntry> entries_;
   std::map<std::string, std::vector<int>> holders_;
   std::vector<Set> sets_;  // sorted by their first name: the same order on every rank
