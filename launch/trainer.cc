@@ -105,11 +105,7 @@ Status Trainer::setup_optimizer() {
   opt_.emplace(std::move(opt));
   const int64_t total =
       o.decay_steps() > 0 ? o.warmup_steps() + o.decay_steps() : cfg_.train().steps();
-  if (o.schedule() == "step") {
-    return Status(Code::kUnimplemented, "optim.schedule=step is not implemented yet",
-                  "use optim.schedule=cosine or constant");
-  }
-  if (o.schedule() != "constant" && o.warmup_steps() > total) {
+  if (o.schedule() == "cosine" && o.warmup_steps() > total) {
     return FP8_INVALID(
         "optim.warmup_steps={} exceeds the cosine schedule's length {} (train.steps, "
         "or warmup_steps + optim.decay_steps when decay_steps > 0)",
@@ -117,6 +113,10 @@ Status Trainer::setup_optimizer() {
   }
   if (o.schedule() == "constant") {
     FP8_ASSIGN_OR_RETURN(auto s, optim::LrSchedule::constant(o.lr(), o.warmup_steps()));
+    lr_.emplace(s);
+  } else if (o.schedule() == "step") {
+    FP8_ASSIGN_OR_RETURN(auto s, optim::LrSchedule::step_decay(o.lr(), o.min_lr(), o.warmup_steps(),
+                                                               o.step_every(), o.step_gamma()));
     lr_.emplace(s);
   } else {
     FP8_ASSIGN_OR_RETURN(

@@ -82,6 +82,27 @@ Result<LrSchedule> LrSchedule::deepseek_v3(const DeepSeekV3Lr& p) {
   return s;
 }
 
+Result<LrSchedule> LrSchedule::step_decay(double peak_lr, double min_lr, int64_t warmup_steps,
+                                          int64_t every, double gamma) {
+  FP8_RETURN_IF_ERROR(check_lr("peak_lr", peak_lr));
+  FP8_RETURN_IF_ERROR(check_lr("min_lr", min_lr));
+  if (min_lr > peak_lr) {
+    return FP8_INVALID("lr schedule: min_lr ({}) must be <= peak_lr ({})", min_lr, peak_lr);
+  }
+  if (warmup_steps < 0 || every < 1 || !(gamma > 0.0 && gamma <= 1.0)) {
+    return FP8_INVALID(
+        "lr schedule: step decay needs warmup_steps >= 0, step_every >= 1 and step_gamma in "
+        "(0, 1]; got {}, {}, {}",
+        warmup_steps, every, gamma);
+  }
+  LrSchedule s;
+  s.kind_ = Kind::kStep;
+  s.p_ = DeepSeekV3Lr{peak_lr, min_lr, min_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  s.every_ = every;
+  s.gamma_ = gamma;
+  return s;
+}
+
 double LrSchedule::warmup(int64_t step) const {
   return p_.peak_lr * static_cast<double>(step) / static_cast<double>(p_.warmup_steps);
 }
@@ -93,6 +114,9 @@ float LrSchedule::lr(int64_t step) const {
     lr = p.warmup_steps > 0 ? 0.0 : p.peak_lr;
   } else if (step <= p.warmup_steps) {
     lr = warmup(step);
+  } else if (kind_ == Kind::kStep) {
+    const int64_t drops = (step - p.warmup_steps) / every_;
+    lr = std::max(p.min_lr, p.peak_lr * std::pow(gamma_, static_cast<double>(drops)));
   } else if (step <= p.constant_end) {
     lr = p.peak_lr;
   } else if (step <= p.cosine_end) {

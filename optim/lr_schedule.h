@@ -33,7 +33,7 @@ DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps = 2000);
 
 class LrSchedule {
  public:
-  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3 };
+  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3, kStep };
 
   // lr for every step after an optional linear warm-up from 0.
   static Result<LrSchedule> constant(double lr, int64_t warmup_steps = 0);
@@ -42,6 +42,10 @@ class LrSchedule {
   static Result<LrSchedule> warmup_cosine(double peak_lr, double min_lr, int64_t warmup_steps,
                                           int64_t total_steps);
   static Result<LrSchedule> deepseek_v3(const DeepSeekV3Lr& p);
+  // Step decay: after the warm-up, peak_lr * gamma^floor((s - warmup_steps) / every), never below
+  // min_lr (config optim.schedule=step with step_every and step_gamma).
+  static Result<LrSchedule> step_decay(double peak_lr, double min_lr, int64_t warmup_steps,
+                                       int64_t every, double gamma);
 
   // lr of the 1-based optimizer step (the AdamW step counter after increment); lr(0) = 0 when
   // there is a warm-up. Computed in fp64, returned rounded to fp32.
@@ -53,7 +57,9 @@ class LrSchedule {
   double warmup(int64_t step) const;
 
   Kind kind_ = Kind::kConstant;
-  DeepSeekV3Lr p_;  // all kinds are expressed with these fields
+  DeepSeekV3Lr p_;  // all kinds but kStep are expressed with these fields
+  int64_t every_ = 0;
+  double gamma_ = 1.0;
 };
 
 }  // namespace fp8pipe::optim

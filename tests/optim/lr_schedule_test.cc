@@ -74,5 +74,22 @@ TEST(LrSchedule, ValidationNamesTheParameter) {
   expect_error_names(LrSchedule::deepseek_v3(p), "final_lr");
 }
 
+// Step decay by hand: warm-up 0.1 per step to 1.0 at step 10, then x0.5 every 4 steps, floored.
+TEST(LrSchedule, StepDecay) {
+  LrSchedule s = ok(LrSchedule::step_decay(1.0, 0.2, 10, 4, 0.5));
+  EXPECT_EQ(s.kind(), LrSchedule::Kind::kStep);
+  EXPECT_FLOAT_EQ(s.lr(5), 0.5f);
+  EXPECT_FLOAT_EQ(s.lr(10), 1.0f);
+  EXPECT_FLOAT_EQ(s.lr(13), 1.0f);
+  EXPECT_FLOAT_EQ(s.lr(14), 0.5f);
+  EXPECT_FLOAT_EQ(s.lr(17), 0.5f);
+  EXPECT_FLOAT_EQ(s.lr(18), 0.25f);
+  EXPECT_FLOAT_EQ(s.lr(22), 0.2f);  // 0.125 floored at min_lr
+  EXPECT_FLOAT_EQ(s.lr(1000), 0.2f);
+  EXPECT_FALSE(LrSchedule::step_decay(1.0, 0.2, 10, 0, 0.5).ok());
+  EXPECT_FALSE(LrSchedule::step_decay(1.0, 0.2, 10, 4, 1.5).ok());
+  EXPECT_FALSE(LrSchedule::step_decay(1.0, 2.0, 10, 4, 0.5).ok());
+}
+
 }  // namespace
 }  // namespace fp8pipe::optim
