@@ -71,7 +71,7 @@ Status Trainer::setup_model() {
         for (auto& c : chunks_) v.push_back(c.get());
         return v;
       }(),
-      &ctx_, cfg_.model().hidden());
+      &ctx_, cfg_.model().hidden(), cfg_.parallel().fb_overlap());
   flops_per_token_ = flops_per_token(cfg_.model(), cfg_.train().seq_len()).train();
   int64_t n = 0;
   for (auto* p : all_params()) n += p->value.numel();

@@ -2,6 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 namespace fp8pipe::parallel {
 
 Result<std::vector<model::ModelPart>> partition_stages(const config::Model& m, int stages) {
@@ -39,8 +44,28 @@ int chunks_per_rank(const Schedule& s) {
 
 PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
                                    std::vector<model::Model*> chunks, model::ModelCtx* ctx,
-                                   int64_t hidden)
-    : sched_(s), rank_(pp_rank), pp_(pp), chunks_(std::move(chunks)), ctx_(ctx), hidden_(hidden) {}
+                                   int64_t hidden, bool fb_overlap)
+    : sched_(s),
+      rank_(pp_rank),
+      pp_(pp),
+      chunks_(std::move(chunks)),
+      ctx_(ctx),
+      hidden_(hidden),
+      fb_overlap_(fb_overlap) {}
+
+PipelineExecutor::~PipelineExecutor() = default;
+
+void PipelineExecutor::set_tracer(Tracer* t, int64_t step) {
+  tracer_ = t;
+  trace_step_ = step;
+  traced_ep_.clear();
+  clock_.reset();
+  auto* ep = dynamic_cast<CommExpertComm*>(ctx_ ? ctx_->ep : nullptr);
+  if (!t || !ep) return;
+  clock_ = std::make_unique<CompletionClock>(*t);
+  for (size_t d = 0; d < chunks_.size(); ++d)
+    traced_ep_.push_back(ep->traced(t, clock_.get(), fmt::format("a2a d{}", d), step));
+}
 
 int PipelineExecutor::local_next_dir(int stream, int stage, int step) const {
   const int next = stage + step;
@@ -49,13 +74,14 @@ int PipelineExecutor::local_next_dir(int stream, int stage, int step) const {
   return sched_.rank_of(d, next) == rank_ ? d : -1;
 }
 
-Status PipelineExecutor::forward(const BatchFn& batch, int mb, int dir, int stage) {
+Status PipelineExecutor::forward(model::ModelCtx& c, const BatchFn& batch, int mb, int dir,
+                                 int stage) {
   model::Model& m = *chunks_[dir];
   const int stream = sched_.stream_of(dir);
   const model::MicroBatch& b = batch(stream, mb);
   Tensor x;
   if (stage == 0) {
-    FP8_ASSIGN_OR_RETURN(x, m.embed_forward(*ctx_, mb, b));
+    FP8_ASSIGN_OR_RETURN(x, m.embed_forward(c, mb, b));
   } else {
     auto it = act_in_.find({dir, mb});
     if (it == act_in_.end()) {
@@ -66,10 +92,10 @@ Status PipelineExecutor::forward(const BatchFn& batch, int mb, int dir, int stag
     act_in_.erase(it);
   }
   for (int i = 0; i < m.num_blocks(); ++i) {
-    FP8_ASSIGN_OR_RETURN(x, m.block(i).forward(*ctx_, mb, x, b.B, b.T));
+    FP8_ASSIGN_OR_RETURN(x, m.block(i).forward(c, mb, x, b.B, b.T));
   }
   if (is_last(stage)) {
-    FP8_ASSIGN_OR_RETURN(auto lp, m.head_forward(*ctx_, mb, x, b));
+    FP8_ASSIGN_OR_RETURN(auto lp, m.head_forward(c, mb, x, b));
     stats_.loss.main += lp.main;
     stats_.loss.total += lp.total;
     stats_.loss.mtp.resize(lp.mtp.size());
@@ -86,11 +112,12 @@ Status PipelineExecutor::forward(const BatchFn& batch, int mb, int dir, int stag
   return Status::Ok();
 }
 
-Status PipelineExecutor::backward(int mb, int dir, int stage, bool defer_w, float loss_scale) {
+Status PipelineExecutor::backward(model::ModelCtx& c, int mb, int dir, int stage, bool defer_w,
+                                  float loss_scale) {
   model::Model& m = *chunks_[dir];
   Tensor d;
   if (is_last(stage)) {
-    FP8_ASSIGN_OR_RETURN(d, m.head_backward_input(*ctx_, mb, loss_scale));
+    FP8_ASSIGN_OR_RETURN(d, m.head_backward_input(c, mb, loss_scale));
   } else {
     auto it = grad_in_.find({dir, mb});
     if (it == grad_in_.end()) {
@@ -101,10 +128,10 @@ Status PipelineExecutor::backward(int mb, int dir, int stage, bool defer_w, floa
     grad_in_.erase(it);
   }
   for (int i = m.num_blocks() - 1; i >= 0; --i) {
-    FP8_ASSIGN_OR_RETURN(d, m.block(i).backward_input(*ctx_, mb, d));
+    FP8_ASSIGN_OR_RETURN(d, m.block(i).backward_input(c, mb, d));
   }
-  if (!defer_w) FP8_RETURN_IF_ERROR(weight(mb, dir, stage));
-  if (stage == 0) return m.embed_backward(*ctx_, mb, d);
+  if (!defer_w) FP8_RETURN_IF_ERROR(weight(c, mb, dir, stage));
+  if (stage == 0) return m.embed_backward(c, mb, d);
   const int pd = local_next_dir(sched_.stream_of(dir), stage, -1);
   if (pd >= 0)
     grad_in_[{pd, mb}] = d;
@@ -113,11 +140,11 @@ Status PipelineExecutor::backward(int mb, int dir, int stage, bool defer_w, floa
   return Status::Ok();
 }
 
-Status PipelineExecutor::weight(int mb, int dir, int stage) {
+Status PipelineExecutor::weight(model::ModelCtx& c, int mb, int dir, int stage) {
   model::Model& m = *chunks_[dir];
-  if (is_last(stage)) FP8_RETURN_IF_ERROR(m.head_backward_weight(*ctx_, mb));
+  if (is_last(stage)) FP8_RETURN_IF_ERROR(m.head_backward_weight(c, mb));
   for (int i = m.num_blocks() - 1; i >= 0; --i) {
-    FP8_RETURN_IF_ERROR(m.block(i).backward_weight(*ctx_, mb));
+    FP8_RETURN_IF_ERROR(m.block(i).backward_weight(c, mb));
   }
   return Status::Ok();
 }
@@ -174,6 +201,166 @@ Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
   return Status::Ok();
 }
 
+// ---- compute instructions -----------------------------------------------------------------------
+//
+// Every compute instruction runs its halves (one; two for FB) on copies of the context whose
+// await hook (ModelCtx::await, called at each MoE all-to-all wait) closes the current compute
+// slice for the trace and, in an overlapped FB, passes the baton to the other half.
+//
+// FB overlap (DESIGN.md §5). The forward of one chunk and the backward of the other run as two
+// fibers: two threads of which exactly one computes at a time, handing over a baton. A fiber that
+// reaches an all-to-all wait passes the baton to the other one unconditionally (unless that one
+// has finished), gets it back when the other reaches its own next wait or ends, and only then
+// waits for its exchange, which was in flight meanwhile. The hand-over points are therefore fixed
+// by the code, never by timing: F computes up to its first all-to-all, B up to its first, F
+// waits for its first and computes up to its second, and so on until one half ends. The MoE posts
+// the same sequence of exchanges whatever the data (counts, rows, records, gate gradients; zero
+// counts included), and all ranks of an ep group sit at the same pipeline rank, so they run the
+// same instruction list and post the F and B exchanges on the ep communicator in the same order,
+// as collectives must. (Passing the baton only when the exchange is not done yet would make the
+// order depend on timing, and ranks would post F's next exchange and B's in different orders.)
+// Numerics are the sequential FB's bit for bit: the halves touch different chunks (different
+// parameters, saved activations, weight caches), each op sees the same inputs, the executor's
+// maps are only touched under the baton (a mutex hand-over orders the memory), and the per-half
+// non-finite FP8 group counts are added back into *ctx_.
+
+class PipelineExecutor::Baton {
+ public:
+  void acquire(int me) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return turn_ == me; });
+  }
+  // Hands the baton to the other fiber unless it has finished; returns holding it again. False
+  // when the other fiber has failed (this one should stop at its next chance).
+  bool pass(int me) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (!finished_[1 - me]) {
+      turn_ = 1 - me;
+      cv_.notify_all();
+      cv_.wait(lk, [&] { return turn_ == me; });
+    }
+    return !failed_[1 - me];
+  }
+  void finish(int me, bool ok) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      finished_[me] = true;
+      failed_[me] = !ok;
+      if (!ok && first_failed_ < 0) first_failed_ = me;
+      turn_ = 1 - me;
+    }
+    cv_.notify_all();
+  }
+
+  // The fiber whose error came first (the other may then fail only for that reason), or -1.
+  int first_failed() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return first_failed_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int turn_ = 0;  // the forward starts, as in the sequential FB
+  bool finished_[2] = {false, false};
+  bool failed_[2] = {false, false};
+  int first_failed_ = -1;
+};
+
+Status PipelineExecutor::run_half(const Half& h, Baton* baton, int me, int64_t* nonfinite) {
+  model::ModelCtx c = *ctx_;
+  c.nonfinite_groups = 0;
+  const CommExpertComm* traced =
+      h.dir < static_cast<int>(traced_ep_.size()) ? &traced_ep_[h.dir] : nullptr;
+  if (traced) c.ep = &traced_ep_[h.dir];
+  double begin = tracer_ ? tracer_->now_us() : 0;
+  const auto close_slice = [&] {  // at the post of the exchange waited for: posting is comm work
+    if (!tracer_) return;
+    double end = tracer_->now_us();
+    if (traced && traced->last_post_us() >= begin) end = std::min(end, traced->last_post_us());
+    tracer_->phase(h.label, "compute", "compute", begin, end, trace_step_);
+  };
+  if (tracer_ || baton) {
+    c.await = [&, outer = ctx_->await](const model::ExpertComm::Done& d) -> Status {
+      close_slice();
+      const bool other_ok = baton ? baton->pass(me) : true;
+      Status s = outer ? outer(d) : d();  // the exchange was in flight during the other's slice
+      if (tracer_) begin = tracer_->now_us();
+      if (s.ok() && !other_ok)
+        return FP8_ERROR(Code::kAborted, "the other half of the FB instruction failed");
+      return s;
+    };
+  }
+  Status s = h.work(c);
+  close_slice();
+  *nonfinite += c.nonfinite_groups;
+  return s;
+}
+
+Status PipelineExecutor::run_fb(const Half& f, const Half& b) {
+  Baton baton;
+  Status st[2];
+  int64_t nonfinite[2] = {0, 0};
+  const Half* halves[2] = {&f, &b};
+  auto fiber = [&](int me) {
+    baton.acquire(me);
+    st[me] = run_half(*halves[me], &baton, me, &nonfinite[me]);
+    baton.finish(me, st[me].ok());
+  };
+  std::thread helper(fiber, 1);  // the backward; this thread runs the forward
+  fiber(0);
+  helper.join();
+  ctx_->nonfinite_groups += nonfinite[0] + nonfinite[1];
+  const int bad = baton.first_failed();
+  if (bad >= 0) return st[bad].with_context(bad == 0 ? "forward half" : "backward half");
+  return Status::Ok();
+}
+
+Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float loss_scale) {
+  const Half fwd{in.dir, fmt::format("F{}d{}", in.mb, in.dir),
+                 [&](model::ModelCtx& c) { return forward(c, batch, in.mb, in.dir, in.stage); }};
+  int64_t nonfinite = 0;
+  Status s;
+  switch (in.op) {
+    case Op::kF:
+      s = run_half(fwd, nullptr, 0, &nonfinite);
+      break;
+    case Op::kB:
+      s = run_half({in.dir, instr_label(in),
+                    [&](model::ModelCtx& c) {
+                      return backward(c, in.mb, in.dir, in.stage, in.defer_w, loss_scale);
+                    }},
+                   nullptr, 0, &nonfinite);
+      flush_grads(in.dir);
+      break;
+    case Op::kW:
+      s = run_half({in.dir, instr_label(in),
+                    [&](model::ModelCtx& c) { return weight(c, in.mb, in.dir, in.stage); }},
+                   nullptr, 0, &nonfinite);
+      flush_grads(in.dir);
+      break;
+    case Op::kFB: {
+      const Half bwd{in.dir_b, fmt::format("B{}d{}", in.mb_b, in.dir_b), [&](model::ModelCtx& c) {
+                       return backward(c, in.mb_b, in.dir_b, in.stage_b, false, loss_scale);
+                     }};
+      // Fibers when there are all-to-alls to overlap and the halves are on two chunks (always
+      // so for DualPipe and DualPipeV).
+      if (fb_overlap_ && ctx_->ep && in.dir != in.dir_b) {
+        s = run_fb(fwd, bwd);
+      } else {
+        s = run_half(fwd, nullptr, 0, &nonfinite);
+        if (s.ok()) s = run_half(bwd, nullptr, 1, &nonfinite);
+      }
+      flush_grads(in.dir_b);
+      break;
+    }
+    default:
+      return FP8_ERROR(Code::kInternal, "{} is not a compute instruction", instr_label(in));
+  }
+  ctx_->nonfinite_groups += nonfinite;
+  return s;
+}
+
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
@@ -182,20 +369,10 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
     Status s;
     switch (in.op) {
       case Op::kF:
-        s = forward(batch, in.mb, in.dir, in.stage);
-        break;
       case Op::kB:
-        s = backward(in.mb, in.dir, in.stage, in.defer_w, loss_scale);
-        flush_grads(in.dir);
-        break;
       case Op::kW:
-        s = weight(in.mb, in.dir, in.stage);
-        flush_grads(in.dir);
-        break;
       case Op::kFB:
-        s = forward(batch, in.mb, in.dir, in.stage);
-        if (s.ok()) s = backward(in.mb_b, in.dir_b, in.stage_b, false, loss_scale);
-        flush_grads(in.dir_b);
+        s = compute(in, batch, loss_scale);
         break;
       case Op::kSendAct:
       case Op::kSendGrad:

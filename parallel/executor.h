@@ -7,10 +7,12 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/model/transformer.h"
 #include "parallel/comm.h"
+#include "parallel/expert_comm.h"
 #include "parallel/schedule.h"
 #include "parallel/trace.h"
 
@@ -36,22 +38,40 @@ class PipelineExecutor {
   using BatchFn = std::function<const model::MicroBatch&(int stream, int mb)>;
 
   // chunks[dir] runs this rank's ops of `dir`; pp may be null when the schedule has one rank.
+  // fb_overlap (config parallel.fb_overlap): interleave the two halves of an FB instruction at
+  // their all-to-all waits (see run_fb); false runs the forward, then the backward.
   PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp, std::vector<model::Model*> chunks,
-                   model::ModelCtx* ctx, int64_t hidden);
+                   model::ModelCtx* ctx, int64_t hidden, bool fb_overlap = true);
+  ~PipelineExecutor();
 
   // One step's instruction list. Gradients of loss_scale * (each micro-batch's loss) accumulate.
   Result<ExecutorStats> run(const BatchFn& batch, float loss_scale);
-  // Record executed instructions and communication waits of the following runs (null: stop).
-  void set_tracer(Tracer* t, int64_t step) {
-    tracer_ = t;
-    trace_step_ = step;
-  }
+  // Record executed instructions and communication waits of the following runs (null: stop),
+  // with the compute slices inside compute instructions and, when ctx->ep is a CommExpertComm,
+  // every MoE all-to-all from post to completion (parallel/trace.h).
+  void set_tracer(Tracer* t, int64_t step);
+  bool fb_overlap() const { return fb_overlap_; }
+  void set_fb_overlap(bool on) { fb_overlap_ = on; }
 
  private:
   using Key = std::pair<int, int>;  // (dir, mb)
-  Status forward(const BatchFn& batch, int mb, int dir, int stage);
-  Status backward(int mb, int dir, int stage, bool defer_w, float loss_scale);
-  Status weight(int mb, int dir, int stage);
+  class Baton;
+  // One half of a compute instruction: the work on chunk `dir`, run with its own copy of the
+  // context (see run_half); `label` names its compute slices in the trace.
+  struct Half {
+    int dir = 0;
+    std::string label;
+    std::function<Status(model::ModelCtx&)> work;
+  };
+  Status forward(model::ModelCtx& c, const BatchFn& batch, int mb, int dir, int stage);
+  Status backward(model::ModelCtx& c, int mb, int dir, int stage, bool defer_w, float loss_scale);
+  Status weight(model::ModelCtx& c, int mb, int dir, int stage);
+  Status compute(const Instr& in, const BatchFn& batch, float loss_scale);
+  // Runs h on this thread. With a baton, h is fiber `me` of an overlapped FB: each all-to-all wait
+  // first passes the baton to the other fiber. Adds h's non-finite FP8 group count to *nonfinite.
+  Status run_half(const Half& h, Baton* baton, int me, int64_t* nonfinite);
+  // FB with overlap: the forward and backward halves as two fibers (threads taking turns).
+  Status run_fb(const Half& f, const Half& b);
   // Moves chunk `dir`'s fp32 gradients into their fp64 accumulators (Param::grad_acc): each
   // instruction's contribution is summed in fp64, so any schedule's order rounds alike in fp32.
   void flush_grads(int dir);
@@ -71,8 +91,11 @@ class PipelineExecutor {
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
   std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
   ExecutorStats stats_;
+  bool fb_overlap_ = true;
   Tracer* tracer_ = nullptr;
   int64_t trace_step_ = 0;
+  std::unique_ptr<CompletionClock> clock_;  // while tracing all-to-alls
+  std::vector<CommExpertComm> traced_ep_;   // per chunk: ctx->ep recording into tracer_
 };
 
 }  // namespace fp8pipe::parallel

@@ -32,8 +32,9 @@ struct ModelCtx {
   // nodes once per node, then are forwarded inside the node (parallel.ep_dispatch).
   ExpertComm* ep = nullptr;
   bool ep_two_level = false;
-  // Waits for an in-flight all-to-all. The executor's FB overlap sets it to run the other chunk
-  // of an FB pair until the exchange completes; unset, it simply waits.
+  // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
+  // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
+  // unset, it simply waits.
   std::function<Status(const ExpertComm::Done&)> await;
   Status wait(const ExpertComm::Done& d) const { return await ? await(d) : d(); }
 };

@@ -73,6 +73,29 @@ for r in range(4):
 PY
 then ok "per-rank Chrome traces"; else bad "per-rank Chrome traces"; fi
 
+# DualPipe with ep=2 (parallel.fb_overlap on by default): every MoE all-to-all is an "a2a" phase
+# from post to completion on a row per model chunk, compute slices are "compute" phases (B/E
+# pairs: readers of the X/i instruction events are unaffected), and on every rank the
+# all-to-alls inside FB instructions overlap the OTHER chunk's compute (bench/a2a_overlap.py;
+# zero by construction when FB runs its halves one after the other).
+if run trace_ep 4 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe \
+     --train.steps=2 --log.trace="$TMP/ep_trace_r{rank}.json" &&
+   python3 - "$TMP" <<'PY' && python3 "$SRC/bench/a2a_overlap.py" --min-fb-cross 0 "$TMP"/ep_trace_r*.json
+import json, sys
+for r in range(4):
+    ev = json.load(open(f"{sys.argv[1]}/ep_trace_r{r}.json"))["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in ev if e.get("name") == "thread_name"}
+    assert names[0] == "compute" and names[1] == "comm", names
+    cats = {e.get("cat") for e in ev if e.get("ph") in ("B", "E")}
+    assert cats == {"compute", "a2a"}, (r, cats)
+    assert any(names[e["tid"]].startswith("a2a d") for e in ev if e.get("cat") == "a2a"), r
+    x = [e for e in ev if e.get("ph") == "X"]
+    assert any(e["name"].startswith("FB") for e in x), r
+    assert sum(e.get("ph") == "B" for e in ev) == sum(e.get("ph") == "E" for e in ev), r
+PY
+then ok "DualPipe ep=2 trace: all-to-alls overlap compute in FB"
+else bad "DualPipe ep=2 trace: all-to-alls overlap compute in FB"; fi
+
 expect_fail() {  # expect_fail DESCRIPTION NP PATTERN [overrides...]
   local what=$1 np=$2 pat=$3; shift 3
   local start=$SECONDS

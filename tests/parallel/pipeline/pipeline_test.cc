@@ -7,12 +7,15 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <map>
 
 #include "core/config.h"
 #include "parallel/executor.h"
 #include "parallel/expert_comm.h"
 #include "parallel/grad_sync.h"
+#include "tests/test_files.h"
 
 namespace fp8pipe::parallel {
 namespace {
@@ -216,6 +219,132 @@ TEST(ExpertParallel, FlatAndTwoLevelMatchTheReference) {
   EXPECT_GT(two.tokens, 0);
   EXPECT_LE(two.cross_node_rows, two.tokens);  // 2 nodes: one other node at most per token
   EXPECT_LT(two.cross_node_rows, flat.cross_node_rows);
+}
+
+// ---- FB overlap
+// ----------------------------------------------------------------------------------
+
+struct ExecOut {
+  std::map<std::string, std::vector<double>> grads;  // this rank's fp64 accumulators by name
+  double loss = 0;
+  int64_t microbatches = 0, nonfinite = 0;
+  std::string trace;  // the written trace, when traced
+};
+
+// One step of this rank's instruction list, FB halves overlapped or not; optionally traced.
+ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::string& mode,
+                 bool overlap, bool trace) {
+  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
+                         std::vector<std::string>{"--precision.mode=" + mode, "--train.seq_len=8"});
+  EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+  const int B = 2, T = 8;
+  ExecOut out;
+  auto topo = Topology::create(pp, dp, ep, pp * dp, g_rank);
+  EXPECT_TRUE(topo.ok()) << topo.status().to_string();
+  auto comms = create_comms(*topo, CommOptions{60});
+  EXPECT_TRUE(comms.ok()) << comms.status().to_string();
+  auto sched = make_schedule(kind, pp, M);
+  EXPECT_TRUE(sched.ok()) << sched.status().to_string();
+  auto parts = partition_stages(cfg->model(), sched->stages());
+  EXPECT_TRUE(parts.ok()) << parts.status().to_string();
+  if (!topo.ok() || !comms.ok() || !sched.ok() || !parts.ok()) return out;
+
+  auto be = make_cpu_backend();
+  model::ModelCtx c;
+  c.be = be.get();
+  c.precision = mode == "FP8" ? model::Precision::kFP8 : model::Precision::kFP32;
+  std::unique_ptr<CommExpertComm> ep_comm;
+  if (ep > 1) {
+    ep_comm =
+        std::make_unique<CommExpertComm>(&comms->get(GroupKind::kExpert), ep_ranks_per_node(*topo));
+    c.ep = ep_comm.get();
+  }
+  const int prank = topo->coords().stage, dpi = topo->coords().dp_index;
+  std::vector<std::unique_ptr<model::Model>> chunks;
+  std::vector<model::Model*> ptrs;
+  for (int dir = 0; dir < chunks_per_rank(*sched); ++dir) {
+    chunks.push_back(std::make_unique<model::Model>());
+    EXPECT_TRUE(
+        chunks.back()->init(c, cfg->model(), 7, (*parts)[stage_of(*sched, prank, dir)]).ok());
+    ptrs.push_back(chunks.back().get());
+  }
+  std::map<std::pair<int, int>, model::MicroBatch> batches;
+  auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
+    const int g = dpi * M + stream * sched->mb_per_stream() + mb;
+    auto it = batches.try_emplace({stream, mb}, micro_batch(g, B, T, cfg->model().vocab_size()));
+    return it.first->second;
+  };
+  PipelineExecutor ex(*sched, prank, &comms->get(GroupKind::kPipeline), ptrs, &c,
+                      cfg->model().hidden(), overlap);
+  EXPECT_EQ(ex.fb_overlap(), overlap);
+  Tracer tracer(g_rank);
+  if (trace) ex.set_tracer(&tracer, 1);
+  auto st = ex.run(batch, 1.0f / (dp * M));
+  ex.set_tracer(nullptr, 0);
+  EXPECT_TRUE(st.ok()) << st.status().to_string();
+  if (!st.ok()) return out;
+  out.loss = st->loss.total;
+  out.microbatches = st->loss_microbatches;
+  out.nonfinite = c.nonfinite_groups;
+  for (auto& ch : chunks) {
+    for (model::Param* p : ch->params()) {
+      std::string name = p->name;
+      while (out.grads.count(name)) name += "@";  // DualPipe's second local embedding copy
+      out.grads[name] = p->grad_acc;
+    }
+  }
+  if (trace) {
+    const auto path = ::testing::TempDir() + fmt::format("fp8pipe_fb_trace_r{}.json", g_rank);
+    EXPECT_TRUE(tracer.write(path).ok());
+    const auto bytes = fp8pipe::testing::read_file(path);
+    out.trace.assign(bytes.begin(), bytes.end());
+    std::filesystem::remove(path);
+  }
+  return out;
+}
+
+// The FB overlap runs the two halves of an FB instruction as fibers that take turns at the MoE
+// all-to-all waits: the same losses and gradients, bit for bit, as the forward-then-backward FB,
+// with ep = 2 (exchanges of both halves in flight on one communicator) in FP32 and FP8, tracing
+// on or off (the traced run records the compute slices of both halves and every all-to-all).
+void expect_same(const ExecOut& a, const ExecOut& b, const std::string& what) {
+  EXPECT_EQ(a.loss, b.loss) << what;
+  EXPECT_EQ(a.microbatches, b.microbatches) << what;
+  EXPECT_EQ(a.nonfinite, b.nonfinite) << what;
+  ASSERT_EQ(a.grads.size(), b.grads.size()) << what;
+  for (const auto& [name, g] : a.grads) {
+    ASSERT_TRUE(b.grads.count(name)) << what << " " << name;
+    const auto& h = b.grads.at(name);
+    ASSERT_EQ(g.size(), h.size()) << what << " " << name;
+    EXPECT_TRUE(g.empty() || std::memcmp(g.data(), h.data(), g.size() * sizeof(double)) == 0)
+        << "rank " << g_rank << " " << what << ": gradient of " << name << " differs";
+  }
+}
+
+TEST(FbOverlap, BitwiseEqualToSequentialFB) {
+  struct Case {
+    ScheduleKind kind;
+    int pp, dp, M, ep;
+    const char* mode;
+  };
+  if (g_world != 4) return;  // pp=2 x dp=2 x ep=2 (without ep an FB has nothing to overlap)
+  const Case cases[] = {{ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP32"},
+                        {ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP8"},
+                        {ScheduleKind::kDualPipeV, 2, 2, 4, 2, "FP8"}};
+  for (const Case& k : cases) {
+    const std::string what = fmt::format("{} pp={} dp={} ep={} {}", schedule_kind_name(k.kind),
+                                         k.pp, k.dp, k.ep, k.mode);
+    const ExecOut off = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, false, false);
+    const ExecOut on = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, true, false);
+    const ExecOut traced = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, true, true);
+    EXPECT_FALSE(off.grads.empty()) << what;
+    expect_same(off, on, what + " overlap");
+    expect_same(off, traced, what + " overlap traced");
+    // Compute slices of both FB halves, and (ep > 1) all-to-alls on one row per chunk.
+    EXPECT_NE(traced.trace.find("\"cat\":\"compute\""), std::string::npos) << what;
+    EXPECT_NE(traced.trace.find("\"cat\":\"a2a\""), std::string::npos) << what;
+    EXPECT_NE(traced.trace.find("\"name\":\"a2a d1\""), std::string::npos) << what;
+  }
 }
 
 }  // namespace
