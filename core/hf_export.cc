@@ -96,31 +96,59 @@ struct Mapper {
 
 bool has_moe(const config::Model& m) { return m.has_moe() && m.moe().routed_experts() > 0; }
 
+int64_t kept_groups(const config::Moe& e) {
+  return e.max_nodes() > 0 ? e.max_nodes() : e.n_groups();
+}
+
+// Experts summed into a group's score: ours the top max(1, topk / kept groups) (limit_groups in
+// kernels/cpu/ops.cc); transformers' DeepseekV3TopkRouter the top 2. Both capped at the group size.
+int64_t our_group_score_n(const config::Moe& e) {
+  const int64_t gsize = e.routed_experts() / e.n_groups();
+  return std::min(gsize, std::max<int64_t>(1, e.topk() / kept_groups(e)));
+}
+int64_t hf_group_score_n(const config::Moe& e) {
+  return std::min<int64_t>(e.routed_experts() / e.n_groups(), 2);
+}
+
+// True when our group limit never changes which experts are chosen: every group is kept, or a
+// group scores its best expert (1 summed) and topk <= kept groups. In the latter case the top-k
+// experts lie in at most topk groups, each of whose maxima is one of the top k scores, so these
+// groups rank first and are all kept (configs/tiny: 4 groups of 2, top-2, 2 kept). Such a model
+// routes like plain top-k, which the export writes as n_group = topk_group = 1: transformers' top-2
+// group score would otherwise drop experts ours keeps (and fails on groups of one expert).
+bool group_limit_is_noop(const config::Moe& e) {
+  const int64_t kept = kept_groups(e);
+  return e.n_groups() <= 1 || kept >= e.n_groups() ||
+         (our_group_score_n(e) == 1 && e.topk() <= kept);
+}
+
 // A float config value as the shortest decimal that reads back as the same float (1e-06, not
 // 9.999999974752427e-07).
 json::Value num(float f) { return json::Value(std::stod(fmt::format("{}", f))); }
 
 void moe_fields(json::Value& c, const config::Model& m) {
   if (!has_moe(m)) {  // all blocks dense: the MoE layer index range is empty
+    // 0, not null: transformers 5 validates these fields as int (null fails to load).
     for (const char* k :
          {"n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size"})
-      c.set(k, nullptr);
+      c.set(k, 0);
     c.set("first_k_dense_replace", m.layers() + m.mtp_depth());
     c.set("n_group", 1);
     c.set("topk_group", 1);
     c.set("routed_scaling_factor", 1.0);
-    return;
+  } else {
+    const config::Moe& e = m.moe();
+    c.set("n_routed_experts", e.routed_experts());
+    c.set("n_shared_experts", e.shared_experts());
+    c.set("num_experts_per_tok", e.topk());
+    c.set("moe_intermediate_size", e.expert_hidden());
+    c.set("first_k_dense_replace", m.dense_layers());
+    const bool plain_topk = group_limit_is_noop(e);  // routes as top-k over all experts
+    c.set("n_group", plain_topk ? 1 : e.n_groups());
+    c.set("topk_group", plain_topk ? 1 : kept_groups(e));
+    c.set("routed_scaling_factor", num(e.route_scale()));
   }
-  const config::Moe& e = m.moe();
-  c.set("n_routed_experts", e.routed_experts());
-  c.set("n_shared_experts", e.shared_experts());
-  c.set("num_experts_per_tok", e.topk());
-  c.set("moe_intermediate_size", e.expert_hidden());
-  c.set("first_k_dense_replace", m.dense_layers());
   c.set("moe_layer_freq", 1);
-  c.set("n_group", e.n_groups());
-  c.set("topk_group", e.max_nodes() > 0 ? e.max_nodes() : e.n_groups());
-  c.set("routed_scaling_factor", num(e.route_scale()));
   c.set("topk_method", "noaux_tc");
   c.set("scoring_func", "sigmoid");
   c.set("norm_topk_prob", true);
@@ -217,18 +245,26 @@ std::vector<std::vector<size_t>> plan_shards(const std::vector<Mapped>& ts, bool
 }
 
 // transformers' noaux_tc scores a group by the sum of its top 2 biased affinities; ours sums the
-// top topk / max_nodes (2 for DeepSeek-V3). Routing differs when those counts differ.
+// top topk / max_nodes (2 for DeepSeek-V3). Routing differs when those counts differ and the
+// group limit matters (group_limit_is_noop exports those as plain top-k).
 void warn_group_score(const config::Model& m) {
-  if (!has_moe(m) || m.moe().n_groups() <= 1) return;
-  const config::Moe& e = m.moe();
-  const int64_t gsize = e.routed_experts() / e.n_groups();
-  const int64_t groups = e.max_nodes() > 0 ? e.max_nodes() : e.n_groups();
-  const int64_t ours = std::min(gsize, std::max<int64_t>(1, e.topk() / groups));
-  if (ours != std::min<int64_t>(gsize, 2))
+  if (!has_moe(m) || group_limit_is_noop(m.moe())) return;
+  const int64_t ours = our_group_score_n(m.moe());
+  if (ours != hf_group_score_n(m.moe()))
     log::warn(
         "hf export: group score sums the top {} of each group here, transformers sums the "
         "top 2: node-limited routing will differ",
         ours);
+}
+
+// transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps 1e-6, not
+// config.rms_norm_eps (as DeepSeek's inference code); ours use model.norm_eps everywhere.
+void warn_latent_norm_eps(const config::Model& m) {
+  if (m.norm_eps() != 1e-6f)
+    log::warn(
+        "hf export: model.norm_eps is {}, but transformers' DeepseekV3 uses 1e-6 in the q/kv "
+        "latent norms (rms_norm_eps applies to the others): outputs will differ slightly",
+        m.norm_eps());
 }
 
 std::string shard_name(size_t i, size_t n) {
@@ -300,6 +336,7 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
   apply_defaults(cfg);
   const config::Model& m = cfg.model();
   warn_group_score(m);
+  warn_latent_norm_eps(m);
   FP8_ASSIGN_OR_RETURN(std::vector<Mapped> ts, tensor_map(m));
   std::set<std::string> used;
   for (const Mapped& t : ts) FP8_RETURN_IF_ERROR(check_sources(man, t, used));

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test of `fp8pipe ckpt export --format hf`: trains the tiny config 3 steps with a
 # checkpoint, exports it as a DeepseekV3 folder (bf16 single file, fp32 sharded) and checks both
-# with check_hf_export.py (schema from config.json, values vs the consolidated fp8pipe export).
+# with check_hf_export.py (schema from config.json, values vs the consolidated fp8pipe export),
+# then, where torch and transformers are installed, with check_hf_transformers.py.
 # Usage (CTest): bash hf_export_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 
@@ -34,6 +35,19 @@ python3 "$CHECK" "$TMP/hf_bf16" "$TMP/model.safetensors" || die "bf16 folder che
   die "hf export (fp32, sharded) failed"
 [ -f "$TMP/hf_fp32/model.safetensors.index.json" ] || die "fp32 export was not sharded"
 python3 "$CHECK" "$TMP/hf_fp32" "$TMP/model.safetensors" || die "fp32 sharded folder check"
+
+# Optional: both folders load in transformers and compute what fp8pipe computes (mean CE vs
+# `fp8pipe eval`, FP32). torch and transformers are not installed by launch/setup.sh;
+# FP8PIPE_HF_PYTHON may name a Python that has them (docs/HF_EXPORT.md, "Loading in transformers").
+HF_PY=${FP8PIPE_HF_PYTHON:-python3}
+if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
+  for d in hf_bf16 hf_fp32; do
+    "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/$d" "$TMP/model.safetensors" \
+      --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" || die "transformers check ($d)"
+  done
+else
+  echo "transformers check skipped: torch/transformers not installed for $HF_PY"
+fi
 
 # Bad arguments are refused with the usage text.
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format onnx 2>/dev/null && die "--format onnx accepted"
