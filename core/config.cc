@@ -34,6 +34,7 @@ constexpr std::string_view kLrSchedules[] = {"cosine", "step", "constant"};
 constexpr std::string_view kSources[] = {"synthetic", "tokens", "megatron"};
 constexpr std::string_view kTokenDtypes[] = {"uint16", "uint32"};
 constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
+constexpr std::string_view kDevices[] = {"cpu", "cuda"};
 
 struct ChoiceField {
   std::string_view path;
@@ -49,6 +50,7 @@ constexpr ChoiceField kChoiceFields[] = {
     {"data.source", kSources},
     {"data.token_dtype", kTokenDtypes},
     {"fault.on_nonfinite", kOnNonfinite},
+    {"train.device", kDevices},
 };
 
 std::string lower(std::string_view s) {
@@ -504,6 +506,7 @@ void ValidateTrain(const config::Train& t, Checker& c) {
   ge0(c, "train.grad_clip", t.grad_clip());
   ge0(c, "train.eval_every", t.eval_every());
   gt0(c, "train.eval_batches", t.eval_batches());
+  choice(c, "train.device", t.device());
 }
 
 void ValidateOptim(const config::Optim& o, Checker& c) {
@@ -607,6 +610,15 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
   for (int pp = 1; world > 0 && pp <= world && layouts.size() < 16; ++pp) {
     if (world % pp == 0) layouts.push_back(fmt::format("pp={} dp={}", pp, world / pp));
   }
+#ifndef FP8PIPE_HAVE_CUDA
+  c.expect(cfg.train().device() != "cuda",
+           "train.device=\"cuda\" needs a build with CUDA; this fp8pipe was built without it "
+           "(rebuild with -DFP8PIPE_CUDA=ON, or use train.device=\"cpu\")");
+#endif
+  c.expect(cfg.train().device() != "cuda" || ranks == 1,
+           "train.device=\"cuda\" runs one process (one GPU) for now: parallel.pp·parallel.dp = "
+           "{}·{} = {} must be 1",
+           p.pp(), p.dp(), ranks);
   c.expect(world <= 0 || ranks == world,
            "parallel.pp·parallel.dp = {}·{} = {} must equal the world size {} (valid: {})", p.pp(),
            p.dp(), ranks, world, fmt::join(layouts, "; "));

@@ -4,6 +4,8 @@
 # logged to $OUT (or ./device_logs); a failing step does not stop the later ones; exit code != 0
 # if any step failed. Whole run bounded to ~8 minutes (each step gets at most what is left).
 # Usage (from the repo root): bash launch/device_check.sh [extra gpu_bench args]
+# SKIP="gpu_bench cuda_tests" skips the named steps (e.g. to spend the budget on the training
+# steps); BUDGET_S raises the whole-run bound.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -15,6 +17,7 @@ mkdir -p "$LOG"
 START=$(date +%s)
 NAMES=() RCS=() SECS=()
 FAILED=0
+SKIP=${SKIP:-}
 
 remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
@@ -22,6 +25,10 @@ remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
 step() {
   local name=$1 cap=$2
   shift 2
+  if [[ " $SKIP " == *" $name "* ]]; then
+    echo "=== [$name] skipped (SKIP)"
+    return 0
+  fi
   local left
   left=$(remaining)
   ((left < cap)) && cap=$left
@@ -59,7 +66,7 @@ env_info() {
 }
 
 build_targets() {
-  local targets=(cuda_tests)
+  local targets=(cuda_tests fp8pipe)
   if ninja -C "$BUILD" -t targets all 2>/dev/null | grep -q '^gpu_bench:'; then targets+=(gpu_bench); fi
   echo "targets: ${targets[*]}"
   ninja -C "$BUILD" -j "$JOBS" "${targets[@]}"
@@ -81,8 +88,70 @@ run_bench() {
   "$bin" --json "$LOG/gpu_bench.jsonl" "$@"
 }
 
+# train.device=cuda next to cpu: 50 steps of configs/tiny.textproto (FP8, one process) each, then
+# the largest relative difference of the per-step main loss (fails above TRAIN_TOL, default 1e-2:
+# GEMM and attention accumulation orders differ, and FP8 rounding amplifies that over steps).
+train_tiny_gpu_vs_cpu() {
+  local bin dir=$LOG/train_tiny
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  mkdir -p "$dir"
+  local args=(configs/tiny.textproto --train.steps=50 --train.eval_every=0 --checkpoint.dir=
+    --checkpoint.every=0 --log.every=10)
+  local dev t0
+  for dev in cuda cpu; do
+    echo "--- $dev"
+    t0=$(date +%s)
+    "$bin" train "${args[@]}" --train.device=$dev --log.jsonl="$dir/$dev.jsonl" || return $?
+    echo "$dev: $(($(date +%s) - t0))s"
+  done
+  python3 - "$dir/cuda.jsonl" "$dir/cpu.jsonl" "${TRAIN_TOL:-1e-2}" <<'PY'
+import json, sys
+gpu, cpu = ([json.loads(l) for l in open(p) if l.strip()] for p in sys.argv[1:3])
+tol = float(sys.argv[3])
+assert len(gpu) == len(cpu) == 50, (len(gpu), len(cpu))
+rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
+for i in (0, 9, 24, 49):
+    print(f"step {i + 1:2d}: loss cuda {gpu[i]['loss']:.6f} cpu {cpu[i]['loss']:.6f} rel {rel[i]:.2e}")
+worst = max(range(50), key=lambda i: rel[i])
+print(f"train_tiny max relative loss difference {rel[worst]:.3e} at step {worst + 1} (tol {tol:g})")
+sys.exit(0 if rel[worst] <= tol else 1)
+PY
+}
+
+# configs/small.textproto on the GPU, FP8 then BF16: a few steps each (shrunk batch), tokens/s
+# from the JSONL (mean over steps after the first). The step time includes the host side of the
+# step (gradient download + fp64 sums, AdamW on the host, weight upload: launch/trainer.cc,
+# "Where the step runs"), so the ratio understates the GEMM speed-up.
+small_fp8_vs_bf16() {
+  local bin dir=$LOG/train_small
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  mkdir -p "$dir"
+  local args=(configs/small.textproto --train.device=cuda "--train.steps=${SMALL_STEPS:-4}"
+    --train.seq_len=1024 --train.global_batch=8 --parallel.microbatches=1 --train.eval_every=0
+    --checkpoint.dir= --checkpoint.every=0 --log.every=1)
+  local mode
+  for mode in FP8 BF16; do
+    echo "--- $mode"
+    "$bin" train "${args[@]}" --precision.mode=$mode --log.jsonl="$dir/$mode.jsonl" || return $?
+  done
+  python3 - "$dir/FP8.jsonl" "$dir/BF16.jsonl" <<'PY'
+import json, sys
+tps = []
+for name, p in zip(("FP8", "BF16"), sys.argv[1:3]):
+    rows = [json.loads(l) for l in open(p) if l.strip()]
+    timed = rows[1:] or rows
+    t = sum(r["tokens_per_s"] for r in timed) / len(timed)
+    ms = sum(r["ms"] for r in timed) / len(timed)
+    print(f"small {name:4s}: {t:10.1f} tokens/s  {ms:9.1f} ms/step  ({len(timed)} steps)")
+    tps.append(t)
+print(f"small FP8/BF16 tokens/s ratio {tps[0] / tps[1]:.3f} (host optimizer included)")
+PY
+}
+
 export ROOT LOG BUILD JOBS
-export -f env_info build_targets find_bin run_tests run_bench
+export -f env_info build_targets find_bin run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -97,16 +166,8 @@ step configure 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DFP8PIPE_CUDA=ON \
 step build 330 build_targets
 step cuda_tests 240 run_tests
 step gpu_bench 150 run_bench "$@"
-# Not run yet: a 50-step tiny-config training run on the GPU next to the CPU run. The CUDA
-# Backend exists (core/cuda_backend.cc, tested op by op by cuda_tests: CudaBackendTest.*,
-# CudaAdamW.*, NcclComm.*), but the trainer always builds the CPU backend (launch/trainer.cc) and
-# parts of the model, the executor and the optimizer read tensors' host memory directly
-# (core/model/attention.cc head split/merge, moe.cc routing, parallel/executor.cc gradient
-# flush, trainer*.cc AdamW and gradient norms). Once those go through the Backend, add here:
-#   step train_cpu 120 ./fp8pipe train configs/tiny.textproto train.steps=50 (CPU)
-#   step train_gpu 120 ./fp8pipe train configs/tiny.textproto train.steps=50 --backend=cuda
-# and compare the two loss curves (tolerance: 1e-3 relative per step for FP8, the GEMM and
-# attention accumulation orders differ).
+step train_tiny_gpu_vs_cpu 180 train_tiny_gpu_vs_cpu
+step small_fp8_vs_bf16 240 small_fp8_vs_bf16
 
 # ---- summary (last) ----
 echo
@@ -125,9 +186,12 @@ fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
 fi
-printf '\n%-12s %6s %6s\n' step rc secs
+for f in train_tiny_gpu_vs_cpu small_fp8_vs_bf16; do
+  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |small )" "$LOG/$f.log"
+done
+printf '\n%-22s %6s %6s\n' step rc secs
 for i in "${!NAMES[@]}"; do
-  printf '%-12s %6s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"
+  printf '%-22s %6s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"
 done
 echo "total $(($(date +%s) - START))s; logs in $LOG; $([[ $FAILED == 0 ]] && echo ALL OK || echo SOME STEPS FAILED)"
 exit $FAILED

@@ -40,7 +40,11 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
 Result<std::unique_ptr<Trainer>> Trainer::create(const config::Config& cfg, const Runtime* rt) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->cfg_ = cfg;
-  t->be_ = make_cpu_backend();
+  if (cfg.train().device() == "cuda") {
+    FP8_ASSIGN_OR_RETURN(t->be_, make_cuda_backend(0));
+  } else {
+    t->be_ = make_cpu_backend();
+  }
   FP8_RETURN_IF_ERROR(t->setup_parallel(rt));
   FP8_RETURN_IF_ERROR(t->setup_model());
   FP8_RETURN_IF_ERROR(t->setup_optimizer());
@@ -98,8 +102,8 @@ Status Trainer::setup_optimizer() {
   for (const Owned& o : owned_) {
     if (o.begin == o.end) continue;
     model::Param* p = o.copies.front();
-    groups.push_back({o.name, p->value.data_as<float>() + o.begin,
-                      p->grad.data_as<float>() + o.begin, o.begin, o.end, p->decay});
+    groups.push_back({o.name, p->host_value.data_as<float>() + o.begin,
+                      p->host_grad.data_as<float>() + o.begin, o.begin, o.end, p->decay});
   }
   FP8_ASSIGN_OR_RETURN(auto opt, optim::AdamW::create(ac, std::move(groups)));
   opt_.emplace(std::move(opt));
@@ -154,8 +158,8 @@ Status Trainer::gather_params() {
     std::vector<parallel::GatherEntry> entries;
     std::map<std::string, std::vector<int>> holders;
     for (const Owned& o : owned_) {
-      entries.push_back(
-          {o.name, o.copies.front()->value.data_as<float>(), o.copies.front()->value.numel()});
+      entries.push_back({o.name, o.copies.front()->host_value.data_as<float>(),
+                         o.copies.front()->host_value.numel()});
       holders[o.name] = o.holders;
     }
     param_gather_ = std::make_unique<parallel::ShardGather>(
@@ -165,8 +169,24 @@ Status Trainer::gather_params() {
   FP8_RETURN_IF_ERROR(param_gather_->all_gather());
   for (const Owned& o : owned_) {  // a second local copy (DualPipe's embedding) follows the first
     for (size_t c = 1; c < o.copies.size(); ++c)
-      FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->value, o.copies[c]->value));
+      FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->host_value, o.copies[c]->host_value));
   }
+  return Status::Ok();
+}
+
+// Where the step runs. The model's forward and backward run on be_ (train.device); the rest of
+// a step is host work on each Param's host_value / host_grad: the fp64 gradient sums (the
+// executor downloads each chunk's gradients per compute instruction on a device), the name sums
+// and norm, AdamW on the fp32 master weights, the router-bias update and checkpoints. On the CPU
+// backend host_value and host_grad are value and grad (no copy). On a device this costs, per
+// step, one download of every gradient per backward instruction and one upload of every weight
+// (below), both synchronous, plus the host AdamW: fine for correctness runs, a bound on speed
+// until the optimizer runs on the device.
+Status Trainer::upload_params() {
+  if (be_->device() == Device::kCpu) return Status::Ok();
+  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->copy(p->host_value, p->value));
+  for (auto* moe : all_moes())
+    FP8_RETURN_IF_ERROR(be_->copy(moe->bias().host_value, moe->bias().value));
   return Status::Ok();
 }
 
@@ -223,6 +243,7 @@ Result<StepResult> Trainer::train_step() {
     FP8_RETURN_IF_ERROR(gather_params());
     ++ctx_.weight_version;
     FP8_RETURN_IF_ERROR(update_router_biases());
+    FP8_RETURN_IF_ERROR(upload_params());
   }
   ++step_;
   tokens_seen_ += r.loss.tokens;
@@ -345,8 +366,9 @@ Result<double> Trainer::evaluate(int64_t batches) {
 Status Trainer::save_model(const std::string& path) const {
   safetensors::Writer w;
   auto add = [&](const model::Param& p) -> Status {
-    auto* bytes = static_cast<const uint8_t*>(p.value.data());
-    return w.add(p.name, "F32", p.value.shape(), std::span<const uint8_t>(bytes, p.value.nbytes()));
+    auto* bytes = static_cast<const uint8_t*>(p.host_value.data());
+    return w.add(p.name, "F32", p.value.shape(),
+                 std::span<const uint8_t>(bytes, p.host_value.nbytes()));
   };
   // A rank may hold a parameter in two chunks (DualPipe puts the first and the last stage, each
   // with an "embed.weight", on one rank; the copies are equal, their gradients being summed by
@@ -368,11 +390,12 @@ Status Trainer::load_model(const std::string& path) {
       return FP8_INVALID("{}: tensor '{}' is {} {}, the model needs F32 {}", path, p.name, v->dtype,
                          v->shape_str(), shape_str(p.value.shape()));
     }
-    std::memcpy(p.value.data(), v->data, v->nbytes);
+    std::memcpy(p.host_value.data(), v->data, v->nbytes);
     return Status::Ok();
   };
   for (auto* p : all_params()) FP8_RETURN_IF_ERROR(load(*p));
   for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(load(moe->bias()));
+  FP8_RETURN_IF_ERROR(upload_params());
   auto it = r.metadata().find("step");
   if (it != r.metadata().end()) step_ = std::stoll(it->second);
   ++ctx_.weight_version;
@@ -480,7 +503,7 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
                         0,
                         b.value.numel(),
                         0,
-                        {static_cast<const uint8_t*>(b.value.data()), b.value.nbytes()},
+                        {static_cast<const uint8_t*>(b.host_value.data()), b.host_value.nbytes()},
                         nullptr});
   }
   return r;
@@ -564,15 +587,16 @@ Status Trainer::restore_tensors(const ckpt::Loaded& l) {
     FP8_RETURN_IF_ERROR(check(o.name, p.value.shape()));
     FP8_RETURN_IF_ERROR(check(o.name + ".exp_avg", p.value.shape()));
     FP8_RETURN_IF_ERROR(check(o.name + ".exp_avg_sq", p.value.shape()));
-    FP8_RETURN_IF_ERROR(l.read(o.name, "F32", 0, p.value.numel(), p.value.data()));
+    FP8_RETURN_IF_ERROR(l.read(o.name, "F32", 0, p.value.numel(), p.host_value.data()));
     for (size_t c = 1; c < o.copies.size(); ++c)
-      FP8_RETURN_IF_ERROR(be_->copy(p.value, o.copies[c]->value));
+      FP8_RETURN_IF_ERROR(be_->copy(p.host_value, o.copies[c]->host_value));
   }
   for (auto* moe : all_moes()) {
     model::Param& b = moe->bias();
     FP8_RETURN_IF_ERROR(check(b.name, b.value.shape()));
-    FP8_RETURN_IF_ERROR(l.read(b.name, "F32", 0, b.value.numel(), b.value.data()));
+    FP8_RETURN_IF_ERROR(l.read(b.name, "F32", 0, b.value.numel(), b.host_value.data()));
   }
+  FP8_RETURN_IF_ERROR(upload_params());
   if (world_size_ > 1) return Status::Ok();  // other ranks hold the other names
   for (const ckpt::TensorRecord& t : l.manifest().tensors) {
     if (!want.count(t.name))

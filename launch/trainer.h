@@ -98,6 +98,7 @@ class Trainer {
   };
   void setup_owned();
   Status gather_params();  // after the optimizer step: every holder gets every shard
+  Status upload_params();  // host master weights and router biases -> the device (CPU: no-op)
   ckpt::Collective checkpoint_collective();
   std::vector<model::MoE*> all_moes() const;
   Status sum_over_world(std::vector<double>& v);

@@ -120,15 +120,15 @@ Result<double> Trainer::sync_grads_and_norm() {
   }
   FP8_RETURN_IF_ERROR(grad_sync_->reduce_scatter_sum());  // ZeRO-1: this rank's shards
   for (auto* p : all_params()) {  // the fp64 sums, rounded once, are what the optimizer sees
-    float* g = p->grad.data_as<float>();
-    for (int64_t i = 0; i < p->grad.numel(); ++i) g[i] = static_cast<float>(p->grad_acc[i]);
+    float* g = p->host_grad.data_as<float>();
+    for (int64_t i = 0; i < p->host_grad.numel(); ++i) g[i] = static_cast<float>(p->grad_acc[i]);
   }
   std::vector<double> sq = {0.0};
   std::set<std::string> counted;
   for (auto* p : all_params()) {
     if (!grad_sync_->is_leader(p->name) || !counted.insert(p->name).second) continue;
-    const float* g = p->grad.data_as<float>();
-    for (int64_t i = 0; i < p->grad.numel(); ++i) sq[0] += static_cast<double>(g[i]) * g[i];
+    const float* g = p->host_grad.data_as<float>();
+    for (int64_t i = 0; i < p->host_grad.numel(); ++i) sq[0] += static_cast<double>(g[i]) * g[i];
   }
   FP8_RETURN_IF_ERROR(sum_over_world(sq));
   return std::sqrt(sq[0]);
@@ -163,7 +163,7 @@ Status Trainer::update_router_biases() {
   for (size_t i = 0; i < moes.size(); ++i) {
     auto& load = moes[i]->stats().load;
     for (size_t e = 0; e < load.size(); ++e) load[e] = static_cast<int64_t>(loads_[i][e]);
-    FP8_RETURN_IF_ERROR(optim::update_router_bias(moes[i]->bias().value.data_as<float>(),
+    FP8_RETURN_IF_ERROR(optim::update_router_bias(moes[i]->bias().host_value.data_as<float>(),
                                                   load.data(), static_cast<int64_t>(load.size()),
                                                   gamma));
   }

@@ -149,18 +149,28 @@ Status PipelineExecutor::weight(model::ModelCtx& c, int mb, int dir, int stage) 
   return Status::Ok();
 }
 
-void PipelineExecutor::flush_grads(int dir) {
-  auto flush = [](model::Param* p, Tensor& grad) {
-    float* g = grad.data_as<float>();  // host memory (the CPU backend)
+Status PipelineExecutor::flush_grads(int dir) {
+  Backend& be = *ctx_->be;
+  auto flush = [&](model::Param* p, Tensor& grad) -> Status {
     const int64_t n = grad.numel();
     if (static_cast<int64_t>(p->grad_acc.size()) != n) p->grad_acc.assign(n, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      p->grad_acc[i] += g[i];
-      g[i] = 0.0f;
+    if (grad.device() == Device::kCpu) {  // host memory: sum and zero in one pass
+      float* g = grad.data_as<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        p->grad_acc[i] += g[i];
+        g[i] = 0.0f;
+      }
+      return Status::Ok();
     }
+    // A device: download (synchronizes the stream), sum on the host, zero on the device.
+    FP8_ASSIGN_OR_RETURN(Tensor h, be.to_host(grad));
+    const float* g = h.data_as<float>();
+    for (int64_t i = 0; i < n; ++i) p->grad_acc[i] += g[i];
+    return be.fill_zero(grad);
   };
-  for (model::Param* p : chunks_[dir]->params()) flush(p, p->grad);
-  for (auto [p, grad] : chunks_[dir]->extra_grads()) flush(p, *grad);
+  for (model::Param* p : chunks_[dir]->params()) FP8_RETURN_IF_ERROR(flush(p, p->grad));
+  for (auto [p, grad] : chunks_[dir]->extra_grads()) FP8_RETURN_IF_ERROR(flush(p, *grad));
+  return Status::Ok();
 }
 
 // Tag of a message, unique within a step: (kind, stream, sender stage, micro-batch).
@@ -331,13 +341,13 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
                       return backward(c, in.mb, in.dir, in.stage, in.defer_w, loss_scale);
                     }},
                    nullptr, 0, &nonfinite);
-      flush_grads(in.dir);
+      if (s.ok()) s = flush_grads(in.dir);
       break;
     case Op::kW:
       s = run_half({in.dir, instr_label(in),
                     [&](model::ModelCtx& c) { return weight(c, in.mb, in.dir, in.stage); }},
                    nullptr, 0, &nonfinite);
-      flush_grads(in.dir);
+      if (s.ok()) s = flush_grads(in.dir);
       break;
     case Op::kFB: {
       const Half bwd{in.dir_b, fmt::format("B{}d{}", in.mb_b, in.dir_b), [&](model::ModelCtx& c) {
@@ -351,7 +361,7 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
         s = run_half(fwd, nullptr, 0, &nonfinite);
         if (s.ok()) s = run_half(bwd, nullptr, 1, &nonfinite);
       }
-      flush_grads(in.dir_b);
+      if (s.ok()) s = flush_grads(in.dir_b);
       break;
     }
     default:

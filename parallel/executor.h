@@ -74,7 +74,8 @@ class PipelineExecutor {
   Status run_fb(const Half& f, const Half& b);
   // Moves chunk `dir`'s fp32 gradients into their fp64 accumulators (Param::grad_acc): each
   // instruction's contribution is summed in fp64, so any schedule's order rounds alike in fp32.
-  void flush_grads(int dir);
+  // On a device the gradients are downloaded first (one copy per parameter per instruction).
+  Status flush_grads(int dir);
   Status send(const Instr& in);
   Status recv(const Instr& in, const BatchFn& batch);
   Result<int> tag_of(const Instr& in) const;

@@ -3,32 +3,61 @@
 // norms, RoPE and the causal attention core stay fp32 (FP8.md §1.1).
 #include "core/model/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
+#include <vector>
 
 namespace fp8pipe::model {
 namespace {
 
-// ---- head-layout packing on host memory ----
-// CPU tensors are host memory, so these are plain loops; a CUDA backend needs device kernels for
-// them (they refuse non-host tensors rather than touching device pointers).
+// ---- head-layout packing ----
+// On host memory (the CPU backend) these are plain loops. On a device they are Backend row ops on
+// the tensors viewed as rows of g floats (g divides every part width): exact row gathers for
+// split / merge / broadcast, and a scatter-add in row order for sum_heads (the loop's fp32 order),
+// with the row lists built on the host and uploaded per call.
 
-Status need_host(const Tensor& t, const char* who) {
-  if (t.device() == Device::kCpu) return Status::Ok();
-  return FP8_ERROR(Code::kUnimplemented, "attention {}: head packing has no {} kernel yet", who,
-                   device_name(t.device()));
+// i32 row list on the context's backend.
+Result<Tensor> row_list(ModelCtx& c, const std::vector<int32_t>& v) {
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({static_cast<int64_t>(v.size())}, DType::kI32));
+  std::copy(v.begin(), v.end(), h.data_as<int32_t>());
+  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(h.shape(), DType::kI32));
+  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
+  return d;
+}
+
+// out (any shape, numel = len(rows) * g) = rows `rows` of src viewed as [numel / g, g].
+Status gather_pieces(ModelCtx& c, const Tensor& src, int64_t g, const std::vector<int32_t>& rows,
+                     Tensor& out) {
+  FP8_ASSIGN_OR_RETURN(Tensor view, src.reshape({src.numel() / g, g}));
+  FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rows));
+  return c.be->gather_rows(view, idx, out);
 }
 
 // x [n, H*(a+b)] (per head [a | b]) -> xa [n, H*a], xb [n, H*b].
 Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int64_t H, int64_t a,
                                               int64_t b) {
-  FP8_RETURN_IF_ERROR(need_host(x, "split_heads"));
   if (x.cols() != H * (a + b)) {
     return FP8_INVALID("attention split_heads: {} columns, expected {}*({}+{})", x.cols(), H, a, b);
   }
   const int64_t n = x.rows();
   FP8_ASSIGN_OR_RETURN(Tensor xa, new_f32(c, n, H * a));
   FP8_ASSIGN_OR_RETURN(Tensor xb, new_f32(c, n, H * b));
+  if (x.device() != Device::kCpu) {
+    const int64_t g = std::gcd(a, b), pa = a / g, pb = b / g;
+    std::vector<int32_t> ra, rb;
+    ra.reserve(n * H * pa);
+    rb.reserve(n * H * pb);
+    for (int64_t r = 0; r < n * H; ++r) {
+      for (int64_t j = 0; j < pa; ++j) ra.push_back(static_cast<int32_t>(r * (pa + pb) + j));
+      for (int64_t j = 0; j < pb; ++j) rb.push_back(static_cast<int32_t>(r * (pa + pb) + pa + j));
+    }
+    FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, ra, xa));
+    FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, rb, xb));
+    return std::make_pair(std::move(xa), std::move(xb));
+  }
   const float* s = x.data_as<float>();
   float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
   for (int64_t r = 0; r < n * H; ++r) {
@@ -41,14 +70,27 @@ Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int6
 // The inverse (and transpose) of split_heads: [n, H*a], [n, H*b] -> [n, H*(a+b)].
 Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int64_t H, int64_t a,
                            int64_t b) {
-  FP8_RETURN_IF_ERROR(need_host(xa, "merge_heads"));
-  FP8_RETURN_IF_ERROR(need_host(xb, "merge_heads"));
   const int64_t n = xa.rows();
   if (xa.cols() != H * a || xb.cols() != H * b || xb.rows() != n) {
     return FP8_INVALID("attention merge_heads: parts {} and {} do not match {} heads of {}+{}",
                        xa.describe(), xb.describe(), H, a, b);
   }
   FP8_ASSIGN_OR_RETURN(Tensor x, new_f32(c, n, H * (a + b)));
+  if (x.device() != Device::kCpu) {  // [xa; xb] in one buffer, then one gather
+    const int64_t g = std::gcd(a, b), pa = a / g, pb = b / g, na = n * H * pa;
+    FP8_ASSIGN_OR_RETURN(Tensor both, c.be->empty({na + n * H * pb, g}, DType::kF32));
+    Tensor top = both.slice_rows(0, na), bottom = both.slice_rows(na, both.dim(0));
+    FP8_RETURN_IF_ERROR(c.be->copy(xa, top));
+    FP8_RETURN_IF_ERROR(c.be->copy(xb, bottom));
+    std::vector<int32_t> rows;
+    rows.reserve(both.dim(0));
+    for (int64_t r = 0; r < n * H; ++r) {
+      for (int64_t j = 0; j < pa; ++j) rows.push_back(static_cast<int32_t>(r * pa + j));
+      for (int64_t j = 0; j < pb; ++j) rows.push_back(static_cast<int32_t>(na + r * pb + j));
+    }
+    FP8_RETURN_IF_ERROR(gather_pieces(c, both, g, rows, x));
+    return x;
+  }
   const float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
   float* d = x.data_as<float>();
   for (int64_t r = 0; r < n * H; ++r) {
@@ -60,9 +102,14 @@ Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int6
 
 // x [n, d] -> [n, H*d], the same row for every head (the shared RoPE key).
 Result<Tensor> broadcast_heads(ModelCtx& c, const Tensor& x, int64_t H) {
-  FP8_RETURN_IF_ERROR(need_host(x, "broadcast_heads"));
   const int64_t n = x.rows(), d = x.cols();
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, n, H * d));
+  if (x.device() != Device::kCpu) {
+    std::vector<int32_t> rows(n * H);
+    for (int64_t i = 0; i < n * H; ++i) rows[i] = static_cast<int32_t>(i / H);
+    FP8_RETURN_IF_ERROR(gather_pieces(c, x, d, rows, y));
+    return y;
+  }
   const float* s = x.data_as<float>();
   float* o = y.data_as<float>();
   for (int64_t r = 0; r < n; ++r) {
@@ -73,9 +120,15 @@ Result<Tensor> broadcast_heads(ModelCtx& c, const Tensor& x, int64_t H) {
 
 // The transpose of broadcast_heads: [n, H*d] -> [n, d], summed over heads (fp32, head order).
 Result<Tensor> sum_heads(ModelCtx& c, const Tensor& x, int64_t H) {
-  FP8_RETURN_IF_ERROR(need_host(x, "sum_heads"));
   const int64_t n = x.rows(), d = x.cols() / H;
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n, d));
+  if (x.device() != Device::kCpu) {  // y[i / H] += x viewed as [n*H, d] row i, in row order
+    std::vector<int32_t> rows(n * H);
+    for (int64_t i = 0; i < n * H; ++i) rows[i] = static_cast<int32_t>(i / H);
+    FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rows));
+    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(x, idx, Tensor(), y));
+    return y;
+  }
   const float* s = x.data_as<float>();
   float* o = y.data_as<float>();
   for (int64_t r = 0; r < n; ++r) {

@@ -34,6 +34,13 @@ Status init_param(Backend& be, Param& p, std::string name, Shape shape, uint64_t
   FP8_ASSIGN_OR_RETURN(p.value, be.empty(shape, DType::kF32));
   FP8_RETURN_IF_ERROR(be.copy(host, p.value));
   FP8_ASSIGN_OR_RETURN(p.grad, be.zeros(shape, DType::kF32));
+  if (be.device() == Device::kCpu) {
+    p.host_value = p.value;
+    p.host_grad = p.grad;
+  } else {
+    p.host_value = std::move(host);
+    FP8_ASSIGN_OR_RETURN(p.host_grad, cpu->zeros(shape, DType::kF32));
+  }
   return Status::Ok();
 }
 

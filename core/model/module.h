@@ -46,9 +46,15 @@ struct Param {
   std::vector<double> grad_acc;  // host fp64 sum over micro-batches: order-independent in fp32
   bool decay = true;             // AdamW weight decay applies (not to norms)
   bool expert = false;           // a routed expert's parameter (sharded over ep later)
+  // Host fp32 copies for the host-side work of a step (the synced gradient rounded from grad_acc,
+  // AdamW, the router-bias update, checkpoints). On the CPU backend they are `value` and `grad`
+  // themselves (same storage, no copy); on a device host_value is the master, uploaded to `value`
+  // after each update (the trainer's upload_params).
+  Tensor host_value, host_grad;
 };
 
-// Allocates value (normal(0, std), or constant `fill` when std == 0) and a zero grad. The random
+// Allocates value (normal(0, std), or constant `fill` when std == 0), a zero grad and their host
+// copies (host_value, host_grad: views of value and grad on the CPU backend). The random
 // stream is a function of (seed, name) only, so a parameter gets the same values whichever rank
 // or stage holds it: multi-rank runs start from the single-process model exactly.
 Status init_param(Backend& be, Param& p, std::string name, Shape shape, uint64_t seed, float std,

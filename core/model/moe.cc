@@ -87,6 +87,8 @@ struct MoE::Impl {
                   std::span<const int64_t> rc, int64_t row_bytes) const;
   Result<std::vector<int64_t>> exchange_counts(ModelCtx& c, const std::vector<int64_t>& send,
                                                int per_peer) const;
+  Status exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc, Tensor& recv,
+                       std::span<const int64_t> rc) const;
   Result<Tensor> hop_forward(ModelCtx& c, const Tensor& x, std::vector<Rec>& recs, int which,
                              Hop& hop, int64_t& stats_cross) const;
   Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
@@ -153,6 +155,17 @@ Status MoE::Impl::exchange(ModelCtx& c, const void* send, std::span<const int64_
     return Status::Ok();
   }
   return c.wait(c.ep->all_to_all(send, sc, recv, rc, row_bytes));
+}
+
+// exchange() of token rows held in tensors [rows, hidden]. Without an ep group, device tensors
+// are copied by the backend (the host memcpy of exchange() cannot reach device memory).
+Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc,
+                                Tensor& recv, std::span<const int64_t> rc) const {
+  if (!c.ep && send.device() != Device::kCpu) {
+    if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
+    return c.be->copy(send, recv);
+  }
+  return exchange(c, send.data(), sc, recv.data(), rc, hidden * int64_t{sizeof(float)});
 }
 
 // `per_peer` int64 counts to and from every ep rank.
@@ -230,8 +243,7 @@ Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop
     FP8_RETURN_IF_ERROR(c.be->gather_rows(x, idx, send));
   }
   FP8_ASSIGN_OR_RETURN(Tensor recv, new_f32(c, hop.n_out, hidden));
-  FP8_RETURN_IF_ERROR(exchange(c, send.data(), hop.send_rows, recv.data(), hop.recv_rows,
-                               hidden * int64_t{sizeof(float)}));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, send, hop.send_rows, recv, hop.recv_rows));
   return recv;
 }
 
@@ -240,8 +252,7 @@ Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop
 Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const {
   const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
   FP8_ASSIGN_OR_RETURN(Tensor back, new_f32(c, ns, hidden));
-  FP8_RETURN_IF_ERROR(exchange(c, y.data(), hop.recv_rows, back.data(), hop.send_rows,
-                               hidden * int64_t{sizeof(float)}));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, y, hop.recv_rows, back, hop.send_rows));
   FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, hop.n_in, hidden));
   if (ns > 0) {
     FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));

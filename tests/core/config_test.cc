@@ -381,6 +381,21 @@ std::vector<Rule> rules() {
        set([](Config& c) { c.mutable_fault()->set_on_nonfinite("retry"); })},
       {"MaxSkips", {"--fault.max_skips=-1"}, {"fault.max_skips=-1 must be >= 0"}},
       {"Walltime", {"--fault.walltime_s=-1"}, {"fault.walltime_s=-1 must be >= 0"}},
+      // train.device
+      {"DeviceChoice",
+       {},
+       {"train.device=\"tpu\" is not a valid choice", "cpu, cuda"},
+       "tiny",
+       0,
+       set([](Config& c) { c.mutable_train()->set_device("tpu"); })},
+#ifndef FP8PIPE_HAVE_CUDA
+      {"DeviceCudaNeedsCudaBuild",
+       {"--train.device=cuda"},
+       {"train.device=\"cuda\" needs a build with CUDA", "-DFP8PIPE_CUDA=ON"}},
+#endif
+      {"DeviceCudaOneProcess",
+       {"--train.device=cuda", "--parallel.dp=2"},
+       {"train.device=\"cuda\" runs one process", "parallel.pp·parallel.dp = 1·2 = 2 must be 1"}},
       // cross-section
       {"ExpertsDivisibleByEp",
        {"--parallel.dp=6", "--parallel.ep=3", "--train.global_batch=48"},
