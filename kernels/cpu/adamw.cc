@@ -41,27 +41,7 @@ AdamWScalars adamw_scalars(const AdamWHyper& h) {
 
 void adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                 const AdamWScalars& s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i] * s.grad_scale;
-    float mi = bf16_to_float(m[i]);
-    float vi = bf16_to_float(v[i]);
-    const float m_decayed = s.beta1 * mi;
-    const float m_new = s.one_minus_beta1 * gi;
-    mi = m_decayed + m_new;
-    const float g2 = gi * gi;
-    const float v_decayed = s.beta2 * vi;
-    const float v_new = s.one_minus_beta2 * g2;
-    vi = v_decayed + v_new;
-    const float root = std::sqrt(vi);
-    const float scaled_root = root / s.sqrt_bc2;
-    const float denom = scaled_root + s.eps;
-    const float ratio = mi / denom;
-    const float delta = s.step_size * ratio;
-    const float decayed = p[i] * s.decay;
-    p[i] = decayed - delta;
-    m[i] = float_to_bf16(mi);
-    v[i] = float_to_bf16(vi);
-  }
+  for (int64_t i = 0; i < n; ++i) adamw_element(p[i], g[i], m[i], v[i], s);
 }
 
 double sum_squares_f64(const float* g, int64_t n) {

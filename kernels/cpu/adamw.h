@@ -3,7 +3,10 @@
 // per-step scalars are computed once on the host by adamw_scalars(), the per-element math below.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+
+#include "kernels/cpu/fp8_codec.h"
 
 namespace fp8pipe::kernels {
 
@@ -53,6 +56,31 @@ AdamWScalars adamw_scalars(const AdamWHyper& h);
 // NaN/Inf gradients propagate into p, m and v; callers skip non-finite steps before calling.
 void adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                 const AdamWScalars& s);
+
+// The per-element math above, shared by adamw_step and the CUDA kernel (one definition of every
+// operation; the CUDA build uses -fmad=false -prec-div=true -prec-sqrt=true, so sqrtf and / are
+// correctly rounded there as on the host).
+FP8PIPE_HD void adamw_element(float& p, float g, uint16_t& m, uint16_t& v, const AdamWScalars& s) {
+  const float gi = g * s.grad_scale;
+  float mi = bf16_to_float(m);
+  float vi = bf16_to_float(v);
+  const float m_decayed = s.beta1 * mi;
+  const float m_new = s.one_minus_beta1 * gi;
+  mi = m_decayed + m_new;
+  const float g2 = gi * gi;
+  const float v_decayed = s.beta2 * vi;
+  const float v_new = s.one_minus_beta2 * g2;
+  vi = v_decayed + v_new;
+  const float root = sqrtf(vi);
+  const float scaled_root = root / s.sqrt_bc2;
+  const float denom = scaled_root + s.eps;
+  const float ratio = mi / denom;
+  const float delta = s.step_size * ratio;
+  const float decayed = p * s.decay;
+  p = decayed - delta;
+  m = float_to_bf16(mi);
+  v = float_to_bf16(vi);
+}
 
 // Sum of g[i]^2 over [0, n) in fp64, in index order. Each square of an fp32 value is exact in
 // fp64, so only the additions round; the result is deterministic for a fixed order.

@@ -25,6 +25,7 @@
 #include <cmath>
 
 #include "kernels/cpu/fp8_codec.h"
+#include "kernels/cpu/topk.h"
 #include "kernels/cuda/ops.cuh"
 
 namespace fp8pipe::kernels::gpu {
@@ -377,27 +378,6 @@ __global__ void k_ce_bwd(const float* logits, const int32_t* targets, int64_t V,
 
 // ---- router -------------------------------------------------------------------------------------
 
-__device__ __forceinline__ bool ranks_before(float va, int64_t ia, float vb, int64_t ib) {
-  return va > vb || (va == vb && ia < ib);
-}
-
-// kernels/cpu/ops.cc top_k, verbatim.
-__device__ void top_k_dev(const float* val, const uint8_t* allowed, int64_t n, int64_t k,
-                          int32_t* out) {
-  if (k <= 0) return;
-  int64_t m = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    if (allowed && !allowed[e]) continue;
-    if (m == k && !ranks_before(val[e], e, val[out[k - 1]], out[k - 1])) continue;
-    int64_t pos = m < k ? m++ : k - 1;
-    while (pos > 0 && ranks_before(val[e], e, val[out[pos - 1]], out[pos - 1])) {
-      out[pos] = out[pos - 1];
-      --pos;
-    }
-    out[pos] = static_cast<int32_t>(e);
-  }
-}
-
 __global__ void k_router(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
                          int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
                          int32_t* idx, float* gates) {
@@ -418,19 +398,19 @@ __global__ void k_router(const float* logits, const float* bias, int64_t n, int6
     int32_t kept[kRouterMaxGroups];
     float gscore[kRouterMaxGroups];
     for (int64_t g = 0; g < n_groups; ++g) {
-      top_k_dev(biased + g * gsize, nullptr, gsize, per, best);
+      top_k(biased + g * gsize, nullptr, gsize, per, best);
       float sum = 0.0f;
       for (int64_t q = 0; q < per; ++q) sum += biased[g * gsize + best[q]];
       gscore[g] = sum;
     }
-    top_k_dev(gscore, nullptr, n_groups, max_groups, kept);
+    top_k(gscore, nullptr, n_groups, max_groups, kept);
     for (int64_t e = 0; e < E; ++e) allowed[e] = 0;
     for (int64_t q = 0; q < max_groups; ++q) {
       for (int64_t e = kept[q] * gsize; e < (kept[q] + 1) * gsize; ++e) allowed[e] = 1;
     }
   }
   int32_t* ir = idx + r * topk;
-  top_k_dev(biased, limited ? allowed : nullptr, E, topk, ir);
+  top_k(biased, limited ? allowed : nullptr, E, topk, ir);
   float sum = 0.0f;
   for (int64_t t = 0; t < topk; ++t) sum += s[ir[t]];
   for (int64_t t = 0; t < topk; ++t) gates[r * topk + t] = s[ir[t]] / sum * route_scale;
@@ -451,30 +431,10 @@ __global__ void k_to_bf16(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = gtid(); i < n; i += gstride()) out[i] = float_to_bf16(x[i]);
 }
 
-// kernels/cpu/adamw.cc adamw_step, operation for operation.
+// kernels/cpu/adamw.h adamw_element: the same definition on the device.
 __global__ void k_adamw(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                         AdamWScalars s) {
-  for (int64_t i = gtid(); i < n; i += gstride()) {
-    const float gi = g[i] * s.grad_scale;
-    float mi = bf16_to_float(m[i]);
-    float vi = bf16_to_float(v[i]);
-    const float m_decayed = s.beta1 * mi;
-    const float m_new = s.one_minus_beta1 * gi;
-    mi = m_decayed + m_new;
-    const float g2 = gi * gi;
-    const float v_decayed = s.beta2 * vi;
-    const float v_new = s.one_minus_beta2 * g2;
-    vi = v_decayed + v_new;
-    const float root = __fsqrt_rn(vi);
-    const float scaled_root = __fdiv_rn(root, s.sqrt_bc2);
-    const float denom = scaled_root + s.eps;
-    const float ratio = __fdiv_rn(mi, denom);
-    const float delta = s.step_size * ratio;
-    const float decayed = p[i] * s.decay;
-    p[i] = decayed - delta;
-    m[i] = float_to_bf16(mi);
-    v[i] = float_to_bf16(vi);
-  }
+  for (int64_t i = gtid(); i < n; i += gstride()) adamw_element(p[i], g[i], m[i], v[i], s);
 }
 
 }  // namespace
