@@ -20,24 +20,7 @@ SLACK_S=8  # the abort, mpirun's teardown, a loaded machine
 ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16)
 
-alive() {  # alive PID: the process exists and is not a zombie
-  local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-  [ -n "$st" ] && [ "${st:0:1}" != Z ]
-}
-cleanup() {  # never leave a stopped rank behind
-  for f in "$TMP"/*.pid.*; do
-    [ -f "$f" ] || continue
-    local p; p=$(cat "$f")
-    if alive "$p" && grep -q fp8pipe "/proc/$p/cmdline" 2>/dev/null; then
-      kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
-    fi
-  done
-  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
-}
-trap cleanup EXIT
-steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
-now() { echo "$EPOCHREALTIME"; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), steps_logged, now, secs
 
 # stop_case NAME RANK TIMEOUT_S [overrides...]: start the job, SIGSTOP RANK once it has logged a
 # step (then it is inside the next one), wait for mpirun. Sets RC, ELAPSED (s from the stop to the

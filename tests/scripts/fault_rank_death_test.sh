@@ -22,25 +22,7 @@ ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16 --parallel.pp=2
       --parallel.schedule=1f1b --fault.timeout_s=$TIMEOUT_S)
 
-# Each rank writes its PID (that of fp8pipe itself, through exec) to $TMP/<case>.pid.<rank>.
-alive() {  # alive PID: the process exists and is not a zombie
-  local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-  [ -n "$st" ] && [ "${st:0:1}" != Z ]
-}
-cleanup() {
-  for f in "$TMP"/*.pid.*; do
-    [ -f "$f" ] || continue
-    local p; p=$(cat "$f")
-    if alive "$p" && grep -q fp8pipe "/proc/$p/cmdline" 2>/dev/null; then
-      kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
-    fi
-  done
-  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
-}
-trap cleanup EXIT
-steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
-now() { echo "$EPOCHREALTIME"; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), steps_logged, now, secs
 
 # kill_case NAME RANK [mpirun options...]: start the job, SIGKILL RANK once it has logged a step
 # (then it is inside the next one), wait for mpirun. Sets RC and ELAPSED (s from kill to exit).

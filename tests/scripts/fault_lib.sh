@@ -1,0 +1,21 @@
+# Helpers shared by the fault tests (fault_*_test.sh), sourced after TMP is set. Each rank of a
+# job writes its PID (that of fp8pipe itself, through exec) to $TMP/<case>.pid.<rank>.
+
+alive() {  # alive PID: the process exists and is not a zombie
+  local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st:0:1}" != Z ]
+}
+cleanup() {  # never leave a stopped or orphaned rank behind
+  for f in "$TMP"/*.pid.*; do
+    [ -f "$f" ] || continue
+    local p; p=$(cat "$f")
+    if alive "$p" && grep -q fp8pipe "/proc/$p/cmdline" 2>/dev/null; then
+      kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
+    fi
+  done
+  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
+}
+trap cleanup EXIT
+steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
+now() { echo "$EPOCHREALTIME"; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
