@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/cuda_status.h"
 #include "core/log.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/ops.cuh"
@@ -53,17 +54,6 @@ namespace g = kernels::gpu;
 
 // The stream of the enclosing CudaStream::launch on this thread (null: the compute stream).
 thread_local cudaStream_t tl_current = nullptr;
-
-Status cuda_error(cudaError_t e, const char* what) {
-  return FP8_ERROR(Code::kInternal, "{}: {} ({})", what, cudaGetErrorName(e),
-                   cudaGetErrorString(e));
-}
-
-#define FP8_CUDA(what, expr)                            \
-  do {                                                  \
-    const cudaError_t e_ = (expr);                      \
-    if (e_ != cudaSuccess) return cuda_error(e_, what); \
-  } while (0)
 
 // A gpu::Result from kernels/cuda as a Status naming the backend op.
 #define FP8_GPU(op, expr)                                                           \

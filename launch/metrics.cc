@@ -1,9 +1,9 @@
 #include "launch/metrics.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <cmath>
-#include <unistd.h>
 
 #include "core/log.h"
 

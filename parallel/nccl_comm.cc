@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/cuda_status.h"
 #include "core/log.h"
 
 namespace fp8pipe::parallel {
@@ -24,15 +25,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-Status cuda_error(cudaError_t e, const char* what) {
-  return FP8_ERROR(Code::kInternal, "{}: {} ({})", what, cudaGetErrorName(e),
-                   cudaGetErrorString(e));
-}
-#define FP8_CUDA(what, expr)                            \
-  do {                                                  \
-    const cudaError_t e_ = (expr);                      \
-    if (e_ != cudaSuccess) return cuda_error(e_, what); \
-  } while (0)
 #define FP8_NCCL(expr)                                                                   \
   do {                                                                                   \
     const ncclResult_t r_ = (expr);                                                      \
