@@ -57,8 +57,12 @@ const char* reduce_op_name(ReduceOp op) {
   return "?";
 }
 
-WorkState::WorkState(std::string what, double timeout_s, std::function<std::string()> history)
-    : what_(std::move(what)), timeout_s_(timeout_s), history_(std::move(history)) {}
+WorkState::WorkState(std::string what, double timeout_s, std::function<std::string()> history,
+                     Census census)
+    : what_(std::move(what)),
+      timeout_s_(timeout_s),
+      history_(std::move(history)),
+      census_(std::move(census)) {}
 
 void WorkState::complete(Status s) {
   {
@@ -78,7 +82,9 @@ Status WorkState::wait_for(double timeout_s) {
   }
   lk.unlock();
   std::string msg = fmt::format("comm timeout: {} not done after {:g} s", what_, timeout_s);
+  const std::string peers = census_ ? census_(&msg) : std::string();
   if (history_) msg += "\n  last comm ops of this rank (oldest first):\n" + history_();
+  msg += peers;
   return Status(Code::kAborted, msg,
                 "a peer never issued the matching op (or issued collectives in another order): "
                 "check the schedule, look at the other ranks' errors, or raise fault.timeout_s");

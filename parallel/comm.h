@@ -9,6 +9,12 @@
 //   - Errors are values: an invalid argument yields an already-failed Work; a wait that outlives
 //     the comm's timeout (config fault.timeout_s) fails naming the op, the peer and group, and
 //     the last comm ops of this process. The caller decides; a fatal error calls abort_all().
+//   - Census (MPI): before a timeout is reported, the rank asks every other member of the op's
+//     group what it is doing, on a private duplicate of MPI_COMM_WORLD that each comm thread
+//     serves even while its compute thread is busy. Members that do not answer (stopped, hung in
+//     a system call, dead) and, for a collective, members that have not issued it yet are named
+//     in the first line of the error; the others' answers follow it. So a hang inside a world
+//     all-reduce names the hung rank, not just the collective.
 //
 // MPI threading (the choice, and why): every MPI call after start-up is made by ONE comm thread
 // per process, shared by all communicators. It starts ops with nonblocking MPI (MPI_Isend,
@@ -47,10 +53,14 @@ enum class ReduceOp { kSum, kMax, kMin };
 const char* reduce_op_name(ReduceOp op);
 
 // The completion state of one op, shared by its Work handles and the backend, which completes it
-// exactly once. `history` (optional) describes the process's recent comm ops for timeout errors.
+// exactly once. `history` (optional) describes the process's recent comm ops for timeout errors;
+// `census` (optional) asks the op's peers what they are doing once a wait has timed out: it may
+// append to the error's first line (`headline`) and returns lines for its body.
 class WorkState {
  public:
-  WorkState(std::string what, double timeout_s, std::function<std::string()> history = {});
+  using Census = std::function<std::string(std::string* headline)>;
+  WorkState(std::string what, double timeout_s, std::function<std::string()> history = {},
+            Census census = {});
   void complete(Status s);
   bool done() const { return done_.load(std::memory_order_acquire); }
   Status wait_for(double timeout_s);
@@ -61,6 +71,7 @@ class WorkState {
   std::string what_;
   double timeout_s_;
   std::function<std::string()> history_;
+  Census census_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> done_{false};

@@ -15,6 +15,7 @@
 #include <deque>
 #include <future>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "core/log.h"
@@ -77,6 +78,8 @@ struct Op {
   int queue = 0;  // the communicator's queue: ops start in issue order per queue
   std::string comm, what;
   bool collective = true;
+  int64_t coll_index = 0;  // collectives: 1-based position among its queue's collectives
+  Clock::time_point issued;
   std::vector<Phase> phases;
   size_t phase = 0;
   std::vector<MPI_Request> reqs;
@@ -123,6 +126,25 @@ class History {
   std::array<Entry, 16> ring_;
 };
 
+// Census messages (comm.h) on the engine's private duplicate of MPI_COMM_WORLD.
+constexpr int kCensusAskTag = 1;
+int census_reply_tag(int64_t token) { return 2 + static_cast<int>(token % 30000); }
+struct CensusAsk {
+  int64_t token = 0, queue = 0;
+};
+// One rank's answer about one queue (communicator); fixed size, sent as bytes.
+struct CensusAnswer {
+  int64_t issued = -1;  // collectives issued on the queue; -1: the rank has no such comm
+  int64_t started = 0, done = 0;
+  char last[160] = {};  // its last collective issued on the queue
+  char busy[240] = {};  // its oldest unfinished comm op; empty when none is in flight
+};
+void copy_text(char* dst, size_t n, const std::string& src) {
+  const size_t k = std::min(n - 1, src.size());
+  std::copy_n(src.data(), k, dst);
+  dst[k] = '\0';
+}
+
 }  // namespace
 
 // The comm thread of this process, shared by every MpiComm (MPI itself is per process).
@@ -134,11 +156,20 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   ~MpiEngine();
 
   int new_queue() { return next_queue_.fetch_add(1); }
+  // `group` (optional) lets a timed-out op take a census of its members.
   Work run(int queue, const std::string& comm, std::string what, bool collective,
-           std::vector<Phase> phases, double timeout_s);
+           std::vector<Phase> phases, double timeout_s,
+           std::shared_ptr<const Group> group = nullptr);
   Status call(std::function<Status()> fn);  // runs fn on the comm thread and waits for it
   void drop_queue(int queue);               // comm thread only: aborts the queue's pending ops
   std::string history() const { return history_.format(); }
+  // Census (comm.h). The private communicator is set once, by the first make_world.
+  bool census_ready() const { return census_ready_.load(); }
+  void set_census_comm(MPI_Comm c, int world_rank);  // comm thread only
+  // Asks the other members of `group` about collective #coll_index (0: a p2p op) of `queue`;
+  // waits up to window_s for their answers. Appends suspects to *headline, returns the details.
+  std::string census(int queue, int64_t coll_index, const Group& group, double window_s,
+                     std::string* headline);
 
  private:
   void loop();
@@ -154,6 +185,22 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   Status start_phase(Op& op);
   void finish(size_t i, Status s);
   void shutdown_ops();
+  // Census, comm thread only: answer the asks that have arrived, advance our own asks.
+  struct CensusRun {
+    CensusAsk ask;
+    std::vector<int> members;  // world ranks asked
+    Clock::time_point deadline;
+    std::vector<MPI_Request> sends, recvs;
+    std::vector<CensusAnswer> answers;
+    std::vector<char> answered;
+    bool reported = false;
+    std::promise<void> done;
+  };
+  bool serve_census();
+  void start_census(CensusRun& c);
+  bool poll_census();
+  CensusAnswer describe(int64_t queue);
+  bool census_busy() const { return !censuses_.empty() || !replies_.empty(); }
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -167,9 +214,28 @@ class MpiEngine : public std::enable_shared_from_this<MpiEngine> {
   struct Queue {
     std::deque<std::shared_ptr<Op>> pending;
     uint64_t open_collective = 0;
+    int64_t started = 0, done = 0;  // collectives
   };
   std::map<int, Queue> queues_;
   std::vector<std::shared_ptr<Op>> active_;
+  // Census state. Under mu_: collectives issued per queue (count, last one), asks to start.
+  struct Issued {
+    int64_t count = 0;
+    std::string last;
+  };
+  std::map<int, Issued> issued_;
+  std::deque<std::shared_ptr<CensusRun>> census_inbox_;
+  // Comm thread only.
+  MPI_Comm census_comm_ = MPI_COMM_NULL;
+  int world_rank_ = -1;
+  std::atomic<bool> census_ready_{false};
+  std::atomic<int64_t> next_token_{1};
+  std::vector<std::shared_ptr<CensusRun>> censuses_;  // ours, until every request completed
+  struct Reply {
+    std::unique_ptr<CensusAnswer> answer;
+    MPI_Request req = MPI_REQUEST_NULL;
+  };
+  std::vector<Reply> replies_;  // answers to others, until sent
   History history_;
   std::thread thread_;
 };
@@ -179,6 +245,7 @@ std::mutex g_engine_mu;
 std::weak_ptr<MpiEngine> g_engine;  // the one comm thread of this process, while comms exist
 constexpr int kSpinPolls = 64;      // idle polls with yield() before sleeping between polls
 constexpr auto kIdleSleep = std::chrono::microseconds(100);
+constexpr auto kCensusIdlePoll = std::chrono::milliseconds(5);
 }  // namespace
 
 Result<std::shared_ptr<MpiEngine>> MpiEngine::acquire() {
@@ -221,24 +288,44 @@ MpiEngine::~MpiEngine() {
 }
 
 Work MpiEngine::run(int queue, const std::string& comm, std::string what, bool collective,
-                    std::vector<Phase> phases, double timeout_s) {
+                    std::vector<Phase> phases, double timeout_s,
+                    std::shared_ptr<const Group> group) {
   auto op = std::make_shared<Op>();
-  op->seq = next_seq_.fetch_add(1);
   op->queue = queue;
   op->comm = comm;
   op->what = std::move(what);
   op->collective = collective;
   op->phases = std::move(phases);
+  op->issued = Clock::now();
   std::weak_ptr<MpiEngine> weak = weak_from_this();
-  op->work = std::make_shared<WorkState>(
-      fmt::format("{} on {} (op #{})", op->what, comm, op->seq), timeout_s, [weak] {
-        auto e = weak.lock();
-        return e ? e->history() : std::string("    (comm thread stopped)\n");
-      });
-  Work w(op->work);
-  history_.record(*op, "queued");
+  Work w;
   {
+    // Numbering and queueing under one lock, so collective #k is the k-th to start.
     std::lock_guard<std::mutex> lk(mu_);
+    op->seq = next_seq_.fetch_add(1);
+    if (collective) {
+      Issued& is = issued_[queue];
+      op->coll_index = ++is.count;
+      is.last = fmt::format("#{} {} (op #{})", is.count, op->what, op->seq);
+    }
+    WorkState::Census census;
+    if (group) {
+      // A short window: live comm threads answer within milliseconds.
+      const double window = std::clamp(timeout_s / 4, 0.2, 2.0);
+      census = [weak, queue, k = op->coll_index, group, window](std::string* headline) {
+        auto e = weak.lock();
+        return e ? e->census(queue, k, *group, window, headline) : std::string();
+      };
+    }
+    op->work = std::make_shared<WorkState>(
+        fmt::format("{} on {} (op #{})", op->what, comm, op->seq), timeout_s,
+        [weak] {
+          auto e = weak.lock();
+          return e ? e->history() : std::string("    (comm thread stopped)\n");
+        },
+        std::move(census));
+    w = Work(op->work);
+    history_.record(*op, "queued");
     inbox_.push_back(std::move(op));
   }
   cv_.notify_all();
@@ -261,22 +348,36 @@ void MpiEngine::loop() {
   for (;;) {
     std::deque<std::shared_ptr<Op>> inbox;
     std::deque<std::function<void()>> calls;
+    std::deque<std::shared_ptr<CensusRun>> asks;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      auto input = [&] { return stop_ || !inbox_.empty() || !calls_.empty(); };
-      if (active_.empty() && !has_pending()) {
-        cv_.wait(lk, input);
+      auto input = [&] {
+        return stop_ || !inbox_.empty() || !calls_.empty() || !census_inbox_.empty();
+      };
+      if (active_.empty() && !has_pending() && !census_busy()) {
+        // Idle: with a census comm, wake now and then to answer other ranks' asks.
+        if (census_ready()) {
+          cv_.wait_for(lk, kCensusIdlePoll, input);
+        } else {
+          cv_.wait(lk, input);
+        }
       } else if (idle > kSpinPolls) {
         cv_.wait_for(lk, kIdleSleep, input);
       }
       if (stop_) break;
       inbox.swap(inbox_);
       calls.swap(calls_);
+      asks.swap(census_inbox_);
     }
     for (auto& c : calls) c();
     for (auto& op : inbox) queues_[op->queue].pending.push_back(std::move(op));
+    for (auto& c : asks) {
+      start_census(*c);
+      censuses_.push_back(std::move(c));
+    }
     start_ready();
-    const bool progressed = poll() || !inbox.empty();
+    bool progressed = poll() || !inbox.empty();
+    if (census_ready()) progressed |= serve_census() | poll_census();
     idle = progressed ? 0 : idle + 1;
     if (!progressed && idle <= kSpinPolls) std::this_thread::yield();
   }
@@ -306,6 +407,7 @@ void MpiEngine::start_ready() {
 
 Status MpiEngine::start_phase(Op& op) {
   op.reqs.clear();
+  if (op.phase == 0 && op.collective) ++queues_[op.queue].started;
   history_.record(op, op.phases.size() > 1
                           ? fmt::format("started phase {}/{}", op.phase + 1, op.phases.size())
                           : std::string("started"));
@@ -365,6 +467,7 @@ void MpiEngine::finish(size_t i, Status s) {
   for (MPI_Datatype& t : op->owned_types) MPI_Type_free(&t);
   auto q = queues_.find(op->queue);
   if (q != queues_.end() && q->second.open_collective == op->seq) q->second.open_collective = 0;
+  if (q != queues_.end() && op->collective) ++q->second.done;
   if (!s.ok()) s = s.with_context(fmt::format("{} on {}", op->what, op->comm));
   history_.record(*op, s.ok() ? "done" : "FAILED: " + s.message());
   op->work->complete(std::move(s));
@@ -380,6 +483,8 @@ void MpiEngine::drop_queue(int queue) {
                                  op->what, op->comm));
   }
   queues_.erase(q);
+  std::lock_guard<std::mutex> lk(mu_);
+  issued_.erase(queue);
 }
 
 // At exit: p2p requests are cancelled (receives) and freed; collectives cannot be cancelled in
@@ -399,6 +504,217 @@ void MpiEngine::shutdown_ops() {
   }
   active_.clear();
   while (!queues_.empty()) drop_queue(queues_.begin()->first);
+  // Census: our asks end unanswered; requests still open are left to MPI_Finalize / MPI_Abort.
+  for (auto& c : censuses_) {
+    if (!c->reported) c->done.set_value();
+  }
+  censuses_.clear();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& c : census_inbox_) c->done.set_value();
+    census_inbox_.clear();
+  }
+  for (Reply& r : replies_) MPI_Request_free(&r.req);
+  replies_.clear();
+  if (census_comm_ != MPI_COMM_NULL) MPI_Comm_free(&census_comm_);
+  census_ready_ = false;
+}
+
+void MpiEngine::set_census_comm(MPI_Comm c, int world_rank) {
+  census_comm_ = c;
+  world_rank_ = world_rank;
+  census_ready_ = true;
+}
+
+// This rank's state for an ask about `queue`.
+CensusAnswer MpiEngine::describe(int64_t queue) {
+  CensusAnswer a;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = issued_.find(static_cast<int>(queue));
+    if (it == issued_.end()) return a;  // issued = -1: no such comm here
+    a.issued = it->second.count;
+    copy_text(a.last, sizeof a.last, it->second.last);
+  }
+  auto q = queues_.find(static_cast<int>(queue));
+  if (q != queues_.end()) a.started = q->second.started, a.done = q->second.done;
+  // The oldest op not finished, on any comm: what this rank waits for.
+  const Op* oldest = nullptr;
+  bool in_flight = false;
+  for (const auto& op : active_) {
+    if (!oldest || op->seq < oldest->seq) oldest = op.get(), in_flight = true;
+  }
+  for (const auto& [id, qq] : queues_) {
+    for (const auto& op : qq.pending) {
+      if (!oldest || op->seq < oldest->seq) oldest = op.get(), in_flight = false;
+    }
+  }
+  if (oldest) {
+    const double age = std::chrono::duration<double>(Clock::now() - oldest->issued).count();
+    copy_text(a.busy, sizeof a.busy,
+              fmt::format("op #{} {} on {}, {} for {:.1f} s", oldest->seq, oldest->what,
+                          oldest->comm, in_flight ? "in flight" : "queued", age));
+  }
+  return a;
+}
+
+// Answers every ask that has arrived. True when there was one.
+bool MpiEngine::serve_census() {
+  bool any = false;
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kCensusAskTag, census_comm_, &flag, &st) != MPI_SUCCESS || !flag)
+      break;
+    CensusAsk ask;
+    if (MPI_Recv(&ask, sizeof ask, MPI_BYTE, st.MPI_SOURCE, kCensusAskTag, census_comm_,
+                 MPI_STATUS_IGNORE) != MPI_SUCCESS)
+      break;
+    Reply r{std::make_unique<CensusAnswer>(describe(ask.queue))};
+    if (MPI_Isend(r.answer.get(), sizeof(CensusAnswer), MPI_BYTE, st.MPI_SOURCE,
+                  census_reply_tag(ask.token), census_comm_, &r.req) == MPI_SUCCESS) {
+      replies_.push_back(std::move(r));
+    }
+    any = true;
+  }
+  for (size_t i = 0; i < replies_.size();) {
+    int done = 0;
+    MPI_Test(&replies_[i].req, &done, MPI_STATUS_IGNORE);
+    if (done) {
+      replies_[i] = std::move(replies_.back());
+      replies_.pop_back();
+    } else {
+      ++i;
+    }
+  }
+  return any;
+}
+
+void MpiEngine::start_census(CensusRun& c) {
+  const size_t n = c.members.size();
+  c.sends.assign(n, MPI_REQUEST_NULL);
+  c.recvs.assign(n, MPI_REQUEST_NULL);
+  c.answers.assign(n, CensusAnswer{});
+  c.answered.assign(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    MPI_Isend(&c.ask, sizeof c.ask, MPI_BYTE, c.members[i], kCensusAskTag, census_comm_,
+              &c.sends[i]);
+    MPI_Irecv(&c.answers[i], sizeof(CensusAnswer), MPI_BYTE, c.members[i],
+              census_reply_tag(c.ask.token), census_comm_, &c.recvs[i]);
+  }
+}
+
+// Collects answers; at the deadline (or when all are in) cancels the rest and reports. A run is
+// kept until its asks are sent, since MPI reads c.ask until then. True when something changed.
+bool MpiEngine::poll_census() {
+  bool any = false;
+  for (size_t i = 0; i < censuses_.size();) {
+    CensusRun& c = *censuses_[i];
+    bool all = true, sent = true;
+    for (size_t m = 0; m < c.members.size(); ++m) {
+      int flag = 0;
+      if (!c.answered[m] && c.recvs[m] != MPI_REQUEST_NULL) {
+        MPI_Test(&c.recvs[m], &flag, MPI_STATUS_IGNORE);
+        if (flag) c.answered[m] = 1, any = true;
+      }
+      all &= c.answered[m] != 0;
+      if (c.sends[m] != MPI_REQUEST_NULL) {
+        MPI_Test(&c.sends[m], &flag, MPI_STATUS_IGNORE);
+        sent &= flag != 0;
+      }
+    }
+    if (!c.reported && (all || Clock::now() >= c.deadline)) {
+      for (size_t m = 0; m < c.members.size(); ++m) {
+        if (c.answered[m] || c.recvs[m] == MPI_REQUEST_NULL) continue;
+        MPI_Cancel(&c.recvs[m]);
+        MPI_Wait(&c.recvs[m], MPI_STATUS_IGNORE);  // a cancelled receive completes locally
+      }
+      c.reported = true;
+      c.done.set_value();
+      any = true;
+    }
+    if (c.reported && sent) {
+      censuses_[i] = std::move(censuses_.back());
+      censuses_.pop_back();
+    } else {
+      ++i;
+    }
+  }
+  return any;
+}
+
+std::string MpiEngine::census(int queue, int64_t coll_index, const Group& group, double window_s,
+                              std::string* headline) {
+  if (!census_ready()) return "";
+  auto run = std::make_shared<CensusRun>();
+  run->ask = CensusAsk{next_token_.fetch_add(1), queue};
+  std::vector<int> index;  // group index of each member asked
+  for (int i = 0; i < group.size(); ++i) {
+    if (group.ranks[i] == world_rank_) continue;
+    run->members.push_back(group.ranks[i]);
+    index.push_back(i);
+  }
+  if (run->members.empty()) return "";
+  run->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(window_s));
+  auto done = run->done.get_future();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    census_inbox_.push_back(run);
+  }
+  cv_.notify_all();
+  // The comm thread reports at the deadline; a stuck comm thread must not stall the error.
+  if (done.wait_for(std::chrono::duration<double>(window_s + 2.0)) != std::future_status::ready)
+    return "\n  census: this rank's comm thread did not run it (stuck in MPI?)\n";
+  std::vector<std::string> silent, absent, lines;
+  for (size_t m = 0; m < run->members.size(); ++m) {
+    const std::string who = fmt::format("rank {} [world {}]", index[m], run->members[m]);
+    if (!run->answered[m]) {
+      silent.push_back(who);
+      lines.push_back(
+          fmt::format("{}: no answer within {:g} s (stopped, hung, or dead)", who, window_s));
+      continue;
+    }
+    const CensusAnswer& a = run->answers[m];
+    std::string line = who + ": ";
+    if (a.issued < 0) {
+      line += fmt::format("has no {} comm (destroyed)", group.name);
+    } else if (coll_index > 0) {
+      if (a.issued < coll_index) {
+        absent.push_back(who);
+        line += fmt::format("has not issued collective #{} on {} (its last: {})", coll_index,
+                            group.name, a.last[0] ? a.last : "none");
+      } else if (a.started < coll_index) {
+        line += fmt::format("issued collective #{}, held behind an earlier one", coll_index);
+      } else if (a.done < coll_index) {
+        line += fmt::format("has collective #{} in flight", coll_index);
+      } else {
+        line += fmt::format("finished collective #{}", coll_index);
+      }
+    }
+    if (a.issued >= 0) {
+      if (coll_index > 0) line += "; ";
+      line += a.busy[0] ? fmt::format("waits on {}", a.busy)
+                        : std::string("no comm op in flight (computing?)");
+    }
+    lines.push_back(std::move(line));
+  }
+  // The suspects go on the first line, so a one-line log names them.
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (size_t i = 0; i < v.size() && i < 8; ++i) s += (i ? ", " : "") + v[i];
+    if (v.size() > 8) s += fmt::format(" and {} more", v.size() - 8);
+    return s;
+  };
+  if (!silent.empty()) *headline += "; no answer from " + list(silent);
+  if (!absent.empty()) *headline += "; not yet issued by " + list(absent);
+  if (coll_index > 0 && silent.empty() && absent.empty())
+    *headline += fmt::format("; every other rank of {} has issued it", group.name);
+  std::string out =
+      fmt::format("\n  census of {} (answers within {:g} s):\n", group.name, window_s);
+  for (size_t i = 0; i < lines.size() && i < 64; ++i) out += "    " + lines[i] + "\n";
+  if (lines.size() > 64) out += fmt::format("    ... and {} more\n", lines.size() - 64);
+  return out;
 }
 
 namespace {
@@ -455,6 +771,7 @@ class MpiComm final : public Comm {
       : engine_(std::move(engine)),
         comm_(comm),
         group_(std::move(group)),
+        census_group_(std::make_shared<const Group>(group_)),
         timeout_s_(timeout_s),
         queue_(engine_->new_queue()) {}
   ~MpiComm() override {
@@ -486,7 +803,7 @@ class MpiComm final : public Comm {
  private:
   Work submit(std::string what, bool collective, std::vector<Phase> phases) {
     return engine_->run(queue_, group_.name, std::move(what), collective, std::move(phases),
-                        timeout_s_);
+                        timeout_s_, census_group_);
   }
   Work fail(const std::string& what, const Status& s) {
     return Work::failed(s.with_context(fmt::format("{} on {}", what, group_.name)));
@@ -506,6 +823,7 @@ class MpiComm final : public Comm {
   std::shared_ptr<MpiEngine> engine_;
   MPI_Comm comm_;
   Group group_;
+  std::shared_ptr<const Group> census_group_;
   double timeout_s_;
   int queue_;
 };
@@ -711,6 +1029,23 @@ Result<std::unique_ptr<Comm>> make_world(const std::shared_ptr<MpiEngine>& engin
     FP8_MPI(MPI_Comm_set_errhandler(*handle, MPI_ERRORS_RETURN));
     return Status::Ok();
   }));
+  // The census comm (comm.h): once per process; every rank takes the same branch, since every
+  // rank has made the same make_world calls.
+  if (!engine->census_ready()) {
+    auto census = std::make_shared<MPI_Comm>(MPI_COMM_NULL);
+    Work c = engine->run(0, "world", "MPI_Comm_idup(MPI_COMM_WORLD) for the census", true,
+                         {[census](Op& op) {
+                           FP8_MPI(MPI_Comm_idup(MPI_COMM_WORLD, census.get(), op.new_req()));
+                           return Status::Ok();
+                         }},
+                         timeout_s);
+    FP8_RETURN_IF_ERROR(c.wait());
+    FP8_RETURN_IF_ERROR(engine->call([&] {
+      FP8_MPI(MPI_Comm_set_errhandler(*census, MPI_ERRORS_RETURN));
+      engine->set_census_comm(*census, topo.rank());
+      return Status::Ok();
+    }));
+  }
   return std::unique_ptr<Comm>(
       new MpiComm(engine, *handle, topo.group(GroupKind::kWorld), timeout_s));
 }

@@ -66,6 +66,44 @@ TEST(MpiWatchdog, DefaultTimeoutComesFromCommOptions) {
   timeout_then_recover(*set->dp, 0.3, /*explicit_timeout=*/false);
 }
 
+// A collective that one rank has not joined yet: the others' timeout names it (the census asks
+// every member; the late rank's comm thread answers while its compute thread is busy), and
+// reports the others as having the collective in flight. Then the late rank joins and the same
+// all-reduce completes with the right sum.
+TEST(MpiWatchdog, CollectiveTimeoutNamesTheRankThatHasNotJoined) {
+  Comm& c = *comms().world;
+  const int n = c.size(), last = n - 1, me = c.rank();
+  int64_t mine = me + 1, sum = 0;
+  if (me == last) std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // "computing"
+  Work w = c.all_reduce(&mine, &sum, 1, DataType::kInt64, ReduceOp::kSum);
+  if (me != last) {
+    Status s = w.wait_for(0.4);
+    ASSERT_EQ(s.code(), Code::kAborted) << s.to_string();
+    const std::string& m = s.message();
+    const std::string first = m.substr(0, m.find('\n'));
+    EXPECT_NE(first.find(
+                  fmt::format("not yet issued by rank {} [world {}]", last, c.group().ranks[last])),
+              std::string::npos)
+        << m;
+    EXPECT_EQ(first.find("no answer"), std::string::npos) << m;
+    EXPECT_NE(m.find(fmt::format("rank {} [world {}]: has not issued collective #", last,
+                                 c.group().ranks[last])),
+              std::string::npos)
+        << m;
+    EXPECT_NE(m.find("no comm op in flight"), std::string::npos) << m;
+    for (int o = 0; o < n; ++o) {
+      if (o == me || o == last) continue;
+      EXPECT_NE(m.find(fmt::format("rank {} [world {}]: has collective #", o, c.group().ranks[o])),
+                std::string::npos)
+          << m;
+    }
+    if (me == 0) std::printf("[ census ] %s\n", s.to_string().c_str());
+  }
+  Status done = w.wait();
+  ASSERT_TRUE(done.ok()) << done.to_string();
+  EXPECT_EQ(sum, int64_t{n} * (n + 1) / 2);
+}
+
 TEST(MpiWatchdog, InvalidTimeoutIsRejected) {
   auto set = create_comms(topo(), CommOptions{0});
   ASSERT_FALSE(set.ok());
