@@ -22,7 +22,7 @@ SLACK_S=8  # the abort, mpirun's teardown, a loaded machine
 ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16)
 
-source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), steps_logged, now, secs
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), leftovers, steps_logged, now, secs
 
 # stop_case NAME RANK TIMEOUT_S [overrides...]: start the job, SIGSTOP RANK once it has logged a
 # step (then it is inside the next one), wait for mpirun. Sets RC, ELAPSED (s from the stop to the
@@ -43,9 +43,7 @@ stop_case() {
   kill -STOP "$(cat "$TMP/$name.pid.$victim")"
   wait $mp; RC=$?
   ELAPSED=$(secs "$t0" "$(now)")
-  sleep 0.5  # let the launcher's kills land before looking for leftovers
-  LEFT=""
-  for f in "$TMP/$name".pid.*; do alive "$(cat "$f")" && LEFT+=" $(cat "$f")"; done
+  LEFT=$(leftovers "$name")
 }
 # in_window TIMEOUT_S: the job ended after the watchdog's timeout, within the slack.
 in_window() { awk -v e="$ELAPSED" -v t="$1" -v s=$SLACK_S 'BEGIN { exit !(e >= t - 1 && e <= t + s) }'; }

@@ -16,6 +16,18 @@ cleanup() {  # never leave a stopped or orphaned rank behind
   [ -n "${KEEP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
+# leftovers CASE: PIDs of the case's ranks still alive once mpirun has returned, after giving the
+# launcher's SIGTERM/SIGKILL up to 5 s to land (a rank may be between the two when mpirun exits).
+leftovers() {
+  local left f
+  for _ in $(seq 50); do
+    left=""
+    for f in "$TMP/$1".pid.*; do alive "$(cat "$f")" && left+=" $(cat "$f")"; done
+    [ -z "$left" ] && break
+    sleep 0.1
+  done
+  echo "$left"
+}
 steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
 now() { echo "$EPOCHREALTIME"; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }

@@ -22,7 +22,7 @@ ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16 --parallel.pp=2
       --parallel.schedule=1f1b --fault.timeout_s=$TIMEOUT_S)
 
-source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), steps_logged, now, secs
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), leftovers, steps_logged, now, secs
 
 # kill_case NAME RANK [mpirun options...]: start the job, SIGKILL RANK once it has logged a step
 # (then it is inside the next one), wait for mpirun. Sets RC and ELAPSED (s from kill to exit).
@@ -42,8 +42,7 @@ kill_case() {
   kill -KILL "$(cat "$TMP/$name.pid.$victim")"
   wait $mp; RC=$?
   ELAPSED=$(secs "$t0" "$(now)")
-  LEFT=""
-  for f in "$TMP/$name".pid.*; do alive "$(cat "$f")" && LEFT+=" $(cat "$f")"; done
+  LEFT=$(leftovers "$name")
 }
 in_time() { awk -v e="$1" -v l=$((TIMEOUT_S + SLACK_S)) 'BEGIN { exit !(e <= l) }'; }
 
