@@ -9,6 +9,7 @@
 #include "core/backend.h"
 #include "core/cpu_ops.h"
 #include "core/cpu_stream.h"
+#include "core/op_checks.h"
 #include "kernels/cpu/fp8_gemm.h"
 #include "kernels/cpu/quantize.h"
 
@@ -16,21 +17,6 @@ namespace fp8pipe {
 namespace {
 
 namespace k = kernels;
-
-Status check_float_input(const Tensor& x, const char* op) {
-  if (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16) {
-    return FP8_INVALID("{}: input must be fp32 or bf16, got {}", op, x.describe());
-  }
-  if (x.rank() < 1) return FP8_INVALID("{}: input must have rank >= 1, got a scalar", op);
-  return Status::Ok();
-}
-
-Status check_fp8(const Tensor& q, const char* op) {
-  if (!is_fp8(q.dtype()) || !q.scale()) {
-    return FP8_INVALID("{}: expected an FP8 tensor with scales, got {}", op, q.describe());
-  }
-  return Status::Ok();
-}
 
 k::Fp8Operand operand(const Tensor& t) {
   return k::Fp8Operand{t.data_as<uint8_t>(), t.scale()->data_as<float>(), t.granularity(),
@@ -44,9 +30,7 @@ class CpuBackend final : public CpuOps {
   std::string name() const override { return "cpu"; }
 
   Result<Tensor> empty(const Shape& shape, DType dtype) override {
-    for (int64_t d : shape) {
-      if (d < 0) return FP8_INVALID("negative dimension in shape {}", shape_str(shape));
-    }
+    FP8_RETURN_IF_ERROR(checks::empty(shape));
     auto buf = std::make_shared<Buffer>();
     buf->bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
     // 64-byte alignment for vector loads; aligned_alloc needs a size multiple of the alignment.
@@ -66,10 +50,7 @@ class CpuBackend final : public CpuOps {
   }
 
   Status copy(const Tensor& src, Tensor& dst) override {
-    if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
-      return FP8_INVALID("copy: {} -> {}: dtype and element count must match", src.describe(),
-                         dst.describe());
-    }
+    FP8_RETURN_IF_ERROR(checks::copy(src, dst));
     if (src.device() != Device::kCpu || dst.device() != Device::kCpu) {
       return FP8_INVALID("copy: the CPU backend cannot reach device memory ({} -> {})",
                          src.describe(), dst.describe());
@@ -85,7 +66,7 @@ class CpuBackend final : public CpuOps {
 
   Result<Tensor> quantize(const Tensor& x, Granularity g, QuantParams p,
                           int64_t* nonfinite) override {
-    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize"));
+    FP8_RETURN_IF_ERROR(checks::quantize(x));
     const int64_t R = x.rows(), C = x.cols();
     FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), fp8_dtype(p)));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(g, R, C)}, DType::kF32));
@@ -100,8 +81,8 @@ class CpuBackend final : public CpuOps {
   }
 
   Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p, int64_t* nonfinite) override {
-    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize_transposed"));
-    if (x.dtype() != DType::kF32) {
+    FP8_RETURN_IF_ERROR(checks::quantize_transposed(x));
+    if (x.dtype() != DType::kF32) {  // the CPU kernel has no bf16 variant
       return FP8_INVALID("quantize_transposed: fp32 input required, got {}", x.describe());
     }
     const int64_t R = x.rows(), C = x.cols();
@@ -116,11 +97,7 @@ class CpuBackend final : public CpuOps {
   }
 
   Result<Tensor> transpose_fp8(const Tensor& q) override {
-    FP8_RETURN_IF_ERROR(check_fp8(q, "transpose_fp8"));
-    if (q.granularity() != Granularity::k128x128 || q.rank() != 2) {
-      return FP8_INVALID("transpose_fp8: needs a 2-D 128x128-quantized tensor, got {}",
-                         q.describe());
-    }
+    FP8_RETURN_IF_ERROR(checks::transpose_fp8(q));
     const int64_t R = q.dim(0), C = q.dim(1);
     FP8_ASSIGN_OR_RETURN(Tensor t, empty({C, R}, q.dtype()));
     FP8_ASSIGN_OR_RETURN(Tensor s,
@@ -132,52 +109,30 @@ class CpuBackend final : public CpuOps {
   }
 
   Status dequantize(const Tensor& q, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(check_fp8(q, "dequantize"));
-    if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
-      return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
-                         out.describe());
-    }
+    FP8_RETURN_IF_ERROR(checks::dequantize(q, out));
     k::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
                   q.granularity(), fp8_format(q.dtype()), out.data_as<float>());
     return Status::Ok();
   }
 
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
-    FP8_RETURN_IF_ERROR(check_fp8(a, "gemm_fp8 A"));
-    FP8_RETURN_IF_ERROR(check_fp8(b, "gemm_fp8 B"));
+    FP8_RETURN_IF_ERROR(checks::gemm_fp8(a, b, out));
     const int64_t M = a.rows(), N = b.rows(), K = a.cols();
-    if (b.cols() != K) {
-      return FP8_INVALID("gemm_fp8: reduction dims differ: A {} vs B {} (out = A . B^T)",
-                         a.describe(), b.describe());
-    }
-    if (out.numel() != M * N || (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
-      return FP8_INVALID("gemm_fp8: output must be fp32 or bf16 with {}x{} elements, got {}", M, N,
-                         out.describe());
-    }
     const bool ok = k::fp8_gemm(operand(a), operand(b), M, N, K, mode,
                                 out.dtype() == DType::kF32 ? out.data_as<float>() : nullptr,
                                 out.dtype() == DType::kBF16 ? out.data_as<uint16_t>() : nullptr);
-    if (!ok) {
-      return FP8_INVALID(
-          "gemm_fp8: unsupported scale pair {} x {} (128x128 x 128x128 has no "
-          "kernel, as in cuBLASLt)",
-          granularity_name(a.granularity()), granularity_name(b.granularity()));
+    if (!ok) {  // checks::gemm_fp8 let through what the kernel refuses
+      return FP8_ERROR(Code::kInternal, "gemm_fp8: the CPU kernel refused {} x {} -> {}",
+                       a.describe(), b.describe(), out.describe());
     }
     return Status::Ok();
   }
 
   Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
               float beta) override {
-    for (const Tensor* t : {&a, &b, static_cast<const Tensor*>(&c)}) {
-      if (t->dtype() != DType::kF32)
-        return FP8_INVALID("gemm: fp32 required, got {}", t->describe());
-    }
+    FP8_RETURN_IF_ERROR(checks::gemm(a, ta, b, tb, c));
     const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
-    const int64_t Kb = tb ? b.cols() : b.rows(), N = tb ? b.rows() : b.cols();
-    if (K != Kb || c.rows() != M || c.cols() != N) {
-      return FP8_INVALID("gemm: shapes do not chain: op(A) {}x{}, op(B) {}x{}, C {}", M, K, Kb, N,
-                         c.describe());
-    }
+    const int64_t N = tb ? b.rows() : b.cols();
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
                 a.data_as<float>(), static_cast<int>(a.cols()), b.data_as<float>(),

@@ -42,6 +42,7 @@
 #include "core/backend.h"
 #include "core/cuda_status.h"
 #include "core/log.h"
+#include "core/op_checks.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/ops.cuh"
 #include "kernels/cuda/quantize.cuh"
@@ -175,46 +176,16 @@ class CudaStream final : public Stream {
   cudaStream_t s_ = nullptr;
 };
 
-// ---- argument checks (the CPU backend's rules, plus "on this device")
-// ----------------------------
+// ---- argument checks: device placement here, then the shared rules of core/op_checks.h
 
-Status need(bool ok, const char* op, const char* what, const Tensor& t) {
-  if (ok) return Status::Ok();
-  return FP8_INVALID("{}: {} (got {})", op, what, t.defined() ? t.describe() : "undefined");
-}
+// Every tensor an op reads or writes is in device memory, and so are an FP8 tensor's scales.
 Status on_gpu(const char* op, std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) {
-    FP8_RETURN_IF_ERROR(need(t->defined() && t->device() == Device::kCuda, op,
-                             "a CUDA tensor is required (copy host data with Backend::copy)", *t));
-  }
-  return Status::Ok();
-}
-Status f32(const char* op, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) {
-    FP8_RETURN_IF_ERROR(on_gpu(op, {t}));
-    FP8_RETURN_IF_ERROR(need(t->dtype() == DType::kF32, op, "fp32 required", *t));
-  }
-  return Status::Ok();
-}
-Status i32(const char* op, const Tensor& t) {
-  FP8_RETURN_IF_ERROR(on_gpu(op, {&t}));
-  return need(t.dtype() == DType::kI32, op, "i32 required", t);
-}
-Status same(const char* op, const Tensor& a, const Tensor& b) {
-  return need(a.numel() == b.numel(), op, "element counts differ", b);
-}
-Status check_float_input(const Tensor& x, const char* op) {
-  FP8_RETURN_IF_ERROR(on_gpu(op, {&x}));
-  if (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16) {
-    return FP8_INVALID("{}: input must be fp32 or bf16, got {}", op, x.describe());
-  }
-  if (x.rank() < 1) return FP8_INVALID("{}: input must have rank >= 1, got a scalar", op);
-  return Status::Ok();
-}
-Status check_fp8(const Tensor& q, const char* op) {
-  FP8_RETURN_IF_ERROR(on_gpu(op, {&q}));
-  if (!is_fp8(q.dtype()) || !q.scale() || q.scale()->device() != Device::kCuda) {
-    return FP8_INVALID("{}: expected a CUDA FP8 tensor with CUDA scales, got {}", op, q.describe());
+    FP8_RETURN_IF_ERROR(
+        checks::need(t->defined() && t->device() == Device::kCuda, op,
+                     "a CUDA tensor is required (copy host data with Backend::copy)", *t));
+    FP8_RETURN_IF_ERROR(checks::need(!t->scale() || t->scale()->device() == Device::kCuda, op,
+                                     "an FP8 tensor's scales must be CUDA tensors too", *t));
   }
   return Status::Ok();
 }
@@ -240,9 +211,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return name_; }
 
   Result<Tensor> empty(const Shape& shape, DType dtype) override {
-    for (int64_t d : shape) {
-      if (d < 0) return FP8_INVALID("negative dimension in shape {}", shape_str(shape));
-    }
+    FP8_RETURN_IF_ERROR(checks::empty(shape));
     const size_t bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
     FP8_ASSIGN_OR_RETURN(auto buf, alloc(bytes, ctx_->compute));
     return Tensor(shape, dtype, std::move(buf));
@@ -259,10 +228,7 @@ class CudaBackend final : public Backend {
   }
 
   Status copy(const Tensor& src, Tensor& dst) override {
-    if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
-      return FP8_INVALID("copy: {} -> {}: dtype and element count must match", src.describe(),
-                         dst.describe());
-    }
+    FP8_RETURN_IF_ERROR(checks::copy(src, dst));
     if (!src.nbytes()) return Status::Ok();
     const bool hs = src.device() == Device::kCpu, hd = dst.device() == Device::kCpu;
     if (hs && hd) {
@@ -288,7 +254,8 @@ class CudaBackend final : public Backend {
 
   Result<Tensor> quantize(const Tensor& x, Granularity gr, QuantParams p,
                           int64_t* nonfinite) override {
-    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize"));
+    FP8_RETURN_IF_ERROR(on_gpu("quantize", {&x}));
+    FP8_RETURN_IF_ERROR(checks::quantize(x));
     const int64_t R = x.rows(), C = x.cols();
     FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), fp8_dtype(p)));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(gr, R, C)}, DType::kF32));
@@ -308,7 +275,8 @@ class CudaBackend final : public Backend {
   }
 
   Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p, int64_t* nonfinite) override {
-    FP8_RETURN_IF_ERROR(check_float_input(x, "quantize_transposed"));
+    FP8_RETURN_IF_ERROR(on_gpu("quantize_transposed", {&x}));
+    FP8_RETURN_IF_ERROR(checks::quantize_transposed(x));
     const int64_t R = x.rows(), C = x.cols();
     FP8_ASSIGN_OR_RETURN(Tensor q, empty({C, R}, fp8_dtype(p)));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
@@ -329,11 +297,8 @@ class CudaBackend final : public Backend {
   }
 
   Result<Tensor> transpose_fp8(const Tensor& q) override {
-    FP8_RETURN_IF_ERROR(check_fp8(q, "transpose_fp8"));
-    if (q.granularity() != Granularity::k128x128 || q.rank() != 2) {
-      return FP8_INVALID("transpose_fp8: needs a 2-D 128x128-quantized tensor, got {}",
-                         q.describe());
-    }
+    FP8_RETURN_IF_ERROR(on_gpu("transpose_fp8", {&q}));
+    FP8_RETURN_IF_ERROR(checks::transpose_fp8(q));
     const int64_t R = q.dim(0), C = q.dim(1);
     FP8_ASSIGN_OR_RETURN(Tensor t, empty({C, R}, q.dtype()));
     FP8_ASSIGN_OR_RETURN(Tensor s,
@@ -348,12 +313,8 @@ class CudaBackend final : public Backend {
   }
 
   Status dequantize(const Tensor& q, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(check_fp8(q, "dequantize"));
-    FP8_RETURN_IF_ERROR(on_gpu("dequantize", {&out}));
-    if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
-      return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
-                         out.describe());
-    }
+    FP8_RETURN_IF_ERROR(on_gpu("dequantize", {&q, &out}));
+    FP8_RETURN_IF_ERROR(checks::dequantize(q, out));
     if (!q.numel()) return Status::Ok();
     FP8_GPU("dequantize",
             g::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
@@ -362,24 +323,9 @@ class CudaBackend final : public Backend {
   }
 
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
-    FP8_RETURN_IF_ERROR(check_fp8(a, "gemm_fp8 A"));
-    FP8_RETURN_IF_ERROR(check_fp8(b, "gemm_fp8 B"));
-    FP8_RETURN_IF_ERROR(on_gpu("gemm_fp8", {&out}));
+    FP8_RETURN_IF_ERROR(on_gpu("gemm_fp8", {&a, &b, &out}));
+    FP8_RETURN_IF_ERROR(checks::gemm_fp8(a, b, out));
     const int64_t M = a.rows(), N = b.rows(), K = a.cols();
-    if (b.cols() != K) {
-      return FP8_INVALID("gemm_fp8: reduction dims differ: A {} vs B {} (out = A . B^T)",
-                         a.describe(), b.describe());
-    }
-    if (out.numel() != M * N || (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
-      return FP8_INVALID("gemm_fp8: output must be fp32 or bf16 with {}x{} elements, got {}", M, N,
-                         out.describe());
-    }
-    if (a.granularity() == Granularity::k128x128 && b.granularity() == Granularity::k128x128) {
-      return FP8_INVALID(
-          "gemm_fp8: unsupported scale pair {} x {} (128x128 x 128x128 has no "
-          "kernel, as in cuBLASLt)",
-          granularity_name(a.granularity()), granularity_name(b.granularity()));
-    }
     const k::Fp8Operand oa = operand(a), ob = operand(b);
     float* of = out.dtype() == DType::kF32 ? out.data_as<float>() : nullptr;
     uint16_t* ob16 = out.dtype() == DType::kBF16 ? out.data_as<uint16_t>() : nullptr;
@@ -393,38 +339,30 @@ class CudaBackend final : public Backend {
 
   Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
               float beta) override {
-    FP8_RETURN_IF_ERROR(f32("gemm", {&a, &b, &c}));
+    FP8_RETURN_IF_ERROR(on_gpu("gemm", {&a, &b, &c}));
+    FP8_RETURN_IF_ERROR(checks::gemm(a, ta, b, tb, c));
     const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
-    const int64_t Kb = tb ? b.cols() : b.rows(), N = tb ? b.rows() : b.cols();
-    if (K != Kb || c.rows() != M || c.cols() != N) {
-      return FP8_INVALID("gemm: shapes do not chain: op(A) {}x{}, op(B) {}x{}, C {}", M, K, Kb, N,
-                         c.describe());
-    }
+    const int64_t N = tb ? b.rows() : b.cols();
     return sgemm(a.data_as<float>(), a.cols(), ta, b.data_as<float>(), b.cols(), tb,
                  c.data_as<float>(), M, N, K, alpha, beta);
   }
 
-  // ---- model operators (shape rules of core/cpu_ops.cc) ----
+  // ---- model operators ----
 
   Status embedding_fwd(const Tensor& table, const Tensor& ids, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(f32("embedding_fwd", {&table, &out}));
-    FP8_RETURN_IF_ERROR(i32("embedding_fwd", ids));
-    const int64_t D = table.cols();
-    FP8_RETURN_IF_ERROR(
-        need(out.numel() == ids.numel() * D, "embedding_fwd", "out must be [n, D]", out));
+    FP8_RETURN_IF_ERROR(on_gpu("embedding_fwd", {&table, &ids, &out}));
+    FP8_RETURN_IF_ERROR(checks::embedding_fwd(table, ids, out));
     FP8_ASSIGN_OR_RETURN(auto bad, first_bad(ids, 0, table.rows()));
-    if (bad.first >= 0) {
-      return FP8_INVALID("embedding_fwd: token id {} at position {} outside the vocabulary [0, {})",
-                         bad.second, bad.first, table.rows());
-    }
-    FP8_GPU("embedding_fwd", g::embedding_fwd(table.data_as<float>(), ids.data_as<int32_t>(),
-                                              ids.numel(), D, out.data_as<float>(), cur()));
+    if (bad.first >= 0) return checks::bad_token_id(bad.first, bad.second, table.rows());
+    FP8_GPU("embedding_fwd",
+            g::embedding_fwd(table.data_as<float>(), ids.data_as<int32_t>(), ids.numel(),
+                             table.cols(), out.data_as<float>(), cur()));
     return Status::Ok();
   }
 
   Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, Tensor& dtable) override {
-    FP8_RETURN_IF_ERROR(f32("embedding_bwd", {&dout, &dtable}));
-    FP8_RETURN_IF_ERROR(i32("embedding_bwd", ids));
+    FP8_RETURN_IF_ERROR(on_gpu("embedding_bwd", {&dout, &ids, &dtable}));
+    FP8_RETURN_IF_ERROR(checks::embedding_bwd_acc(dout, ids, dtable));
     FP8_GPU("embedding_bwd",
             g::embedding_bwd_acc(dout.data_as<float>(), ids.data_as<int32_t>(), ids.numel(),
                                  dtable.cols(), dtable.data_as<float>(), cur()));
@@ -433,12 +371,8 @@ class CudaBackend final : public Backend {
 
   Status rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y,
                      Tensor& rstd) override {
-    FP8_RETURN_IF_ERROR(f32("rmsnorm_fwd", {&x, &w, &y, &rstd}));
-    FP8_RETURN_IF_ERROR(
-        need(w.numel() == x.cols(), "rmsnorm_fwd", "weight must have cols(x) elements", w));
-    FP8_RETURN_IF_ERROR(same("rmsnorm_fwd", x, y));
-    FP8_RETURN_IF_ERROR(
-        need(rstd.numel() == x.rows(), "rmsnorm_fwd", "rstd must have rows(x) elements", rstd));
+    FP8_RETURN_IF_ERROR(on_gpu("rmsnorm_fwd", {&x, &w, &y, &rstd}));
+    FP8_RETURN_IF_ERROR(checks::rmsnorm_fwd(x, w, y, rstd));
     FP8_GPU("rmsnorm_fwd",
             g::rmsnorm_fwd(x.data_as<float>(), w.data_as<float>(), x.rows(), x.cols(), eps,
                            y.data_as<float>(), rstd.data_as<float>(), cur()));
@@ -447,9 +381,8 @@ class CudaBackend final : public Backend {
 
   Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                      Tensor& dx, Tensor& dw_acc) override {
-    FP8_RETURN_IF_ERROR(f32("rmsnorm_bwd", {&dy, &x, &w, &rstd, &dx, &dw_acc}));
-    FP8_RETURN_IF_ERROR(same("rmsnorm_bwd", x, dy));
-    FP8_RETURN_IF_ERROR(same("rmsnorm_bwd", x, dx));
+    FP8_RETURN_IF_ERROR(on_gpu("rmsnorm_bwd", {&dy, &x, &w, &rstd, &dx, &dw_acc}));
+    FP8_RETURN_IF_ERROR(checks::rmsnorm_bwd(dy, x, w, rstd, dx, dw_acc));
     FP8_GPU("rmsnorm_bwd",
             g::rmsnorm_bwd(dy.data_as<float>(), x.data_as<float>(), w.data_as<float>(),
                            rstd.data_as<float>(), x.rows(), x.cols(), dx.data_as<float>(),
@@ -458,12 +391,9 @@ class CudaBackend final : public Backend {
   }
 
   Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) override {
-    FP8_RETURN_IF_ERROR(f32("rope", {&x}));
-    FP8_RETURN_IF_ERROR(i32("rope", pos));
+    FP8_RETURN_IF_ERROR(on_gpu("rope", {&x, &pos}));
+    FP8_RETURN_IF_ERROR(checks::rope(x, pos, heads));
     const int64_t d = x.cols() / heads;
-    FP8_RETURN_IF_ERROR(
-        need(d * heads == x.cols() && d % 2 == 0, "rope", "cols must be heads * even d", x));
-    FP8_RETURN_IF_ERROR(need(pos.numel() == x.rows(), "rope", "one position per row", pos));
     FP8_ASSIGN_OR_RETURN(const double* freq, rope_freq(d, theta));
     FP8_GPU("rope", g::rope(x.data_as<float>(), pos.data_as<int32_t>(), x.rows(), heads, d, freq,
                             inverse, cur()));
@@ -472,13 +402,10 @@ class CudaBackend final : public Backend {
 
   Status attention_fwd(const Tensor& q, const Tensor& kk, const Tensor& v, int64_t B, int64_t T,
                        int64_t H, float scale, Tensor& o, Tensor& lse) override {
-    FP8_RETURN_IF_ERROR(f32("attention_fwd", {&q, &kk, &v, &o, &lse}));
+    FP8_RETURN_IF_ERROR(on_gpu("attention_fwd", {&q, &kk, &v, &o, &lse}));
+    FP8_RETURN_IF_ERROR(checks::attention_fwd(q, kk, v, B, T, H, o, lse));
     if (B * T * H == 0) return Status::Ok();
     const int64_t dk = q.numel() / (B * T * H), dv = v.numel() / (B * T * H);
-    FP8_RETURN_IF_ERROR(need(q.numel() == B * T * H * dk && kk.numel() == q.numel(),
-                             "attention_fwd", "q and k must be [B*T, H*dk]", kk));
-    FP8_RETURN_IF_ERROR(need(o.numel() == v.numel() && lse.numel() == B * H * T, "attention_fwd",
-                             "o must match v and lse be [B*H*T]", o));
     FP8_GPU("attention_fwd",
             g::attention_fwd(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(), B, T, H,
                              dk, dv, scale, o.data_as<float>(), lse.data_as<float>(), cur()));
@@ -488,15 +415,10 @@ class CudaBackend final : public Backend {
   Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& kk, const Tensor& v,
                        const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
                        float scale, Tensor& dq, Tensor& dk, Tensor& dv) override {
-    FP8_RETURN_IF_ERROR(f32("attention_bwd", {&dout, &q, &kk, &v, &o, &lse, &dq, &dk, &dv}));
+    FP8_RETURN_IF_ERROR(on_gpu("attention_bwd", {&dout, &q, &kk, &v, &o, &lse, &dq, &dk, &dv}));
+    FP8_RETURN_IF_ERROR(checks::attention_bwd(dout, q, kk, v, o, lse, B, T, H, dq, dk, dv));
     if (B * T * H == 0) return Status::Ok();
     const int64_t dkk = q.numel() / (B * T * H), dvv = v.numel() / (B * T * H);
-    FP8_RETURN_IF_ERROR(same("attention_bwd", q, dq));
-    FP8_RETURN_IF_ERROR(same("attention_bwd", kk, dk));
-    FP8_RETURN_IF_ERROR(same("attention_bwd", v, dv));
-    FP8_RETURN_IF_ERROR(
-        need(dout.numel() == v.numel() && o.numel() == v.numel() && lse.numel() == B * H * T,
-             "attention_bwd", "dout and o must match v, lse be [B*H*T]", dout));
     FP8_ASSIGN_OR_RETURN(auto scratch, alloc(B * H * T * sizeof(float), cur()));
     FP8_GPU("attention_bwd",
             g::attention_bwd(dout.data_as<float>(), q.data_as<float>(), kk.data_as<float>(),
@@ -507,9 +429,8 @@ class CudaBackend final : public Backend {
   }
 
   Status swiglu_fwd(const Tensor& gt, const Tensor& u, Tensor& h) override {
-    FP8_RETURN_IF_ERROR(f32("swiglu_fwd", {&gt, &u, &h}));
-    FP8_RETURN_IF_ERROR(same("swiglu_fwd", gt, u));
-    FP8_RETURN_IF_ERROR(same("swiglu_fwd", gt, h));
+    FP8_RETURN_IF_ERROR(on_gpu("swiglu_fwd", {&gt, &u, &h}));
+    FP8_RETURN_IF_ERROR(checks::swiglu_fwd(gt, u, h));
     FP8_GPU("swiglu_fwd", g::swiglu_fwd(gt.data_as<float>(), u.data_as<float>(), gt.numel(),
                                         h.data_as<float>(), cur()));
     return Status::Ok();
@@ -517,11 +438,8 @@ class CudaBackend final : public Backend {
 
   Status swiglu_bwd(const Tensor& dh, const Tensor& gt, const Tensor& u, Tensor& dg,
                     Tensor& du) override {
-    FP8_RETURN_IF_ERROR(f32("swiglu_bwd", {&dh, &gt, &u, &dg, &du}));
-    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, dh));
-    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, u));
-    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, dg));
-    FP8_RETURN_IF_ERROR(same("swiglu_bwd", gt, du));
+    FP8_RETURN_IF_ERROR(on_gpu("swiglu_bwd", {&dh, &gt, &u, &dg, &du}));
+    FP8_RETURN_IF_ERROR(checks::swiglu_bwd(dh, gt, u, dg, du));
     FP8_GPU("swiglu_bwd",
             g::swiglu_bwd(dh.data_as<float>(), gt.data_as<float>(), u.data_as<float>(), gt.numel(),
                           dg.data_as<float>(), du.data_as<float>(), cur()));
@@ -529,15 +447,10 @@ class CudaBackend final : public Backend {
   }
 
   Status cross_entropy_fwd(const Tensor& logits, const Tensor& targets, Tensor& loss) override {
-    FP8_RETURN_IF_ERROR(f32("cross_entropy_fwd", {&logits, &loss}));
-    FP8_RETURN_IF_ERROR(i32("cross_entropy_fwd", targets));
-    FP8_RETURN_IF_ERROR(need(targets.numel() == logits.rows() && loss.numel() == logits.rows(),
-                             "cross_entropy_fwd", "one target and one loss per row", targets));
+    FP8_RETURN_IF_ERROR(on_gpu("cross_entropy_fwd", {&logits, &targets, &loss}));
+    FP8_RETURN_IF_ERROR(checks::cross_entropy_fwd(logits, targets, loss));
     FP8_ASSIGN_OR_RETURN(auto bad, first_bad(targets, INT32_MIN, logits.cols()));
-    if (bad.first >= 0) {
-      return FP8_INVALID("cross_entropy_fwd: target {} at row {} >= vocab {}", bad.second,
-                         bad.first, logits.cols());
-    }
+    if (bad.first >= 0) return checks::bad_target(bad.first, bad.second, logits.cols());
     FP8_GPU("cross_entropy_fwd",
             g::cross_entropy_fwd(logits.data_as<float>(), targets.data_as<int32_t>(), logits.rows(),
                                  logits.cols(), loss.data_as<float>(), cur()));
@@ -546,11 +459,8 @@ class CudaBackend final : public Backend {
 
   Status cross_entropy_bwd(const Tensor& logits, const Tensor& targets, float row_scale,
                            Tensor& dlogits) override {
-    FP8_RETURN_IF_ERROR(f32("cross_entropy_bwd", {&logits, &dlogits}));
-    FP8_RETURN_IF_ERROR(i32("cross_entropy_bwd", targets));
-    FP8_RETURN_IF_ERROR(same("cross_entropy_bwd", logits, dlogits));
-    FP8_RETURN_IF_ERROR(
-        need(targets.numel() == logits.rows(), "cross_entropy_bwd", "one target per row", targets));
+    FP8_RETURN_IF_ERROR(on_gpu("cross_entropy_bwd", {&logits, &targets, &dlogits}));
+    FP8_RETURN_IF_ERROR(checks::cross_entropy_bwd(logits, targets, dlogits));
     FP8_GPU("cross_entropy_bwd",
             g::cross_entropy_bwd(logits.data_as<float>(), targets.data_as<int32_t>(), logits.rows(),
                                  logits.cols(), row_scale, dlogits.data_as<float>(), cur()));
@@ -560,20 +470,10 @@ class CudaBackend final : public Backend {
   Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64_t n_groups,
                      int64_t max_groups, float route_scale, Tensor& scores, Tensor& idx,
                      Tensor& gates) override {
-    FP8_RETURN_IF_ERROR(f32("router_topk", {&logits, &bias, &scores, &gates}));
-    FP8_RETURN_IF_ERROR(i32("router_topk", idx));
+    FP8_RETURN_IF_ERROR(on_gpu("router_topk", {&logits, &bias, &scores, &idx, &gates}));
+    FP8_RETURN_IF_ERROR(
+        checks::router_topk(logits, bias, topk, n_groups, max_groups, scores, idx, gates));
     const int64_t n = logits.rows(), E = logits.cols();
-    FP8_RETURN_IF_ERROR(need(bias.numel() == E && scores.numel() == n * E, "router_topk",
-                             "bias [E] and scores [n, E] required", scores));
-    FP8_RETURN_IF_ERROR(need(idx.numel() == n * topk && gates.numel() == n * topk, "router_topk",
-                             "idx and gates must be [n, topk]", idx));
-    if (n_groups < 1 || E % n_groups || max_groups < 1 || max_groups > n_groups ||
-        topk > (E / n_groups) * max_groups) {
-      return FP8_INVALID(
-          "router_topk: experts={} groups={} max_groups={} topk={}: need groups | "
-          "experts, 1 <= max_groups <= groups, topk <= experts/groups * max_groups",
-          E, n_groups, max_groups, topk);
-    }
     FP8_GPU("router_topk",
             g::router_topk(logits.data_as<float>(), bias.data_as<float>(), n, E, topk, n_groups,
                            max_groups, route_scale, scores.data_as<float>(), idx.data_as<int32_t>(),
@@ -582,10 +482,8 @@ class CudaBackend final : public Backend {
   }
 
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(f32("gather_rows", {&in, &out}));
-    FP8_RETURN_IF_ERROR(i32("gather_rows", rows));
-    FP8_RETURN_IF_ERROR(need(out.numel() == rows.numel() * in.cols(), "gather_rows",
-                             "out must be [len(rows), cols(in)]", out));
+    FP8_RETURN_IF_ERROR(on_gpu("gather_rows", {&in, &rows, &out}));
+    FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));
     FP8_GPU("gather_rows", g::gather_rows(in.data_as<float>(), rows.data_as<int32_t>(),
                                           rows.numel(), in.cols(), out.data_as<float>(), cur()));
     return Status::Ok();
@@ -593,14 +491,9 @@ class CudaBackend final : public Backend {
 
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override {
-    FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&in, &out}));
-    FP8_RETURN_IF_ERROR(i32("scatter_add_rows", rows));
-    if (w.defined()) {
-      FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&w}));
-      FP8_RETURN_IF_ERROR(same("scatter_add_rows", rows, w));
-    }
-    FP8_RETURN_IF_ERROR(need(in.numel() == rows.numel() * out.cols(), "scatter_add_rows",
-                             "in must be [len(rows), cols(out)]", in));
+    FP8_RETURN_IF_ERROR(on_gpu("scatter_add_rows", {&in, &rows, &out}));
+    if (w.defined()) FP8_RETURN_IF_ERROR(on_gpu("scatter_add_rows", {&w}));
+    FP8_RETURN_IF_ERROR(checks::scatter_add_rows(in, rows, w, out));
     FP8_GPU("scatter_add_rows",
             g::scatter_add_rows(in.data_as<float>(), rows.data_as<int32_t>(),
                                 w.defined() ? w.data_as<float>() : nullptr, rows.numel(),
@@ -609,24 +502,23 @@ class CudaBackend final : public Backend {
   }
 
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(f32("add", {&a, &b, &out}));
-    FP8_RETURN_IF_ERROR(same("add", a, b));
-    FP8_RETURN_IF_ERROR(same("add", a, out));
+    FP8_RETURN_IF_ERROR(on_gpu("add", {&a, &b, &out}));
+    FP8_RETURN_IF_ERROR(checks::add(a, b, out));
     FP8_GPU("add",
             g::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>(), cur()));
     return Status::Ok();
   }
 
   Status axpy(float alpha, const Tensor& x, Tensor& y) override {
-    FP8_RETURN_IF_ERROR(f32("axpy", {&x, &y}));
-    FP8_RETURN_IF_ERROR(same("axpy", x, y));
+    FP8_RETURN_IF_ERROR(on_gpu("axpy", {&x, &y}));
+    FP8_RETURN_IF_ERROR(checks::axpy(x, y));
     FP8_GPU("axpy", g::axpy(alpha, x.data_as<float>(), x.numel(), y.data_as<float>(), cur()));
     return Status::Ok();
   }
 
   Status round_bf16(const Tensor& x, Tensor& out) override {
-    FP8_RETURN_IF_ERROR(f32("round_bf16", {&x, &out}));
-    FP8_RETURN_IF_ERROR(same("round_bf16", x, out));
+    FP8_RETURN_IF_ERROR(on_gpu("round_bf16", {&x, &out}));
+    FP8_RETURN_IF_ERROR(checks::round_bf16(x, out));
     FP8_GPU("round_bf16",
             g::round_bf16(x.data_as<float>(), x.numel(), out.data_as<float>(), cur()));
     return Status::Ok();

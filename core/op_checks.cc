@@ -1,0 +1,277 @@
+// The Backend ops' shared argument checks (see core/op_checks.h).
+#include "core/op_checks.h"
+
+namespace fp8pipe::checks {
+
+// ---- generic rules
+
+Status need(bool ok, const char* op, const char* what, const Tensor& t) {
+  if (ok) return Status::Ok();
+  return FP8_INVALID("{}: {} (got {})", op, what, t.defined() ? t.describe() : "undefined");
+}
+
+Status f32(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    FP8_RETURN_IF_ERROR(need(t->defined() && t->dtype() == DType::kF32, op, "fp32 required", *t));
+  return Status::Ok();
+}
+
+Status i32(const char* op, const Tensor& t) {
+  return need(t.defined() && t.dtype() == DType::kI32, op, "i32 required", t);
+}
+
+Status same(const char* op, const Tensor& a, const Tensor& b) {
+  return need(a.numel() == b.numel(), op, "element counts differ", b);
+}
+
+Status float_input(const char* op, const Tensor& x) {
+  if (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16) {
+    return FP8_INVALID("{}: input must be fp32 or bf16, got {}", op, x.describe());
+  }
+  if (x.rank() < 1) return FP8_INVALID("{}: input must have rank >= 1, got a scalar", op);
+  return Status::Ok();
+}
+
+Status fp8(const char* op, const Tensor& q) {
+  if (!is_fp8(q.dtype()) || !q.scale()) {
+    return FP8_INVALID("{}: expected an FP8 tensor with scales, got {}", op, q.describe());
+  }
+  return Status::Ok();
+}
+
+// ---- memory
+
+Status empty(const Shape& shape) {
+  for (int64_t d : shape) {
+    if (d < 0) return FP8_INVALID("negative dimension in shape {}", shape_str(shape));
+  }
+  return Status::Ok();
+}
+
+Status copy(const Tensor& src, const Tensor& dst) {
+  if (src.dtype() != dst.dtype() || src.numel() != dst.numel()) {
+    return FP8_INVALID("copy: {} -> {}: dtype and element count must match", src.describe(),
+                       dst.describe());
+  }
+  return Status::Ok();
+}
+
+// ---- FP8 numerics and the fp32 GEMM
+
+Status quantize(const Tensor& x) { return float_input("quantize", x); }
+
+Status quantize_transposed(const Tensor& x) { return float_input("quantize_transposed", x); }
+
+Status transpose_fp8(const Tensor& q) {
+  FP8_RETURN_IF_ERROR(fp8("transpose_fp8", q));
+  if (q.granularity() != Granularity::k128x128 || q.rank() != 2) {
+    return FP8_INVALID("transpose_fp8: needs a 2-D 128x128-quantized tensor, got {}", q.describe());
+  }
+  return Status::Ok();
+}
+
+Status dequantize(const Tensor& q, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(fp8("dequantize", q));
+  if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
+    return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
+                       out.describe());
+  }
+  return Status::Ok();
+}
+
+// Operand scales as cuBLASLt takes them (kernels/cpu/fp8_gemm.h): 1x128, 128x128 or per-tensor,
+// never 128x128 on both sides.
+Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(fp8("gemm_fp8 A", a));
+  FP8_RETURN_IF_ERROR(fp8("gemm_fp8 B", b));
+  const int64_t M = a.rows(), N = b.rows(), K = a.cols();
+  if (b.cols() != K) {
+    return FP8_INVALID("gemm_fp8: reduction dims differ: A {} vs B {} (out = A . B^T)",
+                       a.describe(), b.describe());
+  }
+  if (out.numel() != M * N || (out.dtype() != DType::kF32 && out.dtype() != DType::kBF16)) {
+    return FP8_INVALID("gemm_fp8: output must be fp32 or bf16 with {}x{} elements, got {}", M, N,
+                       out.describe());
+  }
+  const auto operand_gran = [](Granularity g) {
+    return g == Granularity::k1x128 || g == Granularity::k128x128 || g == Granularity::kPerTensor;
+  };
+  if (!operand_gran(a.granularity()) || !operand_gran(b.granularity()) ||
+      (a.granularity() == Granularity::k128x128 && b.granularity() == Granularity::k128x128)) {
+    return FP8_INVALID(
+        "gemm_fp8: unsupported scale pair {} x {} (128x128 x 128x128 has no "
+        "kernel, as in cuBLASLt)",
+        granularity_name(a.granularity()), granularity_name(b.granularity()));
+  }
+  return Status::Ok();
+}
+
+Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c) {
+  for (const Tensor* t : {&a, &b, &c}) {
+    if (!t->defined() || t->dtype() != DType::kF32) {
+      return FP8_INVALID("gemm: fp32 required, got {}", t->defined() ? t->describe() : "undefined");
+    }
+  }
+  const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
+  const int64_t Kb = tb ? b.cols() : b.rows(), N = tb ? b.rows() : b.cols();
+  if (K != Kb || c.rows() != M || c.cols() != N) {
+    return FP8_INVALID("gemm: shapes do not chain: op(A) {}x{}, op(B) {}x{}, C {}", M, K, Kb, N,
+                       c.describe());
+  }
+  return Status::Ok();
+}
+
+// ---- model operators
+
+Status embedding_fwd(const Tensor& table, const Tensor& ids, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("embedding_fwd", {&table, &out}));
+  FP8_RETURN_IF_ERROR(i32("embedding_fwd", ids));
+  return need(out.numel() == ids.numel() * table.cols(), "embedding_fwd", "out must be [n, D]",
+              out);
+}
+
+Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, const Tensor& dtable) {
+  FP8_RETURN_IF_ERROR(f32("embedding_bwd", {&dout, &dtable}));
+  return i32("embedding_bwd", ids);
+}
+
+Status rmsnorm_fwd(const Tensor& x, const Tensor& w, const Tensor& y, const Tensor& rstd) {
+  FP8_RETURN_IF_ERROR(f32("rmsnorm_fwd", {&x, &w, &y, &rstd}));
+  FP8_RETURN_IF_ERROR(
+      need(w.numel() == x.cols(), "rmsnorm_fwd", "weight must have cols(x) elements", w));
+  FP8_RETURN_IF_ERROR(same("rmsnorm_fwd", x, y));
+  return need(rstd.numel() == x.rows(), "rmsnorm_fwd", "rstd must have rows(x) elements", rstd);
+}
+
+Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                   const Tensor& dx, const Tensor& dw_acc) {
+  FP8_RETURN_IF_ERROR(f32("rmsnorm_bwd", {&dy, &x, &w, &rstd, &dx, &dw_acc}));
+  FP8_RETURN_IF_ERROR(same("rmsnorm_bwd", x, dy));
+  return same("rmsnorm_bwd", x, dx);
+}
+
+Status rope(const Tensor& x, const Tensor& pos, int64_t heads) {
+  FP8_RETURN_IF_ERROR(f32("rope", {&x}));
+  FP8_RETURN_IF_ERROR(i32("rope", pos));
+  const int64_t d = heads > 0 ? x.cols() / heads : 0;
+  FP8_RETURN_IF_ERROR(need(heads > 0 && d * heads == x.cols() && d % 2 == 0, "rope",
+                           "cols must be heads * even d", x));
+  return need(pos.numel() == x.rows(), "rope", "one position per row", pos);
+}
+
+Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
+                     int64_t H, const Tensor& o, const Tensor& lse) {
+  FP8_RETURN_IF_ERROR(f32("attention_fwd", {&q, &k, &v, &o, &lse}));
+  if (B * T * H == 0) return Status::Ok();
+  const int64_t dk = q.numel() / (B * T * H);
+  FP8_RETURN_IF_ERROR(need(q.numel() == B * T * H * dk && k.numel() == q.numel(), "attention_fwd",
+                           "q and k must be [B*T, H*dk]", k));
+  return need(o.numel() == v.numel() && lse.numel() == B * H * T, "attention_fwd",
+              "o must match v and lse be [B*H*T]", o);
+}
+
+Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
+                     const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  FP8_RETURN_IF_ERROR(f32("attention_bwd", {&dout, &q, &k, &v, &o, &lse, &dq, &dk, &dv}));
+  if (B * T * H == 0) return Status::Ok();
+  FP8_RETURN_IF_ERROR(same("attention_bwd", q, dq));
+  FP8_RETURN_IF_ERROR(same("attention_bwd", k, dk));
+  FP8_RETURN_IF_ERROR(same("attention_bwd", v, dv));
+  return need(dout.numel() == v.numel() && o.numel() == v.numel() && lse.numel() == B * H * T,
+              "attention_bwd", "dout and o must match v, lse be [B*H*T]", dout);
+}
+
+Status swiglu_fwd(const Tensor& g, const Tensor& u, const Tensor& h) {
+  FP8_RETURN_IF_ERROR(f32("swiglu_fwd", {&g, &u, &h}));
+  FP8_RETURN_IF_ERROR(same("swiglu_fwd", g, u));
+  return same("swiglu_fwd", g, h);
+}
+
+Status swiglu_bwd(const Tensor& dh, const Tensor& g, const Tensor& u, const Tensor& dg,
+                  const Tensor& du) {
+  FP8_RETURN_IF_ERROR(f32("swiglu_bwd", {&dh, &g, &u, &dg, &du}));
+  for (const Tensor* t : {&dh, &u, &dg, &du}) FP8_RETURN_IF_ERROR(same("swiglu_bwd", g, *t));
+  return Status::Ok();
+}
+
+Status cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& loss) {
+  FP8_RETURN_IF_ERROR(f32("cross_entropy_fwd", {&logits, &loss}));
+  FP8_RETURN_IF_ERROR(i32("cross_entropy_fwd", targets));
+  return need(targets.numel() == logits.rows() && loss.numel() == logits.rows(),
+              "cross_entropy_fwd", "one target and one loss per row", targets);
+}
+
+Status cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& dlogits) {
+  FP8_RETURN_IF_ERROR(f32("cross_entropy_bwd", {&logits, &dlogits}));
+  FP8_RETURN_IF_ERROR(i32("cross_entropy_bwd", targets));
+  FP8_RETURN_IF_ERROR(same("cross_entropy_bwd", logits, dlogits));
+  return need(targets.numel() == logits.rows(), "cross_entropy_bwd", "one target per row", targets);
+}
+
+Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64_t n_groups,
+                   int64_t max_groups, const Tensor& scores, const Tensor& idx,
+                   const Tensor& gates) {
+  FP8_RETURN_IF_ERROR(f32("router_topk", {&logits, &bias, &scores, &gates}));
+  FP8_RETURN_IF_ERROR(i32("router_topk", idx));
+  const int64_t n = logits.rows(), E = logits.cols();
+  FP8_RETURN_IF_ERROR(need(bias.numel() == E && scores.numel() == n * E, "router_topk",
+                           "bias [E] and scores [n, E] required", scores));
+  FP8_RETURN_IF_ERROR(need(idx.numel() == n * topk && gates.numel() == n * topk, "router_topk",
+                           "idx and gates must be [n, topk]", idx));
+  if (n_groups < 1 || E % n_groups || max_groups < 1 || max_groups > n_groups ||
+      topk > (E / n_groups) * max_groups) {
+    return FP8_INVALID(
+        "router_topk: experts={} groups={} max_groups={} topk={}: need groups | "
+        "experts, 1 <= max_groups <= groups, topk <= experts/groups * max_groups",
+        E, n_groups, max_groups, topk);
+  }
+  return Status::Ok();
+}
+
+Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("gather_rows", {&in, &out}));
+  FP8_RETURN_IF_ERROR(i32("gather_rows", rows));
+  return need(out.numel() == rows.numel() * in.cols(), "gather_rows",
+              "out must be [len(rows), cols(in)]", out);
+}
+
+Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&in, &out}));
+  FP8_RETURN_IF_ERROR(i32("scatter_add_rows", rows));
+  if (w.defined()) {  // optional per-row weights
+    FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&w}));
+    FP8_RETURN_IF_ERROR(same("scatter_add_rows", rows, w));
+  }
+  return need(in.numel() == rows.numel() * out.cols(), "scatter_add_rows",
+              "in must be [len(rows), cols(out)]", in);
+}
+
+Status add(const Tensor& a, const Tensor& b, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("add", {&a, &b, &out}));
+  FP8_RETURN_IF_ERROR(same("add", a, b));
+  return same("add", a, out);
+}
+
+Status axpy(const Tensor& x, const Tensor& y) {
+  FP8_RETURN_IF_ERROR(f32("axpy", {&x, &y}));
+  return same("axpy", x, y);
+}
+
+Status round_bf16(const Tensor& x, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("round_bf16", {&x, &out}));
+  return same("round_bf16", x, out);
+}
+
+// ---- data-dependent errors
+
+Status bad_token_id(int64_t position, int32_t id, int64_t vocab) {
+  return FP8_INVALID("embedding_fwd: token id {} at position {} outside the vocabulary [0, {})", id,
+                     position, vocab);
+}
+
+Status bad_target(int64_t row, int32_t target, int64_t vocab) {
+  return FP8_INVALID("cross_entropy_fwd: target {} at row {} >= vocab {}", target, row, vocab);
+}
+
+}  // namespace fp8pipe::checks

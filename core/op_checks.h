@@ -1,0 +1,67 @@
+// Argument checks of the Backend ops (core/backend.h), shared by the CPU and CUDA backends: one
+// function per op validates its tensors' dtypes and shapes and returns the error callers see
+// ("<op>: <what is required> (got <tensor>)"), so both backends accept and refuse the same
+// arguments with the same messages and the rules live in one place. What depends on the device
+// stays in the backends: where a tensor lives (the CUDA backend's on_gpu), the CPU kernels'
+// own limits, and data-dependent checks that must read the tensor (token ids in range), whose
+// scan differs by device but whose message is built here.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "core/status.h"
+#include "core/tensor.h"
+
+namespace fp8pipe::checks {
+
+// ---- generic rules
+// Ok, or "op: what (got t.describe())".
+Status need(bool ok, const char* op, const char* what, const Tensor& t);
+Status f32(const char* op, std::initializer_list<const Tensor*> ts);  // defined fp32 tensors
+Status i32(const char* op, const Tensor& t);                          // a defined i32 tensor
+Status same(const char* op, const Tensor& a, const Tensor& b);        // equal element counts
+Status float_input(const char* op, const Tensor& x);  // fp32 or bf16 of rank >= 1 (quantize input)
+Status fp8(const char* op, const Tensor& q);          // FP8 with scales attached
+
+// ---- one per Backend op (same argument names; scalars only where a rule needs them)
+Status empty(const Shape& shape);
+Status copy(const Tensor& src, const Tensor& dst);  // dtype and count; devices: the backend
+Status quantize(const Tensor& x);
+Status quantize_transposed(const Tensor& x);
+Status transpose_fp8(const Tensor& q);
+Status dequantize(const Tensor& q, const Tensor& out);
+Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
+Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
+
+Status embedding_fwd(const Tensor& table, const Tensor& ids, const Tensor& out);
+Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, const Tensor& dtable);
+Status rmsnorm_fwd(const Tensor& x, const Tensor& w, const Tensor& y, const Tensor& rstd);
+Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                   const Tensor& dx, const Tensor& dw_acc);
+Status rope(const Tensor& x, const Tensor& pos, int64_t heads);
+// B * T * H == 0 passes the shape checks: the op is then a no-op.
+Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
+                     int64_t H, const Tensor& o, const Tensor& lse);
+Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
+                     const Tensor& dq, const Tensor& dk, const Tensor& dv);
+Status swiglu_fwd(const Tensor& g, const Tensor& u, const Tensor& h);
+Status swiglu_bwd(const Tensor& dh, const Tensor& g, const Tensor& u, const Tensor& dg,
+                  const Tensor& du);
+Status cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& loss);
+Status cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& dlogits);
+Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64_t n_groups,
+                   int64_t max_groups, const Tensor& scores, const Tensor& idx,
+                   const Tensor& gates);
+Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out);
+Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out);
+Status add(const Tensor& a, const Tensor& b, const Tensor& out);
+Status axpy(const Tensor& x, const Tensor& y);
+Status round_bf16(const Tensor& x, const Tensor& out);
+
+// ---- data-dependent errors: the backend finds the first bad id, these word the error
+Status bad_token_id(int64_t position, int32_t id, int64_t vocab);  // embedding_fwd
+Status bad_target(int64_t row, int32_t target, int64_t vocab);     // cross_entropy_fwd
+
+}  // namespace fp8pipe::checks
