@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/tensor.h"
+#include "kernels/cpu/adamw.h"
 #include "kernels/cpu/fp8_gemm.h"
 
 namespace fp8pipe {
@@ -101,6 +102,20 @@ class Backend {
   virtual Status add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   virtual Status axpy(float alpha, const Tensor& x, Tensor& y) = 0;
   virtual Status round_bf16(const Tensor& x, Tensor& out) = 0;  // emulates bf16 storage
+
+  // The optimizer on the backend (optim.placement=device; launch/trainer.cc). Gradients of one
+  // step are summed in fp64, rounded once to fp32, then AdamW runs next to the weights.
+  // acc (f64) += grad (f32), then grad = 0: one micro-batch's gradient into the step's sum.
+  virtual Status accumulate_grad(Tensor& grad, Tensor& acc) = 0;
+  virtual Status round_f64(const Tensor& acc, Tensor& out) = 0;  // out (f32) = fp32(acc)
+  // *total += sum of g[i]^2 (g fp32) in fp64. The CPU adds in index order (bitwise the host
+  // optimizer's norm); a device reduces in a fixed tree (deterministic, not the same bits).
+  virtual Status sum_squares(const Tensor& g, double* total) = 0;
+  // One fused AdamW step (kernels/cpu/adamw.h, bit-identical on every backend): p, g fp32; m, v
+  // bf16 moments; all with the same element count.
+  virtual Status adamw(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                       const kernels::AdamWScalars& s) = 0;
+
   // Copies a device tensor to host memory (a plain copy on the CPU backend).
   Result<Tensor> to_host(const Tensor& t);
 };

@@ -35,6 +35,7 @@ constexpr std::string_view kSources[] = {"synthetic", "tokens", "megatron"};
 constexpr std::string_view kTokenDtypes[] = {"uint16", "uint32"};
 constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
 constexpr std::string_view kDevices[] = {"cpu", "cuda"};
+constexpr std::string_view kPlacements[] = {"auto", "host", "device"};
 
 struct ChoiceField {
   std::string_view path;
@@ -51,6 +52,7 @@ constexpr ChoiceField kChoiceFields[] = {
     {"data.token_dtype", kTokenDtypes},
     {"fault.on_nonfinite", kOnNonfinite},
     {"train.device", kDevices},
+    {"optim.placement", kPlacements},
 };
 
 std::string lower(std::string_view s) {
@@ -524,6 +526,7 @@ void ValidateOptim(const config::Optim& o, Checker& c) {
   unit(c, "optim.beta2", o.beta2());
   gt0(c, "optim.eps", o.eps());
   ge0(c, "optim.weight_decay", o.weight_decay());
+  choice(c, "optim.placement", o.placement());
 }
 
 void ValidateData(const config::Data& d, Checker& c) {
@@ -619,6 +622,11 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
            "train.device=\"cuda\" runs one process (one GPU) for now: parallel.pp·parallel.dp = "
            "{}·{} = {} must be 1",
            p.pp(), p.dp(), ranks);
+  c.expect(cfg.optim().placement() != "device" || (ranks == 1 && p.schedule() != "dualpipe"),
+           "optim.placement=\"device\" needs one process holding one copy of each parameter: "
+           "parallel.pp·parallel.dp = {}·{} = {} must be 1 and parallel.schedule must not be "
+           "dualpipe (got {}); use optim.placement=\"host\" or \"auto\"",
+           p.pp(), p.dp(), ranks, p.schedule());
   c.expect(world <= 0 || ranks == world,
            "parallel.pp·parallel.dp = {}·{} = {} must equal the world size {} (valid: {})", p.pp(),
            p.dp(), ranks, world, fmt::join(layouts, "; "));

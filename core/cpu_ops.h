@@ -34,6 +34,12 @@ class CpuOps : public Backend {
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override;
   Status axpy(float alpha, const Tensor& x, Tensor& y) override;
   Status round_bf16(const Tensor& x, Tensor& out) override;  // emulates bf16 storage
+  // The optimizer ops (core/cpu_optim_ops.cc).
+  Status accumulate_grad(Tensor& grad, Tensor& acc) override;
+  Status round_f64(const Tensor& acc, Tensor& out) override;
+  Status sum_squares(const Tensor& g, double* total) override;
+  Status adamw(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+               const kernels::AdamWScalars& s) override;
 };
 
 }  // namespace fp8pipe

@@ -524,6 +524,44 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  // ---- the optimizer on the device (optim.placement=device)
+  Status accumulate_grad(Tensor& grad, Tensor& acc) override {
+    FP8_RETURN_IF_ERROR(on_gpu("accumulate_grad", {&grad, &acc}));
+    FP8_RETURN_IF_ERROR(checks::accumulate_grad(grad, acc));
+    FP8_GPU("accumulate_grad",
+            g::accumulate_f64(grad.data_as<float>(), grad.numel(), acc.data_as<double>(), cur()));
+    return Status::Ok();
+  }
+  Status round_f64(const Tensor& acc, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(on_gpu("round_f64", {&acc, &out}));
+    FP8_RETURN_IF_ERROR(checks::round_f64(acc, out));
+    FP8_GPU("round_f64",
+            g::round_f64(acc.data_as<double>(), acc.numel(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+  // Synchronizes the stream to read the sum (one small copy per tensor).
+  Status sum_squares(const Tensor& gr, double* total) override {
+    FP8_RETURN_IF_ERROR(on_gpu("sum_squares", {&gr}));
+    FP8_RETURN_IF_ERROR(checks::sum_squares(gr, total));
+    FP8_ASSIGN_OR_RETURN(auto work, alloc((g::kSumSqBlocks + 1) * sizeof(double), cur()));
+    auto* w = static_cast<double*>(work->ptr);
+    FP8_GPU("sum_squares", g::sum_squares(gr.data_as<float>(), gr.numel(), w, cur()));
+    double h = 0.0;
+    FP8_CUDA("sum_squares",
+             cudaMemcpyAsync(&h, w + g::kSumSqBlocks, sizeof(h), cudaMemcpyDeviceToHost, cur()));
+    FP8_CUDA("sum_squares", cudaStreamSynchronize(cur()));
+    *total += h;
+    return Status::Ok();
+  }
+  Status adamw(Tensor& p, const Tensor& gr, Tensor& m, Tensor& v,
+               const kernels::AdamWScalars& s) override {
+    FP8_RETURN_IF_ERROR(on_gpu("adamw", {&p, &gr, &m, &v}));
+    FP8_RETURN_IF_ERROR(checks::adamw(p, gr, m, v));
+    FP8_GPU("adamw", g::adamw_step(p.data_as<float>(), gr.data_as<float>(), m.data_as<uint16_t>(),
+                                   v.data_as<uint16_t>(), p.numel(), s, cur()));
+    return Status::Ok();
+  }
+
  private:
   cudaStream_t cur() const { return tl_current ? tl_current : ctx_->compute; }
 

@@ -13,6 +13,8 @@ size_t dtype_size(DType t) {
       return 1;
     case DType::kI32:
       return 4;
+    case DType::kF64:
+      return 8;
   }
   return 0;
 }
@@ -29,6 +31,8 @@ const char* dtype_name(DType t) {
       return "e5m2";
     case DType::kI32:
       return "i32";
+    case DType::kF64:
+      return "f64";
   }
   return "?";
 }
@@ -45,16 +49,21 @@ const char* dtype_safetensors_name(DType t) {
       return "F8_E5M2";
     case DType::kI32:
       return "I32";
+    case DType::kF64:
+      return "F64";
   }
   return "?";
 }
 
 Result<DType> parse_dtype(std::string_view s) {
-  for (DType t : {DType::kF32, DType::kBF16, DType::kE4M3, DType::kE5M2, DType::kI32}) {
+  for (DType t :
+       {DType::kF32, DType::kBF16, DType::kE4M3, DType::kE5M2, DType::kI32, DType::kF64}) {
     if (s == dtype_name(t) || s == dtype_safetensors_name(t)) return t;
   }
   return FP8_INVALID(
-      "unknown dtype '{}' (valid: fp32|F32, bf16|BF16, e4m3|F8_E4M3, e5m2|F8_E5M2, i32|I32)", s);
+      "unknown dtype '{}' (valid: fp32|F32, bf16|BF16, e4m3|F8_E4M3, e5m2|F8_E5M2, i32|I32, "
+      "f64|F64)",
+      s);
 }
 
 bool is_fp8(DType t) { return t == DType::kE4M3 || t == DType::kE5M2; }

@@ -12,7 +12,7 @@
 
 namespace fp8pipe {
 
-enum class DType : uint8_t { kF32, kBF16, kE4M3, kE5M2, kI32 };
+enum class DType : uint8_t { kF32, kBF16, kE4M3, kE5M2, kI32, kF64 };  // F64: gradient sums
 
 size_t dtype_size(DType t);
 const char* dtype_name(DType t);                // "fp32", "bf16", "e4m3", "e5m2"

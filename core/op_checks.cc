@@ -274,4 +274,38 @@ Status bad_target(int64_t row, int32_t target, int64_t vocab) {
   return FP8_INVALID("cross_entropy_fwd: target {} at row {} >= vocab {}", target, row, vocab);
 }
 
+// ---- optimizer ops
+
+namespace {
+Status want(const char* op, const Tensor& t, DType d, int64_t n) {
+  if (t.defined() && t.dtype() == d && t.numel() == n) return Status::Ok();
+  return FP8_INVALID("{}: {} with {} elements required (got {})", op, dtype_name(d), n,
+                     t.defined() ? t.describe() : "undefined");
+}
+}  // namespace
+
+Status accumulate_grad(const Tensor& grad, const Tensor& acc) {
+  FP8_RETURN_IF_ERROR(f32("accumulate_grad", {&grad}));
+  return want("accumulate_grad", acc, DType::kF64, grad.numel());
+}
+
+Status round_f64(const Tensor& acc, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(
+      need(acc.defined() && acc.dtype() == DType::kF64, "round_f64", "f64 required", acc));
+  return want("round_f64", out, DType::kF32, acc.numel());
+}
+
+Status sum_squares(const Tensor& g, const double* total) {
+  FP8_RETURN_IF_ERROR(f32("sum_squares", {&g}));
+  return need(total != nullptr, "sum_squares", "a total to add to", g);
+}
+
+Status adamw(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {
+  FP8_RETURN_IF_ERROR(f32("adamw", {&p}));
+  const int64_t n = p.numel();
+  FP8_RETURN_IF_ERROR(want("adamw", g, DType::kF32, n));
+  FP8_RETURN_IF_ERROR(want("adamw", m, DType::kBF16, n));
+  return want("adamw", v, DType::kBF16, n);
+}
+
 }  // namespace fp8pipe::checks

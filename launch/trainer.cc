@@ -107,6 +107,7 @@ Status Trainer::setup_optimizer() {
   }
   FP8_ASSIGN_OR_RETURN(auto opt, optim::AdamW::create(ac, std::move(groups)));
   opt_.emplace(std::move(opt));
+  FP8_RETURN_IF_ERROR(setup_device_optimizer());
   const int64_t total =
       o.decay_steps() > 0 ? o.warmup_steps() + o.decay_steps() : cfg_.train().steps();
   if (o.schedule() == "cosine" && o.warmup_steps() > total) {
@@ -128,6 +129,52 @@ Status Trainer::setup_optimizer() {
     lr_.emplace(s);
   }
   return Status::Ok();
+}
+
+// optim.placement: device puts the fp64 gradient sums and AdamW on be_ (Param::grad_acc_dev,
+// DeviceAdamW); auto does so on a GPU when the layout allows it (one process, one copy of each
+// parameter), where it saves the per-step gradient downloads, the host AdamW and the weight
+// uploads.
+Status Trainer::setup_device_optimizer() {
+  const std::string& placement = cfg_.optim().placement();
+  std::string why_not;
+  if (world_size_ != 1) why_not = fmt::format("the world has {} ranks", world_size_);
+  for (const Owned& o : owned_) {
+    if (why_not.empty() && o.copies.size() != 1) {
+      why_not = fmt::format("this rank holds {} copies of '{}' (parallel.schedule={})",
+                            o.copies.size(), o.name, cfg_.parallel().schedule());
+    }
+  }
+  if (placement == "device" && !why_not.empty()) {
+    return FP8_INVALID(
+        "optim.placement=\"device\" needs one process holding one copy of each parameter, but {}; "
+        "use optim.placement=\"host\" or \"auto\"",
+        why_not);
+  }
+  if (placement == "host" || !why_not.empty() ||
+      (placement == "auto" && be_->device() == Device::kCpu)) {
+    return Status::Ok();
+  }
+  std::vector<optim::TensorGroup> groups;
+  for (const Owned& o : owned_) {
+    model::Param* p = o.copies.front();
+    FP8_ASSIGN_OR_RETURN(p->grad_acc_dev, be_->zeros(p->value.shape(), DType::kF64));
+    groups.push_back({o.name, &p->value, &p->grad, p->decay});
+  }
+  FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups)));
+  dev_opt_.emplace(std::move(d));
+  log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={})", be_->name(),
+            placement);
+  return Status::Ok();
+}
+
+// optim.placement=device: the host copies that saves read (weights, moments, step count).
+Status Trainer::sync_host() {
+  if (!dev_opt_) return Status::Ok();
+  if (be_->device() != Device::kCpu) {
+    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->copy(p->value, p->host_value));
+  }
+  return dev_opt_->store_to(*opt_);
 }
 
 void Trainer::setup_owned() {
@@ -174,17 +221,20 @@ Status Trainer::gather_params() {
   return Status::Ok();
 }
 
-// Where the step runs. The model's forward and backward run on be_ (train.device); the rest of
-// a step is host work on each Param's host_value / host_grad: the fp64 gradient sums (the
-// executor downloads each chunk's gradients per compute instruction on a device), the name sums
-// and norm, AdamW on the fp32 master weights, the router-bias update and checkpoints. On the CPU
-// backend host_value and host_grad are value and grad (no copy). On a device this costs, per
-// step, one download of every gradient per backward instruction and one upload of every weight
-// (below), both synchronous, plus the host AdamW: fine for correctness runs, a bound on speed
-// until the optimizer runs on the device.
-Status Trainer::upload_params() {
+// Where the step runs. The model's forward and backward run on be_ (train.device). With
+// optim.placement=host the rest of a step is host work on each Param's host_value / host_grad:
+// the fp64 gradient sums (the executor downloads each chunk's gradients per compute instruction
+// on a device), the name sums and norm, AdamW on the fp32 master weights, the router-bias update
+// and checkpoints. On the CPU backend host_value and host_grad are value and grad (no copy); on
+// a device this costs, per step, one download of every gradient per backward instruction and one
+// upload of every weight (below). With optim.placement=device (auto on a GPU in a world of one)
+// the sums, the norm and AdamW run on be_ (setup_device_optimizer) and only the router biases
+// travel per step; host copies are refreshed for saves (sync_host).
+Status Trainer::upload_params(bool weights) {
   if (be_->device() == Device::kCpu) return Status::Ok();
-  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->copy(p->host_value, p->value));
+  for (auto* p : all_params()) {
+    if (weights) FP8_RETURN_IF_ERROR(be_->copy(p->host_value, p->value));
+  }
   for (auto* moe : all_moes())
     FP8_RETURN_IF_ERROR(be_->copy(moe->bias().host_value, moe->bias().value));
   return Status::Ok();
@@ -217,13 +267,20 @@ Status Trainer::setup_data() {
 }
 
 Result<StepResult> Trainer::train_step() {
-  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad));
+  for (auto* p : all_params()) {
+    FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad));
+    if (dev_opt_) FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad_acc_dev));
+  }
   for (auto* moe : all_moes()) moe->reset_stats();
   ctx_.nonfinite_groups = 0;
   StepResult r;
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
-  FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(world_rank_, step_ + 1, all_params()));
-  FP8_ASSIGN_OR_RETURN(r.grad_norm, sync_grads_and_norm());
+  if (dev_opt_) {
+    FP8_ASSIGN_OR_RETURN(r.grad_norm, device_grad_norm());
+  } else {
+    FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(world_rank_, step_ + 1, all_params()));
+    FP8_ASSIGN_OR_RETURN(r.grad_norm, sync_grads_and_norm());
+  }
   r.lr = lr_->lr(step_ + 1);
   const bool finite = std::isfinite(r.grad_norm) && std::isfinite(r.loss.total);
   if (!finite) {
@@ -239,11 +296,15 @@ Result<StepResult> Trainer::train_step() {
     r.skipped = true;
   } else {
     const float clip = optim::AdamW::clip_factor(r.grad_norm, cfg_.train().grad_clip());
-    FP8_RETURN_IF_ERROR(opt_->step(r.lr, clip));
-    FP8_RETURN_IF_ERROR(gather_params());
+    if (dev_opt_) {
+      FP8_RETURN_IF_ERROR(dev_opt_->step(r.lr, clip));
+    } else {
+      FP8_RETURN_IF_ERROR(opt_->step(r.lr, clip));
+      FP8_RETURN_IF_ERROR(gather_params());
+    }
     ++ctx_.weight_version;
     FP8_RETURN_IF_ERROR(update_router_biases());
-    FP8_RETURN_IF_ERROR(upload_params());
+    FP8_RETURN_IF_ERROR(upload_params(/*weights=*/!dev_opt_));
   }
   ++step_;
   tokens_seen_ += r.loss.tokens;
@@ -363,7 +424,8 @@ Result<double> Trainer::evaluate(int64_t batches) {
   return sum / std::max<int64_t>(1, batches);
 }
 
-Status Trainer::save_model(const std::string& path) const {
+Status Trainer::save_model(const std::string& path) {
+  FP8_RETURN_IF_ERROR(sync_host());
   safetensors::Writer w;
   auto add = [&](const model::Param& p) -> Status {
     auto* bytes = static_cast<const uint8_t*>(p.host_value.data());
@@ -511,6 +573,7 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
 
 Status Trainer::save_checkpoint() {
   if (!ckpt_) return FP8_INVALID("save_checkpoint: checkpoint.dir is empty");
+  FP8_RETURN_IF_ERROR(sync_host());
   if (world_size_ > 1) {
     FP8_RETURN_IF_ERROR(
         ckpt::save_distributed(ckpt_->options(), checkpoint_request(), checkpoint_collective()));
@@ -616,7 +679,8 @@ Status Trainer::restore_optimizer(const ckpt::Loaded& l) {
       st.arrays.push_back(std::move(a));
     }
   }
-  return opt_->import_state(st);
+  FP8_RETURN_IF_ERROR(opt_->import_state(st));
+  return dev_opt_ ? dev_opt_->load_from(*opt_) : Status::Ok();
 }
 
 Status Trainer::resume(const ResumeOptions& opt) {

@@ -14,6 +14,7 @@
 #include "core/model/transformer.h"
 #include "launch/metrics.h"
 #include "optim/adamw.h"
+#include "optim/device_adamw.h"
 #include "optim/lr_schedule.h"
 #include "parallel/executor.h"
 #include "parallel/expert_comm.h"
@@ -53,7 +54,7 @@ class Trainer {
   Result<double> evaluate(int64_t batches);
 
   // Model-only checkpoint (safetensors: every parameter and router bias by global name).
-  Status save_model(const std::string& path) const;
+  Status save_model(const std::string& path);
   Status load_model(const std::string& path);
 
   // Checkpoints (DESIGN.md §6, core/checkpoint.h), when checkpoint.dir is set. resume() follows
@@ -86,6 +87,9 @@ class Trainer {
   Status trace_step_end();
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
   Result<double> sync_grads_and_norm();
+  Result<double> device_grad_norm();  // optim.placement=device: the norm of the rounded sums
+  Status setup_device_optimizer();
+  Status sync_host();  // optim.placement=device: weights and moments -> the host copies
   Status update_router_biases();
   std::vector<model::Param*> all_params() const;  // every local chunk's parameters
   // ZeRO-1: each global parameter on this rank, its local copies (DualPipe may hold one twice),
@@ -98,7 +102,9 @@ class Trainer {
   };
   void setup_owned();
   Status gather_params();  // after the optimizer step: every holder gets every shard
-  Status upload_params();  // host master weights and router biases -> the device (CPU: no-op)
+  // Host master weights (unless the optimizer runs on the device) and router biases -> the
+  // device (CPU: no-op).
+  Status upload_params(bool weights = true);
   ckpt::Collective checkpoint_collective();
   std::vector<model::MoE*> all_moes() const;
   Status sum_over_world(std::vector<double>& v);
@@ -130,8 +136,9 @@ class Trainer {
   const std::atomic<bool>* stop_flag_ = nullptr;
   bool stopped_early_ = false;
   Result<bool> should_stop(double elapsed_s);
-  std::vector<std::vector<double>> loads_;  // per local MoE: expert loads for the sync
-  std::optional<optim::AdamW> opt_;
+  std::vector<std::vector<double>> loads_;     // per local MoE: expert loads for the sync
+  std::optional<optim::AdamW> opt_;            // host AdamW (also the checkpoint form of the state)
+  std::optional<optim::DeviceAdamW> dev_opt_;  // optim.placement=device: the AdamW that steps
   std::optional<optim::LrSchedule> lr_;
   std::shared_ptr<data::TokenSource> source_;
   std::shared_ptr<data::SyntheticMarkov> synthetic_;

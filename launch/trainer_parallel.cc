@@ -134,6 +134,18 @@ Result<double> Trainer::sync_grads_and_norm() {
   return std::sqrt(sq[0]);
 }
 
+// optim.placement=device (one process, one copy of each parameter): each fp64 sum is rounded
+// to fp32 in place of the parameter's gradient, and the squares are summed in all_params()
+// order, as sync_grads_and_norm does on the host (bitwise on the CPU backend).
+Result<double> Trainer::device_grad_norm() {
+  double sq = 0.0;
+  for (auto* p : all_params()) {
+    FP8_RETURN_IF_ERROR(be_->round_f64(p->grad_acc_dev, p->grad));
+    FP8_RETURN_IF_ERROR(be_->sum_squares(p->grad, &sq));
+  }
+  return std::sqrt(sq);
+}
+
 // Expert loads summed over every copy of each MoE layer (keyed by its bias name), then the
 // auxiliary-loss-free bias update, identical on every copy.
 Status Trainer::update_router_biases() {

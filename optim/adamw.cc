@@ -98,7 +98,20 @@ float AdamW::clip_factor(double norm, float max_norm) {
   return static_cast<float>(std::min(1.0, static_cast<double>(max_norm) / (norm + 1e-6)));
 }
 
-Status AdamW::step(float lr, float grad_scale) {
+kernels::AdamWScalars step_scalars(const AdamWConfig& cfg, bool weight_decay, float lr,
+                                   int64_t step, float grad_scale) {
+  kernels::AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = cfg.beta1;
+  h.beta2 = cfg.beta2;
+  h.eps = cfg.eps;
+  h.weight_decay = weight_decay ? cfg.weight_decay : 0.0f;
+  h.step = step;
+  h.grad_scale = grad_scale;
+  return kernels::adamw_scalars(h);
+}
+
+Status check_step_args(float lr, float grad_scale) {
   if (!std::isfinite(lr) || lr < 0.0f) {
     return FP8_INVALID("adamw: lr must be finite and >= 0, got {}", lr);
   }
@@ -107,19 +120,16 @@ Status AdamW::step(float lr, float grad_scale) {
                   fmt::format("adamw: grad_scale must be finite and >= 0, got {}", grad_scale),
                   "a non-finite gradient norm means the step must be skipped on every rank");
   }
+  return Status::Ok();
+}
+
+Status AdamW::step(float lr, float grad_scale) {
+  FP8_RETURN_IF_ERROR(check_step_args(lr, grad_scale));
   ++step_;
   for (size_t i = 0; i < groups_.size(); ++i) {
     const ParamGroup& g = groups_[i];
-    kernels::AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = cfg_.beta1;
-    h.beta2 = cfg_.beta2;
-    h.eps = cfg_.eps;
-    h.weight_decay = g.weight_decay ? cfg_.weight_decay : 0.0f;
-    h.step = step_;
-    h.grad_scale = grad_scale;
     kernels::adamw_step(g.param, g.grad, m_[i].data(), v_[i].data(), g.numel(),
-                        kernels::adamw_scalars(h));
+                        step_scalars(cfg_, g.weight_decay, lr, step_, grad_scale));
   }
   return Status::Ok();
 }

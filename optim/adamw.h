@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/status.h"
+#include "kernels/cpu/adamw.h"
 
 namespace fp8pipe::optim {
 
@@ -48,6 +49,13 @@ struct AdamWState {
   int64_t step = 0;  // completed steps (the bias-correction counter)
   std::vector<StateArray> arrays;
 };
+
+// The fp32 constants of one step for one group (kernels::adamw_scalars of the config's
+// hyperparameters): AdamW::step and DeviceAdamW::step (optim/device_adamw.h) share them.
+kernels::AdamWScalars step_scalars(const AdamWConfig& cfg, bool weight_decay, float lr,
+                                   int64_t step, float grad_scale);
+// lr and grad_scale must be finite and >= 0 (a non-finite norm means: skip the step).
+Status check_step_args(float lr, float grad_scale);
 
 // The contiguous piece [begin, end) of an n-element array owned by `rank` of `world` (ZeRO-1):
 // pieces differ in size by at most one, lower ranks take the larger ones.

@@ -152,6 +152,8 @@ Status PipelineExecutor::weight(model::ModelCtx& c, int mb, int dir, int stage) 
 Status PipelineExecutor::flush_grads(int dir) {
   Backend& be = *ctx_->be;
   auto flush = [&](model::Param* p, Tensor& grad) -> Status {
+    // optim.placement=device: the sum stays on the backend, nothing is copied.
+    if (p->grad_acc_dev.defined()) return be.accumulate_grad(grad, p->grad_acc_dev);
     const int64_t n = grad.numel();
     if (static_cast<int64_t>(p->grad_acc.size()) != n) p->grad_acc.assign(n, 0.0);
     if (grad.device() == Device::kCpu) {  // host memory: sum and zero in one pass

@@ -74,7 +74,8 @@ class PipelineExecutor {
   Status run_fb(const Half& f, const Half& b);
   // Moves chunk `dir`'s fp32 gradients into their fp64 accumulators (Param::grad_acc): each
   // instruction's contribution is summed in fp64, so any schedule's order rounds alike in fp32.
-  // On a device the gradients are downloaded first (one copy per parameter per instruction).
+  // On a device the gradients are downloaded first (one copy per parameter per instruction),
+  // unless Param::grad_acc_dev is set (optim.placement=device): then the sum stays there.
   Status flush_grads(int dir);
   Status send(const Instr& in);
   Status recv(const Instr& in, const BatchFn& batch);

@@ -44,12 +44,16 @@ struct Param {
   Tensor value;      // fp32 master weight
   Tensor grad;       // fp32 gradient; the executor flushes it into grad_acc per instruction
   std::vector<double> grad_acc;  // host fp64 sum over micro-batches: order-independent in fp32
-  bool decay = true;             // AdamW weight decay applies (not to norms)
-  bool expert = false;           // a routed expert's parameter (sharded over ep later)
+  // optim.placement=device: the same fp64 sum, kept on the backend (f64, value's shape) instead
+  // of grad_acc; the executor accumulates into it when it is defined.
+  Tensor grad_acc_dev;
+  bool decay = true;    // AdamW weight decay applies (not to norms)
+  bool expert = false;  // a routed expert's parameter (sharded over ep later)
   // Host fp32 copies for the host-side work of a step (the synced gradient rounded from grad_acc,
   // AdamW, the router-bias update, checkpoints). On the CPU backend they are `value` and `grad`
   // themselves (same storage, no copy); on a device host_value is the master, uploaded to `value`
-  // after each update (the trainer's upload_params).
+  // after each update (the trainer's upload_params), unless the optimizer runs on the device
+  // (optim.placement=device), where `value` is the master and host_value is refreshed for saves.
   Tensor host_value, host_grad;
 };
 

@@ -93,4 +93,15 @@ Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream
 Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                   const AdamWScalars& s, cudaStream_t stream);
 
+// The optimizer on the device (kernels/cuda/optim_ops.cu; Backend::accumulate_grad .. adamw).
+// acc[i] += double(g[i]); g[i] = 0 (bit-identical to the CPU loop: one exact add per element).
+Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream);
+// out[i] = float(acc[i]), round to nearest even (bit-identical).
+Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream);
+// Sum of g[i]^2 in fp64 into work[kSumSqBlocks] (work: kSumSqBlocks + 1 doubles): each of
+// kSumSqBlocks blocks sums a fixed strided subset, then one block adds the partials in order, so
+// the result is deterministic run to run (not the CPU's index-order bits).
+constexpr int kSumSqBlocks = 1024;
+Result sum_squares(const float* g, int64_t n, double* work, cudaStream_t stream);
+
 }  // namespace fp8pipe::kernels::gpu

@@ -3,7 +3,7 @@
 //   bit-identical: quantize (every granularity, fp32/bf16, E4M3/E5M2, pow2/fp32 scales, NaN
 //     groups and counts), quantize_transposed, transpose_fp8, dequantize, gemm_fp8 in kExact
 //     mode (splitK = 1), embedding fwd/bwd, gather/scatter rows (duplicates included), add,
-//     axpy, round_bf16, rmsnorm's dw, router indices;
+//     axpy, round_bf16, rmsnorm's dw, router indices, the optimizer ops but sum_squares;
 //   |gpu - cpu| <= atol + rtol * |cpu| otherwise, with the (atol, rtol) given at each check.
 #include "core/backend.h"
 
@@ -457,6 +457,51 @@ TEST_F(CudaBackendTest, RouterTopk) {
 }
 
 // Ops launched on a side stream run there; events order them against the compute stream.
+// The optimizer ops of optim.placement=device: the fp64 sums, their rounding and AdamW are
+// bit-identical; the squared norm is a tree sum (deterministic, within 1e-12 relative of the
+// CPU's index-order sum).
+TEST_F(CudaBackendTest, OptimizerOps) {
+  const int64_t n = (1 << 18) + 19;
+  const Shape s{n};
+  Tensor acc_c = cpu_->zeros(s, DType::kF64).value(), acc_g = gpu_->zeros(s, DType::kF64).value();
+  for (uint32_t mb = 0; mb < 3; ++mb) {  // three micro-batches of gradients
+    Tensor gc = hostf(s, randn(n, 50 + mb, mb == 1 ? 1e-3f : 2.0f));
+    Tensor gg = dev(gc);
+    ASSERT_TRUE(cpu_->accumulate_grad(gc, acc_c).ok());
+    ASSERT_TRUE(gpu_->accumulate_grad(gg, acc_g).ok());
+    expect_bits(back<float>(gg), std::vector<float>(n, 0.0f), "grad zeroed");
+  }
+  expect_bits(back<double>(acc_g), vec<double>(acc_c), "accumulate_grad");
+  Tensor rc = cpu_->empty(s, DType::kF32).value(), rg = gpu_->empty(s, DType::kF32).value();
+  ASSERT_TRUE(cpu_->round_f64(acc_c, rc).ok());
+  ASSERT_TRUE(gpu_->round_f64(acc_g, rg).ok());
+  expect_bits(back<float>(rg), vec<float>(rc), "round_f64");
+  double sc = 0.5, sg1 = 0.5, sg2 = 0.5;  // both continue a running sum
+  ASSERT_TRUE(cpu_->sum_squares(rc, &sc).ok());
+  ASSERT_TRUE(gpu_->sum_squares(rg, &sg1).ok());
+  ASSERT_TRUE(gpu_->sum_squares(rg, &sg2).ok());
+  EXPECT_EQ(sg1, sg2) << "sum_squares is not deterministic";
+  EXPECT_NEAR(sg1, sc, 1e-12 * sc);
+  kernels::AdamWHyper h;
+  h.lr = 1e-3f;
+  h.weight_decay = 0.1f;
+  h.step = 3;
+  h.grad_scale = 0.7f;
+  const kernels::AdamWScalars k = kernels::adamw_scalars(h);
+  Tensor pc = hostf(s, randn(n, 60, 0.02f)), pg = dev(pc);
+  Tensor mc = cpu_->zeros(s, DType::kBF16).value(), vc = cpu_->zeros(s, DType::kBF16).value();
+  Tensor mg = dev(mc), vg = dev(vc);
+  for (int step = 0; step < 2; ++step) {
+    ASSERT_TRUE(cpu_->adamw(pc, rc, mc, vc, k).ok());
+    ASSERT_TRUE(gpu_->adamw(pg, rg, mg, vg, k).ok());
+  }
+  expect_bits(back<float>(pg), vec<float>(pc), "adamw p");
+  expect_bits(back<uint16_t>(mg), vec<uint16_t>(mc), "adamw m");
+  expect_bits(back<uint16_t>(vg), vec<uint16_t>(vc), "adamw v");
+  Tensor wrong = gpu_->zeros(s, DType::kF32).value();
+  EXPECT_FALSE(gpu_->accumulate_grad(rg, wrong).ok());  // the sum must be f64
+}
+
 TEST_F(CudaBackendTest, StreamsAndEvents) {
   const int64_t n = 1 << 20;
   const Tensor a = hostf({n}, randn(n, 70)), b = hostf({n}, randn(n, 71));

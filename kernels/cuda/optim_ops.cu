@@ -1,0 +1,88 @@
+// Device kernels of the optimizer placement=device path (declared in kernels/cuda/ops.cuh): the
+// fp64 gradient sums, their rounding to fp32 and the squared norm. The fused AdamW is in ops.cu.
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/ops.cuh"
+
+namespace fp8pipe::kernels::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
+}
+
+__global__ void k_accumulate(float* g, int64_t n, double* acc) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    acc[i] += static_cast<double>(g[i]);
+    g[i] = 0.0f;
+  }
+}
+
+__global__ void k_round(const double* acc, int64_t n, float* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    out[i] = static_cast<float>(acc[i]);
+  }
+}
+
+// Fixed-shape tree sum of one value per thread of a kThreads block (same order every run).
+__device__ double block_sum(double v) {
+  __shared__ double sh[kThreads];
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  return sh[0];
+}
+
+__global__ void k_sumsq_partial(const float* g, int64_t n, double* partial) {
+  const int64_t stride = static_cast<int64_t>(kSumSqBlocks) * kThreads;
+  double s = 0.0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    const double x = g[i];
+    s += x * x;  // exact square of an fp32 value; -fmad=false keeps the add separate
+  }
+  const double b = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = b;
+}
+
+__global__ void k_sumsq_final(double* work) {
+  double s = 0.0;
+  for (int i = threadIdx.x; i < kSumSqBlocks; i += kThreads) s += work[i];
+  const double b = block_sum(s);
+  if (threadIdx.x == 0) work[kSumSqBlocks] = b;
+}
+
+}  // namespace
+
+Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  k_accumulate<<<grid_for(n), kThreads, 0, stream>>>(g, n, acc);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  k_round<<<grid_for(n), kThreads, 0, stream>>>(acc, n, out);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+Result sum_squares(const float* g, int64_t n, double* work, cudaStream_t stream) {
+  k_sumsq_partial<<<kSumSqBlocks, kThreads, 0, stream>>>(g, n, work);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  k_sumsq_final<<<1, kThreads, 0, stream>>>(work);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+}  // namespace fp8pipe::kernels::gpu

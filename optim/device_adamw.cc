@@ -1,0 +1,91 @@
+#include "optim/device_adamw.h"
+
+#include <cstring>
+
+namespace fp8pipe::optim {
+
+Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
+                                        std::vector<TensorGroup> groups) {
+  const auto& hg = host.groups();
+  if (groups.size() != hg.size()) {
+    return FP8_INVALID("device adamw: {} groups, the host optimizer has {}", groups.size(),
+                       hg.size());
+  }
+  DeviceAdamW d;
+  d.be_ = &be;
+  d.cfg_ = host.config();
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const TensorGroup& g = groups[i];
+    if (!g.param || !g.grad || g.name != hg[i].name) {
+      return FP8_INVALID("device adamw: group {} is '{}', the host optimizer's is '{}'", i, g.name,
+                         hg[i].name);
+    }
+    const int64_t n = g.param->numel();
+    if (hg[i].begin != 0 || hg[i].end != n || g.grad->numel() != n ||
+        g.weight_decay != hg[i].weight_decay) {
+      return FP8_INVALID(
+          "device adamw: group '{}' must be the whole tensor ({} elements) with the host's decay "
+          "flag; the host holds [{}, {})",
+          g.name, n, hg[i].begin, hg[i].end);
+    }
+    FP8_ASSIGN_OR_RETURN(Tensor m, be.zeros(g.param->shape(), DType::kBF16));
+    FP8_ASSIGN_OR_RETURN(Tensor v, be.zeros(g.param->shape(), DType::kBF16));
+    d.m_.push_back(std::move(m));
+    d.v_.push_back(std::move(v));
+  }
+  d.groups_ = std::move(groups);
+  FP8_RETURN_IF_ERROR(d.load_from(host));
+  return d;
+}
+
+Status DeviceAdamW::step(float lr, float grad_scale) {
+  FP8_RETURN_IF_ERROR(check_step_args(lr, grad_scale));
+  ++step_;
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    const TensorGroup& g = groups_[i];
+    FP8_RETURN_IF_ERROR(be_->adamw(*g.param, *g.grad, m_[i], v_[i],
+                                   step_scalars(cfg_, g.weight_decay, lr, step_, grad_scale)));
+  }
+  return Status::Ok();
+}
+
+// The state travels as AdamWState (bf16 bytes, little-endian as the host stores them).
+Status DeviceAdamW::store_to(AdamW& host) const {
+  AdamWState st;
+  st.step = step_;
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    for (const Tensor* t : {&m_[i], &v_[i]}) {
+      FP8_ASSIGN_OR_RETURN(Tensor h, be_->to_host(*t));
+      const auto* b = static_cast<const uint8_t*>(h.data());
+      st.arrays.push_back(StateArray{groups_[i].name + (t == &m_[i] ? ".exp_avg" : ".exp_avg_sq"),
+                                     0, t->numel(), std::vector<uint8_t>(b, b + h.nbytes())});
+    }
+  }
+  return host.import_state(st);
+}
+
+Status DeviceAdamW::load_from(const AdamW& host) {
+  AdamWState st = host.export_state();
+  if (st.arrays.size() != 2 * groups_.size()) {
+    return FP8_INVALID("device adamw: the host state has {} arrays, expected {}", st.arrays.size(),
+                       2 * groups_.size());
+  }
+  auto cpu = make_cpu_backend();
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    for (int k = 0; k < 2; ++k) {  // export order: exp_avg, exp_avg_sq per group
+      const StateArray& a = st.arrays[2 * i + k];
+      Tensor& dst = k == 0 ? m_[i] : v_[i];
+      if (a.bytes.size() != dst.nbytes()) {
+        return FP8_INVALID("device adamw: '{}' has {} bytes, expected {}", a.name, a.bytes.size(),
+                           dst.nbytes());
+      }
+      FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty(dst.shape(), DType::kBF16));
+      std::memcpy(h.data(), a.bytes.data(), a.bytes.size());
+      FP8_RETURN_IF_ERROR(be_->copy(h, dst));
+    }
+  }
+  step_ = st.step;
+  return Status::Ok();
+}
+
+}  // namespace fp8pipe::optim

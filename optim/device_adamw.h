@@ -1,0 +1,46 @@
+// AdamW next to the weights (optim.placement=device): the twin of a host AdamW whose moments live
+// on a Backend as bf16 Tensors and whose step is Backend::adamw, the same per-element math and
+// fp32 step constants as AdamW::step (optim/adamw.h), so the CPU backend gives the host bits and
+// a GPU copies nothing per step. The host AdamW stays the checkpoint format: store_to() before a
+// save, load_from() after a restore.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "optim/adamw.h"
+
+namespace fp8pipe::optim {
+
+// One whole parameter on the backend: fp32 value and fp32 gradient (the step's rounded sum).
+struct TensorGroup {
+  std::string name;
+  Tensor* param = nullptr;
+  Tensor* grad = nullptr;
+  bool weight_decay = true;
+};
+
+class DeviceAdamW {
+ public:
+  // The twin of `host` (its config, step count and moments) on `be`: one group per host group,
+  // in the same order with the same names, each covering its whole tensor (no ZeRO shards).
+  static Result<DeviceAdamW> create(Backend& be, const AdamW& host,
+                                    std::vector<TensorGroup> groups);
+
+  Status step(float lr, float grad_scale = 1.0f);  // as AdamW::step
+  int64_t step_count() const { return step_; }
+
+  Status store_to(AdamW& host) const;   // moments and step count -> host (for a checkpoint)
+  Status load_from(const AdamW& host);  // host's moments and step count -> here
+
+ private:
+  DeviceAdamW() = default;
+  Backend* be_ = nullptr;
+  AdamWConfig cfg_;
+  std::vector<TensorGroup> groups_;
+  std::vector<Tensor> m_, v_;  // bf16, one per group
+  int64_t step_ = 0;
+};
+
+}  // namespace fp8pipe::optim
