@@ -65,9 +65,14 @@ class Backend {
   virtual Status dequantize(const Tensor& q, Tensor& out) = 0;  // out fp32, same shape
   // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
   virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;
-  // fp32 GEMM: C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged.
+  // C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged; C fp32, A and B
+  // both fp32 or both bf16 (the BF16 twin: bf16 operands, fp32 accumulation, on tensor cores on
+  // a GPU; the CPU widens bf16 to fp32 exactly and calls BLAS).
   virtual Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
+  // dst = src converted: fp32 -> bf16 (round to nearest even, as round_bf16) or bf16 -> fp32
+  // (exact); the same element count.
+  virtual Status cast(const Tensor& src, Tensor& dst) = 0;
 
   // Model operators: fp32 tensors viewed as [rows, cols], i32 ids; the math (and what is written
   // vs accumulated) is documented in kernels/cpu/ops.h. Shapes are checked here.

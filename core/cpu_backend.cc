@@ -133,10 +133,33 @@ class CpuBackend final : public CpuOps {
     FP8_RETURN_IF_ERROR(checks::gemm(a, ta, b, tb, c));
     const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
     const int64_t N = tb ? b.rows() : b.cols();
+    // bf16 operands: widened exactly, so the result is that of the fp32 GEMM of the same values.
+    Tensor aw = a, bw = b;
+    if (a.dtype() == DType::kBF16) {
+      FP8_ASSIGN_OR_RETURN(aw, empty(a.shape(), DType::kF32));
+      FP8_ASSIGN_OR_RETURN(bw, empty(b.shape(), DType::kF32));
+      FP8_RETURN_IF_ERROR(cast(a, aw));
+      FP8_RETURN_IF_ERROR(cast(b, bw));
+    }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
-                a.data_as<float>(), static_cast<int>(a.cols()), b.data_as<float>(),
+                aw.data_as<float>(), static_cast<int>(a.cols()), bw.data_as<float>(),
                 static_cast<int>(b.cols()), beta, c.data_as<float>(), static_cast<int>(N));
+    return Status::Ok();
+  }
+
+  Status cast(const Tensor& src, Tensor& dst) override {
+    FP8_RETURN_IF_ERROR(checks::cast(src, dst));
+    const int64_t n = src.numel();
+    if (src.dtype() == DType::kF32) {
+      const float* s = src.data_as<float>();
+      uint16_t* d = dst.data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = k::float_to_bf16(s[i]);
+    } else {
+      const uint16_t* s = src.data_as<uint16_t>();
+      float* d = dst.data_as<float>();
+      for (int64_t i = 0; i < n; ++i) d[i] = k::bf16_to_float(s[i]);
+    }
     return Status::Ok();
   }
 

@@ -76,8 +76,9 @@ void check_or_die(cudaError_t e, const char* what) {
 struct DeviceCtx {
   int device = 0;
   cudaStream_t compute = nullptr;
-  cublasHandle_t blas = nullptr;
-  std::mutex mu;  // guards the maps below
+  cublasHandle_t blas = nullptr;       // fp32 GEMMs, pedantic math (no TF32)
+  cublasHandle_t blas_bf16 = nullptr;  // bf16 GEMMs, default math (tensor cores)
+  std::mutex mu;                       // guards the maps below
   std::map<cudaStream_t, std::unique_ptr<g::LtGemm>> lt;
   std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
   std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged;
@@ -88,6 +89,7 @@ struct DeviceCtx {
     lt.clear();
     for (auto& [key, p] : freq) cudaFree(p);
     if (blas) cublasDestroy(blas);
+    if (blas_bf16) cublasDestroy(blas_bf16);
     if (compute) cudaStreamDestroy(compute);
   }
 
@@ -343,8 +345,25 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(checks::gemm(a, ta, b, tb, c));
     const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
     const int64_t N = tb ? b.rows() : b.cols();
+    if (a.dtype() == DType::kBF16) {
+      return bf16_gemm(a.data(), a.cols(), ta, b.data(), b.cols(), tb, c.data_as<float>(), M, N, K,
+                       alpha, beta);
+    }
     return sgemm(a.data_as<float>(), a.cols(), ta, b.data_as<float>(), b.cols(), tb,
                  c.data_as<float>(), M, N, K, alpha, beta);
+  }
+
+  Status cast(const Tensor& src, Tensor& dst) override {
+    FP8_RETURN_IF_ERROR(on_gpu("cast", {&src, &dst}));
+    FP8_RETURN_IF_ERROR(checks::cast(src, dst));
+    if (src.dtype() == DType::kF32) {
+      FP8_GPU("cast",
+              g::f32_to_bf16(src.data_as<float>(), src.numel(), dst.data_as<uint16_t>(), cur()));
+    } else {
+      FP8_GPU("cast",
+              g::bf16_to_f32(src.data_as<uint16_t>(), src.numel(), dst.data_as<float>(), cur()));
+    }
+    return Status::Ok();
   }
 
   // ---- model operators ----
@@ -674,6 +693,26 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  // Row-major C[M][N] = alpha op(A) op(B) + beta C with bf16 A, B: cublasGemmEx on the column-major
+  // transpose (C^T = op(B)^T op(A)^T), fp32 C and fp32 accumulation.
+  Status bf16_gemm(const void* a, int64_t lda, bool ta, const void* b, int64_t ldb, bool tb,
+                   float* c, int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    if (M == 0 || N == 0) return Status::Ok();
+    std::lock_guard<std::mutex> lk(blas_mu_);
+    const cublasStatus_t s1 = cublasSetStream(ctx_->blas_bf16, cur());
+    const cublasStatus_t s2 = cublasGemmEx(
+        ctx_->blas_bf16, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+        static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, b, CUDA_R_16BF,
+        static_cast<int>(std::max<int64_t>(ldb, 1)), a, CUDA_R_16BF,
+        static_cast<int>(std::max<int64_t>(lda, 1)), &beta, c, CUDA_R_32F, static_cast<int>(N),
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s1 != CUBLAS_STATUS_SUCCESS || s2 != CUBLAS_STATUS_SUCCESS) {
+      return FP8_ERROR(Code::kInternal, "gemm: cublasGemmEx (bf16) M={} N={} K={}: {}", M, N, K,
+                       g::cublas_status_name(s2 != CUBLAS_STATUS_SUCCESS ? s2 : s1));
+    }
+    return Status::Ok();
+  }
+
   // The CPU's kFast path for shapes cuBLASLt's FP8 kernels do not take: exact dequantize of both
   // operands, fp32 GEMM, and (for a bf16 output) one RNE rounding of the fp32 result.
   Status gemm_fp8_fallback(const Tensor& a, const Tensor& b, Tensor& out, const std::string& why) {
@@ -746,6 +785,10 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index) {
   // fp32 GEMMs stay fp32 (no TF32): the CPU backend is the reference.
   if (cublasSetMathMode(ctx->blas, CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS) {
     return FP8_ERROR(Code::kInternal, "cublasSetMathMode failed on cuda:{}", device_index);
+  }
+  // bf16 operands (the BF16 twin): tensor cores with fp32 accumulation (CUBLAS_COMPUTE_32F).
+  if (cublasCreate(&ctx->blas_bf16) != CUBLAS_STATUS_SUCCESS) {
+    return FP8_ERROR(Code::kInternal, "cublasCreate failed on cuda:{}", device_index);
   }
   return std::unique_ptr<Backend>(
       std::make_unique<CudaBackend>(ctx, fmt::format("cuda:{} ({})", device_index, prop.name)));

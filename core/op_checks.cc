@@ -108,8 +108,11 @@ Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out) {
 
 Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c) {
   for (const Tensor* t : {&a, &b, &c}) {
-    if (!t->defined() || t->dtype() != DType::kF32) {
-      return FP8_INVALID("gemm: fp32 required, got {}", t->defined() ? t->describe() : "undefined");
+    const bool operand = t != &c;
+    if (!t->defined() || !(t->dtype() == DType::kF32 ||
+                           (operand && t->dtype() == DType::kBF16 && a.dtype() == b.dtype()))) {
+      return FP8_INVALID("gemm: fp32 required{}, got {}", operand ? " (or bf16 A and B)" : " for C",
+                         t->defined() ? t->describe() : "undefined");
     }
   }
   const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
@@ -119,6 +122,14 @@ Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c)
                        c.describe());
   }
   return Status::Ok();
+}
+
+Status cast(const Tensor& src, const Tensor& dst) {
+  const bool ok = src.defined() && dst.defined() &&
+                  ((src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) ||
+                   (src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32));
+  FP8_RETURN_IF_ERROR(need(ok, "cast", "fp32 -> bf16 or bf16 -> fp32 required", dst));
+  return same("cast", src, dst);
 }
 
 // ---- model operators

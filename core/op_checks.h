@@ -33,6 +33,7 @@ Status transpose_fp8(const Tensor& q);
 Status dequantize(const Tensor& q, const Tensor& out);
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
 Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
+Status cast(const Tensor& src, const Tensor& dst);  // fp32 <-> bf16, equal counts
 
 Status embedding_fwd(const Tensor& table, const Tensor& ids, const Tensor& out);
 Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, const Tensor& dtable);

@@ -21,14 +21,15 @@ Status Linear::refresh_weight_cache(ModelCtx& c) {
     FP8_ASSIGN_OR_RETURN(wq_t_, c.be->transpose_fp8(wq_));
     c.nonfinite_groups += bad;
   } else if (bf16_path(c)) {
-    FP8_ASSIGN_OR_RETURN(wb_, new_f32(c, out_, in_));
-    FP8_RETURN_IF_ERROR(c.be->round_bf16(w_.value, wb_));
+    FP8_ASSIGN_OR_RETURN(wb_, c.be->empty({out_, in_}, DType::kBF16));
+    FP8_RETURN_IF_ERROR(c.be->cast(w_.value, wb_));
   }
   cached_version_ = c.weight_version;
   return Status::Ok();
 }
 
-// fp32 GEMM of a [n, k] with b ([m, k] when trans_b, else [k, m]); rounded to bf16 unless FP32.
+// GEMM of a [n, k] with b ([m, k] when trans_b, else [k, m]), both fp32 or both bf16, into fp32;
+// the result rounded to bf16 values unless FP32.
 Result<Tensor> Linear::gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b) {
   const int64_t m = trans_b ? b.rows() : b.cols();
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, a.rows(), m));
@@ -52,9 +53,9 @@ Result<Tensor> Linear::forward(ModelCtx& c, int mb, const Tensor& x) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
     return y;
   }
-  if (bf16_path(c)) {
-    FP8_ASSIGN_OR_RETURN(s.x, new_f32(c, x.rows(), in_));
-    FP8_RETURN_IF_ERROR(c.be->round_bf16(x, s.x));
+  if (bf16_path(c)) {  // bf16 operands (half the saved bytes), fp32 accumulation
+    FP8_ASSIGN_OR_RETURN(s.x, c.be->empty({x.rows(), in_}, DType::kBF16));
+    FP8_RETURN_IF_ERROR(c.be->cast(x, s.x));
     return gemm_out(c, s.x, wb_, true);
   }
   s.x = x;  // activations are not modified in place by callers
@@ -82,8 +83,8 @@ Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
     return dx;
   }
   if (bf16_path(c)) {
-    FP8_ASSIGN_OR_RETURN(Tensor dyb, new_f32(c, dy.rows(), out_));
-    FP8_RETURN_IF_ERROR(c.be->round_bf16(dy, dyb));
+    FP8_ASSIGN_OR_RETURN(Tensor dyb, c.be->empty({dy.rows(), out_}, DType::kBF16));
+    FP8_RETURN_IF_ERROR(c.be->cast(dy, dyb));
     s->dy = dyb;
     return gemm_out(c, dyb, wb_, false);
   }

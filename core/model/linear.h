@@ -36,7 +36,7 @@ class Linear {
   Result<Tensor> gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b);
 
   struct Saved {
-    Tensor x;   // fp32 (or bf16-rounded) input, non-FP8 modes
+    Tensor x;   // input: fp32 (FP32 mode) or a bf16 tensor (the bf16 path)
     Tensor xq;  // FP8 1x128 input, FP8 mode
     Tensor dy;  // output gradient, kept from backward_input to backward_weight
   };

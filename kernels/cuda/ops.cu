@@ -430,6 +430,9 @@ __global__ void k_round_bf16(const float* x, int64_t n, float* out) {
 __global__ void k_to_bf16(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = gtid(); i < n; i += gstride()) out[i] = float_to_bf16(x[i]);
 }
+__global__ void k_from_bf16(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t i = gtid(); i < n; i += gstride()) out[i] = bf16_to_float(x[i]);
+}
 
 // kernels/cpu/adamw.h adamw_element: the same definition on the device.
 __global__ void k_adamw(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
@@ -613,6 +616,12 @@ Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream) {
 Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
   FP8PIPE_LAUNCH(k_to_bf16, grid_for(n), kThreads, stream, x, n, out);
+  return Result::Ok();
+}
+
+Result bf16_to_f32(const uint16_t* x, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_from_bf16, grid_for(n), kThreads, stream, x, n, out);
   return Result::Ok();
 }
 

@@ -85,8 +85,9 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
 Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);
 Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);
 Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream);
-// out_bf16[i] = bf16_rne(x[i]) (bits), for GEMM outputs requested as bf16.
+// out_bf16[i] = bf16_rne(x[i]) (bits), for GEMM outputs requested as bf16 and Backend::cast.
 Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream);
+Result bf16_to_f32(const uint16_t* x, int64_t n, float* out, cudaStream_t stream);  // exact
 
 // Fused AdamW, bit-identical to kernels::adamw_step (kernels/cpu/adamw.h: same fp32 scalars from
 // adamw_scalars(), same operation order, no FMA contraction: the build uses -fmad=false).

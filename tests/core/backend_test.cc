@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -95,6 +96,56 @@ TEST(CpuBackend, Fp32GemmMatchesFp64) {
     }
   Tensor bad = be->zeros({M, N + 1}, DType::kF32).value();
   EXPECT_FALSE(be->gemm(a, true, b, true, bad).ok());
+}
+
+// The BF16 twin's operands: cast rounds to nearest even (bf16 bits checked against an independent
+// rounding of the fp32 bits) and widens back exactly; a GEMM of bf16 A and B equals fp64 of the
+// rounded values within fp32 accumulation; mixed dtypes are refused naming the rule.
+uint16_t rne_bf16(float x) {  // independent of kernels/: integer RNE on the fp32 bits (finite x)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t lsb = (u >> 16) & 1u;
+  return static_cast<uint16_t>((u + 0x7FFFu + lsb) >> 16);
+}
+
+TEST(CpuBackend, Bf16CastAndGemm) {
+  auto be = make_cpu_backend();
+  const int M = 6, N = 5, K = 40;
+  Tensor a = random_tensor(*be, {M, K}, 7), b = random_tensor(*be, {N, K}, 8);
+  Tensor ab = be->empty({M, K}, DType::kBF16).value(), bb = be->empty({N, K}, DType::kBF16).value();
+  ASSERT_TRUE(be->cast(a, ab).ok());
+  ASSERT_TRUE(be->cast(b, bb).ok());
+  for (int64_t i = 0; i < a.numel(); ++i)
+    ASSERT_EQ(ab.data_as<uint16_t>()[i], rne_bf16(a.data_as<float>()[i])) << i;
+  Tensor back = be->empty({M, K}, DType::kF32).value();
+  ASSERT_TRUE(be->cast(ab, back).ok());
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    uint32_t u = uint32_t{ab.data_as<uint16_t>()[i]} << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    ASSERT_EQ(back.data_as<float>()[i], f) << i;
+  }
+  Tensor bback = be->empty({N, K}, DType::kF32).value();
+  ASSERT_TRUE(be->cast(bb, bback).ok());
+  Tensor c = be->zeros({M, N}, DType::kF32).value();
+  ASSERT_TRUE(be->gemm(ab, false, bb, true, c).ok());
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      double ref = 0, mag = 0;
+      for (int k = 0; k < K; ++k) {
+        const double t =
+            double(back.data_as<float>()[m * K + k]) * bback.data_as<float>()[n * K + k];
+        ref += t;
+        mag += std::fabs(t);
+      }
+      EXPECT_NEAR(c.data_as<float>()[m * N + n], ref, K * 6e-8 * mag);
+    }
+  const Status mixed = be->gemm(ab, false, b, true, c);
+  ASSERT_FALSE(mixed.ok());
+  EXPECT_NE(mixed.message().find("gemm: fp32 required (or bf16 A and B)"), std::string::npos)
+      << mixed.to_string();
+  Tensor wrong = be->empty({M, K}, DType::kF32).value();
+  EXPECT_FALSE(be->cast(a, wrong).ok());  // fp32 -> fp32 is not a cast
 }
 
 // Fprop through the Tensor API: X[M,K] 1x128 x W[N,K] 128x128, against fp64 on the dequantized

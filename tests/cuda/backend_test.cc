@@ -457,6 +457,41 @@ TEST_F(CudaBackendTest, RouterTopk) {
 }
 
 // Ops launched on a side stream run there; events order them against the compute stream.
+// The BF16 twin's operands: cast is bit-identical both ways; the bf16 GEMM (cublasGemmEx on
+// tensor cores, fp32 accumulation) is within fp32-accumulation bounds of the CPU's widened sgemm.
+TEST_F(CudaBackendTest, Bf16CastAndGemm) {
+  const int64_t M = 192, N = 160, K = 256;
+  Tensor a = hostf({M, K}, randn(M * K, 70)), b = hostf({N, K}, randn(N * K, 71));
+  Tensor ab = cpu_->empty({M, K}, DType::kBF16).value(),
+         bb = cpu_->empty({N, K}, DType::kBF16).value();
+  ASSERT_TRUE(cpu_->cast(a, ab).ok());
+  ASSERT_TRUE(cpu_->cast(b, bb).ok());
+  Tensor gab = gpu_->empty({M, K}, DType::kBF16).value(),
+         gbb = gpu_->empty({N, K}, DType::kBF16).value();
+  ASSERT_TRUE(gpu_->cast(dev(a), gab).ok());
+  ASSERT_TRUE(gpu_->cast(dev(b), gbb).ok());
+  expect_bits(back<uint16_t>(gab), vec<uint16_t>(ab), "cast f32->bf16");
+  Tensor wide = gpu_->empty({M, K}, DType::kF32).value(),
+         cwide = cpu_->empty({M, K}, DType::kF32).value();
+  ASSERT_TRUE(gpu_->cast(gab, wide).ok());
+  ASSERT_TRUE(cpu_->cast(ab, cwide).ok());
+  expect_bits(back<float>(wide), vec<float>(cwide), "cast bf16->f32");
+  for (bool tb : {true, false}) {
+    Tensor bt = tb ? bb : cpu_->empty({K, N}, DType::kBF16).value();
+    if (!tb) {  // B as [K, N]: transpose the bits on the host
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+          bt.data_as<uint16_t>()[k * N + n] = bb.data_as<uint16_t>()[n * K + k];
+    }
+    Tensor cc = cpu_->zeros({M, N}, DType::kF32).value(),
+           gc = gpu_->zeros({M, N}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->gemm(ab, false, bt, tb, cc).ok());
+    ASSERT_TRUE(gpu_->gemm(gab, false, dev(bt), tb, gc).ok());
+    expect_near(vec<float>(cc), back<float>(gc), 1e-3f, 1e-4f,
+                tb ? "bf16 gemm NT" : "bf16 gemm NN");
+  }
+}
+
 // The optimizer ops of optim.placement=device: the fp64 sums, their rounding and AdamW are
 // bit-identical; the squared norm is a tree sum (deterministic, within 1e-12 relative of the
 // CPU's index-order sum).
