@@ -20,6 +20,9 @@
 #include "launch/commands.h"
 #include "launch/flops.h"
 #include "launch/trainer.h"
+#ifdef FP8PIPE_HAVE_CUDA
+#include "launch/gpu_bench.h"
+#endif
 
 namespace fp8pipe::cli {
 namespace {
@@ -159,7 +162,8 @@ Result<std::unique_ptr<Trainer>> make_trainer(const std::string& path,
 // data otherwise; one warm-up step each, then `reps` steps timed alternately (median). Two rows:
 // tokens/s and achieved GFLOP/s = flops_per_token(...).train() x tokens / s; ratio = FP8 / BF16
 // step time (> 1: FP8 slower; on the CPU backend both are emulated in fp32).
-Result<std::vector<Row>> bench_train(const TrainCase& c, const std::string& dir, int reps) {
+Result<std::vector<Row>> bench_train(const TrainCase& c, const std::string& dir, int reps,
+                                     double peak_tflops) {
   const std::string path = dir + "/" + c.config;
   if (!std::filesystem::exists(path)) {
     return Status(Code::kNotFound, fmt::format("bench {}: no config '{}'", c.name, path),
@@ -187,18 +191,32 @@ Result<std::vector<Row>> bench_train(const TrainCase& c, const std::string& dir,
   const double tokens = double(cfg.train().global_batch()) * cfg.train().seq_len();
   const double flop = flops_per_token(cfg.model(), cfg.train().seq_len()).train();
   const std::string shape = join(c.overrides);
-  return std::vector<Row>{
+  std::vector<Row> rows = {
       {c.name, shape, "tok/s (fp8 | bf16), ratio = fp8/bf16 step time", tokens / t8, tokens / t16,
        t8 / t16},
       {c.name, shape, fmt::format("GFLOP/s (fp8 | bf16) at {:.4g} train FLOP/token", flop),
        flop * tokens / t8 / 1e9, flop * tokens / t16 / 1e9, t8 / t16},
   };
+  if (peak_tflops > 0) {  // MFU against the dense BF16 peak, the usual convention
+    rows.push_back({c.name, shape, fmt::format("MFU % (fp8 | bf16) of {:g} TFLOP/s", peak_tflops),
+                    100 * flop * tokens / t8 / (peak_tflops * 1e12),
+                    100 * flop * tokens / t16 / (peak_tflops * 1e12), t8 / t16});
+  }
+  return rows;
 }
 
 // tiny as is (--quick: a quarter of the batch); small cut to 2 blocks (1 dense + 1 MoE, + MTP),
 // 16 routed experts, a 4096 vocabulary and a few sequences, keeping its widths (hidden 1024, MLA
 // ranks, expert_hidden 384, top-8 routing) so a step takes seconds on a CPU.
-std::vector<TrainCase> train_cases(bool quick) {
+std::vector<TrainCase> train_cases(bool quick, bool cuda) {
+  if (cuda) {  // one GPU: tiny as is, small whole at a shrunken batch (launch/device_check.sh's)
+    const std::vector<std::string> dev = {"--train.device=cuda", "--train.eval_every=0"};
+    std::vector<std::string> small = dev;
+    small.insert(small.end(), {"--parallel.microbatches=1", "--train.global_batch=8",
+                               quick ? "--train.seq_len=512" : "--train.seq_len=1024"});
+    return {{"train tiny cuda", "tiny.textproto", dev},
+            {"train small cuda", "small.textproto", small}};
+  }
   std::vector<std::string> tiny;
   if (quick) tiny = {"--train.global_batch=8"};
   std::vector<std::string> small = {"--model.layers=2", "--model.moe.routed_experts=16",
@@ -211,12 +229,15 @@ std::vector<TrainCase> train_cases(bool quick) {
 int usage() {
   std::fprintf(stderr,
                "usage: fp8pipe bench [--filter SUBSTRING] [--json FILE] [--reps N] [--quick] "
-               "[--configs DIR]\n");
+               "[--configs DIR] [--device cpu|cuda] [--peak-tflops X]\n"
+               "  --device cuda: the GPU micro-benchmarks (FP8 GEMM vs raw cuBLASLt vs BF16, "
+               "quantize vs copy), then FP8/BF16 training steps on GPU 0 with MFU against "
+               "--peak-tflops (default: 989 on an H100/H200, the dense BF16 peak)\n");
   return 2;
 }
 
 // Appends one JSON object per row to `path`.
-bool write_json(const std::string& path, const std::vector<Row>& rows) {
+bool write_json(const std::string& path, const std::vector<Row>& rows, const std::string& backend) {
   FILE* f = std::fopen(path.c_str(), "a");
   if (!f) {
     log::error("bench: cannot open --json file '{}'", path);
@@ -225,20 +246,37 @@ bool write_json(const std::string& path, const std::vector<Row>& rows) {
   for (const auto& r : rows) {
     fmt::print(f,
                "{{\"bench\":\"{}\",\"shape\":\"{}\",\"metric\":\"{}\",\"value\":{:.6g},"
-               "\"baseline\":{:.6g},\"ratio\":{:.6g},\"backend\":\"cpu\"}}\n",
-               r.name, r.shape, r.metric, r.value, r.baseline, r.ratio);
+               "\"baseline\":{:.6g},\"ratio\":{:.6g},\"backend\":\"{}\"}}\n",
+               r.name, r.shape, r.metric, r.value, r.baseline, r.ratio, backend);
   }
   std::fclose(f);
   return true;
 }
 
 struct Options {
-  std::string filter, json, configs = "configs";
+  std::string filter, json, configs = "configs", device = "cpu";
   int reps = 7;
   bool quick = false;
+  double peak_tflops = -1;  // MFU denominator; < 0: from the device name
 };
 
 bool parse_options(int argc, char** argv, Options& o) {
+  // --flag=value is --flag value.
+  std::vector<std::string> split;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    const size_t eq = a.find('=');
+    if (a.rfind("--", 0) == 0 && eq != std::string::npos) {
+      split.push_back(a.substr(0, eq));
+      split.push_back(a.substr(eq + 1));
+    } else {
+      split.push_back(a);
+    }
+  }
+  std::vector<char*> args;
+  for (auto& a : split) args.push_back(a.data());
+  argc = static_cast<int>(args.size());
+  argv = args.data();
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--filter" && i + 1 < argc)
@@ -251,6 +289,10 @@ bool parse_options(int argc, char** argv, Options& o) {
       o.configs = argv[++i];
     else if (a == "--quick")
       o.quick = true;
+    else if (a == "--device" && i + 1 < argc)
+      o.device = argv[++i];
+    else if (a == "--peak-tflops" && i + 1 < argc)
+      o.peak_tflops = std::atof(argv[++i]);
     else {
       std::fprintf(stderr, "fp8pipe bench: unknown argument '%s'\n", a.c_str());
       return false;
@@ -267,30 +309,71 @@ std::vector<Bench> all_benches(const Options& o) {
   const int64_t gm = o.quick ? 256 : 1024;
   using kernels::GemmMode;
   auto one = [](Row r) { return Result<std::vector<Row>>(std::vector<Row>{std::move(r)}); };
-  std::vector<Bench> b = {
-      {"quantize 1x128", [=] { return one(bench_quantize(Granularity::k1x128, qR, qC, reps)); }},
-      {"quantize 128x128",
-       [=] { return one(bench_quantize(Granularity::k128x128, qR, qC, reps)); }},
-      {"quantize 128x1", [=] { return one(bench_quantize(Granularity::k128x1, qR, qC, reps)); }},
-      {"fp8 gemm fast", [=] { return one(bench_gemm(GemmMode::kFast, gm, gm, gm, reps)); }},
-      {"fp8 gemm fast", [=] { return one(bench_gemm(GemmMode::kFast, gm, 2 * gm, gm / 2, reps)); }},
-      {"fp8 gemm exact",
-       [=] { return one(bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3))); }},
-  };
+  const bool cuda = o.device == "cuda";
+  std::vector<Bench> b;
+  if (!cuda)
+    b = {
+        {"quantize 1x128", [=] { return one(bench_quantize(Granularity::k1x128, qR, qC, reps)); }},
+        {"quantize 128x128",
+         [=] { return one(bench_quantize(Granularity::k128x128, qR, qC, reps)); }},
+        {"quantize 128x1", [=] { return one(bench_quantize(Granularity::k128x1, qR, qC, reps)); }},
+        {"fp8 gemm fast", [=] { return one(bench_gemm(GemmMode::kFast, gm, gm, gm, reps)); }},
+        {"fp8 gemm fast",
+         [=] { return one(bench_gemm(GemmMode::kFast, gm, 2 * gm, gm / 2, reps)); }},
+        {"fp8 gemm exact",
+         [=] { return one(bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3))); }},
+    };
   const int train_reps = std::min(reps, o.quick ? 3 : 5);  // training steps take seconds
-  for (const auto& c : train_cases(o.quick)) {
-    b.push_back({c.name, [=] { return bench_train(c, o.configs, train_reps); }});
+  for (const auto& c : train_cases(o.quick, cuda)) {
+    b.push_back({c.name, [=] { return bench_train(c, o.configs, train_reps, o.peak_tflops); }});
   }
   return b;
 }
 
 }  // namespace
 
+constexpr int kNoDevice = 3;
+
+// --device cuda: the GPU micro-benchmarks first (their own tables and JSONL lines), and the MFU
+// peak from the device name when not given.
+int gpu_micro_benchmarks(Options& o) {
+#ifdef FP8PIPE_HAVE_CUDA
+  auto be = make_cuda_backend(0);
+  if (!be.ok()) {
+    std::fprintf(stderr, "%s\n", be.status().to_string().c_str());
+    return kNoDevice;
+  }
+  const std::string name = (*be)->name();
+  if (o.peak_tflops < 0 &&
+      (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos)) {
+    o.peak_tflops = 989.4;  // dense BF16, SXM (DEVICE.md)
+  }
+  fmt::print("device: {}; MFU peak {} TFLOP/s\n", name,
+             o.peak_tflops > 0 ? fmt::format("{:g}", o.peak_tflops) : "unknown (--peak-tflops)");
+  if (!o.filter.empty() && std::string("gpu micro").find(o.filter) == std::string::npos) return 0;
+  std::vector<std::string> args = {"fp8pipe bench"};
+  if (o.quick) args.push_back("--quick");
+  if (!o.json.empty()) args.insert(args.end(), {"--json", o.json});  // truncates; rows follow
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  return run_gpu_bench(static_cast<int>(argv.size()), argv.data());
+#else
+  (void)o;
+  std::fprintf(stderr, "fp8pipe bench --device=cuda: this fp8pipe was built without CUDA\n");
+  return kNoDevice;
+#endif
+}
+
 int cmd_bench(int argc, char** argv) {
   Options o;
   if (!parse_options(argc, argv, o)) return usage();
+  if (o.device != "cpu" && o.device != "cuda") {
+    std::fprintf(stderr, "fp8pipe bench: --device=%s (valid: cpu, cuda)\n", o.device.c_str());
+    return usage();
+  }
   std::vector<Row> rows;
   int rc = 0;
+  if (o.device == "cuda" && (rc = gpu_micro_benchmarks(o)) == kNoDevice) return 1;
   for (const auto& [name, run] : all_benches(o)) {
     if (!o.filter.empty() && name.find(o.filter) == std::string::npos) continue;
     auto r = run();
@@ -302,7 +385,7 @@ int cmd_bench(int argc, char** argv) {
     rows.insert(rows.end(), r->begin(), r->end());
   }
   print_rows(rows);
-  if (!o.json.empty() && !write_json(o.json, rows)) return 1;
+  if (!o.json.empty() && !write_json(o.json, rows, o.device)) return 1;
   return rc;
 }
 

@@ -308,6 +308,7 @@ Result<StepResult> Trainer::train_step() {
   }
   ++step_;
   tokens_seen_ += r.loss.tokens;
+  be_->compute().synchronize();  // a device's queued tail (AdamW) belongs to this step's time
   return r;
 }
 

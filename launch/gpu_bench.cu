@@ -1,7 +1,8 @@
 // GPU benchmark (DEVICE.md method: warm-ups, then >= 20 calls each timed with CUDA events; median
 // and mean; random data; L2 flush optional): FP8 block-scaled GEMM TFLOP/s through LtGemm vs the
 // raw cuBLASLt call vs BF16, and quantize GB/s (bytes read + written) vs cudaMemcpy D2D.
-// Usage: gpu_bench [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick]
+// Usage: gpu_bench [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick]; also run by
+// `fp8pipe bench --device=cuda` (launch/cmd_bench.cc) through run_gpu_bench (launch/gpu_bench.h).
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -18,6 +19,7 @@
 #include "kernels/cpu/quantize.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/quantize.cuh"
+#include "launch/gpu_bench.h"
 
 namespace fp8pipe::kernels::gpu {
 namespace {
@@ -387,7 +389,9 @@ int run(const Options& o) {
 }  // namespace
 }  // namespace fp8pipe::kernels::gpu
 
-int main(int argc, char** argv) {
+namespace fp8pipe::cli {
+
+int run_gpu_bench(int argc, char** argv) {
   fp8pipe::kernels::gpu::Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -419,3 +423,5 @@ int main(int argc, char** argv) {
   if (fp8pipe::kernels::gpu::g_json) std::fclose(fp8pipe::kernels::gpu::g_json);
   return rc;
 }
+
+}  // namespace fp8pipe::cli
