@@ -19,6 +19,15 @@
 namespace fp8pipe {
 
 using kernels::GemmMode;
+
+// The shape of Backend::gemm_batched.
+struct GemmBatch {
+  int64_t batch = 1, M = 0, N = 0, K = 0;
+  bool trans_a = false, trans_b = false;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+  int64_t offset_a = 0, offset_b = 0, offset_c = 0;
+};
 using kernels::QuantParams;
 
 class Event {
@@ -70,6 +79,11 @@ class Backend {
   // a GPU; the CPU widens bf16 to fp32 exactly and calls BLAS).
   virtual Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
+  // Batched GEMMs over views of a, b, c (fp32): for i in [0, batch), C_i = alpha op(A_i) op(B_i)
+  // + beta C_i, row-major, X_i starting at element offset_x + i * stride_x with row stride ld_x
+  // (A_i stored [M, K], or [K, M] when trans_a; B_i [K, N], or [N, K] when trans_b; C_i [M, N]).
+  virtual Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& g,
+                              float alpha = 1.0f, float beta = 0.0f) = 0;
   // dst = src converted: fp32 -> bf16 (round to nearest even, as round_bf16) or bf16 -> fp32
   // (exact); the same element count.
   virtual Status cast(const Tensor& src, Tensor& dst) = 0;
@@ -91,6 +105,11 @@ class Backend {
                                const Tensor& v, const Tensor& o, const Tensor& lse, int64_t B,
                                int64_t T, int64_t H, float scale, Tensor& dq, Tensor& dk,
                                Tensor& dv) = 0;
+  // Attention as GEMMs (precision.attention=gemm): the causal softmax of kernels/cpu/ops.h over
+  // s [R, T] (p may alias s; with recompute lse [R] is read, else written) and its backward
+  // (ds may alias dp).
+  virtual Status causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) = 0;
+  virtual Status softmax_bwd(const Tensor& p, const Tensor& dp, Tensor& ds) = 0;
   virtual Status swiglu_fwd(const Tensor& g, const Tensor& u, Tensor& h) = 0;
   virtual Status swiglu_bwd(const Tensor& dh, const Tensor& g, const Tensor& u, Tensor& dg,
                             Tensor& du) = 0;

@@ -36,6 +36,7 @@ constexpr std::string_view kTokenDtypes[] = {"uint16", "uint32"};
 constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
 constexpr std::string_view kDevices[] = {"cpu", "cuda"};
 constexpr std::string_view kPlacements[] = {"auto", "host", "device"};
+constexpr std::string_view kAttention[] = {"auto", "fused", "gemm"};
 
 struct ChoiceField {
   std::string_view path;
@@ -53,6 +54,7 @@ constexpr ChoiceField kChoiceFields[] = {
     {"fault.on_nonfinite", kOnNonfinite},
     {"train.device", kDevices},
     {"optim.placement", kPlacements},
+    {"precision.attention", kAttention},
 };
 
 std::string lower(std::string_view s) {
@@ -499,6 +501,7 @@ void ValidatePrecision(const config::Precision& p, Checker& c) {
   choice(c, "precision.gemm", p.gemm());
   choice(c, "precision.act_granularity", p.act_granularity());
   choice(c, "precision.weight_granularity", p.weight_granularity());
+  choice(c, "precision.attention", p.attention());
 }
 
 void ValidateTrain(const config::Train& t, Checker& c) {

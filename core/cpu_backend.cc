@@ -148,6 +148,21 @@ class CpuBackend final : public CpuOps {
     return Status::Ok();
   }
 
+  Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& g, float alpha,
+                      float beta) override {
+    FP8_RETURN_IF_ERROR(checks::gemm_batched(a, b, c, g));
+    if (g.M == 0 || g.N == 0) return Status::Ok();
+    for (int64_t i = 0; i < g.batch; ++i) {
+      cblas_sgemm(CblasRowMajor, g.trans_a ? CblasTrans : CblasNoTrans,
+                  g.trans_b ? CblasTrans : CblasNoTrans, static_cast<int>(g.M),
+                  static_cast<int>(g.N), static_cast<int>(g.K), alpha,
+                  a.data_as<float>() + g.offset_a + i * g.stride_a, static_cast<int>(g.lda),
+                  b.data_as<float>() + g.offset_b + i * g.stride_b, static_cast<int>(g.ldb), beta,
+                  c.data_as<float>() + g.offset_c + i * g.stride_c, static_cast<int>(g.ldc));
+    }
+    return Status::Ok();
+  }
+
   Status cast(const Tensor& src, Tensor& dst) override {
     FP8_RETURN_IF_ERROR(checks::cast(src, dst));
     const int64_t n = src.numel();

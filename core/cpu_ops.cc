@@ -70,6 +70,19 @@ Status CpuOps::attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& 
   return Status::Ok();
 }
 
+Status CpuOps::causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) {
+  FP8_RETURN_IF_ERROR(checks::causal_softmax(s, p, lse));
+  k::causal_softmax(s.data_as<float>(), s.rows(), s.cols(), p.data_as<float>(),
+                    lse.data_as<float>(), recompute);
+  return Status::Ok();
+}
+
+Status CpuOps::softmax_bwd(const Tensor& p, const Tensor& dp, Tensor& ds) {
+  FP8_RETURN_IF_ERROR(checks::softmax_bwd(p, dp, ds));
+  k::softmax_bwd(p.data_as<float>(), dp.data_as<float>(), p.rows(), p.cols(), ds.data_as<float>());
+  return Status::Ok();
+}
+
 Status CpuOps::swiglu_fwd(const Tensor& g, const Tensor& u, Tensor& h) {
   FP8_RETURN_IF_ERROR(checks::swiglu_fwd(g, u, h));
   k::swiglu_fwd(g.data_as<float>(), u.data_as<float>(), g.numel(), h.data_as<float>());

@@ -353,6 +353,47 @@ class CudaBackend final : public Backend {
                  c.data_as<float>(), M, N, K, alpha, beta);
   }
 
+  // cublasSgemmStridedBatched (pedantic fp32) on the column-major transposes, as sgemm.
+  Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& bg, float alpha,
+                      float beta) override {
+    FP8_RETURN_IF_ERROR(on_gpu("gemm_batched", {&a, &b, &c}));
+    FP8_RETURN_IF_ERROR(checks::gemm_batched(a, b, c, bg));
+    if (bg.batch == 0 || bg.M == 0 || bg.N == 0) return Status::Ok();
+    std::lock_guard<std::mutex> lk(blas_mu_);
+    const cublasStatus_t s1 = cublasSetStream(ctx_->blas, cur());
+    const cublasStatus_t s2 = cublasSgemmStridedBatched(
+        ctx_->blas, bg.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, bg.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+        static_cast<int>(bg.N), static_cast<int>(bg.M), static_cast<int>(bg.K), &alpha,
+        b.data_as<float>() + bg.offset_b, static_cast<int>(std::max<int64_t>(bg.ldb, 1)),
+        bg.stride_b, a.data_as<float>() + bg.offset_a,
+        static_cast<int>(std::max<int64_t>(bg.lda, 1)), bg.stride_a, &beta,
+        c.data_as<float>() + bg.offset_c, static_cast<int>(std::max<int64_t>(bg.ldc, 1)),
+        bg.stride_c, static_cast<int>(bg.batch));
+    if (s1 != CUBLAS_STATUS_SUCCESS || s2 != CUBLAS_STATUS_SUCCESS) {
+      return FP8_ERROR(Code::kInternal, "gemm_batched: cublasSgemmStridedBatched {} x {}x{}x{}: {}",
+                       bg.batch, bg.M, bg.N, bg.K,
+                       g::cublas_status_name(s2 != CUBLAS_STATUS_SUCCESS ? s2 : s1));
+    }
+    return Status::Ok();
+  }
+
+  Status causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) override {
+    FP8_RETURN_IF_ERROR(on_gpu("causal_softmax", {&s, &p, &lse}));
+    FP8_RETURN_IF_ERROR(checks::causal_softmax(s, p, lse));
+    FP8_GPU("causal_softmax",
+            g::causal_softmax(s.data_as<float>(), s.rows(), s.cols(), p.data_as<float>(),
+                              lse.data_as<float>(), recompute, cur()));
+    return Status::Ok();
+  }
+
+  Status softmax_bwd(const Tensor& p, const Tensor& dp, Tensor& ds) override {
+    FP8_RETURN_IF_ERROR(on_gpu("softmax_bwd", {&p, &dp, &ds}));
+    FP8_RETURN_IF_ERROR(checks::softmax_bwd(p, dp, ds));
+    FP8_GPU("softmax_bwd", g::softmax_bwd(p.data_as<float>(), dp.data_as<float>(), p.rows(),
+                                          p.cols(), ds.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
   Status cast(const Tensor& src, Tensor& dst) override {
     FP8_RETURN_IF_ERROR(on_gpu("cast", {&src, &dst}));
     FP8_RETURN_IF_ERROR(checks::cast(src, dst));

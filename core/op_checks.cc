@@ -132,6 +132,46 @@ Status cast(const Tensor& src, const Tensor& dst) {
   return same("cast", src, dst);
 }
 
+// Every view of every batch item lies inside its tensor.
+Status gemm_batched(const Tensor& a, const Tensor& b, const Tensor& c, const GemmBatch& g) {
+  FP8_RETURN_IF_ERROR(f32("gemm_batched", {&a, &b, &c}));
+  if (g.batch < 0 || g.M < 0 || g.N < 0 || g.K < 0 || g.offset_a < 0 || g.offset_b < 0 ||
+      g.offset_c < 0 || g.stride_a < 0 || g.stride_b < 0 || g.stride_c < 0) {
+    return FP8_INVALID("gemm_batched: negative size, offset or stride (batch {}, {}x{}x{})",
+                       g.batch, g.M, g.N, g.K);
+  }
+  if (g.batch == 0 || g.M == 0 || g.N == 0) return Status::Ok();
+  auto fits = [&](const char* name, const Tensor& t, int64_t rows, int64_t cols, int64_t ld,
+                  int64_t offset, int64_t stride) -> Status {
+    if (rows == 0 || cols == 0) return Status::Ok();
+    const int64_t last = offset + (g.batch - 1) * stride + (rows - 1) * ld + cols;
+    if (ld < cols || last > t.numel()) {
+      return FP8_INVALID(
+          "gemm_batched: {} views of {}x{} (ld {}, offset {}, stride {}) x {} exceed {} "
+          "({} elements) or ld < cols",
+          name, rows, cols, ld, offset, stride, g.batch, t.describe(), t.numel());
+    }
+    return Status::Ok();
+  };
+  FP8_RETURN_IF_ERROR(
+      fits("A", a, g.trans_a ? g.K : g.M, g.trans_a ? g.M : g.K, g.lda, g.offset_a, g.stride_a));
+  FP8_RETURN_IF_ERROR(
+      fits("B", b, g.trans_b ? g.N : g.K, g.trans_b ? g.K : g.N, g.ldb, g.offset_b, g.stride_b));
+  return fits("C", c, g.M, g.N, g.ldc, g.offset_c, g.stride_c);
+}
+
+Status causal_softmax(const Tensor& s, const Tensor& p, const Tensor& lse) {
+  FP8_RETURN_IF_ERROR(f32("causal_softmax", {&s, &p, &lse}));
+  FP8_RETURN_IF_ERROR(same("causal_softmax", s, p));
+  return need(lse.numel() == s.rows(), "causal_softmax", "lse must have rows(s) elements", lse);
+}
+
+Status softmax_bwd(const Tensor& p, const Tensor& dp, const Tensor& ds) {
+  FP8_RETURN_IF_ERROR(f32("softmax_bwd", {&p, &dp, &ds}));
+  FP8_RETURN_IF_ERROR(same("softmax_bwd", p, dp));
+  return same("softmax_bwd", p, ds);
+}
+
 // ---- model operators
 
 Status embedding_fwd(const Tensor& table, const Tensor& ids, const Tensor& out) {

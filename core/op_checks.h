@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "core/backend.h"
 #include "core/status.h"
 #include "core/tensor.h"
 
@@ -34,6 +35,9 @@ Status dequantize(const Tensor& q, const Tensor& out);
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
 Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
 Status cast(const Tensor& src, const Tensor& dst);  // fp32 <-> bf16, equal counts
+Status gemm_batched(const Tensor& a, const Tensor& b, const Tensor& c, const GemmBatch& g);
+Status causal_softmax(const Tensor& s, const Tensor& p, const Tensor& lse);
+Status softmax_bwd(const Tensor& p, const Tensor& dp, const Tensor& ds);
 
 Status embedding_fwd(const Tensor& table, const Tensor& ids, const Tensor& out);
 Status embedding_bwd_acc(const Tensor& dout, const Tensor& ids, const Tensor& dtable);

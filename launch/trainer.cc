@@ -34,6 +34,8 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   }
   c.gemm = cfg.precision().gemm() == "exact" ? GemmMode::kExact : GemmMode::kFast;
   c.qp.pow2 = cfg.precision().pow2_scales();
+  const std::string& attn = cfg.precision().attention();
+  c.attention_gemm = attn == "gemm" || (attn == "auto" && be->device() != Device::kCpu);
   return c;
 }
 

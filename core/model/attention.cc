@@ -9,6 +9,8 @@
 #include <numeric>
 #include <vector>
 
+#include "core/model/attention_core.h"
+
 namespace fp8pipe::model {
 namespace {
 
@@ -289,7 +291,7 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
   FP8_RETURN_IF_ERROR(a.mla ? a.mla_kv(c, mb, x, s) : a.mha_kv(c, mb, x, s));
   FP8_ASSIGN_OR_RETURN(s.o, new_f32(c, x.rows(), a.H * a.vdim));
   FP8_ASSIGN_OR_RETURN(s.lse, c.be->empty({B * a.H * T}, DType::kF32));
-  FP8_RETURN_IF_ERROR(c.be->attention_fwd(s.q, s.k, s.v, B, T, a.H, a.scale, s.o, s.lse));
+  FP8_RETURN_IF_ERROR(attention_core_fwd(c, s.q, s.k, s.v, {B, T, a.H, a.scale}, s.o, s.lse));
   Tensor o = s.o;  // the backward uses the fp32 core output; W_o sees bf16 activations
   if (c.precision != Precision::kFP32) {
     FP8_ASSIGN_OR_RETURN(o, new_f32(c, s.o.rows(), s.o.cols()));
@@ -343,8 +345,8 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   FP8_ASSIGN_OR_RETURN(Tensor dq, new_f32(c, s->q.rows(), s->q.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dk, new_f32(c, s->k.rows(), s->k.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dv, new_f32(c, s->v.rows(), s->v.cols()));
-  FP8_RETURN_IF_ERROR(c.be->attention_bwd(dout, s->q, s->k, s->v, s->o, s->lse, s->B, s->T, a.H,
-                                          a.scale, dq, dk, dv));
+  FP8_RETURN_IF_ERROR(attention_core_bwd(c, dout, s->q, s->k, s->v, s->o, s->lse,
+                                         {s->B, s->T, a.H, a.scale}, dq, dk, dv));
   FP8_ASSIGN_OR_RETURN(Tensor dx, a.query_backward(c, mb, dq, s->pos));
   Tensor dx_kv;
   if (a.mla) {

@@ -25,6 +25,7 @@ struct ModelCtx {
   Precision precision = Precision::kFP32;
   GemmMode gemm = GemmMode::kFast;
   QuantParams qp;                // FP8 format and pow2 scales
+  bool attention_gemm = false;   // the attention core as batched GEMMs (attention_core.h)
   uint64_t weight_version = 0;   // bumped by the optimizer: invalidates cached quantized weights
   int64_t nonfinite_groups = 0;  // FP8 groups with NaN/Inf amax seen since the last reset
   float loss_scale = 1.0f;       // d(objective)/d(micro-batch loss): set per backward

@@ -274,6 +274,40 @@ Lse log_sum_exp(const float* x, int64_t V) {
 }
 }  // namespace
 
+void causal_softmax(const float* s, int64_t R, int64_t T, float* p, float* lse, bool recompute) {
+  parallel_for(R, R * T, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* x = s + r * T;
+      float* y = p + r * T;
+      const int64_t n = r % T + 1;
+      if (!recompute) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+        double l = 0.0;
+        for (int64_t j = 0; j < n; ++j) l += static_cast<double>(std::exp(x[j] - m));
+        lse[r] = static_cast<float>(static_cast<double>(m) + std::log(l));
+      }
+      const float c = lse[r];
+      for (int64_t j = 0; j < n; ++j) y[j] = std::exp(x[j] - c);
+      for (int64_t j = n; j < T; ++j) y[j] = 0.0f;
+    }
+  });
+}
+
+void softmax_bwd(const float* p, const float* dp, int64_t R, int64_t T, float* ds) {
+  parallel_for(R, R * T, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* pr = p + r * T;
+      const float* dr = dp + r * T;
+      double dot = 0.0;
+      for (int64_t j = 0; j < T; ++j) dot += static_cast<double>(pr[j]) * dr[j];
+      const float d = static_cast<float>(dot);
+      float* o = ds + r * T;
+      for (int64_t j = 0; j < T; ++j) o[j] = pr[j] * (dr[j] - d);
+    }
+  });
+}
+
 void cross_entropy_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t V,
                        float* loss) {
   for (int64_t r = 0; r < n; ++r) {

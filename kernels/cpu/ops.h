@@ -33,6 +33,16 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
                    const float* o, const float* lse, int64_t B, int64_t T, int64_t H, int64_t dk,
                    int64_t dv, float scale, float* dq, float* dk_out, float* dv_out);
 
+// The pieces of attention as GEMMs (precision.attention=gemm; core/model/attention_core.cc).
+// Causal softmax over the rows of s[R][T], row r being query position r % T (columns j > r % T
+// masked): lse[r] = m + log(sum_{j<=i} exp(s[r][j] - m)) with m the row max and the sum in
+// double (as the fused kernel), p[r][j] = exp(s[r][j] - lse[r]) and 0 where masked. With
+// `recompute`, lse is read instead of computed (the backward). p may alias s.
+void causal_softmax(const float* s, int64_t R, int64_t T, float* p, float* lse, bool recompute);
+// ds[r][j] = p[r][j] * (dp[r][j] - sum_j p[r][j] dp[r][j]) (the row sum in double); ds may
+// alias dp.
+void softmax_bwd(const float* p, const float* dp, int64_t R, int64_t T, float* ds);
+
 // SwiGLU: h = silu(g) * u on [n][F]. Backward: dg, du from dh.
 void swiglu_fwd(const float* g, const float* u, int64_t n, float* h);
 void swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du);

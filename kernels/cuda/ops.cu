@@ -343,6 +343,35 @@ __device__ RowLse row_lse(const float* x, int64_t V) {
   return {m, log(s)};
 }
 
+// One row r of s[R][T], valid columns [0, r % T]: lse (unless recompute) then p.
+__global__ void k_causal_softmax(const float* s, int64_t T, float* p, float* lse, bool recompute) {
+  const int64_t r = blockIdx.x, n = r % T + 1;
+  const float* x = s + r * T;
+  float* y = p + r * T;
+  __shared__ float c;
+  if (!recompute) {
+    const RowLse l = row_lse(x, n);
+    if (threadIdx.x == 0) lse[r] = static_cast<float>(static_cast<double>(l.m) + l.ls);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) c = lse[r];
+  __syncthreads();
+  const float cr = c;
+  __syncthreads();  // every thread has read c before any writes p (p may alias s, not c)
+  for (int64_t j = threadIdx.x; j < T; j += kThreads) y[j] = j < n ? expf(x[j] - cr) : 0.0f;
+}
+
+__global__ void k_softmax_bwd(const float* p, const float* dp, int64_t T, float* ds) {
+  const int64_t r = blockIdx.x;
+  const float* pr = p + r * T;
+  const float* dr = dp + r * T;
+  double dot = 0.0;
+  for (int64_t j = threadIdx.x; j < T; j += kThreads) dot += static_cast<double>(pr[j]) * dr[j];
+  const float d = static_cast<float>(block_sum_d(dot));
+  float* o = ds + r * T;
+  for (int64_t j = threadIdx.x; j < T; j += kThreads) o[j] = pr[j] * (dr[j] - d);
+}
+
 __global__ void k_ce_fwd(const float* logits, const int32_t* targets, int64_t V, float* loss) {
   const int64_t r = blockIdx.x;
   const int32_t t = targets[r];
@@ -563,6 +592,23 @@ Result cross_entropy_bwd(const float* logits, const int32_t* targets, int64_t n,
   FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "cross_entropy_bwd: more than 2^31 rows");
   FP8PIPE_LAUNCH(k_ce_bwd, static_cast<unsigned>(n), kThreads, stream, logits, targets, V,
                  row_scale, dlogits);
+  return Result::Ok();
+}
+
+Result causal_softmax(const float* s, int64_t R, int64_t T, float* p, float* lse, bool recompute,
+                      cudaStream_t stream) {
+  if (R == 0 || T == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(R < (int64_t{1} << 31), "causal_softmax: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_causal_softmax, static_cast<unsigned>(R), kThreads, stream, s, T, p, lse,
+                 recompute);
+  return Result::Ok();
+}
+
+Result softmax_bwd(const float* p, const float* dp, int64_t R, int64_t T, float* ds,
+                   cudaStream_t stream) {
+  if (R == 0 || T == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(R < (int64_t{1} << 31), "softmax_bwd: more than 2^31 rows");
+  FP8PIPE_LAUNCH(k_softmax_bwd, static_cast<unsigned>(R), kThreads, stream, p, dp, T, ds);
   return Result::Ok();
 }
 

@@ -89,6 +89,13 @@ Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream);
 Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream);
 Result bf16_to_f32(const uint16_t* x, int64_t n, float* out, cudaStream_t stream);  // exact
 
+// kernels/cpu/ops.h causal_softmax / softmax_bwd: one block per row, the same double row sums
+// tree-reduced (within a few ulp of the CPU: expf).
+Result causal_softmax(const float* s, int64_t R, int64_t T, float* p, float* lse, bool recompute,
+                      cudaStream_t stream);
+Result softmax_bwd(const float* p, const float* dp, int64_t R, int64_t T, float* ds,
+                   cudaStream_t stream);
+
 // Fused AdamW, bit-identical to kernels::adamw_step (kernels/cpu/adamw.h: same fp32 scalars from
 // adamw_scalars(), same operation order, no FMA contraction: the build uses -fmad=false).
 Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,

@@ -1,0 +1,138 @@
+// The attention core's two implementations (core/model/attention_core.h) on the CPU backend:
+// the batched-GEMM path against the fused kernel (itself checked against finite differences in
+// attention_test.cc) on random inputs, forward (o, lse) and backward (dq, dk, dv), for MLA-like
+// (dk != dv) and MHA-like head widths, several sequences and a T that is not a multiple of
+// anything; plus the new ops' own contracts (masking, lse, the softmax backward's row sums).
+#include "core/model/attention_core.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+namespace fp8pipe::model {
+namespace {
+
+Tensor randn(Backend& be, Shape s, uint32_t seed, float sigma = 1.0f) {
+  Tensor t = be.empty(s, DType::kF32).value();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, sigma);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = nd(rng);
+  return t;
+}
+
+// max |a - b| / (1 + max |a|)
+double rel_diff(const Tensor& a, const Tensor& b) {
+  double worst = 0, mag = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    mag = std::max(mag, std::fabs(double(a.data_as<float>()[i])));
+    worst = std::max(worst, std::fabs(double(a.data_as<float>()[i]) - b.data_as<float>()[i]));
+  }
+  return worst / (1 + mag);
+}
+
+struct Case {
+  int64_t B, T, H, dk, dv;
+};
+
+TEST(AttentionCore, GemmPathMatchesFusedKernel) {
+  auto be = make_cpu_backend();
+  for (const Case& k : {Case{2, 33, 3, 24, 16}, Case{1, 64, 4, 32, 32}, Case{3, 7, 2, 8, 12}}) {
+    SCOPED_TRACE(testing::Message() << "B " << k.B << " T " << k.T << " H " << k.H << " dk " << k.dk
+                                    << " dv " << k.dv);
+    const int64_t n = k.B * k.T;
+    const AttnShape a{k.B, k.T, k.H, 1.0f / std::sqrt(float(k.dk))};
+    Tensor q = randn(*be, {n, k.H * k.dk}, 1, 2.0f), kk = randn(*be, {n, k.H * k.dk}, 2, 2.0f);
+    Tensor v = randn(*be, {n, k.H * k.dv}, 3), dout = randn(*be, {n, k.H * k.dv}, 4);
+    Tensor o[2], lse[2], dq[2], dk[2], dv[2];
+    for (int gemm = 0; gemm < 2; ++gemm) {
+      ModelCtx c;
+      c.be = be.get();
+      c.attention_gemm = gemm == 1;
+      o[gemm] = be->empty({n, k.H * k.dv}, DType::kF32).value();
+      lse[gemm] = be->empty({k.B * k.H * k.T}, DType::kF32).value();
+      ASSERT_TRUE(attention_core_fwd(c, q, kk, v, a, o[gemm], lse[gemm]).ok());
+      dq[gemm] = be->empty(q.shape(), DType::kF32).value();
+      dk[gemm] = be->empty(kk.shape(), DType::kF32).value();
+      dv[gemm] = be->empty(v.shape(), DType::kF32).value();
+      const Status s = attention_core_bwd(c, dout, q, kk, v, o[gemm], lse[gemm], a, dq[gemm],
+                                          dk[gemm], dv[gemm]);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+    }
+    EXPECT_LT(rel_diff(o[0], o[1]), 2e-6);
+    EXPECT_LT(rel_diff(lse[0], lse[1]), 2e-6);
+    EXPECT_LT(rel_diff(dq[0], dq[1]), 1e-5);
+    EXPECT_LT(rel_diff(dk[0], dk[1]), 1e-5);
+    EXPECT_LT(rel_diff(dv[0], dv[1]), 1e-5);
+    EXPECT_GT(rel_diff(dq[0], dk[0]), 1e-2);  // the comparison can fail: different tensors differ
+  }
+}
+
+// Row r of a [B*H*T, T] block is query position r % T: masked columns give p = 0, each row's p
+// sums to 1 with lse = log sum exp over the unmasked columns (fp64 here), the recompute path
+// reproduces p from lse, and softmax_bwd's rows of ds sum to 0 (d/ds of sum p = 0).
+TEST(AttentionCore, CausalSoftmaxAndItsBackward) {
+  auto be = make_cpu_backend();
+  const int64_t T = 9, R = 2 * T;
+  Tensor s = randn(*be, {R, T}, 5, 3.0f), p = be->empty({R, T}, DType::kF32).value();
+  Tensor lse = be->empty({R}, DType::kF32).value();
+  ASSERT_TRUE(be->causal_softmax(s, p, lse, false).ok());
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = r % T + 1;
+    double l = 0, sum = 0;
+    for (int64_t j = 0; j < n; ++j) l += std::exp(double(s.data_as<float>()[r * T + j]));
+    EXPECT_NEAR(lse.data_as<float>()[r], std::log(l), 1e-5) << r;
+    for (int64_t j = 0; j < T; ++j) {
+      const float pj = p.data_as<float>()[r * T + j];
+      if (j >= n) {
+        EXPECT_EQ(pj, 0.0f) << r << "," << j;
+      }
+      sum += pj;
+    }
+    EXPECT_NEAR(sum, 1.0, 1e-5) << r;
+  }
+  Tensor p2 = be->empty({R, T}, DType::kF32).value();
+  ASSERT_TRUE(be->causal_softmax(s, p2, lse, true).ok());
+  for (int64_t i = 0; i < p.numel(); ++i) EXPECT_EQ(p.data_as<float>()[i], p2.data_as<float>()[i]);
+  Tensor dp = randn(*be, {R, T}, 6), ds = be->empty({R, T}, DType::kF32).value();
+  ASSERT_TRUE(be->softmax_bwd(p, dp, ds).ok());
+  for (int64_t r = 0; r < R; ++r) {
+    double sum = 0, mag = 0;
+    for (int64_t j = 0; j < T; ++j) {
+      sum += ds.data_as<float>()[r * T + j];
+      mag += std::fabs(ds.data_as<float>()[r * T + j]);
+    }
+    EXPECT_NEAR(sum, 0.0, 1e-6 * (1 + mag)) << r;
+    if (r % T > 0) {  // a one-column row has p = 1 and ds = 0
+      EXPECT_GT(mag, 0.0) << r;
+    }
+  }
+  Tensor short_lse = be->empty({R - 1}, DType::kF32).value();
+  EXPECT_FALSE(be->causal_softmax(s, p, short_lse, false).ok());
+}
+
+TEST(AttentionCore, GemmBatchedRejectsViewsOutsideTheTensor) {
+  auto be = make_cpu_backend();
+  Tensor a = randn(*be, {4, 8}, 7), b = randn(*be, {4, 8}, 8);
+  Tensor c = be->zeros({2, 16}, DType::kF32).value();
+  GemmBatch g;
+  g.batch = 2, g.M = 4, g.N = 4, g.K = 4, g.trans_b = true;
+  g.lda = 8, g.ldb = 8, g.ldc = 8, g.stride_a = 4, g.stride_b = 4, g.stride_c = 4;
+  ASSERT_TRUE(be->gemm_batched(a, b, c, g).ok());  // two 4x4 blocks of A B^T side by side in C
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        double ref = 0;
+        for (int l = 0; l < 4; ++l)
+          ref +=
+              double(a.data_as<float>()[i * 8 + h * 4 + l]) * b.data_as<float>()[j * 8 + h * 4 + l];
+        EXPECT_NEAR(c.data_as<float>()[i * 8 + h * 4 + j], ref, 1e-5);
+      }
+  g.stride_c = 5;  // the second block would end past C
+  const Status s = be->gemm_batched(a, b, c, g);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("gemm_batched: C views"), std::string::npos) << s.to_string();
+}
+
+}  // namespace
+}  // namespace fp8pipe::model
