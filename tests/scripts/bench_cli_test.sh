@@ -5,12 +5,8 @@
 # an unknown --device is a usage error naming the valid choices.
 # Usage: bench_cli_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 cd "$SRC" || exit 1
 
 "$BIN" bench --quick --reps 2 --filter="fp8 gemm exact" --json "$TMP/b.jsonl" >"$TMP/b.log" 2>&1
@@ -51,5 +47,4 @@ else
   bad "bench --device=tpu (rc $rc)"; cat "$TMP/d.log"
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

@@ -11,13 +11,8 @@
 #     the first line of its error names the collective, its group and (census) the hung rank.
 # Usage: fault_hang_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d)
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 SLACK_S=8  # the abort, mpirun's teardown, a loaded machine
 ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16)
@@ -77,5 +72,4 @@ else
   grep -v '^    #' "$TMP/dp.log" | tail -8
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

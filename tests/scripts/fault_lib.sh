@@ -1,5 +1,6 @@
-# Helpers shared by the fault tests (fault_*_test.sh), sourced after TMP is set. Each rank of a
-# job writes its PID (that of fp8pipe itself, through exec) to $TMP/<case>.pid.<rank>.
+# Helpers shared by the fault tests (fault_*_test.sh), sourced after test_init (test_lib.sh): its
+# trap cleanup replaces test_lib's and ends with test_cleanup. Each rank of a job writes its PID
+# (that of fp8pipe itself, through exec) to $TMP/<case>.pid.<rank>.
 
 alive() {  # alive PID: the process exists and is not a zombie
   local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
@@ -13,7 +14,7 @@ cleanup() {  # never leave a stopped or orphaned rank behind
       kill -CONT "$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null
     fi
   done
-  [ -n "${KEEP:-}" ] || rm -rf "$TMP"
+  test_cleanup  # TMP, unless KEEP is set
 }
 trap cleanup EXIT
 # leftovers CASE: PIDs of the case's ranks still alive once mpirun has returned, after giving the

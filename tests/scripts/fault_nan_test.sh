@@ -13,13 +13,8 @@
 #  3. skip with fault.max_skips=0 halts like 1; a malformed FP8PIPE_TEST_NAN_GRAD is refused.
 # Usage: fault_nan_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d); trap '[ -n "${KEEP:-}" ] || rm -rf "$TMP"' EXIT
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 NP=4
 ARGS=(--train.steps=3 --log.every=1 --checkpoint.dir= --checkpoint.every=0 --optim.warmup_steps=1
       --train.seq_len=16 --parallel.pp=2 --parallel.dp=2 --parallel.schedule=1f1b
@@ -137,5 +132,4 @@ else
   bad "malformed FP8PIPE_TEST_NAN_GRAD (rc $RC)"; tail -3 "$TMP/malformed.log"
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

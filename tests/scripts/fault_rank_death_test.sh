@@ -9,13 +9,8 @@
 # In both cases no process of the job may be left behind.
 # Usage: fault_rank_death_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d)
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 TIMEOUT_S=10  # fault.timeout_s
 SLACK_S=15    # start-up of the abort, mpirun's teardown, a loaded machine
 ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
@@ -73,5 +68,4 @@ else
   grep -v '^    #' "$TMP/watchdog.log" | tail -8
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

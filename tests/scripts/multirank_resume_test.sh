@@ -13,15 +13,9 @@
 #      emulated nodes against the single-process run's (FP32; bounds and why below).
 # Usage (CTest): bash multirank_resume_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd)
-SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d)
-trap 'pkill -9 -f "$TMP" 2>/dev/null; rm -rf "$TMP"' EXIT
-pass=0 fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
+trap 'pkill -9 -f "$TMP" 2>/dev/null; test_cleanup' EXIT  # and any rank left behind
 
 COMMON=(--log.every=1 --train.eval_every=0 --optim.warmup_steps=1 --optim.decay_steps=20
   --train.seq_len=16 --parallel.pp=2 --parallel.ep=2 --parallel.schedule=dualpipe
@@ -194,5 +188,4 @@ for ep in 1 2; do
   fi
 done
 
-echo "$pass passed, $fail failed"
-[ "$fail" -eq 0 ]
+test_summary

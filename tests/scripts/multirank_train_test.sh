@@ -6,13 +6,8 @@
 # every rank with one clear message and a non-zero exit, without hanging.
 # Usage: multirank_train_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d); trap '[ -n "${KEEP:-}" ] || rm -rf "$TMP"' EXIT
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 COMMON=(--train.steps=4 --log.every=1 --checkpoint.dir= --checkpoint.every=0 --train.eval_every=0
         --optim.warmup_steps=1 --train.seq_len=16)
 
@@ -116,5 +111,4 @@ expect_fail "too few micro-batches" 4 "parallel.microbatches=4 must be >= 2" \
   --parallel.pp=4 --parallel.schedule=dualpipe --parallel.microbatches=4
 expect_fail "world size mismatch" 3 "parallel.pp" --parallel.pp=2
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

@@ -4,13 +4,8 @@
 # ranks together (every rank stops after the same step).
 # Usage: sigterm_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 ARGS=(--train.steps=1000 --train.eval_every=0 --optim.warmup_steps=1 --train.global_batch=8
       --log.every=1)
 steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
@@ -51,5 +46,4 @@ else
   bad "walltime (rc $rc, steps $a / $b)"; tail -5 "$TMP/w.log"
 fi
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+test_summary

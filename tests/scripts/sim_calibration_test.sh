@@ -6,12 +6,8 @@
 # real run meets, and the calibration files must hold per-stage costs (the two stages differ).
 # Usage: sim_calibration_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
-BUILD=$(cd "$1" && pwd); SRC=$(cd "$2" && pwd)
-BIN=$BUILD/launch/fp8pipe
-TMP=$(mktemp -d); trap '[ -n "${KEEP:-}" ] || rm -rf "$TMP"' EXIT
-pass=0; fail=0
-ok() { echo "ok: $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL: $1"; fail=$((fail + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
 
 start=$SECONDS
 bash "$SRC/bench/sim_vs_measured.sh" "$BIN" --keep "$TMP/runs" >"$TMP/bench.log" 2>&1
@@ -62,5 +58,4 @@ else
   bad "mismatch message"; cat "$TMP/mismatch.log"
 fi
 
-echo "$pass passed, $fail failed ($((SECONDS - start)) s)"
-[ $fail -eq 0 ]
+test_summary "($((SECONDS - start)) s)"
