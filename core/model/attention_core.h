@@ -2,9 +2,9 @@
 // implementations with the same inputs, outputs and saved state (o and lse [B*H*T]):
 //   fused: Backend::attention_fwd / attention_bwd (one kernel; O(T) memory);
 //   gemm:  batched GEMMs (Backend::gemm_batched, per sequence over its heads) around the causal
-//          softmax ops, materializing the [B*H*T, T] scores once forward and twice backward
-//          (recomputing P from lse, then dP). On a GPU these are cuBLAS calls, far faster than the
-//          fused fp32 kernel, at O(B*H*T^2) memory (precision.attention; auto: gemm on a GPU).
+//          softmax ops, one sequence at a time: its [H*T, T] scores once forward, twice backward
+//          (P recomputed from lse, then dP). On a GPU these are cuBLAS calls, far faster than the
+//          fused fp32 kernel, at O(H*T^2) memory (precision.attention; auto: gemm on a GPU).
 // Both compute in fp32; they agree within fp32 summation-order differences.
 #pragma once
 
