@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "core/tensor.h"
@@ -132,9 +133,10 @@ class Backend {
   // acc (f64) += grad (f32), then grad = 0: one micro-batch's gradient into the step's sum.
   virtual Status accumulate_grad(Tensor& grad, Tensor& acc) = 0;
   virtual Status round_f64(const Tensor& acc, Tensor& out) = 0;  // out (f32) = fp32(acc)
-  // *total += sum of g[i]^2 (g fp32) in fp64. The CPU adds in index order (bitwise the host
-  // optimizer's norm); a device reduces in a fixed tree (deterministic, not the same bits).
-  virtual Status sum_squares(const Tensor& g, double* total) = 0;
+  // *total += sum of g[i]^2 over every tensor of gs (fp32), in fp64. The CPU adds tensor after
+  // tensor in index order (bitwise the host optimizer's norm); a device reduces in a fixed tree
+  // (deterministic, not the same bits) and synchronizes once.
+  virtual Status sum_squares(std::span<const Tensor* const> gs, double* total) = 0;
   // One fused AdamW step (kernels/cpu/adamw.h, bit-identical on every backend): p, g fp32; m, v
   // bf16 moments; all with the same element count.
   virtual Status adamw(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,

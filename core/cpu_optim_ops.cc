@@ -25,11 +25,13 @@ Status CpuOps::round_f64(const Tensor& acc, Tensor& out) {
   return Status::Ok();
 }
 
-Status CpuOps::sum_squares(const Tensor& g, double* total) {
-  FP8_RETURN_IF_ERROR(checks::sum_squares(g, total));
-  const float* x = g.data_as<float>();
+Status CpuOps::sum_squares(std::span<const Tensor* const> gs, double* total) {
+  FP8_RETURN_IF_ERROR(checks::sum_squares(gs, total));
   double s = *total;  // continues the caller's running sum: one index-ordered sum over tensors
-  for (int64_t i = 0; i < g.numel(); ++i) s += static_cast<double>(x[i]) * x[i];
+  for (const Tensor* g : gs) {
+    const float* x = g->data_as<float>();
+    for (int64_t i = 0; i < g->numel(); ++i) s += static_cast<double>(x[i]) * x[i];
+  }
   *total = s;
   return Status::Ok();
 }

@@ -599,16 +599,22 @@ class CudaBackend final : public Backend {
             g::round_f64(acc.data_as<double>(), acc.numel(), out.data_as<float>(), cur()));
     return Status::Ok();
   }
-  // Synchronizes the stream to read the sum (one small copy per tensor).
-  Status sum_squares(const Tensor& gr, double* total) override {
-    FP8_RETURN_IF_ERROR(on_gpu("sum_squares", {&gr}));
-    FP8_RETURN_IF_ERROR(checks::sum_squares(gr, total));
-    FP8_ASSIGN_OR_RETURN(auto work, alloc((g::kSumSqBlocks + 1) * sizeof(double), cur()));
+  // One partial-sum launch per tensor, one final reduction, one synchronizing copy.
+  Status sum_squares(std::span<const Tensor* const> gs, double* total) override {
+    FP8_RETURN_IF_ERROR(checks::sum_squares(gs, total));
+    for (const Tensor* t : gs) FP8_RETURN_IF_ERROR(on_gpu("sum_squares", {t}));
+    if (gs.empty()) return Status::Ok();
+    const int64_t slots = static_cast<int64_t>(gs.size());
+    FP8_ASSIGN_OR_RETURN(auto work, alloc((slots * g::kSumSqBlocks + 1) * sizeof(double), cur()));
     auto* w = static_cast<double*>(work->ptr);
-    FP8_GPU("sum_squares", g::sum_squares(gr.data_as<float>(), gr.numel(), w, cur()));
+    for (int64_t i = 0; i < slots; ++i) {
+      FP8_GPU("sum_squares", g::sum_squares_partial(gs[i]->data_as<float>(), gs[i]->numel(),
+                                                    w + i * g::kSumSqBlocks, cur()));
+    }
+    FP8_GPU("sum_squares", g::sum_squares_final(w, slots, cur()));
     double h = 0.0;
-    FP8_CUDA("sum_squares",
-             cudaMemcpyAsync(&h, w + g::kSumSqBlocks, sizeof(h), cudaMemcpyDeviceToHost, cur()));
+    FP8_CUDA("sum_squares", cudaMemcpyAsync(&h, w + slots * g::kSumSqBlocks, sizeof(h),
+                                            cudaMemcpyDeviceToHost, cur()));
     FP8_CUDA("sum_squares", cudaStreamSynchronize(cur()));
     *total += h;
     return Status::Ok();

@@ -346,9 +346,13 @@ Status round_f64(const Tensor& acc, const Tensor& out) {
   return want("round_f64", out, DType::kF32, acc.numel());
 }
 
-Status sum_squares(const Tensor& g, const double* total) {
-  FP8_RETURN_IF_ERROR(f32("sum_squares", {&g}));
-  return need(total != nullptr, "sum_squares", "a total to add to", g);
+Status sum_squares(std::span<const Tensor* const> gs, const double* total) {
+  if (!total) return FP8_INVALID("sum_squares: null total");
+  for (const Tensor* g : gs) {
+    if (!g) return FP8_INVALID("sum_squares: null tensor");
+    FP8_RETURN_IF_ERROR(f32("sum_squares", {g}));
+  }
+  return Status::Ok();
 }
 
 Status adamw(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v) {

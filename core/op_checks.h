@@ -67,7 +67,7 @@ Status round_bf16(const Tensor& x, const Tensor& out);
 // The optimizer ops: f64 sums, fp32 values and gradients, bf16 moments, equal element counts.
 Status accumulate_grad(const Tensor& grad, const Tensor& acc);
 Status round_f64(const Tensor& acc, const Tensor& out);
-Status sum_squares(const Tensor& g, const double* total);
+Status sum_squares(std::span<const Tensor* const> gs, const double* total);
 Status adamw(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v);
 
 // ---- data-dependent errors: the backend finds the first bad id, these word the error

@@ -139,10 +139,12 @@ Result<double> Trainer::sync_grads_and_norm() {
 // order, as sync_grads_and_norm does on the host (bitwise on the CPU backend).
 Result<double> Trainer::device_grad_norm() {
   double sq = 0.0;
+  std::vector<const Tensor*> grads;
   for (auto* p : all_params()) {
     FP8_RETURN_IF_ERROR(be_->round_f64(p->grad_acc_dev, p->grad));
-    FP8_RETURN_IF_ERROR(be_->sum_squares(p->grad, &sq));
+    grads.push_back(&p->grad);
   }
+  FP8_RETURN_IF_ERROR(be_->sum_squares(grads, &sq));  // one synchronization on a device
   return std::sqrt(sq);
 }
 

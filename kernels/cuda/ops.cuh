@@ -106,10 +106,12 @@ Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
 Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream);
 // out[i] = float(acc[i]), round to nearest even (bit-identical).
 Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream);
-// Sum of g[i]^2 in fp64 into work[kSumSqBlocks] (work: kSumSqBlocks + 1 doubles): each of
-// kSumSqBlocks blocks sums a fixed strided subset, then one block adds the partials in order, so
-// the result is deterministic run to run (not the CPU's index-order bits).
-constexpr int kSumSqBlocks = 1024;
-Result sum_squares(const float* g, int64_t n, double* work, cudaStream_t stream);
+// Squared sums in fp64, deterministic run to run (not the CPU's index-order bits): for each of
+// several arrays, sum_squares_partial writes kSumSqBlocks partial sums (fixed strided subsets,
+// fixed tree) to its own slot of `work`; sum_squares_final adds all `slots` * kSumSqBlocks
+// partials in a fixed order into work[slots * kSumSqBlocks].
+constexpr int kSumSqBlocks = 256;
+Result sum_squares_partial(const float* g, int64_t n, double* slot, cudaStream_t stream);
+Result sum_squares_final(double* work, int64_t slots, cudaStream_t stream);
 
 }  // namespace fp8pipe::kernels::gpu

@@ -54,11 +54,11 @@ __global__ void k_sumsq_partial(const float* g, int64_t n, double* partial) {
   if (threadIdx.x == 0) partial[blockIdx.x] = b;
 }
 
-__global__ void k_sumsq_final(double* work) {
+__global__ void k_sumsq_final(double* work, int64_t n) {
   double s = 0.0;
-  for (int i = threadIdx.x; i < kSumSqBlocks; i += kThreads) s += work[i];
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) s += work[i];
   const double b = block_sum(s);
-  if (threadIdx.x == 0) work[kSumSqBlocks] = b;
+  if (threadIdx.x == 0) work[n] = b;
 }
 
 }  // namespace
@@ -77,10 +77,14 @@ Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream) 
   return Result::Ok();
 }
 
-Result sum_squares(const float* g, int64_t n, double* work, cudaStream_t stream) {
-  k_sumsq_partial<<<kSumSqBlocks, kThreads, 0, stream>>>(g, n, work);
+Result sum_squares_partial(const float* g, int64_t n, double* slot, cudaStream_t stream) {
+  k_sumsq_partial<<<kSumSqBlocks, kThreads, 0, stream>>>(g, n, slot);
   FP8PIPE_CUDA_LAUNCH_CHECK();
-  k_sumsq_final<<<1, kThreads, 0, stream>>>(work);
+  return Result::Ok();
+}
+
+Result sum_squares_final(double* work, int64_t slots, cudaStream_t stream) {
+  k_sumsq_final<<<1, kThreads, 0, stream>>>(work, slots * kSumSqBlocks);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }

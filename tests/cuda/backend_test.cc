@@ -557,10 +557,12 @@ TEST_F(CudaBackendTest, OptimizerOps) {
   ASSERT_TRUE(cpu_->round_f64(acc_c, rc).ok());
   ASSERT_TRUE(gpu_->round_f64(acc_g, rg).ok());
   expect_bits(back<float>(rg), vec<float>(rc), "round_f64");
-  double sc = 0.5, sg1 = 0.5, sg2 = 0.5;  // both continue a running sum
-  ASSERT_TRUE(cpu_->sum_squares(rc, &sc).ok());
-  ASSERT_TRUE(gpu_->sum_squares(rg, &sg1).ok());
-  ASSERT_TRUE(gpu_->sum_squares(rg, &sg2).ok());
+  double sc = 0.5, sg1 = 0.5, sg2 = 0.5;  // both continue a running sum; two tensors each
+  const Tensor pc0 = hostf(Shape{1000}, randn(1000, 55)), pg0 = dev(pc0);
+  const std::vector<const Tensor*> cs = {&rc, &pc0}, gs = {&rg, &pg0};
+  ASSERT_TRUE(cpu_->sum_squares(cs, &sc).ok());
+  ASSERT_TRUE(gpu_->sum_squares(gs, &sg1).ok());
+  ASSERT_TRUE(gpu_->sum_squares(gs, &sg2).ok());
   EXPECT_EQ(sg1, sg2) << "sum_squares is not deterministic";
   EXPECT_NEAR(sg1, sc, 1e-12 * sc);
   kernels::AdamWHyper h;
