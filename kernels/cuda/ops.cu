@@ -487,9 +487,7 @@ Result find_bad_index(const int32_t* ids, int64_t n, int64_t lo, int64_t hi, int
 
 Result embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t D, float* out,
                      cudaStream_t stream) {
-  if (n * D == 0) return Result::Ok();
-  FP8PIPE_LAUNCH(k_gather, grid_for(n * D), kThreads, stream, table, ids, n, D, out);
-  return Result::Ok();
+  return gather_rows(table, ids, n, D, out, stream);  // the same row gather
 }
 
 Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable,

@@ -17,35 +17,14 @@ SLACK_S=8  # the abort, mpirun's teardown, a loaded machine
 ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16)
 
-source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), leftovers, steps_logged, now, secs
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # signal_case, cleanup (trap), leftovers, now, secs
 
-# stop_case NAME RANK TIMEOUT_S [overrides...]: start the job, SIGSTOP RANK once it has logged a
-# step (then it is inside the next one), wait for mpirun. Sets RC, ELAPSED (s from the stop to the
-# exit) and LEFT (PIDs of the job still alive).
-stop_case() {
-  local name=$1 victim=$2 to=$3; shift 3
-  timeout -k 5 45 mpirun -np 2 bash -c \
-    'echo $$ >"$0.pid.${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}"; exec "$@"' "$TMP/$name" \
-    "$BIN" train "$SRC/configs/tiny.textproto" "${ARGS[@]}" --fault.timeout_s="$to" "$@" \
-    --log.jsonl="$TMP/$name.r{rank}.jsonl" >"$TMP/$name.log" 2>&1 &
-  local mp=$!
-  for _ in $(seq 600); do
-    [ "$(steps_logged "$TMP/$name.r$victim.jsonl")" -ge 1 ] && [ -s "$TMP/$name.pid.$victim" ] && break
-    sleep 0.1
-  done
-  sleep 0.1
-  local t0; t0=$(now)
-  kill -STOP "$(cat "$TMP/$name.pid.$victim")"
-  wait $mp; RC=$?
-  ELAPSED=$(secs "$t0" "$(now)")
-  LEFT=$(leftovers "$name")
-}
 # in_window TIMEOUT_S: the job ended after the watchdog's timeout, within the slack.
 in_window() { awk -v e="$ELAPSED" -v t="$1" -v s=$SLACK_S 'BEGIN { exit !(e >= t - 1 && e <= t + s) }'; }
 first_abort() { grep -m1 "aborting all ranks" "$1"; }
 
 # 1. Pipeline: rank 1 stops; rank 0 times out in a receive from it.
-stop_case pp 1 10 --parallel.pp=2 --parallel.schedule=1f1b
+signal_case pp 1 STOP -- --fault.timeout_s=10 --parallel.pp=2 --parallel.schedule=1f1b
 pat="^\[fp8pipe r0 .*aborting all ranks: .*pipeline rank 0 at [A-Za-z]+<[^:]*: comm timeout: "
 pat+="(recv|send)\((from|to) 1 \[world 1\].* on pp.* not done after 10 s"
 pat+="|^\[fp8pipe r0 .*aborting all ranks: .*comm timeout: .* on world .* not done after 10 s; "
@@ -60,7 +39,7 @@ else
 fi
 
 # 2. Data parallel: rank 1 stops; rank 0 times out in a collective on the world group.
-stop_case dp 1 5 --parallel.dp=2
+signal_case dp 1 STOP -- --fault.timeout_s=5 --parallel.dp=2
 pat="^\[fp8pipe r0 .*aborting all ranks: .*comm timeout: .*on world .* not done after 5 s; "
 pat+="no answer from rank 1 \[world 1\]"
 if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_window 5 && [ -z "$LEFT" ] &&

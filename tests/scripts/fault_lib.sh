@@ -32,3 +32,29 @@ leftovers() {
 steps_logged() { if [ -f "$1" ]; then awk '/^\{"step"/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
 now() { echo "$EPOCHREALTIME"; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# signal_case NAME RANK SIGNAL [mpirun options...] [-- train overrides...]: start a 2-rank tiny
+# job ($ARGS, then the overrides), send SIGNAL to RANK once it has logged a step (it is then
+# inside the next one) and wait for mpirun. Sets RC, ELAPSED (s from the signal to the exit) and
+# LEFT (PIDs of the job still alive, after leftovers' grace).
+signal_case() {
+  local name=$1 victim=$2 sig=$3 mpi=()
+  shift 3
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do mpi+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  timeout -k 5 45 mpirun "${mpi[@]}" -np 2 bash -c \
+    'echo $$ >"$0.pid.${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}"; exec "$@"' "$TMP/$name" \
+    "$BIN" train "$SRC/configs/tiny.textproto" "${ARGS[@]}" "$@" \
+    --log.jsonl="$TMP/$name.r{rank}.jsonl" >"$TMP/$name.log" 2>&1 &
+  local mp=$!
+  for _ in $(seq 600); do
+    [ "$(steps_logged "$TMP/$name.r$victim.jsonl")" -ge 1 ] && [ -s "$TMP/$name.pid.$victim" ] && break
+    sleep 0.1
+  done
+  sleep 0.1
+  local t0; t0=$(now)
+  kill -"$sig" "$(cat "$TMP/$name.pid.$victim")"
+  wait $mp; RC=$?
+  ELAPSED=$(secs "$t0" "$(now)")
+  LEFT=$(leftovers "$name")
+}

@@ -17,32 +17,12 @@ ARGS=(--train.steps=100000 --log.every=1 --checkpoint.dir= --checkpoint.every=0
       --train.eval_every=0 --optim.warmup_steps=1 --train.seq_len=16 --parallel.pp=2
       --parallel.schedule=1f1b --fault.timeout_s=$TIMEOUT_S)
 
-source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # alive, cleanup (trap), leftovers, steps_logged, now, secs
+source "$(dirname "${BASH_SOURCE[0]}")/fault_lib.sh"  # signal_case, cleanup (trap), leftovers, now, secs
 
-# kill_case NAME RANK [mpirun options...]: start the job, SIGKILL RANK once it has logged a step
-# (then it is inside the next one), wait for mpirun. Sets RC and ELAPSED (s from kill to exit).
-kill_case() {
-  local name=$1 victim=$2; shift 2
-  timeout -k 5 45 mpirun "$@" -np 2 bash -c \
-    'echo $$ >"$0.pid.${OMPI_COMM_WORLD_RANK:-$PMIX_RANK}"; exec "$@"' "$TMP/$name" \
-    "$BIN" train "$SRC/configs/tiny.textproto" "${ARGS[@]}" --log.jsonl="$TMP/$name.r{rank}.jsonl" \
-    >"$TMP/$name.log" 2>&1 &
-  local mp=$!
-  for _ in $(seq 600); do
-    [ "$(steps_logged "$TMP/$name.r$victim.jsonl")" -ge 1 ] && [ -s "$TMP/$name.pid.$victim" ] && break
-    sleep 0.1
-  done
-  sleep 0.1
-  local t0; t0=$(now)
-  kill -KILL "$(cat "$TMP/$name.pid.$victim")"
-  wait $mp; RC=$?
-  ELAPSED=$(secs "$t0" "$(now)")
-  LEFT=$(leftovers "$name")
-}
 in_time() { awk -v e="$1" -v l=$((TIMEOUT_S + SLACK_S)) 'BEGIN { exit !(e <= l) }'; }
 
 # 1. Plain mpirun: the launcher notices the death.
-kill_case launcher 1
+signal_case launcher 1 KILL
 if [ $RC -ne 0 ] && [ $RC -ne 124 ] && in_time "$ELAPSED" && [ -z "$LEFT" ] &&
    grep -Eq "rank 1 .*(signal 9|Killed)" "$TMP/launcher.log"; then
   ok "SIGKILL of rank 1: job ended in ${ELAPSED} s (rc $RC), mpirun names rank 1"
@@ -52,7 +32,7 @@ else
 fi
 
 # 2. mpirun does not react: fp8pipe's watchdog on the survivor ends the job.
-kill_case watchdog 1 --mca orte_abort_on_non_zero_status 0
+signal_case watchdog 1 KILL --mca orte_abort_on_non_zero_status 0
 # The survivor waits either on a pipeline message from rank 1 (named, with the instruction) or,
 # if the kill lands between the pipeline and the step's collectives, on a world collective.
 pat="^\[fp8pipe r0 .*aborting all ranks: .*(pipeline rank 0 at [A-Za-z]+<[^:]*: comm timeout: "
