@@ -42,13 +42,24 @@ NanGrad parse_nan_grad() {
 
 }  // namespace
 
-Status maybe_nan_grad(int rank, int64_t step, const std::vector<model::Param*>& params) {
+Status maybe_nan_grad(Backend& be, int rank, int64_t step,
+                      const std::vector<model::Param*>& params) {
   static const NanGrad cfg = parse_nan_grad();
   if (!cfg.error.ok()) return cfg.error;
   if (!cfg.on || cfg.rank != rank || cfg.step != step) return Status::Ok();
   for (auto* p : params) {
-    if (p->grad_acc.empty()) continue;
-    p->grad_acc[0] = std::numeric_limits<double>::quiet_NaN();
+    if (p->grad_acc_dev.defined()) {  // the sum lives on the backend: copy a NaN into element 0
+      auto cpu = make_cpu_backend();
+      FP8_ASSIGN_OR_RETURN(Tensor nan, cpu->empty({1}, DType::kF64));
+      nan.data_as<double>()[0] = std::numeric_limits<double>::quiet_NaN();
+      FP8_ASSIGN_OR_RETURN(Tensor flat, p->grad_acc_dev.reshape({p->grad_acc_dev.numel()}));
+      Tensor first = flat.slice_rows(0, 1);
+      FP8_RETURN_IF_ERROR(be.copy(nan, first));
+    } else if (!p->grad_acc.empty()) {
+      p->grad_acc[0] = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      continue;
+    }
     log::warn("FP8PIPE_TEST_NAN_GRAD: injected NaN into the gradient of {} at step {}", p->name,
               step);
     return Status::Ok();

@@ -18,7 +18,9 @@
 namespace fp8pipe::fault_inject {
 
 // Applies FP8PIPE_TEST_NAN_GRAD for this rank and step to `params` (this rank's parameters, whose
-// grad_acc holds the step's accumulated gradients). A malformed value is an error.
-Status maybe_nan_grad(int rank, int64_t step, const std::vector<model::Param*>& params);
+// grad_acc, or grad_acc_dev on `be` under optim.placement=device, holds the step's accumulated
+// gradients). A malformed value is an error.
+Status maybe_nan_grad(Backend& be, int rank, int64_t step,
+                      const std::vector<model::Param*>& params);
 
 }  // namespace fp8pipe::fault_inject

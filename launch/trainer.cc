@@ -155,6 +155,9 @@ Status Trainer::setup_device_optimizer() {
   }
   if (placement == "host" || !why_not.empty() ||
       (placement == "auto" && be_->device() == Device::kCpu)) {
+    if (placement == "auto" && be_->device() != Device::kCpu) {
+      log::info("optimizer: on the host (optim.placement=auto: {})", why_not);
+    }
     return Status::Ok();
   }
   std::vector<optim::TensorGroup> groups;
@@ -277,12 +280,8 @@ Result<StepResult> Trainer::train_step() {
   ctx_.nonfinite_groups = 0;
   StepResult r;
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
-  if (dev_opt_) {
-    FP8_ASSIGN_OR_RETURN(r.grad_norm, device_grad_norm());
-  } else {
-    FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(world_rank_, step_ + 1, all_params()));
-    FP8_ASSIGN_OR_RETURN(r.grad_norm, sync_grads_and_norm());
-  }
+  FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, all_params()));
+  FP8_ASSIGN_OR_RETURN(r.grad_norm, dev_opt_ ? device_grad_norm() : sync_grads_and_norm());
   r.lr = lr_->lr(step_ + 1);
   const bool finite = std::isfinite(r.grad_norm) && std::isfinite(r.loss.total);
   if (!finite) {

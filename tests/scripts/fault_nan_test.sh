@@ -9,7 +9,9 @@
 #     skipped step: the held-out loss after it equals the one before it, to the last printed digit,
 #     while in the same run without the NaN that step changes it; the training losses up to the
 #     poisoned step equal the clean run's; on one process (where the model can be saved) every
-#     parameter and router bias after the skipped step is bitwise the one before it;
+#     parameter and router bias after the skipped step is bitwise the one before it, with the
+#     optimizer on the host and on the backend (optim.placement=device: the NaN goes into the
+#     backend's fp64 sum);
 #  3. skip with fault.max_skips=0 halts like 1; a malformed FP8PIPE_TEST_NAN_GRAD is refused.
 # Usage: fault_nan_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
@@ -93,10 +95,13 @@ one() {  # one NAME [overrides...]: a single-process run saving its model
   timeout -k 5 30 mpirun -np 1 -x FP8PIPE_TEST_NAN_GRAD "$BIN" train "${ONE[@]}" "$@" \
     --save "$TMP/one_$name.safetensors" >>"$TMP/one.log" 2>&1
 }
-FP8PIPE_TEST_NAN_GRAD= one step1 --train.steps=1 && FP8PIPE_TEST_NAN_GRAD= one clean2 --train.steps=2 &&
-  FP8PIPE_TEST_NAN_GRAD=0:2 one skip2 --train.steps=2 --fault.on_nonfinite=skip
+for place in host device; do  # the fp64 sums in host vectors, or in backend tensors
+: >"$TMP/one.log"
+P=--optim.placement=$place
+FP8PIPE_TEST_NAN_GRAD= one step1 --train.steps=1 $P && FP8PIPE_TEST_NAN_GRAD= one clean2 --train.steps=2 $P &&
+  FP8PIPE_TEST_NAN_GRAD=0:2 one skip2 --train.steps=2 --fault.on_nonfinite=skip $P
 RC=$?
-if [ $RC -eq 0 ] && python3 - "$TMP" >"$TMP/one.cmp" 2>&1 <<'PY'
+if [ $RC -eq 0 ] && grep -q "injected NaN" "$TMP/one.log" && python3 - "$TMP" >"$TMP/one.cmp" 2>&1 <<'PY'
 import json, struct, sys
 def tensors(path):  # name -> raw bytes (the safetensors layout: u64 header size, JSON, data)
     b = open(path, "rb").read()
@@ -112,10 +117,11 @@ assert sum(one[k] != clean[k] for k in one) > len(one) // 2, "the clean step 2 c
 print(f"{len(one)} tensors")
 PY
 then
-  ok "skip on one process: all $(grep -o '[0-9]* tensors' "$TMP/one.cmp") bitwise unchanged by the skipped step"
+  ok "skip on one process, optim.placement=$place: all $(grep -o '[0-9]* tensors' "$TMP/one.cmp") bitwise unchanged by the skipped step"
 else
-  bad "skip on one process (rc $RC)"; tail -5 "$TMP/one.cmp" "$TMP/one.log" 2>/dev/null
+  bad "skip on one process, optim.placement=$place (rc $RC)"; tail -5 "$TMP/one.cmp" "$TMP/one.log" 2>/dev/null
 fi
+done
 
 # 3. The skip cap, and a malformed hook.
 run cap 1:2 --fault.on_nonfinite=skip --fault.max_skips=0
