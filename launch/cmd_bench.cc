@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -260,6 +261,18 @@ struct Options {
   double peak_tflops = -1;  // MFU denominator; < 0: from the device name
 };
 
+// A whole-string number > 0, or an error naming the flag and the value.
+bool positive(const char* flag, const std::string& v, double* out) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || !(x > 0) || !std::isfinite(x)) {
+    std::fprintf(stderr, "fp8pipe bench: %s=%s: expected a number > 0\n", flag, v.c_str());
+    return false;
+  }
+  *out = x;
+  return true;
+}
+
 bool parse_options(int argc, char** argv, Options& o) {
   // --flag=value is --flag value.
   std::vector<std::string> split;
@@ -283,17 +296,22 @@ bool parse_options(int argc, char** argv, Options& o) {
       o.filter = argv[++i];
     else if (a == "--json" && i + 1 < argc)
       o.json = argv[++i];
-    else if (a == "--reps" && i + 1 < argc)
-      o.reps = std::max(1, std::atoi(argv[++i]));
-    else if (a == "--configs" && i + 1 < argc)
+    else if (a == "--reps" && i + 1 < argc) {
+      double r = 0;
+      if (!positive("--reps", argv[++i], &r) || r != std::floor(r)) {
+        if (r > 0) std::fprintf(stderr, "fp8pipe bench: --reps=%s: expected an integer\n", argv[i]);
+        return false;
+      }
+      o.reps = static_cast<int>(std::min(r, 1e6));
+    } else if (a == "--configs" && i + 1 < argc)
       o.configs = argv[++i];
     else if (a == "--quick")
       o.quick = true;
     else if (a == "--device" && i + 1 < argc)
       o.device = argv[++i];
-    else if (a == "--peak-tflops" && i + 1 < argc)
-      o.peak_tflops = std::atof(argv[++i]);
-    else {
+    else if (a == "--peak-tflops" && i + 1 < argc) {
+      if (!positive("--peak-tflops", argv[++i], &o.peak_tflops)) return false;
+    } else {
       std::fprintf(stderr, "fp8pipe bench: unknown argument '%s'\n", a.c_str());
       return false;
     }

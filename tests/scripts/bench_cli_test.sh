@@ -2,7 +2,8 @@
 # `fp8pipe bench` end to end on the CPU: a filtered quick run writes its JSONL rows (backend cpu,
 # positive throughput, a ratio that is value/baseline for the GEMM row); --device=cuda without a
 # usable GPU (or without CUDA in the build) fails at once naming why, before any training step;
-# an unknown --device is a usage error naming the valid choices.
+# an unknown --device, or a --reps / --peak-tflops that is not a positive number, is a usage
+# error naming the flag and value.
 # Usage: bench_cli_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -38,6 +39,16 @@ else
     bad "bench --device=cuda without a GPU (rc $rc, ${secs} s)"; cat "$TMP/c.log"
   fi
 fi
+
+for bad_arg in --peak-tflops=fast --reps=0 --reps=2.5; do
+  "$BIN" bench "$bad_arg" >"$TMP/e.log" 2>&1
+  rc=$?
+  if [ $rc -eq 2 ] && grep -q "fp8pipe bench: ${bad_arg}: expected" "$TMP/e.log"; then
+    ok "bench $bad_arg is a usage error naming the flag and value"
+  else
+    bad "bench $bad_arg (rc $rc)"; cat "$TMP/e.log"
+  fi
+done
 
 "$BIN" bench --device=tpu >"$TMP/d.log" 2>&1
 rc=$?
