@@ -334,8 +334,11 @@ class CudaBackend final : public Backend {
     const g::Result args = g::check_fp8_gemm_args(oa, ob, M, N, K, of, ob16);
     if (!args.ok) return gemm_fp8_fallback(a, b, out, args.msg);
     FP8_ASSIGN_OR_RETURN(g::LtGemm * lt, ctx_->lt_for(cur()));
-    FP8_GPU("gemm_fp8",
-            lt->fp8_gemm(oa, ob, M, N, K, of, ob16, cur(), /*splitk1=*/mode == GemmMode::kExact));
+    const g::Result r =
+        lt->fp8_gemm(oa, ob, M, N, K, of, ob16, cur(), /*splitk1=*/mode == GemmMode::kExact);
+    // No algorithm for this shape / alignment (nothing was enqueued): the fallback, logged once.
+    if (!r.ok && r.unsupported) return gemm_fp8_fallback(a, b, out, r.msg);
+    FP8_GPU("gemm_fp8", r);
     return Status::Ok();
   }
 
@@ -716,8 +719,16 @@ class CudaBackend final : public Backend {
     void* raw = nullptr;
     FP8_CUDA("rope table", cudaMalloc(&raw, std::max<int64_t>(half, 1) * sizeof(double)));
     double* p = static_cast<double*>(raw);
-    FP8_CUDA("rope table",
-             cudaMemcpy(p, freq.data(), half * sizeof(double), cudaMemcpyHostToDevice));
+    // A synchronous cudaMemcpy from pageable memory may return before the DMA lands, and it runs on
+    // the legacy stream, which our non-blocking streams do not wait for: copy on the current stream
+    // and wait, so the table is complete before any stream reads it.
+    cudaError_t e =
+        cudaMemcpyAsync(p, freq.data(), half * sizeof(double), cudaMemcpyHostToDevice, cur());
+    if (e == cudaSuccess) e = cudaStreamSynchronize(cur());
+    if (e != cudaSuccess) {
+      cudaFree(raw);
+      return cuda_error(e, "rope table");
+    }
     ctx_->freq[{d, tb}] = p;
     return static_cast<const double*>(p);
   }

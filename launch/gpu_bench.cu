@@ -1,7 +1,7 @@
-// GPU benchmark (DEVICE.md method: warm-ups, then >= 20 calls each timed with CUDA events; median
-// and mean; random data; L2 flush optional): FP8 block-scaled GEMM TFLOP/s through LtGemm vs the
-// raw cuBLASLt call vs BF16, and quantize GB/s (bytes read + written) vs cudaMemcpy D2D.
-// Usage: gpu_bench [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick]; also run by
+// GPU benchmark (DEVICE.md method: warm-ups, then >= 20 back-to-back calls each timed with CUDA
+// events; median and mean; random data; L2 flush optional): FP8 block-scaled GEMM TFLOP/s through
+// LtGemm vs the raw cuBLASLt call vs BF16, and quantize GB/s (bytes read + written) vs cudaMemcpy
+// D2D. Usage: gpu_bench [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick]; also run by
 // `fp8pipe bench --device=cuda` (launch/cmd_bench.cc) through run_gpu_bench (launch/gpu_bench.h).
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -104,37 +104,45 @@ struct Timing {
 
 class Timer {
  public:
-  explicit Timer(const Options& o) : o_(o) {
+  explicit Timer(const Options& o) : o_(o), ev_(2 * static_cast<size_t>(o.reps)) {
     BENCH_CHECK_CUDA(cudaStreamCreate(&st_));
-    BENCH_CHECK_CUDA(cudaEventCreate(&e0_));
-    BENCH_CHECK_CUDA(cudaEventCreate(&e1_));
+    for (auto& e : ev_) BENCH_CHECK_CUDA(cudaEventCreate(&e));
     if (o.flush_l2) {
       flush_ = std::make_unique<Dev<uint8_t>>(kFlushBytes);
     }
   }
   ~Timer() {
-    cudaEventDestroy(e0_);
-    cudaEventDestroy(e1_);
+    for (auto& e : ev_) cudaEventDestroy(e);
     cudaStreamDestroy(st_);
   }
-  // fn enqueues one call on the stream and returns false on error.
+  // fn enqueues one call on the stream and returns false on error. The reps are enqueued back to
+  // back with a start/stop event pair around each and one synchronization at the end: the stream
+  // stays busy (previous call or the L2 flush) while the host enqueues the next call, so a rep's
+  // time is its GPU time, not also the host-side enqueue cost (measured apart by host_us). A
+  // synchronization per rep would let the start event fire on an idle GPU and count the host's
+  // time in fn (wrapper checks, cublasLtMatmul setup) as GPU time.
   bool time(const std::function<bool(cudaStream_t)>& fn, Timing* t) {
     for (int i = 0; i < o_.warmup; ++i) {
       if (!fn(st_)) return false;
     }
-    BENCH_CHECK_CUDA(cudaStreamSynchronize(st_));
-    std::vector<double> ms;
+    // No synchronization here: the warm-ups keep the GPU busy while the first rep is enqueued.
     for (int i = 0; i < o_.reps; ++i) {
       if (flush_) BENCH_CHECK_CUDA(cudaMemsetAsync(flush_->p, i & 0xFF, kFlushBytes, st_));
-      BENCH_CHECK_CUDA(cudaEventRecord(e0_, st_));
-      if (!fn(st_)) return false;
-      BENCH_CHECK_CUDA(cudaEventRecord(e1_, st_));
-      BENCH_CHECK_CUDA(cudaEventSynchronize(e1_));
+      BENCH_CHECK_CUDA(cudaEventRecord(ev_[2 * i], st_));
+      if (!fn(st_)) {
+        BENCH_CHECK_CUDA(cudaStreamSynchronize(st_));
+        return false;
+      }
+      BENCH_CHECK_CUDA(cudaEventRecord(ev_[2 * i + 1], st_));
+    }
+    BENCH_CHECK_CUDA(cudaStreamSynchronize(st_));
+    BENCH_CHECK_CUDA(cudaGetLastError());
+    std::vector<double> ms;
+    for (int i = 0; i < o_.reps; ++i) {
       float v = 0;
-      BENCH_CHECK_CUDA(cudaEventElapsedTime(&v, e0_, e1_));
+      BENCH_CHECK_CUDA(cudaEventElapsedTime(&v, ev_[2 * i], ev_[2 * i + 1]));
       ms.push_back(v);
     }
-    BENCH_CHECK_CUDA(cudaGetLastError());
     std::sort(ms.begin(), ms.end());
     t->min_ms = ms.front();
     t->median_ms =
@@ -159,7 +167,7 @@ class Timer {
   static constexpr size_t kFlushBytes = size_t{256} << 20;  // > 50 MB L2
   const Options& o_;
   cudaStream_t st_ = nullptr;
-  cudaEvent_t e0_ = nullptr, e1_ = nullptr;
+  std::vector<cudaEvent_t> ev_;  // start/stop of each rep
   std::unique_ptr<Dev<uint8_t>> flush_;
 };
 
@@ -208,8 +216,11 @@ GemmRow bench_gemm(const GemmShape& s, Timer& timer, LtGemm& lt) {
   const std::string sh = std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K);
   Timing t;
 
+  // Labels built once: the lambdas are what host_us measures.
+  const std::string l_bf16 = "bf16 " + sh, l_raw = "raw " + sh, l_wrap = "wrapper " + sh,
+                    l_sk1 = "wrapper splitK1 " + sh, l_vv = "vec x vec " + sh;
   auto bf16 = [&](cudaStream_t st) {
-    return ok(lt.bf16_gemm(ab.p, bb.p, M, N, K, nullptr, out.p, st), "bf16 " + sh);
+    return ok(lt.bf16_gemm(ab.p, bb.p, M, N, K, nullptr, out.p, st), l_bf16);
   };
   if (timer.time(bf16, &t)) {
     row.bf16 = flop / t.median_ms / 1e9;
@@ -219,7 +230,7 @@ GemmRow bench_gemm(const GemmShape& s, Timer& timer, LtGemm& lt) {
   if (ok(raw.init(lt.handle(), lt.workspace(), LtGemm::kWorkspaceBytes, a, b, M, N, K, nullptr,
                   out.p),
          "raw init " + sh)) {
-    auto fn = [&](cudaStream_t st) { return ok(raw.run(st), "raw " + sh); };
+    auto fn = [&](cudaStream_t st) { return ok(raw.run(st), l_raw); };
     if (timer.time(fn, &t)) {
       row.raw = flop / t.median_ms / 1e9;
       json_gemm(s, "fp8_blk_raw", t, row.raw);
@@ -227,7 +238,7 @@ GemmRow bench_gemm(const GemmShape& s, Timer& timer, LtGemm& lt) {
     }
   }
   auto wrap = [&](cudaStream_t st) {
-    return ok(lt.fp8_gemm(a, b, M, N, K, nullptr, out.p, st), "wrapper " + sh);
+    return ok(lt.fp8_gemm(a, b, M, N, K, nullptr, out.p, st), l_wrap);
   };
   if (timer.time(wrap, &t)) {
     row.wrap = flop / t.median_ms / 1e9;
@@ -235,14 +246,14 @@ GemmRow bench_gemm(const GemmShape& s, Timer& timer, LtGemm& lt) {
     row.host_wrap_us = timer.host_us(wrap);
   }
   auto sk1 = [&](cudaStream_t st) {
-    return ok(lt.fp8_gemm(a, b, M, N, K, nullptr, out.p, st, true), "wrapper splitK1 " + sh);
+    return ok(lt.fp8_gemm(a, b, M, N, K, nullptr, out.p, st, true), l_sk1);
   };
   if (timer.time(sk1, &t)) {
     row.wrap_sk1 = flop / t.median_ms / 1e9;
     json_gemm(s, "fp8_blk_wrapper_splitk1", t, row.wrap_sk1);
   }
   auto vv = [&](cudaStream_t st) {
-    return ok(lt.fp8_gemm(a, bv, M, N, K, nullptr, out.p, st), "vec x vec " + sh);
+    return ok(lt.fp8_gemm(a, bv, M, N, K, nullptr, out.p, st), l_vv);
   };
   if (timer.time(vv, &t)) {
     row.vecvec = flop / t.median_ms / 1e9;

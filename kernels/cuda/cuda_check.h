@@ -14,11 +14,13 @@ namespace fp8pipe::kernels::gpu {
 // Outcome of a host-side CUDA call sequence. Default-constructed = success.
 struct [[nodiscard]] Result {
   bool ok = true;
-  std::string msg;  // "file:line: what failed: why" when !ok
+  std::string msg;           // "file:line: what failed: why" when !ok
+  bool unsupported = false;  // refused before anything was enqueued: another path may be taken
 
   explicit operator bool() const { return ok; }
   static Result Ok() { return {}; }
   static Result Error(std::string m) { return Result{false, std::move(m)}; }
+  static Result Unsupported(std::string m) { return Result{false, std::move(m), true}; }
 };
 
 inline std::string where(const char* file, int line) {

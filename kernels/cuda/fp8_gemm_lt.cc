@@ -3,6 +3,7 @@
 // for bit-exactness with the CPU kExact model (§3.5).
 #include "kernels/cuda/fp8_gemm_lt.h"
 
+#include <initializer_list>
 #include <string>
 
 namespace fp8pipe::kernels::gpu {
@@ -13,6 +14,17 @@ constexpr int kNoScale = -1;
 std::string str(int64_t v) { return std::to_string(v); }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Largest power of two <= 256 dividing every pointer: the MIN_ALIGNMENT_*_BYTES preference. Left at
+// its default (256), the heuristic may pick a kernel that cublasLtMatmul then refuses (or faults
+// in) for a 16-byte-aligned slice.
+uint32_t alignment(std::initializer_list<const void*> ptrs) {
+  uint32_t a = 256;
+  for (const void* p : ptrs) {
+    while (a > 1 && reinterpret_cast<uintptr_t>(p) % a != 0) a /= 2;
+  }
+  return a;
+}
 
 const char* gran_name(Granularity g) {
   switch (g) {
@@ -93,13 +105,19 @@ Result algo_info(const cublasLtMatmulAlgo_t& algo, LtPlanInfo* info) {
 // SPLITK_NUM = 1 and REDUCTION_SCHEME = NONE (FP8.md §3.5).
 Result pick_algo(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
                  cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld, size_t ws_bytes,
-                 bool splitk1, const std::string& what, cublasLtMatmulAlgo_t* algo,
+                 uint32_t align, bool splitk1, const std::string& what, cublasLtMatmulAlgo_t* algo,
                  LtPlanInfo* info) {
   cublasLtMatmulPreference_t pref = nullptr;
   FP8PIPE_CUBLAS_TRY(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = ws_bytes;
-  const cublasStatus_t ps = cublasLtMatmulPreferenceSetAttribute(
+  cublasStatus_t ps = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  for (const auto attr :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+    if (ps == CUBLAS_STATUS_SUCCESS)
+      ps = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align));
+  }
   constexpr int kWant = 16;
   cublasLtMatmulHeuristicResult_t res[kWant] = {};
   int n = 0;
@@ -109,9 +127,9 @@ Result pick_algo(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, cublasLtMatrixLay
                                                                  splitk1 ? kWant : 1, res, &n);
   cublasLtMatmulPreferenceDestroy(pref);
   if (hs != CUBLAS_STATUS_SUCCESS || n == 0) {
-    return Result::Error(what + ": cublasLtMatmulAlgoGetHeuristic found no algorithm (" +
-                         cublas_status_name(hs) + ", " + str(n) +
-                         " results): unsupported shape, alignment or scale-mode combination");
+    return Result::Unsupported(what + ": cublasLtMatmulAlgoGetHeuristic found no algorithm (" +
+                               cublas_status_name(hs) + ", " + str(n) +
+                               " results): unsupported shape, alignment or scale-mode combination");
   }
   if (!splitk1) {
     *algo = res[0].algo;
@@ -139,7 +157,7 @@ Result pick_algo(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, cublasLtMatrixLay
     info->forced_splitk1 = true;
     return algo_info(*algo, info);
   }
-  return Result::Error(
+  return Result::Unsupported(
       what + ": none of the " + str(n) +
       " heuristic algorithms passes cublasLtMatmulAlgoCheck with splitK forced to 1");
 }
@@ -152,10 +170,11 @@ std::string shape_str(int64_t M, int64_t N, int64_t K) {
 
 Result check_fp8_gemm_args(const Fp8Operand& a, const Fp8Operand& b, int64_t M, int64_t N,
                            int64_t K, const float* out_f32, const uint16_t* out_bf16) {
-  const std::string sh = " (" + shape_str(M, N, K) + ")";
+  // Built only for a failure message: this runs on every GEMM call.
+  const auto sh = [&] { return " (" + shape_str(M, N, K) + ")"; };
   FP8PIPE_REQUIRE((out_f32 == nullptr) != (out_bf16 == nullptr),
                   "fp8_gemm: exactly one of out_f32 / out_bf16 must be given");
-  FP8PIPE_REQUIRE(M >= 0 && N >= 0 && K >= 0, "fp8_gemm: negative dimension" + sh);
+  FP8PIPE_REQUIRE(M >= 0 && N >= 0 && K >= 0, "fp8_gemm: negative dimension" + sh());
   for (const Fp8Operand* x : {&a, &b}) {
     const char* name = x == &a ? "A" : "B";
     FP8PIPE_REQUIRE(x->gran == Granularity::k1x128 || x->gran == Granularity::k128x128 ||
@@ -173,19 +192,19 @@ Result check_fp8_gemm_args(const Fp8Operand& a, const Fp8Operand& b, int64_t M, 
                   "FP8.md §3.1: E5M2 x E5M2 is not supported by cuBLASLt");
   if (M == 0 || N == 0 || K == 0) return Result::Ok();
   FP8PIPE_REQUIRE(K % 16 == 0,
-                  "FP8.md §3.3: K=" + str(K) + " (cuBLASLt k) must be a multiple of 16" + sh);
+                  "FP8.md §3.3: K=" + str(K) + " (cuBLASLt k) must be a multiple of 16" + sh());
   FP8PIPE_REQUIRE(a.gran != Granularity::k1x128 || M % 4 == 0,
                   "FP8.md §3.3: a VEC128 (1x128) operand's row count must be a multiple of 4: "
                   "A has M=" +
-                      str(M) + " rows" + sh);
+                      str(M) + " rows" + sh());
   FP8PIPE_REQUIRE(b.gran != Granularity::k1x128 || N % 4 == 0,
                   "FP8.md §3.3: a VEC128 (1x128) operand's row count must be a multiple of 4: "
                   "B has N=" +
-                      str(N) + " rows" + sh);
+                      str(N) + " rows" + sh());
   const int64_t out_bytes = out_f32 ? 4 : 2;
   FP8PIPE_REQUIRE(N * out_bytes % 16 == 0, "FP8.md §3.3: output leading dimension ldd=N=" + str(N) +
                                                " times " + str(out_bytes) +
-                                               " bytes must be a multiple of 16 bytes" + sh);
+                                               " bytes must be a multiple of 16 bytes" + sh());
   FP8PIPE_REQUIRE(a.q && b.q && a.s && b.s, "fp8_gemm: null operand or scale pointer");
   FP8PIPE_REQUIRE(aligned16(a.s) && aligned16(b.s),
                   "FP8.md §3.3: scale pointers must be 16-byte aligned");
@@ -209,9 +228,8 @@ LtGemm::~LtGemm() {
 }
 
 Result LtGemm::init() {
-  if (lt_) return Result::Ok();
-  FP8PIPE_CUBLAS_TRY(cublasLtCreate(&lt_));
-  FP8PIPE_CUDA_TRY(cudaMalloc(&ws_, kWorkspaceBytes));
+  if (!lt_) FP8PIPE_CUBLAS_TRY(cublasLtCreate(&lt_));
+  if (!ws_) FP8PIPE_CUDA_TRY(cudaMalloc(&ws_, kWorkspaceBytes));
   return Result::Ok();
 }
 
@@ -222,8 +240,10 @@ Result LtGemm::get_plan(const Key& key, cudaDataType_t ta, cudaDataType_t tb, cu
     *out = it->second.get();
     return Result::Ok();
   }
+  if (auto r = refused_.find(key); r != refused_.end()) return Result::Unsupported(r->second);
   FP8PIPE_REQUIRE(lt_ != nullptr, "LtGemm: init() was not called");
-  const auto [M, N, K, mode_a, mode_b, fa, fb, out_t, splitk1] = key;
+  FP8PIPE_REQUIRE(ws_ != nullptr, "LtGemm: init() failed to allocate the workspace");
+  const auto [M, N, K, mode_a, mode_b, fa, fb, out_t, splitk1, align] = key;
   (void)fa;
   (void)fb;
   (void)out_t;
@@ -237,8 +257,12 @@ Result LtGemm::get_plan(const Key& key, cudaDataType_t ta, cudaDataType_t tb, cu
   FP8PIPE_GPU_TRY(make_layouts(M, N, K, ta, tb, td, &p->a, &p->b, &p->d));
   const std::string what =
       std::string(p->scaled ? "fp8_gemm" : "bf16_gemm") + " (" + shape_str(M, N, K) + ")";
-  FP8PIPE_GPU_TRY(
-      pick_algo(lt_, p->op, p->a, p->b, p->d, kWorkspaceBytes, splitk1, what, &p->algo, &p->info));
+  const Result picked = pick_algo(lt_, p->op, p->a, p->b, p->d, kWorkspaceBytes, align, splitk1,
+                                  what, &p->algo, &p->info);
+  if (!picked.ok) {
+    if (picked.unsupported) refused_.emplace(key, picked.msg);  // do not ask the heuristic again
+    return picked;
+  }
   *out = p.get();
   plans_.emplace(key, std::move(p));
   return Result::Ok();
@@ -277,7 +301,8 @@ Result LtGemm::fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, int64_t M, int
                 static_cast<int>(b.fmt),
                 static_cast<int>(a.fmt),
                 static_cast<int>(td),
-                splitk1};
+                splitk1,
+                alignment({a.q, b.q, out})};
   Plan* p = nullptr;
   FP8PIPE_GPU_TRY(get_plan(key, fp8_type(b.fmt), fp8_type(a.fmt), td, b.s, a.s, &p));
   return run(p, b.q, a.q, out, b.s, a.s, stream);
@@ -304,7 +329,8 @@ Result LtGemm::bf16_gemm(const uint16_t* a, const uint16_t* b, int64_t M, int64_
                 static_cast<int>(CUDA_R_16BF),
                 static_cast<int>(CUDA_R_16BF),
                 static_cast<int>(td),
-                splitk1};
+                splitk1,
+                alignment({a, b, out})};
   Plan* p = nullptr;
   FP8PIPE_GPU_TRY(get_plan(key, CUDA_R_16BF, CUDA_R_16BF, td, nullptr, nullptr, &p));
   return run(p, b, a, out, nullptr, nullptr, stream);
@@ -337,7 +363,7 @@ Result RawLtFp8Gemm::init(cublasLtHandle_t lt, void* workspace, size_t workspace
   FP8PIPE_GPU_TRY(make_layouts(M, N, K, fp8_type(b.fmt), fp8_type(a.fmt),
                                out_f32 ? CUDA_R_32F : CUDA_R_16BF, &la_, &lb_, &ld_));
   LtPlanInfo info;
-  return pick_algo(lt_, op_, la_, lb_, ld_, ws_bytes_, false,
+  return pick_algo(lt_, op_, la_, lb_, ld_, ws_bytes_, alignment({a_lt_, b_lt_, d_}), false,
                    "raw fp8 (" + shape_str(M, N, K) + ")", &algo_, &info);
 }
 

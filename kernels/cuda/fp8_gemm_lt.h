@@ -9,7 +9,9 @@
 // order fma(P*sA_ours, sB_ours, acc)).
 //
 // LtGemm owns the cuBLASLt handle, one 32 MiB workspace and a small plan cache (descriptors + the
-// heuristic's algo per shape / scale modes / formats / output type / splitK=1 flag). It is not
+// heuristic's algo per shape / scale modes / formats / output type / splitK=1 flag / pointer
+// alignment: the heuristic is told the real alignment of A, B and D, up to 256 B, since by default
+// it assumes 256-byte-aligned buffers and a row slice of a tensor is only 16-aligned). It is not
 // thread-safe and its workspace is shared by all calls: use one LtGemm per stream.
 #pragma once
 
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 
 #include "kernels/cpu/fp8_gemm.h"
@@ -69,7 +72,8 @@ class LtGemm {
 
  private:
   // mode_a/mode_b are cuBLASLt scale modes of cuBLASLt's A (= our B) and B (= our A); -1: none.
-  using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, int, bool>;
+  // The last field is the smallest alignment (bytes, <= 256) of the A, B and D pointers.
+  using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, int, bool, uint32_t>;
   struct Plan {  // cached descriptors + algo of one key
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
@@ -89,6 +93,7 @@ class LtGemm {
   cublasLtHandle_t lt_ = nullptr;
   void* ws_ = nullptr;
   std::map<Key, std::unique_ptr<Plan>> plans_;
+  std::map<Key, std::string> refused_;  // keys the heuristic had no algorithm for (its message)
   LtPlanInfo last_;
 };
 

@@ -108,12 +108,12 @@ __global__ void k_gather(const float* in, const int32_t* rows, int64_t n, int64_
 // One thread per column, rows in order (the CPU's order for every output element).
 __global__ void k_scatter_add_cols(const float* in, const int32_t* rows, const float* w, int64_t n,
                                    int64_t D, float* out) {
-  const int64_t c = gtid();
-  if (c >= D) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = w ? w[i] : 1.0f;
-    float* y = out + static_cast<int64_t>(rows[i]) * D + c;
-    *y = *y + a * in[i * D + c];
+  for (int64_t c = gtid(); c < D; c += gstride()) {  // grid_for caps the grid: stride over D
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = w ? w[i] : 1.0f;
+      float* y = out + static_cast<int64_t>(rows[i]) * D + c;
+      *y = *y + a * in[i * D + c];
+    }
   }
 }
 
@@ -149,11 +149,11 @@ __global__ void k_rmsnorm_bwd_dx(const float* dy, const float* x, const float* w
 
 __global__ void k_rmsnorm_bwd_dw(const float* dy, const float* x, const float* rstd, int64_t n,
                                  int64_t D, float* dw) {
-  const int64_t c = gtid();
-  if (c >= D) return;
-  float acc = dw[c];
-  for (int64_t r = 0; r < n; ++r) acc = acc + dy[r * D + c] * (x[r * D + c] * rstd[r]);
-  dw[c] = acc;
+  for (int64_t c = gtid(); c < D; c += gstride()) {  // grid_for caps the grid: stride over D
+    float acc = dw[c];
+    for (int64_t r = 0; r < n; ++r) acc = acc + dy[r * D + c] * (x[r * D + c] * rstd[r]);
+    dw[c] = acc;
+  }
 }
 
 // ---- rope ---------------------------------------------------------------------------------------
@@ -410,39 +410,39 @@ __global__ void k_ce_bwd(const float* logits, const int32_t* targets, int64_t V,
 __global__ void k_router(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
                          int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
                          int32_t* idx, float* gates) {
-  const int64_t r = gtid();
-  if (r >= n) return;
-  float biased[kRouterMaxExperts];
-  uint8_t allowed[kRouterMaxExperts];
-  const bool limited = n_groups > 1 && max_groups < n_groups;
-  float* s = scores + r * E;
-  for (int64_t e = 0; e < E; ++e) {
-    s[e] = sigmoidf_(logits[r * E + e]);
-    biased[e] = s[e] + (bias ? bias[e] : 0.0f);
-  }
-  if (limited) {  // kernels/cpu/ops.cc limit_groups, verbatim
-    const int64_t gsize = E / n_groups;
-    const int64_t per = min(gsize, max(int64_t{1}, topk / max_groups));
-    int32_t best[kRouterMaxExperts];
-    int32_t kept[kRouterMaxGroups];
-    float gscore[kRouterMaxGroups];
-    for (int64_t g = 0; g < n_groups; ++g) {
-      top_k(biased + g * gsize, nullptr, gsize, per, best);
-      float sum = 0.0f;
-      for (int64_t q = 0; q < per; ++q) sum += biased[g * gsize + best[q]];
-      gscore[g] = sum;
+  for (int64_t r = gtid(); r < n; r += gstride()) {  // grid_for caps the grid: stride over tokens
+    float biased[kRouterMaxExperts];
+    uint8_t allowed[kRouterMaxExperts];
+    const bool limited = n_groups > 1 && max_groups < n_groups;
+    float* s = scores + r * E;
+    for (int64_t e = 0; e < E; ++e) {
+      s[e] = sigmoidf_(logits[r * E + e]);
+      biased[e] = s[e] + (bias ? bias[e] : 0.0f);
     }
-    top_k(gscore, nullptr, n_groups, max_groups, kept);
-    for (int64_t e = 0; e < E; ++e) allowed[e] = 0;
-    for (int64_t q = 0; q < max_groups; ++q) {
-      for (int64_t e = kept[q] * gsize; e < (kept[q] + 1) * gsize; ++e) allowed[e] = 1;
+    if (limited) {  // kernels/cpu/ops.cc limit_groups, verbatim
+      const int64_t gsize = E / n_groups;
+      const int64_t per = min(gsize, max(int64_t{1}, topk / max_groups));
+      int32_t best[kRouterMaxExperts];
+      int32_t kept[kRouterMaxGroups];
+      float gscore[kRouterMaxGroups];
+      for (int64_t g = 0; g < n_groups; ++g) {
+        top_k(biased + g * gsize, nullptr, gsize, per, best);
+        float sum = 0.0f;
+        for (int64_t q = 0; q < per; ++q) sum += biased[g * gsize + best[q]];
+        gscore[g] = sum;
+      }
+      top_k(gscore, nullptr, n_groups, max_groups, kept);
+      for (int64_t e = 0; e < E; ++e) allowed[e] = 0;
+      for (int64_t q = 0; q < max_groups; ++q) {
+        for (int64_t e = kept[q] * gsize; e < (kept[q] + 1) * gsize; ++e) allowed[e] = 1;
+      }
     }
+    int32_t* ir = idx + r * topk;
+    top_k(biased, limited ? allowed : nullptr, E, topk, ir);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < topk; ++t) sum += s[ir[t]];
+    for (int64_t t = 0; t < topk; ++t) gates[r * topk + t] = s[ir[t]] / sum * route_scale;
   }
-  int32_t* ir = idx + r * topk;
-  top_k(biased, limited ? allowed : nullptr, E, topk, ir);
-  float sum = 0.0f;
-  for (int64_t t = 0; t < topk; ++t) sum += s[ir[t]];
-  for (int64_t t = 0; t < topk; ++t) gates[r * topk + t] = s[ir[t]] / sum * route_scale;
 }
 
 // ---- elementwise --------------------------------------------------------------------------------
@@ -523,15 +523,17 @@ Result rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const
 }
 
 namespace {
+constexpr int kAttnThreads = 128;  // 4 warps = 4 rows per block
 Result check_attn(int64_t B, int64_t T, int64_t H, int64_t dk, int64_t dv) {
   FP8PIPE_REQUIRE(dk <= kAttnMaxHeadDim && dv <= kAttnMaxHeadDim,
                   "attention: head dims dk=" + std::to_string(dk) + " dv=" + std::to_string(dv) +
                       " exceed the warp-per-row kernel's limit of " +
                       std::to_string(kAttnMaxHeadDim));
-  FP8PIPE_REQUIRE(B * H * T * 32 < (int64_t{1} << 40), "attention: too many rows");
+  // attn_grid(B * H * T) must fit grid.x (<= 2^31 - 1 blocks of kAttnThreads / 32 rows each).
+  FP8PIPE_REQUIRE(B * H * T <= ((int64_t{1} << 31) - 1) * (kAttnThreads / 32),
+                  "attention: too many rows");
   return Result::Ok();
 }
-constexpr int kAttnThreads = 128;  // 4 warps = 4 rows per block
 int attn_grid(int64_t rows) {
   return static_cast<int>((rows * 32 + kAttnThreads - 1) / kAttnThreads);
 }

@@ -604,9 +604,13 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
 template <class T>
 Result quantize_any(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p, uint8_t* q,
                     float* s, int* nonfinite, cudaStream_t st) {
-  if (R <= 0 || C <= 0) {  // as the CPU: scales zeroed, nothing else
+  if (R <= 0 || C <= 0) {  // as the CPU: no codes; per-tensor s[0] is the scale of amax 0
     const int64_t ns = std::max<int64_t>(0, scale_count(g, R, C));
     if (ns > 0) FP8PIPE_CUDA_TRY(cudaMemsetAsync(s, 0, ns * sizeof(float), st));
+    if (g == Granularity::kPerTensor) {
+      finalize_tensor_kernel<<<1, 1, 0, st>>>(s, p.pow2, fp8_max(p.fmt), nullptr);
+      FP8PIPE_CUDA_LAUNCH_CHECK();
+    }
     return Result::Ok();
   }
   if (p.fmt == Fp8Format::kE4M3)

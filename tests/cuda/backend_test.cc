@@ -181,7 +181,8 @@ TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
 }
 
 // Fprop (1x128 x 128x128), Dgrad (1x128 x transposed 128x128), Wgrad (1x128 x 1x128): kExact is
-// bit-identical to the CPU model; kFast within fp32 accumulation-order noise.
+// bit-identical to the CPU model; kFast (cuBLASLt's own algorithm, split-K allowed) within the
+// tensor-core truncation of FP8.md 2.4 of the CPU's exact-fp32 kFast.
 TEST_F(CudaBackendTest, GemmFp8) {
   const int64_t M = 256, N = 384, K = 512;
   const QuantParams p{};
@@ -211,7 +212,14 @@ TEST_F(CudaBackendTest, GemmFp8) {
     Tensor og = gpu_->empty({M, N}, DType::kF32).value();
     ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kFast).ok());
     ASSERT_TRUE(gpu_->gemm_fp8(da, db, og, GemmMode::kFast).ok());
-    expect_near(vec<float>(oc), back<float>(og), 2e-3f, 1e-4f, std::string(c.name) + " fast");
+    // The GPU's kFast still truncates inside each 128-block (FP8.md 2.4), the CPU's is exact fp32:
+    // they differ by up to ~1.2e-3 * rms here (CPU kExact vs kFast), so the bound is that of
+    // tests/cuda/gemm_lt_test.cu, 2e-3 * rms of the output, for every element.
+    const std::vector<float> want = vec<float>(oc);
+    double ss = 0;
+    for (float x : want) ss += static_cast<double>(x) * x;
+    const float rms = static_cast<float>(std::sqrt(ss / static_cast<double>(want.size())));
+    expect_near(want, back<float>(og), 2e-3f * rms, 0.0f, std::string(c.name) + " fast");
   }
   // 128x128 x 128x128 is refused, as on the CPU.
   Tensor b1 = gpu_->quantize(dev(ha), Granularity::k128x128, p).value();

@@ -1,7 +1,7 @@
 // cuBLASLt FP8 GEMM wrapper against the CPU model (kernels/cpu/fp8_gemm.h): with splitK forced to 1
 // bit for bit equal to GemmMode::kExact (FP8.md §2.4) for the Fprop / Dgrad / Wgrad operand layouts
-// (§2.5), FP32 and BF16 outputs; the default algo within a bound of kFast; §3.3 rule errors; raw
-// path == wrapper; BF16 GEMM sanity.
+// (§2.5), FP32 and BF16 outputs; the default algo (maybe split-K) within fp32 reordering of kExact
+// and close to kFast in calc_diff; §3.3 rule errors; raw path == wrapper; BF16 GEMM sanity.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -132,22 +132,42 @@ std::vector<float> widen(const std::vector<uint16_t>& b) {
   return f;
 }
 
-// GPU (splitK=1) == CPU kExact bitwise, and GPU (default algo) close to CPU kFast, both outputs.
+// S[m][n] = sum_k |a_k b_k| (kFast on the operands with their sign bits cleared; scales are > 0):
+// the scale of fp32 reordering errors of output (m, n).
+std::vector<float> abs_sum(const Op& a, const Op& b, int64_t M, int64_t N, int64_t K) {
+  std::vector<uint8_t> qa(a.q), qb(b.q);
+  for (auto& c : qa) c &= 0x7F;
+  for (auto& c : qb) c &= 0x7F;
+  Fp8Operand ha = a.host(), hb = b.host();
+  ha.q = qa.data();
+  hb.q = qb.data();
+  std::vector<float> s(M * N);
+  EXPECT_TRUE(kernels::fp8_gemm(ha, hb, M, N, K, GemmMode::kFast, s.data(), nullptr));
+  return s;
+}
+
+// GPU (splitK=1) == CPU kExact bitwise. GPU (default algo, maybe split-K) == kExact up to fp32
+// reordering of the promoted block partials (FP8.md §2.4 "Split-K"), plus one BF16 rounding step
+// for a BF16 output (and, with split-K, BF16 partials: INPLACE / OUTPUT_TYPE reductions); and close
+// to the exact product of the FP8 values (CPU kFast) in calc_diff (FP8.md §2.4 accuracy table). A
+// per-element bound against kFast would be wrong: the tensor-core truncation (§1.3) loses up to a
+// few % of the global rms on these outlier-heavy operands, bit-exactly reproduced by kExact.
 void check_gemm(const std::string& name, const Op& a, const Op& b, int64_t M, int64_t N,
                 int64_t K) {
   LtGemm lt;
   ASSERT_GPU_OK(lt.init());
+  std::vector<float> exact_f(M * N), fast_f(M * N);
+  ASSERT_TRUE(
+      kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kExact, exact_f.data(), nullptr));
+  std::vector<uint16_t> exact_b(M * N);  // §2.4: D = bf16_rne(acc)
+  for (int64_t i = 0; i < M * N; ++i) exact_b[i] = float_to_bf16(exact_f[i]);
+  ASSERT_TRUE(
+      kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kFast, fast_f.data(), nullptr));
+  const std::vector<float> sabs = abs_sum(a, b, M, N, K);
+  const int64_t nkb = ceil_div(K, 128);
   for (bool bf16 : {false, true}) {
     const std::string what = name + (bf16 ? " bf16-out" : " f32-out") + " M=" + std::to_string(M) +
                              " N=" + std::to_string(N) + " K=" + std::to_string(K);
-    std::vector<float> exact_f(bf16 ? 0 : M * N), fast_f(M * N);
-    std::vector<uint16_t> exact_b(bf16 ? M * N : 0);
-    ASSERT_TRUE(kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kExact,
-                                  bf16 ? nullptr : exact_f.data(),
-                                  bf16 ? exact_b.data() : nullptr));
-    ASSERT_TRUE(
-        kernels::fp8_gemm(a.host(), b.host(), M, N, K, GemmMode::kFast, fast_f.data(), nullptr));
-
     GpuOut g1;
     run_gpu(lt, a, b, M, N, K, bf16, /*splitk1=*/true, &g1);
     if (::testing::Test::HasFatalFailure()) return;
@@ -168,24 +188,39 @@ void check_gemm(const std::string& name, const Op& a, const Op& b, int64_t M, in
     run_gpu(lt, a, b, M, N, K, bf16, /*splitk1=*/false, &gd);
     if (::testing::Test::HasFatalFailure()) return;
     const std::vector<float> got = bf16 ? widen(gd.bf16) : gd.f32;
+    const int sk = std::max(gd.info.splitk, 1);
+    // fp32 sums of <= nkb promoted partials on each side plus an sk-way reduction: 2^-24 each.
+    const double gamma = std::ldexp(double(2 * nkb + sk + 4), -24);
     double ss = 0;
     for (float v : fast_f) ss += double{v} * v;
     const double rms = std::sqrt(ss / (M * N));
-    double max_err = 0;
+    double max_err_fast = 0, worst = 0;
     int64_t over = 0;
     for (int64_t i = 0; i < M * N; ++i) {
-      const double err = std::fabs(double{got[i]} - fast_f[i]);
-      const double tol = 2e-3 * rms + (bf16 ? std::ldexp(std::fabs(fast_f[i]), -7) : 0.0);
-      max_err = std::max(max_err, err);
-      if (!(err <= tol)) ++over;
+      max_err_fast = std::max(max_err_fast, std::fabs(double{got[i]} - fast_f[i]));
+      const double err = std::fabs(double{got[i]} - exact_f[i]);
+      double tol = gamma * sabs[i];
+      if (bf16)
+        tol += std::ldexp(std::fabs(double{exact_f[i]}), -7) +
+               std::ldexp(sk > 1 ? sk * double{sabs[i]} : 0.0, -8);
+      worst = std::max(worst, tol > 0 ? err / tol : (err > 0 ? INFINITY : 0.0));
+      if (!(err <= tol)) {
+        if (over++ < 5) {
+          ADD_FAILURE() << what << " default algo (splitK " << sk << ") vs CPU kExact at (" << i / N
+                        << "," << i % N << "): cpu " << exact_f[i] << " gpu " << got[i] << " tol "
+                        << tol;
+        }
+      }
     }
+    // FP8.md §2.4: 7.7e-9 (FP32 out), 1.4e-6 (BF16 out; BF16 split-K partials add ~1e-6 each).
     const double cd = calc_diff(got, fast_f);
-    EXPECT_EQ(over, 0) << what << " default algo (splitK=" << gd.info.splitk
-                       << ") vs kFast: max|err|/rms " << max_err / rms;
-    EXPECT_LT(cd, bf16 ? 1e-5 : 1e-6) << what << " calc_diff vs kFast";
+    EXPECT_EQ(over, 0) << what << " default algo (splitK=" << sk << ") vs kExact";
+    EXPECT_LT(cd, bf16 ? 1e-5 * sk : 1e-6) << what << " calc_diff vs kFast";
     std::printf(
-        "  %-40s splitK1 algo %d | default algo %d splitK %d: max|err|/rms %.2e calc_diff %.2e\n",
-        what.c_str(), g1.info.algo_id, gd.info.algo_id, gd.info.splitk, max_err / rms, cd);
+        "  %-40s splitK1 algo %d | default algo %d splitK %d: err/tol vs kExact %.2f, "
+        "max|err|/rms vs kFast %.2e, calc_diff %.2e\n",
+        what.c_str(), g1.info.algo_id, gd.info.algo_id, gd.info.splitk, worst, max_err_fast / rms,
+        cd);
   }
 }
 
@@ -261,6 +296,44 @@ TEST(CudaGemmLt, RawPathEqualsWrapperAndPlansAreCached) {
   ASSERT_GPU_OK(raw.run(nullptr));
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(d1.to_host(), d2.to_host());
+}
+
+// Operands and output that are only 16-byte aligned (a row slice of a tensor: FP8.md §3.3's
+// minimum) get their own plan, whose heuristic is told that alignment (the default assumes 256 B),
+// and still give the kExact bits.
+TEST(CudaGemmLt, SixteenByteAlignedPointers) {
+  const int64_t M = 256, N = 384, K = 1024, off = 16;
+  const Op x = quantized(activations(M, K, 61), M, K, Granularity::k1x128, true);
+  const Op w =
+      quantized(testing::random_normal(N * K, 62, 0.05f), N, K, Granularity::k128x128, true);
+  std::vector<float> exact(M * N);
+  ASSERT_TRUE(
+      kernels::fp8_gemm(x.host(), w.host(), M, N, K, GemmMode::kExact, exact.data(), nullptr));
+  DevBuf<uint8_t> xq(M * K, off), wq(N * K, off);
+  DevBuf<float> out(M * N, off);
+  uint8_t* xq16 = xq.get() + off;
+  uint8_t* wq16 = wq.get() + off;
+  float* out16 = out.get() + off / sizeof(float);
+  ASSERT_CUDA_OK(cudaMemcpy(xq16, x.q.data(), M * K, cudaMemcpyHostToDevice));
+  ASSERT_CUDA_OK(cudaMemcpy(wq16, w.q.data(), N * K, cudaMemcpyHostToDevice));
+  LtGemm lt;
+  ASSERT_GPU_OK(lt.init());
+  ASSERT_GPU_OK(lt.fp8_gemm(x.dev(), w.dev(), M, N, K, out.get(), nullptr, nullptr, true));
+  const Fp8Operand xs{xq16, x.ds->get(), Granularity::k1x128, Fp8Format::kE4M3};
+  const Fp8Operand ws{wq16, w.ds->get(), Granularity::k128x128, Fp8Format::kE4M3};
+  for (bool splitk1 : {true, false}) {
+    ASSERT_CUDA_OK(cudaMemset(out16, 0xFF, M * N * sizeof(float)));
+    ASSERT_GPU_OK(lt.fp8_gemm(xs, ws, M, N, K, out16, nullptr, nullptr, splitk1));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> got(M * N);
+    ASSERT_CUDA_OK(cudaMemcpy(got.data(), out16, M * N * sizeof(float), cudaMemcpyDeviceToHost));
+    int64_t bad = 0;
+    for (int64_t i = 0; i < M * N; ++i) bad += testing::bits(got[i]) != testing::bits(exact[i]);
+    if (lt.last_plan().splitk == 1) {  // a split-K default algo is checked by check_gemm
+      EXPECT_EQ(bad, 0) << "splitK1=" << splitk1 << ": " << bad << " outputs differ from kExact";
+    }
+  }
+  EXPECT_EQ(lt.cached_plans(), 3u);  // aligned splitK1, 16-aligned splitK1, 16-aligned default
 }
 
 TEST(CudaGemmLt, Bf16GemmMatchesFp64Reference) {
