@@ -6,6 +6,10 @@
 # Usage (from the repo root): bash launch/device_check.sh [extra gpu_bench args]
 # SKIP="gpu_bench cuda_tests" skips the named steps (e.g. to spend the budget on the training
 # steps); BUDGET_S raises the whole-run bound.
+# Prebuilt programs: if .devbin/ (launch/device_prebuild.sh, carried with the call) holds them,
+# built from these very sources (its sources.sha1 checks out) and every library they need resolves
+# here, they are used and the configure and build steps are skipped (minutes of GPU time saved).
+# Otherwise, or with PREBUILT=none, everything is built here as before.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -18,6 +22,8 @@ START=$(date +%s)
 NAMES=() RCS=() SECS=()
 FAILED=0
 SKIP=${SKIP:-}
+PREBUILT=${PREBUILT:-$ROOT/.devbin}
+BIN_DIR=""
 
 remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
@@ -72,13 +78,55 @@ build_targets() {
   ninja -C "$BUILD" -j "$JOBS" "${targets[@]}"
 }
 
-find_bin() { find "$BUILD" -name "$1" -type f -perm -u+x 2>/dev/null | head -n 1; }
+find_bin() {
+  if [[ -n $BIN_DIR ]]; then
+    [[ -x $BIN_DIR/$1 ]] && echo "$BIN_DIR/$1"
+    return 0
+  fi
+  find "$BUILD" -name "$1" -type f -perm -u+x -not -path "*/CMakeFiles/*" 2>/dev/null | head -n 1
+}
+
+# Checks .devbin: the manifest, the sources it was built from, the libraries, one start of each.
+check_prebuilt() {
+  local dir=$1 name
+  cat "$dir/manifest" || return 1
+  for name in cuda_tests fp8pipe gpu_bench; do
+    [[ -x $dir/$name ]] || { echo "missing $dir/$name"; return 1; }
+  done
+  (cd "$ROOT" && sha1sum --quiet -c "$dir/sources.sha1") || { echo "sources changed since the prebuild"; return 1; }
+  for name in cuda_tests fp8pipe gpu_bench; do
+    if ldd "$dir/$name" | grep "not found"; then
+      echo "$name: unresolved libraries"
+      return 1
+    fi
+  done
+  "$dir/cuda_tests" --gtest_list_tests >/dev/null || return 1
+  "$dir/fp8pipe" --help >/dev/null || return 1
+  echo "prebuilt programs usable"
+}
 
 run_tests() {
   local bin
   bin=$(find_bin cuda_tests)
   [[ -n $bin ]] || { echo "cuda_tests binary not found under $BUILD"; return 127; }
   "$bin" --gtest_output="xml:$LOG/cuda_tests.xml"
+  local rc=$?
+  # 0: all passed, 1: some failed; anything else is a crash (a signal, or an abort on a sticky CUDA
+  # error such as an illegal address, which also poisons every later test of that process). Then
+  # every test that has not passed runs again alone, each in its own process with its own timeout,
+  # so one bad kernel costs one test's result, not the rest of the run's.
+  ((rc == 0 || rc == 1)) && return $rc
+  echo "=== cuda_tests ended abnormally (rc=$rc): each test not yet passed runs alone"
+  local t passed_list rc_one worst=1
+  passed_list=$(sed -n 's/^\[       OK \] \([A-Za-z0-9_./]*\) (.*/\1/p' "$LOG/cuda_tests.log" 2>/dev/null)
+  for t in $("$bin" --gtest_list_tests | awk '/^[^ ]/{s=$1} /^  /{print s $1}'); do
+    grep -qxF "$t" <<<"$passed_list" && continue
+    echo "=== alone: $t"
+    timeout --kill-after=5 "${TEST_TIMEOUT_S:-90}" "$bin" --gtest_filter="$t"
+    rc_one=$?
+    ((rc_one != 0)) && echo "=== alone: $t rc=$rc_one" && worst=2
+  done
+  return $worst
 }
 
 run_bench() {
@@ -154,8 +202,8 @@ print(f"small FP8 optimizer on GPU / on host tokens/s ratio {tps[0] / tps[2]:.3f
 PY
 }
 
-export ROOT LOG BUILD JOBS
-export -f env_info build_targets find_bin run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export ROOT LOG BUILD JOBS BIN_DIR
+export -f env_info build_targets find_bin check_prebuilt run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -164,6 +212,17 @@ CUDA20_FLAGS=()
 if printf '%s\n3.26\n' "$(cmake --version | head -n 1 | awk '{print $3}')" | sort -V -C; then
   CUDA20_FLAGS=(-DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20
     -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20)
+fi
+if [[ $PREBUILT != none && -d $PREBUILT ]]; then
+  failed_before=$FAILED
+  step prebuilt 60 check_prebuilt "$PREBUILT"
+  if [[ ${RCS[-1]} == 0 ]]; then
+    BIN_DIR=$PREBUILT
+    export BIN_DIR
+    SKIP="$SKIP configure build"
+  else
+    FAILED=$failed_before # unusable prebuilt programs are not a failure: build instead
+  fi
 fi
 step configure 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DFP8PIPE_CUDA=ON \
   -DCMAKE_BUILD_TYPE=Release "${CUDA20_FLAGS[@]}"
@@ -185,7 +244,7 @@ if [[ -f $LOG/cuda_tests.log ]]; then
     fail=$(grep -c "^\[  FAILED  \] $suite\.[A-Za-z0-9_]* (" "$LOG/cuda_tests.log")
     printf '%-16s passed %3s failed %3s\n' "$suite" "$pass" "$fail"
   done
-  grep -E "^\[  FAILED  \] " "$LOG/cuda_tests.log" | sort -u | head -n 20
+  grep -E "^\[  FAILED  \] [A-Za-z0-9_./]+$" "$LOG/cuda_tests.log" | sort -u | head -n 20
 fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
