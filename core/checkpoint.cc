@@ -638,15 +638,25 @@ Status prepare_step_dir(const Options& opt, int64_t step);
 
 }  // namespace
 
-Status save_distributed(const Options& opt, const SaveRequest& req, const Collective& col) {
-  const fs::path dir = fs::path(opt.root) / step_dir_name(req.step);
-  Status st = col.rank == 0 ? prepare_step_dir(opt, req.step) : Status::Ok();
+namespace {
+
+// The first half of an N-rank save: rank 0 (re)creates the step directory; all agree.
+Status begin_distributed(const Options& opt, int64_t step, const Collective& col) {
+  Status st = col.rank == 0 ? prepare_step_dir(opt, step) : Status::Ok();
   FP8_ASSIGN_OR_RETURN(bool ready, col.agree(st.ok()));
   FP8_RETURN_IF_ERROR(st);
-  if (!ready)
-    return FP8_ERROR(Code::kIo, "checkpoint step {}: rank 0 could not create {}", req.step,
-                     dir.string());
-  auto rf = write_rank_file(dir.string(), req);
+  if (!ready) {
+    return FP8_ERROR(Code::kIo, "checkpoint step {}: rank 0 could not create {}", step,
+                     (fs::path(opt.root) / step_dir_name(step)).string());
+  }
+  return Status::Ok();
+}
+
+// The second half, given this rank's written file: all agree it is written; the records are
+// gathered; rank 0 commits and applies retention; all agree on the outcome. `req`'s slices are
+// not used.
+Status complete_distributed(const Options& opt, const SaveRequest& req, Result<RankFile> rf,
+                            const Collective& col) {
   FP8_ASSIGN_OR_RETURN(bool written, col.agree(rf.ok()));
   FP8_RETURN_IF_ERROR(rf.status());
   if (!written) {
@@ -655,6 +665,7 @@ Status save_distributed(const Options& opt, const SaveRequest& req, const Collec
   }
   maybe_crash_for_test();
   FP8_ASSIGN_OR_RETURN(auto texts, col.gather(rank_file_json(*rf)));
+  Status st = Status::Ok();
   if (col.rank == 0) {
     st = [&]() -> Status {
       std::vector<RankFile> files;
@@ -671,6 +682,14 @@ Status save_distributed(const Options& opt, const SaveRequest& req, const Collec
   if (!committed)
     return FP8_ERROR(Code::kIo, "checkpoint step {}: rank 0 failed to commit", req.step);
   return Status::Ok();
+}
+
+}  // namespace
+
+Status save_distributed(const Options& opt, const SaveRequest& req, const Collective& col) {
+  FP8_RETURN_IF_ERROR(begin_distributed(opt, req.step, col));
+  const fs::path dir = fs::path(opt.root) / step_dir_name(req.step);
+  return complete_distributed(opt, req, write_rank_file(dir.string(), req), col);
 }
 
 namespace {
@@ -701,20 +720,49 @@ Status save(const Options& opt, const SaveRequest& req) {
 }
 
 Checkpointer::~Checkpointer() {
+  if (dist_meta_) {  // no collective left to commit it with: the directory stays uncommitted
+    if (worker_.joinable()) worker_.join();
+    log::warn("checkpoint step {}: written but not committed (stopped before the commit)",
+              dist_meta_->step);
+    return;
+  }
   if (Status st = finish(); !st.ok()) log::error("checkpoint write failed: {}", st.to_string());
 }
 
-Status Checkpointer::save(SaveRequest req) {
-  FP8_RETURN_IF_ERROR(finish());
-  if (!opt_.async) return ckpt::save(opt_, req);
+Status Checkpointer::save(SaveRequest req, const Collective* col) {
+  FP8_RETURN_IF_ERROR(finish(col));
+  const bool distributed = col != nullptr && col->size > 1;
+  if (!opt_.async) return distributed ? save_distributed(opt_, req, *col) : ckpt::save(opt_, req);
+  if (distributed) FP8_RETURN_IF_ERROR(begin_distributed(opt_, req.step, *col));
   for (Slice& s : req.slices) s.own();  // host copies: training may go on
-  worker_ = std::thread([this, r = std::move(req)] { pending_ = ckpt::save(opt_, r); });
+  if (!distributed) {
+    worker_ = std::thread([this, r = std::move(req)] { pending_ = ckpt::save(opt_, r); });
+    return Status::Ok();
+  }
+  dist_meta_ = req;
+  dist_meta_->slices.clear();
+  worker_ = std::thread([this, r = std::move(req)] {
+    dist_file_ = write_rank_file((fs::path(opt_.root) / step_dir_name(r.step)).string(), r);
+  });
   return Status::Ok();
 }
 
-Status Checkpointer::finish() {
+Status Checkpointer::finish(const Collective* col) {
   if (worker_.joinable()) worker_.join();
-  return std::exchange(pending_, Status::Ok());
+  if (!dist_meta_) return std::exchange(pending_, Status::Ok());
+  if (col == nullptr) {
+    return FP8_ERROR(Code::kInternal,
+                     "checkpoint step {}: an N-rank save can only be finished collectively",
+                     dist_meta_->step);
+  }
+  const SaveRequest meta = std::move(*dist_meta_);
+  dist_meta_.reset();
+  return complete_distributed(
+      opt_, meta, std::exchange(dist_file_, Status(Code::kInternal, "no rank file written")), *col);
+}
+
+std::optional<int64_t> Checkpointer::uncommitted_step() const {
+  return dist_meta_ ? std::optional<int64_t>(dist_meta_->step) : std::nullopt;
 }
 
 // ---------------------------------------------------------------------------------------------

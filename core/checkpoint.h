@@ -189,10 +189,17 @@ struct Collective {
 // rank fails if any did. FP8PIPE_TEST_CRASH_IN_SAVE=1 exits after the rank files, as in save().
 Status save_distributed(const Options& opt, const SaveRequest& req, const Collective& col);
 
-// Saves with save(), synchronously or on a background thread. Async: save() first waits for the
-// previous write and returns its error if it failed (then this request is not started); otherwise
-// it copies the slices into host buffers and returns at once. An error of the last write is
-// returned by finish(). The destructor waits for a pending write and logs its error.
+// Saves with save(), synchronously or on a background thread. Async: save() first finishes the
+// previous save and returns its error if it failed (then this request is not started); otherwise
+// it copies the slices into host buffers, starts the write and returns. An error of the last write
+// is returned by finish(). The destructor waits for a pending write and logs its error.
+//
+// N ranks (`col` given, size > 1): every rank calls save() and finish() at the same points.
+// Sync: save() is save_distributed(). Async: save() runs the first agreement (rank 0 has created
+// the step directory) on the calling thread and writes this rank's file on a background thread;
+// finish(col), the second half, waits for it, then gathers the records, rank 0 commits, and every
+// rank learns the outcome (as save_distributed). The checkpoint is committed only then: callers
+// finish at a fixed point (the trainer: after the next step), so the write overlaps that step.
 class Checkpointer {
  public:
   explicit Checkpointer(Options opt) : opt_(std::move(opt)) {}
@@ -200,14 +207,21 @@ class Checkpointer {
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;
 
-  Status save(SaveRequest req);
-  Status finish();  // waits for a pending async write; its status
+  Status save(SaveRequest req, const Collective* col = nullptr);
+  // Waits for a pending async write and (N ranks) commits it; its status. An N-rank save pending
+  // needs the same `col` (collective: every rank calls it).
+  Status finish(const Collective* col = nullptr);
+  // The step of an N-rank async save written or being written but not committed yet.
+  std::optional<int64_t> uncommitted_step() const;
   const Options& options() const { return opt_; }
 
  private:
   Options opt_;
   std::thread worker_;
-  Status pending_;  // written by the worker, read after join
+  Status pending_;  // written by the worker, read after join (one process)
+  // N ranks, async: the request without its slices (for the commit) and the worker's result.
+  std::optional<SaveRequest> dist_meta_;
+  Result<RankFile> dist_file_ = Status(Code::kInternal, "no rank file written");
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -472,13 +472,9 @@ Status Trainer::load_model(const std::string& path) {
 Status Trainer::setup_checkpoints() {
   const auto& k = cfg_.checkpoint();
   if (k.dir().empty()) return Status::Ok();
-  bool async = k.async();
-  if (world_size_ > 1 && async) {  // the N-rank commit gathers over MPI on the main thread
-    if (is_root()) log::warn("checkpoint.async: multi-rank checkpoints are written synchronously");
-    async = false;
-  }
   ckpt_ = std::make_unique<ckpt::Checkpointer>(
-      ckpt::Options{k.dir(), k.keep_last(), k.keep_every(), async});
+      ckpt::Options{k.dir(), k.keep_last(), k.keep_every(), k.async()});
+  if (world_size_ > 1) ckpt_col_ = checkpoint_collective();
   return Status::Ok();
 }
 
@@ -576,12 +572,7 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
 Status Trainer::save_checkpoint() {
   if (!ckpt_) return FP8_INVALID("save_checkpoint: checkpoint.dir is empty");
   FP8_RETURN_IF_ERROR(sync_host());
-  if (world_size_ > 1) {
-    FP8_RETURN_IF_ERROR(
-        ckpt::save_distributed(ckpt_->options(), checkpoint_request(), checkpoint_collective()));
-  } else {
-    FP8_RETURN_IF_ERROR(ckpt_->save(checkpoint_request()));
-  }
+  FP8_RETURN_IF_ERROR(ckpt_->save(checkpoint_request(), collective()));
   last_checkpoint_step_ = step_;
   if (is_root()) {
     log::info("checkpoint: {} step {} ({})", ckpt_->options().async ? "writing" : "saved", step_,
@@ -591,6 +582,9 @@ Status Trainer::save_checkpoint() {
 }
 
 Status Trainer::maybe_checkpoint() {
+  // An N-rank async save of an earlier step is committed now, after the step its write overlapped
+  // (every rank is at this point after the same step).
+  if (ckpt_) FP8_RETURN_IF_ERROR(finish_pending_checkpoint());
   const int64_t every = cfg_.checkpoint().every();
   if (!ckpt_ || every <= 0 || step_ % every != 0) return Status::Ok();
   return save_checkpoint();
@@ -599,7 +593,16 @@ Status Trainer::maybe_checkpoint() {
 Status Trainer::finish_checkpoints() {
   if (!ckpt_) return Status::Ok();
   if (last_checkpoint_step_ != step_) FP8_RETURN_IF_ERROR(save_checkpoint());
-  return ckpt_->finish();
+  return finish_pending_checkpoint();
+}
+
+Status Trainer::finish_pending_checkpoint() {
+  const std::optional<int64_t> uncommitted = ckpt_->uncommitted_step();
+  FP8_RETURN_IF_ERROR(ckpt_->finish(collective()));
+  if (uncommitted && is_root()) {
+    log::info("checkpoint: committed step {} ({})", *uncommitted, ckpt_->options().root);
+  }
+  return Status::Ok();
 }
 
 // Refuses a checkpoint this run cannot continue exactly: another layout (unless resharding is

@@ -64,6 +64,8 @@ class Trainer {
   // steps and at the end (finish_checkpoints), which also waits for an async write.
   Status resume(const ResumeOptions& opt);
   Status save_checkpoint();
+  // Waits for a pending async write; an N-rank one is committed now (collective).
+  Status finish_pending_checkpoint();
   Status finish_checkpoints();
 
   // A flag the caller raises (SIGTERM): run() then stops after the current step, on every rank
@@ -146,6 +148,8 @@ class Trainer {
   int64_t step_ = 0, skipped_ = 0, tokens_seen_ = 0;
   double flops_per_token_ = 0;
   std::unique_ptr<ckpt::Checkpointer> ckpt_;
+  ckpt::Collective ckpt_col_;  // N ranks: the checkpoint's collectives (world communicator)
+  const ckpt::Collective* collective() const { return world_size_ > 1 ? &ckpt_col_ : nullptr; }
   int64_t last_checkpoint_step_ = -1;
 };
 

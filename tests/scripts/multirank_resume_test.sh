@@ -6,6 +6,8 @@
 #   2. a crash in the middle of the step-6 checkpoint write (every rank exits after writing its
 #      shard, FP8PIPE_TEST_CRASH_IN_SAVE=1) leaves step 3 as `latest`; resuming uses it and
 #      still ends bitwise equal;
+#   2b. the same with checkpoint.async (the N-rank commit after the next step): bitwise the same
+#      checkpoints, and a SIGKILL after the step-3 commit resumes to the same end;
 #   3. resharding (FP32, where layouts agree to 1e-5): step 3 of the dp=2 run resumed at dp=4
 #      (8 ranks) continues the dp=2 run's losses within 1e-5, and its step 6 resumed back at dp=2
 #      does too; without --reshard the layout change is refused with a message;
@@ -122,6 +124,37 @@ if [ "$(cat "$TMP/crash/latest")" = "step_00000003" ] && [ ! -f "$TMP/crash/step
 else
   bad "crash mid-write"
   tail -5 "$TMP/crash.log"
+fi
+
+# 2b. checkpoint.async: every rank writes its shard on a background thread and the N-rank commit
+# runs after the next step. Same checkpoints as the sync run (bitwise), and a SIGKILL after the
+# step-3 commit (logged after step 4) resumes from step 3 to the same end.
+ASYNC=("${FP8[@]}" --checkpoint.async=true)
+if run async 4 6 "${ASYNC[@]}" && grep -q "committed step 3" "$TMP/async.log" &&
+  "$BIN" ckpt verify "$TMP/async/step_00000003" >/dev/null &&
+  export_eq "$TMP/straight/step_00000003" "$TMP/async/step_00000003" &&
+  export_eq "$TMP/straight/step_00000006" "$TMP/async/step_00000006"; then
+  ok "async N-rank checkpoints: committed after the next step, bitwise those of the sync run"
+else
+  bad "async N-rank checkpoints"
+  tail -5 "$TMP/async.log"
+fi
+run akilled 4 6 "${ASYNC[@]}" &
+job=$!
+for _ in $(seq 600); do
+  grep -q '"step":5' "$TMP/akilled.r0.jsonl" 2>/dev/null && break
+  sleep 0.05
+done
+pkill -9 -f "checkpoint.dir=$TMP/akilled" 2>/dev/null
+wait $job
+if [ -f "$TMP/akilled/step_00000003/COMMITTED" ] && [ ! -f "$TMP/akilled/step_00000006/COMMITTED" ] &&
+  run akilled 4 6 "${ASYNC[@]}" && grep -q "resumed from .*step_00000003" "$TMP/akilled.log" &&
+  losses "$TMP/straight.r0.jsonl" "$TMP/akilled.r0.jsonl" 4 6 &&
+  export_eq "$TMP/straight/step_00000006" "$TMP/akilled/step_00000006"; then
+  ok "async: SIGKILL after the step-3 commit + resume: losses identical, parameters bitwise equal"
+else
+  bad "async SIGKILL + resume: $(ls "$TMP/akilled")"
+  tail -5 "$TMP/akilled.log"
 fi
 
 # 3. Resharding dp=2 -> dp=4 -> dp=2 in FP32.
