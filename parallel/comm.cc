@@ -75,6 +75,7 @@ void WorkState::complete(Status s) {
 }
 
 Status WorkState::wait_for(double timeout_s) {
+  kick();  // before taking mu_: a backend's flush never runs under this op's lock
   std::unique_lock<std::mutex> lk(mu_);
   const auto limit = std::chrono::duration<double>(timeout_s);
   if (cv_.wait_for(lk, limit, [&] { return done_.load(std::memory_order_relaxed); })) {

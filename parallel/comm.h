@@ -61,6 +61,13 @@ class WorkState {
   using Census = std::function<std::string(std::string* headline)>;
   WorkState(std::string what, double timeout_s, std::function<std::string()> history = {},
             Census census = {});
+  // Called from the waiting or testing thread before a wait blocks and whenever a test finds the
+  // op not done: a backend that defers ops (the NCCL comm's grouped point-to-point batch) issues
+  // them here. Must be cheap, must not block, must not call into MPI. Set before the op is shared.
+  void set_kick(std::function<void()> kick) { kick_ = std::move(kick); }
+  void kick() const {
+    if (kick_ && !done()) kick_();
+  }
   void complete(Status s);
   bool done() const { return done_.load(std::memory_order_acquire); }
   Status wait_for(double timeout_s);
@@ -72,6 +79,7 @@ class WorkState {
   double timeout_s_;
   std::function<std::string()> history_;
   Census census_;
+  std::function<void()> kick_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> done_{false};
@@ -87,7 +95,11 @@ class Work {
 
   // Done (successfully or not)? Never blocks and never calls into MPI: a compute thread may spin
   // on it.
-  bool test() const { return !state_ || state_->done(); }
+  bool test() const {
+    if (!state_ || state_->done()) return true;
+    state_->kick();
+    return state_->done();
+  }
   // Blocks until done or the comm's timeout (fault.timeout_s); the op's error, or a timeout error
   // naming the op, its peer and group, and the last comm ops. After a timeout the op is still in
   // flight: waiting again may succeed; buffers stay in use.

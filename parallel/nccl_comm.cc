@@ -1,6 +1,7 @@
 // NCCL backend of Comm (parallel/nccl_comm.h): a queue of ops issued in order on one CUDA stream
 // by one thread per communicator, which also polls each op's cudaEvent (and NCCL's asynchronous
 // error state) and completes the ops' Work. Host buffers are staged through device memory.
+// Point-to-point ops are deferred and issued as one NCCL group per batch (see the header).
 #include "parallel/nccl_comm.h"
 
 #include <cuda_runtime_api.h>
@@ -24,6 +25,18 @@ namespace fp8pipe::parallel {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+class NcclComm;
+
+// What a Work's kick (WorkState::set_kick, trigger (a) of nccl_comm.h) reaches: shared by the
+// comm and its ops, so a Work tested after its comm is gone finds `comm` null instead of freed
+// memory. `unflushed` is the fast path of a thread spinning on test(): no lock unless a batch is
+// waiting for a trigger.
+struct KickTarget {
+  std::mutex mu;
+  NcclComm* comm = nullptr;
+  std::atomic<bool> unflushed{false};
+};
 
 #define FP8_NCCL(expr)                                                                   \
   do {                                                                                   \
@@ -113,6 +126,8 @@ struct Op {
   std::function<void()> after;  // host work once the op is complete (copy counts out, ...)
   cudaEvent_t ev = nullptr;
   std::vector<Staged> staged;
+  bool p2p = false;  // send / recv: deferred, and issued in a group with its batch
+  uint64_t seq = 0;  // position in the comm's issue order (1, 2, ...)
 };
 
 class NcclComm final : public Comm {
@@ -124,11 +139,18 @@ class NcclComm final : public Comm {
         device_(opts.device),
         order_after_(opts.order_after),
         stream_(stream),
-        history_(std::make_shared<History>()) {
+        history_(std::make_shared<History>()),
+        kick_(std::make_shared<KickTarget>()) {
+    kick_->comm = this;
     worker_ = std::thread([this] { loop(); });
   }
 
   ~NcclComm() override {
+    {  // from now on a kick from a Work is a no-op
+      std::lock_guard<std::mutex> lk(kick_->mu);
+      kick_->comm = nullptr;
+    }
+    flush_pending();  // (c): the pending point-to-point batch is issued, then drained
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
@@ -136,20 +158,19 @@ class NcclComm final : public Comm {
     cv_.notify_all();
     // Let in-flight ops finish for up to the timeout, then abort the NCCL comm so a hung peer
     // cannot hang this process's shutdown.
-    const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s_);
-    while (!finished_.load() && Clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    wait_finished(timeout_s_);
     if (!finished_.load()) {
       log::warn("nccl comm {}: ops still in flight at shutdown after {:g} s: aborting it",
                 group_.name, timeout_s_);
+      // The comm thread stops calling NCCL and fails its ops at its next check; only then is the
+      // comm aborted (ncclCommAbort frees it). A thread stuck inside an NCCL call is unblocked by
+      // the abort itself.
       aborted_.store(true);
-      ncclCommAbort(comm_);
-      worker_.join();
-    } else {
-      worker_.join();
-      ncclCommDestroy(comm_);
+      wait_finished(2.0);
+      release_comm(/*abort=*/true);  // also stops the ops' kernels still running on the device
     }
+    worker_.join();
+    release_comm(/*abort=*/false);  // a no-op when the comm was aborted
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
@@ -161,31 +182,49 @@ class NcclComm final : public Comm {
   Work send(const void* buf, int64_t count, DataType t, int peer, int tag) override {
     const std::string what =
         fmt::format("send {} x {} to {} tag {}", count, data_type_name(t), peer, tag);
-    if (Status s = check_peer(peer, tag); !s.ok()) return fail(what, s);
+    Status s = check_peer(peer, tag);
+    if (s.ok()) s = check_count(count, buf, "send");
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = count * data_type_size(t);
-    return submit(what, [=, this](Op& op) -> Status {
-      FP8_ASSIGN_OR_RETURN(void* d, stage(op, const_cast<void*>(buf), bytes, true, false));
-      FP8_NCCL(ncclSend(d, bytes, ncclUint8, peer, comm_, stream_));
-      return Status::Ok();
-    });
+    return submit(
+        what,
+        [=, this](Op& op) -> Status {
+          FP8_ASSIGN_OR_RETURN(void* d, stage(op, const_cast<void*>(buf), bytes, true, false));
+          FP8_NCCL(ncclSend(d, bytes, ncclUint8, peer, comm_, stream_));
+          return Status::Ok();
+        },
+        /*p2p=*/true);
   }
 
   Work recv(void* buf, int64_t count, DataType t, int peer, int tag) override {
     const std::string what =
         fmt::format("recv {} x {} from {} tag {}", count, data_type_name(t), peer, tag);
-    if (Status s = check_peer(peer, tag); !s.ok()) return fail(what, s);
+    Status s = check_peer(peer, tag);
+    if (s.ok()) s = check_count(count, buf, "recv");
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = count * data_type_size(t);
-    return submit(what, [=, this](Op& op) -> Status {
-      FP8_ASSIGN_OR_RETURN(void* d, stage(op, buf, bytes, false, true));
-      FP8_NCCL(ncclRecv(d, bytes, ncclUint8, peer, comm_, stream_));
-      return Status::Ok();
-    });
+    return submit(
+        what,
+        [=, this](Op& op) -> Status {
+          FP8_ASSIGN_OR_RETURN(void* d, stage(op, buf, bytes, false, true));
+          FP8_NCCL(ncclRecv(d, bytes, ncclUint8, peer, comm_, stream_));
+          return Status::Ok();
+        },
+        /*p2p=*/true);
   }
 
   Work all_to_all_v(const void* send, std::span<const int64_t> send_counts, void* recv,
                     std::span<const int64_t> recv_counts, DataType t, int64_t row_elems) override {
     const std::string what = fmt::format("all_to_all_v {}", data_type_name(t));
-    if (Status s = check_counts(send_counts, recv_counts); !s.ok()) return fail(what, s);
+    int64_t st = 0, rt = 0;
+    Status s = check_row_elems(row_elems);
+    if (s.ok()) s = check_rows(send_counts, "send_counts", &st);
+    if (s.ok()) s = check_rows(recv_counts, "recv_counts", &rt);
+    if (s.ok() && ((st > 0 && !send) || (rt > 0 && !recv))) s = FP8_INVALID("null buffer");
+    if (s.ok() && send_counts[rank()] != recv_counts[rank()]) {
+      s = FP8_INVALID("{} rows to self but {} from self", send_counts[rank()], recv_counts[rank()]);
+    }
+    if (!s.ok()) return fail(what, s);
     const size_t row_bytes = row_elems * data_type_size(t);
     std::vector<int64_t> sc(send_counts.begin(), send_counts.end());
     std::vector<int64_t> rc(recv_counts.begin(), recv_counts.end());
@@ -197,19 +236,24 @@ class NcclComm final : public Comm {
                        std::span<int64_t> recv_counts) override {
     const std::string what = "exchange_counts";
     if (Status s = check_counts(send_counts, recv_counts); !s.ok()) return fail(what, s);
-    const int64_t* sc = send_counts.data();
+    // Copied now, as the MPI comm does: the caller may reuse send_counts once this returns.
+    auto sc = std::make_shared<std::vector<int64_t>>(send_counts.begin(), send_counts.end());
     int64_t* rc = recv_counts.data();
-    return submit(what, [=, this](Op& op) { return issue_counts(op, sc, rc); });
+    return submit(what, [=, this](Op& op) { return issue_counts(op, sc->data(), rc); });
   }
 
   Work all_to_all_v_counted(const void* send, std::span<const int64_t> send_counts, DataType t,
                             int64_t row_elems, RecvAlloc alloc,
                             std::vector<int64_t>* recv_counts) override {
     const std::string what = fmt::format("all_to_all_v_counted {}", data_type_name(t));
-    if (static_cast<int>(send_counts.size()) != size() || !recv_counts || !alloc) {
-      return fail(
-          what, FP8_INVALID("need {} send counts, a recv_counts vector and an allocator", size()));
+    if (!recv_counts || !alloc) {
+      return fail(what, FP8_INVALID("need a recv_counts vector and an allocator"));
     }
+    int64_t st = 0;
+    Status s = check_row_elems(row_elems);
+    if (s.ok()) s = check_rows(send_counts, "send_counts", &st);
+    if (s.ok() && st > 0 && !send) s = FP8_INVALID("null send buffer");
+    if (!s.ok()) return fail(what, s);
     recv_counts->assign(size(), 0);
     const size_t row_bytes = row_elems * data_type_size(t);
     std::vector<int64_t> sc(send_counts.begin(), send_counts.end());
@@ -219,7 +263,8 @@ class NcclComm final : public Comm {
     scp = owned->data();
     op->issue = [=, this](Op& o) { return issue_counts(o, scp, recv_counts->data()); };
     op->next = [=, this]() -> Result<IssueFn> {
-      const int64_t total = std::accumulate(recv_counts->begin(), recv_counts->end(), int64_t{0});
+      int64_t total = 0;
+      FP8_RETURN_IF_ERROR(check_rows(*recv_counts, "received counts", &total));
       void* recv = alloc(total);
       if (total > 0 && !recv) {
         return FP8_ERROR(Code::kInternal,
@@ -238,6 +283,9 @@ class NcclComm final : public Comm {
     if (!data_type_reducible(t)) {
       return fail(what, FP8_INVALID("{} does not reduce", data_type_name(t)));
     }
+    Status s = check_count(count, send, "all_reduce");
+    if (s.ok()) s = check_count(count, recv, "all_reduce");
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = count * data_type_size(t);
     return submit(what, [=, this](Op& op) -> Status {
       void *ds, *dr;
@@ -254,6 +302,12 @@ class NcclComm final : public Comm {
     if (!data_type_reducible(t)) {
       return fail(what, FP8_INVALID("{} does not reduce", data_type_name(t)));
     }
+    Status s = check_count(block, send, "reduce_scatter");
+    if (s.ok()) s = check_count(block, recv, "reduce_scatter");
+    // NCCL's in-place reduce-scatter is recv == send + rank * block, not send == recv (which the
+    // MPI comm refuses too): the staged "in place" path would reduce into the wrong block.
+    if (s.ok() && send == recv && block > 0) s = FP8_INVALID("send and recv must not alias");
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = block * data_type_size(t);
     return submit(what, [=, this](Op& op) -> Status {
       void *ds, *dr;
@@ -265,6 +319,9 @@ class NcclComm final : public Comm {
 
   Work all_gather(const void* send, void* recv, int64_t block, DataType t) override {
     const std::string what = fmt::format("all_gather {} x {}", block, data_type_name(t));
+    Status s = check_count(block, send, "all_gather");
+    if (s.ok()) s = check_count(block, recv, "all_gather");
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = block * data_type_size(t);
     return submit(what, [=, this](Op& op) -> Status {
       void *ds, *dr;
@@ -277,9 +334,11 @@ class NcclComm final : public Comm {
   Work broadcast(void* buf, int64_t count, DataType t, int root) override {
     const std::string what =
         fmt::format("broadcast {} x {} from {}", count, data_type_name(t), root);
-    if (root < 0 || root >= size()) {
-      return fail(what, FP8_INVALID("root {} outside [0, {})", root, size()));
+    Status s = check_count(count, buf, "broadcast");
+    if (s.ok() && (root < 0 || root >= size())) {
+      s = FP8_INVALID("root {} outside [0, {})", root, size());
     }
+    if (!s.ok()) return fail(what, s);
     const size_t bytes = count * data_type_size(t);
     return submit(what, [=, this](Op& op) -> Status {
       FP8_ASSIGN_OR_RETURN(void* d, stage(op, buf, bytes, rank() == root, rank() != root));
@@ -305,13 +364,20 @@ class NcclComm final : public Comm {
     op->what = fmt::format("{} on {}", what, group_.name);
     std::shared_ptr<History> h = history_;
     op->state = std::make_shared<WorkState>(op->what, timeout_s_, [h] { return h->format(); });
+    // (a): a wait or test on any Work of this comm issues the pending point-to-point batch.
+    op->state->set_kick([k = kick_] {
+      if (!k->unflushed.load(std::memory_order_acquire)) return;
+      std::lock_guard<std::mutex> lk(k->mu);
+      if (k->comm) k->comm->flush_pending();
+    });
     if (order_after_) op->ready = order_after_->record();
     return op;
   }
 
-  Work submit(const std::string& what, IssueFn issue) {
+  Work submit(const std::string& what, IssueFn issue, bool p2p = false) {
     auto op = make_op(what);
     op->issue = std::move(issue);
+    op->p2p = p2p;
     return enqueue(std::move(op));
   }
 
@@ -320,14 +386,35 @@ class NcclComm final : public Comm {
     history_->record(op->what + ": queued");
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (stop_) {
-        op->state->complete(FP8_ERROR(Code::kAborted, "{}: the comm is shutting down", op->what));
+      if (stop_ || closed_) {
+        op->state->complete(
+            stop_ ? FP8_ERROR(Code::kAborted, "{}: the comm is shutting down", op->what)
+                  : closed_status_.with_context(
+                        fmt::format("{}: the comm failed earlier", op->what)));
         return w;
       }
+      op->seq = ++last_seq_;
+      // (b): any other op issues the point-to-point batch posted before it, as a group, first.
+      if (!op->p2p) flush_upto_ = op->seq;
+      kick_->unflushed.store(flush_upto_ < last_seq_, std::memory_order_release);
       queue_.push_back(std::move(op));
     }
     cv_.notify_all();
     return w;
+  }
+
+  // Every op posted so far is to be issued, the pending point-to-point batch as one group:
+  // triggers (a) (a Work's kick) and (c) (the destructor). Any
+  // thread, any time: it only marks the batch (it never waits for the comm thread or calls CUDA /
+  // NCCL), so a wait that flushes first cannot deadlock with that thread.
+  void flush_pending() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (flush_upto_ >= last_seq_) return;
+      flush_upto_ = last_seq_;
+      kick_->unflushed.store(false, std::memory_order_release);
+    }
+    cv_.notify_all();
   }
 
   Work fail(const std::string& what, const Status& s) {
@@ -336,7 +423,29 @@ class NcclComm final : public Comm {
 
   Status check_peer(int peer, int tag) const {
     if (peer < 0 || peer >= size()) return FP8_INVALID("peer {} outside [0, {})", peer, size());
+    // peer == rank() is fine: a send to self and its receive issue in one group (nccl_comm.h).
     if (tag < 0) return FP8_INVALID("tag {} must be >= 0", tag);
+    return Status::Ok();
+  }
+  static Status check_count(int64_t count, const void* buf, const char* what) {
+    if (count < 0) return FP8_INVALID("{}: negative count {}", what, count);
+    if (count > 0 && !buf) return FP8_INVALID("{}: null buffer for {} elements", what, count);
+    return Status::Ok();
+  }
+  static Status check_row_elems(int64_t row_elems) {
+    if (row_elems < 1) return FP8_INVALID("row_elems {} must be >= 1", row_elems);
+    return Status::Ok();
+  }
+  // One non-negative count per rank; *total gets their sum.
+  Status check_rows(std::span<const int64_t> c, const char* what, int64_t* total) const {
+    if (static_cast<int>(c.size()) != size()) {
+      return FP8_INVALID("{}: {} counts for a comm of {} ranks", what, c.size(), size());
+    }
+    *total = 0;
+    for (int64_t v : c) {
+      if (v < 0) return FP8_INVALID("{}: negative count {}", what, v);
+      *total += v;
+    }
     return Status::Ok();
   }
   Status check_counts(std::span<const int64_t> a, std::span<const int64_t> b) const {
@@ -380,11 +489,18 @@ class NcclComm final : public Comm {
                          stage(op, const_cast<int64_t*>(send_counts), bytes, true, false));
     FP8_ASSIGN_OR_RETURN(void* dr, stage(op, recv_counts, bytes, false, true));
     FP8_NCCL(ncclGroupStart());
-    for (int p = 0; p < size(); ++p) {
-      ncclSend(static_cast<int64_t*>(ds) + p, 1, ncclInt64, p, comm_, stream_);
-      ncclRecv(static_cast<int64_t*>(dr) + p, 1, ncclInt64, p, comm_, stream_);
+    ncclResult_t r = ncclSuccess;
+    for (int p = 0; p < size() && r == ncclSuccess; ++p) {
+      r = ncclSend(static_cast<int64_t*>(ds) + p, 1, ncclInt64, p, comm_, stream_);
+      if (r == ncclSuccess)
+        r = ncclRecv(static_cast<int64_t*>(dr) + p, 1, ncclInt64, p, comm_, stream_);
     }
-    FP8_NCCL(ncclGroupEnd());
+    const ncclResult_t end = ncclGroupEnd();
+    if (r != ncclSuccess) {
+      return FP8_ERROR(Code::kInternal, "exchange_counts: ncclSend/ncclRecv failed: {}",
+                       ncclGetErrorString(r));
+    }
+    FP8_NCCL(end);
     return Status::Ok();
   }
 
@@ -396,31 +512,32 @@ class NcclComm final : public Comm {
     FP8_ASSIGN_OR_RETURN(void* dr, stage(op, recv, rt * row_bytes, false, true));
     const char* s = static_cast<const char*>(ds);
     char* r = static_cast<char*>(dr);
+    // Checked before the group: ending a group half built would still launch its sends.
+    if (sc[rank()] != rc[rank()]) {
+      return FP8_INVALID("all_to_all_v: {} rows to self but {} from self", sc[rank()], rc[rank()]);
+    }
     FP8_NCCL(ncclGroupStart());
     size_t so = 0, ro = 0;
-    for (int p = 0; p < size(); ++p) {
+    ncclResult_t nr = ncclSuccess;
+    cudaError_t ce = cudaSuccess;
+    for (int p = 0; p < size() && nr == ncclSuccess && ce == cudaSuccess; ++p) {
       const size_t sb = sc[p] * row_bytes, rb = rc[p] * row_bytes;
       if (p == rank()) {
-        if (sb != rb) {
-          ncclGroupEnd();
-          return FP8_INVALID("all_to_all_v: {} rows to self but {} from self", sc[p], rc[p]);
-        }
-        if (sb) {
-          const cudaError_t e =
-              cudaMemcpyAsync(r + ro, s + so, sb, cudaMemcpyDeviceToDevice, stream_);
-          if (e != cudaSuccess) {
-            ncclGroupEnd();
-            return cuda_error(e, "all_to_all_v self copy");
-          }
-        }
+        if (sb) ce = cudaMemcpyAsync(r + ro, s + so, sb, cudaMemcpyDeviceToDevice, stream_);
       } else {
-        if (sb) ncclSend(s + so, sb, ncclUint8, p, comm_, stream_);
-        if (rb) ncclRecv(r + ro, rb, ncclUint8, p, comm_, stream_);
+        if (sb) nr = ncclSend(s + so, sb, ncclUint8, p, comm_, stream_);
+        if (rb && nr == ncclSuccess) nr = ncclRecv(r + ro, rb, ncclUint8, p, comm_, stream_);
       }
       so += sb;
       ro += rb;
     }
-    FP8_NCCL(ncclGroupEnd());
+    const ncclResult_t end = ncclGroupEnd();
+    if (ce != cudaSuccess) return cuda_error(ce, "all_to_all_v self copy");
+    if (nr != ncclSuccess) {
+      return FP8_ERROR(Code::kInternal, "all_to_all_v: ncclSend/ncclRecv failed: {}",
+                       ncclGetErrorString(nr));
+    }
+    FP8_NCCL(end);
     return Status::Ok();
   }
 
@@ -431,6 +548,46 @@ class NcclComm final : public Comm {
     FP8_RETURN_IF_ERROR(op.issue(op));
     FP8_CUDA("event record", cudaEventRecord(op.ev, stream_));
     return Status::Ok();
+  }
+
+  // Issues a point-to-point batch (in issue order) as one NCCL group, so that NCCL progresses its
+  // sends and receives together; then records each op's event. Each op goes in flight, or is
+  // finished with its error (an op that failed to stage is left out of the group, the rest go).
+  void start_group(std::vector<std::unique_ptr<Op>>& ops) {
+    std::vector<Status> st(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!ops[i]->ev) {
+        const cudaError_t e = cudaEventCreateWithFlags(&ops[i]->ev, cudaEventDisableTiming);
+        if (e != cudaSuccess) st[i] = cuda_error(e, "event");
+      }
+    }
+    const ncclResult_t begin = ncclGroupStart();
+    if (begin == ncclSuccess) {
+      for (size_t i = 0; i < ops.size(); ++i) {
+        if (st[i].ok()) st[i] = ops[i]->issue(*ops[i]);
+      }
+    }
+    const ncclResult_t end = begin == ncclSuccess ? ncclGroupEnd() : begin;
+    Status group_status;
+    if (end != ncclSuccess) {
+      group_status = FP8_ERROR(Code::kInternal, "point-to-point group of {} ops: {}: {}",
+                               ops.size(), begin == ncclSuccess ? "ncclGroupEnd" : "ncclGroupStart",
+                               ncclGetErrorString(end));
+    }
+    history_->record(fmt::format("point-to-point batch of {} ops on {}: issued as one group",
+                                 ops.size(), group_.name));
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (st[i].ok()) st[i] = group_status;
+      if (st[i].ok()) {
+        const cudaError_t e = cudaEventRecord(ops[i]->ev, stream_);
+        if (e != cudaSuccess) st[i] = cuda_error(e, "event record");
+      }
+      if (st[i].ok()) {
+        inflight_.push_back(std::move(ops[i]));
+      } else {
+        finish(*ops[i], st[i]);
+      }
+    }
   }
 
   // Copies staged outputs back to host memory and releases the staging buffers.
@@ -499,17 +656,33 @@ class NcclComm final : public Comm {
     return progressed;
   }
 
-  // NCCL's asynchronous error (a peer died, a network error): fails everything.
-  bool async_failed() {
+  // NCCL's asynchronous error (a peer died, a network error), or Ok.
+  Status async_error() {
     ncclResult_t r = ncclSuccess;
-    if (ncclCommGetAsyncError(comm_, &r) != ncclSuccess) return false;
-    if (r == ncclSuccess || r == ncclInProgress) return false;
-    const Status s = FP8_ERROR(Code::kAborted, "NCCL asynchronous error on {}: {} ({})",
-                               group_.name, ncclGetErrorString(r), ncclGetLastError(comm_));
-    fail_all(s);
-    return true;
+    if (ncclCommGetAsyncError(comm_, &r) != ncclSuccess) return Status::Ok();
+    if (r == ncclSuccess || r == ncclInProgress) return Status::Ok();
+    return FP8_ERROR(Code::kAborted, "NCCL asynchronous error on {}: {} ({})", group_.name,
+                     ncclGetErrorString(r), ncclGetLastError(comm_));
   }
 
+  // Frees the NCCL comm once (from the comm thread after an error, or from the destructor).
+  void release_comm(bool abort) {
+    if (released_.exchange(true)) return;
+    if (abort) {
+      ncclCommAbort(comm_);
+    } else {
+      ncclCommDestroy(comm_);
+    }
+  }
+
+  void wait_finished(double seconds) {
+    const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+    while (!finished_.load() && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+
+  // Fails every op, and every op submitted later (the comm thread exits after this).
   void fail_all(const Status& s) {
     if (blocked_) finish(*blocked_, s);
     blocked_.reset();
@@ -519,6 +692,8 @@ class NcclComm final : public Comm {
     {
       std::lock_guard<std::mutex> lk(mu_);
       q.swap(queue_);
+      closed_ = true;
+      closed_status_ = s;
     }
     for (auto& op : q) op->state->complete(s);
   }
@@ -526,22 +701,29 @@ class NcclComm final : public Comm {
   void loop() {
     cudaSetDevice(device_);
     for (;;) {
-      if (aborted_.load() || async_failed()) {
+      if (aborted_.load()) {
         fail_all(FP8_ERROR(Code::kAborted, "nccl comm {} aborted", group_.name));
         break;
       }
+      if (Status s = async_error(); !s.ok()) {
+        // Abort before failing the ops: their kernels must stop before a caller that sees the
+        // error reuses or frees the buffers (and so that a hung kernel cannot hang shutdown).
+        release_comm(/*abort=*/true);
+        fail_all(s);
+        break;
+      }
       bool progressed = false;
-      // Issue queued ops in order (the head waits for its producer event).
-      while (!blocked_) {
-        std::unique_ptr<Op> op;
-        {
-          std::lock_guard<std::mutex> lk(mu_);
-          if (queue_.empty()) break;
-          if (queue_.front()->ready && !queue_.front()->ready->query()) break;
-          op = std::move(queue_.front());
-          queue_.pop_front();
-        }
+      // Issue queued ops in order: one op, or a flushed point-to-point batch as one group (each
+      // waits for its producer event: the group is enqueued once all of them have completed).
+      while (!blocked_ && !aborted_.load()) {
+        std::vector<std::unique_ptr<Op>> ops;
+        if (!take_next(&ops)) break;
         progressed = true;
+        if (ops.front()->p2p) {
+          start_group(ops);
+          continue;
+        }
+        std::unique_ptr<Op> op = std::move(ops.front());
         if (Status s = start(*op); !s.ok()) {
           finish(*op, s);
         } else if (op->next) {
@@ -552,9 +734,13 @@ class NcclComm final : public Comm {
       }
       progressed |= poll();
       std::unique_lock<std::mutex> lk(mu_);
-      const bool idle = queue_.empty() && inflight_.empty() && !blocked_;
+      const bool busy = !inflight_.empty() || blocked_;
+      const bool idle = queue_.empty() && !busy;
       if (idle && stop_) break;
       if (idle) {
+        cv_.wait_for(lk, std::chrono::milliseconds(50));
+      } else if (!busy && deferred_locked()) {
+        // Only a pending batch: sleep until a trigger (a new op, a wait, a flush).
         cv_.wait_for(lk, std::chrono::milliseconds(50));
       } else if (!progressed) {
         lk.unlock();
@@ -564,6 +750,32 @@ class NcclComm final : public Comm {
     finished_.store(true);
   }
 
+  // The head of the queue is a point-to-point op that no trigger has flushed yet. Needs mu_.
+  bool deferred_locked() const {
+    return !queue_.empty() && queue_.front()->p2p && queue_.front()->seq > flush_upto_;
+  }
+
+  // Moves the next ops to issue out of the queue, if they can go now: the head op once its
+  // producer event has completed, or, when the head is point-to-point, the flushed batch (the
+  // consecutive point-to-point ops posted up to the flush point) once all of theirs have.
+  bool take_next(std::vector<std::unique_ptr<Op>>* ops) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (queue_.empty()) return false;
+    size_t n = 1;
+    if (queue_.front()->p2p) {
+      if (deferred_locked()) return false;  // no trigger yet
+      while (n < queue_.size() && queue_[n]->p2p && queue_[n]->seq <= flush_upto_) ++n;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (queue_[i]->ready && !queue_[i]->ready->query()) return false;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      ops->push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    return true;
+  }
+
   ncclComm_t comm_;
   Group group_;
   double timeout_s_;
@@ -571,16 +783,22 @@ class NcclComm final : public Comm {
   Stream* order_after_;
   cudaStream_t stream_;
   std::shared_ptr<History> history_;
+  std::shared_ptr<KickTarget> kick_;
 
-  std::mutex mu_;  // guards queue_ and stop_
+  std::mutex mu_;  // guards queue_, the sequence numbers, stop_, closed_ ...
   std::condition_variable cv_;
-  std::deque<std::unique_ptr<Op>> queue_;
+  std::deque<std::unique_ptr<Op>> queue_;  // posted, not issued yet (with the pending batch)
+  uint64_t last_seq_ = 0;                  // seq of the last posted op
+  uint64_t flush_upto_ = 0;                // point-to-point ops with seq <= this are flushed
   bool stop_ = false;
+  bool closed_ = false;  // the comm thread has failed every op and exited
+  Status closed_status_;
   // Comm-thread only:
   std::deque<std::unique_ptr<Op>> inflight_;
   std::unique_ptr<Op> blocked_;
   std::atomic<bool> finished_{false};
   std::atomic<bool> aborted_{false};
+  std::atomic<bool> released_{false};  // comm_ destroyed or aborted
   std::thread worker_;
 };
 

@@ -19,6 +19,21 @@
 //   - NCCL has no message tags: point-to-point messages between two ranks match in issue order
 //     (`tag` is only checked >= 0). The schedule validator's matching of sends and receives per
 //     pair in order is what makes this safe for the pipeline executor.
+//   - Point-to-point ops are deferred and grouped. An NCCL send or recv blocks the comm stream
+//     until its peer posts the match, unless it is issued inside one ncclGroupStart/End with the
+//     ops it must run concurrently with. So a posted send / recv is not issued at once: it joins
+//     the comm's pending batch (in issue order), and the batch is issued as ONE group, every op
+//     of it after its `order_after` event, when the first of these happens:
+//       (a) a wait or a test on any Work of this comm (WorkState's kick hook, parallel/comm.h);
+//       (b) any other op (a collective, barrier, counts, all-to-all) is posted on this comm: the
+//           batch posted before it is issued first, then that op (issue order is kept);
+//       (c) the comm is destroyed (the batch is issued, then drained or aborted as any op).
+//     So the semantics are MPI's nonblocking ones: a program that posts every send it owes before
+//     it waits on a receive (pipeline 1F1B: send, recv, wait; grad_sync: recv(j), send(j) for
+//     every j, then wait_all) cannot deadlock, since NCCL progresses a group's ops together, and
+//     a send to self is valid when its receive is in the same batch. Unlike MPI, an op that is
+//     never waited on or tested is not issued until (b) or (c).
+//   - No census on timeout: a timed-out wait names the op and this comm's last ops only.
 //   - all_to_all_v_counted holds later ops of the same comm until its counts phase has completed
 //     and its data phase is issued (the same collective order on every rank, as the MPI comm).
 #pragma once
