@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -36,6 +37,9 @@ class Event {
   virtual ~Event() = default;
   virtual void synchronize() = 0;  // block the host until the marked work is done
   virtual bool query() = 0;        // done yet?
+  // Milliseconds from `start` to this event, both done and made by Stream::record_timed() of the
+  // same backend; nullopt otherwise.
+  virtual std::optional<double> ms_since(Event& /*start*/) { return std::nullopt; }
 };
 
 class Stream {
@@ -44,6 +48,8 @@ class Stream {
   virtual const std::string& name() const = 0;
   virtual void launch(std::function<void()> fn) = 0;
   virtual std::shared_ptr<Event> record() = 0;
+  // An event that can be timed against another (Event::ms_since; a CUDA timing event).
+  virtual std::shared_ptr<Event> record_timed() { return record(); }
   virtual void wait(const std::shared_ptr<Event>& e) = 0;  // later work waits for e
   virtual void synchronize() = 0;
 };

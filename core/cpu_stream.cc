@@ -12,9 +12,17 @@ bool CpuEvent::query() {
   return done_;
 }
 
+std::optional<double> CpuEvent::ms_since(Event& start) {
+  auto* s = dynamic_cast<CpuEvent*>(&start);
+  if (s == nullptr || !query() || !s->query()) return std::nullopt;
+  std::scoped_lock lk(mu_, s->mu_);
+  return std::chrono::duration<double, std::milli>(at_ - s->at_).count();
+}
+
 void CpuEvent::signal() {
   {
     std::lock_guard<std::mutex> lk(mu_);
+    at_ = std::chrono::steady_clock::now();
     done_ = true;
   }
   cv_.notify_all();

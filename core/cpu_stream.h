@@ -3,6 +3,7 @@
 // caller's computation. Events are shared completion flags.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -16,12 +17,14 @@ class CpuEvent final : public Event {
  public:
   void synchronize() override;
   bool query() override;
+  std::optional<double> ms_since(Event& start) override;  // host time between the two signals
   void signal();
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  std::chrono::steady_clock::time_point at_;  // when signalled
 };
 
 class CpuStream final : public Stream {

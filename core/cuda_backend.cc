@@ -111,7 +111,17 @@ struct DeviceCtx {
 
 class CudaEvent final : public Event {
  public:
-  CudaEvent() { check_or_die(cudaEventCreateWithFlags(&ev_, cudaEventDisableTiming), "event"); }
+  explicit CudaEvent(bool timing = false) : timing_(timing) {
+    check_or_die(cudaEventCreateWithFlags(&ev_, timing ? cudaEventDefault : cudaEventDisableTiming),
+                 "event");
+  }
+  std::optional<double> ms_since(Event& start) override {
+    auto* s = dynamic_cast<CudaEvent*>(&start);
+    if (s == nullptr || !timing_ || !s->timing_) return std::nullopt;
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, s->ev_, ev_) != cudaSuccess) return std::nullopt;
+    return static_cast<double>(ms);
+  }
   ~CudaEvent() override { cudaEventDestroy(ev_); }
   void synchronize() override { check_or_die(cudaEventSynchronize(ev_), "event synchronize"); }
   bool query() override {
@@ -123,6 +133,7 @@ class CudaEvent final : public Event {
   cudaEvent_t get() const { return ev_; }
 
  private:
+  bool timing_ = false;
   cudaEvent_t ev_ = nullptr;
 };
 
@@ -156,9 +167,11 @@ class CudaStream final : public Stream {
     fn();
     tl_current = prev;
   }
-  std::shared_ptr<Event> record() override {
+  std::shared_ptr<Event> record() override { return record_event(false); }
+  std::shared_ptr<Event> record_timed() override { return record_event(true); }
+  std::shared_ptr<Event> record_event(bool timing) {
     check_or_die(cudaSetDevice(ctx_->device), "cudaSetDevice");  // the event's device = stream's
-    auto e = std::make_shared<CudaEvent>();
+    auto e = std::make_shared<CudaEvent>(timing);
     check_or_die(cudaEventRecord(e->get(), s_), "event record");
     return e;
   }

@@ -15,6 +15,7 @@
 #include "launch/cli_files.h"
 #include "launch/commands.h"
 #include "launch/flops.h"
+#include "launch/metrics.h"
 #include "launch/svg_plot.h"
 #include "parallel/schedule.h"
 #include "parallel/sim/cost_model.h"
@@ -158,11 +159,7 @@ Status simulate_measured_run(const config::Config& cfg, const Options& o) {
     for (const std::string& pattern : o.calibrate_from) {
       const bool per_rank = pattern.find("{rank}") != std::string::npos;
       for (int r = 0; r < (per_rank ? p.pp() * p.dp() : 1); ++r) {
-        std::string path = pattern;
-        for (size_t pos; (pos = path.find("{rank}")) != std::string::npos;) {
-          path.replace(pos, 6, std::to_string(r));
-        }
-        FP8_ASSIGN_OR_RETURN(auto ev, sim::read_trace(path));
+        FP8_ASSIGN_OR_RETURN(auto ev, sim::read_trace(rank_path(pattern, r)));
         events.insert(events.end(), ev.begin(), ev.end());
       }
     }

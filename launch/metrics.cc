@@ -9,16 +9,20 @@
 
 namespace fp8pipe {
 
+std::string rank_path(std::string pattern, int rank) {
+  for (size_t pos; (pos = pattern.find("{rank}")) != std::string::npos;) {
+    pattern.replace(pos, 6, std::to_string(rank));
+  }
+  return pattern;
+}
+
 Result<MetricsSink> MetricsSink::open(const std::string& jsonl_path, int rank, int64_t every,
                                       bool console) {
   MetricsSink s;
   s.every_ = every < 1 ? 1 : every;
   s.console_ = console;
   if (!jsonl_path.empty()) {
-    std::string p = jsonl_path;
-    for (size_t pos; (pos = p.find("{rank}")) != std::string::npos;) {
-      p.replace(pos, 6, std::to_string(rank));
-    }
+    const std::string p = rank_path(jsonl_path, rank);
     s.f_ = std::fopen(p.c_str(), "w");
     if (!s.f_) {
       return FP8_ERROR(Code::kIo, "log.jsonl: cannot open '{}' for writing", p);

@@ -27,6 +27,9 @@ struct StepRecord {
   double eval_loss = -1;  // < 0: no eval this step
 };
 
+// `pattern` with every "{rank}" replaced by `rank` (log.jsonl, log.trace, log.op_profile).
+std::string rank_path(std::string pattern, int rank);
+
 class MetricsSink {
  public:
   // jsonl_path may contain "{rank}"; empty = no file. The console prints every `every` steps.

@@ -10,7 +10,9 @@
 #include <set>
 
 #include "core/config.h"
+#include "core/json.h"
 #include "core/log.h"
+#include "core/op_profile.h"
 #include "core/safetensors.h"
 #include "launch/fault_inject.h"
 #include "launch/flops.h"
@@ -46,6 +48,9 @@ Result<std::unique_ptr<Trainer>> Trainer::create(const config::Config& cfg, cons
     FP8_ASSIGN_OR_RETURN(t->be_, make_cuda_backend(0));
   } else {
     t->be_ = make_cpu_backend();
+  }
+  if (!cfg.log().op_profile().empty()) {
+    t->be_ = make_profiled_backend(std::move(t->be_), &t->op_profile_);
   }
   FP8_RETURN_IF_ERROR(t->setup_parallel(rt));
   FP8_RETURN_IF_ERROR(t->setup_model());
@@ -362,6 +367,11 @@ Status Trainer::run(MetricsSink& sink) {
     }
     sink.write(rec);
     FP8_RETURN_IF_ERROR(maybe_checkpoint());
+    if (op_profile_ && !profile_start_) {  // the profile starts after this run's first step
+      op_profile_->reset();
+      profile_start_ = Clock::now();
+      profile_from_ = step_ + 1;
+    }
     FP8_ASSIGN_OR_RETURN(bool stop,
                          should_stop(std::chrono::duration<double>(Clock::now() - start).count()));
     if (stop) {
@@ -370,7 +380,35 @@ Status Trainer::run(MetricsSink& sink) {
       break;
     }
   }
+  if (op_profile_ && profile_start_) {
+    FP8_RETURN_IF_ERROR(write_op_profile(
+        std::chrono::duration<double, std::milli>(Clock::now() - *profile_start_).count()));
+  }
   return finish_checkpoints();
+}
+
+// log.op_profile: this rank's totals from profile_from_ on as JSON; rank 0 also logs the table.
+Status Trainer::write_op_profile(double wall_ms) {
+  const std::vector<OpStats> stats = op_profile_->totals();
+  const std::string path = rank_path(cfg_.log().op_profile(), world_rank_);
+  json::Value doc = op_stats_json(stats, wall_ms);
+  doc.set("rank", world_rank_);
+  doc.set("backend", be_->name());
+  doc.set("first_step", profile_from_);
+  doc.set("last_step", step_);
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr)
+    return FP8_ERROR(Code::kIo, "log.op_profile: cannot open '{}' for writing", path);
+  const std::string text = json::write(doc, 1) + "\n";
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok)
+    return FP8_ERROR(Code::kIo, "log.op_profile: cannot write '{}'", path);
+  if (is_root()) {
+    log::info("op profile of steps {}..{} on {} (rank 0; every rank's JSON: {}):\n{}",
+              profile_from_, step_, be_->name(), cfg_.log().op_profile(),
+              format_op_table(stats, wall_ms, 15));
+  }
+  return Status::Ok();
 }
 
 // Stop when any rank got SIGTERM or the wall-time budget is spent: a MAX all-reduce, so every
@@ -405,10 +443,7 @@ Status Trainer::trace_step_end() {
   exec_->set_tracer(nullptr, 0);
   const auto& l = cfg_.log();
   if (!tracer_ || step_ + 1 < l.trace_start() + l.trace_steps()) return Status::Ok();
-  std::string path = l.trace();
-  for (size_t pos; (pos = path.find("{rank}")) != std::string::npos;) {
-    path.replace(pos, 6, std::to_string(world_rank_));
-  }
+  const std::string path = rank_path(l.trace(), world_rank_);
   FP8_RETURN_IF_ERROR(tracer_->write(path));
   log::info("trace: {} events of steps {}..{} written to {}", tracer_->size(), l.trace_start(),
             l.trace_start() + l.trace_steps() - 1, path);

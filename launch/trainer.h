@@ -6,12 +6,14 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <optional>
 
 #include "core/checkpoint.h"
 #include "core/data.h"
 #include "core/model/transformer.h"
+#include "core/op_profile.h"
 #include "launch/metrics.h"
 #include "optim/adamw.h"
 #include "optim/device_adamw.h"
@@ -121,6 +123,11 @@ class Trainer {
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;
+  // log.op_profile: the profile of be_ (a profiling wrapper), from step profile_from_ on.
+  std::shared_ptr<OpProfile> op_profile_;
+  std::optional<std::chrono::steady_clock::time_point> profile_start_;
+  int64_t profile_from_ = 0;
+  Status write_op_profile(double wall_ms);
   model::ModelCtx ctx_;
   std::vector<std::unique_ptr<model::Model>> chunks_;  // one per local pipeline chunk
   model::Model* model_ = nullptr;                      // chunks_[0]

@@ -7,9 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <numeric>
+#include <sstream>
 
 #include "core/config.h"
+#include "core/json.h"
 #include "launch/trainer.h"
 
 namespace fp8pipe {
@@ -216,6 +219,57 @@ TEST(TrainTest, AttentionGemmTracksFusedKernel) {
     }
     EXPECT_LT(loss[0][3], loss[0][0]);  // it trains
   }
+}
+
+// log.op_profile wraps the backend: the same losses to the bit, and a JSON profile of steps 2..3.
+TEST(TrainTest, OpProfileLeavesTrainingUnchangedAndWritesItsJson) {
+  const std::string dir = ::testing::TempDir();
+  std::vector<std::string> lines[2];
+  for (int prof = 0; prof < 2; ++prof) {
+    std::vector<std::string> o = {"--train.steps=3",           "--train.global_batch=8",
+                                  "--parallel.microbatches=2", "--optim.warmup_steps=1",
+                                  "--train.eval_every=0",      "--checkpoint.every=0",
+                                  "--checkpoint.dir="};
+    if (prof) o.push_back("--log.op_profile=" + dir + "op_profile.r{rank}.json");
+    auto t = make_trainer(tiny(o));
+    ASSERT_TRUE(t);
+    const std::string jsonl = dir + "op_profile_" + std::to_string(prof) + ".jsonl";
+    {
+      auto sink = MetricsSink::open(jsonl, 0, 1, false);
+      ASSERT_TRUE(sink.ok());
+      Status st = t->run(*sink);
+      ASSERT_TRUE(st.ok()) << st.to_string();
+    }  // the sink flushes and closes its file
+    std::ifstream in(jsonl);
+    for (std::string l; std::getline(in, l);) {
+      if (!l.starts_with("{\"step\"")) continue;
+      // the loss fields only: times differ
+      auto j = json::parse(l);
+      ASSERT_TRUE(j.ok());
+      lines[prof].push_back(fmt::format("{:.17g} {:.17g} {:.17g}", j->find("loss")->as_double(),
+                                        j->find("mtp_loss")->as_double(),
+                                        j->find("grad_norm")->as_double()));
+    }
+  }
+  ASSERT_EQ(lines[0].size(), 3u);
+  EXPECT_EQ(lines[0], lines[1]);
+
+  std::ifstream f(dir + "op_profile.r0.json");
+  std::stringstream text;
+  text << f.rdbuf();
+  auto doc = json::parse(text.str());
+  ASSERT_TRUE(doc.ok()) << doc.status().to_string();
+  EXPECT_EQ(doc->find("first_step")->as_int(), 2);
+  EXPECT_EQ(doc->find("last_step")->as_int(), 3);
+  EXPECT_GT(doc->find("wall_ms")->as_double(), 0.0);
+  double flops = 0;
+  int64_t gemm_calls = 0;
+  for (const json::Value& op : doc->find("ops")->items()) {
+    flops += op.find("flops")->as_double();
+    if (op.find("op")->as_string() == "gemm_fp8") gemm_calls = op.find("calls")->as_int();
+  }
+  EXPECT_GT(gemm_calls, 0);
+  EXPECT_GT(flops, 0.0);
 }
 
 // ---- save / load ----------------------------------------------------------------------------
