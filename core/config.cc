@@ -625,6 +625,15 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
            "train.device=\"cuda\" runs one process (one GPU) for now: parallel.pp·parallel.dp = "
            "{}·{} = {} must be 1",
            p.pp(), p.dp(), ranks);
+  {  // checked here, before any model is built, rather than when the optimizer is made
+    const auto& o = cfg.optim();
+    const int64_t total =
+        o.decay_steps() > 0 ? o.warmup_steps() + o.decay_steps() : cfg.train().steps();
+    c.expect(o.schedule() != "cosine" || o.warmup_steps() <= total,
+             "optim.warmup_steps={} exceeds the cosine schedule's length {} (train.steps, or "
+             "warmup_steps + optim.decay_steps when decay_steps > 0)",
+             o.warmup_steps(), total);
+  }
   c.expect(cfg.optim().placement() != "device" || (ranks == 1 && p.schedule() != "dualpipe"),
            "optim.placement=\"device\" needs one process holding one copy of each parameter: "
            "parallel.pp·parallel.dp = {}·{} = {} must be 1 and parallel.schedule must not be "

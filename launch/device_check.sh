@@ -9,7 +9,8 @@
 # Prebuilt programs: if .devbin/ (launch/device_prebuild.sh, carried with the call) holds them,
 # built from these very sources (its sources.sha1 checks out) and every library they need resolves
 # here, they are used and the configure and build steps are skipped (minutes of GPU time saved).
-# Otherwise, or with PREBUILT=none, everything is built here as before.
+# Otherwise, or with PREBUILT=none, everything is built here as before. BIN_DIR=DIR: use the
+# programs in DIR. VALIDATE_ONLY=1: check every training run's configuration, train nothing (fp8).
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -23,7 +24,8 @@ NAMES=() RCS=() SECS=()
 FAILED=0
 SKIP=${SKIP:-}
 PREBUILT=${PREBUILT:-$ROOT/.devbin}
-BIN_DIR=""
+BIN_DIR=${BIN_DIR:-} # set: the programs are there (no configure or build)
+[[ -n $BIN_DIR ]] && SKIP="$SKIP configure build"
 
 remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
@@ -76,6 +78,29 @@ build_targets() {
   if ninja -C "$BUILD" -t targets all 2>/dev/null | grep -q '^gpu_bench:'; then targets+=(gpu_bench); fi
   echo "targets: ${targets[*]}"
   ninja -C "$BUILD" -j "$JOBS" "${targets[@]}"
+}
+
+# fp8 BIN train ARGS...: runs fp8pipe. With VALIDATE_ONLY=1 (tests/scripts/device_check_test.sh,
+# on a CPU machine) `train` becomes `config` (validation only, nothing trains) and device cuda
+# becomes cpu, so every run's configuration is checked before GPU time is spent on it.
+fp8() {
+  local bin=$1
+  shift
+  if [[ -z ${VALIDATE_ONLY:-} ]]; then
+    "$bin" "$@"
+    return
+  fi
+  local a out=()
+  for a in "$@"; do
+    case $a in
+      train) out+=(config) ;;
+      --train.device=cuda) out+=(--train.device=cpu) ;;
+      --log.*) ;; # outputs: not validated
+      *) out+=("$a") ;;
+    esac
+  done
+  echo "validate: ${out[*]}"
+  "$bin" "${out[@]}" >/dev/null
 }
 
 find_bin() {
@@ -150,9 +175,10 @@ train_tiny_gpu_vs_cpu() {
   for dev in cuda cpu; do
     echo "--- $dev"
     t0=$(date +%s)
-    "$bin" train "${args[@]}" --train.device=$dev --log.jsonl="$dir/$dev.jsonl" || return $?
+    fp8 "$bin" train "${args[@]}" --train.device=$dev --log.jsonl="$dir/$dev.jsonl" || return $?
     echo "$dev: $(($(date +%s) - t0))s"
   done
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
   python3 - "$dir/cuda.jsonl" "$dir/cpu.jsonl" "${TRAIN_TOL:-1e-2}" <<'PY'
 import json, sys
 gpu, cpu = ([json.loads(l) for l in open(p) if l.strip()] for p in sys.argv[1:3])
@@ -178,15 +204,16 @@ small_fp8_vs_bf16() {
   mkdir -p "$dir"
   local args=(configs/small.textproto --train.device=cuda "--train.steps=${SMALL_STEPS:-4}"
     --train.seq_len=1024 --train.global_batch=8 --parallel.microbatches=1 --train.eval_every=0
-    --checkpoint.dir= --checkpoint.every=0 --log.every=1)
+    --optim.warmup_steps=1 --checkpoint.dir= --checkpoint.every=0 --log.every=1)
   local mode
   for mode in FP8 BF16; do
     echo "--- $mode"
-    "$bin" train "${args[@]}" --precision.mode=$mode --log.jsonl="$dir/$mode.jsonl" || return $?
+    fp8 "$bin" train "${args[@]}" --precision.mode=$mode --log.jsonl="$dir/$mode.jsonl" || return $?
   done
   echo "--- FP8, optim.placement=host"
-  "$bin" train "${args[@]}" --precision.mode=FP8 --optim.placement=host \
+  fp8 "$bin" train "${args[@]}" --precision.mode=FP8 --optim.placement=host \
     --log.jsonl="$dir/FP8host.jsonl" || return $?
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
   python3 - "$dir/FP8.jsonl" "$dir/BF16.jsonl" "$dir/FP8host.jsonl" <<'PY'
 import json, sys
 tps = []
@@ -202,8 +229,27 @@ print(f"small FP8 optimizer on GPU / on host tokens/s ratio {tps[0] / tps[2]:.3f
 PY
 }
 
+# Where the small config's step time goes, FP8 and BF16: log.op_profile (core/op_profile.h) over
+# steps 2..3, each operator timed on the GPU and on the host (launch cost); the tables are the
+# next optimization's starting point. Profiled runs are slower: their tokens/s are not the figure.
+small_op_profile() {
+  local bin dir=$LOG/train_small
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  mkdir -p "$dir"
+  local mode
+  for mode in FP8 BF16; do
+    echo "--- $mode op profile"
+    fp8 "$bin" train configs/small.textproto --train.device=cuda --train.steps=3 --train.seq_len=1024 \
+      --train.global_batch=8 --parallel.microbatches=1 --train.eval_every=0 --optim.warmup_steps=1 \
+      --checkpoint.dir= \
+      --checkpoint.every=0 --log.every=1 --precision.mode=$mode \
+      --log.op_profile="$dir/profile_$mode.json" || return $?
+  done
+}
+
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets find_bin check_prebuilt run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -213,7 +259,7 @@ if printf '%s\n3.26\n' "$(cmake --version | head -n 1 | awk '{print $3}')" | sor
   CUDA20_FLAGS=(-DCMAKE_CUDA20_STANDARD_COMPILE_OPTION=-std=c++20
     -DCMAKE_CUDA20_EXTENSION_COMPILE_OPTION=-std=c++20)
 fi
-if [[ $PREBUILT != none && -d $PREBUILT ]]; then
+if [[ -z $BIN_DIR && $PREBUILT != none && -d $PREBUILT ]]; then
   failed_before=$FAILED
   step prebuilt 60 check_prebuilt "$PREBUILT"
   if [[ ${RCS[-1]} == 0 ]]; then
@@ -231,6 +277,7 @@ step cuda_tests 240 run_tests
 step gpu_bench 150 run_bench "$@"
 step train_tiny_gpu_vs_cpu 180 train_tiny_gpu_vs_cpu
 step small_fp8_vs_bf16 240 small_fp8_vs_bf16
+step small_op_profile 150 small_op_profile
 
 # ---- summary (last) ----
 echo
@@ -252,6 +299,10 @@ fi
 for f in train_tiny_gpu_vs_cpu small_fp8_vs_bf16; do
   [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |small )" "$LOG/$f.log"
 done
+if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
+  grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26
+  grep -E "busy" "$LOG/small_op_profile.log"
+fi
 printf '\n%-22s %6s %6s\n' step rc secs
 for i in "${!NAMES[@]}"; do
   printf '%-22s %6s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"
