@@ -133,6 +133,9 @@ class Backend {
   virtual Status add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   virtual Status axpy(float alpha, const Tensor& x, Tensor& y) = 0;
   virtual Status round_bf16(const Tensor& x, Tensor& out) = 0;  // emulates bf16 storage
+  // out (f64 [rows]) = per-row dot product of a and b (f32, the same [rows, cols]), each product
+  // and the sum in fp64: the CPU sums a row in column order; a device in a fixed tree.
+  virtual Status row_dot(const Tensor& a, const Tensor& b, Tensor& out) = 0;
 
   // The optimizer on the backend (optim.placement=device; launch/trainer.cc). Gradients of one
   // step are summed in fp64, rounded once to fp32, then AdamW runs next to the weights.

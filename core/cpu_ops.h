@@ -39,6 +39,7 @@ class CpuOps : public Backend {
   // The optimizer ops (core/cpu_optim_ops.cc).
   Status accumulate_grad(Tensor& grad, Tensor& acc) override;
   Status round_f64(const Tensor& acc, Tensor& out) override;
+  Status row_dot(const Tensor& a, const Tensor& b, Tensor& out) override;
   Status sum_squares(std::span<const Tensor* const> gs, double* total) override;
   Status adamw(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
                const kernels::AdamWScalars& s) override;

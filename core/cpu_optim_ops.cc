@@ -17,6 +17,20 @@ Status CpuOps::accumulate_grad(Tensor& grad, Tensor& acc) {
   return Status::Ok();
 }
 
+Status CpuOps::row_dot(const Tensor& a, const Tensor& b, Tensor& out) {
+  FP8_RETURN_IF_ERROR(checks::row_dot(a, b, out));
+  const int64_t rows = a.rows(), cols = a.cols();
+  const float* x = a.data_as<float>();
+  const float* y = b.data_as<float>();
+  double* o = out.data_as<double>();
+  for (int64_t i = 0; i < rows; ++i) {
+    double dot = 0.0;
+    for (int64_t j = 0; j < cols; ++j) dot += double{x[i * cols + j]} * y[i * cols + j];
+    o[i] = dot;
+  }
+  return Status::Ok();
+}
+
 Status CpuOps::round_f64(const Tensor& acc, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::round_f64(acc, out));
   const double* a = acc.data_as<double>();

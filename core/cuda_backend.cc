@@ -608,6 +608,14 @@ class CudaBackend final : public Backend {
             g::accumulate_f64(grad.data_as<float>(), grad.numel(), acc.data_as<double>(), cur()));
     return Status::Ok();
   }
+  Status row_dot(const Tensor& a, const Tensor& b, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(on_gpu("row_dot", {&a, &b, &out}));
+    FP8_RETURN_IF_ERROR(checks::row_dot(a, b, out));
+    FP8_GPU("row_dot", g::row_dot(a.data_as<float>(), b.data_as<float>(), a.rows(), a.cols(),
+                                  out.data_as<double>(), cur()));
+    return Status::Ok();
+  }
+
   Status round_f64(const Tensor& acc, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("round_f64", {&acc, &out}));
     FP8_RETURN_IF_ERROR(checks::round_f64(acc, out));

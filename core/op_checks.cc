@@ -340,6 +340,12 @@ Status accumulate_grad(const Tensor& grad, const Tensor& acc) {
   return want("accumulate_grad", acc, DType::kF64, grad.numel());
 }
 
+Status row_dot(const Tensor& a, const Tensor& b, const Tensor& out) {
+  FP8_RETURN_IF_ERROR(f32("row_dot", {&a, &b}));
+  FP8_RETURN_IF_ERROR(need(a.shape() == b.shape(), "row_dot", "a and b must have one shape", b));
+  return want("row_dot", out, DType::kF64, a.rows());
+}
+
 Status round_f64(const Tensor& acc, const Tensor& out) {
   FP8_RETURN_IF_ERROR(
       need(acc.defined() && acc.dtype() == DType::kF64, "round_f64", "f64 required", acc));

@@ -64,6 +64,7 @@ Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, c
 Status add(const Tensor& a, const Tensor& b, const Tensor& out);
 Status axpy(const Tensor& x, const Tensor& y);
 Status round_bf16(const Tensor& x, const Tensor& out);
+Status row_dot(const Tensor& a, const Tensor& b, const Tensor& out);
 // The optimizer ops: f64 sums, fp32 values and gradients, bf16 moments, equal element counts.
 Status accumulate_grad(const Tensor& grad, const Tensor& acc);
 Status round_f64(const Tensor& acc, const Tensor& out);

@@ -208,6 +208,9 @@ class ProfiledBackend final : public Backend {
   Status round_bf16(const Tensor& x, Tensor& out) override {
     return timed("round_bf16", 0, [&] { return in_->round_bf16(x, out); });
   }
+  Status row_dot(const Tensor& a, const Tensor& b, Tensor& out) override {
+    return timed("row_dot", 0, [&] { return in_->row_dot(a, b, out); });
+  }
   Status accumulate_grad(Tensor& grad, Tensor& acc) override {
     return timed("accumulate_grad", 0, [&] { return in_->accumulate_grad(grad, acc); });
   }

@@ -24,8 +24,13 @@ struct ModelCtx {
   Backend* be = nullptr;
   Precision precision = Precision::kFP32;
   GemmMode gemm = GemmMode::kFast;
-  QuantParams qp;                // FP8 format and pow2 scales
-  bool attention_gemm = false;   // the attention core as batched GEMMs (attention_core.h)
+  QuantParams qp;               // FP8 format and pow2 scales
+  bool attention_gemm = false;  // the attention core as batched GEMMs (attention_core.h)
+  // Each routed expert's batch of rows is padded with zero rows to a multiple of this (1: none).
+  // cuBLASLt's FP8 GEMMs need a 1x128 operand's row count % 4 and K % 16 (FP8.md §3.3), and an
+  // expert's token count is anything: 16 on a GPU in FP8. Zero rows add exact zeros, so the
+  // results do not change (tests/model/moe_test.cc).
+  int64_t expert_row_align = 1;
   uint64_t weight_version = 0;   // bumped by the optimizer: invalidates cached quantized weights
   int64_t nonfinite_groups = 0;  // FP8 groups with NaN/Inf amax seen since the last reset
   float loss_scale = 1.0f;       // d(objective)/d(micro-batch loss): set per backward

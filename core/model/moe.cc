@@ -63,10 +63,15 @@ struct MoE::Impl {
     std::vector<Hop> hops;        // 1 (flat) or 2 (two-level: cross-node, then inside the node)
     std::vector<Rec> recs;        // the records this rank's experts serve, ordered (e, src, a)
     std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
-    Tensor rows;                  // i32 [m] last-hop row of each record
-    Tensor gates;                 // f32 [m]
-    Tensor out;                   // [m, hidden] unweighted expert outputs (for dgate)
-    std::vector<uint8_t> ran;     // local experts whose SwiGLU ran (and keeps state) for this mb
+    // ModelCtx::expert_row_align (plan_padding): each expert's first row in the zero-padded
+    // layout [E_local + 1] and, when any expert needs padding, each record's padded row (i32 [m]).
+    std::vector<int64_t> pad_offset;
+    Tensor pad_idx;
+    bool padded = false;
+    Tensor rows;               // i32 [m] last-hop row of each record
+    Tensor gates;              // f32 [m]
+    Tensor out;                // [m, hidden] unweighted expert outputs (for dgate)
+    std::vector<uint8_t> ran;  // local experts whose SwiGLU ran (and keeps state) for this mb
   };
 
   int64_t hidden = 0, E = 0, K = 0, n_groups = 1, max_groups = 1;
@@ -94,6 +99,8 @@ struct MoE::Impl {
   Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
   Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const;
   Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
+  Status plan_padding(ModelCtx& c, Saved& s) const;
+  Result<Tensor> pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const;
   Status return_dgates(ModelCtx& c, const Saved& s, const std::vector<double>& dg,
                        std::vector<double>& dgate) const;
   double balance_loss(const Routing& r, int64_t B, int64_t T, double scale,
@@ -287,19 +294,52 @@ Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last,
   FP8_ASSIGN_OR_RETURN(s.gates, upload(c, gates, {m}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(Tensor xin, new_f32(c, m, hidden));
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
+  FP8_RETURN_IF_ERROR(plan_padding(c, s));
+  FP8_ASSIGN_OR_RETURN(Tensor xe, pad_rows(c, s, xin));
   FP8_ASSIGN_OR_RETURN(s.out, new_f32(c, m, hidden));
   s.ran.assign(E_local, 0);
   for (int64_t e = 0; e < E_local; ++e) {
     const int64_t lo = s.offset[e], hi = s.offset[e + 1];
     if (lo == hi) continue;
-    FP8_ASSIGN_OR_RETURN(Tensor ye, experts[e].forward(c, mb, xin.slice_rows(lo, hi)));
+    FP8_ASSIGN_OR_RETURN(
+        Tensor ye, experts[e].forward(c, mb, xe.slice_rows(s.pad_offset[e], s.pad_offset[e + 1])));
     Tensor dst = s.out.slice_rows(lo, hi);
-    FP8_RETURN_IF_ERROR(c.be->copy(ye, dst));
+    FP8_RETURN_IF_ERROR(c.be->copy(ye.slice_rows(0, hi - lo), dst));  // padding rows dropped
     s.ran[e] = 1;
   }
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, x_last.rows(), hidden));
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.rows, s.gates, y));
   return y;
+}
+
+// ModelCtx::expert_row_align: each expert's first row in the zero-padded layout (s.pad_offset)
+// and, when any expert needs padding, the padded row of each record (s.pad_idx).
+Status MoE::Impl::plan_padding(ModelCtx& c, Saved& s) const {
+  const int64_t align = std::max<int64_t>(1, c.expert_row_align);
+  s.pad_offset.assign(E_local + 1, 0);
+  for (int64_t e = 0; e < E_local; ++e) {
+    const int64_t n = s.offset[e + 1] - s.offset[e];
+    s.pad_offset[e + 1] = s.pad_offset[e] + (n + align - 1) / align * align;
+  }
+  s.padded = s.pad_offset[E_local] != s.offset[E_local];
+  if (!s.padded) return Status::Ok();
+  std::vector<int32_t> idx(s.offset[E_local]);
+  for (int64_t e = 0; e < E_local; ++e) {
+    for (int64_t i = s.offset[e]; i < s.offset[e + 1]; ++i) {
+      idx[i] = static_cast<int32_t>(s.pad_offset[e] + (i - s.offset[e]));
+    }
+  }
+  FP8_ASSIGN_OR_RETURN(s.pad_idx, upload(c, idx, {s.offset[E_local]}, DType::kI32));
+  return Status::Ok();
+}
+
+// Expert rows [m, hidden] (records in expert order) in the padded layout: each expert's rows,
+// then zero rows; `rows` itself when no expert needs padding.
+Result<Tensor> MoE::Impl::pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const {
+  if (!s.padded) return rows;
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, s.pad_offset[E_local], hidden));
+  FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(rows, s.pad_idx, Tensor(), out));
+  return out;
 }
 
 // Sequence-wise balance loss of one micro-batch: the mean over its B sequences (rows b*T ..
@@ -353,13 +393,11 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
   if (m > 0) {
     FP8_ASSIGN_OR_RETURN(Tensor dyr, new_f32(c, m, hidden));
     FP8_RETURN_IF_ERROR(c.be->gather_rows(dyl, s.rows, dyr));
-    FP8_ASSIGN_OR_RETURN(std::vector<float> dyh, download<float>(c, dyr));
-    FP8_ASSIGN_OR_RETURN(std::vector<float> oh, download<float>(c, s.out));
-    for (int64_t i = 0; i < m; ++i) {
-      double dot = 0.0;
-      for (int64_t j = 0; j < hidden; ++j) dot += double{dyh[i * hidden + j]} * oh[i * hidden + j];
-      dg[i] = dot;
-    }
+    // dgate per record = <dy_row, expert output> in fp64, on the backend: only m doubles travel
+    // to the host (not the two [m, hidden] tensors).
+    FP8_ASSIGN_OR_RETURN(Tensor dots, c.be->empty({m}, DType::kF64));
+    FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, s.out, dots));
+    FP8_ASSIGN_OR_RETURN(dg, download<double>(c, dots));
     // Row scaling by the gates: scatter with identity rows.
     std::vector<int32_t> iota(m);
     for (int64_t i = 0; i < m; ++i) iota[i] = static_cast<int32_t>(i);
@@ -367,12 +405,15 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     FP8_ASSIGN_OR_RETURN(Tensor dout, new_zeros(c, m, hidden));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dyr, ident, s.gates, dout));
     FP8_ASSIGN_OR_RETURN(Tensor dxr, new_f32(c, m, hidden));
+    FP8_ASSIGN_OR_RETURN(Tensor dpad, pad_rows(c, s, dout));
     for (int64_t e = 0; e < E_local; ++e) {
       if (!s.ran[e]) continue;
       const int64_t lo = s.offset[e], hi = s.offset[e + 1];
-      FP8_ASSIGN_OR_RETURN(Tensor dxe, experts[e].backward_input(c, mb, dout.slice_rows(lo, hi)));
+      FP8_ASSIGN_OR_RETURN(
+          Tensor dxe,
+          experts[e].backward_input(c, mb, dpad.slice_rows(s.pad_offset[e], s.pad_offset[e + 1])));
       Tensor dst = dxr.slice_rows(lo, hi);
-      FP8_RETURN_IF_ERROR(c.be->copy(dxe, dst));
+      FP8_RETURN_IF_ERROR(c.be->copy(dxe.slice_rows(0, hi - lo), dst));
     }
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }

@@ -104,6 +104,10 @@ Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
 // The optimizer on the device (kernels/cuda/optim_ops.cu; Backend::accumulate_grad .. adamw).
 // acc[i] += double(g[i]); g[i] = 0 (bit-identical to the CPU loop: one exact add per element).
 Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream);
+// out[r] = sum over c of double(a[r][c]) * b[r][c] for R rows of C floats: one block per row, a
+// fixed tree (deterministic; the CPU sums in column order, so the last bits may differ).
+Result row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out,
+               cudaStream_t stream);
 // out[i] = float(acc[i]), round to nearest even (bit-identical).
 Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream);
 // Squared sums in fp64, deterministic run to run (not the CPU's index-order bits): for each of

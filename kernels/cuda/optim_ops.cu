@@ -43,6 +43,19 @@ __device__ double block_sum(double v) {
   return sh[0];
 }
 
+// One block per row (grid-stride over rows past the grid's limit).
+__global__ void k_row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    double s = 0.0;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      s += static_cast<double>(a[r * C + c]) * b[r * C + c];  // exact product, separate add
+    }
+    const double t = block_sum(s);
+    if (threadIdx.x == 0) out[r] = t;
+    __syncthreads();  // block_sum's shared array is reused by the next row
+  }
+}
+
 __global__ void k_sumsq_partial(const float* g, int64_t n, double* partial) {
   const int64_t stride = static_cast<int64_t>(kSumSqBlocks) * kThreads;
   double s = 0.0;
@@ -73,6 +86,15 @@ Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream) {
 Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
   k_round<<<grid_for(n), kThreads, 0, stream>>>(acc, n, out);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+Result row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out,
+               cudaStream_t stream) {
+  if (R == 0) return Result::Ok();
+  const int blocks = static_cast<int>(R < 65535 * 8 ? R : 65535 * 8);
+  k_row_dot<<<blocks, kThreads, 0, stream>>>(a, b, R, C, out);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }

@@ -108,6 +108,35 @@ uint16_t rne_bf16(float x) {  // independent of kernels/: integer RNE on the fp3
   return static_cast<uint16_t>((u + 0x7FFFu + lsb) >> 16);
 }
 
+// Backend::row_dot (the MoE's gate gradients): every row against a long-double sum, and the
+// argument checks.
+TEST(CpuBackend, RowDotMatchesExtendedPrecision) {
+  auto be = make_cpu_backend();
+  const int64_t R = 9, C = 300;
+  Tensor a = random_tensor(*be, {R, C}, 21), b = random_tensor(*be, {R, C}, 22, 1e3f);
+  Tensor out = be->empty({R}, DType::kF64).value();
+  ASSERT_TRUE(be->row_dot(a, b, out).ok());
+  for (int64_t r = 0; r < R; ++r) {
+    long double s = 0, mag = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const long double p =
+          static_cast<long double>(a.data_as<float>()[r * C + c]) * b.data_as<float>()[r * C + c];
+      s += p;
+      mag += std::fabs(p);
+    }
+    EXPECT_NEAR(out.data_as<double>()[r], static_cast<double>(s),
+                static_cast<double>(mag) * C * 1.2e-16)
+        << "row " << r;
+  }
+  Tensor short_b = random_tensor(*be, {R, C - 1}, 23);
+  EXPECT_FALSE(be->row_dot(a, short_b, out).ok());
+  Tensor f32_out = be->empty({R}, DType::kF32).value();
+  const Status st = be->row_dot(a, b, f32_out);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.to_string().find("row_dot: f64 with 9 elements required"), std::string::npos)
+      << st.to_string();
+}
+
 TEST(CpuBackend, Bf16CastAndGemm) {
   auto be = make_cpu_backend();
   const int M = 6, N = 5, K = 40;

@@ -549,6 +549,25 @@ TEST_F(CudaBackendTest, Bf16CastAndGemm) {
 // The optimizer ops of optim.placement=device: the fp64 sums, their rounding and AdamW are
 // bit-identical; the squared norm is a tree sum (deterministic, within 1e-12 relative of the
 // CPU's index-order sum).
+// MoE gate gradients: per-row fp64 dot products. The GPU sums in a tree, the CPU in column order:
+// both are fp64 sums of exact products, so they agree to ~1e-15 relative of the row's |a|.|b|.
+TEST_F(CudaBackendTest, RowDot) {
+  for (const auto [R, C] : {std::pair<int64_t, int64_t>{1, 1}, {37, 1000}, {5000, 1024}}) {
+    const Tensor ac = hostf(Shape{R, C}, randn(R * C, 90)),
+                 bc = hostf(Shape{R, C}, randn(R * C, 91));
+    Tensor oc = cpu_->empty({R}, DType::kF64).value(), og = gpu_->empty({R}, DType::kF64).value();
+    ASSERT_TRUE(cpu_->row_dot(ac, bc, oc).ok());
+    ASSERT_TRUE(gpu_->row_dot(dev(ac), dev(bc), og).ok());
+    const std::vector<double> want = vec<double>(oc), got = back<double>(og);
+    const std::vector<float> a = vec<float>(ac), b = vec<float>(bc);
+    for (int64_t r = 0; r < R; ++r) {
+      double mag = 0;
+      for (int64_t c = 0; c < C; ++c) mag += std::abs(double{a[r * C + c]} * b[r * C + c]);
+      ASSERT_NEAR(got[r], want[r], 1e-14 * mag + 1e-300) << "row " << r << " of " << R << "x" << C;
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, OptimizerOps) {
   const int64_t n = (1 << 18) + 19;
   const Shape s{n};

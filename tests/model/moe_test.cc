@@ -428,6 +428,44 @@ TEST(MoEPrecision, Fp8TracksFp32WithinE4M3Bound) {
   }
 }
 
+// ModelCtx::expert_row_align pads each expert's rows with zero rows (for cuBLASLt's FP8 shape
+// rules on a GPU). Zero rows only add exact zeros: the output, dx and every gradient are the same
+// as without padding (bitwise in BF16 and FP8: 1x128 row scales ignore other rows, the 128x1 wgrad
+// scales see zeros, which do not raise an amax; FP32 within BLAS summation-order noise).
+TEST(MoEPadding, ZeroRowPaddingChangesNothing) {
+  const config::Model m = small_model(0.01f, 0.0f);
+  for (Precision p : {Precision::kFP32, Precision::kBF16, Precision::kFP8}) {
+    SCOPED_TRACE(static_cast<int>(p));
+    Layer plain(m, p), padded(m, p);
+    padded.c.expert_row_align = 16;
+    const std::vector<float> xv = randn(kN * kHidden, 81), rv = randn(kN * kHidden, 82);
+    const Pass a = fwd_bwd(plain, 0, host_tensor(*plain.be, {kN, kHidden}, xv),
+                           host_tensor(*plain.be, {kN, kHidden}, rv));
+    const Pass b = fwd_bwd(padded, 0, host_tensor(*padded.be, {kN, kHidden}, xv),
+                           host_tensor(*padded.be, {kN, kHidden}, rv));
+    // at least one expert got a token count that is not a multiple of 16: padding happened
+    bool odd = false;
+    for (int64_t l : plain.moe.stats().load) odd |= l % 16 != 0;
+    ASSERT_TRUE(odd);
+    // FP32: OpenBLAS picks its kernel (and so its summation order) by M, which padding changes:
+    // last-bit differences. BF16 and FP8 (measured): bitwise.
+    const double tol = p == Precision::kFP32 ? 1e-6 : 0.0;
+    EXPECT_LE(rel_frobenius(b.y, a.y), tol);
+    EXPECT_LE(rel_frobenius(b.dx, a.dx), tol);
+    std::vector<Param*> pa = plain.moe.params(), pb = padded.moe.params();
+    for (size_t i = 0; i < pa.size(); ++i) {
+      const std::vector<float> ga = values(pa[i]->grad), gb = values(pb[i]->grad);
+      if (tol == 0.0) {
+        EXPECT_EQ(gb, ga) << pa[i]->name;
+      } else if (std::any_of(ga.begin(), ga.end(), [](float v) { return v != 0.0f; })) {
+        EXPECT_LE(rel_frobenius(gb, ga), tol) << pa[i]->name;
+      } else {
+        EXPECT_EQ(gb, ga) << pa[i]->name << ": an expert without tokens has no gradient";
+      }
+    }
+  }
+}
+
 // ---- (f) micro-batch independence, names
 // ---------------------------------------------------------
 
