@@ -51,16 +51,36 @@ class SoloComm final : public Comm {
   Group group_;
 };
 
+// A one-rank NCCL comm over SoloComm, ordered after GPU 0's compute stream (30 s timeouts).
+struct SoloNccl {
+  SoloComm mpi;
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<Comm> comm;
+  std::string error;
+  SoloNccl() {
+    auto b = make_cuda_backend(0);
+    if (!b.ok()) {
+      error = b.status().to_string();
+      return;
+    }
+    be = std::move(*b);
+    NcclOptions opts;
+    opts.timeout_s = 30;
+    opts.order_after = &be->compute();
+    auto c = create_nccl_comm(mpi, opts);
+    if (!c.ok()) {
+      error = c.status().to_string();
+      return;
+    }
+    comm = std::move(*c);
+  }
+  bool made() const { return comm != nullptr; }
+};
+
 TEST(NcclComm, OneRankCollectives) {
-  SoloComm solo;
-  auto be = make_cuda_backend(0);
-  ASSERT_TRUE(be.ok()) << be.status().to_string();
-  NcclOptions opts;
-  opts.timeout_s = 30;
-  opts.order_after = &be.value()->compute();
-  auto made = create_nccl_comm(solo, opts);
-  ASSERT_TRUE(made.ok()) << made.status().to_string();
-  Comm& c = *made.value();
+  SoloNccl solo;
+  ASSERT_TRUE(solo.made()) << solo.error;
+  Comm& c = *solo.comm;
   EXPECT_EQ(c.size(), 1);
 
   // device buffers (the output is cleared before every op, so a no-op cannot pass)
@@ -157,15 +177,9 @@ TEST(NcclComm, OneRankCollectives) {
 // Send / recv with self: each pair completes only when both sides go to NCCL in one group, so
 // every case here would hang (and time out) if a send were issued on its own.
 TEST(NcclComm, OneRankSelfPointToPoint) {
-  SoloComm solo;
-  auto be = make_cuda_backend(0);
-  ASSERT_TRUE(be.ok()) << be.status().to_string();
-  NcclOptions opts;
-  opts.timeout_s = 30;
-  opts.order_after = &be.value()->compute();
-  auto made = create_nccl_comm(solo, opts);
-  ASSERT_TRUE(made.ok()) << made.status().to_string();
-  Comm& c = *made.value();
+  SoloNccl solo;
+  ASSERT_TRUE(solo.made()) << solo.error;
+  Comm& c = *solo.comm;
 
   const int64_t n = 1 << 20;  // 4 MB: above NCCL's eager buffering
   std::vector<float> h(n);
@@ -214,7 +228,7 @@ TEST(NcclComm, OneRankSelfPointToPoint) {
   ASSERT_CUDA_OK(b.fill_bytes(0));
   Work s3 = c.send(a.get(), n, DataType::kFloat32, 0, 0);
   Work r3 = c.recv(b.get(), n, DataType::kFloat32, 0, 0);
-  made.value().reset();
+  solo.comm.reset();
   EXPECT_TRUE(s3.test());
   EXPECT_TRUE(r3.test());
   EXPECT_TRUE(s3.wait().ok());

@@ -51,6 +51,20 @@ for s in range(lo, hi + 1):
         assert rel <= tol, f"step {s} {k}: {x[s][k]} vs {y[s][k]} (rel {rel:.2e} > {tol})"
 PY
 }
+# kill_after NAME STEP STEPS [overrides...]: a 4-rank run of STEPS steps, SIGKILLed as soon as
+# rank 0 has logged step STEP (so during step STEP's checkpoint work or step STEP + 1).
+kill_after() {
+  local name=$1 step=$2
+  shift 2
+  run "$name" 4 "$@" &
+  local job=$!
+  for _ in $(seq 600); do
+    grep -q "\"step\":$step" "$TMP/$name.r0.jsonl" 2>/dev/null && break
+    sleep 0.05
+  done
+  pkill -9 -f "checkpoint.dir=$TMP/$name" 2>/dev/null
+  wait $job
+}
 export_eq() { # export_eq DIR_A DIR_B: consolidated exports of two checkpoints, byte for byte
   "$BIN" ckpt export "$1" "$TMP/x1.safetensors" >/dev/null 2>&1 &&
     "$BIN" ckpt export "$2" "$TMP/x2.safetensors" >/dev/null 2>&1 &&
@@ -92,14 +106,7 @@ else
 fi
 
 # 1. SIGKILL mid-step 5, after the step-3 checkpoint is committed.
-run killed 4 6 "${FP8[@]}" &
-job=$!
-for _ in $(seq 600); do
-  grep -q '"step":4' "$TMP/killed.r0.jsonl" 2>/dev/null && break
-  sleep 0.05
-done
-pkill -9 -f "checkpoint.dir=$TMP/killed" 2>/dev/null
-wait $job
+kill_after killed 4 6 "${FP8[@]}"
 if [ -f "$TMP/killed/step_00000003/COMMITTED" ] && [ ! -f "$TMP/killed/step_00000006/COMMITTED" ]; then
   ok "killed after the step-3 checkpoint, before step 6"
 else
@@ -139,14 +146,7 @@ else
   bad "async N-rank checkpoints"
   tail -5 "$TMP/async.log"
 fi
-run akilled 4 6 "${ASYNC[@]}" &
-job=$!
-for _ in $(seq 600); do
-  grep -q '"step":5' "$TMP/akilled.r0.jsonl" 2>/dev/null && break
-  sleep 0.05
-done
-pkill -9 -f "checkpoint.dir=$TMP/akilled" 2>/dev/null
-wait $job
+kill_after akilled 5 6 "${ASYNC[@]}"
 if [ -f "$TMP/akilled/step_00000003/COMMITTED" ] && [ ! -f "$TMP/akilled/step_00000006/COMMITTED" ] &&
   run akilled 4 6 "${ASYNC[@]}" && grep -q "resumed from .*step_00000003" "$TMP/akilled.log" &&
   losses "$TMP/straight.r0.jsonl" "$TMP/akilled.r0.jsonl" 4 6 &&
