@@ -17,7 +17,8 @@ int fail(const Status& st) {
   return 2;
 }
 
-// Removes "--world-size N" / "--world-size=N" from args; returns N (0 = not given) or an error.
+}  // namespace
+
 Result<int> take_world_size(std::vector<std::string>& args) {
   int world = 0;
   for (size_t i = 0; i < args.size(); ++i) {
@@ -39,8 +40,6 @@ Result<int> take_world_size(std::vector<std::string>& args) {
   }
   return world;
 }
-
-}  // namespace
 
 int cmd_config(int argc, char** argv) {
   if (argc < 1 || std::string(argv[0]).starts_with("-")) {

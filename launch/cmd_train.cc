@@ -1,8 +1,8 @@
-// `fp8pipe train CONFIG [--a.b=v ...] [--fallback] [--reshard]` and `fp8pipe eval CONFIG
-// --checkpoint PATH`: load and validate the config on every rank before any work, resume
-// (checkpoint.resume), run the trainer. Under mpirun each process is one rank; this build trains on
-// one rank (pp = dp = 1) until the distributed runtime lands, and refuses larger layouts with a
-// clear message.
+// `fp8pipe train CONFIG [--a.b=v ...] [--fallback] [--reshard] [--dry-run [--world-size N]]` and
+// `fp8pipe eval CONFIG --checkpoint PATH`: load and validate the config on every rank before any
+// work, resume (checkpoint.resume), run the trainer. Under mpirun each process is one rank of the
+// pp x dp layout. --dry-run prints every rank's layout and the validated schedule from one
+// process, without MPI or devices (launch/dry_run.h).
 #include <mpi.h>
 
 #include <atomic>
@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "launch/commands.h"
+#include "launch/dry_run.h"
 #include "launch/trainer.h"
 #include "parallel/comm.h"
 
@@ -134,7 +135,37 @@ int fail_all(const MpiSession& mpi, const Status& s) {
 std::atomic<bool> g_sigterm{false};  // set by the signal handler only
 extern "C" void on_sigterm(int) { g_sigterm.store(true); }
 
+// --dry-run: the layout, partition and schedule of every rank, from one process without MPI or
+// devices (launch/dry_run.h). World size: --world-size N, else parallel.pp · parallel.dp.
+static int dry_run(int argc, char** argv) {
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::string_view(argv[i]) != "--dry-run") args.emplace_back(argv[i]);
+  }
+  auto world = take_world_size(args);
+  if (!world.ok()) return fail(world.status());
+  std::vector<char*> av;
+  for (auto& a : args) av.push_back(a.data());
+  std::string path;
+  std::vector<std::pair<std::string, std::string>> opts;
+  std::vector<std::string> ov;
+  if (Status s = parse_args(static_cast<int>(av.size()), av.data(), {"--save"}, &path, &opts, &ov);
+      !s.ok())
+    return fail(s);
+  auto cfg = load_config(path, ov);
+  if (!cfg.ok()) return fail(cfg.status());
+  const int n = *world > 0 ? *world : cfg->parallel().pp() * cfg->parallel().dp();
+  if (Status s = validate(*cfg, n); !s.ok()) return fail(s);
+  auto report = dry_run_report(*cfg, n);
+  if (!report.ok()) return fail(report.status());
+  fmt::print("{}", *report);
+  return 0;
+}
+
 int cmd_train(int argc, char** argv) {
+  for (int i = 0; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--dry-run") return dry_run(argc, argv);
+  }
   MpiSession mpi;
   std::signal(SIGTERM, on_sigterm);
   std::string path;

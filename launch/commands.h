@@ -2,7 +2,16 @@
 // code; errors are printed (with rank, file:line and hint) by the command itself.
 #pragma once
 
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
 namespace fp8pipe::cli {
+
+// Removes "--world-size N" / "--world-size=N" from args; returns N (0 = not given) or an error
+// (config and train --dry-run).
+Result<int> take_world_size(std::vector<std::string>& args);
 
 int cmd_config(int argc, char** argv);        // print the resolved config
 int cmd_quantize(int argc, char** argv);      // quantize a safetensors file to FP8

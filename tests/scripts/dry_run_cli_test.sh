@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# `fp8pipe train CONFIG --dry-run`: one process, no MPI, no device; prints every rank's layout and
+# the validated schedule, exit 0; a layout that does not fit --world-size, or a bad override, exits
+# 2 with the config's message.
+# Usage (CTest): bash dry_run_cli_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
+CFG=$SRC/configs/tiny.textproto
+if "$BIN" train "$CFG" --dry-run --parallel.pp=4 --parallel.dp=2 --parallel.schedule=dualpipe \
+  --parallel.ranks_per_node=4 >"$TMP/out" 2>&1 &&
+  grep -q "8 ranks = pp 4 x dp 2" "$TMP/out" && grep -q "(2 node(s))" "$TMP/out" &&
+  [ "$(grep -c "^  rank [0-9]*: stage" "$TMP/out")" = 8 ] &&
+  grep -q "no device was touched" "$TMP/out"; then
+  ok "dry run of 8 ranks on 2 nodes: 8 rank lines, schedule validated"
+else
+  bad "dry run output"
+  cat "$TMP/out"
+fi
+if "$BIN" train "$CFG" --dry-run --world-size 3 >"$TMP/w3" 2>&1; then
+  bad "--world-size 3 was accepted for pp=1 dp=1"
+elif grep -q "must equal the world size 3 (valid: pp=1 dp=3; pp=3 dp=1)" "$TMP/w3"; then
+  ok "--world-size 3: refused, naming the valid layouts"
+else
+  bad "--world-size 3 message"
+  cat "$TMP/w3"
+fi
+if "$BIN" train "$CFG" --dry-run --parallel.schedule=zigzag >"$TMP/bad" 2>&1; then
+  bad "a bad schedule name was accepted"
+elif grep -q "parallel.schedule" "$TMP/bad"; then
+  ok "a bad override fails the dry run with the field's name"
+else
+  bad "bad override message"
+  cat "$TMP/bad"
+fi
+test_summary
