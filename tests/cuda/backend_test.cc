@@ -552,7 +552,7 @@ TEST_F(CudaBackendTest, Bf16CastAndGemm) {
 // MoE gate gradients: per-row fp64 dot products. The GPU sums in a tree, the CPU in column order:
 // both are fp64 sums of exact products, so they agree to ~1e-15 relative of the row's |a|.|b|.
 TEST_F(CudaBackendTest, RowDot) {
-  for (const auto [R, C] : {std::pair<int64_t, int64_t>{1, 1}, {37, 1000}, {5000, 1024}}) {
+  for (const auto& [R, C] : {std::pair<int64_t, int64_t>{1, 1}, {37, 1000}, {5000, 1024}}) {
     const Tensor ac = hostf(Shape{R, C}, randn(R * C, 90)),
                  bc = hostf(Shape{R, C}, randn(R * C, 91));
     Tensor oc = cpu_->empty({R}, DType::kF64).value(), og = gpu_->empty({R}, DType::kF64).value();
