@@ -158,5 +158,7 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // The CUDA backend for local device `device_index`; an error when not built with CUDA or no GPU.
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index);
+// CUDA devices this process sees (0 without CUDA or without a device).
+int cuda_device_count();
 
 }  // namespace fp8pipe

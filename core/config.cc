@@ -27,6 +27,7 @@ using config::Config;
 
 constexpr std::string_view kSchedules[] = {"1f1b", "zb1p", "dualpipe", "dualpipev"};
 constexpr std::string_view kDispatch[] = {"flat", "two_level"};
+constexpr std::string_view kCommBackends[] = {"mpi", "nccl"};
 constexpr std::string_view kGemm[] = {"fast", "exact"};
 constexpr std::string_view kActGran[] = {"1x128", "tensor"};
 constexpr std::string_view kWeightGran[] = {"128x128", "1x128", "tensor"};
@@ -45,6 +46,7 @@ struct ChoiceField {
 constexpr ChoiceField kChoiceFields[] = {
     {"parallel.schedule", kSchedules},
     {"parallel.ep_dispatch", kDispatch},
+    {"parallel.comm_backend", kCommBackends},
     {"precision.gemm", kGemm},
     {"precision.act_granularity", kActGran},
     {"precision.weight_granularity", kWeightGran},
@@ -487,6 +489,7 @@ void ValidateParallel(const config::Parallel& p, Checker& c) {
   ge0(c, "parallel.ranks_per_node", p.ranks_per_node());
   choice(c, "parallel.schedule", p.schedule());
   choice(c, "parallel.ep_dispatch", p.ep_dispatch());
+  choice(c, "parallel.comm_backend", p.comm_backend());
   c.expect(p.microbatches() >= 1,
            "parallel.microbatches={} must be >= 1 (0 = the fewest the schedule allows)",
            p.microbatches());
@@ -621,10 +624,10 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
            "train.device=\"cuda\" needs a build with CUDA; this fp8pipe was built without it "
            "(rebuild with -DFP8PIPE_CUDA=ON, or use train.device=\"cpu\")");
 #endif
-  c.expect(cfg.train().device() != "cuda" || ranks == 1,
-           "train.device=\"cuda\" runs one process (one GPU) for now: parallel.pp·parallel.dp = "
-           "{}·{} = {} must be 1",
-           p.pp(), p.dp(), ranks);
+  c.expect(p.comm_backend() != "nccl" || cfg.train().device() == "cuda",
+           "parallel.comm_backend=\"nccl\" needs train.device=\"cuda\" (got \"{}\"); use "
+           "parallel.comm_backend=\"mpi\" on the CPU",
+           cfg.train().device());
   {  // checked here, before any model is built, rather than when the optimizer is made
     const auto& o = cfg.optim();
     const int64_t total =

@@ -213,6 +213,8 @@ std::unique_ptr<Backend> make_cpu_backend() {
 }
 
 #ifndef FP8PIPE_HAVE_CUDA
+int cuda_device_count() { return 0; }
+
 Result<std::unique_ptr<Backend>> make_cuda_backend(int) {
   return Status(Code::kUnimplemented, "this fp8pipe was built without CUDA",
                 "rebuild with -DFP8PIPE_CUDA=ON on a machine with the CUDA toolkit");

@@ -827,6 +827,11 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
+int cuda_device_count() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);

@@ -83,11 +83,16 @@ build_targets() {
 # fp8 BIN train ARGS...: runs fp8pipe. With VALIDATE_ONLY=1 (tests/scripts/device_check_test.sh,
 # on a CPU machine) `train` becomes `config` (validation only, nothing trains) and device cuda
 # becomes cpu, so every run's configuration is checked before GPU time is spent on it.
+# FP8_NP=N: the run is N ranks under mpirun (validated with --world-size N).
 fp8() {
   local bin=$1
   shift
   if [[ -z ${VALIDATE_ONLY:-} ]]; then
-    "$bin" "$@"
+    if [[ -n ${FP8_NP:-} ]]; then
+      mpirun -np "$FP8_NP" --allow-run-as-root --oversubscribe "$bin" "$@"
+    else
+      "$bin" "$@"
+    fi
     return
   fi
   local a out=()
@@ -99,6 +104,7 @@ fp8() {
       *) out+=("$a") ;;
     esac
   done
+  [[ -n ${FP8_NP:-} ]] && out+=(--world-size "$FP8_NP")
   echo "validate: ${out[*]}"
   "$bin" "${out[@]}" >/dev/null
 }
@@ -193,6 +199,37 @@ sys.exit(0 if rel[worst] <= tol else 1)
 PY
 }
 
+# Two ranks (pp=2, 1F1B) on the GPU, both on GPU 0 (parallel.comm_backend=mpi stages the
+# pipeline's device tensors through host memory), next to the same two ranks on the CPU: 20 steps
+# of tiny, rank 0's per-step loss within TRAIN_TOL.
+train_tiny_2rank_gpu_vs_cpu() {
+  local bin dir=$LOG/train_2rank
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  mkdir -p "$dir"
+  local args=(configs/tiny.textproto --train.steps=20 --train.eval_every=0 --checkpoint.dir=
+    --checkpoint.every=0 --log.every=10 --optim.warmup_steps=5 --parallel.pp=2
+    --parallel.schedule=1f1b --parallel.comm_backend=mpi)
+  local dev
+  for dev in cuda cpu; do
+    echo "--- $dev x 2 ranks"
+    FP8_NP=2 fp8 "$bin" train "${args[@]}" --train.device=$dev \
+      --log.jsonl="$dir/$dev.r{rank}.jsonl" || return $?
+  done
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
+  python3 - "$dir/cuda.r0.jsonl" "$dir/cpu.r0.jsonl" "${TRAIN_TOL:-1e-2}" <<'PY'
+import json, sys
+gpu, cpu = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:3])
+tol = float(sys.argv[3])
+assert len(gpu) == len(cpu) == 20, (len(gpu), len(cpu))
+rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
+worst = max(range(20), key=lambda i: rel[i])
+print(f"train_2rank pp=2 on one GPU vs CPU: max relative loss difference {rel[worst]:.3e} at step "
+      f"{worst + 1} (tol {tol:g}); step 20 loss cuda {gpu[19]['loss']:.6f} cpu {cpu[19]['loss']:.6f}")
+sys.exit(0 if rel[worst] <= tol else 1)
+PY
+}
+
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU
 # (optim.placement=auto), then FP8 with the host optimizer (placement=host: gradient downloads,
 # fp64 sums and AdamW on the host, weight uploads): a few steps each (shrunk batch), tokens/s from
@@ -249,7 +286,7 @@ small_op_profile() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -276,6 +313,7 @@ step build 330 build_targets
 step cuda_tests 240 run_tests
 step gpu_bench 150 run_bench "$@"
 step train_tiny_gpu_vs_cpu 180 train_tiny_gpu_vs_cpu
+step train_tiny_2rank_gpu_vs_cpu 120 train_tiny_2rank_gpu_vs_cpu
 step small_fp8_vs_bf16 240 small_fp8_vs_bf16
 step small_op_profile 150 small_op_profile
 
@@ -296,8 +334,8 @@ fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
 fi
-for f in train_tiny_gpu_vs_cpu small_fp8_vs_bf16; do
-  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |small )" "$LOG/$f.log"
+for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu small_fp8_vs_bf16; do
+  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |small )" "$LOG/$f.log"
 done
 if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
   grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -46,11 +47,29 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   return c;
 }
 
+// This rank's GPU: its index among the ranks of its host (as the launcher reports it: OpenMPI,
+// MPICH, Slurm; else the layout's node-local index) modulo the GPUs the process sees, so ranks
+// share GPUs round-robin when there are more ranks than GPUs (parallel.comm_backend=mpi only).
+int local_gpu(const parallel::Topology& topo) {
+  int local = topo.coords().local_rank;
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') {
+      local = std::atoi(s);
+      break;
+    }
+  }
+  return local % std::max(1, cuda_device_count());
+}
+
 Result<std::unique_ptr<Trainer>> Trainer::create(const config::Config& cfg, const Runtime* rt) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->cfg_ = cfg;
   if (cfg.train().device() == "cuda") {
-    FP8_ASSIGN_OR_RETURN(t->be_, make_cuda_backend(0));
+    const int dev = rt ? local_gpu(rt->topo) : 0;
+    FP8_ASSIGN_OR_RETURN(t->be_, make_cuda_backend(dev));
+    if (rt && rt->topo.world_size() > 1) {
+      log::info("rank {}: GPU {} of {} on this host", rt->topo.rank(), dev, cuda_device_count());
+    }
   } else {
     t->be_ = make_cpu_backend();
   }
@@ -69,7 +88,7 @@ Status Trainer::setup_model() {
   ctx_ = make_ctx(cfg_, be_.get());
   if (topo_->ep() > 1) {  // routed experts sharded over the ep group (parallel/expert_comm.h)
     ep_comm_ = std::make_unique<parallel::CommExpertComm>(
-        &comms_->get(parallel::GroupKind::kExpert), parallel::ep_ranks_per_node(*topo_));
+        &exchange_comms()->get(parallel::GroupKind::kExpert), parallel::ep_ranks_per_node(*topo_));
     ctx_.ep = ep_comm_.get();
     ctx_.ep_two_level = cfg_.parallel().ep_dispatch() == "two_level";
   }
@@ -81,7 +100,7 @@ Status Trainer::setup_model() {
   }
   model_ = chunks_[0].get();
   exec_ = std::make_unique<parallel::PipelineExecutor>(
-      *sched_, prank, comms_ ? &comms_->get(parallel::GroupKind::kPipeline) : nullptr,
+      *sched_, prank, comms_ ? &exchange_comms()->get(parallel::GroupKind::kPipeline) : nullptr,
       [&] {
         std::vector<model::Model*> v;
         for (auto& c : chunks_) v.push_back(c.get());

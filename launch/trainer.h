@@ -39,6 +39,9 @@ struct StepResult {
 };
 
 // The process's place in a multi-rank job: its layout and communicators (owned by the caller).
+// The GPU of this process on its host (launcher's local rank modulo the visible GPUs).
+int local_gpu(const parallel::Topology& topo);
+
 struct Runtime {
   parallel::Topology topo;
   parallel::CommSet* comms = nullptr;
@@ -133,6 +136,10 @@ class Trainer {
   model::Model* model_ = nullptr;                      // chunks_[0]
   std::optional<parallel::Topology> topo_;
   parallel::CommSet* comms_ = nullptr;
+  // parallel.comm_backend=nccl: NCCL mirrors of comms_ (device buffers) for the pipeline and
+  // expert exchanges; everything else stays on comms_ (MPI, host memory).
+  std::optional<parallel::CommSet> nccl_comms_;
+  parallel::CommSet* exchange_comms() { return nccl_comms_ ? &*nccl_comms_ : comms_; }
   int world_rank_ = 0, world_size_ = 1;
   std::optional<parallel::Schedule> sched_;
   std::vector<model::ModelPart> parts_;

@@ -118,6 +118,9 @@ class Comm {
   virtual ~Comm() = default;
   virtual const Group& group() const = 0;  // name, world ranks, this rank's position
   virtual double timeout_s() const = 0;
+  // Buffers may be device memory (NCCL). False (MPI): host memory only; a caller holding device
+  // tensors stages them through the host (the pipeline executor, the MoE's exchange).
+  virtual bool device_buffers() const { return false; }
   int rank() const { return group().index; }
   int size() const { return group().size(); }
   const std::string& name() const { return group().name; }

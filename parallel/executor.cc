@@ -199,6 +199,9 @@ Status PipelineExecutor::send(const Instr& in) {
   FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
   Tensor t = it->second;
   from.erase(it);
+  if (t.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm (MPI)
+    FP8_ASSIGN_OR_RETURN(t, ctx_->be->to_host(t));             // kept alive in pending_ until sent
+  }
   pending_.push_back({pp_->send(t.data(), t.numel(), DataType::kFloat32, in.peer, tag), t});
   return Status::Ok();
 }
@@ -208,7 +211,13 @@ Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
   const model::MicroBatch& b = batch(sched_.stream_of(in.dir), in.mb);
   FP8_ASSIGN_OR_RETURN(Tensor t, ctx_->be->empty({b.B * b.T, hidden_}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
-  FP8_RETURN_IF_ERROR(pp_->recv(t.data(), t.numel(), DataType::kFloat32, in.peer, tag).wait());
+  if (t.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm: stage
+    FP8_ASSIGN_OR_RETURN(Tensor h, make_cpu_backend()->empty(t.shape(), DType::kF32));
+    FP8_RETURN_IF_ERROR(pp_->recv(h.data(), h.numel(), DataType::kFloat32, in.peer, tag).wait());
+    FP8_RETURN_IF_ERROR(ctx_->be->copy(h, t));
+  } else {
+    FP8_RETURN_IF_ERROR(pp_->recv(t.data(), t.numel(), DataType::kFloat32, in.peer, tag).wait());
+  }
   (in.op == Op::kRecvAct ? act_in_ : grad_in_)[{in.dir, in.mb}] = t;
   return Status::Ok();
 }

@@ -21,6 +21,7 @@ class CommExpertComm final : public model::ExpertComm {
   int size() const override { return ep_->size(); }
   int rank() const override { return ep_->rank(); }
   int ranks_per_node() const override { return per_node_; }
+  bool device_buffers() const override { return ep_->device_buffers(); }
 
   // A copy that records every all-to-all as an "a2a" phase on row `row` of `tracer`, from its
   // post to its completion (as stamped by `clock`, or by the wait if that saw it first), with

@@ -178,6 +178,7 @@ class NcclComm final : public Comm {
 
   const Group& group() const override { return group_; }
   double timeout_s() const override { return timeout_s_; }
+  bool device_buffers() const override { return true; }
 
   Work send(const void* buf, int64_t count, DataType t, int peer, int tag) override {
     const std::string what =

@@ -23,6 +23,8 @@ class ExpertComm {
   // each node (the group covers whole nodes, parallel/topology.h). Rank i is on node
   // i / ranks_per_node() at local index i % ranks_per_node().
   virtual int ranks_per_node() const = 0;
+  // all_to_all accepts device memory (an NCCL communicator); else rows are staged via the host.
+  virtual bool device_buffers() const { return false; }
 
   // Posts an all-to-all: send_counts[p] rows of `row_bytes` bytes go to rank p, recv_counts[p]
   // rows come from rank p; blocks are contiguous in rank order in both buffers. The buffers must

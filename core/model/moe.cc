@@ -172,7 +172,14 @@ Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const
     if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
     return c.be->copy(send, recv);
   }
-  return exchange(c, send.data(), sc, recv.data(), rc, hidden * int64_t{sizeof(float)});
+  const int64_t row_bytes = hidden * int64_t{sizeof(float)};
+  if (c.ep && send.device() != Device::kCpu && !c.ep->device_buffers()) {  // host-only comm
+    FP8_ASSIGN_OR_RETURN(Tensor hs, c.be->to_host(send));
+    FP8_ASSIGN_OR_RETURN(Tensor hr, make_cpu_backend()->empty(recv.shape(), DType::kF32));
+    FP8_RETURN_IF_ERROR(exchange(c, hs.data(), sc, hr.data(), rc, row_bytes));
+    return c.be->copy(hr, recv);
+  }
+  return exchange(c, send.data(), sc, recv.data(), rc, row_bytes);
 }
 
 // `per_peer` int64 counts to and from every ep rank.

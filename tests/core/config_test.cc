@@ -396,9 +396,15 @@ std::vector<Rule> rules() {
        {"--train.device=cuda"},
        {"train.device=\"cuda\" needs a build with CUDA", "-DFP8PIPE_CUDA=ON"}},
 #endif
-      {"DeviceCudaOneProcess",
-       {"--train.device=cuda", "--parallel.dp=2"},
-       {"train.device=\"cuda\" runs one process", "parallel.pp·parallel.dp = 1·2 = 2 must be 1"}},
+      {"CommBackendChoice",
+       {},
+       {"parallel.comm_backend=\"gloo\" is not a valid choice", "mpi, nccl"},
+       "tiny",
+       0,
+       set([](Config& c) { c.mutable_parallel()->set_comm_backend("gloo"); })},
+      {"NcclNeedsCuda",
+       {"--parallel.comm_backend=nccl"},
+       {"parallel.comm_backend=\"nccl\" needs train.device=\"cuda\" (got \"cpu\")"}},
       // cross-section
       {"ExpertsDivisibleByEp",
        {"--parallel.dp=6", "--parallel.ep=3", "--train.global_batch=48"},
