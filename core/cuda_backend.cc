@@ -441,7 +441,7 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(checks::embedding_bwd_acc(dout, ids, dtable));
     FP8_GPU("embedding_bwd",
             g::embedding_bwd_acc(dout.data_as<float>(), ids.data_as<int32_t>(), ids.numel(),
-                                 dtable.cols(), dtable.data_as<float>(), cur()));
+                                 dtable.cols(), dtable.rows(), dtable.data_as<float>(), cur()));
     return Status::Ok();
   }
 
@@ -573,7 +573,7 @@ class CudaBackend final : public Backend {
     FP8_GPU("scatter_add_rows",
             g::scatter_add_rows(in.data_as<float>(), rows.data_as<int32_t>(),
                                 w.defined() ? w.data_as<float>() : nullptr, rows.numel(),
-                                out.cols(), out.data_as<float>(), cur()));
+                                out.cols(), out.rows(), out.data_as<float>(), cur()));
     return Status::Ok();
   }
 

@@ -23,6 +23,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cub/device/device_radix_sort.cuh>
+#include <limits>
+#include <string_view>
 
 #include "kernels/cpu/fp8_codec.h"
 #include "kernels/cpu/topk.h"
@@ -106,6 +110,47 @@ __global__ void k_gather(const float* in, const int32_t* rows, int64_t n, int64_
 }
 
 // One thread per column, rows in order (the CPU's order for every output element).
+__global__ void k_iota(int32_t* v, int64_t n) {
+  for (int64_t i = gtid(); i < n; i += gstride()) v[i] = static_cast<int32_t>(i);
+}
+
+// First position in keys[0, n) (ascending) whose key is >= r.
+__device__ int64_t lower_bound_key(const uint32_t* keys, int64_t n, uint32_t r) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (keys[mid] < r) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// out[r] += w[i] * in[i] over the inputs i of output row r, given the rows sorted stably (keys)
+// with their input indices (idx): one block per output row, its columns across the threads, the
+// inputs in increasing i: the CPU loop's order for every element (bit-identical), and parallel
+// over rows and columns instead of serial over all n inputs.
+__global__ void k_scatter_add_sorted(const float* in, const uint32_t* keys, const int32_t* idx,
+                                     const float* w, int64_t n, int64_t D, int64_t R, float* out) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t lo = lower_bound_key(keys, n, static_cast<uint32_t>(r));
+    const int64_t hi = lower_bound_key(keys, n, static_cast<uint32_t>(r) + 1);
+    if (lo == hi) continue;
+    for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+      float acc = out[r * D + c];
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t i = idx[k];
+        const float a = w ? w[i] : 1.0f;
+        acc = acc + a * in[i * D + c];
+      }
+      out[r * D + c] = acc;
+    }
+  }
+}
+
+// The fallback (FP8PIPE_SCATTER=columns): one thread per column, serial over all n inputs.
 __global__ void k_scatter_add_cols(const float* in, const int32_t* rows, const float* w, int64_t n,
                                    int64_t D, float* out) {
   for (int64_t c = gtid(); c < D; c += gstride()) {  // grid_for caps the grid: stride over D
@@ -490,9 +535,9 @@ Result embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t 
   return gather_rows(table, ids, n, D, out, stream);  // the same row gather
 }
 
-Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable,
-                         cudaStream_t stream) {
-  return scatter_add_rows(dout, ids, nullptr, n, D, dtable, stream);
+Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, int64_t V,
+                         float* dtable, cudaStream_t stream) {
+  return scatter_add_rows(dout, ids, nullptr, n, D, V, dtable, stream);
 }
 
 Result rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float eps, float* y,
@@ -634,10 +679,51 @@ Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, f
 }
 
 Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
-                        float* out, cudaStream_t stream) {
+                        int64_t R, float* out, cudaStream_t stream) {
   if (n == 0 || D == 0) return Result::Ok();
-  FP8PIPE_LAUNCH(k_scatter_add_cols, grid_for(D, kColThreads), kColThreads, stream, in, rows, w, n,
-                 D, out);
+  static const bool by_columns = [] {
+    const char* v = std::getenv("FP8PIPE_SCATTER");
+    return v != nullptr && std::string_view(v) == "columns";
+  }();
+  if (by_columns || n > std::numeric_limits<int>::max() || R <= 0) {
+    FP8PIPE_LAUNCH(k_scatter_add_cols, grid_for(D, kColThreads), kColThreads, stream, in, rows, w,
+                   n, D, out);
+    return Result::Ok();
+  }
+  // Stable radix sort of (row, input index): each output row's inputs in increasing input order.
+  const int items = static_cast<int>(n);
+  int end_bit = 1;
+  while (end_bit < 32 && (int64_t{1} << end_bit) < R) ++end_bit;
+  const auto* keys_in = reinterpret_cast<const uint32_t*>(rows);  // a negative row sorts last
+  uint32_t* keys = nullptr;
+  int32_t *idx_in = nullptr, *idx = nullptr;
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+  cudaError_t e = cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys_in, keys, static_cast<const int32_t*>(nullptr),
+      static_cast<int32_t*>(nullptr), items, 0, end_bit, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&keys), n * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&idx_in), n * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&idx), n * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
+  if (e == cudaSuccess) {
+    k_iota<<<grid_for(n), kThreads, 0, stream>>>(idx_in, n);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) {
+    e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys, idx_in, idx, items, 0,
+                                        end_bit, stream);
+  }
+  if (e == cudaSuccess) {
+    const int blocks = static_cast<int>(std::min<int64_t>(R, int64_t{1} << 30));
+    k_scatter_add_sorted<<<blocks, kColThreads, 0, stream>>>(in, keys, idx, w, n, D, R, out);
+    e = cudaGetLastError();
+  }
+  for (void* p :
+       {static_cast<void*>(keys), static_cast<void*>(idx_in), static_cast<void*>(idx), temp}) {
+    if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the kernels above
+  }
+  FP8PIPE_CUDA_TRY(e);
   return Result::Ok();
 }
 

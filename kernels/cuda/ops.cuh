@@ -39,8 +39,9 @@ Result find_bad_index(const int32_t* ids, int64_t n, int64_t lo, int64_t hi, int
 
 Result embedding_fwd(const float* table, const int32_t* ids, int64_t n, int64_t D, float* out,
                      cudaStream_t stream);
-Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, float* dtable,
-                         cudaStream_t stream);
+// dtable [V, D] += rows of dout by id (scatter_add_rows).
+Result embedding_bwd_acc(const float* dout, const int32_t* ids, int64_t n, int64_t D, int64_t V,
+                         float* dtable, cudaStream_t stream);
 
 Result rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float eps, float* y,
                    float* rstd, cudaStream_t stream);
@@ -78,9 +79,12 @@ Result router_topk(const float* logits, const float* bias, int64_t n, int64_t E,
 
 Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
                    cudaStream_t stream);
-// w may be null (weight 1).
+// out [R, D]: out[rows[i]] += w[i] * in[i], w may be null (weight 1); each element's adds in
+// increasing i (bit-identical to the CPU). A stable radix sort of the rows (cub) groups each
+// output row's inputs, then one block per output row sums them. FP8PIPE_SCATTER=columns selects
+// the simple kernel (one thread per column, serial over n), kept as a reference.
 Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
-                        float* out, cudaStream_t stream);
+                        int64_t R, float* out, cudaStream_t stream);
 
 Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);
 Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);

@@ -549,6 +549,20 @@ TEST_F(CudaBackendTest, Bf16CastAndGemm) {
 // The optimizer ops of optim.placement=device: the fp64 sums, their rounding and AdamW are
 // bit-identical; the squared norm is a tree sum (deterministic, within 1e-12 relative of the
 // CPU's index-order sum).
+// The sorted scatter (kernels/cuda/ops.cu) at MoE sizes: 100k inputs onto 3000 rows (about 33
+// adds per row, some rows untouched), weighted, into a non-zero output: bitwise the CPU loop.
+TEST_F(CudaBackendTest, ScatterAddLargeMatchesCpu) {
+  const int64_t n = 100000, D = 96, R = 3000;
+  std::vector<int32_t> rows = randi(n, 31, 0, R - 40);  // rows R-40..R-1 get nothing
+  const Tensor in = hostf({n, D}, randn(n * D, 32)), w = hostf({n}, randn(n, 33));
+  const Tensor r = hosti({n}, rows);
+  Tensor oc = hostf({R, D}, randn(R * D, 34));
+  Tensor og = dev(oc);
+  ASSERT_TRUE(cpu_->scatter_add_rows(in, r, w, oc).ok());
+  ASSERT_TRUE(gpu_->scatter_add_rows(dev(in), dev(r), dev(w), og).ok());
+  expect_bits(vec<float>(oc), back<float>(og), "scatter_add_rows 100k -> 3000");
+}
+
 // MoE gate gradients: per-row fp64 dot products. The GPU sums in a tree, the CPU in column order:
 // both are fp64 sums of exact products, so they agree to ~1e-15 relative of the row's |a|.|b|.
 TEST_F(CudaBackendTest, RowDot) {
