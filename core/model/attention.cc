@@ -6,7 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "core/model/attention_core.h"
@@ -18,29 +21,42 @@ namespace {
 // On host memory (the CPU backend) these are plain loops. On a device they are Backend row ops on
 // the tensors viewed as rows of g floats (g divides every part width): exact row gathers for
 // split / merge / broadcast, and a scatter-add in row order for sum_heads (the loop's fp32 order),
-// with the row lists built on the host and uploaded per call.
+// with the row lists built on the host once per shape and kept on the device (RowCache, one per
+// attention layer: every micro-batch of a step has the same shapes).
 
-// i32 row list on the context's backend.
-Result<Tensor> row_list(ModelCtx& c, const std::vector<int32_t>& v) {
+// Device row lists by (what, n, H, a, b).
+struct RowCache {
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t>, Tensor> lists;
+};
+enum RowListKind { kSplitA, kSplitB, kMerge, kBroadcast, kSum, kPositions };
+
+// The i32 row list `key` on the context's backend: from the cache, or built by `build` on the
+// host and copied there.
+Result<Tensor> row_list(ModelCtx& c, RowCache* cache,
+                        std::tuple<int, int64_t, int64_t, int64_t, int64_t> key,
+                        const std::function<std::vector<int32_t>()>& build) {
+  if (cache) {
+    if (auto it = cache->lists.find(key); it != cache->lists.end()) return it->second;
+  }
+  const std::vector<int32_t> v = build();
   auto cpu = make_cpu_backend();
   FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({static_cast<int64_t>(v.size())}, DType::kI32));
   std::copy(v.begin(), v.end(), h.data_as<int32_t>());
   FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(h.shape(), DType::kI32));
   FP8_RETURN_IF_ERROR(c.be->copy(h, d));
+  if (cache) cache->lists.emplace(key, d);
   return d;
 }
 
-// out (any shape, numel = len(rows) * g) = rows `rows` of src viewed as [numel / g, g].
-Status gather_pieces(ModelCtx& c, const Tensor& src, int64_t g, const std::vector<int32_t>& rows,
-                     Tensor& out) {
+// out (any shape, numel = len(rows) * g) = rows `idx` of src viewed as [numel / g, g].
+Status gather_pieces(ModelCtx& c, const Tensor& src, int64_t g, const Tensor& idx, Tensor& out) {
   FP8_ASSIGN_OR_RETURN(Tensor view, src.reshape({src.numel() / g, g}));
-  FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rows));
   return c.be->gather_rows(view, idx, out);
 }
 
 // x [n, H*(a+b)] (per head [a | b]) -> xa [n, H*a], xb [n, H*b].
-Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int64_t H, int64_t a,
-                                              int64_t b) {
+Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H,
+                                              int64_t a, int64_t b) {
   if (x.cols() != H * (a + b)) {
     return FP8_INVALID("attention split_heads: {} columns, expected {}*({}+{})", x.cols(), H, a, b);
   }
@@ -49,13 +65,22 @@ Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int6
   FP8_ASSIGN_OR_RETURN(Tensor xb, new_f32(c, n, H * b));
   if (x.device() != Device::kCpu) {
     const int64_t g = std::gcd(a, b), pa = a / g, pb = b / g;
-    std::vector<int32_t> ra, rb;
-    ra.reserve(n * H * pa);
-    rb.reserve(n * H * pb);
-    for (int64_t r = 0; r < n * H; ++r) {
-      for (int64_t j = 0; j < pa; ++j) ra.push_back(static_cast<int32_t>(r * (pa + pb) + j));
-      for (int64_t j = 0; j < pb; ++j) rb.push_back(static_cast<int32_t>(r * (pa + pb) + pa + j));
-    }
+    FP8_ASSIGN_OR_RETURN(Tensor ra, row_list(c, rc, {kSplitA, n, H, a, b}, [&] {
+                           std::vector<int32_t> v;
+                           v.reserve(n * H * pa);
+                           for (int64_t r = 0; r < n * H; ++r)
+                             for (int64_t j = 0; j < pa; ++j)
+                               v.push_back(static_cast<int32_t>(r * (pa + pb) + j));
+                           return v;
+                         }));
+    FP8_ASSIGN_OR_RETURN(Tensor rb, row_list(c, rc, {kSplitB, n, H, a, b}, [&] {
+                           std::vector<int32_t> v;
+                           v.reserve(n * H * pb);
+                           for (int64_t r = 0; r < n * H; ++r)
+                             for (int64_t j = 0; j < pb; ++j)
+                               v.push_back(static_cast<int32_t>(r * (pa + pb) + pa + j));
+                           return v;
+                         }));
     FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, ra, xa));
     FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, rb, xb));
     return std::make_pair(std::move(xa), std::move(xb));
@@ -70,8 +95,8 @@ Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, const Tensor& x, int6
 }
 
 // The inverse (and transpose) of split_heads: [n, H*a], [n, H*b] -> [n, H*(a+b)].
-Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int64_t H, int64_t a,
-                           int64_t b) {
+Result<Tensor> merge_heads(ModelCtx& c, RowCache* rc, const Tensor& xa, const Tensor& xb, int64_t H,
+                           int64_t a, int64_t b) {
   const int64_t n = xa.rows();
   if (xa.cols() != H * a || xb.cols() != H * b || xb.rows() != n) {
     return FP8_INVALID("attention merge_heads: parts {} and {} do not match {} heads of {}+{}",
@@ -84,12 +109,17 @@ Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int6
     Tensor top = both.slice_rows(0, na), bottom = both.slice_rows(na, both.dim(0));
     FP8_RETURN_IF_ERROR(c.be->copy(xa, top));
     FP8_RETURN_IF_ERROR(c.be->copy(xb, bottom));
-    std::vector<int32_t> rows;
-    rows.reserve(both.dim(0));
-    for (int64_t r = 0; r < n * H; ++r) {
-      for (int64_t j = 0; j < pa; ++j) rows.push_back(static_cast<int32_t>(r * pa + j));
-      for (int64_t j = 0; j < pb; ++j) rows.push_back(static_cast<int32_t>(na + r * pb + j));
-    }
+    FP8_ASSIGN_OR_RETURN(Tensor rows, row_list(c, rc, {kMerge, n, H, a, b}, [&] {
+                           std::vector<int32_t> v;
+                           v.reserve(both.dim(0));
+                           for (int64_t r = 0; r < n * H; ++r) {
+                             for (int64_t j = 0; j < pa; ++j)
+                               v.push_back(static_cast<int32_t>(r * pa + j));
+                             for (int64_t j = 0; j < pb; ++j)
+                               v.push_back(static_cast<int32_t>(na + r * pb + j));
+                           }
+                           return v;
+                         }));
     FP8_RETURN_IF_ERROR(gather_pieces(c, both, g, rows, x));
     return x;
   }
@@ -103,12 +133,15 @@ Result<Tensor> merge_heads(ModelCtx& c, const Tensor& xa, const Tensor& xb, int6
 }
 
 // x [n, d] -> [n, H*d], the same row for every head (the shared RoPE key).
-Result<Tensor> broadcast_heads(ModelCtx& c, const Tensor& x, int64_t H) {
+Result<Tensor> broadcast_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H) {
   const int64_t n = x.rows(), d = x.cols();
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, n, H * d));
   if (x.device() != Device::kCpu) {
-    std::vector<int32_t> rows(n * H);
-    for (int64_t i = 0; i < n * H; ++i) rows[i] = static_cast<int32_t>(i / H);
+    FP8_ASSIGN_OR_RETURN(Tensor rows, row_list(c, rc, {kBroadcast, n, H, d, 0}, [&] {
+                           std::vector<int32_t> v(n * H);
+                           for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
+                           return v;
+                         }));
     FP8_RETURN_IF_ERROR(gather_pieces(c, x, d, rows, y));
     return y;
   }
@@ -121,13 +154,15 @@ Result<Tensor> broadcast_heads(ModelCtx& c, const Tensor& x, int64_t H) {
 }
 
 // The transpose of broadcast_heads: [n, H*d] -> [n, d], summed over heads (fp32, head order).
-Result<Tensor> sum_heads(ModelCtx& c, const Tensor& x, int64_t H) {
+Result<Tensor> sum_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H) {
   const int64_t n = x.rows(), d = x.cols() / H;
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n, d));
   if (x.device() != Device::kCpu) {  // y[i / H] += x viewed as [n*H, d] row i, in row order
-    std::vector<int32_t> rows(n * H);
-    for (int64_t i = 0; i < n * H; ++i) rows[i] = static_cast<int32_t>(i / H);
-    FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rows));
+    FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rc, {kSum, n, H, d, 0}, [&] {
+                           std::vector<int32_t> v(n * H);
+                           for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
+                           return v;
+                         }));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(x, idx, Tensor(), y));
     return y;
   }
@@ -155,6 +190,7 @@ struct Attention::Impl {
     int64_t B = 0, T = 0;
   };
   PerMicrobatch<Saved> saved;
+  RowCache rows;  // device row lists of the head packing and positions, by shape
   bool q_lowrank() const { return mla && q_lora > 0; }
   int64_t dk() const { return nope + rope; }
 
@@ -228,13 +264,11 @@ Status Attention::init(ModelCtx& c, const std::string& prefix, const config::Mod
 
 // i32 [n], row r at position r % T, built on the host and copied to the backend.
 Result<Tensor> Attention::Impl::positions(ModelCtx& c, int64_t n, int64_t T) {
-  auto cpu = make_cpu_backend();
-  FP8_ASSIGN_OR_RETURN(Tensor host, cpu->empty({n}, DType::kI32));
-  int32_t* p = host.data_as<int32_t>();
-  for (int64_t r = 0; r < n; ++r) p[r] = static_cast<int32_t>(r % T);
-  FP8_ASSIGN_OR_RETURN(Tensor pos, c.be->empty({n}, DType::kI32));
-  FP8_RETURN_IF_ERROR(c.be->copy(host, pos));
-  return pos;
+  return row_list(c, &rows, {kPositions, n, T, 0, 0}, [&] {
+    std::vector<int32_t> v(n);
+    for (int64_t r = 0; r < n; ++r) v[r] = static_cast<int32_t>(r % T);
+    return v;
+  });
 }
 
 // q [n, H*dk] = per head [q_nope | RoPE(q_rope)] (MHA: RoPE over the whole head).
@@ -251,22 +285,22 @@ Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, cons
     FP8_RETURN_IF_ERROR(c.be->rope(qf, pos, H, theta, false));
     return qf;
   }
-  FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, qf, H, nope, rope));
+  FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, &rows, qf, H, nope, rope));
   FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, false));
-  return merge_heads(c, parts.first, parts.second, H, nope, rope);
+  return merge_heads(c, &rows, parts.first, parts.second, H, nope, rope);
 }
 
 // MLA keys and values: [c_kv | k_rope] = x W_kva; [k_nope | v] per head = kv_norm(c_kv) W_kvb;
 // k = [k_nope | RoPE(k_rope) broadcast to every head].
 Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   FP8_ASSIGN_OR_RETURN(Tensor kv, wkv_a.forward(c, mb, x));
-  FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, kv, 1, kv_lora, rope));
+  FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &rows, kv, 1, kv_lora, rope));
   FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
-  FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, kvb, H, nope, vdim));
+  FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, &rows, kvb, H, nope, vdim));
   FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, theta, false));
-  FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, lat.second, H));
-  FP8_ASSIGN_OR_RETURN(s.k, merge_heads(c, kv_parts.first, k_rope, H, nope, rope));
+  FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, &rows, lat.second, H));
+  FP8_ASSIGN_OR_RETURN(s.k, merge_heads(c, &rows, kv_parts.first, k_rope, H, nope, rope));
   s.v = std::move(kv_parts.second);
   return Status::Ok();
 }
@@ -306,9 +340,9 @@ Result<Tensor> Attention::Impl::query_backward(ModelCtx& c, int mb, Tensor& dq, 
   if (nope == 0) {  // dq is a fresh tensor owned by this backward: rotate in place
     FP8_RETURN_IF_ERROR(c.be->rope(dqf, pos, H, theta, true));
   } else {
-    FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, dq, H, nope, rope));
+    FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, &rows, dq, H, nope, rope));
     FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, true));
-    FP8_ASSIGN_OR_RETURN(dqf, merge_heads(c, parts.first, parts.second, H, nope, rope));
+    FP8_ASSIGN_OR_RETURN(dqf, merge_heads(c, &rows, parts.first, parts.second, H, nope, rope));
   }
   if (!q_lowrank()) return wq.backward_input(c, mb, dqf);
   FP8_ASSIGN_OR_RETURN(Tensor dcqn, wq_b.backward_input(c, mb, dqf));
@@ -319,13 +353,13 @@ Result<Tensor> Attention::Impl::query_backward(ModelCtx& c, int mb, Tensor& dq, 
 // dk, dv -> dx through the MLA KV path; the shared key's gradient sums over heads.
 Result<Tensor> Attention::Impl::mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk,
                                                 const Tensor& dv, const Tensor& pos) {
-  FP8_ASSIGN_OR_RETURN(auto dk_parts, split_heads(c, dk, H, nope, rope));
-  FP8_ASSIGN_OR_RETURN(Tensor dk_rope, sum_heads(c, dk_parts.second, H));
+  FP8_ASSIGN_OR_RETURN(auto dk_parts, split_heads(c, &rows, dk, H, nope, rope));
+  FP8_ASSIGN_OR_RETURN(Tensor dk_rope, sum_heads(c, &rows, dk_parts.second, H));
   FP8_RETURN_IF_ERROR(c.be->rope(dk_rope, pos, 1, theta, true));
-  FP8_ASSIGN_OR_RETURN(Tensor dkvb, merge_heads(c, dk_parts.first, dv, H, nope, vdim));
+  FP8_ASSIGN_OR_RETURN(Tensor dkvb, merge_heads(c, &rows, dk_parts.first, dv, H, nope, vdim));
   FP8_ASSIGN_OR_RETURN(Tensor dckv, wkv_b.backward_input(c, mb, dkvb));
   FP8_ASSIGN_OR_RETURN(Tensor dckv_in, kv_norm.backward(c, mb, dckv));
-  FP8_ASSIGN_OR_RETURN(Tensor dkv, merge_heads(c, dckv_in, dk_rope, 1, kv_lora, rope));
+  FP8_ASSIGN_OR_RETURN(Tensor dkv, merge_heads(c, &rows, dckv_in, dk_rope, 1, kv_lora, rope));
   return wkv_a.backward_input(c, mb, dkv);
 }
 

@@ -17,7 +17,8 @@ Status Linear::refresh_weight_cache(ModelCtx& c) {
   }
   if (use_fp8(c)) {
     int64_t bad = 0;
-    FP8_ASSIGN_OR_RETURN(wq_, c.be->quantize(w_.value, Granularity::k128x128, c.qp, &bad));
+    FP8_ASSIGN_OR_RETURN(wq_, c.be->quantize(w_.value, Granularity::k128x128, c.qp,
+                                             c.count_nonfinite ? &bad : nullptr));
     FP8_ASSIGN_OR_RETURN(wq_t_, c.be->transpose_fp8(wq_));
     c.nonfinite_groups += bad;
   } else if (bf16_path(c)) {
@@ -46,7 +47,8 @@ Result<Tensor> Linear::forward(ModelCtx& c, int mb, const Tensor& x) {
   Saved& s = saved_.put(mb);
   if (use_fp8(c)) {
     int64_t bad = 0;
-    FP8_ASSIGN_OR_RETURN(s.xq, c.be->quantize(x, Granularity::k1x128, c.qp, &bad));
+    FP8_ASSIGN_OR_RETURN(
+        s.xq, c.be->quantize(x, Granularity::k1x128, c.qp, c.count_nonfinite ? &bad : nullptr));
     c.nonfinite_groups += bad;
     FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), out_));
     FP8_RETURN_IF_ERROR(c.be->gemm_fp8(s.xq, wq_, y, c.gemm));
@@ -75,7 +77,8 @@ Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   s->dy = dy;
   if (use_fp8(c)) {
     int64_t bad = 0;
-    FP8_ASSIGN_OR_RETURN(Tensor dyq, c.be->quantize(dy, Granularity::k1x128, c.qp, &bad));
+    FP8_ASSIGN_OR_RETURN(Tensor dyq, c.be->quantize(dy, Granularity::k1x128, c.qp,
+                                                    c.count_nonfinite ? &bad : nullptr));
     c.nonfinite_groups += bad;
     FP8_ASSIGN_OR_RETURN(Tensor dx, new_f32(c, dy.rows(), in_));
     FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyq, wq_t_, dx, c.gemm));
@@ -102,8 +105,10 @@ Status Linear::backward_weight(ModelCtx& c, int mb) {
     FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, s->xq.rows(), in_));
     FP8_RETURN_IF_ERROR(c.be->dequantize(s->xq, xd));
     int64_t bad1 = 0, bad2 = 0;
-    FP8_ASSIGN_OR_RETURN(Tensor xt, c.be->quantize_transposed(xd, c.qp, &bad1));
-    FP8_ASSIGN_OR_RETURN(Tensor dyt, c.be->quantize_transposed(s->dy, c.qp, &bad2));
+    FP8_ASSIGN_OR_RETURN(Tensor xt,
+                         c.be->quantize_transposed(xd, c.qp, c.count_nonfinite ? &bad1 : nullptr));
+    FP8_ASSIGN_OR_RETURN(
+        Tensor dyt, c.be->quantize_transposed(s->dy, c.qp, c.count_nonfinite ? &bad2 : nullptr));
     c.nonfinite_groups += bad1 + bad2;
     FP8_ASSIGN_OR_RETURN(Tensor dw, new_f32(c, out_, in_));
     FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt, xt, dw, c.gemm));

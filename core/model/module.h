@@ -33,7 +33,11 @@ struct ModelCtx {
   int64_t expert_row_align = 1;
   uint64_t weight_version = 0;   // bumped by the optimizer: invalidates cached quantized weights
   int64_t nonfinite_groups = 0;  // FP8 groups with NaN/Inf amax seen since the last reset
-  float loss_scale = 1.0f;       // d(objective)/d(micro-batch loss): set per backward
+  // Count them (nonfinite_groups) at every quantization: on a GPU that reads a device counter,
+  // a synchronization per call. The trainer turns it off: a non-finite group also makes the loss
+  // or the gradient norm non-finite, which every step checks.
+  bool count_nonfinite = true;
+  float loss_scale = 1.0f;  // d(objective)/d(micro-batch loss): set per backward
   // Expert parallelism: null keeps every routed expert on this rank. two_level: tokens cross
   // nodes once per node, then are forwarded inside the node (parallel.ep_dispatch).
   ExpertComm* ep = nullptr;

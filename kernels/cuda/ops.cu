@@ -192,12 +192,32 @@ __global__ void k_rmsnorm_bwd_dx(const float* dy, const float* x, const float* w
     dx[r * D + c] = rs * (w[c] * dyr[c]) - xr[c] * k;
 }
 
+// dw[c] += sum over rows r, in row order, of dy[r][c] * (x[r][c] * rstd[r]) (the CPU's order:
+// bit-identical). The products are independent, so a block computes a chunk of rows x 32 columns
+// of them in parallel into shared memory; one thread per column then adds them in row order.
+// The serial part is one fp32 add per row (~n * 4 cycles), not a global load per row.
+constexpr int kDwCols = 32, kDwLanes = 8, kDwChunk = 64;
 __global__ void k_rmsnorm_bwd_dw(const float* dy, const float* x, const float* rstd, int64_t n,
                                  int64_t D, float* dw) {
-  for (int64_t c = gtid(); c < D; c += gstride()) {  // grid_for caps the grid: stride over D
-    float acc = dw[c];
-    for (int64_t r = 0; r < n; ++r) acc = acc + dy[r * D + c] * (x[r * D + c] * rstd[r]);
-    dw[c] = acc;
+  __shared__ float prod[kDwChunk][kDwCols + 1];
+  const int tx = threadIdx.x % kDwCols, ty = threadIdx.x / kDwCols;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kDwCols; c0 < D;
+       c0 += static_cast<int64_t>(gridDim.x) * kDwCols) {
+    const int64_t c = c0 + tx;
+    float acc = ty == 0 && c < D ? dw[c] : 0.0f;
+    for (int64_t r0 = 0; r0 < n; r0 += kDwChunk) {
+      for (int k = ty; k < kDwChunk; k += kDwLanes) {
+        const int64_t r = r0 + k;
+        prod[k][tx] = r < n && c < D ? dy[r * D + c] * (x[r * D + c] * rstd[r]) : 0.0f;
+      }
+      __syncthreads();
+      if (ty == 0 && c < D) {
+        const int m = static_cast<int>(n - r0 < kDwChunk ? n - r0 : kDwChunk);
+        for (int k = 0; k < m; ++k) acc = acc + prod[k][tx];
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && c < D) dw[c] = acc;
   }
 }
 
@@ -554,8 +574,8 @@ Result rmsnorm_bwd(const float* dy, const float* x, const float* w, const float*
   FP8PIPE_REQUIRE(n < (int64_t{1} << 31), "rmsnorm_bwd: more than 2^31 rows");
   FP8PIPE_LAUNCH(k_rmsnorm_bwd_dx, static_cast<unsigned>(n), kThreads, stream, dy, x, w, rstd, D,
                  dx);
-  FP8PIPE_LAUNCH(k_rmsnorm_bwd_dw, grid_for(D, kColThreads), kColThreads, stream, dy, x, rstd, n, D,
-                 dw_acc);
+  FP8PIPE_LAUNCH(k_rmsnorm_bwd_dw, grid_for(D, kDwCols), kDwCols * kDwLanes, stream, dy, x, rstd, n,
+                 D, dw_acc);
   return Result::Ok();
 }
 
