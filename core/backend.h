@@ -86,7 +86,8 @@ class Backend {
   // a GPU; the CPU widens bf16 to fp32 exactly and calls BLAS).
   virtual Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
-  // Batched GEMMs over views of a, b, c (fp32): for i in [0, batch), C_i = alpha op(A_i) op(B_i)
+  // Batched GEMMs over views of a, b, c (C fp32; A and B both fp32 or both bf16, as gemm): for
+  // i in [0, batch), C_i = alpha op(A_i) op(B_i)
   // + beta C_i, row-major, X_i starting at element offset_x + i * stride_x with row stride ld_x
   // (A_i stored [M, K], or [K, M] when trans_a; B_i [K, N], or [N, K] when trans_b; C_i [M, N]).
   virtual Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& g,

@@ -37,7 +37,7 @@ constexpr std::string_view kTokenDtypes[] = {"uint16", "uint32"};
 constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
 constexpr std::string_view kDevices[] = {"cpu", "cuda"};
 constexpr std::string_view kPlacements[] = {"auto", "host", "device"};
-constexpr std::string_view kAttention[] = {"auto", "fused", "gemm"};
+constexpr std::string_view kAttention[] = {"auto", "fused", "gemm", "gemm_bf16"};
 
 struct ChoiceField {
   std::string_view path;

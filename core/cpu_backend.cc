@@ -151,13 +151,21 @@ class CpuBackend final : public CpuOps {
   Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& g, float alpha,
                       float beta) override {
     FP8_RETURN_IF_ERROR(checks::gemm_batched(a, b, c, g));
-    if (g.M == 0 || g.N == 0) return Status::Ok();
+    if (g.batch == 0 || g.M == 0 || g.N == 0) return Status::Ok();
+    // bf16 operands: widened exactly (as gemm), so the result is the fp32 GEMM of the same values.
+    Tensor aw = a, bw = b;
+    if (a.dtype() == DType::kBF16) {
+      FP8_ASSIGN_OR_RETURN(aw, empty(a.shape(), DType::kF32));
+      FP8_ASSIGN_OR_RETURN(bw, empty(b.shape(), DType::kF32));
+      FP8_RETURN_IF_ERROR(cast(a, aw));
+      FP8_RETURN_IF_ERROR(cast(b, bw));
+    }
     for (int64_t i = 0; i < g.batch; ++i) {
       cblas_sgemm(CblasRowMajor, g.trans_a ? CblasTrans : CblasNoTrans,
                   g.trans_b ? CblasTrans : CblasNoTrans, static_cast<int>(g.M),
                   static_cast<int>(g.N), static_cast<int>(g.K), alpha,
-                  a.data_as<float>() + g.offset_a + i * g.stride_a, static_cast<int>(g.lda),
-                  b.data_as<float>() + g.offset_b + i * g.stride_b, static_cast<int>(g.ldb), beta,
+                  aw.data_as<float>() + g.offset_a + i * g.stride_a, static_cast<int>(g.lda),
+                  bw.data_as<float>() + g.offset_b + i * g.stride_b, static_cast<int>(g.ldb), beta,
                   c.data_as<float>() + g.offset_c + i * g.stride_c, static_cast<int>(g.ldc));
     }
     return Status::Ok();

@@ -376,6 +376,27 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(checks::gemm_batched(a, b, c, bg));
     if (bg.batch == 0 || bg.M == 0 || bg.N == 0) return Status::Ok();
     std::lock_guard<std::mutex> lk(blas_mu_);
+    if (a.dtype() == DType::kBF16) {  // tensor cores, fp32 accumulation and output (as bf16_gemm)
+      const auto* ap = static_cast<const uint16_t*>(a.data()) + bg.offset_a;
+      const auto* bp = static_cast<const uint16_t*>(b.data()) + bg.offset_b;
+      const cublasStatus_t t1 = cublasSetStream(ctx_->blas_bf16, cur());
+      const cublasStatus_t t2 = cublasGemmStridedBatchedEx(
+          ctx_->blas_bf16, bg.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+          bg.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(bg.N), static_cast<int>(bg.M),
+          static_cast<int>(bg.K), &alpha, bp, CUDA_R_16BF,
+          static_cast<int>(std::max<int64_t>(bg.ldb, 1)), bg.stride_b, ap, CUDA_R_16BF,
+          static_cast<int>(std::max<int64_t>(bg.lda, 1)), bg.stride_a, &beta,
+          c.data_as<float>() + bg.offset_c, CUDA_R_32F,
+          static_cast<int>(std::max<int64_t>(bg.ldc, 1)), bg.stride_c, static_cast<int>(bg.batch),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (t1 != CUBLAS_STATUS_SUCCESS || t2 != CUBLAS_STATUS_SUCCESS) {
+        return FP8_ERROR(Code::kInternal,
+                         "gemm_batched: cublasGemmStridedBatchedEx (bf16) {} x {}x{}x{}: {}",
+                         bg.batch, bg.M, bg.N, bg.K,
+                         g::cublas_status_name(t2 != CUBLAS_STATUS_SUCCESS ? t2 : t1));
+      }
+      return Status::Ok();
+    }
     const cublasStatus_t s1 = cublasSetStream(ctx_->blas, cur());
     const cublasStatus_t s2 = cublasSgemmStridedBatched(
         ctx_->blas, bg.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, bg.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,

@@ -134,7 +134,12 @@ Status cast(const Tensor& src, const Tensor& dst) {
 
 // Every view of every batch item lies inside its tensor.
 Status gemm_batched(const Tensor& a, const Tensor& b, const Tensor& c, const GemmBatch& g) {
-  FP8_RETURN_IF_ERROR(f32("gemm_batched", {&a, &b, &c}));
+  FP8_RETURN_IF_ERROR(f32("gemm_batched", {&c}));
+  const bool fp32 =
+      a.defined() && b.defined() && a.dtype() == DType::kF32 && b.dtype() == DType::kF32;
+  const bool bf16 =
+      a.defined() && b.defined() && a.dtype() == DType::kBF16 && b.dtype() == DType::kBF16;
+  FP8_RETURN_IF_ERROR(need(fp32 || bf16, "gemm_batched", "A and B both fp32 or both bf16", b));
   if (g.batch < 0 || g.M < 0 || g.N < 0 || g.K < 0 || g.offset_a < 0 || g.offset_b < 0 ||
       g.offset_c < 0 || g.stride_a < 0 || g.stride_b < 0 || g.stride_c < 0) {
     return FP8_INVALID("gemm_batched: negative size, offset or stride (batch {}, {}x{}x{})",

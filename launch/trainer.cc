@@ -38,7 +38,9 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.gemm = cfg.precision().gemm() == "exact" ? GemmMode::kExact : GemmMode::kFast;
   c.qp.pow2 = cfg.precision().pow2_scales();
   const std::string& attn = cfg.precision().attention();
-  c.attention_gemm = attn == "gemm" || (attn == "auto" && be->device() != Device::kCpu);
+  const bool gpu = be->device() != Device::kCpu;
+  c.attention_gemm = attn == "gemm" || attn == "gemm_bf16" || (attn == "auto" && gpu);
+  c.attention_bf16 = attn == "gemm_bf16" || (attn == "auto" && gpu);
   c.count_nonfinite = false;  // a synchronization per quantization on a GPU (module.h)
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.

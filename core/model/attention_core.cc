@@ -36,6 +36,21 @@ Status scores(ModelCtx& c, const Tensor& q, const Tensor& k, const AttnShape& a,
   return per_head(c, a, b, q, {dk}, false, k, {dk}, true, s, kScores, a.T, a.T, dk, a.scale);
 }
 
+// A GEMM operand of the core: x itself, or (ModelCtx::attention_bf16) its bf16 rounding.
+Result<Tensor> operand(ModelCtx& c, const Tensor& x) {
+  if (!c.attention_bf16) return x;
+  FP8_ASSIGN_OR_RETURN(Tensor y, c.be->empty(x.shape(), DType::kBF16));
+  FP8_RETURN_IF_ERROR(c.be->cast(x, y));
+  return y;
+}
+
+// The scores-shaped fp32 `s` as a GEMM operand: itself, or rounded into the bf16 buffer `s16`.
+Result<Tensor> narrowed(ModelCtx& c, const Tensor& s, Tensor& s16) {
+  if (!c.attention_bf16) return s;
+  FP8_RETURN_IF_ERROR(c.be->cast(s, s16));
+  return s16;
+}
+
 Status check(const Tensor& q, const Tensor& v, const AttnShape& a) {
   if (a.H <= 0 || q.cols() % a.H != 0 || v.cols() % a.H != 0) {
     return FP8_INVALID("attention (gemm): {} heads do not divide q {} / v {}", a.H, q.describe(),
@@ -53,13 +68,21 @@ Status attention_core_fwd(ModelCtx& c, const Tensor& q, const Tensor& k, const T
   }
   FP8_RETURN_IF_ERROR(check(q, v, a));
   const int64_t dk = q.cols() / a.H, dv = v.cols() / a.H, R = a.H * a.T;
+  FP8_ASSIGN_OR_RETURN(Tensor qg, operand(c, q));
+  FP8_ASSIGN_OR_RETURN(Tensor kg, operand(c, k));
+  FP8_ASSIGN_OR_RETURN(Tensor vg, operand(c, v));
   FP8_ASSIGN_OR_RETURN(Tensor s, c.be->empty({R, a.T}, DType::kF32));
+  Tensor p16;
+  if (c.attention_bf16) {
+    FP8_ASSIGN_OR_RETURN(p16, c.be->empty({R, a.T}, DType::kBF16));
+  }
   for (int64_t b = 0; b < a.B; ++b) {
-    FP8_RETURN_IF_ERROR(scores(c, q, k, a, b, dk, s));
+    FP8_RETURN_IF_ERROR(scores(c, qg, kg, a, b, dk, s));
     Tensor lse_b = lse.slice_rows(b * R, (b + 1) * R);
     FP8_RETURN_IF_ERROR(c.be->causal_softmax(s, s, lse_b, /*recompute=*/false));
+    FP8_ASSIGN_OR_RETURN(Tensor pg, narrowed(c, s, p16));
     FP8_RETURN_IF_ERROR(  // O = P V
-        per_head(c, a, b, s, kScores, false, v, {dv}, false, o, {dv}, a.T, dv, a.T, 1.0f));
+        per_head(c, a, b, pg, kScores, false, vg, {dv}, false, o, {dv}, a.T, dv, a.T, 1.0f));
   }
   return Status::Ok();
 }
@@ -74,24 +97,34 @@ Status attention_core_bwd(ModelCtx& c, const Tensor& dout, const Tensor& q, cons
   FP8_RETURN_IF_ERROR(check(q, v, a));
   const int64_t dkk = q.cols() / a.H, dvv = v.cols() / a.H, R = a.H * a.T;
   const Operand K{dkk}, V{dvv};
+  FP8_ASSIGN_OR_RETURN(Tensor qg, operand(c, q));
+  FP8_ASSIGN_OR_RETURN(Tensor kg, operand(c, k));
+  FP8_ASSIGN_OR_RETURN(Tensor vg, operand(c, v));
+  FP8_ASSIGN_OR_RETURN(Tensor dog, operand(c, dout));
   FP8_ASSIGN_OR_RETURN(Tensor p, c.be->empty({R, a.T}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(Tensor ds, c.be->empty({R, a.T}, DType::kF32));
+  Tensor s16;  // bf16 copy of P, then of dS
+  if (c.attention_bf16) {
+    FP8_ASSIGN_OR_RETURN(s16, c.be->empty({R, a.T}, DType::kBF16));
+  }
   for (int64_t b = 0; b < a.B; ++b) {
-    FP8_RETURN_IF_ERROR(scores(c, q, k, a, b, dkk, p));
+    FP8_RETURN_IF_ERROR(scores(c, qg, kg, a, b, dkk, p));
     Tensor lse_b = lse.slice_rows(b * R, (b + 1) * R);  // read only (recompute)
     FP8_RETURN_IF_ERROR(c.be->causal_softmax(p, p, lse_b, /*recompute=*/true));
     // dV = P^T dO
+    FP8_ASSIGN_OR_RETURN(Tensor pg, narrowed(c, p, s16));
     FP8_RETURN_IF_ERROR(
-        per_head(c, a, b, p, kScores, true, dout, V, false, dv, V, a.T, dvv, a.T, 1.0f));
+        per_head(c, a, b, pg, kScores, true, dog, V, false, dv, V, a.T, dvv, a.T, 1.0f));
     // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) in place
     FP8_RETURN_IF_ERROR(
-        per_head(c, a, b, dout, V, false, v, V, true, ds, kScores, a.T, a.T, dvv, 1.0f));
+        per_head(c, a, b, dog, V, false, vg, V, true, ds, kScores, a.T, a.T, dvv, 1.0f));
     FP8_RETURN_IF_ERROR(c.be->softmax_bwd(p, ds, ds));
     // dQ = scale dS K;  dK = scale dS^T Q
+    FP8_ASSIGN_OR_RETURN(Tensor dsg, narrowed(c, ds, s16));
     FP8_RETURN_IF_ERROR(
-        per_head(c, a, b, ds, kScores, false, k, K, false, dq, K, a.T, dkk, a.T, a.scale));
+        per_head(c, a, b, dsg, kScores, false, kg, K, false, dq, K, a.T, dkk, a.T, a.scale));
     FP8_RETURN_IF_ERROR(
-        per_head(c, a, b, ds, kScores, true, q, K, false, dk, K, a.T, dkk, a.T, a.scale));
+        per_head(c, a, b, dsg, kScores, true, qg, K, false, dk, K, a.T, dkk, a.T, a.scale));
   }
   return Status::Ok();
 }

@@ -26,6 +26,7 @@ struct ModelCtx {
   GemmMode gemm = GemmMode::kFast;
   QuantParams qp;               // FP8 format and pow2 scales
   bool attention_gemm = false;  // the attention core as batched GEMMs (attention_core.h)
+  bool attention_bf16 = false;  // ... with bf16 operands (tensor cores) and fp32 softmax
   // Each routed expert's batch of rows is padded with zero rows to a multiple of this (1: none).
   // cuBLASLt's FP8 GEMMs need a 1x128 operand's row count % 4 and K % 16 (FP8.md §3.3), and an
   // expert's token count is anything: 16 on a GPU in FP8. Zero rows add exact zeros, so the

@@ -403,41 +403,48 @@ TEST_F(CudaBackendTest, AttentionAsGemms) {
   struct Dims {
     int64_t B, T, H, dk, dv;
   };
-  for (const Dims& s : {Dims{2, 64, 3, 192, 128}, Dims{3, 33, 2, 40, 24}}) {
-    const int64_t n = s.B * s.T;
-    const model::AttnShape a{s.B, s.T, s.H, 1.0f / std::sqrt(static_cast<float>(s.dk))};
-    const Tensor q = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 44));
-    const Tensor k = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 45));
-    const Tensor v = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 46));
-    const Tensor dout = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 47));
-    model::ModelCtx cc, gc;
-    cc.be = cpu_.get();
-    gc.be = gpu_.get();
-    gc.attention_gemm = true;
-    Tensor oc = cpu_->empty({n, s.H * s.dv}, DType::kF32).value();
-    Tensor lc = cpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
-    Tensor og = gpu_->empty({n, s.H * s.dv}, DType::kF32).value();
-    Tensor lg = gpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
-    ASSERT_TRUE(model::attention_core_fwd(cc, q, k, v, a, oc, lc).ok());
-    const Tensor gq = dev(q), gk = dev(k), gv = dev(v), gd = dev(dout);
-    Status st = model::attention_core_fwd(gc, gq, gk, gv, a, og, lg);
-    ASSERT_TRUE(st.ok()) << st.to_string();
-    const std::string what = "attention gemm dk=" + std::to_string(s.dk);
-    expect_near(vec<float>(oc), back<float>(og), 2e-5f, 1e-4f, what + " o");
-    expect_near(vec<float>(lc), back<float>(lg), 2e-5f, 1e-5f, what + " lse");
-    Tensor dqc = cpu_->empty(q.shape(), DType::kF32).value(),
-           dqg = gpu_->empty(q.shape(), DType::kF32).value();
-    Tensor dkc = cpu_->empty(k.shape(), DType::kF32).value(),
-           dkg = gpu_->empty(k.shape(), DType::kF32).value();
-    Tensor dvc = cpu_->empty(v.shape(), DType::kF32).value(),
-           dvg = gpu_->empty(v.shape(), DType::kF32).value();
-    ASSERT_TRUE(model::attention_core_bwd(cc, dout, q, k, v, oc, lc, a, dqc, dkc, dvc).ok());
-    st = model::attention_core_bwd(gc, gd, gq, gk, gv, og, lg, a, dqg, dkg, dvg);
-    ASSERT_TRUE(st.ok()) << st.to_string();
-    expect_near(vec<float>(dqc), back<float>(dqg), 5e-5f, 1e-4f, what + " dq");
-    expect_near(vec<float>(dkc), back<float>(dkg), 5e-5f, 1e-4f, what + " dk");
-    expect_near(vec<float>(dvc), back<float>(dvg), 5e-5f, 1e-4f, what + " dv");
-  }
+  // bf16: the CPU runs the same bf16 path (operands rounded alike, widened exactly); the GPU
+  // differs by fp32 accumulation order, which can move a P or dS element by one bf16 ulp.
+  for (const bool bf16 : {false, true})
+    for (const Dims& s : {Dims{2, 64, 3, 192, 128}, Dims{3, 33, 2, 40, 24}}) {
+      const float at = bf16 ? 3e-3f : 2e-5f, rt = bf16 ? 1e-2f : 1e-4f;
+      const int64_t n = s.B * s.T;
+      const model::AttnShape a{s.B, s.T, s.H, 1.0f / std::sqrt(static_cast<float>(s.dk))};
+      const Tensor q = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 44));
+      const Tensor k = hostf({n, s.H * s.dk}, randn(n * s.H * s.dk, 45));
+      const Tensor v = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 46));
+      const Tensor dout = hostf({n, s.H * s.dv}, randn(n * s.H * s.dv, 47));
+      model::ModelCtx cc, gc;
+      cc.be = cpu_.get();
+      gc.be = gpu_.get();
+      gc.attention_gemm = true;
+      gc.attention_bf16 = cc.attention_gemm = cc.attention_bf16 = bf16;
+      Tensor oc = cpu_->empty({n, s.H * s.dv}, DType::kF32).value();
+      Tensor lc = cpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
+      Tensor og = gpu_->empty({n, s.H * s.dv}, DType::kF32).value();
+      Tensor lg = gpu_->empty({s.B * s.H * s.T}, DType::kF32).value();
+      ASSERT_TRUE(model::attention_core_fwd(cc, q, k, v, a, oc, lc).ok());
+      const Tensor gq = dev(q), gk = dev(k), gv = dev(v), gd = dev(dout);
+      Status st = model::attention_core_fwd(gc, gq, gk, gv, a, og, lg);
+      ASSERT_TRUE(st.ok()) << st.to_string();
+      const std::string what =
+          std::string(bf16 ? "attention gemm_bf16 dk=" : "attention gemm dk=") +
+          std::to_string(s.dk);
+      expect_near(vec<float>(oc), back<float>(og), at, rt, what + " o");
+      expect_near(vec<float>(lc), back<float>(lg), 2e-5f, 1e-5f, what + " lse");
+      Tensor dqc = cpu_->empty(q.shape(), DType::kF32).value(),
+             dqg = gpu_->empty(q.shape(), DType::kF32).value();
+      Tensor dkc = cpu_->empty(k.shape(), DType::kF32).value(),
+             dkg = gpu_->empty(k.shape(), DType::kF32).value();
+      Tensor dvc = cpu_->empty(v.shape(), DType::kF32).value(),
+             dvg = gpu_->empty(v.shape(), DType::kF32).value();
+      ASSERT_TRUE(model::attention_core_bwd(cc, dout, q, k, v, oc, lc, a, dqc, dkc, dvc).ok());
+      st = model::attention_core_bwd(gc, gd, gq, gk, gv, og, lg, a, dqg, dkg, dvg);
+      ASSERT_TRUE(st.ok()) << st.to_string();
+      expect_near(vec<float>(dqc), back<float>(dqg), bf16 ? at : 5e-5f, rt, what + " dq");
+      expect_near(vec<float>(dkc), back<float>(dkg), bf16 ? at : 5e-5f, rt, what + " dk");
+      expect_near(vec<float>(dvc), back<float>(dvg), bf16 ? at : 5e-5f, rt, what + " dv");
+    }
 }
 
 TEST_F(CudaBackendTest, SwigluAndCrossEntropy) {

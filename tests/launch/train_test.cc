@@ -194,30 +194,37 @@ TEST(TrainTest, BiasUpdateUndoesSkewedRouting) {
 // drift apart from step 2 on: measured 1e-4 relative in the loss and 1.3% in the norm after 4
 // steps; bounds 1e-3 and 5e-2 (a wrong attention core misses them by orders of magnitude).
 TEST(TrainTest, AttentionGemmTracksFusedKernel) {
+  // 0: the fused fp32 kernel, 1: fp32 GEMMs, 2: bf16 GEMMs (operands rounded to bf16: ~1e-2 of
+  // the attention output; measured in FP8: loss within 4.4e-4, grad norm within 7e-3)
+  const char* kinds[] = {"fused", "gemm", "gemm_bf16"};
   for (const char* mode : {"FP32", "FP8"}) {
     SCOPED_TRACE(mode);
-    std::vector<double> loss[2], norm[2];
-    for (int gemm = 0; gemm < 2; ++gemm) {
-      auto t =
-          make_trainer(tiny({"--train.steps=4", "--train.global_batch=8",
-                             "--parallel.microbatches=2", "--optim.warmup_steps=1",
-                             "--train.eval_every=0", std::string("--precision.mode=") + mode,
-                             gemm ? "--precision.attention=gemm" : "--precision.attention=fused"}));
+    std::vector<double> loss[3], norm[3];
+    for (int kind = 0; kind < 3; ++kind) {
+      auto t = make_trainer(tiny({"--train.steps=4", "--train.global_batch=8",
+                                  "--parallel.microbatches=2", "--optim.warmup_steps=1",
+                                  "--train.eval_every=0", std::string("--precision.mode=") + mode,
+                                  std::string("--precision.attention=") + kinds[kind]}));
       ASSERT_TRUE(t);
-      EXPECT_EQ(t->ctx().attention_gemm, gemm == 1);
+      EXPECT_EQ(t->ctx().attention_gemm, kind >= 1);
+      EXPECT_EQ(t->ctx().attention_bf16, kind == 2);
       for (int s = 0; s < 4; ++s) {
         auto r = t->train_step();
         ASSERT_TRUE(r.ok()) << r.status().to_string();
-        loss[gemm].push_back(r->loss.total);
-        norm[gemm].push_back(r->grad_norm);
+        loss[kind].push_back(r->loss.total);
+        norm[kind].push_back(r->grad_norm);
       }
     }
     const bool fp8 = std::string(mode) == "FP8";
     for (int s = 0; s < 4; ++s) {
       EXPECT_NEAR(loss[1][s], loss[0][s], (fp8 ? 1e-3 : 1e-5) * loss[0][s]) << "step " << s + 1;
       EXPECT_NEAR(norm[1][s], norm[0][s], (fp8 ? 5e-2 : 1e-4) * norm[0][s]) << "step " << s + 1;
+      EXPECT_NEAR(loss[2][s], loss[0][s], 2e-3 * loss[0][s]) << "bf16, step " << s + 1;
+      EXPECT_NEAR(norm[2][s], norm[0][s], 5e-2 * norm[0][s]) << "bf16, step " << s + 1;
     }
+    EXPECT_NE(loss[2][3], loss[1][3]) << "the bf16 path rounds";
     EXPECT_LT(loss[0][3], loss[0][0]);  // it trains
+    EXPECT_LT(loss[2][3], loss[2][0]);
   }
 }
 
