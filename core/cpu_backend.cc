@@ -128,19 +128,22 @@ class CpuBackend final : public CpuOps {
     return Status::Ok();
   }
 
+  // A GEMM operand as fp32: itself, or a bf16 tensor widened exactly (so a bf16 GEMM gives the
+  // fp32 GEMM of the same values).
+  Result<Tensor> widened(const Tensor& x) {
+    if (x.dtype() != DType::kBF16) return x;
+    FP8_ASSIGN_OR_RETURN(Tensor w, empty(x.shape(), DType::kF32));
+    FP8_RETURN_IF_ERROR(cast(x, w));
+    return w;
+  }
+
   Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
               float beta) override {
     FP8_RETURN_IF_ERROR(checks::gemm(a, ta, b, tb, c));
     const int64_t M = ta ? a.cols() : a.rows(), K = ta ? a.rows() : a.cols();
     const int64_t N = tb ? b.rows() : b.cols();
-    // bf16 operands: widened exactly, so the result is that of the fp32 GEMM of the same values.
-    Tensor aw = a, bw = b;
-    if (a.dtype() == DType::kBF16) {
-      FP8_ASSIGN_OR_RETURN(aw, empty(a.shape(), DType::kF32));
-      FP8_ASSIGN_OR_RETURN(bw, empty(b.shape(), DType::kF32));
-      FP8_RETURN_IF_ERROR(cast(a, aw));
-      FP8_RETURN_IF_ERROR(cast(b, bw));
-    }
+    FP8_ASSIGN_OR_RETURN(Tensor aw, widened(a));
+    FP8_ASSIGN_OR_RETURN(Tensor bw, widened(b));
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
                 aw.data_as<float>(), static_cast<int>(a.cols()), bw.data_as<float>(),
@@ -152,14 +155,8 @@ class CpuBackend final : public CpuOps {
                       float beta) override {
     FP8_RETURN_IF_ERROR(checks::gemm_batched(a, b, c, g));
     if (g.batch == 0 || g.M == 0 || g.N == 0) return Status::Ok();
-    // bf16 operands: widened exactly (as gemm), so the result is the fp32 GEMM of the same values.
-    Tensor aw = a, bw = b;
-    if (a.dtype() == DType::kBF16) {
-      FP8_ASSIGN_OR_RETURN(aw, empty(a.shape(), DType::kF32));
-      FP8_ASSIGN_OR_RETURN(bw, empty(b.shape(), DType::kF32));
-      FP8_RETURN_IF_ERROR(cast(a, aw));
-      FP8_RETURN_IF_ERROR(cast(b, bw));
-    }
+    FP8_ASSIGN_OR_RETURN(Tensor aw, widened(a));
+    FP8_ASSIGN_OR_RETURN(Tensor bw, widened(b));
     for (int64_t i = 0; i < g.batch; ++i) {
       cblas_sgemm(CblasRowMajor, g.trans_a ? CblasTrans : CblasNoTrans,
                   g.trans_b ? CblasTrans : CblasNoTrans, static_cast<int>(g.M),

@@ -38,36 +38,44 @@ struct Case {
   int64_t B, T, H, dk, dv;
 };
 
+// One case's inputs (fixed seeds) and the core's forward + backward outputs under `c`.
+struct CoreRun {
+  Tensor q, k, v, dout;  // inputs
+  Tensor o, lse, dq, dk, dv;
+};
+CoreRun run_core(Backend& be, ModelCtx c, const Case& k) {
+  CoreRun r;
+  const int64_t n = k.B * k.T;
+  const AttnShape a{k.B, k.T, k.H, 1.0f / std::sqrt(float(k.dk))};
+  r.q = randn(be, {n, k.H * k.dk}, 1, 2.0f), r.k = randn(be, {n, k.H * k.dk}, 2, 2.0f);
+  r.v = randn(be, {n, k.H * k.dv}, 3), r.dout = randn(be, {n, k.H * k.dv}, 4);
+  c.be = &be;
+  r.o = be.empty({n, k.H * k.dv}, DType::kF32).value();
+  r.lse = be.empty({k.B * k.H * k.T}, DType::kF32).value();
+  Status s = attention_core_fwd(c, r.q, r.k, r.v, a, r.o, r.lse);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  r.dq = be.empty(r.q.shape(), DType::kF32).value();
+  r.dk = be.empty(r.k.shape(), DType::kF32).value();
+  r.dv = be.empty(r.v.shape(), DType::kF32).value();
+  s = attention_core_bwd(c, r.dout, r.q, r.k, r.v, r.o, r.lse, a, r.dq, r.dk, r.dv);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  return r;
+}
+
 TEST(AttentionCore, GemmPathMatchesFusedKernel) {
   auto be = make_cpu_backend();
   for (const Case& k : {Case{2, 33, 3, 24, 16}, Case{1, 64, 4, 32, 32}, Case{3, 7, 2, 8, 12}}) {
     SCOPED_TRACE(testing::Message() << "B " << k.B << " T " << k.T << " H " << k.H << " dk " << k.dk
                                     << " dv " << k.dv);
-    const int64_t n = k.B * k.T;
-    const AttnShape a{k.B, k.T, k.H, 1.0f / std::sqrt(float(k.dk))};
-    Tensor q = randn(*be, {n, k.H * k.dk}, 1, 2.0f), kk = randn(*be, {n, k.H * k.dk}, 2, 2.0f);
-    Tensor v = randn(*be, {n, k.H * k.dv}, 3), dout = randn(*be, {n, k.H * k.dv}, 4);
-    Tensor o[2], lse[2], dq[2], dk[2], dv[2];
-    for (int gemm = 0; gemm < 2; ++gemm) {
-      ModelCtx c;
-      c.be = be.get();
-      c.attention_gemm = gemm == 1;
-      o[gemm] = be->empty({n, k.H * k.dv}, DType::kF32).value();
-      lse[gemm] = be->empty({k.B * k.H * k.T}, DType::kF32).value();
-      ASSERT_TRUE(attention_core_fwd(c, q, kk, v, a, o[gemm], lse[gemm]).ok());
-      dq[gemm] = be->empty(q.shape(), DType::kF32).value();
-      dk[gemm] = be->empty(kk.shape(), DType::kF32).value();
-      dv[gemm] = be->empty(v.shape(), DType::kF32).value();
-      const Status s = attention_core_bwd(c, dout, q, kk, v, o[gemm], lse[gemm], a, dq[gemm],
-                                          dk[gemm], dv[gemm]);
-      ASSERT_TRUE(s.ok()) << s.to_string();
-    }
-    EXPECT_LT(rel_diff(o[0], o[1]), 2e-6);
-    EXPECT_LT(rel_diff(lse[0], lse[1]), 2e-6);
-    EXPECT_LT(rel_diff(dq[0], dq[1]), 1e-5);
-    EXPECT_LT(rel_diff(dk[0], dk[1]), 1e-5);
-    EXPECT_LT(rel_diff(dv[0], dv[1]), 1e-5);
-    EXPECT_GT(rel_diff(dq[0], dk[0]), 1e-2);  // the comparison can fail: different tensors differ
+    ModelCtx fused, gemm;
+    gemm.attention_gemm = true;
+    const CoreRun x = run_core(*be, fused, k), y = run_core(*be, gemm, k);
+    EXPECT_LT(rel_diff(x.o, y.o), 2e-6);
+    EXPECT_LT(rel_diff(x.lse, y.lse), 2e-6);
+    EXPECT_LT(rel_diff(x.dq, y.dq), 1e-5);
+    EXPECT_LT(rel_diff(x.dk, y.dk), 1e-5);
+    EXPECT_LT(rel_diff(x.dv, y.dv), 1e-5);
+    EXPECT_GT(rel_diff(x.dq, x.dk), 1e-2);  // the comparison can fail: different tensors differ
   }
 }
 
@@ -80,30 +88,13 @@ TEST(AttentionCore, Bf16GemmPathTracksFp32WithinBf16Rounding) {
   auto be = make_cpu_backend();
   for (const Case& k : {Case{2, 33, 3, 24, 16}, Case{1, 64, 4, 32, 32}}) {
     SCOPED_TRACE(testing::Message() << "B " << k.B << " T " << k.T);
-    const int64_t n = k.B * k.T;
-    const AttnShape a{k.B, k.T, k.H, 1.0f / std::sqrt(float(k.dk))};
-    Tensor q = randn(*be, {n, k.H * k.dk}, 1, 2.0f), kk = randn(*be, {n, k.H * k.dk}, 2, 2.0f);
-    Tensor v = randn(*be, {n, k.H * k.dv}, 3), dout = randn(*be, {n, k.H * k.dv}, 4);
-    Tensor o[2], lse[2], dq[2], dk[2], dv[2];
-    for (int bf16 = 0; bf16 < 2; ++bf16) {
-      ModelCtx c;
-      c.be = be.get();
-      c.attention_gemm = bf16 == 1;
-      c.attention_bf16 = bf16 == 1;
-      o[bf16] = be->empty({n, k.H * k.dv}, DType::kF32).value();
-      lse[bf16] = be->empty({k.B * k.H * k.T}, DType::kF32).value();
-      ASSERT_TRUE(attention_core_fwd(c, q, kk, v, a, o[bf16], lse[bf16]).ok());
-      dq[bf16] = be->empty(q.shape(), DType::kF32).value();
-      dk[bf16] = be->empty(kk.shape(), DType::kF32).value();
-      dv[bf16] = be->empty(v.shape(), DType::kF32).value();
-      ASSERT_TRUE(
-          attention_core_bwd(c, dout, q, kk, v, o[bf16], lse[bf16], a, dq[bf16], dk[bf16], dv[bf16])
-              .ok());
-    }
-    for (auto [name, x, y] : {std::tuple{"o", &o[0], &o[1]}, std::tuple{"lse", &lse[0], &lse[1]},
-                              std::tuple{"dq", &dq[0], &dq[1]}, std::tuple{"dk", &dk[0], &dk[1]},
-                              std::tuple{"dv", &dv[0], &dv[1]}}) {
-      const double d = rel_diff(*x, *y);
+    ModelCtx fused, bf16;
+    bf16.attention_gemm = bf16.attention_bf16 = true;
+    const CoreRun x = run_core(*be, fused, k), y = run_core(*be, bf16, k);
+    for (auto [name, a, b] : {std::tuple{"o", &x.o, &y.o}, std::tuple{"lse", &x.lse, &y.lse},
+                              std::tuple{"dq", &x.dq, &y.dq}, std::tuple{"dk", &x.dk, &y.dk},
+                              std::tuple{"dv", &x.dv, &y.dv}}) {
+      const double d = rel_diff(*a, *b);
       EXPECT_LT(d, 2e-2) << name;
       EXPECT_GT(d, 1e-5) << name << ": the bf16 path did not round";
       if (std::getenv("FP8PIPE_TEST_VERBOSE")) std::printf("%s %.3e\n", name, d);
