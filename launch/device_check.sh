@@ -160,6 +160,26 @@ run_tests() {
   return $worst
 }
 
+# After failures: up to 3 failed CUDA tests again under compute-sanitizer memcheck (out-of-bounds
+# and misaligned accesses, named by kernel and address), so a wrong kernel is located in the same
+# lease. Nothing to do when every test passed or the sanitizer is missing (gVisor machines).
+sanitize_failed() {
+  local bin t n=0 failed
+  failed=$(grep -E "^\[  FAILED  \] [A-Za-z0-9_./]+$" "$LOG/cuda_tests.log" 2>/dev/null |
+    awk '{print $4}' | sort -u)
+  [[ -n $failed ]] || { echo "no failed CUDA test"; return 0; }
+  bin=$(find_bin cuda_tests)
+  [[ -n $bin ]] || { echo "cuda_tests binary not found"; return 127; }
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 0; }
+  for t in $failed; do
+    ((n++ >= 3)) && break
+    echo "=== memcheck: $t"
+    timeout --kill-after=5 60 compute-sanitizer --tool memcheck --print-limit 10 "$bin" \
+      --gtest_filter="$t" 2>&1 | grep -E "^=========|\[  (FAILED|PASSED)" | head -n 40
+  done
+  return 0
+}
+
 run_bench() {
   local bin
   bin=$(find_bin gpu_bench)
@@ -287,7 +307,7 @@ small_op_profile() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -312,6 +332,7 @@ step configure 120 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DFP8PIPE_CUDA=ON \
   -DCMAKE_BUILD_TYPE=Release "${CUDA20_FLAGS[@]}"
 step build 330 build_targets
 step cuda_tests 240 run_tests
+step sanitize_failed 150 sanitize_failed
 step gpu_bench 150 run_bench "$@"
 step train_tiny_gpu_vs_cpu 180 train_tiny_gpu_vs_cpu
 step train_tiny_2rank_gpu_vs_cpu 120 train_tiny_2rank_gpu_vs_cpu
@@ -331,6 +352,10 @@ if [[ -f $LOG/cuda_tests.log ]]; then
     printf '%-16s passed %3s failed %3s\n' "$suite" "$pass" "$fail"
   done
   grep -E "^\[  FAILED  \] [A-Za-z0-9_./]+$" "$LOG/cuda_tests.log" | sort -u | head -n 20
+fi
+if [[ -f $LOG/sanitize_failed.log ]] && grep -q "^=== memcheck" "$LOG/sanitize_failed.log"; then
+  grep -E "^=== memcheck|^========= (Invalid|Program hit|  at |ERROR SUMMARY)" \
+    "$LOG/sanitize_failed.log" | head -n 20
 fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
