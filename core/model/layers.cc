@@ -54,8 +54,10 @@ Status SwiGLU::init(ModelCtx& c, const std::string& name, int64_t dim, int64_t h
 
 Result<Tensor> SwiGLU::forward(ModelCtx& c, int mb, const Tensor& x) {
   Saved& s = saved_.put(mb);
-  FP8_ASSIGN_OR_RETURN(s.g, w1_.forward(c, mb, x));
-  FP8_ASSIGN_OR_RETURN(s.u, w3_.forward(c, mb, x));
+  // w1 and w3 read the same x: one quantization (or bf16 rounding) for both
+  FP8_ASSIGN_OR_RETURN(Tensor xp, w1_.prepare_input(c, x));
+  FP8_ASSIGN_OR_RETURN(s.g, w1_.forward_prepared(c, mb, x, xp));
+  FP8_ASSIGN_OR_RETURN(s.u, w3_.forward_prepared(c, mb, x, xp));
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), s.g.cols()));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
@@ -80,8 +82,10 @@ Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
 }
 
 Status SwiGLU::backward_weight(ModelCtx& c, int mb) {
-  FP8_RETURN_IF_ERROR(w1_.backward_weight(c, mb));
-  FP8_RETURN_IF_ERROR(w3_.backward_weight(c, mb));
+  // w1 and w3 saved the same input: one weight-gradient operand (FP8: 128x1 re-quantization)
+  FP8_ASSIGN_OR_RETURN(Tensor xo, w1_.weight_grad_input(c, mb));
+  FP8_RETURN_IF_ERROR(w1_.backward_weight(c, mb, xo));
+  FP8_RETURN_IF_ERROR(w3_.backward_weight(c, mb, xo));
   return w2_.backward_weight(c, mb);
 }
 

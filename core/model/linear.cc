@@ -39,29 +39,47 @@ Result<Tensor> Linear::gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, b
   return y;
 }
 
-Result<Tensor> Linear::forward(ModelCtx& c, int mb, const Tensor& x) {
+Result<Tensor> Linear::prepare_input(ModelCtx& c, const Tensor& x) {
   if (x.cols() != in_) {
     return FP8_INVALID("{}: input has {} features, layer expects {}", w_.name, x.cols(), in_);
+  }
+  if (use_fp8(c)) {
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(Tensor xq, c.be->quantize(x, Granularity::k1x128, c.qp,
+                                                   c.count_nonfinite ? &bad : nullptr));
+    c.nonfinite_groups += bad;
+    return xq;
+  }
+  if (bf16_path(c)) {  // bf16 operands (half the saved bytes), fp32 accumulation
+    FP8_ASSIGN_OR_RETURN(Tensor xb, c.be->empty({x.rows(), in_}, DType::kBF16));
+    FP8_RETURN_IF_ERROR(c.be->cast(x, xb));
+    return xb;
+  }
+  return x;  // activations are not modified in place by callers
+}
+
+Result<Tensor> Linear::forward(ModelCtx& c, int mb, const Tensor& x) {
+  FP8_ASSIGN_OR_RETURN(Tensor p, prepare_input(c, x));
+  return forward_prepared(c, mb, x, p);
+}
+
+Result<Tensor> Linear::forward_prepared(ModelCtx& c, int mb, const Tensor& x,
+                                        const Tensor& prepared) {
+  if (x.cols() != in_ || prepared.rows() != x.rows()) {
+    return FP8_INVALID("{}: input {} / prepared {} do not fit a layer of {} features", w_.name,
+                       x.describe(), prepared.describe(), in_);
   }
   FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
   Saved& s = saved_.put(mb);
   if (use_fp8(c)) {
-    int64_t bad = 0;
-    FP8_ASSIGN_OR_RETURN(
-        s.xq, c.be->quantize(x, Granularity::k1x128, c.qp, c.count_nonfinite ? &bad : nullptr));
-    c.nonfinite_groups += bad;
+    s.xq = prepared;
     FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), out_));
     FP8_RETURN_IF_ERROR(c.be->gemm_fp8(s.xq, wq_, y, c.gemm));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
     return y;
   }
-  if (bf16_path(c)) {  // bf16 operands (half the saved bytes), fp32 accumulation
-    FP8_ASSIGN_OR_RETURN(s.x, c.be->empty({x.rows(), in_}, DType::kBF16));
-    FP8_RETURN_IF_ERROR(c.be->cast(x, s.x));
-    return gemm_out(c, s.x, wb_, true);
-  }
-  s.x = x;  // activations are not modified in place by callers
-  return gemm_out(c, x, w_.value, true);
+  s.x = prepared;
+  return gemm_out(c, s.x, bf16_path(c) ? wb_ : w_.value, true);
 }
 
 Result<Tensor> Linear::apply(ModelCtx& c, const Tensor& x) {
@@ -94,28 +112,41 @@ Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   return gemm_out(c, dy, w_.value, false);
 }
 
+Result<Tensor> Linear::weight_grad_input(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  if (!use_fp8(c)) return s->x;
+  // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed).
+  FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, s->xq.rows(), in_));
+  FP8_RETURN_IF_ERROR(c.be->dequantize(s->xq, xd));
+  int64_t bad = 0;
+  FP8_ASSIGN_OR_RETURN(Tensor xt,
+                       c.be->quantize_transposed(xd, c.qp, c.count_nonfinite ? &bad : nullptr));
+  c.nonfinite_groups += bad;
+  return xt;
+}
+
 Status Linear::backward_weight(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Tensor xo, weight_grad_input(c, mb));
+  return backward_weight(c, mb, xo);
+}
+
+Status Linear::backward_weight(ModelCtx& c, int mb, const Tensor& x_operand) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   if (!s->dy.defined()) {
     return FP8_ERROR(Code::kInternal, "{}: backward_weight before backward_input (mb {})", w_.name,
                      mb);
   }
   if (use_fp8(c)) {
-    // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed).
-    FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, s->xq.rows(), in_));
-    FP8_RETURN_IF_ERROR(c.be->dequantize(s->xq, xd));
-    int64_t bad1 = 0, bad2 = 0;
-    FP8_ASSIGN_OR_RETURN(Tensor xt,
-                         c.be->quantize_transposed(xd, c.qp, c.count_nonfinite ? &bad1 : nullptr));
+    int64_t bad = 0;
     FP8_ASSIGN_OR_RETURN(
-        Tensor dyt, c.be->quantize_transposed(s->dy, c.qp, c.count_nonfinite ? &bad2 : nullptr));
-    c.nonfinite_groups += bad1 + bad2;
+        Tensor dyt, c.be->quantize_transposed(s->dy, c.qp, c.count_nonfinite ? &bad : nullptr));
+    c.nonfinite_groups += bad;
     FP8_ASSIGN_OR_RETURN(Tensor dw, new_f32(c, out_, in_));
-    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt, xt, dw, c.gemm));
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt, x_operand, dw, c.gemm));
     FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dw, w_.grad));
   } else {
     // grad += dY^T X (fp32 accumulation straight into the main gradient).
-    FP8_RETURN_IF_ERROR(c.be->gemm(s->dy, true, s->x, false, w_.grad, 1.0f, 1.0f));
+    FP8_RETURN_IF_ERROR(c.be->gemm(s->dy, true, x_operand, false, w_.grad, 1.0f, 1.0f));
   }
   saved_.erase(mb);
   return Status::Ok();

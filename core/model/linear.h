@@ -20,6 +20,15 @@ class Linear {
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);          // x [n, in] -> [n, out]
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);  // -> dx [n, in]
   Status backward_weight(ModelCtx& c, int mb);  // W.grad += dY^T X; frees mb's saved state
+
+  // Layers reading the same input (SwiGLU's w1 and w3, same width and precision) share the work
+  // on it: the forward GEMM operand made of x (FP8: its 1x128 quantization; the bf16 path: its
+  // bf16 rounding; FP32: x), and the weight-gradient operand made of the saved input (FP8: the
+  // 128x1 re-quantization, transposed). The results are those of forward / backward_weight.
+  Result<Tensor> prepare_input(ModelCtx& c, const Tensor& x);
+  Result<Tensor> forward_prepared(ModelCtx& c, int mb, const Tensor& x, const Tensor& prepared);
+  Result<Tensor> weight_grad_input(ModelCtx& c, int mb);
+  Status backward_weight(ModelCtx& c, int mb, const Tensor& x_operand);
   // Forward on an input whose gradient is never needed (no state kept).
   Result<Tensor> apply(ModelCtx& c, const Tensor& x);
 

@@ -1,0 +1,53 @@
+// SwiGLU's w1 and w3 read the same input: in FP8 it is quantized once for both forward GEMMs and
+// re-quantized (128x1) once for both weight gradients. Counted with the op profiler
+// (core/op_profile.h): forward = 3 weight quantizations + x + h = 5 quantize calls (6 if x were
+// quantized per layer); backward_weight = x^T once + h^T + 3 dY^T = 5 quantize_transposed (6).
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "core/model/layers.h"
+#include "core/op_profile.h"
+
+namespace fp8pipe::model {
+namespace {
+
+int64_t calls(const std::vector<OpStats>& s, const std::string& op) {
+  for (const OpStats& x : s)
+    if (x.op == op) return x.calls;
+  return 0;
+}
+
+TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
+  std::shared_ptr<OpProfile> prof;
+  std::unique_ptr<Backend> be = make_profiled_backend(make_cpu_backend(), &prof);
+  ModelCtx c;
+  c.be = be.get();
+  c.precision = Precision::kFP8;
+  SwiGLU f;
+  ASSERT_TRUE(f.init(c, "ffn", 256, 384, /*seed=*/3, 0.05f).ok());
+  Tensor x = be->empty({64, 256}, DType::kF32).value(),
+         dy = be->empty({64, 256}, DType::kF32).value();
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data_as<float>()[i] = d(rng);
+  for (int64_t i = 0; i < dy.numel(); ++i) dy.data_as<float>()[i] = d(rng);
+  prof->reset();
+  ASSERT_TRUE(f.forward(c, 0, x).ok());
+  EXPECT_EQ(calls(prof->totals(), "quantize"), 5);
+  EXPECT_EQ(calls(prof->totals(), "gemm_fp8"), 3);
+  ASSERT_TRUE(f.backward_input(c, 0, dy).ok());
+  prof->reset();
+  ASSERT_TRUE(f.backward_weight(c, 0).ok());
+  EXPECT_EQ(calls(prof->totals(), "quantize_transposed"), 5);
+  EXPECT_EQ(calls(prof->totals(), "dequantize"), 2);  // x's and h's FP8 caches
+  EXPECT_EQ(calls(prof->totals(), "gemm_fp8"), 3);
+  for (Param* p : f.params()) {  // every weight got a gradient
+    double ss = 0;
+    for (int64_t i = 0; i < p->grad.numel(); ++i) ss += std::abs(p->grad.data_as<float>()[i]);
+    EXPECT_GT(ss, 0.0) << p->name;
+  }
+}
+
+}  // namespace
+}  // namespace fp8pipe::model
