@@ -6,10 +6,20 @@
 # matches, the tree is unchanged since, and every shared library resolves there (`ldd`); otherwise
 # it builds as before. DEVICE.md: a binary built on this Debian 12 machine ran on the GPU machine.
 # Usage (repo root): bash launch/device_prebuild.sh   [BUILD_DIR=... JOBS=...]
+# The build directory must build the CUDA targets (FP8PIPE_CUDA=AUTO or ON with the toolkit).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-BUILD=${BUILD_DIR:-$ROOT/build-devbin}
+# Default: the README's build/ when it is a Ninja build with the CUDA targets (already mostly built:
+# minutes saved here too), else a fresh Release build in build-devbin/.
+BUILD=${BUILD_DIR:-}
+if [[ -z $BUILD ]]; then
+  BUILD=$ROOT/build-devbin
+  if [[ -f $ROOT/build/build.ninja ]] && ninja -C "$ROOT/build" -t targets all 2>/dev/null |
+    grep -q '^cuda_tests:'; then
+    BUILD=$ROOT/build
+  fi
+fi
 DEST=$ROOT/.devbin
 JOBS=${JOBS:-$(nproc)}
 
