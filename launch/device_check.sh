@@ -88,7 +88,7 @@ fp8() {
   local bin=$1
   shift
   if [[ -z ${VALIDATE_ONLY:-} ]]; then
-    if [[ -n ${FP8_NP:-} ]]; then
+    if [[ ${FP8_NP:-0} -gt 1 ]]; then
       mpirun -np "$FP8_NP" --allow-run-as-root --oversubscribe "$bin" "$@"
     else
       "$bin" "$@"
@@ -104,7 +104,7 @@ fp8() {
       *) out+=("$a") ;;
     esac
   done
-  [[ -n ${FP8_NP:-} ]] && out+=(--world-size "$FP8_NP")
+  [[ ${FP8_NP:-0} -gt 1 ]] && out+=(--world-size "$FP8_NP")
   echo "validate: ${out[*]}"
   "$bin" "${out[@]}" >/dev/null
 }
@@ -187,67 +187,50 @@ run_bench() {
   "$bin" --json "$LOG/gpu_bench.jsonl" "$@"
 }
 
-# train.device=cuda next to cpu: 50 steps of configs/tiny.textproto (FP8, one process) each, then
-# the largest relative difference of the per-step main loss (fails above TRAIN_TOL, default 1e-2:
-# GEMM and attention accumulation orders differ, and FP8 rounding amplifies that over steps).
-train_tiny_gpu_vs_cpu() {
-  local bin dir=$LOG/train_tiny
+# gpu_vs_cpu LABEL DIR NP STEPS ARGS...: `fp8pipe train ARGS` with train.device=cuda, then =cpu
+# (NP ranks under mpirun when NP > 1), then the largest relative difference of rank 0's per-step
+# main loss (fails above TRAIN_TOL, default 1e-2: GEMM and attention accumulation orders differ,
+# the GPU's attention GEMMs are bf16, and FP8 rounding amplifies that over steps).
+gpu_vs_cpu() {
+  local label=$1 dir=$2 np=$3 steps=$4 bin dev t0
+  shift 4
   bin=$(find_bin fp8pipe)
   [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
   mkdir -p "$dir"
-  local args=(configs/tiny.textproto --train.steps=50 --train.eval_every=0 --checkpoint.dir=
-    --checkpoint.every=0 --log.every=10)
-  local dev t0
   for dev in cuda cpu; do
-    echo "--- $dev"
+    echo "--- $dev x $np rank(s)"
     t0=$(date +%s)
-    fp8 "$bin" train "${args[@]}" --train.device=$dev --log.jsonl="$dir/$dev.jsonl" || return $?
+    FP8_NP=$((np > 1 ? np : 0)) fp8 "$bin" train "$@" "--train.steps=$steps" \
+      --train.device=$dev --log.jsonl="$dir/$dev.r{rank}.jsonl" || return $?
     echo "$dev: $(($(date +%s) - t0))s"
   done
   [[ -n ${VALIDATE_ONLY:-} ]] && return 0
-  python3 - "$dir/cuda.jsonl" "$dir/cpu.jsonl" "${TRAIN_TOL:-1e-2}" <<'PY'
+  python3 - "$dir/cuda.r0.jsonl" "$dir/cpu.r0.jsonl" "${TRAIN_TOL:-1e-2}" "$steps" "$label" <<'PY'
 import json, sys
-gpu, cpu = ([json.loads(l) for l in open(p) if l.strip()] for p in sys.argv[1:3])
-tol = float(sys.argv[3])
-assert len(gpu) == len(cpu) == 50, (len(gpu), len(cpu))
+gpu, cpu = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:3])
+tol, n, label = float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+assert len(gpu) == len(cpu) == n, (len(gpu), len(cpu))
 rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
-for i in (0, 9, 24, 49):
+for i in sorted({0, 9, n // 2 - 1, n - 1}):
     print(f"step {i + 1:2d}: loss cuda {gpu[i]['loss']:.6f} cpu {cpu[i]['loss']:.6f} rel {rel[i]:.2e}")
-worst = max(range(50), key=lambda i: rel[i])
-print(f"train_tiny max relative loss difference {rel[worst]:.3e} at step {worst + 1} (tol {tol:g})")
+worst = max(range(n), key=lambda i: rel[i])
+print(f"{label} max relative loss difference {rel[worst]:.3e} at step {worst + 1} (tol {tol:g})")
 sys.exit(0 if rel[worst] <= tol else 1)
 PY
 }
 
+# 50 steps of configs/tiny.textproto (FP8, one process) on the GPU next to the CPU.
+train_tiny_gpu_vs_cpu() {
+  gpu_vs_cpu train_tiny "$LOG/train_tiny" 1 50 configs/tiny.textproto --train.eval_every=0 \
+    --checkpoint.dir= --checkpoint.every=0 --log.every=10
+}
+
 # Two ranks (pp=2, 1F1B) on the GPU, both on GPU 0 (parallel.comm_backend=mpi stages the
-# pipeline's device tensors through host memory), next to the same two ranks on the CPU: 20 steps
-# of tiny, rank 0's per-step loss within TRAIN_TOL.
+# pipeline's device tensors through host memory), next to the same two ranks on the CPU.
 train_tiny_2rank_gpu_vs_cpu() {
-  local bin dir=$LOG/train_2rank
-  bin=$(find_bin fp8pipe)
-  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
-  mkdir -p "$dir"
-  local args=(configs/tiny.textproto --train.steps=20 --train.eval_every=0 --checkpoint.dir=
-    --checkpoint.every=0 --log.every=10 --optim.warmup_steps=5 --parallel.pp=2
-    --parallel.schedule=1f1b --parallel.comm_backend=mpi)
-  local dev
-  for dev in cuda cpu; do
-    echo "--- $dev x 2 ranks"
-    FP8_NP=2 fp8 "$bin" train "${args[@]}" --train.device=$dev \
-      --log.jsonl="$dir/$dev.r{rank}.jsonl" || return $?
-  done
-  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
-  python3 - "$dir/cuda.r0.jsonl" "$dir/cpu.r0.jsonl" "${TRAIN_TOL:-1e-2}" <<'PY'
-import json, sys
-gpu, cpu = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:3])
-tol = float(sys.argv[3])
-assert len(gpu) == len(cpu) == 20, (len(gpu), len(cpu))
-rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
-worst = max(range(20), key=lambda i: rel[i])
-print(f"train_2rank pp=2 on one GPU vs CPU: max relative loss difference {rel[worst]:.3e} at step "
-      f"{worst + 1} (tol {tol:g}); step 20 loss cuda {gpu[19]['loss']:.6f} cpu {cpu[19]['loss']:.6f}")
-sys.exit(0 if rel[worst] <= tol else 1)
-PY
+  gpu_vs_cpu train_2rank "$LOG/train_2rank" 2 20 configs/tiny.textproto --train.eval_every=0 \
+    --checkpoint.dir= --checkpoint.every=0 --log.every=10 --optim.warmup_steps=5 \
+    --parallel.pp=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi
 }
 
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU
@@ -307,7 +290,7 @@ small_op_profile() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
 
 step env 30 env_info
 cat "$LOG/env.log"
