@@ -11,22 +11,18 @@
 #include <random>
 #include <thread>
 
+#include "tests/test_random.h"
+
 namespace fp8pipe {
 namespace {
 
-Tensor random_tensor(Backend& be, Shape shape, uint32_t seed, float scale = 1.0f) {
-  Tensor t = be.empty(shape, DType::kF32).value();
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = dist(rng);
-  return t;
-}
+using testutil::randn;
 
 TEST(CpuBackend, EmptyZerosCopyAndErrors) {
   auto be = make_cpu_backend();
   Tensor z = be->zeros({3, 5}, DType::kF32).value();
   for (int i = 0; i < 15; ++i) EXPECT_EQ(z.data_as<float>()[i], 0.0f);
-  Tensor r = random_tensor(*be, {3, 5}, 1);
+  Tensor r = randn(*be, {3, 5}, 1);
   ASSERT_TRUE(be->copy(r, z).ok());
   for (int i = 0; i < 15; ++i) EXPECT_EQ(z.data_as<float>()[i], r.data_as<float>()[i]);
   Tensor wrong = be->empty({4, 5}, DType::kF32).value();
@@ -83,8 +79,8 @@ TEST(CpuStream, WaitOrdersAcrossStreams) {
 TEST(CpuBackend, Fp32GemmMatchesFp64) {
   auto be = make_cpu_backend();
   const int M = 7, N = 5, K = 9;
-  Tensor a = random_tensor(*be, {K, M}, 2);  // used transposed
-  Tensor b = random_tensor(*be, {N, K}, 3);  // used transposed
+  Tensor a = randn(*be, {K, M}, 2);  // used transposed
+  Tensor b = randn(*be, {N, K}, 3);  // used transposed
   Tensor c = be->zeros({M, N}, DType::kF32).value();
   ASSERT_TRUE(be->gemm(a, true, b, true, c).ok());
   for (int m = 0; m < M; ++m)
@@ -113,7 +109,7 @@ uint16_t rne_bf16(float x) {  // independent of kernels/: integer RNE on the fp3
 TEST(CpuBackend, RowDotMatchesExtendedPrecision) {
   auto be = make_cpu_backend();
   const int64_t R = 9, C = 300;
-  Tensor a = random_tensor(*be, {R, C}, 21), b = random_tensor(*be, {R, C}, 22, 1e3f);
+  Tensor a = randn(*be, {R, C}, 21), b = randn(*be, {R, C}, 22, 1e3f);
   Tensor out = be->empty({R}, DType::kF64).value();
   ASSERT_TRUE(be->row_dot(a, b, out).ok());
   for (int64_t r = 0; r < R; ++r) {
@@ -128,7 +124,7 @@ TEST(CpuBackend, RowDotMatchesExtendedPrecision) {
                 static_cast<double>(mag) * C * 1.2e-16)
         << "row " << r;
   }
-  Tensor short_b = random_tensor(*be, {R, C - 1}, 23);
+  Tensor short_b = randn(*be, {R, C - 1}, 23);
   EXPECT_FALSE(be->row_dot(a, short_b, out).ok());
   Tensor f32_out = be->empty({R}, DType::kF32).value();
   const Status st = be->row_dot(a, b, f32_out);
@@ -140,7 +136,7 @@ TEST(CpuBackend, RowDotMatchesExtendedPrecision) {
 TEST(CpuBackend, Bf16CastAndGemm) {
   auto be = make_cpu_backend();
   const int M = 6, N = 5, K = 40;
-  Tensor a = random_tensor(*be, {M, K}, 7), b = random_tensor(*be, {N, K}, 8);
+  Tensor a = randn(*be, {M, K}, 7), b = randn(*be, {N, K}, 8);
   Tensor ab = be->empty({M, K}, DType::kBF16).value(), bb = be->empty({N, K}, DType::kBF16).value();
   ASSERT_TRUE(be->cast(a, ab).ok());
   ASSERT_TRUE(be->cast(b, bb).ok());
@@ -182,8 +178,8 @@ TEST(CpuBackend, Bf16CastAndGemm) {
 TEST(CpuBackend, Fp8FpropMatchesFp64OfDequantized) {
   auto be = make_cpu_backend();
   const int M = 64, N = 96, K = 384;
-  Tensor x = random_tensor(*be, {M, K}, 4);
-  Tensor w = random_tensor(*be, {N, K}, 5, 0.05f);
+  Tensor x = randn(*be, {M, K}, 4);
+  Tensor w = randn(*be, {N, K}, 5, 0.05f);
   QuantParams p;
   Tensor xq = be->quantize(x, Granularity::k1x128, p).value();
   Tensor wq = be->quantize(w, Granularity::k128x128, p).value();

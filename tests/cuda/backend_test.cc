@@ -16,9 +16,12 @@
 #include <vector>
 
 #include "core/model/attention_core.h"
+#include "tests/test_random.h"
 
 namespace fp8pipe {
 namespace {
+
+using testutil::randn;
 
 class CudaBackendTest : public ::testing::Test {
  protected:
@@ -66,13 +69,6 @@ class CudaBackendTest : public ::testing::Test {
   std::unique_ptr<Backend> cpu_, gpu_;
 };
 
-std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, sigma);
-  std::vector<float> v(n);
-  for (auto& x : v) x = nd(rng);
-  return v;
-}
 std::vector<int32_t> randi(size_t n, uint32_t seed, int lo, int hi) {
   std::mt19937 rng(seed);
   std::uniform_int_distribution<int> d(lo, hi - 1);

@@ -13,16 +13,12 @@
 #include <random>
 #include <tuple>
 
+#include "tests/test_random.h"
+
 namespace fp8pipe::model {
 namespace {
 
-Tensor randn(Backend& be, Shape s, uint32_t seed, float sigma = 1.0f) {
-  Tensor t = be.empty(s, DType::kF32).value();
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, sigma);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] = nd(rng);
-  return t;
-}
+using testutil::randn;
 
 // max |a - b| / (1 + max |a|)
 double rel_diff(const Tensor& a, const Tensor& b) {

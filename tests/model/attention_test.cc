@@ -10,8 +10,12 @@
 #include <map>
 #include <random>
 
+#include "tests/test_random.h"
+
 namespace fp8pipe::model {
 namespace {
+
+using testutil::randn;
 
 constexpr int64_t kHidden = 64, kHeads = 4, kB = 2, kT = 8, kN = kB * kT;
 const char* kPrefix = "layers.0.attn";
@@ -31,14 +35,6 @@ config::Model small_model(bool mla, int q_lora = 32) {
   a->set_qk_rope_head_dim(8);
   a->set_v_head_dim(16);
   return m;
-}
-
-std::vector<float> randn(int64_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
 }
 
 std::vector<float> values(const Tensor& t) {

@@ -12,8 +12,12 @@
 #include <random>
 #include <set>
 
+#include "tests/test_random.h"
+
 namespace fp8pipe::model {
 namespace {
+
+using testutil::randn;
 
 constexpr int64_t kHidden = 32, kE = 8, kK = 2, kGroups = 4, kMaxNodes = 2, kFfn = 16;
 constexpr int64_t kB = 2, kT = 8, kN = kB * kT;
@@ -34,14 +38,6 @@ config::Model small_model(float alpha, float cf) {
   moe->set_seq_aux_alpha(alpha);
   moe->set_capacity_factor(cf);
   return m;
-}
-
-std::vector<float> randn(int64_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
 }
 
 Tensor host_tensor(Backend& be, Shape shape, const std::vector<float>& v) {

@@ -11,17 +11,12 @@
 #include <vector>
 
 #include "optim/lr_schedule.h"
+#include "tests/test_random.h"
 
 namespace fp8pipe::optim {
 namespace {
 
-std::vector<float> randn(int n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> x(n);
-  for (float& v : x) v = d(rng);
-  return x;
-}
+using testutil::randn;
 
 // Overwrites x in place: optimizers hold pointers into these vectors, so they must not move.
 void refill(std::vector<float>& x, uint32_t seed, float scale = 1.0f) {
