@@ -13,6 +13,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/cpu/adamw.h"
@@ -31,6 +32,26 @@ struct GemmBatch {
   int64_t offset_a = 0, offset_b = 0, offset_c = 0;
 };
 using kernels::QuantParams;
+
+// Contiguous row groups of one [M, K] activation: the MoE's local experts, each a run of rows of
+// the expert-sorted (and padded) buffer. Group g is rows offsets[g] .. offsets[g+1]; tiles[g]
+// counts the 128-row tiles of the groups before g (a group's 128x1 tiles start at its first row).
+// `dev` holds offsets then tiles (i32 [2 (G + 1)]) where the backend's kernels read them.
+// Build with make_row_groups.
+struct RowGroups {
+  std::vector<int64_t> offsets, tiles;
+  Tensor dev;
+  int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  int64_t rows(int64_t g) const { return offsets[g + 1] - offsets[g]; }
+  int64_t total_rows() const { return offsets.back(); }
+};
+
+// A grouped FP8 tensor: every group's codes and scales in two buffers, and each group as an FP8
+// operand of its own (views of those buffers; undefined for an empty group), ready for gemm_fp8.
+struct GroupedFp8 {
+  Tensor codes, scales;
+  std::vector<Tensor> group;
+};
 
 class Event {
  public:
@@ -79,6 +100,19 @@ class Backend {
   // Exact transpose of a 128x128-quantized tensor (bytes and block scales), for Dgrad.
   virtual Result<Tensor> transpose_fp8(const Tensor& q) = 0;
   virtual Status dequantize(const Tensor& q, Tensor& out) = 0;  // out fp32, same shape
+  // Grouped FP8 (the MoE experts' activations in one pass, not one launch per expert). x is fp32
+  // [M, K] with M = groups.total_rows(); each group's result equals, bit for bit, the ungrouped op
+  // on that group's rows alone:
+  //  - quantize_groups: 1x128, group g as quantize(x rows of g): codes are x's rows in place,
+  //    scales in the VEC128 layout of g's own rows at scales[offsets[g] * ceil(K / 128)];
+  //  - quantize_transposed_groups: group g as quantize_transposed(x rows of g), [K, n_g] codes at
+  //    codes[K * offsets[g]], scales at scales[K * tiles[g]] (the Wgrad operands);
+  //  - dequantize_groups: the inverse of quantize_groups into out fp32 [M, K].
+  virtual Result<GroupedFp8> quantize_groups(const Tensor& x, const RowGroups& groups,
+                                             QuantParams p) = 0;
+  virtual Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
+                                                        QuantParams p) = 0;
+  virtual Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) = 0;
   // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
   virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;
   // C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged; C fp32, A and B
@@ -155,6 +189,13 @@ class Backend {
   // Copies a device tensor to host memory (a plain copy on the CPU backend).
   Result<Tensor> to_host(const Tensor& t);
 };
+
+// Row groups from their offsets ([G + 1], non-decreasing from 0, below 2^31), `dev` on be.
+Result<RowGroups> make_row_groups(Backend& be, std::vector<int64_t> offsets);
+// The per-group views of GroupedFp8 over codes and scales laid out as documented above
+// (transposed: the quantize_transposed_groups layout); K is the activation's width.
+GroupedFp8 group_views(Tensor codes, Tensor scales, const RowGroups& groups, int64_t K,
+                       bool transposed, bool pow2);
 
 std::unique_ptr<Backend> make_cpu_backend();
 // The CUDA backend for local device `device_index`; an error when not built with CUDA or no GPU.

@@ -115,6 +115,48 @@ class CpuBackend final : public CpuOps {
     return Status::Ok();
   }
 
+  // The grouped ops run the ungrouped kernels on each group's rows, writing into its slots.
+  Result<GroupedFp8> quantize_groups(const Tensor& x, const RowGroups& groups,
+                                     QuantParams p) override {
+    FP8_RETURN_IF_ERROR(checks::grouped_input("quantize_groups", x, groups));
+    const int64_t M = x.rows(), K = x.cols(), KB = k::ceil_div(K, 128);
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({M, K}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({M * KB}, DType::kF32));
+    for (int64_t g = 0; g < groups.count(); ++g) {
+      const int64_t lo = groups.offsets[g];
+      k::quantize(x.data_as<float>() + lo * K, groups.rows(g), K, Granularity::k1x128, p,
+                  q.data_as<uint8_t>() + lo * K, s.data_as<float>() + lo * KB);
+    }
+    return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/false, p.pow2);
+  }
+
+  Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
+                                                QuantParams p) override {
+    FP8_RETURN_IF_ERROR(checks::grouped_input("quantize_transposed_groups", x, groups));
+    const int64_t M = x.rows(), K = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({K * M}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({K * groups.tiles.back()}, DType::kF32));
+    for (int64_t g = 0; g < groups.count(); ++g) {
+      const int64_t lo = groups.offsets[g];
+      k::quantize_128x1_transposed(x.data_as<float>() + lo * K, groups.rows(g), K, p,
+                                   q.data_as<uint8_t>() + lo * K,
+                                   s.data_as<float>() + K * groups.tiles[g]);
+    }
+    return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/true, p.pow2);
+  }
+
+  Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(checks::dequantize_groups(q, groups, out));
+    const int64_t K = out.cols(), KB = k::ceil_div(K, 128);
+    for (int64_t g = 0; g < groups.count(); ++g) {
+      const int64_t lo = groups.offsets[g];
+      k::dequantize(q.codes.data_as<uint8_t>() + lo * K, q.scales.data_as<float>() + lo * KB,
+                    groups.rows(g), K, Granularity::k1x128, fp8_format(q.codes.dtype()),
+                    out.data_as<float>() + lo * K);
+    }
+    return Status::Ok();
+  }
+
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
     FP8_RETURN_IF_ERROR(checks::gemm_fp8(a, b, out));
     const int64_t M = a.rows(), N = b.rows(), K = a.cols();
@@ -196,6 +238,59 @@ Result<Tensor> Backend::zeros(const Shape& shape, DType dtype) {
   FP8_ASSIGN_OR_RETURN(Tensor t, empty(shape, dtype));
   FP8_RETURN_IF_ERROR(fill_zero(t));
   return t;
+}
+
+Result<RowGroups> make_row_groups(Backend& be, std::vector<int64_t> offsets) {
+  if (offsets.empty() || offsets[0] != 0) {
+    return FP8_INVALID("row groups: offsets must start at 0 (got {} offsets)", offsets.size());
+  }
+  RowGroups g;
+  g.tiles.assign(offsets.size(), 0);
+  for (size_t i = 1; i < offsets.size(); ++i) {
+    const int64_t n = offsets[i] - offsets[i - 1];
+    if (n < 0 || offsets[i] >= (int64_t{1} << 31)) {
+      return FP8_INVALID("row groups: offset {} = {} after {} (must not decrease, below 2^31)", i,
+                         offsets[i], offsets[i - 1]);
+    }
+    g.tiles[i] = g.tiles[i - 1] + kernels::ceil_div(n, 128);
+  }
+  g.offsets = std::move(offsets);
+  const int64_t n = static_cast<int64_t>(g.offsets.size());
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({2 * n}, DType::kI32));
+  for (int64_t i = 0; i < n; ++i) {
+    h.data_as<int32_t>()[i] = static_cast<int32_t>(g.offsets[i]);
+    h.data_as<int32_t>()[n + i] = static_cast<int32_t>(g.tiles[i]);
+  }
+  if (be.device() == Device::kCpu) {
+    g.dev = h;
+  } else {
+    FP8_ASSIGN_OR_RETURN(g.dev, be.empty({2 * n}, DType::kI32));
+    FP8_RETURN_IF_ERROR(be.copy(h, g.dev));
+  }
+  return g;
+}
+
+GroupedFp8 group_views(Tensor codes, Tensor scales, const RowGroups& groups, int64_t K,
+                       bool transposed, bool pow2) {
+  GroupedFp8 out;
+  const int64_t KB = kernels::ceil_div(K, 128);
+  for (int64_t g = 0; g < groups.count(); ++g) {
+    const int64_t lo = groups.offsets[g], n = groups.rows(g);
+    Tensor q, s;
+    if (n > 0 && !transposed) {
+      q = codes.slice_rows(lo, lo + n);
+      s = scales.slice_rows(lo * KB, (lo + n) * KB);
+    } else if (n > 0) {
+      q = codes.slice_rows(K * lo, K * (lo + n)).reshape({K, n}).value();
+      s = scales.slice_rows(K * groups.tiles[g], K * groups.tiles[g + 1]);
+    }
+    if (q.defined()) q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, pow2);
+    out.group.push_back(std::move(q));
+  }
+  out.codes = std::move(codes);
+  out.scales = std::move(scales);
+  return out;
 }
 
 Result<Tensor> Backend::to_host(const Tensor& t) {

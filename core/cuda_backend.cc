@@ -337,6 +337,53 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  static g::GroupsDev groups_dev(const RowGroups& gr) {
+    const int32_t* d = gr.dev.data_as<int32_t>();
+    return {d, d + gr.offsets.size(), static_cast<int>(gr.count())};
+  }
+
+  Result<GroupedFp8> quantize_groups(const Tensor& x, const RowGroups& groups,
+                                     QuantParams p) override {
+    FP8_RETURN_IF_ERROR(on_gpu("quantize_groups", {&x, &groups.dev}));
+    FP8_RETURN_IF_ERROR(checks::grouped_input("quantize_groups", x, groups));
+    const int64_t M = x.rows(), K = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({M, K}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({M * k::ceil_div(K, 128)}, DType::kF32));
+    if (M * K > 0) {
+      FP8_GPU("quantize_groups",
+              g::quantize_1x128_groups(x.data_as<float>(), M, K, groups_dev(groups), p,
+                                       q.data_as<uint8_t>(), s.data_as<float>(), nullptr, cur()));
+    }
+    return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/false, p.pow2);
+  }
+
+  Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
+                                                QuantParams p) override {
+    FP8_RETURN_IF_ERROR(on_gpu("quantize_transposed_groups", {&x, &groups.dev}));
+    FP8_RETURN_IF_ERROR(checks::grouped_input("quantize_transposed_groups", x, groups));
+    const int64_t M = x.rows(), K = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({K * M}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({K * groups.tiles.back()}, DType::kF32));
+    if (M * K > 0) {
+      FP8_GPU("quantize_transposed_groups",
+              g::quantize_128x1_transposed_groups(x.data_as<float>(), M, K, groups_dev(groups),
+                                                  groups.tiles.back(), p, q.data_as<uint8_t>(),
+                                                  s.data_as<float>(), nullptr, cur()));
+    }
+    return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/true, p.pow2);
+  }
+
+  Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
+    FP8_RETURN_IF_ERROR(on_gpu("dequantize_groups", {&q.codes, &q.scales, &groups.dev, &out}));
+    FP8_RETURN_IF_ERROR(checks::dequantize_groups(q, groups, out));
+    if (!out.numel()) return Status::Ok();
+    FP8_GPU("dequantize_groups",
+            g::dequantize_1x128_groups(q.codes.data_as<uint8_t>(), q.scales.data_as<float>(),
+                                       out.rows(), out.cols(), groups_dev(groups),
+                                       fp8_format(q.codes.dtype()), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
     FP8_RETURN_IF_ERROR(on_gpu("gemm_fp8", {&a, &b, &out}));
     FP8_RETURN_IF_ERROR(checks::gemm_fp8(a, b, out));

@@ -1,6 +1,8 @@
 // The Backend ops' shared argument checks (see core/op_checks.h).
 #include "core/op_checks.h"
 
+#include <fmt/format.h>
+
 namespace fp8pipe::checks {
 
 // ---- generic rules
@@ -81,6 +83,27 @@ Status dequantize(const Tensor& q, const Tensor& out) {
 
 // Operand scales as cuBLASLt takes them (kernels/cpu/fp8_gemm.h): 1x128, 128x128 or per-tensor,
 // never 128x128 on both sides.
+Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups) {
+  if (groups.count() < 1 || !groups.dev.defined()) {
+    return FP8_INVALID("{}: row groups must come from make_row_groups", op);
+  }
+  return need(
+      x.defined() && x.dtype() == DType::kF32 && x.rank() == 2 && x.rows() == groups.total_rows(),
+      op, fmt::format("fp32 [{}, K] required (the groups' rows)", groups.total_rows()).c_str(), x);
+}
+
+Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out) {
+  const char* op = "dequantize_groups";
+  FP8_RETURN_IF_ERROR(grouped_input(op, out, groups));
+  if (!is_fp8(q.codes.dtype()) || q.codes.numel() != out.numel() ||
+      q.scales.numel() != groups.total_rows() * kernels::ceil_div(out.cols(), 128) ||
+      static_cast<int64_t>(q.group.size()) != groups.count()) {
+    return FP8_INVALID("{}: codes {} and scales {} are not quantize_groups of {}", op,
+                       q.codes.describe(), q.scales.describe(), out.describe());
+  }
+  return Status::Ok();
+}
+
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out) {
   FP8_RETURN_IF_ERROR(fp8("gemm_fp8 A", a));
   FP8_RETURN_IF_ERROR(fp8("gemm_fp8 B", b));

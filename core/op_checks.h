@@ -32,6 +32,9 @@ Status quantize(const Tensor& x);
 Status quantize_transposed(const Tensor& x);
 Status transpose_fp8(const Tensor& q);
 Status dequantize(const Tensor& q, const Tensor& out);
+// quantize_groups / quantize_transposed_groups (x fp32 [total_rows, K]) and dequantize_groups.
+Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups);
+Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out);
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
 Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
 Status cast(const Tensor& src, const Tensor& dst);  // fp32 <-> bf16, equal counts

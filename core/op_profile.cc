@@ -113,6 +113,18 @@ class ProfiledBackend final : public Backend {
   Status dequantize(const Tensor& q, Tensor& out) override {
     return timed("dequantize", 0, [&] { return in_->dequantize(q, out); });
   }
+  Result<GroupedFp8> quantize_groups(const Tensor& x, const RowGroups& groups,
+                                     QuantParams p) override {
+    return timed("quantize_groups", 0, [&] { return in_->quantize_groups(x, groups, p); });
+  }
+  Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
+                                                QuantParams p) override {
+    return timed("quantize_transposed_groups", 0,
+                 [&] { return in_->quantize_transposed_groups(x, groups, p); });
+  }
+  Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
+    return timed("dequantize_groups", 0, [&] { return in_->dequantize_groups(q, groups, out); });
+  }
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
     return timed("gemm_fp8", gemm_flops(a.rows(), b.rows(), a.cols()),
                  [&] { return in_->gemm_fp8(a, b, out, mode); });

@@ -29,6 +29,12 @@ Status Linear::refresh_weight_cache(ModelCtx& c) {
   return Status::Ok();
 }
 
+Result<Tensor> Linear::weight_operand(ModelCtx& c, bool dgrad) {
+  FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
+  if (use_fp8(c)) return dgrad ? wq_t_ : wq_;
+  return bf16_path(c) ? wb_ : w_.value;
+}
+
 // GEMM of a [n, k] with b ([m, k] when trans_b, else [k, m]), both fp32 or both bf16, into fp32;
 // the result rounded to bf16 values unless FP32.
 Result<Tensor> Linear::gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b) {

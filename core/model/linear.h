@@ -32,6 +32,11 @@ class Linear {
   // Forward on an input whose gradient is never needed (no state kept).
   Result<Tensor> apply(ModelCtx& c, const Tensor& x);
 
+  // The weight operand of this layer's GEMMs for the current weight version: FP8 W (128x128), or
+  // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.
+  // Layers that run this weight's GEMMs themselves (RoutedExperts) take it from here.
+  Result<Tensor> weight_operand(ModelCtx& c, bool dgrad);
+
   Param& weight() { return w_; }
   int64_t in() const { return in_; }
   int64_t out() const { return out_; }

@@ -13,6 +13,8 @@
 #include <numeric>
 #include <tuple>
 
+#include "core/model/experts.h"
+
 namespace fp8pipe::model {
 namespace {
 
@@ -64,14 +66,15 @@ struct MoE::Impl {
     std::vector<Rec> recs;        // the records this rank's experts serve, ordered (e, src, a)
     std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
     // ModelCtx::expert_row_align (plan_padding): each expert's first row in the zero-padded
-    // layout [E_local + 1] and, when any expert needs padding, each record's padded row (i32 [m]).
+    // layout [E_local + 1] (the experts' row groups) and, when any expert needs padding, each
+    // record's padded row (i32 [m]).
     std::vector<int64_t> pad_offset;
+    RowGroups groups;
     Tensor pad_idx;
     bool padded = false;
-    Tensor rows;               // i32 [m] last-hop row of each record
-    Tensor gates;              // f32 [m]
-    Tensor out;                // [m, hidden] unweighted expert outputs (for dgate)
-    std::vector<uint8_t> ran;  // local experts whose SwiGLU ran (and keeps state) for this mb
+    Tensor rows;   // i32 [m] last-hop row of each record
+    Tensor gates;  // f32 [m]
+    Tensor out;    // [m, hidden] unweighted expert outputs (for dgate)
   };
 
   int64_t hidden = 0, E = 0, K = 0, n_groups = 1, max_groups = 1;
@@ -81,7 +84,7 @@ struct MoE::Impl {
   Linear router;
   Param bias;
   std::unique_ptr<SwiGLU> shared;
-  std::vector<SwiGLU> experts;  // local experts only
+  RoutedExperts experts;  // local experts only
   MoeStepStats stats;
   PerMicrobatch<Saved> saved;
 
@@ -101,6 +104,7 @@ struct MoE::Impl {
   Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
   Status plan_padding(ModelCtx& c, Saved& s) const;
   Result<Tensor> pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const;
+  Result<Tensor> unpad_rows(ModelCtx& c, const Saved& s, const Tensor& padded) const;
   Status return_dgates(ModelCtx& c, const Saved& s, const std::vector<double>& dg,
                        std::vector<double>& dgate) const;
   double balance_loss(const Routing& r, int64_t B, int64_t T, double scale,
@@ -303,17 +307,8 @@ Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last,
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
   FP8_RETURN_IF_ERROR(plan_padding(c, s));
   FP8_ASSIGN_OR_RETURN(Tensor xe, pad_rows(c, s, xin));
-  FP8_ASSIGN_OR_RETURN(s.out, new_f32(c, m, hidden));
-  s.ran.assign(E_local, 0);
-  for (int64_t e = 0; e < E_local; ++e) {
-    const int64_t lo = s.offset[e], hi = s.offset[e + 1];
-    if (lo == hi) continue;
-    FP8_ASSIGN_OR_RETURN(
-        Tensor ye, experts[e].forward(c, mb, xe.slice_rows(s.pad_offset[e], s.pad_offset[e + 1])));
-    Tensor dst = s.out.slice_rows(lo, hi);
-    FP8_RETURN_IF_ERROR(c.be->copy(ye.slice_rows(0, hi - lo), dst));  // padding rows dropped
-    s.ran[e] = 1;
-  }
+  FP8_ASSIGN_OR_RETURN(Tensor ye, experts.forward(c, mb, xe, s.groups));
+  FP8_ASSIGN_OR_RETURN(s.out, unpad_rows(c, s, ye));
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, x_last.rows(), hidden));
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.rows, s.gates, y));
   return y;
@@ -328,6 +323,7 @@ Status MoE::Impl::plan_padding(ModelCtx& c, Saved& s) const {
     const int64_t n = s.offset[e + 1] - s.offset[e];
     s.pad_offset[e + 1] = s.pad_offset[e] + (n + align - 1) / align * align;
   }
+  FP8_ASSIGN_OR_RETURN(s.groups, make_row_groups(*c.be, s.pad_offset));
   s.padded = s.pad_offset[E_local] != s.offset[E_local];
   if (!s.padded) return Status::Ok();
   std::vector<int32_t> idx(s.offset[E_local]);
@@ -346,6 +342,14 @@ Result<Tensor> MoE::Impl::pad_rows(ModelCtx& c, const Saved& s, const Tensor& ro
   if (!s.padded) return rows;
   FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, s.pad_offset[E_local], hidden));
   FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(rows, s.pad_idx, Tensor(), out));
+  return out;
+}
+
+// The transpose of pad_rows: each record's row of the padded layout (padding rows dropped).
+Result<Tensor> MoE::Impl::unpad_rows(ModelCtx& c, const Saved& s, const Tensor& padded) const {
+  if (!s.padded) return padded;
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, s.offset[E_local], hidden));
+  FP8_RETURN_IF_ERROR(c.be->gather_rows(padded, s.pad_idx, out));
   return out;
 }
 
@@ -411,17 +415,9 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     FP8_ASSIGN_OR_RETURN(Tensor ident, upload(c, iota, {m}, DType::kI32));
     FP8_ASSIGN_OR_RETURN(Tensor dout, new_zeros(c, m, hidden));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dyr, ident, s.gates, dout));
-    FP8_ASSIGN_OR_RETURN(Tensor dxr, new_f32(c, m, hidden));
     FP8_ASSIGN_OR_RETURN(Tensor dpad, pad_rows(c, s, dout));
-    for (int64_t e = 0; e < E_local; ++e) {
-      if (!s.ran[e]) continue;
-      const int64_t lo = s.offset[e], hi = s.offset[e + 1];
-      FP8_ASSIGN_OR_RETURN(
-          Tensor dxe,
-          experts[e].backward_input(c, mb, dpad.slice_rows(s.pad_offset[e], s.pad_offset[e + 1])));
-      Tensor dst = dxr.slice_rows(lo, hi);
-      FP8_RETURN_IF_ERROR(c.be->copy(dxe.slice_rows(0, hi - lo), dst));
-    }
+    FP8_ASSIGN_OR_RETURN(Tensor dxe, experts.backward_input(c, mb, dpad));
+    FP8_ASSIGN_OR_RETURN(Tensor dxr, unpad_rows(c, s, dxe));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }
   FP8_RETURN_IF_ERROR(return_dgates(c, s, dg, dgate));
@@ -527,12 +523,8 @@ Status MoE::init(ModelCtx& c, const std::string& prefix, const config::Model& m,
   }
   p.E_local = p.E / p.P;
   p.e_begin = p.me * p.E_local;
-  p.experts.resize(p.E_local);
-  for (int64_t e = 0; e < p.E_local; ++e) {
-    FP8_RETURN_IF_ERROR(p.experts[e].init(c, prefix + ".experts." + std::to_string(p.e_begin + e),
-                                          p.hidden, moe.expert_hidden(), seed, init_std,
-                                          /*expert=*/true));
-  }
+  FP8_RETURN_IF_ERROR(p.experts.init(c, prefix, p.e_begin, p.E_local, p.hidden, moe.expert_hidden(),
+                                     seed, init_std));
   reset_stats();
   return Status::Ok();
 }
@@ -589,18 +581,16 @@ Result<Tensor> MoE::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   std::vector<double> dgate(s->r.idx.size(), 0.0);  // dropped assignments keep 0
   FP8_RETURN_IF_ERROR(p.experts_backward(c, mb, *s, dy, dgate, dx));
   FP8_RETURN_IF_ERROR(p.router_backward(c, mb, *s, dgate, dx));
-  s->out = Tensor();  // activations no longer needed; the W pass needs only `ran`
+  s->out = Tensor();  // not needed by the W pass (the experts keep their own state)
   return dx;
 }
 
 Status MoE::backward_weight(ModelCtx& c, int mb) {
   Impl& p = *impl_;
-  FP8_ASSIGN_OR_RETURN(Impl::Saved * s, p.saved.get(mb, "moe"));
+  FP8_RETURN_IF_ERROR(p.saved.get(mb, "moe").status());  // the forward ran for mb
   FP8_RETURN_IF_ERROR(p.router.backward_weight(c, mb));
   if (p.shared) FP8_RETURN_IF_ERROR(p.shared->backward_weight(c, mb));
-  for (int64_t e = 0; e < p.E_local; ++e) {
-    if (s->ran[e]) FP8_RETURN_IF_ERROR(p.experts[e].backward_weight(c, mb));
-  }
+  FP8_RETURN_IF_ERROR(p.experts.backward_weight(c, mb));
   p.saved.erase(mb);
   return Status::Ok();
 }
@@ -611,9 +601,7 @@ std::vector<Param*> MoE::params() {
   if (p.shared) {
     for (Param* q : p.shared->params()) ps.push_back(q);
   }
-  for (SwiGLU& e : p.experts) {
-    for (Param* q : e.params()) ps.push_back(q);
-  }
+  for (Param* q : p.experts.params()) ps.push_back(q);
   return ps;
 }
 

@@ -136,6 +136,31 @@ __device__ __forceinline__ uint4 ldg16(const void* p) {
 inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 inline int blocks_for(int64_t n, int64_t per) { return static_cast<int>((n + per - 1) / per); }
 
+// Largest g in [0, n) with a[g] <= v (a non-decreasing from a[0] <= v): the group holding row v
+// (a = offsets; an empty group is never chosen) or 128-row tile v (a = tiles).
+__device__ __forceinline__ int find_group(const int32_t* a, int n, int64_t v) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (a[mid] <= v) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Where the 1x128 scale of (row r, k-block kb) lives: s[kb*R + r], or with row groups in the
+// VEC128 layout of r's own group, which starts at off[g] * KB.
+__device__ __forceinline__ int64_t vec_scale_index(int64_t r, int64_t kb, int64_t R, int64_t KB,
+                                                   const GroupsDev& gr) {
+  if (!gr.off) return kb * R + r;
+  const int g = find_group(gr.off, gr.n, r);
+  const int64_t o = gr.off[g], n = gr.off[g + 1] - o;
+  return o * KB + kb * n + (r - o);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1x128, vectorised. Requirements: cols % kPerVec == 0, x 16-byte aligned, q aligned to the
 // per-lane output (4 B fp32, 8 B bf16).
@@ -145,7 +170,8 @@ constexpr int kLoads = 4;  // independent 16-byte loads per lane
 template <class T, Fp8Format F>
 __global__ void __launch_bounds__(kThreads)
     q1x128_vec_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
-                      uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+                      GroupsDev gr, uint8_t* __restrict__ q, float* __restrict__ s,
+                      int* nonfinite) {
   constexpr int kPerVec = Elem<T>::kPerVec;
   constexpr int kLanesPerGroup = kG / kPerVec;           // 32 or 16
   constexpr int kGroupsPerLoad = 32 / kLanesPerGroup;    // 1 or 2
@@ -179,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
     const Scale sc = scale_from_bits(m, pow2, fmax);
     if (r < R) {
       if (li == 0) {
-        s[kb * R + r] = sc.sf;
+        s[vec_scale_index(r, kb, R, KB, gr)] = sc.sf;
         if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
       }
       if (col_ok) {
@@ -194,7 +220,8 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, Fp8Format F>
 __global__ void __launch_bounds__(kThreads)
     q1x128_scalar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
-                         uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+                         GroupsDev gr, uint8_t* __restrict__ q, float* __restrict__ s,
+                         int* nonfinite) {
   const int lane = threadIdx.x & 31;
   const int64_t g = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
   if (g >= R * KB) return;
@@ -211,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
   m = __reduce_max_sync(0xFFFFFFFFu, m);
   const Scale sc = scale_from_bits(m, pow2, fp8_max(F));
   if (lane == 0) {
-    s[kb * R + r] = sc.sf;
+    s[vec_scale_index(r, kb, R, KB, gr)] = sc.sf;
     if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
   }
 #pragma unroll
@@ -231,13 +258,25 @@ constexpr int kTc = 64;
 template <class T, Fp8Format F, bool kTranspose>
 __global__ void __launch_bounds__(kThreads)
     q128x1_kernel(const T* __restrict__ x, int64_t R, int64_t C, bool pow2, bool vec_in,
-                  bool vec_out, uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+                  bool vec_out, GroupsDev gr, uint8_t* __restrict__ q, float* __restrict__ s,
+                  int* nonfinite) {
   constexpr int kPerVec = Elem<T>::kPerVec;
   constexpr int kVecPerRow = kTc / kPerVec;  // 16 (fp32) or 8 (bf16)
   __shared__ __align__(16) T tile[kG][kTc];
   __shared__ uint32_t red[kThreads / kTc][kTc];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTc;
-  const int64_t rb = blockIdx.y, r0 = rb * kG;
+  // The tile's group: rows gbeg .. gbeg + gn (ungrouped: all R rows), tiled by 128 from its first
+  // row; rb is the tile's row block within the group, whose scales start at row block tbase.
+  int64_t gbeg = 0, gn = R, rb = blockIdx.y, tbase = 0;
+  if (gr.off) {
+    const int g = find_group(gr.tiles, gr.n, blockIdx.y);
+    gbeg = gr.off[g];
+    gn = gr.off[g + 1] - gbeg;
+    tbase = gr.tiles[g];
+    rb = blockIdx.y - tbase;
+  }
+  const int64_t l0 = rb * kG;  // the tile's first row within the group
+  const T* xg = x + gbeg * C;
   const int t = threadIdx.x;
 
   if (vec_in) {
@@ -246,8 +285,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int idx = i * kThreads + t, row = idx / kVecPerRow, cv = (idx % kVecPerRow) * kPerVec;
-      const int64_t r = r0 + row, c = c0 + cv;
-      v[i] = (r < R && c < C) ? ldg16(x + r * C + c) : make_uint4(0, 0, 0, 0);
+      const int64_t r = l0 + row, c = c0 + cv;
+      v[i] = (r < gn && c < C) ? ldg16(xg + r * C + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
@@ -257,8 +296,8 @@ __global__ void __launch_bounds__(kThreads)
   } else {
     for (int idx = t; idx < kG * kTc; idx += kThreads) {
       const int row = idx / kTc, col = idx % kTc;
-      const int64_t r = r0 + row, c = c0 + col;
-      tile[row][col] = (r < R && c < C) ? x[r * C + c] : T(0);
+      const int64_t r = l0 + row, c = c0 + col;
+      tile[row][col] = (r < gn && c < C) ? xg[r * C + c] : T(0);
     }
   }
   __syncthreads();
@@ -279,13 +318,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = c0 + col;
   if (c >= C) return;
   if (part == 0) {
-    s[rb * C + c] = sc.sf;
+    s[(tbase + rb) * C + c] = sc.sf;
     if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
   }
-  const int64_t rr = r0 + part * 32;  // first row of this thread's run
+  const int64_t lr = l0 + part * 32;  // first row (within the group) of this thread's run
   if constexpr (kTranspose) {
-    uint8_t* out = q + c * R + rr;  // qt[c][rr .. rr+32)
-    if (vec_out && rr + 32 <= R) {
+    uint8_t* out = q + C * gbeg + c * gn + lr;  // the group's qt[c][lr .. lr+32)
+    if (vec_out && gn % 16 == 0 && (C * gbeg) % 16 == 0 && lr + 32 <= gn) {
       uint32_t w[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -297,13 +336,13 @@ __global__ void __launch_bounds__(kThreads)
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
-        if (rr + i < R) out[i] = encode1<F>(xv[i], sc.inv);
+        if (lr + i < gn) out[i] = encode1<F>(xv[i], sc.inv);
       }
     }
   } else {
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-      if (rr + i < R) q[(rr + i) * C + c] = encode1<F>(xv[i], sc.inv);
+      if (lr + i < gn) q[(gbeg + lr + i) * C + c] = encode1<F>(xv[i], sc.inv);
     }
   }
 }
@@ -456,10 +495,10 @@ __device__ __forceinline__ float2 decode2(uint16_t two) {
 }
 
 __device__ __forceinline__ float scale_at(const float* s, Granularity g, int64_t R, int64_t C,
-                                          int64_t r, int64_t c) {
+                                          int64_t r, int64_t c, const GroupsDev& gr) {
   switch (g) {
     case Granularity::k1x128:
-      return s[(c / kG) * R + r];
+      return s[vec_scale_index(r, c / kG, R, (C + kG - 1) / kG, gr)];
     case Granularity::k128x1:
       return s[(r / kG) * C + c];
     case Granularity::k128x128:
@@ -473,7 +512,7 @@ __device__ __forceinline__ float scale_at(const float* s, Granularity g, int64_t
 template <Fp8Format F>
 __global__ void __launch_bounds__(kThreads)
     dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ s, int64_t R, int64_t C,
-                   Granularity g, bool vec, float* __restrict__ out) {
+                   Granularity g, bool vec, GroupsDev gr, float* __restrict__ out) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   if (vec) {  // C % 4 == 0: 4 codes (one uint32) -> float4
@@ -485,12 +524,12 @@ __global__ void __launch_bounds__(kThreads)
       const float2 b = decode2<F>(static_cast<uint16_t>(w >> 16));
       float4 o;
       if (g == Granularity::k128x1) {
-        o = make_float4(__fmul_rn(a.x, scale_at(s, g, R, C, r, c)),
-                        __fmul_rn(a.y, scale_at(s, g, R, C, r, c + 1)),
-                        __fmul_rn(b.x, scale_at(s, g, R, C, r, c + 2)),
-                        __fmul_rn(b.y, scale_at(s, g, R, C, r, c + 3)));
+        o = make_float4(__fmul_rn(a.x, scale_at(s, g, R, C, r, c, gr)),
+                        __fmul_rn(a.y, scale_at(s, g, R, C, r, c + 1, gr)),
+                        __fmul_rn(b.x, scale_at(s, g, R, C, r, c + 2, gr)),
+                        __fmul_rn(b.y, scale_at(s, g, R, C, r, c + 3, gr)));
       } else {
-        const float sf = scale_at(s, g, R, C, r, c);  // 4 | 128: one group
+        const float sf = scale_at(s, g, R, C, r, c, gr);  // 4 | 128: one group
         o = make_float4(__fmul_rn(a.x, sf), __fmul_rn(a.y, sf), __fmul_rn(b.x, sf),
                         __fmul_rn(b.y, sf));
       }
@@ -500,7 +539,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = tid; i < R * C; i += stride) {
     const int64_t r = i / C, c = i % C;
-    out[i] = __fmul_rn(decode2<F>(q[i]).x, scale_at(s, g, R, C, r, c));
+    out[i] = __fmul_rn(decode2<F>(q[i]).x, scale_at(s, g, R, C, r, c, gr));
   }
 }
 
@@ -540,7 +579,7 @@ __global__ void transpose_block_scales_kernel(const float* __restrict__ s, int64
 
 template <class T, Fp8Format F>
 Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p, uint8_t* q,
-                  float* s, int* nonfinite, cudaStream_t st) {
+                  float* s, int* nonfinite, cudaStream_t st, GroupsDev gr = {}) {
   constexpr int kPerVec = Elem<T>::kPerVec;
   const int64_t KB = ceil_div(C, kG), RB = ceil_div(R, kG);
   const size_t out_align = kPerVec;  // bytes of codes per 16-byte input vector
@@ -551,12 +590,12 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
         const int64_t nb = ceil_div(R, kRowsPerBlock) * KB;
         FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
         q1x128_vec_kernel<T, F>
-            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, gr, q, s, nonfinite);
       } else {
         const int64_t nb = ceil_div(R * KB, kThreads / 32);
         FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
         q1x128_scalar_kernel<T, F>
-            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, gr, q, s, nonfinite);
       }
       break;
     }
@@ -566,7 +605,7 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
       const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
       const bool vec_in = C % kPerVec == 0 && aligned(x, 16);
       q128x1_kernel<T, F, false>
-          <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, false, q, s, nonfinite);
+          <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, false, GroupsDev{}, q, s, nonfinite);
       break;
     }
     case Granularity::k128x128: {
@@ -603,7 +642,7 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
 
 template <class T>
 Result quantize_any(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p, uint8_t* q,
-                    float* s, int* nonfinite, cudaStream_t st) {
+                    float* s, int* nonfinite, cudaStream_t st, GroupsDev gr = {}) {
   if (R <= 0 || C <= 0) {  // as the CPU: no codes; per-tensor s[0] is the scale of amax 0
     const int64_t ns = std::max<int64_t>(0, scale_count(g, R, C));
     if (ns > 0) FP8PIPE_CUDA_TRY(cudaMemsetAsync(s, 0, ns * sizeof(float), st));
@@ -614,31 +653,33 @@ Result quantize_any(const T* x, int64_t R, int64_t C, Granularity g, QuantParams
     return Result::Ok();
   }
   if (p.fmt == Fp8Format::kE4M3)
-    return quantize_t<T, Fp8Format::kE4M3>(x, R, C, g, p, q, s, nonfinite, st);
-  return quantize_t<T, Fp8Format::kE5M2>(x, R, C, g, p, q, s, nonfinite, st);
+    return quantize_t<T, Fp8Format::kE4M3>(x, R, C, g, p, q, s, nonfinite, st, gr);
+  return quantize_t<T, Fp8Format::kE5M2>(x, R, C, g, p, q, s, nonfinite, st, gr);
 }
 
 template <class T, Fp8Format F>
 Result q128x1_t_launch(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t* qt, float* s,
-                       int* nonfinite, cudaStream_t st) {
-  const int64_t RB = ceil_div(R, kG);
+                       int* nonfinite, cudaStream_t st, GroupsDev gr = {}, int64_t tiles = 0) {
+  // One block row per 128-row tile: of the tensor, or of each group (`tiles` in all).
+  const int64_t RB = gr.off ? tiles : ceil_div(R, kG);
   FP8PIPE_REQUIRE(RB <= 65535 && ceil_div(C, kTc) < (1ll << 31), "quantize 128x1: too many rows");
+  if (RB == 0) return Result::Ok();
   const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
   const bool vec_in = C % Elem<T>::kPerVec == 0 && aligned(x, 16);
-  const bool vec_out = R % 16 == 0 && aligned(qt, 16);
+  const bool vec_out = R % 16 == 0 && aligned(qt, 16);  // grouped: each group's rows checked too
   q128x1_kernel<T, F, true>
-      <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, vec_out, qt, s, nonfinite);
+      <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
 
 template <class T>
 Result q128x1_t_any(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t* qt, float* s,
-                    int* nonfinite, cudaStream_t st) {
+                    int* nonfinite, cudaStream_t st, GroupsDev gr = {}, int64_t tiles = 0) {
   if (R <= 0 || C <= 0) return Result::Ok();  // as the CPU
   if (p.fmt == Fp8Format::kE4M3)
-    return q128x1_t_launch<T, Fp8Format::kE4M3>(x, R, C, p, qt, s, nonfinite, st);
-  return q128x1_t_launch<T, Fp8Format::kE5M2>(x, R, C, p, qt, s, nonfinite, st);
+    return q128x1_t_launch<T, Fp8Format::kE4M3>(x, R, C, p, qt, s, nonfinite, st, gr, tiles);
+  return q128x1_t_launch<T, Fp8Format::kE5M2>(x, R, C, p, qt, s, nonfinite, st, gr, tiles);
 }
 
 }  // namespace
@@ -663,19 +704,45 @@ Result quantize_128x1_transposed_bf16(const uint16_t* x, int64_t rows, int64_t c
   return q128x1_t_any(x, rows, cols, p, qt, s, nonfinite, stream);
 }
 
-Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
-                  Fp8Format fmt, float* out, cudaStream_t stream) {
+namespace {
+Result dequantize_any(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
+                      Fp8Format fmt, float* out, cudaStream_t stream, GroupsDev gr) {
   if (rows <= 0 || cols <= 0) return Result::Ok();
   const bool vec = cols % 4 == 0 && aligned(q, 4) && aligned(out, 16);
   const int grid =
       static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, kThreads * 4), 132 * 32));
   if (fmt == Fp8Format::kE4M3) {
-    dequant_kernel<Fp8Format::kE4M3><<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, out);
+    dequant_kernel<Fp8Format::kE4M3>
+        <<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, gr, out);
   } else {
-    dequant_kernel<Fp8Format::kE5M2><<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, out);
+    dequant_kernel<Fp8Format::kE5M2>
+        <<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, gr, out);
   }
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
+}
+}  // namespace
+
+Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
+                  Fp8Format fmt, float* out, cudaStream_t stream) {
+  return dequantize_any(q, s, rows, cols, g, fmt, out, stream, GroupsDev{});
+}
+
+Result quantize_1x128_groups(const float* x, int64_t rows, int64_t cols, GroupsDev groups,
+                             QuantParams p, uint8_t* q, float* s, int* nonfinite,
+                             cudaStream_t stream) {
+  return quantize_any(x, rows, cols, Granularity::k1x128, p, q, s, nonfinite, stream, groups);
+}
+
+Result quantize_128x1_transposed_groups(const float* x, int64_t rows, int64_t cols,
+                                        GroupsDev groups, int64_t tiles, QuantParams p, uint8_t* qt,
+                                        float* s, int* nonfinite, cudaStream_t stream) {
+  return q128x1_t_any(x, rows, cols, p, qt, s, nonfinite, stream, groups, tiles);
+}
+
+Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,
+                               GroupsDev groups, Fp8Format fmt, float* out, cudaStream_t stream) {
+  return dequantize_any(q, s, rows, cols, Granularity::k1x128, fmt, out, stream, groups);
 }
 
 Result transpose_128x128(const uint8_t* q, const float* s, int64_t rows, int64_t cols, uint8_t* qt,

@@ -18,6 +18,15 @@
 
 namespace fp8pipe::kernels::gpu {
 
+// Row groups as the kernels read them (RowGroups::dev in core/backend.h): group g of n is rows
+// off[g] .. off[g+1]; tiles[g] counts the 128-row tiles of the groups before g. off == nullptr
+// means no groups (one group of all rows).
+struct GroupsDev {
+  const int32_t* off = nullptr;
+  const int32_t* tiles = nullptr;
+  int n = 0;
+};
+
 // Quantize X[rows][cols] (fp32, or bf16 bits) at granularity g into q[rows][cols] and s.
 // Per-tensor is a memset + three launches (amax, encode, finalize) using s[0] as the amax scratch.
 Result quantize(const float* x, int64_t rows, int64_t cols, Granularity g, QuantParams p,
@@ -35,6 +44,20 @@ Result quantize_128x1_transposed_bf16(const uint16_t* x, int64_t rows, int64_t c
 // out[r][c] = f32(decode(q[r][c]) * s[group(r,c)]).
 Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
                   Fp8Format fmt, float* out, cudaStream_t stream);
+
+// Grouped variants (the MoE experts in one launch), each group bit-identical to the plain kernel
+// on its rows alone: 1x128 with each group's scales in the VEC128 layout of its own rows at
+// s[off[g] * ceil(cols / 128)]; 128x1 transposed with group g's qt [cols][n_g] at qt[cols *
+// off[g]] and its scales at s[cols * tiles[g]] (`tiles`: the groups' tile count); dequantize of the
+// 1x128 layout.
+Result quantize_1x128_groups(const float* x, int64_t rows, int64_t cols, GroupsDev groups,
+                             QuantParams p, uint8_t* q, float* s, int* nonfinite,
+                             cudaStream_t stream);
+Result quantize_128x1_transposed_groups(const float* x, int64_t rows, int64_t cols,
+                                        GroupsDev groups, int64_t tiles, QuantParams p, uint8_t* qt,
+                                        float* s, int* nonfinite, cudaStream_t stream);
+Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,
+                               GroupsDev groups, Fp8Format fmt, float* out, cudaStream_t stream);
 
 // Exact transpose of a 128x128-quantized tensor: qt[cols][rows] and st (block scales transposed,
 // padded layout of the transposed shape, padding written as 0).

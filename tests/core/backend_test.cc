@@ -209,5 +209,59 @@ TEST(CpuBackend, Fp8FpropMatchesFp64OfDequantized) {
   EXPECT_FALSE(be->gemm_fp8(wq, wq, wrong, GemmMode::kFast).ok());  // 128x128 x 128x128
 }
 
+// Grouped FP8 ops: each group's codes and scales are those of the ungrouped op on its rows
+// alone, found where the layout says, and each group's view is a working gemm_fp8 operand.
+TEST(CpuBackend, GroupedQuantizeIsPerGroupQuantize) {
+  auto be = make_cpu_backend();
+  const std::vector<int64_t> off = {0, 37, 37, 197, 213, 342};  // an empty group; 160 rows: 2 tiles
+  const int64_t M = off.back(), K = 256, KB = 2, N = 128;
+  RowGroups gr = make_row_groups(*be, off).value();
+  EXPECT_EQ(gr.tiles, (std::vector<int64_t>{0, 1, 1, 3, 4, 6}));
+  Tensor x = randn(*be, {M, K}, 8);
+  QuantParams p;
+  p.pow2 = false;
+  GroupedFp8 q = be->quantize_groups(x, gr, p).value();
+  GroupedFp8 qt = be->quantize_transposed_groups(x, gr, p).value();
+  Tensor xd = be->empty({M, K}, DType::kF32).value();
+  ASSERT_TRUE(be->dequantize_groups(q, gr, xd).ok());
+  Tensor w = randn(*be, {N, K}, 9, 0.05f);
+  Tensor wq = be->quantize(w, Granularity::k128x128, p).value();
+  for (int64_t g = 0; g < gr.count(); ++g) {
+    const int64_t lo = off[g], n = off[g + 1] - lo;
+    if (n == 0) {
+      EXPECT_FALSE(q.group[g].defined());
+      continue;
+    }
+    Tensor xs = be->empty({n, K}, DType::kF32).value();  // the group's rows, copied out
+    std::memcpy(xs.data(), x.slice_rows(lo, lo + n).data(), xs.nbytes());
+    Tensor r = be->quantize(xs, Granularity::k1x128, p).value();
+    ASSERT_EQ(q.group[g].shape(), r.shape());
+    EXPECT_EQ(std::memcmp(q.codes.data_as<uint8_t>() + lo * K, r.data(), r.nbytes()), 0) << g;
+    EXPECT_EQ(
+        std::memcmp(q.scales.data_as<float>() + lo * KB, r.scale()->data(), r.scale()->nbytes()), 0)
+        << g;
+    Tensor rt = be->quantize_transposed(xs, p).value();
+    ASSERT_EQ(qt.group[g].shape(), rt.shape());
+    EXPECT_EQ(std::memcmp(qt.group[g].data(), rt.data(), rt.nbytes()), 0) << g;
+    ASSERT_EQ(qt.group[g].scale()->numel(), rt.scale()->numel());
+    EXPECT_EQ(std::memcmp(qt.group[g].scale()->data(), rt.scale()->data(), rt.scale()->nbytes()), 0)
+        << g;
+    Tensor rd = be->empty({n, K}, DType::kF32).value();
+    ASSERT_TRUE(be->dequantize(r, rd).ok());
+    EXPECT_EQ(std::memcmp(xd.slice_rows(lo, lo + n).data(), rd.data(), rd.nbytes()), 0) << g;
+    Tensor y = be->empty({n, N}, DType::kF32).value(), yr = be->empty({n, N}, DType::kF32).value();
+    ASSERT_TRUE(be->gemm_fp8(q.group[g], wq, y, GemmMode::kExact).ok());
+    ASSERT_TRUE(be->gemm_fp8(r, wq, yr, GemmMode::kExact).ok());
+    EXPECT_EQ(std::memcmp(y.data(), yr.data(), y.nbytes()), 0) << g;
+  }
+  // Errors name the op and what it needs.
+  Tensor short_x = randn(*be, {M - 1, K}, 8);
+  auto bad = be->quantize_groups(short_x, gr, p);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().to_string().find("quantize_groups"), std::string::npos);
+  EXPECT_FALSE(make_row_groups(*be, {0, 5, 3}).ok());
+  EXPECT_FALSE(make_row_groups(*be, {1, 5}).ok());
+}
+
 }  // namespace
 }  // namespace fp8pipe

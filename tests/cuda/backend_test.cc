@@ -176,6 +176,50 @@ TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
   expect_bits(vec<float>(*btc.scale()), back<float>(*btg.scale()), "transpose_fp8 scales");
 }
 
+// The grouped FP8 ops (the MoE experts): whole code and scale buffers bit-identical to the CPU's
+// (whose groups are the ungrouped kernels on each group's rows, tests/core/backend_test.cc), with
+// an empty group and a 160-row group (two 128x1 tiles); K = 256 takes the vector kernels, K = 260
+// the scalar ones, and 16-aligned groups the transposed kernel's 16-byte stores. A group's view
+// then runs on cuBLASLt, bit for bit the CPU's exact model (the Wgrad of one expert).
+TEST_F(CudaBackendTest, GroupedQuantizeBitIdentical) {
+  for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 37, 37, 197, 213, 342},
+                                          std::vector<int64_t>{0, 48, 48, 208, 224, 352}}) {
+    for (int64_t K : {256, 260}) {
+      const int64_t M = off.back();
+      const std::string what = "M " + std::to_string(M) + " K " + std::to_string(K);
+      RowGroups gc = make_row_groups(*cpu_, off).value(), gg = make_row_groups(*gpu_, off).value();
+      std::vector<float> x = randn(M * K, 11, 4.0f);
+      x[3 * K + 7] = NAN;  // a non-finite group in the first expert
+      const Tensor hx = hostf({M, K}, x), dx = dev(hx);
+      for (bool pow2 : {true, false}) {
+        const QuantParams p{kernels::Fp8Format::kE4M3, pow2};
+        const std::string w = what + (pow2 ? " pow2" : " fp32");
+        GroupedFp8 qc = cpu_->quantize_groups(hx, gc, p).value();
+        GroupedFp8 qg = gpu_->quantize_groups(dx, gg, p).value();
+        expect_bits(vec<uint8_t>(qc.codes), back<uint8_t>(qg.codes), w + " 1x128 codes");
+        expect_bits(vec<float>(qc.scales), back<float>(qg.scales), w + " 1x128 scales");
+        Tensor oc = cpu_->empty({M, K}, DType::kF32).value();
+        Tensor og = gpu_->empty({M, K}, DType::kF32).value();
+        ASSERT_TRUE(cpu_->dequantize_groups(qc, gc, oc).ok());
+        ASSERT_TRUE(gpu_->dequantize_groups(qg, gg, og).ok());
+        expect_bits(vec<float>(oc), back<float>(og), w + " dequantize");
+        GroupedFp8 tc = cpu_->quantize_transposed_groups(hx, gc, p).value();
+        GroupedFp8 tg = gpu_->quantize_transposed_groups(dx, gg, p).value();
+        expect_bits(vec<uint8_t>(tc.codes), back<uint8_t>(tg.codes), w + " 128x1^T codes");
+        expect_bits(vec<float>(tc.scales), back<float>(tg.scales), w + " 128x1^T scales");
+        if (K != 256 || off[1] % 16 != 0) continue;
+        // Wgrad of group 2 (160 rows): dY^T [K, 160] x X^T [K, 160] -> [K, K], both views.
+        Tensor wc = cpu_->empty({K, K}, DType::kF32).value();
+        Tensor wg = gpu_->empty({K, K}, DType::kF32).value();
+        ASSERT_TRUE(cpu_->gemm_fp8(tc.group[2], tc.group[2], wc, GemmMode::kExact).ok());
+        const Status st = gpu_->gemm_fp8(tg.group[2], tg.group[2], wg, GemmMode::kExact);
+        ASSERT_TRUE(st.ok()) << st.to_string();
+        expect_bits(vec<float>(wc), back<float>(wg), w + " wgrad of a group view");
+      }
+    }
+  }
+}
+
 // Fprop (1x128 x 128x128), Dgrad (1x128 x transposed 128x128), Wgrad (1x128 x 1x128): kExact is
 // bit-identical to the CPU model; kFast (cuBLASLt's own algorithm, split-K allowed) within the
 // tensor-core truncation of FP8.md 2.4 of the CPU's exact-fp32 kFast.

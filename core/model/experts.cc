@@ -1,0 +1,175 @@
+// RoutedExperts (experts.h): SwiGLU.forward / backward_input / backward_weight and Linear's GEMM
+// recipe, restated over row groups. Every step below is the per-expert one applied to all rows at
+// once (row-wise ops) or per group (GEMMs), so the bits are unchanged.
+#include "core/model/experts.h"
+
+namespace fp8pipe::model {
+
+Status RoutedExperts::init(ModelCtx& c, const std::string& prefix, int64_t first, int64_t count,
+                           int64_t dim, int64_t hidden, uint64_t seed, float std) {
+  dim_ = dim;
+  hidden_ = hidden;
+  w1_.resize(count);
+  w3_.resize(count);
+  w2_.resize(count);
+  for (int64_t e = 0; e < count; ++e) {
+    const std::string name = prefix + ".experts." + std::to_string(first + e);
+    FP8_RETURN_IF_ERROR(w1_[e].init(c, name + ".w1.weight", dim, hidden, seed, std, true, true));
+    FP8_RETURN_IF_ERROR(w3_[e].init(c, name + ".w3.weight", dim, hidden, seed, std, true, true));
+    FP8_RETURN_IF_ERROR(w2_[e].init(c, name + ".w2.weight", hidden, dim, seed, std, true, true));
+  }
+  return Status::Ok();
+}
+
+std::vector<Param*> RoutedExperts::params() {
+  std::vector<Param*> ps;
+  for (size_t e = 0; e < w1_.size(); ++e) {
+    ps.push_back(&w1_[e].weight());
+    ps.push_back(&w3_[e].weight());
+    ps.push_back(&w2_[e].weight());
+  }
+  return ps;
+}
+
+// Linear::prepare_input over the groups: FP8 1x128 quantization (grouped), a bf16 copy on the
+// bf16 path, the tensor itself in FP32.
+Result<RoutedExperts::Operand> RoutedExperts::operand(ModelCtx& c, const Tensor& x,
+                                                      const RowGroups& groups) {
+  Operand o;
+  if (c.precision == Precision::kFP8) {
+    FP8_ASSIGN_OR_RETURN(o.q, c.be->quantize_groups(x, groups, c.qp));
+  } else if (c.precision == Precision::kBF16) {
+    FP8_ASSIGN_OR_RETURN(o.t, c.be->empty(x.shape(), DType::kBF16));
+    FP8_RETURN_IF_ERROR(c.be->cast(x, o.t));
+  } else {
+    o.t = x;
+  }
+  return o;
+}
+
+Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroups& groups,
+                                   std::vector<Linear>& w, bool dgrad, int64_t n) {
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, groups.total_rows(), n));
+  for (int64_t e = 0; e < groups.count(); ++e) {
+    const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
+    if (lo == hi) continue;
+    FP8_ASSIGN_OR_RETURN(Tensor wop, w[e].weight_operand(c, dgrad));
+    Tensor dst = out.slice_rows(lo, hi);
+    if (c.precision == Precision::kFP8) {
+      FP8_RETURN_IF_ERROR(c.be->gemm_fp8(a.q.group[e], wop, dst, c.gemm));
+    } else {  // forward x . W^T, dgrad dy . W
+      FP8_RETURN_IF_ERROR(c.be->gemm(a.t.slice_rows(lo, hi), false, wop, !dgrad, dst));
+    }
+  }
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(out, out));
+  return out;
+}
+
+Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
+                                      const RowGroups& groups) {
+  if (x.rank() != 2 || x.cols() != dim_ || x.rows() != groups.total_rows() ||
+      groups.count() != count()) {
+    return FP8_INVALID("experts: input {} is not [{} rows of {} groups, {}]", x.describe(),
+                       groups.total_rows(), count(), dim_);
+  }
+  Saved& s = saved_.put(mb);
+  s = Saved{};
+  s.groups = groups;
+  // w1 and w3 read the same x: one operand for both (SwiGLU::forward)
+  FP8_ASSIGN_OR_RETURN(s.x, operand(c, x, groups));
+  FP8_ASSIGN_OR_RETURN(s.g, gemm(c, s.x, groups, w1_, false, hidden_));
+  FP8_ASSIGN_OR_RETURN(s.u, gemm(c, s.x, groups, w3_, false, hidden_));
+  FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), hidden_));
+  FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+  FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, groups));
+  return gemm(c, s.h, groups, w2_, false, dim_);
+}
+
+Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, "experts"));
+  const RowGroups& gr = s->groups;
+  if (dy.rows() != gr.total_rows() || dy.cols() != dim_) {
+    return FP8_INVALID("experts: output gradient {} is not [{}, {}]", dy.describe(),
+                       gr.total_rows(), dim_);
+  }
+  // An output gradient's GEMM operand, and what the W pass keeps of it (Linear::backward_input:
+  // the fp32 gradient in FP8 and FP32, its bf16 copy on the bf16 path).
+  auto grad_operand = [&](const Tensor& d, Tensor& keep) -> Result<Operand> {
+    FP8_ASSIGN_OR_RETURN(Operand o, operand(c, d, gr));
+    keep = c.precision == Precision::kBF16 ? o.t : d;
+    return o;
+  };
+  FP8_ASSIGN_OR_RETURN(Operand dyo, grad_operand(dy, s->dy));
+  FP8_ASSIGN_OR_RETURN(Tensor dh, gemm(c, dyo, gr, w2_, true, hidden_));
+  FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), hidden_));
+  FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
+  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s->g, s->u, dg, du));
+  if (c.precision != Precision::kFP32) {
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));
+  }
+  s->g = Tensor();  // the product's inputs are not needed again
+  s->u = Tensor();
+  FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(dg, s->dg));
+  FP8_ASSIGN_OR_RETURN(Tensor dx, gemm(c, dgo, gr, w1_, true, dim_));
+  FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(du, s->du));
+  FP8_ASSIGN_OR_RETURN(Tensor dx3, gemm(c, duo, gr, w3_, true, dim_));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx3, dx));
+  return dx;
+}
+
+Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups, const Tensor& dy,
+                                   const Operand& x, const GroupedFp8* x_t,
+                                   std::vector<Linear>& w) {
+  if (c.precision != Precision::kFP8) {  // grad += dY^T X, fp32 accumulation into the gradient
+    for (int64_t e = 0; e < groups.count(); ++e) {
+      const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
+      if (lo == hi) continue;
+      FP8_RETURN_IF_ERROR(c.be->gemm(dy.slice_rows(lo, hi), true, x.t.slice_rows(lo, hi), false,
+                                     w[e].weight().grad, 1.0f, 1.0f));
+    }
+    return Status::Ok();
+  }
+  // FP8: dY^T and X^T both 128x1 along the tokens of each expert, then grad += the fp32 result.
+  FP8_ASSIGN_OR_RETURN(GroupedFp8 dyt, c.be->quantize_transposed_groups(dy, groups, c.qp));
+  Tensor dw;  // one scratch for every expert: each GEMM overwrites it, in stream order
+  for (int64_t e = 0; e < groups.count(); ++e) {
+    if (groups.rows(e) == 0) continue;
+    Tensor& grad = w[e].weight().grad;
+    if (!dw.defined()) {
+      FP8_ASSIGN_OR_RETURN(dw, new_f32(c, grad.rows(), grad.cols()));
+    }
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], dw, c.gemm));
+    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dw, grad));
+  }
+  return Status::Ok();
+}
+
+Status RoutedExperts::backward_weight(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, "experts"));
+  const RowGroups& gr = s->groups;
+  if (!s->dy.defined() && gr.total_rows() > 0) {
+    return FP8_ERROR(Code::kInternal, "experts: backward_weight before backward_input (mb {})", mb);
+  }
+  if (gr.total_rows() > 0) {
+    // FP8 (DeepSeek): the cached 1x128 inputs dequantized and re-quantized 128x1, transposed;
+    // w1 and w3 share theirs (SwiGLU::backward_weight).
+    GroupedFp8 xt, ht;
+    if (c.precision == Precision::kFP8) {
+      FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, gr.total_rows(), dim_));
+      FP8_RETURN_IF_ERROR(c.be->dequantize_groups(s->x.q, gr, xd));
+      FP8_ASSIGN_OR_RETURN(xt, c.be->quantize_transposed_groups(xd, gr, c.qp));
+      FP8_ASSIGN_OR_RETURN(Tensor hd, new_f32(c, gr.total_rows(), hidden_));
+      FP8_RETURN_IF_ERROR(c.be->dequantize_groups(s->h.q, gr, hd));
+      FP8_ASSIGN_OR_RETURN(ht, c.be->quantize_transposed_groups(hd, gr, c.qp));
+    }
+    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->dg, s->x, &xt, w1_));
+    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->du, s->x, &xt, w3_));
+    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->dy, s->h, &ht, w2_));
+  }
+  saved_.erase(mb);
+  return Status::Ok();
+}
+
+}  // namespace fp8pipe::model

@@ -1,0 +1,62 @@
+// The routed experts of one MoE layer held by this rank, run as one unit over the expert-sorted
+// (and zero-padded) row buffer: group e of RowGroups is local expert e's rows. Each expert is a
+// SwiGLU FFN (w1 gate, w3 up, w2 down; parameters <prefix>.experts.<e>.w{1,3,2}.weight), and the
+// results are bit for bit those of running each expert's SwiGLU (layers.h) on its own rows.
+//
+// Why one unit: per expert, the SwiGLU chain is about 35 small operations (quantize, GEMM,
+// rounding, the SwiGLU product, re-quantization) in the forward and backward, so 64 experts made
+// ~2,200 launches per layer and micro-batch on a GPU. Here everything that is row-wise runs once
+// over the whole buffer (rounding, the SwiGLU product, casts) or as one grouped FP8 op per tensor
+// (Backend::quantize_groups and friends keep each expert's scales in its own cuBLASLt layout);
+// only the GEMMs and the weight-gradient adds remain per expert.
+#pragma once
+
+#include <memory>
+
+#include "core/model/linear.h"
+
+namespace fp8pipe::model {
+
+class RoutedExperts {
+ public:
+  // Local experts first .. first + count - 1 of a layer, dim -> hidden -> dim.
+  Status init(ModelCtx& c, const std::string& prefix, int64_t first, int64_t count, int64_t dim,
+              int64_t hidden, uint64_t seed, float std);
+  // x [groups.total_rows(), dim], group e holding local expert e's rows -> y of the same shape.
+  Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, const RowGroups& groups);
+  Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);  // -> dx like x
+  // Weight gradients of every expert with rows; frees mb's saved state (also when no backward
+  // input ran, as for a micro-batch that routed no rows here).
+  Status backward_weight(ModelCtx& c, int mb);
+  std::vector<Param*> params();  // per expert: w1, w3, w2
+  int64_t count() const { return static_cast<int64_t>(w1_.size()); }
+  size_t saved_microbatches() const { return saved_.size(); }
+
+ private:
+  // A GEMM operand made of an activation: FP8 the grouped 1x128 quantization, otherwise the
+  // whole tensor (bf16 on the bf16 path, fp32 in FP32) sliced per group.
+  struct Operand {
+    GroupedFp8 q;
+    Tensor t;
+  };
+  struct Saved {
+    RowGroups groups;
+    Operand x, h;       // the inputs of w1/w3 and of w2
+    Tensor g, u;        // the SwiGLU product's inputs
+    Tensor dy, dg, du;  // the output gradients of w2, w1, w3 (bf16 tensors on the bf16 path)
+  };
+  Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
+  // out [rows, n] = per group: a_g . W^T (forward) or a_g . W (dgrad, dgrad = true), then the
+  // output rounding of Linear; out is allocated here.
+  Result<Tensor> gemm(ModelCtx& c, const Operand& a, const RowGroups& groups,
+                      std::vector<Linear>& w, bool dgrad, int64_t n);
+  // W.grad += dY^T X per group with rows.
+  Status weight_grads(ModelCtx& c, const RowGroups& groups, const Tensor& dy, const Operand& x,
+                      const GroupedFp8* x_t, std::vector<Linear>& w);
+
+  std::vector<Linear> w1_, w3_, w2_;
+  int64_t dim_ = 0, hidden_ = 0;
+  PerMicrobatch<Saved> saved_;
+};
+
+}  // namespace fp8pipe::model
