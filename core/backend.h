@@ -18,6 +18,7 @@
 #include "core/tensor.h"
 #include "kernels/cpu/adamw.h"
 #include "kernels/cpu/fp8_gemm.h"
+#include "kernels/cpu/moe_routing.h"
 
 namespace fp8pipe {
 
@@ -161,6 +162,17 @@ class Backend {
   virtual Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk,
                              int64_t n_groups, int64_t max_groups, float route_scale,
                              Tensor& scores, Tensor& idx, Tensor& gates) = 0;
+  // The MoE's dispatch on a rank without expert parallelism (kernels/cpu/ops.h): idx [n, K]'s
+  // assignments stably sorted by expert into order, rows, slot (i32 [n*K]) and counts (i32 [E]).
+  virtual Status sort_assignments(const Tensor& idx, int64_t E, Tensor& order, Tensor& rows,
+                                  Tensor& slot, Tensor& counts) = 0;
+  // The router's backward (kernels/cpu/moe_routing.h): dlogits [n, E] from router_topk's scores,
+  // idx and gates, the gate gradients dgate (f64: by assignment [n*K], or by place with slot
+  // given: token t's k-th is dgate[slot[t*K + k]]) and the balance counts f (f64 [B, E];
+  // undefined when p.alpha == 0).
+  virtual Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                             const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                             const kernels::RouterGradParams& p, Tensor& dlogits) = 0;
   virtual Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) = 0;
   // out[rows[i]] += w[i] * in[i]; w may be an undefined Tensor (weight 1).
   virtual Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,

@@ -127,6 +127,38 @@ Status CpuOps::router_topk(const Tensor& logits, const Tensor& bias, int64_t top
   return Status::Ok();
 }
 
+Status CpuOps::sort_assignments(const Tensor& idx, int64_t E, Tensor& order, Tensor& rows,
+                                Tensor& slot, Tensor& counts) {
+  FP8_RETURN_IF_ERROR(checks::sort_assignments(idx, E, order, rows, slot, counts));
+  const int32_t* id = idx.data_as<int32_t>();
+  for (int64_t a = 0; a < idx.numel(); ++a) {
+    if (id[a] < 0 || id[a] >= E) {
+      return FP8_INVALID("sort_assignments: assignment {} names expert {} (experts: 0..{})", a,
+                         id[a], E - 1);
+    }
+  }
+  k::sort_assignments(id, idx.rows(), idx.cols(), E, order.data_as<int32_t>(),
+                      rows.data_as<int32_t>(), slot.data_as<int32_t>(), counts.data_as<int32_t>());
+  return Status::Ok();
+}
+
+Status CpuOps::router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                           const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                           const kernels::RouterGradParams& p, Tensor& dlogits) {
+  FP8_RETURN_IF_ERROR(checks::router_grad(scores, idx, gates, dgate, slot, f, p, dlogits));
+  const double* dg = dgate.data_as<double>();
+  const int32_t* sl = slot.defined() ? slot.data_as<int32_t>() : nullptr;
+  for (int64_t t = 0; t < p.B * p.T; ++t) {
+    const int64_t a0 = t * p.K;
+    auto dgate_at = [&](int64_t k) { return dg[sl ? sl[a0 + k] : a0 + k]; };
+    k::router_grad_row(scores.data_as<float>() + t * p.E, idx.data_as<int32_t>() + a0,
+                       gates.data_as<float>() + a0, dgate_at,
+                       p.alpha != 0.0f ? f.data_as<double>() + (t / p.T) * p.E : nullptr, p,
+                       dlogits.data_as<float>() + t * p.E);
+  }
+  return Status::Ok();
+}
+
 Status CpuOps::gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));
   k::gather_rows(in.data_as<float>(), rows.data_as<int32_t>(), rows.numel(), in.cols(),

@@ -30,6 +30,11 @@ class CpuOps : public Backend {
   Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64_t n_groups,
                      int64_t max_groups, float route_scale, Tensor& scores, Tensor& idx,
                      Tensor& gates) override;
+  Status sort_assignments(const Tensor& idx, int64_t E, Tensor& order, Tensor& rows, Tensor& slot,
+                          Tensor& counts) override;
+  Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                     const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                     const kernels::RouterGradParams& p, Tensor& dlogits) override;
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override;
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override;

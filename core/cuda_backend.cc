@@ -625,6 +625,32 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status sort_assignments(const Tensor& idx, int64_t E, Tensor& order, Tensor& rows, Tensor& slot,
+                          Tensor& counts) override {
+    FP8_RETURN_IF_ERROR(on_gpu("sort_assignments", {&idx, &order, &rows, &slot, &counts}));
+    FP8_RETURN_IF_ERROR(checks::sort_assignments(idx, E, order, rows, slot, counts));
+    FP8_GPU("sort_assignments",
+            g::sort_assignments(idx.data_as<int32_t>(), idx.rows(), idx.cols(), E,
+                                order.data_as<int32_t>(), rows.data_as<int32_t>(),
+                                slot.data_as<int32_t>(), counts.data_as<int32_t>(), cur()));
+    return Status::Ok();
+  }
+
+  Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                     const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                     const kernels::RouterGradParams& p, Tensor& dlogits) override {
+    FP8_RETURN_IF_ERROR(on_gpu("router_grad", {&scores, &idx, &gates, &dgate, &dlogits}));
+    if (slot.defined()) FP8_RETURN_IF_ERROR(on_gpu("router_grad", {&slot}));
+    if (p.alpha != 0.0f) FP8_RETURN_IF_ERROR(on_gpu("router_grad", {&f}));
+    FP8_RETURN_IF_ERROR(checks::router_grad(scores, idx, gates, dgate, slot, f, p, dlogits));
+    FP8_GPU("router_grad", g::router_grad(scores.data_as<float>(), idx.data_as<int32_t>(),
+                                          gates.data_as<float>(), dgate.data_as<double>(),
+                                          slot.defined() ? slot.data_as<int32_t>() : nullptr,
+                                          p.alpha != 0.0f ? f.data_as<double>() : nullptr, p,
+                                          dlogits.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("gather_rows", {&in, &rows, &out}));
     FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));

@@ -308,6 +308,42 @@ Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64
   return Status::Ok();
 }
 
+Status sort_assignments(const Tensor& idx, int64_t E, const Tensor& order, const Tensor& rows,
+                        const Tensor& slot, const Tensor& counts) {
+  const char* op = "sort_assignments";
+  for (const Tensor* t : {&idx, &order, &rows, &slot, &counts}) FP8_RETURN_IF_ERROR(i32(op, *t));
+  const int64_t nk = idx.numel();
+  FP8_RETURN_IF_ERROR(need(nk < (int64_t{1} << 31), op, "fewer than 2^31 assignments", idx));
+  for (const Tensor* t : {&order, &rows, &slot})
+    FP8_RETURN_IF_ERROR(need(t->numel() == nk, op, "order, rows and slot need idx's count", *t));
+  return need(E >= 1 && counts.numel() == E, op, "counts must be [E], E >= 1", counts);
+}
+
+Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                   const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                   const kernels::RouterGradParams& p, const Tensor& dlogits) {
+  const char* op = "router_grad";
+  FP8_RETURN_IF_ERROR(f32(op, {&scores, &gates, &dlogits}));
+  FP8_RETURN_IF_ERROR(i32(op, idx));
+  const int64_t n = p.B * p.T, nk = n * p.K;
+  FP8_RETURN_IF_ERROR(
+      need(p.E >= 1 && p.K >= 1 && scores.numel() == n * p.E && dlogits.numel() == n * p.E, op,
+           "scores and dlogits must be [B*T, E]", dlogits));
+  FP8_RETURN_IF_ERROR(
+      need(idx.numel() == nk && gates.numel() == nk, op, "idx and gates must be [B*T, K]", idx));
+  FP8_RETURN_IF_ERROR(
+      need(dgate.defined() && dgate.dtype() == DType::kF64, op, "dgate must be f64", dgate));
+  if (slot.defined()) {
+    FP8_RETURN_IF_ERROR(i32(op, slot));
+    FP8_RETURN_IF_ERROR(need(slot.numel() == nk, op, "slot must be [B*T*K]", slot));
+  } else {
+    FP8_RETURN_IF_ERROR(need(dgate.numel() == nk, op, "dgate must be [B*T*K] without slot", dgate));
+  }
+  if (p.alpha == 0.0f) return Status::Ok();
+  return need(f.defined() && f.dtype() == DType::kF64 && f.numel() == p.B * p.E, op,
+              "balance counts f must be f64 [B, E] when alpha != 0", f);
+}
+
 Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out) {
   FP8_RETURN_IF_ERROR(f32("gather_rows", {&in, &out}));
   FP8_RETURN_IF_ERROR(i32("gather_rows", rows));

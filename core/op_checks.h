@@ -63,6 +63,11 @@ Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64
                    int64_t max_groups, const Tensor& scores, const Tensor& idx,
                    const Tensor& gates);
 Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out);
+Status sort_assignments(const Tensor& idx, int64_t E, const Tensor& order, const Tensor& rows,
+                        const Tensor& slot, const Tensor& counts);
+Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                   const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                   const kernels::RouterGradParams& p, const Tensor& dlogits);
 Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out);
 Status add(const Tensor& a, const Tensor& b, const Tensor& out);
 Status axpy(const Tensor& x, const Tensor& y);

@@ -204,6 +204,17 @@ class ProfiledBackend final : public Backend {
                               gates);
     });
   }
+  Status sort_assignments(const Tensor& idx, int64_t E, Tensor& order, Tensor& rows, Tensor& slot,
+                          Tensor& counts) override {
+    return timed("sort_assignments", 0,
+                 [&] { return in_->sort_assignments(idx, E, order, rows, slot, counts); });
+  }
+  Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
+                     const Tensor& dgate, const Tensor& slot, const Tensor& f,
+                     const kernels::RouterGradParams& p, Tensor& dlogits) override {
+    return timed("router_grad", 0,
+                 [&] { return in_->router_grad(scores, idx, gates, dgate, slot, f, p, dlogits); });
+  }
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
     return timed("gather_rows", 0, [&] { return in_->gather_rows(in, rows, out); });
   }

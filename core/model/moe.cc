@@ -2,8 +2,11 @@
 // assignments travel as records (source, assignment, expert, gate, row) with the token rows over
 // one all-to-all hop (flat) or two (two-level: once per node across nodes, then inside the node);
 // the owner applies the gates and sums per row, so combine is the transpose of dispatch (rows go
-// back and are summed). With ep = 1 the same path runs with local copies. Routing bookkeeping
-// (capacity, record sorting, gate and balance-loss gradients) is small host work.
+// back and are summed). Records are host work (capacity, sorting, exchanges). Without an ep group
+// and without a capacity factor the dispatch is direct instead: the assignments are sorted by
+// expert on the backend (sort_assignments) and only the per-expert counts come to the host, with
+// the same bits as records would give. Either way the router's backward (gates' quotient rule and
+// the balance loss) runs on the backend (router_grad).
 #include "core/model/moe.h"
 
 #include <algorithm>
@@ -61,7 +64,12 @@ struct MoE::Impl {
   };
   struct Saved {
     int64_t B = 0, T = 0;
-    Routing r;
+    Tensor scores, idx, gates_sel;  // router_topk's outputs on the backend ([n, E], [n, K] x2)
+    Routing r;                      // host copies of what the host work needs (route())
+    // Direct dispatch (no ep group, no capacity factor): the assignments sorted by expert on the
+    // backend (sort_assignments), no records; slot (i32 [n*K]) is each assignment's place.
+    bool direct = false;
+    Tensor slot;
     std::vector<Hop> hops;        // 1 (flat) or 2 (two-level: cross-node, then inside the node)
     std::vector<Rec> recs;        // the records this rank's experts serve, ordered (e, src, a)
     std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
@@ -88,7 +96,8 @@ struct MoE::Impl {
   MoeStepStats stats;
   PerMicrobatch<Saved> saved;
 
-  Result<Routing> route(ModelCtx& c, int mb, const Tensor& x);
+  Status route(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Result<Tensor> dispatch_direct(ModelCtx& c, int mb, const Tensor& x, Saved& s);
   std::vector<Rec> records(const Routing& r, int64_t n, int64_t* dropped) const;
   int owner(int32_t e) const { return static_cast<int>(e / E_local); }
   Status exchange(ModelCtx& c, const void* send, std::span<const int64_t> sc, void* recv,
@@ -102,35 +111,65 @@ struct MoE::Impl {
   Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
   Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const;
   Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
+  Result<Tensor> expert_rows(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
   Status plan_padding(ModelCtx& c, Saved& s) const;
   Result<Tensor> pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const;
   Result<Tensor> unpad_rows(ModelCtx& c, const Saved& s, const Tensor& padded) const;
   Status return_dgates(ModelCtx& c, const Saved& s, const std::vector<double>& dg,
                        std::vector<double>& dgate) const;
-  double balance_loss(const Routing& r, int64_t B, int64_t T, double scale,
-                      std::vector<double>* ds) const;
-  Status experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy,
-                          std::vector<double>& dgate, Tensor& dx);
-  Status router_backward(ModelCtx& c, int mb, const Saved& s, const std::vector<double>& dgate,
-                         Tensor& dx);
+  std::vector<double> balance_counts(const Routing& r, int64_t B, int64_t T) const;
+  double balance_loss(const Routing& r, int64_t B, int64_t T) const;
+  Status experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy, Tensor& dgate,
+                          Tensor& dx);
+  Status router_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dgate, Tensor& dx);
 };
 
 // ---- forward phases -----------------------------------------------------------------------------
 
-// Router logits [n, E] (BF16/FP32 Linear, never FP8), then sigmoid + biased node-limited top-k.
-Result<MoE::Impl::Routing> MoE::Impl::route(ModelCtx& c, int mb, const Tensor& x) {
+// Router logits [n, E] (BF16/FP32 Linear, never FP8), then sigmoid + biased node-limited top-k,
+// kept on the backend; the host gets the selection and gates when it builds records (not direct)
+// and the selection and scores for the balance loss (alpha != 0).
+Status MoE::Impl::route(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   const int64_t n = x.rows();
   FP8_ASSIGN_OR_RETURN(Tensor logits, router.forward(c, mb, x));
-  FP8_ASSIGN_OR_RETURN(Tensor scores, new_f32(c, n, E));
-  FP8_ASSIGN_OR_RETURN(Tensor idx, c.be->empty({n, K}, DType::kI32));
-  FP8_ASSIGN_OR_RETURN(Tensor gates, new_f32(c, n, K));
+  FP8_ASSIGN_OR_RETURN(s.scores, new_f32(c, n, E));
+  FP8_ASSIGN_OR_RETURN(s.idx, c.be->empty({n, K}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(s.gates_sel, new_f32(c, n, K));
   FP8_RETURN_IF_ERROR(c.be->router_topk(logits, bias.value, K, n_groups, max_groups, route_scale,
-                                        scores, idx, gates));
-  Routing r;
-  FP8_ASSIGN_OR_RETURN(r.scores, download<float>(c, scores));
-  FP8_ASSIGN_OR_RETURN(r.idx, download<int32_t>(c, idx));
-  FP8_ASSIGN_OR_RETURN(r.gates, download<float>(c, gates));
-  return r;
+                                        s.scores, s.idx, s.gates_sel));
+  if (!s.direct || alpha != 0.0f) {
+    FP8_ASSIGN_OR_RETURN(s.r.idx, download<int32_t>(c, s.idx));
+  }
+  if (!s.direct) {
+    FP8_ASSIGN_OR_RETURN(s.r.gates, download<float>(c, s.gates_sel));
+  }
+  if (alpha != 0.0f) {
+    FP8_ASSIGN_OR_RETURN(s.r.scores, download<float>(c, s.scores));
+  }
+  return Status::Ok();
+}
+
+// Direct dispatch: the n*K assignments sorted by expert on the backend; only the E counts come
+// to the host (the expert loop needs them). The same order, rows and gates as the records' path
+// on one rank without drops ((expert, assignment) order, each token's row of x itself).
+Result<Tensor> MoE::Impl::dispatch_direct(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
+  const int64_t nk = x.rows() * K;
+  FP8_ASSIGN_OR_RETURN(Tensor order, c.be->empty({nk}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(s.rows, c.be->empty({nk}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(s.slot, c.be->empty({nk}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(Tensor counts, c.be->empty({E}, DType::kI32));
+  FP8_RETURN_IF_ERROR(c.be->sort_assignments(s.idx, E, order, s.rows, s.slot, counts));
+  FP8_ASSIGN_OR_RETURN(auto cnt, download<int32_t>(c, counts));
+  s.offset.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    s.offset[e + 1] = s.offset[e] + cnt[e];
+    stats.load[e] += cnt[e];
+  }
+  FP8_ASSIGN_OR_RETURN(s.gates, new_f32(c, nk, 1));
+  FP8_ASSIGN_OR_RETURN(Tensor all_gates, s.gates_sel.reshape({nk, 1}));
+  if (nk > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(all_gates, order, s.gates));
+  FP8_ASSIGN_OR_RETURN(s.gates, s.gates.reshape({nk}));
+  return expert_rows(c, mb, x, s);
 }
 
 // The kept assignments in token order. With a capacity factor an expert keeps its first
@@ -303,6 +342,13 @@ Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last,
   for (int64_t e = 0; e < E_local; ++e) s.offset[e + 1] += s.offset[e];
   FP8_ASSIGN_OR_RETURN(s.rows, upload(c, rows, {m}, DType::kI32));
   FP8_ASSIGN_OR_RETURN(s.gates, upload(c, gates, {m}, DType::kF32));
+  return expert_rows(c, mb, x_last, s);
+}
+
+// With s.offset, s.rows and s.gates set: the records' rows of x_last, zero-padded per expert, go
+// through the experts; the gated outputs are summed per row of x_last.
+Result<Tensor> MoE::Impl::expert_rows(ModelCtx& c, int mb, const Tensor& x_last, Saved& s) {
+  const int64_t m = s.offset[E_local];
   FP8_ASSIGN_OR_RETURN(Tensor xin, new_f32(c, m, hidden));
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
   FP8_RETURN_IF_ERROR(plan_padding(c, s));
@@ -356,33 +402,31 @@ Result<Tensor> MoE::Impl::unpad_rows(ModelCtx& c, const Saved& s, const Tensor& 
 // Sequence-wise balance loss of one micro-batch: the mean over its B sequences (rows b*T ..
 // b*T+T-1) of alpha * sum_i f_i P_i, with f_i = E/(K*T) * #tokens selecting i and
 // P_i = mean_t s_i / sum_j s_j. The trainer weights it like the main loss (the mean over the
-// micro-batch). With ds, adds scale * d(loss)/d(scores) [n, E] (f_i counts selections: constant).
-double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T, double scale,
-                               std::vector<double>* ds) const {
+// micro-batch); its gradient is part of Backend::router_grad (kernels/cpu/moe_routing.h).
+// balance_counts: f [B, E] (counts selections: constant for the gradient).
+std::vector<double> MoE::Impl::balance_counts(const Routing& r, int64_t B, int64_t T) const {
+  std::vector<double> f(B * E, 0.0);
+  for (int64_t t = 0; t < B * T; ++t) {
+    double* fb = &f[(t / T) * E];
+    for (int64_t k = 0; k < K; ++k) fb[r.idx[t * K + k]] += static_cast<double>(E) / (K * T);
+  }
+  return f;
+}
+
+double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T) const {
   if (alpha == 0.0f) return 0.0;
+  const std::vector<double> f = balance_counts(r, B, T);
   double total = 0.0;
-  std::vector<double> f(E), P(E);
+  std::vector<double> P(E);
   for (int64_t b = 0; b < B; ++b) {
-    std::fill(f.begin(), f.end(), 0.0);
     std::fill(P.begin(), P.end(), 0.0);
     for (int64_t t = b * T; t < (b + 1) * T; ++t) {
-      for (int64_t k = 0; k < K; ++k) f[r.idx[t * K + k]] += static_cast<double>(E) / (K * T);
       const float* s = &r.scores[t * E];
       double S = 0.0;
       for (int64_t e = 0; e < E; ++e) S += s[e];
       for (int64_t e = 0; e < E; ++e) P[e] += s[e] / S / T;
     }
-    for (int64_t e = 0; e < E; ++e) total += alpha * f[e] * P[e];
-    if (!ds) continue;
-    // d(alpha/B * sum_i f_i s_i/(T*S))/d s_j = alpha/(B*T*S) * (f_j - sum_i f_i s_i/S).
-    for (int64_t t = b * T; t < (b + 1) * T; ++t) {
-      const float* s = &r.scores[t * E];
-      double S = 0.0, fs = 0.0;
-      for (int64_t e = 0; e < E; ++e) S += s[e];
-      for (int64_t e = 0; e < E; ++e) fs += f[e] * s[e] / S;
-      const double coef = scale * alpha / (static_cast<double>(B) * T * S);
-      for (int64_t e = 0; e < E; ++e) (*ds)[t * E + e] += coef * (f[e] - fs);
-    }
+    for (int64_t e = 0; e < E; ++e) total += alpha * f[b * E + e] * P[e];
   }
   return total / static_cast<double>(B);
 }
@@ -393,22 +437,20 @@ double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T, double sc
 // expert output> (sent home to the record's source), the expert gets gate * dy_row, and its
 // input gradient is summed per row and returned along the hops into dx.
 Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy,
-                                   std::vector<double>& dgate, Tensor& dx) {
+                                   Tensor& dgate, Tensor& dx) {
   Tensor dyl = dy;
   for (const Hop& h : s.hops) {
     FP8_ASSIGN_OR_RETURN(dyl, move_rows(c, dyl, h));
   }
-  const int64_t m = static_cast<int64_t>(s.recs.size());
-  std::vector<double> dg(m, 0.0);
+  const int64_t m = s.offset[E_local];
+  FP8_ASSIGN_OR_RETURN(Tensor dots, c.be->zeros({m}, DType::kF64));
   FP8_ASSIGN_OR_RETURN(Tensor dxl, new_zeros(c, dyl.rows(), hidden));
   if (m > 0) {
     FP8_ASSIGN_OR_RETURN(Tensor dyr, new_f32(c, m, hidden));
     FP8_RETURN_IF_ERROR(c.be->gather_rows(dyl, s.rows, dyr));
-    // dgate per record = <dy_row, expert output> in fp64, on the backend: only m doubles travel
-    // to the host (not the two [m, hidden] tensors).
-    FP8_ASSIGN_OR_RETURN(Tensor dots, c.be->empty({m}, DType::kF64));
+    // dgate per record = <dy_row, expert output> in fp64, on the backend: at most m doubles
+    // travel to the host (records), none with direct dispatch.
     FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, s.out, dots));
-    FP8_ASSIGN_OR_RETURN(dg, download<double>(c, dots));
     // Row scaling by the gates: scatter with identity rows.
     std::vector<int32_t> iota(m);
     for (int64_t i = 0; i < m; ++i) iota[i] = static_cast<int32_t>(i);
@@ -420,7 +462,14 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     FP8_ASSIGN_OR_RETURN(Tensor dxr, unpad_rows(c, s, dxe));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }
-  FP8_RETURN_IF_ERROR(return_dgates(c, s, dg, dgate));
+  if (s.direct) {
+    dgate = dots;  // by place; router_grad reads it through s.slot
+  } else {
+    FP8_ASSIGN_OR_RETURN(auto dg, download<double>(c, dots));
+    std::vector<double> by_assignment(s.B * s.T * K, 0.0);  // dropped assignments keep 0
+    FP8_RETURN_IF_ERROR(return_dgates(c, s, dg, by_assignment));
+    FP8_ASSIGN_OR_RETURN(dgate, upload(c, by_assignment, {s.B * s.T * K}, DType::kF64));
+  }
   for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
     FP8_ASSIGN_OR_RETURN(dxl, return_rows(c, dxl, *h));
   }
@@ -453,31 +502,27 @@ Status MoE::Impl::return_dgates(ModelCtx& c, const Saved& s, const std::vector<d
   return Status::Ok();
 }
 
-// Router part: gates g_k = rs * s_k / Z (Z = sum of the selected s) give, by the quotient rule,
-// ds_j = (rs * dg_j - sum_k dg_k g_k) / Z for selected j; the balance loss adds its ds (times the
-// trainer's loss scale); dlogits = ds * s (1 - s); the router Linear turns that into dx.
-Status MoE::Impl::router_backward(ModelCtx& c, int mb, const Saved& s,
-                                  const std::vector<double>& dgate, Tensor& dx) {
-  const Routing& r = s.r;
+// Router part (Backend::router_grad, kernels/cpu/moe_routing.h): the gate gradients through the
+// gates' quotient rule, plus the balance loss (times the trainer's loss scale), through the
+// sigmoid to dlogits; the router Linear turns that into dx.
+Status MoE::Impl::router_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dgate,
+                                  Tensor& dx) {
   const int64_t n = s.B * s.T;
-  std::vector<double> ds(n * E, 0.0);
-  balance_loss(r, s.B, s.T, c.loss_scale, &ds);
-  for (int64_t t = 0; t < n; ++t) {
-    double Z = 0.0, dot = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      Z += r.scores[t * E + r.idx[t * K + k]];
-      dot += dgate[t * K + k] * r.gates[t * K + k];
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      ds[t * E + r.idx[t * K + k]] += (route_scale * dgate[t * K + k] - dot) / Z;
-    }
+  kernels::RouterGradParams rp;
+  rp.E = E;
+  rp.K = K;
+  rp.route_scale = route_scale;
+  rp.alpha = alpha;
+  rp.loss_scale = c.loss_scale;
+  rp.B = s.B;
+  rp.T = s.T;
+  Tensor f;
+  if (alpha != 0.0f) {
+    FP8_ASSIGN_OR_RETURN(f, upload(c, balance_counts(s.r, s.B, s.T), {s.B, E}, DType::kF64));
   }
-  std::vector<float> dl(n * E);
-  for (int64_t i = 0; i < n * E; ++i) {
-    const double sc = r.scores[i];
-    dl[i] = static_cast<float>(ds[i] * sc * (1.0 - sc));
-  }
-  FP8_ASSIGN_OR_RETURN(Tensor dlogits, upload(c, dl, {n, E}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(Tensor dlogits, new_f32(c, n, E));
+  FP8_RETURN_IF_ERROR(c.be->router_grad(s.scores, s.idx, s.gates_sel, dgate,
+                                        s.direct ? s.slot : Tensor(), f, rp, dlogits));
   FP8_ASSIGN_OR_RETURN(Tensor dxr, router.backward_input(c, mb, dlogits));
   return c.be->axpy(1.0f, dxr, dx);
 }
@@ -539,22 +584,28 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   s = Impl::Saved{};
   s.B = B;
   s.T = T;
-  FP8_ASSIGN_OR_RETURN(s.r, p.route(c, mb, x));
-  int64_t dropped = 0;
-  std::vector<Impl::Rec> recs = p.records(s.r, x.rows(), &dropped);
-  for (const Impl::Rec& r : recs) ++p.stats.load[r.e];
-  p.stats.dropped += dropped;
+  s.direct = !c.ep && p.capacity_factor <= 0.0f;
+  FP8_RETURN_IF_ERROR(p.route(c, mb, x, s));
   p.stats.tokens += x.rows();
-  p.stats.aux_loss += p.balance_loss(s.r, B, T, 0.0, nullptr);
-  // Dispatch: one hop (flat) or two (two-level, when the ep group spans nodes).
-  s.hops.resize(c.ep_two_level && p.per_node < p.P ? 2 : 1);
-  Tensor xl = x;
-  for (size_t h = 0; h < s.hops.size(); ++h) {
-    FP8_ASSIGN_OR_RETURN(
-        xl, p.hop_forward(c, xl, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
+  p.stats.aux_loss += p.balance_loss(s.r, B, T);
+  Tensor yl;
+  if (s.direct) {
+    FP8_ASSIGN_OR_RETURN(yl, p.dispatch_direct(c, mb, x, s));
+  } else {
+    int64_t dropped = 0;
+    std::vector<Impl::Rec> recs = p.records(s.r, x.rows(), &dropped);
+    for (const Impl::Rec& r : recs) ++p.stats.load[r.e];
+    p.stats.dropped += dropped;
+    // Dispatch: one hop (flat) or two (two-level, when the ep group spans nodes).
+    s.hops.resize(c.ep_two_level && p.per_node < p.P ? 2 : 1);
+    Tensor xl = x;
+    for (size_t h = 0; h < s.hops.size(); ++h) {
+      FP8_ASSIGN_OR_RETURN(
+          xl, p.hop_forward(c, xl, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
+    }
+    s.recs = std::move(recs);
+    FP8_ASSIGN_OR_RETURN(yl, p.run_experts(c, mb, xl, s));
   }
-  s.recs = std::move(recs);
-  FP8_ASSIGN_OR_RETURN(Tensor yl, p.run_experts(c, mb, xl, s));
   // Combine: the gated sums travel the hops back, summed per row at each sender.
   for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
     FP8_ASSIGN_OR_RETURN(yl, p.return_rows(c, yl, *h));
@@ -578,7 +629,7 @@ Result<Tensor> MoE::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   } else {
     FP8_ASSIGN_OR_RETURN(dx, new_zeros(c, dy.rows(), p.hidden));
   }
-  std::vector<double> dgate(s->r.idx.size(), 0.0);  // dropped assignments keep 0
+  Tensor dgate;
   FP8_RETURN_IF_ERROR(p.experts_backward(c, mb, *s, dy, dgate, dx));
   FP8_RETURN_IF_ERROR(p.router_backward(c, mb, *s, dgate, dx));
   s->out = Tensor();  // not needed by the W pass (the experts keep their own state)

@@ -362,6 +362,20 @@ void router_topk(const float* logits, const float* bias, int64_t n, int64_t E, i
 
 // ---- rows and elementwise -----------------------------------------------------------------------
 
+void sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int32_t* order,
+                      int32_t* rows, int32_t* slot, int32_t* counts) {
+  std::fill(counts, counts + E, 0);
+  for (int64_t a = 0; a < n * K; ++a) ++counts[idx[a]];
+  std::vector<int64_t> next(E, 0);  // counting sort: each expert's next place
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+  for (int64_t a = 0; a < n * K; ++a) {
+    const int64_t i = next[idx[a]]++;
+    order[i] = static_cast<int32_t>(a);
+    rows[i] = static_cast<int32_t>(a / K);
+    slot[a] = static_cast<int32_t>(i);
+  }
+}
+
 void gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out) {
   for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * D, in + rows[i] * D, D * sizeof(float));
 }

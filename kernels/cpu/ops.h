@@ -63,6 +63,12 @@ void router_topk(const float* logits, const float* bias, int64_t n, int64_t E, i
                  int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
                  int32_t* idx, float* gates);
 
+// The MoE dispatch order (no expert parallelism): the n*K assignments a = t*K + k of idx[n][K]
+// (experts in [0, E)) stably sorted by expert. order[i] is the assignment at place i, rows[i] =
+// order[i] / K its token, slot[a] the place of assignment a, counts[e] the assignments of e.
+void sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int32_t* order,
+                      int32_t* rows, int32_t* slot, int32_t* counts);
+
 // Row gather / scatter-add: out[i] = in[rows[i]];  out[rows[i]] += w[i] * in[i] (w may be null).
 void gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out);
 void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,

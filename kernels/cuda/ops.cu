@@ -29,6 +29,7 @@
 #include <string_view>
 
 #include "kernels/cpu/fp8_codec.h"
+#include "kernels/cpu/moe_routing.h"
 #include "kernels/cpu/topk.h"
 #include "kernels/cuda/ops.cuh"
 
@@ -534,6 +535,35 @@ __global__ void k_adamw(float* p, const float* g, uint16_t* m, uint16_t* v, int6
   for (int64_t i = gtid(); i < n; i += gstride()) adamw_element(p[i], g[i], m[i], v[i], s);
 }
 
+// MoE dispatch order: expert counts (integer atomics: exact in any order), then after the stable
+// sort each place's token and each assignment's place.
+__global__ void k_count_experts(const int32_t* idx, int64_t nk, int64_t E, int32_t* counts) {
+  for (int64_t a = gtid(); a < nk; a += gstride()) {
+    const int32_t e = idx[a];
+    if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
+  }
+}
+__global__ void k_finish_sort(const int32_t* order, int64_t nk, int64_t K, int32_t* rows,
+                              int32_t* slot) {
+  for (int64_t i = gtid(); i < nk; i += gstride()) {
+    rows[i] = static_cast<int32_t>(order[i] / K);
+    slot[order[i]] = static_cast<int32_t>(i);
+  }
+}
+
+// kernels/cpu/moe_routing.h router_grad_row, one thread per token (E and K are small).
+__global__ void k_router_grad(const float* scores, const int32_t* idx, const float* gates,
+                              const double* dgate, const int32_t* slot, const double* f,
+                              RouterGradParams p, float* dlogits) {
+  const int64_t n = p.B * p.T;
+  for (int64_t t = gtid(); t < n; t += gstride()) {
+    const int64_t a0 = t * p.K;
+    auto dgate_at = [&](int64_t k) { return dgate[slot ? slot[a0 + k] : a0 + k]; };
+    router_grad_row(scores + t * p.E, idx + a0, gates + a0, dgate_at,
+                    f ? f + (t / p.T) * p.E : nullptr, p, dlogits + t * p.E);
+  }
+}
+
 }  // namespace
 
 #define FP8PIPE_LAUNCH(kernel, grid, block, stream, ...)   \
@@ -744,6 +774,57 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
     if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the kernels above
   }
   FP8PIPE_CUDA_TRY(e);
+  return Result::Ok();
+}
+
+Result sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int32_t* order,
+                        int32_t* rows, int32_t* slot, int32_t* counts, cudaStream_t stream) {
+  FP8PIPE_CUDA_TRY(cudaMemsetAsync(counts, 0, E * sizeof(int32_t), stream));
+  const int64_t nk = n * K;
+  if (nk == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(nk < std::numeric_limits<int>::max(), "sort_assignments: too many assignments");
+  FP8PIPE_LAUNCH(k_count_experts, grid_for(nk), kThreads, stream, idx, nk, E, counts);
+  // Stable radix sort of (expert, assignment): the CPU's counting-sort order.
+  const int items = static_cast<int>(nk);
+  int end_bit = 1;
+  while (end_bit < 31 && (int64_t{1} << end_bit) < E) ++end_bit;
+  const auto* keys_in = reinterpret_cast<const uint32_t*>(idx);
+  uint32_t* keys = nullptr;
+  int32_t* iota = nullptr;
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+  cudaError_t e = cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys_in, keys, static_cast<const int32_t*>(nullptr),
+      static_cast<int32_t*>(nullptr), items, 0, end_bit, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&keys), nk * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&iota), nk * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
+  if (e == cudaSuccess) {
+    k_iota<<<grid_for(nk), kThreads, 0, stream>>>(iota, nk);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) {
+    e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys, iota, order, items, 0,
+                                        end_bit, stream);
+  }
+  if (e == cudaSuccess) {
+    k_finish_sort<<<grid_for(nk), kThreads, 0, stream>>>(order, nk, K, rows, slot);
+    e = cudaGetLastError();
+  }
+  for (void* p : {static_cast<void*>(keys), static_cast<void*>(iota), temp}) {
+    if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the kernels above
+  }
+  FP8PIPE_CUDA_TRY(e);
+  return Result::Ok();
+}
+
+Result router_grad(const float* scores, const int32_t* idx, const float* gates, const double* dgate,
+                   const int32_t* slot, const double* f, const RouterGradParams& p, float* dlogits,
+                   cudaStream_t stream) {
+  const int64_t n = p.B * p.T;
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_router_grad, grid_for(n, 128), 128, stream, scores, idx, gates, dgate, slot, f,
+                 p, dlogits);
   return Result::Ok();
 }
 

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/adamw.h"
+#include "kernels/cpu/moe_routing.h"
 #include "kernels/cuda/cuda_check.h"
 
 namespace fp8pipe::kernels::gpu {
@@ -76,6 +77,14 @@ Result cross_entropy_bwd(const float* logits, const int32_t* targets, int64_t n,
 Result router_topk(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
                    int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
                    int32_t* idx, float* gates, cudaStream_t stream);
+
+// kernels/cpu/ops.h sort_assignments (a stable cub radix sort: the same order) and
+// kernels/cpu/moe_routing.h's router backward, one thread per token (bit-identical: -fmad=false).
+Result sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int32_t* order,
+                        int32_t* rows, int32_t* slot, int32_t* counts, cudaStream_t stream);
+Result router_grad(const float* scores, const int32_t* idx, const float* gates, const double* dgate,
+                   const int32_t* slot, const double* f, const RouterGradParams& p, float* dlogits,
+                   cudaStream_t stream);
 
 Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
                    cudaStream_t stream);

@@ -560,6 +560,57 @@ TEST_F(CudaBackendTest, RouterTopk) {
 // Ops launched on a side stream run there; events order them against the compute stream.
 // The BF16 twin's operands: cast is bit-identical both ways; the bf16 GEMM (cublasGemmEx on
 // tensor cores, fp32 accumulation) is within fp32-accumulation bounds of the CPU's widened sgemm.
+// The MoE's direct dispatch and router backward: sort_assignments equal to the CPU's counting
+// sort (a stable radix sort), router_grad bit-identical (shared per-token code, -fmad=false), with
+// and without the balance term and the slot indirection.
+TEST_F(CudaBackendTest, MoeSortAndRouterGrad) {
+  const int64_t B = 3, T = 50, n = B * T, E = 64, K = 8;
+  const Tensor hl = hostf({n, E}, randn(n * E, 21)), hb = hostf({E}, randn(E, 22, 0.1f));
+  Tensor hs = cpu_->empty({n, E}, DType::kF32).value(),
+         hi = cpu_->empty({n, K}, DType::kI32).value();
+  Tensor hg = cpu_->empty({n, K}, DType::kF32).value();
+  ASSERT_TRUE(cpu_->router_topk(hl, hb, K, 8, 4, 2.5f, hs, hi, hg).ok());
+  const Tensor ds = dev(hs), di = dev(hi), dgt = dev(hg);
+  auto i32 = [](Backend& be, int64_t count) { return be.empty({count}, DType::kI32).value(); };
+  Tensor co = i32(*cpu_, n * K), cr = i32(*cpu_, n * K), csl = i32(*cpu_, n * K),
+         cc = i32(*cpu_, E);
+  ASSERT_TRUE(cpu_->sort_assignments(hi, E, co, cr, csl, cc).ok());
+  Tensor go = i32(*gpu_, n * K), gr = i32(*gpu_, n * K), gsl = i32(*gpu_, n * K),
+         gc = i32(*gpu_, E);
+  ASSERT_TRUE(gpu_->sort_assignments(di, E, go, gr, gsl, gc).ok());
+  EXPECT_EQ(vec<int32_t>(co), back<int32_t>(go));
+  EXPECT_EQ(vec<int32_t>(cr), back<int32_t>(gr));
+  EXPECT_EQ(vec<int32_t>(csl), back<int32_t>(gsl));
+  EXPECT_EQ(vec<int32_t>(cc), back<int32_t>(gc));
+
+  std::vector<double> dg(n * K), f(B * E);
+  std::mt19937 rng(23);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (double& v : dg) v = nd(rng);
+  for (double& v : f) v = std::abs(nd(rng));
+  const Tensor hdg = host({n * K}, DType::kF64, dg), hf = host({B, E}, DType::kF64, f);
+  const Tensor ddg = dev(hdg), df = dev(hf);
+  for (float alpha : {0.0f, 1e-3f}) {
+    for (bool by_place : {false, true}) {
+      kernels::RouterGradParams p;
+      p.E = E;
+      p.K = K;
+      p.route_scale = 2.5f;
+      p.alpha = alpha;
+      p.loss_scale = 0.37;
+      p.B = B;
+      p.T = T;
+      Tensor oc = cpu_->empty({n, E}, DType::kF32).value(),
+             og = gpu_->empty({n, E}, DType::kF32).value();
+      ASSERT_TRUE(cpu_->router_grad(hs, hi, hg, hdg, by_place ? csl : Tensor(), hf, p, oc).ok());
+      const Status st = gpu_->router_grad(ds, di, dgt, ddg, by_place ? gsl : Tensor(), df, p, og);
+      ASSERT_TRUE(st.ok()) << st.to_string();
+      expect_bits(vec<float>(oc), back<float>(og),
+                  "router_grad alpha " + std::to_string(alpha) + (by_place ? " slot" : ""));
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, Bf16CastAndGemm) {
   const int64_t M = 192, N = 160, K = 256;
   Tensor a = hostf({M, K}, randn(M * K, 70)), b = hostf({N, K}, randn(N * K, 71));

@@ -480,6 +480,28 @@ Routed route(const VecF& logits, const VecF& bias, int64_t E, int64_t topk, int6
   return r;
 }
 
+// The MoE dispatch order against std::stable_sort of (expert, assignment) pairs.
+TEST(Router, SortAssignmentsIsAStableSortByExpert) {
+  const int64_t n = 300, K = 6, E = 37;
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> d(0, E - 1);
+  std::vector<int32_t> idx(n * K);
+  for (auto& e : idx) e = d(rng);
+  idx[7] = 36;  // the last expert used; expert 0 may go unused
+  std::vector<int32_t> order(n * K), rows(n * K), slot(n * K), counts(E, -1);
+  sort_assignments(idx.data(), n, K, E, order.data(), rows.data(), slot.data(), counts.data());
+  std::vector<int32_t> want(n * K);
+  std::iota(want.begin(), want.end(), 0);
+  std::stable_sort(want.begin(), want.end(), [&](int32_t a, int32_t b) { return idx[a] < idx[b]; });
+  EXPECT_EQ(order, want);
+  for (int64_t i = 0; i < n * K; ++i) {
+    EXPECT_EQ(rows[i], order[i] / K);
+    EXPECT_EQ(slot[order[i]], i);
+  }
+  for (int64_t e = 0; e < E; ++e)
+    EXPECT_EQ(counts[e], std::count(idx.begin(), idx.end(), static_cast<int32_t>(e)));
+}
+
 TEST(Router, GroupLimitDropsHighScoringExpertInLosingGroup) {
   // 8 experts, 4 groups of 2, at most 2 groups, top-4: group score = sum of its top 2.
   //   g0 {0.9, 0.1}=1.0  g1 {0.6, 0.6}=1.2  g2 {0.55, 0.55}=1.1  g3 {0.2, 0.3}=0.5
