@@ -132,6 +132,9 @@ Status Trainer::setup_optimizer() {
   // ZeRO-1: a rank keeps Adam state only for its shard of each parameter (sharded over every
   // rank holding the name: dp replicas, or an expert's ep owners, and DualPipe's two copies).
   setup_owned();
+  // Gradients move into the flat buffers before the host AdamW records where they are.
+  FP8_ASSIGN_OR_RETURN(const bool on_device, use_device_optimizer());
+  if (on_device) FP8_RETURN_IF_ERROR(flatten_grads());
   std::vector<optim::ParamGroup> groups;
   for (const Owned& o : owned_) {
     if (o.begin == o.end) continue;
@@ -141,7 +144,7 @@ Status Trainer::setup_optimizer() {
   }
   FP8_ASSIGN_OR_RETURN(auto opt, optim::AdamW::create(ac, std::move(groups)));
   opt_.emplace(std::move(opt));
-  FP8_RETURN_IF_ERROR(setup_device_optimizer());
+  if (on_device) FP8_RETURN_IF_ERROR(setup_device_optimizer());
   const int64_t total =
       o.decay_steps() > 0 ? o.warmup_steps() + o.decay_steps() : cfg_.train().steps();
   if (o.schedule() == "cosine" && o.warmup_steps() > total) {
@@ -169,7 +172,7 @@ Status Trainer::setup_optimizer() {
 // DeviceAdamW); auto does so on a GPU when the layout allows it (one process, one copy of each
 // parameter), where it saves the per-step gradient downloads, the host AdamW and the weight
 // uploads.
-Status Trainer::setup_device_optimizer() {
+Result<bool> Trainer::use_device_optimizer() {
   const std::string& placement = cfg_.optim().placement();
   std::string why_not;
   if (world_size_ != 1) why_not = fmt::format("the world has {} ranks", world_size_);
@@ -190,18 +193,40 @@ Status Trainer::setup_device_optimizer() {
     if (placement == "auto" && be_->device() != Device::kCpu) {
       log::info("optimizer: on the host (optim.placement=auto: {})", why_not);
     }
-    return Status::Ok();
+    return false;
   }
+  return true;
+}
+
+Status Trainer::flatten_grads() {
+  constexpr int64_t kAlign = 64;  // 256 bytes of fp32 between tensors
+  int64_t total = 0;
+  for (auto* p : all_params()) total += (p->value.numel() + kAlign - 1) / kAlign * kAlign;
+  FP8_ASSIGN_OR_RETURN(flat_grad_, be_->zeros({total}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(flat_acc_, be_->zeros({total}, DType::kF64));
+  int64_t off = 0;
+  for (auto* p : all_params()) {
+    const int64_t n = p->value.numel();
+    FP8_ASSIGN_OR_RETURN(p->grad, flat_grad_.slice_rows(off, off + n).reshape(p->value.shape()));
+    FP8_ASSIGN_OR_RETURN(p->grad_acc_dev,
+                         flat_acc_.slice_rows(off, off + n).reshape(p->value.shape()));
+    if (be_->device() == Device::kCpu) p->host_grad = p->grad;  // host copies alias on the CPU
+    off += (n + kAlign - 1) / kAlign * kAlign;
+  }
+  exec_->set_flat_grads(flat_grad_, flat_acc_);
+  return Status::Ok();
+}
+
+Status Trainer::setup_device_optimizer() {
   std::vector<optim::TensorGroup> groups;
   for (const Owned& o : owned_) {
     model::Param* p = o.copies.front();
-    FP8_ASSIGN_OR_RETURN(p->grad_acc_dev, be_->zeros(p->value.shape(), DType::kF64));
     groups.push_back({o.name, &p->value, &p->grad, p->decay});
   }
   FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups)));
   dev_opt_.emplace(std::move(d));
   log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={})", be_->name(),
-            placement);
+            cfg_.optim().placement());
   return Status::Ok();
 }
 
@@ -304,9 +329,11 @@ Status Trainer::setup_data() {
 }
 
 Result<StepResult> Trainer::train_step() {
-  for (auto* p : all_params()) {
-    FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad));
-    if (dev_opt_) FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad_acc_dev));
+  if (flat_grad_.defined()) {  // every gradient and sum at once
+    FP8_RETURN_IF_ERROR(be_->fill_zero(flat_grad_));
+    FP8_RETURN_IF_ERROR(be_->fill_zero(flat_acc_));
+  } else {
+    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->fill_zero(p->grad));
   }
   for (auto* moe : all_moes()) moe->reset_stats();
   ctx_.nonfinite_groups = 0;

@@ -94,8 +94,14 @@ class Trainer {
   Status trace_step_end();
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
   Result<double> sync_grads_and_norm();
-  Result<double> device_grad_norm();  // optim.placement=device: the norm of the rounded sums
+  Result<double> device_grad_norm();    // optim.placement=device: the norm of the rounded sums
+  Result<bool> use_device_optimizer();  // optim.placement, with the reason when it cannot
+  Status flatten_grads();
   Status setup_device_optimizer();
+  // optim.placement=device: every parameter's gradient and fp64 sum as views of these (in
+  // all_params() order, 64-element aligned, zero gaps), so that zeroing, accumulating, rounding
+  // and the norm are one backend call each instead of one per tensor.
+  Tensor flat_grad_, flat_acc_;
   Status sync_host();  // optim.placement=device: weights and moments -> the host copies
   Status update_router_biases();
   std::vector<model::Param*> all_params() const;  // every local chunk's parameters

@@ -154,13 +154,11 @@ Result<double> Trainer::sync_grads_and_norm() {
 // to fp32 in place of the parameter's gradient, and the squares are summed in all_params()
 // order, as sync_grads_and_norm does on the host (bitwise on the CPU backend).
 Result<double> Trainer::device_grad_norm() {
+  // The flat buffers hold every gradient in all_params() order (zero gaps add exact zeros).
   double sq = 0.0;
-  std::vector<const Tensor*> grads;
-  for (auto* p : all_params()) {
-    FP8_RETURN_IF_ERROR(be_->round_f64(p->grad_acc_dev, p->grad));
-    grads.push_back(&p->grad);
-  }
-  FP8_RETURN_IF_ERROR(be_->sum_squares(grads, &sq));  // one synchronization on a device
+  FP8_RETURN_IF_ERROR(be_->round_f64(flat_acc_, flat_grad_));
+  const Tensor* all[] = {&flat_grad_};
+  FP8_RETURN_IF_ERROR(be_->sum_squares(all, &sq));  // one synchronization on a device
   return std::sqrt(sq);
 }
 

@@ -149,6 +149,11 @@ Status PipelineExecutor::weight(model::ModelCtx& c, int mb, int dir, int stage) 
   return Status::Ok();
 }
 
+void PipelineExecutor::set_flat_grads(Tensor grads, Tensor accs) {
+  flat_grads_ = std::move(grads);
+  flat_accs_ = std::move(accs);
+}
+
 Status PipelineExecutor::flush_grads(int dir) {
   Backend& be = *ctx_->be;
   auto flush = [&](model::Param* p, Tensor& grad) -> Status {
@@ -170,7 +175,11 @@ Status PipelineExecutor::flush_grads(int dir) {
     for (int64_t i = 0; i < n; ++i) p->grad_acc[i] += g[i];
     return be.fill_zero(grad);
   };
-  for (model::Param* p : chunks_[dir]->params()) FP8_RETURN_IF_ERROR(flush(p, p->grad));
+  if (flat_grads_.defined() && chunks_.size() == 1) {
+    FP8_RETURN_IF_ERROR(be.accumulate_grad(flat_grads_, flat_accs_));
+  } else {
+    for (model::Param* p : chunks_[dir]->params()) FP8_RETURN_IF_ERROR(flush(p, p->grad));
+  }
   for (auto [p, grad] : chunks_[dir]->extra_grads()) FP8_RETURN_IF_ERROR(flush(p, *grad));
   return Status::Ok();
 }

@@ -50,6 +50,11 @@ class PipelineExecutor {
   // with the compute slices inside compute instructions and, when ctx->ep is a CommExpertComm,
   // every MoE all-to-all from post to completion (parallel/trace.h).
   void set_tracer(Tracer* t, int64_t step);
+  // optim.placement=device with every parameter's gradient and fp64 sum as views of `grads` and
+  // `accs` (launch/trainer.cc): one chunk's flush is one accumulate_grad over the buffers (one
+  // backend call instead of one per tensor). Only with a single chunk: with several, flushing
+  // all of them at one chunk's flush would split the others' fp32 sums.
+  void set_flat_grads(Tensor grads, Tensor accs);
   bool fb_overlap() const { return fb_overlap_; }
   void set_fb_overlap(bool on) { fb_overlap_ = on; }
 
@@ -88,6 +93,7 @@ class PipelineExecutor {
   int rank_;
   Comm* pp_;
   std::vector<model::Model*> chunks_;
+  Tensor flat_grads_, flat_accs_;  // set_flat_grads
   model::ModelCtx* ctx_;
   int64_t hidden_;
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
