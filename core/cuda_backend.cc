@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <map>
 #include <mutex>
 #include <set>
@@ -73,6 +74,75 @@ void check_or_die(cudaError_t e, const char* what) {
 // ---- device context
 // ------------------------------------------------------------------------------
 
+// Page-locked staging for host -> device copies. A cudaMemcpyAsync from pageable memory first
+// synchronizes its stream (the CUDA runtime's documented behaviour), so every small upload of
+// the model (MoE indices and offsets, balance counts, token ids) drained the GPU's queue. Here an
+// upload is a memcpy into a ring of pinned memory plus an asynchronous copy; the chunk's event
+// marks when the ring may reuse it, so the caller's buffer is free at return as before.
+class StagingRing {
+ public:
+  static constexpr size_t kBytes = size_t{64} << 20;
+  static constexpr size_t kMaxCopy = kBytes / 4;  // larger uploads take the synchronous path
+
+  ~StagingRing() {
+    for (Chunk& c : used_) cudaEventDestroy(c.ev);
+    for (cudaEvent_t e : spare_) cudaEventDestroy(e);
+    if (base_) cudaFreeHost(base_);
+  }
+
+  // Copies n bytes (0 < n <= kMaxCopy) from host src to device dst in stream order on s.
+  cudaError_t upload(void* dst, const void* src, size_t n, cudaStream_t s) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!base_) {
+      const cudaError_t e = cudaMallocHost(&base_, kBytes);
+      if (e != cudaSuccess) {
+        base_ = nullptr;
+        return e;
+      }
+    }
+    size_t off = (head_ + 255) / 256 * 256;
+    if (off + n > kBytes) off = 0;
+    // Chunks still in flight that the new one overlaps must finish first; finished ones go.
+    for (auto it = used_.begin(); it != used_.end();) {
+      const bool overlap = it->off < off + n && off < it->off + it->n;
+      cudaError_t e = overlap ? cudaEventSynchronize(it->ev) : cudaEventQuery(it->ev);
+      if (e == cudaErrorNotReady) {
+        ++it;
+        continue;
+      }
+      if (e != cudaSuccess) return e;
+      spare_.push_back(it->ev);
+      it = used_.erase(it);
+    }
+    std::memcpy(static_cast<char*>(base_) + off, src, n);
+    cudaError_t e =
+        cudaMemcpyAsync(dst, static_cast<char*>(base_) + off, n, cudaMemcpyHostToDevice, s);
+    if (e != cudaSuccess) return e;
+    cudaEvent_t ev = nullptr;
+    if (!spare_.empty()) {
+      ev = spare_.back();
+      spare_.pop_back();
+    } else if ((e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming)) != cudaSuccess) {
+      return e;
+    }
+    if ((e = cudaEventRecord(ev, s)) != cudaSuccess) return e;
+    used_.push_back({off, n, ev});
+    head_ = off + n;
+    return cudaSuccess;
+  }
+
+ private:
+  struct Chunk {
+    size_t off, n;
+    cudaEvent_t ev;
+  };
+  std::mutex mu_;
+  void* base_ = nullptr;
+  size_t head_ = 0;
+  std::list<Chunk> used_;
+  std::vector<cudaEvent_t> spare_;
+};
+
 struct DeviceCtx {
   int device = 0;
   cudaStream_t compute = nullptr;
@@ -82,6 +152,7 @@ struct DeviceCtx {
   std::map<cudaStream_t, std::unique_ptr<g::LtGemm>> lt;
   std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
   std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged;
+  StagingRing staging;  // host -> device uploads without a stream synchronization
 
   ~DeviceCtx() {
     cudaSetDevice(device);
@@ -254,6 +325,11 @@ class CudaBackend final : public Backend {
                                 : hd ? cudaMemcpyDeviceToHost
                                      : cudaMemcpyDeviceToDevice;
     FP8_CUDA("cudaSetDevice", cudaSetDevice(ctx_->device));
+    if (hs && !hd && src.nbytes() <= StagingRing::kMaxCopy) {  // no synchronization
+      FP8_CUDA("copy (staged upload)",
+               ctx_->staging.upload(dst.data(), src.data(), src.nbytes(), cur()));
+      return Status::Ok();
+    }
     FP8_CUDA("copy", cudaMemcpyAsync(dst.data(), src.data(), src.nbytes(), kind, cur()));
     // Host memory is pageable and may be reused as soon as we return: finish the copy.
     if (hs || hd) FP8_CUDA("copy (synchronize)", cudaStreamSynchronize(cur()));
