@@ -173,6 +173,11 @@ class Backend {
   virtual Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
                              const Tensor& dgate, const Tensor& slot, const Tensor& f,
                              const kernels::RouterGradParams& p, Tensor& dlogits) = 0;
+  // The sequence-wise balance loss of B sequences of T tokens (kernels/cpu/moe_routing.h) from
+  // router_topk's scores [B*T, E] and idx [B*T, K]: f (f64 [B, E]) its counts, loss (f64 [1])
+  // += its value (a running sum over micro-batches stays on the device).
+  virtual Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T,
+                               float alpha, Tensor& f, Tensor& loss) = 0;
   virtual Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) = 0;
   // out[rows[i]] += w[i] * in[i]; w may be an undefined Tensor (weight 1).
   virtual Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,

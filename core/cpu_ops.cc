@@ -159,6 +159,24 @@ Status CpuOps::router_grad(const Tensor& scores, const Tensor& idx, const Tensor
   return Status::Ok();
 }
 
+Status CpuOps::balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T,
+                             float alpha, Tensor& f, Tensor& loss) {
+  FP8_RETURN_IF_ERROR(checks::balance_stats(scores, idx, B, T, f, loss));
+  const int64_t E = scores.cols(), K = idx.cols();
+  const float* s = scores.data_as<float>();
+  double* fo = f.data_as<double>();
+  std::vector<double> S(B * T), P(B * E);
+  for (int64_t t = 0; t < B * T; ++t) S[t] = k::score_sum(s + t * E, E);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t e = 0; e < E; ++e) {
+      fo[b * E + e] = k::balance_count(idx.data_as<int32_t>() + b * T * K, T, K, E, e);
+      P[b * E + e] = k::balance_share(s + b * T * E, S.data() + b * T, T, E, e);
+    }
+  }
+  loss.data_as<double>()[0] += k::balance_value(fo, P.data(), B, E, alpha);
+  return Status::Ok();
+}
+
 Status CpuOps::gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));
   k::gather_rows(in.data_as<float>(), rows.data_as<int32_t>(), rows.numel(), in.cols(),

@@ -35,6 +35,8 @@ class CpuOps : public Backend {
   Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
                      const Tensor& dgate, const Tensor& slot, const Tensor& f,
                      const kernels::RouterGradParams& p, Tensor& dlogits) override;
+  Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, float alpha,
+                       Tensor& f, Tensor& loss) override;
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override;
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override;

@@ -727,6 +727,19 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, float alpha,
+                       Tensor& f, Tensor& loss) override {
+    FP8_RETURN_IF_ERROR(on_gpu("balance_stats", {&scores, &idx, &f, &loss}));
+    FP8_RETURN_IF_ERROR(checks::balance_stats(scores, idx, B, T, f, loss));
+    const int64_t E = scores.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor work, empty({B * T + B * E}, DType::kF64));
+    FP8_GPU("balance_stats",
+            g::balance_stats(scores.data_as<float>(), idx.data_as<int32_t>(), B, T, E, idx.cols(),
+                             alpha, f.data_as<double>(), loss.data_as<double>(),
+                             work.data_as<double>(), cur()));
+    return Status::Ok();
+  }
+
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("gather_rows", {&in, &rows, &out}));
     FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));

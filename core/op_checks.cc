@@ -344,6 +344,20 @@ Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
               "balance counts f must be f64 [B, E] when alpha != 0", f);
 }
 
+Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, const Tensor& f,
+                     const Tensor& loss) {
+  const char* op = "balance_stats";
+  FP8_RETURN_IF_ERROR(f32(op, {&scores}));
+  FP8_RETURN_IF_ERROR(i32(op, idx));
+  const int64_t E = scores.cols();
+  FP8_RETURN_IF_ERROR(need(B >= 1 && T >= 1 && scores.rows() == B * T && idx.rows() == B * T, op,
+                           "scores and idx must have B*T rows", scores));
+  FP8_RETURN_IF_ERROR(need(f.defined() && f.dtype() == DType::kF64 && f.numel() == B * E, op,
+                           "f must be f64 [B, E]", f));
+  return need(loss.defined() && loss.dtype() == DType::kF64 && loss.numel() == 1, op,
+              "loss must be f64 [1]", loss);
+}
+
 Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out) {
   FP8_RETURN_IF_ERROR(f32("gather_rows", {&in, &out}));
   FP8_RETURN_IF_ERROR(i32("gather_rows", rows));

@@ -215,6 +215,11 @@ class ProfiledBackend final : public Backend {
     return timed("router_grad", 0,
                  [&] { return in_->router_grad(scores, idx, gates, dgate, slot, f, p, dlogits); });
   }
+  Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, float alpha,
+                       Tensor& f, Tensor& loss) override {
+    return timed("balance_stats", 0,
+                 [&] { return in_->balance_stats(scores, idx, B, T, alpha, f, loss); });
+  }
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
     return timed("gather_rows", 0, [&] { return in_->gather_rows(in, rows, out); });
   }

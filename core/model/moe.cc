@@ -70,6 +70,7 @@ struct MoE::Impl {
     // backend (sort_assignments), no records; slot (i32 [n*K]) is each assignment's place.
     bool direct = false;
     Tensor slot;
+    Tensor f;  // direct, alpha != 0: the balance counts (f64 [B, E]) from Backend::balance_stats
     std::vector<Hop> hops;        // 1 (flat) or 2 (two-level: cross-node, then inside the node)
     std::vector<Rec> recs;        // the records this rank's experts serve, ordered (e, src, a)
     std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
@@ -94,6 +95,10 @@ struct MoE::Impl {
   std::unique_ptr<SwiGLU> shared;
   RoutedExperts experts;  // local experts only
   MoeStepStats stats;
+  Backend* be = nullptr;
+  // Direct dispatch with alpha != 0: the step's balance-loss sum (f64 [1]) stays on the backend
+  // until stats() reads it, so the forward downloads nothing but the expert counts.
+  Tensor aux_dev;
   PerMicrobatch<Saved> saved;
 
   Status route(ModelCtx& c, int mb, const Tensor& x, Saved& s);
@@ -127,8 +132,8 @@ struct MoE::Impl {
 // ---- forward phases -----------------------------------------------------------------------------
 
 // Router logits [n, E] (BF16/FP32 Linear, never FP8), then sigmoid + biased node-limited top-k,
-// kept on the backend; the host gets the selection and gates when it builds records (not direct)
-// and the selection and scores for the balance loss (alpha != 0).
+// kept on the backend. Direct: the balance loss's counts and value on the backend too. Records:
+// the host gets the selection and gates, and the scores for the balance loss (alpha != 0).
 Status MoE::Impl::route(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   const int64_t n = x.rows();
   FP8_ASSIGN_OR_RETURN(Tensor logits, router.forward(c, mb, x));
@@ -137,12 +142,16 @@ Status MoE::Impl::route(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   FP8_ASSIGN_OR_RETURN(s.gates_sel, new_f32(c, n, K));
   FP8_RETURN_IF_ERROR(c.be->router_topk(logits, bias.value, K, n_groups, max_groups, route_scale,
                                         s.scores, s.idx, s.gates_sel));
-  if (!s.direct || alpha != 0.0f) {
-    FP8_ASSIGN_OR_RETURN(s.r.idx, download<int32_t>(c, s.idx));
+  if (s.direct) {
+    if (alpha == 0.0f) return Status::Ok();
+    FP8_ASSIGN_OR_RETURN(s.f, c.be->empty({s.B, E}, DType::kF64));
+    if (!aux_dev.defined()) {
+      FP8_ASSIGN_OR_RETURN(aux_dev, c.be->zeros({1}, DType::kF64));
+    }
+    return c.be->balance_stats(s.scores, s.idx, s.B, s.T, alpha, s.f, aux_dev);
   }
-  if (!s.direct) {
-    FP8_ASSIGN_OR_RETURN(s.r.gates, download<float>(c, s.gates_sel));
-  }
+  FP8_ASSIGN_OR_RETURN(s.r.idx, download<int32_t>(c, s.idx));
+  FP8_ASSIGN_OR_RETURN(s.r.gates, download<float>(c, s.gates_sel));
   if (alpha != 0.0f) {
     FP8_ASSIGN_OR_RETURN(s.r.scores, download<float>(c, s.scores));
   }
@@ -405,30 +414,26 @@ Result<Tensor> MoE::Impl::unpad_rows(ModelCtx& c, const Saved& s, const Tensor& 
 // micro-batch); its gradient is part of Backend::router_grad (kernels/cpu/moe_routing.h).
 // balance_counts: f [B, E] (counts selections: constant for the gradient).
 std::vector<double> MoE::Impl::balance_counts(const Routing& r, int64_t B, int64_t T) const {
-  std::vector<double> f(B * E, 0.0);
-  for (int64_t t = 0; t < B * T; ++t) {
-    double* fb = &f[(t / T) * E];
-    for (int64_t k = 0; k < K; ++k) fb[r.idx[t * K + k]] += static_cast<double>(E) / (K * T);
+  std::vector<double> f(B * E);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t e = 0; e < E; ++e)
+      f[b * E + e] = kernels::balance_count(&r.idx[b * T * K], T, K, E, e);
   }
   return f;
 }
 
+// The records' path (host copies); Backend::balance_stats computes the same on the backend.
 double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T) const {
   if (alpha == 0.0f) return 0.0;
   const std::vector<double> f = balance_counts(r, B, T);
-  double total = 0.0;
-  std::vector<double> P(E);
+  std::vector<double> S(B * T), P(B * E);
+  for (int64_t t = 0; t < B * T; ++t) S[t] = kernels::score_sum(&r.scores[t * E], E);
   for (int64_t b = 0; b < B; ++b) {
-    std::fill(P.begin(), P.end(), 0.0);
-    for (int64_t t = b * T; t < (b + 1) * T; ++t) {
-      const float* s = &r.scores[t * E];
-      double S = 0.0;
-      for (int64_t e = 0; e < E; ++e) S += s[e];
-      for (int64_t e = 0; e < E; ++e) P[e] += s[e] / S / T;
+    for (int64_t e = 0; e < E; ++e) {
+      P[b * E + e] = kernels::balance_share(&r.scores[b * T * E], &S[b * T], T, E, e);
     }
-    for (int64_t e = 0; e < E; ++e) total += alpha * f[b * E + e] * P[e];
   }
-  return total / static_cast<double>(B);
+  return kernels::balance_value(f.data(), P.data(), B, E, alpha);
 }
 
 // ---- backward phases ----------------------------------------------------------------------------
@@ -516,8 +521,8 @@ Status MoE::Impl::router_backward(ModelCtx& c, int mb, const Saved& s, const Ten
   rp.loss_scale = c.loss_scale;
   rp.B = s.B;
   rp.T = s.T;
-  Tensor f;
-  if (alpha != 0.0f) {
+  Tensor f = s.f;  // direct: from balance_stats; records: counted here
+  if (alpha != 0.0f && !s.direct) {
     FP8_ASSIGN_OR_RETURN(f, upload(c, balance_counts(s.r, s.B, s.T), {s.B, E}, DType::kF64));
   }
   FP8_ASSIGN_OR_RETURN(Tensor dlogits, new_f32(c, n, E));
@@ -532,6 +537,7 @@ Status MoE::Impl::router_backward(ModelCtx& c, int mb, const Saved& s, const Ten
 Status MoE::init(ModelCtx& c, const std::string& prefix, const config::Model& m, uint64_t seed) {
   impl_ = std::make_shared<Impl>();
   Impl& p = *impl_;
+  p.be = c.be;
   const config::Moe& moe = m.moe();
   p.hidden = m.hidden();
   p.E = moe.routed_experts();
@@ -587,7 +593,7 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   s.direct = !c.ep && p.capacity_factor <= 0.0f;
   FP8_RETURN_IF_ERROR(p.route(c, mb, x, s));
   p.stats.tokens += x.rows();
-  p.stats.aux_loss += p.balance_loss(s.r, B, T);
+  if (!s.direct) p.stats.aux_loss += p.balance_loss(s.r, B, T);
   Tensor yl;
   if (s.direct) {
     FP8_ASSIGN_OR_RETURN(yl, p.dispatch_direct(c, mb, x, s));
@@ -657,9 +663,18 @@ std::vector<Param*> MoE::params() {
 }
 
 Param& MoE::bias() { return impl_->bias; }
-MoeStepStats& MoE::stats() { return impl_->stats; }
+MoeStepStats& MoE::stats() {
+  Impl& p = *impl_;
+  if (p.aux_dev.defined()) {  // direct dispatch: the balance-loss sum lives on the backend
+    auto h = p.be->to_host(p.aux_dev);
+    p.stats.aux_loss =
+        h.ok() ? h.value().data_as<double>()[0] : std::numeric_limits<double>::quiet_NaN();
+  }
+  return p.stats;
+}
 
 void MoE::reset_stats() {
+  impl_->aux_dev = Tensor();  // a fresh zero sum at the next forward
   impl_->stats = MoeStepStats{};
   impl_->stats.load.assign(impl_->E, 0);
 }

@@ -52,4 +52,34 @@ FP8PIPE_HD void router_grad_row(const float* s, const int32_t* idx, const float*
   }
 }
 
+// The sequence-wise balance loss of one sequence of T tokens, in the pieces the backends share
+// (Backend::balance_stats): f_e = E/(K T) added once per selection of e in token order; S_t =
+// sum_e s_t,e; P_e = sum over tokens of s_t,e / S_t / T in token order; the micro-batch's value
+// is sum over sequences b and experts e (in that order) of alpha f_b,e P_b,e, over B.
+FP8PIPE_HD double balance_count(const int32_t* idx_seq, int64_t T, int64_t K, int64_t E,
+                                int64_t e) {
+  double f = 0.0;
+  for (int64_t a = 0; a < T * K; ++a) {
+    if (idx_seq[a] == e) f += static_cast<double>(E) / (K * T);
+  }
+  return f;
+}
+FP8PIPE_HD double score_sum(const float* s, int64_t E) {
+  double S = 0.0;
+  for (int64_t e = 0; e < E; ++e) S += s[e];
+  return S;
+}
+FP8PIPE_HD double balance_share(const float* s_seq, const double* S_seq, int64_t T, int64_t E,
+                                int64_t e) {
+  double P = 0.0;
+  for (int64_t t = 0; t < T; ++t) P += s_seq[t * E + e] / S_seq[t] / T;
+  return P;
+}
+FP8PIPE_HD double balance_value(const double* f, const double* P, int64_t B, int64_t E,
+                                float alpha) {
+  double total = 0.0;
+  for (int64_t i = 0; i < B * E; ++i) total += alpha * f[i] * P[i];
+  return total / static_cast<double>(B);
+}
+
 }  // namespace fp8pipe::kernels

@@ -564,6 +564,22 @@ __global__ void k_router_grad(const float* scores, const int32_t* idx, const flo
   }
 }
 
+__global__ void k_score_sums(const float* scores, int64_t n, int64_t E, double* S) {
+  for (int64_t t = gtid(); t < n; t += gstride()) S[t] = score_sum(scores + t * E, E);
+}
+__global__ void k_balance_fp(const float* scores, const int32_t* idx, const double* S, int64_t B,
+                             int64_t T, int64_t E, int64_t K, double* f, double* P) {
+  for (int64_t i = gtid(); i < B * E; i += gstride()) {
+    const int64_t b = i / E, e = i % E;
+    f[i] = balance_count(idx + b * T * K, T, K, E, e);
+    P[i] = balance_share(scores + b * T * E, S + b * T, T, E, e);
+  }
+}
+__global__ void k_balance_value(const double* f, const double* P, int64_t B, int64_t E, float alpha,
+                                double* loss) {
+  if (gtid() == 0) loss[0] += balance_value(f, P, B, E, alpha);
+}
+
 }  // namespace
 
 #define FP8PIPE_LAUNCH(kernel, grid, block, stream, ...)   \
@@ -825,6 +841,18 @@ Result router_grad(const float* scores, const int32_t* idx, const float* gates, 
   if (n == 0) return Result::Ok();
   FP8PIPE_LAUNCH(k_router_grad, grid_for(n, 128), 128, stream, scores, idx, gates, dgate, slot, f,
                  p, dlogits);
+  return Result::Ok();
+}
+
+Result balance_stats(const float* scores, const int32_t* idx, int64_t B, int64_t T, int64_t E,
+                     int64_t K, float alpha, double* f, double* loss, double* work,
+                     cudaStream_t stream) {
+  if (B * T == 0 || E == 0) return Result::Ok();
+  double* S = work;
+  double* P = work + B * T;
+  FP8PIPE_LAUNCH(k_score_sums, grid_for(B * T, 128), 128, stream, scores, B * T, E, S);
+  FP8PIPE_LAUNCH(k_balance_fp, grid_for(B * E, 64), 64, stream, scores, idx, S, B, T, E, K, f, P);
+  FP8PIPE_LAUNCH(k_balance_value, 1, 1, stream, f, P, B, E, alpha, loss);
   return Result::Ok();
 }
 

@@ -86,6 +86,13 @@ Result router_grad(const float* scores, const int32_t* idx, const float* gates, 
                    const int32_t* slot, const double* f, const RouterGradParams& p, float* dlogits,
                    cudaStream_t stream);
 
+// kernels/cpu/moe_routing.h's balance loss pieces: S per token, then f and P per (sequence,
+// expert) in token order, then the value in one thread (bit-identical); loss[0] += value.
+// `work` holds B*T + B*E doubles.
+Result balance_stats(const float* scores, const int32_t* idx, int64_t B, int64_t T, int64_t E,
+                     int64_t K, float alpha, double* f, double* loss, double* work,
+                     cudaStream_t stream);
+
 Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
                    cudaStream_t stream);
 // out [R, D]: out[rows[i]] += w[i] * in[i], w may be null (weight 1); each element's adds in

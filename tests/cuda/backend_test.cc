@@ -561,8 +561,8 @@ TEST_F(CudaBackendTest, RouterTopk) {
 // The BF16 twin's operands: cast is bit-identical both ways; the bf16 GEMM (cublasGemmEx on
 // tensor cores, fp32 accumulation) is within fp32-accumulation bounds of the CPU's widened sgemm.
 // The MoE's direct dispatch and router backward: sort_assignments equal to the CPU's counting
-// sort (a stable radix sort), router_grad bit-identical (shared per-token code, -fmad=false), with
-// and without the balance term and the slot indirection.
+// sort (a stable radix sort); balance_stats and router_grad bit-identical (shared per-token code,
+// -fmad=false), with and without the balance term and the slot indirection.
 TEST_F(CudaBackendTest, MoeSortAndRouterGrad) {
   const int64_t B = 3, T = 50, n = B * T, E = 64, K = 8;
   const Tensor hl = hostf({n, E}, randn(n * E, 21)), hb = hostf({E}, randn(E, 22, 0.1f));
@@ -582,6 +582,16 @@ TEST_F(CudaBackendTest, MoeSortAndRouterGrad) {
   EXPECT_EQ(vec<int32_t>(cr), back<int32_t>(gr));
   EXPECT_EQ(vec<int32_t>(csl), back<int32_t>(gsl));
   EXPECT_EQ(vec<int32_t>(cc), back<int32_t>(gc));
+
+  // The balance loss's counts and value (accumulated onto a running sum), bit for bit.
+  Tensor fc = cpu_->empty({B, E}, DType::kF64).value(),
+         fg = gpu_->empty({B, E}, DType::kF64).value();
+  Tensor lc = host({1}, DType::kF64, std::vector<double>{0.25}), lg = dev(lc);
+  ASSERT_TRUE(cpu_->balance_stats(hs, hi, B, T, 1e-3f, fc, lc).ok());
+  ASSERT_TRUE(gpu_->balance_stats(ds, di, B, T, 1e-3f, fg, lg).ok());
+  expect_bits(vec<double>(fc), back<double>(fg), "balance counts");
+  expect_bits(vec<double>(lc), back<double>(lg), "balance loss");
+  EXPECT_GT(vec<double>(lc)[0], 0.25);
 
   std::vector<double> dg(n * K), f(B * E);
   std::mt19937 rng(23);
