@@ -132,9 +132,9 @@ Status Trainer::setup_optimizer() {
   // ZeRO-1: a rank keeps Adam state only for its shard of each parameter (sharded over every
   // rank holding the name: dp replicas, or an expert's ep owners, and DualPipe's two copies).
   setup_owned();
-  // Gradients move into the flat buffers before the host AdamW records where they are.
+  // Parameters move into the flat buffers before the host AdamW records where they are.
   FP8_ASSIGN_OR_RETURN(const bool on_device, use_device_optimizer());
-  if (on_device) FP8_RETURN_IF_ERROR(flatten_grads());
+  if (on_device) FP8_RETURN_IF_ERROR(flatten_params());
   std::vector<optim::ParamGroup> groups;
   for (const Owned& o : owned_) {
     if (o.begin == o.end) continue;
@@ -198,19 +198,28 @@ Result<bool> Trainer::use_device_optimizer() {
   return true;
 }
 
-Status Trainer::flatten_grads() {
+Status Trainer::flatten_params() {
   constexpr int64_t kAlign = 64;  // 256 bytes of fp32 between tensors
   int64_t total = 0;
   for (auto* p : all_params()) total += (p->value.numel() + kAlign - 1) / kAlign * kAlign;
+  FP8_ASSIGN_OR_RETURN(flat_value_, be_->zeros({total}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(flat_grad_, be_->zeros({total}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(flat_acc_, be_->zeros({total}, DType::kF64));
   int64_t off = 0;
+  flat_offset_.clear();
   for (auto* p : all_params()) {
     const int64_t n = p->value.numel();
-    FP8_ASSIGN_OR_RETURN(p->grad, flat_grad_.slice_rows(off, off + n).reshape(p->value.shape()));
-    FP8_ASSIGN_OR_RETURN(p->grad_acc_dev,
-                         flat_acc_.slice_rows(off, off + n).reshape(p->value.shape()));
-    if (be_->device() == Device::kCpu) p->host_grad = p->grad;  // host copies alias on the CPU
+    const Shape& shape = p->value.shape();
+    FP8_ASSIGN_OR_RETURN(Tensor value, flat_value_.slice_rows(off, off + n).reshape(shape));
+    FP8_RETURN_IF_ERROR(be_->copy(p->value, value));
+    p->value = value;
+    FP8_ASSIGN_OR_RETURN(p->grad, flat_grad_.slice_rows(off, off + n).reshape(shape));
+    FP8_ASSIGN_OR_RETURN(p->grad_acc_dev, flat_acc_.slice_rows(off, off + n).reshape(shape));
+    if (be_->device() == Device::kCpu) {  // host copies alias on the CPU
+      p->host_value = p->value;
+      p->host_grad = p->grad;
+    }
+    flat_offset_.push_back(off);
     off += (n + kAlign - 1) / kAlign * kAlign;
   }
   exec_->set_flat_grads(flat_grad_, flat_acc_);
@@ -218,12 +227,15 @@ Status Trainer::flatten_grads() {
 }
 
 Status Trainer::setup_device_optimizer() {
+  // owned_ lists all_params() in order, one copy each here: the flat layout's order.
   std::vector<optim::TensorGroup> groups;
   for (const Owned& o : owned_) {
     model::Param* p = o.copies.front();
     groups.push_back({o.name, &p->value, &p->grad, p->decay});
   }
-  FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups)));
+  const optim::FlatLayout flat{flat_value_, flat_grad_, flat_offset_};
+  FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups),
+                                                          flat_value_.defined() ? &flat : nullptr));
   dev_opt_.emplace(std::move(d));
   log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={})", be_->name(),
             cfg_.optim().placement());

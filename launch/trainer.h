@@ -96,12 +96,14 @@ class Trainer {
   Result<double> sync_grads_and_norm();
   Result<double> device_grad_norm();    // optim.placement=device: the norm of the rounded sums
   Result<bool> use_device_optimizer();  // optim.placement, with the reason when it cannot
-  Status flatten_grads();
+  Status flatten_params();
   Status setup_device_optimizer();
-  // optim.placement=device: every parameter's gradient and fp64 sum as views of these (in
-  // all_params() order, 64-element aligned, zero gaps), so that zeroing, accumulating, rounding
-  // and the norm are one backend call each instead of one per tensor.
-  Tensor flat_grad_, flat_acc_;
+  // optim.placement=device: every parameter's value, gradient and fp64 sum as views of these (in
+  // all_params() order, 64-element aligned, zero gaps), so that zeroing, accumulating, rounding,
+  // the norm and AdamW are one backend call each (AdamW: one per run of equal decay flags)
+  // instead of one per tensor.
+  Tensor flat_value_, flat_grad_, flat_acc_;
+  std::vector<int64_t> flat_offset_;  // per all_params() entry
   Status sync_host();  // optim.placement=device: weights and moments -> the host copies
   Status update_router_biases();
   std::vector<model::Param*> all_params() const;  // every local chunk's parameters

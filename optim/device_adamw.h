@@ -21,12 +21,22 @@ struct TensorGroup {
   bool weight_decay = true;
 };
 
+// The parameters and gradients as consecutive views of two flat buffers (launch/trainer.cc):
+// group i's tensors start at element offset[i] of `value` and `grad`, groups in buffer order,
+// anything between them zero. The moments are then laid out alike, and a step is one
+// Backend::adamw per run of consecutive groups with the same decay flag (zeros stay zeros)
+// instead of one per group.
+struct FlatLayout {
+  Tensor value, grad;
+  std::vector<int64_t> offset;
+};
+
 class DeviceAdamW {
  public:
   // The twin of `host` (its config, step count and moments) on `be`: one group per host group,
   // in the same order with the same names, each covering its whole tensor (no ZeRO shards).
-  static Result<DeviceAdamW> create(Backend& be, const AdamW& host,
-                                    std::vector<TensorGroup> groups);
+  static Result<DeviceAdamW> create(Backend& be, const AdamW& host, std::vector<TensorGroup> groups,
+                                    const FlatLayout* flat = nullptr);
 
   Status step(float lr, float grad_scale = 1.0f);  // as AdamW::step
   int64_t step_count() const { return step_; }
@@ -39,7 +49,14 @@ class DeviceAdamW {
   Backend* be_ = nullptr;
   AdamWConfig cfg_;
   std::vector<TensorGroup> groups_;
-  std::vector<Tensor> m_, v_;  // bf16, one per group
+  std::vector<Tensor> m_, v_;  // bf16, one per group (views of the flat moments with a layout)
+  // With a FlatLayout: [begin, end) element ranges of the flat buffers and their decay flag.
+  struct Run {
+    int64_t begin, end;
+    bool weight_decay;
+  };
+  std::vector<Run> runs_;
+  Tensor value_, grad_, m_flat_, v_flat_;
   int64_t step_ = 0;
 };
 
