@@ -7,9 +7,9 @@
 // fn at once on the calling thread with that stream made "current" (a thread-local), so every
 // backend op fn issues is enqueued on it; outside a launch the current stream is the compute
 // stream. record() records a cudaEvent; wait(e) is cudaStreamWaitEvent (a host wait for a foreign
-// Event). An op whose result the host needs (to_host, copies from or to host memory, the
-// `nonfinite` counts, the index range checks of embedding_fwd / cross_entropy_fwd) synchronizes
-// the current stream.
+// Event). An op whose result the host needs (to_host, copies to host memory, the `nonfinite`
+// counts, the index range checks of embedding_fwd / cross_entropy_fwd) synchronizes the current
+// stream; copies from host memory up to 16 MiB go through pinned staging (StagingRing) and do not.
 //
 // Memory. Tensors come from the device's stream-ordered pool (cudaMallocAsync on the current
 // stream, the pool keeps freed memory cached) and are freed with cudaFreeAsync on the compute
@@ -90,23 +90,27 @@ class StagingRing {
     if (base_) cudaFreeHost(base_);
   }
 
-  // Copies n bytes (0 < n <= kMaxCopy) from host src to device dst in stream order on s.
+  // Copies n bytes (0 < n <= kMaxCopy) from host src to device dst in stream order on s. Without
+  // pinned memory (cudaMallocHost failed) it falls back to a synchronous copy.
   cudaError_t upload(void* dst, const void* src, size_t n, cudaStream_t s) {
     std::lock_guard<std::mutex> lk(mu_);
+    if (!base_ && !no_pinned_ && cudaMallocHost(&base_, kBytes) != cudaSuccess) {
+      base_ = nullptr;
+      no_pinned_ = true;
+      cudaGetLastError();  // clear the allocation error
+    }
     if (!base_) {
-      const cudaError_t e = cudaMallocHost(&base_, kBytes);
-      if (e != cudaSuccess) {
-        base_ = nullptr;
-        return e;
-      }
+      const cudaError_t e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s);
+      return e != cudaSuccess ? e : cudaStreamSynchronize(s);
     }
     size_t off = (head_ + 255) / 256 * 256;
     if (off + n > kBytes) off = 0;
-    // Chunks still in flight that the new one overlaps must finish first; finished ones go.
+    // Finished chunks go, oldest first; chunks the new one overlaps must finish first.
     for (auto it = used_.begin(); it != used_.end();) {
       const bool overlap = it->off < off + n && off < it->off + it->n;
-      cudaError_t e = overlap ? cudaEventSynchronize(it->ev) : cudaEventQuery(it->ev);
+      const cudaError_t e = overlap ? cudaEventSynchronize(it->ev) : cudaEventQuery(it->ev);
       if (e == cudaErrorNotReady) {
+        if (it == used_.begin() && !overlap) break;  // younger chunks are queued behind it
         ++it;
         continue;
       }
@@ -114,18 +118,32 @@ class StagingRing {
       spare_.push_back(it->ev);
       it = used_.erase(it);
     }
-    std::memcpy(static_cast<char*>(base_) + off, src, n);
-    cudaError_t e =
-        cudaMemcpyAsync(dst, static_cast<char*>(base_) + off, n, cudaMemcpyHostToDevice, s);
-    if (e != cudaSuccess) return e;
+    for (auto it = used_.begin(); it != used_.end();) {  // any overlap beyond a pending head
+      if (!(it->off < off + n && off < it->off + it->n)) {
+        ++it;
+        continue;
+      }
+      const cudaError_t e = cudaEventSynchronize(it->ev);
+      if (e != cudaSuccess) return e;
+      spare_.push_back(it->ev);
+      it = used_.erase(it);
+    }
     cudaEvent_t ev = nullptr;
+    cudaError_t e = cudaSuccess;
     if (!spare_.empty()) {
       ev = spare_.back();
       spare_.pop_back();
     } else if ((e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming)) != cudaSuccess) {
       return e;
     }
-    if ((e = cudaEventRecord(ev, s)) != cudaSuccess) return e;
+    std::memcpy(static_cast<char*>(base_) + off, src, n);
+    e = cudaMemcpyAsync(dst, static_cast<char*>(base_) + off, n, cudaMemcpyHostToDevice, s);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+      cudaStreamSynchronize(s);  // a copy from [off, off + n) may be in flight, untracked
+      spare_.push_back(ev);
+      return e;
+    }
     used_.push_back({off, n, ev});
     head_ = off + n;
     return cudaSuccess;
@@ -138,6 +156,7 @@ class StagingRing {
   };
   std::mutex mu_;
   void* base_ = nullptr;
+  bool no_pinned_ = false;
   size_t head_ = 0;
   std::list<Chunk> used_;
   std::vector<cudaEvent_t> spare_;
@@ -732,11 +751,12 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(on_gpu("balance_stats", {&scores, &idx, &f, &loss}));
     FP8_RETURN_IF_ERROR(checks::balance_stats(scores, idx, B, T, f, loss));
     const int64_t E = scores.cols();
-    FP8_ASSIGN_OR_RETURN(Tensor work, empty({B * T + B * E}, DType::kF64));
+    // A temporary of this op: freed on the stream that uses it.
+    FP8_ASSIGN_OR_RETURN(auto work, alloc((B * T + B * E) * sizeof(double), cur()));
     FP8_GPU("balance_stats",
             g::balance_stats(scores.data_as<float>(), idx.data_as<int32_t>(), B, T, E, idx.cols(),
                              alpha, f.data_as<double>(), loss.data_as<double>(),
-                             work.data_as<double>(), cur()));
+                             static_cast<double*>(work->ptr), cur()));
     return Status::Ok();
   }
 

@@ -174,6 +174,10 @@ Result<Tensor> MoE::Impl::dispatch_direct(ModelCtx& c, int mb, const Tensor& x, 
     s.offset[e + 1] = s.offset[e] + cnt[e];
     stats.load[e] += cnt[e];
   }
+  if (s.offset[E] != nk) {  // every selection names an expert (router_topk's contract)
+    return FP8_ERROR(Code::kInternal, "moe: {} of {} assignments name no expert in [0, {})",
+                     nk - s.offset[E], nk, E);
+  }
   FP8_ASSIGN_OR_RETURN(s.gates, new_f32(c, nk, 1));
   FP8_ASSIGN_OR_RETURN(Tensor all_gates, s.gates_sel.reshape({nk, 1}));
   if (nk > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(all_gates, order, s.gates));

@@ -744,6 +744,50 @@ Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, f
   return Result::Ok();
 }
 
+namespace {
+
+// Stable radix sort of (key, position) over the keys' low end_bit bits (cub): pos[i] is the input
+// position at place i in key order, equal keys in input order; keys_out (nullable) the sorted
+// keys. Temporaries are allocated and freed in stream order; the caller's buffers must hold n.
+cudaError_t sort_positions(const uint32_t* keys_in, int64_t n, int end_bit, uint32_t* keys_out,
+                           int32_t* pos, cudaStream_t stream) {
+  const int items = static_cast<int>(n);
+  uint32_t* keys = nullptr;
+  int32_t* iota = nullptr;
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+  cudaError_t e =
+      cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, static_cast<uint32_t*>(nullptr),
+                                      static_cast<const int32_t*>(nullptr),
+                                      static_cast<int32_t*>(nullptr), items, 0, end_bit, stream);
+  if (e == cudaSuccess && !keys_out) {
+    e = cudaMallocAsync(reinterpret_cast<void**>(&keys), n * 4, stream);
+  }
+  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&iota), n * 4, stream);
+  if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
+  if (e == cudaSuccess) {
+    k_iota<<<grid_for(n), kThreads, 0, stream>>>(iota, n);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) {
+    e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out ? keys_out : keys, iota,
+                                        pos, items, 0, end_bit, stream);
+  }
+  for (void* p : {static_cast<void*>(keys), static_cast<void*>(iota), temp}) {
+    if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the sort
+  }
+  return e;
+}
+
+// Bits that hold every key below `bound`.
+int bits_below(int64_t bound, int max_bits) {
+  int b = 1;
+  while (b < max_bits && (int64_t{1} << b) < bound) ++b;
+  return b;
+}
+
+}  // namespace
+
 Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
                         int64_t R, float* out, cudaStream_t stream) {
   if (n == 0 || D == 0) return Result::Ok();
@@ -757,36 +801,18 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
     return Result::Ok();
   }
   // Stable radix sort of (row, input index): each output row's inputs in increasing input order.
-  const int items = static_cast<int>(n);
-  int end_bit = 1;
-  while (end_bit < 32 && (int64_t{1} << end_bit) < R) ++end_bit;
   const auto* keys_in = reinterpret_cast<const uint32_t*>(rows);  // a negative row sorts last
   uint32_t* keys = nullptr;
-  int32_t *idx_in = nullptr, *idx = nullptr;
-  void* temp = nullptr;
-  size_t temp_bytes = 0;
-  cudaError_t e = cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, keys_in, keys, static_cast<const int32_t*>(nullptr),
-      static_cast<int32_t*>(nullptr), items, 0, end_bit, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&keys), n * 4, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&idx_in), n * 4, stream);
+  int32_t* idx = nullptr;
+  cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&keys), n * 4, stream);
   if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&idx), n * 4, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
-  if (e == cudaSuccess) {
-    k_iota<<<grid_for(n), kThreads, 0, stream>>>(idx_in, n);
-    e = cudaGetLastError();
-  }
-  if (e == cudaSuccess) {
-    e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys, idx_in, idx, items, 0,
-                                        end_bit, stream);
-  }
+  if (e == cudaSuccess) e = sort_positions(keys_in, n, bits_below(R, 32), keys, idx, stream);
   if (e == cudaSuccess) {
     const int blocks = static_cast<int>(std::min<int64_t>(R, int64_t{1} << 30));
     k_scatter_add_sorted<<<blocks, kColThreads, 0, stream>>>(in, keys, idx, w, n, D, R, out);
     e = cudaGetLastError();
   }
-  for (void* p :
-       {static_cast<void*>(keys), static_cast<void*>(idx_in), static_cast<void*>(idx), temp}) {
+  for (void* p : {static_cast<void*>(keys), static_cast<void*>(idx)}) {
     if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the kernels above
   }
   FP8PIPE_CUDA_TRY(e);
@@ -801,36 +827,9 @@ Result sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int
   FP8PIPE_REQUIRE(nk < std::numeric_limits<int>::max(), "sort_assignments: too many assignments");
   FP8PIPE_LAUNCH(k_count_experts, grid_for(nk), kThreads, stream, idx, nk, E, counts);
   // Stable radix sort of (expert, assignment): the CPU's counting-sort order.
-  const int items = static_cast<int>(nk);
-  int end_bit = 1;
-  while (end_bit < 31 && (int64_t{1} << end_bit) < E) ++end_bit;
-  const auto* keys_in = reinterpret_cast<const uint32_t*>(idx);
-  uint32_t* keys = nullptr;
-  int32_t* iota = nullptr;
-  void* temp = nullptr;
-  size_t temp_bytes = 0;
-  cudaError_t e = cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, keys_in, keys, static_cast<const int32_t*>(nullptr),
-      static_cast<int32_t*>(nullptr), items, 0, end_bit, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&keys), nk * 4, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&iota), nk * 4, stream);
-  if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
-  if (e == cudaSuccess) {
-    k_iota<<<grid_for(nk), kThreads, 0, stream>>>(iota, nk);
-    e = cudaGetLastError();
-  }
-  if (e == cudaSuccess) {
-    e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys, iota, order, items, 0,
-                                        end_bit, stream);
-  }
-  if (e == cudaSuccess) {
-    k_finish_sort<<<grid_for(nk), kThreads, 0, stream>>>(order, nk, K, rows, slot);
-    e = cudaGetLastError();
-  }
-  for (void* p : {static_cast<void*>(keys), static_cast<void*>(iota), temp}) {
-    if (p != nullptr) cudaFreeAsync(p, stream);  // stream-ordered: after the kernels above
-  }
-  FP8PIPE_CUDA_TRY(e);
+  FP8PIPE_CUDA_TRY(sort_positions(reinterpret_cast<const uint32_t*>(idx), nk, bits_below(E, 31),
+                                  nullptr, order, stream));
+  FP8PIPE_LAUNCH(k_finish_sort, grid_for(nk), kThreads, stream, order, nk, K, rows, slot);
   return Result::Ok();
 }
 

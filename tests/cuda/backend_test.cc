@@ -178,13 +178,14 @@ TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
 
 // The grouped FP8 ops (the MoE experts): whole code and scale buffers bit-identical to the CPU's
 // (whose groups are the ungrouped kernels on each group's rows, tests/core/backend_test.cc), with
-// an empty group and a 160-row group (two 128x1 tiles); K = 256 takes the vector kernels, K = 260
-// the scalar ones, and 16-aligned groups the transposed kernel's 16-byte stores. A group's view
-// then runs on cuBLASLt, bit for bit the CPU's exact model (the Wgrad of one expert).
+// an empty group and a 160-row group (two 128x1 tiles); K = 256 takes the vector kernels, K = 262
+// (not a multiple of 4) the scalar ones, and 16-aligned groups the transposed kernel's 16-byte
+// stores. A group's view then runs on cuBLASLt, bit for bit the CPU's exact model (the Wgrad of one
+// expert).
 TEST_F(CudaBackendTest, GroupedQuantizeBitIdentical) {
   for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 37, 37, 197, 213, 342},
                                           std::vector<int64_t>{0, 48, 48, 208, 224, 352}}) {
-    for (int64_t K : {256, 260}) {
+    for (int64_t K : {256, 262}) {
       const int64_t M = off.back();
       const std::string what = "M " + std::to_string(M) + " K " + std::to_string(K);
       RowGroups gc = make_row_groups(*cpu_, off).value(), gg = make_row_groups(*gpu_, off).value();
@@ -557,9 +558,6 @@ TEST_F(CudaBackendTest, RouterTopk) {
   }
 }
 
-// Ops launched on a side stream run there; events order them against the compute stream.
-// The BF16 twin's operands: cast is bit-identical both ways; the bf16 GEMM (cublasGemmEx on
-// tensor cores, fp32 accumulation) is within fp32-accumulation bounds of the CPU's widened sgemm.
 // The MoE's direct dispatch and router backward: sort_assignments equal to the CPU's counting
 // sort (a stable radix sort); balance_stats and router_grad bit-identical (shared per-token code,
 // -fmad=false), with and without the balance term and the slot indirection.
@@ -621,6 +619,8 @@ TEST_F(CudaBackendTest, MoeSortAndRouterGrad) {
   }
 }
 
+// The BF16 twin's operands: cast is bit-identical both ways; the bf16 GEMM (cublasGemmEx on
+// tensor cores, fp32 accumulation) is within fp32-accumulation bounds of the CPU's widened sgemm.
 TEST_F(CudaBackendTest, Bf16CastAndGemm) {
   const int64_t M = 192, N = 160, K = 256;
   Tensor a = hostf({M, K}, randn(M * K, 70)), b = hostf({N, K}, randn(N * K, 71));
@@ -734,6 +734,7 @@ TEST_F(CudaBackendTest, OptimizerOps) {
   EXPECT_FALSE(gpu_->accumulate_grad(rg, wrong).ok());  // the sum must be f64
 }
 
+// Ops launched on a side stream run there; events order them against the compute stream.
 TEST_F(CudaBackendTest, StreamsAndEvents) {
   const int64_t n = 1 << 20;
   const Tensor a = hostf({n}, randn(n, 70)), b = hostf({n}, randn(n, 71));
