@@ -1,7 +1,8 @@
 // `fp8pipe bench`: micro-benchmarks of the FP8 numerics on this machine's backend. Quantize GB/s
 // (bytes read + written) and FP8 GEMM throughput as a ratio to a plain fp32 sgemm of the same
 // shape, the two timed alternately in one run so machine drift cancels in the ratio. "train" rows
-// time whole training steps (FP8 against BF16) of the tiny and a shrunken small config.
+// time whole training steps (FP8 against BF16) of the tiny and a shrunken small config; "moe layer
+// host" the host's share of one MoE layer (time outside every backend call).
 #include <cblas.h>
 #include <fmt/format.h>
 
@@ -18,6 +19,8 @@
 #include "core/backend.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "core/model/moe.h"
+#include "core/op_profile.h"
 #include "launch/commands.h"
 #include "launch/flops.h"
 #include "launch/trainer.h"
@@ -137,6 +140,78 @@ Row bench_gemm(kernels::GemmMode mode, int64_t M, int64_t N, int64_t K, int reps
           flop / t8 / 1e9,
           flop / t32 / 1e9,
           t32 / t8};
+}
+
+// One MoE layer's forward + backward (FP8, n = 8192 tokens in 8 sequences, 64 experts, top 8,
+// hidden 128: small GEMMs, so routing work shows) on the backend, timed whole and with the op
+// profiler: baseline = the wall time spent outside every backend call, i.e. the host's routing
+// bookkeeping; ratio = its share of the wall time. Median of `reps` after one warm-up.
+Result<Row> bench_moe_host(bool cuda, int reps) {
+  std::unique_ptr<Backend> inner;
+  if (cuda) {
+    FP8_ASSIGN_OR_RETURN(inner, make_cuda_backend(0));
+  } else {
+    inner = make_cpu_backend();
+  }
+  std::shared_ptr<OpProfile> prof;
+  std::unique_ptr<Backend> be = make_profiled_backend(std::move(inner), &prof);
+  config::Model m;
+  m.set_hidden(128);
+  m.set_init_std(0.02f);
+  config::Moe* moe = m.mutable_moe();
+  moe->set_routed_experts(64);
+  moe->set_shared_experts(1);
+  moe->set_topk(8);
+  moe->set_expert_hidden(128);
+  moe->set_n_groups(8);
+  moe->set_max_nodes(4);
+  moe->set_route_scale(2.5f);
+  moe->set_seq_aux_alpha(1e-4f);
+  model::ModelCtx c;
+  c.be = be.get();
+  c.precision = model::Precision::kFP8;
+  c.expert_row_align = cuda ? 16 : 1;  // as the trainer sets it
+  c.count_nonfinite = false;
+  model::MoE layer;
+  FP8_RETURN_IF_ERROR(layer.init(c, "moe", m, 1));
+  const int64_t B = 8, T = 1024, n = B * T;
+  auto tensor = [&](uint32_t seed) -> Result<Tensor> {
+    auto cpu = make_cpu_backend();
+    FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({n, 128}, DType::kF32));
+    const auto v = randn(n * 128, seed);
+    std::copy(v.begin(), v.end(), h.data_as<float>());
+    FP8_ASSIGN_OR_RETURN(Tensor d, be->empty({n, 128}, DType::kF32));
+    FP8_RETURN_IF_ERROR(be->copy(h, d));
+    return d;
+  };
+  FP8_ASSIGN_OR_RETURN(Tensor x, tensor(1));
+  FP8_ASSIGN_OR_RETURN(Tensor dy, tensor(2));
+  std::vector<double> wall, outside;
+  for (int i = 0; i <= reps; ++i) {
+    be->compute().synchronize();
+    prof->reset();
+    const auto t0 = Clock::now();
+    FP8_RETURN_IF_ERROR(layer.forward(c, 0, x, B, T).status());
+    FP8_RETURN_IF_ERROR(layer.backward_input(c, 0, dy).status());
+    FP8_RETURN_IF_ERROR(layer.backward_weight(c, 0));
+    be->compute().synchronize();
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    double in_ops = 0;
+    for (const OpStats& s : prof->totals()) in_ops += s.host_ms;
+    layer.reset_stats();
+    if (i == 0) continue;  // warm-up
+    wall.push_back(ms);
+    outside.push_back(ms - in_ops);
+  }
+  std::sort(wall.begin(), wall.end());
+  std::sort(outside.begin(), outside.end());
+  const double w = wall[wall.size() / 2], h = outside[outside.size() / 2];
+  return Row{"moe layer host",
+             "n=8192 E=64 K=8 hidden=128 FP8",
+             "ms per fwd+bwd (wall | outside backend calls)",
+             w,
+             h,
+             h / w};
 }
 
 // A "train" row's setup: a config file shrunk to CPU size by overrides (printed as its shape).
@@ -341,6 +416,10 @@ std::vector<Bench> all_benches(const Options& o) {
         {"fp8 gemm exact",
          [=] { return one(bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3))); }},
     };
+  b.push_back({"moe layer host", [=]() -> Result<std::vector<Row>> {
+                 FP8_ASSIGN_OR_RETURN(Row r, bench_moe_host(cuda, std::min(reps, 5)));
+                 return std::vector<Row>{r};
+               }});
   const int train_reps = std::min(reps, o.quick ? 3 : 5);  // training steps take seconds
   for (const auto& c : train_cases(o.quick, cuda)) {
     b.push_back({c.name, [=] { return bench_train(c, o.configs, train_reps, o.peak_tflops); }});

@@ -289,8 +289,18 @@ small_op_profile() {
   done
 }
 
+# The host's share of one MoE layer (fp8pipe bench's "moe layer host" row: the wall time outside
+# every backend call, i.e. the routing bookkeeping), FP8, 8192 tokens, 64 experts, top 8.
+moe_host() {
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
+  local bin
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  "$bin" bench --device=cuda --filter "moe layer" --reps 5
+}
+
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16
+export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host
 
 step env 30 env_info
 cat "$LOG/env.log"
@@ -321,6 +331,7 @@ step train_tiny_gpu_vs_cpu 180 train_tiny_gpu_vs_cpu
 step train_tiny_2rank_gpu_vs_cpu 120 train_tiny_2rank_gpu_vs_cpu
 step small_fp8_vs_bf16 240 small_fp8_vs_bf16
 step small_op_profile 150 small_op_profile
+step moe_host 60 moe_host
 
 # ---- summary (last) ----
 echo
@@ -346,6 +357,7 @@ fi
 for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu small_fp8_vs_bf16; do
   [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |small )" "$LOG/$f.log"
 done
+[[ -f $LOG/moe_host.log ]] && grep -E "^(bench |moe layer host)" "$LOG/moe_host.log"
 if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
   grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26
   grep -E "busy" "$LOG/small_op_profile.log"
