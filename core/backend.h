@@ -114,6 +114,12 @@ class Backend {
   virtual Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
                                                         QuantParams p) = 0;
   virtual Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) = 0;
+  // Same-shaped fp32 weights (a MoE layer's experts) quantized 128x128 in one pass: group z is
+  // quantize(*ws[z], k128x128) bit for bit, codes stacked [count * R, C], scales stacked; and the
+  // exact transposes (transpose_fp8) of every group of such a result, stacked [count * C, R].
+  virtual Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
+                                                   QuantParams p) = 0;
+  virtual Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) = 0;
   // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
   virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;
   // C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged; C fp32, A and B
@@ -213,6 +219,9 @@ Result<RowGroups> make_row_groups(Backend& be, std::vector<int64_t> offsets);
 // (transposed: the quantize_transposed_groups layout); K is the activation's width.
 GroupedFp8 group_views(Tensor codes, Tensor scales, const RowGroups& groups, int64_t K,
                        bool transposed, bool pow2);
+// The per-tensor views of `count` stacked 128x128-quantized [rows, cols] tensors.
+GroupedFp8 stacked_block_views(Tensor codes, Tensor scales, int64_t count, int64_t rows,
+                               int64_t cols, bool pow2);
 
 std::unique_ptr<Backend> make_cpu_backend();
 // The CUDA backend for local device `device_index`; an error when not built with CUDA or no GPU.

@@ -157,6 +157,36 @@ class CpuBackend final : public CpuOps {
     return Status::Ok();
   }
 
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
+                                           QuantParams p) override {
+    FP8_RETURN_IF_ERROR(checks::quantize_blocks_batch(ws));
+    const int64_t n = static_cast<int64_t>(ws.size()), R = ws[0]->rows(), C = ws[0]->cols();
+    const int64_t sc = k::scale_count(Granularity::k128x128, R, C);
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({n * R, C}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * sc}, DType::kF32));
+    for (int64_t z = 0; z < n; ++z) {
+      k::quantize(ws[z]->data_as<float>(), R, C, Granularity::k128x128, p,
+                  q.data_as<uint8_t>() + z * R * C, s.data_as<float>() + z * sc);
+    }
+    return stacked_block_views(std::move(q), std::move(s), n, R, C, p.pow2);
+  }
+
+  Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) override {
+    FP8_RETURN_IF_ERROR(checks::transpose_fp8_batch(q));
+    const int64_t n = static_cast<int64_t>(q.group.size());
+    const int64_t R = q.group[0].rows(), C = q.group[0].cols();
+    const int64_t sc = q.group[0].scale()->numel(),
+                  st = k::scale_count(Granularity::k128x128, C, R);
+    FP8_ASSIGN_OR_RETURN(Tensor t, empty({n * C, R}, q.codes.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * st}, DType::kF32));
+    for (int64_t z = 0; z < n; ++z) {
+      k::transpose_128x128(q.codes.data_as<uint8_t>() + z * R * C,
+                           q.scales.data_as<float>() + z * sc, R, C,
+                           t.data_as<uint8_t>() + z * R * C, s.data_as<float>() + z * st);
+    }
+    return stacked_block_views(std::move(t), std::move(s), n, C, R, q.group[0].pow2_scales());
+  }
+
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
     FP8_RETURN_IF_ERROR(checks::gemm_fp8(a, b, out));
     const int64_t M = a.rows(), N = b.rows(), K = a.cols();
@@ -286,6 +316,21 @@ GroupedFp8 group_views(Tensor codes, Tensor scales, const RowGroups& groups, int
       s = scales.slice_rows(K * groups.tiles[g], K * groups.tiles[g + 1]);
     }
     if (q.defined()) q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, pow2);
+    out.group.push_back(std::move(q));
+  }
+  out.codes = std::move(codes);
+  out.scales = std::move(scales);
+  return out;
+}
+
+GroupedFp8 stacked_block_views(Tensor codes, Tensor scales, int64_t count, int64_t rows,
+                               int64_t cols, bool pow2) {
+  GroupedFp8 out;
+  const int64_t sc = kernels::scale_count(Granularity::k128x128, rows, cols);
+  for (int64_t z = 0; z < count; ++z) {
+    Tensor q = codes.slice_rows(z * rows, (z + 1) * rows);
+    q.set_scale(std::make_shared<Tensor>(scales.slice_rows(z * sc, (z + 1) * sc)),
+                Granularity::k128x128, pow2);
     out.group.push_back(std::move(q));
   }
   out.codes = std::move(codes);

@@ -432,6 +432,45 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
+                                           QuantParams p) override {
+    FP8_RETURN_IF_ERROR(checks::quantize_blocks_batch(ws));
+    for (const Tensor* w : ws) FP8_RETURN_IF_ERROR(on_gpu("quantize_blocks_batch", {w}));
+    const int64_t n = static_cast<int64_t>(ws.size()), R = ws[0]->rows(), C = ws[0]->cols();
+    const int64_t sc = k::scale_count(Granularity::k128x128, R, C);
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty({n * R, C}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * sc}, DType::kF32));
+    if (R * C > 0) {
+      std::vector<const float*> ptrs;
+      for (const Tensor* w : ws) ptrs.push_back(w->data_as<float>());
+      // The pointer table: a temporary of this op, uploaded through the staging ring.
+      FP8_ASSIGN_OR_RETURN(auto table, alloc(ptrs.size() * sizeof(float*), cur()));
+      FP8_CUDA("quantize_blocks_batch (table)",
+               ctx_->staging.upload(table->ptr, ptrs.data(), ptrs.size() * sizeof(float*), cur()));
+      FP8_GPU(
+          "quantize_blocks_batch",
+          g::quantize_128x128_batch(static_cast<const float* const*>(table->ptr), ptrs.data(), n, R,
+                                    C, p, q.data_as<uint8_t>(), s.data_as<float>(), cur()));
+    }
+    return stacked_block_views(std::move(q), std::move(s), n, R, C, p.pow2);
+  }
+
+  Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) override {
+    FP8_RETURN_IF_ERROR(checks::transpose_fp8_batch(q));
+    FP8_RETURN_IF_ERROR(on_gpu("transpose_fp8_batch", {&q.codes, &q.scales}));
+    const int64_t n = static_cast<int64_t>(q.group.size());
+    const int64_t R = q.group[0].rows(), C = q.group[0].cols();
+    const int64_t st = k::scale_count(Granularity::k128x128, C, R);
+    FP8_ASSIGN_OR_RETURN(Tensor t, empty({n * C, R}, q.codes.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * st}, DType::kF32));
+    if (R * C > 0) {
+      FP8_GPU("transpose_fp8_batch",
+              g::transpose_128x128_batch(q.codes.data_as<uint8_t>(), q.scales.data_as<float>(), n,
+                                         R, C, t.data_as<uint8_t>(), s.data_as<float>(), cur()));
+    }
+    return stacked_block_views(std::move(t), std::move(s), n, C, R, q.group[0].pow2_scales());
+  }
+
   static g::GroupsDev groups_dev(const RowGroups& gr) {
     const int32_t* d = gr.dev.data_as<int32_t>();
     return {d, d + gr.offsets.size(), static_cast<int>(gr.count())};

@@ -92,6 +92,29 @@ Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups) {
       op, fmt::format("fp32 [{}, K] required (the groups' rows)", groups.total_rows()).c_str(), x);
 }
 
+Status quantize_blocks_batch(std::span<const Tensor* const> ws) {
+  const char* op = "quantize_blocks_batch";
+  if (ws.empty()) return FP8_INVALID("{}: no tensors", op);
+  for (const Tensor* w : ws) {
+    FP8_RETURN_IF_ERROR(need(
+        w->defined() && w->dtype() == DType::kF32 && w->rank() == 2 && w->shape() == ws[0]->shape(),
+        op, "fp32 2-D tensors of one shape required", *w));
+  }
+  return Status::Ok();
+}
+
+Status transpose_fp8_batch(const GroupedFp8& q) {
+  const char* op = "transpose_fp8_batch";
+  if (q.group.empty()) return FP8_INVALID("{}: no tensors", op);
+  const Tensor& g0 = q.group[0];
+  FP8_RETURN_IF_ERROR(fp8(op, g0));
+  FP8_RETURN_IF_ERROR(need(g0.granularity() == Granularity::k128x128 && g0.rank() == 2, op,
+                           "128x128-quantized 2-D groups required", g0));
+  return need(q.codes.numel() == static_cast<int64_t>(q.group.size()) * g0.numel() &&
+                  q.scales.numel() == static_cast<int64_t>(q.group.size()) * g0.scale()->numel(),
+              op, "a quantize_blocks_batch result required", q.codes);
+}
+
 Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out) {
   const char* op = "dequantize_groups";
   FP8_RETURN_IF_ERROR(grouped_input(op, out, groups));

@@ -35,6 +35,8 @@ Status dequantize(const Tensor& q, const Tensor& out);
 // quantize_groups / quantize_transposed_groups (x fp32 [total_rows, K]) and dequantize_groups.
 Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups);
 Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out);
+Status quantize_blocks_batch(std::span<const Tensor* const> ws);  // same-shaped 2-D fp32
+Status transpose_fp8_batch(const GroupedFp8& q);                  // a quantize_blocks_batch result
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
 Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
 Status cast(const Tensor& src, const Tensor& dst);  // fp32 <-> bf16, equal counts

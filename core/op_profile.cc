@@ -125,6 +125,13 @@ class ProfiledBackend final : public Backend {
   Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
     return timed("dequantize_groups", 0, [&] { return in_->dequantize_groups(q, groups, out); });
   }
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
+                                           QuantParams p) override {
+    return timed("quantize_blocks_batch", 0, [&] { return in_->quantize_blocks_batch(ws, p); });
+  }
+  Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) override {
+    return timed("transpose_fp8_batch", 0, [&] { return in_->transpose_fp8_batch(q); });
+  }
   Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) override {
     return timed("gemm_fp8", gemm_flops(a.rows(), b.rows(), a.cols()),
                  [&] { return in_->gemm_fp8(a, b, out, mode); });

@@ -47,17 +47,32 @@ Result<RoutedExperts::Operand> RoutedExperts::operand(ModelCtx& c, const Tensor&
   return o;
 }
 
-Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroups& groups,
-                                   std::vector<Linear>& w, bool dgrad, int64_t n) {
+Status RoutedExperts::refresh_fp8_weights(ModelCtx& c) {
+  if (wq_version_ == c.weight_version && wq_[0].codes.defined()) return Status::Ok();
+  for (int kind = 0; kind < 3; ++kind) {
+    std::vector<const Tensor*> ws;
+    for (Linear& l : weights(kind)) ws.push_back(&l.weight().value);
+    FP8_ASSIGN_OR_RETURN(wq_[kind], c.be->quantize_blocks_batch(ws, c.qp));
+    FP8_ASSIGN_OR_RETURN(wq_t_[kind], c.be->transpose_fp8_batch(wq_[kind]));
+  }
+  wq_version_ = c.weight_version;
+  return Status::Ok();
+}
+
+Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind,
+                                   bool dgrad, int64_t n) {
   FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, groups.total_rows(), n));
+  const bool fp8 = c.precision == Precision::kFP8;
+  if (fp8) FP8_RETURN_IF_ERROR(refresh_fp8_weights(c));
   for (int64_t e = 0; e < groups.count(); ++e) {
     const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
     if (lo == hi) continue;
-    FP8_ASSIGN_OR_RETURN(Tensor wop, w[e].weight_operand(c, dgrad));
     Tensor dst = out.slice_rows(lo, hi);
-    if (c.precision == Precision::kFP8) {
+    if (fp8) {
+      const Tensor& wop = dgrad ? wq_t_[kind].group[e] : wq_[kind].group[e];
       FP8_RETURN_IF_ERROR(c.be->gemm_fp8(a.q.group[e], wop, dst, c.gemm));
     } else {  // forward x . W^T, dgrad dy . W
+      FP8_ASSIGN_OR_RETURN(Tensor wop, weights(kind)[e].weight_operand(c, dgrad));
       FP8_RETURN_IF_ERROR(c.be->gemm(a.t.slice_rows(lo, hi), false, wop, !dgrad, dst));
     }
   }
@@ -77,13 +92,13 @@ Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
   s.groups = groups;
   // w1 and w3 read the same x: one operand for both (SwiGLU::forward)
   FP8_ASSIGN_OR_RETURN(s.x, operand(c, x, groups));
-  FP8_ASSIGN_OR_RETURN(s.g, gemm(c, s.x, groups, w1_, false, hidden_));
-  FP8_ASSIGN_OR_RETURN(s.u, gemm(c, s.x, groups, w3_, false, hidden_));
+  FP8_ASSIGN_OR_RETURN(s.g, gemm(c, s.x, groups, 0, false, hidden_));
+  FP8_ASSIGN_OR_RETURN(s.u, gemm(c, s.x, groups, 1, false, hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), hidden_));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
   FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, groups));
-  return gemm(c, s.h, groups, w2_, false, dim_);
+  return gemm(c, s.h, groups, 2, false, dim_);
 }
 
 Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
@@ -101,7 +116,7 @@ Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& 
     return o;
   };
   FP8_ASSIGN_OR_RETURN(Operand dyo, grad_operand(dy, s->dy));
-  FP8_ASSIGN_OR_RETURN(Tensor dh, gemm(c, dyo, gr, w2_, true, hidden_));
+  FP8_ASSIGN_OR_RETURN(Tensor dh, gemm(c, dyo, gr, 2, true, hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
   FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s->g, s->u, dg, du));
@@ -112,9 +127,9 @@ Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& 
   s->g = Tensor();  // the product's inputs are not needed again
   s->u = Tensor();
   FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(dg, s->dg));
-  FP8_ASSIGN_OR_RETURN(Tensor dx, gemm(c, dgo, gr, w1_, true, dim_));
+  FP8_ASSIGN_OR_RETURN(Tensor dx, gemm(c, dgo, gr, 0, true, dim_));
   FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(du, s->du));
-  FP8_ASSIGN_OR_RETURN(Tensor dx3, gemm(c, duo, gr, w3_, true, dim_));
+  FP8_ASSIGN_OR_RETURN(Tensor dx3, gemm(c, duo, gr, 1, true, dim_));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx3, dx));
   return dx;
 }

@@ -46,15 +46,23 @@ class RoutedExperts {
     Tensor dy, dg, du;  // the output gradients of w2, w1, w3 (bf16 tensors on the bf16 path)
   };
   Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
-  // out [rows, n] = per group: a_g . W^T (forward) or a_g . W (dgrad, dgrad = true), then the
-  // output rounding of Linear; out is allocated here.
-  Result<Tensor> gemm(ModelCtx& c, const Operand& a, const RowGroups& groups,
-                      std::vector<Linear>& w, bool dgrad, int64_t n);
+  // out [rows, n] = per group: a_g . W^T (forward) or a_g . W (dgrad, dgrad = true) with W the
+  // group's expert of weight `kind` (0 w1, 1 w3, 2 w2), then the output rounding of Linear; out
+  // is allocated here.
+  Result<Tensor> gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind, bool dgrad,
+                      int64_t n);
+  std::vector<Linear>& weights(int kind) { return kind == 0 ? w1_ : kind == 1 ? w3_ : w2_; }
+  // FP8: every expert's weights of each kind quantized 128x128 in one call per kind
+  // (Backend::quantize_blocks_batch) and transposed in one (transpose_fp8_batch), per weight
+  // version; the same bits as each Linear's own cache, in 6 calls instead of 6 per expert.
+  Status refresh_fp8_weights(ModelCtx& c);
   // W.grad += dY^T X per group with rows.
   Status weight_grads(ModelCtx& c, const RowGroups& groups, const Tensor& dy, const Operand& x,
                       const GroupedFp8* x_t, std::vector<Linear>& w);
 
   std::vector<Linear> w1_, w3_, w2_;
+  GroupedFp8 wq_[3], wq_t_[3];
+  uint64_t wq_version_ = ~0ull;
   int64_t dim_ = 0, hidden_ = 0;
   PerMicrobatch<Saved> saved_;
 };

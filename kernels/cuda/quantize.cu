@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/cpu/fp8_codec.h"
 #include "kernels/cuda/quantize.cuh"
@@ -374,7 +375,13 @@ __device__ __forceinline__ void write_block_scale(const Scale& sc, float* s, int
 template <class T, Fp8Format F>
 __global__ void __launch_bounds__(kThreads)
     q128x128_vec_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
-                        uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+                        uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite,
+                        const T* const* xs = nullptr) {
+  if (xs) {  // batch: tensor blockIdx.z of a pointer table, outputs stacked
+    x = xs[blockIdx.z];
+    q += static_cast<int64_t>(blockIdx.z) * R * C;
+    s += static_cast<int64_t>(blockIdx.z) * ((R + kG - 1) / kG) * ((KB + 3) / 4 * 4);
+  }
   constexpr int kPerVec = Elem<T>::kPerVec;
   constexpr int kLanesPerRow = kG / kPerVec;       // 32 or 16
   constexpr int kRowsPerLoad = 32 / kLanesPerRow;  // rows a warp covers per load: 1 or 2
@@ -411,7 +418,13 @@ __global__ void __launch_bounds__(kThreads)
 template <class T, Fp8Format F>
 __global__ void __launch_bounds__(kThreads)
     q128x128_scalar_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB, bool pow2,
-                           uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite) {
+                           uint8_t* __restrict__ q, float* __restrict__ s, int* nonfinite,
+                           const T* const* xs = nullptr) {
+  if (xs) {  // batch: as q128x128_vec_kernel
+    x = xs[blockIdx.z];
+    q += static_cast<int64_t>(blockIdx.z) * R * C;
+    s += static_cast<int64_t>(blockIdx.z) * ((R + kG - 1) / kG) * ((KB + 3) / 4 * 4);
+  }
   __shared__ uint32_t red8[kThreads / 32];
   const int64_t kb = blockIdx.x, rb = blockIdx.y;
   uint32_t m = 0;
@@ -548,6 +561,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void transpose_bytes_kernel(const uint8_t* __restrict__ q, int64_t R, int64_t C,
                                        uint8_t* __restrict__ qt) {
+  q += static_cast<int64_t>(blockIdx.z) * R * C;  // batch: stacked tensors
+  qt += static_cast<int64_t>(blockIdx.z) * R * C;
   __shared__ uint8_t tile[32][33];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32,
                 r0 = static_cast<int64_t>(blockIdx.y) * 32;
@@ -568,6 +583,8 @@ __global__ void transpose_bytes_kernel(const uint8_t* __restrict__ q, int64_t R,
 __global__ void transpose_block_scales_kernel(const float* __restrict__ s, int64_t RB, int64_t KB,
                                               float* __restrict__ st) {
   const int64_t ld = (KB + 3) / 4 * 4, ldt = (RB + 3) / 4 * 4;
+  s += static_cast<int64_t>(blockIdx.y) * RB * ld;  // batch: stacked tensors
+  st += static_cast<int64_t>(blockIdx.y) * KB * ldt;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // over KB x ldt
   if (i >= KB * ldt) return;
   const int64_t kb = i / ldt, rb = i % ldt;
@@ -747,15 +764,52 @@ Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, i
 
 Result transpose_128x128(const uint8_t* q, const float* s, int64_t rows, int64_t cols, uint8_t* qt,
                          float* st, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return Result::Ok();
-  FP8PIPE_REQUIRE(ceil_div(rows, 32) <= 65535, "transpose_128x128: too many rows");
+  return transpose_128x128_batch(q, s, 1, rows, cols, qt, st, stream);
+}
+
+Result transpose_128x128_batch(const uint8_t* q, const float* s, int64_t count, int64_t rows,
+                               int64_t cols, uint8_t* qt, float* st, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0 || count <= 0) return Result::Ok();
+  FP8PIPE_REQUIRE(ceil_div(rows, 32) <= 65535 && count <= 65535,
+                  "transpose_128x128: too many rows or tensors");
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)),
-                  static_cast<unsigned>(ceil_div(rows, 32)));
+                  static_cast<unsigned>(ceil_div(rows, 32)), static_cast<unsigned>(count));
   transpose_bytes_kernel<<<grid, dim3(32, 8), 0, stream>>>(q, rows, cols, qt);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   const int64_t RB = ceil_div(rows, kG), KB = ceil_div(cols, kG);
   const int64_t n = KB * pad4(RB);
-  transpose_block_scales_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(s, RB, KB, st);
+  const dim3 sgrid(static_cast<unsigned>(blocks_for(n, kThreads)), static_cast<unsigned>(count));
+  transpose_block_scales_kernel<<<sgrid, kThreads, 0, stream>>>(s, RB, KB, st);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+Result quantize_128x128_batch(const float* const* xs, const float* const* host_xs, int64_t count,
+                              int64_t rows, int64_t cols, QuantParams p, uint8_t* q, float* s,
+                              cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0 || count <= 0) return Result::Ok();
+  const int64_t KB = ceil_div(cols, kG), RB = ceil_div(rows, kG);
+  FP8PIPE_REQUIRE(RB <= 65535 && KB < (1ll << 31) && count <= 65535,
+                  "quantize 128x128 batch: too many rows or tensors");
+  bool vec = cols % 4 == 0 && aligned(q, 4);
+  for (int64_t z = 0; z < count; ++z) vec = vec && aligned(host_xs[z], 16);
+  const dim3 grid(static_cast<unsigned>(KB), static_cast<unsigned>(RB),
+                  static_cast<unsigned>(count));
+  auto launch = [&](auto f) {
+    constexpr Fp8Format F = decltype(f)::value;
+    if (vec) {
+      q128x128_vec_kernel<float, F>
+          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nullptr, xs);
+    } else {
+      q128x128_scalar_kernel<float, F>
+          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nullptr, xs);
+    }
+  };
+  if (p.fmt == Fp8Format::kE4M3) {
+    launch(std::integral_constant<Fp8Format, Fp8Format::kE4M3>{});
+  } else {
+    launch(std::integral_constant<Fp8Format, Fp8Format::kE5M2>{});
+  }
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }

@@ -45,6 +45,17 @@ Result quantize_128x1_transposed_bf16(const uint16_t* x, int64_t rows, int64_t c
 Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
                   Fp8Format fmt, float* out, cudaStream_t stream);
 
+// Batched 128x128 (a MoE layer's expert weights in one launch): `count` fp32 tensors of one
+// [rows][cols] shape (xs: a device table of their pointers, host_xs the same pointers on the
+// host), tensor z's codes at q + z*rows*cols and scales at s + z*scale_count(128x128, rows, cols),
+// each bit-identical to quantize() of that tensor; and `count` exact transposes of such stacked
+// tensors into stacked [cols][rows] (transpose_128x128 of each).
+Result quantize_128x128_batch(const float* const* xs, const float* const* host_xs, int64_t count,
+                              int64_t rows, int64_t cols, QuantParams p, uint8_t* q, float* s,
+                              cudaStream_t stream);
+Result transpose_128x128_batch(const uint8_t* q, const float* s, int64_t count, int64_t rows,
+                               int64_t cols, uint8_t* qt, float* st, cudaStream_t stream);
+
 // Grouped variants (the MoE experts in one launch), each group bit-identical to the plain kernel
 // on its rows alone: 1x128 with each group's scales in the VEC128 layout of its own rows at
 // s[off[g] * ceil(cols / 128)]; 128x1 transposed with group g's qt [cols][n_g] at qt[cols *

@@ -263,5 +263,43 @@ TEST(CpuBackend, GroupedQuantizeIsPerGroupQuantize) {
   EXPECT_FALSE(make_row_groups(*be, {1, 5}).ok());
 }
 
+// Batched weight quantization: each group is the per-tensor 128x128 quantize (and transpose_fp8)
+// of its own tensor, with a partial last block (200 x 300), and the views are gemm_fp8 operands.
+TEST(CpuBackend, QuantizeBlocksBatchIsPerTensorQuantize) {
+  auto be = make_cpu_backend();
+  const int64_t R = 200, C = 300, n = 3;
+  std::vector<Tensor> ws;
+  for (int64_t z = 0; z < n; ++z) ws.push_back(randn(*be, {R, C}, 30 + z, 0.05f));
+  std::vector<const Tensor*> ptrs;
+  for (const Tensor& w : ws) ptrs.push_back(&w);
+  QuantParams p;
+  GroupedFp8 q = be->quantize_blocks_batch(ptrs, p).value();
+  GroupedFp8 qt = be->transpose_fp8_batch(q).value();
+  ASSERT_EQ(q.group.size(), static_cast<size_t>(n));
+  for (int64_t z = 0; z < n; ++z) {
+    Tensor r = be->quantize(ws[z], Granularity::k128x128, p).value();
+    Tensor rt = be->transpose_fp8(r).value();
+    for (const auto& [got, want] : {std::pair{&q.group[z], &r}, std::pair{&qt.group[z], &rt}}) {
+      ASSERT_EQ(got->shape(), want->shape()) << z;
+      EXPECT_EQ(got->granularity(), Granularity::k128x128);
+      EXPECT_EQ(std::memcmp(got->data(), want->data(), want->nbytes()), 0) << z;
+      ASSERT_EQ(got->scale()->numel(), want->scale()->numel()) << z;
+      EXPECT_EQ(std::memcmp(got->scale()->data(), want->scale()->data(), want->scale()->nbytes()),
+                0)
+          << z;
+    }
+    Tensor x = randn(*be, {64, C}, 40);
+    Tensor xq = be->quantize(x, Granularity::k1x128, p).value();
+    Tensor y = be->empty({64, R}, DType::kF32).value(),
+           yr = be->empty({64, R}, DType::kF32).value();
+    ASSERT_TRUE(be->gemm_fp8(xq, q.group[z], y, GemmMode::kExact).ok());
+    ASSERT_TRUE(be->gemm_fp8(xq, r, yr, GemmMode::kExact).ok());
+    EXPECT_EQ(std::memcmp(y.data(), yr.data(), y.nbytes()), 0) << z;
+  }
+  Tensor other = randn(*be, {R, C + 1}, 9);
+  std::vector<const Tensor*> mixed = {&ws[0], &other};
+  EXPECT_FALSE(be->quantize_blocks_batch(mixed, p).ok());
+}
+
 }  // namespace
 }  // namespace fp8pipe

@@ -558,6 +558,35 @@ TEST_F(CudaBackendTest, RouterTopk) {
   }
 }
 
+// A MoE layer's expert weights quantized and transposed in one call each: the whole stacked
+// codes and scales bit-identical to the CPU's (each group the per-tensor op), with a partial
+// last block (C = 300) and an unaligned width (C = 302: the scalar kernel).
+TEST_F(CudaBackendTest, QuantizeBlocksBatchBitIdentical) {
+  for (int64_t C : {300, 302}) {
+    const int64_t R = 384, n = 5;
+    std::vector<Tensor> hw, dw;
+    std::vector<const Tensor*> hp, dp;
+    for (int64_t z = 0; z < n; ++z) hw.push_back(hostf({R, C}, randn(R * C, 50 + z, 0.05f)));
+    for (int64_t z = 0; z < n; ++z) dw.push_back(dev(hw[z]));
+    for (int64_t z = 0; z < n; ++z) {
+      hp.push_back(&hw[z]);
+      dp.push_back(&dw[z]);
+    }
+    const std::string what = "C " + std::to_string(C);
+    for (bool pow2 : {true, false}) {
+      const QuantParams p{kernels::Fp8Format::kE4M3, pow2};
+      GroupedFp8 qc = cpu_->quantize_blocks_batch(hp, p).value();
+      GroupedFp8 qg = gpu_->quantize_blocks_batch(dp, p).value();
+      expect_bits(vec<uint8_t>(qc.codes), back<uint8_t>(qg.codes), what + " codes");
+      expect_bits(vec<float>(qc.scales), back<float>(qg.scales), what + " scales");
+      GroupedFp8 tc = cpu_->transpose_fp8_batch(qc).value();
+      GroupedFp8 tg = gpu_->transpose_fp8_batch(qg).value();
+      expect_bits(vec<uint8_t>(tc.codes), back<uint8_t>(tg.codes), what + " transposed codes");
+      expect_bits(vec<float>(tc.scales), back<float>(tg.scales), what + " transposed scales");
+    }
+  }
+}
+
 // The MoE's direct dispatch and router backward: sort_assignments equal to the CPU's counting
 // sort (a stable radix sort); balance_stats and router_grad bit-identical (shared per-token code,
 // -fmad=false), with and without the balance term and the slot indirection.

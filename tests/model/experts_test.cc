@@ -129,22 +129,26 @@ TEST(RoutedExperts, RowWiseWorkDoesNotGrowWithTheExperts) {
   const std::vector<OpStats> two = profile_step(2), eight = profile_step(8);
   // Activations: x, h (forward), dy, dg, du (backward) quantized 1x128 once each; x, h
   // dequantized and with dy, dg, du re-quantized 128x1 once each; the SwiGLU product and its
-  // backward once; bf16 rounding of g, u, h, y, dh, dg, du, dx, dx3 once each.
-  for (const auto& [op, n] :
-       std::vector<std::pair<std::string, int64_t>>{{"quantize_groups", 5},
-                                                    {"dequantize_groups", 2},
-                                                    {"quantize_transposed_groups", 5},
-                                                    {"swiglu_fwd", 1},
-                                                    {"swiglu_bwd", 1},
-                                                    {"round_bf16", 9}}) {
+  // backward once; bf16 rounding of g, u, h, y, dh, dg, du, dx, dx3 once each. Weights: every
+  // expert's w1, w3 and w2 quantized 128x128 in one call per kind, transposed in one.
+  const std::vector<std::pair<std::string, int64_t>> once = {{"quantize_groups", 5},
+                                                             {"dequantize_groups", 2},
+                                                             {"quantize_transposed_groups", 5},
+                                                             {"swiglu_fwd", 1},
+                                                             {"swiglu_bwd", 1},
+                                                             {"round_bf16", 9},
+                                                             {"quantize_blocks_batch", 3},
+                                                             {"transpose_fp8_batch", 3}};
+  for (const auto& [op, n] : once) {
     EXPECT_EQ(calls(two, op), n) << op;
     EXPECT_EQ(calls(eight, op), n) << op;
   }
-  // Per expert remain the GEMMs (3 forward, 3 dgrad, 3 wgrad), the weight-gradient adds and the
-  // weights' own quantization (3 per expert and weight version) -- and no per-row-block ops.
+  // Per expert remain the GEMMs (3 forward, 3 dgrad, 3 wgrad) and the weight-gradient adds (plus
+  // dx += dx3) -- no per-expert quantization of any kind.
   EXPECT_EQ(calls(eight, "gemm_fp8"), 9 * 8);
-  EXPECT_EQ(calls(eight, "quantize"), 3 * 8);
-  EXPECT_EQ(calls(eight, "quantize_transposed"), 0);
+  EXPECT_EQ(calls(eight, "axpy"), 3 * 8 + 1);
+  for (const char* op : {"quantize", "quantize_transposed", "transpose_fp8"})
+    EXPECT_EQ(calls(eight, op), 0) << op;
   EXPECT_EQ(calls(eight, "dequantize"), 0);
 }
 
