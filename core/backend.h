@@ -117,8 +117,8 @@ class Backend {
   // Same-shaped fp32 weights (a MoE layer's experts) quantized 128x128 in one pass: group z is
   // quantize(*ws[z], k128x128) bit for bit, codes stacked [count * R, C], scales stacked; and the
   // exact transposes (transpose_fp8) of every group of such a result, stacked [count * C, R].
-  virtual Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
-                                                   QuantParams p) = 0;
+  virtual Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws, QuantParams p,
+                                                   int64_t* nonfinite = nullptr) = 0;
   virtual Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) = 0;
   // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
   virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;

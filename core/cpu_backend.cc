@@ -157,17 +157,19 @@ class CpuBackend final : public CpuOps {
     return Status::Ok();
   }
 
-  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
-                                           QuantParams p) override {
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws, QuantParams p,
+                                           int64_t* nonfinite) override {
     FP8_RETURN_IF_ERROR(checks::quantize_blocks_batch(ws));
     const int64_t n = static_cast<int64_t>(ws.size()), R = ws[0]->rows(), C = ws[0]->cols();
     const int64_t sc = k::scale_count(Granularity::k128x128, R, C);
     FP8_ASSIGN_OR_RETURN(Tensor q, empty({n * R, C}, fp8_dtype(p)));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * sc}, DType::kF32));
+    int64_t bad = 0;
     for (int64_t z = 0; z < n; ++z) {
-      k::quantize(ws[z]->data_as<float>(), R, C, Granularity::k128x128, p,
-                  q.data_as<uint8_t>() + z * R * C, s.data_as<float>() + z * sc);
+      bad += k::quantize(ws[z]->data_as<float>(), R, C, Granularity::k128x128, p,
+                         q.data_as<uint8_t>() + z * R * C, s.data_as<float>() + z * sc);
     }
+    if (nonfinite) *nonfinite = bad;
     return stacked_block_views(std::move(q), std::move(s), n, R, C, p.pow2);
   }
 

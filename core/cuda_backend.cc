@@ -432,14 +432,17 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
-  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
-                                           QuantParams p) override {
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws, QuantParams p,
+                                           int64_t* nonfinite) override {
     FP8_RETURN_IF_ERROR(checks::quantize_blocks_batch(ws));
     for (const Tensor* w : ws) FP8_RETURN_IF_ERROR(on_gpu("quantize_blocks_batch", {w}));
     const int64_t n = static_cast<int64_t>(ws.size()), R = ws[0]->rows(), C = ws[0]->cols();
     const int64_t sc = k::scale_count(Granularity::k128x128, R, C);
     FP8_ASSIGN_OR_RETURN(Tensor q, empty({n * R, C}, fp8_dtype(p)));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({n * sc}, DType::kF32));
+    if (n > 65535) return FP8_INVALID("quantize_blocks_batch: {} tensors, at most 65535", n);
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
     if (R * C > 0) {
       std::vector<const float*> ptrs;
       for (const Tensor* w : ws) ptrs.push_back(w->data_as<float>());
@@ -450,8 +453,9 @@ class CudaBackend final : public Backend {
       FP8_GPU(
           "quantize_blocks_batch",
           g::quantize_128x128_batch(static_cast<const float* const*>(table->ptr), ptrs.data(), n, R,
-                                    C, p, q.data_as<uint8_t>(), s.data_as<float>(), cur()));
+                                    C, p, q.data_as<uint8_t>(), s.data_as<float>(), bad, cur()));
     }
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
     return stacked_block_views(std::move(q), std::move(s), n, R, C, p.pow2);
   }
 

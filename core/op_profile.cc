@@ -125,9 +125,10 @@ class ProfiledBackend final : public Backend {
   Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
     return timed("dequantize_groups", 0, [&] { return in_->dequantize_groups(q, groups, out); });
   }
-  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws,
-                                           QuantParams p) override {
-    return timed("quantize_blocks_batch", 0, [&] { return in_->quantize_blocks_batch(ws, p); });
+  Result<GroupedFp8> quantize_blocks_batch(std::span<const Tensor* const> ws, QuantParams p,
+                                           int64_t* nonfinite) override {
+    return timed("quantize_blocks_batch", 0,
+                 [&] { return in_->quantize_blocks_batch(ws, p, nonfinite); });
   }
   Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) override {
     return timed("transpose_fp8_batch", 0, [&] { return in_->transpose_fp8_batch(q); });

@@ -52,7 +52,10 @@ Status RoutedExperts::refresh_fp8_weights(ModelCtx& c) {
   for (int kind = 0; kind < 3; ++kind) {
     std::vector<const Tensor*> ws;
     for (Linear& l : weights(kind)) ws.push_back(&l.weight().value);
-    FP8_ASSIGN_OR_RETURN(wq_[kind], c.be->quantize_blocks_batch(ws, c.qp));
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(wq_[kind],
+                         c.be->quantize_blocks_batch(ws, c.qp, c.count_nonfinite ? &bad : nullptr));
+    c.nonfinite_groups += bad;
     FP8_ASSIGN_OR_RETURN(wq_t_[kind], c.be->transpose_fp8_batch(wq_[kind]));
   }
   wq_version_ = c.weight_version;

@@ -786,7 +786,7 @@ Result transpose_128x128_batch(const uint8_t* q, const float* s, int64_t count, 
 
 Result quantize_128x128_batch(const float* const* xs, const float* const* host_xs, int64_t count,
                               int64_t rows, int64_t cols, QuantParams p, uint8_t* q, float* s,
-                              cudaStream_t stream) {
+                              int* nonfinite, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0 || count <= 0) return Result::Ok();
   const int64_t KB = ceil_div(cols, kG), RB = ceil_div(rows, kG);
   FP8PIPE_REQUIRE(RB <= 65535 && KB < (1ll << 31) && count <= 65535,
@@ -799,10 +799,10 @@ Result quantize_128x128_batch(const float* const* xs, const float* const* host_x
     constexpr Fp8Format F = decltype(f)::value;
     if (vec) {
       q128x128_vec_kernel<float, F>
-          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nullptr, xs);
+          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
     } else {
       q128x128_scalar_kernel<float, F>
-          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nullptr, xs);
+          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
     }
   };
   if (p.fmt == Fp8Format::kE4M3) {

@@ -52,7 +52,7 @@ Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, 
 // tensors into stacked [cols][rows] (transpose_128x128 of each).
 Result quantize_128x128_batch(const float* const* xs, const float* const* host_xs, int64_t count,
                               int64_t rows, int64_t cols, QuantParams p, uint8_t* q, float* s,
-                              cudaStream_t stream);
+                              int* nonfinite, cudaStream_t stream);
 Result transpose_128x128_batch(const uint8_t* q, const float* s, int64_t count, int64_t rows,
                                int64_t cols, uint8_t* qt, float* st, cudaStream_t stream);
 

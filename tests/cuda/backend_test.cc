@@ -559,11 +559,11 @@ TEST_F(CudaBackendTest, RouterTopk) {
 }
 
 // A MoE layer's expert weights quantized and transposed in one call each: the whole stacked
-// codes and scales bit-identical to the CPU's (each group the per-tensor op), with a partial
-// last block (C = 300) and an unaligned width (C = 302: the scalar kernel).
+// codes and scales bit-identical to the CPU's (each group the per-tensor op), with partial last
+// blocks (R = 330, C = 300), an unaligned width (C = 302: the scalar kernel), E4M3 and E5M2.
 TEST_F(CudaBackendTest, QuantizeBlocksBatchBitIdentical) {
   for (int64_t C : {300, 302}) {
-    const int64_t R = 384, n = 5;
+    const int64_t R = 330, n = 5;  // partial last row block too
     std::vector<Tensor> hw, dw;
     std::vector<const Tensor*> hp, dp;
     for (int64_t z = 0; z < n; ++z) hw.push_back(hostf({R, C}, randn(R * C, 50 + z, 0.05f)));
@@ -573,8 +573,10 @@ TEST_F(CudaBackendTest, QuantizeBlocksBatchBitIdentical) {
       dp.push_back(&dw[z]);
     }
     const std::string what = "C " + std::to_string(C);
-    for (bool pow2 : {true, false}) {
-      const QuantParams p{kernels::Fp8Format::kE4M3, pow2};
+    for (auto [fmt, pow2] :
+         {std::pair{kernels::Fp8Format::kE4M3, true}, std::pair{kernels::Fp8Format::kE4M3, false},
+          std::pair{kernels::Fp8Format::kE5M2, false}}) {
+      const QuantParams p{fmt, pow2};
       GroupedFp8 qc = cpu_->quantize_blocks_batch(hp, p).value();
       GroupedFp8 qg = gpu_->quantize_blocks_batch(dp, p).value();
       expect_bits(vec<uint8_t>(qc.codes), back<uint8_t>(qg.codes), what + " codes");
