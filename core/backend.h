@@ -190,6 +190,9 @@ class Backend {
                                   Tensor& out) = 0;
   virtual Status add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   virtual Status axpy(float alpha, const Tensor& x, Tensor& y) = 0;
+  // axpy into several same-sized tensors at once (the experts' weight gradients): *ys[z] +=
+  // alpha * rows z*n .. (z+1)*n of x, n = ys[z]->numel(); bit-identical to one axpy each.
+  virtual Status axpy_batch(float alpha, const Tensor& x, std::span<Tensor* const> ys) = 0;
   virtual Status round_bf16(const Tensor& x, Tensor& out) = 0;  // emulates bf16 storage
   // out (f64 [rows]) = per-row dot product of a and b (f32, the same [rows, cols]), each product
   // and the sum in fp64: the CPU sums a row in column order; a device in a fixed tree.

@@ -205,6 +205,15 @@ Status CpuOps::axpy(float alpha, const Tensor& x, Tensor& y) {
   return Status::Ok();
 }
 
+Status CpuOps::axpy_batch(float alpha, const Tensor& x, std::span<Tensor* const> ys) {
+  FP8_RETURN_IF_ERROR(checks::axpy_batch(x, ys));
+  const int64_t n = ys[0]->numel();
+  for (size_t z = 0; z < ys.size(); ++z) {
+    k::axpy(alpha, x.data_as<float>() + z * n, n, ys[z]->data_as<float>());
+  }
+  return Status::Ok();
+}
+
 Status CpuOps::round_bf16(const Tensor& x, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::round_bf16(x, out));
   k::round_bf16(x.data_as<float>(), x.numel(), out.data_as<float>());

@@ -42,6 +42,7 @@ class CpuOps : public Backend {
                           Tensor& out) override;
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override;
   Status axpy(float alpha, const Tensor& x, Tensor& y) override;
+  Status axpy_batch(float alpha, const Tensor& x, std::span<Tensor* const> ys) override;
   Status round_bf16(const Tensor& x, Tensor& out) override;  // emulates bf16 storage
   // The optimizer ops (core/cpu_optim_ops.cc).
   Status accumulate_grad(Tensor& grad, Tensor& acc) override;

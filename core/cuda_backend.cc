@@ -838,6 +838,24 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status axpy_batch(float alpha, const Tensor& x, std::span<Tensor* const> ys) override {
+    FP8_RETURN_IF_ERROR(checks::axpy_batch(x, ys));
+    FP8_RETURN_IF_ERROR(on_gpu("axpy_batch", {&x}));
+    for (Tensor* y : ys) FP8_RETURN_IF_ERROR(on_gpu("axpy_batch", {y}));
+    const int64_t count = static_cast<int64_t>(ys.size()), n = ys[0]->numel();
+    if (count > 65535) return FP8_INVALID("axpy_batch: {} outputs, at most 65535", count);
+    if (n == 0) return Status::Ok();
+    std::vector<float*> ptrs;
+    for (Tensor* y : ys) ptrs.push_back(y->data_as<float>());
+    // The pointer table: a temporary of this op, uploaded through the staging ring.
+    FP8_ASSIGN_OR_RETURN(auto table, alloc(ptrs.size() * sizeof(float*), cur()));
+    FP8_CUDA("axpy_batch (table)",
+             ctx_->staging.upload(table->ptr, ptrs.data(), ptrs.size() * sizeof(float*), cur()));
+    FP8_GPU("axpy_batch", g::axpy_batch(alpha, x.data_as<float>(), n,
+                                        static_cast<float* const*>(table->ptr), count, cur()));
+    return Status::Ok();
+  }
+
   Status round_bf16(const Tensor& x, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("round_bf16", {&x, &out}));
     FP8_RETURN_IF_ERROR(checks::round_bf16(x, out));

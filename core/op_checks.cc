@@ -410,6 +410,18 @@ Status axpy(const Tensor& x, const Tensor& y) {
   return same("axpy", x, y);
 }
 
+Status axpy_batch(const Tensor& x, std::span<Tensor* const> ys) {
+  const char* op = "axpy_batch";
+  FP8_RETURN_IF_ERROR(f32(op, {&x}));
+  if (ys.empty()) return FP8_INVALID("{}: no outputs", op);
+  for (Tensor* y : ys) {
+    FP8_RETURN_IF_ERROR(f32(op, {y}));
+    FP8_RETURN_IF_ERROR(need(y->numel() == ys[0]->numel(), op, "outputs of one size required", *y));
+  }
+  return need(x.numel() == static_cast<int64_t>(ys.size()) * ys[0]->numel(), op,
+              "x must hold one output's worth per output", x);
+}
+
 Status round_bf16(const Tensor& x, const Tensor& out) {
   FP8_RETURN_IF_ERROR(f32("round_bf16", {&x, &out}));
   return same("round_bf16", x, out);

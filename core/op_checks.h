@@ -75,6 +75,7 @@ Status router_grad(const Tensor& scores, const Tensor& idx, const Tensor& gates,
 Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out);
 Status add(const Tensor& a, const Tensor& b, const Tensor& out);
 Status axpy(const Tensor& x, const Tensor& y);
+Status axpy_batch(const Tensor& x, std::span<Tensor* const> ys);
 Status round_bf16(const Tensor& x, const Tensor& out);
 Status row_dot(const Tensor& a, const Tensor& b, const Tensor& out);
 // The optimizer ops: f64 sums, fp32 values and gradients, bf16 moments, equal element counts.

@@ -238,6 +238,9 @@ class ProfiledBackend final : public Backend {
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override {
     return timed("add", 0, [&] { return in_->add(a, b, out); });
   }
+  Status axpy_batch(float alpha, const Tensor& x, std::span<Tensor* const> ys) override {
+    return timed("axpy_batch", 0, [&] { return in_->axpy_batch(alpha, x, ys); });
+  }
   Status axpy(float alpha, const Tensor& x, Tensor& y) override {
     return timed("axpy", 0, [&] { return in_->axpy(alpha, x, y); });
   }

@@ -149,19 +149,33 @@ Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups, const T
     }
     return Status::Ok();
   }
-  // FP8: dY^T and X^T both 128x1 along the tokens of each expert, then grad += the fp32 result.
+  // FP8: dY^T and X^T both 128x1 along the tokens of each expert; each expert's fp32 result into
+  // its slot of one stacked scratch, then every grad += its slot in one call.
   FP8_ASSIGN_OR_RETURN(GroupedFp8 dyt, c.be->quantize_transposed_groups(dy, groups, c.qp));
-  Tensor dw;  // one scratch for every expert: each GEMM overwrites it, in stream order
-  for (int64_t e = 0; e < groups.count(); ++e) {
-    if (groups.rows(e) == 0) continue;
-    Tensor& grad = w[e].weight().grad;
-    if (!dw.defined()) {
-      FP8_ASSIGN_OR_RETURN(dw, new_f32(c, grad.rows(), grad.cols()));
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < groups.count(); ++e)
+    if (groups.rows(e) > 0) active.push_back(e);
+  if (active.empty()) return Status::Ok();
+  const Tensor& g0 = w[active[0]].weight().grad;
+  const int64_t rows = g0.rows();
+  if (g0.numel() % 4 != 0) {  // slots would break the GEMM output's 16-byte alignment
+    FP8_ASSIGN_OR_RETURN(Tensor one, new_f32(c, rows, g0.cols()));
+    for (int64_t e : active) {
+      FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], one, c.gemm));
+      FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, one, w[e].weight().grad));
     }
-    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], dw, c.gemm));
-    FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dw, grad));
+    return Status::Ok();
   }
-  return Status::Ok();
+  FP8_ASSIGN_OR_RETURN(Tensor dw,
+                       new_f32(c, static_cast<int64_t>(active.size()) * rows, g0.cols()));
+  std::vector<Tensor*> grads;
+  for (size_t i = 0; i < active.size(); ++i) {
+    const int64_t e = active[i];
+    Tensor slot = dw.slice_rows(static_cast<int64_t>(i) * rows, static_cast<int64_t>(i + 1) * rows);
+    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], slot, c.gemm));
+    grads.push_back(&w[e].weight().grad);
+  }
+  return c.be->axpy_batch(1.0f, dw, grads);
 }
 
 Status RoutedExperts::backward_weight(ModelCtx& c, int mb) {

@@ -7,8 +7,9 @@
 // rounding, the SwiGLU product, re-quantization) in the forward and backward, so 64 experts made
 // ~2,200 launches per layer and micro-batch on a GPU. Here everything that is row-wise runs once
 // over the whole buffer (rounding, the SwiGLU product, casts) or as one grouped FP8 op per tensor
-// (Backend::quantize_groups and friends keep each expert's scales in its own cuBLASLt layout);
-// only the GEMMs and the weight-gradient adds remain per expert.
+// (Backend::quantize_groups and friends keep each expert's scales in its own cuBLASLt layout),
+// weights are quantized in one batched call per kind and weight gradients added in one; only the
+// GEMMs remain per expert.
 #pragma once
 
 #include <memory>

@@ -519,6 +519,12 @@ __global__ void k_add(const float* a, const float* b, int64_t n, float* out) {
 __global__ void k_axpy(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = gtid(); i < n; i += gstride()) y[i] = y[i] + alpha * x[i];
 }
+// Tensor blockIdx.y of a pointer table: ys[z][i] += alpha * x[z*n + i] (k_axpy's expression).
+__global__ void k_axpy_batch(float alpha, const float* x, int64_t n, float* const* ys) {
+  float* y = ys[blockIdx.y];
+  x += static_cast<int64_t>(blockIdx.y) * n;
+  for (int64_t i = gtid(); i < n; i += gstride()) y[i] = y[i] + alpha * x[i];
+}
 __global__ void k_round_bf16(const float* x, int64_t n, float* out) {
   for (int64_t i = gtid(); i < n; i += gstride()) out[i] = bf16_to_float(float_to_bf16(x[i]));
 }
@@ -864,6 +870,15 @@ Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t s
 Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
   FP8PIPE_LAUNCH(k_axpy, grid_for(n), kThreads, stream, alpha, x, n, y);
+  return Result::Ok();
+}
+
+Result axpy_batch(float alpha, const float* x, int64_t n, float* const* ys, int64_t count,
+                  cudaStream_t stream) {
+  if (n == 0 || count == 0) return Result::Ok();
+  FP8PIPE_REQUIRE(count <= 65535, "axpy_batch: too many outputs");
+  const dim3 grid(static_cast<unsigned>(std::min(grid_for(n), 4096)), static_cast<unsigned>(count));
+  FP8PIPE_LAUNCH(k_axpy_batch, grid, kThreads, stream, alpha, x, n, ys);
   return Result::Ok();
 }
 

@@ -104,6 +104,9 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
 
 Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);
 Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);
+// ys[z] (a device pointer table of `count` arrays of n) += alpha * x[z*n ..]: axpy per array.
+Result axpy_batch(float alpha, const float* x, int64_t n, float* const* ys, int64_t count,
+                  cudaStream_t stream);
 Result round_bf16(const float* x, int64_t n, float* out, cudaStream_t stream);
 // out_bf16[i] = bf16_rne(x[i]) (bits), for GEMM outputs requested as bf16 and Backend::cast.
 Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream);

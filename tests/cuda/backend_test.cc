@@ -589,6 +589,25 @@ TEST_F(CudaBackendTest, QuantizeBlocksBatchBitIdentical) {
   }
 }
 
+// The experts' gradient adds in one call: bit-identical to the CPU's axpy per output.
+TEST_F(CudaBackendTest, AxpyBatch) {
+  const int64_t n = 1000, count = 7;
+  const Tensor hx = hostf({count * n}, randn(count * n, 60)), dx = dev(hx);
+  std::vector<Tensor> hy, dy;
+  for (int64_t z = 0; z < count; ++z) hy.push_back(hostf({n}, randn(n, 61 + z)));
+  for (int64_t z = 0; z < count; ++z) dy.push_back(dev(hy[z]));
+  std::vector<Tensor*> hp, dp;
+  for (int64_t z = 0; z < count; ++z) {
+    hp.push_back(&hy[z]);
+    dp.push_back(&dy[z]);
+  }
+  ASSERT_TRUE(cpu_->axpy_batch(0.75f, hx, hp).ok());
+  const Status st = gpu_->axpy_batch(0.75f, dx, dp);
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  for (int64_t z = 0; z < count; ++z)
+    expect_bits(vec<float>(hy[z]), back<float>(dy[z]), "axpy_batch " + std::to_string(z));
+}
+
 // The MoE's direct dispatch and router backward: sort_assignments equal to the CPU's counting
 // sort (a stable radix sort); balance_stats and router_grad bit-identical (shared per-token code,
 // -fmad=false), with and without the balance term and the slot indirection.
