@@ -284,6 +284,12 @@ class ProfiledBackend final : public Backend {
 
 }  // namespace
 
+int64_t calls_of(const std::vector<OpStats>& stats, std::string_view op) {
+  for (const OpStats& s : stats)
+    if (s.op == op) return s.calls;
+  return 0;
+}
+
 std::unique_ptr<Backend> make_profiled_backend(std::unique_ptr<Backend> inner,
                                                std::shared_ptr<OpProfile>* profile) {
   auto prof = std::make_shared<Profile>(inner->compute());

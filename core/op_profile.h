@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/backend.h"
@@ -25,6 +26,9 @@ struct OpStats {
   double host_ms = 0;    // sum over calls of the host time spent inside the call
   double flops = 0;      // GEMMs: 2·M·N·K per successful product; 0 for other operators
 };
+
+// The calls made to `op` in `stats` (0 when absent).
+int64_t calls_of(const std::vector<OpStats>& stats, std::string_view op);
 
 class OpProfile {
  public:

@@ -100,12 +100,6 @@ INSTANTIATE_TEST_SUITE_P(Precisions, ExpertsVsSwiGLU,
                          ::testing::Values(Precision::kFP8, Precision::kBF16, Precision::kFP32),
                          [](const auto& info) { return std::string(precision_name(info.param)); });
 
-int64_t calls(const std::vector<OpStats>& s, const std::string& op) {
-  for (const OpStats& x : s)
-    if (x.op == op) return x.calls;
-  return 0;
-}
-
 // One forward + backward of E experts with 24 rows each, FP8; the op counts.
 std::vector<OpStats> profile_step(int64_t E) {
   std::shared_ptr<OpProfile> prof;
@@ -140,17 +134,17 @@ TEST(RoutedExperts, RowWiseWorkDoesNotGrowWithTheExperts) {
                                                              {"quantize_blocks_batch", 3},
                                                              {"transpose_fp8_batch", 3}};
   for (const auto& [op, n] : once) {
-    EXPECT_EQ(calls(two, op), n) << op;
-    EXPECT_EQ(calls(eight, op), n) << op;
+    EXPECT_EQ(calls_of(two, op), n) << op;
+    EXPECT_EQ(calls_of(eight, op), n) << op;
   }
   // Per expert remain the GEMMs (3 forward, 3 dgrad, 3 wgrad); the weight-gradient adds are one
   // call per kind; no per-expert quantization of any kind.
-  EXPECT_EQ(calls(eight, "gemm_fp8"), 9 * 8);
-  EXPECT_EQ(calls(eight, "axpy"), 1);        // dx += dx3
-  EXPECT_EQ(calls(eight, "axpy_batch"), 3);  // every expert's gradient, once per kind
+  EXPECT_EQ(calls_of(eight, "gemm_fp8"), 9 * 8);
+  EXPECT_EQ(calls_of(eight, "axpy"), 1);        // dx += dx3
+  EXPECT_EQ(calls_of(eight, "axpy_batch"), 3);  // every expert's gradient, once per kind
   for (const char* op : {"quantize", "quantize_transposed", "transpose_fp8"})
-    EXPECT_EQ(calls(eight, op), 0) << op;
-  EXPECT_EQ(calls(eight, "dequantize"), 0);
+    EXPECT_EQ(calls_of(eight, op), 0) << op;
+  EXPECT_EQ(calls_of(eight, "dequantize"), 0);
 }
 
 }  // namespace

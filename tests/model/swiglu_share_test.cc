@@ -12,12 +12,6 @@
 namespace fp8pipe::model {
 namespace {
 
-int64_t calls(const std::vector<OpStats>& s, const std::string& op) {
-  for (const OpStats& x : s)
-    if (x.op == op) return x.calls;
-  return 0;
-}
-
 TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
   std::shared_ptr<OpProfile> prof;
   std::unique_ptr<Backend> be = make_profiled_backend(make_cpu_backend(), &prof);
@@ -34,14 +28,14 @@ TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
   for (int64_t i = 0; i < dy.numel(); ++i) dy.data_as<float>()[i] = d(rng);
   prof->reset();
   ASSERT_TRUE(f.forward(c, 0, x).ok());
-  EXPECT_EQ(calls(prof->totals(), "quantize"), 5);
-  EXPECT_EQ(calls(prof->totals(), "gemm_fp8"), 3);
+  EXPECT_EQ(calls_of(prof->totals(), "quantize"), 5);
+  EXPECT_EQ(calls_of(prof->totals(), "gemm_fp8"), 3);
   ASSERT_TRUE(f.backward_input(c, 0, dy).ok());
   prof->reset();
   ASSERT_TRUE(f.backward_weight(c, 0).ok());
-  EXPECT_EQ(calls(prof->totals(), "quantize_transposed"), 5);
-  EXPECT_EQ(calls(prof->totals(), "dequantize"), 2);  // x's and h's FP8 caches
-  EXPECT_EQ(calls(prof->totals(), "gemm_fp8"), 3);
+  EXPECT_EQ(calls_of(prof->totals(), "quantize_transposed"), 5);
+  EXPECT_EQ(calls_of(prof->totals(), "dequantize"), 2);  // x's and h's FP8 caches
+  EXPECT_EQ(calls_of(prof->totals(), "gemm_fp8"), 3);
   for (Param* p : f.params()) {  // every weight got a gradient
     double ss = 0;
     for (int64_t i = 0; i < p->grad.numel(); ++i) ss += std::abs(p->grad.data_as<float>()[i]);
