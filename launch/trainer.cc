@@ -234,8 +234,7 @@ Status Trainer::setup_device_optimizer() {
     groups.push_back({o.name, &p->value, &p->grad, p->decay});
   }
   const optim::FlatLayout flat{flat_value_, flat_grad_, flat_offset_};
-  FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups),
-                                                          flat_value_.defined() ? &flat : nullptr));
+  FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups), flat));
   dev_opt_.emplace(std::move(d));
   log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={})", be_->name(),
             cfg_.optim().placement());

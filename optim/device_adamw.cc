@@ -5,7 +5,7 @@
 namespace fp8pipe::optim {
 
 Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
-                                        std::vector<TensorGroup> groups, const FlatLayout* flat) {
+                                        std::vector<TensorGroup> groups, const FlatLayout& flat) {
   const auto& hg = host.groups();
   if (groups.size() != hg.size()) {
     return FP8_INVALID("device adamw: {} groups, the host optimizer has {}", groups.size(),
@@ -14,17 +14,15 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
   DeviceAdamW d;
   d.be_ = &be;
   d.cfg_ = host.config();
-  if (flat) {
-    const int64_t total = flat->value.numel();
-    if (flat->offset.size() != groups.size() || flat->grad.numel() != total) {
-      return FP8_INVALID("device adamw: a flat layout of {} offsets for {} groups",
-                         flat->offset.size(), groups.size());
-    }
-    FP8_ASSIGN_OR_RETURN(d.m_flat_, be.zeros({total}, DType::kBF16));
-    FP8_ASSIGN_OR_RETURN(d.v_flat_, be.zeros({total}, DType::kBF16));
-    d.value_ = flat->value;
-    d.grad_ = flat->grad;
+  const int64_t total = flat.value.numel();
+  if (flat.offset.size() != groups.size() || flat.grad.numel() != total) {
+    return FP8_INVALID("device adamw: a flat layout of {} offsets for {} groups",
+                       flat.offset.size(), groups.size());
   }
+  FP8_ASSIGN_OR_RETURN(d.m_flat_, be.zeros({total}, DType::kBF16));
+  FP8_ASSIGN_OR_RETURN(d.v_flat_, be.zeros({total}, DType::kBF16));
+  d.value_ = flat.value;
+  d.grad_ = flat.grad;
   for (size_t i = 0; i < groups.size(); ++i) {
     const TensorGroup& g = groups[i];
     if (!g.param || !g.grad || g.name != hg[i].name) {
@@ -39,26 +37,19 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
           "flag; the host holds [{}, {})",
           g.name, n, hg[i].begin, hg[i].end);
     }
-    Tensor m, v;
-    if (flat) {
-      const int64_t at = flat->offset[i];
-      if (at < 0 || at + n > d.m_flat_.numel() || (i > 0 && at < flat->offset[i - 1])) {
-        return FP8_INVALID("device adamw: group '{}' at offset {} does not fit the flat layout",
-                           g.name, at);
-      }
-      FP8_ASSIGN_OR_RETURN(m, d.m_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
-      FP8_ASSIGN_OR_RETURN(v, d.v_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
-      // Consecutive groups with the same decay flag share a run (up to the next group's start).
-      if (!d.runs_.empty() && d.runs_.back().weight_decay == g.weight_decay) {
-        d.runs_.back().end = at + n;
-      } else {
-        if (!d.runs_.empty())
-          d.runs_.back().end = at;  // the gap before this group joins the last run
-        d.runs_.push_back({at, at + n, g.weight_decay});
-      }
+    const int64_t at = flat.offset[i];
+    if (at < 0 || at + n > total || (i > 0 && at < flat.offset[i - 1])) {
+      return FP8_INVALID("device adamw: group '{}' at offset {} does not fit the flat layout",
+                         g.name, at);
+    }
+    FP8_ASSIGN_OR_RETURN(Tensor m, d.m_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
+    FP8_ASSIGN_OR_RETURN(Tensor v, d.v_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
+    // Consecutive groups with the same decay flag share a run (up to the next group's start).
+    if (!d.runs_.empty() && d.runs_.back().weight_decay == g.weight_decay) {
+      d.runs_.back().end = at + n;
     } else {
-      FP8_ASSIGN_OR_RETURN(m, be.zeros(g.param->shape(), DType::kBF16));
-      FP8_ASSIGN_OR_RETURN(v, be.zeros(g.param->shape(), DType::kBF16));
+      if (!d.runs_.empty()) d.runs_.back().end = at;  // the gap before it joins the last run
+      d.runs_.push_back({at, at + n, g.weight_decay});
     }
     d.m_.push_back(std::move(m));
     d.v_.push_back(std::move(v));
@@ -71,19 +62,11 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
 Status DeviceAdamW::step(float lr, float grad_scale) {
   FP8_RETURN_IF_ERROR(check_step_args(lr, grad_scale));
   ++step_;
-  if (!runs_.empty()) {  // flat layout: one call per run
-    for (const Run& r : runs_) {
-      Tensor p = value_.slice_rows(r.begin, r.end), g = grad_.slice_rows(r.begin, r.end);
-      Tensor m = m_flat_.slice_rows(r.begin, r.end), v = v_flat_.slice_rows(r.begin, r.end);
-      FP8_RETURN_IF_ERROR(
-          be_->adamw(p, g, m, v, step_scalars(cfg_, r.weight_decay, lr, step_, grad_scale)));
-    }
-    return Status::Ok();
-  }
-  for (size_t i = 0; i < groups_.size(); ++i) {
-    const TensorGroup& g = groups_[i];
-    FP8_RETURN_IF_ERROR(be_->adamw(*g.param, *g.grad, m_[i], v_[i],
-                                   step_scalars(cfg_, g.weight_decay, lr, step_, grad_scale)));
+  for (const Run& r : runs_) {  // one call per run of equal decay flags
+    Tensor p = value_.slice_rows(r.begin, r.end), g = grad_.slice_rows(r.begin, r.end);
+    Tensor m = m_flat_.slice_rows(r.begin, r.end), v = v_flat_.slice_rows(r.begin, r.end);
+    FP8_RETURN_IF_ERROR(
+        be_->adamw(p, g, m, v, step_scalars(cfg_, r.weight_decay, lr, step_, grad_scale)));
   }
   return Status::Ok();
 }

@@ -34,9 +34,10 @@ struct FlatLayout {
 class DeviceAdamW {
  public:
   // The twin of `host` (its config, step count and moments) on `be`: one group per host group,
-  // in the same order with the same names, each covering its whole tensor (no ZeRO shards).
+  // in the same order with the same names, each covering its whole tensor (no ZeRO shards), the
+  // groups' tensors laid out as `flat` says.
   static Result<DeviceAdamW> create(Backend& be, const AdamW& host, std::vector<TensorGroup> groups,
-                                    const FlatLayout* flat = nullptr);
+                                    const FlatLayout& flat);
 
   Status step(float lr, float grad_scale = 1.0f);  // as AdamW::step
   int64_t step_count() const { return step_; }
@@ -49,8 +50,8 @@ class DeviceAdamW {
   Backend* be_ = nullptr;
   AdamWConfig cfg_;
   std::vector<TensorGroup> groups_;
-  std::vector<Tensor> m_, v_;  // bf16, one per group (views of the flat moments with a layout)
-  // With a FlatLayout: [begin, end) element ranges of the flat buffers and their decay flag.
+  std::vector<Tensor> m_, v_;  // bf16, one per group (views of the flat moments)
+  // [begin, end) element ranges of the flat buffers and their decay flag.
   struct Run {
     int64_t begin, end;
     bool weight_decay;
