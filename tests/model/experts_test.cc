@@ -12,6 +12,7 @@
 
 #include "core/model/layers.h"
 #include "core/op_profile.h"
+#include "tests/test_profiled.h"
 #include "tests/test_random.h"
 
 namespace fp8pipe::model {
@@ -102,11 +103,10 @@ INSTANTIATE_TEST_SUITE_P(Precisions, ExpertsVsSwiGLU,
 
 // One forward + backward of E experts with 24 rows each, FP8; the op counts.
 std::vector<OpStats> profile_step(int64_t E) {
-  std::shared_ptr<OpProfile> prof;
-  std::unique_ptr<Backend> be = make_profiled_backend(make_cpu_backend(), &prof);
-  ModelCtx c;
-  c.be = be.get();
-  c.precision = Precision::kFP8;
+  testutil::ProfiledFp8Cpu p;
+  Backend* be = p.be.get();
+  ModelCtx& c = p.c;
+  std::shared_ptr<OpProfile>& prof = p.prof;
   RoutedExperts ex;
   EXPECT_TRUE(ex.init(c, "moe", 0, E, kDim, kHidden, 3, 0.05f).ok());
   const int64_t M = 24 * E;

@@ -8,16 +8,16 @@
 
 #include "core/model/layers.h"
 #include "core/op_profile.h"
+#include "tests/test_profiled.h"
 
 namespace fp8pipe::model {
 namespace {
 
 TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
-  std::shared_ptr<OpProfile> prof;
-  std::unique_ptr<Backend> be = make_profiled_backend(make_cpu_backend(), &prof);
-  ModelCtx c;
-  c.be = be.get();
-  c.precision = Precision::kFP8;
+  testutil::ProfiledFp8Cpu p;
+  Backend* be = p.be.get();
+  ModelCtx& c = p.c;
+  std::shared_ptr<OpProfile>& prof = p.prof;
   SwiGLU f;
   ASSERT_TRUE(f.init(c, "ffn", 256, 384, /*seed=*/3, 0.05f).ok());
   Tensor x = be->empty({64, 256}, DType::kF32).value(),
