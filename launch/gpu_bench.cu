@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/fp8_codec.h"
 #include "kernels/cpu/quantize.h"
 #include "kernels/cuda/fp8_gemm_lt.h"
 #include "kernels/cuda/quantize.cuh"
@@ -65,10 +66,7 @@ __device__ __forceinline__ float uniform(uint64_t i, uint32_t seed) {  // [-1, 1
 __global__ void fill_fp8(uint8_t* q, size_t n, uint32_t seed) {  // E4M3 codes of U(-30, 30)
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x) {
-    uint16_t r;
-    const float v = uniform(i, seed) * 30.0f;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
-    q[i] = static_cast<uint8_t>(r & 0xFF);
+    q[i] = float_to_fp8(uniform(i, seed) * 30.0f, Fp8Format::kE4M3, true);
   }
 }
 __global__ void fill_f32(float* x, size_t n, uint32_t seed, float lo, float hi) {
@@ -202,13 +200,13 @@ GemmRow bench_gemm(const GemmShape& s, Timer& timer, LtGemm& lt) {
   Dev<uint8_t> xa(M * K), wb(N * K);
   Dev<float> sx(KB * M), sw(scale_count(Granularity::k128x128, N, K)), swv(KB * N);
   Dev<uint16_t> out(M * N), ab(M * K), bb(N * K);
-  fill_fp8<<<kFillGrid, kFillBlock>>>(xa.p, xa.n, 1);
-  fill_fp8<<<kFillGrid, kFillBlock>>>(wb.p, wb.n, 2);
-  fill_f32<<<kFillGrid, kFillBlock>>>(sx.p, sx.n, 3, 0.5f, 2.0f);
-  fill_f32<<<kFillGrid, kFillBlock>>>(sw.p, sw.n, 4, 0.5f, 2.0f);
-  fill_f32<<<kFillGrid, kFillBlock>>>(swv.p, swv.n, 5, 0.5f, 2.0f);
-  fill_bf16<<<kFillGrid, kFillBlock>>>(ab.p, ab.n, 6);
-  fill_bf16<<<kFillGrid, kFillBlock>>>(bb.p, bb.n, 7);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_fp8)(xa.p, xa.n, 1);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_fp8)(wb.p, wb.n, 2);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_f32)(sx.p, sx.n, 3, 0.5f, 2.0f);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_f32)(sw.p, sw.n, 4, 0.5f, 2.0f);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_f32)(swv.p, swv.n, 5, 0.5f, 2.0f);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_bf16)(ab.p, ab.n, 6);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_bf16)(bb.p, bb.n, 7);
   BENCH_CHECK_CUDA(cudaDeviceSynchronize());
   const Fp8Operand a{xa.p, sx.p, Granularity::k1x128, Fp8Format::kE4M3};
   const Fp8Operand b{wb.p, sw.p, Granularity::k128x128, Fp8Format::kE4M3};
@@ -295,9 +293,9 @@ QuantRow bench_quant(const std::string& name, int64_t R, int64_t C, Granularity 
   Dev<uint8_t> q(n);
   Dev<int> bad(1);
   if (bf16_in) {
-    fill_bf16<<<kFillGrid, kFillBlock>>>(xb.p, n, 11);
+    FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_bf16)(xb.p, n, 11);
   } else {
-    fill_f32<<<kFillGrid, kFillBlock>>>(xf.p, n, 12, -3.0f, 3.0f);
+    FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_f32)(xf.p, n, 12, -3.0f, 3.0f);
   }
   BENCH_CHECK_CUDA(cudaDeviceSynchronize());
   const QuantParams p{Fp8Format::kE4M3, true};

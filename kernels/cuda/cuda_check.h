@@ -76,6 +76,16 @@ inline const char* cublas_status_name(cublasStatus_t s) {
           ::fp8pipe::kernels::gpu::cublas_status_name(fp8pipe_s_));           \
   } while (0)
 
+// A kernel launch: FP8PIPE_KERNEL(grid, block, stream, kernel)(args...) is
+// kernel<<<grid, block, 0, stream>>>(args...); under the CPU emulation of CUDA (kernels/cuda_emu,
+// FP8PIPE_CUDA=EMULATE) it runs the kernel there instead.
+#ifdef FP8PIPE_CUDA_EMU
+#define FP8PIPE_KERNEL(grid, block, stream, ...) \
+  ::fp8pipe::cuda_emu::launch((grid), (block), (stream), #__VA_ARGS__, __VA_ARGS__)
+#else
+#define FP8PIPE_KERNEL(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 // Check a launch: picks up configuration errors of the last <<<>>> (not asynchronous faults).
 #define FP8PIPE_CUDA_LAUNCH_CHECK() FP8PIPE_CUDA_TRY(cudaGetLastError())
 

@@ -588,10 +588,10 @@ __global__ void k_balance_value(const double* f, const double* P, int64_t B, int
 
 }  // namespace
 
-#define FP8PIPE_LAUNCH(kernel, grid, block, stream, ...)   \
-  do {                                                     \
-    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__); \
-    FP8PIPE_CUDA_LAUNCH_CHECK();                           \
+#define FP8PIPE_LAUNCH(kernel, grid, block, stream, ...)      \
+  do {                                                        \
+    FP8PIPE_KERNEL(grid, block, stream, kernel)(__VA_ARGS__); \
+    FP8PIPE_CUDA_LAUNCH_CHECK();                              \
   } while (0)
 
 Result find_bad_index(const int32_t* ids, int64_t n, int64_t lo, int64_t hi, int64_t* first_bad,
@@ -772,7 +772,7 @@ cudaError_t sort_positions(const uint32_t* keys_in, int64_t n, int end_bit, uint
   if (e == cudaSuccess) e = cudaMallocAsync(reinterpret_cast<void**>(&iota), n * 4, stream);
   if (e == cudaSuccess) e = cudaMallocAsync(&temp, std::max<size_t>(temp_bytes, 1), stream);
   if (e == cudaSuccess) {
-    k_iota<<<grid_for(n), kThreads, 0, stream>>>(iota, n);
+    FP8PIPE_KERNEL(grid_for(n), kThreads, stream, k_iota)(iota, n);
     e = cudaGetLastError();
   }
   if (e == cudaSuccess) {
@@ -815,7 +815,8 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
   if (e == cudaSuccess) e = sort_positions(keys_in, n, bits_below(R, 32), keys, idx, stream);
   if (e == cudaSuccess) {
     const int blocks = static_cast<int>(std::min<int64_t>(R, int64_t{1} << 30));
-    k_scatter_add_sorted<<<blocks, kColThreads, 0, stream>>>(in, keys, idx, w, n, D, R, out);
+    FP8PIPE_KERNEL(blocks, kColThreads, stream, k_scatter_add_sorted)
+    (in, keys, idx, w, n, D, R, out);
     e = cudaGetLastError();
   }
   for (void* p : {static_cast<void*>(keys), static_cast<void*>(idx)}) {

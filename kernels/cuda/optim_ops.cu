@@ -37,7 +37,7 @@ __device__ double block_sum(double v) {
   sh[threadIdx.x] = v;
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    if (static_cast<int>(threadIdx.x) < w) sh[threadIdx.x] += sh[threadIdx.x + w];
     __syncthreads();
   }
   return sh[0];
@@ -78,14 +78,14 @@ __global__ void k_sumsq_final(double* work, int64_t n) {
 
 Result accumulate_f64(float* g, int64_t n, double* acc, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
-  k_accumulate<<<grid_for(n), kThreads, 0, stream>>>(g, n, acc);
+  FP8PIPE_KERNEL(grid_for(n), kThreads, stream, k_accumulate)(g, n, acc);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
 
 Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
-  k_round<<<grid_for(n), kThreads, 0, stream>>>(acc, n, out);
+  FP8PIPE_KERNEL(grid_for(n), kThreads, stream, k_round)(acc, n, out);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
@@ -94,19 +94,19 @@ Result row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out
                cudaStream_t stream) {
   if (R == 0) return Result::Ok();
   const int blocks = static_cast<int>(R < 65535 * 8 ? R : 65535 * 8);
-  k_row_dot<<<blocks, kThreads, 0, stream>>>(a, b, R, C, out);
+  FP8PIPE_KERNEL(blocks, kThreads, stream, k_row_dot)(a, b, R, C, out);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
 
 Result sum_squares_partial(const float* g, int64_t n, double* slot, cudaStream_t stream) {
-  k_sumsq_partial<<<kSumSqBlocks, kThreads, 0, stream>>>(g, n, slot);
+  FP8PIPE_KERNEL(kSumSqBlocks, kThreads, stream, k_sumsq_partial)(g, n, slot);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
 
 Result sum_squares_final(double* work, int64_t slots, cudaStream_t stream) {
-  k_sumsq_final<<<1, kThreads, 0, stream>>>(work, slots * kSumSqBlocks);
+  FP8PIPE_KERNEL(1, kThreads, stream, k_sumsq_final)(work, slots * kSumSqBlocks);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
