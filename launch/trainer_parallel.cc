@@ -10,7 +10,7 @@
 #include "core/log.h"
 #include "launch/trainer.h"
 #include "optim/bias_update.h"
-#ifdef FP8PIPE_HAVE_CUDA
+#ifdef FP8PIPE_HAVE_NCCL
 #include "parallel/nccl_comm.h"
 #endif
 
@@ -33,7 +33,7 @@ Status Trainer::setup_parallel(const Runtime* rt) {
   world_rank_ = comms_ ? comms_->get(parallel::GroupKind::kWorld).group().index : 0;
   world_size_ = p.pp() * p.dp();
   if (p.comm_backend() == "nccl" && comms_ && world_size_ > 1) {
-#ifdef FP8PIPE_HAVE_CUDA
+#ifdef FP8PIPE_HAVE_NCCL
     parallel::NcclOptions o;
     o.timeout_s = cfg_.fault().timeout_s();
     o.device = local_gpu(*topo_);
@@ -42,7 +42,8 @@ Status Trainer::setup_parallel(const Runtime* rt) {
     nccl_comms_.emplace(std::move(nccl));
     if (world_rank_ == 0) log::info("pipeline and expert exchanges on NCCL (GPU memory)");
 #else
-    return FP8_INVALID("parallel.comm_backend=\"nccl\" needs a build with CUDA");
+    return FP8_INVALID(
+        "parallel.comm_backend=\"nccl\" needs a build with CUDA and NCCL; valid here: \"mpi\"");
 #endif
   }
   FP8_ASSIGN_OR_RETURN(auto kind, parallel::parse_schedule_kind(p.schedule()));

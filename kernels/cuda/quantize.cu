@@ -76,11 +76,17 @@ __device__ __forceinline__ uint32_t vec_abs_max(const uint4& v, uint16_t*) {
 template <Fp8Format F>
 __device__ __forceinline__ uint32_t cvt2(float lo, float hi) {
   uint16_t r;
+#ifdef FP8PIPE_CUDA_EMU
+  // No PTX on the CPU emulation: fp8_codec.h's encoder (codec_check.cu checks on a GPU that it
+  // equals this instruction on all 2^32 inputs).
+  r = static_cast<uint16_t>(float_to_fp8(lo, F, true) | (float_to_fp8(hi, F, true) << 8));
+#else
   if constexpr (F == Fp8Format::kE4M3) {
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
   } else {
     asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
   }
+#endif
   return r;
 }
 
@@ -497,6 +503,12 @@ __global__ void finalize_tensor_kernel(float* s, bool pow2, float fmax, int* non
 
 template <Fp8Format F>
 __device__ __forceinline__ float2 decode2(uint16_t two) {
+#ifdef FP8PIPE_CUDA_EMU
+  // No PTX on the CPU emulation: fp8_codec.h's decoder (what codec_check.cu compares with this
+  // instruction on a GPU).
+  return make_float2(fp8_to_float(static_cast<uint8_t>(two & 0xFFu), F),
+                     fp8_to_float(static_cast<uint8_t>(two >> 8), F));
+#else
   uint32_t h2;
   if constexpr (F == Fp8Format::kE4M3) {
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
@@ -505,6 +517,7 @@ __device__ __forceinline__ float2 decode2(uint16_t two) {
   }
   __half2 h = *reinterpret_cast<__half2*>(&h2);
   return __half22float2(h);
+#endif
 }
 
 __device__ __forceinline__ float scale_at(const float* s, Granularity g, int64_t R, int64_t C,
@@ -606,13 +619,13 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
         constexpr int64_t kRowsPerBlock = (32 / (kG / kPerVec)) * kLoads * (kThreads / 32);
         const int64_t nb = ceil_div(R, kRowsPerBlock) * KB;
         FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
-        q1x128_vec_kernel<T, F>
-            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, gr, q, s, nonfinite);
+        FP8PIPE_KERNEL(static_cast<int>(nb), kThreads, st, q1x128_vec_kernel<T, F>)
+        (x, R, C, KB, p.pow2, gr, q, s, nonfinite);
       } else {
         const int64_t nb = ceil_div(R * KB, kThreads / 32);
         FP8PIPE_REQUIRE(nb < (1ll << 31), "quantize 1x128: tensor too large for one launch");
-        q1x128_scalar_kernel<T, F>
-            <<<static_cast<int>(nb), kThreads, 0, st>>>(x, R, C, KB, p.pow2, gr, q, s, nonfinite);
+        FP8PIPE_KERNEL(static_cast<int>(nb), kThreads, st, q1x128_scalar_kernel<T, F>)
+        (x, R, C, KB, p.pow2, gr, q, s, nonfinite);
       }
       break;
     }
@@ -621,18 +634,19 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
                       "quantize 128x1: too many rows");
       const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
       const bool vec_in = C % kPerVec == 0 && aligned(x, 16);
-      q128x1_kernel<T, F, false>
-          <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, false, GroupsDev{}, q, s, nonfinite);
+      FP8PIPE_KERNEL(grid, kThreads, st, q128x1_kernel<T, F, false>)
+      (x, R, C, p.pow2, vec_in, false, GroupsDev{}, q, s, nonfinite);
       break;
     }
     case Granularity::k128x128: {
       FP8PIPE_REQUIRE(RB <= 65535 && KB < (1ll << 31), "quantize 128x128: too many rows");
       const dim3 grid(static_cast<unsigned>(KB), static_cast<unsigned>(RB));
       if (C % kPerVec == 0 && aligned(x, 16) && aligned(q, out_align)) {
-        q128x128_vec_kernel<T, F><<<grid, kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+        FP8PIPE_KERNEL(grid, kThreads, st, q128x128_vec_kernel<T, F>)
+        (x, R, C, KB, p.pow2, q, s, nonfinite, nullptr);
       } else {
-        q128x128_scalar_kernel<T, F>
-            <<<grid, kThreads, 0, st>>>(x, R, C, KB, p.pow2, q, s, nonfinite);
+        FP8PIPE_KERNEL(grid, kThreads, st, q128x128_scalar_kernel<T, F>)
+        (x, R, C, KB, p.pow2, q, s, nonfinite, nullptr);
       }
       break;
     }
@@ -644,12 +658,12 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
           static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads * kPerVec), 132 * 16));
       auto* amax = reinterpret_cast<uint32_t*>(s);
       if (grid > 0) {
-        amax_tensor_kernel<T><<<grid, kThreads, 0, st>>>(x, n, vec, amax);
+        FP8PIPE_KERNEL(grid, kThreads, st, amax_tensor_kernel<T>)(x, n, vec, amax);
         FP8PIPE_CUDA_LAUNCH_CHECK();
-        encode_tensor_kernel<T, F><<<grid, kThreads, 0, st>>>(x, n, vec, p.pow2, amax, q);
+        FP8PIPE_KERNEL(grid, kThreads, st, encode_tensor_kernel<T, F>)(x, n, vec, p.pow2, amax, q);
         FP8PIPE_CUDA_LAUNCH_CHECK();
       }
-      finalize_tensor_kernel<<<1, 1, 0, st>>>(s, p.pow2, fp8_max(F), nonfinite);
+      FP8PIPE_KERNEL(1, 1, st, finalize_tensor_kernel)(s, p.pow2, fp8_max(F), nonfinite);
       break;
     }
   }
@@ -664,7 +678,7 @@ Result quantize_any(const T* x, int64_t R, int64_t C, Granularity g, QuantParams
     const int64_t ns = std::max<int64_t>(0, scale_count(g, R, C));
     if (ns > 0) FP8PIPE_CUDA_TRY(cudaMemsetAsync(s, 0, ns * sizeof(float), st));
     if (g == Granularity::kPerTensor) {
-      finalize_tensor_kernel<<<1, 1, 0, st>>>(s, p.pow2, fp8_max(p.fmt), nullptr);
+      FP8PIPE_KERNEL(1, 1, st, finalize_tensor_kernel)(s, p.pow2, fp8_max(p.fmt), nullptr);
       FP8PIPE_CUDA_LAUNCH_CHECK();
     }
     return Result::Ok();
@@ -684,8 +698,8 @@ Result q128x1_t_launch(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t*
   const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
   const bool vec_in = C % Elem<T>::kPerVec == 0 && aligned(x, 16);
   const bool vec_out = R % 16 == 0 && aligned(qt, 16);  // grouped: each group's rows checked too
-  q128x1_kernel<T, F, true>
-      <<<grid, kThreads, 0, st>>>(x, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite);
+  FP8PIPE_KERNEL(grid, kThreads, st, q128x1_kernel<T, F, true>)
+  (x, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
@@ -729,11 +743,11 @@ Result dequantize_any(const uint8_t* q, const float* s, int64_t rows, int64_t co
   const int grid =
       static_cast<int>(std::min<int64_t>(ceil_div(rows * cols, kThreads * 4), 132 * 32));
   if (fmt == Fp8Format::kE4M3) {
-    dequant_kernel<Fp8Format::kE4M3>
-        <<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, gr, out);
+    FP8PIPE_KERNEL(grid, kThreads, stream, dequant_kernel<Fp8Format::kE4M3>)
+    (q, s, rows, cols, g, vec, gr, out);
   } else {
-    dequant_kernel<Fp8Format::kE5M2>
-        <<<grid, kThreads, 0, stream>>>(q, s, rows, cols, g, vec, gr, out);
+    FP8PIPE_KERNEL(grid, kThreads, stream, dequant_kernel<Fp8Format::kE5M2>)
+    (q, s, rows, cols, g, vec, gr, out);
   }
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
@@ -774,12 +788,12 @@ Result transpose_128x128_batch(const uint8_t* q, const float* s, int64_t count, 
                   "transpose_128x128: too many rows or tensors");
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)),
                   static_cast<unsigned>(ceil_div(rows, 32)), static_cast<unsigned>(count));
-  transpose_bytes_kernel<<<grid, dim3(32, 8), 0, stream>>>(q, rows, cols, qt);
+  FP8PIPE_KERNEL(grid, dim3(32, 8), stream, transpose_bytes_kernel)(q, rows, cols, qt);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   const int64_t RB = ceil_div(rows, kG), KB = ceil_div(cols, kG);
   const int64_t n = KB * pad4(RB);
   const dim3 sgrid(static_cast<unsigned>(blocks_for(n, kThreads)), static_cast<unsigned>(count));
-  transpose_block_scales_kernel<<<sgrid, kThreads, 0, stream>>>(s, RB, KB, st);
+  FP8PIPE_KERNEL(sgrid, kThreads, stream, transpose_block_scales_kernel)(s, RB, KB, st);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
@@ -798,11 +812,11 @@ Result quantize_128x128_batch(const float* const* xs, const float* const* host_x
   auto launch = [&](auto f) {
     constexpr Fp8Format F = decltype(f)::value;
     if (vec) {
-      q128x128_vec_kernel<float, F>
-          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
+      FP8PIPE_KERNEL(grid, kThreads, stream, q128x128_vec_kernel<float, F>)
+      (nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
     } else {
-      q128x128_scalar_kernel<float, F>
-          <<<grid, kThreads, 0, stream>>>(nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
+      FP8PIPE_KERNEL(grid, kThreads, stream, q128x128_scalar_kernel<float, F>)
+      (nullptr, rows, cols, KB, p.pow2, q, s, nonfinite, xs);
     }
   };
   if (p.fmt == Fp8Format::kE4M3) {

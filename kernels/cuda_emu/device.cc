@@ -1,0 +1,391 @@
+// fp8pipe CUDA emulation: kernel execution. A launch runs its blocks one after another on the
+// calling thread; the threads of a block are fibers (own stacks, switched by a few instructions
+// of assembly) that run until they finish or reach __syncthreads / a warp collective. Blocks
+// resume when every thread of the block (or every lane of the warp) has arrived; anything else
+// (a warp collective missing a lane, a barrier no thread can reach) is a deadlock on a GPU and is
+// reported as a launch failure here.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+#if !defined(__x86_64__)
+#error "the CUDA emulation's fiber switch is written for x86-64"
+#endif
+
+namespace fp8pipe::cuda_emu {
+void note_launch_error(cudaError_t e);
+}
+
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *save and
+// continues on `next` (a stack saved the same way). MXCSR and the x87 control word are not
+// switched: nothing in a kernel changes the floating-point environment.
+extern "C" void fp8pipe_emu_switch(void** save, void* next);
+asm(R"(
+.pushsection .text
+.globl fp8pipe_emu_switch
+.type fp8pipe_emu_switch,@function
+fp8pipe_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size fp8pipe_emu_switch,.-fp8pipe_emu_switch
+.popsection
+)");
+
+namespace fp8pipe::cuda_emu {
+namespace {
+
+constexpr size_t kStackBytes = size_t{128} << 10;
+constexpr int kMaxThreads = 1024;
+
+enum class Wait { kRunning, kBlock, kWarp, kDone };
+
+struct Fiber {
+  void* sp = nullptr;
+  uint3 tid{};
+  int linear = 0;
+  Wait wait = Wait::kRunning;
+};
+
+// A warp's collective state. Values go to one of two slot sets by the parity of the collective's
+// number: a lane that has passed collective g can write g+1's values while slower lanes still
+// read g's, and nobody can reach g+2 before every lane has passed g+1 (so one wait per collective).
+struct Warp {
+  uint64_t slot[2][32];
+  unsigned gen = 0;    // collectives completed
+  int arrived = 0;     // lanes waiting in the current one
+  unsigned mask = 0;   // the mask the current one was called with
+  unsigned lanes = 0;  // existing lanes (bit i: lane i exists)
+};
+
+// One launch in progress on this OS thread.
+struct Launch {
+  uint3 grid{}, block{}, block_idx{};
+  const char* name = "";
+  const std::function<void()>* body = nullptr;
+  int nthreads = 0;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<int> ready;  // FIFO ring of fiber indices
+  size_t ready_head = 0, ready_count = 0;
+  int done = 0, at_block = 0;
+  Fiber* cur = nullptr;
+  void* sched_sp = nullptr;
+  bool failed = false;
+
+  void push_ready(int i) {
+    size_t at = ready_head + ready_count;
+    if (at >= ready.size()) at -= ready.size();
+    ready[at] = i;
+    ++ready_count;
+  }
+  int pop_ready() {
+    const int i = ready[ready_head];
+    if (++ready_head == ready.size()) ready_head = 0;
+    --ready_count;
+    return i;
+  }
+};
+
+thread_local Launch* g_launch = nullptr;
+
+// FP8PIPE_EMU_STATS=1: launches, blocks and threads run, printed per kernel at exit.
+struct Stats {
+  struct Row {
+    uint64_t launches = 0, blocks = 0, threads = 0;
+  };
+  std::mutex mu;
+  std::map<std::string, Row> rows;
+  const bool on = std::getenv("FP8PIPE_EMU_STATS") != nullptr;
+  ~Stats() {
+    if (!on) return;
+    std::vector<std::pair<std::string, Row>> v(rows.begin(), rows.end());
+    std::sort(v.begin(), v.end(),
+              [](const auto& a, const auto& b) { return a.second.threads > b.second.threads; });
+    std::fprintf(stderr, "cuda_emu: %-60s %10s %12s %14s\n", "kernel", "launches", "blocks",
+                 "threads");
+    for (const auto& [name, r] : v) {
+      std::fprintf(stderr, "cuda_emu: %-60s %10llu %12llu %14llu\n", name.c_str(),
+                   static_cast<unsigned long long>(r.launches),
+                   static_cast<unsigned long long>(r.blocks),
+                   static_cast<unsigned long long>(r.threads));
+    }
+  }
+  void add(const char* name, uint64_t blocks, uint64_t threads) {
+    if (!on) return;
+    std::lock_guard<std::mutex> lk(mu);
+    Row& r = rows[name];
+    ++r.launches;
+    r.blocks += blocks;
+    r.threads += blocks * threads;
+  }
+};
+Stats g_stats;
+
+// Stacks are kept per OS thread and reused by every launch (mapped lazily, never touched pages
+// cost nothing).
+struct Stacks {
+  char* base = nullptr;
+  Stacks() {
+    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "cuda_emu: cannot map fiber stacks\n");
+      std::abort();
+    }
+    base = static_cast<char*>(p);
+  }
+  ~Stacks() { munmap(base, kStackBytes * kMaxThreads); }
+};
+thread_local Stacks g_stacks;
+
+// A block barrier completes when every thread that has not exited is waiting in it (exited
+// threads count as arrived, as on sm_70+).
+void maybe_release_block(Launch* l) {
+  if (l->at_block == 0 || l->at_block + l->done != l->nthreads) return;
+  for (Fiber& f : l->fibers) {
+    if (f.wait == Wait::kBlock) {
+      f.wait = Wait::kRunning;
+      l->push_ready(f.linear);
+    }
+  }
+  l->at_block = 0;
+}
+
+[[noreturn]] void fiber_main() {
+  Launch* l = g_launch;
+  (*l->body)();
+  l->cur->wait = Wait::kDone;
+  ++l->done;
+  maybe_release_block(l);
+  void* dummy;
+  fp8pipe_emu_switch(&dummy, l->sched_sp);
+  std::abort();  // never resumed
+}
+
+// Lays out a fresh stack so that switching to it "returns" into fiber_main with the ABI's
+// alignment (rsp = 8 mod 16 at function entry).
+void* fresh_stack(int i) {
+  // Stack tops are staggered by 64 bytes a fiber: equal offsets 128 KiB apart would all map to
+  // the same cache sets.
+  char* top = g_stacks.base + kStackBytes * static_cast<size_t>(i + 1) - 64 * (i % 64);
+  auto* slot = reinterpret_cast<uint64_t*>(top - 16);  // return address, 16-aligned
+  slot[0] = reinterpret_cast<uint64_t>(&fiber_main);
+  slot[1] = 0;
+  uint64_t* sp = slot - 6;  // rbp rbx r12 r13 r14 r15
+  std::memset(sp, 0, 6 * sizeof(uint64_t));
+  return sp;
+}
+
+void yield_to_scheduler(Wait why) {
+  Launch* l = g_launch;
+  l->cur->wait = why;
+  fp8pipe_emu_switch(&l->cur->sp, l->sched_sp);
+}
+
+void fail(Launch* l, const char* what) {
+  if (!l->failed) {
+    std::fprintf(stderr, "cuda_emu: kernel %s block (%u,%u,%u): %s\n", l->name, l->block_idx.x,
+                 l->block_idx.y, l->block_idx.z, what);
+  }
+  l->failed = true;
+}
+
+// Runs one block to completion (or to a detected deadlock).
+void run_block(Launch* l) {
+  const int n = l->nthreads;
+  l->ready_head = l->ready_count = 0;
+  l->done = l->at_block = 0;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = l->fibers[i];
+    f.linear = i;
+    f.tid = {static_cast<unsigned>(i) % l->block.x,
+             static_cast<unsigned>(i) / l->block.x % l->block.y,
+             static_cast<unsigned>(i) / (l->block.x * l->block.y)};
+    f.wait = Wait::kRunning;
+    f.sp = fresh_stack(i);
+    l->push_ready(i);
+  }
+  for (Warp& w : l->warps) {
+    w.gen = 0;
+    w.arrived = 0;
+  }
+  while (l->ready_count > 0) {
+    l->cur = &l->fibers[l->pop_ready()];
+    fp8pipe_emu_switch(&l->sched_sp, l->cur->sp);
+  }
+  l->cur = nullptr;
+  if (l->done != n) {
+    fail(l,
+         "deadlock: a warp collective is missing lanes of its mask, or threads wait at "
+         "different barriers");
+  }
+}
+
+// Waits in the calling lane's warp collective; returns the slot set of this collective.
+uint64_t* warp_arrive(unsigned mask, uint64_t v) {
+  Launch* l = g_launch;
+  Fiber* f = l->cur;
+  Warp& w = l->warps[f->linear / 32];
+  const unsigned gen = w.gen;
+  w.slot[gen & 1][f->linear % 32] = v;
+  if (w.arrived == 0) w.mask = mask;
+  const unsigned named = w.mask & w.lanes;
+  if (++w.arrived == __builtin_popcount(named)) {  // the last lane: release the others
+    w.arrived = 0;
+    ++w.gen;
+    const int base = f->linear / 32 * 32;
+    for (int i = 0; i < 32; ++i) {
+      if (!((named >> i) & 1u)) continue;
+      Fiber& o = l->fibers[base + i];
+      if (o.wait == Wait::kWarp) {
+        o.wait = Wait::kRunning;
+        l->push_ready(o.linear);
+      }
+    }
+  } else {
+    yield_to_scheduler(Wait::kWarp);
+  }
+  return w.slot[gen & 1];
+}
+
+// SIGSEGV/SIGBUS inside a kernel: say which kernel, block and thread, then die as before.
+void on_fault(int sig) {
+  Launch* l = g_launch;
+  if (l != nullptr && l->cur != nullptr) {
+    char buf[256];
+    const int len = std::snprintf(
+        buf, sizeof buf,
+        "cuda_emu: signal %d in kernel %s, block (%u,%u,%u), thread (%u,%u,%u): an out-of-bounds "
+        "device access\n",
+        sig, l->name, l->block_idx.x, l->block_idx.y, l->block_idx.z, l->cur->tid.x, l->cur->tid.y,
+        l->cur->tid.z);
+    if (len > 0) (void)!write(2, buf, static_cast<size_t>(len));
+  }
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+struct FaultHandler {
+  FaultHandler() {
+    // The fault may happen on a fiber stack: run the handler on its own stack.
+    static char alt[64 << 10];
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof alt;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa {};
+    sa.sa_handler = on_fault;
+    sa.sa_flags = SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+  }
+};
+
+}  // namespace
+
+const uint3& cur_thread_idx() { return g_launch->cur->tid; }
+const uint3& cur_block_idx() { return g_launch->block_idx; }
+const uint3& cur_block_dim() { return g_launch->block; }
+const uint3& cur_grid_dim() { return g_launch->grid; }
+int lane_id() { return g_launch->cur->linear % 32; }
+
+void syncthreads() {
+  Launch* l = g_launch;
+  if (l->at_block + 1 + l->done == l->nthreads) {  // the last thread: release the others
+    for (Fiber& f : l->fibers) {
+      if (f.wait == Wait::kBlock) {
+        f.wait = Wait::kRunning;
+        l->push_ready(f.linear);
+      }
+    }
+    l->at_block = 0;
+    return;
+  }
+  ++l->at_block;
+  yield_to_scheduler(Wait::kBlock);
+}
+
+uint64_t warp_exchange(unsigned mask, uint64_t v, int src_lane) {
+  return warp_arrive(mask, v)[src_lane & 31];
+}
+
+unsigned warp_reduce_max(unsigned mask, unsigned v) {
+  const uint64_t* slot = warp_arrive(mask, v);
+  unsigned m = 0;
+  const unsigned named = mask & g_launch->warps[g_launch->cur->linear / 32].lanes;
+  for (int i = 0; i < 32; ++i) {
+    if ((named >> i) & 1u) m = std::max(m, static_cast<unsigned>(slot[i]));
+  }
+  return m;
+}
+
+void run_kernel(dim3 grid, dim3 block, cudaStream_t, const char* name,
+                const std::function<void()>& body) {
+  static FaultHandler handler;
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  if (threads == 0 || blocks == 0 || threads > kMaxThreads || block.z > 64 || grid.y > 65535 ||
+      grid.z > 65535 || grid.x > 2147483647u) {
+    std::fprintf(stderr,
+                 "cuda_emu: kernel %s: invalid launch configuration grid (%u,%u,%u) block "
+                 "(%u,%u,%u)\n",
+                 name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    note_launch_error(cudaErrorInvalidConfiguration);
+    return;
+  }
+  if (g_launch != nullptr) {
+    std::fprintf(stderr, "cuda_emu: kernel %s launched from inside kernel %s\n", name,
+                 g_launch->name);
+    std::abort();
+  }
+  g_stats.add(name, blocks, threads);
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.name = name;
+  l.body = &body;
+  l.nthreads = static_cast<int>(threads);
+  l.fibers.resize(l.nthreads);
+  l.ready.resize(l.nthreads);
+  l.warps.resize((l.nthreads + 31) / 32);
+  for (size_t w = 0; w < l.warps.size(); ++w) {
+    const int lanes = std::min(32, l.nthreads - static_cast<int>(w) * 32);
+    l.warps[w].lanes = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
+  }
+  g_launch = &l;
+  for (unsigned z = 0; z < grid.z && !l.failed; ++z) {
+    for (unsigned y = 0; y < grid.y && !l.failed; ++y) {
+      for (unsigned x = 0; x < grid.x && !l.failed; ++x) {
+        l.block_idx = {x, y, z};
+        run_block(&l);
+      }
+    }
+  }
+  g_launch = nullptr;
+  if (l.failed) note_launch_error(cudaErrorLaunchFailure);
+}
+
+}  // namespace fp8pipe::cuda_emu

@@ -1,0 +1,139 @@
+// Tests of the CPU emulation of CUDA itself (kernels/cuda_emu): that it runs kernels with CUDA's
+// semantics (block barriers, warp shuffles, per-block shared memory) and that it reports the
+// faults a GPU would (bad launch configurations, mismatched copies, out-of-bounds writes, a warp
+// collective missing a lane). Built only with FP8PIPE_CUDA=EMULATE.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+
+namespace {
+
+// Reverses each 256-element block through shared memory: needs the barrier between the write and
+// the read, and one shared array per block.
+__global__ void k_reverse_blocks(const float* in, float* out, int n) {
+  __shared__ float buf[256];
+  const int t = threadIdx.x;
+  const int i = blockIdx.x * blockDim.x + t;
+  buf[t] = i < n ? in[i] : -1.0f;
+  __syncthreads();
+  const int j = blockIdx.x * blockDim.x + t;
+  if (j < n) out[j] = buf[blockDim.x - 1 - t];
+}
+
+// Butterfly sum and max over each warp.
+__global__ void k_warp_sum_max(const float* in, float* sum, unsigned* mx) {
+  float v = in[threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  const unsigned m = __reduce_max_sync(0xFFFFFFFFu, static_cast<unsigned>(in[threadIdx.x]));
+  if (threadIdx.x % 32 == 0) {
+    sum[threadIdx.x / 32] = v;
+    mx[threadIdx.x / 32] = m;
+  }
+}
+
+// Lane 0 skips the shuffle the other 31 lanes wait in: a hang on a GPU.
+__global__ void k_missing_lane(float* out) {
+  float v = 1.0f;
+  if (threadIdx.x % 32 != 0) v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+__global__ void k_write_at(float* p, int i) { p[i] = 1.0f; }
+__global__ void k_copy(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
+
+struct Dev {
+  float* p = nullptr;
+  explicit Dev(size_t n) { EXPECT_EQ(cudaMalloc(&p, n * sizeof(float)), cudaSuccess); }
+  ~Dev() { cudaFree(p); }
+};
+
+TEST(CudaEmu, BarrierAndSharedMemoryPerBlock) {
+  const int n = 1000;  // four blocks, the last one partial
+  std::vector<float> h(n);
+  std::iota(h.begin(), h.end(), 0.0f);
+  Dev a(n), b(n);
+  ASSERT_EQ(cudaMemcpy(a.p, h.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  FP8PIPE_KERNEL((n + 255) / 256, 256, nullptr, k_reverse_blocks)(a.p, b.p, n);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  std::vector<float> out(n);
+  ASSERT_EQ(cudaMemcpy(out.data(), b.p, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int j = 0; j < n; ++j) {
+    const int base = j / 256 * 256, src = base + 255 - (j - base);
+    ASSERT_EQ(out[j], src < n ? static_cast<float>(src) : -1.0f) << j;
+  }
+}
+
+TEST(CudaEmu, WarpShuffleAndReduce) {
+  const int n = 96;  // three warps
+  std::vector<float> h(n);
+  for (int i = 0; i < n; ++i) h[i] = static_cast<float>((i * 37) % 101);
+  Dev a(n), s(3);
+  unsigned* m = nullptr;
+  ASSERT_EQ(cudaMalloc(&m, 3 * sizeof(unsigned)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(a.p, h.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  FP8PIPE_KERNEL(1, n, nullptr, k_warp_sum_max)(a.p, s.p, m);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  float sums[3];
+  unsigned maxes[3];
+  ASSERT_EQ(cudaMemcpy(sums, s.p, sizeof sums, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(maxes, m, sizeof maxes, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int w = 0; w < 3; ++w) {
+    float es = 0;
+    unsigned em = 0;
+    for (int i = 32 * w; i < 32 * w + 32; ++i) {
+      es += h[i];  // small integers: every order gives the same sum
+      em = std::max(em, static_cast<unsigned>(h[i]));
+    }
+    EXPECT_EQ(sums[w], es) << w;
+    EXPECT_EQ(maxes[w], em) << w;
+  }
+  cudaFree(m);
+}
+
+TEST(CudaEmu, FreshMemoryReadsAsNaN) {
+  Dev a(64), b(64);
+  FP8PIPE_KERNEL(1, 64, nullptr, k_copy)(a.p, b.p);
+  std::vector<float> out(64);
+  ASSERT_EQ(cudaMemcpy(out.data(), b.p, 64 * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (float v : out) EXPECT_TRUE(std::isnan(v));
+}
+
+TEST(CudaEmu, ReportsBadLaunchesAndCopies) {
+  Dev a(32), b(32);
+  FP8PIPE_KERNEL(0, 32, nullptr, k_copy)(a.p, b.p);  // zero blocks
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  FP8PIPE_KERNEL(1, 2048, nullptr, k_copy)(a.p, b.p);  // over 1024 threads
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // launch errors are not sticky
+  float h[32];
+  EXPECT_EQ(cudaMemcpy(h, a.p, sizeof h, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemcpy(a.p, h, 33 * 4, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemcpy(a.p, h, sizeof h, cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaFree(h), cudaErrorInvalidValue);
+}
+
+TEST(CudaEmu, WarpCollectiveMissingALaneFails) {
+  Dev a(32);
+  FP8PIPE_KERNEL(1, 32, nullptr, k_missing_lane)(a.p);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+}
+
+TEST(CudaEmu, WritePastTheEndIsCaught) {
+  float* p = nullptr;
+  ASSERT_EQ(cudaMalloc(&p, 100 * sizeof(float)), cudaSuccess);  // 400 B in a 512 B slot
+  FP8PIPE_KERNEL(1, 1, nullptr, k_write_at)(p, 100);            // into the slack: canary
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
+  EXPECT_EQ(cudaFree(p), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&p, 128 * sizeof(float)), cudaSuccess);
+  // Past the 256-byte-aligned end: the guard page stops it at the faulting access.
+  EXPECT_DEATH(FP8PIPE_KERNEL(1, 1, nullptr, k_write_at)(p, 130),
+               "kernel k_write_at, block \\(0,0,0\\), thread \\(0,0,0\\)");
+  EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+}  // namespace
