@@ -62,10 +62,14 @@ constexpr int kMaxThreads = 1024;
 
 enum class Wait { kRunning, kBlock, kWarp, kDone };
 
+// A runner: runs the block's threads one after another (claiming the next unstarted one when its
+// thread ends) on its own stack. Only a thread that waits in a barrier or collective keeps its
+// runner; then a new runner carries on with the next threads. A kernel without barriers runs
+// its whole block on one runner, with no switch per thread.
 struct Fiber {
   void* sp = nullptr;
-  uint3 tid{};
-  int linear = 0;
+  uint3 tid{};     // of the thread it runs now
+  int linear = 0;  // that thread's linear index in the block
   Wait wait = Wait::kRunning;
 };
 
@@ -86,7 +90,10 @@ struct Launch {
   const char* name = "";
   const std::function<void()>* body = nullptr;
   int nthreads = 0;
-  std::vector<Fiber> fibers;
+  std::vector<Fiber> fibers;   // runners; at most one per thread
+  std::vector<int> runner_of;  // thread -> the runner running it
+  int nrunners = 0, next_thread = 0;
+  int fresh = 0;  // runners spawned that have not claimed a thread yet (at most one)
   std::vector<Warp> warps;
   std::vector<int> ready;  // FIFO ring of fiber indices
   size_t ready_head = 0, ready_count = 0;
@@ -163,23 +170,37 @@ thread_local Stacks g_stacks;
 
 // A block barrier completes when every thread that has not exited is waiting in it (exited
 // threads count as arrived, as on sm_70+).
-void maybe_release_block(Launch* l) {
-  if (l->at_block == 0 || l->at_block + l->done != l->nthreads) return;
-  for (Fiber& f : l->fibers) {
-    if (f.wait == Wait::kBlock) {
-      f.wait = Wait::kRunning;
-      l->push_ready(f.linear);
+void release_block(Launch* l) {
+  for (int k = 0; k < l->nrunners; ++k) {
+    if (l->fibers[k].wait == Wait::kBlock) {
+      l->fibers[k].wait = Wait::kRunning;
+      l->push_ready(k);
     }
   }
   l->at_block = 0;
 }
+void maybe_release_block(Launch* l) {
+  if (l->at_block > 0 && l->at_block + l->done == l->nthreads) release_block(l);
+}
 
 [[noreturn]] void fiber_main() {
   Launch* l = g_launch;
-  (*l->body)();
-  l->cur->wait = Wait::kDone;
-  ++l->done;
-  maybe_release_block(l);
+  Fiber* me = l->cur;
+  const int runner = static_cast<int>(me - l->fibers.data());
+  --l->fresh;
+  while (l->next_thread < l->nthreads) {
+    const int i = l->next_thread++;
+    me->linear = i;
+    me->tid = {static_cast<unsigned>(i) % l->block.x,
+               static_cast<unsigned>(i) / l->block.x % l->block.y,
+               static_cast<unsigned>(i) / (l->block.x * l->block.y)};
+    me->wait = Wait::kRunning;
+    l->runner_of[i] = runner;
+    (*l->body)();
+    ++l->done;
+    maybe_release_block(l);
+  }
+  me->wait = Wait::kDone;
   void* dummy;
   fp8pipe_emu_switch(&dummy, l->sched_sp);
   std::abort();  // never resumed
@@ -218,23 +239,26 @@ void run_block(Launch* l) {
   const int n = l->nthreads;
   l->ready_head = l->ready_count = 0;
   l->done = l->at_block = 0;
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = l->fibers[i];
-    f.linear = i;
-    f.tid = {static_cast<unsigned>(i) % l->block.x,
-             static_cast<unsigned>(i) / l->block.x % l->block.y,
-             static_cast<unsigned>(i) / (l->block.x * l->block.y)};
-    f.wait = Wait::kRunning;
-    f.sp = fresh_stack(i);
-    l->push_ready(i);
-  }
+  l->nrunners = l->next_thread = l->fresh = 0;
+  auto spawn = [l] {
+    const int k = l->nrunners++;
+    ++l->fresh;
+    l->fibers[k].wait = Wait::kRunning;
+    l->fibers[k].sp = fresh_stack(k);
+    l->push_ready(k);
+  };
   for (Warp& w : l->warps) {
     w.gen = 0;
     w.arrived = 0;
   }
+  spawn();
   while (l->ready_count > 0) {
-    l->cur = &l->fibers[l->pop_ready()];
-    fp8pipe_emu_switch(&l->sched_sp, l->cur->sp);
+    Fiber* f = &l->fibers[l->pop_ready()];
+    l->cur = f;
+    fp8pipe_emu_switch(&l->sched_sp, f->sp);
+    // A runner whose thread now waits: the threads not yet started need another one.
+    // (Runners are bounded by the threads + 1: at most one unstarted runner exists.)
+    if (f->wait != Wait::kDone && l->next_thread < n && l->fresh == 0) spawn();
   }
   l->cur = nullptr;
   if (l->done != n) {
@@ -258,11 +282,12 @@ uint64_t* warp_arrive(unsigned mask, uint64_t v) {
     ++w.gen;
     const int base = f->linear / 32 * 32;
     for (int i = 0; i < 32; ++i) {
-      if (!((named >> i) & 1u)) continue;
-      Fiber& o = l->fibers[base + i];
-      if (o.wait == Wait::kWarp) {
+      if (!((named >> i) & 1u) || base + i >= l->next_thread) continue;  // not started yet
+      const int k = l->runner_of[base + i];
+      Fiber& o = l->fibers[k];
+      if (o.wait == Wait::kWarp && o.linear == base + i) {
         o.wait = Wait::kRunning;
-        l->push_ready(o.linear);
+        l->push_ready(k);
       }
     }
   } else {
@@ -315,13 +340,7 @@ int lane_id() { return g_launch->cur->linear % 32; }
 void syncthreads() {
   Launch* l = g_launch;
   if (l->at_block + 1 + l->done == l->nthreads) {  // the last thread: release the others
-    for (Fiber& f : l->fibers) {
-      if (f.wait == Wait::kBlock) {
-        f.wait = Wait::kRunning;
-        l->push_ready(f.linear);
-      }
-    }
-    l->at_block = 0;
+    release_block(l);
     return;
   }
   ++l->at_block;
@@ -368,8 +387,9 @@ void run_kernel(dim3 grid, dim3 block, cudaStream_t, const char* name,
   l.name = name;
   l.body = &body;
   l.nthreads = static_cast<int>(threads);
-  l.fibers.resize(l.nthreads);
-  l.ready.resize(l.nthreads);
+  l.fibers.resize(l.nthreads + 1);
+  l.runner_of.resize(l.nthreads);
+  l.ready.resize(l.nthreads + 1);
   l.warps.resize((l.nthreads + 31) / 32);
   for (size_t w = 0; w < l.warps.size(); ++w) {
     const int lanes = std::min(32, l.nthreads - static_cast<int>(w) * 32);
