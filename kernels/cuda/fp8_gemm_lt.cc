@@ -349,6 +349,8 @@ Result RawLtFp8Gemm::init(cublasLtHandle_t lt, void* workspace, size_t workspace
                           const Fp8Operand& a, const Fp8Operand& b, int64_t M, int64_t N, int64_t K,
                           float* out_f32, uint16_t* out_bf16) {
   FP8PIPE_REQUIRE(op_ == nullptr, "RawLtFp8Gemm: init() called twice");
+  // The same named preconditions as LtGemm (else a violation reads "no algorithm").
+  FP8PIPE_GPU_TRY(check_fp8_gemm_args(a, b, M, N, K, out_f32, out_bf16));
   lt_ = lt;
   ws_ = workspace;
   ws_bytes_ = workspace_bytes;

@@ -391,6 +391,11 @@ TEST(CudaGemmLt, ConstraintViolationsNameTheRule) {
                 .find("BLK128x128 x BLK128x128"),
             std::string::npos);
   EXPECT_FALSE(check_fp8_gemm_args(vec, blk, 128, 128, 128, out, outb).ok);
+  // The raw path names the rule as well (its init checks before any cuBLASLt call).
+  RawLtFp8Gemm raw;
+  EXPECT_NE(msg(raw.init(nullptr, nullptr, 0, vec, blk, 128, 128, 136, out, nullptr))
+                .find("multiple of 16"),
+            std::string::npos);
 }
 
 }  // namespace
