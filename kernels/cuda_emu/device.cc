@@ -7,6 +7,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -313,14 +316,21 @@ void on_fault(int sig) {
   std::raise(sig);
 }
 
+// The fault may happen on a fiber stack: every thread that runs blocks handles it on a stack of
+// its own.
+void use_alt_stack() {
+  thread_local std::vector<char> alt(64 << 10);
+  thread_local bool set = false;
+  if (set) return;
+  stack_t ss{};
+  ss.ss_sp = alt.data();
+  ss.ss_size = alt.size();
+  sigaltstack(&ss, nullptr);
+  set = true;
+}
+
 struct FaultHandler {
   FaultHandler() {
-    // The fault may happen on a fiber stack: run the handler on its own stack.
-    static char alt[64 << 10];
-    stack_t ss{};
-    ss.ss_sp = alt;
-    ss.ss_size = sizeof alt;
-    sigaltstack(&ss, nullptr);
     struct sigaction sa {};
     sa.sa_handler = on_fault;
     sa.sa_flags = SA_ONSTACK;
@@ -328,6 +338,121 @@ struct FaultHandler {
     sigaction(SIGBUS, &sa, nullptr);
   }
 };
+
+// The blocks of one launch; run_blocks_from runs blocks taken from `next` until none is left (the
+// calling thread and the pool's workers share the counter).
+struct BlockRange {
+  dim3 grid, block;
+  const char* name;
+  const std::function<void()>* body;
+  uint64_t blocks;
+
+  void run_blocks_from(std::atomic<uint64_t>& next) const {
+    use_alt_stack();
+    Launch l;
+    l.grid = grid;
+    l.block = block;
+    l.name = name;
+    l.body = body;
+    l.nthreads = static_cast<int>(uint64_t{block.x} * block.y * block.z);
+    l.fibers.resize(l.nthreads + 1);
+    l.runner_of.resize(l.nthreads);
+    l.ready.resize(l.nthreads + 1);
+    l.warps.resize((l.nthreads + 31) / 32);
+    for (size_t w = 0; w < l.warps.size(); ++w) {
+      const int lanes = std::min(32, l.nthreads - static_cast<int>(w) * 32);
+      l.warps[w].lanes = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
+    }
+    g_launch = &l;
+    for (uint64_t b; !l.failed && (b = next.fetch_add(1)) < blocks;) {
+      l.block_idx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                     static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+      run_block(&l);
+    }
+    g_launch = nullptr;
+    if (l.failed) {
+      next.store(blocks);  // the other threads stop too
+      note_launch_error(cudaErrorLaunchFailure);
+    }
+  }
+};
+
+// Worker threads that run a launch's blocks next to the launching thread
+// (FP8PIPE_EMU_THREADS, default: the hardware threads, at most 8). Blocks are independent on a
+// GPU too; __shared__ storage is per OS thread, so each block still has its own. A launch from a
+// second host thread while the pool is busy runs on that thread alone.
+class Pool {
+ public:
+  Pool() {
+    const char* env = std::getenv("FP8PIPE_EMU_THREADS");
+    unsigned n = env ? static_cast<unsigned>(std::atoi(env))
+                     : std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
+    for (unsigned i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  std::atomic<uint64_t>& counter_for_inline() {
+    thread_local std::atomic<uint64_t> c;
+    c.store(0);
+    return c;
+  }
+  // Runs every block of `r` on this thread and the workers; false if the pool is in use.
+  bool try_run(const BlockRange& r) {
+    if (workers_.empty()) return false;
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &r;
+      next_.store(0);
+      active_ = static_cast<int>(workers_.size());
+      ++gen_;
+    }
+    cv_.notify_all();
+    r.run_blocks_from(next_);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return active_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const BlockRange* job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || gen_ != seen; });
+        if (stop_) return;
+        seen = gen_;
+        job = job_;
+      }
+      job->run_blocks_from(next_);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_, done_cv_;
+  const BlockRange* job_ = nullptr;
+  std::atomic<uint64_t> next_{0};
+  uint64_t gen_ = 0;
+  int active_ = 0;
+  bool stop_ = false;
+};
+Pool& pool() {
+  static Pool p;  // started at the first launch
+  return p;
+}
 
 }  // namespace
 
@@ -381,31 +506,9 @@ void run_kernel(dim3 grid, dim3 block, cudaStream_t, const char* name,
     std::abort();
   }
   g_stats.add(name, blocks, threads);
-  Launch l;
-  l.grid = grid;
-  l.block = block;
-  l.name = name;
-  l.body = &body;
-  l.nthreads = static_cast<int>(threads);
-  l.fibers.resize(l.nthreads + 1);
-  l.runner_of.resize(l.nthreads);
-  l.ready.resize(l.nthreads + 1);
-  l.warps.resize((l.nthreads + 31) / 32);
-  for (size_t w = 0; w < l.warps.size(); ++w) {
-    const int lanes = std::min(32, l.nthreads - static_cast<int>(w) * 32);
-    l.warps[w].lanes = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
-  }
-  g_launch = &l;
-  for (unsigned z = 0; z < grid.z && !l.failed; ++z) {
-    for (unsigned y = 0; y < grid.y && !l.failed; ++y) {
-      for (unsigned x = 0; x < grid.x && !l.failed; ++x) {
-        l.block_idx = {x, y, z};
-        run_block(&l);
-      }
-    }
-  }
-  g_launch = nullptr;
-  if (l.failed) note_launch_error(cudaErrorLaunchFailure);
+  const BlockRange all{grid, block, name, &body, blocks};
+  if (blocks > 1 && pool().try_run(all)) return;
+  all.run_blocks_from(pool().counter_for_inline());
 }
 
 }  // namespace fp8pipe::cuda_emu

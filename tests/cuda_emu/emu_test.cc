@@ -44,6 +44,10 @@ __global__ void k_missing_lane(float* out) {
 }
 
 __global__ void k_write_at(float* p, int i) { p[i] = 1.0f; }
+__global__ void k_count(unsigned long long* total, unsigned* hi) {
+  atomicAdd(total, 1ull);
+  atomicMax(hi, blockIdx.x * blockDim.x + threadIdx.x);
+}
 __global__ void k_copy(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
 
 struct Dev {
@@ -93,6 +97,27 @@ TEST(CudaEmu, WarpShuffleAndReduce) {
     EXPECT_EQ(maxes[w], em) << w;
   }
   cudaFree(m);
+}
+
+// Blocks run on several OS threads at once: atomics must be atomic across them.
+TEST(CudaEmu, AtomicsAcrossBlocks) {
+  unsigned long long* total = nullptr;
+  unsigned* hi = nullptr;
+  ASSERT_EQ(cudaMalloc(&total, sizeof *total), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&hi, sizeof *hi), cudaSuccess);
+  ASSERT_EQ(cudaMemset(total, 0, sizeof *total), cudaSuccess);
+  ASSERT_EQ(cudaMemset(hi, 0, sizeof *hi), cudaSuccess);
+  const int blocks = 2000, threads = 128;
+  FP8PIPE_KERNEL(blocks, threads, nullptr, k_count)(total, hi);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  unsigned long long t = 0;
+  unsigned h = 0;
+  ASSERT_EQ(cudaMemcpy(&t, total, sizeof t, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(&h, hi, sizeof h, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(t, 1ull * blocks * threads);
+  EXPECT_EQ(h, static_cast<unsigned>(blocks * threads - 1));
+  cudaFree(total);
+  cudaFree(hi);
 }
 
 TEST(CudaEmu, FreshMemoryReadsAsNaN) {

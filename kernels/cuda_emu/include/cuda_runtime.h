@@ -1,9 +1,11 @@
 // fp8pipe CUDA emulation: the device side of CUDA C++ as plain C++ (see cuda_runtime_api.h).
 // Kernels are ordinary functions; threadIdx & co. read the state of the fiber that runs the
-// current thread. __shared__ variables are thread_local statics: a block runs on one OS thread and
-// blocks run one after another, so every thread of a block sees the same storage.
+// current thread. __shared__ variables are thread_local statics: a block runs on one OS thread
+// (its threads are fibers there) and each OS thread runs one block at a time, so every thread of a
+// block sees the same storage.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -112,37 +114,35 @@ inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c);
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 
-// Atomics: the threads of a launch run one at a time on one OS thread, so a plain
-// read-modify-write is atomic; each returns the old value as CUDA's do.
+// Atomics (blocks run on several OS threads): std::atomic_ref, returning the old value as CUDA's.
 template <class T>
 inline T atomicAdd(T* p, T v) {
-  const T old = *p;
-  *p = old + v;
-  return old;
+  return std::atomic_ref<T>(*p).fetch_add(v);
 }
 template <class T>
 inline T atomicMin(T* p, T v) {
-  const T old = *p;
-  if (v < old) *p = v;
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
   return old;
 }
 template <class T>
 inline T atomicMax(T* p, T v) {
-  const T old = *p;
-  if (v > old) *p = v;
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v > old && !a.compare_exchange_weak(old, v)) {
+  }
   return old;
 }
 template <class T>
 inline T atomicExch(T* p, T v) {
-  const T old = *p;
-  *p = v;
-  return old;
+  return std::atomic_ref<T>(*p).exchange(v);
 }
 template <class T>
 inline T atomicCAS(T* p, T cmp, T v) {
-  const T old = *p;
-  if (old == cmp) *p = v;
-  return old;
+  std::atomic_ref<T>(*p).compare_exchange_strong(cmp, v);
+  return cmp;
 }
 
 // Per-halfword unsigned max.

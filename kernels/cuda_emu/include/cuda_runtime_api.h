@@ -140,8 +140,8 @@ cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
 
 namespace fp8pipe::cuda_emu {
-// Runs `body` once per thread of the grid (blocks one after another; the threads of a block as
-// fibers that switch at __syncthreads and warp collectives). A bad configuration is reported
+// Runs `body` once per thread of the grid (blocks spread over a few OS threads; the threads of a
+// block as fibers that switch at __syncthreads and warp collectives). A bad configuration is reported
 // through cudaGetLastError, as a real launch does.
 void run_kernel(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
                 const std::function<void()>& body);
