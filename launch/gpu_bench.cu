@@ -31,6 +31,7 @@ struct Options {
   int warmup = 3;
   bool flush_l2 = false;
   bool quick = false;
+  bool smoke = false;  // one small shape of each kind: the code paths, not the speed
 };
 
 int g_failures = 0;
@@ -267,8 +268,8 @@ struct QuantRow {
   double gbps = 0, pct = 0, median_ms = 0;
 };
 
-double copy_gbps(Timer& timer) {
-  const size_t bytes = size_t{1} << 30;
+double copy_gbps(Timer& timer, bool smoke) {
+  const size_t bytes = smoke ? size_t{1} << 20 : size_t{1} << 30;
   Dev<uint8_t> src(bytes), dst(bytes);
   BENCH_CHECK_CUDA(cudaMemset(src.p, 1, bytes));
   Timing t;
@@ -347,9 +348,9 @@ int run(const Options& o) {
   if (!ok(lt.init(), "LtGemm::init")) return 1;
 
   // Quantize vs copy.
-  const double copy = copy_gbps(timer);
+  const double copy = copy_gbps(timer, o.smoke);
   std::vector<QuantRow> qrows;
-  const int64_t R = 16384, C = 7168;
+  const int64_t R = o.smoke ? 256 : 16384, C = o.smoke ? 384 : 7168;
   qrows.push_back(bench_quant("1x128 bf16", R, C, Granularity::k1x128, true, false, copy, timer));
   qrows.push_back(bench_quant("1x128 fp32", R, C, Granularity::k1x128, false, false, copy, timer));
   qrows.push_back(bench_quant("128x1^T bf16", R, C, Granularity::k128x1, true, true, copy, timer));
@@ -358,15 +359,15 @@ int run(const Options& o) {
       bench_quant("128x128 fp32", R, C, Granularity::k128x128, false, false, copy, timer));
   qrows.push_back(
       bench_quant("tensor bf16", R, C, Granularity::kPerTensor, true, false, copy, timer));
-  if (!o.quick)
+  if (!o.quick && !o.smoke)
     qrows.push_back(
         bench_quant("1x128 bf16 (4096)", 4096, C, Granularity::k1x128, true, false, copy, timer));
 
   // GEMMs.
   std::vector<GemmRow> grows;
   for (const GemmShape& s : kGemmShapes) {
-    grows.push_back(bench_gemm(s, timer, lt));
-    if (o.quick) break;
+    grows.push_back(bench_gemm(o.smoke ? GemmShape{256, 384, 512} : s, timer, lt));
+    if (o.quick || o.smoke) break;
   }
 
   std::printf(
@@ -414,9 +415,12 @@ int run_gpu_bench(int argc, char** argv) {
       o.flush_l2 = true;
     } else if (a == "--quick") {
       o.quick = true;
+    } else if (a == "--smoke") {
+      o.smoke = true;
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick]\n",
+                   "usage: %s [--json FILE] [--reps N] [--warmup N] [--flush-l2] [--quick] "
+                   "[--smoke]\n",
                    argv[0]);
       return 2;
     }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: set up, build, run every CPU test (CUDA tests are labelled "cuda"
 # and run on a GPU machine through launch/device_check.sh), then the CUDA backend on the CPU
-# emulation of CUDA (kernels/cuda_emu; EMU=0 skips it): its CUDA tests and a short GPU-vs-CPU
-# training run, both through launch/device_check.sh's own steps.
+# emulation of CUDA (kernels/cuda_emu; EMU=0 skips it): its CUDA tests, gpu_bench and short
+# GPU-vs-CPU training runs, all through launch/device_check.sh's own steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -14,12 +14,14 @@ if [[ ${EMU:-1} != 0 ]]; then
   emu=${EMU_BUILD_DIR:-build-emu}
   cmake -S . -B "$emu" -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-RelWithDebInfo} \
     -DFP8PIPE_CUDA=EMULATE >/dev/null
-  cmake --build "$emu" -j "${JOBS:-$(nproc)}" --target cuda_tests cuda_emu_tests fp8pipe
+  cmake --build "$emu" -j "${JOBS:-$(nproc)}" --target cuda_tests cuda_emu_tests fp8pipe gpu_bench
   ctest --test-dir "$emu" --output-on-failure -R cuda_emu_tests
   mkdir -p "$emu/bin"
-  ln -sf "$PWD/$emu/tests/cuda_tests" "$PWD/$emu/launch/fp8pipe" "$emu/bin/"
-  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 and on 2 ranks, next to the CPU.
+  ln -sf "$PWD/$emu/tests/cuda_tests" "$PWD/$emu/launch/fp8pipe" "$PWD/$emu/launch/gpu_bench" \
+    "$emu/bin/"
+  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 and on 2 ranks, next to the CPU;
+  # gpu_bench on one small shape of each kind (--smoke: its code paths, not speed).
   BIN_DIR=$emu/bin OUT=$emu/device_logs TINY_STEPS=${EMU_TINY_STEPS:-2} \
-    TWO_RANK_STEPS=${EMU_TWO_RANK_STEPS:-2} SKIP="env gpu_bench small_fp8_vs_bf16 small_op_profile moe_host" \
-    bash launch/device_check.sh
+    TWO_RANK_STEPS=${EMU_TWO_RANK_STEPS:-2} SKIP="env small_fp8_vs_bf16 small_op_profile moe_host" \
+    bash launch/device_check.sh --smoke --reps 2 --warmup 1
 fi
