@@ -577,7 +577,10 @@ cublasStatus_t gemm_ex(const char* api, cublasHandle_t h, cublasOperation_t ta,
                     *static_cast<const float*>(alpha),
                     *static_cast<const float*>(beta),
                     accum};
-  if (float_gemm_on_device(g, api)) run_float_gemm(g);
+  // Runs with the handle's stream (FloatGemm holds values and device pointers only).
+  fp8pipe::cuda_emu::submit(h->stream, [g, api] {
+    if (float_gemm_on_device(g, api)) run_float_gemm(g);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -663,7 +666,7 @@ cublasStatus_t cublasGetVersion(cublasHandle_t handle, int* version) {
 
 cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
   if (!live<cublasContext>().has(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-  handle->stream = stream;  // work runs synchronously at the call anyway
+  handle->stream = stream;  // each call runs after this stream's earlier work
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -717,7 +720,9 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
                     *alpha,
                     *beta,
                     Accum::kFma};
-  if (float_gemm_on_device(g, "cublasSgemm")) run_float_gemm(g);
+  fp8pipe::cuda_emu::submit(handle->stream, [g] {
+    if (float_gemm_on_device(g, "cublasSgemm")) run_float_gemm(g);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1317,7 +1322,10 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t comp
                               const void* C, cublasLtMatrixLayout_t Cdesc, void* D,
                               cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t* algo,
                               void* workspace, size_t workspaceSizeInBytes, cudaStream_t stream) {
-  (void)stream;  // synchronous
+  // Runs at the call, after the stream's earlier work (later work on other streams that does not
+  // wait for this one may therefore see its result early: this hides no ordering bug of the
+  // inputs, only of the outputs' consumers).
+  fp8pipe::cuda_emu::flush_stream(stream);
   if (!live<cublasLtContext>().has(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
   LtProblem p;

@@ -486,8 +486,8 @@ unsigned warp_reduce_max(unsigned mask, unsigned v) {
   return m;
 }
 
-void run_kernel(dim3 grid, dim3 block, cudaStream_t, const char* name,
-                const std::function<void()>& body) {
+void run_kernel(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
+                std::function<void()> body) {
   static FaultHandler handler;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
@@ -506,9 +506,12 @@ void run_kernel(dim3 grid, dim3 block, cudaStream_t, const char* name,
     std::abort();
   }
   g_stats.add(name, blocks, threads);
-  const BlockRange all{grid, block, name, &body, blocks};
-  if (blocks > 1 && pool().try_run(all)) return;
-  all.run_blocks_from(pool().counter_for_inline());
+  // The configuration is checked at the launch; the blocks run with the stream's work.
+  submit(stream, [grid, block, name, blocks, body = std::move(body)] {
+    const BlockRange all{grid, block, name, &body, blocks};
+    if (blocks > 1 && pool().try_run(all)) return;
+    all.run_blocks_from(pool().counter_for_inline());
+  });
 }
 
 }  // namespace fp8pipe::cuda_emu

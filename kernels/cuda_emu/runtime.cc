@@ -7,10 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "cuda_runtime_api.h"
 
@@ -35,6 +39,7 @@ struct State {
   std::mutex mu;
   std::map<uintptr_t, Alloc> device;  // by start address
   std::set<void*> pinned;
+  std::map<void*, size_t> pinned_bytes;
   cudaError_t last = cudaSuccess;  // reported by the next cudaGetLastError / sync
   int device_index = 0;
 };
@@ -180,6 +185,100 @@ void note_launch_error(cudaError_t e) {
   set_error(e);
 }
 
+// ---- Streams: work runs when the host must see it, not when it is enqueued ----------------------
+// Each stream keeps its pending work in order. It runs when the host synchronizes with it (stream,
+// event or device synchronize, a blocking copy, a copy into pageable memory), when work on
+// another stream that waits for one of its events runs, or when a stream holds more than
+// kMaxPending items (a GPU may run ahead at any time). So a consumer that forgets to wait for its
+// producer's stream reads memory that is not written yet (fresh allocations read as NaN), and a
+// host buffer handed to an asynchronous copy is read when the copy runs, not at the call.
+// The legacy default stream (nullptr) runs everything pending, then its own work, at the call.
+// FP8PIPE_EMU_LAZY=0 runs all work at enqueue time instead.
+namespace {
+constexpr size_t kMaxPending = 4096;
+struct Pending {
+  uint64_t seq;
+  std::function<void()> work;
+};
+struct Queues {
+  std::recursive_mutex mu;
+  std::map<cudaStream_t, std::deque<Pending>> q;  // node-based: references survive inserts
+  uint64_t next_seq = 1;
+};
+Queues& queues() {
+  static Queues* q = new Queues;
+  return *q;
+}
+bool lazy() {
+  static const bool on = [] {
+    const char* e = std::getenv("FP8PIPE_EMU_LAZY");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return on;
+}
+}  // namespace
+
+void flush_until(cudaStream_t s, uint64_t seq) {
+  Queues& Q = queues();
+  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  auto it = Q.q.find(s);
+  if (it == Q.q.end()) return;
+  std::deque<Pending>& d = it->second;
+  while (!d.empty() && d.front().seq <= seq) {
+    Pending p = std::move(d.front());
+    d.pop_front();
+    p.work();
+  }
+}
+
+void flush_stream(cudaStream_t s) {
+  if (s == nullptr) {
+    flush_all();
+  } else {
+    flush_until(s, UINT64_MAX);
+  }
+}
+
+void flush_all() {
+  Queues& Q = queues();
+  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  for (auto& [s, d] : Q.q) flush_until(s, UINT64_MAX);
+}
+
+uint64_t submit(cudaStream_t s, std::function<void()> work) {
+  if (!lazy()) {
+    work();
+    return 0;
+  }
+  Queues& Q = queues();
+  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  if (s == nullptr) {
+    flush_all();
+    work();
+    return 0;
+  }
+  std::deque<Pending>& d = Q.q[s];
+  const uint64_t seq = Q.next_seq++;
+  d.push_back({seq, std::move(work)});
+  if (d.size() > kMaxPending) flush_until(s, d[d.size() / 2].seq);
+  return seq;
+}
+
+void forget_stream(cudaStream_t s) {
+  Queues& Q = queues();
+  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  flush_until(s, UINT64_MAX);
+  Q.q.erase(s);
+}
+
+bool is_pinned(const void* p) {
+  std::lock_guard<std::mutex> lk(st().mu);
+  auto it = st().pinned.upper_bound(const_cast<void*>(p));
+  if (it == st().pinned.begin()) return false;
+  --it;
+  return static_cast<const char*>(p) < static_cast<const char*>(*it) + st().pinned_bytes[*it];
+}
+
 }  // namespace fp8pipe::cuda_emu
 
 using namespace fp8pipe::cuda_emu;
@@ -187,9 +286,17 @@ using namespace fp8pipe::cuda_emu;
 struct EmuStream {
   unsigned flags = 0;
 };
-struct EmuEvent {
+// An event's last record: the stream and place of its marker (0: nothing pending), shared with the
+// marker's work so that destroying the event before it runs is harmless.
+struct EventState {
   bool recorded = false;
   std::chrono::steady_clock::time_point when{};
+  cudaStream_t stream = nullptr;
+  uint64_t seq = 0;
+  uint64_t gen = 0;  // records so far
+};
+struct EmuEvent {
+  std::shared_ptr<EventState> st = std::make_shared<EventState>();
 };
 struct EmuMemPool {
   uint64_t release_threshold = 0;
@@ -279,7 +386,10 @@ cudaError_t cudaDriverGetVersion(int* v) {
   *v = 13000;
   return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return check_all_canaries(); }
+cudaError_t cudaDeviceSynchronize() {
+  flush_all();
+  return check_all_canaries();
+}
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int d) {
   static EmuMemPool p;
   if (d != 0) return cudaErrorInvalidDevice;
@@ -309,13 +419,25 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
 
 cudaError_t cudaMalloc(void** p, size_t bytes) { return device_alloc(p, bytes); }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return device_alloc(p, bytes); }
-cudaError_t cudaFree(void* p) { return device_free(p); }
-cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return device_free(p); }
+cudaError_t cudaFree(void* p) {
+  flush_all();  // cudaFree synchronizes the device
+  return device_free(p);
+}
+cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
+  if (p != nullptr && where(p, 1) != 1) {
+    std::fprintf(stderr, "cuda_emu: cudaFreeAsync of %p, which is not a live device allocation\n",
+                 p);
+    return cudaErrorInvalidValue;
+  }
+  submit(s, [p] { device_free(p); });  // the memory stays usable by the stream's earlier work
+  return cudaSuccess;
+}
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
   *p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);
   if (*p == nullptr) return cudaErrorMemoryAllocation;
   std::lock_guard<std::mutex> lk(st().mu);
   st().pinned.insert(*p);
+  st().pinned_bytes[*p] = bytes;
   return cudaSuccess;
 }
 cudaError_t cudaFreeHost(void* p) {
@@ -323,6 +445,7 @@ cudaError_t cudaFreeHost(void* p) {
   {
     std::lock_guard<std::mutex> lk(st().mu);
     if (st().pinned.erase(p) == 0) return cudaErrorInvalidValue;
+    st().pinned_bytes.erase(p);
   }
   std::free(p);
   return cudaSuccess;
@@ -331,24 +454,41 @@ cudaError_t cudaFreeHost(void* p) {
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   const cudaError_t e = check_copy(dst, src, bytes, kind, "cudaMemcpy");
   if (e != cudaSuccess) return e;
+  flush_all();  // a blocking copy on the legacy stream: after all earlier work
   if (bytes) std::memmove(dst, src, bytes);
-  return check_all_canaries();  // a blocking copy synchronizes
+  return check_all_canaries();
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
+                            cudaStream_t s) {
   const cudaError_t e = check_copy(dst, src, bytes, kind, "cudaMemcpyAsync");
-  if (e != cudaSuccess) return e;
-  if (bytes) std::memmove(dst, src, bytes);
+  if (e != cudaSuccess || bytes == 0) return e;
+  const bool dst_host = where(dst, bytes) == 0, src_host = where(src, bytes) == 0;
+  if (src_host && !is_pinned(src)) {
+    // From pageable memory CUDA stages the source before returning: the caller may reuse it.
+    auto copy = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                    static_cast<const char*>(src) + bytes);
+    submit(s, [dst, copy] { std::memcpy(dst, copy->data(), copy->size()); });
+  } else if (dst_host && !is_pinned(dst)) {
+    // Into pageable memory the copy is synchronous for the host.
+    flush_stream(s);
+    std::memmove(dst, src, bytes);
+  } else {
+    submit(s, [dst, src, bytes] { std::memmove(dst, src, bytes); });
+  }
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   if (bytes == 0) return cudaSuccess;
   if (!is_device_range(p, bytes)) return cudaErrorInvalidValue;
+  flush_all();
   std::memset(p, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  return cudaMemset(p, value, bytes);
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
+  if (bytes == 0) return cudaSuccess;
+  if (!is_device_range(p, bytes)) return cudaErrorInvalidValue;
+  submit(s, [p, value, bytes] { std::memset(p, value, bytes); });
+  return cudaSuccess;
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, 0); }
@@ -358,12 +498,22 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   if (s == nullptr) return cudaErrorInvalidResourceHandle;
+  forget_stream(s);  // its pending work still runs, as on a GPU
   delete s;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return check_all_canaries(); }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t e, unsigned) {
-  return e == nullptr ? cudaErrorInvalidResourceHandle : cudaSuccess;
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  flush_stream(s);
+  return check_all_canaries();
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
+  if (e == nullptr) return cudaErrorInvalidResourceHandle;
+  // Waits for the event's record as of now: when s's work reaches this point, the recording
+  // stream's work up to the marker runs first.
+  const cudaStream_t other = e->st->stream;
+  const uint64_t seq = e->st->seq;
+  if (seq != 0) submit(s, [other, seq] { flush_until(other, seq); });
+  return cudaSuccess;
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, 0); }
@@ -376,22 +526,39 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
-  e->recorded = true;
-  e->when = std::chrono::steady_clock::now();
+  auto state = e->st;
+  const uint64_t gen = ++state->gen;  // a marker of an earlier record no longer completes it
+  state->recorded = false;
+  state->stream = s;
+  const uint64_t seq = submit(s, [state, gen] {
+    if (state->gen != gen) return;
+    state->recorded = true;
+    state->when = std::chrono::steady_clock::now();
+  });
+  state->seq = state->recorded ? 0 : seq;
   return cudaSuccess;
 }
+namespace {
+// Runs the recording stream up to the event's marker.
+void reach(const EventState& st) {
+  if (st.seq != 0 && !st.recorded) flush_until(st.stream, st.seq);
+}
+}  // namespace
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
+  reach(*e->st);
   return check_all_canaries();
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
-  return cudaSuccess;  // all work is done at enqueue time
+  reach(*e->st);  // a query lets the device make progress: here, up to the event
+  return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
-  if (a == nullptr || b == nullptr || !a->recorded || !b->recorded) return cudaErrorInvalidValue;
-  *ms = std::chrono::duration<float, std::milli>(b->when - a->when).count();
+  if (a == nullptr || b == nullptr) return cudaErrorInvalidValue;
+  if (!a->st->recorded || !b->st->recorded) return cudaErrorNotReady;
+  *ms = std::chrono::duration<float, std::milli>(b->st->when - a->st->when).count();
   return cudaSuccess;
 }

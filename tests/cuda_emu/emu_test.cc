@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <numeric>
 #include <vector>
 
@@ -118,6 +120,52 @@ TEST(CudaEmu, AtomicsAcrossBlocks) {
   EXPECT_EQ(h, static_cast<unsigned>(blocks * threads - 1));
   cudaFree(total);
   cudaFree(hi);
+}
+
+// Work runs when the host needs it: a reader on another stream that does not wait for the
+// writer's event sees unwritten memory (NaN); with the wait, the values.
+TEST(CudaEmu, StreamsRunLazilyAndEventsOrderThem) {
+  if (const char* e = std::getenv("FP8PIPE_EMU_LAZY"); e && std::string(e) == "0") {
+    GTEST_SKIP() << "FP8PIPE_EMU_LAZY=0: work runs at enqueue time";
+  }
+  cudaStream_t a = nullptr, b = nullptr;
+  cudaEvent_t done = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), cudaSuccess);
+  std::vector<float> h(64, 3.0f), out(64);
+  Dev src(64), mid(64), dst(64);
+  ASSERT_EQ(cudaMemcpy(src.p, h.data(), 64 * 4, cudaMemcpyHostToDevice), cudaSuccess);
+
+  FP8PIPE_KERNEL(1, 64, a, k_copy)(src.p, mid.p);  // writer on a
+  FP8PIPE_KERNEL(1, 64, b, k_copy)(mid.p, dst.p);  // reader on b, no wait: a has not run
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(out.data(), dst.p, 64 * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(std::isnan(out[0]));
+
+  Dev mid2(64), dst2(64);
+  FP8PIPE_KERNEL(1, 64, a, k_copy)(src.p, mid2.p);
+  ASSERT_EQ(cudaEventRecord(done, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, done, 0), cudaSuccess);
+  FP8PIPE_KERNEL(1, 64, b, k_copy)(mid2.p, dst2.p);
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(out.data(), dst2.p, 64 * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(out[0], 3.0f);
+  EXPECT_EQ(out[63], 3.0f);
+
+  // An asynchronous copy from pinned host memory reads it when the copy runs.
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, 64 * 4), cudaSuccess);
+  for (int i = 0; i < 64; ++i) pinned[i] = 1.0f;
+  ASSERT_EQ(cudaMemcpyAsync(mid.p, pinned, 64 * 4, cudaMemcpyHostToDevice, a), cudaSuccess);
+  for (int i = 0; i < 64; ++i) pinned[i] = 2.0f;  // before the copy has run: a bug on a GPU
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(out.data(), mid.p, 64 * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(out[0], 2.0f);
+  cudaFreeHost(pinned);
+  cudaEventDestroy(done);
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
 }
 
 TEST(CudaEmu, FreshMemoryReadsAsNaN) {

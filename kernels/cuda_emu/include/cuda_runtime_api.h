@@ -1,7 +1,7 @@
 // fp8pipe CUDA emulation (FP8PIPE_CUDA=EMULATE): the subset of the CUDA runtime API that fp8pipe
 // uses, run on the CPU so the CUDA backend's host code and kernels can be executed without a GPU.
-// "Device" memory is host memory; every stream runs its work synchronously at enqueue time, so
-// stream/event ordering is always satisfied (races between streams cannot be seen here).
+// "Device" memory is host memory; each stream queues its work until the host needs it (runtime.cc),
+// so a missing stream/event dependency reads memory that is not written yet.
 // What it checks that real CUDA would: launch configurations (zero or oversized grids/blocks),
 // frees of unknown pointers, writes past the end of an allocation (a guard zone checked at every
 // free and synchronize), and reads of never-written memory look like NaN (fresh allocations are
@@ -141,10 +141,18 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end);
 
 namespace fp8pipe::cuda_emu {
 // Runs `body` once per thread of the grid (blocks spread over a few OS threads; the threads of a
-// block as fibers that switch at __syncthreads and warp collectives). A bad configuration is reported
-// through cudaGetLastError, as a real launch does.
+// block as fibers that switch at __syncthreads and warp collectives). A bad configuration is
+// reported through cudaGetLastError, as a real launch does.
 void run_kernel(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
-                const std::function<void()>& body);
+                std::function<void()> body);
+
+// Stream work (runtime.cc): `work` runs in order with the stream's other work, when the host
+// needs it (see there); returns its place, 0 when it already ran.
+uint64_t submit(cudaStream_t s, std::function<void()> work);
+// Runs the stream's pending work (all of it, or up to place `seq`); nullptr: every stream's.
+void flush_stream(cudaStream_t s);
+void flush_until(cudaStream_t s, uint64_t seq);
+void flush_all();
 
 // What FP8PIPE_KERNEL(grid, block, stream, kernel)(args...) becomes under the emulation: the
 // arguments are converted to the kernel's parameter types once, as a launch copies them.
@@ -158,8 +166,9 @@ struct Launcher {
   void operator()(A&&... a) const {
     static_assert(sizeof...(A) == sizeof...(P),
                   "pass every kernel argument: a default argument is lost through the pointer");
+    // The launch owns its argument copies: the kernel may run after the caller returns.
     std::tuple<std::decay_t<P>...> args(std::forward<A>(a)...);
-    run_kernel(grid, block, stream, name, [&] { std::apply(fn, args); });
+    run_kernel(grid, block, stream, name, [f = fn, args] { std::apply(f, args); });
   }
 };
 template <class... P>

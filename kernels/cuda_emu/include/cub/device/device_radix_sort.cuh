@@ -15,12 +15,12 @@ struct DeviceRadixSort {
   static cudaError_t SortPairs(void* temp, size_t& temp_bytes, const K* keys_in, K* keys_out,
                                const V* values_in, V* values_out, N num_items, int begin_bit = 0,
                                int end_bit = sizeof(K) * 8, cudaStream_t stream = nullptr) {
-    (void)stream;
     const size_t n = static_cast<size_t>(num_items);
     if (temp == nullptr) {  // size query: something non-zero, as cub asks for
       temp_bytes = 256 + n * (sizeof(K) + sizeof(V));
       return cudaSuccess;
     }
+    fp8pipe::cuda_emu::flush_stream(stream);  // runs at the call, after the stream's earlier work
     using fp8pipe::cuda_emu::is_device_range;
     if (!is_device_range(temp, temp_bytes) ||
         (n > 0 &&
