@@ -183,8 +183,10 @@ TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
 // stores. A group's view then runs on cuBLASLt, bit for bit the CPU's exact model (the Wgrad of one
 // expert).
 TEST_F(CudaBackendTest, GroupedQuantizeBitIdentical) {
+  // Groups of 0..295 rows: empty, single-row, partial and multi-tile (over two 128-row tiles).
   for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 37, 37, 197, 213, 342},
-                                          std::vector<int64_t>{0, 48, 48, 208, 224, 352}}) {
+                                          std::vector<int64_t>{0, 48, 48, 208, 224, 352},
+                                          std::vector<int64_t>{0, 5, 300, 301, 560}}) {
     for (int64_t K : {256, 262}) {
       const int64_t M = off.back();
       const std::string what = "M " + std::to_string(M) + " K " + std::to_string(K);
