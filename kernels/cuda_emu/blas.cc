@@ -1129,6 +1129,18 @@ cublasStatus_t destroy_desc(T* d, const char* api) {
   return CUBLAS_STATUS_SUCCESS;
 }
 
+// Set/GetAttribute of any descriptor kind: INVALID_VALUE for a pointer that is not live.
+template <class T, class A>
+cublasStatus_t set_attr(T* d, A attr, const void* buf, size_t bytes) {
+  if (!live<T>().has(d)) return CUBLAS_STATUS_INVALID_VALUE;
+  return d->a.set(attr, buf, bytes);
+}
+template <class T, class A>
+cublasStatus_t get_attr(T* d, A attr, void* buf, size_t bytes, size_t* written) {
+  if (!live<T>().has(d)) return CUBLAS_STATUS_INVALID_VALUE;
+  return d->a.get(attr, buf, bytes, written);
+}
+
 }  // namespace
 
 cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* layout, cudaDataType type,
@@ -1153,15 +1165,13 @@ cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
 cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t layout,
                                                 cublasLtMatrixLayoutAttribute_t attr,
                                                 const void* buf, size_t sizeInBytes) {
-  if (!live<EmuLtMatrixLayout>().has(layout)) return CUBLAS_STATUS_INVALID_VALUE;
-  return layout->a.set(attr, buf, sizeInBytes);
+  return set_attr(layout, attr, buf, sizeInBytes);
 }
 
 cublasStatus_t cublasLtMatrixLayoutGetAttribute(cublasLtMatrixLayout_t layout,
                                                 cublasLtMatrixLayoutAttribute_t attr, void* buf,
                                                 size_t sizeInBytes, size_t* sizeWritten) {
-  if (!live<EmuLtMatrixLayout>().has(layout)) return CUBLAS_STATUS_INVALID_VALUE;
-  return layout->a.get(attr, buf, sizeInBytes, sizeWritten);
+  return get_attr(layout, attr, buf, sizeInBytes, sizeWritten);
 }
 
 cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, cublasComputeType_t computeType,
@@ -1189,15 +1199,13 @@ cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
 cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc,
                                               cublasLtMatmulDescAttributes_t attr, const void* buf,
                                               size_t sizeInBytes) {
-  if (!live<EmuLtMatmulDesc>().has(desc)) return CUBLAS_STATUS_INVALID_VALUE;
-  return desc->a.set(attr, buf, sizeInBytes);
+  return set_attr(desc, attr, buf, sizeInBytes);
 }
 
 cublasStatus_t cublasLtMatmulDescGetAttribute(cublasLtMatmulDesc_t desc,
                                               cublasLtMatmulDescAttributes_t attr, void* buf,
                                               size_t sizeInBytes, size_t* sizeWritten) {
-  if (!live<EmuLtMatmulDesc>().has(desc)) return CUBLAS_STATUS_INVALID_VALUE;
-  return desc->a.get(attr, buf, sizeInBytes, sizeWritten);
+  return get_attr(desc, attr, buf, sizeInBytes, sizeWritten);
 }
 
 cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* pref) {
@@ -1221,16 +1229,14 @@ cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) 
 cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref,
                                                     cublasLtMatmulPreferenceAttributes_t attr,
                                                     const void* buf, size_t sizeInBytes) {
-  if (!live<EmuLtMatmulPreference>().has(pref)) return CUBLAS_STATUS_INVALID_VALUE;
-  return pref->a.set(attr, buf, sizeInBytes);
+  return set_attr(pref, attr, buf, sizeInBytes);
 }
 
 cublasStatus_t cublasLtMatmulPreferenceGetAttribute(cublasLtMatmulPreference_t pref,
                                                     cublasLtMatmulPreferenceAttributes_t attr,
                                                     void* buf, size_t sizeInBytes,
                                                     size_t* sizeWritten) {
-  if (!live<EmuLtMatmulPreference>().has(pref)) return CUBLAS_STATUS_INVALID_VALUE;
-  return pref->a.get(attr, buf, sizeInBytes, sizeWritten);
+  return get_attr(pref, attr, buf, sizeInBytes, sizeWritten);
 }
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(

@@ -7,8 +7,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
