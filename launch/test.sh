@@ -17,7 +17,8 @@ if [[ ${EMU:-1} != 0 ]]; then
   cmake --build "$emu" -j "${JOBS:-$(nproc)}" --target cuda_tests cuda_emu_tests fp8pipe gpu_bench
   ctest --test-dir "$emu" --output-on-failure -R cuda_emu_tests
   mkdir -p "$emu/bin"
-  ln -sf "$PWD/$emu/tests/cuda_tests" "$PWD/$emu/launch/fp8pipe" "$PWD/$emu/launch/gpu_bench" \
+  emu_abs=$(cd "$emu" && pwd)
+  ln -sf "$emu_abs/tests/cuda_tests" "$emu_abs/launch/fp8pipe" "$emu_abs/launch/gpu_bench" \
     "$emu/bin/"
   # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 and on 2 ranks, next to the CPU;
   # gpu_bench on one small shape of each kind (--smoke: its code paths, not speed).

@@ -1,6 +1,7 @@
-// fp8pipe CUDA emulation: kernel execution. A launch runs its blocks one after another on the
-// calling thread; the threads of a block are fibers (own stacks, switched by a few instructions
-// of assembly) that run until they finish or reach __syncthreads / a warp collective. Blocks
+// fp8pipe CUDA emulation: kernel execution. A launch's blocks are spread over the calling thread
+// and a small worker pool, each OS thread running one block at a time; the threads of a block
+// run on fibers (own stacks, switched by a few instructions of assembly) until they finish or
+// reach __syncthreads / a warp collective. Blocks
 // resume when every thread of the block (or every lane of the warp) has arrived; anything else
 // (a warp collective missing a lane, a barrier no thread can reach) is a deadlock on a GPU and is
 // reported as a launch failure here.
@@ -384,9 +385,17 @@ struct BlockRange {
 class Pool {
  public:
   Pool() {
-    const char* env = std::getenv("FP8PIPE_EMU_THREADS");
-    unsigned n = env ? static_cast<unsigned>(std::atoi(env))
-                     : std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
+    // FP8PIPE_EMU_THREADS: 1..64; anything else (unset, not a number) is the default.
+    unsigned n = std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
+    if (const char* env = std::getenv("FP8PIPE_EMU_THREADS")) {
+      const long v = std::strtol(env, nullptr, 10);
+      if (v >= 1 && v <= 64) {
+        n = static_cast<unsigned>(v);
+      } else {
+        std::fprintf(stderr, "cuda_emu: FP8PIPE_EMU_THREADS=%s is not in 1..64; using %u\n", env,
+                     n);
+      }
+    }
     for (unsigned i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
   }
   ~Pool() {
