@@ -16,6 +16,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -94,8 +95,10 @@ struct Launch {
   const char* name = "";
   const std::function<void()>* body = nullptr;
   int nthreads = 0;
-  std::vector<Fiber> fibers;   // runners; at most one per thread
-  std::vector<int> runner_of;  // thread -> the runner running it
+  std::vector<Fiber> fibers;      // runners; at most one per thread
+  std::vector<int> runner_of;     // thread -> the runner running it (-1: not started)
+  std::vector<int> thread_order;  // the k-th thread to start (FP8PIPE_EMU_ORDER)
+  uint64_t key = 0;               // this launch's shuffle seed
   int nrunners = 0, next_thread = 0;
   int fresh = 0;  // runners spawned that have not claimed a thread yet (at most one)
   std::vector<Warp> warps;
@@ -118,9 +121,72 @@ struct Launch {
     --ready_count;
     return i;
   }
+  // The most recently readied fiber (reverse order: a warp that leaves a collective runs on at
+  // once, ahead of the others).
+  int pop_newest() {
+    size_t at = ready_head + ready_count - 1;
+    if (at >= ready.size()) at -= ready.size();
+    --ready_count;
+    return ready[at];
+  }
+  // A ready fiber drawn by r (shuffle order).
+  int pop_any(uint64_t r) {
+    size_t at = ready_head + r % ready_count;
+    if (at >= ready.size()) at -= ready.size();
+    std::swap(ready[at], ready[ready_head]);
+    return pop_ready();
+  }
 };
 
 thread_local Launch* g_launch = nullptr;
+
+// FP8PIPE_EMU_ORDER: the order in which a launch's blocks start and a block's threads run between
+// waits. A GPU promises no order, so a kernel that is only right in one (a shared-memory read
+// without the barrier that orders it after the write, a block that relies on another block
+// having run) gives other results under another. forward (default): ascending; reverse:
+// descending; shuffle[:SEED]: a permutation drawn per launch and block from SEED (default 1).
+struct Order {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  uint64_t seed = 1;
+  // Parses forward | reverse | shuffle[:SEED]; false (and no change) for anything else.
+  bool parse(const char* s) {
+    if (std::strcmp(s, "forward") == 0) {
+      kind = kForward;
+    } else if (std::strcmp(s, "reverse") == 0) {
+      kind = kReverse;
+    } else if (std::strncmp(s, "shuffle", 7) == 0 && (s[7] == '\0' || s[7] == ':')) {
+      char* end = nullptr;
+      const uint64_t v = s[7] == ':' ? std::strtoull(s + 8, &end, 10) : 1;
+      if (s[7] == ':' && (end == s + 8 || *end != '\0')) return false;
+      kind = kShuffle;
+      seed = v;
+    } else {
+      return false;
+    }
+    return true;
+  }
+  Order() {
+    const char* env = std::getenv("FP8PIPE_EMU_ORDER");
+    if (env != nullptr && !parse(env)) {
+      std::fprintf(stderr,
+                   "cuda_emu: FP8PIPE_EMU_ORDER=%s is not one of forward, reverse, "
+                   "shuffle[:SEED]; using forward\n",
+                   env);
+    }
+  }
+};
+Order& order() {
+  static Order o;
+  return o;
+}
+
+// splitmix64: the shuffles' random numbers.
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
 
 // FP8PIPE_EMU_STATS=1: launches, blocks and threads run, printed per kernel at exit.
 struct Stats {
@@ -193,7 +259,7 @@ void maybe_release_block(Launch* l) {
   const int runner = static_cast<int>(me - l->fibers.data());
   --l->fresh;
   while (l->next_thread < l->nthreads) {
-    const int i = l->next_thread++;
+    const int i = l->thread_order[l->next_thread++];
     me->linear = i;
     me->tid = {static_cast<unsigned>(i) % l->block.x,
                static_cast<unsigned>(i) / l->block.x % l->block.y,
@@ -255,9 +321,31 @@ void run_block(Launch* l) {
     w.gen = 0;
     w.arrived = 0;
   }
+  std::fill(l->runner_of.begin(), l->runner_of.end(), -1);
+  std::iota(l->thread_order.begin(), l->thread_order.end(), 0);
+  const Order& o = order();
+  uint64_t r = mix(l->key ^ mix(l->block_idx.x + (uint64_t{l->block_idx.y} << 32) +
+                                (uint64_t{l->block_idx.z} << 48)));
+  if (o.kind == Order::kReverse) {
+    std::reverse(l->thread_order.begin(), l->thread_order.end());
+  } else if (o.kind == Order::kShuffle) {
+    for (int i = n - 1; i > 0; --i) {  // Fisher-Yates
+      r = mix(r);
+      std::swap(l->thread_order[i], l->thread_order[r % static_cast<uint64_t>(i + 1)]);
+    }
+  }
   spawn();
   while (l->ready_count > 0) {
-    Fiber* f = &l->fibers[l->pop_ready()];
+    int next;
+    if (o.kind == Order::kReverse) {
+      next = l->pop_newest();
+    } else if (o.kind == Order::kShuffle) {
+      r = mix(r);
+      next = l->pop_any(r);
+    } else {
+      next = l->pop_ready();
+    }
+    Fiber* f = &l->fibers[next];
     l->cur = f;
     fp8pipe_emu_switch(&l->sched_sp, f->sp);
     // A runner whose thread now waits: the threads not yet started need another one.
@@ -286,8 +374,9 @@ uint64_t* warp_arrive(unsigned mask, uint64_t v) {
     ++w.gen;
     const int base = f->linear / 32 * 32;
     for (int i = 0; i < 32; ++i) {
-      if (!((named >> i) & 1u) || base + i >= l->next_thread) continue;  // not started yet
+      if (!((named >> i) & 1u)) continue;
       const int k = l->runner_of[base + i];
+      if (k < 0) continue;  // not started yet
       Fiber& o = l->fibers[k];
       if (o.wait == Wait::kWarp && o.linear == base + i) {
         o.wait = Wait::kRunning;
@@ -347,6 +436,24 @@ struct BlockRange {
   const char* name;
   const std::function<void()>* body;
   uint64_t blocks;
+  uint64_t key;               // the launch's shuffle seed
+  uint64_t mul = 1, add = 0;  // the k-th block to start is (mul * k + add) mod blocks
+
+  BlockRange(dim3 g, dim3 b, const char* n, const std::function<void()>* f, uint64_t nb, uint64_t k)
+      : grid(g), block(b), name(n), body(f), blocks(nb), key(k) {
+    const Order& o = order();
+    if (o.kind == Order::kReverse) {
+      mul = blocks - 1;  // -1 mod blocks
+      add = blocks - 1;
+    } else if (o.kind == Order::kShuffle && blocks > 1) {
+      uint64_t r = mix(key);
+      do {
+        r = mix(r);
+        mul = r % blocks;
+      } while (std::gcd(mul, blocks) != 1);  // a bijection needs mul coprime to blocks
+      add = mix(r) % blocks;
+    }
+  }
 
   void run_blocks_from(std::atomic<uint64_t>& next) const {
     use_alt_stack();
@@ -358,6 +465,8 @@ struct BlockRange {
     l.nthreads = static_cast<int>(uint64_t{block.x} * block.y * block.z);
     l.fibers.resize(l.nthreads + 1);
     l.runner_of.resize(l.nthreads);
+    l.thread_order.resize(l.nthreads);
+    l.key = key;
     l.ready.resize(l.nthreads + 1);
     l.warps.resize((l.nthreads + 31) / 32);
     for (size_t w = 0; w < l.warps.size(); ++w) {
@@ -365,7 +474,9 @@ struct BlockRange {
       l.warps[w].lanes = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1;
     }
     g_launch = &l;
-    for (uint64_t b; !l.failed && (b = next.fetch_add(1)) < blocks;) {
+    for (uint64_t k; !l.failed && (k = next.fetch_add(1)) < blocks;) {
+      const uint64_t b =
+          static_cast<uint64_t>((static_cast<unsigned __int128>(mul) * k + add) % blocks);
       l.block_idx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                      static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
       run_block(&l);
@@ -471,6 +582,8 @@ const uint3& cur_block_dim() { return g_launch->block; }
 const uint3& cur_grid_dim() { return g_launch->grid; }
 int lane_id() { return g_launch->cur->linear % 32; }
 
+bool set_execution_order(const char* spec) { return order().parse(spec); }
+
 void syncthreads() {
   Launch* l = g_launch;
   if (l->at_block + 1 + l->done == l->nthreads) {  // the last thread: release the others
@@ -516,8 +629,10 @@ void run_kernel(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
   }
   g_stats.add(name, blocks, threads);
   // The configuration is checked at the launch; the blocks run with the stream's work.
-  submit(stream, [grid, block, name, blocks, body = std::move(body)] {
-    const BlockRange all{grid, block, name, &body, blocks};
+  static std::atomic<uint64_t> launches{0};
+  const uint64_t key = mix(order().seed ^ mix(launches.fetch_add(1)));
+  submit(stream, [grid, block, name, blocks, key, body = std::move(body)] {
+    const BlockRange all{grid, block, name, &body, blocks, key};
     if (blocks > 1 && pool().try_run(all)) return;
     all.run_blocks_from(pool().counter_for_inline());
   });

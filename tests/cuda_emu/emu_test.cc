@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
@@ -51,6 +52,26 @@ __global__ void k_count(unsigned long long* total, unsigned* hi) {
   atomicMax(hi, blockIdx.x * blockDim.x + threadIdx.x);
 }
 __global__ void k_copy(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
+
+// Each thread publishes its value in shared memory and reads its left neighbour's (within its
+// warp). kSync 0: no barrier between (a race: right only if the neighbour happened to run
+// first); 1: __syncthreads; 2: __syncwarp.
+template <int kSync>
+__global__ void k_left_neighbour(const float* in, float* out) {
+  __shared__ float buf[256];
+  const int t = threadIdx.x;
+  buf[t] = in[blockIdx.x * blockDim.x + t];
+  if (kSync == 1) __syncthreads();
+  if (kSync == 2) __syncwarp();
+  out[blockIdx.x * blockDim.x + t] = buf[t % 32 == 0 ? t : t - 1];
+}
+
+// Block b's thread 0 takes the next slot of `seq` and stores its linear block index there.
+__global__ void k_block_sequence(unsigned* next, unsigned* seq) {
+  if (threadIdx.x != 0) return;
+  const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  seq[atomicAdd(next, 1u)] = b;
+}
 
 struct Dev {
   float* p = nullptr;
@@ -188,6 +209,78 @@ TEST(CudaEmu, ReportsBadLaunchesAndCopies) {
   EXPECT_EQ(cudaMemcpy(a.p, h, 33 * 4, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
   EXPECT_EQ(cudaMemcpy(a.p, h, sizeof h, cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaFree(h), cudaErrorInvalidValue);
+}
+
+// Restores the order the environment asked for when a test that changes it ends.
+struct OrderGuard {
+  ~OrderGuard() {
+    const char* env = std::getenv("FP8PIPE_EMU_ORDER");
+    if (env == nullptr || !fp8pipe::cuda_emu::set_execution_order(env)) {
+      fp8pipe::cuda_emu::set_execution_order("forward");
+    }
+  }
+};
+
+// FP8PIPE_EMU_ORDER: a missing barrier reads what the neighbour has not written yet in reverse
+// and shuffled order (ascending order hides this one); with either barrier every order is right.
+TEST(CudaEmu, ExecutionOrderExposesAMissingBarrier) {
+  OrderGuard guard;
+  const int blocks = 3, threads = 256, n = blocks * threads;
+  Dev in(n), out(n);
+  std::vector<float> h(n), got(n);
+  int salt = 0;
+  // Mismatches of one launch; every launch gets new values, so a stale shared-memory value from an
+  // earlier launch is never right.
+  auto mismatches = [&](auto kernel) {
+    ++salt;
+    for (int i = 0; i < n; ++i) h[i] = static_cast<float>(i + 1000 * salt);
+    EXPECT_EQ(cudaMemcpy(in.p, h.data(), n * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    FP8PIPE_KERNEL(blocks, threads, nullptr, kernel)(in.p, out.p);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(got.data(), out.p, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    int bad = 0;
+    for (int i = 0; i < n; ++i) bad += got[i] != h[i % 32 == 0 ? i : i - 1];
+    return bad;
+  };
+  for (const char* o : {"forward", "reverse", "shuffle", "shuffle:12345"}) {
+    ASSERT_TRUE(fp8pipe::cuda_emu::set_execution_order(o));
+    EXPECT_EQ(mismatches(k_left_neighbour<1>), 0) << o;
+    EXPECT_EQ(mismatches(k_left_neighbour<2>), 0) << o;
+    const int racy = mismatches(k_left_neighbour<0>);
+    if (std::string(o) == "forward") {
+      EXPECT_EQ(racy, 0);
+    } else {
+      EXPECT_GT(racy, 0) << o;
+    }
+  }
+  // In reverse every thread but a warp's first runs before its left neighbour.
+  ASSERT_TRUE(fp8pipe::cuda_emu::set_execution_order("reverse"));
+  EXPECT_EQ(mismatches(k_left_neighbour<0>), n - n / 32);
+  EXPECT_FALSE(fp8pipe::cuda_emu::set_execution_order("sideways"));
+  EXPECT_FALSE(fp8pipe::cuda_emu::set_execution_order("shuffle:x"));
+}
+
+// Every order starts each block exactly once, in 1-D and 3-D grids.
+TEST(CudaEmu, EveryOrderRunsEachBlockOnce) {
+  OrderGuard guard;
+  for (const char* o : {"forward", "reverse", "shuffle:3"}) {
+    ASSERT_TRUE(fp8pipe::cuda_emu::set_execution_order(o));
+    for (const dim3 grid : {dim3(1), dim3(7), dim3(1000), dim3(5, 3, 2), dim3(64, 1, 3)}) {
+      const unsigned nb = grid.x * grid.y * grid.z;
+      unsigned *next = nullptr, *seq = nullptr;
+      ASSERT_EQ(cudaMalloc(&next, sizeof *next), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&seq, nb * sizeof *seq), cudaSuccess);
+      ASSERT_EQ(cudaMemset(next, 0, sizeof *next), cudaSuccess);
+      FP8PIPE_KERNEL(grid, 32, nullptr, k_block_sequence)(next, seq);
+      ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+      std::vector<unsigned> got(nb);
+      ASSERT_EQ(cudaMemcpy(got.data(), seq, nb * sizeof *seq, cudaMemcpyDeviceToHost), cudaSuccess);
+      std::sort(got.begin(), got.end());
+      for (unsigned b = 0; b < nb; ++b) ASSERT_EQ(got[b], b) << o << " grid of " << nb;
+      cudaFree(next);
+      cudaFree(seq);
+    }
+  }
 }
 
 TEST(CudaEmu, WarpCollectiveMissingALaneFails) {

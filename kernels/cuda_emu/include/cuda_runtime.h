@@ -36,6 +36,9 @@ uint64_t warp_exchange(unsigned mask, uint64_t v, int src_lane);
 // Max of v over the lanes of `mask` (all must call it).
 unsigned warp_reduce_max(unsigned mask, unsigned v);
 int lane_id();
+// The order blocks start and a block's threads run in (FP8PIPE_EMU_ORDER's values: forward,
+// reverse, shuffle[:SEED]); false for an unknown one. Call it while no work is queued or running.
+bool set_execution_order(const char* spec);
 }  // namespace fp8pipe::cuda_emu
 
 #define threadIdx (::fp8pipe::cuda_emu::cur_thread_idx())
@@ -45,7 +48,10 @@ int lane_id();
 constexpr int warpSize = 32;
 
 inline void __syncthreads() { ::fp8pipe::cuda_emu::syncthreads(); }
-inline void __syncwarp(unsigned = 0xFFFFFFFFu) {}
+// A barrier of the lanes of `mask` (all must reach it, as on sm_70+).
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
+  (void)::fp8pipe::cuda_emu::warp_exchange(mask, 0, 0);
+}
 
 template <class T>
 inline uint64_t fp8pipe_emu_bits(T v) {
