@@ -76,7 +76,8 @@ struct Mapper {
     }
   }
 
-  // MTP module k as DeepSeek ships it: layer L + k with its own copies of embed, norm and head.
+  // MTP module k as DeepSeek ships it: layer L + k with copies of the shared embed and head and its
+  // own final norm (shared_head.norm).
   void mtp(int k, bool moe) {
     const int64_t d = m.hidden(), V = m.vocab_size();
     const std::string ours = "mtp." + std::to_string(k);
@@ -89,7 +90,7 @@ struct Mapper {
                    {ours + ".eh_proj_e.weight", ours + ".eh_proj_h.weight"},
                    false});
     block(ours + ".block", hf, moe);
-    add(hf + ".shared_head.norm.weight", {d}, "norm.weight");
+    add(hf + ".shared_head.norm.weight", {d}, ours + ".norm.weight");
     add(hf + ".shared_head.head.weight", {V, d}, "head.weight");
   }
 };

@@ -67,6 +67,7 @@ Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart
     const std::string p = "mtp." + std::to_string(k - 1);
     FP8_RETURN_IF_ERROR(t.enorm.init(c, p + ".enorm.weight", m.hidden(), m.norm_eps(), seed));
     FP8_RETURN_IF_ERROR(t.hnorm.init(c, p + ".hnorm.weight", m.hidden(), m.norm_eps(), seed));
+    FP8_RETURN_IF_ERROR(t.norm.init(c, p + ".norm.weight", m.hidden(), m.norm_eps(), seed));
     FP8_RETURN_IF_ERROR(t.eh_e.init(c, p + ".eh_proj_e.weight", m.hidden(), m.hidden(), seed, std));
     FP8_RETURN_IF_ERROR(t.eh_h.init(c, p + ".eh_proj_h.weight", m.hidden(), m.hidden(), seed, std));
     t.block = std::make_unique<Block>();
@@ -141,8 +142,9 @@ Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
     const int64_t len_prev = batch.T - (k - 1);
     FP8_ASSIGN_OR_RETURN(Tensor hk, mtp_forward(c, mb, k, prev, len_prev, batch, hs));
     FP8_ASSIGN_OR_RETURN(hs.targets[k], i32_tensor(c, token_window(batch, k + 1, len_prev - 1)));
+    FP8_ASSIGN_OR_RETURN(Tensor hkn, mtp_[k - 1].norm.forward(c, mb * kSlots + k, hk));
     FP8_RETURN_IF_ERROR(
-        logits_and_loss(c, mb * kSlots + k, hk, hs.targets[k], &hs.logits[k], &ce).status());
+        logits_and_loss(c, mb * kSlots + k, hkn, hs.targets[k], &hs.logits[k], &ce).status());
     lp.mtp.push_back(ce / lp.tokens);
     prev = hk;
   }
@@ -164,7 +166,8 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
     FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, lg.rows(), lg.cols()));
     FP8_RETURN_IF_ERROR(
         c.be->cross_entropy_bwd(lg, hs->targets[k], row_scale * cfg_.mtp_lambda() / D, dl));
-    FP8_ASSIGN_OR_RETURN(Tensor dh, head_.backward_input(c, key, dl));
+    FP8_ASSIGN_OR_RETURN(Tensor dhkn, head_.backward_input(c, key, dl));
+    FP8_ASSIGN_OR_RETURN(Tensor dh, t.norm.backward(c, key, dhkn));
     if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));
     FP8_ASSIGN_OR_RETURN(Tensor dx, t.block->backward_input(c, key, dh));
     FP8_ASSIGN_OR_RETURN(Tensor den, t.eh_e.backward_input(c, key, dx));
@@ -234,7 +237,8 @@ std::vector<Param*> Model::params() {
   ps.push_back(&final_norm_.weight());
   ps.push_back(&head_.weight());
   for (auto& t : mtp_) {
-    for (Param* p : {&t.enorm.weight(), &t.hnorm.weight(), &t.eh_e.weight(), &t.eh_h.weight()})
+    for (Param* p : {&t.enorm.weight(), &t.hnorm.weight(), &t.norm.weight(), &t.eh_e.weight(),
+                     &t.eh_h.weight()})
       ps.push_back(p);
     for (Param* p : t.block->params()) ps.push_back(p);
   }

@@ -5,7 +5,9 @@
 //
 // Tokens: each of the B rows of a micro-batch holds T+1 tokens t_0..t_T; the main model reads
 // t_0..t_{T-1} and predicts t_1..t_T. MTP depth k reads h^{k-1} at positions i = 0..T-1-k with
-// Emb(t_{i+k}) and predicts t_{i+k+1}: h^k = Block_k(W_k [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]).
+// Emb(t_{i+k}) and predicts t_{i+k+1}: h^k = Block_k(W_k [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]),
+// logits Head(norm_k(h^k)) with the module's own final RMSNorm norm_k (DeepSeek-V3's
+// shared_head.norm; the head is shared, the norm is not), and h^k (not normed) feeds depth k+1.
 // Losses: L_main = mean CE over B*T; L_k = sum CE / (B*T) (the report normalises by T);
 // L = L_main + lambda/D * sum_k L_k (+ MoE balance losses).
 #pragma once
@@ -69,8 +71,8 @@ class Model {
 
  private:
   struct Mtp {
-    RMSNorm enorm, hnorm;
-    Linear eh_e, eh_h;  // W_k split over the concatenation: W_k[e; h] = W_e e + W_h h
+    RMSNorm enorm, hnorm, norm;  // norm: before the shared head (HF: shared_head.norm)
+    Linear eh_e, eh_h;           // W_k split over the concatenation: W_k[e; h] = W_e e + W_h h
     std::unique_ptr<Block> block;
   };
   struct HeadSaved {

@@ -265,8 +265,8 @@ std::vector<std::string> required_params(int depth) {
     const std::string p = "mtp." + std::to_string(k);
     for (const char* a :
          {".eh_proj_e.weight", ".eh_proj_h.weight", ".enorm.weight", ".hnorm.weight",
-          ".block.attn.wq_a.weight", ".block.attn.wkv_a.weight", ".block.attn.kv_norm.weight",
-          ".block.ffn.gate.weight", ".block.ffn.experts.0.w1.weight"})
+          ".norm.weight", ".block.attn.wq_a.weight", ".block.attn.wkv_a.weight",
+          ".block.attn.kv_norm.weight", ".block.ffn.gate.weight", ".block.ffn.experts.0.w1.weight"})
       s.push_back(p + a);
   }
   return s;
@@ -444,8 +444,8 @@ TEST(ModelBackwardTest, InterleavedMicrobatchesEqualSequential) {
 // |z|max <= ||rmsnorm(h)|| max_v ||W_head[v]|| <= sqrt(hidden) max|norm.weight| max_v ||W_v||
 // (computed from the parameters); so the main loss moves by |dL| <= 2 eps_fwd |z|max. This is a
 // worst case (all logit errors pushing the loss one way) and is ~300x above what is measured;
-// the gradient bounds are the sharp part of this test. (The MTP depths feed the head an
-// unnormalised h^k, which has no such parameter bound; their losses enter the gradient checks.)
+// the gradient bounds are the sharp part of this test. (The MTP depths' losses enter the
+// gradient checks; their logits have the same kind of bound through each depth's own norm.)
 constexpr double kU8 = 1.0 / 16, kU16 = 1.0 / 256;
 
 struct Compare {

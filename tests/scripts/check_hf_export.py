@@ -107,7 +107,7 @@ def ours_for(c, name, ours):
     if i >= L:
         m = f"mtp.{i - L}"
         mtp = {"embed_tokens.weight": "embed.weight", "enorm.weight": f"{m}.enorm.weight",
-               "hnorm.weight": f"{m}.hnorm.weight", "shared_head.norm.weight": "norm.weight",
+               "hnorm.weight": f"{m}.hnorm.weight", "shared_head.norm.weight": f"{m}.norm.weight",
                "shared_head.head.weight": "head.weight"}
         if rest in mtp:
             return ours[mtp[rest]]
