@@ -170,7 +170,7 @@ struct DeviceCtx {
   std::mutex mu;                       // guards the maps below
   std::map<cudaStream_t, std::unique_ptr<g::LtGemm>> lt;
   std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
-  std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged;
+  std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged, padded_logged;
   StagingRing staging;  // host -> device uploads without a stream synchronization
 
   ~DeviceCtx() {
@@ -294,6 +294,8 @@ Status on_gpu(const char* op, std::initializer_list<const Tensor*> ts) {
   }
   return Status::Ok();
 }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 k::Fp8Operand operand(const Tensor& t) {
   return k::Fp8Operand{t.data_as<uint8_t>(), t.scale()->data_as<float>(), t.granularity(),
@@ -530,7 +532,7 @@ class CudaBackend final : public Backend {
     float* of = out.dtype() == DType::kF32 ? out.data_as<float>() : nullptr;
     uint16_t* ob16 = out.dtype() == DType::kBF16 ? out.data_as<uint16_t>() : nullptr;
     const g::Result args = g::check_fp8_gemm_args(oa, ob, M, N, K, of, ob16);
-    if (!args.ok) return gemm_fp8_fallback(a, b, out, args.msg);
+    if (!args.ok) return gemm_fp8_padded(a, b, out, mode, args.msg);
     FP8_ASSIGN_OR_RETURN(g::LtGemm * lt, ctx_->lt_for(cur()));
     const g::Result r =
         lt->fp8_gemm(oa, ob, M, N, K, of, ob16, cur(), /*splitk1=*/mode == GemmMode::kExact);
@@ -945,9 +947,9 @@ class CudaBackend final : public Backend {
   }
 
   // An fp32 temporary of one op, freed on the stream that uses it.
-  Result<Tensor> temp(const Shape& shape) {
-    FP8_ASSIGN_OR_RETURN(auto buf, alloc(numel(shape) * sizeof(float), cur()));
-    return Tensor(shape, DType::kF32, std::move(buf));
+  Result<Tensor> temp(const Shape& shape, DType dt = DType::kF32) {
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(numel(shape) * dtype_size(dt), cur()));
+    return Tensor(shape, dt, std::move(buf));
   }
 
   // A zeroed device counter for the kernels' non-finite group count (null when not asked for).
@@ -1054,6 +1056,91 @@ class CudaBackend final : public Backend {
                        g::cublas_status_name(s2 != CUBLAS_STATUS_SUCCESS ? s2 : s1));
     }
     return Status::Ok();
+  }
+
+  // A shape or alignment that FP8.md §3.3 refuses, met by zero padding rather than leaving
+  // cuBLASLt: K up to a multiple of 16, a VEC128 operand's rows up to a multiple of 4, N up to 16
+  // bytes of output row, all in fresh (aligned) buffers. Zero codes add exact zeros to every
+  // 128-element block's sum, and 16 divides 128, so the scale blocks stay where they are (a
+  // VEC128 operand's scales, row-fastest, move to the padded row count); the padded output rows
+  // and columns are dropped. So the result is bitwise that of the unpadded GEMM (the MoE's zero
+  // expert rows rely on the same). Costs one copy of each padded operand; what padding cannot
+  // fix, or a shape with no algorithm even so, takes the fallback below.
+  Status gemm_fp8_padded(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode,
+                         const std::string& why) {
+    const int64_t M = a.rows(), N = b.rows(), K = a.cols();
+    const bool f32 = out.dtype() == DType::kF32;
+    auto up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
+    const int64_t K2 = up(K, 16);
+    const int64_t M2 = a.granularity() == k::Granularity::k1x128 ? up(M, 4) : M;
+    const int64_t N2 = up(b.granularity() == k::Granularity::k1x128 ? up(N, 4) : N, f32 ? 4 : 8);
+    std::vector<Tensor> keep;  // the padded buffers, alive until the GEMM is enqueued
+    FP8_ASSIGN_OR_RETURN(k::Fp8Operand pa, padded_operand(a, M2, K2, keep));
+    FP8_ASSIGN_OR_RETURN(k::Fp8Operand pb, padded_operand(b, N2, K2, keep));
+    const bool direct = M2 == M && N2 == N && aligned16(out.data());
+    Tensor dst = out;
+    if (!direct) {
+      FP8_ASSIGN_OR_RETURN(dst, temp({M2, N2}, out.dtype()));
+    }
+    float* of = f32 ? dst.data_as<float>() : nullptr;
+    uint16_t* ob16 = f32 ? nullptr : dst.data_as<uint16_t>();
+    if (!g::check_fp8_gemm_args(pa, pb, M2, N2, K2, of, ob16).ok) {
+      return gemm_fp8_fallback(a, b, out, why);  // not a shape rule: padding does not help
+    }
+    FP8_ASSIGN_OR_RETURN(g::LtGemm * lt, ctx_->lt_for(cur()));
+    const g::Result r =
+        lt->fp8_gemm(pa, pb, M2, N2, K2, of, ob16, cur(), /*splitk1=*/mode == GemmMode::kExact);
+    if (!r.ok && r.unsupported) return gemm_fp8_fallback(a, b, out, why + "; padded: " + r.msg);
+    FP8_GPU("gemm_fp8", r);
+    {
+      std::lock_guard<std::mutex> lk(ctx_->mu);
+      if (ctx_->padded_logged.insert({M, N, K}).second) {
+        log::info("gemm_fp8 {}x{}x{}: runs on cuBLASLt zero-padded to {}x{}x{} ({})", M, N, K, M2,
+                  N2, K2, why);
+      }
+    }
+    if (direct) return Status::Ok();
+    const size_t es = dtype_size(out.dtype());
+    FP8_CUDA("gemm_fp8", cudaMemcpy2DAsync(out.data(), N * es, dst.data(), N2 * es, N * es, M,
+                                           cudaMemcpyDeviceToDevice, cur()));
+    return Status::Ok();
+  }
+
+  // Operand t ([rows][K] codes) as cuBLASLt may take it with `rows2` rows of `K2` codes: t itself
+  // when nothing changes and its pointers are 16-byte aligned, else zero-padded copies (in keep).
+  Result<k::Fp8Operand> padded_operand(const Tensor& t, int64_t rows2, int64_t K2,
+                                       std::vector<Tensor>& keep) {
+    const k::Fp8Operand op = operand(t);
+    const int64_t rows = t.rows(), K = t.cols();
+    const bool vec = t.granularity() == k::Granularity::k1x128;
+    k::Fp8Operand p = op;
+    if (rows2 != rows || K2 != K || !aligned16(op.q)) {
+      FP8_ASSIGN_OR_RETURN(Tensor q, temp({rows2 * K2}, t.dtype()));
+      FP8_CUDA("gemm_fp8", cudaMemsetAsync(q.data(), 0, q.nbytes(), cur()));
+      if (rows * K > 0) {
+        FP8_CUDA("gemm_fp8", cudaMemcpy2DAsync(q.data(), K2, op.q, K, K, rows,
+                                               cudaMemcpyDeviceToDevice, cur()));
+      }
+      p.q = q.data_as<uint8_t>();
+      keep.push_back(std::move(q));
+    }
+    // VEC128 scales s[kb*rows + r] move with the row count; the others keep their layout (the
+    // block count along rows and K is unchanged: rows2 and K2 stay within the last block).
+    if ((vec && rows2 != rows) || !aligned16(op.s)) {
+      const int64_t KB = k::ceil_div(K, 128);
+      const int64_t n = vec ? KB * rows2 : k::scale_count(t.granularity(), rows, K);
+      FP8_ASSIGN_OR_RETURN(Tensor sc, temp({n}, DType::kF32));
+      FP8_CUDA("gemm_fp8", cudaMemsetAsync(sc.data(), 0, sc.nbytes(), cur()));
+      const int64_t width = vec ? rows : k::scale_count(t.granularity(), rows, K);
+      const int64_t height = vec ? KB : 1, pitch = vec ? rows2 : width;
+      if (width * height > 0) {
+        FP8_CUDA("gemm_fp8", cudaMemcpy2DAsync(sc.data(), pitch * 4, op.s, width * 4, width * 4,
+                                               height, cudaMemcpyDeviceToDevice, cur()));
+      }
+      p.s = sc.data_as<float>();
+      keep.push_back(std::move(sc));
+    }
+    return p;
   }
 
   // The CPU's kFast path for shapes cuBLASLt's FP8 kernels do not take: exact dequantize of both

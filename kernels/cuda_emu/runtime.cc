@@ -312,6 +312,8 @@ const char* cudaGetErrorName(cudaError_t e) {
       return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration:
       return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidPitchValue:
+      return "cudaErrorInvalidPitchValue";
     case cudaErrorInvalidDevicePointer:
       return "cudaErrorInvalidDevicePointer";
     case cudaErrorInvalidResourceHandle:
@@ -475,6 +477,31 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   } else {
     submit(s, [dst, src, bytes] { std::memmove(dst, src, bytes); });
   }
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
+                              size_t width, size_t height, cudaMemcpyKind kind, cudaStream_t s) {
+  if (width > dpitch || width > spitch) {
+    std::fprintf(stderr, "cuda_emu: cudaMemcpy2DAsync width %zu exceeds a pitch (%zu, %zu)\n",
+                 width, dpitch, spitch);
+    return cudaErrorInvalidPitchValue;
+  }
+  if (width == 0 || height == 0) return cudaSuccess;
+  const size_t dspan = (height - 1) * dpitch + width, sspan = (height - 1) * spitch + width;
+  if ((kind != cudaMemcpyDeviceToDevice && kind != cudaMemcpyDefault) ||
+      !is_device_range(dst, dspan) || !is_device_range(src, sspan)) {
+    std::fprintf(stderr,
+                 "cuda_emu: cudaMemcpy2DAsync kind %d: the emulation copies device to device "
+                 "only, within one allocation each (%zu rows of %zu bytes)\n",
+                 static_cast<int>(kind), height, width);
+    return cudaErrorInvalidValue;
+  }
+  submit(s, [=] {
+    for (size_t r = 0; r < height; ++r) {
+      std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                   width);
+    }
+  });
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int value, size_t bytes) {

@@ -270,20 +270,42 @@ TEST_F(CudaBackendTest, GemmFp8) {
   EXPECT_FALSE(gpu_->gemm_fp8(b1, b1, o, GemmMode::kExact).ok());
 }
 
-// Shapes cuBLASLt's FP8 kernels refuse (K % 16 != 0, rows % 4 != 0) take the dequantize + fp32
-// GEMM path, i.e. the CPU's kFast.
-TEST_F(CudaBackendTest, GemmFp8FallbackShapes) {
-  const int64_t M = 6, N = 10, K = 200;
+// Shapes cuBLASLt's FP8 kernels refuse (FP8.md §3.3: K % 16, a VEC128 operand's rows % 4, an
+// output row not a multiple of 16 bytes) run on cuBLASLt zero-padded, bit-identical to the CPU's
+// kExact model of the unpadded GEMM. The MTP's B*(T-1) token rows are such a K in its wgrads.
+// (Under the CUDA emulation cuBLASLt refuses these shapes as the library does, so without the
+// padding they would take the dequantize + fp32 fallback and differ.)
+TEST_F(CudaBackendTest, GemmFp8PaddedShapes) {
   const QuantParams p{};
-  const Tensor ha = hostf({M, K}, randn(M * K, 5)), hb = hostf({N, K}, randn(N * K, 6));
-  Tensor qa = cpu_->quantize(ha, Granularity::k1x128, p).value();
-  Tensor qb = cpu_->quantize(hb, Granularity::k128x128, p).value();
-  Tensor oc = cpu_->empty({M, N}, DType::kF32).value(),
-         og = gpu_->empty({M, N}, DType::kF32).value();
-  ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kFast).ok());
-  const Status s = gpu_->gemm_fp8(dev_fp8(qa), dev_fp8(qb), og, GemmMode::kFast);
-  ASSERT_TRUE(s.ok()) << s.to_string();
-  expect_near(vec<float>(oc), back<float>(og), 1e-4f, 1e-5f, "fallback f32");
+  struct Case {
+    int64_t M, N, K;
+    Granularity ga, gb;
+  };
+  for (const Case& c : {Case{6, 10, 200, Granularity::k1x128, Granularity::k128x128},
+                        Case{5, 12, 256, Granularity::k1x128, Granularity::k128x128},
+                        Case{8, 6, 128, Granularity::k1x128, Granularity::k128x128},
+                        Case{130, 36, 1000, Granularity::k1x128, Granularity::k1x128},
+                        Case{36, 130, 264, Granularity::k128x128, Granularity::k1x128},
+                        Case{4, 4, 1, Granularity::k1x128, Granularity::k1x128}}) {
+    const Tensor ha = hostf({c.M, c.K}, randn(c.M * c.K, 5)),
+                 hb = hostf({c.N, c.K}, randn(c.N * c.K, 6));
+    Tensor qa = cpu_->quantize(ha, c.ga, p).value(), qb = cpu_->quantize(hb, c.gb, p).value();
+    for (DType out : {DType::kF32, DType::kBF16}) {
+      const std::string what =
+          std::to_string(c.M) + "x" + std::to_string(c.N) + "x" + std::to_string(c.K) +
+          (c.ga == Granularity::k1x128 ? " vec x " : " blk x ") +
+          (c.gb == Granularity::k1x128 ? "vec " : "blk ") + (out == DType::kF32 ? "f32" : "bf16");
+      Tensor oc = cpu_->empty({c.M, c.N}, out).value(), og = gpu_->empty({c.M, c.N}, out).value();
+      ASSERT_TRUE(cpu_->gemm_fp8(qa, qb, oc, GemmMode::kExact).ok());
+      const Status s = gpu_->gemm_fp8(dev_fp8(qa), dev_fp8(qb), og, GemmMode::kExact);
+      ASSERT_TRUE(s.ok()) << what << ": " << s.to_string();
+      if (out == DType::kF32) {
+        expect_bits(vec<float>(oc), back<float>(og), what);
+      } else {
+        expect_bits(vec<uint16_t>(oc), back<uint16_t>(og), what);
+      }
+    }
+  }
 }
 
 TEST_F(CudaBackendTest, GemmFp32) {
