@@ -362,6 +362,13 @@ fi
 for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu small_fp8_vs_bf16; do
   [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |small )" "$LOG/$f.log"
 done
+# FP8 GEMM shapes off cuBLASLt's rules (logged once per shape and run): zero-padded onto it, or on
+# the dequantize + fp32 fallback (which should stay at 0).
+for f in train_tiny_gpu_vs_cpu small_fp8_vs_bf16; do
+  [[ -f $LOG/$f.log ]] || continue
+  printf '%s gemm_fp8 shapes: %s zero-padded, %s on the fp32 fallback\n' "$f" \
+    "$(grep -c 'zero-padded to' "$LOG/$f.log")" "$(grep -c 'using dequantize + fp32 GEMM' "$LOG/$f.log")"
+done
 [[ -f $LOG/moe_host.log ]] && grep -E "^(bench |moe layer host)" "$LOG/moe_host.log"
 if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
   grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26
