@@ -946,7 +946,7 @@ class CudaBackend final : public Backend {
     return buf;
   }
 
-  // An fp32 temporary of one op, freed on the stream that uses it.
+  // A temporary of one op (fp32 unless asked otherwise), freed on the stream that uses it.
   Result<Tensor> temp(const Shape& shape, DType dt = DType::kF32) {
     FP8_ASSIGN_OR_RETURN(auto buf, alloc(numel(shape) * dtype_size(dt), cur()));
     return Tensor(shape, dt, std::move(buf));
