@@ -396,8 +396,8 @@ void on_fault(int sig) {
     char buf[256];
     const int len = std::snprintf(
         buf, sizeof buf,
-        "cuda_emu: signal %d in kernel %s, block (%u,%u,%u), thread (%u,%u,%u): an out-of-bounds "
-        "device access\n",
+        "cuda_emu: signal %d in kernel %s, block (%u,%u,%u), thread (%u,%u,%u): an access outside "
+        "every live device buffer (out of bounds, or freed)\n",
         sig, l->name, l->block_idx.x, l->block_idx.y, l->block_idx.z, l->cur->tid.x, l->cur->tid.y,
         l->cur->tid.z);
     if (len > 0) (void)!write(2, buf, static_cast<size_t>(len));

@@ -35,9 +35,15 @@ struct Alloc {
   size_t tail;  // canary bytes after ptr+bytes
 };
 
+// Freed regions stay mapped PROT_NONE (their pages released) for the last kQuarantine frees, so
+// their addresses are not handed out again at once: a use after free, e.g. on a stream that did
+// not wait for the stream that freed the buffer, faults instead of reading a newer buffer.
+constexpr size_t kQuarantine = 4096;
+
 struct State {
   std::mutex mu;
-  std::map<uintptr_t, Alloc> device;  // by start address
+  std::map<uintptr_t, Alloc> device;                // by start address
+  std::deque<std::pair<void*, size_t>> quarantine;  // freed regions, oldest first
   std::set<void*> pinned;
   std::map<void*, size_t> pinned_bytes;
   cudaError_t last = cudaSuccess;  // reported by the next cudaGetLastError / sync
@@ -133,7 +139,18 @@ cudaError_t device_free(void* p) {
     }
     st().device.erase(it);
   }
-  munmap(a.region, a.region_bytes);
+  madvise(a.region, a.region_bytes, MADV_DONTNEED);
+  mprotect(a.region, a.region_bytes, PROT_NONE);
+  std::pair<void*, size_t> old{nullptr, 0};
+  {
+    std::lock_guard<std::mutex> lk(st().mu);
+    st().quarantine.emplace_back(a.region, a.region_bytes);
+    if (st().quarantine.size() > kQuarantine) {
+      old = st().quarantine.front();
+      st().quarantine.pop_front();
+    }
+  }
+  if (old.first != nullptr) munmap(old.first, old.second);
   return cudaSuccess;
 }
 

@@ -295,11 +295,61 @@ TEST(CudaEmu, WritePastTheEndIsCaught) {
   FP8PIPE_KERNEL(1, 1, nullptr, k_write_at)(p, 100);            // into the slack: canary
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorIllegalAddress);
   EXPECT_EQ(cudaFree(p), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorIllegalAddress);  // found again at the free
   ASSERT_EQ(cudaMalloc(&p, 128 * sizeof(float)), cudaSuccess);
   // Past the 256-byte-aligned end: the guard page stops it at the faulting access.
   EXPECT_DEATH(FP8PIPE_KERNEL(1, 1, nullptr, k_write_at)(p, 130),
                "kernel k_write_at, block \\(0,0,0\\), thread \\(0,0,0\\)");
   EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+// A buffer freed on one stream while another stream's queued kernel still reads it (no event
+// between them): on a GPU the pool may hand the memory out again; here the freed pages stay
+// inaccessible, so the late reader faults. (One block: the death test's child has no workers.)
+TEST(CudaEmu, UseAfterFreeOnAnotherStreamIsCaught) {
+  if (const char* e = std::getenv("FP8PIPE_EMU_LAZY"); e && std::string(e) == "0") {
+    GTEST_SKIP() << "FP8PIPE_EMU_LAZY=0: work runs at enqueue time";
+  }
+  auto race = [] {
+    cudaStream_t a = nullptr, b = nullptr;
+    cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking);
+    cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking);
+    float *x = nullptr, *y = nullptr;
+    cudaMalloc(&x, 64 * sizeof(float));
+    cudaMalloc(&y, 64 * sizeof(float));
+    FP8PIPE_KERNEL(1, 64, a, k_copy)(x, y);  // the reader, queued on a
+    cudaFreeAsync(x, b);                     // freed on b, which did not wait for a
+    cudaStreamSynchronize(b);
+    float* z = nullptr;  // a new allocation must not reuse x's pages
+    cudaMalloc(&z, 64 * sizeof(float));
+    cudaStreamSynchronize(a);
+  };
+  EXPECT_DEATH(race(),
+               "kernel k_copy, block \\(0,0,0\\), thread \\(0,0,0\\): an access outside "
+               "every live device buffer");
+  // With the event, the free waits for the reader.
+  cudaStream_t a = nullptr, b = nullptr;
+  cudaEvent_t read = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&read, cudaEventDisableTiming), cudaSuccess);
+  float *x = nullptr, *y = nullptr;
+  ASSERT_EQ(cudaMalloc(&x, 64 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&y, 64 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(x, 0, 64 * sizeof(float)), cudaSuccess);
+  FP8PIPE_KERNEL(1, 64, a, k_copy)(x, y);
+  ASSERT_EQ(cudaEventRecord(read, a), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(b, read, 0), cudaSuccess);
+  ASSERT_EQ(cudaFreeAsync(x, b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(b), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(a), cudaSuccess);
+  float out = 1.0f;
+  ASSERT_EQ(cudaMemcpy(&out, y, sizeof out, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(out, 0.0f);
+  cudaFree(y);
+  cudaEventDestroy(read);
+  cudaStreamDestroy(a);
+  cudaStreamDestroy(b);
 }
 
 }  // namespace
