@@ -374,9 +374,9 @@ if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
   grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26
   grep -E "busy" "$LOG/small_op_profile.log"
 fi
-printf '\n%-22s %6s %6s\n' step rc secs
+printf '\n%-28s %6s %6s\n' step rc secs
 for i in "${!NAMES[@]}"; do
-  printf '%-22s %6s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"
+  printf '%-28s %6s %6s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}"
 done
 echo "total $(($(date +%s) - START))s; logs in $LOG; $([[ $FAILED == 0 ]] && echo ALL OK || echo SOME STEPS FAILED)"
 exit $FAILED
