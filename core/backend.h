@@ -34,6 +34,21 @@ struct GemmBatch {
 };
 using kernels::QuantParams;
 
+// One GEMM of Backend::gemm_fp8_grouped (out = a . b^T, as gemm_fp8) or Backend::gemm_grouped
+// (c = alpha op(a) op(b) + beta c, as gemm). Tensors are handles: `out` / `c` are usually views
+// (slice_rows) of one output buffer.
+struct Fp8GemmArgs {
+  Tensor a, b, out;
+};
+struct GemmArgs {
+  Tensor a;
+  bool trans_a = false;
+  Tensor b;
+  bool trans_b = false;
+  Tensor c;
+  float alpha = 1.0f, beta = 0.0f;
+};
+
 // Contiguous row groups of one [M, K] activation: the MoE's local experts, each a run of rows of
 // the expert-sorted (and padded) buffer. Group g is rows offsets[g] .. offsets[g+1]; tiles[g]
 // counts the 128-row tiles of the groups before g (a group's 128x1 tiles start at its first row).
@@ -122,6 +137,11 @@ class Backend {
   virtual Result<GroupedFp8> transpose_fp8_batch(const GroupedFp8& q) = 0;
   // out[M][N] (fp32 or bf16) = A[M][K] . B[N][K]^T, both FP8 with scales (kernels/cpu/fp8_gemm.h).
   virtual Status gemm_fp8(const Tensor& a, const Tensor& b, Tensor& out, GemmMode mode) = 0;
+  // Independent GEMMs (the MoE's per-expert products): no output overlaps another GEMM's output
+  // or inputs. Each result is bit for bit that of its single call; a backend may run them
+  // concurrently (CUDA: across FP8PIPE_GEMM_STREAMS streams). These defaults run them in order.
+  virtual Status gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode);
+  virtual Status gemm_grouped(std::span<const GemmArgs> gs);
   // C = alpha * op(A) . op(B) + beta * C, row-major, op = transpose when flagged; C fp32, A and B
   // both fp32 or both bf16 (the BF16 twin: bf16 operands, fp32 accumulation, on tensor cores on
   // a GPU; the CPU widens bf16 to fp32 exactly and calls BLAS).

@@ -272,6 +272,25 @@ Result<Tensor> Backend::zeros(const Shape& shape, DType dtype) {
   return t;
 }
 
+// The grouped GEMMs' reference: one call after another.
+Status Backend::gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) {
+  FP8_RETURN_IF_ERROR(checks::gemm_fp8_grouped(gs));
+  for (const Fp8GemmArgs& g : gs) {
+    Tensor out = g.out;
+    FP8_RETURN_IF_ERROR(gemm_fp8(g.a, g.b, out, mode));
+  }
+  return Status::Ok();
+}
+
+Status Backend::gemm_grouped(std::span<const GemmArgs> gs) {
+  FP8_RETURN_IF_ERROR(checks::gemm_grouped(gs));
+  for (const GemmArgs& g : gs) {
+    Tensor c = g.c;
+    FP8_RETURN_IF_ERROR(gemm(g.a, g.trans_a, g.b, g.trans_b, c, g.alpha, g.beta));
+  }
+  return Status::Ok();
+}
+
 Result<RowGroups> make_row_groups(Backend& be, std::vector<int64_t> offsets) {
   if (offsets.empty() || offsets[0] != 0) {
     return FP8_INVALID("row groups: offsets must start at 0 (got {} offsets)", offsets.size());

@@ -172,15 +172,61 @@ struct DeviceCtx {
   std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
   std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged, padded_logged;
   StagingRing staging;  // host -> device uploads without a stream synchronization
+  // Grouped GEMMs (CudaBackend::fan_out): FP8PIPE_GEMM_STREAMS lanes, the caller's stream and
+  // gemm_streams - 1 side streams, each with its own cuBLAS handles (a handle's workspace must
+  // not serve two streams at once) and, through lt_for, its own cuBLASLt workspace.
+  struct Lane {
+    cudaStream_t s = nullptr;
+    cudaEvent_t done = nullptr;
+    cublasHandle_t blas = nullptr, blas_bf16 = nullptr;
+  };
+  int gemm_streams = 4;
+  std::mutex fan_mu;  // one grouped call at a time (guards lanes and fork)
+  std::vector<Lane> lanes;
+  cudaEvent_t fork = nullptr;
 
   ~DeviceCtx() {
     cudaSetDevice(device);
     if (compute) cudaStreamSynchronize(compute);
+    for (Lane& l : lanes) {
+      cudaStreamSynchronize(l.s);
+      if (l.blas) cublasDestroy(l.blas);
+      if (l.blas_bf16) cublasDestroy(l.blas_bf16);
+      cudaEventDestroy(l.done);
+    }
+    if (fork) cudaEventDestroy(fork);
     lt.clear();
+    for (Lane& l : lanes) cudaStreamDestroy(l.s);
     for (auto& [key, p] : freq) cudaFree(p);
     if (blas) cublasDestroy(blas);
     if (blas_bf16) cublasDestroy(blas_bf16);
     if (compute) cudaStreamDestroy(compute);
+  }
+
+  // At least n side lanes (under fan_mu).
+  Status make_lanes(size_t n) {
+    if (!fork) FP8_CUDA("grouped gemm", cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    while (lanes.size() < n) {
+      Lane l;
+      FP8_CUDA("grouped gemm", cudaStreamCreateWithFlags(&l.s, cudaStreamNonBlocking));
+      lanes.push_back(l);  // destroyed with the context from here on
+      Lane& m = lanes.back();
+      FP8_CUDA("grouped gemm", cudaEventCreateWithFlags(&m.done, cudaEventDisableTiming));
+      if (cublasCreate(&m.blas) != CUBLAS_STATUS_SUCCESS ||
+          cublasSetMathMode(m.blas, CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS ||
+          cublasCreate(&m.blas_bf16) != CUBLAS_STATUS_SUCCESS) {
+        return FP8_ERROR(Code::kInternal, "grouped gemm: cublasCreate failed on cuda:{}", device);
+      }
+    }
+    return Status::Ok();
+  }
+
+  // The cuBLAS handle (pedantic fp32 or bf16) for work on stream s: a lane's own, else the shared.
+  cublasHandle_t blas_for(cudaStream_t s, bool bf16) const {
+    for (const Lane& l : lanes) {
+      if (l.s == s) return bf16 ? l.blas_bf16 : l.blas;
+    }
+    return bf16 ? blas_bf16 : blas;
   }
 
   Result<g::LtGemm*> lt_for(cudaStream_t s) {
@@ -540,6 +586,25 @@ class CudaBackend final : public Backend {
     if (!r.ok && r.unsupported) return gemm_fp8_fallback(a, b, out, r.msg);
     FP8_GPU("gemm_fp8", r);
     return Status::Ok();
+  }
+
+  Status gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) override {
+    for (const Fp8GemmArgs& g : gs) FP8_RETURN_IF_ERROR(on_gpu("gemm_fp8", {&g.a, &g.b, &g.out}));
+    FP8_RETURN_IF_ERROR(checks::gemm_fp8_grouped(gs));
+    return fan_out(gs.size(), [&](size_t i) {
+      Tensor out = gs[i].out;
+      return gemm_fp8(gs[i].a, gs[i].b, out, mode);
+    });
+  }
+
+  Status gemm_grouped(std::span<const GemmArgs> gs) override {
+    for (const GemmArgs& g : gs) FP8_RETURN_IF_ERROR(on_gpu("gemm", {&g.a, &g.b, &g.c}));
+    FP8_RETURN_IF_ERROR(checks::gemm_grouped(gs));
+    return fan_out(gs.size(), [&](size_t i) {
+      const GemmArgs& g = gs[i];
+      Tensor c = g.c;
+      return gemm(g.a, g.trans_a, g.b, g.trans_b, c, g.alpha, g.beta);
+    });
   }
 
   Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, float alpha,
@@ -921,6 +986,41 @@ class CudaBackend final : public Backend {
  private:
   cudaStream_t cur() const { return tl_current ? tl_current : ctx_->compute; }
 
+  // one(i) for i in [0, n): call i on lane (i + 1) % L, L = min(FP8PIPE_GEMM_STREAMS, n). Lane 0 is
+  // the calling stream; lanes 1.. are side streams that first wait for the calling stream's work so
+  // far, and the calling stream then waits for all of them (fork / join), so to every later op
+  // the group is one step of the calling stream. Concurrent small GEMMs fill the SMs that one
+  // expert's few output tiles leave idle. Temporaries of a call are freed on its lane (temp()),
+  // inputs and outputs after the join. On an error the lanes started are still joined.
+  template <class F>
+  Status fan_out(size_t n, F&& one) {
+    const size_t L = std::min<size_t>(static_cast<size_t>(ctx_->gemm_streams), n);
+    if (L <= 1) {
+      for (size_t i = 0; i < n; ++i) FP8_RETURN_IF_ERROR(one(i));
+      return Status::Ok();
+    }
+    std::lock_guard<std::mutex> lk(ctx_->fan_mu);
+    FP8_RETURN_IF_ERROR(ctx_->make_lanes(L - 1));
+    const cudaStream_t home = cur(), prev = tl_current;
+    FP8_CUDA("grouped gemm (fork)", cudaEventRecord(ctx_->fork, home));
+    for (size_t l = 1; l < L; ++l) {
+      FP8_CUDA("grouped gemm (fork)", cudaStreamWaitEvent(ctx_->lanes[l - 1].s, ctx_->fork, 0));
+    }
+    Status st;
+    for (size_t i = 0; i < n && st.ok(); ++i) {  // side lanes first: call 0 on lane 1
+      const size_t l = (i + 1) % L;
+      tl_current = l == 0 ? home : ctx_->lanes[l - 1].s;
+      st = one(i);
+    }
+    tl_current = prev;
+    for (size_t l = 1; l < L; ++l) {
+      const DeviceCtx::Lane& lane = ctx_->lanes[l - 1];
+      FP8_CUDA("grouped gemm (join)", cudaEventRecord(lane.done, lane.s));
+      FP8_CUDA("grouped gemm (join)", cudaStreamWaitEvent(home, lane.done, 0));
+    }
+    return st;
+  }
+
   // A device buffer from the stream-ordered pool, allocated on `alloc_stream`, freed on the
   // compute stream (tensors) or on `alloc_stream` (temporaries: see the file comment).
   Result<std::shared_ptr<Buffer>> alloc(size_t bytes, cudaStream_t alloc_stream) {
@@ -1025,9 +1125,10 @@ class CudaBackend final : public Backend {
                int64_t M, int64_t N, int64_t K, float alpha, float beta) {
     if (M == 0 || N == 0) return Status::Ok();
     std::lock_guard<std::mutex> lk(blas_mu_);
-    const cublasStatus_t s1 = cublasSetStream(ctx_->blas, cur());
+    cublasHandle_t h = ctx_->blas_for(cur(), false);
+    const cublasStatus_t s1 = cublasSetStream(h, cur());
     const cublasStatus_t s2 =
-        cublasSgemm(ctx_->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+        cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
                     static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, b,
                     static_cast<int>(std::max<int64_t>(ldb, 1)), a,
                     static_cast<int>(std::max<int64_t>(lda, 1)), &beta, c, static_cast<int>(N));
@@ -1044,13 +1145,14 @@ class CudaBackend final : public Backend {
                    float* c, int64_t M, int64_t N, int64_t K, float alpha, float beta) {
     if (M == 0 || N == 0) return Status::Ok();
     std::lock_guard<std::mutex> lk(blas_mu_);
-    const cublasStatus_t s1 = cublasSetStream(ctx_->blas_bf16, cur());
-    const cublasStatus_t s2 = cublasGemmEx(
-        ctx_->blas_bf16, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
-        static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, b, CUDA_R_16BF,
-        static_cast<int>(std::max<int64_t>(ldb, 1)), a, CUDA_R_16BF,
-        static_cast<int>(std::max<int64_t>(lda, 1)), &beta, c, CUDA_R_32F, static_cast<int>(N),
-        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasHandle_t h = ctx_->blas_for(cur(), true);
+    const cublasStatus_t s1 = cublasSetStream(h, cur());
+    const cublasStatus_t s2 =
+        cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                     static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, b,
+                     CUDA_R_16BF, static_cast<int>(std::max<int64_t>(ldb, 1)), a, CUDA_R_16BF,
+                     static_cast<int>(std::max<int64_t>(lda, 1)), &beta, c, CUDA_R_32F,
+                     static_cast<int>(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s1 != CUBLAS_STATUS_SUCCESS || s2 != CUBLAS_STATUS_SUCCESS) {
       return FP8_ERROR(Code::kInternal, "gemm: cublasGemmEx (bf16) M={} N={} K={}: {}", M, N, K,
                        g::cublas_status_name(s2 != CUBLAS_STATUS_SUCCESS ? s2 : s1));
@@ -1213,6 +1315,17 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device_index) {
            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
   auto ctx = std::make_shared<DeviceCtx>();
   ctx->device = device_index;
+  if (const char* v = std::getenv("FP8PIPE_GEMM_STREAMS"); v && *v) {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < 1 || n > 16) {
+      return FP8_INVALID(
+          "FP8PIPE_GEMM_STREAMS='{}': expected an integer in 1..16 (the CUDA streams a grouped "
+          "GEMM, e.g. the MoE's per-expert GEMMs, spreads over; 1 runs them in order)",
+          v);
+    }
+    ctx->gemm_streams = static_cast<int>(n);
+  }
   FP8_CUDA("cudaStreamCreate", cudaStreamCreateWithFlags(&ctx->compute, cudaStreamNonBlocking));
   if (cublasCreate(&ctx->blas) != CUBLAS_STATUS_SUCCESS) {
     return FP8_ERROR(Code::kInternal, "cublasCreate failed on cuda:{}", device_index);

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace fp8pipe::checks {
 
 // ---- generic rules
@@ -168,6 +170,70 @@ Status gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c)
                        c.describe());
   }
   return Status::Ok();
+}
+
+Status grouped_gemm_outputs(const char* op, std::span<const std::vector<const Tensor*>> gemms) {
+  struct Range {
+    uintptr_t lo, hi;
+    size_t gemm;
+    const Tensor* t;
+  };
+  std::vector<Range> outs, ins;
+  auto add = [](std::vector<Range>& v, const Tensor& t, size_t i) {
+    if (t.defined() && t.nbytes() > 0) {
+      const auto lo = reinterpret_cast<uintptr_t>(t.data());
+      v.push_back({lo, lo + t.nbytes(), i, &t});
+    }
+  };
+  for (size_t i = 0; i < gemms.size(); ++i) {
+    for (size_t j = 0; j < gemms[i].size(); ++j) {
+      const Tensor& t = *gemms[i][j];
+      add(j == 0 ? outs : ins, t, i);
+      if (j > 0 && t.scale()) add(ins, *t.scale(), i);
+    }
+  }
+  std::sort(outs.begin(), outs.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  for (size_t k = 1; k < outs.size(); ++k) {
+    if (outs[k].lo < outs[k - 1].hi) {
+      return FP8_INVALID(
+          "{}: the outputs of GEMMs {} and {} overlap (they may run concurrently; "
+          "got {} and {})",
+          op, outs[k - 1].gemm, outs[k].gemm, outs[k - 1].t->describe(), outs[k].t->describe());
+    }
+  }
+  // Outputs are sorted and disjoint, so their ends are sorted too: the last output starting
+  // below an input's end is the only one that can reach into it.
+  for (const Range& in : ins) {
+    auto it = std::lower_bound(outs.begin(), outs.end(), in.hi,
+                               [](const Range& o, uintptr_t v) { return o.lo < v; });
+    if (it == outs.begin()) continue;
+    --it;
+    if (it->hi > in.lo) {
+      return FP8_INVALID(
+          "{}: GEMM {}'s output overlaps an input of GEMM {} (they may run "
+          "concurrently; got output {}, input {})",
+          op, it->gemm, in.gemm, it->t->describe(), in.t->describe());
+    }
+  }
+  return Status::Ok();
+}
+
+Status gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs) {
+  std::vector<std::vector<const Tensor*>> ts;
+  for (const Fp8GemmArgs& g : gs) {
+    FP8_RETURN_IF_ERROR(gemm_fp8(g.a, g.b, g.out));
+    ts.push_back({&g.out, &g.a, &g.b});
+  }
+  return grouped_gemm_outputs("gemm_fp8_grouped", ts);
+}
+
+Status gemm_grouped(std::span<const GemmArgs> gs) {
+  std::vector<std::vector<const Tensor*>> ts;
+  for (const GemmArgs& g : gs) {
+    FP8_RETURN_IF_ERROR(gemm(g.a, g.trans_a, g.b, g.trans_b, g.c));
+    ts.push_back({&g.c, &g.a, &g.b});
+  }
+  return grouped_gemm_outputs("gemm_grouped", ts);
 }
 
 Status cast(const Tensor& src, const Tensor& dst) {

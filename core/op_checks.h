@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/status.h"
@@ -39,6 +41,12 @@ Status quantize_blocks_batch(std::span<const Tensor* const> ws);  // same-shaped
 Status transpose_fp8_batch(const GroupedFp8& q);                  // a quantize_blocks_batch result
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);
 Status gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
+// gemm_fp8_grouped / gemm_grouped (each GEMM also passes gemm_fp8 / gemm): gemms[i] is GEMM i's
+// {output, inputs...}. No output may overlap another output or any input (an FP8 input's scales
+// included), since the GEMMs may run concurrently.
+Status grouped_gemm_outputs(const char* op, std::span<const std::vector<const Tensor*>> gemms);
+Status gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs);
+Status gemm_grouped(std::span<const GemmArgs> gs);
 Status cast(const Tensor& src, const Tensor& dst);  // fp32 <-> bf16, equal counts
 Status gemm_batched(const Tensor& a, const Tensor& b, const Tensor& c, const GemmBatch& g);
 Status causal_softmax(const Tensor& s, const Tensor& p, const Tensor& lse);

@@ -144,6 +144,20 @@ class ProfiledBackend final : public Backend {
     return timed(op, gemm_flops(c.rows(), c.cols(), k),
                  [&] { return in_->gemm(a, trans_a, b, trans_b, c, alpha, beta); });
   }
+  Status gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) override {
+    double flops = 0;
+    for (const Fp8GemmArgs& g : gs) flops += gemm_flops(g.a.rows(), g.b.rows(), g.a.cols());
+    return timed("gemm_fp8_grouped", flops, [&] { return in_->gemm_fp8_grouped(gs, mode); });
+  }
+  Status gemm_grouped(std::span<const GemmArgs> gs) override {
+    double flops = 0;
+    for (const GemmArgs& g : gs) {
+      flops += gemm_flops(g.c.rows(), g.c.cols(), g.trans_a ? g.a.rows() : g.a.cols());
+    }
+    const bool bf16 = !gs.empty() && gs[0].a.dtype() == DType::kBF16;
+    return timed(bf16 ? "gemm_bf16_grouped" : "gemm_f32_grouped", flops,
+                 [&] { return in_->gemm_grouped(gs); });
+  }
   Status gemm_batched(const Tensor& a, const Tensor& b, Tensor& c, const GemmBatch& g, float alpha,
                       float beta) override {
     return timed("gemm_batched", gemm_flops(g.M, g.N, g.K, g.batch),

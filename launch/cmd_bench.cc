@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <random>
@@ -214,6 +215,85 @@ Result<Row> bench_moe_host(bool cuda, int reps) {
              h / w};
 }
 
+// The MoE's per-expert GEMMs as one grouped call against the same GEMMs one call after another
+// (Backend::gemm_fp8_grouped / gemm_grouped; the CUDA backend spreads a group over
+// FP8PIPE_GEMM_STREAMS streams, so the few output tiles of each expert's GEMM do not leave most
+// SMs idle). Shape: the small config's w1 forward at device_check's batch (8192 tokens x top 8 /
+// 64 experts = 1024 rows each, hidden 1024 -> expert_hidden 384); on a CPU 16 experts of 128
+// rows. value = grouped ms, baseline = serial ms (each the median of `reps`, timed alternately,
+// `inner` calls per timing then a synchronization); ratio = serial / grouped.
+Result<Row> bench_grouped(bool cuda, bool fp8, int reps) {
+  std::unique_ptr<Backend> be;
+  if (cuda) {
+    FP8_ASSIGN_OR_RETURN(be, make_cuda_backend(0));
+  } else {
+    be = make_cpu_backend();
+  }
+  const int64_t E = cuda ? 64 : 16, M = cuda ? 1024 : 128, N = 384, K = 1024;
+  const int inner = cuda ? 10 : 1;
+  auto cpu = make_cpu_backend();
+  auto upload = [&](int64_t rows, uint32_t seed, DType dt) -> Result<Tensor> {
+    FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({rows, K}, DType::kF32));
+    const auto v = randn(rows * K, seed);
+    std::copy(v.begin(), v.end(), h.data_as<float>());
+    FP8_ASSIGN_OR_RETURN(Tensor d, be->empty({rows, K}, DType::kF32));
+    FP8_RETURN_IF_ERROR(be->copy(h, d));
+    if (dt == DType::kF32) return d;
+    FP8_ASSIGN_OR_RETURN(Tensor b, be->empty({rows, K}, DType::kBF16));
+    FP8_RETURN_IF_ERROR(be->cast(d, b));
+    return b;
+  };
+  FP8_ASSIGN_OR_RETURN(Tensor out, be->empty({E * M, N}, DType::kF32));
+  std::vector<Fp8GemmArgs> f8;
+  std::vector<GemmArgs> g16;
+  const DType in = fp8 ? DType::kF32 : DType::kBF16;
+  FP8_ASSIGN_OR_RETURN(Tensor x, upload(E * M, 1, in));
+  for (int64_t e = 0; e < E; ++e) {
+    FP8_ASSIGN_OR_RETURN(Tensor w, upload(N, 100 + static_cast<uint32_t>(e), in));
+    Tensor xe = x.slice_rows(e * M, (e + 1) * M), oe = out.slice_rows(e * M, (e + 1) * M);
+    if (fp8) {
+      FP8_ASSIGN_OR_RETURN(Tensor xq, be->quantize(xe, Granularity::k1x128, {}));
+      FP8_ASSIGN_OR_RETURN(Tensor wq, be->quantize(w, Granularity::k128x128, {}));
+      f8.push_back({xq, wq, oe});
+    } else {
+      g16.push_back({xe, false, w, true, oe});
+    }
+  }
+  Status failed;
+  auto keep = [&](Status s) {
+    if (failed.ok() && !s.ok()) failed = s;
+  };
+  auto serial = [&] {
+    for (int i = 0; i < inner; ++i) {
+      for (const auto& g : f8) {
+        Tensor o = g.out;
+        keep(be->gemm_fp8(g.a, g.b, o, kernels::GemmMode::kFast));
+      }
+      for (const auto& g : g16) {
+        Tensor o = g.c;
+        keep(be->gemm(g.a, false, g.b, true, o));
+      }
+    }
+    be->compute().synchronize();
+  };
+  auto grouped = [&] {
+    for (int i = 0; i < inner; ++i) {
+      keep(fp8 ? be->gemm_fp8_grouped(f8, kernels::GemmMode::kFast) : be->gemm_grouped(g16));
+    }
+    be->compute().synchronize();
+  };
+  const auto [tg, ts] = paired_median(grouped, serial, reps);
+  FP8_RETURN_IF_ERROR(failed);
+  const char* lanes = std::getenv("FP8PIPE_GEMM_STREAMS");
+  return Row{fp8 ? "expert gemms fp8" : "expert gemms bf16",
+             fmt::format("{} x {}x{}x{}{}", E, M, N, K,
+                         cuda ? fmt::format(", {} streams", lanes ? lanes : "4") : ""),
+             "ms per group (grouped | serial), ratio = serial / grouped",
+             1e3 * tg / inner,
+             1e3 * ts / inner,
+             ts / tg};
+}
+
 // A "train" row's setup: a config file shrunk to CPU size by overrides (printed as its shape).
 struct TrainCase {
   std::string name, config;
@@ -416,6 +496,12 @@ std::vector<Bench> all_benches(const Options& o) {
         {"fp8 gemm exact",
          [=] { return one(bench_gemm(GemmMode::kExact, 256, 256, 1024, std::min(reps, 3))); }},
     };
+  for (bool fp8 : {true, false}) {
+    b.push_back({fp8 ? "expert gemms fp8" : "expert gemms bf16", [=]() -> Result<std::vector<Row>> {
+                   FP8_ASSIGN_OR_RETURN(Row r, bench_grouped(cuda, fp8, std::min(reps, 7)));
+                   return std::vector<Row>{r};
+                 }});
+  }
   b.push_back({"moe layer host", [=]() -> Result<std::vector<Row>> {
                  FP8_ASSIGN_OR_RETURN(Row r, bench_moe_host(cuda, std::min(reps, 5)));
                  return std::vector<Row>{r};

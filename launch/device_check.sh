@@ -304,8 +304,20 @@ moe_host() {
   "$bin" bench --device=cuda --filter "moe layer" --reps 5
 }
 
+# The MoE's per-expert GEMMs (64 x 1024x384x1024, FP8 and BF16) as one grouped call spread over
+# FP8PIPE_GEMM_STREAMS streams against the same GEMMs one after another on one stream.
+expert_gemms() {
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
+  local bin lanes
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  for lanes in 4 8; do
+    FP8PIPE_GEMM_STREAMS=$lanes "$bin" bench --device=cuda --filter "expert gemms" --reps 5 || return $?
+  done
+}
+
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host
+export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms
 
 step env 30 env_info
 [[ -f $LOG/env.log ]] && cat "$LOG/env.log"
@@ -337,6 +349,7 @@ step train_tiny_2rank_gpu_vs_cpu 120 train_tiny_2rank_gpu_vs_cpu
 step small_fp8_vs_bf16 240 small_fp8_vs_bf16
 step small_op_profile 150 small_op_profile
 step moe_host 60 moe_host
+step expert_gemms 60 expert_gemms
 
 # ---- summary (last) ----
 echo
@@ -370,6 +383,7 @@ for f in train_tiny_gpu_vs_cpu small_fp8_vs_bf16; do
     "$(grep -c 'zero-padded to' "$LOG/$f.log")" "$(grep -c 'using dequantize + fp32 GEMM' "$LOG/$f.log")"
 done
 [[ -f $LOG/moe_host.log ]] && grep -E "^(bench |moe layer host)" "$LOG/moe_host.log"
+[[ -f $LOG/expert_gemms.log ]] && grep -E "^expert gemms" "$LOG/expert_gemms.log"
 if [[ -f $LOG/small_op_profile.log ]]; then  # the first rows of each table
   grep -E -A 10 "^--- |^operator " "$LOG/small_op_profile.log" | grep -E "^(--- |operator|[a-z_0-9]+ +[0-9]+ )" | head -n 26
   grep -E "busy" "$LOG/small_op_profile.log"

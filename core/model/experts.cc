@@ -67,18 +67,22 @@ Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroup
   FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, groups.total_rows(), n));
   const bool fp8 = c.precision == Precision::kFP8;
   if (fp8) FP8_RETURN_IF_ERROR(refresh_fp8_weights(c));
+  // One grouped call: the experts' GEMMs write disjoint row slices of `out`, so a backend may run
+  // them concurrently (Backend::gemm_fp8_grouped).
+  std::vector<Fp8GemmArgs> f8;
+  std::vector<GemmArgs> gs;
   for (int64_t e = 0; e < groups.count(); ++e) {
     const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
     if (lo == hi) continue;
     Tensor dst = out.slice_rows(lo, hi);
     if (fp8) {
-      const Tensor& wop = dgrad ? wq_t_[kind].group[e] : wq_[kind].group[e];
-      FP8_RETURN_IF_ERROR(c.be->gemm_fp8(a.q.group[e], wop, dst, c.gemm));
+      f8.push_back({a.q.group[e], dgrad ? wq_t_[kind].group[e] : wq_[kind].group[e], dst});
     } else {  // forward x . W^T, dgrad dy . W
       FP8_ASSIGN_OR_RETURN(Tensor wop, weights(kind)[e].weight_operand(c, dgrad));
-      FP8_RETURN_IF_ERROR(c.be->gemm(a.t.slice_rows(lo, hi), false, wop, !dgrad, dst));
+      gs.push_back({a.t.slice_rows(lo, hi), false, wop, !dgrad, dst});
     }
   }
+  FP8_RETURN_IF_ERROR(fp8 ? c.be->gemm_fp8_grouped(f8, c.gemm) : c.be->gemm_grouped(gs));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(out, out));
   return out;
 }
@@ -141,13 +145,14 @@ Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups, const T
                                    const Operand& x, const GroupedFp8* x_t,
                                    std::vector<Linear>& w) {
   if (c.precision != Precision::kFP8) {  // grad += dY^T X, fp32 accumulation into the gradient
+    std::vector<GemmArgs> gs;
     for (int64_t e = 0; e < groups.count(); ++e) {
       const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
       if (lo == hi) continue;
-      FP8_RETURN_IF_ERROR(c.be->gemm(dy.slice_rows(lo, hi), true, x.t.slice_rows(lo, hi), false,
-                                     w[e].weight().grad, 1.0f, 1.0f));
+      gs.push_back({dy.slice_rows(lo, hi), true, x.t.slice_rows(lo, hi), false, w[e].weight().grad,
+                    1.0f, 1.0f});
     }
-    return Status::Ok();
+    return c.be->gemm_grouped(gs);
   }
   // FP8: dY^T and X^T both 128x1 along the tokens of each expert; each expert's fp32 result into
   // its slot of one stacked scratch, then every grad += its slot in one call.
@@ -169,12 +174,14 @@ Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups, const T
   FP8_ASSIGN_OR_RETURN(Tensor dw,
                        new_f32(c, static_cast<int64_t>(active.size()) * rows, g0.cols()));
   std::vector<Tensor*> grads;
+  std::vector<Fp8GemmArgs> f8;
   for (size_t i = 0; i < active.size(); ++i) {
     const int64_t e = active[i];
     Tensor slot = dw.slice_rows(static_cast<int64_t>(i) * rows, static_cast<int64_t>(i + 1) * rows);
-    FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], slot, c.gemm));
+    f8.push_back({dyt.group[e], x_t->group[e], slot});
     grads.push_back(&w[e].weight().grad);
   }
+  FP8_RETURN_IF_ERROR(c.be->gemm_fp8_grouped(f8, c.gemm));
   return c.be->axpy_batch(1.0f, dw, grads);
 }
 

@@ -209,6 +209,52 @@ TEST(CpuBackend, Fp8FpropMatchesFp64OfDequantized) {
   EXPECT_FALSE(be->gemm_fp8(wq, wq, wrong, GemmMode::kFast).ok());  // 128x128 x 128x128
 }
 
+// Grouped GEMMs: each result is its single call's (so the CPU's loop is the reference the CUDA
+// test holds the concurrent version to), and GEMMs whose outputs overlap an output or an input of
+// another are refused, naming both, since a backend may run them concurrently.
+TEST(CpuBackend, GroupedGemmsAreSingleCallsAndRefuseOverlaps) {
+  auto be = make_cpu_backend();
+  const int64_t M = 40, N = 24, K = 256;
+  Tensor x = randn(*be, {2 * M, K}, 11);
+  Tensor w = randn(*be, {N, K}, 12, 0.05f);
+  QuantParams p;
+  Tensor x0 = be->quantize(x.slice_rows(0, M), Granularity::k1x128, p).value();
+  Tensor x1 = be->quantize(x.slice_rows(M, 2 * M), Granularity::k1x128, p).value();
+  Tensor wq = be->quantize(w, Granularity::k128x128, p).value();
+  Tensor out = be->empty({2 * M, N}, DType::kF32).value();
+  std::vector<Fp8GemmArgs> gs = {{x0, wq, out.slice_rows(0, M)},
+                                 {x1, wq, out.slice_rows(M, 2 * M)}};
+  ASSERT_TRUE(be->gemm_fp8_grouped(gs, GemmMode::kExact).ok());
+  for (int i = 0; i < 2; ++i) {
+    Tensor one = be->empty({M, N}, DType::kF32).value();
+    ASSERT_TRUE(be->gemm_fp8(i ? x1 : x0, wq, one, GemmMode::kExact).ok());
+    EXPECT_EQ(std::memcmp(one.data(), out.data_as<float>() + i * M * N, one.nbytes()), 0) << i;
+  }
+  // Overlapping outputs (rows M-1.. of the first slice shared with the second).
+  gs[1].out = out.slice_rows(M - 1, 2 * M - 1);
+  Status s = be->gemm_fp8_grouped(gs, GemmMode::kExact);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.to_string().find("outputs of GEMMs 0 and 1 overlap"), std::string::npos)
+      << s.to_string();
+  // An fp32 GEMM writing into another's input.
+  Tensor a = randn(*be, {M, K}, 13), b = randn(*be, {K, N}, 14);
+  Tensor c0 = be->empty({M, N}, DType::kF32).value();
+  std::vector<GemmArgs> g32 = {
+      {a, false, b, false, c0},
+      {randn(*be, {3, K}, 15), false, randn(*be, {K, K}, 17), false, a.slice_rows(0, 3)}};
+  s = be->gemm_grouped(g32);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.to_string().find("GEMM 1's output overlaps an input of GEMM 0"), std::string::npos)
+      << s.to_string();
+  // Disjoint again: the fp32 grouped results equal the single calls, beta included.
+  Tensor c1 = randn(*be, {M, N}, 16), c1_single = be->empty({M, N}, DType::kF32).value();
+  ASSERT_TRUE(be->copy(c1, c1_single).ok());
+  g32 = {{a, false, b, false, c0}, {a, false, b, false, c1, 0.5f, 2.0f}};
+  ASSERT_TRUE(be->gemm_grouped(g32).ok());
+  ASSERT_TRUE(be->gemm(a, false, b, false, c1_single, 0.5f, 2.0f).ok());
+  EXPECT_EQ(std::memcmp(c1.data(), c1_single.data(), c1.nbytes()), 0);
+}
+
 // Grouped FP8 ops: each group's codes and scales are those of the ungrouped op on its rows
 // alone, found where the layout says, and each group's view is a working gemm_fp8 operand.
 TEST(CpuBackend, GroupedQuantizeIsPerGroupQuantize) {

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -306,6 +307,95 @@ TEST_F(CudaBackendTest, GemmFp8PaddedShapes) {
       }
     }
   }
+}
+
+// Grouped GEMMs (the MoE's per-expert products) on 1 to 4 lanes (FP8PIPE_GEMM_STREAMS): every
+// FP8 result bitwise the CPU's kExact single call, padded shapes included (their temporaries live
+// on the lanes); every bf16 result (accumulating, beta = 1, into its own gradient) bitwise the same
+// backend's single call. The emulation runs streams lazily, so a lane that did not wait for the
+// caller's stream would read unwritten inputs, and one the caller's stream did not wait for
+// would leave unwritten (NaN) outputs here.
+TEST_F(CudaBackendTest, GroupedGemmsMatchSingleCalls) {
+  const QuantParams p{};
+  struct Case {
+    int64_t M, K;
+    Granularity gb;
+  };
+  const int64_t N = 96;
+  const std::vector<Case> cases = {
+      {128, 256, Granularity::k128x128}, {6, 200, Granularity::k128x128},
+      {64, 128, Granularity::k1x128},    {130, 384, Granularity::k128x128},
+      {1, 128, Granularity::k1x128},     {32, 512, Granularity::k128x128},
+      {77, 256, Granularity::k128x128}};
+  int64_t rows = 0;
+  for (const Case& c : cases) rows += c.M;
+  std::vector<Tensor> qa, qb, ha, hb;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    ha.push_back(hostf({c.M, c.K}, randn(c.M * c.K, 100 + i)));
+    hb.push_back(hostf({N, c.K}, randn(N * c.K, 200 + i)));
+    qa.push_back(cpu_->quantize(ha.back(), Granularity::k1x128, p).value());
+    qb.push_back(cpu_->quantize(hb.back(), c.gb, p).value());
+  }
+  for (int lanes = 1; lanes <= 4; ++lanes) {
+    ASSERT_EQ(setenv("FP8PIPE_GEMM_STREAMS", std::to_string(lanes).c_str(), 1), 0);
+    auto made = make_cuda_backend(0);
+    unsetenv("FP8PIPE_GEMM_STREAMS");
+    ASSERT_TRUE(made.ok()) << made.status().to_string();
+    gpu_ = std::move(made.value());
+    const std::string at = " on " + std::to_string(lanes) + " lane(s)";
+    std::vector<Tensor> dha, dqb;  // uploads first (they may drain the stream's queue)
+    for (size_t i = 0; i < cases.size(); ++i) {
+      dha.push_back(dev(ha[i]));
+      dqb.push_back(dev_fp8(qb[i]));
+    }
+    for (DType out : {DType::kF32, DType::kBF16}) {
+      Tensor oc = cpu_->empty({rows, N}, out).value(), og = gpu_->empty({rows, N}, out).value();
+      std::vector<Fp8GemmArgs> gs;
+      int64_t r = 0;
+      for (size_t i = 0; i < cases.size(); ++i) {
+        Tensor slot = oc.slice_rows(r, r + cases[i].M);
+        ASSERT_TRUE(cpu_->gemm_fp8(qa[i], qb[i], slot, GemmMode::kExact).ok());
+        // A quantized on the GPU (bitwise the CPU's, QuantizeBitIdentical): a kernel still
+        // queued on the caller's stream when the group starts, which every lane must wait for.
+        gs.push_back({gpu_->quantize(dha[i], Granularity::k1x128, p).value(), dqb[i],
+                      og.slice_rows(r, r + cases[i].M)});
+        r += cases[i].M;
+      }
+      const Status s = gpu_->gemm_fp8_grouped(gs, GemmMode::kExact);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      if (out == DType::kF32) {
+        expect_bits(vec<float>(oc), back<float>(og), "gemm_fp8_grouped f32" + at);
+      } else {
+        expect_bits(vec<uint16_t>(oc), back<uint16_t>(og), "gemm_fp8_grouped bf16" + at);
+      }
+    }
+    // bf16 wgrads: grad_i += dy_i^T x_i, each grad its own tensor.
+    std::vector<GemmArgs> gs;
+    std::vector<Tensor> single;
+    for (size_t i = 0; i < cases.size(); ++i) {
+      Tensor a = gpu_->empty({cases[i].M, N}, DType::kBF16).value();
+      Tensor b = gpu_->empty({cases[i].M, cases[i].K}, DType::kBF16).value();
+      ASSERT_TRUE(gpu_->cast(dev(hostf({cases[i].M, N}, randn(cases[i].M * N, 300 + i))), a).ok());
+      ASSERT_TRUE(gpu_->cast(dev(ha[i]), b).ok());
+      const Tensor init = hostf({N, cases[i].K}, randn(N * cases[i].K, 400 + i));
+      gs.push_back({a, true, b, false, dev(init), 1.0f, 1.0f});
+      single.push_back(dev(init));
+      ASSERT_TRUE(gpu_->gemm(a, true, b, false, single.back(), 1.0f, 1.0f).ok());
+    }
+    const Status s = gpu_->gemm_grouped(gs);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    for (size_t i = 0; i < cases.size(); ++i) {
+      expect_bits(back<float>(single[i]), back<float>(gs[i].c),
+                  "gemm_grouped bf16 #" + std::to_string(i) + at);
+    }
+  }
+  ASSERT_EQ(setenv("FP8PIPE_GEMM_STREAMS", "0", 1), 0);
+  auto bad = make_cuda_backend(0);
+  unsetenv("FP8PIPE_GEMM_STREAMS");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().to_string().find("FP8PIPE_GEMM_STREAMS='0'"), std::string::npos)
+      << bad.status().to_string();
 }
 
 TEST_F(CudaBackendTest, GemmFp32) {

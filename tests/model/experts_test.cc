@@ -132,14 +132,21 @@ TEST(RoutedExperts, RowWiseWorkDoesNotGrowWithTheExperts) {
                                                              {"swiglu_bwd", 1},
                                                              {"round_bf16", 9},
                                                              {"quantize_blocks_batch", 3},
-                                                             {"transpose_fp8_batch", 3}};
+                                                             {"transpose_fp8_batch", 3},
+                                                             {"gemm_fp8_grouped", 9}};
   for (const auto& [op, n] : once) {
     EXPECT_EQ(calls_of(two, op), n) << op;
     EXPECT_EQ(calls_of(eight, op), n) << op;
   }
-  // Per expert remain the GEMMs (3 forward, 3 dgrad, 3 wgrad); the weight-gradient adds are one
-  // call per kind; no per-expert quantization of any kind.
-  EXPECT_EQ(calls_of(eight, "gemm_fp8"), 9 * 8);
+  // The GEMMs (3 forward, 3 dgrad, 3 wgrad) are one grouped call each, every expert's GEMM in
+  // it (a backend may run them concurrently); the weight-gradient adds are one call per kind; no
+  // per-expert quantization of any kind.
+  EXPECT_EQ(calls_of(eight, "gemm_fp8"), 0);
+  // Every expert's 9 products (each 2 * 24 rows * kDim * kHidden flops) are in those calls.
+  double flops = 0;
+  for (const OpStats& s : eight)
+    if (s.op == "gemm_fp8_grouped") flops = s.flops;
+  EXPECT_EQ(flops, 8.0 * 9 * 2 * 24 * kDim * kHidden);
   EXPECT_EQ(calls_of(eight, "axpy"), 1);        // dx += dx3
   EXPECT_EQ(calls_of(eight, "axpy_batch"), 3);  // every expert's gradient, once per kind
   for (const char* op : {"quantize", "quantize_transposed", "transpose_fp8"})
