@@ -205,6 +205,11 @@ class Backend {
   virtual Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T,
                                float alpha, Tensor& f, Tensor& loss) = 0;
   virtual Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) = 0;
+  // out[i] = 0 + w[i] * in[rows[i]] (w f32 [len(rows)] or undefined: weight 1), a zero row where
+  // rows[i] < 0. The bits of scatter_add_rows(in rows, i -> i, w) into zeros (0 + makes -0 +0),
+  // as one gather: the MoE's zero-padded expert layouts and gate scaling, without a sort.
+  virtual Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                                    Tensor& out) = 0;
   // out[rows[i]] += w[i] * in[i]; w may be an undefined Tensor (weight 1).
   virtual Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                                   Tensor& out) = 0;

@@ -184,6 +184,15 @@ Status CpuOps::gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) {
   return Status::Ok();
 }
 
+Status CpuOps::gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                                  Tensor& out) {
+  FP8_RETURN_IF_ERROR(checks::gather_rows_scaled(in, rows, w, out));
+  k::gather_rows_scaled(in.data_as<float>(), rows.data_as<int32_t>(),
+                        w.defined() ? w.data_as<float>() : nullptr, rows.numel(), in.cols(),
+                        out.data_as<float>());
+  return Status::Ok();
+}
+
 Status CpuOps::scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                                 Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::scatter_add_rows(in, rows, w, out));

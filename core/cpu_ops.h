@@ -38,6 +38,8 @@ class CpuOps : public Backend {
   Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, float alpha,
                        Tensor& f, Tensor& loss) override;
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override;
+  Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                            Tensor& out) override;
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override;
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override;

@@ -878,6 +878,18 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                            Tensor& out) override {
+    FP8_RETURN_IF_ERROR(on_gpu("gather_rows_scaled", {&in, &rows, &out}));
+    if (w.defined()) FP8_RETURN_IF_ERROR(on_gpu("gather_rows_scaled", {&w}));
+    FP8_RETURN_IF_ERROR(checks::gather_rows_scaled(in, rows, w, out));
+    FP8_GPU("gather_rows_scaled",
+            g::gather_rows_scaled(in.data_as<float>(), rows.data_as<int32_t>(),
+                                  w.defined() ? w.data_as<float>() : nullptr, rows.numel(),
+                                  in.cols(), out.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("scatter_add_rows", {&in, &rows, &out}));
@@ -991,7 +1003,9 @@ class CudaBackend final : public Backend {
   // far, and the calling stream then waits for all of them (fork / join), so to every later op
   // the group is one step of the calling stream. Concurrent small GEMMs fill the SMs that one
   // expert's few output tiles leave idle. Temporaries of a call are freed on its lane (temp()),
-  // inputs and outputs after the join. On an error the lanes started are still joined.
+  // inputs and outputs after the join. On an error the lanes started are still joined. The side
+  // lanes are shared by every calling stream: groups issued from two streams (DualPipe's
+  // overlapped chunks) queue one after the other there, correct but less concurrent.
   template <class F>
   Status fan_out(size_t n, F&& one) {
     const size_t L = std::min<size_t>(static_cast<size_t>(ctx_->gemm_streams), n);

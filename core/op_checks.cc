@@ -454,6 +454,19 @@ Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out) {
               "out must be [len(rows), cols(in)]", out);
 }
 
+Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                          const Tensor& out) {
+  const char* op = "gather_rows_scaled";
+  FP8_RETURN_IF_ERROR(f32(op, {&in, &out}));
+  FP8_RETURN_IF_ERROR(i32(op, rows));
+  if (w.defined()) {  // optional per-row weights
+    FP8_RETURN_IF_ERROR(f32(op, {&w}));
+    FP8_RETURN_IF_ERROR(same(op, rows, w));
+  }
+  return need(out.numel() == rows.numel() * in.cols(), op, "out must be [len(rows), cols(in)]",
+              out);
+}
+
 Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out) {
   FP8_RETURN_IF_ERROR(f32("scatter_add_rows", {&in, &out}));
   FP8_RETURN_IF_ERROR(i32("scatter_add_rows", rows));

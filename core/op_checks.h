@@ -73,6 +73,7 @@ Status router_topk(const Tensor& logits, const Tensor& bias, int64_t topk, int64
                    int64_t max_groups, const Tensor& scores, const Tensor& idx,
                    const Tensor& gates);
 Status gather_rows(const Tensor& in, const Tensor& rows, const Tensor& out);
+Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w, const Tensor& out);
 Status balance_stats(const Tensor& scores, const Tensor& idx, int64_t B, int64_t T, const Tensor& f,
                      const Tensor& loss);
 Status sort_assignments(const Tensor& idx, int64_t E, const Tensor& order, const Tensor& rows,

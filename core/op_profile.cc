@@ -245,6 +245,11 @@ class ProfiledBackend final : public Backend {
   Status gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) override {
     return timed("gather_rows", 0, [&] { return in_->gather_rows(in, rows, out); });
   }
+  Status gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
+                            Tensor& out) override {
+    return timed("gather_rows_scaled", 0,
+                 [&] { return in_->gather_rows_scaled(in, rows, w, out); });
+  }
   Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                           Tensor& out) override {
     return timed("scatter_add_rows", 0, [&] { return in_->scatter_add_rows(in, rows, w, out); });

@@ -76,10 +76,11 @@ struct MoE::Impl {
     std::vector<int64_t> offset;  // [E_local + 1] first buffer row of each local expert
     // ModelCtx::expert_row_align (plan_padding): each expert's first row in the zero-padded
     // layout [E_local + 1] (the experts' row groups) and, when any expert needs padding, each
-    // record's padded row (i32 [m]).
+    // record's padded row (pad_idx, i32 [m]) and each padded row's record or -1 (pad_src, i32
+    // [padded rows]): both directions are gathers (gather_rows_scaled: -1 is a zero row).
     std::vector<int64_t> pad_offset;
     RowGroups groups;
-    Tensor pad_idx;
+    Tensor pad_idx, pad_src;
     bool padded = false;
     Tensor rows;   // i32 [m] last-hop row of each record
     Tensor gates;  // f32 [m]
@@ -385,22 +386,24 @@ Status MoE::Impl::plan_padding(ModelCtx& c, Saved& s) const {
   FP8_ASSIGN_OR_RETURN(s.groups, make_row_groups(*c.be, s.pad_offset));
   s.padded = s.pad_offset[E_local] != s.offset[E_local];
   if (!s.padded) return Status::Ok();
-  std::vector<int32_t> idx(s.offset[E_local]);
+  std::vector<int32_t> idx(s.offset[E_local]), src(s.pad_offset[E_local], -1);
   for (int64_t e = 0; e < E_local; ++e) {
     for (int64_t i = s.offset[e]; i < s.offset[e + 1]; ++i) {
       idx[i] = static_cast<int32_t>(s.pad_offset[e] + (i - s.offset[e]));
+      src[idx[i]] = static_cast<int32_t>(i);
     }
   }
   FP8_ASSIGN_OR_RETURN(s.pad_idx, upload(c, idx, {s.offset[E_local]}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(s.pad_src, upload(c, src, {s.pad_offset[E_local]}, DType::kI32));
   return Status::Ok();
 }
 
 // Expert rows [m, hidden] (records in expert order) in the padded layout: each expert's rows,
-// then zero rows; `rows` itself when no expert needs padding.
+// then zero rows (one gather); `rows` itself when no expert needs padding.
 Result<Tensor> MoE::Impl::pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const {
   if (!s.padded) return rows;
-  FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, s.pad_offset[E_local], hidden));
-  FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(rows, s.pad_idx, Tensor(), out));
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, s.pad_offset[E_local], hidden));
+  FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(rows, s.pad_src, Tensor(), out));
   return out;
 }
 
@@ -460,13 +463,20 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     // dgate per record = <dy_row, expert output> in fp64, on the backend: at most m doubles
     // travel to the host (records), none with direct dispatch.
     FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, s.out, dots));
-    // Row scaling by the gates: scatter with identity rows.
-    std::vector<int32_t> iota(m);
-    for (int64_t i = 0; i < m; ++i) iota[i] = static_cast<int32_t>(i);
-    FP8_ASSIGN_OR_RETURN(Tensor ident, upload(c, iota, {m}, DType::kI32));
-    FP8_ASSIGN_OR_RETURN(Tensor dout, new_zeros(c, m, hidden));
-    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dyr, ident, s.gates, dout));
-    FP8_ASSIGN_OR_RETURN(Tensor dpad, pad_rows(c, s, dout));
+    // The experts' output gradient, gate * dy row, in their (padded) layout: one scaled gather
+    // (the gates follow their records into the padded rows; 0 on padding rows).
+    Tensor dpad;
+    if (s.padded) {
+      const int64_t mp = s.pad_offset[E_local];
+      FP8_ASSIGN_OR_RETURN(Tensor g1, s.gates.reshape({m, 1}));
+      FP8_ASSIGN_OR_RETURN(Tensor gp, new_f32(c, mp, 1));
+      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(g1, s.pad_src, Tensor(), gp));
+      FP8_ASSIGN_OR_RETURN(dpad, new_f32(c, mp, hidden));
+      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyr, s.pad_src, gp, dpad));
+    } else {
+      FP8_ASSIGN_OR_RETURN(dpad, new_f32(c, m, hidden));
+      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyl, s.rows, s.gates, dpad));
+    }
     FP8_ASSIGN_OR_RETURN(Tensor dxe, experts.backward_input(c, mb, dpad));
     FP8_ASSIGN_OR_RETURN(Tensor dxr, unpad_rows(c, s, dxe));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));

@@ -380,6 +380,20 @@ void gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, flo
   for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * D, in + rows[i] * D, D * sizeof(float));
 }
 
+void gather_rows_scaled(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
+                        float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* o = out + i * D;
+    if (rows[i] < 0) {
+      std::fill(o, o + D, 0.0f);
+      continue;
+    }
+    const float a = w ? w[i] : 1.0f;
+    const float* x = in + static_cast<int64_t>(rows[i]) * D;
+    for (int64_t j = 0; j < D; ++j) o[j] = 0.0f + a * x[j];
+  }
+}
+
 void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
                       float* out) {
   for (int64_t i = 0; i < n; ++i) axpy_n(w ? w[i] : 1.0f, in + i * D, D, out + rows[i] * D);

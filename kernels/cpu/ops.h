@@ -71,6 +71,10 @@ void sort_assignments(const int32_t* idx, int64_t n, int64_t K, int64_t E, int32
 
 // Row gather / scatter-add: out[i] = in[rows[i]];  out[rows[i]] += w[i] * in[i] (w may be null).
 void gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out);
+// out[i] = 0 + w[i] * in[rows[i]] (w may be null: weight 1), a zero row where rows[i] < 0: the
+// bits of scatter_add_rows of those rows into zeros (the 0 + makes -0 +0), without a scatter.
+void gather_rows_scaled(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
+                        float* out);
 void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int64_t n, int64_t D,
                       float* out);
 

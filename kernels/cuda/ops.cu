@@ -110,6 +110,17 @@ __global__ void k_gather(const float* in, const int32_t* rows, int64_t n, int64_
   }
 }
 
+__global__ void k_gather_scaled(const float* in, const int32_t* rows, const float* w, int64_t n,
+                                int64_t D, float* out) {
+  for (int64_t i = gtid(); i < n * D; i += gstride()) {
+    const int64_t r = i / D, c = i - r * D;
+    const int32_t src = rows[r];
+    out[i] = src < 0 ? 0.0f
+                     : __fadd_rn(0.0f,
+                                 __fmul_rn(w ? w[r] : 1.0f, in[static_cast<int64_t>(src) * D + c]));
+  }
+}
+
 // One thread per column, rows in order (the CPU's order for every output element).
 __global__ void k_iota(int32_t* v, int64_t n) {
   for (int64_t i = gtid(); i < n; i += gstride()) v[i] = static_cast<int32_t>(i);
@@ -747,6 +758,13 @@ Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, f
                    cudaStream_t stream) {
   if (n * D == 0) return Result::Ok();
   FP8PIPE_LAUNCH(k_gather, grid_for(n * D), kThreads, stream, in, rows, n, D, out);
+  return Result::Ok();
+}
+
+Result gather_rows_scaled(const float* in, const int32_t* rows, const float* w, int64_t n,
+                          int64_t D, float* out, cudaStream_t stream) {
+  if (n * D == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_gather_scaled, grid_for(n * D), kThreads, stream, in, rows, w, n, D, out);
   return Result::Ok();
 }
 

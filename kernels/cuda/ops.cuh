@@ -95,6 +95,10 @@ Result balance_stats(const float* scores, const int32_t* idx, int64_t B, int64_t
 
 Result gather_rows(const float* in, const int32_t* rows, int64_t n, int64_t D, float* out,
                    cudaStream_t stream);
+// out[i] = 0 + w[i] * in[rows[i]] (w may be null: weight 1), zeros where rows[i] < 0
+// (bit-identical to the CPU).
+Result gather_rows_scaled(const float* in, const int32_t* rows, const float* w, int64_t n,
+                          int64_t D, float* out, cudaStream_t stream);
 // out [R, D]: out[rows[i]] += w[i] * in[i], w may be null (weight 1); each element's adds in
 // increasing i (bit-identical to the CPU). A stable radix sort of the rows (cub) groups each
 // output row's inputs, then one block per output row sums them. FP8PIPE_SCATTER=columns selects

@@ -209,6 +209,45 @@ TEST(CpuBackend, Fp8FpropMatchesFp64OfDequantized) {
   EXPECT_FALSE(be->gemm_fp8(wq, wq, wrong, GemmMode::kFast).ok());  // 128x128 x 128x128
 }
 
+// gather_rows_scaled against what it replaces in the MoE: zero rows plus a scatter-add of the
+// gathered rows (scatter_add_rows, i -> i with the weights) into them. Bitwise, -0 inputs (which
+// the scatter's 0 + turns into +0) and rows of -1 (zero rows) included, with and without weights.
+TEST(CpuBackend, GatherRowsScaledIsScatterIntoZeros) {
+  auto be = make_cpu_backend();
+  const int64_t R = 9, D = 37, n = 14;
+  Tensor in = randn(*be, {R, D}, 21);
+  for (int64_t j = 0; j < D; j += 3) in.data_as<float>()[2 * D + j] = -0.0f;
+  Tensor rows = be->empty({n}, DType::kI32).value(), w = randn(*be, {n}, 22);
+  const int32_t rv[n] = {2, 0, -1, 8, 2, 5, -1, 3, 3, 7, 1, 2, 6, 4};
+  std::memcpy(rows.data(), rv, sizeof(rv));
+  for (bool weighted : {false, true}) {
+    const Tensor wt = weighted ? w : Tensor();
+    Tensor got = be->empty({n, D}, DType::kF32).value();
+    ASSERT_TRUE(be->gather_rows_scaled(in, rows, wt, got).ok());
+    // the reference: gather the kept rows, then scatter-add them (weighted) into zeros
+    Tensor want = be->zeros({n, D}, DType::kF32).value();
+    for (int64_t i = 0; i < n; ++i) {
+      if (rv[i] < 0) continue;
+      Tensor one = be->empty({1, D}, DType::kF32).value(), at = be->empty({1}, DType::kI32).value();
+      std::memcpy(one.data(), in.data_as<float>() + rv[i] * D, D * sizeof(float));
+      at.data_as<int32_t>()[0] = static_cast<int32_t>(i);
+      Tensor wi = Tensor();
+      if (weighted) {
+        wi = be->empty({1}, DType::kF32).value();
+        wi.data_as<float>()[0] = w.data_as<float>()[i];
+      }
+      ASSERT_TRUE(be->scatter_add_rows(one, at, wi, want).ok());
+    }
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.nbytes()), 0) << weighted;
+    // +0, not -0, where the input is -0 (row 2 gathered unweighted at i = 0)
+    if (!weighted) EXPECT_FALSE(std::signbit(got.data_as<float>()[0]));
+  }
+  Tensor short_w = randn(*be, {n - 1}, 23), out = be->empty({n, D}, DType::kF32).value();
+  const Status s = be->gather_rows_scaled(in, rows, short_w, out);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.to_string().find("gather_rows_scaled"), std::string::npos) << s.to_string();
+}
+
 // Grouped GEMMs: each result is its single call's (so the CPU's loop is the reference the CUDA
 // test holds the concurrent version to), and GEMMs whose outputs overlap an output or an input of
 // another are refused, naming both, since a backend may run them concurrently.

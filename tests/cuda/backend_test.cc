@@ -398,6 +398,26 @@ TEST_F(CudaBackendTest, GroupedGemmsMatchSingleCalls) {
       << bad.status().to_string();
 }
 
+// The MoE's padding / gate-scaling gather: bitwise the CPU, -0 inputs and -1 rows included.
+TEST_F(CudaBackendTest, GatherRowsScaled) {
+  const int64_t R = 300, D = 130, n = 1000;
+  std::vector<float> xv = randn(R * D, 30);
+  for (int64_t j = 0; j < D; j += 2) xv[5 * D + j] = -0.0f;
+  const Tensor in = hostf({R, D}, xv), w = hostf({n}, randn(n, 31));
+  std::vector<int32_t> rv = randi(n, 32, -1, R);  // about 1 in 300 a zero row
+  rv[7] = -1;
+  rv[8] = 5;
+  const Tensor rows = hosti({n}, rv);
+  for (bool weighted : {false, true}) {
+    Tensor oc = cpu_->empty({n, D}, DType::kF32).value(),
+           og = gpu_->empty({n, D}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->gather_rows_scaled(in, rows, weighted ? w : Tensor(), oc).ok());
+    const Status s = gpu_->gather_rows_scaled(dev(in), dev(rows), weighted ? dev(w) : Tensor(), og);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    expect_bits(vec<float>(oc), back<float>(og), weighted ? "weighted" : "unweighted");
+  }
+}
+
 TEST_F(CudaBackendTest, GemmFp32) {
   const int64_t M = 37, N = 53, K = 71;
   for (bool ta : {false, true}) {
