@@ -64,27 +64,40 @@ Status RoutedExperts::refresh_fp8_weights(ModelCtx& c) {
 
 Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind,
                                    bool dgrad, int64_t n) {
-  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, groups.total_rows(), n));
+  const Product p{&a, kind};
+  FP8_ASSIGN_OR_RETURN(std::vector<Tensor> out, gemms(c, {&p, 1}, groups, dgrad, n));
+  return out[0];
+}
+
+Result<std::vector<Tensor>> RoutedExperts::gemms(ModelCtx& c, std::span<const Product> ps,
+                                                 const RowGroups& groups, bool dgrad, int64_t n) {
   const bool fp8 = c.precision == Precision::kFP8;
   if (fp8) FP8_RETURN_IF_ERROR(refresh_fp8_weights(c));
-  // One grouped call: the experts' GEMMs write disjoint row slices of `out`, so a backend may run
-  // them concurrently (Backend::gemm_fp8_grouped).
+  // The experts' GEMMs write disjoint row slices of the outputs: one grouped call
+  // (Backend::gemm_fp8_grouped), which a backend may run concurrently.
+  std::vector<Tensor> outs;
   std::vector<Fp8GemmArgs> f8;
   std::vector<GemmArgs> gs;
-  for (int64_t e = 0; e < groups.count(); ++e) {
-    const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
-    if (lo == hi) continue;
-    Tensor dst = out.slice_rows(lo, hi);
-    if (fp8) {
-      f8.push_back({a.q.group[e], dgrad ? wq_t_[kind].group[e] : wq_[kind].group[e], dst});
-    } else {  // forward x . W^T, dgrad dy . W
-      FP8_ASSIGN_OR_RETURN(Tensor wop, weights(kind)[e].weight_operand(c, dgrad));
-      gs.push_back({a.t.slice_rows(lo, hi), false, wop, !dgrad, dst});
+  for (const Product& p : ps) {
+    FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, groups.total_rows(), n));
+    for (int64_t e = 0; e < groups.count(); ++e) {
+      const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
+      if (lo == hi) continue;
+      Tensor dst = out.slice_rows(lo, hi);
+      if (fp8) {
+        f8.push_back({p.a->q.group[e], dgrad ? wq_t_[p.kind].group[e] : wq_[p.kind].group[e], dst});
+      } else {  // forward x . W^T, dgrad dy . W
+        FP8_ASSIGN_OR_RETURN(Tensor wop, weights(p.kind)[e].weight_operand(c, dgrad));
+        gs.push_back({p.a->t.slice_rows(lo, hi), false, wop, !dgrad, dst});
+      }
     }
+    outs.push_back(out);
   }
   FP8_RETURN_IF_ERROR(fp8 ? c.be->gemm_fp8_grouped(f8, c.gemm) : c.be->gemm_grouped(gs));
-  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(out, out));
-  return out;
+  if (c.precision != Precision::kFP32) {
+    for (Tensor& out : outs) FP8_RETURN_IF_ERROR(c.be->round_bf16(out, out));
+  }
+  return outs;
 }
 
 Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
@@ -99,8 +112,10 @@ Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
   s.groups = groups;
   // w1 and w3 read the same x: one operand for both (SwiGLU::forward)
   FP8_ASSIGN_OR_RETURN(s.x, operand(c, x, groups));
-  FP8_ASSIGN_OR_RETURN(s.g, gemm(c, s.x, groups, 0, false, hidden_));
-  FP8_ASSIGN_OR_RETURN(s.u, gemm(c, s.x, groups, 1, false, hidden_));
+  const Product gu[] = {{&s.x, 0}, {&s.x, 1}};
+  FP8_ASSIGN_OR_RETURN(std::vector<Tensor> out, gemms(c, gu, groups, false, hidden_));
+  s.g = out[0];
+  s.u = out[1];
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), hidden_));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
@@ -134,55 +149,68 @@ Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& 
   s->g = Tensor();  // the product's inputs are not needed again
   s->u = Tensor();
   FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(dg, s->dg));
-  FP8_ASSIGN_OR_RETURN(Tensor dx, gemm(c, dgo, gr, 0, true, dim_));
   FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(du, s->du));
-  FP8_ASSIGN_OR_RETURN(Tensor dx3, gemm(c, duo, gr, 1, true, dim_));
-  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx3, dx));
-  return dx;
+  const Product dgu[] = {{&dgo, 0}, {&duo, 1}};
+  FP8_ASSIGN_OR_RETURN(std::vector<Tensor> dx, gemms(c, dgu, gr, true, dim_));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx[1], dx[0]));
+  return dx[0];
 }
 
-Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups, const Tensor& dy,
-                                   const Operand& x, const GroupedFp8* x_t,
-                                   std::vector<Linear>& w) {
+Status RoutedExperts::weight_grads(ModelCtx& c, const RowGroups& groups,
+                                   std::span<const Wgrad> kinds) {
   if (c.precision != Precision::kFP8) {  // grad += dY^T X, fp32 accumulation into the gradient
     std::vector<GemmArgs> gs;
-    for (int64_t e = 0; e < groups.count(); ++e) {
-      const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
-      if (lo == hi) continue;
-      gs.push_back({dy.slice_rows(lo, hi), true, x.t.slice_rows(lo, hi), false, w[e].weight().grad,
-                    1.0f, 1.0f});
+    for (const Wgrad& k : kinds) {
+      for (int64_t e = 0; e < groups.count(); ++e) {
+        const int64_t lo = groups.offsets[e], hi = groups.offsets[e + 1];
+        if (lo == hi) continue;
+        gs.push_back({k.dy->slice_rows(lo, hi), true, k.x->t.slice_rows(lo, hi), false,
+                      (*k.w)[e].weight().grad, 1.0f, 1.0f});
+      }
     }
     return c.be->gemm_grouped(gs);
   }
   // FP8: dY^T and X^T both 128x1 along the tokens of each expert; each expert's fp32 result into
-  // its slot of one stacked scratch, then every grad += its slot in one call.
-  FP8_ASSIGN_OR_RETURN(GroupedFp8 dyt, c.be->quantize_transposed_groups(dy, groups, c.qp));
+  // its slot of one stacked scratch per kind, then every grad += its slot in one call per kind.
   std::vector<int64_t> active;
   for (int64_t e = 0; e < groups.count(); ++e)
     if (groups.rows(e) > 0) active.push_back(e);
   if (active.empty()) return Status::Ok();
-  const Tensor& g0 = w[active[0]].weight().grad;
-  const int64_t rows = g0.rows();
-  if (g0.numel() % 4 != 0) {  // slots would break the GEMM output's 16-byte alignment
-    FP8_ASSIGN_OR_RETURN(Tensor one, new_f32(c, rows, g0.cols()));
-    for (int64_t e : active) {
-      FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], x_t->group[e], one, c.gemm));
-      FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, one, w[e].weight().grad));
-    }
-    return Status::Ok();
-  }
-  FP8_ASSIGN_OR_RETURN(Tensor dw,
-                       new_f32(c, static_cast<int64_t>(active.size()) * rows, g0.cols()));
-  std::vector<Tensor*> grads;
+  std::vector<GroupedFp8> dyts;  // alive until the grouped call
+  std::vector<Tensor> dws;
+  std::vector<std::vector<Tensor*>> grads(kinds.size());
   std::vector<Fp8GemmArgs> f8;
-  for (size_t i = 0; i < active.size(); ++i) {
-    const int64_t e = active[i];
-    Tensor slot = dw.slice_rows(static_cast<int64_t>(i) * rows, static_cast<int64_t>(i + 1) * rows);
-    f8.push_back({dyt.group[e], x_t->group[e], slot});
-    grads.push_back(&w[e].weight().grad);
+  for (size_t ki = 0; ki < kinds.size(); ++ki) {
+    const Wgrad& k = kinds[ki];
+    FP8_ASSIGN_OR_RETURN(GroupedFp8 dyt, c.be->quantize_transposed_groups(*k.dy, groups, c.qp));
+    const Tensor& g0 = (*k.w)[active[0]].weight().grad;
+    const int64_t rows = g0.rows();
+    if (g0.numel() % 4 != 0) {  // slots would break the GEMM output's 16-byte alignment
+      FP8_ASSIGN_OR_RETURN(Tensor one, new_f32(c, rows, g0.cols()));
+      for (int64_t e : active) {
+        FP8_RETURN_IF_ERROR(c.be->gemm_fp8(dyt.group[e], k.x_t->group[e], one, c.gemm));
+        FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, one, (*k.w)[e].weight().grad));
+      }
+      dws.emplace_back();
+      continue;
+    }
+    FP8_ASSIGN_OR_RETURN(Tensor dw,
+                         new_f32(c, static_cast<int64_t>(active.size()) * rows, g0.cols()));
+    for (size_t i = 0; i < active.size(); ++i) {
+      const int64_t e = active[i];
+      Tensor slot =
+          dw.slice_rows(static_cast<int64_t>(i) * rows, static_cast<int64_t>(i + 1) * rows);
+      f8.push_back({dyt.group[e], k.x_t->group[e], slot});
+      grads[ki].push_back(&(*k.w)[e].weight().grad);
+    }
+    dws.push_back(dw);
+    dyts.push_back(std::move(dyt));
   }
   FP8_RETURN_IF_ERROR(c.be->gemm_fp8_grouped(f8, c.gemm));
-  return c.be->axpy_batch(1.0f, dw, grads);
+  for (size_t ki = 0; ki < kinds.size(); ++ki) {
+    if (dws[ki].defined()) FP8_RETURN_IF_ERROR(c.be->axpy_batch(1.0f, dws[ki], grads[ki]));
+  }
+  return Status::Ok();
 }
 
 Status RoutedExperts::backward_weight(ModelCtx& c, int mb) {
@@ -203,9 +231,9 @@ Status RoutedExperts::backward_weight(ModelCtx& c, int mb) {
       FP8_RETURN_IF_ERROR(c.be->dequantize_groups(s->h.q, gr, hd));
       FP8_ASSIGN_OR_RETURN(ht, c.be->quantize_transposed_groups(hd, gr, c.qp));
     }
-    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->dg, s->x, &xt, w1_));
-    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->du, s->x, &xt, w3_));
-    FP8_RETURN_IF_ERROR(weight_grads(c, gr, s->dy, s->h, &ht, w2_));
+    const Wgrad kinds[] = {
+        {&s->dg, &s->x, &xt, &w1_}, {&s->du, &s->x, &xt, &w3_}, {&s->dy, &s->h, &ht, &w2_}};
+    FP8_RETURN_IF_ERROR(weight_grads(c, gr, kinds));
   }
   saved_.erase(mb);
   return Status::Ok();

@@ -52,14 +52,28 @@ class RoutedExperts {
   // is allocated here.
   Result<Tensor> gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind, bool dgrad,
                       int64_t n);
+  // Several such products (same n) in one grouped call, so a backend can run every expert's GEMM
+  // of every kind concurrently (w1 and w3 forward, their dgrads); one output each.
+  struct Product {
+    const Operand* a;
+    int kind;
+  };
+  Result<std::vector<Tensor>> gemms(ModelCtx& c, std::span<const Product> ps,
+                                    const RowGroups& groups, bool dgrad, int64_t n);
   std::vector<Linear>& weights(int kind) { return kind == 0 ? w1_ : kind == 1 ? w3_ : w2_; }
   // FP8: every expert's weights of each kind quantized 128x128 in one call per kind
   // (Backend::quantize_blocks_batch) and transposed in one (transpose_fp8_batch), per weight
   // version; the same bits as each Linear's own cache, in 6 calls instead of 6 per expert.
   Status refresh_fp8_weights(ModelCtx& c);
-  // W.grad += dY^T X per group with rows.
-  Status weight_grads(ModelCtx& c, const RowGroups& groups, const Tensor& dy, const Operand& x,
-                      const GroupedFp8* x_t, std::vector<Linear>& w);
+  // W.grad += dY^T X per group with rows, for each kind (x_t: FP8's 128x1 X^T), every kind's
+  // products in one grouped call.
+  struct Wgrad {
+    const Tensor* dy;
+    const Operand* x;
+    const GroupedFp8* x_t;
+    std::vector<Linear>* w;
+  };
+  Status weight_grads(ModelCtx& c, const RowGroups& groups, std::span<const Wgrad> kinds);
 
   std::vector<Linear> w1_, w3_, w2_;
   GroupedFp8 wq_[3], wq_t_[3];
