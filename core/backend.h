@@ -116,6 +116,10 @@ class Backend {
   // Exact transpose of a 128x128-quantized tensor (bytes and block scales), for Dgrad.
   virtual Result<Tensor> transpose_fp8(const Tensor& q) = 0;
   virtual Status dequantize(const Tensor& q, Tensor& out) = 0;  // out fp32, same shape
+  // quantize_transposed(dequantize(q)) for a 1x128-quantized q: a Wgrad operand made of the
+  // cached FP8 input, bit for bit those two calls (this default); a device does it in one pass.
+  virtual Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,
+                                               int64_t* nonfinite = nullptr);
   // Grouped FP8 (the MoE experts' activations in one pass, not one launch per expert). x is fp32
   // [M, K] with M = groups.total_rows(); each group's result equals, bit for bit, the ungrouped op
   // on that group's rows alone:
@@ -129,6 +133,11 @@ class Backend {
   virtual Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
                                                         QuantParams p) = 0;
   virtual Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) = 0;
+  // quantize_transposed_groups(dequantize_groups(q)) for a quantize_groups result q ([M, K]
+  // codes): the wgrad operand made of a cached 1x128 activation, bit for bit those two calls
+  // (this default); a device does it in one pass, the fp32 values never written to memory.
+  virtual Result<GroupedFp8> requantize_transposed_groups(const GroupedFp8& q,
+                                                          const RowGroups& groups, QuantParams p);
   // Same-shaped fp32 weights (a MoE layer's experts) quantized 128x128 in one pass: group z is
   // quantize(*ws[z], k128x128) bit for bit, codes stacked [count * R, C], scales stacked; and the
   // exact transposes (transpose_fp8) of every group of such a result, stacked [count * C, R].

@@ -272,6 +272,22 @@ Result<Tensor> Backend::zeros(const Shape& shape, DType dtype) {
   return t;
 }
 
+// The definitions: dequantize, then quantize 128x1 transposed.
+Result<Tensor> Backend::requantize_transposed(const Tensor& q, QuantParams p, int64_t* nonfinite) {
+  FP8_RETURN_IF_ERROR(checks::requantize_transposed(q));
+  FP8_ASSIGN_OR_RETURN(Tensor x, empty(q.shape(), DType::kF32));
+  FP8_RETURN_IF_ERROR(dequantize(q, x));
+  return quantize_transposed(x, p, nonfinite);
+}
+
+Result<GroupedFp8> Backend::requantize_transposed_groups(const GroupedFp8& q,
+                                                         const RowGroups& groups, QuantParams p) {
+  FP8_RETURN_IF_ERROR(checks::requantize_transposed_groups(q, groups));
+  FP8_ASSIGN_OR_RETURN(Tensor x, empty({q.codes.rows(), q.codes.cols()}, DType::kF32));
+  FP8_RETURN_IF_ERROR(dequantize_groups(q, groups, x));
+  return quantize_transposed_groups(x, groups, p);
+}
+
 // The grouped GEMMs' reference: one call after another.
 Status Backend::gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) {
   FP8_RETURN_IF_ERROR(checks::gemm_fp8_grouped(gs));

@@ -559,6 +559,43 @@ class CudaBackend final : public Backend {
     return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/true, p.pow2);
   }
 
+  Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,
+                                       int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(on_gpu("requantize_transposed", {&q}));
+    FP8_RETURN_IF_ERROR(checks::requantize_transposed(q));
+    const int64_t R = q.rows(), C = q.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor qt, empty({C, R}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
+    if (R * C > 0) {
+      FP8_GPU("requantize_transposed",
+              g::requantize_128x1_transposed(q.data_as<uint8_t>(), q.scale()->data_as<float>(),
+                                             fp8_format(q.dtype()), R, C, p, qt.data_as<uint8_t>(),
+                                             s.data_as<float>(), bad, cur()));
+    }
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
+    qt.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
+    return qt;
+  }
+
+  Result<GroupedFp8> requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups,
+                                                  QuantParams p) override {
+    FP8_RETURN_IF_ERROR(on_gpu("requantize_transposed_groups", {&q.codes, &q.scales, &groups.dev}));
+    FP8_RETURN_IF_ERROR(checks::requantize_transposed_groups(q, groups));
+    const int64_t M = q.codes.rows(), K = q.codes.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor qt, empty({K * M}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({K * groups.tiles.back()}, DType::kF32));
+    if (M * K > 0) {
+      FP8_GPU("requantize_transposed_groups",
+              g::requantize_128x1_transposed_groups(
+                  q.codes.data_as<uint8_t>(), q.scales.data_as<float>(),
+                  fp8_format(q.codes.dtype()), M, K, groups_dev(groups), groups.tiles.back(), p,
+                  qt.data_as<uint8_t>(), s.data_as<float>(), cur()));
+    }
+    return group_views(std::move(qt), std::move(s), groups, K, /*transposed=*/true, p.pow2);
+  }
+
   Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("dequantize_groups", {&q.codes, &q.scales, &groups.dev, &out}));
     FP8_RETURN_IF_ERROR(checks::dequantize_groups(q, groups, out));
@@ -1004,8 +1041,9 @@ class CudaBackend final : public Backend {
   // the group is one step of the calling stream. Concurrent small GEMMs fill the SMs that one
   // expert's few output tiles leave idle. Temporaries of a call are freed on its lane (temp()),
   // inputs and outputs after the join. On an error the lanes started are still joined. The side
-  // lanes are shared by every calling stream: groups issued from two streams (DualPipe's
-  // overlapped chunks) queue one after the other there, correct but less concurrent.
+  // lanes are shared by every calling stream (the model issues all compute on the compute
+  // stream): groups from two streams would queue one after the other there, correct but less
+  // concurrent.
   template <class F>
   Status fan_out(size_t n, F&& one) {
     const size_t L = std::min<size_t>(static_cast<size_t>(ctx_->gemm_streams), n);

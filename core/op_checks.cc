@@ -129,6 +129,25 @@ Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Ten
   return Status::Ok();
 }
 
+Status requantize_transposed(const Tensor& q) {
+  FP8_RETURN_IF_ERROR(fp8("requantize_transposed", q));
+  return need(q.rank() == 2 && q.granularity() == Granularity::k1x128, "requantize_transposed",
+              "a 1x128-quantized 2-D tensor is required", q);
+}
+
+Status requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups) {
+  const char* op = "requantize_transposed_groups";
+  FP8_RETURN_IF_ERROR(need(q.codes.defined() && is_fp8(q.codes.dtype()) && q.codes.rank() == 2 &&
+                               q.codes.rows() == groups.total_rows(),
+                           op, "codes must be a quantize_groups result [total_rows, K]", q.codes));
+  if (q.scales.numel() != groups.total_rows() * kernels::ceil_div(q.codes.cols(), 128) ||
+      static_cast<int64_t>(q.group.size()) != groups.count()) {
+    return FP8_INVALID("{}: scales {} are not quantize_groups' of codes {}", op,
+                       q.scales.describe(), q.codes.describe());
+  }
+  return Status::Ok();
+}
+
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out) {
   FP8_RETURN_IF_ERROR(fp8("gemm_fp8 A", a));
   FP8_RETURN_IF_ERROR(fp8("gemm_fp8 B", b));

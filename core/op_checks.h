@@ -37,6 +37,8 @@ Status dequantize(const Tensor& q, const Tensor& out);
 // quantize_groups / quantize_transposed_groups (x fp32 [total_rows, K]) and dequantize_groups.
 Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups);
 Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out);
+Status requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups);  // [M, K] codes
+Status requantize_transposed(const Tensor& q);                    // 1x128-quantized, 2-D
 Status quantize_blocks_batch(std::span<const Tensor* const> ws);  // same-shaped 2-D fp32
 Status transpose_fp8_batch(const GroupedFp8& q);                  // a quantize_blocks_batch result
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);

@@ -122,6 +122,16 @@ class ProfiledBackend final : public Backend {
     return timed("quantize_transposed_groups", 0,
                  [&] { return in_->quantize_transposed_groups(x, groups, p); });
   }
+  Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,
+                                       int64_t* nonfinite) override {
+    return timed("requantize_transposed", 0,
+                 [&] { return in_->requantize_transposed(q, p, nonfinite); });
+  }
+  Result<GroupedFp8> requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups,
+                                                  QuantParams p) override {
+    return timed("requantize_transposed_groups", 0,
+                 [&] { return in_->requantize_transposed_groups(q, groups, p); });
+  }
   Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
     return timed("dequantize_groups", 0, [&] { return in_->dequantize_groups(q, groups, out); });
   }

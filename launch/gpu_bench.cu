@@ -324,6 +324,45 @@ QuantRow bench_quant(const std::string& name, int64_t R, int64_t C, Granularity 
   return row;
 }
 
+// A wgrad operand from a cached 1x128 FP8 activation: the fused requantize (codes dequantized in
+// the tile) or, `two_step`, dequantize to fp32 then quantize 128x1 transposed. GB/s counts the
+// FP8 bytes in and out (+ scales) for both, so their ratio is the time ratio.
+QuantRow bench_requant(const std::string& name, int64_t R, int64_t C, bool two_step, double copy,
+                       Timer& timer) {
+  QuantRow row{name, R, C};
+  const int64_t n = R * C, KB = ceil_div(C, 128), ns = scale_count(Granularity::k128x1, R, C);
+  Dev<uint8_t> qin(n), q(n);
+  Dev<float> sx(KB * R), s(ns), xf(two_step ? n : 0);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_fp8)(qin.p, n, 13);
+  FP8PIPE_KERNEL(kFillGrid, kFillBlock, nullptr, fill_f32)(sx.p, sx.n, 14, 0.5f, 2.0f);
+  BENCH_CHECK_CUDA(cudaDeviceSynchronize());
+  const QuantParams p{Fp8Format::kE4M3, true};
+  auto fn = [&](cudaStream_t st) {
+    if (!two_step) {
+      return ok(requantize_128x1_transposed(qin.p, sx.p, Fp8Format::kE4M3, R, C, p, q.p, s.p,
+                                            nullptr, st),
+                name);
+    }
+    return ok(dequantize(qin.p, sx.p, R, C, Granularity::k1x128, Fp8Format::kE4M3, xf.p, st),
+              name) &&
+           ok(quantize_128x1_transposed(xf.p, R, C, p, q.p, s.p, nullptr, st), name);
+  };
+  Timing t;
+  if (!timer.time(fn, &t)) return row;
+  const double bytes = 2.0 * n + double(KB * R + ns) * 4;
+  row.median_ms = t.median_ms;
+  row.gbps = bytes / (t.median_ms * 1e6);
+  row.pct = 100.0 * row.gbps / copy;
+  if (g_json) {
+    std::fprintf(g_json,
+                 "{\"kind\":\"requantize\",\"name\":\"%s\",\"R\":%lld,\"C\":%lld,\"bytes\":%.0f,"
+                 "\"median_ms\":%.5f,\"mean_ms\":%.5f,\"gbps\":%.1f,\"pct_of_copy\":%.1f}\n",
+                 name.c_str(), static_cast<long long>(R), static_cast<long long>(C), bytes,
+                 t.median_ms, t.mean_ms, row.gbps, row.pct);
+  }
+  return row;
+}
+
 int run(const Options& o) {
   int dev = 0;
   cudaDeviceProp prop{};
@@ -359,6 +398,8 @@ int run(const Options& o) {
       bench_quant("128x128 fp32", R, C, Granularity::k128x128, false, false, copy, timer));
   qrows.push_back(
       bench_quant("tensor bf16", R, C, Granularity::kPerTensor, true, false, copy, timer));
+  qrows.push_back(bench_requant("requant 128x1^T", R, C, false, copy, timer));
+  qrows.push_back(bench_requant("deq+quant 128x1^T", R, C, true, copy, timer));
   if (!o.quick && !o.smoke)
     qrows.push_back(
         bench_quant("1x128 bf16 (4096)", 4096, C, Granularity::k1x128, true, false, copy, timer));

@@ -224,12 +224,8 @@ Status RoutedExperts::backward_weight(ModelCtx& c, int mb) {
     // w1 and w3 share theirs (SwiGLU::backward_weight).
     GroupedFp8 xt, ht;
     if (c.precision == Precision::kFP8) {
-      FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, gr.total_rows(), dim_));
-      FP8_RETURN_IF_ERROR(c.be->dequantize_groups(s->x.q, gr, xd));
-      FP8_ASSIGN_OR_RETURN(xt, c.be->quantize_transposed_groups(xd, gr, c.qp));
-      FP8_ASSIGN_OR_RETURN(Tensor hd, new_f32(c, gr.total_rows(), hidden_));
-      FP8_RETURN_IF_ERROR(c.be->dequantize_groups(s->h.q, gr, hd));
-      FP8_ASSIGN_OR_RETURN(ht, c.be->quantize_transposed_groups(hd, gr, c.qp));
+      FP8_ASSIGN_OR_RETURN(xt, c.be->requantize_transposed_groups(s->x.q, gr, c.qp));
+      FP8_ASSIGN_OR_RETURN(ht, c.be->requantize_transposed_groups(s->h.q, gr, c.qp));
     }
     const Wgrad kinds[] = {
         {&s->dg, &s->x, &xt, &w1_}, {&s->du, &s->x, &xt, &w3_}, {&s->dy, &s->h, &ht, &w2_}};

@@ -121,12 +121,11 @@ Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
 Result<Tensor> Linear::weight_grad_input(ModelCtx& c, int mb) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   if (!use_fp8(c)) return s->x;
-  // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed).
-  FP8_ASSIGN_OR_RETURN(Tensor xd, new_f32(c, s->xq.rows(), in_));
-  FP8_RETURN_IF_ERROR(c.be->dequantize(s->xq, xd));
+  // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed), in one
+  // pass on a device (Backend::requantize_transposed).
   int64_t bad = 0;
-  FP8_ASSIGN_OR_RETURN(Tensor xt,
-                       c.be->quantize_transposed(xd, c.qp, c.count_nonfinite ? &bad : nullptr));
+  FP8_ASSIGN_OR_RETURN(
+      Tensor xt, c.be->requantize_transposed(s->xq, c.qp, c.count_nonfinite ? &bad : nullptr));
   c.nonfinite_groups += bad;
   return xt;
 }

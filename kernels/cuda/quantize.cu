@@ -117,6 +117,27 @@ __device__ __forceinline__ uint8_t encode1(float x, float inv) {
   return static_cast<uint8_t>(cvt2<F>(__fmul_rn(x, inv), 0.0f) & 0xFFu);
 }
 
+// Two FP8 codes (lo byte first) -> two floats, exact. Decode through the hardware e4m3/e5m2 ->
+// f16 -> f32 cvt (equal to fp8_to_float for all 256 codes: checked by codec_check.cu).
+template <Fp8Format F>
+__device__ __forceinline__ float2 decode2(uint16_t two) {
+#ifdef FP8PIPE_CUDA_EMU
+  // No PTX on the CPU emulation: fp8_codec.h's decoder (what codec_check.cu compares with this
+  // instruction on a GPU).
+  return make_float2(fp8_to_float(static_cast<uint8_t>(two & 0xFFu), F),
+                     fp8_to_float(static_cast<uint8_t>(two >> 8), F));
+#else
+  uint32_t h2;
+  if constexpr (F == Fp8Format::kE4M3) {
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
+  } else {
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(h2) : "h"(two));
+  }
+  __half2 h = *reinterpret_cast<__half2*>(&h2);
+  return __half22float2(h);
+#endif
+}
+
 // FP8.md §2.2 from the amax bits (as computed above); mirrors compute_scale() in quantize.cc.
 struct Scale {
   float sf, inv;
@@ -262,11 +283,25 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kTc = 64;
 
-template <class T, Fp8Format F, bool kTranspose>
+// An FP8 1x128 input (kFp8In): codes [R][C] and the VEC128 scales of quantize_groups' layout
+// (a group's s[kb * n + r] from its first row's offset * KB); the tile holds decode(q) * s, the
+// dequantized values (dequant_kernel's bits), so requantizing needs no fp32 copy in memory.
+struct Fp8Src {
+  const uint8_t* q = nullptr;
+  const float* s = nullptr;
+  Fp8Format fmt = Fp8Format::kE4M3;
+};
+
+__device__ __forceinline__ float2 decode2_any(uint16_t two, Fp8Format f) {
+  return f == Fp8Format::kE4M3 ? decode2<Fp8Format::kE4M3>(two) : decode2<Fp8Format::kE5M2>(two);
+}
+
+template <class T, Fp8Format F, bool kTranspose, bool kFp8In = false>
 __global__ void __launch_bounds__(kThreads)
     q128x1_kernel(const T* __restrict__ x, int64_t R, int64_t C, bool pow2, bool vec_in,
                   bool vec_out, GroupsDev gr, uint8_t* __restrict__ q, float* __restrict__ s,
-                  int* nonfinite) {
+                  int* nonfinite, Fp8Src src) {
+  static_assert(!kFp8In || std::is_same_v<T, float>, "FP8 input dequantizes to fp32");
   constexpr int kPerVec = Elem<T>::kPerVec;
   constexpr int kVecPerRow = kTc / kPerVec;  // 16 (fp32) or 8 (bf16)
   __shared__ __align__(16) T tile[kG][kTc];
@@ -286,7 +321,35 @@ __global__ void __launch_bounds__(kThreads)
   const T* xg = x + gbeg * C;
   const int t = threadIdx.x;
 
-  if (vec_in) {
+  if constexpr (kFp8In) {
+    // The tile's 64 columns lie in one k-block: one scale per row. vec_in: 4 codes per load.
+    const int64_t KB = (C + kG - 1) / kG;
+    const float* sg = src.s + gbeg * KB + (c0 / kG) * gn;  // by row within the group
+    const uint8_t* qg = src.q + gbeg * C;
+    if (vec_in) {
+      for (int idx = t; idx < kG * kTc / 4; idx += kThreads) {
+        const int row = idx / (kTc / 4), cv = (idx % (kTc / 4)) * 4;
+        const int64_t r = l0 + row, c = c0 + cv;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < gn && c < C) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(qg + r * C + c);
+          const float sf = sg[r];
+          const float2 a = decode2_any(static_cast<uint16_t>(w & 0xFFFFu), src.fmt);
+          const float2 b = decode2_any(static_cast<uint16_t>(w >> 16), src.fmt);
+          v = make_float4(__fmul_rn(a.x, sf), __fmul_rn(a.y, sf), __fmul_rn(b.x, sf),
+                          __fmul_rn(b.y, sf));
+        }
+        *reinterpret_cast<float4*>(&tile[row][cv]) = v;
+      }
+    } else {
+      for (int idx = t; idx < kG * kTc; idx += kThreads) {
+        const int row = idx / kTc, col = idx % kTc;
+        const int64_t r = l0 + row, c = c0 + col;
+        tile[row][col] =
+            (r < gn && c < C) ? __fmul_rn(decode2_any(qg[r * C + c], src.fmt).x, sg[r]) : 0.0f;
+      }
+    }
+  } else if (vec_in) {
     constexpr int kIters = kG * kVecPerRow / kThreads;  // 8 or 4
     uint4 v[kIters];
 #pragma unroll
@@ -498,27 +561,7 @@ __global__ void finalize_tensor_kernel(float* s, bool pow2, float fmax, int* non
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize: out = f32(decode(q) * s). Decode through the hardware e4m3/e5m2 -> f16 -> f32 cvt
-// (exact, equal to fp8_to_float for all 256 codes: checked by codec_check.cu).
-
-template <Fp8Format F>
-__device__ __forceinline__ float2 decode2(uint16_t two) {
-#ifdef FP8PIPE_CUDA_EMU
-  // No PTX on the CPU emulation: fp8_codec.h's decoder (what codec_check.cu compares with this
-  // instruction on a GPU).
-  return make_float2(fp8_to_float(static_cast<uint8_t>(two & 0xFFu), F),
-                     fp8_to_float(static_cast<uint8_t>(two >> 8), F));
-#else
-  uint32_t h2;
-  if constexpr (F == Fp8Format::kE4M3) {
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
-  } else {
-    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(h2) : "h"(two));
-  }
-  __half2 h = *reinterpret_cast<__half2*>(&h2);
-  return __half22float2(h);
-#endif
-}
+// Dequantize: out = f32(decode(q) * s), decode2 above.
 
 __device__ __forceinline__ float scale_at(const float* s, Granularity g, int64_t R, int64_t C,
                                           int64_t r, int64_t c, const GroupsDev& gr) {
@@ -635,7 +678,7 @@ Result quantize_t(const T* x, int64_t R, int64_t C, Granularity g, QuantParams p
       const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(RB));
       const bool vec_in = C % kPerVec == 0 && aligned(x, 16);
       FP8PIPE_KERNEL(grid, kThreads, st, q128x1_kernel<T, F, false>)
-      (x, R, C, p.pow2, vec_in, false, GroupsDev{}, q, s, nonfinite);
+      (x, R, C, p.pow2, vec_in, false, GroupsDev{}, q, s, nonfinite, Fp8Src{});
       break;
     }
     case Granularity::k128x128: {
@@ -699,7 +742,23 @@ Result q128x1_t_launch(const T* x, int64_t R, int64_t C, QuantParams p, uint8_t*
   const bool vec_in = C % Elem<T>::kPerVec == 0 && aligned(x, 16);
   const bool vec_out = R % 16 == 0 && aligned(qt, 16);  // grouped: each group's rows checked too
   FP8PIPE_KERNEL(grid, kThreads, st, q128x1_kernel<T, F, true>)
-  (x, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite);
+  (x, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite, Fp8Src{});
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
+// The 128x1 transposed quantization of an FP8 1x128 tensor (or of its row groups), dequantized
+// in the tile.
+template <Fp8Format F>
+Result requant_t_launch(const Fp8Src& src, int64_t R, int64_t C, GroupsDev gr, int64_t tiles,
+                        QuantParams p, uint8_t* qt, float* s, int* nonfinite, cudaStream_t st) {
+  FP8PIPE_REQUIRE(tiles <= 65535 && ceil_div(C, kTc) < (1ll << 31), "requantize: too many rows");
+  if (tiles == 0) return Result::Ok();
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, kTc)), static_cast<unsigned>(tiles));
+  const bool vec_in = C % 4 == 0 && aligned(src.q, 4);
+  const bool vec_out = R % 16 == 0 && aligned(qt, 16);
+  FP8PIPE_KERNEL(grid, kThreads, st, q128x1_kernel<float, F, true, true>)
+  (nullptr, R, C, p.pow2, vec_in, vec_out, gr, qt, s, nonfinite, src);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }
@@ -769,6 +828,34 @@ Result quantize_128x1_transposed_groups(const float* x, int64_t rows, int64_t co
                                         GroupsDev groups, int64_t tiles, QuantParams p, uint8_t* qt,
                                         float* s, int* nonfinite, cudaStream_t stream) {
   return q128x1_t_any(x, rows, cols, p, qt, s, nonfinite, stream, groups, tiles);
+}
+
+Result requantize_128x1_transposed_groups(const uint8_t* q, const float* s, Fp8Format in_fmt,
+                                          int64_t rows, int64_t cols, GroupsDev groups,
+                                          int64_t tiles, QuantParams p, uint8_t* qt, float* so,
+                                          cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return Result::Ok();
+  const Fp8Src src{q, s, in_fmt};
+  if (p.fmt == Fp8Format::kE4M3) {
+    return requant_t_launch<Fp8Format::kE4M3>(src, rows, cols, groups, tiles, p, qt, so, nullptr,
+                                              stream);
+  }
+  return requant_t_launch<Fp8Format::kE5M2>(src, rows, cols, groups, tiles, p, qt, so, nullptr,
+                                            stream);
+}
+
+Result requantize_128x1_transposed(const uint8_t* q, const float* s, Fp8Format in_fmt, int64_t rows,
+                                   int64_t cols, QuantParams p, uint8_t* qt, float* so,
+                                   int* nonfinite, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return Result::Ok();
+  const Fp8Src src{q, s, in_fmt};
+  const int64_t tiles = ceil_div(rows, kG);
+  if (p.fmt == Fp8Format::kE4M3) {
+    return requant_t_launch<Fp8Format::kE4M3>(src, rows, cols, GroupsDev{}, tiles, p, qt, so,
+                                              nonfinite, stream);
+  }
+  return requant_t_launch<Fp8Format::kE5M2>(src, rows, cols, GroupsDev{}, tiles, p, qt, so,
+                                            nonfinite, stream);
 }
 
 Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,

@@ -67,6 +67,16 @@ Result quantize_1x128_groups(const float* x, int64_t rows, int64_t cols, GroupsD
 Result quantize_128x1_transposed_groups(const float* x, int64_t rows, int64_t cols,
                                         GroupsDev groups, int64_t tiles, QuantParams p, uint8_t* qt,
                                         float* s, int* nonfinite, cudaStream_t stream);
+// quantize_128x1_transposed_groups of dequantize_1x128_groups(q, s) in one pass (the fp32
+// values live only in shared memory): bit-identical to the two calls.
+Result requantize_128x1_transposed_groups(const uint8_t* q, const float* s, Fp8Format in_fmt,
+                                          int64_t rows, int64_t cols, GroupsDev groups,
+                                          int64_t tiles, QuantParams p, uint8_t* qt, float* so,
+                                          cudaStream_t stream);
+// The same for one 1x128-quantized tensor: quantize_128x1_transposed(dequantize(q, s)).
+Result requantize_128x1_transposed(const uint8_t* q, const float* s, Fp8Format in_fmt, int64_t rows,
+                                   int64_t cols, QuantParams p, uint8_t* qt, float* so,
+                                   int* nonfinite, cudaStream_t stream);
 Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,
                                GroupsDev groups, Fp8Format fmt, float* out, cudaStream_t stream);
 

@@ -240,7 +240,9 @@ TEST(CpuBackend, GatherRowsScaledIsScatterIntoZeros) {
     }
     EXPECT_EQ(std::memcmp(got.data(), want.data(), want.nbytes()), 0) << weighted;
     // +0, not -0, where the input is -0 (row 2 gathered unweighted at i = 0)
-    if (!weighted) EXPECT_FALSE(std::signbit(got.data_as<float>()[0]));
+    if (!weighted) {
+      EXPECT_FALSE(std::signbit(got.data_as<float>()[0]));
+    }
   }
   Tensor short_w = randn(*be, {n - 1}, 23), out = be->empty({n, D}, DType::kF32).value();
   const Status s = be->gather_rows_scaled(in, rows, short_w, out);
