@@ -133,6 +133,17 @@ class Backend {
   virtual Result<GroupedFp8> quantize_transposed_groups(const Tensor& x, const RowGroups& groups,
                                                         QuantParams p) = 0;
   virtual Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) = 0;
+  // The MoE experts' FP8 input without an fp32 copy: codes [n, K] (FP8) and scales (f32) of
+  // tokens quantized 1x128, the scales in the VEC128 layout of in_groups (one group {0, n}: a
+  // plain quantize result; groups per source rank: rows received over the all-to-all). Row j of
+  // the result (M = groups.total_rows() rows, groups' layout) is row rows[i], i = pad[j] (pad
+  // defined, i32 [M]) or j (rows i32 [M]), and a zero row (codes 0, the scale of an all-zero
+  // block) where i < 0. Since 1x128 scaling is per row, that is bit for bit quantize_groups of
+  // the gathered fp32 rows (but for -0, which keeps its sign code here).
+  virtual Result<GroupedFp8> gather_fp8_groups(const Tensor& codes, const Tensor& scales,
+                                               const RowGroups& in_groups, bool pow2,
+                                               const Tensor& rows, const Tensor& pad,
+                                               const RowGroups& groups) = 0;
   // quantize_transposed_groups(dequantize_groups(q)) for a quantize_groups result q ([M, K]
   // codes): the wgrad operand made of a cached 1x128 activation, bit for bit those two calls
   // (this default); a device does it in one pass, the fp32 values never written to memory.

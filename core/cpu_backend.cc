@@ -145,6 +145,42 @@ class CpuBackend final : public CpuOps {
     return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/true, p.pow2);
   }
 
+  Result<GroupedFp8> gather_fp8_groups(const Tensor& codes, const Tensor& scales,
+                                       const RowGroups& in_groups, bool pow2, const Tensor& rows,
+                                       const Tensor& pad, const RowGroups& groups) override {
+    FP8_RETURN_IF_ERROR(checks::gather_fp8_groups(codes, scales, in_groups, rows, pad, groups));
+    const int64_t K = codes.cols(), KB = k::ceil_div(K, 128), M = groups.total_rows();
+    FP8_ASSIGN_OR_RETURN(Tensor out, empty({M, K}, codes.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({M * KB}, DType::kF32));
+    float zero_scale = 0, inv = 0;
+    k::compute_scale(0.0f, {fp8_format(codes.dtype()), pow2}, &zero_scale, &inv);
+    const uint8_t* qc = codes.data_as<uint8_t>();
+    const float* qs = scales.data_as<float>();
+    const int32_t* rv = rows.data_as<int32_t>();
+    const int32_t* pv = pad.defined() ? pad.data_as<int32_t>() : nullptr;
+    const std::vector<int64_t>& io = in_groups.offsets;
+    for (int64_t g = 0; g < groups.count(); ++g) {
+      const int64_t lo = groups.offsets[g], ng = groups.rows(g);
+      for (int64_t r = lo; r < lo + ng; ++r) {
+        const int64_t i = pv ? pv[r] : r;
+        const int64_t src = i < 0 ? -1 : rv[i];
+        uint8_t* dst = out.data_as<uint8_t>() + r * K;
+        float* srow = s.data_as<float>() + lo * KB + (r - lo);  // + kb * ng
+        if (src < 0) {
+          std::memset(dst, 0, static_cast<size_t>(K));
+          for (int64_t kb = 0; kb < KB; ++kb) srow[kb * ng] = zero_scale;
+          continue;
+        }
+        std::memcpy(dst, qc + src * K, static_cast<size_t>(K));
+        // src's group in the input: the last with io[h] <= src (an empty group is never it)
+        const int64_t h = std::upper_bound(io.begin(), io.end(), src) - io.begin() - 1;
+        const int64_t o = io[h], nh = io[h + 1] - o;
+        for (int64_t kb = 0; kb < KB; ++kb) srow[kb * ng] = qs[o * KB + kb * nh + (src - o)];
+      }
+    }
+    return group_views(std::move(out), std::move(s), groups, K, /*transposed=*/false, pow2);
+  }
+
   Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, Tensor& out) override {
     FP8_RETURN_IF_ERROR(checks::dequantize_groups(q, groups, out));
     const int64_t K = out.cols(), KB = k::ceil_div(K, 128);

@@ -559,6 +559,26 @@ class CudaBackend final : public Backend {
     return group_views(std::move(q), std::move(s), groups, K, /*transposed=*/true, p.pow2);
   }
 
+  Result<GroupedFp8> gather_fp8_groups(const Tensor& codes, const Tensor& scales,
+                                       const RowGroups& in_groups, bool pow2, const Tensor& rows,
+                                       const Tensor& pad, const RowGroups& groups) override {
+    FP8_RETURN_IF_ERROR(
+        on_gpu("gather_fp8_groups", {&codes, &scales, &in_groups.dev, &rows, &groups.dev}));
+    if (pad.defined()) FP8_RETURN_IF_ERROR(on_gpu("gather_fp8_groups", {&pad}));
+    FP8_RETURN_IF_ERROR(checks::gather_fp8_groups(codes, scales, in_groups, rows, pad, groups));
+    const int64_t n = codes.rows(), K = codes.cols(), M = groups.total_rows();
+    FP8_ASSIGN_OR_RETURN(Tensor out, empty({M, K}, codes.dtype()));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({M * k::ceil_div(K, 128)}, DType::kF32));
+    float zero_scale = 0, inv = 0;  // an all-zero block's scale, as the quantize kernels make it
+    k::compute_scale(0.0f, {fp8_format(codes.dtype()), pow2}, &zero_scale, &inv);
+    FP8_GPU("gather_fp8_groups",
+            g::gather_fp8_rows(
+                codes.data_as<uint8_t>(), scales.data_as<float>(), n, K, groups_dev(in_groups),
+                rows.data_as<int32_t>(), pad.defined() ? pad.data_as<int32_t>() : nullptr, M,
+                groups_dev(groups), zero_scale, out.data_as<uint8_t>(), s.data_as<float>(), cur()));
+    return group_views(std::move(out), std::move(s), groups, K, /*transposed=*/false, pow2);
+  }
+
   Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,
                                        int64_t* nonfinite) override {
     FP8_RETURN_IF_ERROR(on_gpu("requantize_transposed", {&q}));

@@ -129,6 +129,24 @@ Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Ten
   return Status::Ok();
 }
 
+Status gather_fp8_groups(const Tensor& codes, const Tensor& scales, const RowGroups& in_groups,
+                         const Tensor& rows, const Tensor& pad, const RowGroups& groups) {
+  const char* op = "gather_fp8_groups";
+  FP8_RETURN_IF_ERROR(need(codes.defined() && is_fp8(codes.dtype()) && codes.rank() == 2 &&
+                               codes.rows() == in_groups.total_rows(),
+                           op, "codes must be FP8 [in_groups' rows, K]", codes));
+  FP8_RETURN_IF_ERROR(f32(op, {&scales}));
+  FP8_RETURN_IF_ERROR(need(scales.numel() == codes.rows() * kernels::ceil_div(codes.cols(), 128),
+                           op, "scales must hold one per row and 128 columns of codes", scales));
+  FP8_RETURN_IF_ERROR(i32(op, rows));
+  const int64_t M = groups.total_rows();
+  if (pad.defined()) {
+    FP8_RETURN_IF_ERROR(i32(op, pad));
+    return need(pad.numel() == M, op, "pad must have one entry per output row", pad);
+  }
+  return need(rows.numel() == M, op, "rows must have one entry per output row", rows);
+}
+
 Status requantize_transposed(const Tensor& q) {
   FP8_RETURN_IF_ERROR(fp8("requantize_transposed", q));
   return need(q.rank() == 2 && q.granularity() == Granularity::k1x128, "requantize_transposed",

@@ -38,7 +38,9 @@ Status dequantize(const Tensor& q, const Tensor& out);
 Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups);
 Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out);
 Status requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups);  // [M, K] codes
-Status requantize_transposed(const Tensor& q);                    // 1x128-quantized, 2-D
+Status requantize_transposed(const Tensor& q);  // 1x128-quantized, 2-D
+Status gather_fp8_groups(const Tensor& codes, const Tensor& scales, const RowGroups& in_groups,
+                         const Tensor& rows, const Tensor& pad, const RowGroups& groups);
 Status quantize_blocks_batch(std::span<const Tensor* const> ws);  // same-shaped 2-D fp32
 Status transpose_fp8_batch(const GroupedFp8& q);                  // a quantize_blocks_batch result
 Status gemm_fp8(const Tensor& a, const Tensor& b, const Tensor& out);

@@ -122,6 +122,13 @@ class ProfiledBackend final : public Backend {
     return timed("quantize_transposed_groups", 0,
                  [&] { return in_->quantize_transposed_groups(x, groups, p); });
   }
+  Result<GroupedFp8> gather_fp8_groups(const Tensor& codes, const Tensor& scales,
+                                       const RowGroups& in_groups, bool pow2, const Tensor& rows,
+                                       const Tensor& pad, const RowGroups& groups) override {
+    return timed("gather_fp8_groups", 0, [&] {
+      return in_->gather_fp8_groups(codes, scales, in_groups, pow2, rows, pad, groups);
+    });
+  }
   Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,
                                        int64_t* nonfinite) override {
     return timed("requantize_transposed", 0,

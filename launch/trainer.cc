@@ -42,6 +42,7 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.attention_gemm = attn == "gemm" || attn == "gemm_bf16" || (attn == "auto" && gpu);
   c.attention_bf16 = attn == "gemm_bf16" || (attn == "auto" && gpu);
   c.count_nonfinite = false;  // a synchronization per quantization on a GPU (module.h)
+  c.fp8_dispatch = cfg.precision().fp8_dispatch();
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.
   if (c.precision == model::Precision::kFP8 && be->device() != Device::kCpu) {

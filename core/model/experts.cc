@@ -112,11 +112,33 @@ Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
   s.groups = groups;
   // w1 and w3 read the same x: one operand for both (SwiGLU::forward)
   FP8_ASSIGN_OR_RETURN(s.x, operand(c, x, groups));
+  return forward_from(c, s, x.rows());
+}
+
+Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, GroupedFp8 xq, const RowGroups& groups) {
+  const int64_t M = groups.total_rows();
+  if (c.precision != Precision::kFP8 || groups.count() != count() || xq.codes.rank() != 2 ||
+      xq.codes.rows() != M || xq.codes.cols() != dim_ ||
+      static_cast<int64_t>(xq.group.size()) != count()) {
+    return FP8_INVALID(
+        "experts: an FP8 input {} is not quantize_groups of [{} rows of {} groups, "
+        "{}] (or the precision is not FP8)",
+        xq.codes.describe(), M, count(), dim_);
+  }
+  Saved& s = saved_.put(mb);
+  s = Saved{};
+  s.groups = groups;
+  s.x.q = std::move(xq);
+  return forward_from(c, s, M);
+}
+
+Result<Tensor> RoutedExperts::forward_from(ModelCtx& c, Saved& s, int64_t rows) {
+  const RowGroups& groups = s.groups;
   const Product gu[] = {{&s.x, 0}, {&s.x, 1}};
   FP8_ASSIGN_OR_RETURN(std::vector<Tensor> out, gemms(c, gu, groups, false, hidden_));
   s.g = out[0];
   s.u = out[1];
-  FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), hidden_));
+  FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, rows, hidden_));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
   FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, groups));

@@ -25,6 +25,9 @@ class RoutedExperts {
               int64_t hidden, uint64_t seed, float std);
   // x [groups.total_rows(), dim], group e holding local expert e's rows -> y of the same shape.
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, const RowGroups& groups);
+  // FP8 only: the same from the input already quantized as quantize_groups would (the MoE's
+  // Backend::gather_fp8_groups of its tokens quantized once), so no fp32 copy is made.
+  Result<Tensor> forward(ModelCtx& c, int mb, GroupedFp8 xq, const RowGroups& groups);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);  // -> dx like x
   // Weight gradients of every expert with rows; frees mb's saved state (also when no backward
   // input ran, as for a micro-batch that routed no rows here).
@@ -47,6 +50,7 @@ class RoutedExperts {
     Tensor dy, dg, du;  // the output gradients of w2, w1, w3 (bf16 tensors on the bf16 path)
   };
   Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
+  Result<Tensor> forward_from(ModelCtx& c, Saved& s, int64_t rows);  // s.x set
   // out [rows, n] = per group: a_g . W^T (forward) or a_g . W (dgrad, dgrad = true) with W the
   // group's expert of weight `kind` (0 w1, 1 w3, 2 w2), then the output rounding of Linear; out
   // is allocated here.

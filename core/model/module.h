@@ -43,6 +43,9 @@ struct ModelCtx {
   // nodes once per node, then are forwarded inside the node (parallel.ep_dispatch).
   ExpertComm* ep = nullptr;
   bool ep_two_level = false;
+  // FP8 with an ep group: tokens cross the dispatch all-to-all as FP8 codes and 1x128 scales
+  // (precision.fp8_dispatch), quantized once at their source; the same bits as fp32 rows.
+  bool fp8_dispatch = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.

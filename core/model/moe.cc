@@ -111,13 +111,24 @@ struct MoE::Impl {
   Result<std::vector<int64_t>> exchange_counts(ModelCtx& c, const std::vector<int64_t>& send,
                                                int per_peer) const;
   Status exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc, Tensor& recv,
-                       std::span<const int64_t> rc) const;
-  Result<Tensor> hop_forward(ModelCtx& c, const Tensor& x, std::vector<Rec>& recs, int which,
-                             Hop& hop, int64_t& stats_cross) const;
+                       std::span<const int64_t> rc, int64_t row_bytes) const;
+  // Tokens as FP8 on their way to the experts (ModelCtx::fp8_dispatch): quantized 1x128 once at
+  // their source; codes [rows, hidden] and scales in the VEC128 layout of `groups` (one group at
+  // the source, then one per sending rank).
+  struct Fp8Rows {
+    Tensor codes, scales;
+    RowGroups groups;
+  };
+  Status hop_plan(ModelCtx& c, int64_t n_in, std::vector<Rec>& recs, int which, Hop& hop,
+                  int64_t& stats_cross) const;
   Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
+  Result<Fp8Rows> quantize_rows(ModelCtx& c, const Tensor& x) const;
+  Result<Fp8Rows> move_fp8_rows(ModelCtx& c, const Fp8Rows& x, const Hop& hop) const;
   Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const;
-  Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
-  Result<Tensor> expert_rows(ModelCtx& c, int mb, const Tensor& x_last, Saved& s);
+  Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
+                             Saved& s);
+  Result<Tensor> expert_rows(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
+                             Saved& s);
   Status plan_padding(ModelCtx& c, Saved& s) const;
   Result<Tensor> pad_rows(ModelCtx& c, const Saved& s, const Tensor& rows) const;
   Result<Tensor> unpad_rows(ModelCtx& c, const Saved& s, const Tensor& padded) const;
@@ -183,7 +194,7 @@ Result<Tensor> MoE::Impl::dispatch_direct(ModelCtx& c, int mb, const Tensor& x, 
   FP8_ASSIGN_OR_RETURN(Tensor all_gates, s.gates_sel.reshape({nk, 1}));
   if (nk > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(all_gates, order, s.gates));
   FP8_ASSIGN_OR_RETURN(s.gates, s.gates.reshape({nk}));
-  return expert_rows(c, mb, x, s);
+  return expert_rows(c, mb, x, nullptr, s);
 }
 
 // The kept assignments in token order. With a capacity factor an expert keeps its first
@@ -221,18 +232,19 @@ Status MoE::Impl::exchange(ModelCtx& c, const void* send, std::span<const int64_
   return c.wait(c.ep->all_to_all(send, sc, recv, rc, row_bytes));
 }
 
-// exchange() of token rows held in tensors [rows, hidden]. Without an ep group, device tensors
-// are copied by the backend (the host memcpy of exchange() cannot reach device memory).
+// exchange() of rows of `row_bytes` held in tensors (token rows [rows, hidden] fp32; FP8 codes
+// and their scales). Without an ep group, device tensors are copied by the backend (the host
+// memcpy of exchange() cannot reach device memory).
 Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc,
-                                Tensor& recv, std::span<const int64_t> rc) const {
+                                Tensor& recv, std::span<const int64_t> rc,
+                                int64_t row_bytes) const {
   if (!c.ep && send.device() != Device::kCpu) {
     if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
     return c.be->copy(send, recv);
   }
-  const int64_t row_bytes = hidden * int64_t{sizeof(float)};
   if (c.ep && send.device() != Device::kCpu && !c.ep->device_buffers()) {  // host-only comm
     FP8_ASSIGN_OR_RETURN(Tensor hs, c.be->to_host(send));
-    FP8_ASSIGN_OR_RETURN(Tensor hr, make_cpu_backend()->empty(recv.shape(), DType::kF32));
+    FP8_ASSIGN_OR_RETURN(Tensor hr, make_cpu_backend()->empty(recv.shape(), recv.dtype()));
     FP8_RETURN_IF_ERROR(exchange(c, hs.data(), sc, hr.data(), rc, row_bytes));
     return c.be->copy(hr, recv);
   }
@@ -252,15 +264,15 @@ Result<std::vector<int64_t>> MoE::Impl::exchange_counts(ModelCtx& c,
 // two-level hop 0: the rank with this rank's local index on the owner's node, hop 1: the owner),
 // each row once per destination; counts first, then rows and records. On return `recs` are the
 // records that arrived here, their rows indexing the returned buffer.
-Result<Tensor> MoE::Impl::hop_forward(ModelCtx& c, const Tensor& x, std::vector<Rec>& recs,
-                                      int which, Hop& hop, int64_t& stats_cross) const {
+Status MoE::Impl::hop_plan(ModelCtx& c, int64_t n_in, std::vector<Rec>& recs, int which, Hop& hop,
+                           int64_t& stats_cross) const {
   auto dest = [&](const Rec& r) {
     const int o = owner(r.e);
     return which == 0 && c.ep_two_level && per_node < P ? o / per_node * per_node + me % per_node
                                                         : o;
   };
   hop = Hop{};
-  hop.n_in = x.rows();
+  hop.n_in = n_in;
   hop.send_rows.assign(P, 0);
   std::vector<std::vector<Rec>> by(P);
   for (const Rec& r : recs) by[dest(r)].push_back(r);
@@ -294,7 +306,6 @@ Result<Tensor> MoE::Impl::hop_forward(ModelCtx& c, const Tensor& x, std::vector<
     row_off[p + 1] = row_off[p] + got[2 * p];
   }
   hop.n_out = row_off[P];
-  FP8_ASSIGN_OR_RETURN(Tensor y, move_rows(c, x, hop));
   std::vector<Rec> in_recs(std::accumulate(recv_nrec.begin(), recv_nrec.end(), int64_t{0}));
   FP8_RETURN_IF_ERROR(
       exchange(c, out_recs.data(), send_nrec, in_recs.data(), recv_nrec, sizeof(Rec)));
@@ -302,7 +313,7 @@ Result<Tensor> MoE::Impl::hop_forward(ModelCtx& c, const Tensor& x, std::vector<
   for (int p = 0; p < P; ++p)
     for (int64_t j = 0; j < recv_nrec[p]; ++j, ++i) in_recs[i].row += row_off[p];
   recs = std::move(in_recs);
-  return y;
+  return Status::Ok();
 }
 
 // Rows along a hop: gathered by send_idx, exchanged; [n_in, hidden] -> [n_out, hidden].
@@ -314,8 +325,42 @@ Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop
     FP8_RETURN_IF_ERROR(c.be->gather_rows(x, idx, send));
   }
   FP8_ASSIGN_OR_RETURN(Tensor recv, new_f32(c, hop.n_out, hidden));
-  FP8_RETURN_IF_ERROR(exchange_rows(c, send, hop.send_rows, recv, hop.recv_rows));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, send, hop.send_rows, recv, hop.recv_rows, hidden * 4));
   return recv;
+}
+
+Result<MoE::Impl::Fp8Rows> MoE::Impl::quantize_rows(ModelCtx& c, const Tensor& x) const {
+  FP8_ASSIGN_OR_RETURN(Tensor q, c.be->quantize(x, Granularity::k1x128, c.qp));
+  Fp8Rows r;
+  r.scales = *q.scale();
+  r.codes = q;
+  FP8_ASSIGN_OR_RETURN(r.groups, make_row_groups(*c.be, {0, x.rows()}));
+  return r;
+}
+
+// move_rows of FP8 rows: gathered by send_idx, grouped by destination (each destination's codes
+// and scales contiguous), exchanged as two all-to-alls (hidden bytes and 4 * ceil(hidden / 128)
+// bytes a row); what arrives is grouped by source.
+Result<MoE::Impl::Fp8Rows> MoE::Impl::move_fp8_rows(ModelCtx& c, const Fp8Rows& x,
+                                                    const Hop& hop) const {
+  const int64_t ns = static_cast<int64_t>(hop.send_idx.size()), KB = (hidden + 127) / 128;
+  std::vector<int64_t> soff(P + 1, 0), roff(P + 1, 0);
+  for (int p = 0; p < P; ++p) {
+    soff[p + 1] = soff[p] + hop.send_rows[p];
+    roff[p + 1] = roff[p] + hop.recv_rows[p];
+  }
+  FP8_ASSIGN_OR_RETURN(RowGroups sg, make_row_groups(*c.be, soff));
+  FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));
+  FP8_ASSIGN_OR_RETURN(GroupedFp8 sent, c.be->gather_fp8_groups(x.codes, x.scales, x.groups,
+                                                                c.qp.pow2, idx, Tensor(), sg));
+  Fp8Rows y;
+  FP8_ASSIGN_OR_RETURN(y.codes, c.be->empty({hop.n_out, hidden}, x.codes.dtype()));
+  FP8_ASSIGN_OR_RETURN(y.scales, c.be->empty({hop.n_out * KB}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(y.groups, make_row_groups(*c.be, roff));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, sent.codes, hop.send_rows, y.codes, hop.recv_rows, hidden));
+  FP8_RETURN_IF_ERROR(
+      exchange_rows(c, sent.scales, hop.send_rows, y.scales, hop.recv_rows, 4 * KB));
+  return y;
 }
 
 // The transpose of move_rows: rows go back to their senders and are summed into the rows they
@@ -323,7 +368,7 @@ Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop
 Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const {
   const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
   FP8_ASSIGN_OR_RETURN(Tensor back, new_f32(c, ns, hidden));
-  FP8_RETURN_IF_ERROR(exchange_rows(c, y, hop.recv_rows, back, hop.send_rows));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, y, hop.recv_rows, back, hop.send_rows, hidden * 4));
   FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, hop.n_in, hidden));
   if (ns > 0) {
     FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));
@@ -335,7 +380,8 @@ Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& h
 // The owner's part: records ordered by (expert, source, assignment), each local expert on its
 // contiguous slice; returns sum over a row's records of gate * expert output, per last-hop row.
 // Experts without tokens do not run (so they keep no saved state for this micro-batch).
-Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last, Saved& s) {
+Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
+                                      Saved& s) {
   std::stable_sort(s.recs.begin(), s.recs.end(), [](const Rec& a, const Rec& b) {
     return std::tie(a.e, a.src, a.a) < std::tie(b.e, b.src, b.a);
   });
@@ -356,20 +402,39 @@ Result<Tensor> MoE::Impl::run_experts(ModelCtx& c, int mb, const Tensor& x_last,
   for (int64_t e = 0; e < E_local; ++e) s.offset[e + 1] += s.offset[e];
   FP8_ASSIGN_OR_RETURN(s.rows, upload(c, rows, {m}, DType::kI32));
   FP8_ASSIGN_OR_RETURN(s.gates, upload(c, gates, {m}, DType::kF32));
-  return expert_rows(c, mb, x_last, s);
+  return expert_rows(c, mb, x_last, fx, s);
 }
 
-// With s.offset, s.rows and s.gates set: the records' rows of x_last, zero-padded per expert, go
-// through the experts; the gated outputs are summed per row of x_last.
-Result<Tensor> MoE::Impl::expert_rows(ModelCtx& c, int mb, const Tensor& x_last, Saved& s) {
+// With s.offset, s.rows and s.gates set: the records' rows of the last hop's buffer (x_last, or
+// fx: the same rows as FP8), zero-padded per expert, go through the experts; the gated outputs
+// are summed per row of that buffer.
+Result<Tensor> MoE::Impl::expert_rows(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
+                                      Saved& s) {
   const int64_t m = s.offset[E_local];
-  FP8_ASSIGN_OR_RETURN(Tensor xin, new_f32(c, m, hidden));
-  if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
+  const int64_t n_last = fx ? fx->codes.rows() : x_last.rows();  // the last hop's rows
   FP8_RETURN_IF_ERROR(plan_padding(c, s));
-  FP8_ASSIGN_OR_RETURN(Tensor xe, pad_rows(c, s, xin));
-  FP8_ASSIGN_OR_RETURN(Tensor ye, experts.forward(c, mb, xe, s.groups));
+  Tensor ye;
+  Fp8Rows own;
+  if (c.precision == Precision::kFP8) {
+    // Each token quantized 1x128 once (here, or at its source: fx), its codes and scales
+    // gathered into the experts' padded layout: bitwise quantize_groups of the gathered rows,
+    // without them (K copies per token).
+    if (!fx) {
+      FP8_ASSIGN_OR_RETURN(own, quantize_rows(c, x_last));
+      fx = &own;
+    }
+    FP8_ASSIGN_OR_RETURN(
+        GroupedFp8 xq, c.be->gather_fp8_groups(fx->codes, fx->scales, fx->groups, c.qp.pow2, s.rows,
+                                               s.padded ? s.pad_src : Tensor(), s.groups));
+    FP8_ASSIGN_OR_RETURN(ye, experts.forward(c, mb, std::move(xq), s.groups));
+  } else {
+    FP8_ASSIGN_OR_RETURN(Tensor xin, new_f32(c, m, hidden));
+    if (m > 0) FP8_RETURN_IF_ERROR(c.be->gather_rows(x_last, s.rows, xin));
+    FP8_ASSIGN_OR_RETURN(Tensor xe, pad_rows(c, s, xin));
+    FP8_ASSIGN_OR_RETURN(ye, experts.forward(c, mb, xe, s.groups));
+  }
   FP8_ASSIGN_OR_RETURN(s.out, unpad_rows(c, s, ye));
-  FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, x_last.rows(), hidden));
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n_last, hidden));
   if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.rows, s.gates, y));
   return y;
 }
@@ -618,13 +683,25 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
     p.stats.dropped += dropped;
     // Dispatch: one hop (flat) or two (two-level, when the ep group spans nodes).
     s.hops.resize(c.ep_two_level && p.per_node < p.P ? 2 : 1);
+    // FP8 dispatch: the tokens travel as FP8 codes and scales (quantized once, here).
+    const bool fp8_rows = c.precision == Precision::kFP8 && c.fp8_dispatch && c.ep;
     Tensor xl = x;
+    Impl::Fp8Rows fx;
+    if (fp8_rows) {
+      FP8_ASSIGN_OR_RETURN(fx, p.quantize_rows(c, x));
+    }
     for (size_t h = 0; h < s.hops.size(); ++h) {
-      FP8_ASSIGN_OR_RETURN(
-          xl, p.hop_forward(c, xl, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
+      const int64_t n_in = fp8_rows ? fx.codes.rows() : xl.rows();
+      FP8_RETURN_IF_ERROR(
+          p.hop_plan(c, n_in, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
+      if (fp8_rows) {
+        FP8_ASSIGN_OR_RETURN(fx, p.move_fp8_rows(c, fx, s.hops[h]));
+      } else {
+        FP8_ASSIGN_OR_RETURN(xl, p.move_rows(c, xl, s.hops[h]));
+      }
     }
     s.recs = std::move(recs);
-    FP8_ASSIGN_OR_RETURN(yl, p.run_experts(c, mb, xl, s));
+    FP8_ASSIGN_OR_RETURN(yl, p.run_experts(c, mb, xl, fp8_rows ? &fx : nullptr, s));
   }
   // Combine: the gated sums travel the hops back, summed per row at each sender.
   for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {

@@ -613,6 +613,40 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// FP8 row gather into the grouped 1x128 layout (gather_fp8_rows): codes 16 bytes per thread when
+// rows are 16-byte multiples, scales one per (row, k-block) into the row's group's VEC128 place.
+
+__global__ void __launch_bounds__(kThreads)
+    gather_fp8_rows_kernel(const uint8_t* __restrict__ q, const float* __restrict__ s, int64_t n,
+                           int64_t K, GroupsDev in_gr, const int32_t* __restrict__ rows,
+                           const int32_t* __restrict__ pad, int64_t M, GroupsDev gr,
+                           float zero_scale, bool vec, uint8_t* __restrict__ out,
+                           float* __restrict__ so) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  auto source = [&](int64_t r) -> int64_t {
+    const int64_t i = pad ? pad[r] : r;
+    return i < 0 ? -1 : rows[i];
+  };
+  const int64_t nv = vec ? K / 16 : K;
+  for (int64_t i = tid; i < M * nv; i += stride) {
+    const int64_t r = i / nv, c = i - r * nv, src = source(r);
+    if (vec) {
+      reinterpret_cast<uint4*>(out + r * K)[c] =
+          src < 0 ? make_uint4(0, 0, 0, 0) : ldg16(q + src * K + c * 16);
+    } else {
+      out[r * K + c] = src < 0 ? uint8_t{0} : q[src * K + c];
+    }
+  }
+  const int64_t KB = (K + kG - 1) / kG;
+  for (int64_t i = tid; i < M * KB; i += stride) {
+    const int64_t r = i / KB, kb = i - r * KB, src = source(r);
+    so[vec_scale_index(r, kb, M, KB, gr)] =
+        src < 0 ? zero_scale : s[vec_scale_index(src, kb, n, KB, in_gr)];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Exact byte transpose (32x32 tiles) and block-scale transpose of a 128x128-quantized tensor.
 
 __global__ void transpose_bytes_kernel(const uint8_t* __restrict__ q, int64_t R, int64_t C,
@@ -856,6 +890,19 @@ Result requantize_128x1_transposed(const uint8_t* q, const float* s, Fp8Format i
   }
   return requant_t_launch<Fp8Format::kE5M2>(src, rows, cols, GroupsDev{}, tiles, p, qt, so,
                                             nonfinite, stream);
+}
+
+Result gather_fp8_rows(const uint8_t* q, const float* s, int64_t n, int64_t K, GroupsDev in_groups,
+                       const int32_t* rows, const int32_t* pad, int64_t M, GroupsDev groups,
+                       float zero_scale, uint8_t* out, float* so, cudaStream_t stream) {
+  if (M <= 0 || K <= 0) return Result::Ok();
+  const bool vec = K % 16 == 0 && aligned(q, 16) && aligned(out, 16);
+  const int grid =
+      static_cast<int>(std::min<int64_t>(ceil_div(M * (vec ? K / 16 : K), kThreads), 132 * 32));
+  FP8PIPE_KERNEL(grid, kThreads, stream, gather_fp8_rows_kernel)
+  (q, s, n, K, in_groups, rows, pad, M, groups, zero_scale, vec, out, so);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
 }
 
 Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,

@@ -73,6 +73,13 @@ Result requantize_128x1_transposed_groups(const uint8_t* q, const float* s, Fp8F
                                           int64_t rows, int64_t cols, GroupsDev groups,
                                           int64_t tiles, QuantParams p, uint8_t* qt, float* so,
                                           cudaStream_t stream);
+// Backend::gather_fp8_groups: rows of a 1x128-quantized [n][K] (codes q, scales s in the
+// grouped VEC128 layout of in_groups) into the grouped layout of quantize_1x128_groups; output
+// row j takes q's row rows[i], i = pad ? pad[j] : j, or zeros (codes 0, scale zero_scale) where
+// i < 0.
+Result gather_fp8_rows(const uint8_t* q, const float* s, int64_t n, int64_t K, GroupsDev in_groups,
+                       const int32_t* rows, const int32_t* pad, int64_t M, GroupsDev groups,
+                       float zero_scale, uint8_t* out, float* so, cudaStream_t stream);
 // The same for one 1x128-quantized tensor: quantize_128x1_transposed(dequantize(q, s)).
 Result requantize_128x1_transposed(const uint8_t* q, const float* s, Fp8Format in_fmt, int64_t rows,
                                    int64_t cols, QuantParams p, uint8_t* qt, float* so,

@@ -250,6 +250,60 @@ TEST(CpuBackend, GatherRowsScaledIsScatterIntoZeros) {
   EXPECT_NE(s.to_string().find("gather_rows_scaled"), std::string::npos) << s.to_string();
 }
 
+// The experts' FP8 input gathered from the tokens quantized once equals quantize_groups of the
+// gathered fp32 rows (1x128 scales are per row), zero rows included, with and without the
+// padding indirection, in both formats and scale kinds.
+TEST(CpuBackend, GatherFp8GroupsIsQuantizeGroupsOfTheRows) {
+  auto be = make_cpu_backend();
+  const int64_t n = 11, K = 300;
+  Tensor x = randn(*be, {n, K}, 31, 3.0f);
+  const RowGroups one = make_row_groups(*be, {0, n}).value();    // q is a plain quantize result
+  const std::vector<int32_t> rv = {4, 0, 10, 4, 7, 2, 2, 9, 1};  // token of each assignment
+  const std::vector<int32_t> pv = {0, 1, -1, -1, 2, 3, 4, 5, -1, 6, 7, 8, -1, -1, -1, -1};
+  Tensor rows = be->empty({9}, DType::kI32).value(), pad = be->empty({16}, DType::kI32).value();
+  std::memcpy(rows.data(), rv.data(), rv.size() * 4);
+  std::memcpy(pad.data(), pv.data(), pv.size() * 4);
+  for (bool padded : {false, true}) {
+    const RowGroups groups = make_row_groups(*be, padded ? std::vector<int64_t>{0, 4, 9, 16}
+                                                         : std::vector<int64_t>{0, 2, 2, 9})
+                                 .value();
+    const int64_t M = groups.total_rows();
+    Tensor rowsx = be->zeros({M, K}, DType::kF32).value();  // the reference's fp32 rows
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t i = padded ? pv[j] : j;
+      if (i >= 0)
+        std::memcpy(rowsx.data_as<float>() + j * K, x.data_as<float>() + rv[i] * K, K * 4);
+    }
+    for (QuantParams p : {QuantParams{kernels::Fp8Format::kE4M3, true},
+                          QuantParams{kernels::Fp8Format::kE5M2, false}}) {
+      const GroupedFp8 want = be->quantize_groups(rowsx, groups, p).value();
+      // the tokens as one quantize result, or grouped (as received from several ranks)
+      const Tensor q = be->quantize(x, Granularity::k1x128, p).value();
+      const RowGroups three = make_row_groups(*be, {0, 4, 4, 11}).value();
+      const GroupedFp8 qg = be->quantize_groups(x, three, p).value();
+      for (bool grouped_in : {false, true}) {
+        const GroupedFp8 got =
+            be->gather_fp8_groups(grouped_in ? qg.codes : q, grouped_in ? qg.scales : *q.scale(),
+                                  grouped_in ? three : one, p.pow2, rows, padded ? pad : Tensor(),
+                                  groups)
+                .value();
+        ASSERT_EQ(got.codes.nbytes(), want.codes.nbytes());
+        EXPECT_EQ(std::memcmp(got.codes.data(), want.codes.data(), want.codes.nbytes()), 0)
+            << padded << grouped_in;
+        ASSERT_EQ(got.scales.nbytes(), want.scales.nbytes());
+        EXPECT_EQ(std::memcmp(got.scales.data(), want.scales.data(), want.scales.nbytes()), 0)
+            << padded << grouped_in;
+      }
+    }
+  }
+  const Tensor q = be->quantize(x, Granularity::k1x128, {}).value();
+  const Status s = be->gather_fp8_groups(q, *q.scale(), one, true, rows, Tensor(),
+                                         make_row_groups(*be, {0, 5}).value())
+                       .status();
+  EXPECT_NE(s.to_string().find("rows must have one entry per output row"), std::string::npos)
+      << s.to_string();
+}
+
 // Grouped GEMMs: each result is its single call's (so the CPU's loop is the reference the CUDA
 // test holds the concurrent version to), and GEMMs whose outputs overlap an output or an input of
 // another are refused, naming both, since a backend may run them concurrently.

@@ -473,6 +473,50 @@ TEST_F(CudaBackendTest, GroupedGemmsMatchSingleCalls) {
       << bad.status().to_string();
 }
 
+// The experts' FP8 input gathered from the tokens quantized once: bitwise the CPU, padded (zero
+// rows) or not, K a multiple of 16 (16-byte copies) or not.
+TEST_F(CudaBackendTest, GatherFp8Groups) {
+  const int64_t n = 300;
+  for (int64_t K : {256, 200}) {
+    const Tensor hx = hostf({n, K}, randn(n * K, 40, 3.0f));
+    const QuantParams p{};
+    // the tokens as one quantize result, and grouped as if received from three ranks
+    const Tensor qc = cpu_->quantize(hx, Granularity::k1x128, p).value();
+    const std::vector<int64_t> in_off = {0, 100, 100, 300};
+    const RowGroups one_c = make_row_groups(*cpu_, {0, n}).value(),
+                    one_g = make_row_groups(*gpu_, {0, n}).value(),
+                    in_c = make_row_groups(*cpu_, in_off).value(),
+                    in_g = make_row_groups(*gpu_, in_off).value();
+    const GroupedFp8 qgc = cpu_->quantize_groups(hx, in_c, p).value();
+    const std::vector<int32_t> rv = randi(700, 41, 0, n);
+    std::vector<int64_t> off = {0, 0, 130, 131, 500, 700}, poff = {0, 0, 144, 160, 544, 752};
+    std::vector<int32_t> pv(752, -1);  // each group's rows, then -1 up to a multiple of 16
+    for (size_t g = 0; g + 1 < off.size(); ++g)
+      for (int64_t i = off[g]; i < off[g + 1]; ++i)
+        pv[poff[g] + (i - off[g])] = static_cast<int32_t>(i);
+    const Tensor rows = hosti({700}, rv), pad = hosti({752}, pv);
+    for (bool padded : {false, true}) {
+      for (bool grouped_in : {false, true}) {
+        const auto& o = padded ? poff : off;
+        const RowGroups gc = make_row_groups(*cpu_, o).value(),
+                        gg = make_row_groups(*gpu_, o).value();
+        const Tensor& codes = grouped_in ? qgc.codes : qc;
+        const Tensor& scales = grouped_in ? qgc.scales : *qc.scale();
+        const GroupedFp8 want = cpu_->gather_fp8_groups(codes, scales, grouped_in ? in_c : one_c,
+                                                        p.pow2, rows, padded ? pad : Tensor(), gc)
+                                    .value();
+        auto got = gpu_->gather_fp8_groups(dev(codes), dev(scales), grouped_in ? in_g : one_g,
+                                           p.pow2, dev(rows), padded ? dev(pad) : Tensor(), gg);
+        ASSERT_TRUE(got.ok()) << got.status().to_string();
+        const std::string w = "K " + std::to_string(K) + (padded ? " padded" : "") +
+                              (grouped_in ? " grouped input" : "");
+        expect_bits(vec<uint8_t>(want.codes), back<uint8_t>(got.value().codes), w + " codes");
+        expect_bits(vec<float>(want.scales), back<float>(got.value().scales), w + " scales");
+      }
+    }
+  }
+}
+
 // The MoE's padding / gate-scaling gather: bitwise the CPU, -0 inputs and -1 rows included.
 TEST_F(CudaBackendTest, GatherRowsScaled) {
   const int64_t R = 300, D = 130, n = 1000;

@@ -231,9 +231,11 @@ struct ExecOut {
   std::string trace;  // the written trace, when traced
 };
 
-// One step of this rank's instruction list, FB halves overlapped or not; optionally traced.
+// One step of this rank's instruction list, FB halves overlapped or not; optionally traced;
+// optionally with FP8 dispatch (ModelCtx::fp8_dispatch) and a two-level dispatch over 1-rank
+// nodes.
 ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::string& mode,
-                 bool overlap, bool trace) {
+                 bool overlap, bool trace, bool fp8_dispatch = false, bool two_level = false) {
   auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
                          std::vector<std::string>{"--precision.mode=" + mode, "--train.seq_len=8"});
   EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
@@ -253,10 +255,12 @@ ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::st
   model::ModelCtx c;
   c.be = be.get();
   c.precision = mode == "FP8" ? model::Precision::kFP8 : model::Precision::kFP32;
+  c.fp8_dispatch = fp8_dispatch;
+  c.ep_two_level = two_level;
   std::unique_ptr<CommExpertComm> ep_comm;
   if (ep > 1) {
-    ep_comm =
-        std::make_unique<CommExpertComm>(&comms->get(GroupKind::kExpert), ep_ranks_per_node(*topo));
+    ep_comm = std::make_unique<CommExpertComm>(&comms->get(GroupKind::kExpert),
+                                               two_level ? 1 : ep_ranks_per_node(*topo));
     c.ep = ep_comm.get();
   }
   const int prank = topo->coords().stage, dpi = topo->coords().dp_index;
@@ -348,6 +352,25 @@ TEST(FbOverlap, BitwiseEqualToSequentialFB) {
 }
 
 }  // namespace
+// FP8 dispatch: the tokens cross the all-to-all as FP8 codes and 1x128 scales, quantized at
+// their source, instead of fp32 rows quantized by the experts' owner. Per-row scaling makes that
+// the same bits: loss, every gradient, flat and two-level, FB halves overlapped (both halves'
+// exchanges in flight) or not.
+TEST(Fp8Dispatch, BitwiseEqualToFp32Rows) {
+  if (g_world != 4) return;  // pp=2 x dp=2 x ep=2
+  for (bool two_level : {false, true}) {
+    for (bool overlap : {false, true}) {
+      const std::string what = fmt::format("two_level={} overlap={}", two_level, overlap);
+      const ExecOut rows =
+          run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP8", overlap, false, false, two_level);
+      const ExecOut fp8 =
+          run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP8", overlap, false, true, two_level);
+      EXPECT_FALSE(rows.grads.empty()) << what;
+      expect_same(rows, fp8, what);
+    }
+  }
+}
+
 }  // namespace fp8pipe::parallel
 
 int main(int argc, char** argv) {
