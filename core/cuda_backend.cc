@@ -25,6 +25,8 @@
 // kFast takes cuBLASLt's first heuristic. Shapes outside cuBLASLt's FP8 rules (FP8.md §3.3: K % 16,
 // VEC128 rows % 4, 16-byte alignments; E5M2 x E5M2) run as the CPU's kFast does: exact dequantize
 // to fp32, then an fp32 GEMM (logged once per shape). 128x128 x 128x128 is refused, as on the CPU.
+// Grouped GEMMs (the MoE's per-expert products) fork onto FP8PIPE_GEMM_STREAMS lanes and join
+// back (fan_out), each lane with its own cuBLAS handles and cuBLASLt workspace.
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 

@@ -285,6 +285,25 @@ double copy_gbps(Timer& timer, bool smoke) {
   return gbps;
 }
 
+// Times fn (one call per rep) and fills row: GB/s over `bytes` read + written, % of the D2D
+// copy; one JSONL line of `kind`.
+QuantRow timed_row(QuantRow row, const char* kind, double bytes,
+                   const std::function<bool(cudaStream_t)>& fn, double copy, Timer& timer) {
+  Timing t;
+  if (!timer.time(fn, &t)) return row;
+  row.median_ms = t.median_ms;
+  row.gbps = bytes / (t.median_ms * 1e6);
+  row.pct = 100.0 * row.gbps / copy;
+  if (g_json) {
+    std::fprintf(g_json,
+                 "{\"kind\":\"%s\",\"name\":\"%s\",\"R\":%lld,\"C\":%lld,\"bytes\":%.0f,"
+                 "\"median_ms\":%.5f,\"mean_ms\":%.5f,\"gbps\":%.1f,\"pct_of_copy\":%.1f}\n",
+                 kind, row.name.c_str(), static_cast<long long>(row.R),
+                 static_cast<long long>(row.C), bytes, t.median_ms, t.mean_ms, row.gbps, row.pct);
+  }
+  return row;
+}
+
 QuantRow bench_quant(const std::string& name, int64_t R, int64_t C, Granularity g, bool bf16_in,
                      bool transposed, double copy, Timer& timer) {
   QuantRow row{name, R, C};
@@ -307,21 +326,8 @@ QuantRow bench_quant(const std::string& name, int64_t R, int64_t C, Granularity 
     if (bf16_in) return ok(quantize_bf16(xb.p, R, C, g, p, q.p, s.p, bad.p, st), name);
     return ok(quantize(xf.p, R, C, g, p, q.p, s.p, bad.p, st), name);
   };
-  Timing t;
-  if (!timer.time(fn, &t)) return row;
   const double bytes = double(n) * (bf16_in ? 2 : 4) + double(n) + double(ns) * 4;
-  row.median_ms = t.median_ms;
-  row.gbps = bytes / (t.median_ms * 1e6);
-  row.pct = 100.0 * row.gbps / copy;
-  if (g_json) {
-    std::fprintf(g_json,
-                 "{\"kind\":\"quantize\",\"name\":\"%s\",\"R\":%lld,\"C\":%lld,\"bytes\":%.0f,"
-                 "\"median_ms\":%.5f,"
-                 "\"mean_ms\":%.5f,\"gbps\":%.1f,\"pct_of_copy\":%.1f}\n",
-                 name.c_str(), static_cast<long long>(R), static_cast<long long>(C), bytes,
-                 t.median_ms, t.mean_ms, row.gbps, row.pct);
-  }
-  return row;
+  return timed_row(std::move(row), "quantize", bytes, fn, copy, timer);
 }
 
 // A wgrad operand from a cached 1x128 FP8 activation: the fused requantize (codes dequantized in
@@ -347,20 +353,8 @@ QuantRow bench_requant(const std::string& name, int64_t R, int64_t C, bool two_s
               name) &&
            ok(quantize_128x1_transposed(xf.p, R, C, p, q.p, s.p, nullptr, st), name);
   };
-  Timing t;
-  if (!timer.time(fn, &t)) return row;
   const double bytes = 2.0 * n + double(KB * R + ns) * 4;
-  row.median_ms = t.median_ms;
-  row.gbps = bytes / (t.median_ms * 1e6);
-  row.pct = 100.0 * row.gbps / copy;
-  if (g_json) {
-    std::fprintf(g_json,
-                 "{\"kind\":\"requantize\",\"name\":\"%s\",\"R\":%lld,\"C\":%lld,\"bytes\":%.0f,"
-                 "\"median_ms\":%.5f,\"mean_ms\":%.5f,\"gbps\":%.1f,\"pct_of_copy\":%.1f}\n",
-                 name.c_str(), static_cast<long long>(R), static_cast<long long>(C), bytes,
-                 t.median_ms, t.mean_ms, row.gbps, row.pct);
-  }
-  return row;
+  return timed_row(std::move(row), "requantize", bytes, fn, copy, timer);
 }
 
 int run(const Options& o) {
