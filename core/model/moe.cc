@@ -262,8 +262,9 @@ Result<std::vector<int64_t>> MoE::Impl::exchange_counts(ModelCtx& c,
 
 // Hop `which` of the dispatch: records go to their next rank (flat: the expert's owner;
 // two-level hop 0: the rank with this rank's local index on the owner's node, hop 1: the owner),
-// each row once per destination; counts first, then rows and records. On return `recs` are the
-// records that arrived here, their rows indexing the returned buffer.
+// each row once per destination; counts first, then the records. On return `hop` says which rows
+// go where (the caller moves them: move_rows, or move_fp8_rows) and `recs` are the records that
+// arrived here, their rows indexing the buffer those rows will arrive in.
 Status MoE::Impl::hop_plan(ModelCtx& c, int64_t n_in, std::vector<Rec>& recs, int which, Hop& hop,
                            int64_t& stats_cross) const {
   auto dest = [&](const Rec& r) {
