@@ -438,22 +438,13 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(on_gpu("quantize_transposed", {&x}));
     FP8_RETURN_IF_ERROR(checks::quantize_transposed(x));
     const int64_t R = x.rows(), C = x.cols();
-    FP8_ASSIGN_OR_RETURN(Tensor q, empty({C, R}, fp8_dtype(p)));
-    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
-    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
-    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
-    if (R * C > 0) {
-      FP8_GPU("quantize_transposed",
-              x.dtype() == DType::kF32
-                  ? g::quantize_128x1_transposed(x.data_as<float>(), R, C, p, q.data_as<uint8_t>(),
-                                                 s.data_as<float>(), bad, cur())
-                  : g::quantize_128x1_transposed_bf16(x.data_as<uint16_t>(), R, C, p,
-                                                      q.data_as<uint8_t>(), s.data_as<float>(), bad,
-                                                      cur()));
-    }
-    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
-    q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
-    return q;
+    return transposed_128x1(
+        "quantize_transposed", R, C, p, nonfinite, [&](uint8_t* qt, float* s, int* bad) {
+          return x.dtype() == DType::kF32
+                     ? g::quantize_128x1_transposed(x.data_as<float>(), R, C, p, qt, s, bad, cur())
+                     : g::quantize_128x1_transposed_bf16(x.data_as<uint16_t>(), R, C, p, qt, s, bad,
+                                                         cur());
+        });
   }
 
   Result<Tensor> transpose_fp8(const Tensor& q) override {
@@ -586,19 +577,11 @@ class CudaBackend final : public Backend {
     FP8_RETURN_IF_ERROR(on_gpu("requantize_transposed", {&q}));
     FP8_RETURN_IF_ERROR(checks::requantize_transposed(q));
     const int64_t R = q.rows(), C = q.cols();
-    FP8_ASSIGN_OR_RETURN(Tensor qt, empty({C, R}, fp8_dtype(p)));
-    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
-    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
-    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
-    if (R * C > 0) {
-      FP8_GPU("requantize_transposed",
-              g::requantize_128x1_transposed(q.data_as<uint8_t>(), q.scale()->data_as<float>(),
-                                             fp8_format(q.dtype()), R, C, p, qt.data_as<uint8_t>(),
-                                             s.data_as<float>(), bad, cur()));
-    }
-    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
-    qt.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
-    return qt;
+    return transposed_128x1(
+        "requantize_transposed", R, C, p, nonfinite, [&](uint8_t* qt, float* s, int* bad) {
+          return g::requantize_128x1_transposed(q.data_as<uint8_t>(), q.scale()->data_as<float>(),
+                                                fp8_format(q.dtype()), R, C, p, qt, s, bad, cur());
+        });
   }
 
   Result<GroupedFp8> requantize_transposed_groups(const GroupedFp8& q, const RowGroups& groups,
@@ -1118,6 +1101,22 @@ class CudaBackend final : public Backend {
       cudaFreeAsync(p, free_on);
     };
     return buf;
+  }
+
+  // A 128x1 quantization of [R, C] written transposed: the [C, R] codes and their 1x128 scales
+  // allocated, launch(codes, scales, nonfinite counter or null) run when there is anything to
+  // do, and the non-finite groups counted into *nonfinite when asked.
+  template <class F>
+  Result<Tensor> transposed_128x1(const char* op, int64_t R, int64_t C, QuantParams p,
+                                  int64_t* nonfinite, F&& launch) {
+    FP8_ASSIGN_OR_RETURN(Tensor qt, empty({C, R}, fp8_dtype(p)));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k128x1, R, C)}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
+    if (R * C > 0) FP8_GPU(op, launch(qt.data_as<uint8_t>(), s.data_as<float>(), bad));
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
+    qt.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, p.pow2);
+    return qt;
   }
 
   // A temporary of one op (fp32 unless asked otherwise), freed on the stream that uses it.

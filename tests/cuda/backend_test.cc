@@ -224,6 +224,12 @@ TEST_F(CudaBackendTest, GroupedQuantizeBitIdentical) {
   }
 }
 
+// " e4m3->e5m2 pow2": the formats and scale kind of a requantize case.
+std::string requant_label(kernels::Fp8Format in, kernels::Fp8Format out, bool pow2) {
+  auto name = [](kernels::Fp8Format f) { return f == kernels::Fp8Format::kE4M3 ? "e4m3" : "e5m2"; };
+  return std::string(" ") + name(in) + "->" + name(out) + (pow2 ? " pow2" : " fp32");
+}
+
 // A Linear's wgrad operand made of its cached 1x128 input in one pass: bitwise the CPU's dequantize
 // + quantize_transposed, codes, scales and the non-finite count (a NaN row), every format pair,
 // rows not a multiple of 128 or of 16, K a multiple of 4 or not.
@@ -237,10 +243,8 @@ TEST_F(CudaBackendTest, RequantizeTransposedBitIdentical) {
     for (Fp8Format in : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
       for (Fp8Format out : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
         for (bool pow2 : {true, false}) {
-          const std::string w = std::to_string(R) + "x" + std::to_string(K) +
-                                (in == Fp8Format::kE4M3 ? " e4m3" : " e5m2") +
-                                (out == Fp8Format::kE4M3 ? "->e4m3" : "->e5m2") +
-                                (pow2 ? " pow2" : " fp32");
+          const std::string w =
+              std::to_string(R) + "x" + std::to_string(K) + requant_label(in, out, pow2);
           const Tensor qc = cpu_->quantize(hx, Granularity::k1x128, {in, pow2}).value();
           Tensor d = cpu_->empty({R, K}, DType::kF32).value();
           ASSERT_TRUE(cpu_->dequantize(qc, d).ok());
@@ -276,10 +280,8 @@ TEST_F(CudaBackendTest, RequantizeTransposedGroupsBitIdentical) {
       for (Fp8Format in : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
         for (Fp8Format out : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
           for (bool pow2 : {true, false}) {
-            const std::string w = "M " + std::to_string(M) + " K " + std::to_string(K) +
-                                  (in == Fp8Format::kE4M3 ? " e4m3" : " e5m2") +
-                                  (out == Fp8Format::kE4M3 ? "->e4m3" : "->e5m2") +
-                                  (pow2 ? " pow2" : " fp32");
+            const std::string w =
+                "M " + std::to_string(M) + " K " + std::to_string(K) + requant_label(in, out, pow2);
             const GroupedFp8 qc = cpu_->quantize_groups(hx, gc, {in, pow2}).value();
             GroupedFp8 qg;  // the same codes and scales on the device
             qg.codes = dev(qc.codes);
