@@ -65,10 +65,10 @@ void MetricsSink::write(const StepRecord& r) {
              "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
              "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
              "\"mem_gib\":{},\"ms\":{},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
-             "\"expert_overload\":{},\"eval_loss\":{},\"expert_load\":[{}]}}\n",
+             "\"a2a_bytes\":{},\"expert_overload\":{},\"eval_loss\":{},\"expert_load\":[{}]}}\n",
              r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6),
              g(r.grad_norm, 6), g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4),
-             g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, g(r.expert_overload, 6),
+             g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, r.a2a_bytes, g(r.expert_overload, 6),
              g(r.eval_loss, 8), loads);
   std::fflush(f_);
 }

@@ -22,6 +22,9 @@ struct StepRecord {
   double tokens_per_s = 0, tflops = 0, mfu = -1;  // mfu < 0: no peak known
   double mem_gib = 0, ms = 0;
   int64_t tokens_seen = 0, skipped = 0, dropped = 0;
+  // Bytes of token rows this rank sent to other ep ranks in the step's MoE all-to-alls
+  // (MoeStepStats::a2a_bytes, every leg and layer); 0 without expert parallelism.
+  int64_t a2a_bytes = 0;
   double expert_overload = 0;  // max over layers of max/mean load
   std::vector<LayerLoad> loads;
   double eval_loss = -1;  // < 0: no eval this step

@@ -43,6 +43,7 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.attention_bf16 = attn == "gemm_bf16" || (attn == "auto" && gpu);
   c.count_nonfinite = false;  // a synchronization per quantization on a GPU (module.h)
   c.fp8_dispatch = cfg.precision().fp8_dispatch();
+  c.bf16_combine = cfg.precision().bf16_combine();
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.
   if (c.precision == model::Precision::kFP8 && be->device() != Device::kCpu) {
@@ -412,6 +413,7 @@ StepRecord Trainer::record(const StepResult& r, double seconds) {
     rec.loads.push_back({fmt::format("moe{}", i++), ratio, dead});
     rec.expert_overload = std::max(rec.expert_overload, ratio);
     rec.dropped += moe->stats().dropped;
+    for (int64_t b : moe->stats().a2a_bytes) rec.a2a_bytes += b;
   }
   return rec;
 }

@@ -62,15 +62,32 @@ Status RoutedExperts::refresh_fp8_weights(ModelCtx& c) {
   return Status::Ok();
 }
 
+// out[r] = 0 + w[r] * x[r]: Backend::gather_rows_scaled over the identity rows.
+Result<Tensor> RoutedExperts::scale_rows(ModelCtx& c, const Tensor& x, const Tensor& w) {
+  const int64_t rows = x.rows();
+  FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, rows, x.cols()));
+  if (rows == 0) return out;
+  if (!iota_.defined() || iota_.numel() < rows) {
+    const int64_t n = std::max<int64_t>(rows, 2 * (iota_.defined() ? iota_.numel() : 0));
+    FP8_ASSIGN_OR_RETURN(Tensor h, make_cpu_backend()->empty({n}, DType::kI32));
+    for (int64_t i = 0; i < n; ++i) h.data_as<int32_t>()[i] = static_cast<int32_t>(i);
+    FP8_ASSIGN_OR_RETURN(iota_, c.be->empty({n}, DType::kI32));
+    FP8_RETURN_IF_ERROR(c.be->copy(h, iota_));
+  }
+  FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(x, iota_.slice_rows(0, rows), w, out));
+  return out;
+}
+
 Result<Tensor> RoutedExperts::gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind,
-                                   bool dgrad, int64_t n) {
+                                   bool dgrad, int64_t n, const Tensor& row_w) {
   const Product p{&a, kind};
-  FP8_ASSIGN_OR_RETURN(std::vector<Tensor> out, gemms(c, {&p, 1}, groups, dgrad, n));
+  FP8_ASSIGN_OR_RETURN(std::vector<Tensor> out, gemms(c, {&p, 1}, groups, dgrad, n, row_w));
   return out[0];
 }
 
 Result<std::vector<Tensor>> RoutedExperts::gemms(ModelCtx& c, std::span<const Product> ps,
-                                                 const RowGroups& groups, bool dgrad, int64_t n) {
+                                                 const RowGroups& groups, bool dgrad, int64_t n,
+                                                 const Tensor& row_w) {
   const bool fp8 = c.precision == Precision::kFP8;
   if (fp8) FP8_RETURN_IF_ERROR(refresh_fp8_weights(c));
   // The experts' GEMMs write disjoint row slices of the outputs: one grouped call
@@ -94,6 +111,11 @@ Result<std::vector<Tensor>> RoutedExperts::gemms(ModelCtx& c, std::span<const Pr
     outs.push_back(out);
   }
   FP8_RETURN_IF_ERROR(fp8 ? c.be->gemm_fp8_grouped(f8, c.gemm) : c.be->gemm_grouped(gs));
+  if (row_w.defined()) {
+    for (Tensor& out : outs) {
+      FP8_ASSIGN_OR_RETURN(out, scale_rows(c, out, row_w));
+    }
+  }
   if (c.precision != Precision::kFP32) {
     for (Tensor& out : outs) FP8_RETURN_IF_ERROR(c.be->round_bf16(out, out));
   }
@@ -115,11 +137,14 @@ Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, const Tensor& x,
   return forward_from(c, s, x.rows());
 }
 
+bool RoutedExperts::xq_shape_bad(const GroupedFp8& q, int64_t rows) const {
+  return q.codes.rank() != 2 || q.codes.rows() != rows || q.codes.cols() != dim_ ||
+         static_cast<int64_t>(q.group.size()) != count();
+}
+
 Result<Tensor> RoutedExperts::forward(ModelCtx& c, int mb, GroupedFp8 xq, const RowGroups& groups) {
   const int64_t M = groups.total_rows();
-  if (c.precision != Precision::kFP8 || groups.count() != count() || xq.codes.rank() != 2 ||
-      xq.codes.rows() != M || xq.codes.cols() != dim_ ||
-      static_cast<int64_t>(xq.group.size()) != count()) {
+  if (c.precision != Precision::kFP8 || groups.count() != count() || xq_shape_bad(xq, M)) {
     return FP8_INVALID(
         "experts: an FP8 input {} is not quantize_groups of [{} rows of {} groups, "
         "{}] (or the precision is not FP8)",
@@ -152,26 +177,53 @@ Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& 
     return FP8_INVALID("experts: output gradient {} is not [{}, {}]", dy.describe(),
                        gr.total_rows(), dim_);
   }
-  // An output gradient's GEMM operand, and what the W pass keeps of it (Linear::backward_input:
-  // the fp32 gradient in FP8 and FP32, its bf16 copy on the bf16 path).
-  auto grad_operand = [&](const Tensor& d, Tensor& keep) -> Result<Operand> {
-    FP8_ASSIGN_OR_RETURN(Operand o, operand(c, d, gr));
-    keep = c.precision == Precision::kBF16 ? o.t : d;
-    return o;
-  };
-  FP8_ASSIGN_OR_RETURN(Operand dyo, grad_operand(dy, s->dy));
+  FP8_ASSIGN_OR_RETURN(Operand dyo, grad_operand(c, dy, gr, s->dy));
   FP8_ASSIGN_OR_RETURN(Tensor dh, gemm(c, dyo, gr, 2, true, hidden_));
+  return backward_from(c, *s, dh);
+}
+
+Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, GroupedFp8 dyq, const Tensor& w,
+                                             const Tensor& dy_deq) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, "experts"));
+  const RowGroups& gr = s->groups;
+  const int64_t M = gr.total_rows();
+  if (c.precision != Precision::kFP8 || xq_shape_bad(dyq, M) || w.numel() != M ||
+      w.dtype() != DType::kF32 || dy_deq.rows() != M || dy_deq.cols() != dim_ ||
+      dy_deq.dtype() != DType::kF32) {
+    return FP8_INVALID(
+        "experts: an FP8 output gradient {} with row weights {} and values {} is not [{} rows "
+        "of {} groups, {}] (or the precision is not FP8)",
+        dyq.codes.describe(), w.describe(), dy_deq.describe(), M, count(), dim_);
+  }
+  FP8_ASSIGN_OR_RETURN(s->dy, scale_rows(c, dy_deq, w));  // w2's wgrad: the weighted gradient
+  Operand dyo;
+  dyo.q = std::move(dyq);
+  FP8_ASSIGN_OR_RETURN(Tensor dh, gemm(c, dyo, gr, 2, true, hidden_, w));
+  return backward_from(c, *s, dh);
+}
+
+// An output gradient's GEMM operand, and what the W pass keeps of it (Linear::backward_input: the
+// fp32 gradient in FP8 and FP32, its bf16 copy on the bf16 path).
+Result<RoutedExperts::Operand> RoutedExperts::grad_operand(ModelCtx& c, const Tensor& d,
+                                                           const RowGroups& groups, Tensor& keep) {
+  FP8_ASSIGN_OR_RETURN(Operand o, operand(c, d, groups));
+  keep = c.precision == Precision::kBF16 ? o.t : d;
+  return o;
+}
+
+Result<Tensor> RoutedExperts::backward_from(ModelCtx& c, Saved& s, const Tensor& dh) {
+  const RowGroups& gr = s.groups;
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
-  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s->g, s->u, dg, du));
+  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s.g, s.u, dg, du));
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));
   }
-  s->g = Tensor();  // the product's inputs are not needed again
-  s->u = Tensor();
-  FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(dg, s->dg));
-  FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(du, s->du));
+  s.g = Tensor();  // the product's inputs are not needed again
+  s.u = Tensor();
+  FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(c, dg, gr, s.dg));
+  FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(c, du, gr, s.du));
   const Product dgu[] = {{&dgo, 0}, {&duo, 1}};
   FP8_ASSIGN_OR_RETURN(std::vector<Tensor> dx, gemms(c, dgu, gr, true, dim_));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx[1], dx[0]));

@@ -29,6 +29,14 @@ class RoutedExperts {
   // Backend::gather_fp8_groups of its tokens quantized once), so no fp32 copy is made.
   Result<Tensor> forward(ModelCtx& c, int mb, GroupedFp8 xq, const RowGroups& groups);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);  // -> dx like x
+  // FP8 only: the backward of the weighted output w_r * y_r (the MoE's gates; 0 on padding
+  // rows) from the unweighted gradient dy quantized per row (quantize_groups of dy, as the MoE
+  // gathers it: Backend::gather_fp8_groups). w2's dgrad reads those codes, and each row's
+  // weight multiplies its fp32 result before the bf16 rounding: dh = bf16(w_r * (dy_q . W2)).
+  // dy_deq [rows, dim] fp32 is dequantize_groups(dy_q) (the caller's, for the gates' gradients);
+  // w2's wgrad reads w_r * dy_deq_r.
+  Result<Tensor> backward_input(ModelCtx& c, int mb, GroupedFp8 dyq, const Tensor& w,
+                                const Tensor& dy_deq);
   // Weight gradients of every expert with rows; frees mb's saved state (also when no backward
   // input ran, as for a micro-batch that routed no rows here).
   Status backward_weight(ModelCtx& c, int mb);
@@ -50,12 +58,15 @@ class RoutedExperts {
     Tensor dy, dg, du;  // the output gradients of w2, w1, w3 (bf16 tensors on the bf16 path)
   };
   Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
+  Result<Operand> grad_operand(ModelCtx& c, const Tensor& d, const RowGroups& groups, Tensor& keep);
   Result<Tensor> forward_from(ModelCtx& c, Saved& s, int64_t rows);  // s.x set
+  bool xq_shape_bad(const GroupedFp8& q, int64_t rows) const;  // not [rows of count() groups, dim]
   // out [rows, n] = per group: a_g . W^T (forward) or a_g . W (dgrad, dgrad = true) with W the
   // group's expert of weight `kind` (0 w1, 1 w3, 2 w2), then the output rounding of Linear; out
   // is allocated here.
+  // row_w (optional, f32 [rows]): each output row times its weight before the rounding.
   Result<Tensor> gemm(ModelCtx& c, const Operand& a, const RowGroups& groups, int kind, bool dgrad,
-                      int64_t n);
+                      int64_t n, const Tensor& row_w = Tensor());
   // Several such products (same n) in one grouped call, so a backend can run every expert's GEMM
   // of every kind concurrently (w1 and w3 forward, their dgrads); one output each.
   struct Product {
@@ -63,7 +74,11 @@ class RoutedExperts {
     int kind;
   };
   Result<std::vector<Tensor>> gemms(ModelCtx& c, std::span<const Product> ps,
-                                    const RowGroups& groups, bool dgrad, int64_t n);
+                                    const RowGroups& groups, bool dgrad, int64_t n,
+                                    const Tensor& row_w = Tensor());
+  Result<Tensor> scale_rows(ModelCtx& c, const Tensor& x, const Tensor& w);  // w[r] * x[r]
+  // From w2's input gradient dh: the SwiGLU product's backward and the w1/w3 dgrads -> dx.
+  Result<Tensor> backward_from(ModelCtx& c, Saved& s, const Tensor& dh);
   std::vector<Linear>& weights(int kind) { return kind == 0 ? w1_ : kind == 1 ? w3_ : w2_; }
   // FP8: every expert's weights of each kind quantized 128x128 in one call per kind
   // (Backend::quantize_blocks_batch) and transposed in one (transpose_fp8_batch), per weight
@@ -82,6 +97,7 @@ class RoutedExperts {
   std::vector<Linear> w1_, w3_, w2_;
   GroupedFp8 wq_[3], wq_t_[3];
   uint64_t wq_version_ = ~0ull;
+  Tensor iota_;  // i32 0, 1, 2, ...: scale_rows' identity rows (grown on demand)
   int64_t dim_ = 0, hidden_ = 0;
   PerMicrobatch<Saved> saved_;
 };

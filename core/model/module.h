@@ -43,9 +43,15 @@ struct ModelCtx {
   // nodes once per node, then are forwarded inside the node (parallel.ep_dispatch).
   ExpertComm* ep = nullptr;
   bool ep_two_level = false;
-  // FP8 with an ep group: tokens cross the dispatch all-to-all as FP8 codes and 1x128 scales
-  // (precision.fp8_dispatch), quantized once at their source; the same bits as fp32 rows.
+  // With an ep group (precision.fp8_dispatch), in FP8: tokens, and in the backward their output
+  // gradients, cross the all-to-all toward the experts as FP8 codes and 1x128 scales, quantized
+  // once at their source; in BF16: tokens as bf16 rows. The same bits as fp32 rows either way.
   bool fp8_dispatch = false;
+  // BF16 or FP8 with an ep group: the rows coming back from the experts (combine, the backward's
+  // input gradient) and the backward's output gradient cross the all-to-all as bf16, rounded to
+  // nearest even at each sender (precision.bf16_combine, as DeepSeek-V3 combines in BF16); a
+  // relay sums what it receives in fp32 and rounds again. false: fp32 rows.
+  bool bf16_combine = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.

@@ -6,7 +6,8 @@
 // and without a capacity factor the dispatch is direct instead: the assignments are sorted by
 // expert on the backend (sort_assignments) and only the per-expert counts come to the host, with
 // the same bits as records would give. Either way the router's backward (gates' quotient rule and
-// the balance loss) runs on the backend (router_grad).
+// the balance loss) runs on the backend (router_grad). Rows cross ranks in DeepSeek-V3's formats:
+// FP8 toward the experts (fp8_dispatch; bf16 in BF16), bf16 back from them (bf16_combine).
 #include "core/model/moe.h"
 
 #include <algorithm>
@@ -110,8 +111,24 @@ struct MoE::Impl {
                   std::span<const int64_t> rc, int64_t row_bytes) const;
   Result<std::vector<int64_t>> exchange_counts(ModelCtx& c, const std::vector<int64_t>& send,
                                                int per_peer) const;
+  // Rows held in tensors; what goes to other ranks is counted in stats (leg; `rows`: also count
+  // the rows, false for FP8 scales that travel beside their codes).
   Status exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc, Tensor& recv,
-                       std::span<const int64_t> rc, int64_t row_bytes) const;
+                       std::span<const int64_t> rc, int64_t row_bytes, int leg, bool rows = true);
+  // fp32 rows [.., hidden] exchanged in the wire format `wire` (fp32, or bf16: cast before and
+  // widened after, exactly).
+  Status exchange_wire(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc, Tensor& recv,
+                       std::span<const int64_t> rc, DType wire, int leg);
+  // The wire format of fp32 rows (FP8 rows: quantize_rows, move_fp8_rows). Toward the experts
+  // in the forward: bf16 in BF16 with fp8_dispatch (the experts read bf16 operands: the same
+  // bits), else fp32. The rest (combine, the backward's output gradient unless FP8, its input
+  // gradient): bf16 with ModelCtx::bf16_combine outside FP32. fp32 without an ep group.
+  DType dispatch_wire(const ModelCtx& c) const {
+    return c.ep && c.fp8_dispatch && c.precision == Precision::kBF16 ? DType::kBF16 : DType::kF32;
+  }
+  DType return_wire(const ModelCtx& c) const {
+    return c.ep && c.bf16_combine && c.precision != Precision::kFP32 ? DType::kBF16 : DType::kF32;
+  }
   // Tokens as FP8 on their way to the experts (ModelCtx::fp8_dispatch): quantized 1x128 once at
   // their source; codes [rows, hidden] and scales in the VEC128 layout of `groups` (one group at
   // the source, then one per sending rank).
@@ -121,10 +138,10 @@ struct MoE::Impl {
   };
   Status hop_plan(ModelCtx& c, int64_t n_in, std::vector<Rec>& recs, int which, Hop& hop,
                   int64_t& stats_cross) const;
-  Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const;
+  Result<Tensor> move_rows(ModelCtx& c, const Tensor& x, const Hop& hop, DType wire, int leg);
   Result<Fp8Rows> quantize_rows(ModelCtx& c, const Tensor& x) const;
-  Result<Fp8Rows> move_fp8_rows(ModelCtx& c, const Fp8Rows& x, const Hop& hop) const;
-  Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const;
+  Result<Fp8Rows> move_fp8_rows(ModelCtx& c, const Fp8Rows& x, const Hop& hop, int leg);
+  Result<Tensor> return_rows(ModelCtx& c, const Tensor& y, const Hop& hop, DType wire, int leg);
   Result<Tensor> run_experts(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
                              Saved& s);
   Result<Tensor> expert_rows(ModelCtx& c, int mb, const Tensor& x_last, const Fp8Rows* fx,
@@ -236,8 +253,13 @@ Status MoE::Impl::exchange(ModelCtx& c, const void* send, std::span<const int64_
 // and their scales). Without an ep group, device tensors are copied by the backend (the host
 // memcpy of exchange() cannot reach device memory).
 Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc,
-                                Tensor& recv, std::span<const int64_t> rc,
-                                int64_t row_bytes) const {
+                                Tensor& recv, std::span<const int64_t> rc, int64_t row_bytes,
+                                int leg, bool rows) {
+  for (int p = 0; c.ep && p < P; ++p) {
+    if (p == me) continue;
+    stats.a2a_bytes[leg] += sc[p] * row_bytes;
+    if (rows) stats.a2a_rows[leg] += sc[p];
+  }
   if (!c.ep && send.device() != Device::kCpu) {
     if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
     return c.be->copy(send, recv);
@@ -249,6 +271,16 @@ Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const
     return c.be->copy(hr, recv);
   }
   return exchange(c, send.data(), sc, recv.data(), rc, row_bytes);
+}
+
+Status MoE::Impl::exchange_wire(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc,
+                                Tensor& recv, std::span<const int64_t> rc, DType wire, int leg) {
+  if (wire == DType::kF32) return exchange_rows(c, send, sc, recv, rc, hidden * 4, leg);
+  FP8_ASSIGN_OR_RETURN(Tensor s16, c.be->empty(send.shape(), DType::kBF16));
+  FP8_ASSIGN_OR_RETURN(Tensor r16, c.be->empty(recv.shape(), DType::kBF16));
+  if (send.numel() > 0) FP8_RETURN_IF_ERROR(c.be->cast(send, s16));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, s16, sc, r16, rc, hidden * 2, leg));
+  return recv.numel() > 0 ? c.be->cast(r16, recv) : Status::Ok();
 }
 
 // `per_peer` int64 counts to and from every ep rank.
@@ -318,7 +350,8 @@ Status MoE::Impl::hop_plan(ModelCtx& c, int64_t n_in, std::vector<Rec>& recs, in
 }
 
 // Rows along a hop: gathered by send_idx, exchanged; [n_in, hidden] -> [n_out, hidden].
-Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop) const {
+Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop, DType wire,
+                                    int leg) {
   const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
   FP8_ASSIGN_OR_RETURN(Tensor send, new_f32(c, ns, hidden));
   if (ns > 0) {
@@ -326,7 +359,7 @@ Result<Tensor> MoE::Impl::move_rows(ModelCtx& c, const Tensor& x, const Hop& hop
     FP8_RETURN_IF_ERROR(c.be->gather_rows(x, idx, send));
   }
   FP8_ASSIGN_OR_RETURN(Tensor recv, new_f32(c, hop.n_out, hidden));
-  FP8_RETURN_IF_ERROR(exchange_rows(c, send, hop.send_rows, recv, hop.recv_rows, hidden * 4));
+  FP8_RETURN_IF_ERROR(exchange_wire(c, send, hop.send_rows, recv, hop.recv_rows, wire, leg));
   return recv;
 }
 
@@ -342,8 +375,8 @@ Result<MoE::Impl::Fp8Rows> MoE::Impl::quantize_rows(ModelCtx& c, const Tensor& x
 // move_rows of FP8 rows: gathered by send_idx, grouped by destination (each destination's codes
 // and scales contiguous), exchanged as two all-to-alls (hidden bytes and 4 * ceil(hidden / 128)
 // bytes a row); what arrives is grouped by source.
-Result<MoE::Impl::Fp8Rows> MoE::Impl::move_fp8_rows(ModelCtx& c, const Fp8Rows& x,
-                                                    const Hop& hop) const {
+Result<MoE::Impl::Fp8Rows> MoE::Impl::move_fp8_rows(ModelCtx& c, const Fp8Rows& x, const Hop& hop,
+                                                    int leg) {
   const int64_t ns = static_cast<int64_t>(hop.send_idx.size()), KB = (hidden + 127) / 128;
   std::vector<int64_t> soff(P + 1, 0), roff(P + 1, 0);
   for (int p = 0; p < P; ++p) {
@@ -358,18 +391,20 @@ Result<MoE::Impl::Fp8Rows> MoE::Impl::move_fp8_rows(ModelCtx& c, const Fp8Rows& 
   FP8_ASSIGN_OR_RETURN(y.codes, c.be->empty({hop.n_out, hidden}, x.codes.dtype()));
   FP8_ASSIGN_OR_RETURN(y.scales, c.be->empty({hop.n_out * KB}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(y.groups, make_row_groups(*c.be, roff));
-  FP8_RETURN_IF_ERROR(exchange_rows(c, sent.codes, hop.send_rows, y.codes, hop.recv_rows, hidden));
   FP8_RETURN_IF_ERROR(
-      exchange_rows(c, sent.scales, hop.send_rows, y.scales, hop.recv_rows, 4 * KB));
+      exchange_rows(c, sent.codes, hop.send_rows, y.codes, hop.recv_rows, hidden, leg));
+  FP8_RETURN_IF_ERROR(exchange_rows(c, sent.scales, hop.send_rows, y.scales, hop.recv_rows, 4 * KB,
+                                    leg, /*rows=*/false));
   return y;
 }
 
 // The transpose of move_rows: rows go back to their senders and are summed into the rows they
 // came from (a token reaching two experts gets both contributions); [n_out] -> [n_in, hidden].
-Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& hop) const {
+Result<Tensor> MoE::Impl::return_rows(ModelCtx& c, const Tensor& y, const Hop& hop, DType wire,
+                                      int leg) {
   const int64_t ns = static_cast<int64_t>(hop.send_idx.size());
   FP8_ASSIGN_OR_RETURN(Tensor back, new_f32(c, ns, hidden));
-  FP8_RETURN_IF_ERROR(exchange_rows(c, y, hop.recv_rows, back, hop.send_rows, hidden * 4));
+  FP8_RETURN_IF_ERROR(exchange_wire(c, y, hop.recv_rows, back, hop.send_rows, wire, leg));
   FP8_ASSIGN_OR_RETURN(Tensor out, new_zeros(c, hop.n_in, hidden));
   if (ns > 0) {
     FP8_ASSIGN_OR_RETURN(Tensor idx, upload(c, hop.send_idx, {ns}, DType::kI32));
@@ -513,37 +548,67 @@ double MoE::Impl::balance_loss(const Routing& r, int64_t B, int64_t T) const {
 
 // Routed part. dy travels the dispatch hops to the owners; there, per record, dgate = <dy_row,
 // expert output> (sent home to the record's source), the expert gets gate * dy_row, and its
-// input gradient is summed per row and returned along the hops into dx.
+// input gradient is summed per row and returned along the hops into dx. FP8 (as DeepSeek-V3):
+// dy is quantized 1x128 once per token row, at its source when it crosses the all-to-all as FP8
+// (ModelCtx::fp8_dispatch) or else where it arrives, the same bits either way; the experts' w2
+// dgrad reads those codes with the gate applied to its result (RoutedExperts), and the gate
+// gradients and w2's wgrad read the values of the codes.
 Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Tensor& dy,
                                    Tensor& dgate, Tensor& dx) {
-  Tensor dyl = dy;
-  for (const Hop& h : s.hops) {
-    FP8_ASSIGN_OR_RETURN(dyl, move_rows(c, dyl, h));
+  const bool fp8 = c.precision == Precision::kFP8;
+  Tensor dyl = dy;  // the last hop's rows (fp32 rows unless they travel as FP8)
+  Fp8Rows fdy;      // FP8: the same rows quantized
+  if (fp8 && c.fp8_dispatch && c.ep) {
+    FP8_ASSIGN_OR_RETURN(fdy, quantize_rows(c, dy));
+    for (const Hop& h : s.hops) {
+      FP8_ASSIGN_OR_RETURN(fdy, move_fp8_rows(c, fdy, h, MoeStepStats::kGradDispatch));
+    }
+  } else {
+    for (const Hop& h : s.hops) {
+      FP8_ASSIGN_OR_RETURN(dyl, move_rows(c, dyl, h, return_wire(c), MoeStepStats::kGradDispatch));
+    }
+    if (fp8) {
+      FP8_ASSIGN_OR_RETURN(fdy, quantize_rows(c, dyl));
+    }
   }
   const int64_t m = s.offset[E_local];
+  const int64_t n_last = fp8 ? fdy.codes.rows() : dyl.rows();
   FP8_ASSIGN_OR_RETURN(Tensor dots, c.be->zeros({m}, DType::kF64));
-  FP8_ASSIGN_OR_RETURN(Tensor dxl, new_zeros(c, dyl.rows(), hidden));
+  FP8_ASSIGN_OR_RETURN(Tensor dxl, new_zeros(c, n_last, hidden));
   if (m > 0) {
-    FP8_ASSIGN_OR_RETURN(Tensor dyr, new_f32(c, m, hidden));
-    FP8_RETURN_IF_ERROR(c.be->gather_rows(dyl, s.rows, dyr));
+    // The gates in the experts' (padded) layout: 0 on padding rows.
+    Tensor gp = s.gates;
+    if (s.padded) {
+      FP8_ASSIGN_OR_RETURN(Tensor g1, s.gates.reshape({m, 1}));
+      FP8_ASSIGN_OR_RETURN(gp, new_f32(c, s.pad_offset[E_local], 1));
+      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(g1, s.pad_src, Tensor(), gp));
+      FP8_ASSIGN_OR_RETURN(gp, gp.reshape({s.pad_offset[E_local]}));
+    }
+    Tensor dyr, dxe;  // each record's dy row (FP8: its codes' values); the experts' dx
+    if (fp8) {
+      FP8_ASSIGN_OR_RETURN(GroupedFp8 dyq, c.be->gather_fp8_groups(
+                                               fdy.codes, fdy.scales, fdy.groups, c.qp.pow2, s.rows,
+                                               s.padded ? s.pad_src : Tensor(), s.groups));
+      FP8_ASSIGN_OR_RETURN(Tensor dyp, new_f32(c, s.pad_offset[E_local], hidden));
+      FP8_RETURN_IF_ERROR(c.be->dequantize_groups(dyq, s.groups, dyp));
+      FP8_ASSIGN_OR_RETURN(dyr, unpad_rows(c, s, dyp));
+      FP8_ASSIGN_OR_RETURN(dxe, experts.backward_input(c, mb, std::move(dyq), gp, dyp));
+    } else {
+      FP8_ASSIGN_OR_RETURN(dyr, new_f32(c, m, hidden));
+      FP8_RETURN_IF_ERROR(c.be->gather_rows(dyl, s.rows, dyr));
+      // The experts' output gradient, gate * dy row, in their (padded) layout: one scaled
+      // gather (-1 pad_src rows are zero rows).
+      FP8_ASSIGN_OR_RETURN(Tensor dpad, new_f32(c, s.pad_offset[E_local], hidden));
+      if (s.padded) {
+        FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyr, s.pad_src, gp, dpad));
+      } else {
+        FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyl, s.rows, s.gates, dpad));
+      }
+      FP8_ASSIGN_OR_RETURN(dxe, experts.backward_input(c, mb, dpad));
+    }
     // dgate per record = <dy_row, expert output> in fp64, on the backend: at most m doubles
     // travel to the host (records), none with direct dispatch.
     FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, s.out, dots));
-    // The experts' output gradient, gate * dy row, in their (padded) layout: one scaled gather
-    // (the gates follow their records into the padded rows; 0 on padding rows).
-    Tensor dpad;
-    if (s.padded) {
-      const int64_t mp = s.pad_offset[E_local];
-      FP8_ASSIGN_OR_RETURN(Tensor g1, s.gates.reshape({m, 1}));
-      FP8_ASSIGN_OR_RETURN(Tensor gp, new_f32(c, mp, 1));
-      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(g1, s.pad_src, Tensor(), gp));
-      FP8_ASSIGN_OR_RETURN(dpad, new_f32(c, mp, hidden));
-      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyr, s.pad_src, gp, dpad));
-    } else {
-      FP8_ASSIGN_OR_RETURN(dpad, new_f32(c, m, hidden));
-      FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(dyl, s.rows, s.gates, dpad));
-    }
-    FP8_ASSIGN_OR_RETURN(Tensor dxe, experts.backward_input(c, mb, dpad));
     FP8_ASSIGN_OR_RETURN(Tensor dxr, unpad_rows(c, s, dxe));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }
@@ -556,7 +621,7 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     FP8_ASSIGN_OR_RETURN(dgate, upload(c, by_assignment, {s.B * s.T * K}, DType::kF64));
   }
   for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
-    FP8_ASSIGN_OR_RETURN(dxl, return_rows(c, dxl, *h));
+    FP8_ASSIGN_OR_RETURN(dxl, return_rows(c, dxl, *h, return_wire(c), MoeStepStats::kGradCombine));
   }
   return c.be->axpy(1.0f, dxl, dx);
 }
@@ -696,9 +761,10 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
       FP8_RETURN_IF_ERROR(
           p.hop_plan(c, n_in, recs, static_cast<int>(h), s.hops[h], p.stats.cross_node_rows));
       if (fp8_rows) {
-        FP8_ASSIGN_OR_RETURN(fx, p.move_fp8_rows(c, fx, s.hops[h]));
+        FP8_ASSIGN_OR_RETURN(fx, p.move_fp8_rows(c, fx, s.hops[h], MoeStepStats::kDispatch));
       } else {
-        FP8_ASSIGN_OR_RETURN(xl, p.move_rows(c, xl, s.hops[h]));
+        FP8_ASSIGN_OR_RETURN(
+            xl, p.move_rows(c, xl, s.hops[h], p.dispatch_wire(c), MoeStepStats::kDispatch));
       }
     }
     s.recs = std::move(recs);
@@ -706,7 +772,7 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   }
   // Combine: the gated sums travel the hops back, summed per row at each sender.
   for (auto h = s.hops.rbegin(); h != s.hops.rend(); ++h) {
-    FP8_ASSIGN_OR_RETURN(yl, p.return_rows(c, yl, *h));
+    FP8_ASSIGN_OR_RETURN(yl, p.return_rows(c, yl, *h, p.return_wire(c), MoeStepStats::kCombine));
   }
   Tensor y = yl;
   if (p.shared) {

@@ -7,6 +7,8 @@
 // With expert parallelism a rank holds only its routed experts (params() lists those).
 #pragma once
 
+#include <array>
+
 #include "configs/fp8pipe.pb.h"
 #include "core/model/layers.h"
 
@@ -18,6 +20,11 @@ struct MoeStepStats {
   double aux_loss = 0;          // sum of sequence-wise balance losses added to the loss
   int64_t tokens = 0;           // token rows this rank dispatched
   int64_t cross_node_rows = 0;  // token rows this rank sent to another node (dispatch only)
+  // The ep all-to-all's token rows this rank sent to other ep ranks, and their bytes (codes and
+  // scales for FP8 rows; not the routing records or counts), by leg: forward dispatch and
+  // combine, then the backward's output gradient (to the experts) and input gradient (back).
+  enum Leg { kDispatch, kCombine, kGradDispatch, kGradCombine, kLegs };
+  std::array<int64_t, kLegs> a2a_rows{}, a2a_bytes{};
 };
 
 class MoE {

@@ -193,16 +193,22 @@ void a2a_bytes(const config::Config& cfg, double tokens, double elem_bytes, cons
   }
 }
 
-// All-to-all of one MoE layer in one pass (dispatch FP8 + combine BF16; the backward mirrors it:
-// combine-gradient FP8, dispatch-gradient BF16, TR §3.3.3). IB and NVLink overlap fully.
-double moe_a2a(const config::Config& cfg, const CostModel& cm, double tokens, double& ib,
-               double& nvl) {
+// All-to-all of one MoE layer in one pass, in the wire formats of core/model/moe.cc: toward the
+// experts (forward tokens, backward output gradient) FP8 with precision.fp8_dispatch, 1 B/elem +
+// one fp32 scale per 128 (TR §3.3.3, 1x128 tiles); back from them (combine, the input gradient)
+// bf16 with precision.bf16_combine, as DeepSeek-V3 (TR §3.3.3); otherwise fp32, but for BF16's
+// forward dispatch with fp8_dispatch (bf16, the experts' operand format) and a backward output
+// gradient that is not FP8, which travels like the combine. IB and NVLink overlap fully.
+double moe_a2a(const config::Config& cfg, const CostModel& cm, double tokens, bool backward,
+               double& ib, double& nvl) {
   const auto& cl = cfg.cluster();
-  const bool fp8 =
-      cfg.precision().mode() == config::Precision::FP8 && cfg.precision().fp8_dispatch();
+  const auto mode = cfg.precision().mode();
+  const bool fp8 = mode == config::Precision::FP8 && cfg.precision().fp8_dispatch();
+  const double back = mode != config::Precision::FP32 && cfg.precision().bf16_combine() ? 2 : 4;
+  const bool bf16 = mode == config::Precision::BF16 && cfg.precision().fp8_dispatch();
+  const double to = fp8 ? 1 + 4.0 / 128 : backward ? back : bf16 ? 2 : 4;
   double t = 0;
-  // FP8: 1 B/elem + one fp32 scale per 128 (TR §3.3.3, 1x128 tiles); combine BF16 2 B/elem.
-  for (double eb : {fp8 ? 1 + 4.0 / 128 : 2.0, 2.0}) {
+  for (double eb : {to, back}) {
     double i = 0, v = 0;
     a2a_bytes(cfg, tokens, eb, cm.cal, i, v);
     ib += i, nvl += v;
@@ -345,8 +351,8 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
     c.params = c.dense_params + c.expert_params;
     c.p2p_bytes = t * m.hidden() * 2;  // BF16 hidden state (or its gradient) per token
     for (int i = 0; ep > 1 && has_moe && i < c.moe_blocks; ++i) {
-      c.f.a2a_s += moe_a2a(cfg, cm, t, c.f.ib_bytes, c.f.nvlink_bytes);
-      c.b.a2a_s += moe_a2a(cfg, cm, t, c.b.ib_bytes, c.b.nvlink_bytes);
+      c.f.a2a_s += moe_a2a(cfg, cm, t, false, c.f.ib_bytes, c.f.nvlink_bytes);
+      c.b.a2a_s += moe_a2a(cfg, cm, t, true, c.b.ib_bytes, c.b.nvlink_bytes);
     }
     for (PassCost* pc : {&c.f, &c.b, &c.w}) pc->compute_s = compute_time(cm, pc->work);
     cm.chunks.push_back(c);

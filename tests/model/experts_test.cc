@@ -101,6 +101,65 @@ INSTANTIATE_TEST_SUITE_P(Precisions, ExpertsVsSwiGLU,
                          ::testing::Values(Precision::kFP8, Precision::kBF16, Precision::kFP32),
                          [](const auto& info) { return std::string(precision_name(info.param)); });
 
+// The MoE's FP8 backward (backward_input from the unweighted gradient's codes, the gate applied
+// to w2's dgrad result) against the plain backward of the weighted gradient w_r * dy_r. When dy
+// is FP8-representable (its own quantize-dequantize) and every w_r a power of two or 0, scaling
+// commutes exactly with power-of-two-scaled quantization and with the GEMMs' fp32 sums, so both
+// give the same bits: dx and every weight gradient. Weights that are not powers of two do not
+// (the check is not vacuous).
+TEST(RoutedExperts, WeightedFp8BackwardIsThePreweightedOneForPowerOfTwoWeights) {
+  std::unique_ptr<Backend> be = make_cpu_backend();
+  ModelCtx c;
+  c.be = be.get();
+  c.precision = Precision::kFP8;
+  c.qp.pow2 = true;
+  const std::vector<int64_t> off = offsets_of({37, 0, 160, 16, 129});
+  const int64_t M = off.back(), E = static_cast<int64_t>(off.size()) - 1;
+  RowGroups groups = make_row_groups(*be, off).value();
+  Tensor x = testutil::randn(*be, {M, kDim}, 1);
+  Tensor dy = testutil::randn(*be, {M, kDim}, 2);
+  ASSERT_TRUE(
+      be->dequantize_groups(be->quantize_groups(dy, groups, c.qp).value(), groups, dy).ok());
+
+  // Runs both backward forms with row weights `w`; true when every result has the same bits.
+  auto same_bits = [&](const std::vector<float>& w) {
+    RoutedExperts plain, weighted;
+    EXPECT_TRUE(plain.init(c, "moe", 0, E, kDim, kHidden, 7, 0.05f).ok());
+    EXPECT_TRUE(weighted.init(c, "moe", 0, E, kDim, kHidden, 7, 0.05f).ok());
+    Tensor wt = be->empty({M}, DType::kF32).value();
+    Tensor wdy = be->empty({M, kDim}, DType::kF32).value();
+    for (int64_t r = 0; r < M; ++r) {
+      wt.data_as<float>()[r] = w[r];
+      for (int64_t k = 0; k < kDim; ++k)  // 0 + w*dy as gather_rows_scaled: no -0 rows
+        wdy.data_as<float>()[r * kDim + k] = 0.0f + w[r] * dy.data_as<float>()[r * kDim + k];
+    }
+    EXPECT_TRUE(plain.forward(c, 0, x, groups).ok());
+    EXPECT_TRUE(weighted.forward(c, 0, x, groups).ok());
+    auto dx_plain = plain.backward_input(c, 0, wdy);
+    auto dyq = be->quantize_groups(dy, groups, c.qp);
+    EXPECT_TRUE(dx_plain.ok() && dyq.ok());
+    auto dx_weighted = weighted.backward_input(c, 0, std::move(*dyq), wt, dy);
+    EXPECT_TRUE(dx_weighted.ok()) << dx_weighted.status().to_string();
+    EXPECT_TRUE(plain.backward_weight(c, 0).ok());
+    EXPECT_TRUE(weighted.backward_weight(c, 0).ok());
+    if (!dx_plain.ok() || !dx_weighted.ok()) return false;
+    bool same = std::memcmp(dx_plain->data(), dx_weighted->data(), dx_plain->nbytes()) == 0;
+    const std::vector<Param*> a = plain.params(), b = weighted.params();
+    for (size_t i = 0; i < a.size(); ++i) {
+      const bool s = std::memcmp(a[i]->grad.data(), b[i]->grad.data(), a[i]->grad.nbytes()) == 0;
+      EXPECT_TRUE(s || !same) << a[i]->name << " differs though dx does not";
+      same = same && s;
+    }
+    return same;
+  };
+  const float pow2[] = {1.0f, 0.5f, 2.0f, 0.0f, 0.25f, 0.125f};
+  std::vector<float> w(M);
+  for (int64_t r = 0; r < M; ++r) w[r] = pow2[(r * 7) % 6];
+  EXPECT_TRUE(same_bits(w)) << "power-of-two and zero weights";
+  for (int64_t r = 0; r < M; ++r) w[r] = 0.3f + 0.01f * static_cast<float>(r % 17);
+  EXPECT_FALSE(same_bits(w)) << "weights that are not powers of two";
+}
+
 // One forward + backward of E experts with 24 rows each, FP8; the op counts.
 std::vector<OpStats> profile_step(int64_t E) {
   testutil::ProfiledFp8Cpu p;

@@ -137,6 +137,47 @@ TEST(SimTable2, ParametersPerRank) {
   EXPECT_DOUBLE_EQ(two->params_by_rank[5], 2 * one->params_by_rank[5]);
 }
 
+// EP traffic per pass in the wire formats of core/model/moe.cc (ARCHITECTURE.md's table): the
+// bytes of a chunk's forward and backward all-to-alls are proportional to (toward + back) bytes
+// an element, which for dsv3's defaults (FP8 dispatch 1 + 4/128, bf16 combine 2) is the TR's
+// 1 B + 2 B. Ratios to FP32 (4 + 4), per pass and precision setting.
+TEST(SimEpWire, BytesFollowTheWireFormats) {
+  auto bytes = [](const std::vector<std::string>& flags, bool backward) {
+    std::vector<std::string> f = {"--parallel.schedule=dualpipe"};
+    f.insert(f.end(), flags.begin(), flags.end());
+    auto cfg =
+        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", f);
+    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
+                           cfg->parallel().microbatches());
+    auto cm = build_cost_model(*cfg, *s, {});
+    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
+    const PassCost& p = backward ? cm->chunks[3].b : cm->chunks[3].f;
+    return p.ib_bytes + p.nvlink_bytes;
+  };
+  const double fp8 = 1 + 4.0 / 128;
+  struct Case {
+    std::vector<std::string> flags;
+    double fwd, bwd;  // bytes an element toward + back
+  };
+  const Case cases[] = {
+      {{}, fp8 + 2, fp8 + 2},
+      {{"--precision.bf16_combine=false"}, fp8 + 4, fp8 + 4},
+      {{"--precision.fp8_dispatch=false"}, 4 + 2, 2 + 2},
+      {{"--precision.mode=BF16"}, 2 + 2, 2 + 2},
+      {{"--precision.mode=BF16", "--precision.fp8_dispatch=false"}, 4 + 2, 2 + 2},
+  };
+  for (bool backward : {false, true}) {
+    const double fp32 = bytes({"--precision.mode=FP32"}, backward);
+    ASSERT_GT(fp32, 0);
+    for (const Case& k : cases) {
+      std::string what = backward ? "backward" : "forward";
+      for (const auto& f : k.flags) what += " " + f;
+      EXPECT_NEAR(bytes(k.flags, backward) / fp32, (backward ? k.bwd : k.fwd) / 8, 1e-12) << what;
+    }
+  }
+}
+
 // Conservation: compute busy = sum of op costs; bytes sent = bytes received (with latency and a
 // finite link, so messages take time).
 TEST(SimConservation, WorkAndBytes) {

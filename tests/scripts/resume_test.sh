@@ -53,7 +53,7 @@ records() { # FROM TO JSONL...
 import json, sys
 lo, hi = int(sys.argv[1]), int(sys.argv[2])
 keep = ("step", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens", "skipped",
-        "dropped", "expert_overload", "expert_load")
+        "dropped", "a2a_bytes", "expert_overload", "expert_load")
 recs = {}
 for path in sys.argv[3:]:
     for line in open(path):

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -229,13 +230,20 @@ struct ExecOut {
   double loss = 0;
   int64_t microbatches = 0, nonfinite = 0;
   std::string trace;  // the written trace, when traced
+  // MoeStepStats::a2a_rows / a2a_bytes by leg, summed over this rank's MoE layers
+  std::array<int64_t, model::MoeStepStats::kLegs> a2a_rows{}, a2a_bytes{};
 };
 
-// One step of this rank's instruction list, FB halves overlapped or not; optionally traced;
-// optionally with FP8 dispatch (ModelCtx::fp8_dispatch) and a two-level dispatch over 1-rank
-// nodes.
+struct ExecOpts {
+  bool overlap = false, trace = false;
+  bool fp8_dispatch = false, bf16_combine = false;  // ModelCtx's wire formats
+  bool two_level = false;                           // two-level dispatch over 1-rank nodes
+};
+
+// One step of this rank's instruction list, FB halves overlapped or not; optionally traced.
 ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::string& mode,
-                 bool overlap, bool trace, bool fp8_dispatch = false, bool two_level = false) {
+                 const ExecOpts& o) {
+  const bool overlap = o.overlap, trace = o.trace, two_level = o.two_level;
   auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
                          std::vector<std::string>{"--precision.mode=" + mode, "--train.seq_len=8"});
   EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
@@ -254,8 +262,11 @@ ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::st
   auto be = make_cpu_backend();
   model::ModelCtx c;
   c.be = be.get();
-  c.precision = mode == "FP8" ? model::Precision::kFP8 : model::Precision::kFP32;
-  c.fp8_dispatch = fp8_dispatch;
+  c.precision = mode == "FP8"    ? model::Precision::kFP8
+                : mode == "BF16" ? model::Precision::kBF16
+                                 : model::Precision::kFP32;
+  c.fp8_dispatch = o.fp8_dispatch;
+  c.bf16_combine = o.bf16_combine;
   c.ep_two_level = two_level;
   std::unique_ptr<CommExpertComm> ep_comm;
   if (ep > 1) {
@@ -295,6 +306,12 @@ ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::st
       std::string name = p->name;
       while (out.grads.count(name)) name += "@";  // DualPipe's second local embedding copy
       out.grads[name] = p->grad_acc;
+    }
+    for (model::MoE* m : ch->moes()) {
+      for (int l = 0; l < model::MoeStepStats::kLegs; ++l) {
+        out.a2a_rows[l] += m->stats().a2a_rows[l];
+        out.a2a_bytes[l] += m->stats().a2a_bytes[l];
+      }
     }
   }
   if (trace) {
@@ -338,9 +355,10 @@ TEST(FbOverlap, BitwiseEqualToSequentialFB) {
   for (const Case& k : cases) {
     const std::string what = fmt::format("{} pp={} dp={} ep={} {}", schedule_kind_name(k.kind),
                                          k.pp, k.dp, k.ep, k.mode);
-    const ExecOut off = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, false, false);
-    const ExecOut on = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, true, false);
-    const ExecOut traced = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, true, true);
+    const ExecOut off = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, {});
+    const ExecOut on = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, {.overlap = true});
+    const ExecOut traced =
+        run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode, {.overlap = true, .trace = true});
     EXPECT_FALSE(off.grads.empty()) << what;
     expect_same(off, on, what + " overlap");
     expect_same(off, traced, what + " overlap traced");
@@ -352,21 +370,94 @@ TEST(FbOverlap, BitwiseEqualToSequentialFB) {
 }
 
 }  // namespace
-// FP8 dispatch: the tokens cross the all-to-all as FP8 codes and 1x128 scales, quantized at
-// their source, instead of fp32 rows quantized by the experts' owner. Per-row scaling makes that
-// the same bits: loss, every gradient, flat and two-level, FB halves overlapped (both halves'
-// exchanges in flight) or not.
+// FP8 dispatch: in FP8 the tokens, and in the backward their output gradients, cross the
+// all-to-all as FP8 codes and 1x128 scales, quantized at their source, instead of fp32 rows
+// quantized by the experts' owner. Per-row scaling makes that the same bits. In BF16 the tokens
+// cross as bf16 rows, which is what the experts read. Loss and every gradient, flat and
+// two-level, FB halves overlapped (both halves' exchanges in flight) or not.
 TEST(Fp8Dispatch, BitwiseEqualToFp32Rows) {
   if (g_world != 4) GTEST_SKIP() << "needs 4 ranks (pp=2 x dp=2 x ep=2); mpi.pipeline_np4 runs it";
+  for (const std::string mode : {"FP8", "BF16"}) {
+    for (bool two_level : {false, true}) {
+      for (bool overlap : {false, true}) {
+        const std::string what =
+            fmt::format("{} two_level={} overlap={}", mode, two_level, overlap);
+        const ExecOpts o{.overlap = overlap, .two_level = two_level};
+        ExecOpts o8 = o;
+        o8.fp8_dispatch = true;
+        const ExecOut rows = run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, mode, o);
+        const ExecOut narrow = run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, mode, o8);
+        EXPECT_FALSE(rows.grads.empty()) << what;
+        expect_same(rows, narrow, what);
+        int64_t b[2] = {rows.a2a_bytes[model::MoeStepStats::kDispatch],
+                        narrow.a2a_bytes[model::MoeStepStats::kDispatch]};
+        MPI_Allreduce(MPI_IN_PLACE, b, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+        EXPECT_LT(b[1], b[0]) << what;
+      }
+    }
+  }
+}
+
+// Relative L2 distance of two runs' gradients over every rank.
+static double grad_distance(const ExecOut& a, const ExecOut& b) {
+  double nd[2] = {0, 0};
+  for (const auto& [name, g] : a.grads) {
+    const auto& h = b.grads.at(name);
+    for (size_t i = 0; i < g.size(); ++i) nd[0] += std::pow(h[i] - g[i], 2), nd[1] += g[i] * g[i];
+  }
+  MPI_Allreduce(MPI_IN_PLACE, nd, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  return std::sqrt(nd[0] / nd[1]);
+}
+
+static double world_loss(const ExecOut& a) {
+  double l = a.loss;
+  MPI_Allreduce(MPI_IN_PLACE, &l, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  return l;
+}
+
+// The ep all-to-all's wire formats, per leg (MoeStepStats), with FP8 dispatch: each leg's bytes
+// are its rows times the format's row size (FP8 toward the experts in both passes: hidden codes
+// + one fp32 scale per 128; BF16's forward dispatch bf16; the rest bf16 with bf16_combine, else
+// fp32), and every row dispatched comes back once in each pass. bf16 combine rows change the
+// sums (not bit for bit the fp32 rows' result), by less than the mode itself departs from FP32.
+TEST(EpWire, EachLegCarriesItsFormat) {
+  if (g_world != 4) GTEST_SKIP() << "needs 4 ranks (pp=2 x dp=2 x ep=2); mpi.pipeline_np4 runs it";
+  const int64_t hidden = tiny(4).model().hidden(), row_fp8 = hidden + 4 * ((hidden + 127) / 128);
+  using S = model::MoeStepStats;
   for (bool two_level : {false, true}) {
-    for (bool overlap : {false, true}) {
-      const std::string what = fmt::format("two_level={} overlap={}", two_level, overlap);
-      const ExecOut rows =
-          run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP8", overlap, false, false, two_level);
-      const ExecOut fp8 =
-          run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP8", overlap, false, true, two_level);
-      EXPECT_FALSE(rows.grads.empty()) << what;
-      expect_same(rows, fp8, what);
+    const ExecOut fp32 =
+        run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, "FP32", {.two_level = two_level});
+    for (const std::string mode : {"FP8", "BF16"}) {
+      const std::string what = fmt::format("{} two_level={}", mode, two_level);
+      ExecOpts o{.fp8_dispatch = true, .two_level = two_level};
+      const ExecOut wide = run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, mode, o);
+      o.bf16_combine = true;
+      const ExecOut narrow = run_exec(ScheduleKind::kDualPipe, 2, 2, 4, 2, mode, o);
+      for (const ExecOut* r : {&wide, &narrow}) {
+        std::array<int64_t, 2 * S::kLegs> t{};
+        for (int l = 0; l < S::kLegs; ++l) t[l] = r->a2a_rows[l], t[S::kLegs + l] = r->a2a_bytes[l];
+        MPI_Allreduce(MPI_IN_PLACE, t.data(), 2 * S::kLegs, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+        const int64_t rows = t[S::kDispatch];
+        const int64_t back = r == &narrow ? 2 * hidden : 4 * hidden;  // combine-side row bytes
+        EXPECT_GT(rows, 0) << what;
+        for (int l = 0; l < S::kLegs; ++l) EXPECT_EQ(t[l], rows) << what << " leg " << l;
+        EXPECT_EQ(t[S::kLegs + S::kDispatch], rows * (mode == "FP8" ? row_fp8 : 2 * hidden))
+            << what;
+        EXPECT_EQ(t[S::kLegs + S::kGradDispatch], rows * (mode == "FP8" ? row_fp8 : back)) << what;
+        for (int l : {S::kCombine, S::kGradCombine})
+          EXPECT_EQ(t[S::kLegs + l], rows * back) << what << " leg " << l;
+      }
+      const double l32 = world_loss(fp32), lw = world_loss(wide), ln = world_loss(narrow);
+      const double wire = grad_distance(wide, narrow), mode_cost = grad_distance(fp32, wide);
+      if (g_rank == 0) {
+        std::printf("%s: bf16 wire: loss %.2e, gradients %.2e; %s vs FP32: %.2e, %.2e\n",
+                    what.c_str(), std::fabs(ln - lw) / lw, wire, mode.c_str(),
+                    std::fabs(lw - l32) / l32, mode_cost);
+      }
+      EXPECT_NE(lw, ln) << what << ": bf16 rows changed no sum";
+      EXPECT_LT(std::fabs(ln - lw), std::fabs(lw - l32)) << what;
+      EXPECT_GT(wire, 0) << what;
+      EXPECT_LT(wire, mode_cost) << what;
     }
   }
 }
