@@ -149,6 +149,10 @@ class CpuBackend final : public CpuOps {
                                        const RowGroups& in_groups, bool pow2, const Tensor& rows,
                                        const Tensor& pad, const RowGroups& groups) override {
     FP8_RETURN_IF_ERROR(checks::gather_fp8_groups(codes, scales, in_groups, rows, pad, groups));
+    FP8_RETURN_IF_ERROR(checks::row_indices("gather_fp8_groups", "rows", rows, -1, codes.rows()));
+    if (pad.defined()) {
+      FP8_RETURN_IF_ERROR(checks::row_indices("gather_fp8_groups", "pad", pad, -1, rows.numel()));
+    }
     const int64_t K = codes.cols(), KB = k::ceil_div(K, 128), M = groups.total_rows();
     FP8_ASSIGN_OR_RETURN(Tensor out, empty({M, K}, codes.dtype()));
     FP8_ASSIGN_OR_RETURN(Tensor s, empty({M * KB}, DType::kF32));

@@ -179,6 +179,7 @@ Status CpuOps::balance_stats(const Tensor& scores, const Tensor& idx, int64_t B,
 
 Status CpuOps::gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::gather_rows(in, rows, out));
+  FP8_RETURN_IF_ERROR(checks::row_indices("gather_rows", "rows", rows, 0, in.rows()));
   k::gather_rows(in.data_as<float>(), rows.data_as<int32_t>(), rows.numel(), in.cols(),
                  out.data_as<float>());
   return Status::Ok();
@@ -187,6 +188,7 @@ Status CpuOps::gather_rows(const Tensor& in, const Tensor& rows, Tensor& out) {
 Status CpuOps::gather_rows_scaled(const Tensor& in, const Tensor& rows, const Tensor& w,
                                   Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::gather_rows_scaled(in, rows, w, out));
+  FP8_RETURN_IF_ERROR(checks::row_indices("gather_rows_scaled", "rows", rows, -1, in.rows()));
   k::gather_rows_scaled(in.data_as<float>(), rows.data_as<int32_t>(),
                         w.defined() ? w.data_as<float>() : nullptr, rows.numel(), in.cols(),
                         out.data_as<float>());
@@ -196,6 +198,7 @@ Status CpuOps::gather_rows_scaled(const Tensor& in, const Tensor& rows, const Te
 Status CpuOps::scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                                 Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::scatter_add_rows(in, rows, w, out));
+  FP8_RETURN_IF_ERROR(checks::row_indices("scatter_add_rows", "rows", rows, 0, out.rows()));
   k::scatter_add_rows(in.data_as<float>(), rows.data_as<int32_t>(),
                       w.defined() ? w.data_as<float>() : nullptr, rows.numel(), out.cols(),
                       out.data_as<float>());

@@ -550,6 +550,16 @@ Status bad_token_id(int64_t position, int32_t id, int64_t vocab) {
                      position, vocab);
 }
 
+Status row_indices(const char* op, const char* name, const Tensor& idx, int64_t lo, int64_t limit) {
+  const int32_t* v = idx.data_as<int32_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    if (v[i] < lo || v[i] >= limit) {
+      return FP8_INVALID("{}: {}[{}] = {} is outside [{}, {})", op, name, i, v[i], lo, limit);
+    }
+  }
+  return Status::Ok();
+}
+
 Status bad_target(int64_t row, int32_t target, int64_t vocab) {
   return FP8_INVALID("cross_entropy_fwd: target {} at row {} >= vocab {}", target, row, vocab);
 }

@@ -99,6 +99,10 @@ Status adamw(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v)
 
 // ---- data-dependent errors: the backend finds the first bad id, these word the error
 Status bad_token_id(int64_t position, int32_t id, int64_t vocab);  // embedding_fwd
-Status bad_target(int64_t row, int32_t target, int64_t vocab);     // cross_entropy_fwd
+// Row indices of a gather or scatter on host memory: every idx[i] in [lo, limit) (lo -1: a zero
+// row allowed), else "op: name[i] = v is outside [lo, limit)". The CPU backend checks; a device
+// does not read its indices back (ModelCtx-internal callers build them).
+Status row_indices(const char* op, const char* name, const Tensor& idx, int64_t lo, int64_t limit);
+Status bad_target(int64_t row, int32_t target, int64_t vocab);  // cross_entropy_fwd
 
 }  // namespace fp8pipe::checks

@@ -238,6 +238,16 @@ train_tiny_2rank_gpu_vs_cpu() {
     --parallel.pp=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi
 }
 
+# Two ranks with expert parallelism (dp=2 x ep=2, FP8) on GPU 0 next to the CPU: the MoE's
+# all-to-all on device tensors (staged through host memory by parallel.comm_backend=mpi) in its
+# DeepSeek-V3 formats, FP8 codes and scales toward the experts and bf16 rows back.
+train_tiny_ep_gpu_vs_cpu() {
+  local n=${EP_STEPS:-10}
+  gpu_vs_cpu train_ep "$LOG/train_ep" 2 "$n" configs/tiny.textproto --train.eval_every=0 \
+    --checkpoint.dir= --checkpoint.every=0 --log.every=10 --optim.warmup_steps=1 \
+    --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi
+}
+
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU
 # (optim.placement=auto), then FP8 with the host optimizer (placement=host: gradient downloads,
 # fp64 sums and AdamW on the host, weight uploads): a few steps each (shrunk batch), tokens/s from
@@ -317,7 +327,7 @@ expert_gemms() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms
+export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms
 
 step env 30 env_info
 [[ -f $LOG/env.log ]] && cat "$LOG/env.log"
@@ -350,6 +360,7 @@ step small_fp8_vs_bf16 240 small_fp8_vs_bf16
 step small_op_profile 150 small_op_profile
 step moe_host 60 moe_host
 step expert_gemms 60 expert_gemms
+step train_tiny_ep_gpu_vs_cpu 60 train_tiny_ep_gpu_vs_cpu
 
 # ---- summary (last) ----
 echo
@@ -372,8 +383,8 @@ fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
 fi
-for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu small_fp8_vs_bf16; do
-  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |small )" "$LOG/$f.log"
+for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu small_fp8_vs_bf16; do
+  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |train_ep |small )" "$LOG/$f.log"
 done
 # FP8 GEMM shapes off cuBLASLt's rules (logged once per shape and run): zero-padded onto it, or on
 # the dequantize + fp32 fallback (which should stay at 0).

@@ -21,9 +21,10 @@ if [[ ${EMU:-1} != 0 ]]; then
   emu_abs=$(cd "$emu" && pwd)
   ln -sf "$emu_abs/tests/cuda_tests" "$emu_abs/launch/fp8pipe" "$emu_abs/launch/gpu_bench" \
     "$emu/bin/"
-  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 and on 2 ranks, next to the CPU;
+  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 rank, on 2 (pp=2) and on 2 with
+  # ep=2, next to the CPU;
   # gpu_bench on one small shape of each kind (--smoke: its code paths, not speed).
   BIN_DIR=$emu/bin OUT=$emu/device_logs TINY_STEPS=${EMU_TINY_STEPS:-2} \
-    TWO_RANK_STEPS=${EMU_TWO_RANK_STEPS:-2} SKIP="env small_fp8_vs_bf16 small_op_profile moe_host expert_gemms" \
+    TWO_RANK_STEPS=${EMU_TWO_RANK_STEPS:-2} EP_STEPS=${EMU_EP_STEPS:-2} SKIP="env small_fp8_vs_bf16 small_op_profile moe_host expert_gemms" \
     bash launch/device_check.sh --smoke --reps 2 --warmup 1
 fi

@@ -250,6 +250,53 @@ TEST(CpuBackend, GatherRowsScaledIsScatterIntoZeros) {
   EXPECT_NE(s.to_string().find("gather_rows_scaled"), std::string::npos) << s.to_string();
 }
 
+// The row ops read their indices on the host: an index outside the input (or output, for the
+// scatter) is an error naming the op, the index array, the place and the valid range, and -1 is
+// a zero row only where the op defines one. A device does not check (its callers build them).
+TEST(CpuBackend, RowOpsRefuseIndicesOutOfRange) {
+  auto be = make_cpu_backend();
+  const int64_t R = 5, D = 8;
+  Tensor in = randn(*be, {R, D}, 41), out = be->empty({3, D}, DType::kF32).value();
+  Tensor rows = be->empty({3}, DType::kI32).value();
+  auto set = [&](int32_t a, int32_t b, int32_t c) {
+    const int32_t v[3] = {a, b, c};
+    std::memcpy(rows.data(), v, sizeof(v));
+  };
+  auto expect_error = [](const Status& s, const std::string& want) {
+    EXPECT_FALSE(s.ok()) << want;
+    EXPECT_NE(s.to_string().find(want), std::string::npos) << s.to_string();
+  };
+  set(0, 4, 2);
+  EXPECT_TRUE(be->gather_rows(in, rows, out).ok());
+  EXPECT_TRUE(be->gather_rows_scaled(in, rows, Tensor(), out).ok());
+  set(0, 5, 2);
+  expect_error(be->gather_rows(in, rows, out), "gather_rows: rows[1] = 5 is outside [0, 5)");
+  expect_error(be->gather_rows_scaled(in, rows, Tensor(), out),
+               "gather_rows_scaled: rows[1] = 5 is outside [-1, 5)");
+  set(-1, 0, 1);
+  EXPECT_TRUE(be->gather_rows_scaled(in, rows, Tensor(), out).ok());  // -1: a zero row
+  expect_error(be->gather_rows(in, rows, out), "gather_rows: rows[0] = -1 is outside [0, 5)");
+  set(-2, 0, 1);
+  expect_error(be->gather_rows_scaled(in, rows, Tensor(), out),
+               "gather_rows_scaled: rows[0] = -2 is outside [-1, 5)");
+  Tensor acc = be->zeros({R, D}, DType::kF32).value();
+  set(4, 0, 5);
+  expect_error(be->scatter_add_rows(out, rows, Tensor(), acc),
+               "scatter_add_rows: rows[2] = 5 is outside [0, 5)");
+  const RowGroups one = make_row_groups(*be, {0, R}).value();
+  const Tensor q = be->quantize(in, Granularity::k1x128, QuantParams{}).value();
+  const RowGroups three = make_row_groups(*be, {0, 3}).value();
+  set(1, 7, 0);
+  expect_error(be->gather_fp8_groups(q, *q.scale(), one, true, rows, Tensor(), three).status(),
+               "gather_fp8_groups: rows[1] = 7 is outside [-1, 5)");
+  set(1, 2, 0);
+  Tensor pad = be->empty({3}, DType::kI32).value();
+  const int32_t pv[3] = {0, 3, -1};
+  std::memcpy(pad.data(), pv, sizeof(pv));
+  expect_error(be->gather_fp8_groups(q, *q.scale(), one, true, rows, pad, three).status(),
+               "gather_fp8_groups: pad[1] = 3 is outside [-1, 3)");
+}
+
 // The experts' FP8 input gathered from the tokens quantized once equals quantize_groups of the
 // gathered fp32 rows (1x128 scales are per row), zero rows included, with and without the
 // padding indirection, in both formats and scale kinds.
