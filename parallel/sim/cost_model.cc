@@ -168,28 +168,61 @@ Result<Calibration> load_calibration(const std::string& path) {
   return c;
 }
 
+// Expected distinct units (`units` equal, contiguous shares of the experts: ep ranks or EP
+// nodes) that one token's top-k reaches under uniform node-limited routing: max_nodes of the
+// n_groups groups chosen at random, then k distinct experts at random among theirs (DeepSeek-V3's
+// device-limited top-k). A unit inside a group (units a multiple of n_groups) is hit unless all k
+// experts miss its share; a unit spanning several groups takes a hypergeometric number of chosen
+// groups first. Unaligned shapes use routing without the node limit.
+double expected_units_hit(const config::Moe& moe, int64_t units) {
+  const int64_t E = moe.routed_experts(), k = moe.topk();
+  int64_t G = std::max(1, moe.n_groups());
+  int64_t M = moe.max_nodes() > 0 ? std::min<int64_t>(moe.max_nodes(), G) : G;
+  units = std::max<int64_t>(1, units);
+  if (E % G != 0 || E % units != 0 || (units >= G ? units % G : G % units) != 0) G = M = 1;
+  // P(k distinct draws from n items all avoid a given `a` of them) = C(n - a, k) / C(n, k)
+  auto miss = [k](double n, double a) {
+    double p = 1;
+    for (int64_t i = 0; i < k; ++i) p *= std::max(0.0, (n - a - i) / (n - i));
+    return p;
+  };
+  const double pool = double(M) * E / G;  // experts of the chosen groups
+  if (units >= G) return double(units) * M / G * (1 - miss(pool, double(E) / units));
+  const int64_t span = G / units;  // groups per unit; chosen ones ~ Hypergeometric(G, span, M)
+  auto choose = [](int64_t n, int64_t r) {
+    double c = 1;
+    for (int64_t i = 0; i < r; ++i) c = c * double(n - i) / double(i + 1);
+    return r < 0 || r > n ? 0.0 : c;
+  };
+  double hit = 0;
+  for (int64_t c = 0; c <= std::min(span, M); ++c) {
+    const double p = choose(span, c) * choose(G - span, M - c) / choose(G, M);
+    hit += p * (1 - miss(pool, double(c) * E / G));
+  }
+  return double(units) * hit;
+}
+
 namespace {
 
-// EP traffic of one MoE layer, one direction (dispatch or combine), bytes sent by one GPU.
-// Two-level (TR §3.2.2): one IB copy per remote target node (dedup), then NVLink forwarding to
-// the expert GPUs; node-limited routing caps the nodes per token at max_nodes (TR §2.1.2, M=4).
-// Uniform routing: a token's k experts fall on n(1-(1-1/n)^k) distinct nodes on average.
+// EP traffic of one MoE layer, one direction (dispatch or combine), bytes sent by one GPU; a row
+// goes once to each rank (flat) or node (two-level's IB hop) its experts reach, as core/model/
+// moe.cc and DeepEP send. Flat: the ranks reached, those on other nodes over IB and the rest of
+// the node's over NVLink. Two-level (TR §3.2.2): one IB copy per remote node reached, then
+// NVLink forwarding to every rank reached that is not its node's receiving rank.
 void a2a_bytes(const config::Config& cfg, double tokens, double elem_bytes, const Calibration& c,
                double& ib, double& nvl) {
   const auto& m = cfg.model();
-  const int g = std::min(cfg.parallel().ep(), cfg.cluster().gpus_per_node());
-  const double n = std::max(1, cfg.parallel().ep() / std::max(1, g));  // EP nodes
-  const double k = m.moe().topk(), d = m.hidden();
-  const double row = d * elem_bytes * tokens * c.imbalance;
+  const int P = std::max(1, cfg.parallel().ep());
+  const int g = std::min(P, cfg.cluster().gpus_per_node());
+  const int n = std::max(1, P / std::max(1, g));  // EP nodes
+  const double row = m.hidden() * elem_bytes * tokens * c.imbalance;
+  const double ranks = expected_units_hit(m.moe(), P);
   if (cfg.parallel().ep_dispatch() == "two_level") {
-    double nodes = n * (1 - std::pow(1 - 1 / n, k));
-    if (m.moe().max_nodes() > 0) nodes = std::min(nodes, double(m.moe().max_nodes()));
-    ib = row * nodes * (1 - 1 / n);
-    nvl = row * k * (1 - 1.0 / g);
+    ib = row * expected_units_hit(m.moe(), n) * (n - 1) / n;
+    nvl = row * ranks * (P - n) / P;
   } else {
-    const double ep = cfg.parallel().ep();
-    ib = row * k * (1 - g / ep);
-    nvl = row * k * (g - 1) / ep;
+    ib = row * ranks * (P - g) / P;
+    nvl = row * ranks * (g - 1) / P;
   }
 }
 

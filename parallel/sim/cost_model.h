@@ -88,6 +88,11 @@ struct CostModel {
   double sm_frac = 1;  // share of SMs left for computation
 };
 
+// Expected distinct ranks (units = ep) or EP nodes (units = ep / GPUs per node) one token's
+// routed experts reach under uniform node-limited routing (model.moe's experts, topk, n_groups,
+// max_nodes): what one token costs the all-to-all in rows.
+double expected_units_hit(const config::Moe& moe, int64_t units);
+
 // Overlapped pair (DualPipe F&B): max(compute of F + full B, their all-to-all) + the exposed part.
 double fb_time(const CostModel& m, int f_stage, int b_stage);
 // Time of one compute instruction (an F or B includes its exposed all-to-all).

@@ -231,6 +231,14 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
     r.bubble_s = std::max(r.bubble_s, bubble);
     r.exposed_comm_s =
         std::max(r.exposed_comm_s, r.pipe.exposed_a2a[k] + r.pipe.recv_wait[k] + sync);
+    double ib = 0, nvl = 0;
+    auto add = [&](const PassCost& p) { ib += p.ib_bytes, nvl += p.nvlink_bytes; };
+    for (const Instr& in : s.rank_instrs[k]) {
+      if (in.op == Op::kF || in.op == Op::kFB) add(cm.chunks[in.stage].f);
+      if (in.op == Op::kB) add(cm.chunks[in.stage].b);
+      if (in.op == Op::kFB) add(cm.chunks[in.stage_b].b);
+    }
+    if (ib + nvl > r.ep_ib_bytes + r.ep_nvlink_bytes) r.ep_ib_bytes = ib, r.ep_nvlink_bytes = nvl;
   }
   r.step_s = r.pipe.makespan + tail;
   r.bubble_frac = r.pipe.makespan > 0 ? r.bubble_s / r.pipe.makespan : 0;
@@ -259,6 +267,11 @@ std::string format_step(const config::Config& cfg, const Schedule& s, const Cost
   o +=
       fmt::format("exposed     {:.3f} s communication (EP a2a + p2p waits + DP sync, worst rank)\n",
                   r.exposed_comm_s);
+  if (r.ep_ib_bytes + r.ep_nvlink_bytes > 0) {
+    o += fmt::format(
+        "ep a2a      {:.6g} bytes/GPU/step sent (IB {:.6g}, NVLink {:.6g}; busiest rank)\n",
+        r.ep_ib_bytes + r.ep_nvlink_bytes, r.ep_ib_bytes, r.ep_nvlink_bytes);
+  }
   o += fmt::format(
       "memory/GPU  {:.1f} GiB = params {:.1f} ({:.2f}B) + grads {:.1f} + optimizer {:.1f} + "
       "activations {:.1f} + buffers {:.1f} (of {:.1f})\n",

@@ -83,6 +83,9 @@ struct StepResult {
   double model_flops_per_step = 0;  // all GPUs (F + B + W, recomputation excluded)
   double tflops_per_gpu = 0, mfu_bf16 = 0, mfu_fp8 = 0;
   double gpu_hours_per_trillion = 0;
+  // EP all-to-all bytes one GPU sends per step (its F, B and FB instructions' chunks), the rank
+  // sending the most: IB and NVLink (what the JSONL's a2a_bytes counts on a real run).
+  double ep_ib_bytes = 0, ep_nvlink_bytes = 0;
 };
 
 // One representative pipeline (the pp ranks of one dp replica): dp replicas run the same lists

@@ -3,6 +3,7 @@
 // drawing timer, conserves work and bytes, and runs the full dsv3-671b-2048 config quickly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
@@ -135,6 +136,58 @@ TEST(SimTable2, ParametersPerRank) {
   ASSERT_TRUE(one.ok() && zb.ok() && two.ok()) << one.status().to_string();
   EXPECT_DOUBLE_EQ(zb->params_by_rank[5], one->params_by_rank[5]);
   EXPECT_DOUBLE_EQ(two->params_by_rank[5], 2 * one->params_by_rank[5]);
+}
+
+// expected_units_hit against brute force: every choice of max_nodes groups (equally likely), then
+// every set of k distinct experts among theirs (equally likely), counting the distinct units
+// (equal contiguous expert shares) reached. Units inside groups, spanning groups, and routing
+// without the node limit.
+TEST(SimEpWire, ExpectedUnitsHitIsTheEnumeratedMean) {
+  auto brute = [](int E, int k, int G, int M, int units) {
+    std::vector<int> groups, experts;
+    double sum = 0, count = 0;
+    // all subsets of size r of [0, n), in lexicographic order
+    auto subsets = [](int n, int r, auto&& visit) {
+      std::vector<int> c(r);
+      for (int i = 0; i < r; ++i) c[i] = i;
+      while (true) {
+        visit(c);
+        int i = r - 1;
+        while (i >= 0 && c[i] == n - r + i) --i;
+        if (i < 0) return;
+        ++c[i];
+        for (int j = i + 1; j < r; ++j) c[j] = c[j - 1] + 1;
+      }
+    };
+    subsets(G, M, [&](const std::vector<int>& gs) {
+      std::vector<int> pool;
+      for (int g : gs)
+        for (int e = g * E / G; e < (g + 1) * E / G; ++e) pool.push_back(e);
+      double s = 0, n = 0;
+      subsets(static_cast<int>(pool.size()), k, [&](const std::vector<int>& pick) {
+        std::vector<bool> hit(units, false);
+        for (int i : pick) hit[pool[i] / (E / units)] = true;
+        s += std::count(hit.begin(), hit.end(), true), n += 1;
+      });
+      sum += s / n, count += 1;
+    });
+    return sum / count;
+  };
+  struct Case {
+    int E, k, G, M, units;
+  };
+  const Case cases[] = {{8, 2, 4, 2, 2},  {8, 2, 4, 2, 4},   {8, 2, 4, 2, 8},  {8, 2, 4, 2, 1},
+                        {16, 3, 1, 1, 4}, {32, 4, 8, 4, 16}, {32, 4, 8, 4, 8}, {32, 4, 8, 4, 2},
+                        {24, 3, 6, 2, 3}, {24, 5, 6, 3, 12}, {16, 4, 4, 4, 8}};
+  for (const Case& c : cases) {
+    config::Moe moe;
+    moe.set_routed_experts(c.E);
+    moe.set_topk(c.k);
+    moe.set_n_groups(c.G);
+    moe.set_max_nodes(c.M);
+    EXPECT_NEAR(expected_units_hit(moe, c.units), brute(c.E, c.k, c.G, c.M, c.units), 1e-12)
+        << "E=" << c.E << " k=" << c.k << " G=" << c.G << " M=" << c.M << " units=" << c.units;
+  }
 }
 
 // EP traffic per pass in the wire formats of core/model/moe.cc (ARCHITECTURE.md's table): the

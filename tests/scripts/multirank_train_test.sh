@@ -89,6 +89,32 @@ then ok "FP8 ep=2 bf16 combine: within 1e-3 (loss) and 3e-2 (gradient norm), 0.6
 else bad "FP8 ep=2 bf16 combine: within 1e-3 (loss) and 3e-2 (gradient norm), 0.60 of the a2a bytes"; fi
 cat "$TMP/bf16_combine.cmp"
 
+# The simulator's EP traffic model (parallel/sim/cost_model.cc: a row once per rank its experts
+# reach, uniform node-limited routing) against the bytes those two runs sent: the simulated bytes
+# per GPU per step within 15% of the measured mean over ranks and steps, for fp32 and bf16
+# combine rows. (The cluster figures only set speeds; bytes do not depend on them.)
+CLUSTER=(--cluster.gpus_per_node=8 --cluster.peak_fp8_tflops=1979 --cluster.peak_bf16_tflops=989
+         --cluster.hbm_gbps=3350 --cluster.nvlink_gbps=160 --cluster.net_gbps_per_gpu=40
+         --cluster.total_sms=132)
+for combine in false true; do
+  if [ $combine = false ]; then name=$wide; else name=bf16_combine; fi
+  sim=$("$BIN" simulate "$SRC/configs/tiny.textproto" --train.seq_len=16 --parallel.pp=2 \
+          --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe \
+          --precision.bf16_combine=$combine "${CLUSTER[@]}" 2>&1 |
+        sed -n 's/^ep a2a *\([0-9.e+]*\) bytes.*/\1/p')
+  if python3 - "$sim" "$TMP/$name".r*.jsonl <<'PY'
+import json, sys
+sim = float(sys.argv[1])
+got = [json.loads(l)["a2a_bytes"] for p in sys.argv[2:] for l in open(p) if l.startswith('{"step"')]
+mean = sum(got) / len(got)
+print(f"simulated {sim:.4g} bytes/GPU/step, measured mean {mean:.4g} over {len(got)} rank-steps: "
+      f"{sim / mean - 1:+.1%}")
+assert len(got) == 16 and abs(sim / mean - 1) <= 0.15
+PY
+  then ok "simulated EP bytes within 15% of the measured (bf16_combine=$combine)"
+  else bad "simulated EP bytes within 15% of the measured (bf16_combine=$combine): sim '$sim'"; fi
+done
+
 # log.trace: one Chrome-trace JSON per rank for step 2, with compute ops and comm waits.
 if run trace 4 --parallel.pp=4 --parallel.schedule=dualpipe --log.trace="$TMP/trace_r{rank}.json" &&
    python3 - "$TMP" <<'PY'
