@@ -18,11 +18,11 @@ namespace fp8pipe::model {
 namespace {
 
 // ---- head-layout packing ----
-// On host memory (the CPU backend) these are plain loops. On a device they are Backend row ops on
-// the tensors viewed as rows of g floats (g divides every part width): exact row gathers for
-// split / merge / broadcast, and a scatter-add in row order for sum_heads (the loop's fp32 order),
-// with the row lists built on the host once per shape and kept on the device (RowCache, one per
-// attention layer: every micro-batch of a step has the same shapes).
+// Backend row ops on the tensors viewed as rows of g floats (g divides every part width), on every
+// backend: exact row gathers for split / merge / broadcast, and a scatter-add in row order for
+// sum_heads (per token, heads summed in head order in fp32), with the row lists built on the host
+// once per shape and kept on the backend (RowCache, one per attention layer: every micro-batch of
+// a step has the same shapes).
 
 // Device row lists by (what, n, H, a, b).
 struct RowCache {
@@ -63,7 +63,7 @@ Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, RowCache* rc, const T
   const int64_t n = x.rows();
   FP8_ASSIGN_OR_RETURN(Tensor xa, new_f32(c, n, H * a));
   FP8_ASSIGN_OR_RETURN(Tensor xb, new_f32(c, n, H * b));
-  if (x.device() != Device::kCpu) {
+  {
     const int64_t g = std::gcd(a, b), pa = a / g, pb = b / g;
     FP8_ASSIGN_OR_RETURN(Tensor ra, row_list(c, rc, {kSplitA, n, H, a, b}, [&] {
                            std::vector<int32_t> v;
@@ -83,13 +83,6 @@ Result<std::pair<Tensor, Tensor>> split_heads(ModelCtx& c, RowCache* rc, const T
                          }));
     FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, ra, xa));
     FP8_RETURN_IF_ERROR(gather_pieces(c, x, g, rb, xb));
-    return std::make_pair(std::move(xa), std::move(xb));
-  }
-  const float* s = x.data_as<float>();
-  float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
-  for (int64_t r = 0; r < n * H; ++r) {
-    std::memcpy(pa + r * a, s + r * (a + b), a * sizeof(float));
-    std::memcpy(pb + r * b, s + r * (a + b) + a, b * sizeof(float));
   }
   return std::make_pair(std::move(xa), std::move(xb));
 }
@@ -103,7 +96,7 @@ Result<Tensor> merge_heads(ModelCtx& c, RowCache* rc, const Tensor& xa, const Te
                        xa.describe(), xb.describe(), H, a, b);
   }
   FP8_ASSIGN_OR_RETURN(Tensor x, new_f32(c, n, H * (a + b)));
-  if (x.device() != Device::kCpu) {  // [xa; xb] in one buffer, then one gather
+  {  // [xa; xb] in one buffer, then one gather
     const int64_t g = std::gcd(a, b), pa = a / g, pb = b / g, na = n * H * pa;
     FP8_ASSIGN_OR_RETURN(Tensor both, c.be->empty({na + n * H * pb, g}, DType::kF32));
     Tensor top = both.slice_rows(0, na), bottom = both.slice_rows(na, both.dim(0));
@@ -121,13 +114,6 @@ Result<Tensor> merge_heads(ModelCtx& c, RowCache* rc, const Tensor& xa, const Te
                            return v;
                          }));
     FP8_RETURN_IF_ERROR(gather_pieces(c, both, g, rows, x));
-    return x;
-  }
-  const float *pa = xa.data_as<float>(), *pb = xb.data_as<float>();
-  float* d = x.data_as<float>();
-  for (int64_t r = 0; r < n * H; ++r) {
-    std::memcpy(d + r * (a + b), pa + r * a, a * sizeof(float));
-    std::memcpy(d + r * (a + b) + a, pb + r * b, b * sizeof(float));
   }
   return x;
 }
@@ -136,20 +122,12 @@ Result<Tensor> merge_heads(ModelCtx& c, RowCache* rc, const Tensor& xa, const Te
 Result<Tensor> broadcast_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H) {
   const int64_t n = x.rows(), d = x.cols();
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, n, H * d));
-  if (x.device() != Device::kCpu) {
-    FP8_ASSIGN_OR_RETURN(Tensor rows, row_list(c, rc, {kBroadcast, n, H, d, 0}, [&] {
-                           std::vector<int32_t> v(n * H);
-                           for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
-                           return v;
-                         }));
-    FP8_RETURN_IF_ERROR(gather_pieces(c, x, d, rows, y));
-    return y;
-  }
-  const float* s = x.data_as<float>();
-  float* o = y.data_as<float>();
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < H; ++h) std::memcpy(o + (r * H + h) * d, s + r * d, d * sizeof(float));
-  }
+  FP8_ASSIGN_OR_RETURN(Tensor rows, row_list(c, rc, {kBroadcast, n, H, d, 0}, [&] {
+                         std::vector<int32_t> v(n * H);
+                         for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
+                         return v;
+                       }));
+  FP8_RETURN_IF_ERROR(gather_pieces(c, x, d, rows, y));
   return y;
 }
 
@@ -157,22 +135,14 @@ Result<Tensor> broadcast_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64
 Result<Tensor> sum_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H) {
   const int64_t n = x.rows(), d = x.cols() / H;
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n, d));
-  if (x.device() != Device::kCpu) {  // y[i / H] += x viewed as [n*H, d] row i, in row order
-    FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rc, {kSum, n, H, d, 0}, [&] {
-                           std::vector<int32_t> v(n * H);
-                           for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
-                           return v;
-                         }));
-    FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(x, idx, Tensor(), y));
-    return y;
-  }
-  const float* s = x.data_as<float>();
-  float* o = y.data_as<float>();
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t i = 0; i < d; ++i) o[r * d + i] += s[(r * H + h) * d + i];
-    }
-  }
+  // y[i / H] += x viewed as [n*H, d] row i, in row order (head order per token)
+  FP8_ASSIGN_OR_RETURN(Tensor idx, row_list(c, rc, {kSum, n, H, d, 0}, [&] {
+                         std::vector<int32_t> v(n * H);
+                         for (int64_t i = 0; i < n * H; ++i) v[i] = static_cast<int32_t>(i / H);
+                         return v;
+                       }));
+  FP8_ASSIGN_OR_RETURN(Tensor xv, x.reshape({n * H, d}));
+  FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(xv, idx, Tensor(), y));
   return y;
 }
 

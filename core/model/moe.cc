@@ -249,9 +249,8 @@ Status MoE::Impl::exchange(ModelCtx& c, const void* send, std::span<const int64_
   return c.wait(c.ep->all_to_all(send, sc, recv, rc, row_bytes));
 }
 
-// exchange() of rows of `row_bytes` held in tensors (token rows [rows, hidden] fp32; FP8 codes
-// and their scales). Without an ep group, device tensors are copied by the backend (the host
-// memcpy of exchange() cannot reach device memory).
+// exchange() of rows of `row_bytes` held in tensors (token rows [rows, hidden] fp32 or bf16; FP8
+// codes and their scales). Without an ep group the backend copies them.
 Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const int64_t> sc,
                                 Tensor& recv, std::span<const int64_t> rc, int64_t row_bytes,
                                 int leg, bool rows) {
@@ -260,7 +259,7 @@ Status MoE::Impl::exchange_rows(ModelCtx& c, const Tensor& send, std::span<const
     stats.a2a_bytes[leg] += sc[p] * row_bytes;
     if (rows) stats.a2a_rows[leg] += sc[p];
   }
-  if (!c.ep && send.device() != Device::kCpu) {
+  if (!c.ep) {  // this rank is the whole group: a copy on the backend
     if (sc[0] != rc[0]) return FP8_ERROR(Code::kInternal, "moe: local exchange count mismatch");
     return c.be->copy(send, recv);
   }
