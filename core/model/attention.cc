@@ -38,12 +38,7 @@ Result<Tensor> row_list(ModelCtx& c, RowCache* cache,
   if (cache) {
     if (auto it = cache->lists.find(key); it != cache->lists.end()) return it->second;
   }
-  const std::vector<int32_t> v = build();
-  auto cpu = make_cpu_backend();
-  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({static_cast<int64_t>(v.size())}, DType::kI32));
-  std::copy(v.begin(), v.end(), h.data_as<int32_t>());
-  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(h.shape(), DType::kI32));
-  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
+  FP8_ASSIGN_OR_RETURN(Tensor d, upload_i32(c, build()));
   if (cache) cache->lists.emplace(key, d);
   return d;
 }

@@ -3,6 +3,8 @@
 // once (row-wise ops) or per group (GEMMs), so the bits are unchanged.
 #include "core/model/experts.h"
 
+#include <numeric>
+
 namespace fp8pipe::model {
 
 Status RoutedExperts::init(ModelCtx& c, const std::string& prefix, int64_t first, int64_t count,
@@ -68,11 +70,9 @@ Result<Tensor> RoutedExperts::scale_rows(ModelCtx& c, const Tensor& x, const Ten
   FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, rows, x.cols()));
   if (rows == 0) return out;
   if (!iota_.defined() || iota_.numel() < rows) {
-    const int64_t n = std::max<int64_t>(rows, 2 * (iota_.defined() ? iota_.numel() : 0));
-    FP8_ASSIGN_OR_RETURN(Tensor h, make_cpu_backend()->empty({n}, DType::kI32));
-    for (int64_t i = 0; i < n; ++i) h.data_as<int32_t>()[i] = static_cast<int32_t>(i);
-    FP8_ASSIGN_OR_RETURN(iota_, c.be->empty({n}, DType::kI32));
-    FP8_RETURN_IF_ERROR(c.be->copy(h, iota_));
+    std::vector<int32_t> ids(std::max<int64_t>(rows, 2 * (iota_.defined() ? iota_.numel() : 0)));
+    std::iota(ids.begin(), ids.end(), 0);
+    FP8_ASSIGN_OR_RETURN(iota_, upload_i32(c, ids));
   }
   FP8_RETURN_IF_ERROR(c.be->gather_rows_scaled(x, iota_.slice_rows(0, rows), w, out));
   return out;

@@ -3,6 +3,7 @@
 // keyed store of saved activations that lets F, B (dgrad) and W (wgrad) run at different times.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -106,5 +107,21 @@ class PerMicrobatch {
 // A new fp32 tensor [rows, cols] on the context's backend.
 Result<Tensor> new_f32(ModelCtx& c, int64_t rows, int64_t cols);
 Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols);
+
+// Host values (int32, float or double, as `dt`) in a tensor of `shape` on the context's backend:
+// the host tensor itself on the CPU backend, else a copy.
+template <typename T>
+Result<Tensor> upload(ModelCtx& c, const std::vector<T>& v, Shape shape, DType dt) {
+  auto cpu = make_cpu_backend();
+  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty(shape, dt));
+  std::copy(v.begin(), v.end(), h.template data_as<T>());
+  if (c.be->device() == Device::kCpu) return h;
+  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(shape, dt));
+  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
+  return d;
+}
+inline Result<Tensor> upload_i32(ModelCtx& c, const std::vector<int32_t>& v) {
+  return upload(c, v, {static_cast<int64_t>(v.size())}, DType::kI32);
+}
 
 }  // namespace fp8pipe::model

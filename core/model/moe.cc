@@ -23,17 +23,6 @@ namespace fp8pipe::model {
 namespace {
 
 template <typename T>
-Result<Tensor> upload(ModelCtx& c, const std::vector<T>& v, Shape shape, DType dt) {
-  auto cpu = make_cpu_backend();
-  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty(shape, dt));
-  std::copy(v.begin(), v.end(), h.data_as<T>());
-  if (c.be->device() == Device::kCpu) return h;
-  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(shape, dt));
-  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
-  return d;
-}
-
-template <typename T>
 Result<std::vector<T>> download(ModelCtx& c, const Tensor& t) {
   FP8_ASSIGN_OR_RETURN(Tensor h, c.be->to_host(t));
   const T* p = h.data_as<T>();

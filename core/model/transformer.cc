@@ -5,17 +5,6 @@
 namespace fp8pipe::model {
 namespace {
 
-// i32 tensor from host values.
-Result<Tensor> i32_tensor(ModelCtx& c, const std::vector<int32_t>& v) {
-  auto cpu = make_cpu_backend();
-  FP8_ASSIGN_OR_RETURN(Tensor h, cpu->empty({static_cast<int64_t>(v.size())}, DType::kI32));
-  std::copy(v.begin(), v.end(), h.data_as<int32_t>());
-  if (c.be->device() == Device::kCpu) return h;
-  FP8_ASSIGN_OR_RETURN(Tensor d, c.be->empty(h.shape(), DType::kI32));
-  FP8_RETURN_IF_ERROR(c.be->copy(h, d));
-  return d;
-}
-
 // Tokens tok[b][first + i] for i < len, every row b, flattened.
 std::vector<int32_t> token_window(const MicroBatch& mb, int64_t first, int64_t len) {
   std::vector<int32_t> out;
@@ -77,7 +66,7 @@ Status Model::init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart
 }
 
 Result<Tensor> Model::embed_forward(ModelCtx& c, int mb, const MicroBatch& batch) {
-  FP8_ASSIGN_OR_RETURN(Tensor ids, i32_tensor(c, token_window(batch, 0, batch.T)));
+  FP8_ASSIGN_OR_RETURN(Tensor ids, upload_i32(c, token_window(batch, 0, batch.T)));
   return embed_.forward(c, mb * kSlots, ids);
 }
 
@@ -103,10 +92,10 @@ Result<Tensor> Model::mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_pr
   std::vector<int32_t> keep;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < len; ++i) keep.push_back(static_cast<int32_t>(b * len_prev + i));
-  FP8_ASSIGN_OR_RETURN(Tensor keep_t, i32_tensor(c, keep));
+  FP8_ASSIGN_OR_RETURN(Tensor keep_t, upload_i32(c, keep));
   FP8_ASSIGN_OR_RETURN(Tensor hk, new_f32(c, B * len, h_prev.cols()));
   FP8_RETURN_IF_ERROR(c.be->gather_rows(h_prev, keep_t, hk));
-  FP8_ASSIGN_OR_RETURN(Tensor ids, i32_tensor(c, token_window(batch, k, len)));
+  FP8_ASSIGN_OR_RETURN(Tensor ids, upload_i32(c, token_window(batch, k, len)));
   Embedding& emb = part_.embed ? embed_ : head_embed_;
   FP8_ASSIGN_OR_RETURN(Tensor e, emb.forward(c, key, ids));
   FP8_ASSIGN_OR_RETURN(Tensor en, t.enorm.forward(c, key, e));
@@ -132,7 +121,7 @@ Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
   LossParts lp;
   lp.tokens = batch.B * batch.T;
   FP8_ASSIGN_OR_RETURN(Tensor hn, final_norm_.forward(c, mb, h));
-  FP8_ASSIGN_OR_RETURN(hs.targets[0], i32_tensor(c, token_window(batch, 1, batch.T)));
+  FP8_ASSIGN_OR_RETURN(hs.targets[0], upload_i32(c, token_window(batch, 1, batch.T)));
   double ce = 0;
   FP8_RETURN_IF_ERROR(
       logits_and_loss(c, mb * kSlots, hn, hs.targets[0], &hs.logits[0], &ce).status());
@@ -141,7 +130,7 @@ Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
   for (int k = 1; k <= D; ++k) {
     const int64_t len_prev = batch.T - (k - 1);
     FP8_ASSIGN_OR_RETURN(Tensor hk, mtp_forward(c, mb, k, prev, len_prev, batch, hs));
-    FP8_ASSIGN_OR_RETURN(hs.targets[k], i32_tensor(c, token_window(batch, k + 1, len_prev - 1)));
+    FP8_ASSIGN_OR_RETURN(hs.targets[k], upload_i32(c, token_window(batch, k + 1, len_prev - 1)));
     FP8_ASSIGN_OR_RETURN(Tensor hkn, mtp_[k - 1].norm.forward(c, mb * kSlots + k, hk));
     FP8_RETURN_IF_ERROR(
         logits_and_loss(c, mb * kSlots + k, hkn, hs.targets[k], &hs.logits[k], &ce).status());
