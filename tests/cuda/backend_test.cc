@@ -224,40 +224,47 @@ TEST_F(CudaBackendTest, GroupedQuantizeBitIdentical) {
   }
 }
 
-// " e4m3->e5m2 pow2": the formats and scale kind of a requantize case.
-std::string requant_label(kernels::Fp8Format in, kernels::Fp8Format out, bool pow2) {
-  auto name = [](kernels::Fp8Format f) { return f == kernels::Fp8Format::kE4M3 ? "e4m3" : "e5m2"; };
-  return std::string(" ") + name(in) + "->" + name(out) + (pow2 ? " pow2" : " fp32");
+// A requantize case: input and output formats and the scale kind, labelled " e4m3->e5m2 pow2".
+struct RequantCase {
+  kernels::Fp8Format in, out;
+  bool pow2;
+  std::string label;
+};
+// Every format pair, pow2 or not.
+std::vector<RequantCase> requant_cases() {
+  using kernels::Fp8Format;
+  auto name = [](Fp8Format f) { return f == Fp8Format::kE4M3 ? "e4m3" : "e5m2"; };
+  std::vector<RequantCase> v;
+  for (Fp8Format in : {Fp8Format::kE4M3, Fp8Format::kE5M2})
+    for (Fp8Format out : {Fp8Format::kE4M3, Fp8Format::kE5M2})
+      for (bool pow2 : {true, false})
+        v.push_back({in, out, pow2,
+                     std::string(" ") + name(in) + "->" + name(out) + (pow2 ? " pow2" : " fp32")});
+  return v;
 }
 
 // A Linear's wgrad operand made of its cached 1x128 input in one pass: bitwise the CPU's dequantize
 // + quantize_transposed, codes, scales and the non-finite count (a NaN row), every format pair,
 // rows not a multiple of 128 or of 16, K a multiple of 4 or not.
 TEST_F(CudaBackendTest, RequantizeTransposedBitIdentical) {
-  using kernels::Fp8Format;
   for (const auto& [R, K] :
        std::vector<std::pair<int64_t, int64_t>>{{256, 384}, {200, 262}, {37, 129}}) {
     std::vector<float> x = randn(R * K, 13, 4.0f);
     x[5 * K + 140] = NAN;
     const Tensor hx = hostf({R, K}, x);
-    for (Fp8Format in : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
-      for (Fp8Format out : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
-        for (bool pow2 : {true, false}) {
-          const std::string w =
-              std::to_string(R) + "x" + std::to_string(K) + requant_label(in, out, pow2);
-          const Tensor qc = cpu_->quantize(hx, Granularity::k1x128, {in, pow2}).value();
-          Tensor d = cpu_->empty({R, K}, DType::kF32).value();
-          ASSERT_TRUE(cpu_->dequantize(qc, d).ok());
-          int64_t bad_c = 0, bad_g = 0;
-          const Tensor want = cpu_->quantize_transposed(d, {out, pow2}, &bad_c).value();
-          auto got = gpu_->requantize_transposed(dev_fp8(qc), {out, pow2}, &bad_g);
-          ASSERT_TRUE(got.ok()) << w << ": " << got.status().to_string();
-          expect_bits(vec<uint8_t>(want), back<uint8_t>(got.value()), w + " codes");
-          expect_bits(vec<float>(*want.scale()), back<float>(*got.value().scale()), w + " scales");
-          EXPECT_EQ(bad_g, bad_c) << w;
-          EXPECT_GT(bad_c, 0) << w;
-        }
-      }
+    for (const RequantCase& c : requant_cases()) {
+      const std::string w = std::to_string(R) + "x" + std::to_string(K) + c.label;
+      const Tensor qc = cpu_->quantize(hx, Granularity::k1x128, {c.in, c.pow2}).value();
+      Tensor d = cpu_->empty({R, K}, DType::kF32).value();
+      ASSERT_TRUE(cpu_->dequantize(qc, d).ok());
+      int64_t bad_c = 0, bad_g = 0;
+      const Tensor want = cpu_->quantize_transposed(d, {c.out, c.pow2}, &bad_c).value();
+      auto got = gpu_->requantize_transposed(dev_fp8(qc), {c.out, c.pow2}, &bad_g);
+      ASSERT_TRUE(got.ok()) << w << ": " << got.status().to_string();
+      expect_bits(vec<uint8_t>(want), back<uint8_t>(got.value()), w + " codes");
+      expect_bits(vec<float>(*want.scale()), back<float>(*got.value().scale()), w + " scales");
+      EXPECT_EQ(bad_g, bad_c) << w;
+      EXPECT_GT(bad_c, 0) << w;
     }
   }
 }
@@ -267,7 +274,6 @@ TEST_F(CudaBackendTest, RequantizeTransposedBitIdentical) {
 // quantize_transposed_groups, for E4M3 and E5M2 inputs and outputs, pow2 or not, groups of 0 to
 // 295 rows, K a multiple of 4 (4 codes per load) or not (one), a NaN group included.
 TEST_F(CudaBackendTest, RequantizeTransposedGroupsBitIdentical) {
-  using kernels::Fp8Format;
   for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 37, 37, 197, 213, 342},
                                           std::vector<int64_t>{0, 48, 48, 208, 224, 352},
                                           std::vector<int64_t>{0, 5, 300, 301, 560}}) {
@@ -277,25 +283,20 @@ TEST_F(CudaBackendTest, RequantizeTransposedGroupsBitIdentical) {
       std::vector<float> x = randn(M * K, 12, 4.0f);
       x[3 * K + 7] = NAN;
       const Tensor hx = hostf({M, K}, x);
-      for (Fp8Format in : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
-        for (Fp8Format out : {Fp8Format::kE4M3, Fp8Format::kE5M2}) {
-          for (bool pow2 : {true, false}) {
-            const std::string w =
-                "M " + std::to_string(M) + " K " + std::to_string(K) + requant_label(in, out, pow2);
-            const GroupedFp8 qc = cpu_->quantize_groups(hx, gc, {in, pow2}).value();
-            GroupedFp8 qg;  // the same codes and scales on the device
-            qg.codes = dev(qc.codes);
-            qg.scales = dev(qc.scales);
-            qg.group.resize(qc.group.size());
-            Tensor d = cpu_->empty({M, K}, DType::kF32).value();
-            ASSERT_TRUE(cpu_->dequantize_groups(qc, gc, d).ok());
-            const GroupedFp8 want = cpu_->quantize_transposed_groups(d, gc, {out, pow2}).value();
-            auto got = gpu_->requantize_transposed_groups(qg, gg, {out, pow2});
-            ASSERT_TRUE(got.ok()) << w << ": " << got.status().to_string();
-            expect_bits(vec<uint8_t>(want.codes), back<uint8_t>(got.value().codes), w + " codes");
-            expect_bits(vec<float>(want.scales), back<float>(got.value().scales), w + " scales");
-          }
-        }
+      for (const RequantCase& c : requant_cases()) {
+        const std::string w = "M " + std::to_string(M) + " K " + std::to_string(K) + c.label;
+        const GroupedFp8 qc = cpu_->quantize_groups(hx, gc, {c.in, c.pow2}).value();
+        GroupedFp8 qg;  // the same codes and scales on the device
+        qg.codes = dev(qc.codes);
+        qg.scales = dev(qc.scales);
+        qg.group.resize(qc.group.size());
+        Tensor d = cpu_->empty({M, K}, DType::kF32).value();
+        ASSERT_TRUE(cpu_->dequantize_groups(qc, gc, d).ok());
+        const GroupedFp8 want = cpu_->quantize_transposed_groups(d, gc, {c.out, c.pow2}).value();
+        auto got = gpu_->requantize_transposed_groups(qg, gg, {c.out, c.pow2});
+        ASSERT_TRUE(got.ok()) << w << ": " << got.status().to_string();
+        expect_bits(vec<uint8_t>(want.codes), back<uint8_t>(got.value().codes), w + " codes");
+        expect_bits(vec<float>(want.scales), back<float>(got.value().scales), w + " scales");
       }
     }
   }
