@@ -102,6 +102,10 @@ class Backend {
   Result<Tensor> zeros(const Shape& shape, DType dtype);
   virtual Status fill_zero(Tensor& t) = 0;
   virtual Status copy(const Tensor& src, Tensor& dst) = 0;
+  // Bytes of this backend's live tensors (MemoryCounter): what activation recomputation and
+  // placements are judged by; the trainer logs the peak of each step.
+  virtual MemoryUse memory() const = 0;
+  virtual void reset_peak_memory() = 0;
 
   virtual Stream& compute() = 0;
   virtual std::unique_ptr<Stream> create_stream(const std::string& name) = 0;

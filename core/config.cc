@@ -515,6 +515,12 @@ void ValidateTrain(const config::Train& t, Checker& c) {
   ge0(c, "train.eval_every", t.eval_every());
   gt0(c, "train.eval_batches", t.eval_batches());
   choice(c, "train.device", t.device());
+  for (const std::string& m : recompute_modules(t)) {
+    c.expect(is_choice(kRecomputeModules, m),
+             "train.recompute=\"{}\": '{}' is not a module that can be recomputed (valid: a "
+             "comma-separated list of {}; empty = none)",
+             t.recompute(), m, fmt::join(kRecomputeModules, ", "));
+  }
 }
 
 void ValidateOptim(const config::Optim& o, Checker& c) {
@@ -657,6 +663,9 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
 // Rules between train, data, model and parallel.
 void ValidateCross(const Config& cfg, int world, Checker& c) {
   ValidateLayout(cfg, world, c);
+  c.expect(!recomputes(cfg.train(), "mla_up_proj") || cfg.model().attention() == config::Model::MLA,
+           "train.recompute=\"{}\": mla_up_proj needs model.attention=MLA (got {})",
+           cfg.train().recompute(), config::Model::Attention_Name(cfg.model().attention()));
   const auto& p = cfg.parallel();
   const auto& t = cfg.train();
   const int64_t unit_batch = int64_t{p.dp()} * p.microbatches();
@@ -686,6 +695,27 @@ void ValidateCross(const Config& cfg, int world, Checker& c) {
 }
 
 }  // namespace
+
+std::vector<std::string> recompute_modules(const config::Train& t) {
+  std::vector<std::string> out;
+  const std::string& s = t.recompute();
+  if (s.empty()) return out;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = s.find(',', begin);
+    std::string item = s.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+    item.erase(0, item.find_first_not_of(' '));
+    item.erase(item.find_last_not_of(' ') + 1);
+    out.push_back(std::move(item));
+    if (end == std::string::npos) return out;
+    begin = end + 1;
+  }
+}
+
+bool recomputes(const config::Train& t, std::string_view module) {
+  const auto ms = recompute_modules(t);
+  return std::find(ms.begin(), ms.end(), module) != ms.end();
+}
 
 std::span<const std::string_view> config_choices(std::string_view path) {
   for (const auto& c : kChoiceFields) {

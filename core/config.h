@@ -44,6 +44,11 @@ std::string to_text(const config::Config& cfg);
 
 // Valid values of a choice-string field ("parallel.schedule" → 1f1b, zb1p, dualpipe,
 // dualpipev); empty for any other path.
+// The modules of train.recompute (comma-separated; validated against kRecomputeModules).
+constexpr std::string_view kRecomputeModules[] = {"mla_up_proj"};
+std::vector<std::string> recompute_modules(const config::Train& t);
+bool recomputes(const config::Train& t, std::string_view module);
+
 std::span<const std::string_view> config_choices(std::string_view path);
 
 }  // namespace fp8pipe

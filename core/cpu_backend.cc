@@ -41,8 +41,11 @@ class CpuBackend final : public CpuOps {
     }
     buf->device = Device::kCpu;
     buf->release = [](void* p) { std::free(p); };
+    MemoryCounter::track(memory_, *buf);
     return Tensor(shape, dtype, std::move(buf));
   }
+  MemoryUse memory() const override { return memory_->read(); }
+  void reset_peak_memory() override { memory_->reset_peak(); }
 
   Status fill_zero(Tensor& t) override {
     if (t.nbytes()) std::memset(t.data(), 0, t.nbytes());
@@ -302,6 +305,7 @@ class CpuBackend final : public CpuOps {
     return p.fmt == k::Fp8Format::kE4M3 ? DType::kE4M3 : DType::kE5M2;
   }
   CpuStream compute_;
+  std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
 };
 
 }  // namespace

@@ -372,6 +372,9 @@ class CudaBackend final : public Backend {
     return Tensor(shape, dtype, std::move(buf));
   }
 
+  MemoryUse memory() const override { return memory_->read(); }
+  void reset_peak_memory() override { memory_->reset_peak(); }
+
   Status fill_zero(Tensor& t) override {
     if (!t.nbytes()) return Status::Ok();
     if (t.device() == Device::kCpu) {
@@ -1100,6 +1103,7 @@ class CudaBackend final : public Backend {
       cudaSetDevice(ctx->device);
       cudaFreeAsync(p, free_on);
     };
+    MemoryCounter::track(memory_, *buf);  // every device buffer, tensors and scratch alike
     return buf;
   }
 
@@ -1349,6 +1353,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   CudaStream compute_;
   std::mutex blas_mu_;
+  std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
 };
 
 }  // namespace

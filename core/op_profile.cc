@@ -85,6 +85,8 @@ class ProfiledBackend final : public Backend {
 
   Device device() const override { return in_->device(); }
   std::string name() const override { return in_->name(); }
+  MemoryUse memory() const override { return in_->memory(); }
+  void reset_peak_memory() override { in_->reset_peak_memory(); }
   Result<Tensor> empty(const Shape& shape, DType dtype) override {
     return in_->empty(shape, dtype);
   }

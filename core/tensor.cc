@@ -6,6 +6,29 @@ namespace fp8pipe {
 
 const char* device_name(Device d) { return d == Device::kCpu ? "cpu" : "cuda"; }
 
+void MemoryCounter::track(const std::shared_ptr<MemoryCounter>& counter, Buffer& buf) {
+  if (!buf.ptr || !buf.bytes) return;
+  const auto bytes = static_cast<int64_t>(buf.bytes);
+  counter->add(bytes);
+  buf.release = [counter, bytes, free = std::move(buf.release)](void* p) {
+    if (free) free(p);
+    counter->in_use_.fetch_sub(bytes, std::memory_order_relaxed);
+  };
+}
+
+void MemoryCounter::add(int64_t bytes) {
+  const int64_t now = in_use_.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  int64_t peak = peak_.load(std::memory_order_relaxed);
+  while (now > peak && !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
+
+MemoryUse MemoryCounter::read() const {
+  return {in_use_.load(std::memory_order_relaxed), peak_.load(std::memory_order_relaxed)};
+}
+
+void MemoryCounter::reset_peak() { peak_.store(in_use_.load(std::memory_order_relaxed)); }
+
 int64_t numel(const Shape& s) {
   int64_t n = 1;
   for (int64_t d : s) n *= d;

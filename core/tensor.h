@@ -3,6 +3,7 @@
 // dequantization scales (an fp32 tensor in the layout of kernels/cpu/quantize.h) and granularity.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
@@ -26,6 +27,24 @@ struct Buffer {
   ~Buffer() {
     if (release && ptr) release(ptr);
   }
+};
+
+// Bytes held by a backend's live buffers (their requested sizes, not what an allocator reserves):
+// now, and the most since the last reset_peak(). Thread-safe: buffers die on any thread.
+struct MemoryUse {
+  int64_t in_use = 0, peak = 0;
+};
+class MemoryCounter {
+ public:
+  // Counts `buf` from now until it is freed (wraps its release; the counter outlives the backend
+  // through the wrapper's reference).
+  static void track(const std::shared_ptr<MemoryCounter>& counter, Buffer& buf);
+  MemoryUse read() const;
+  void reset_peak();
+
+ private:
+  void add(int64_t bytes);
+  std::atomic<int64_t> in_use_{0}, peak_{0};
 };
 
 using Shape = std::vector<int64_t>;

@@ -45,9 +45,10 @@ void MetricsSink::write(const StepRecord& r) {
     std::string mfu = r.mfu < 0 ? "n/a" : fmt::format("{:.1f}%", 100 * r.mfu);
     std::string line = fmt::format(
         "step {:>6} | loss {:.4f} | mtp {:.4f} | lr {:.3e} | gnorm {:.3f} | tok/s {:.0f} | "
-        "TFLOP/s {:.4f} | mfu {} | mem {:.2f} GiB | overload {:.2f} | skipped {} | {:.0f} ms",
+        "TFLOP/s {:.4f} | mfu {} | mem {:.2f} GiB | tensors {:.3f} GiB | overload {:.2f} | "
+        "skipped {} | {:.0f} ms",
         r.step, r.loss, r.mtp_loss, r.lr, r.grad_norm, r.tokens_per_s, r.tflops, mfu, r.mem_gib,
-        r.expert_overload, r.skipped, r.ms);
+        r.tensor_gib, r.expert_overload, r.skipped, r.ms);
     if (r.eval_loss >= 0) line += fmt::format(" | eval {:.4f}", r.eval_loss);
     log::info("{}", line);
   }
@@ -61,15 +62,16 @@ void MetricsSink::write(const StepRecord& r) {
   auto g = [](double v, int digits) {
     return std::isfinite(v) ? fmt::format("{:.{}g}", v, digits) : std::string("null");
   };
-  fmt::print(f_,
-             "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
-             "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
-             "\"mem_gib\":{},\"ms\":{},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
-             "\"a2a_bytes\":{},\"expert_overload\":{},\"eval_loss\":{},\"expert_load\":[{}]}}\n",
-             r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6),
-             g(r.grad_norm, 6), g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4),
-             g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, r.a2a_bytes, g(r.expert_overload, 6),
-             g(r.eval_loss, 8), loads);
+  fmt::print(
+      f_,
+      "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
+      "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
+      "\"mem_gib\":{},\"tensor_gib\":{},\"ms\":{},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
+      "\"a2a_bytes\":{},\"expert_overload\":{},\"eval_loss\":{},\"expert_load\":[{}]}}\n",
+      r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6), g(r.grad_norm, 6),
+      g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4), g(r.tensor_gib, 4),
+      g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, r.a2a_bytes, g(r.expert_overload, 6),
+      g(r.eval_loss, 8), loads);
   std::fflush(f_);
 }
 

@@ -20,7 +20,10 @@ struct StepRecord {
   int64_t step = 0;
   double loss = 0, mtp_loss = 0, aux_loss = 0, lr = 0, grad_norm = 0;
   double tokens_per_s = 0, tflops = 0, mfu = -1;  // mfu < 0: no peak known
-  double mem_gib = 0, ms = 0;
+  double mem_gib = 0, ms = 0;  // mem_gib: the process's resident host memory after the step
+  // Peak bytes of the backend's live tensors during the step (Backend::memory; on a GPU its
+  // device memory), GiB.
+  double tensor_gib = 0;
   int64_t tokens_seen = 0, skipped = 0, dropped = 0;
   // Bytes of token rows this rank sent to other ep ranks in the step's MoE all-to-alls
   // (MoeStepStats::a2a_bytes, every leg and layer); 0 without expert parallelism.

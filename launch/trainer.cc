@@ -44,6 +44,7 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.count_nonfinite = false;  // a synchronization per quantization on a GPU (module.h)
   c.fp8_dispatch = cfg.precision().fp8_dispatch();
   c.bf16_combine = cfg.precision().bf16_combine();
+  c.recompute_mla_up = recomputes(cfg.train(), "mla_up_proj");
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.
   if (c.precision == model::Precision::kFP8 && be->device() != Device::kCpu) {
@@ -397,6 +398,7 @@ StepRecord Trainer::record(const StepResult& r, double seconds) {
   rec.tokens_per_s = r.loss.tokens / seconds;
   rec.tflops = rec.tokens_per_s * flops_per_token_ / 1e12;
   rec.mem_gib = resident_gib();
+  rec.tensor_gib = static_cast<double>(be_->memory().peak) / (1024.0 * 1024 * 1024);
   rec.tokens_seen = tokens_seen_;
   rec.skipped = skipped_;
   int i = 0;
@@ -425,6 +427,7 @@ Status Trainer::run(MetricsSink& sink) {
   while (step_ < t.steps()) {
     const auto t0 = Clock::now();
     FP8_RETURN_IF_ERROR(trace_step_begin());
+    be_->reset_peak_memory();
     auto stepped = train_step();  // an error names the step (a timeout names its op and peer)
     if (!stepped.ok()) return stepped.status().with_context(fmt::format("step {}", step_ + 1));
     StepResult r = std::move(*stepped);

@@ -151,6 +151,9 @@ struct Attention::Impl {
   RMSNorm q_norm, kv_norm;
   struct Saved {
     Tensor q, k, v, o, lse, pos;  // attention-core operands (fp32) and row positions
+    // recompute_mla_up: q, k, v are dropped after the core's forward and rebuilt in the
+    // backward from the projections' kept inputs and this: the rotated shared RoPE key [n, rope].
+    Tensor k_rope;
     int64_t B = 0, T = 0;
   };
   PerMicrobatch<Saved> saved;
@@ -162,7 +165,10 @@ struct Attention::Impl {
   Status init_mha(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
   Result<Tensor> positions(ModelCtx& c, int64_t n, int64_t T);
   Result<Tensor> query(ModelCtx& c, int mb, const Tensor& x, const Tensor& pos);
+  Result<Tensor> query_heads(ModelCtx& c, Tensor qf, const Tensor& pos);
   Status mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Status mla_kv_heads(ModelCtx& c, const Tensor& kvb, Saved& s);
+  Status recompute_qkv(ModelCtx& c, int mb, Saved& s);
   Status mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
   Result<Tensor> query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos);
   Result<Tensor> mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk, const Tensor& dv,
@@ -245,6 +251,11 @@ Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, cons
   } else {
     FP8_ASSIGN_OR_RETURN(qf, wq.forward(c, mb, x));
   }
+  return query_heads(c, std::move(qf), pos);
+}
+
+// The query projection's output qf (a fresh tensor, rotated in place for MHA) -> q.
+Result<Tensor> Attention::Impl::query_heads(ModelCtx& c, Tensor qf, const Tensor& pos) {
   if (nope == 0) {  // Linear outputs are fresh tensors: rotate in place
     FP8_RETURN_IF_ERROR(c.be->rope(qf, pos, H, theta, false));
     return qf;
@@ -261,12 +272,26 @@ Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &rows, kv, 1, kv_lora, rope));
   FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
-  FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, &rows, kvb, H, nope, vdim));
   FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, theta, false));
-  FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, &rows, lat.second, H));
+  s.k_rope = std::move(lat.second);
+  return mla_kv_heads(c, kvb, s);
+}
+
+// The up-projection's output kvb ([k_nope | v] per head) and s.k_rope -> s.k, s.v.
+Status Attention::Impl::mla_kv_heads(ModelCtx& c, const Tensor& kvb, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, &rows, kvb, H, nope, vdim));
+  FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, &rows, s.k_rope, H));
   FP8_ASSIGN_OR_RETURN(s.k, merge_heads(c, &rows, kv_parts.first, k_rope, H, nope, rope));
   s.v = std::move(kv_parts.second);
   return Status::Ok();
+}
+
+// recompute_mla_up: q, k and v of s's micro-batch again, from the Linears' kept inputs.
+Status Attention::Impl::recompute_qkv(ModelCtx& c, int mb, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(Tensor qf, (q_lowrank() ? wq_b : wq).recompute(c, mb));
+  FP8_ASSIGN_OR_RETURN(s.q, query_heads(c, std::move(qf), s.pos));
+  FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.recompute(c, mb));
+  return mla_kv_heads(c, kvb, s);
 }
 
 Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
@@ -290,6 +315,11 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
   FP8_ASSIGN_OR_RETURN(s.o, new_f32(c, x.rows(), a.H * a.vdim));
   FP8_ASSIGN_OR_RETURN(s.lse, c.be->empty({B * a.H * T}, DType::kF32));
   FP8_RETURN_IF_ERROR(attention_core_fwd(c, s.q, s.k, s.v, {B, T, a.H, a.scale}, s.o, s.lse));
+  if (a.mla && c.recompute_mla_up) {
+    s.q = s.k = s.v = Tensor();  // rebuilt by the backward (recompute_qkv)
+  } else {
+    s.k_rope = Tensor();
+  }
   Tensor o = s.o;  // the backward uses the fp32 core output; W_o sees bf16 activations
   if (c.precision != Precision::kFP32) {
     FP8_ASSIGN_OR_RETURN(o, new_f32(c, s.o.rows(), s.o.cols()));
@@ -340,11 +370,13 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   Impl& a = *impl_;
   FP8_ASSIGN_OR_RETURN(Impl::Saved * s, a.saved.get(mb, "attention"));
   FP8_ASSIGN_OR_RETURN(Tensor dout, a.wo.backward_input(c, mb, dy));
+  if (!s->q.defined()) FP8_RETURN_IF_ERROR(a.recompute_qkv(c, mb, *s));
   FP8_ASSIGN_OR_RETURN(Tensor dq, new_f32(c, s->q.rows(), s->q.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dk, new_f32(c, s->k.rows(), s->k.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dv, new_f32(c, s->v.rows(), s->v.cols()));
   FP8_RETURN_IF_ERROR(attention_core_bwd(c, dout, s->q, s->k, s->v, s->o, s->lse,
                                          {s->B, s->T, a.H, a.scale}, dq, dk, dv));
+  s->q = s->k = s->v = s->o = s->lse = Tensor();  // the core's operands are not needed again
   FP8_ASSIGN_OR_RETURN(Tensor dx, a.query_backward(c, mb, dq, s->pos));
   Tensor dx_kv;
   if (a.mla) {

@@ -77,15 +77,31 @@ Result<Tensor> Linear::forward_prepared(ModelCtx& c, int mb, const Tensor& x,
   }
   FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
   Saved& s = saved_.put(mb);
+  s = Saved{};
+  (use_fp8(c) ? s.xq : s.x) = prepared;
+  s.version = c.weight_version;
+  return output(c, s);
+}
+
+Result<Tensor> Linear::output(ModelCtx& c, const Saved& s) {
   if (use_fp8(c)) {
-    s.xq = prepared;
-    FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), out_));
+    FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, s.xq.rows(), out_));
     FP8_RETURN_IF_ERROR(c.be->gemm_fp8(s.xq, wq_, y, c.gemm));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(y, y));
     return y;
   }
-  s.x = prepared;
   return gemm_out(c, s.x, bf16_path(c) ? wb_ : w_.value, true);
+}
+
+Result<Tensor> Linear::recompute(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  if (s->version != c.weight_version) {
+    return FP8_ERROR(Code::kInternal,
+                     "{}: recompute of micro-batch {} after a weight update (version {} -> {})",
+                     w_.name, mb, s->version, c.weight_version);
+  }
+  FP8_RETURN_IF_ERROR(refresh_weight_cache(c));
+  return output(c, *s);
 }
 
 Result<Tensor> Linear::apply(ModelCtx& c, const Tensor& x) {

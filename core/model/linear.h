@@ -31,6 +31,9 @@ class Linear {
   Status backward_weight(ModelCtx& c, int mb, const Tensor& x_operand);
   // Forward on an input whose gradient is never needed (no state kept).
   Result<Tensor> apply(ModelCtx& c, const Tensor& x);
+  // The forward output of micro-batch mb again, from the input kept for its weight gradient
+  // (activation recomputation): bitwise the forward's result while the weights are unchanged.
+  Result<Tensor> recompute(ModelCtx& c, int mb);
 
   // The weight operand of this layer's GEMMs for the current weight version: FP8 W (128x128), or
   // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.
@@ -48,11 +51,14 @@ class Linear {
   bool bf16_path(const ModelCtx& c) const { return !use_fp8(c) && c.precision != Precision::kFP32; }
   Status refresh_weight_cache(ModelCtx& c);
   Result<Tensor> gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b);
+  struct Saved;
+  Result<Tensor> output(ModelCtx& c, const Saved& s);  // the forward GEMM of s's input
 
   struct Saved {
-    Tensor x;   // input: fp32 (FP32 mode) or a bf16 tensor (the bf16 path)
-    Tensor xq;  // FP8 1x128 input, FP8 mode
-    Tensor dy;  // output gradient, kept from backward_input to backward_weight
+    Tensor x;              // input: fp32 (FP32 mode) or a bf16 tensor (the bf16 path)
+    Tensor xq;             // FP8 1x128 input, FP8 mode
+    Tensor dy;             // output gradient, kept from backward_input to backward_weight
+    uint64_t version = 0;  // ModelCtx::weight_version of the forward (recompute checks it)
   };
   Param w_;
   int64_t in_ = 0, out_ = 0;

@@ -53,6 +53,9 @@ struct ModelCtx {
   // nearest even at each sender (precision.bf16_combine, as DeepSeek-V3 combines in BF16); a
   // relay sums what it receives in fp32 and rounds again. false: fp32 rows.
   bool bf16_combine = false;
+  // train.recompute=mla_up_proj: MLA attention keeps only its projections' inputs and re-runs the
+  // query and key/value up-projections in the backward (bitwise the same q, k, v).
+  bool recompute_mla_up = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/config.h"
 #include "core/json.h"
 #include "parallel/executor.h"
 
@@ -30,7 +31,9 @@ struct BlockShape {
   bool moe = false;
 };
 
-void add_attention(const config::Model& m, int64_t seq, BlockShape& b) {
+// recompute: train.recompute has mla_up_proj (MLA's query and key/value up-projections re-run
+// in the backward instead of holding q, k, v).
+void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockShape& b) {
   const double d = m.hidden(), H = m.heads();
   double dqk = 0, dv = 0;
   if (m.attention() == config::Model::MLA) {
@@ -40,15 +43,17 @@ void add_attention(const config::Model& m, int64_t seq, BlockShape& b) {
     const double ql = a.q_lora_rank(), kl = a.kv_lora_rank();
     if (ql > 0) {
       b.gemms.push_back({1, d, ql, true});
-      b.gemms.push_back({1, ql, H * dqk, true, true});
+      b.gemms.push_back({1, ql, H * dqk, true, recompute});
     } else {
-      b.gemms.push_back({1, d, H * dqk, true});
+      b.gemms.push_back({1, d, H * dqk, true, recompute});
     }
     b.gemms.push_back({1, d, kl + a.qk_rope_head_dim(), true});
-    b.gemms.push_back({1, kl, H * (a.qk_nope_head_dim() + dv), true, true});
+    b.gemms.push_back({1, kl, H * (a.qk_nope_head_dim() + dv), true, recompute});
     // Held (TR §3.2.3, §3.3.3): normed input FP8 (d), latents BF16 (q_lora + kv_lora + rope),
-    // attention output in E5M6 (1.5 B) for wo; q/k/v are recomputed from the latents.
+    // attention output in E5M6 (1.5 B) for wo; q/k/v recomputed from the latents, else held
+    // in BF16 (the framework's layout: the RoPE key repeated per head).
     b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + 1.5 * H * dv;
+    if (!recompute) b.act += 2 * (2 * H * dqk + H * dv);
   } else {
     dqk = dv = m.head_dim();
     for (int i = 0; i < 3; ++i) b.gemms.push_back({1, d, H * dqk, true});
@@ -86,10 +91,10 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, BlockSh
   b.dense_params += s * 3 * d * h + d * e.routed_experts();
 }
 
-BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c,
-                       int ep) {
+BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
+                       bool recompute) {
   BlockShape b;
-  add_attention(m, seq, b);
+  add_attention(m, seq, recompute, b);
   add_ffn(m, moe, c.imbalance, ep, b);
   for (const Gemm& g : b.gemms) {
     if (!(moe && g.rows != 1)) b.dense_params += g.k * g.n;  // routed experts counted above
@@ -366,8 +371,9 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
   const bool has_moe = m.moe().routed_experts() > 0;
   const int dense = has_moe ? m.dense_layers() : m.layers();
   const int ep = std::max(1, cfg.parallel().ep());
-  const BlockShape dense_b = block_shape(m, false, seq, cal, ep);
-  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep);
+  const bool recompute = recomputes(cfg.train(), "mla_up_proj");
+  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute);
+  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute);
   for (int st = 0; st < s.stages(); ++st) {
     const model::ModelPart& p = parts[st];
     ChunkCost c;

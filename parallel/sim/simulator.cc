@@ -277,6 +277,12 @@ std::string format_step(const config::Config& cfg, const Schedule& s, const Cost
       "activations {:.1f} + buffers {:.1f} (of {:.1f})\n",
       r.mem.total() / gib, r.mem.params / gib, r.params_per_gpu / 1e9, r.mem.grads / gib,
       r.mem.optimizer / gib, r.mem.activations / gib, r.mem.buffers / gib, cfg.cluster().hbm_gib());
+  if (const double over = r.mem.total() / gib - cfg.cluster().hbm_gib(); over > 0) {
+    o += fmt::format(
+        "            does not fit: {:.1f} GiB over the GPU's memory (see train.recompute, a "
+        "larger parallel.pp or parallel.ep)\n",
+        over);
+  }
   o += fmt::format(
       "throughput  {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU, MFU {:.1f}% of BF16 peak "
       "({:.1f}% of FP8 peak)\n",

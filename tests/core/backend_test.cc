@@ -34,6 +34,32 @@ TEST(CpuBackend, EmptyZerosCopyAndErrors) {
   EXPECT_FALSE(bad_reshape.ok());
 }
 
+// Backend::memory counts each live buffer's requested bytes once (views and handle copies share
+// it), also when the last handle dies on another thread; the peak holds until reset_peak_memory.
+TEST(CpuBackend, MemoryCountsLiveBuffers) {
+  auto be = make_cpu_backend();
+  const MemoryUse start = be->memory();
+  EXPECT_EQ(start.in_use, 0);
+  Tensor a = be->empty({3, 5}, DType::kF32).value();  // 60 bytes
+  Tensor b = be->empty({7}, DType::kBF16).value();    // 14 bytes
+  {
+    Tensor view = a.slice_rows(1, 2), copy = a;
+    EXPECT_EQ(be->memory().in_use, 74);
+  }
+  Tensor q = be->quantize(be->zeros({2, 128}, DType::kF32).value(), Granularity::k1x128, {})
+                 .value();  // 256 code bytes and 2 fp32 scales; the zeros are freed at once
+  EXPECT_EQ(be->memory().in_use, 74 + 256 + 8);
+  EXPECT_EQ(be->memory().peak, 74 + 256 + 8 + 1024);
+  std::thread([t = std::move(a)]() mutable { t = Tensor(); }).join();
+  EXPECT_EQ(be->memory().in_use, 14 + 264);
+  be->reset_peak_memory();
+  EXPECT_EQ(be->memory().peak, 14 + 264);
+  b = Tensor();
+  q = Tensor();
+  EXPECT_EQ(be->memory().in_use, 0);
+  EXPECT_EQ(be->memory().peak, 14 + 264);
+}
+
 TEST(CpuStream, WorkerRunsInOrderAndOverlapsCaller) {
   auto be = make_cpu_backend();
   auto side = be->create_stream("comm");

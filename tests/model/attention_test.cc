@@ -1,6 +1,6 @@
 // Attention (core/model/attention.cc), MLA and MHA: fp64 reference forward, gradients vs finite
 // differences, causality, FP8/BF16 vs FP32, micro-batch independence (F/B/W of different
-// micro-batches interleave under pipeline schedules).
+// micro-batches interleave under pipeline schedules), recomputed MLA up-projections.
 #include "core/model/attention.h"
 
 #include <gtest/gtest.h>
@@ -419,6 +419,61 @@ void check_microbatches(bool mla, Precision p) {
 TEST(Attention, MlaMicrobatchIndependence) { check_microbatches(true, Precision::kFP32); }
 TEST(Attention, MhaMicrobatchIndependence) { check_microbatches(false, Precision::kFP32); }
 TEST(Attention, MlaMicrobatchIndependenceFp8) { check_microbatches(true, Precision::kFP8); }
+
+// ---- (f) recomputed MLA up-projections (train.recompute=mla_up_proj) ----
+
+// The schedule of check_microbatches (F0 F1 B1 B0 W0 W1: deferred weight gradients), once keeping
+// q, k, v and once rebuilding them in the backward: outputs, input gradients and every weight
+// gradient are bitwise equal. After both forwards the recomputing layer holds exactly the q, k
+// and v of two micro-batches less, plus their rotated shared RoPE keys: per token
+// 4 bytes x (2 H (nope + rope) + H v - rope).
+void check_recompute(int q_lora, Precision p) {
+  const config::Model m = small_model(true, q_lora);
+  const std::vector<float> x0 = randn(kN * kHidden, 7), x1 = randn(kN * kHidden, 8);
+  const std::vector<float> r0 = randn(kN * kHidden, 9), r1 = randn(kN * kHidden, 10);
+  Layer keep(m, p), re(m, p);
+  re.c.recompute_mla_up = true;
+  EXPECT_EQ(re.be->memory().in_use, keep.be->memory().in_use);
+  EXPECT_EQ(re.forward(0, x0), keep.forward(0, x0));
+  EXPECT_EQ(re.forward(1, x1), keep.forward(1, x1));
+  const auto& a = m.mla();
+  const int64_t per_token = 2 * kHeads * (a.qk_nope_head_dim() + a.qk_rope_head_dim()) +
+                            kHeads * a.v_head_dim() - a.qk_rope_head_dim();
+  EXPECT_EQ(keep.be->memory().in_use - re.be->memory().in_use,
+            2 * kN * per_token * static_cast<int64_t>(sizeof(float)));
+  EXPECT_EQ(re.backward(1, r1, /*weights=*/false), keep.backward(1, r1, /*weights=*/false));
+  EXPECT_EQ(re.backward(0, r0, /*weights=*/false), keep.backward(0, r0, /*weights=*/false));
+  for (int mb : {0, 1}) {
+    ASSERT_TRUE(keep.attn.backward_weight(keep.c, mb).ok());
+    ASSERT_TRUE(re.attn.backward_weight(re.c, mb).ok());
+  }
+  const auto gk = keep.grads(), gr = re.grads();
+  for (const auto& [name, g] : gk) EXPECT_EQ(gr.at(name), g) << name;
+  EXPECT_EQ(re.be->memory().in_use, keep.be->memory().in_use) << "all saved state freed";
+}
+
+TEST(Attention, RecomputedUpProjectionsGiveTheSameBits) {
+  for (Precision p : {Precision::kFP32, Precision::kBF16, Precision::kFP8}) {
+    for (int q_lora : {32, 0}) {
+      SCOPED_TRACE(testing::Message()
+                   << "precision " << static_cast<int>(p) << " q_lora " << q_lora);
+      check_recompute(q_lora, p);
+    }
+  }
+}
+
+// A recompute after a weight update would not rebuild the forward's q, k, v: refused.
+TEST(Attention, RecomputeRefusesAnUpdatedWeight) {
+  Layer l(small_model(true), Precision::kFP8);
+  l.c.recompute_mla_up = true;
+  const std::vector<float> x = randn(kN * kHidden, 7);
+  l.forward(0, x);
+  ++l.c.weight_version;
+  auto dx = l.attn.backward_input(l.c, 0, l.tensor(x, kHidden));
+  ASSERT_FALSE(dx.ok());
+  EXPECT_NE(dx.status().to_string().find("after a weight update"), std::string::npos)
+      << dx.status().to_string();
+}
 
 TEST(Attention, LongerSequenceRuns) {
   Layer l(small_model(true));

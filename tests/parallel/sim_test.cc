@@ -231,6 +231,41 @@ TEST(SimEpWire, BytesFollowTheWireFormats) {
   }
 }
 
+// train.recompute=mla_up_proj (set in the dsv3 config, as the TR's §3.2.3) against none, per
+// chunk of 4 blocks: the backward re-runs the two up-projection GEMMs (their forward FLOPs again,
+// FP8; model FLOPs unchanged), and the forward no longer holds q, k and v in BF16 per token
+// (2 bytes x (2 H (nope + rope) + H v)).
+TEST(SimRecompute, UpProjectionsTradeBackwardFlopsForHeldBytes) {
+  auto model = [](const std::string& recompute) {
+    const std::vector<std::string> flags = {"--train.recompute=" + recompute};
+    auto cfg =
+        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", flags);
+    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
+                           cfg->parallel().microbatches());
+    auto cm = build_cost_model(*cfg, *s, {});
+    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
+    return std::make_pair(*cfg, *cm);
+  };
+  const auto [cfg, re] = model("mla_up_proj");
+  const auto keep = model("").second;
+  const auto& m = cfg.model();
+  const auto& a = m.mla();
+  const double H = m.heads(), dqk = a.qk_nope_head_dim() + a.qk_rope_head_dim();
+  const double t = double(re.tokens_per_mb);
+  const ChunkCost &cr = re.chunks[3], &ck = keep.chunks[3];
+  ASSERT_EQ(cr.blocks, 4);
+  const double up_flops =
+      2 * t *
+      (a.q_lora_rank() * H * dqk + a.kv_lora_rank() * H * (a.qk_nope_head_dim() + a.v_head_dim()));
+  EXPECT_NEAR(cr.b.work.fp8 - ck.b.work.fp8, cr.blocks * up_flops, 1e-9 * up_flops);
+  EXPECT_EQ(cr.b.work.model, ck.b.work.model);
+  EXPECT_EQ(cr.f.work.fp8, ck.f.work.fp8);
+  EXPECT_GT(cr.b.compute_s, ck.b.compute_s);
+  const double qkv_bytes = 2 * (2 * H * dqk + H * a.v_head_dim());
+  EXPECT_NEAR(ck.act_bytes - cr.act_bytes, cr.blocks * t * qkv_bytes, 1e-9 * ck.act_bytes);
+}
+
 // Conservation: compute busy = sum of op costs; bytes sent = bytes received (with latency and a
 // finite link, so messages take time).
 TEST(SimConservation, WorkAndBytes) {
