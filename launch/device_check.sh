@@ -278,7 +278,9 @@ for name, p in zip(("FP8", "BF16", "FP8 host-optim"), sys.argv[1:4]):
     timed = rows[2:] or rows
     t = statistics.median(r["tokens_per_s"] for r in timed)
     ms = statistics.median(r["ms"] for r in timed)
-    print(f"small {name:14s}: {t:10.1f} tokens/s  {ms:9.1f} ms/step  ({len(timed)} steps)")
+    gib = max(r.get("tensor_gib", 0) for r in rows)  # peak device tensors over the run's steps
+    print(f"small {name:14s}: {t:10.1f} tokens/s  {ms:9.1f} ms/step  ({len(timed)} steps)  "
+          f"peak tensors {gib:.2f} GiB")
     tps.append(t)
 print(f"small FP8/BF16 tokens/s ratio {tps[0] / tps[1]:.3f} (optimizer on the GPU)")
 print(f"small FP8 optimizer on GPU / on host tokens/s ratio {tps[0] / tps[2]:.3f}")
