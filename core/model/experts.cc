@@ -166,6 +166,8 @@ Result<Tensor> RoutedExperts::forward_from(ModelCtx& c, Saved& s, int64_t rows) 
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, rows, hidden_));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+  FP8_ASSIGN_OR_RETURN(s.g, hold_bf16(c, s.g));  // held as bf16 until the backward
+  FP8_ASSIGN_OR_RETURN(s.u, hold_bf16(c, s.u));
   FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, groups));
   return gemm(c, s.h, groups, 2, false, dim_);
 }
@@ -215,7 +217,11 @@ Result<Tensor> RoutedExperts::backward_from(ModelCtx& c, Saved& s, const Tensor&
   const RowGroups& gr = s.groups;
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
-  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s.g, s.u, dg, du));
+  {
+    FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s.g));
+    FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s.u));
+    FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
+  }
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));

@@ -61,6 +61,8 @@ Result<Tensor> SwiGLU::forward(ModelCtx& c, int mb, const Tensor& x) {
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), s.g.cols()));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+  FP8_ASSIGN_OR_RETURN(s.g, hold_bf16(c, s.g));  // held as bf16 until the backward
+  FP8_ASSIGN_OR_RETURN(s.u, hold_bf16(c, s.u));
   return w2_.forward(c, mb, h);
 }
 
@@ -69,7 +71,11 @@ Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   FP8_ASSIGN_OR_RETURN(Tensor dh, w2_.backward_input(c, mb, dy));
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), dh.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), dh.cols()));
-  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, s->g, s->u, dg, du));
+  {
+    FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s->g));
+    FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s->u));
+    FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
+  }
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));

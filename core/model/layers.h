@@ -49,7 +49,7 @@ class SwiGLU {
 
  private:
   struct Saved {
-    Tensor g, u;  // inputs of the SwiGLU product (recomputing h is cheap)
+    Tensor g, u;  // inputs of the SwiGLU product (recomputing h is cheap), bf16 (hold_bf16)
   };
   Linear w1_, w3_, w2_;
   PerMicrobatch<Saved> saved_;

@@ -52,4 +52,18 @@ Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols) {
   return c.be->zeros({rows, cols}, DType::kF32);
 }
 
+Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x) {
+  if (c.precision == Precision::kFP32 || x.dtype() != DType::kF32) return x;
+  FP8_ASSIGN_OR_RETURN(Tensor h, c.be->empty(x.shape(), DType::kBF16));
+  FP8_RETURN_IF_ERROR(c.be->cast(x, h));
+  return h;
+}
+
+Result<Tensor> held_f32(ModelCtx& c, const Tensor& h) {
+  if (h.dtype() != DType::kBF16) return h;
+  FP8_ASSIGN_OR_RETURN(Tensor x, c.be->empty(h.shape(), DType::kF32));
+  FP8_RETURN_IF_ERROR(c.be->cast(h, x));
+  return x;
+}
+
 }  // namespace fp8pipe::model

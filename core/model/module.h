@@ -111,6 +111,13 @@ class PerMicrobatch {
 Result<Tensor> new_f32(ModelCtx& c, int64_t rows, int64_t cols);
 Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols);
 
+// An activation kept for the backward whose values are bf16 (a GEMM output rounded to bf16, as
+// every one is outside FP32 precision), held as a bf16 tensor: half the bytes, the same values
+// (the cast rounds exactly representable values to themselves). FP32 precision holds x itself.
+Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x);
+// The fp32 values of a held activation: a widened copy of a bf16 tensor, else h itself.
+Result<Tensor> held_f32(ModelCtx& c, const Tensor& h);
+
 // Host values (int32, float or double, as `dt`) in a tensor of `shape` on the context's backend:
 // the host tensor itself on the CPU backend, else a copy.
 template <typename T>

@@ -74,7 +74,7 @@ struct MoE::Impl {
     bool padded = false;
     Tensor rows;   // i32 [m] last-hop row of each record
     Tensor gates;  // f32 [m]
-    Tensor out;    // [m, hidden] unweighted expert outputs (for dgate)
+    Tensor out;    // [m, hidden] unweighted expert outputs (for dgate), bf16 (hold_bf16)
   };
 
   int64_t hidden = 0, E = 0, K = 0, n_groups = 1, max_groups = 1;
@@ -457,9 +457,10 @@ Result<Tensor> MoE::Impl::expert_rows(ModelCtx& c, int mb, const Tensor& x_last,
     FP8_ASSIGN_OR_RETURN(Tensor xe, pad_rows(c, s, xin));
     FP8_ASSIGN_OR_RETURN(ye, experts.forward(c, mb, xe, s.groups));
   }
-  FP8_ASSIGN_OR_RETURN(s.out, unpad_rows(c, s, ye));
+  FP8_ASSIGN_OR_RETURN(Tensor out, unpad_rows(c, s, ye));
   FP8_ASSIGN_OR_RETURN(Tensor y, new_zeros(c, n_last, hidden));
-  if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(s.out, s.rows, s.gates, y));
+  if (m > 0) FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(out, s.rows, s.gates, y));
+  FP8_ASSIGN_OR_RETURN(s.out, hold_bf16(c, out));  // held as bf16 for the gate gradients
   return y;
 }
 
@@ -596,7 +597,10 @@ Status MoE::Impl::experts_backward(ModelCtx& c, int mb, const Saved& s, const Te
     }
     // dgate per record = <dy_row, expert output> in fp64, on the backend: at most m doubles
     // travel to the host (records), none with direct dispatch.
-    FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, s.out, dots));
+    {
+      FP8_ASSIGN_OR_RETURN(Tensor out, held_f32(c, s.out));
+      FP8_RETURN_IF_ERROR(c.be->row_dot(dyr, out, dots));
+    }
     FP8_ASSIGN_OR_RETURN(Tensor dxr, unpad_rows(c, s, dxe));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dxr, s.rows, Tensor(), dxl));
   }

@@ -45,5 +45,34 @@ TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
   }
 }
 
+// What a SwiGLU holds from its forward to its backward, counted by Backend::memory: under BF16
+// the bf16 input of w1 and w3 (shared, n x dim), w2's bf16 input h (n x hidden), the product's
+// inputs g and u as bf16 (2 x n x hidden; they are bf16-valued GEMM outputs), and the three
+// bf16 weight copies made at the first forward; 2 bytes each. FP32 holds fp32 x, h, g, u and no
+// weight copies. The backward and the weight gradients leave only the weight copies.
+TEST(SwiGLUMemory, HoldsItsBf16ValuedActivationsAsBf16) {
+  constexpr int64_t n = 64, dim = 256, hidden = 384;
+  for (Precision p : {Precision::kBF16, Precision::kFP32}) {
+    SCOPED_TRACE(static_cast<int>(p));
+    auto be = make_cpu_backend();
+    ModelCtx c;
+    c.be = be.get();
+    c.precision = p;
+    SwiGLU f;
+    ASSERT_TRUE(f.init(c, "ffn", dim, hidden, /*seed=*/3, 0.05f).ok());
+    Tensor x = be->zeros({n, dim}, DType::kF32).value(),
+           dy = be->zeros({n, dim}, DType::kF32).value();
+    const int64_t before = be->memory().in_use;
+    ASSERT_TRUE(f.forward(c, 0, x).ok());
+    const bool bf16 = p == Precision::kBF16;
+    const int64_t weights = bf16 ? 3 * hidden * dim * 2 : 0;
+    const int64_t held = bf16 ? 2 * (n * dim + 3 * n * hidden) : 4 * 3 * n * hidden;
+    EXPECT_EQ(be->memory().in_use - before, weights + held);
+    ASSERT_TRUE(f.backward_input(c, 0, dy).ok());
+    ASSERT_TRUE(f.backward_weight(c, 0).ok());
+    EXPECT_EQ(be->memory().in_use - before, weights);
+  }
+}
+
 }  // namespace
 }  // namespace fp8pipe::model
