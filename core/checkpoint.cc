@@ -48,7 +48,8 @@ namespace {
 constexpr std::pair<Kind, std::string_view> kKinds[] = {{Kind::kParam, "param"},
                                                         {Kind::kExpAvg, "exp_avg"},
                                                         {Kind::kExpAvgSq, "exp_avg_sq"},
-                                                        {Kind::kRouterBias, "router_bias"}};
+                                                        {Kind::kRouterBias, "router_bias"},
+                                                        {Kind::kEma, "ema"}};
 }  // namespace
 
 const char* kind_name(Kind k) {

@@ -60,9 +60,10 @@ struct Topology {
 };
 
 // What a tensor holds. Model weights (what `fp8pipe ckpt export` writes) are kParam and
-// kRouterBias; the moments are the optimizer's.
-enum class Kind { kParam, kExpAvg, kExpAvgSq, kRouterBias };
-const char* kind_name(Kind k);  // "param", "exp_avg", "exp_avg_sq", "router_bias"
+// kRouterBias; the moments are the optimizer's; kEma the weights' moving average
+// (optim.ema_decay, named "<param>.ema", fp32), which `ckpt export --ema` writes instead.
+enum class Kind { kParam, kExpAvg, kExpAvgSq, kRouterBias, kEma };
+const char* kind_name(Kind k);  // "param", "exp_avg", "exp_avg_sq", "router_bias", "ema"
 std::optional<Kind> parse_kind(std::string_view s);
 
 // One rank's piece of a global tensor: elements [begin, end) of its row-major flattening.

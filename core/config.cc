@@ -530,6 +530,7 @@ void ValidateOptim(const config::Optim& o, Checker& c) {
   ge0(c, "optim.warmup_steps", o.warmup_steps());
   choice(c, "optim.schedule", o.schedule());
   ge0(c, "optim.decay_steps", o.decay_steps());
+  unit(c, "optim.ema_decay", o.ema_decay());
   c.expect(o.schedule() != "step" || o.step_every() > 0,
            "optim.step_every={} must be > 0 for optim.schedule=step", o.step_every());
   c.expect(o.step_gamma() > 0 && o.step_gamma() <= 1, "optim.step_gamma={} must be in (0, 1]",

@@ -181,7 +181,8 @@ Status check_sources(const ckpt::Manifest& man, const Mapped& t, std::set<std::s
   int64_t cols = 0;
   for (const std::string& s : t.sources) {
     const ckpt::TensorRecord* r = man.find(s);
-    if (!r || (r->kind != ckpt::Kind::kParam && r->kind != ckpt::Kind::kRouterBias))
+    if (!r || (r->kind != ckpt::Kind::kParam && r->kind != ckpt::Kind::kRouterBias &&
+               r->kind != ckpt::Kind::kEma))
       return FP8_ERROR(Code::kNotFound, "{} needs model tensor '{}', absent from the checkpoint",
                        t.name, s);
     if (r->dtype != "F32") return FP8_INVALID("tensor '{}' is {}, expected F32", s, r->dtype);
@@ -339,10 +340,19 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
   warn_group_score(m);
   warn_latent_norm_eps(m);
   FP8_ASSIGN_OR_RETURN(std::vector<Mapped> ts, tensor_map(m));
+  if (opt.ema) {  // each weight's moving average in its place (router biases are not averaged)
+    for (Mapped& t : ts) {
+      for (std::string& src : t.sources) {
+        const ckpt::TensorRecord* r = man.find(src);
+        if (r && r->kind == ckpt::Kind::kParam) src += ".ema";
+      }
+    }
+  }
   std::set<std::string> used;
   for (const Mapped& t : ts) FP8_RETURN_IF_ERROR(check_sources(man, t, used));
   for (const ckpt::TensorRecord& r : man.tensors) {
-    const bool model = r.kind == ckpt::Kind::kParam || r.kind == ckpt::Kind::kRouterBias;
+    const bool model = r.kind == (opt.ema ? ckpt::Kind::kEma : ckpt::Kind::kParam) ||
+                       r.kind == ckpt::Kind::kRouterBias;
     if (model && !used.count(r.name))
       return FP8_INVALID("hf export: checkpoint tensor '{}' has no DeepseekV3 name", r.name);
   }

@@ -35,6 +35,7 @@ Result<std::string> config_json(const config::Model& m, int64_t max_positions,
 struct Options {
   std::string dtype = "bf16";             // tensor dtype: "bf16" or "fp32"
   uint64_t max_shard_bytes = 5ull << 30;  // split into model-0000i-of-0000N files above this
+  bool ema = false;  // the weights' moving average ("<name>.ema", optim.ema_decay) instead
 };
 
 // Writes config.json, model.safetensors (or shards plus model.safetensors.index.json) into

@@ -1,6 +1,7 @@
 // `fp8pipe ckpt inspect|verify|export`: look into training checkpoints (core/checkpoint.h)
 // without a config or a model: list steps and shards, check checksums and coverage before a
 // resume or a copy, and consolidate the fp32 weights into one safetensors file or an HF folder.
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
@@ -21,11 +22,12 @@ namespace fs = std::filesystem;
 constexpr const char* kUsage =
     "usage: fp8pipe ckpt inspect DIR [--step N]\n"
     "       fp8pipe ckpt verify DIR [--step N]\n"
-    "       fp8pipe ckpt export DIR OUT.safetensors [--step N]\n"
+    "       fp8pipe ckpt export DIR OUT.safetensors [--step N] [--ema]\n"
     "       fp8pipe ckpt export DIR OUTDIR --format hf [--step N] [--dtype bf16|fp32]\n"
-    "                           [--max-shard-mb N]\n"
+    "                           [--max-shard-mb N] [--ema]\n"
     "DIR is a checkpoint root (checkpoint.dir) or one step_NNNNNNNN directory. --format hf\n"
-    "writes a Hugging Face DeepseekV3 folder (config.json + safetensors; docs/HF_EXPORT.md).\n";
+    "writes a Hugging Face DeepseekV3 folder (config.json + safetensors; docs/HF_EXPORT.md).\n"
+    "--ema exports the weights' moving average (trained with optim.ema_decay > 0).\n";
 
 struct Args {
   std::vector<std::string> positional;
@@ -33,6 +35,7 @@ struct Args {
   std::string format = "fp8pipe";  // export: fp8pipe (one file) | hf (a DeepseekV3 folder)
   std::string dtype = "bf16";      // --format hf tensor dtype
   std::string shard_mb = "5120";   // --format hf shard size limit in MiB
+  bool ema = false;                // export: the moving average instead of the weights
 };
 
 // "--name V" or "--name=V" at argv[i]: stores V and advances i; false if argv[i] is not --name.
@@ -62,6 +65,8 @@ Result<Args> parse(int argc, char** argv) {
         take(argc, argv, i, "--dtype", a.dtype) ||
         take(argc, argv, i, "--max-shard-mb", a.shard_mb)) {
       continue;
+    } else if (s == "--ema") {
+      a.ema = true;
     } else if (s.starts_with("-")) {
       return FP8_INVALID("unknown option '{}'", s);
     } else {
@@ -203,8 +208,20 @@ Status export_model(const Args& a) {
   if (!found) return FP8_ERROR(Code::kNotFound, "no committed checkpoint under {}", t.root);
   const int64_t step = found->manifest.step;
   FP8_ASSIGN_OR_RETURN(auto l, ckpt::Loaded::open(found->step_dir, std::move(found->manifest)));
+  if (a.ema) {
+    const auto& ts = l.manifest().tensors;
+    if (std::none_of(ts.begin(), ts.end(),
+                     [](const ckpt::TensorRecord& t) { return t.kind == ckpt::Kind::kEma; })) {
+      return FP8_INVALID(
+          "--ema: checkpoint {} holds no moving average (train with "
+          "optim.ema_decay > 0)",
+          found->step_dir);
+    }
+  }
+  const ckpt::Kind weights = a.ema ? ckpt::Kind::kEma : ckpt::Kind::kParam;
   if (a.format == "hf") {
     hf::Options o;
+    o.ema = a.ema;
     o.dtype = a.dtype;
     o.max_shard_bytes = std::stoull(a.shard_mb) << 20;
     FP8_RETURN_IF_ERROR(hf::export_folder(l, a.positional[1], o));
@@ -215,14 +232,18 @@ Status export_model(const Args& a) {
   safetensors::Writer w;
   int64_t n = 0;
   for (const ckpt::TensorRecord& tr : l.manifest().tensors) {
-    if (tr.kind != ckpt::Kind::kParam && tr.kind != ckpt::Kind::kRouterBias) continue;
+    if (tr.kind != weights && tr.kind != ckpt::Kind::kRouterBias) continue;
     if (tr.dtype != "F32") return FP8_INVALID("tensor '{}' is {}, expected F32", tr.name, tr.dtype);
     std::vector<uint8_t> bytes(size_t(tr.numel()) * 4);
     FP8_RETURN_IF_ERROR(l.read(tr.name, "F32", 0, tr.numel(), bytes.data()));
-    FP8_RETURN_IF_ERROR(w.add(tr.name, "F32", tr.shape, std::move(bytes)));
+    // an average is written under its weight's name: the file loads as a model
+    const std::string name =
+        tr.kind == ckpt::Kind::kEma ? tr.name.substr(0, tr.name.size() - 4) : tr.name;
+    FP8_RETURN_IF_ERROR(w.add(name, "F32", tr.shape, std::move(bytes)));
     ++n;
   }
   w.set_metadata("format", "fp8pipe-model");
+  if (a.ema) w.set_metadata("weights", "ema");
   w.set_metadata("step", std::to_string(step));
   FP8_RETURN_IF_ERROR(w.write(a.positional[1]));
   fmt::print("exported {} tensors of {} to {}\n", n, found->step_dir, a.positional[1]);

@@ -145,6 +145,7 @@ Status Trainer::setup_optimizer() {
     groups.push_back({o.name, p->host_value.data_as<float>() + o.begin,
                       p->host_grad.data_as<float>() + o.begin, o.begin, o.end, p->decay});
   }
+  if (o.ema_decay() > 0) ema_ = std::make_unique<optim::ParamEma>(o.ema_decay(), groups);
   FP8_ASSIGN_OR_RETURN(auto opt, optim::AdamW::create(ac, std::move(groups)));
   opt_.emplace(std::move(opt));
   if (on_device) FP8_RETURN_IF_ERROR(setup_device_optimizer());
@@ -370,6 +371,7 @@ Result<StepResult> Trainer::train_step() {
     r.skipped = true;
   } else {
     const float clip = optim::AdamW::clip_factor(r.grad_norm, cfg_.train().grad_clip());
+    if (ema_) ema_->wait();  // the last average has read the weights this step overwrites
     if (dev_opt_) {
       FP8_RETURN_IF_ERROR(dev_opt_->step(r.lr, clip));
     } else {
@@ -379,6 +381,16 @@ Result<StepResult> Trainer::train_step() {
     ++ctx_.weight_version;
     FP8_RETURN_IF_ERROR(update_router_biases());
     FP8_RETURN_IF_ERROR(upload_params(/*weights=*/!dev_opt_));
+    if (ema_) {
+      // The device AdamW on a GPU updates the weights there: the average reads host copies.
+      if (dev_opt_ && be_->device() != Device::kCpu) {
+        for (const Owned& o : owned_) {
+          model::Param* p = o.copies.front();
+          FP8_RETURN_IF_ERROR(be_->copy(p->value, p->host_value));
+        }
+      }
+      ema_->update_async();
+    }
   }
   ++step_;
   tokens_seen_ += r.loss.tokens;
@@ -566,6 +578,7 @@ Status Trainer::load_model(const std::string& path) {
   for (auto* p : all_params()) FP8_RETURN_IF_ERROR(load(*p));
   for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(load(moe->bias()));
   FP8_RETURN_IF_ERROR(upload_params());
+  if (ema_) ema_->reset();  // the average of other weights would mean nothing here
   auto it = r.metadata().find("step");
   if (it != r.metadata().end()) step_ = std::stoll(it->second);
   ++ctx_.weight_version;
@@ -653,6 +666,14 @@ ckpt::SaveRequest Trainer::checkpoint_request() {
     auto owned = std::make_shared<const std::vector<uint8_t>>(std::move(a.bytes));
     r.slices.push_back({a.name, sq ? ckpt::Kind::kExpAvgSq : ckpt::Kind::kExpAvg, "BF16",
                         shapes.at(param), a.begin, a.end, 0, *owned, owned});
+  }
+  if (ema_) {
+    for (optim::StateArray& a : ema_->export_state()) {
+      const std::string param = a.name.substr(0, a.name.size() - 4);  // "<param>.ema"
+      auto owned = std::make_shared<const std::vector<uint8_t>>(std::move(a.bytes));
+      r.slices.push_back(
+          {a.name, ckpt::Kind::kEma, "F32", shapes.at(param), a.begin, a.end, 0, *owned, owned});
+    }
   }
   std::set<std::string> biases;
   for (auto* moe : all_moes()) {
@@ -773,7 +794,8 @@ Status Trainer::restore_tensors(const ckpt::Loaded& l) {
   FP8_RETURN_IF_ERROR(upload_params());
   if (world_size_ > 1) return Status::Ok();  // other ranks hold the other names
   for (const ckpt::TensorRecord& t : l.manifest().tensors) {
-    if (!want.count(t.name))
+    // a moving average is optional state (restore_optimizer reads it when optim.ema_decay > 0)
+    if (!want.count(t.name) && t.kind != ckpt::Kind::kEma)
       return FP8_INVALID("checkpoint {}: tensor '{}' is not in this model", l.step_dir(), t.name);
   }
   return Status::Ok();
@@ -791,7 +813,31 @@ Status Trainer::restore_optimizer(const ckpt::Loaded& l) {
     }
   }
   FP8_RETURN_IF_ERROR(opt_->import_state(st));
+  if (ema_) FP8_RETURN_IF_ERROR(restore_ema(l));
   return dev_opt_ ? dev_opt_->load_from(*opt_) : Status::Ok();
+}
+
+// optim.ema_decay: the checkpoint's average when it has one for every group (re-sliced by name
+// like the moments), else the average restarts at the restored weights.
+Status Trainer::restore_ema(const ckpt::Loaded& l) {
+  std::vector<optim::StateArray> arrays;
+  for (const optim::ParamGroup& g : opt_->groups()) {
+    const std::string name = g.name + ".ema";
+    if (!l.manifest().find(name)) {
+      if (is_root()) {
+        log::warn(
+            "checkpoint {} has no moving average '{}': optim.ema_decay restarts it at the "
+            "restored weights",
+            l.step_dir(), name);
+      }
+      ema_->reset();
+      return Status::Ok();
+    }
+    optim::StateArray a{name, g.begin, g.end, std::vector<uint8_t>(size_t(g.numel()) * 4)};
+    FP8_RETURN_IF_ERROR(l.read(name, "F32", a.begin, a.end, a.bytes.data()));
+    arrays.push_back(std::move(a));
+  }
+  return ema_->import_state(arrays);
 }
 
 Status Trainer::resume(const ResumeOptions& opt) {

@@ -17,6 +17,7 @@
 #include "launch/metrics.h"
 #include "optim/adamw.h"
 #include "optim/device_adamw.h"
+#include "optim/ema.h"
 #include "optim/lr_schedule.h"
 #include "parallel/executor.h"
 #include "parallel/expert_comm.h"
@@ -131,6 +132,7 @@ class Trainer {
   Status check_resumable(const ckpt::Manifest& m, const ResumeOptions& opt) const;
   Status restore_tensors(const ckpt::Loaded& l);
   Status restore_optimizer(const ckpt::Loaded& l);
+  Status restore_ema(const ckpt::Loaded& l);
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;
@@ -163,6 +165,8 @@ class Trainer {
   std::vector<std::vector<double>> loads_;     // per local MoE: expert loads for the sync
   std::optional<optim::AdamW> opt_;            // host AdamW (also the checkpoint form of the state)
   std::optional<optim::DeviceAdamW> dev_opt_;  // optim.placement=device: the AdamW that steps
+  // optim.ema_decay > 0: the moving average of this rank's optimizer groups (host memory).
+  std::unique_ptr<optim::ParamEma> ema_;
   std::optional<optim::LrSchedule> lr_;
   std::shared_ptr<data::TokenSource> source_;
   std::shared_ptr<data::SyntheticMarkov> synthetic_;

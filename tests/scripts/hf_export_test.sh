@@ -2,7 +2,8 @@
 # End-to-end test of `fp8pipe ckpt export --format hf`: trains the tiny config 3 steps with a
 # checkpoint, exports it as a DeepseekV3 folder (bf16 single file, fp32 sharded) and checks both
 # with check_hf_export.py (schema from config.json, values vs the consolidated fp8pipe export),
-# then, where torch and transformers are installed, with check_hf_transformers.py.
+# then, where torch and transformers are installed, with check_hf_transformers.py. The run keeps
+# a moving average of its weights (optim.ema_decay): `--ema` exports it in both formats.
 # Usage (CTest): bash hf_export_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 
@@ -25,6 +26,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$BIN" train "$SRC/configs/tiny.textproto" --train.steps=3 --optim.warmup_steps=1 \
   --train.eval_every=0 --checkpoint.dir="$TMP/ck" --checkpoint.every=3 --log.jsonl= \
+  --optim.ema_decay=0.9 \
   >"$TMP/train.log" 2>&1 || { tail -5 "$TMP/train.log"; die "training the tiny config failed"; }
 "$BIN" ckpt export "$TMP/ck" "$TMP/model.safetensors" || die "consolidated export failed"
 
@@ -35,6 +37,23 @@ python3 "$CHECK" "$TMP/hf_bf16" "$TMP/model.safetensors" || die "bf16 folder che
   die "hf export (fp32, sharded) failed"
 [ -f "$TMP/hf_fp32/model.safetensors.index.json" ] || die "fp32 export was not sharded"
 python3 "$CHECK" "$TMP/hf_fp32" "$TMP/model.safetensors" || die "fp32 sharded folder check"
+
+# The moving average: under the weights' names (router biases as trained), different values,
+# and its HF folder holds the same values.
+"$BIN" ckpt export "$TMP/ck" "$TMP/ema.safetensors" --ema || die "export --ema failed"
+python3 - "$TMP/model.safetensors" "$TMP/ema.safetensors" <<'PY' || die "ema export check"
+import sys
+from safetensors.numpy import load_file
+w, e = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert sorted(w) == sorted(e), "names differ"
+moved = [n for n in w if not (w[n] == e[n]).all()]
+assert all("bias" not in n for n in moved), moved
+assert len(moved) >= len(w) - 4, f"only {len(moved)} of {len(w)} tensors differ"
+print(f"ema export: {len(moved)} of {len(w)} tensors differ from the weights")
+PY
+"$BIN" ckpt export "$TMP/ck" "$TMP/hf_ema" --format hf --dtype fp32 --ema ||
+  die "hf export --ema failed"
+python3 "$CHECK" "$TMP/hf_ema" "$TMP/ema.safetensors" || die "ema folder check"
 
 # Optional: both folders load in transformers and compute what fp8pipe computes (mean CE vs
 # `fp8pipe eval`, FP32). torch and transformers are not installed by launch/setup.sh;

@@ -13,6 +13,8 @@
 #      does too; without --reshard the layout change is refused with a message;
 #   4. ZeRO-1 shards in the manifest, and the final parameters of pp=4 x dp=2 (x ep=2) on two
 #      emulated nodes against the single-process run's (FP32; bounds and why below).
+# Every run keeps a moving average of its weights (optim.ema_decay, sharded like the moments):
+# the bitwise comparisons cover its export (`ckpt export --ema`) too.
 # Usage (CTest): bash multirank_resume_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -21,7 +23,7 @@ trap 'pkill -9 -f "$TMP" 2>/dev/null; test_cleanup' EXIT  # and any rank left be
 
 COMMON=(--log.every=1 --train.eval_every=0 --optim.warmup_steps=1 --optim.decay_steps=20
   --train.seq_len=16 --parallel.pp=2 --parallel.ep=2 --parallel.schedule=dualpipe
-  --checkpoint.every=3 --checkpoint.keep_last=0)
+  --checkpoint.every=3 --checkpoint.keep_last=0 --optim.ema_decay=0.9)
 run() { # run NAME NP STEPS [overrides...]: checkpoints under $TMP/NAME, metrics NAME.rR.jsonl
   local name=$1 np=$2 steps=$3
   shift 3
@@ -65,10 +67,14 @@ kill_after() {
   pkill -9 -f "checkpoint.dir=$TMP/$name" 2>/dev/null
   wait $job
 }
-export_eq() { # export_eq DIR_A DIR_B: consolidated exports of two checkpoints, byte for byte
-  "$BIN" ckpt export "$1" "$TMP/x1.safetensors" >/dev/null 2>&1 &&
-    "$BIN" ckpt export "$2" "$TMP/x2.safetensors" >/dev/null 2>&1 &&
-    cmp -s "$TMP/x1.safetensors" "$TMP/x2.safetensors"
+export_eq() { # export_eq DIR_A DIR_B: consolidated exports of two checkpoints, byte for byte,
+  # of the weights and of their moving averages
+  local ema
+  for ema in "" --ema; do
+    "$BIN" ckpt export "$1" "$TMP/x1.safetensors" $ema >/dev/null 2>&1 &&
+      "$BIN" ckpt export "$2" "$TMP/x2.safetensors" $ema >/dev/null 2>&1 &&
+      cmp -s "$TMP/x1.safetensors" "$TMP/x2.safetensors" || return 1
+  done
 }
 
 FP8=(--precision.mode=FP8 --parallel.dp=2)
