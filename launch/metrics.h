@@ -30,7 +30,8 @@ struct StepRecord {
   int64_t a2a_bytes = 0;
   double expert_overload = 0;  // max over layers of max/mean load
   std::vector<LayerLoad> loads;
-  double eval_loss = -1;  // < 0: no eval this step
+  double eval_loss = -1;      // < 0: no eval this step
+  double eval_ema_loss = -1;  // the same for the weights' moving average (optim.ema_decay)
 };
 
 // `pattern` with every "{rank}" replaced by `rank` (log.jsonl, log.trace, log.op_profile).

@@ -447,6 +447,9 @@ Status Trainer::run(MetricsSink& sink) {
     StepRecord rec = record(r, std::chrono::duration<double>(Clock::now() - t0).count());
     if (t.eval_every() > 0 && (step_ % t.eval_every() == 0 || step_ == t.steps())) {
       FP8_ASSIGN_OR_RETURN(rec.eval_loss, evaluate(t.eval_batches()));
+      if (ema_) {
+        FP8_ASSIGN_OR_RETURN(rec.eval_ema_loss, evaluate_ema(t.eval_batches()));
+      }
     }
     sink.write(rec);
     FP8_RETURN_IF_ERROR(maybe_checkpoint());
@@ -542,6 +545,34 @@ Result<double> Trainer::evaluate(int64_t batches) {
   }
   for (auto* moe : all_moes()) moe->reset_stats();
   return sum / std::max<int64_t>(1, batches);
+}
+
+Result<double> Trainer::evaluate_ema(int64_t batches) {
+  if (!ema_) return FP8_INVALID("evaluate_ema: optim.ema_decay is 0 (no moving average)");
+  // The host copies must hold the current weights (the device optimizer keeps them on the GPU).
+  if (dev_opt_ && be_->device() != Device::kCpu) {
+    for (const Owned& o : owned_) {
+      FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->value, o.copies.front()->host_value));
+    }
+  }
+  std::vector<std::vector<float>> keep;
+  for (const Owned& o : owned_) {
+    const Tensor& v = o.copies.front()->host_value;
+    keep.emplace_back(v.data_as<float>(), v.data_as<float>() + v.numel());
+  }
+  ema_->copy_to_params();  // this rank's slices; the holders exchange them as after AdamW
+  FP8_RETURN_IF_ERROR(gather_params());
+  FP8_RETURN_IF_ERROR(upload_params());
+  ++ctx_.weight_version;
+  auto loss = evaluate(batches);
+  for (size_t i = 0; i < owned_.size(); ++i) {
+    for (model::Param* p : owned_[i].copies) {
+      std::copy(keep[i].begin(), keep[i].end(), p->host_value.data_as<float>());
+    }
+  }
+  FP8_RETURN_IF_ERROR(upload_params());
+  ++ctx_.weight_version;
+  return loss;
 }
 
 Status Trainer::save_model(const std::string& path) {

@@ -58,6 +58,9 @@ class Trainer {
   Result<StepResult> train_step();
   // Mean main loss over `batches` held-out global batches (no gradients kept).
   Result<double> evaluate(int64_t batches);
+  // The same for the weights' moving average (optim.ema_decay > 0; collective): the average is
+  // swapped into the weights for the evaluation, and the weights come back bitwise.
+  Result<double> evaluate_ema(int64_t batches);
 
   // Model-only checkpoint (safetensors: every parameter and router bias by global name).
   Status save_model(const std::string& path);

@@ -16,6 +16,13 @@ void ParamEma::reset() {
   for (const ParamGroup& g : groups_) ema_.emplace_back(g.param, g.param + g.numel());
 }
 
+void ParamEma::copy_to_params() {
+  wait();
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    std::memcpy(groups_[i].param, ema_[i].data(), ema_[i].size() * sizeof(float));
+  }
+}
+
 void ParamEma::update() {
   const float a = 1.0f - decay_;
   for (size_t i = 0; i < groups_.size(); ++i) {

@@ -33,6 +33,8 @@ class ParamEma {
   Status import_state(const std::vector<StateArray>& arrays);
   // Restarts the average at the groups' current values (a checkpoint without one).
   void reset();
+  // Writes the average over the groups' weights (the trainer's EMA evaluation swaps them in).
+  void copy_to_params();
 
  private:
   void update();

@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <map>
 
 #include "core/checkpoint.h"
 #include "core/config.h"
+#include "core/safetensors.h"
 #include "launch/trainer.h"
 
 namespace fp8pipe {
@@ -130,6 +132,66 @@ TEST(TrainEma, FollowsEveryStepsWeightsAndResumesExactly) {
     EXPECT_EQ(averages(dir), got);
     std::filesystem::remove_all(dir);
     std::filesystem::remove_all(whole_dir);
+  }
+}
+
+// evaluate_ema (what run() logs as eval_ema_loss at each eval) gives bitwise the held-out loss of
+// a fresh model loaded with the average (its checkpoint arrays in a model file with the router
+// biases), and leaves training as it was: the next step's loss is the plain run's.
+TEST(TrainEma, EvaluatesTheAverageLikeAModelLoadedWithIt) {
+  for (const char* placement : {"host", "device"}) {
+    SCOPED_TRACE(placement);
+    const std::string where = std::string("--optim.placement=") + placement;
+    auto plain = make(tiny({where}));
+    const std::string dir = fresh_dir(std::string("ema_eval_") + placement);
+    auto t = make(tiny({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
+    ASSERT_TRUE(plain && t);
+    for (int s = 0; s < 3; ++s) {
+      ASSERT_TRUE(plain->train_step().ok());
+      ASSERT_TRUE(t->train_step().ok());
+    }
+    auto ema_loss = t->evaluate_ema(2);
+    ASSERT_TRUE(ema_loss.ok()) << ema_loss.status().to_string();
+    auto weights_loss = t->evaluate(2);
+    ASSERT_TRUE(weights_loss.ok());
+    EXPECT_NE(*ema_loss, *weights_loss);
+    auto a = plain->train_step(), b = t->train_step();
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(b->loss.total, a->loss.total) << "the evaluation left the weights as they were";
+    EXPECT_EQ(b->grad_norm, a->grad_norm);
+
+    // The step-3 average from a checkpoint of a third run, into a model file.
+    auto c = make(tiny({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
+    ASSERT_TRUE(c);
+    for (int s = 0; s < 3; ++s) ASSERT_TRUE(c->train_step().ok());
+    ASSERT_TRUE(c->save_checkpoint().ok());
+    ASSERT_TRUE(c->finish_checkpoints().ok());
+    safetensors::Writer w;
+    const Weights avg = averages(dir);
+    for (const auto& [name, v] : avg) {
+      std::vector<uint8_t> bytes(v.size() * 4);
+      std::memcpy(bytes.data(), v.data(), bytes.size());
+      Shape shape;
+      for (auto* p : c->model().params())
+        if (p->name == name) shape = p->value.shape();
+      ASSERT_TRUE(w.add(name, "F32", shape, std::move(bytes)).ok());
+    }
+    for (auto* moe : c->model().moes()) {
+      const Tensor& bias = moe->bias().value;
+      std::vector<uint8_t> bytes(bias.nbytes());
+      std::memcpy(bytes.data(), bias.data(), bytes.size());
+      ASSERT_TRUE(w.add(moe->bias().name, "F32", bias.shape(), std::move(bytes)).ok());
+    }
+    const std::string path = dir + "/ema_model.safetensors";
+    ASSERT_TRUE(w.write(path).ok());
+    auto fresh = make(tiny({where}));
+    ASSERT_TRUE(fresh);
+    ASSERT_TRUE(fresh->load_model(path).ok());
+    auto loaded_loss = fresh->evaluate(2);
+    ASSERT_TRUE(loaded_loss.ok());
+    EXPECT_EQ(*loaded_loss, *ema_loss);
+    EXPECT_FALSE(plain->evaluate_ema(2).ok()) << "no average to evaluate";
+    std::filesystem::remove_all(dir);
   }
 }
 
