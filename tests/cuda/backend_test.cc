@@ -120,6 +120,26 @@ void expect_near(const std::vector<float>& want, const std::vector<float>& got, 
 // ---- FP8 numerics
 // ---------------------------------------------------------------------------------
 
+// Backend::memory counts device buffers by their requested bytes until the last handle dies
+// (cudaFreeAsync on the stream); host tensors are the CPU backend's, not counted here.
+TEST_F(CudaBackendTest, MemoryCountsDeviceBuffers) {
+  const MemoryUse start = gpu_->memory();
+  Tensor a = gpu_->empty({100, 3}, DType::kF32).value();  // 1200 bytes
+  {
+    Tensor b = gpu_->empty({64}, DType::kBF16).value();  // 128 bytes
+    Tensor view = a.slice_rows(10, 20);
+    EXPECT_EQ(gpu_->memory().in_use - start.in_use, 1328);
+  }
+  EXPECT_EQ(gpu_->memory().in_use - start.in_use, 1200);
+  EXPECT_GE(gpu_->memory().peak - start.in_use, 1328);
+  Tensor h = hostf({4}, {1, 2, 3, 4});
+  EXPECT_EQ(gpu_->memory().in_use - start.in_use, 1200);
+  a = Tensor();
+  gpu_->reset_peak_memory();
+  EXPECT_EQ(gpu_->memory().in_use, start.in_use);
+  EXPECT_EQ(gpu_->memory().peak, start.in_use);
+}
+
 TEST_F(CudaBackendTest, QuantizeBitIdentical) {
   const int64_t R = 257, C = 300;
   std::vector<float> x = randn(R * C, 1, 3.0f);
