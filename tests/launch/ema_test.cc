@@ -12,26 +12,15 @@
 #include "core/config.h"
 #include "core/safetensors.h"
 #include "launch/trainer.h"
+#include "tests/launch/short_run.h"
 
 namespace fp8pipe {
 namespace {
 
 constexpr double kDecay = 0.75;  // strong, so 4 steps move the average well away from its start
 
-config::Config tiny(std::vector<std::string> overrides) {
-  overrides.insert(overrides.end(),
-                   {"--train.global_batch=8", "--parallel.microbatches=2", "--optim.warmup_steps=1",
-                    "--train.eval_every=0", "--checkpoint.every=0"});
-  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto", overrides);
-  EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-  return cfg.ok() ? *cfg : config::Config();
-}
-
-std::unique_ptr<Trainer> make(const config::Config& cfg) {
-  auto t = Trainer::create(cfg);
-  EXPECT_TRUE(t.ok()) << t.status().to_string();
-  return t.ok() ? std::move(*t) : nullptr;
-}
+using testutil::make_trainer;
+using testutil::tiny_short;
 
 using Weights = std::map<std::string, std::vector<float>>;
 Weights weights(Trainer& t) {
@@ -72,7 +61,7 @@ TEST(TrainEma, FollowsEveryStepsWeightsAndResumesExactly) {
     const std::string where = std::string("--optim.placement=") + placement;
     const std::string ema = "--optim.ema_decay=" + std::to_string(kDecay);
     // The reference: a run without an average, its weights after each step, averaged in fp64.
-    auto plain = make(tiny({where}));
+    auto plain = make_trainer(tiny_short({where}));
     ASSERT_TRUE(plain);
     Weights w = weights(*plain);
     std::map<std::string, std::vector<double>> ref;
@@ -89,7 +78,7 @@ TEST(TrainEma, FollowsEveryStepsWeightsAndResumesExactly) {
     }
     // With the average: the same losses and weights to the bit.
     const std::string whole_dir = fresh_dir(std::string("ema_whole_") + placement);
-    auto t = make(tiny({where, ema, "--checkpoint.dir=" + whole_dir}));
+    auto t = make_trainer(tiny_short({where, ema, "--checkpoint.dir=" + whole_dir}));
     ASSERT_TRUE(t);
     for (int s = 0; s < 4; ++s) {
       auto r = t->train_step();
@@ -117,12 +106,12 @@ TEST(TrainEma, FollowsEveryStepsWeightsAndResumesExactly) {
 
     // 2 steps, a checkpoint, a new process's 2 more steps: the same average to the bit.
     const std::string dir = fresh_dir(std::string("ema_resume_") + placement);
-    auto a = make(tiny({where, ema, "--checkpoint.dir=" + dir}));
+    auto a = make_trainer(tiny_short({where, ema, "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(a);
     for (int s = 0; s < 2; ++s) ASSERT_TRUE(a->train_step().ok());
     ASSERT_TRUE(a->save_checkpoint().ok());
     ASSERT_TRUE(a->finish_checkpoints().ok());
-    auto b = make(tiny({where, ema, "--checkpoint.dir=" + dir}));
+    auto b = make_trainer(tiny_short({where, ema, "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(b);
     ASSERT_TRUE(b->resume(ResumeOptions{}).ok());
     ASSERT_EQ(b->step(), 2);
@@ -142,9 +131,9 @@ TEST(TrainEma, EvaluatesTheAverageLikeAModelLoadedWithIt) {
   for (const char* placement : {"host", "device"}) {
     SCOPED_TRACE(placement);
     const std::string where = std::string("--optim.placement=") + placement;
-    auto plain = make(tiny({where}));
+    auto plain = make_trainer(tiny_short({where}));
     const std::string dir = fresh_dir(std::string("ema_eval_") + placement);
-    auto t = make(tiny({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
+    auto t = make_trainer(tiny_short({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(plain && t);
     for (int s = 0; s < 3; ++s) {
       ASSERT_TRUE(plain->train_step().ok());
@@ -161,7 +150,7 @@ TEST(TrainEma, EvaluatesTheAverageLikeAModelLoadedWithIt) {
     EXPECT_EQ(b->grad_norm, a->grad_norm);
 
     // The step-3 average from a checkpoint of a third run, into a model file.
-    auto c = make(tiny({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
+    auto c = make_trainer(tiny_short({where, "--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(c);
     for (int s = 0; s < 3; ++s) ASSERT_TRUE(c->train_step().ok());
     ASSERT_TRUE(c->save_checkpoint().ok());
@@ -184,7 +173,7 @@ TEST(TrainEma, EvaluatesTheAverageLikeAModelLoadedWithIt) {
     }
     const std::string path = dir + "/ema_model.safetensors";
     ASSERT_TRUE(w.write(path).ok());
-    auto fresh = make(tiny({where}));
+    auto fresh = make_trainer(tiny_short({where}));
     ASSERT_TRUE(fresh);
     ASSERT_TRUE(fresh->load_model(path).ok());
     auto loaded_loss = fresh->evaluate(2);
@@ -199,18 +188,18 @@ TEST(TrainEma, EvaluatesTheAverageLikeAModelLoadedWithIt) {
 // restarts at the restored weights; and one with an average resumes with it off.
 TEST(TrainEma, ResumesAcrossTurningItOnOrOff) {
   const std::string dir = fresh_dir("ema_toggle");
-  auto a = make(tiny({"--checkpoint.dir=" + dir}));
+  auto a = make_trainer(tiny_short({"--checkpoint.dir=" + dir}));
   ASSERT_TRUE(a);
   ASSERT_TRUE(a->train_step().ok());
   ASSERT_TRUE(a->save_checkpoint().ok());
   ASSERT_TRUE(a->finish_checkpoints().ok());
-  auto b = make(tiny({"--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
+  auto b = make_trainer(tiny_short({"--optim.ema_decay=0.5", "--checkpoint.dir=" + dir}));
   ASSERT_TRUE(b);
   ASSERT_TRUE(b->resume(ResumeOptions{}).ok());
   ASSERT_TRUE(b->save_checkpoint().ok());  // step 1 again: the average is the weights
   ASSERT_TRUE(b->finish_checkpoints().ok());
   EXPECT_EQ(averages(dir), weights(*b));
-  auto c = make(tiny({"--checkpoint.dir=" + dir}));
+  auto c = make_trainer(tiny_short({"--checkpoint.dir=" + dir}));
   ASSERT_TRUE(c);
   const Status st = c->resume(ResumeOptions{});
   EXPECT_TRUE(st.ok()) << st.to_string();

@@ -10,18 +10,13 @@
 
 #include "core/config.h"
 #include "launch/trainer.h"
+#include "tests/launch/short_run.h"
 
 namespace fp8pipe {
 namespace {
 
-config::Config tiny(std::vector<std::string> overrides) {
-  overrides.insert(overrides.end(),
-                   {"--train.global_batch=8", "--parallel.microbatches=2", "--optim.warmup_steps=1",
-                    "--train.eval_every=0", "--checkpoint.every=0"});
-  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto", overrides);
-  EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-  return cfg.ok() ? *cfg : config::Config();
-}
+using testutil::make_trainer;
+using testutil::tiny_short;
 
 struct Trace {
   std::vector<double> loss, norm;
@@ -43,12 +38,6 @@ Trace finish(Trainer& t, int steps, Trace r = {}) {
   for (auto* p : t.model().params()) grab(*p);
   for (auto* moe : t.model().moes()) grab(moe->bias());
   return r;
-}
-
-std::unique_ptr<Trainer> make(const config::Config& cfg) {
-  auto t = Trainer::create(cfg);
-  EXPECT_TRUE(t.ok()) << t.status().to_string();
-  return t.ok() ? std::move(*t) : nullptr;
 }
 
 bool on_device(Trainer& t) {  // the device path really ran: the fp64 sums live in tensors
@@ -75,8 +64,8 @@ TEST(Placement, DeviceGivesTheHostBits) {
   for (const char* precision : {"FP32", "FP8"}) {
     SCOPED_TRACE(precision);
     const std::string prec = std::string("--precision.mode=") + precision;
-    auto host = make(tiny({prec, "--optim.placement=host"}));
-    auto dev = make(tiny({prec, "--optim.placement=device"}));
+    auto host = make_trainer(tiny_short({prec, "--optim.placement=host"}));
+    auto dev = make_trainer(tiny_short({prec, "--optim.placement=device"}));
     ASSERT_TRUE(host && dev);
     EXPECT_FALSE(on_device(*host));
     EXPECT_TRUE(on_device(*dev));
@@ -89,17 +78,19 @@ TEST(Placement, DeviceGivesTheHostBits) {
 // A checkpoint after 2 steps under one placement, resumed for 2 more under the other, ends with
 // the bits of 4 uninterrupted host steps.
 TEST(Placement, CheckpointsResumeAcrossPlacements) {
-  const Trace whole = finish(*make(tiny({"--optim.placement=host"})), 4);
+  const Trace whole = finish(*make_trainer(tiny_short({"--optim.placement=host"})), 4);
   for (auto [first, second] : {std::pair{"device", "host"}, std::pair{"host", "device"}}) {
     SCOPED_TRACE(std::string(first) + " -> " + second);
     const std::string dir = ::testing::TempDir() + "placement_ckpt_" + first;
     std::filesystem::remove_all(dir);
-    auto a = make(tiny({std::string("--optim.placement=") + first, "--checkpoint.dir=" + dir}));
+    auto a = make_trainer(
+        tiny_short({std::string("--optim.placement=") + first, "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(a);
     Trace r = finish(*a, 2);
     ASSERT_TRUE(a->save_checkpoint().ok());
     ASSERT_TRUE(a->finish_checkpoints().ok());
-    auto b = make(tiny({std::string("--optim.placement=") + second, "--checkpoint.dir=" + dir}));
+    auto b = make_trainer(
+        tiny_short({std::string("--optim.placement=") + second, "--checkpoint.dir=" + dir}));
     ASSERT_TRUE(b);
     const Status resumed = b->resume(ResumeOptions{});
     ASSERT_TRUE(resumed.ok()) << resumed.to_string();
@@ -118,7 +109,8 @@ TEST(Placement, DeviceNeedsOneCopyOfEachParameter) {
   EXPECT_NE(bad.status().message().find("optim.placement=\"device\""), std::string::npos)
       << bad.status().to_string();
   // dualpipev on one rank holds "embed.weight" in both chunks: refused when the trainer is built.
-  auto t = Trainer::create(tiny({"--optim.placement=device", "--parallel.schedule=dualpipev"}));
+  auto t =
+      Trainer::create(tiny_short({"--optim.placement=device", "--parallel.schedule=dualpipev"}));
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().message().find("2 copies of 'embed.weight'"), std::string::npos)
       << t.status().to_string();
