@@ -54,10 +54,12 @@ class RoutedExperts {
   struct Saved {
     RowGroups groups;
     Operand x, h;       // the inputs of w1/w3 and of w2
-    Tensor g, u;        // the SwiGLU product's inputs
+    Tensor g, u;        // the SwiGLU product's inputs (bf16, or FP8 with fp8_swiglu_cache)
     Tensor dy, dg, du;  // the output gradients of w2, w1, w3 (bf16 tensors on the bf16 path)
   };
   Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
+  bool swiglu_cached(const ModelCtx& c) const;  // precision.fp8_swiglu_cache in FP8
+  Result<Tensor> swiglu_input(ModelCtx& c, const Tensor& held);
   Result<Operand> grad_operand(ModelCtx& c, const Tensor& d, const RowGroups& groups, Tensor& keep);
   Result<Tensor> forward_from(ModelCtx& c, Saved& s, int64_t rows);  // s.x set
   bool xq_shape_bad(const GroupedFp8& q, int64_t rows) const;  // not [rows of count() groups, dim]

@@ -56,6 +56,9 @@ struct ModelCtx {
   // train.recompute=mla_up_proj: MLA attention keeps only its projections' inputs and re-runs the
   // query and key/value up-projections in the backward (bitwise the same q, k, v).
   bool recompute_mla_up = false;
+  // precision.fp8_swiglu_cache (FP8): the routed experts hold g and u as FP8 1x128 and recompute
+  // the SwiGLU output in the backward.
+  bool fp8_swiglu_cache = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.

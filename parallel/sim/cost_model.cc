@@ -65,7 +65,9 @@ void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockSha
   b.elementwise += 2 * 4 * d + 6 * d;             // 2 RMSNorms (read+write BF16), residual add
 }
 
-void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, BlockShape& b) {
+// swiglu_cache: precision.fp8_swiglu_cache (the experts hold g, u in FP8 and recompute h).
+void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, bool swiglu_cache,
+             BlockShape& b) {
   const double d = m.hidden();
   b.moe = moe;
   b.elementwise += 4 * d + 6 * d;  // FFN RMSNorm, residual add
@@ -85,17 +87,18 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, BlockSh
   b.gemms.push_back({rows, h, d, true});
   // SwiGLU per expert copy; permute into expert order and the weighted combine (BF16 k x d).
   b.elementwise += 6 * h * rows + 2 * 2 * d * k * imbalance;
-  // Held: FP8 input, the received FP8 token copies, SwiGLU inputs in FP8 (output recomputed).
-  b.act += d + d * k * imbalance + 2 * h * rows;
+  // Held: FP8 input, the received FP8 token copies, SwiGLU inputs in FP8 (output recomputed);
+  // without the cache bf16 g, u and the FP8 output (4 + 1 bytes).
+  b.act += d + d * k * imbalance + (swiglu_cache ? 2 : 5) * h * rows;
   b.expert_params = double(e.routed_experts()) / ep * 3 * d * h;
   b.dense_params += s * 3 * d * h + d * e.routed_experts();
 }
 
 BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
-                       bool recompute) {
+                       bool recompute, bool swiglu_cache) {
   BlockShape b;
   add_attention(m, seq, recompute, b);
-  add_ffn(m, moe, c.imbalance, ep, b);
+  add_ffn(m, moe, c.imbalance, ep, swiglu_cache, b);
   for (const Gemm& g : b.gemms) {
     if (!(moe && g.rows != 1)) b.dense_params += g.k * g.n;  // routed experts counted above
   }
@@ -372,8 +375,10 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
   const int dense = has_moe ? m.dense_layers() : m.layers();
   const int ep = std::max(1, cfg.parallel().ep());
   const bool recompute = recomputes(cfg.train(), "mla_up_proj");
-  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute);
-  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute);
+  const bool cache =
+      cfg.precision().fp8_swiglu_cache() && cfg.precision().mode() == config::Precision::FP8;
+  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute, cache);
+  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute, cache);
   for (int st = 0; st < s.stages(); ++st) {
     const model::ModelPart& p = parts[st];
     ChunkCost c;

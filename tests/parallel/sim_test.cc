@@ -266,6 +266,33 @@ TEST(SimRecompute, UpProjectionsTradeBackwardFlopsForHeldBytes) {
   EXPECT_NEAR(ck.act_bytes - cr.act_bytes, cr.blocks * t * qkv_bytes, 1e-9 * ck.act_bytes);
 }
 
+// precision.fp8_swiglu_cache (set in the dsv3 config) against off: a MoE block holds the experts'
+// g and u in FP8 (2 bytes a hidden element of each of its k x imbalance + shared rows) instead of
+// bf16 g, u and the FP8 output (5): 3 bytes less per element; the costs do not change.
+TEST(SimSwigluCache, HoldsThreeBytesLessPerExpertElement) {
+  auto model = [](const std::string& on) {
+    const std::vector<std::string> flags = {"--precision.fp8_swiglu_cache=" + on};
+    auto cfg =
+        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", flags);
+    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
+                           cfg->parallel().microbatches());
+    auto cm = build_cost_model(*cfg, *s, {});
+    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
+    return std::make_pair(*cfg, *cm);
+  };
+  const auto [cfg, on] = model("true");
+  const auto off = model("false").second;
+  const auto& e = cfg.model().moe();
+  const ChunkCost &c1 = on.chunks[3], &c0 = off.chunks[3];
+  ASSERT_EQ(c1.moe_blocks, 4);
+  const double rows = e.topk() * on.cal.imbalance + e.shared_experts();
+  const double want = c1.moe_blocks * double(on.tokens_per_mb) * 3 * e.expert_hidden() * rows;
+  EXPECT_NEAR(c0.act_bytes - c1.act_bytes, want, 1e-9 * want);
+  EXPECT_EQ(c0.b.compute_s, c1.b.compute_s);
+  EXPECT_EQ(c0.f.compute_s, c1.f.compute_s);
+}
+
 // Conservation: compute busy = sum of op costs; bytes sent = bytes received (with latency and a
 // finite link, so messages take time).
 TEST(SimConservation, WorkAndBytes) {
