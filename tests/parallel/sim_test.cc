@@ -190,22 +190,29 @@ TEST(SimEpWire, ExpectedUnitsHitIsTheEnumeratedMean) {
   }
 }
 
+// The dsv3 config with `flags` and the cost model of its DualPipe schedule.
+std::pair<config::Config, CostModel> dsv3_cost_model(const std::vector<std::string>& flags) {
+  std::vector<std::string> f = {"--parallel.schedule=dualpipe"};
+  f.insert(f.end(), flags.begin(), flags.end());
+  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", f);
+  EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+  if (!cfg.ok()) return {};
+  auto s =
+      make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(), cfg->parallel().microbatches());
+  auto cm = build_cost_model(*cfg, *s, {});
+  EXPECT_TRUE(cm.ok()) << cm.status().to_string();
+  return {*cfg, cm.ok() ? *cm : CostModel{}};
+}
+
 // EP traffic per pass in the wire formats of core/model/moe.cc (ARCHITECTURE.md's table): the
 // bytes of a chunk's forward and backward all-to-alls are proportional to (toward + back) bytes
 // an element, which for dsv3's defaults (FP8 dispatch 1 + 4/128, bf16 combine 2) is the TR's
 // 1 B + 2 B. Ratios to FP32 (4 + 4), per pass and precision setting.
 TEST(SimEpWire, BytesFollowTheWireFormats) {
   auto bytes = [](const std::vector<std::string>& flags, bool backward) {
-    std::vector<std::string> f = {"--parallel.schedule=dualpipe"};
-    f.insert(f.end(), flags.begin(), flags.end());
-    auto cfg =
-        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", f);
-    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
-                           cfg->parallel().microbatches());
-    auto cm = build_cost_model(*cfg, *s, {});
-    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
-    const PassCost& p = backward ? cm->chunks[3].b : cm->chunks[3].f;
+    const CostModel cm = dsv3_cost_model(flags).second;
+    if (cm.chunks.size() < 4) return 0.0;
+    const PassCost& p = backward ? cm.chunks[3].b : cm.chunks[3].f;
     return p.ib_bytes + p.nvlink_bytes;
   };
   const double fp8 = 1 + 4.0 / 128;
@@ -236,19 +243,10 @@ TEST(SimEpWire, BytesFollowTheWireFormats) {
 // FP8; model FLOPs unchanged), and the forward no longer holds q, k and v in BF16 per token
 // (2 bytes x (2 H (nope + rope) + H v)).
 TEST(SimRecompute, UpProjectionsTradeBackwardFlopsForHeldBytes) {
-  auto model = [](const std::string& recompute) {
-    const std::vector<std::string> flags = {"--train.recompute=" + recompute};
-    auto cfg =
-        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", flags);
-    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
-                           cfg->parallel().microbatches());
-    auto cm = build_cost_model(*cfg, *s, {});
-    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
-    return std::make_pair(*cfg, *cm);
-  };
-  const auto [cfg, re] = model("mla_up_proj");
-  const auto keep = model("").second;
+  const auto [cfg, re] = dsv3_cost_model({"--train.recompute=mla_up_proj"});
+  const auto keep = dsv3_cost_model({"--train.recompute="}).second;
+  ASSERT_EQ(re.chunks.size(), keep.chunks.size());
+  ASSERT_GT(re.chunks.size(), 3u);
   const auto& m = cfg.model();
   const auto& a = m.mla();
   const double H = m.heads(), dqk = a.qk_nope_head_dim() + a.qk_rope_head_dim();
@@ -270,19 +268,10 @@ TEST(SimRecompute, UpProjectionsTradeBackwardFlopsForHeldBytes) {
 // g and u in FP8 (2 bytes a hidden element of each of its k x imbalance + shared rows) instead of
 // bf16 g, u and the FP8 output (5): 3 bytes less per element; the costs do not change.
 TEST(SimSwigluCache, HoldsThreeBytesLessPerExpertElement) {
-  auto model = [](const std::string& on) {
-    const std::vector<std::string> flags = {"--precision.fp8_swiglu_cache=" + on};
-    auto cfg =
-        load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", flags);
-    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-    auto s = make_schedule(ScheduleKind::kDualPipe, cfg->parallel().pp(),
-                           cfg->parallel().microbatches());
-    auto cm = build_cost_model(*cfg, *s, {});
-    EXPECT_TRUE(cm.ok()) << cm.status().to_string();
-    return std::make_pair(*cfg, *cm);
-  };
-  const auto [cfg, on] = model("true");
-  const auto off = model("false").second;
+  const auto [cfg, on] = dsv3_cost_model({"--precision.fp8_swiglu_cache=true"});
+  const auto off = dsv3_cost_model({"--precision.fp8_swiglu_cache=false"}).second;
+  ASSERT_EQ(on.chunks.size(), off.chunks.size());
+  ASSERT_GT(on.chunks.size(), 3u);
   const auto& e = cfg.model().moe();
   const ChunkCost &c1 = on.chunks[3], &c0 = off.chunks[3];
   ASSERT_EQ(c1.moe_blocks, 4);
