@@ -240,12 +240,15 @@ train_tiny_2rank_gpu_vs_cpu() {
 
 # Two ranks with expert parallelism (dp=2 x ep=2, FP8) on GPU 0 next to the CPU: the MoE's
 # all-to-all on device tensors (staged through host memory by parallel.comm_backend=mpi) in its
-# DeepSeek-V3 formats, FP8 codes and scales toward the experts and bf16 rows back.
+# DeepSeek-V3 formats, FP8 codes and scales toward the experts and bf16 rows back; with
+# DeepSeek-V3's memory measures on both sides (recomputed MLA up-projections, the experts'
+# SwiGLU inputs held in FP8, the weights' moving average in host memory).
 train_tiny_ep_gpu_vs_cpu() {
   local n=${EP_STEPS:-10}
   gpu_vs_cpu train_ep "$LOG/train_ep" 2 "$n" configs/tiny.textproto --train.eval_every=0 \
     --checkpoint.dir= --checkpoint.every=0 --log.every=10 --optim.warmup_steps=1 \
-    --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi
+    --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi \
+    --train.recompute=mla_up_proj --precision.fp8_swiglu_cache=true --optim.ema_decay=0.9
 }
 
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU
