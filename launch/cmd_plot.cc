@@ -1,6 +1,7 @@
 // `fp8pipe plot RUN.jsonl [OTHER.jsonl ...] [-o OUT.svg] [--labels a,b] [--floor X]`: one SVG of
-// the training metrics (launch/metrics.h JSONL): loss (+ eval, + floor), tokens/s, expert load and
-// lr, runs overlaid. A tiny JSON reader of its own (flat objects + the expert_load array).
+// the training metrics (launch/metrics.h JSONL): loss (+ eval, + EMA eval, + floor), tokens/s,
+// expert load and lr, runs overlaid. A tiny JSON reader of its own (flat objects + the expert_load
+// array).
 #include <fmt/format.h>
 
 #include <cctype>
@@ -143,6 +144,7 @@ class JsonReader {
 
 struct Point {
   double step = 0, loss = NAN, lr = NAN, tokens_per_s = NAN, eval_loss = -1;
+  double eval_ema_loss = -1;  // optim.ema_decay: the moving average's eval loss
   std::vector<std::pair<std::string, double>> loads;  // layer -> max/mean
 };
 
@@ -158,6 +160,7 @@ Point point_of(const Json& j) {
   p.lr = j.number("lr", NAN);
   p.tokens_per_s = j.number("tokens_per_s", NAN);
   p.eval_loss = j.number("eval_loss", -1);
+  p.eval_ema_loss = j.number("eval_ema_loss", -1);
   if (const Json* el = j.get("expert_load"); el && el->kind == Json::kArray) {
     for (size_t i = 0; i < el->items.size(); ++i) {
       const Json& l = el->items[i];
@@ -235,13 +238,17 @@ plot::Panel loss_panel(const std::vector<Run>& runs, std::optional<double> floor
   for (size_t r = 0; r < runs.size(); ++r) {
     plot::Series line = make_series(runs[r].label, static_cast<int>(r));
     plot::Series eval = make_series(runs[r].label + " eval", static_cast<int>(r));
+    plot::Series ema = make_series(runs[r].label + " eval ema", static_cast<int>(r));
+    ema.hollow = true;
     for (const auto& pt : runs[r].points) {
       line.x.push_back(pt.step);
       line.y.push_back(pt.loss);
       if (pt.eval_loss >= 0) eval.x.push_back(pt.step), eval.y.push_back(pt.eval_loss);
+      if (pt.eval_ema_loss >= 0) ema.x.push_back(pt.step), ema.y.push_back(pt.eval_ema_loss);
     }
     p.lines.push_back(std::move(line));
     if (!eval.x.empty()) p.markers.push_back(std::move(eval));
+    if (!ema.x.empty()) p.markers.push_back(std::move(ema));
   }
   if (floor) {
     p.hline = floor;

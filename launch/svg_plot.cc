@@ -86,6 +86,7 @@ struct LegendEntry {
   std::string label;
   Style style;
   enum Kind { kLine, kMarker, kRef } kind;
+  bool hollow = false;
 };
 
 std::vector<LegendEntry> legend_of(const Panel& p) {
@@ -96,7 +97,7 @@ std::vector<LegendEntry> legend_of(const Panel& p) {
   }
   for (size_t i = 0; i < p.markers.size(); ++i) {
     const int c = p.markers[i].colour < 0 ? static_cast<int>(i) : p.markers[i].colour;
-    e.push_back({p.markers[i].label, style_of(c), LegendEntry::kMarker});
+    e.push_back({p.markers[i].label, style_of(c), LegendEntry::kMarker, p.markers[i].hollow});
   }
   if (p.hline) e.push_back({p.hline_label, {"#555555", "6 4"}, LegendEntry::kRef});
   return e;
@@ -128,8 +129,9 @@ void draw_legend(std::string& out, const std::vector<LegendEntry>& es, double x0
     }
     const double sx = x0 + x;
     if (e.kind == LegendEntry::kMarker) {
-      out += fmt::format("<circle cx=\"{}\" cy=\"{}\" r=\"3.2\" fill=\"{}\"/>\n", px(sx + 12),
-                         px(y - 4), e.style.colour);
+      out +=
+          fmt::format("<circle cx=\"{}\" cy=\"{}\" r=\"3.2\" fill=\"{}\" stroke=\"{}\"/>\n",
+                      px(sx + 12), px(y - 4), e.hollow ? "white" : e.style.colour, e.style.colour);
     } else {
       out += fmt::format(
           "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"2\" "
@@ -193,8 +195,9 @@ void draw_data(std::string& out, const Panel& p, const Frame& f, const std::stri
   for (size_t i = 0; i < p.markers.size(); ++i) {
     const Series& s = p.markers[i];
     const Style st = style_of(s.colour < 0 ? static_cast<int>(i) : s.colour);
-    out += fmt::format("<g class=\"markers\" data-label=\"{}\" fill=\"{}\" stroke=\"white\">\n",
-                       esc(s.label), st.colour);
+    out +=
+        fmt::format("<g class=\"markers\" data-label=\"{}\" fill=\"{}\" stroke=\"{}\">\n",
+                    esc(s.label), s.hollow ? "white" : st.colour, s.hollow ? st.colour : "white");
     for (size_t k = 0; k < s.x.size() && k < s.y.size(); ++k) {
       if (!std::isfinite(s.x[k]) || !std::isfinite(s.y[k])) continue;
       out += fmt::format("<circle cx=\"{}\" cy=\"{}\" r=\"3.6\"/>\n", px(f.X(s.x[k])),

@@ -13,7 +13,8 @@ namespace fp8pipe::plot {
 struct Series {
   std::string label;
   std::vector<double> x, y;
-  int colour = -1;  // palette index; < 0: the series' position in its panel
+  int colour = -1;      // palette index; < 0: the series' position in its panel
+  bool hollow = false;  // markers: outlined circles (e.g. the EMA's eval loss) instead of filled
 };
 
 struct Panel {

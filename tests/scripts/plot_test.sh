@@ -22,21 +22,23 @@ command -v python3 >/dev/null || die "python3 not found"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-# Run A: 5 steps, two MoE layers, an eval at step 5, a note and an eval-kind record (skipped),
-# and a truncated last line (a live run). Run B: 4 steps, one non-finite loss, no expert load.
+# Run A: 5 steps, two MoE layers, an eval at step 5 (of the weights and of their EMA), a note
+# and an eval-kind record (skipped), and a truncated last line (a live run). Run B: 4 steps, one
+# non-finite loss, no expert load.
 python3 - "$TMP" <<'EOF' || die "could not write the inputs"
 import json, sys
 d = sys.argv[1]
-def rec(step, loss, lr, tps, loads, ev=-1):
+def rec(step, loss, lr, tps, loads, ev=-1, ema=-1):
     return {"step": step, "loss": loss, "mtp_loss": loss + 0.2, "aux_loss": 1e-4, "lr": lr,
             "grad_norm": 0.5, "tokens_per_s": tps, "tflops": 0.001, "mfu": -1, "mem_gib": 0.1,
             "ms": 100, "tokens": 512 * step, "skipped": 0, "dropped": 0,
             "expert_overload": max([l for l in loads] or [0]), "eval_loss": ev,
+            "eval_ema_loss": ema,
             "expert_load": [{"layer": f"moe{i}", "max_over_mean": l, "dead": 0}
                             for i, l in enumerate(loads)]}
 A = [rec(1, 5.5, 1e-4, 1000, [2.0, 1.5]), rec(2, 4.0, 2e-4, 1200, [1.8, 1.25]),
      rec(3, 3.0, 3e-4, 1100, [1.5, 1.2]), rec(4, 2.5, 2e-4, 1300, [1.3, 1.1]),
-     rec(5, 2.25, 1e-4, 1250, [1.2, 1.05], ev=2.4)]
+     rec(5, 2.25, 1e-4, 1250, [1.2, 1.05], ev=2.4, ema=2.7)]
 B = [rec(1, 5.0, 1e-4, 900, []), rec(2, 4.5, 2e-4, 950, []),
      rec(3, float("nan"), 3e-4, 1000, []), rec(4, 3.5, 2e-4, 980, [])]
 with open(f"{d}/a.jsonl", "w") as f:
@@ -101,10 +103,15 @@ for i, line in enumerate(series(panels["expert_load"])):
 assert float(panels["expert_load"].get("data-y0")) == 1.0, "expert load axis must start at 1"
 
 X, Y = transform(panels["loss"])
-circles = [c for g in panels["loss"].iter(NS + "g") if g.get("class") == "markers" for c in g]
-assert len(circles) == 1, len(circles)
-cx, cy = float(circles[0].get("cx")), float(circles[0].get("cy"))
-assert abs(X(cx) - 5) < 1e-3 and abs(Y(cy) - 2.4) < 1e-3, "eval point"
+marks = {g.get("data-label"): g for g in panels["loss"].iter(NS + "g")
+         if g.get("class") == "markers"}
+assert sorted(marks) == ["runA eval", "runA eval ema"], sorted(marks)
+for label, want, filled in (("runA eval", 2.4, True), ("runA eval ema", 2.7, False)):
+    g = marks[label]
+    assert len(g) == 1, (label, len(g))
+    cx, cy = float(g[0].get("cx")), float(g[0].get("cy"))
+    assert abs(X(cx) - 5) < 1e-3 and abs(Y(cy) - want) < 1e-3, label
+    assert (g.get("fill") != "white") == filled, (label, "filled" if filled else "hollow")
 hl = [e for e in panels["loss"].iter(NS + "line") if e.get("class") == "hline"]
 assert len(hl) == 1 and abs(Y(float(hl[0].get("y1"))) - 1.5) < 1e-3, "floor line"
 for name, g in panels.items():  # tick labels are drawn
