@@ -42,13 +42,13 @@ Status validate(const config::Config& cfg, int world_size = 0);
 // The config in text format (what `fp8pipe config` prints and checkpoints save).
 std::string to_text(const config::Config& cfg);
 
-// Valid values of a choice-string field ("parallel.schedule" → 1f1b, zb1p, dualpipe,
-// dualpipev); empty for any other path.
 // The modules of train.recompute (comma-separated; validated against kRecomputeModules).
 constexpr std::string_view kRecomputeModules[] = {"mla_up_proj"};
 std::vector<std::string> recompute_modules(const config::Train& t);
 bool recomputes(const config::Train& t, std::string_view module);
 
+// Valid values of a choice-string field ("parallel.schedule" → 1f1b, zb1p, dualpipe,
+// dualpipev); empty for any other path.
 std::span<const std::string_view> config_choices(std::string_view path);
 
 }  // namespace fp8pipe

@@ -175,14 +175,14 @@ int64_t numel(const Shape& s) {
   return n;
 }
 
-// Checks that every source is a whole model tensor whose shapes concatenate to `t.shape`, and
-// records which manifest tensors were used.
-Status check_sources(const ckpt::Manifest& man, const Mapped& t, std::set<std::string>& used) {
+// Checks that every source is a whole model tensor (of kind `weights`, or a router bias) whose
+// shapes concatenate to `t.shape`, and records which manifest tensors were used.
+Status check_sources(const ckpt::Manifest& man, const Mapped& t, ckpt::Kind weights,
+                     std::set<std::string>& used) {
   int64_t cols = 0;
   for (const std::string& s : t.sources) {
     const ckpt::TensorRecord* r = man.find(s);
-    if (!r || (r->kind != ckpt::Kind::kParam && r->kind != ckpt::Kind::kRouterBias &&
-               r->kind != ckpt::Kind::kEma))
+    if (!r || (r->kind != weights && r->kind != ckpt::Kind::kRouterBias))
       return FP8_ERROR(Code::kNotFound, "{} needs model tensor '{}', absent from the checkpoint",
                        t.name, s);
     if (r->dtype != "F32") return FP8_INVALID("tensor '{}' is {}, expected F32", s, r->dtype);
@@ -349,10 +349,10 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
     }
   }
   std::set<std::string> used;
-  for (const Mapped& t : ts) FP8_RETURN_IF_ERROR(check_sources(man, t, used));
+  const ckpt::Kind weights = opt.ema ? ckpt::Kind::kEma : ckpt::Kind::kParam;
+  for (const Mapped& t : ts) FP8_RETURN_IF_ERROR(check_sources(man, t, weights, used));
   for (const ckpt::TensorRecord& r : man.tensors) {
-    const bool model = r.kind == (opt.ema ? ckpt::Kind::kEma : ckpt::Kind::kParam) ||
-                       r.kind == ckpt::Kind::kRouterBias;
+    const bool model = r.kind == weights || r.kind == ckpt::Kind::kRouterBias;
     if (model && !used.count(r.name))
       return FP8_INVALID("hf export: checkpoint tensor '{}' has no DeepseekV3 name", r.name);
   }

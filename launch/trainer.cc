@@ -383,13 +383,7 @@ Result<StepResult> Trainer::train_step() {
     FP8_RETURN_IF_ERROR(update_router_biases());
     FP8_RETURN_IF_ERROR(upload_params(/*weights=*/!dev_opt_));
     if (ema_) {
-      // The device AdamW on a GPU updates the weights there: the average reads host copies.
-      if (dev_opt_ && be_->device() != Device::kCpu) {
-        for (const Owned& o : owned_) {
-          model::Param* p = o.copies.front();
-          FP8_RETURN_IF_ERROR(be_->copy(p->value, p->host_value));
-        }
-      }
+      FP8_RETURN_IF_ERROR(download_weights());  // the average reads the host copies
       ema_->update_async();
     }
   }
@@ -548,14 +542,21 @@ Result<double> Trainer::evaluate(int64_t batches) {
   return sum / std::max<int64_t>(1, batches);
 }
 
+// The device AdamW on a GPU updates the weights there, leaving their host copies stale: copies
+// them down (each owned parameter's first copy, the one the optimizer groups point into).
+// Otherwise the host copies are current already.
+Status Trainer::download_weights() {
+  if (!dev_opt_ || be_->device() == Device::kCpu) return Status::Ok();
+  for (const Owned& o : owned_) {
+    model::Param* p = o.copies.front();
+    FP8_RETURN_IF_ERROR(be_->copy(p->value, p->host_value));
+  }
+  return Status::Ok();
+}
+
 Result<double> Trainer::evaluate_ema(int64_t batches) {
   if (!ema_) return FP8_INVALID("evaluate_ema: optim.ema_decay is 0 (no moving average)");
-  // The host copies must hold the current weights (the device optimizer keeps them on the GPU).
-  if (dev_opt_ && be_->device() != Device::kCpu) {
-    for (const Owned& o : owned_) {
-      FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->value, o.copies.front()->host_value));
-    }
-  }
+  FP8_RETURN_IF_ERROR(download_weights());
   std::vector<std::vector<float>> keep;
   for (const Owned& o : owned_) {
     const Tensor& v = o.copies.front()->host_value;

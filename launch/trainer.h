@@ -136,6 +136,7 @@ class Trainer {
   Status restore_tensors(const ckpt::Loaded& l);
   Status restore_optimizer(const ckpt::Loaded& l);
   Status restore_ema(const ckpt::Loaded& l);
+  Status download_weights();  // optim.placement=device on a GPU: value -> host_value
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;

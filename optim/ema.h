@@ -26,7 +26,6 @@ class ParamEma {
   void update_async();
   void wait();  // the last update has finished (no-op when none is running)
 
-  float decay() const { return decay_; }
   // "<name>.ema" per group: its [begin, end) as fp32 bytes (little-endian), for checkpoints.
   std::vector<StateArray> export_state();
   // Exactly this average's arrays (names and ranges); otherwise fails, unchanged.

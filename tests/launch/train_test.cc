@@ -326,6 +326,23 @@ std::string file_bytes(const std::string& path) {
   return text.str();
 }
 
+// `steps` training steps: each step's total loss and gradient norm appended; returns the largest
+// per-step peak of held tensors (Backend::memory, reset before each step).
+int64_t steps_with_peak(Trainer& t, int steps, std::vector<double>& loss,
+                        std::vector<double>& norm) {
+  int64_t peak = 0;
+  for (int s = 0; s < steps; ++s) {
+    t.ctx().be->reset_peak_memory();
+    auto r = t.train_step();
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    if (!r.ok()) return peak;
+    loss.push_back(r->loss.total);
+    norm.push_back(r->grad_norm);
+    peak = std::max(peak, t.ctx().be->memory().peak);
+  }
+  return peak;
+}
+
 // train.recompute=mla_up_proj moves where q, k, v come from, not a bit of the training: losses,
 // gradient norms and every saved weight are bitwise those without it over 3 steps, in FP8 and
 // BF16, under 1f1b and under dualpipev (two chunks on the rank, several micro-batches in flight),
@@ -345,14 +362,8 @@ TEST(TrainTest, RecomputedUpProjectionsTrainTheSameBitsInLessMemory) {
                                     re ? "--train.recompute=mla_up_proj" : "--train.recompute="}));
         ASSERT_TRUE(t);
         EXPECT_EQ(t->ctx().recompute_mla_up, re == 1);
-        for (int s = 0; s < 3; ++s) {
-          t->ctx().be->reset_peak_memory();
-          auto r = t->train_step();
-          ASSERT_TRUE(r.ok()) << r.status().to_string();
-          loss[re].push_back(r->loss.total);
-          norm[re].push_back(r->grad_norm);
-          peak[re] = std::max(peak[re], t->ctx().be->memory().peak);
-        }
+        peak[re] = steps_with_peak(*t, 3, loss[re], norm[re]);
+        ASSERT_EQ(loss[re].size(), 3u);
         const std::string path = ::testing::TempDir() + "train_test_recompute.safetensors";
         ASSERT_TRUE(t->save_model(path).ok());
         weights[re] = file_bytes(path);
@@ -374,7 +385,7 @@ TEST(TrainTest, RecomputedUpProjectionsTrainTheSameBitsInLessMemory) {
 // ~5%: RoutedExperts.Fp8SwigluCacheHoldsLessWithinTheFp8Bound), they do differ, and the peak of
 // held tensors is lower.
 TEST(TrainTest, Fp8SwigluCacheTracksTheUncachedRunInLessMemory) {
-  std::vector<double> loss[2];
+  std::vector<double> loss[2], norm[2];
   int64_t peak[2] = {0, 0};
   for (int cached = 0; cached < 2; ++cached) {
     auto t = make_trainer(
@@ -383,13 +394,8 @@ TEST(TrainTest, Fp8SwigluCacheTracksTheUncachedRunInLessMemory) {
               std::string("--precision.fp8_swiglu_cache=") + (cached ? "true" : "false")}));
     ASSERT_TRUE(t);
     EXPECT_EQ(t->ctx().fp8_swiglu_cache, cached == 1);
-    for (int s = 0; s < 4; ++s) {
-      t->ctx().be->reset_peak_memory();
-      auto r = t->train_step();
-      ASSERT_TRUE(r.ok()) << r.status().to_string();
-      loss[cached].push_back(r->loss.total);
-      peak[cached] = std::max(peak[cached], t->ctx().be->memory().peak);
-    }
+    peak[cached] = steps_with_peak(*t, 4, loss[cached], norm[cached]);
+    ASSERT_EQ(loss[cached].size(), 4u);
   }
   for (int s = 0; s < 4; ++s) EXPECT_NEAR(loss[1][s], loss[0][s], 1e-3 * loss[0][s]) << s + 1;
   EXPECT_NE(loss[1][3], loss[0][3]);
