@@ -31,7 +31,8 @@ constexpr std::string_view kCommBackends[] = {"mpi", "nccl"};
 constexpr std::string_view kGemm[] = {"fast", "exact"};
 constexpr std::string_view kActGran[] = {"1x128", "tensor"};
 constexpr std::string_view kWeightGran[] = {"128x128", "1x128", "tensor"};
-constexpr std::string_view kLrSchedules[] = {"cosine", "step", "constant"};
+constexpr std::string_view kLrSchedules[] = {"cosine", "step", "constant", "phases"};
+constexpr std::string_view kLrShapes[] = {"constant", "linear", "cosine"};
 constexpr std::string_view kSources[] = {"synthetic", "tokens", "megatron"};
 constexpr std::string_view kTokenDtypes[] = {"uint16", "uint32"};
 constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
@@ -454,6 +455,10 @@ void ValidateModel(const config::Model& m, Checker& c) {
   ValidateMoe(m.moe(), c);
   ge0(c, "model.mtp_depth", m.mtp_depth());
   ge0(c, "model.mtp_lambda", m.mtp_lambda());
+  ge0(c, "model.mtp_lambda_after.tokens", m.mtp_lambda_after().tokens());
+  ge0(c, "model.mtp_lambda_after.value", m.mtp_lambda_after().value());
+  ge0(c, "model.moe.bias_update_rate_after.tokens", m.moe().bias_update_rate_after().tokens());
+  ge0(c, "model.moe.bias_update_rate_after.value", m.moe().bias_update_rate_after().value());
   gt0(c, "model.rope_theta", m.rope_theta());
   gt0(c, "model.norm_eps", m.norm_eps());
   gt0(c, "model.init_std", m.init_std());
@@ -540,6 +545,27 @@ void ValidateOptim(const config::Optim& o, Checker& c) {
   gt0(c, "optim.eps", o.eps());
   ge0(c, "optim.weight_decay", o.weight_decay());
   choice(c, "optim.placement", o.placement());
+  c.expect(o.schedule() == "phases" || o.phase_size() == 0,
+           "optim.phase has {} phases but optim.schedule={} (phases are read with "
+           "optim.schedule=phases)",
+           o.phase_size(), o.schedule());
+  c.expect(o.schedule() != "phases" || o.phase_size() > 0,
+           "optim.schedule=phases needs at least one optim.phase {{until_tokens: ...}}");
+  int64_t prev = 0;
+  for (int i = 0; i < o.phase_size(); ++i) {
+    const auto& ph = o.phase(i);
+    c.expect(ph.until_tokens() > prev,
+             "optim.phase[{}].until_tokens={} must be > {} (the previous phase's end; phases are "
+             "in order)",
+             i, ph.until_tokens(), prev);
+    prev = std::max(prev, ph.until_tokens());
+    c.expect(is_choice(kLrShapes, ph.shape()), "optim.phase[{}].shape=\"{}\" (valid: {})", i,
+             ph.shape(), fmt::join(kLrShapes, ", "));
+    c.expect(!ph.has_lr() || (std::isfinite(ph.lr()) && ph.lr() >= 0),
+             "optim.phase[{}].lr={} must be finite and >= 0", i, ph.lr());
+    c.expect(ph.shape() == "constant" || ph.has_lr(),
+             "optim.phase[{}] (shape {}) needs lr, the rate it ends at", i, ph.shape());
+  }
 }
 
 void ValidateData(const config::Data& d, Checker& c) {
@@ -661,6 +687,43 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
            k.gpus_per_node());
 }
 
+// train.batch_ramp against the layout: every step's micro-batch count must suit the schedule.
+void ValidateBatchRamp(const Config& cfg, Checker& c) {
+  const auto& t = cfg.train();
+  const auto& r = t.batch_ramp();
+  const auto& p = cfg.parallel();
+  if (r.start() == 0 && r.increment() == 0 && r.tokens() == 0) return;
+  const int64_t G = t.global_batch();
+  const int64_t unit = G / p.microbatches();  // dp · micro-batch size: one micro-batch per replica
+  const std::string where = fmt::format("train.batch_ramp {{start: {} increment: {} tokens: {}}}",
+                                        r.start(), r.increment(), r.tokens());
+  c.expect(r.start() > 0 && r.start() < G, "{}: start must be in [1, train.global_batch={})", where,
+           G);
+  c.expect(r.increment() > 0 && (G - r.start()) % r.increment() == 0,
+           "{}: increment must be > 0 and divide train.global_batch - start = {}", where,
+           G - r.start());
+  c.expect(r.tokens() >= t.seq_len(), "{}: tokens must be >= train.seq_len={}", where, t.seq_len());
+  c.expect(r.start() % unit == 0 && r.increment() % unit == 0,
+           "{}: start and increment must be multiples of parallel.dp · micro-batch size = {} "
+           "(micro-batch size = train.global_batch / (dp · microbatches) = {} / ({} · {}))",
+           where, unit, G, p.dp(), p.microbatches());
+  if (!c.ok()) return;
+  for (int64_t b = r.start(); b < G; b += r.increment()) {
+    const int64_t m = b / unit;
+    const std::string& s = p.schedule();
+    const bool dual = s == "dualpipe" || s == "dualpipev";
+    const int64_t least = dual ? 2 * p.pp() : p.pp();
+    const bool ok = m >= least && (s != "dualpipe" || m % 2 == 0);
+    if (!ok) {
+      c.expect(false,
+               "{}: a step of {} sequences runs {} micro-batches per pipeline, which schedule {} "
+               "with parallel.pp={} cannot run (it needs >= {}{})",
+               where, b, m, s, p.pp(), least, s == "dualpipe" ? ", even" : "");
+      return;
+    }
+  }
+}
+
 // Rules between train, data, model and parallel.
 void ValidateCross(const Config& cfg, int world, Checker& c) {
   ValidateLayout(cfg, world, c);
@@ -676,6 +739,7 @@ void ValidateCross(const Config& cfg, int world, Checker& c) {
            "{} (nearest valid: {})",
            t.global_batch(), p.dp(), p.microbatches(), unit_batch,
            lo > 0 ? fmt::format("{}, {}", lo, lo + unit_batch) : fmt::format("{}", unit_batch));
+  if (c.ok()) ValidateBatchRamp(cfg, c);
   const int mtp = cfg.model().mtp_depth();
   c.expect(t.seq_len() > mtp + 1,
            "train.seq_len={} must be > model.mtp_depth+1 = {} (MTP depth k predicts token i+k+1)",
@@ -696,6 +760,14 @@ void ValidateCross(const Config& cfg, int world, Checker& c) {
 }
 
 }  // namespace
+
+Result<data::BatchPlan> batch_plan(const config::Config& cfg) {
+  const auto& t = cfg.train();
+  const auto& r = t.batch_ramp();
+  if (r.start() == 0) return data::BatchPlan::constant(t.global_batch());
+  return data::BatchPlan::ramp(r.start(), r.increment(), r.tokens() / t.seq_len(),
+                               t.global_batch());
+}
 
 std::vector<std::string> recompute_modules(const config::Train& t) {
   std::vector<std::string> out;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "configs/fp8pipe.pb.h"
+#include "core/data.h"
 #include "core/status.h"
 
 namespace fp8pipe {
@@ -46,6 +47,15 @@ std::string to_text(const config::Config& cfg);
 constexpr std::string_view kRecomputeModules[] = {"mla_up_proj"};
 std::vector<std::string> recompute_modules(const config::Train& t);
 bool recomputes(const config::Train& t, std::string_view module);
+
+// Rows per training step: train.batch_ramp's plan (ramp samples = tokens / seq_len), or
+// train.global_batch every step without one.
+Result<data::BatchPlan> batch_plan(const config::Config& cfg);
+
+// A Switch's effect on the setting it follows, for a step starting with `tokens` trained.
+inline float switched(float value, const config::Switch& s, int64_t tokens) {
+  return s.tokens() > 0 && tokens >= s.tokens() ? s.value() : value;
+}
 
 // Valid values of a choice-string field ("parallel.schedule" → 1f1b, zb1p, dualpipe,
 // dualpipev); empty for any other path.

@@ -850,6 +850,10 @@ Result<Batcher> Batcher::create(std::shared_ptr<const TokenSource> source, const
   if (!(spec.heldout_fraction >= 0 && spec.heldout_fraction < 1)) {
     return FP8_INVALID("data.heldout_fraction is {}, expected [0, 1)", spec.heldout_fraction);
   }
+  if (spec.plan && spec.plan->full() != spec.global_batch) {
+    return FP8_INVALID("Batcher: the batch plan's full batch {} is not global_batch {}",
+                       spec.plan->full(), spec.global_batch);
+  }
   Batcher b;
   b.src_ = std::move(source);
   b.spec_ = spec;
@@ -874,8 +878,70 @@ int64_t Batcher::windows(Split split) const {
   return split == Split::kTrain ? train_windows_ : heldout_windows_;
 }
 
+Result<BatchPlan> BatchPlan::constant(int64_t global_batch) {
+  if (global_batch < 1)
+    return FP8_INVALID("batch plan: global batch {} must be >= 1", global_batch);
+  BatchPlan p;
+  p.full_ = global_batch;
+  return p;
+}
+
+Result<BatchPlan> BatchPlan::ramp(int64_t start, int64_t increment, int64_t ramp_samples,
+                                  int64_t full) {
+  if (start < 1 || increment < 1 || ramp_samples < 1 || start >= full ||
+      (full - start) % increment != 0) {
+    return FP8_INVALID(
+        "batch ramp: needs 1 <= start < full, increment >= 1 dividing full - start and ramp "
+        "samples >= 1; got start {}, increment {}, full {}, ramp samples {}",
+        start, increment, full, ramp_samples);
+  }
+  // At most ramp_samples / start + 1 ramp steps; refuse ramps whose table would be huge.
+  constexpr int64_t kMaxRampSteps = int64_t{1} << 26;
+  if (ramp_samples / start >= kMaxRampSteps) {
+    return FP8_INVALID(
+        "batch ramp: {} ramp samples from a batch of {} take up to {} steps (at most {})",
+        ramp_samples, start, ramp_samples / start + 1, kMaxRampSteps);
+  }
+  BatchPlan p;
+  p.full_ = full;
+  const int64_t rises = (full - start) / increment;
+  int64_t c = 0;
+  while (true) {
+    const auto done = static_cast<int64_t>(static_cast<__int128>(c) * rises / ramp_samples);
+    const int64_t b = std::min(full, start + increment * done);
+    if (b == full) break;
+    c += b;
+    p.first_.push_back(c);
+  }
+  return p;
+}
+
+int64_t BatchPlan::batch(int64_t step) const {
+  const int64_t k = ramp_steps();
+  return step < k ? first_[step + 1] - first_[step] : full_;
+}
+
+int64_t BatchPlan::first_sample(int64_t step) const {
+  const int64_t k = ramp_steps();
+  return step <= k ? first_[step] : first_[k] + (step - k) * full_;
+}
+
+std::vector<int64_t> BatchPlan::sizes() const {
+  std::vector<int64_t> out;
+  for (int64_t s = 0; s <= ramp_steps(); ++s) {
+    if (out.empty() || out.back() != batch(s)) out.push_back(batch(s));
+  }
+  return out;
+}
+
+int64_t Batcher::rows_in(Split split, int64_t step) const {
+  return split == Split::kTrain && spec_.plan ? spec_.plan->batch(step) : spec_.global_batch;
+}
+
 int64_t Batcher::sample_of(Split split, int64_t step, int64_t row) const {
-  const int64_t g = step * spec_.global_batch + row;
+  const int64_t g = (split == Split::kTrain && spec_.plan ? spec_.plan->first_sample(step)
+                                                          : step * spec_.global_batch) +
+                    row;
   if (generative_) return g;
   const int64_t n = windows(split);
   if (n == 0) return -1;
@@ -887,12 +953,13 @@ int64_t Batcher::sample_of(Split split, int64_t step, int64_t row) const {
 Status Batcher::fill(Split split, int64_t step, int64_t row_begin, int64_t row_end,
                      int32_t* out) const {
   const int64_t B = spec_.global_batch;
-  if (row_begin < 0 || row_begin > row_end || row_end > B) {
-    return FP8_INVALID("Batcher: rows [{}, {}) are outside the global batch [0, {})", row_begin,
-                       row_end, B);
-  }
-  if (step < 0 || step > (TokenSource::kInfinite - B) / B) {
+  if (step < 0 || step > (TokenSource::kInfinite - B) / B - 1) {
     return FP8_INVALID("Batcher: step {} is out of range", step);
+  }
+  const int64_t rows = rows_in(split, step);
+  if (row_begin < 0 || row_begin > row_end || row_end > rows) {
+    return FP8_INVALID("Batcher: rows [{}, {}) are outside step {}'s batch [0, {})", row_begin,
+                       row_end, step, rows);
   }
   if (windows(split) == 0) {
     return FP8_INVALID("{}: no held-out windows (data.heldout_fraction is 0)", src_->describe());

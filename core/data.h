@@ -255,7 +255,8 @@ Result<std::shared_ptr<TokenSource>> open_source(const SourceSpec& spec);
 // Finite sources: window w = tokens [w·seq_len, w·seq_len + seq_len + 1) (neighbours share one
 // token, so every token is a target once per epoch); W = (size - 1) / seq_len windows. The last
 // max(1, round(heldout_fraction · W)) windows are held out (none when the fraction is 0), so train
-// and held-out targets are disjoint. Global sample g = step · global_batch + row is window
+// and held-out targets are disjoint. Global sample g = step · global_batch + row (with a batch
+// plan: the samples of the earlier steps + row, so a ramp reads the same stream) is window
 // perm_e(g mod W_split) of epoch e = g / W_split, perm_e a seeded Feistel permutation per epoch:
 // each epoch visits every window of the split exactly once, in a fresh order.
 // Generative sources: row reads sequence g of a stream keyed by (seed, split); train and held-out
@@ -263,11 +264,41 @@ Result<std::shared_ptr<TokenSource>> open_source(const SourceSpec& spec);
 enum class Split { kTrain, kHeldout };
 const char* split_name(Split s);
 
+// Rows per training step: constant (train.global_batch), or rising in a batch-size ramp
+// (train.batch_ramp; Megatron's --rampup-batch-size; DeepSeek-V3 §4.2 rises from 3072 to 15360
+// sequences over its first 469B tokens). With c the samples trained before a step, n = (full -
+// start) / increment rises spread over R ramp samples, the step trains
+//   min(full, start + increment · floor(c · n / R))
+// rows. That is a function of the step alone (c is the sum of the earlier steps' batches), so a
+// resumed run recomputes its data position from the step number.
+class BatchPlan {
+ public:
+  static Result<BatchPlan> constant(int64_t global_batch);
+  static Result<BatchPlan> ramp(int64_t start, int64_t increment, int64_t ramp_samples,
+                                int64_t full);
+
+  int64_t full() const { return full_; }
+  bool ramped() const { return ramp_steps() > 0; }
+  // Steps before the first full batch (0 without a ramp).
+  int64_t ramp_steps() const { return static_cast<int64_t>(first_.size()) - 1; }
+  int64_t batch(int64_t step) const;         // rows of the 0-based step
+  int64_t first_sample(int64_t step) const;  // samples trained before it
+  // The distinct batches of the plan, ascending (the last is full()).
+  std::vector<int64_t> sizes() const;
+
+ private:
+  int64_t full_ = 0;
+  std::vector<int64_t> first_ = {0};  // first_sample of steps 0..ramp_steps()
+};
+
 struct BatchSpec {
-  int64_t global_batch = 0;  // rows per step
+  int64_t global_batch = 0;  // rows per step (held-out batches; training too without a plan)
   int64_t seq_len = 0;       // targets per row
   uint64_t seed = 0;
   double heldout_fraction = 0.01;  // [0, 1); finite sources only
+  // Training rows per step when they vary (a batch ramp); null = global_batch every step. Its
+  // full() must equal global_batch.
+  std::shared_ptr<const BatchPlan> plan;
 };
 
 class Batcher {
@@ -278,6 +309,8 @@ class Batcher {
   int64_t row_len() const { return spec_.seq_len + 1; }
   // Finite sources: windows in the split; generative: TokenSource::kInfinite.
   int64_t windows(Split split) const;
+  // Rows of step `step` of the split (the plan's batch for training, else global_batch).
+  int64_t rows_in(Split split, int64_t step) const;
   // Window (finite) or sequence index (generative) read by row `row` of step `step`.
   int64_t sample_of(Split split, int64_t step, int64_t row) const;
   // Rows [row_begin, row_end) of step `step`, row-major into out[(row_end - row_begin) * row_len].

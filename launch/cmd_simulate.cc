@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -115,6 +116,44 @@ Result<Run> run_one(const config::Config& cfg, const sim::Calibration& cal, bool
   return run;
 }
 
+// The whole run: train.steps through the batch plan (train.batch_ramp), each batch size's step
+// simulated once with its own micro-batch count; `full` is the full batch's step.
+Result<std::string> run_line(const config::Config& cfg, const sim::Calibration& cal,
+                             const Run& full) {
+  FP8_ASSIGN_OR_RETURN(const data::BatchPlan plan, batch_plan(cfg));
+  const auto& p = cfg.parallel();
+  const auto& t = cfg.train();
+  const int64_t unit = t.global_batch() / p.microbatches();  // dp x sequences per micro-batch
+  std::map<int64_t, int64_t> steps_at;                       // batch -> steps
+  const int64_t ramp_end = std::min(t.steps(), plan.ramp_steps());
+  for (int64_t s = 0; s < ramp_end; ++s) ++steps_at[plan.batch(s)];
+  if (t.steps() > ramp_end) steps_at[plan.full()] += t.steps() - ramp_end;
+  double seconds = 0, ramp_s = 0;
+  for (const auto& [b, n] : steps_at) {
+    double step_s = full.r.step_s;
+    if (b != plan.full()) {
+      config::Config c = cfg;
+      c.mutable_train()->set_global_batch(b);
+      c.mutable_parallel()->set_microbatches(static_cast<int>(b / unit));
+      FP8_ASSIGN_OR_RETURN(auto r, run_one(c, cal, false));
+      step_s = r.r.step_s;
+      ramp_s += static_cast<double>(n) * step_s;
+    }
+    seconds += static_cast<double>(n) * step_s;
+  }
+  const int64_t gpus = int64_t{p.pp()} * p.dp();
+  const double tokens = static_cast<double>(plan.first_sample(t.steps())) * t.seq_len();
+  std::string out = fmt::format(
+      "run         train.steps={}: {:.4g}T tokens in {:.1f} days on {} GPUs = {:.0f}K GPU-hours",
+      t.steps(), tokens / 1e12, seconds / 86400, gpus, seconds * gpus / 3600 / 1e3);
+  if (ramp_end > 0) {
+    out += fmt::format(" (batch ramp: {} steps, {:.4g}B tokens, {:.1f} days)", ramp_end,
+                       static_cast<double>(plan.first_sample(ramp_end)) * t.seq_len() / 1e9,
+                       ramp_s / 86400);
+  }
+  return out + "\n";
+}
+
 constexpr char kCsvHeader[] =
     "study,gpus,pp,dp,ep,schedule,microbatches,step_s,pipeline_s,bubble_s,bubble_frac,"
     "exposed_comm_s,mem_gib,params_b,tokens_per_s_per_gpu,tflops_per_gpu,mfu_bf16,"
@@ -214,7 +253,10 @@ int cmd_simulate(int argc, char** argv) {
   }
   auto run = run_one(*cfg, cal, !opts->trace.empty());
   if (!run.ok()) return fail(run.status(), 2);
-  std::string out = sim::format_step(run->cfg, run->sched, run->cm, run->r) + flops_check(*run);
+  auto whole = run_line(*cfg, cal, *run);
+  if (!whole.ok()) return fail(whole.status(), 2);
+  std::string out =
+      sim::format_step(run->cfg, run->sched, run->cm, run->r) + flops_check(*run) + *whole;
   std::fwrite(out.data(), 1, out.size(), stdout);
   Status st;
   if (!opts->trace.empty()) {
@@ -259,6 +301,7 @@ Result<config::Config> layout(const config::Config& base, const Point& pt) {
   const int64_t seqs = c.train().global_batch() / dp;
   p->set_microbatches(pt.mb > 0 ? pt.mb : int(seqs));
   c.mutable_cluster()->set_gpus(pt.gpus);
+  c.mutable_train()->clear_batch_ramp();  // the sweep compares full-batch steps
   FP8_RETURN_IF_ERROR(validate(c));
   return c;
 }

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <map>
 
+#include "core/config.h"
+#include "core/data.h"
 #include "launch/flops.h"
 #include "parallel/executor.h"
 #include "parallel/schedule.h"
@@ -108,6 +110,25 @@ Result<std::string> dry_run_report(const config::Config& cfg, int world) {
     out += fmt::format("  pipeline rank {}: {} instructions: {}\n", pr,
                        sched.rank_instrs[pr].size(), fmt::join(parts_n, ", "));
   }
+
+  FP8_ASSIGN_OR_RETURN(const data::BatchPlan plan, batch_plan(cfg));
+  if (plan.ramped()) {
+    out += fmt::format(
+        "\nbatch ramp (train.batch_ramp): {} steps below the global batch, {} tokens; each size's "
+        "schedule validated:\n",
+        plan.ramp_steps(), plan.first_sample(plan.ramp_steps()) * t.seq_len());
+    int64_t step = 0;
+    for (const int64_t b : plan.sizes()) {
+      while (plan.batch(step) != b) ++step;
+      const int mb = static_cast<int>(b / (int64_t{p.dp()} * B));
+      FP8_ASSIGN_OR_RETURN(auto s, parallel::make_schedule(kind, p.pp(), mb));
+      FP8_RETURN_IF_ERROR(parallel::validate_schedule(s));
+      out += fmt::format("  from step {}: {} sequences, {} micro-batches per replica\n", step + 1,
+                         b, mb);
+    }
+  }
+  out += fmt::format("\nrun: train.steps={} train {} tokens\n", t.steps(),
+                     plan.first_sample(t.steps()) * t.seq_len());
 
   const FlopBreakdown f = flops_per_token(m, t.seq_len());
   const double tokens = static_cast<double>(t.global_batch()) * t.seq_len();

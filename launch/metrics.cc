@@ -49,6 +49,7 @@ void MetricsSink::write(const StepRecord& r) {
         "skipped {} | {:.0f} ms",
         r.step, r.loss, r.mtp_loss, r.lr, r.grad_norm, r.tokens_per_s, r.tflops, mfu, r.mem_gib,
         r.tensor_gib, r.expert_overload, r.skipped, r.ms);
+    if (r.ramping) line += fmt::format(" | batch {}", r.batch);
     if (r.eval_loss >= 0) line += fmt::format(" | eval {:.4f}", r.eval_loss);
     if (r.eval_ema_loss >= 0) line += fmt::format(" | eval ema {:.4f}", r.eval_ema_loss);
     log::info("{}", line);
@@ -63,17 +64,17 @@ void MetricsSink::write(const StepRecord& r) {
   auto g = [](double v, int digits) {
     return std::isfinite(v) ? fmt::format("{:.{}g}", v, digits) : std::string("null");
   };
-  fmt::print(
-      f_,
-      "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
-      "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
-      "\"mem_gib\":{},\"tensor_gib\":{},\"ms\":{},\"tokens\":{},\"skipped\":{},\"dropped\":{},"
-      "\"a2a_bytes\":{},\"expert_overload\":{},\"eval_loss\":{},\"eval_ema_loss\":{},"
-      "\"expert_load\":[{}]}}\n",
-      r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6), g(r.grad_norm, 6),
-      g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4), g(r.tensor_gib, 4),
-      g(r.ms, 6), r.tokens_seen, r.skipped, r.dropped, r.a2a_bytes, g(r.expert_overload, 6),
-      g(r.eval_loss, 8), g(r.eval_ema_loss, 8), loads);
+  fmt::print(f_,
+             "{{\"step\":{},\"loss\":{},\"mtp_loss\":{},\"aux_loss\":{},\"lr\":{},"
+             "\"grad_norm\":{},\"tokens_per_s\":{},\"tflops\":{},\"mfu\":{},"
+             "\"mem_gib\":{},\"tensor_gib\":{},\"ms\":{},\"tokens\":{},\"batch\":{},\"skipped\":{},"
+             "\"dropped\":{},"
+             "\"a2a_bytes\":{},\"expert_overload\":{},\"eval_loss\":{},\"eval_ema_loss\":{},"
+             "\"expert_load\":[{}]}}\n",
+             r.step, g(r.loss, 8), g(r.mtp_loss, 8), g(r.aux_loss, 6), g(r.lr, 6),
+             g(r.grad_norm, 6), g(r.tokens_per_s, 6), g(r.tflops, 6), g(r.mfu, 6), g(r.mem_gib, 4),
+             g(r.tensor_gib, 4), g(r.ms, 6), r.tokens_seen, r.batch, r.skipped, r.dropped,
+             r.a2a_bytes, g(r.expert_overload, 6), g(r.eval_loss, 8), g(r.eval_ema_loss, 8), loads);
   std::fflush(f_);
 }
 

@@ -25,6 +25,8 @@ struct StepRecord {
   // device memory), GiB.
   double tensor_gib = 0;
   int64_t tokens_seen = 0, skipped = 0, dropped = 0;
+  int64_t batch = 0;     // sequences in the step's global batch
+  bool ramping = false;  // the batch is below train.global_batch (train.batch_ramp): shown
   // Bytes of token rows this rank sent to other ep ranks in the step's MoE all-to-alls
   // (MoeStepStats::a2a_bytes, every leg and layer); 0 without expert parallelism.
   int64_t a2a_bytes = 0;

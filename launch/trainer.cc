@@ -165,6 +165,21 @@ Status Trainer::setup_optimizer() {
     FP8_ASSIGN_OR_RETURN(auto s, optim::LrSchedule::step_decay(o.lr(), o.min_lr(), o.warmup_steps(),
                                                                o.step_every(), o.step_gamma()));
     lr_.emplace(s);
+  } else if (o.schedule() == "phases") {
+    std::vector<optim::LrPhase> phases;
+    for (const auto& ph : o.phase()) {
+      optim::LrPhase q;
+      q.until_tokens = ph.until_tokens();
+      q.shape = ph.shape() == "linear"   ? optim::LrPhase::Shape::kLinear
+                : ph.shape() == "cosine" ? optim::LrPhase::Shape::kCosine
+                                         : optim::LrPhase::Shape::kConstant;
+      q.has_lr = ph.has_lr();
+      q.lr = ph.lr();
+      phases.push_back(q);
+    }
+    FP8_ASSIGN_OR_RETURN(auto s,
+                         optim::LrSchedule::phases(o.lr(), o.warmup_steps(), std::move(phases)));
+    lr_.emplace(s);
   } else {
     FP8_ASSIGN_OR_RETURN(
         auto s, optim::LrSchedule::warmup_cosine(o.lr(), o.min_lr(), o.warmup_steps(), total));
@@ -339,6 +354,14 @@ Status Trainer::setup_data() {
   bs.seq_len = cfg_.train().seq_len();
   bs.seed = cfg_.train().seed();
   bs.heldout_fraction = d.heldout_fraction();
+  FP8_ASSIGN_OR_RETURN(auto plan, batch_plan(cfg_));
+  if (plan.ramped()) {
+    bs.plan = std::make_shared<const data::BatchPlan>(std::move(plan));
+    if (is_root())
+      log::info("batch ramp: {} sequences per step rising to {} by {} over {} steps ({} tokens)",
+                bs.plan->batch(0), bs.plan->full(), cfg_.train().batch_ramp().increment(),
+                bs.plan->ramp_steps(), bs.plan->first_sample(bs.plan->ramp_steps()) * bs.seq_len);
+  }
   FP8_ASSIGN_OR_RETURN(auto b, data::Batcher::create(source_, bs));
   batcher_.emplace(std::move(b));
   return Status::Ok();
@@ -354,10 +377,15 @@ Result<StepResult> Trainer::train_step() {
   for (auto* moe : all_moes()) moe->reset_stats();
   ctx_.nonfinite_groups = 0;
   StepResult r;
+  // Settings that follow the tokens trained before this step (DeepSeek-V3's λ and γ switches).
+  const float lambda =
+      switched(cfg_.model().mtp_lambda(), cfg_.model().mtp_lambda_after(), tokens_seen_);
+  for (auto& c : chunks_) c->set_mtp_lambda(lambda);
+  r.batch = batcher_->rows_in(data::Split::kTrain, step_);
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
   FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, all_params()));
   FP8_ASSIGN_OR_RETURN(r.grad_norm, dev_opt_ ? device_grad_norm() : sync_grads_and_norm());
-  r.lr = lr_->lr(step_ + 1);
+  r.lr = lr_->lr(step_ + 1, tokens_seen_);
   const bool finite = std::isfinite(r.grad_norm) && std::isfinite(r.loss.total);
   if (!finite) {
     if (cfg_.fault().on_nonfinite() != "skip" || skipped_ >= cfg_.fault().max_skips()) {
@@ -407,6 +435,8 @@ StepRecord Trainer::record(const StepResult& r, double seconds) {
   rec.mem_gib = resident_gib();
   rec.tensor_gib = static_cast<double>(be_->memory().peak) / (1024.0 * 1024 * 1024);
   rec.tokens_seen = tokens_seen_;
+  rec.batch = r.batch;
+  rec.ramping = r.batch < cfg_.train().global_batch();
   rec.skipped = skipped_;
   int i = 0;
   for (auto* moe : all_moes()) {
@@ -911,6 +941,17 @@ Status Trainer::resume(const ResumeOptions& opt) {
   if (is_root()) {
     log::info("checkpoint: resumed from {} (step {}, {} tokens, {} skipped)", found->step_dir,
               step_, tokens_seen_, skipped_);
+    // The data position follows the step through the batch plan; a checkpoint written under
+    // another train.global_batch or batch_ramp has seen other rows (the run goes on).
+    const int64_t planned = batcher_->spec().plan ? batcher_->spec().plan->first_sample(step_)
+                                                  : step_ * cfg_.train().global_batch();
+    if (planned * cfg_.train().seq_len() != tokens_seen_) {
+      log::warn(
+          "checkpoint: {} tokens trained in {} steps, but this config's batches "
+          "(train.global_batch,"
+          " train.batch_ramp) make {}; the data continues at this config's step {} position",
+          tokens_seen_, step_, planned * cfg_.train().seq_len(), step_);
+    }
   }
   return Status::Ok();
 }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <optional>
 
@@ -36,6 +37,7 @@ struct StepResult {
   model::LossParts loss;  // averaged over micro-batches
   double grad_norm = 0;
   float lr = 0;
+  int64_t batch = 0;  // sequences in the step's global batch (train.batch_ramp)
   bool skipped = false;
 };
 
@@ -97,6 +99,10 @@ class Trainer {
   Status trace_step_begin();
   Status trace_step_end();
   Result<model::LossParts> run_microbatches(data::Split split, int64_t step, bool backward);
+  // The instruction list for M micro-batches per pipeline: sched_ (made for
+  // parallel.microbatches), or one made for a batch ramp's smaller steps, kept for reuse.
+  Result<const parallel::Schedule*> schedule_for(int microbatches);
+  std::map<int, parallel::Schedule> ramp_scheds_;
   Result<double> sync_grads_and_norm();
   Result<double> device_grad_norm();    // optim.placement=device: the norm of the rounded sums
   Result<bool> use_device_optimizer();  // optim.placement, with the reason when it cannot

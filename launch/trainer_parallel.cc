@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include "core/config.h"
 #include "core/log.h"
 #include "launch/trainer.h"
 #include "optim/bias_update.h"
@@ -79,15 +80,19 @@ Status Trainer::sum_over_world(std::vector<double>& v) {
 
 // One global batch: this replica's micro-batches through the schedule; losses are global means.
 Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t step, bool backward) {
-  const int64_t G = cfg_.train().global_batch(), T = cfg_.train().seq_len();
-  const int dp = cfg_.parallel().dp(), M = std::max(1, cfg_.parallel().microbatches());
-  const int64_t B = G / (dp * M), d = topo_->coords().dp_index;
+  const int64_t T = cfg_.train().seq_len();
+  const int dp = cfg_.parallel().dp(), full_m = std::max(1, cfg_.parallel().microbatches());
+  // The micro-batch size B is fixed; a batch ramp's smaller steps run fewer micro-batches.
+  const int64_t B = cfg_.train().global_batch() / (dp * full_m), d = topo_->coords().dp_index;
+  const int M = static_cast<int>(batcher_->rows_in(split, step) / (dp * B));
+  FP8_ASSIGN_OR_RETURN(const parallel::Schedule* sched, schedule_for(M));
+  FP8_RETURN_IF_ERROR(exec_->set_schedule(*sched));
   FP8_ASSIGN_OR_RETURN(auto rows, batcher_->rows(split, step, d * M * B, (d + 1) * M * B));
   std::map<std::pair<int, int>, model::MicroBatch> cache;
   auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
     auto [it, fresh] = cache.try_emplace({stream, mb});
     if (fresh) {
-      const int64_t g = stream * sched_->mb_per_stream() + mb;
+      const int64_t g = stream * sched->mb_per_stream() + mb;
       it->second.B = B;
       it->second.T = T;
       it->second.tokens.assign(rows.begin() + g * B * (T + 1),
@@ -113,6 +118,17 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
   lp.aux = v[4] / n;
   for (int k = 0; k < cfg_.model().mtp_depth(); ++k) lp.mtp.push_back(v[5 + k] / n);
   return lp;
+}
+
+Result<const parallel::Schedule*> Trainer::schedule_for(int microbatches) {
+  if (microbatches == sched_->microbatches) return &*sched_;
+  auto it = ramp_scheds_.find(microbatches);
+  if (it == ramp_scheds_.end()) {
+    FP8_ASSIGN_OR_RETURN(auto s,
+                         parallel::make_schedule(sched_->kind, sched_->ranks, microbatches));
+    it = ramp_scheds_.emplace(microbatches, std::move(s)).first;
+  }
+  return &it->second;
 }
 
 // Sums every parameter's copies by global name, then the global gradient norm (each name counted
@@ -188,7 +204,9 @@ Status Trainer::update_router_biases() {
     for (size_t e = 0; e < load.size(); ++e) loads_[i][e] = static_cast<double>(load[e]);
   }
   FP8_RETURN_IF_ERROR(load_sync_->all_reduce_sum());
-  const float gamma = cfg_.model().moe().bias_update_rate();
+  // Called before this step's tokens are counted: the switch sees the tokens before the step.
+  const float gamma = switched(cfg_.model().moe().bias_update_rate(),
+                               cfg_.model().moe().bias_update_rate_after(), tokens_seen_);
   for (size_t i = 0; i < moes.size(); ++i) {
     auto& load = moes[i]->stats().load;
     for (size_t e = 0; e < load.size(); ++e) load[e] = static_cast<int64_t>(loads_[i][e]);

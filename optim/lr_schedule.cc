@@ -103,17 +103,69 @@ Result<LrSchedule> LrSchedule::step_decay(double peak_lr, double min_lr, int64_t
   return s;
 }
 
+Result<LrSchedule> LrSchedule::phases(double peak_lr, int64_t warmup_steps,
+                                      std::vector<LrPhase> phases) {
+  FP8_RETURN_IF_ERROR(check_lr("peak_lr", peak_lr));
+  if (warmup_steps < 0) {
+    return FP8_INVALID("lr schedule: warmup_steps must be >= 0, got {}", warmup_steps);
+  }
+  if (phases.empty()) return FP8_INVALID("lr schedule: phases needs at least one phase");
+  int64_t prev = 0;
+  for (size_t i = 0; i < phases.size(); ++i) {
+    const LrPhase& ph = phases[i];
+    if (ph.until_tokens <= prev) {
+      return FP8_INVALID("lr schedule: phase {} ends at {} tokens, not after {}", i,
+                         ph.until_tokens, prev);
+    }
+    if (ph.has_lr) FP8_RETURN_IF_ERROR(check_lr("a phase's lr", ph.lr));
+    if (ph.shape != LrPhase::Shape::kConstant && !ph.has_lr) {
+      return FP8_INVALID("lr schedule: phase {} (linear or cosine) needs the lr it ends at", i);
+    }
+    prev = ph.until_tokens;
+  }
+  LrSchedule s;
+  s.kind_ = Kind::kPhases;
+  s.p_ = DeepSeekV3Lr{peak_lr, peak_lr, peak_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  s.phases_ = std::move(phases);
+  return s;
+}
+
+double LrSchedule::phase_lr(int64_t tokens) const {
+  double from = p_.peak_lr;
+  int64_t begin = 0;
+  for (const LrPhase& ph : phases_) {
+    const double to = ph.has_lr ? ph.lr : from;
+    if (tokens < ph.until_tokens) {
+      const double x =
+          static_cast<double>(tokens - begin) / static_cast<double>(ph.until_tokens - begin);
+      switch (ph.shape) {
+        case LrPhase::Shape::kConstant:
+          return to;
+        case LrPhase::Shape::kLinear:
+          return from + (to - from) * x;
+        case LrPhase::Shape::kCosine:
+          return to + (from - to) * 0.5 * (1.0 + std::cos(std::numbers::pi * x));
+      }
+    }
+    from = to;
+    begin = ph.until_tokens;
+  }
+  return from;
+}
+
 double LrSchedule::warmup(int64_t step) const {
   return p_.peak_lr * static_cast<double>(step) / static_cast<double>(p_.warmup_steps);
 }
 
-float LrSchedule::lr(int64_t step) const {
+float LrSchedule::lr(int64_t step, int64_t tokens) const {
   const DeepSeekV3Lr& p = p_;
   double lr;
   if (step <= 0) {
     lr = p.warmup_steps > 0 ? 0.0 : p.peak_lr;
   } else if (step <= p.warmup_steps) {
     lr = warmup(step);
+  } else if (kind_ == Kind::kPhases) {
+    lr = phase_lr(tokens);
   } else if (kind_ == Kind::kStep) {
     const int64_t drops = (step - p.warmup_steps) / every_;
     lr = std::max(p.min_lr, p.peak_lr * std::pow(gamma_, static_cast<double>(drops)));

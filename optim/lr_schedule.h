@@ -1,9 +1,12 @@
-// Learning-rate schedules as pure functions of the step: constant, linear warm-up + cosine decay,
-// and DeepSeek-V3's warm-up / constant / cosine / two constant tails (DSV3_FACTS.md "Training
-// hyperparameters"). Construction validates every parameter; lr(step) cannot fail.
+// Learning-rate schedules as pure functions of the step (and, for token-keyed phases, of the
+// tokens trained before it): constant, linear warm-up + cosine decay, step decay, DeepSeek-V3's
+// warm-up / constant / cosine / two constant tails (DSV3_FACTS.md "Training hyperparameters") in
+// steps, and phases in tokens, which express it exactly under a batch ramp. Construction
+// validates every parameter; lr() cannot fail.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "core/status.h"
 
@@ -31,9 +34,21 @@ struct DeepSeekV3Lr {
 // cosine to 14.3/14.8, min_lr to 14.633/14.8 of total_steps, final_lr to the end.
 DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps = 2000);
 
+// One phase of a token-keyed schedule (config optim.schedule=phases): it runs until the run has
+// trained `until_tokens` tokens, starting from the lr the previous phase ended at (the peak lr for
+// the first). kConstant holds `lr` (has_lr) or the starting lr; kLinear and kCosine go from the
+// starting lr to `lr` (required) over the phase.
+struct LrPhase {
+  enum class Shape { kConstant, kLinear, kCosine };
+  int64_t until_tokens = 0;
+  Shape shape = Shape::kConstant;
+  double lr = 0;
+  bool has_lr = false;
+};
+
 class LrSchedule {
  public:
-  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3, kStep };
+  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3, kStep, kPhases };
 
   // lr for every step after an optional linear warm-up from 0.
   static Result<LrSchedule> constant(double lr, int64_t warmup_steps = 0);
@@ -47,9 +62,16 @@ class LrSchedule {
   static Result<LrSchedule> step_decay(double peak_lr, double min_lr, int64_t warmup_steps,
                                        int64_t every, double gamma);
 
-  // lr of the 1-based optimizer step (the AdamW step counter after increment); lr(0) = 0 when
-  // there is a warm-up. Computed in fp64, returned rounded to fp32.
-  float lr(int64_t step) const;
+  // Linear warm-up over warmup_steps (in steps, as DeepSeek-V3 states it), then the phases by
+  // tokens trained: DeepSeek-V3 §4.2 is constant 2.2e-4 to 10T, cosine to 2.2e-5 at 14.3T,
+  // constant to 14.633T, 7.3e-6 to 14.8T. After the last phase its final lr holds.
+  static Result<LrSchedule> phases(double peak_lr, int64_t warmup_steps,
+                                   std::vector<LrPhase> phases);
+
+  // lr of the 1-based optimizer step (the AdamW step counter after increment) that starts with
+  // `tokens` trained (used by kPhases only); lr(0) = 0 when there is a warm-up. Computed in fp64,
+  // returned rounded to fp32.
+  float lr(int64_t step, int64_t tokens = 0) const;
   Kind kind() const { return kind_; }
 
  private:
@@ -60,6 +82,8 @@ class LrSchedule {
   DeepSeekV3Lr p_;  // all kinds but kStep are expressed with these fields
   int64_t every_ = 0;
   double gamma_ = 1.0;
+  std::vector<LrPhase> phases_;
+  double phase_lr(int64_t tokens) const;
 };
 
 }  // namespace fp8pipe::optim

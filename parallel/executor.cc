@@ -45,7 +45,7 @@ int chunks_per_rank(const Schedule& s) {
 PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
                                    std::vector<model::Model*> chunks, model::ModelCtx* ctx,
                                    int64_t hidden, bool fb_overlap)
-    : sched_(s),
+    : sched_(&s),
       rank_(pp_rank),
       pp_(pp),
       chunks_(std::move(chunks)),
@@ -54,6 +54,17 @@ PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
       fb_overlap_(fb_overlap) {}
 
 PipelineExecutor::~PipelineExecutor() = default;
+
+Status PipelineExecutor::set_schedule(const Schedule& s) {
+  if (s.kind != sched_->kind || s.ranks != sched_->ranks || s.stages() != sched_->stages()) {
+    return FP8_INVALID(
+        "executor: a schedule of another layout ({} ranks, {} stages) cannot replace this one ({} "
+        "ranks, {} stages)",
+        s.ranks, s.stages(), sched_->ranks, sched_->stages());
+  }
+  sched_ = &s;
+  return Status::Ok();
+}
 
 void PipelineExecutor::set_tracer(Tracer* t, int64_t step) {
   tracer_ = t;
@@ -69,15 +80,15 @@ void PipelineExecutor::set_tracer(Tracer* t, int64_t step) {
 
 int PipelineExecutor::local_next_dir(int stream, int stage, int step) const {
   const int next = stage + step;
-  if (next < 0 || next >= sched_.stages()) return -1;
-  const int d = sched_.dir_of(stream, next);
-  return sched_.rank_of(d, next) == rank_ ? d : -1;
+  if (next < 0 || next >= sched_->stages()) return -1;
+  const int d = sched_->dir_of(stream, next);
+  return sched_->rank_of(d, next) == rank_ ? d : -1;
 }
 
 Status PipelineExecutor::forward(model::ModelCtx& c, const BatchFn& batch, int mb, int dir,
                                  int stage) {
   model::Model& m = *chunks_[dir];
-  const int stream = sched_.stream_of(dir);
+  const int stream = sched_->stream_of(dir);
   const model::MicroBatch& b = batch(stream, mb);
   Tensor x;
   if (stage == 0) {
@@ -132,7 +143,7 @@ Status PipelineExecutor::backward(model::ModelCtx& c, int mb, int dir, int stage
   }
   if (!defer_w) FP8_RETURN_IF_ERROR(weight(c, mb, dir, stage));
   if (stage == 0) return m.embed_backward(c, mb, d);
-  const int pd = local_next_dir(sched_.stream_of(dir), stage, -1);
+  const int pd = local_next_dir(sched_->stream_of(dir), stage, -1);
   if (pd >= 0)
     grad_in_[{pd, mb}] = d;
   else
@@ -186,15 +197,15 @@ Status PipelineExecutor::flush_grads(int dir) {
 
 // Tag of a message, unique within a step: (kind, stream, sender stage, micro-batch).
 Result<int> PipelineExecutor::tag_of(const Instr& in) const {
-  const Transfer t = transfer_of(sched_, rank_, in);
+  const Transfer t = transfer_of(*sched_, rank_, in);
   const int64_t tag =
-      ((static_cast<int64_t>(t.grad) * sched_.streams() + t.stream) * sched_.stages() +
+      ((static_cast<int64_t>(t.grad) * sched_->streams() + t.stream) * sched_->stages() +
        t.src_stage) *
-          sched_.mb_per_stream() +
+          sched_->mb_per_stream() +
       t.mb;
   if (tag > 32767) {  // the MPI standard guarantees tags up to 32767
     return FP8_INVALID("pipeline message tag {} exceeds 32767 (stages={}, microbatches={})", tag,
-                       sched_.stages(), sched_.microbatches);
+                       sched_->stages(), sched_->microbatches);
   }
   return static_cast<int>(tag);
 }
@@ -217,7 +228,7 @@ Status PipelineExecutor::send(const Instr& in) {
 
 Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
   if (!pp_) return FP8_ERROR(Code::kInternal, "{}: no pipeline communicator", instr_label(in));
-  const model::MicroBatch& b = batch(sched_.stream_of(in.dir), in.mb);
+  const model::MicroBatch& b = batch(sched_->stream_of(in.dir), in.mb);
   FP8_ASSIGN_OR_RETURN(Tensor t, ctx_->be->empty({b.B * b.T, hidden_}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
   if (t.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm: stage
@@ -394,7 +405,7 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
-  for (const Instr& in : sched_.rank_instrs[rank_]) {
+  for (const Instr& in : sched_->rank_instrs[rank_]) {
     const double t0 = tracer_ ? tracer_->now_us() : 0;
     Status s;
     switch (in.op) {

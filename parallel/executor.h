@@ -55,6 +55,9 @@ class PipelineExecutor {
   // backend call instead of one per tensor). Only with a single chunk: with several, flushing
   // all of them at one chunk's flush would split the others' fp32 sums.
   void set_flat_grads(Tensor grads, Tensor accs);
+  // The instruction list of the following runs: the same layout (kind, ranks, stages) with
+  // another micro-batch count (a batch ramp's steps). `s` must outlive those runs.
+  Status set_schedule(const Schedule& s);
   bool fb_overlap() const { return fb_overlap_; }
   void set_fb_overlap(bool on) { fb_overlap_ = on; }
 
@@ -85,11 +88,11 @@ class PipelineExecutor {
   Status send(const Instr& in);
   Status recv(const Instr& in, const BatchFn& batch);
   Result<int> tag_of(const Instr& in) const;
-  bool is_last(int stage) const { return stage == sched_.stages() - 1; }
+  bool is_last(int stage) const { return stage == sched_->stages() - 1; }
   // Where the output of (stream, stage) goes when the next stage is on this rank: its dir.
   int local_next_dir(int stream, int stage, int step) const;
 
-  const Schedule& sched_;
+  const Schedule* sched_;
   int rank_;
   Comm* pp_;
   std::vector<model::Model*> chunks_;

@@ -68,6 +68,8 @@ class Model {
   std::vector<std::pair<Param*, Tensor*>> extra_grads();
   std::vector<MoE*> moes();  // MoE layers of the main blocks and MTP blocks
   const config::Model& config() const { return cfg_; }
+  // The MTP loss weight λ of the following micro-batches (model.mtp_lambda_after switches it).
+  void set_mtp_lambda(float lambda) { cfg_.set_mtp_lambda(lambda); }
 
  private:
   struct Mtp {

@@ -445,6 +445,79 @@ std::vector<Rule> rules() {
       {"BranchingWithinVocab",
        {"--data.synthetic.branching=300"},
        {"data.synthetic.branching=300 must be <= model.vocab_size=256"}},
+      // train.batch_ramp (tiny: global_batch 32 in 8 micro-batches, so one micro-batch is 4)
+      {"RampStartBelowBatch",
+       {"--train.batch_ramp.start=32", "--train.batch_ramp.increment=4",
+        "--train.batch_ramp.tokens=4096"},
+       {"train.batch_ramp {start: 32 increment: 4 tokens: 4096}: start must be in [1, "
+        "train.global_batch=32)"}},
+      {"RampNeedsStart",
+       {"--train.batch_ramp.increment=4", "--train.batch_ramp.tokens=4096"},
+       {"train.batch_ramp {start: 0 increment: 4 tokens: 4096}: start must be in [1"}},
+      {"RampIncrementDivides",
+       {"--train.batch_ramp.start=8", "--train.batch_ramp.increment=5",
+        "--train.batch_ramp.tokens=4096"},
+       {"increment must be > 0 and divide train.global_batch - start = 24"}},
+      {"RampTokensCoverASequence",
+       {"--train.batch_ramp.start=8", "--train.batch_ramp.increment=8",
+        "--train.batch_ramp.tokens=10"},
+       {"tokens must be >= train.seq_len=64"}},
+      {"RampInWholeMicroBatches",
+       {"--train.batch_ramp.start=6", "--train.batch_ramp.increment=2",
+        "--train.batch_ramp.tokens=4096"},
+       {"start and increment must be multiples of parallel.dp · micro-batch size = 4",
+        "32 / (1 · 8)"}},
+      {"RampStepsSuitTheSchedule",
+       {"--parallel.pp=2", "--parallel.schedule=dualpipe", "--train.batch_ramp.start=4",
+        "--train.batch_ramp.increment=4", "--train.batch_ramp.tokens=4096"},
+       {"a step of 4 sequences runs 1 micro-batches per pipeline, which schedule dualpipe with "
+        "parallel.pp=2 cannot run (it needs >= 4, even)"}},
+      // optim.phase
+      {"PhasesNeedTheirSchedule",
+       {},
+       {"optim.phase has 1 phases but optim.schedule=cosine"},
+       "tiny",
+       0,
+       set([](Config& c) { c.mutable_optim()->add_phase()->set_until_tokens(100); })},
+      {"PhasesNeedAPhase",
+       {"--optim.schedule=phases"},
+       {"optim.schedule=phases needs at least one optim.phase"}},
+      {"PhasesInOrder",
+       {"--optim.schedule=phases"},
+       {"optim.phase[1].until_tokens=50 must be > 100"},
+       "tiny",
+       0,
+       set([](Config& c) {
+         c.mutable_optim()->add_phase()->set_until_tokens(100);
+         c.mutable_optim()->add_phase()->set_until_tokens(50);
+       })},
+      {"PhaseShapeChoice",
+       {"--optim.schedule=phases"},
+       {"optim.phase[0].shape=\"step\" (valid: constant, linear, cosine)"},
+       "tiny",
+       0,
+       set([](Config& c) {
+         auto* p = c.mutable_optim()->add_phase();
+         p->set_until_tokens(100);
+         p->set_shape("step");
+       })},
+      {"CosinePhaseNeedsItsEnd",
+       {"--optim.schedule=phases"},
+       {"optim.phase[0] (shape cosine) needs lr, the rate it ends at"},
+       "tiny",
+       0,
+       set([](Config& c) {
+         auto* p = c.mutable_optim()->add_phase();
+         p->set_until_tokens(100);
+         p->set_shape("cosine");
+       })},
+      // switches
+      {"LambdaSwitchTokens",
+       {"--model.mtp_lambda_after.tokens=-1"},
+       {"model.mtp_lambda_after.tokens=-1 must be >= 0"}},
+      {"GammaSwitchValue",
+       {"--model.moe.bias_update_rate_after.value=-0.5"},
+       {"model.moe.bias_update_rate_after.value=-0.5 must be >= 0"}},
       {"EvalNeedsHeldout",
        {"--data.source=tokens", "--data.path=x.bin", "--data.heldout_fraction=0"},
        {"train.eval_every=100 needs held-out data but data.heldout_fraction=0"}},

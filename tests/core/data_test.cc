@@ -4,8 +4,10 @@
 // tokenization.
 #include "core/data.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -543,6 +545,101 @@ TEST(PrepareData, WritesFlatAndMegatron) {
   EXPECT_FALSE(prepare_byte_data(dir + "/u8", files, {FileFormat::kFlat, TokenDType::kUInt8}).ok());
   const std::vector<std::string> missing = {dir + "/none.txt"};
   EXPECT_EQ(prepare_byte_data(dir + "/x", missing, {}).status().code(), Code::kNotFound);
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchPlan: the batch ramp
+
+// Megatron-LM's rule (microbatches.py, RampupBatchsizeNumMicroBatchesCalculator), written from
+// its description: samples per rise = R / n as a float, rises done = int(consumed / that).
+int64_t megatron_batch(int64_t start, int64_t inc, int64_t ramp, int64_t full, int64_t consumed) {
+  const double per_rise = static_cast<double>(ramp) / static_cast<double>((full - start) / inc);
+  const auto rises = static_cast<int64_t>(static_cast<double>(consumed) / per_rise);
+  return std::min(full, start + rises * inc);
+}
+
+TEST(BatchPlan, RampFollowsMegatronsRuleStepByStep) {
+  struct Case {
+    int64_t start, inc, ramp, full;
+  };
+  // The last: DeepSeek-V3's 3072 -> 15360 over 469B tokens of 4096 (114,501,953 sequences), by
+  // an assumed 1536 (the TR gives no shape).
+  for (const Case& k : {Case{8, 4, 32, 16}, Case{2, 2, 100, 32}, Case{16, 16, 16, 64},
+                        Case{3072, 1536, 469'000'000'000 / 4096, 15360}}) {
+    SCOPED_TRACE(fmt::format("{} +{} over {} to {}", k.start, k.inc, k.ramp, k.full));
+    auto plan = BatchPlan::ramp(k.start, k.inc, k.ramp, k.full);
+    ASSERT_TRUE(plan.ok()) << plan.status().to_string();
+    int64_t consumed = 0, step = 0;
+    std::vector<int64_t> sizes;
+    while (true) {
+      const int64_t want = megatron_batch(k.start, k.inc, k.ramp, k.full, consumed);
+      ASSERT_EQ(plan->first_sample(step), consumed) << "step " << step;
+      ASSERT_EQ(plan->batch(step), want) << "step " << step;
+      if (sizes.empty() || sizes.back() != want) sizes.push_back(want);
+      if (want == k.full) break;
+      consumed += want;
+      ++step;
+    }
+    EXPECT_EQ(plan->ramp_steps(), step);
+    EXPECT_EQ(plan->sizes(), sizes);
+    EXPECT_GE(consumed, k.ramp) << "the ramp ends once R samples are trained";
+    // After the ramp: full batches, samples counted on.
+    EXPECT_EQ(plan->batch(step + 1000), k.full);
+    EXPECT_EQ(plan->first_sample(step + 1000), consumed + 1000 * k.full);
+  }
+  auto flat = BatchPlan::constant(32);
+  ASSERT_TRUE(flat.ok());
+  EXPECT_FALSE(flat->ramped());
+  EXPECT_EQ(flat->batch(7), 32);
+  EXPECT_EQ(flat->first_sample(7), 7 * 32);
+}
+
+TEST(BatchPlan, RefusesRampsThatCannotReachTheBatch) {
+  EXPECT_FALSE(BatchPlan::ramp(0, 4, 32, 16).ok());               // start 0
+  EXPECT_FALSE(BatchPlan::ramp(16, 4, 32, 16).ok());              // start = full
+  EXPECT_FALSE(BatchPlan::ramp(8, 3, 32, 16).ok());               // 3 does not divide 8
+  EXPECT_FALSE(BatchPlan::ramp(8, 4, 0, 16).ok());                // no ramp samples
+  EXPECT_FALSE(BatchPlan::ramp(1, 1, int64_t{1} << 40, 2).ok());  // 2^40 steps of table
+  EXPECT_FALSE(BatchPlan::constant(0).ok());
+}
+
+// A ramp reads the stream a constant batch reads: the rows of its steps, laid end to end, are the
+// constant run's rows laid end to end (finite source: the same permuted windows; generative: the
+// same sequences).
+TEST(BatchPlan, RampedBatcherReadsTheConstantBatchStream) {
+  const std::string dir = temp_dir("ramp");
+  std::vector<std::shared_ptr<const TokenSource>> sources = {
+      counting_file(dir, 64 * 17 + 1), SyntheticMarkov::create(64, 4, 3).value()};
+  for (const auto& src : sources) {
+    SCOPED_TRACE(src->describe());
+    const BatchSpec flat{16, 16, 7, 0.1};
+    BatchSpec ramped = flat;
+    ramped.plan = std::make_shared<const BatchPlan>(BatchPlan::ramp(4, 4, 40, 16).value());
+    auto a = Batcher::create(src, flat).value();
+    auto b = Batcher::create(src, ramped).value();
+    std::vector<int32_t> sa, sb;
+    for (int64_t s = 0; sa.size() < 200 * 17; ++s) {
+      auto r = a.global_batch(Split::kTrain, s).value();
+      sa.insert(sa.end(), r.begin(), r.end());
+    }
+    int64_t steps = 0;
+    for (int64_t s = 0; sb.size() < sa.size(); ++s, ++steps) {
+      ASSERT_EQ(b.rows_in(Split::kTrain, s), ramped.plan->batch(s));
+      auto r = b.rows(Split::kTrain, s, 0, b.rows_in(Split::kTrain, s)).value();
+      sb.insert(sb.end(), r.begin(), r.end());
+    }
+    sb.resize(sa.size());
+    EXPECT_EQ(sa, sb);
+    EXPECT_GT(steps, 200 / 16 + 1) << "the ramp's smaller batches take more steps";
+    EXPECT_EQ(b.rows_in(Split::kTrain, 0), 4);
+    EXPECT_EQ(b.rows_in(Split::kHeldout, 0), 16) << "held-out batches stay whole";
+    EXPECT_EQ(b.global_batch(Split::kHeldout, 3).value(),
+              a.global_batch(Split::kHeldout, 3).value());
+    EXPECT_FALSE(b.rows(Split::kTrain, 0, 0, 5).ok()) << "step 0 has 4 rows";
+  }
+  BatchSpec wrong{16, 16, 7, 0.1};
+  wrong.plan = std::make_shared<const BatchPlan>(BatchPlan::ramp(4, 4, 40, 32).value());
+  EXPECT_FALSE(Batcher::create(sources[1], wrong).ok()) << "plan for another batch";
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // pp-1-r; an even block split; ep shards of E/ep experts), and refusals of bad layouts.
 #include "launch/dry_run.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <regex>
@@ -66,6 +67,23 @@ TEST(DryRun, TwoNodesAndOneProcess) {
   ASSERT_TRUE(one.ok()) << one.status().to_string();
   EXPECT_TRUE(has(*one, "stage 0: embed + blocks 0-3 (1 dense, 3 MoE) + norm + head + 1 MTP"))
       << *one;
+}
+
+// tiny's 32 sequences in micro-batches of 2 per replica (pp 2 x dp 2, 8 each) ramping from 16 by
+// 8 over 768 tokens of 16: Megatron's rule gives steps of 16, 16, 24, then 32 sequences, that is
+// 4, 4, 6 and 8 micro-batches per replica; 300 steps then train (16 + 16 + 24 + 297 x 32) x 16.
+TEST(DryRun, BatchRampListsEachSizeAndTheRunsTokens) {
+  auto r =
+      dry_run_report(tiny({"--parallel.pp=2", "--parallel.dp=2", "--parallel.schedule=dualpipev",
+                           "--train.seq_len=16", "--train.batch_ramp.start=16",
+                           "--train.batch_ramp.increment=8", "--train.batch_ramp.tokens=768"}),
+                     4);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_TRUE(has(*r, "3 steps below the global batch, 896 tokens")) << *r;
+  EXPECT_TRUE(has(*r, "from step 1: 16 sequences, 4 micro-batches per replica")) << *r;
+  EXPECT_TRUE(has(*r, "from step 3: 24 sequences, 6 micro-batches per replica")) << *r;
+  EXPECT_TRUE(has(*r, "from step 4: 32 sequences, 8 micro-batches per replica")) << *r;
+  EXPECT_TRUE(has(*r, fmt::format("train.steps=300 train {} tokens", (56 + 297 * 32) * 16))) << *r;
 }
 
 TEST(DryRun, RefusesAWorldThatDoesNotFitTheLayout) {

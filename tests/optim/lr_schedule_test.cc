@@ -91,5 +91,46 @@ TEST(LrSchedule, StepDecay) {
   EXPECT_FALSE(LrSchedule::step_decay(1.0, 2.0, 10, 4, 0.5).ok());
 }
 
+// DeepSeek-V3 §4.2 as token-keyed phases: values at the boundaries and mid-cosine by hand.
+TEST(LrSchedule, PhasesFollowTheTokensTrained) {
+  constexpr int64_t T = 1'000'000'000'000;  // a trillion tokens
+  using S = LrPhase::Shape;
+  LrSchedule s = ok(LrSchedule::phases(2.2e-4, 2000,
+                                       {{10 * T, S::kConstant, 0, false},
+                                        {14'300'000'000'000, S::kCosine, 2.2e-5, true},
+                                        {14'633'000'000'000, S::kConstant, 2.2e-5, true},
+                                        {14'800'000'000'000, S::kConstant, 7.3e-6, true}}));
+  EXPECT_EQ(s.kind(), LrSchedule::Kind::kPhases);
+  EXPECT_FLOAT_EQ(s.lr(1000, 0), 1.1e-4f) << "warm-up is in steps, whatever the tokens";
+  EXPECT_FLOAT_EQ(s.lr(2000, 5 * T), 2.2e-4f);
+  EXPECT_FLOAT_EQ(s.lr(2001, 0), 2.2e-4f);
+  EXPECT_FLOAT_EQ(s.lr(99999, 10 * T - 1), 2.2e-4f);
+  EXPECT_FLOAT_EQ(s.lr(99999, 10 * T), 2.2e-4f) << "cosine starts at the peak";
+  EXPECT_FLOAT_EQ(s.lr(99999, 12'150'000'000'000), (2.2e-4f + 2.2e-5f) / 2) << "half-way";
+  EXPECT_FLOAT_EQ(s.lr(99999, 14'300'000'000'000), 2.2e-5f);
+  EXPECT_FLOAT_EQ(s.lr(99999, 14'632'999'999'999), 2.2e-5f);
+  EXPECT_FLOAT_EQ(s.lr(99999, 14'633'000'000'000), 7.3e-6f);
+  EXPECT_FLOAT_EQ(s.lr(99999, 20 * T), 7.3e-6f) << "the last lr holds after the phases";
+  // A linear phase from the previous end: a quarter of the way from 1e-3 to 2e-4.
+  LrSchedule l = ok(LrSchedule::phases(1e-3, 0, {{100, S::kLinear, 2e-4, true}}));
+  EXPECT_FLOAT_EQ(l.lr(1, 25), 8e-4f);
+  EXPECT_FLOAT_EQ(l.lr(1, 100), 2e-4f);
+  // A constant phase without an lr keeps the previous phase's end.
+  LrSchedule c = ok(
+      LrSchedule::phases(1e-3, 0, {{100, S::kLinear, 5e-4, true}, {200, S::kConstant, 0, false}}));
+  EXPECT_FLOAT_EQ(c.lr(1, 150), 5e-4f);
+}
+
+TEST(LrSchedule, PhasesAreValidated) {
+  using S = LrPhase::Shape;
+  expect_error_names(LrSchedule::phases(1e-3, 0, {}), "at least one phase");
+  expect_error_names(
+      LrSchedule::phases(1e-3, 0, {{100, S::kConstant, 0, false}, {100, S::kConstant, 0, false}}),
+      "phase 1 ends at 100 tokens");
+  expect_error_names(LrSchedule::phases(1e-3, 0, {{100, S::kCosine, 0, false}}),
+                     "needs the lr it ends at");
+  expect_error_names(LrSchedule::phases(1e-3, -1, {{100, S::kConstant, 0, false}}), "warmup_steps");
+}
+
 }  // namespace
 }  // namespace fp8pipe::optim

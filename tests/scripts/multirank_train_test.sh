@@ -4,7 +4,8 @@
 # pp=2 x dp=2, with expert parallelism ep=2: flat, two-level over two 1-rank nodes, and pp=4 x
 # dp=2 x ep=2 on two emulated 4-rank nodes) must match within 1e-5 relative, in FP32 and FP8 (the
 # ep layouts with fp32 combine rows: precision.bf16_combine=false). The default bf16 combine
-# must stay close to that and send fewer bytes. Then bad layouts must
+# must stay close to that and send fewer bytes. A batch ramp on pp=2 x dp=2 layouts must match its
+# one-process run. Then bad layouts must
 # fail on every rank with one clear message and a non-zero exit, without hanging.
 # Usage: multirank_train_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
@@ -150,6 +151,36 @@ for r in range(4):
 PY
 then ok "DualPipe ep=2 trace: all-to-alls overlap compute in FB"
 else bad "DualPipe ep=2 trace: all-to-alls overlap compute in FB"; fi
+
+# A batch ramp (train.batch_ramp) on pipelines: 16 -> 32 sequences by 8 over 48 sequences of 16
+# tokens gives steps of 16, 16, 24 and 32 sequences (Megatron's rule). Each pp=2 x dp=2 layout
+# runs them as 4, 4, 6 and 8 micro-batches of 2 per pipeline, each step with its own instruction
+# list, and must match the one-process run of the same ramp within 1e-5 (FP32).
+RAMP=(--precision.mode=FP32 --train.batch_ramp.start=16 --train.batch_ramp.increment=8
+      --train.batch_ramp.tokens=768)
+if run ramp_single 1 "${RAMP[@]}" --parallel.microbatches=16 &&
+   python3 - "$TMP/ramp_single.r0.jsonl" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"step"')]
+assert [s["batch"] for s in steps] == [16, 16, 24, 32], [s["batch"] for s in steps]
+assert [s["tokens"] for s in steps] == [256, 512, 896, 1408], [s["tokens"] for s in steps]
+PY
+then
+  ok "ramp on one process: batches 16, 16, 24, 32"
+  for layout in "dualpipev --parallel.pp=2 --parallel.dp=2" \
+                "dualpipe --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --precision.bf16_combine=false"; do
+    set -- $layout; kind=$1; shift
+    name="ramp_${kind}_$(echo "$@" | tr -dc 'a-z0-9')"
+    if run "$name" 4 "${RAMP[@]}" --parallel.schedule=$kind "$@" &&
+       compare ramp_single "$name" >"$TMP/$name.cmp" 2>&1; then
+      ok "ramp $kind $*: matches one process"
+    else
+      bad "ramp $kind $*"; tail -5 "$TMP/$name.log" "$TMP/$name.cmp" 2>/dev/null
+    fi
+  done
+else
+  bad "ramp on one process"; tail -5 "$TMP/ramp_single.log"
+fi
 
 expect_fail() {  # expect_fail DESCRIPTION NP PATTERN [overrides...]
   local what=$1 np=$2 pat=$3; shift 3
