@@ -168,8 +168,8 @@ Result<Tensor> RoutedExperts::forward_from(ModelCtx& c, Saved& s, int64_t rows) 
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
   FP8_ASSIGN_OR_RETURN(Operand hop, operand(c, h, groups));
   if (swiglu_cached(c) && rows > 0) {  // g and u as FP8 until the backward, which recomputes h
-    FP8_ASSIGN_OR_RETURN(s.g, c.be->quantize(s.g, Granularity::k1x128, c.qp));
-    FP8_ASSIGN_OR_RETURN(s.u, c.be->quantize(s.u, Granularity::k1x128, c.qp));
+    FP8_ASSIGN_OR_RETURN(s.g, hold_fp8(c, s.g));
+    FP8_ASSIGN_OR_RETURN(s.u, hold_fp8(c, s.u));
     return gemm(c, hop, groups, 2, false, dim_);
   }
   FP8_ASSIGN_OR_RETURN(s.g, hold_bf16(c, s.g));  // held as bf16 until the backward
@@ -180,14 +180,6 @@ Result<Tensor> RoutedExperts::forward_from(ModelCtx& c, Saved& s, int64_t rows) 
 
 bool RoutedExperts::swiglu_cached(const ModelCtx& c) const {
   return c.fp8_swiglu_cache && c.precision == Precision::kFP8;
-}
-
-// The fp32 values of a held SwiGLU input: bf16 widened, or FP8 (fp8_swiglu_cache) dequantized.
-Result<Tensor> RoutedExperts::swiglu_input(ModelCtx& c, const Tensor& held) {
-  if (!is_fp8(held.dtype())) return held_f32(c, held);
-  FP8_ASSIGN_OR_RETURN(Tensor x, c.be->empty(held.shape(), DType::kF32));
-  FP8_RETURN_IF_ERROR(c.be->dequantize(held, x));
-  return x;
 }
 
 Result<Tensor> RoutedExperts::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
@@ -237,8 +229,8 @@ Result<Tensor> RoutedExperts::backward_from(ModelCtx& c, Saved& s, const Tensor&
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
   {
     const bool cached = is_fp8(s.g.dtype());
-    FP8_ASSIGN_OR_RETURN(Tensor g, swiglu_input(c, s.g));
-    FP8_ASSIGN_OR_RETURN(Tensor u, swiglu_input(c, s.u));
+    FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s.g));  // bf16 widened or FP8 dequantized
+    FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s.u));
     FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
     if (cached) {  // w2's weight gradient reads h, recomputed from the cached g, u
       FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));

@@ -59,7 +59,6 @@ class RoutedExperts {
   };
   Result<Operand> operand(ModelCtx& c, const Tensor& x, const RowGroups& groups);
   bool swiglu_cached(const ModelCtx& c) const;  // precision.fp8_swiglu_cache in FP8
-  Result<Tensor> swiglu_input(ModelCtx& c, const Tensor& held);
   Result<Operand> grad_operand(ModelCtx& c, const Tensor& d, const RowGroups& groups, Tensor& keep);
   Result<Tensor> forward_from(ModelCtx& c, Saved& s, int64_t rows);  // s.x set
   bool xq_shape_bad(const GroupedFp8& q, int64_t rows) const;  // not [rows of count() groups, dim]

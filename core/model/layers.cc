@@ -46,7 +46,8 @@ Status Embedding::backward(ModelCtx& c, int mb, const Tensor& dy, Tensor* grad) 
 }
 
 Status SwiGLU::init(ModelCtx& c, const std::string& name, int64_t dim, int64_t hidden,
-                    uint64_t seed, float std, bool expert) {
+                    uint64_t seed, float std, bool expert, bool in_moe) {
+  in_moe_ = in_moe;
   FP8_RETURN_IF_ERROR(w1_.init(c, name + ".w1.weight", dim, hidden, seed, std, true, expert));
   FP8_RETURN_IF_ERROR(w3_.init(c, name + ".w3.weight", dim, hidden, seed, std, true, expert));
   return w2_.init(c, name + ".w2.weight", hidden, dim, seed, std, true, expert);
@@ -61,6 +62,13 @@ Result<Tensor> SwiGLU::forward(ModelCtx& c, int mb, const Tensor& x) {
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), s.g.cols()));
   FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(s.g, s.u, h));
   if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+  if (cached(c)) {  // g and u as FP8 until the backward, which recomputes h for w2's gradient
+    FP8_ASSIGN_OR_RETURN(s.g, hold_fp8(c, s.g));
+    FP8_ASSIGN_OR_RETURN(s.u, hold_fp8(c, s.u));
+    FP8_ASSIGN_OR_RETURN(Tensor y, w2_.forward(c, mb, h));
+    FP8_RETURN_IF_ERROR(w2_.drop_input(mb));
+    return y;
+  }
   FP8_ASSIGN_OR_RETURN(s.g, hold_bf16(c, s.g));  // held as bf16 until the backward
   FP8_ASSIGN_OR_RETURN(s.u, hold_bf16(c, s.u));
   return w2_.forward(c, mb, h);
@@ -75,6 +83,12 @@ Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
     FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s->g));
     FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s->u));
     FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
+    if (is_fp8(s->g.dtype())) {  // the cache: w2's input again, from the FP8 values of g and u
+      FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));
+      FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(g, u, h));
+      FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+      FP8_RETURN_IF_ERROR(w2_.restore_input(c, mb, h));
+    }
   }
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));

@@ -40,8 +40,11 @@ class Embedding {
 
 class SwiGLU {
  public:
+  // in_moe: the MoE's shared expert, whose g and u precision.fp8_swiglu_cache holds in FP8 (as
+  // the routed experts'); a dense FFN holds them as bf16 either way (DeepSeek-V3 §3.3.3 caches
+  // the MoE's SwiGLU inputs).
   Status init(ModelCtx& c, const std::string& name, int64_t dim, int64_t hidden, uint64_t seed,
-              float std, bool expert = false);
+              float std, bool expert = false, bool in_moe = false);
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
@@ -49,9 +52,15 @@ class SwiGLU {
 
  private:
   struct Saved {
-    Tensor g, u;  // inputs of the SwiGLU product (recomputing h is cheap), bf16 (hold_bf16)
+    // Inputs of the SwiGLU product (recomputing h is cheap): bf16 (hold_bf16), or FP8 (hold_fp8)
+    // with the cache, which then also drops w2's input h and rebuilds it in the backward.
+    Tensor g, u;
   };
+  bool cached(const ModelCtx& c) const {
+    return in_moe_ && c.fp8_swiglu_cache && c.precision == Precision::kFP8;
+  }
   Linear w1_, w3_, w2_;
+  bool in_moe_ = false;
   PerMicrobatch<Saved> saved_;
 };
 

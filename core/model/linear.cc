@@ -104,6 +104,20 @@ Result<Tensor> Linear::recompute(ModelCtx& c, int mb) {
   return output(c, *s);
 }
 
+Status Linear::drop_input(int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  s->x = Tensor();
+  s->xq = Tensor();
+  return Status::Ok();
+}
+
+Status Linear::restore_input(ModelCtx& c, int mb, const Tensor& x) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  FP8_ASSIGN_OR_RETURN(Tensor p, prepare_input(c, x));
+  (use_fp8(c) ? s->xq : s->x) = std::move(p);
+  return Status::Ok();
+}
+
 Result<Tensor> Linear::apply(ModelCtx& c, const Tensor& x) {
   constexpr int kScratch = -1;
   FP8_ASSIGN_OR_RETURN(Tensor y, forward(c, kScratch, x));

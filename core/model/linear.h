@@ -34,6 +34,11 @@ class Linear {
   // The forward output of micro-batch mb again, from the input kept for its weight gradient
   // (activation recomputation): bitwise the forward's result while the weights are unchanged.
   Result<Tensor> recompute(ModelCtx& c, int mb);
+  // Releases the input kept for micro-batch mb's weight gradient, for a caller that rebuilds it
+  // in its backward instead of holding it (the FP8 SwiGLU cache); restore_input keeps from x
+  // what forward keeps (FP8: its 1x128 quantization), before backward_weight needs it.
+  Status drop_input(int mb);
+  Status restore_input(ModelCtx& c, int mb, const Tensor& x);
 
   // The weight operand of this layer's GEMMs for the current weight version: FP8 W (128x128), or
   // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.

@@ -60,10 +60,14 @@ Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x) {
 }
 
 Result<Tensor> held_f32(ModelCtx& c, const Tensor& h) {
-  if (h.dtype() != DType::kBF16) return h;
+  if (h.dtype() != DType::kBF16 && !is_fp8(h.dtype())) return h;
   FP8_ASSIGN_OR_RETURN(Tensor x, c.be->empty(h.shape(), DType::kF32));
-  FP8_RETURN_IF_ERROR(c.be->cast(h, x));
+  FP8_RETURN_IF_ERROR(is_fp8(h.dtype()) ? c.be->dequantize(h, x) : c.be->cast(h, x));
   return x;
+}
+
+Result<Tensor> hold_fp8(ModelCtx& c, const Tensor& x) {
+  return c.be->quantize(x, Granularity::k1x128, c.qp);
 }
 
 }  // namespace fp8pipe::model

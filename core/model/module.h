@@ -56,8 +56,8 @@ struct ModelCtx {
   // train.recompute=mla_up_proj: MLA attention keeps only its projections' inputs and re-runs the
   // query and key/value up-projections in the backward (bitwise the same q, k, v).
   bool recompute_mla_up = false;
-  // precision.fp8_swiglu_cache (FP8): the routed experts hold g and u as FP8 1x128 and recompute
-  // the SwiGLU output in the backward.
+  // precision.fp8_swiglu_cache (FP8): the MoE's experts (routed and shared) hold g and u as FP8
+  // 1x128 and recompute the SwiGLU output in the backward.
   bool fp8_swiglu_cache = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
@@ -118,8 +118,12 @@ Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols);
 // every one is outside FP32 precision), held as a bf16 tensor: half the bytes, the same values
 // (the cast rounds exactly representable values to themselves). FP32 precision holds x itself.
 Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x);
-// The fp32 values of a held activation: a widened copy of a bf16 tensor, else h itself.
+// The fp32 values of a held activation: a widened copy of a bf16 tensor, the dequantized values
+// of an FP8 one (hold_fp8), else h itself.
 Result<Tensor> held_f32(ModelCtx& c, const Tensor& h);
+// An activation held as FP8 1x128 codes and scales (precision.fp8_swiglu_cache): 1 byte an
+// element plus a scale per 128, at FP8's rounding (FP8.md §1.4).
+Result<Tensor> hold_fp8(ModelCtx& c, const Tensor& x);
 
 // Host values (int32, float or double, as `dt`) in a tensor of `shape` on the context's backend:
 // the host tensor itself on the CPU backend, else a copy.

@@ -700,7 +700,7 @@ Status MoE::init(ModelCtx& c, const std::string& prefix, const config::Model& m,
     p.shared = std::make_unique<SwiGLU>();
     FP8_RETURN_IF_ERROR(p.shared->init(c, prefix + ".shared_experts", p.hidden,
                                        int64_t{moe.expert_hidden()} * moe.shared_experts(), seed,
-                                       init_std));
+                                       init_std, /*expert=*/false, /*in_moe=*/true));
   }
   p.P = c.ep ? c.ep->size() : 1;
   p.me = c.ep ? c.ep->rank() : 0;

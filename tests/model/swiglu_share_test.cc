@@ -4,7 +4,10 @@
 // quantized per layer); backward_weight = x^T once + h^T + 3 dY^T = 5 quantize_transposed (6).
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdio>
 #include <random>
+#include <vector>
 
 #include "core/model/layers.h"
 #include "core/op_profile.h"
@@ -72,6 +75,80 @@ TEST(SwiGLUMemory, HoldsItsBf16ValuedActivationsAsBf16) {
     ASSERT_TRUE(f.backward_weight(c, 0).ok());
     EXPECT_EQ(be->memory().in_use - before, weights);
   }
+}
+
+// precision.fp8_swiglu_cache on the MoE's shared expert (a SwiGLU made with in_moe): g and u are
+// held as FP8 1x128 (1 byte an element, a 4-byte scale per 128) instead of bf16, and w2's FP8
+// input h (1 byte an element and its scales) is dropped until the backward rebuilds it, so the
+// forward holds 2·n·H·2 + n·H + s − (2·n·H + 2·s) = 3·n·H − s bytes less (s = n·H/128·4, one
+// 1x128 scale set). The output is bitwise the uncached one; the gradients read E4M3-rounded g and
+// u and move within FP8's bound (the routed experts' test has the same bound); the backward
+// frees everything. A dense FFN (in_moe false) ignores the flag: the same bits and bytes.
+TEST(SwiGLUMemory, Fp8CacheInTheMoeHoldsLessWithinTheFp8Bound) {
+  constexpr int64_t n = 64, dim = 256, hidden = 384;
+  struct Run {
+    int64_t held = 0, after = 0;
+    std::vector<float> y, dx, grads;
+  };
+  auto run = [&](bool in_moe, bool cache) {
+    Run r;
+    auto be = make_cpu_backend();
+    ModelCtx c;
+    c.be = be.get();
+    c.precision = Precision::kFP8;
+    c.fp8_swiglu_cache = cache;
+    SwiGLU f;
+    EXPECT_TRUE(f.init(c, "ffn", dim, hidden, /*seed=*/3, 0.05f, false, in_moe).ok());
+    Tensor x = be->empty({n, dim}, DType::kF32).value(),
+           dy = be->empty({n, dim}, DType::kF32).value();
+    std::mt19937 rng(7);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data_as<float>()[i] = d(rng);
+    for (int64_t i = 0; i < dy.numel(); ++i) dy.data_as<float>()[i] = d(rng);
+    auto y = f.forward(c, 0, x);  // also builds the FP8 weight caches
+    EXPECT_TRUE(y.ok());
+    const int64_t before = be->memory().in_use;  // x, dy, weights, y and what f holds
+    r.held = before;
+    r.y.assign(y->data_as<float>(), y->data_as<float>() + y->numel());
+    auto dx = f.backward_input(c, 0, dy);
+    EXPECT_TRUE(dx.ok());
+    r.dx.assign(dx->data_as<float>(), dx->data_as<float>() + dx->numel());
+    EXPECT_TRUE(f.backward_weight(c, 0).ok());
+    for (Param* p : f.params()) {
+      r.grads.insert(r.grads.end(), p->grad.data_as<float>(),
+                     p->grad.data_as<float>() + p->grad.numel());
+    }
+    y = Tensor();
+    dx = Tensor();
+    r.after = be->memory().in_use;
+    return r;
+  };
+  const Run plain = run(true, false), cached = run(true, true), dense = run(false, true);
+  const int64_t s = n * hidden / 128 * 4;
+  EXPECT_EQ(plain.held - cached.held, 3 * n * hidden - s);
+  EXPECT_EQ(plain.after, cached.after) << "the backward frees what the cache holds";
+  EXPECT_EQ(cached.y, plain.y) << "the forward is unchanged";
+  auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+      den += double(b[i]) * b[i];
+    }
+    return std::sqrt(num / den);
+  };
+  const double dgrad = rel(cached.dx, plain.dx), wgrad = rel(cached.grads, plain.grads);
+  EXPECT_GT(dgrad, 0.0) << "the cache must change the gradients (E4M3 g, u)";
+  EXPECT_GT(wgrad, 0.0);
+  EXPECT_LT(dgrad, 0.12);
+  EXPECT_LT(wgrad, 0.12);
+  // A dense FFN: the flag changes nothing.
+  EXPECT_EQ(dense.held, plain.held);
+  EXPECT_EQ(dense.y, plain.y);
+  EXPECT_EQ(dense.dx, plain.dx);
+  EXPECT_EQ(dense.grads, plain.grads);
+  std::printf(
+      "shared-expert FP8 cache: %lld bytes less held; dx %.3g, weight grads %.3g relative\n",
+      static_cast<long long>(plain.held - cached.held), dgrad, wgrad);
 }
 
 }  // namespace
