@@ -225,26 +225,28 @@ Result<RoutedExperts::Operand> RoutedExperts::grad_operand(ModelCtx& c, const Te
 
 Result<Tensor> RoutedExperts::backward_from(ModelCtx& c, Saved& s, const Tensor& dh) {
   const RowGroups& gr = s.groups;
+  // Peak bytes (as SwiGLU::backward_input): the held g, u go once widened, and the cache's fp32 h
+  // once it is an operand, before dg and du exist.
+  FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s.g));  // bf16 widened or FP8 dequantized
+  FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s.u));
+  const bool cached = is_fp8(s.g.dtype());
+  s.g = Tensor();
+  s.u = Tensor();
+  if (cached) {  // w2's weight gradient reads h, recomputed from the cached g, u
+    FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));
+    FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(g, u, h));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+    FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, gr));
+  }
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), hidden_));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), hidden_));
-  {
-    const bool cached = is_fp8(s.g.dtype());
-    FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s.g));  // bf16 widened or FP8 dequantized
-    FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s.u));
-    FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
-    if (cached) {  // w2's weight gradient reads h, recomputed from the cached g, u
-      FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));
-      FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(g, u, h));
-      FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
-      FP8_ASSIGN_OR_RETURN(s.h, operand(c, h, gr));
-    }
-  }
+  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
+  g = Tensor();
+  u = Tensor();
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));
   }
-  s.g = Tensor();  // the product's inputs are not needed again
-  s.u = Tensor();
   FP8_ASSIGN_OR_RETURN(Operand dgo, grad_operand(c, dg, gr, s.dg));
   FP8_ASSIGN_OR_RETURN(Operand duo, grad_operand(c, du, gr, s.du));
   const Product dgu[] = {{&dgo, 0}, {&duo, 1}};

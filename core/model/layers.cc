@@ -77,19 +77,24 @@ Result<Tensor> SwiGLU::forward(ModelCtx& c, int mb, const Tensor& x) {
 Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, "swiglu"));
   FP8_ASSIGN_OR_RETURN(Tensor dh, w2_.backward_input(c, mb, dy));
+  // Peak bytes: the held g, u go once widened, and the cache's fp32 h once quantized, before
+  // dg and du exist.
+  FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s->g));
+  FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s->u));
+  const bool cached = is_fp8(s->g.dtype());
+  s->g = Tensor();
+  s->u = Tensor();
+  if (cached) {  // w2's input again, from the FP8 values of g and u
+    FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));
+    FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(g, u, h));
+    FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
+    FP8_RETURN_IF_ERROR(w2_.restore_input(c, mb, h));
+  }
   FP8_ASSIGN_OR_RETURN(Tensor dg, new_f32(c, dh.rows(), dh.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor du, new_f32(c, dh.rows(), dh.cols()));
-  {
-    FP8_ASSIGN_OR_RETURN(Tensor g, held_f32(c, s->g));
-    FP8_ASSIGN_OR_RETURN(Tensor u, held_f32(c, s->u));
-    FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
-    if (is_fp8(s->g.dtype())) {  // the cache: w2's input again, from the FP8 values of g and u
-      FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, g.rows(), g.cols()));
-      FP8_RETURN_IF_ERROR(c.be->swiglu_fwd(g, u, h));
-      FP8_RETURN_IF_ERROR(c.be->round_bf16(h, h));
-      FP8_RETURN_IF_ERROR(w2_.restore_input(c, mb, h));
-    }
-  }
+  FP8_RETURN_IF_ERROR(c.be->swiglu_bwd(dh, g, u, dg, du));
+  g = Tensor();
+  u = Tensor();
   if (c.precision != Precision::kFP32) {
     FP8_RETURN_IF_ERROR(c.be->round_bf16(dg, dg));
     FP8_RETURN_IF_ERROR(c.be->round_bf16(du, du));

@@ -30,7 +30,9 @@ config::Config tiny(std::vector<std::string> overrides, bool check = true) {
   all.insert(all.end(), overrides.begin(), overrides.end());
   auto cfg = parse_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto", all);
   EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
-  if (cfg.ok() && check) EXPECT_TRUE(validate(*cfg).ok()) << validate(*cfg).to_string();
+  if (cfg.ok() && check) {
+    EXPECT_TRUE(validate(*cfg).ok()) << validate(*cfg).to_string();
+  }
   return cfg.ok() ? *cfg : config::Config();
 }
 

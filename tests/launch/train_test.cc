@@ -385,22 +385,32 @@ TEST(TrainTest, RecomputedUpProjectionsTrainTheSameBitsInLessMemory) {
 // ~5%: RoutedExperts.Fp8SwigluCacheHoldsLessWithinTheFp8Bound), they do differ, and the peak of
 // held tensors is lower.
 TEST(TrainTest, Fp8SwigluCacheTracksTheUncachedRunInLessMemory) {
-  std::vector<double> loss[2], norm[2];
-  int64_t peak[2] = {0, 0};
-  for (int cached = 0; cached < 2; ++cached) {
-    auto t = make_trainer(
-        tiny({"--train.steps=4", "--optim.warmup_steps=1", "--train.eval_every=0",
-              "--model.moe.expert_hidden=256", "--parallel.schedule=dualpipev",
-              std::string("--precision.fp8_swiglu_cache=") + (cached ? "true" : "false")}));
-    ASSERT_TRUE(t);
-    EXPECT_EQ(t->ctx().fp8_swiglu_cache, cached == 1);
-    peak[cached] = steps_with_peak(*t, 4, loss[cached], norm[cached]);
-    ASSERT_EQ(loss[cached].size(), 4u);
+  // dualpipev holds several micro-batches between F and B; 1f1b on one rank holds one, so there
+  // the peak is in a backward, where the cache's recomputation must not add to it.
+  for (const char* schedule : {"dualpipev", "1f1b"}) {
+    SCOPED_TRACE(schedule);
+    std::vector<double> loss[2], norm[2];
+    int64_t peak[2] = {0, 0};
+    for (int cached = 0; cached < 2; ++cached) {
+      auto t = make_trainer(
+          tiny({"--train.steps=4", "--optim.warmup_steps=1", "--train.eval_every=0",
+                "--model.moe.expert_hidden=256", std::string("--parallel.schedule=") + schedule,
+                std::string("--precision.fp8_swiglu_cache=") + (cached ? "true" : "false")}));
+      ASSERT_TRUE(t);
+      EXPECT_EQ(t->ctx().fp8_swiglu_cache, cached == 1);
+      peak[cached] = steps_with_peak(*t, 4, loss[cached], norm[cached]);
+      ASSERT_EQ(loss[cached].size(), 4u);
+    }
+    for (int s = 0; s < 4; ++s) EXPECT_NEAR(loss[1][s], loss[0][s], 1e-3 * loss[0][s]) << s + 1;
+    EXPECT_NE(loss[1][3], loss[0][3]);
+    if (std::string(schedule) == "1f1b") {
+      EXPECT_LE(peak[1], peak[0]);  // measured equal: the peak is elsewhere in the step
+    } else {
+      EXPECT_LT(peak[1], peak[0]);
+    }
+    if (kVerbose)
+      std::printf("%s peak held tensors: %ld -> %ld bytes\n", schedule, peak[0], peak[1]);
   }
-  for (int s = 0; s < 4; ++s) EXPECT_NEAR(loss[1][s], loss[0][s], 1e-3 * loss[0][s]) << s + 1;
-  EXPECT_NE(loss[1][3], loss[0][3]);
-  EXPECT_LT(peak[1], peak[0]);
-  if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
 }
 
 }  // namespace
