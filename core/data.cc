@@ -896,7 +896,7 @@ Result<BatchPlan> BatchPlan::ramp(int64_t start, int64_t increment, int64_t ramp
         start, increment, full, ramp_samples);
   }
   // At most ramp_samples / start + 1 ramp steps; refuse ramps whose table would be huge.
-  constexpr int64_t kMaxRampSteps = int64_t{1} << 26;
+  constexpr int64_t kMaxRampSteps = int64_t{1} << 22;  // a 32 MiB table
   if (ramp_samples / start >= kMaxRampSteps) {
     return FP8_INVALID(
         "batch ramp: {} ramp samples from a batch of {} take up to {} steps (at most {})",
