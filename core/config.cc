@@ -513,7 +513,9 @@ void ValidatePrecision(const config::Precision& p, Checker& c) {
 }
 
 void ValidateTrain(const config::Train& t, Checker& c) {
-  gt0(c, "train.steps", t.steps());
+  c.expect(t.steps() > 0, "train.steps={} must be > 0 (or set train.tokens and leave it out)",
+           t.steps());
+  ge0(c, "train.tokens", t.tokens());
   gt0(c, "train.seq_len", t.seq_len());
   gt0(c, "train.global_batch", t.global_batch());
   ge0(c, "train.grad_clip", t.grad_clip());
@@ -708,20 +710,22 @@ void ValidateBatchRamp(const Config& cfg, Checker& c) {
            "(micro-batch size = train.global_batch / (dp · microbatches) = {} / ({} · {}))",
            where, unit, G, p.dp(), p.microbatches());
   if (!c.ok()) return;
-  for (int64_t b = r.start(); b < G; b += r.increment()) {
-    const int64_t m = b / unit;
-    const std::string& s = p.schedule();
-    const bool dual = s == "dualpipe" || s == "dualpipev";
-    const int64_t least = dual ? 2 * p.pp() : p.pp();
-    const bool ok = m >= least && (s != "dualpipe" || m % 2 == 0);
-    if (!ok) {
-      c.expect(false,
-               "{}: a step of {} sequences runs {} micro-batches per pipeline, which schedule {} "
-               "with parallel.pp={} cannot run (it needs >= {}{})",
-               where, b, m, s, p.pp(), least, s == "dualpipe" ? ", even" : "");
-      return;
-    }
+  // The counts rise from start / unit by increment / unit: the first too small or odd one is the
+  // start's or, for dualpipe with an odd rise, the next.
+  const std::string& s = p.schedule();
+  const bool dual = s == "dualpipe" || s == "dualpipev";
+  const int64_t least = dual ? 2 * p.pp() : p.pp();
+  const int64_t m0 = r.start() / unit, rise = r.increment() / unit;
+  int64_t bad = -1;
+  if (m0 < least || (s == "dualpipe" && m0 % 2 != 0)) {
+    bad = r.start();
+  } else if (s == "dualpipe" && rise % 2 != 0) {
+    bad = r.start() + r.increment();
   }
+  c.expect(bad < 0,
+           "{}: a step of {} sequences runs {} micro-batches per pipeline, which schedule {} with "
+           "parallel.pp={} cannot run (it needs >= {}{})",
+           where, bad, bad / unit, s, p.pp(), least, s == "dualpipe" ? ", even" : "");
 }
 
 // Rules between train, data, model and parallel.
@@ -836,6 +840,14 @@ Status apply_overrides(config::Config& cfg, std::span<const std::string> args) {
 }
 
 void apply_defaults(config::Config& cfg) {
+  // train.tokens without train.steps: the steps that reach it (a bad batch plan leaves steps
+  // unset, and validation names both).
+  if (!cfg.train().has_steps() && cfg.train().tokens() > 0 && cfg.train().seq_len() > 0) {
+    auto plan = batch_plan(cfg);
+    const int64_t T = cfg.train().seq_len();
+    if (plan.ok())
+      cfg.mutable_train()->set_steps(plan->steps_to((cfg.train().tokens() + T - 1) / T));
+  }
   fill_schema_defaults(&cfg);
   for (const auto& c : kChoiceFields) lower_choice(cfg, c.path);
   auto& model = *cfg.mutable_model();

@@ -926,6 +926,14 @@ int64_t BatchPlan::first_sample(int64_t step) const {
   return step <= k ? first_[step] : first_[k] + (step - k) * full_;
 }
 
+int64_t BatchPlan::steps_to(int64_t samples) const {
+  const int64_t k = ramp_steps();
+  if (samples <= first_[k]) {
+    return std::lower_bound(first_.begin(), first_.end(), samples) - first_.begin();
+  }
+  return k + (samples - first_[k] + full_ - 1) / full_;
+}
+
 std::vector<int64_t> BatchPlan::sizes() const {
   std::vector<int64_t> out;
   for (int64_t s = 0; s <= ramp_steps(); ++s) {

@@ -283,6 +283,7 @@ class BatchPlan {
   int64_t ramp_steps() const { return static_cast<int64_t>(first_.size()) - 1; }
   int64_t batch(int64_t step) const;         // rows of the 0-based step
   int64_t first_sample(int64_t step) const;  // samples trained before it
+  int64_t steps_to(int64_t samples) const;   // the fewest steps that train >= samples
   // The distinct batches of the plan, ascending (the last is full()).
   std::vector<int64_t> sizes() const;
 

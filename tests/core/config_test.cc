@@ -53,6 +53,55 @@ TEST(ConfigPresets, Dsv3MatchesTheTechnicalReport) {
   EXPECT_EQ(cfg->cluster().gpus(), 2048);
 }
 
+// The preset states DeepSeek-V3's 14.8T tokens; its steps are the fewest that reach them through
+// the batch ramp.
+TEST(ConfigPresets, Dsv3StepsReachItsTokens) {
+  auto cfg = load_config(preset("dsv3-671b-2048"));
+  ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+  const int64_t T = cfg->train().seq_len(), steps = cfg->train().steps();
+  EXPECT_EQ(cfg->train().tokens(), 14'800'000'000'000);
+  auto plan = batch_plan(*cfg);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_GE(plan->first_sample(steps) * T, 14'800'000'000'000);
+  EXPECT_LT(plan->first_sample(steps - 1) * T, 14'800'000'000'000);
+}
+
+// train.tokens without train.steps (tiny with its steps line removed): 64-token sequences in
+// batches of 32, and with a ramp 8 -> 32 by 8 over 4096 tokens, whose steps train 512, 512, 512,
+// 1024, 1024, 1536, then 2048 tokens (5120 after six steps).
+TEST(ConfigDefaults, TokensGiveTheStepsThroughTheBatchPlan) {
+  std::ifstream in(preset("tiny"));
+  std::string text, line;
+  while (std::getline(in, line)) {
+    if (line.find("steps: 300") == std::string::npos) text += line + "\n";
+  }
+  const std::string path = write_temp("tiny_no_steps.textproto", text);
+  auto steps_for = [&](std::vector<std::string> o) {
+    o.push_back("--optim.warmup_steps=1");
+    auto cfg = load_config(path, o);
+    EXPECT_TRUE(cfg.ok()) << cfg.status().to_string();
+    return cfg.ok() ? cfg->train().steps() : -1;
+  };
+  EXPECT_EQ(steps_for({"--train.tokens=20480"}), 10);
+  EXPECT_EQ(steps_for({"--train.tokens=20481"}), 11);
+  const std::vector<std::string> ramp = {"--train.batch_ramp.start=8",
+                                         "--train.batch_ramp.increment=8",
+                                         "--train.batch_ramp.tokens=4096"};
+  auto with = [&](std::string tokens) {
+    auto o = ramp;
+    o.push_back("--train.tokens=" + tokens);
+    return steps_for(o);
+  };
+  EXPECT_EQ(with("5000"), 6);
+  EXPECT_EQ(with("5120"), 6);
+  EXPECT_EQ(with("5121"), 7);
+  EXPECT_EQ(with("1"), 1);
+  EXPECT_EQ(steps_for({"--train.tokens=20481", "--train.steps=3"}), 3) << "given steps win";
+  auto none = load_config(path);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("or set train.tokens"), std::string::npos);
+}
+
 TEST(ConfigPresets, TinyRunsTheDesignDualPipeExample) {
   // DESIGN.md §7: mpirun -np 4 fp8pipe train configs/tiny.textproto --parallel.pp=4
   // --parallel.schedule=dualpipe --train.steps=20
@@ -472,6 +521,10 @@ std::vector<Rule> rules() {
         "--train.batch_ramp.increment=4", "--train.batch_ramp.tokens=4096"},
        {"a step of 4 sequences runs 1 micro-batches per pipeline, which schedule dualpipe with "
         "parallel.pp=2 cannot run (it needs >= 4, even)"}},
+      {"RampRisesKeepDualPipeEven",
+       {"--parallel.pp=2", "--parallel.schedule=dualpipe", "--train.batch_ramp.start=16",
+        "--train.batch_ramp.increment=4", "--train.batch_ramp.tokens=4096"},
+       {"a step of 20 sequences runs 5 micro-batches per pipeline", "(it needs >= 4, even)"}},
       // optim.phase
       {"PhasesNeedTheirSchedule",
        {},

@@ -56,7 +56,8 @@ build() {  # name, sources...
     $([[ "$name" == fuzz_config ]] && echo -lprotobuf) -o "$WORK/$name" ||
     fail "building $name failed"
 }
-build fuzz_config "$ROOT/core/config.cc" "$GEN/configs/fp8pipe.pb.cc"
+build fuzz_config "$ROOT/core/config.cc" "$ROOT/core/data.cc" "$ROOT/core/log.cc" \
+  "$GEN/configs/fp8pipe.pb.cc"
 build fuzz_safetensors "$ROOT/core/safetensors.cc"
 build fuzz_manifest "$ROOT/core/checkpoint.cc" "$ROOT/core/safetensors.cc" "$ROOT/core/log.cc"
 
