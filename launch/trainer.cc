@@ -357,10 +357,11 @@ Status Trainer::setup_data() {
   FP8_ASSIGN_OR_RETURN(auto plan, batch_plan(cfg_));
   if (plan.ramped()) {
     bs.plan = std::make_shared<const data::BatchPlan>(std::move(plan));
-    if (is_root())
+    if (is_root()) {
       log::info("batch ramp: {} sequences per step rising to {} by {} over {} steps ({} tokens)",
                 bs.plan->batch(0), bs.plan->full(), cfg_.train().batch_ramp().increment(),
                 bs.plan->ramp_steps(), bs.plan->first_sample(bs.plan->ramp_steps()) * bs.seq_len);
+    }
   }
   FP8_ASSIGN_OR_RETURN(auto b, data::Batcher::create(source_, bs));
   batcher_.emplace(std::move(b));
@@ -948,8 +949,8 @@ Status Trainer::resume(const ResumeOptions& opt) {
     if (planned * cfg_.train().seq_len() != tokens_seen_) {
       log::warn(
           "checkpoint: {} tokens trained in {} steps, but this config's batches "
-          "(train.global_batch,"
-          " train.batch_ramp) make {}; the data continues at this config's step {} position",
+          "(train.global_batch, train.batch_ramp) make {}; the data continues at this config's "
+          "step {} position",
           tokens_seen_, step_, planned * cfg_.train().seq_len(), step_);
     }
   }
