@@ -115,6 +115,38 @@ TEST(TrainRecipe, ResumesMidRampToTheBit) {
   std::filesystem::remove_all(dir);
 }
 
+// A checkpoint of a constant batch of 16 resumed under the ramp: 2 steps trained 2048 tokens where
+// the ramp's first 2 steps make 1024. The trainer says so and goes on at the ramp's step 3 (12
+// sequences).
+TEST(TrainRecipe, ResumeUnderAnotherBatchPlanWarnsAndGoesOn) {
+  const std::string dir = ::testing::TempDir() + "recipe_replan";
+  std::filesystem::remove_all(dir);
+  {
+    auto a = make_trainer(
+        tiny({"--train.global_batch=16", "--parallel.microbatches=4", "--checkpoint.dir=" + dir}));
+    ASSERT_TRUE(a);
+    for (int s = 0; s < 2; ++s) ASSERT_TRUE(a->train_step().ok());
+    ASSERT_TRUE(a->save_checkpoint().ok());
+    ASSERT_TRUE(a->finish_checkpoints().ok());
+  }
+  std::vector<std::string> o = kRamp;
+  o.push_back("--checkpoint.dir=" + dir);
+  auto b = make_trainer(tiny(o));
+  ASSERT_TRUE(b);
+  ::testing::internal::CaptureStderr();
+  const Status st = b->resume(ResumeOptions{});
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_NE(err.find("2048 tokens trained in 2 steps, but this config's batches "
+                     "(train.global_batch, train.batch_ramp) make 1024"),
+            std::string::npos)
+      << err;
+  auto r = b->train_step();
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->batch, 12);
+  std::filesystem::remove_all(dir);
+}
+
 // λ = 0.3 and γ = 0.001 for the steps that start below 1024 tokens (2 steps of 8 × 64), then
 // λ = 0.1 and γ = 0: the total loss is main + λ·mtp (D = 1) with the step's λ, and the router
 // biases move before the switch and stay put after it.
