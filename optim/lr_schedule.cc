@@ -26,18 +26,6 @@ Status check_order(const char* lo_name, int64_t lo, const char* hi_name, int64_t
 
 }  // namespace
 
-DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps) {
-  auto at = [total_steps](double tokens_t) {
-    return static_cast<int64_t>(std::llround(static_cast<double>(total_steps) * tokens_t / 14.8));
-  };
-  DeepSeekV3Lr p;
-  p.warmup_steps = warmup_steps;
-  p.constant_end = std::max(at(10.0), warmup_steps);
-  p.cosine_end = std::max(at(14.3), p.constant_end);
-  p.tail_end = std::max(at(14.633), p.cosine_end);
-  return p;
-}
-
 Result<LrSchedule> LrSchedule::constant(double lr, int64_t warmup_steps) {
   FP8_RETURN_IF_ERROR(check_lr("lr", lr));
   if (warmup_steps < 0) {
@@ -45,7 +33,7 @@ Result<LrSchedule> LrSchedule::constant(double lr, int64_t warmup_steps) {
   }
   LrSchedule s;
   s.kind_ = Kind::kConstant;
-  s.p_ = DeepSeekV3Lr{lr, lr, lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  s.p_ = Piecewise{lr, lr, lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
   return s;
 }
 
@@ -62,23 +50,7 @@ Result<LrSchedule> LrSchedule::warmup_cosine(double peak_lr, double min_lr, int6
   FP8_RETURN_IF_ERROR(check_order("warmup_steps", warmup_steps, "total_steps", total_steps));
   LrSchedule s;
   s.kind_ = Kind::kWarmupCosine;
-  s.p_ = DeepSeekV3Lr{peak_lr, min_lr, min_lr, warmup_steps, warmup_steps, total_steps, INT64_MAX};
-  return s;
-}
-
-Result<LrSchedule> LrSchedule::deepseek_v3(const DeepSeekV3Lr& p) {
-  FP8_RETURN_IF_ERROR(check_lr("peak_lr", p.peak_lr));
-  FP8_RETURN_IF_ERROR(check_lr("min_lr", p.min_lr));
-  FP8_RETURN_IF_ERROR(check_lr("final_lr", p.final_lr));
-  if (p.warmup_steps < 0) {
-    return FP8_INVALID("lr schedule: warmup_steps must be >= 0, got {}", p.warmup_steps);
-  }
-  FP8_RETURN_IF_ERROR(check_order("warmup_steps", p.warmup_steps, "constant_end", p.constant_end));
-  FP8_RETURN_IF_ERROR(check_order("constant_end", p.constant_end, "cosine_end", p.cosine_end));
-  FP8_RETURN_IF_ERROR(check_order("cosine_end", p.cosine_end, "tail_end", p.tail_end));
-  LrSchedule s;
-  s.kind_ = Kind::kDeepSeekV3;
-  s.p_ = p;
+  s.p_ = Piecewise{peak_lr, min_lr, min_lr, warmup_steps, warmup_steps, total_steps, INT64_MAX};
   return s;
 }
 
@@ -97,7 +69,7 @@ Result<LrSchedule> LrSchedule::step_decay(double peak_lr, double min_lr, int64_t
   }
   LrSchedule s;
   s.kind_ = Kind::kStep;
-  s.p_ = DeepSeekV3Lr{peak_lr, min_lr, min_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  s.p_ = Piecewise{peak_lr, min_lr, min_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
   s.every_ = every;
   s.gamma_ = gamma;
   return s;
@@ -125,7 +97,7 @@ Result<LrSchedule> LrSchedule::phases(double peak_lr, int64_t warmup_steps,
   }
   LrSchedule s;
   s.kind_ = Kind::kPhases;
-  s.p_ = DeepSeekV3Lr{peak_lr, peak_lr, peak_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
+  s.p_ = Piecewise{peak_lr, peak_lr, peak_lr, warmup_steps, INT64_MAX, INT64_MAX, INT64_MAX};
   s.phases_ = std::move(phases);
   return s;
 }
@@ -158,7 +130,7 @@ double LrSchedule::warmup(int64_t step) const {
 }
 
 float LrSchedule::lr(int64_t step, int64_t tokens) const {
-  const DeepSeekV3Lr& p = p_;
+  const Piecewise& p = p_;
   double lr;
   if (step <= 0) {
     lr = p.warmup_steps > 0 ? 0.0 : p.peak_lr;

@@ -1,7 +1,7 @@
 // Learning-rate schedules as pure functions of the step (and, for token-keyed phases, of the
-// tokens trained before it): constant, linear warm-up + cosine decay, step decay, DeepSeek-V3's
-// warm-up / constant / cosine / two constant tails (DSV3_FACTS.md "Training hyperparameters") in
-// steps, and phases in tokens, which express it exactly under a batch ramp. Construction
+// tokens trained before it): constant, linear warm-up + cosine decay, step decay, and phases in
+// tokens, which express DeepSeek-V3's warm-up / constant / cosine / two constant tails
+// (DSV3_FACTS.md "Training hyperparameters") exactly, also under a batch ramp. Construction
 // validates every parameter; lr() cannot fail.
 #pragma once
 
@@ -11,28 +11,6 @@
 #include "core/status.h"
 
 namespace fp8pipe::optim {
-
-// DeepSeek-V3's schedule in optimizer steps. With s the 1-based step:
-//   s <= warmup_steps                 peak_lr * s / warmup_steps        (linear from 0)
-//   warmup_steps < s <= constant_end  peak_lr
-//   constant_end < s <= cosine_end    cosine from peak_lr down to min_lr
-//   cosine_end < s <= tail_end        min_lr
-//   s > tail_end                      final_lr
-// The paper's values are in tokens (cosine 10T -> 14.3T, min_lr to 14.633T, final_lr to 14.8T);
-// deepseek_v3_lr() converts them to steps assuming a constant batch.
-struct DeepSeekV3Lr {
-  double peak_lr = 2.2e-4;
-  double min_lr = 2.2e-5;
-  double final_lr = 7.3e-6;
-  int64_t warmup_steps = 2000;
-  int64_t constant_end = 0;
-  int64_t cosine_end = 0;
-  int64_t tail_end = 0;
-};
-
-// The DeepSeek-V3 boundaries for a run of total_steps at constant batch: constant to 10/14.8,
-// cosine to 14.3/14.8, min_lr to 14.633/14.8 of total_steps, final_lr to the end.
-DeepSeekV3Lr deepseek_v3_lr(int64_t total_steps, int64_t warmup_steps = 2000);
 
 // One phase of a token-keyed schedule (config optim.schedule=phases): it runs until the run has
 // trained `until_tokens` tokens, starting from the lr the previous phase ended at (the peak lr for
@@ -48,7 +26,7 @@ struct LrPhase {
 
 class LrSchedule {
  public:
-  enum class Kind { kConstant, kWarmupCosine, kDeepSeekV3, kStep, kPhases };
+  enum class Kind { kConstant, kWarmupCosine, kStep, kPhases };
 
   // lr for every step after an optional linear warm-up from 0.
   static Result<LrSchedule> constant(double lr, int64_t warmup_steps = 0);
@@ -56,7 +34,6 @@ class LrSchedule {
   // to min_lr at total_steps, min_lr afterwards: half-way through the cosine lr = (peak+min)/2.
   static Result<LrSchedule> warmup_cosine(double peak_lr, double min_lr, int64_t warmup_steps,
                                           int64_t total_steps);
-  static Result<LrSchedule> deepseek_v3(const DeepSeekV3Lr& p);
   // Step decay: after the warm-up, peak_lr * gamma^floor((s - warmup_steps) / every), never below
   // min_lr (config optim.schedule=step with step_every and step_gamma).
   static Result<LrSchedule> step_decay(double peak_lr, double min_lr, int64_t warmup_steps,
@@ -78,8 +55,16 @@ class LrSchedule {
   LrSchedule() = default;
   double warmup(int64_t step) const;
 
+  // With s the 1-based step, after the warm-up (s <= warmup_steps: peak_lr * s / warmup_steps):
+  // peak_lr to constant_end, cosine to min_lr at cosine_end, min_lr to tail_end, then final_lr.
+  // kConstant and kWarmupCosine are expressed with these fields; kStep and kPhases use the
+  // warm-up only.
+  struct Piecewise {
+    double peak_lr = 0, min_lr = 0, final_lr = 0;
+    int64_t warmup_steps = 0, constant_end = 0, cosine_end = 0, tail_end = 0;
+  };
   Kind kind_ = Kind::kConstant;
-  DeepSeekV3Lr p_;  // all kinds but kStep are expressed with these fields
+  Piecewise p_;
   int64_t every_ = 0;
   double gamma_ = 1.0;
   std::vector<LrPhase> phases_;

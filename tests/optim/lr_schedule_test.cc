@@ -43,35 +43,14 @@ TEST(LrSchedule, WarmupCosineKeySteps) {
   EXPECT_FLOAT_EQ(no_warmup.lr(5), 5e-4f);
 }
 
-TEST(LrSchedule, DeepSeekV3) {
-  // 14,800 steps stand for 14.8T tokens: one step per billion tokens.
-  const DeepSeekV3Lr p = deepseek_v3_lr(14800, 2000);
-  EXPECT_EQ(p.constant_end, 10000);
-  EXPECT_EQ(p.cosine_end, 14300);
-  EXPECT_EQ(p.tail_end, 14633);
-  LrSchedule s = ok(LrSchedule::deepseek_v3(p));
-  EXPECT_FLOAT_EQ(s.lr(1000), 1.1e-4f);
-  EXPECT_FLOAT_EQ(s.lr(2000), 2.2e-4f);
-  EXPECT_FLOAT_EQ(s.lr(10000), 2.2e-4f);
-  EXPECT_FLOAT_EQ(s.lr(12150), (2.2e-4f + 2.2e-5f) / 2);
-  EXPECT_FLOAT_EQ(s.lr(14300), 2.2e-5f);
-  EXPECT_FLOAT_EQ(s.lr(14633), 2.2e-5f);
-  EXPECT_FLOAT_EQ(s.lr(14634), 7.3e-6f);
-  EXPECT_FLOAT_EQ(s.lr(14800), 7.3e-6f);
-}
-
 TEST(LrSchedule, ValidationNamesTheParameter) {
   expect_error_names(LrSchedule::constant(-1.0), "lr");
   expect_error_names(LrSchedule::constant(1e-3, -5), "warmup_steps");
   expect_error_names(LrSchedule::warmup_cosine(NAN, 0.0, 1, 2), "peak_lr");
   expect_error_names(LrSchedule::warmup_cosine(1e-3, 1e-2, 1, 2), "min_lr");
   expect_error_names(LrSchedule::warmup_cosine(1e-3, 1e-4, 10, 5), "total_steps");
-  DeepSeekV3Lr p = deepseek_v3_lr(1000, 10);
-  p.cosine_end = p.constant_end - 1;
-  expect_error_names(LrSchedule::deepseek_v3(p), "cosine_end");
-  p = deepseek_v3_lr(1000, 10);
-  p.final_lr = -1.0;
-  expect_error_names(LrSchedule::deepseek_v3(p), "final_lr");
+  expect_error_names(LrSchedule::phases(1e-3, 0, {{100, LrPhase::Shape::kConstant, -1.0, true}}),
+                     "a phase's lr");
 }
 
 // Step decay by hand: warm-up 0.1 per step to 1.0 at step 10, then x0.5 every 4 steps, floored.
