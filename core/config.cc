@@ -726,6 +726,9 @@ void ValidateBatchRamp(const Config& cfg, Checker& c) {
            "{}: a step of {} sequences runs {} micro-batches per pipeline, which schedule {} with "
            "parallel.pp={} cannot run (it needs >= {}{})",
            where, bad, bad / unit, s, p.pp(), least, s == "dualpipe" ? ", even" : "");
+  if (!c.ok()) return;
+  const auto plan = batch_plan(cfg);  // what is left: the size of the plan's table
+  c.expect(plan.ok(), "{}: {}", where, plan.ok() ? "" : plan.status().message());
 }
 
 // Rules between train, data, model and parallel.
@@ -771,6 +774,11 @@ Result<data::BatchPlan> batch_plan(const config::Config& cfg) {
   if (r.start() == 0) return data::BatchPlan::constant(t.global_batch());
   return data::BatchPlan::ramp(r.start(), r.increment(), r.tokens() / t.seq_len(),
                                t.global_batch());
+}
+
+int microbatches_for(const config::Config& cfg, int64_t batch) {
+  const int64_t unit = cfg.train().global_batch() / cfg.parallel().microbatches();  // dp · B
+  return static_cast<int>(batch / unit);
 }
 
 std::vector<std::string> recompute_modules(const config::Train& t) {

@@ -52,6 +52,10 @@ bool recomputes(const config::Train& t, std::string_view module);
 // train.global_batch every step without one.
 Result<data::BatchPlan> batch_plan(const config::Config& cfg);
 
+// Micro-batches per pipeline of a step of `batch` sequences: the micro-batch size is fixed at
+// train.global_batch / (dp · parallel.microbatches), so a batch ramp's smaller steps run fewer.
+int microbatches_for(const config::Config& cfg, int64_t batch);
+
 // A Switch's effect on the setting it follows, for a step starting with `tokens` trained.
 inline float switched(float value, const config::Switch& s, int64_t tokens) {
   return s.tokens() > 0 && tokens >= s.tokens() ? s.value() : value;

@@ -123,8 +123,7 @@ Result<std::string> run_line(const config::Config& cfg, const sim::Calibration& 
   FP8_ASSIGN_OR_RETURN(const data::BatchPlan plan, batch_plan(cfg));
   const auto& p = cfg.parallel();
   const auto& t = cfg.train();
-  const int64_t unit = t.global_batch() / p.microbatches();  // dp x sequences per micro-batch
-  std::map<int64_t, int64_t> steps_at;                       // batch -> steps
+  std::map<int64_t, int64_t> steps_at;  // batch -> steps
   const int64_t ramp_end = std::min(t.steps(), plan.ramp_steps());
   for (int64_t s = 0; s < ramp_end; ++s) ++steps_at[plan.batch(s)];
   if (t.steps() > ramp_end) steps_at[plan.full()] += t.steps() - ramp_end;
@@ -134,7 +133,7 @@ Result<std::string> run_line(const config::Config& cfg, const sim::Calibration& 
     if (b != plan.full()) {
       config::Config c = cfg;
       c.mutable_train()->set_global_batch(b);
-      c.mutable_parallel()->set_microbatches(static_cast<int>(b / unit));
+      c.mutable_parallel()->set_microbatches(microbatches_for(cfg, b));
       FP8_ASSIGN_OR_RETURN(auto r, run_one(c, cal, false));
       step_s = r.r.step_s;
       ramp_s += static_cast<double>(n) * step_s;

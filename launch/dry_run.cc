@@ -120,7 +120,7 @@ Result<std::string> dry_run_report(const config::Config& cfg, int world) {
     int64_t step = 0;
     for (const int64_t b : plan.sizes()) {
       while (plan.batch(step) != b) ++step;
-      const int mb = static_cast<int>(b / (int64_t{p.dp()} * B));
+      const int mb = microbatches_for(cfg, b);
       FP8_ASSIGN_OR_RETURN(auto s, parallel::make_schedule(kind, p.pp(), mb));
       FP8_RETURN_IF_ERROR(parallel::validate_schedule(s));
       out += fmt::format("  from step {}: {} sequences, {} micro-batches per replica\n", step + 1,

@@ -81,10 +81,11 @@ Status Trainer::sum_over_world(std::vector<double>& v) {
 // One global batch: this replica's micro-batches through the schedule; losses are global means.
 Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t step, bool backward) {
   const int64_t T = cfg_.train().seq_len();
-  const int dp = cfg_.parallel().dp(), full_m = std::max(1, cfg_.parallel().microbatches());
+  const int dp = cfg_.parallel().dp();
   // The micro-batch size B is fixed; a batch ramp's smaller steps run fewer micro-batches.
-  const int64_t B = cfg_.train().global_batch() / (dp * full_m), d = topo_->coords().dp_index;
-  const int M = static_cast<int>(batcher_->rows_in(split, step) / (dp * B));
+  const int64_t step_rows = batcher_->rows_in(split, step), d = topo_->coords().dp_index;
+  const int M = microbatches_for(cfg_, step_rows);
+  const int64_t B = step_rows / (int64_t{dp} * M);
   FP8_ASSIGN_OR_RETURN(const parallel::Schedule* sched, schedule_for(M));
   FP8_RETURN_IF_ERROR(exec_->set_schedule(*sched));
   FP8_ASSIGN_OR_RETURN(auto rows, batcher_->rows(split, step, d * M * B, (d + 1) * M * B));

@@ -525,6 +525,11 @@ std::vector<Rule> rules() {
        {"--parallel.pp=2", "--parallel.schedule=dualpipe", "--train.batch_ramp.start=16",
         "--train.batch_ramp.increment=4", "--train.batch_ramp.tokens=4096"},
        {"a step of 20 sequences runs 5 micro-batches per pipeline", "(it needs >= 4, even)"}},
+      {"RampTableBounded",
+       {"--train.global_batch=8", "--parallel.microbatches=8", "--train.batch_ramp.start=1",
+        "--train.batch_ramp.increment=7", "--train.batch_ramp.tokens=300000000000"},
+       {"train.batch_ramp {start: 1 increment: 7 tokens: 300000000000}: batch ramp:",
+        "steps (at most 4194304)"}},
       // optim.phase
       {"PhasesNeedTheirSchedule",
        {},
