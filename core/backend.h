@@ -19,6 +19,7 @@
 #include "kernels/cpu/adamw.h"
 #include "kernels/cpu/fp8_gemm.h"
 #include "kernels/cpu/moe_routing.h"
+#include "kernels/cpu/rope.h"
 
 namespace fp8pipe {
 
@@ -189,8 +190,9 @@ class Backend {
                              Tensor& rstd) = 0;
   virtual Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                              Tensor& dx, Tensor& dw_acc) = 0;
-  // x [n, heads * d]; pos [n].
-  virtual Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) = 0;
+  // x [n, heads * d]; pos [n]; the pair frequencies and magnitude from `r` (kernels/cpu/rope.h).
+  virtual Status rope(Tensor& x, const Tensor& pos, int64_t heads, const kernels::RopeSpec& r,
+                      bool inverse) = 0;
   // q, k [B*T, H*dk], v [B*T, H*dv] -> o [B*T, H*dv], lse [B*H*T].
   virtual Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B,
                                int64_t T, int64_t H, float scale, Tensor& o, Tensor& lse) = 0;

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <numbers>
 #include <numeric>
 #include <regex>
 #include <sstream>
@@ -374,6 +375,30 @@ std::string divisors(int64_t n) {
   return fmt::format("{}", fmt::join(d, ", "));
 }
 
+// YaRN (kernels/cpu/rope.h): checked when it is on (factor > 1).
+void ValidateRopeScaling(const config::RopeScaling& y, Checker& c) {
+  c.expect(y.factor() >= 1.0f && std::isfinite(y.factor()),
+           "model.rope_scaling.factor={} must be >= 1 (1 = plain RoPE; > 1 = YaRN)", y.factor());
+  if (!(y.factor() > 1.0f)) return;
+  c.expect(y.original_max_position() > 0,
+           "model.rope_scaling.original_max_position={} must be > 0 with factor {} (the "
+           "pretraining context YaRN extends; DeepSeek-V3: 4096)",
+           y.original_max_position(), y.factor());
+  c.expect(y.beta_slow() > 0 && y.beta_fast() > y.beta_slow(),
+           "model.rope_scaling.beta_fast={} and beta_slow={} must satisfy beta_fast > beta_slow > "
+           "0 (turns over the pretraining context; DeepSeek-V3: 32 and 1)",
+           y.beta_fast(), y.beta_slow());
+  // Below this even pair 0 turns fewer than beta_slow times over L: the ramp's end falls before
+  // pair 0 and DeepSeek's (and transformers') rule would interpolate no pair at all.
+  c.expect(y.original_max_position() <= 0 || !(y.beta_slow() > 0) ||
+               y.original_max_position() > 2 * std::numbers::pi * y.beta_slow(),
+           "model.rope_scaling.original_max_position={} must exceed 2π·beta_slow = {:.4g} (the "
+           "highest RoPE frequency must turn beta_slow times over the original context)",
+           y.original_max_position(), 2 * std::numbers::pi * y.beta_slow());
+  ge0(c, "model.rope_scaling.mscale", y.mscale());
+  ge0(c, "model.rope_scaling.mscale_all_dim", y.mscale_all_dim());
+}
+
 void ValidateMla(const config::Mla& m, Checker& c) {
   ge0(c, "model.mla.q_lora_rank", m.q_lora_rank());
   gt0(c, "model.mla.kv_lora_rank", m.kv_lora_rank());
@@ -460,6 +485,7 @@ void ValidateModel(const config::Model& m, Checker& c) {
   ge0(c, "model.moe.bias_update_rate_after.tokens", m.moe().bias_update_rate_after().tokens());
   ge0(c, "model.moe.bias_update_rate_after.value", m.moe().bias_update_rate_after().value());
   gt0(c, "model.rope_theta", m.rope_theta());
+  ValidateRopeScaling(m.rope_scaling(), c);
   gt0(c, "model.norm_eps", m.norm_eps());
   gt0(c, "model.init_std", m.init_std());
 }

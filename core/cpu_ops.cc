@@ -41,10 +41,13 @@ Status CpuOps::rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, c
   return Status::Ok();
 }
 
-Status CpuOps::rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) {
+Status CpuOps::rope(Tensor& x, const Tensor& pos, int64_t heads, const k::RopeSpec& r,
+                    bool inverse) {
   FP8_RETURN_IF_ERROR(checks::rope(x, pos, heads));
-  k::rope(x.data_as<float>(), pos.data_as<int32_t>(), x.rows(), heads, x.cols() / heads, theta,
-          inverse);
+  const int64_t d = x.cols() / heads;
+  const std::vector<double> freq = k::rope_frequencies(r, d);
+  k::rope(x.data_as<float>(), pos.data_as<int32_t>(), x.rows(), heads, d, freq.data(),
+          k::rope_magnitude(r), inverse);
   return Status::Ok();
 }
 

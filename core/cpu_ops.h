@@ -13,7 +13,8 @@ class CpuOps : public Backend {
   Status rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                      Tensor& dx, Tensor& dw_acc) override;
-  Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) override;
+  Status rope(Tensor& x, const Tensor& pos, int64_t heads, const kernels::RopeSpec& r,
+              bool inverse) override;
   Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
                        int64_t H, float scale, Tensor& o, Tensor& lse) override;
   Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

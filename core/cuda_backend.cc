@@ -171,7 +171,7 @@ struct DeviceCtx {
   cublasHandle_t blas_bf16 = nullptr;  // bf16 GEMMs, default math (tensor cores)
   std::mutex mu;                       // guards the maps below
   std::map<cudaStream_t, std::unique_ptr<g::LtGemm>> lt;
-  std::map<std::pair<int64_t, uint32_t>, double*> freq;  // rope tables by (d, theta bits)
+  std::map<std::string, double*> freq;  // rope tables by their bytes
   std::set<std::tuple<int64_t, int64_t, int64_t>> fallback_logged, padded_logged;
   StagingRing staging;  // host -> device uploads without a stream synchronization
   // Grouped GEMMs (CudaBackend::fan_out): FP8PIPE_GEMM_STREAMS lanes, the caller's stream and
@@ -784,13 +784,14 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
-  Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) override {
+  Status rope(Tensor& x, const Tensor& pos, int64_t heads, const kernels::RopeSpec& r,
+              bool inverse) override {
     FP8_RETURN_IF_ERROR(on_gpu("rope", {&x, &pos}));
     FP8_RETURN_IF_ERROR(checks::rope(x, pos, heads));
     const int64_t d = x.cols() / heads;
-    FP8_ASSIGN_OR_RETURN(const double* freq, rope_freq(d, theta));
+    FP8_ASSIGN_OR_RETURN(const double* freq, rope_freq(d, r));
     FP8_GPU("rope", g::rope(x.data_as<float>(), pos.data_as<int32_t>(), x.rows(), heads, d, freq,
-                            inverse, cur()));
+                            kernels::rope_magnitude(r), inverse, cur()));
     return Status::Ok();
   }
 
@@ -1167,19 +1168,15 @@ class CudaBackend final : public Backend {
     return std::pair<int64_t, int32_t>{h, v};
   }
 
-  // Pair frequencies theta^(-2i/d) in double, computed on the host exactly as kernels/cpu/ops.cc
-  // does, uploaded once per (d, theta).
-  Result<const double*> rope_freq(int64_t d, float theta) {
-    uint32_t tb;
-    std::memcpy(&tb, &theta, 4);
+  // Pair frequencies in double, computed on the host by kernels/cpu/rope.h as the CPU backend
+  // does, uploaded once per table (keyed by its bits).
+  Result<const double*> rope_freq(int64_t d, const kernels::RopeSpec& r) {
+    const std::vector<double> freq = kernels::rope_frequencies(r, d);
+    const int64_t half = static_cast<int64_t>(freq.size());
+    std::string key(reinterpret_cast<const char*>(freq.data()), freq.size() * sizeof(double));
     std::lock_guard<std::mutex> lk(ctx_->mu);
-    auto it = ctx_->freq.find({d, tb});
+    auto it = ctx_->freq.find(key);
     if (it != ctx_->freq.end()) return static_cast<const double*>(it->second);
-    const int64_t half = d / 2;
-    std::vector<double> freq(half);
-    for (int64_t i = 0; i < half; ++i) {
-      freq[i] = std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / d);
-    }
     void* raw = nullptr;
     FP8_CUDA("rope table", cudaMalloc(&raw, std::max<int64_t>(half, 1) * sizeof(double)));
     double* p = static_cast<double*>(raw);
@@ -1193,7 +1190,7 @@ class CudaBackend final : public Backend {
       cudaFree(raw);
       return cuda_error(e, "rope table");
     }
-    ctx_->freq[{d, tb}] = p;
+    ctx_->freq[key] = p;
     return static_cast<const double*>(p);
   }
 

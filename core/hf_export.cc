@@ -292,6 +292,24 @@ Result<std::vector<Mapped>> tensor_map(const config::Model& m) {
   return std::move(mp.out);
 }
 
+namespace {
+// model.rope_scaling as DeepSeek-V3's config.json writes it (null for plain RoPE); both key
+// spellings of the kind, "type" (DeepSeek's modeling code) and "rope_type" (transformers').
+json::Value rope_scaling_json(const config::RopeScaling& y) {
+  if (!(y.factor() > 1.0f)) return json::Value();
+  json::Value r = json::Value::object();
+  r.set("type", "yarn");
+  r.set("rope_type", "yarn");
+  r.set("factor", num(y.factor()));
+  r.set("original_max_position_embeddings", y.original_max_position());
+  r.set("beta_fast", num(y.beta_fast()));
+  r.set("beta_slow", num(y.beta_slow()));
+  r.set("mscale", num(y.mscale()));
+  r.set("mscale_all_dim", num(y.mscale_all_dim()));
+  return r;
+}
+}  // namespace
+
 Result<std::string> config_json(const config::Model& m, int64_t max_positions,
                                 const std::string& torch_dtype) {
   if (m.attention() != config::Model::MLA)
@@ -317,7 +335,7 @@ Result<std::string> config_json(const config::Model& m, int64_t max_positions,
   c.set("hidden_act", "silu");
   c.set("max_position_embeddings", max_positions);
   c.set("rope_theta", num(m.rope_theta()));
-  c.set("rope_scaling", nullptr);
+  c.set("rope_scaling", rope_scaling_json(m.rope_scaling()));
   c.set("rope_interleave", true);  // our q/k RoPE dims are interleaved pairs, as DeepSeek's
   c.set("rms_norm_eps", num(m.norm_eps()));
   c.set("initializer_range", num(m.init_std()));

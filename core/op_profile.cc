@@ -200,8 +200,9 @@ class ProfiledBackend final : public Backend {
                      Tensor& dx, Tensor& dw_acc) override {
     return timed("rmsnorm_bwd", 0, [&] { return in_->rmsnorm_bwd(dy, x, w, rstd, dx, dw_acc); });
   }
-  Status rope(Tensor& x, const Tensor& pos, int64_t heads, float theta, bool inverse) override {
-    return timed("rope", 0, [&] { return in_->rope(x, pos, heads, theta, inverse); });
+  Status rope(Tensor& x, const Tensor& pos, int64_t heads, const kernels::RopeSpec& r,
+              bool inverse) override {
+    return timed("rope", 0, [&] { return in_->rope(x, pos, heads, r, inverse); });
   }
   Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
                        int64_t H, float scale, Tensor& o, Tensor& lse) override {

@@ -142,11 +142,27 @@ Result<Tensor> sum_heads(ModelCtx& c, RowCache* rc, const Tensor& x, int64_t H) 
 
 }  // namespace
 
+kernels::RopeSpec rope_spec(const config::Model& m) {
+  kernels::RopeSpec r;
+  r.theta = m.rope_theta();
+  const config::RopeScaling& y = m.rope_scaling();
+  if (y.factor() > 1.0f) {
+    r.factor = y.factor();
+    r.original_max_position = y.original_max_position();
+    r.beta_fast = y.beta_fast();
+    r.beta_slow = y.beta_slow();
+    r.mscale = y.mscale();
+    r.mscale_all_dim = y.mscale_all_dim();
+  }
+  return r;
+}
+
 struct Attention::Impl {
   bool mla = true;
   int64_t H = 0, hidden = 0;
   int64_t q_lora = 0, kv_lora = 0, nope = 0, rope = 0, vdim = 0;  // MHA: nope 0, rope = head dim
-  float theta = 10000.0f, scale = 1.0f;
+  kernels::RopeSpec rope_spec;  // model.rope_theta and model.rope_scaling
+  float scale = 1.0f;
   Linear wq_a, wq_b, wq, wkv_a, wkv_b, wk, wv, wo;
   RMSNorm q_norm, kv_norm;
   struct Saved {
@@ -223,12 +239,16 @@ Status Attention::init(ModelCtx& c, const std::string& prefix, const config::Mod
   a.mla = m.attention() == config::Model::MLA;
   a.H = m.heads();
   a.hidden = m.hidden();
-  a.theta = m.rope_theta();
+  a.rope_spec = rope_spec(m);
   if (a.H <= 0 || a.hidden <= 0) {
     return FP8_INVALID("{}: heads {} and hidden {} must be > 0", prefix, a.H, a.hidden);
   }
   FP8_RETURN_IF_ERROR(a.mla ? a.init_mla(c, prefix, m, seed) : a.init_mha(c, prefix, m, seed));
   a.scale = 1.0f / std::sqrt(static_cast<float>(a.dk()));
+  if (a.rope_spec.yarn()) {  // YaRN's temperature multiplies the softmax scale (kernels/cpu/rope.h)
+    a.scale = static_cast<float>(kernels::rope_softmax_factor(a.rope_spec) /
+                                 std::sqrt(static_cast<double>(a.dk())));
+  }
   return Status::Ok();
 }
 
@@ -257,11 +277,11 @@ Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, cons
 // The query projection's output qf (a fresh tensor, rotated in place for MHA) -> q.
 Result<Tensor> Attention::Impl::query_heads(ModelCtx& c, Tensor qf, const Tensor& pos) {
   if (nope == 0) {  // Linear outputs are fresh tensors: rotate in place
-    FP8_RETURN_IF_ERROR(c.be->rope(qf, pos, H, theta, false));
+    FP8_RETURN_IF_ERROR(c.be->rope(qf, pos, H, rope_spec, false));
     return qf;
   }
   FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, &rows, qf, H, nope, rope));
-  FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, false));
+  FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, rope_spec, false));
   return merge_heads(c, &rows, parts.first, parts.second, H, nope, rope);
 }
 
@@ -272,7 +292,7 @@ Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &rows, kv, 1, kv_lora, rope));
   FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
-  FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, theta, false));
+  FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, rope_spec, false));
   s.k_rope = std::move(lat.second);
   return mla_kv_heads(c, kvb, s);
 }
@@ -296,7 +316,7 @@ Status Attention::Impl::recompute_qkv(ModelCtx& c, int mb, Saved& s) {
 
 Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
   FP8_ASSIGN_OR_RETURN(s.k, wk.forward(c, mb, x));
-  FP8_RETURN_IF_ERROR(c.be->rope(s.k, s.pos, H, theta, false));
+  FP8_RETURN_IF_ERROR(c.be->rope(s.k, s.pos, H, rope_spec, false));
   FP8_ASSIGN_OR_RETURN(s.v, wv.forward(c, mb, x));
   return Status::Ok();
 }
@@ -332,10 +352,10 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
 Result<Tensor> Attention::Impl::query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos) {
   Tensor dqf = dq;
   if (nope == 0) {  // dq is a fresh tensor owned by this backward: rotate in place
-    FP8_RETURN_IF_ERROR(c.be->rope(dqf, pos, H, theta, true));
+    FP8_RETURN_IF_ERROR(c.be->rope(dqf, pos, H, rope_spec, true));
   } else {
     FP8_ASSIGN_OR_RETURN(auto parts, split_heads(c, &rows, dq, H, nope, rope));
-    FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, theta, true));
+    FP8_RETURN_IF_ERROR(c.be->rope(parts.second, pos, H, rope_spec, true));
     FP8_ASSIGN_OR_RETURN(dqf, merge_heads(c, &rows, parts.first, parts.second, H, nope, rope));
   }
   if (!q_lowrank()) return wq.backward_input(c, mb, dqf);
@@ -349,7 +369,7 @@ Result<Tensor> Attention::Impl::mla_kv_backward(ModelCtx& c, int mb, const Tenso
                                                 const Tensor& dv, const Tensor& pos) {
   FP8_ASSIGN_OR_RETURN(auto dk_parts, split_heads(c, &rows, dk, H, nope, rope));
   FP8_ASSIGN_OR_RETURN(Tensor dk_rope, sum_heads(c, &rows, dk_parts.second, H));
-  FP8_RETURN_IF_ERROR(c.be->rope(dk_rope, pos, 1, theta, true));
+  FP8_RETURN_IF_ERROR(c.be->rope(dk_rope, pos, 1, rope_spec, true));
   FP8_ASSIGN_OR_RETURN(Tensor dkvb, merge_heads(c, &rows, dk_parts.first, dv, H, nope, vdim));
   FP8_ASSIGN_OR_RETURN(Tensor dckv, wkv_b.backward_input(c, mb, dkvb));
   FP8_ASSIGN_OR_RETURN(Tensor dckv_in, kv_norm.backward(c, mb, dckv));
@@ -359,7 +379,7 @@ Result<Tensor> Attention::Impl::mla_kv_backward(ModelCtx& c, int mb, const Tenso
 
 Result<Tensor> Attention::Impl::mha_kv_backward(ModelCtx& c, int mb, Tensor& dk, const Tensor& dv,
                                                 const Tensor& pos) {
-  FP8_RETURN_IF_ERROR(c.be->rope(dk, pos, H, theta, true));
+  FP8_RETURN_IF_ERROR(c.be->rope(dk, pos, H, rope_spec, true));
   FP8_ASSIGN_OR_RETURN(Tensor dx, wk.backward_input(c, mb, dk));
   FP8_ASSIGN_OR_RETURN(Tensor dxv, wv.backward_input(c, mb, dv));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dxv, dx));

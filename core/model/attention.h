@@ -9,6 +9,9 @@
 
 namespace fp8pipe::model {
 
+// RoPE of the model's attention: model.rope_theta, with YaRN when model.rope_scaling.factor > 1.
+kernels::RopeSpec rope_spec(const config::Model& m);
+
 class Attention {
  public:
   // prefix e.g. "layers.3.attn"; parameter names follow DeepSeek-V3's checkpoint

@@ -199,19 +199,15 @@ void rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* r
 
 // Angles pos * theta^(-2i/d) are formed and reduced in double (pos * freq reaches ~1e3..1e5 rad,
 // where a float angle would already be off by ~1e-3), then cos/sin are rounded once to float.
-void rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, float theta,
-          bool inverse) {
+void rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
+          double magnitude, bool inverse) {
   const int64_t half = d / 2;
-  std::vector<double> freq(half);
-  for (int64_t i = 0; i < half; ++i) {
-    freq[i] = std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / d);
-  }
   std::vector<float> cs(half), sn(half);
-  const double sign = inverse ? -1.0 : 1.0;
+  const double sign = inverse ? -magnitude : magnitude;
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t i = 0; i < half; ++i) {
       const double ang = static_cast<double>(pos[r]) * freq[i];
-      cs[i] = static_cast<float>(std::cos(ang));
+      cs[i] = static_cast<float>(magnitude * std::cos(ang));
       sn[i] = static_cast<float>(sign * std::sin(ang));
     }
     for (int64_t h = 0; h < H; ++h) {

@@ -20,9 +20,11 @@ void rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* r
                  int64_t D, float* dx, float* dw_acc);
 
 // Rotary embedding on x[n][H][d] (d even, interleaved pairs (2i, 2i+1) as DeepSeek's reference
-// code), position of row r = pos[r]; frequency of pair i = theta^(-2i/d). In place. `inverse`
-// rotates by -angle (this is the backward, the rotation being orthogonal).
-void rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, float theta, bool inverse);
+// code), position of row r = pos[r]; pair i turns by pos·freq[i] (rope_frequencies in rope.h)
+// and is scaled by `magnitude` (1 but for YaRN with mscale != mscale_all_dim). In place.
+// `inverse` turns by -angle with the same magnitude: the transpose, i.e. the backward.
+void rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
+          double magnitude, bool inverse);
 
 // Causal multi-head attention for one sequence batch: q,k [B][T][H][dk], v [B][T][H][dv] ->
 // o [B][T][H][dv]; lse [B][H][T] = log-sum-exp of the scaled scores (saved for backward).

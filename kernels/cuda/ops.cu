@@ -236,13 +236,13 @@ __global__ void k_rmsnorm_bwd_dw(const float* dy, const float* x, const float* r
 // ---- rope ---------------------------------------------------------------------------------------
 
 __global__ void k_rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d,
-                       const double* freq, bool inverse) {
+                       const double* freq, double magnitude, bool inverse) {
   const int64_t half = d / 2, total = n * H * half;
-  const double sign = inverse ? -1.0 : 1.0;
+  const double sign = inverse ? -magnitude : magnitude;
   for (int64_t t = gtid(); t < total; t += gstride()) {
     const int64_t i = t % half, rh = t / half, r = rh / H;
     const double ang = static_cast<double>(pos[r]) * freq[i];
-    const float cs = static_cast<float>(cos(ang));
+    const float cs = static_cast<float>(magnitude * cos(ang));
     const float sn = static_cast<float>(sign * sin(ang));
     float* xh = x + rh * d;
     const float a = xh[2 * i], b = xh[2 * i + 1];
@@ -643,10 +643,11 @@ Result rmsnorm_bwd(const float* dy, const float* x, const float* w, const float*
 }
 
 Result rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
-            bool inverse, cudaStream_t stream) {
+            double magnitude, bool inverse, cudaStream_t stream) {
   const int64_t total = n * H * (d / 2);
   if (total == 0) return Result::Ok();
-  FP8PIPE_LAUNCH(k_rope, grid_for(total), kThreads, stream, x, pos, n, H, d, freq, inverse);
+  FP8PIPE_LAUNCH(k_rope, grid_for(total), kThreads, stream, x, pos, n, H, d, freq, magnitude,
+                 inverse);
   return Result::Ok();
 }
 

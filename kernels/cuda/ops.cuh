@@ -49,10 +49,11 @@ Result rmsnorm_fwd(const float* x, const float* w, int64_t n, int64_t D, float e
 Result rmsnorm_bwd(const float* dy, const float* x, const float* w, const float* rstd, int64_t n,
                    int64_t D, float* dx, float* dw_acc, cudaStream_t stream);
 
-// freq[half] are the pair frequencies theta^(-2i/d) computed on the host in double (so they are
-// the CPU's bits); angles pos*freq are formed in double on the device.
+// freq[half] are the pair frequencies computed on the host in double by kernels/cpu/rope.h (so
+// they are the CPU's bits); angles pos*freq are formed in double on the device, cos and sin are
+// scaled by `magnitude` (kernels/cpu/ops.h).
 Result rope(float* x, const int32_t* pos, int64_t n, int64_t H, int64_t d, const double* freq,
-            bool inverse, cudaStream_t stream);
+            double magnitude, bool inverse, cudaStream_t stream);
 
 // Causal attention, layouts of kernels/cpu/ops.h. `dscratch` (backward only) holds B*H*T floats
 // (D_i = rowsum(dO_i * O_i)).

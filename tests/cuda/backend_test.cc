@@ -663,13 +663,24 @@ TEST_F(CudaBackendTest, Rope) {
   const int64_t n = 300, H = 3, d = 64;
   const Tensor x = hostf({n, H * d}, randn(n * H * d, 30));
   const Tensor pos = hosti({n}, randi(n, 31, 0, 8192));
-  for (bool inverse : {false, true}) {
-    Tensor xc = cpu_->empty({n, H * d}, DType::kF32).value();
-    ASSERT_TRUE(cpu_->copy(x, xc).ok());
-    Tensor xg = dev(x);
-    ASSERT_TRUE(cpu_->rope(xc, pos, H, 10000.0f, inverse).ok());
-    ASSERT_TRUE(gpu_->rope(xg, dev(pos), H, 10000.0f, inverse).ok());
-    expect_near(vec<float>(xc), back<float>(xg), 1e-6f, 1e-6f, inverse ? "rope inverse" : "rope");
+  // plain RoPE, and YaRN with scaled cos/sin (mscale != mscale_all_dim)
+  const kernels::RopeSpec yarn{.theta = 10000.0,
+                               .factor = 40.0,
+                               .original_max_position = 4096,
+                               .beta_fast = 32.0,
+                               .beta_slow = 1.0,
+                               .mscale = 2.0,
+                               .mscale_all_dim = 1.0};
+  for (const kernels::RopeSpec& r : {kernels::RopeSpec{}, yarn}) {
+    for (bool inverse : {false, true}) {
+      Tensor xc = cpu_->empty({n, H * d}, DType::kF32).value();
+      ASSERT_TRUE(cpu_->copy(x, xc).ok());
+      Tensor xg = dev(x);
+      ASSERT_TRUE(cpu_->rope(xc, pos, H, r, inverse).ok());
+      ASSERT_TRUE(gpu_->rope(xg, dev(pos), H, r, inverse).ok());
+      expect_near(vec<float>(xc), back<float>(xg), 1e-6f, 1e-6f,
+                  std::string(r.yarn() ? "yarn " : "") + (inverse ? "rope inverse" : "rope"));
+    }
   }
 }
 

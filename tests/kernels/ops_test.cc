@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/cpu/fp8_codec.h"
+#include "kernels/cpu/rope.h"
 
 namespace fp8pipe::kernels {
 namespace {
@@ -265,13 +266,80 @@ TEST(RmsNorm, BackwardMatchesFiniteDifferencesAndAccumulatesDw) {
 
 // ---- RoPE -----------------------------------------------------------------------------------
 
+std::vector<double> plain_freq(int64_t d) { return rope_frequencies(RopeSpec{}, d); }
+
+TEST(Rope, PlainFrequenciesAreThetaPowers) {
+  const std::vector<double> f = rope_frequencies(RopeSpec{.theta = 500.0}, 8);
+  ASSERT_EQ(f.size(), 4u);
+  for (int i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(f[i], std::pow(500.0, -i / 4.0));
+  EXPECT_EQ(rope_magnitude(RopeSpec{}), 1.0);
+  EXPECT_EQ(rope_softmax_factor(RopeSpec{}), 1.0);
+}
+
+// DeepSeek-V3's YaRN (config.json rope_scaling: factor 40, original 4096, beta 32 / 1, mscale 1
+// / 1) on its 64 RoPE dims, theta 1e4. Pair i turns 4096·1e4^(-i/32)/2π times over the original
+// context: 36.7 at i = 10, 27.5 at 11, 1.16 at 22, 0.87 at 23. The pair indices where that
+// equals 32 and 1 are 10.47 and 22.51 (d ln(L / 2πβ) / 2 ln θ), floored and ceiled to 10 and 23:
+// pairs 0..10 keep theta's frequency, 23..31 are divided by 40, 11..22 blend linearly in the index.
+// The logits' factor is (0.1 ln 40 + 1)^2 = 1.873854; cos/sin are not scaled.
+TEST(Rope, YarnMatchesDeepSeekV3sRampByHand) {
+  const RopeSpec r{.theta = 10000.0,
+                   .factor = 40.0,
+                   .original_max_position = 4096,
+                   .beta_fast = 32.0,
+                   .beta_slow = 1.0,
+                   .mscale = 1.0,
+                   .mscale_all_dim = 1.0};
+  const std::vector<double> f = rope_frequencies(r, 64);
+  ASSERT_EQ(f.size(), 32u);
+  for (int i = 0; i < 32; ++i) {
+    const double base = std::pow(10000.0, -i / 32.0);
+    const double t = i <= 10 ? 0.0 : i >= 23 ? 1.0 : (i - 10) / 13.0;  // share interpolated
+    EXPECT_NEAR(f[i], base * (1 - t) + base / 40.0 * t, 1e-15 * base) << "pair " << i;
+  }
+  EXPECT_NEAR(rope_softmax_factor(r), 1.873854, 1e-6);
+  EXPECT_EQ(rope_magnitude(r), 1.0);
+}
+
+// The backward rotates by -angle with the same magnitude: the transpose of the forward, so
+// <R x, y> = <x, R^T y> for any x, y, also when YaRN scales cos/sin (mscale != mscale_all_dim:
+// (0.2 ln 8 + 1) / (0.1 ln 8 + 1) = 1.1721); and pair norms scale by exactly that magnitude.
+TEST(Rope, YarnMagnitudeScalesPairsAndTheBackwardIsTheTranspose) {
+  const RopeSpec r{.theta = 10000.0,
+                   .factor = 8.0,
+                   .original_max_position = 16,
+                   .beta_fast = 4.0,
+                   .beta_slow = 0.5,
+                   .mscale = 2.0,
+                   .mscale_all_dim = 1.0};
+  EXPECT_NEAR(rope_magnitude(r), 1.1721, 1e-4);
+  const int64_t H = 2, d = 16, n = 40;
+  std::vector<int32_t> pos(n);
+  for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(i * 3);
+  const std::vector<double> f = rope_frequencies(r, d);
+  const VecF x0 = randn(n * H * d, 40), y0 = randn(n * H * d, 41);
+  VecF x = x0, y = y0;
+  rope(x.data(), pos.data(), n, H, d, f.data(), rope_magnitude(r), false);
+  rope(y.data(), pos.data(), n, H, d, f.data(), rope_magnitude(r), true);
+  double rx_y = 0, x_ry = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    rx_y += double(x[i]) * y0[i];
+    x_ry += double(x0[i]) * y[i];
+  }
+  EXPECT_NEAR(rx_y, x_ry, 1e-5 * (1 + std::abs(rx_y)));
+  for (int64_t p = 0; p < n * H * d / 2; ++p) {
+    const double a = std::hypot(double(x0[2 * p]), double(x0[2 * p + 1]));
+    EXPECT_NEAR(std::hypot(double(x[2 * p]), double(x[2 * p + 1])), 1.1721 * a, 2e-4 * (1 + a));
+  }
+}
+
 TEST(Rope, MatchesFp64IncludingLargePositions) {
   const int64_t H = 3, d = 16;
   const std::vector<int32_t> pos = {0, 1, 7, 127, 4095, 100000};
   const int64_t n = pos.size();
   const VecF x0 = randn(n * H * d, 20);
   VecF x = x0;
-  rope(x.data(), pos.data(), n, H, d, 10000.0f, false);
+  rope(x.data(), pos.data(), n, H, d, plain_freq(d).data(), 1.0, false);
   // cos/sin rounded to float and one fp32 rotation: a few ulps of |x|, even at position 1e5.
   expect_close(x, rope_ref(to_d(x0), pos, H, d, 10000.0), 1e-6, "rope");
   for (int64_t c = 0; c < H * d; ++c) EXPECT_EQ(x[c], x0[c]) << "position 0 must be the identity";
@@ -283,12 +351,12 @@ TEST(Rope, InverseUndoesForwardAndPairNormsArePreserved) {
   for (int64_t r = 0; r < n; ++r) pos[r] = static_cast<int32_t>(r * 37);
   const VecF x0 = randn(n * H * d, 21);
   VecF x = x0;
-  rope(x.data(), pos.data(), n, H, d, 10000.0f, false);
+  rope(x.data(), pos.data(), n, H, d, plain_freq(d).data(), 1.0, false);
   for (int64_t p = 0; p < n * H * d / 2; ++p) {
     const double a = std::hypot(double(x0[2 * p]), double(x0[2 * p + 1]));
     EXPECT_NEAR(std::hypot(double(x[2 * p]), double(x[2 * p + 1])), a, 1e-6 * (1 + a));
   }
-  rope(x.data(), pos.data(), n, H, d, 10000.0f, true);
+  rope(x.data(), pos.data(), n, H, d, plain_freq(d).data(), 1.0, true);
   for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], x0[i], 1e-6 * (1 + std::abs(x0[i])));
 }
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <numbers>
 #include <random>
 
 #include "tests/test_random.h"
@@ -22,8 +23,21 @@ const char* kPrefix = "layers.0.attn";
 
 // std 0.2 (not DSV3's 0.006) makes the scores O(1) so the softmax is far from uniform and every
 // path (q_norm, kv_norm, RoPE parts, values) carries O(1) gradients.
-config::Model small_model(bool mla, int q_lora = 32) {
+// yarn: YaRN at sizes where this layer's 8 positions see it (theta 100, L 8: the RoPE pairs turn
+// 1.27, 0.40, 0.13, 0.04 times over L; beta 1 and 0.05 put the ramp over pairs 0..3 of MLA's 8
+// RoPE dims, 0..6 of MHA's 16), with cos/sin scaled (mscale 2 against mscale_all_dim 1).
+config::Model small_model(bool mla, int q_lora = 32, bool yarn = false) {
   config::Model m;
+  if (yarn) {
+    m.set_rope_theta(100.0f);
+    config::RopeScaling* y = m.mutable_rope_scaling();
+    y->set_factor(4.0f);
+    y->set_original_max_position(8);
+    y->set_beta_fast(1.0f);
+    y->set_beta_slow(0.05f);
+    y->set_mscale(2.0f);
+    y->set_mscale_all_dim(1.0f);
+  }
   m.set_hidden(kHidden);
   m.set_heads(kHeads);
   m.set_init_std(0.2f);
@@ -150,17 +164,49 @@ Mat rmsnorm(Mat x, const Mat& w, double eps) {
   return x;
 }
 
-// Interleaved pairs (2i, 2i+1) rotated by pos * theta^(-2i/d), as model.py's complex view.
-void rope_ref(double* v, int64_t d, int64_t pos, double theta) {
+// YaRN's m(s, c) = 0.1 c ln s + 1.
+double yarn_m(double s, double c) { return 0.1 * c * std::log(s) + 1.0; }
+
+// Frequency of RoPE pair i of d dims: theta^(-2i/d), or under YaRN written from its definition in
+// turns (not kernels/cpu/rope.h's closed form): pair j turns L theta^(-2j/d) / 2π times over the
+// original context L; the ramp runs from the last pair turning at least beta_fast times to the
+// first turning at most beta_slow times, the share interpolated (divided by the factor) growing
+// linearly between.
+double ref_freq(const config::Model& m, int64_t i, int64_t d) {
+  const double th = m.rope_theta(), f = std::pow(th, -2.0 * i / d);
+  const config::RopeScaling& y = m.rope_scaling();
+  if (!(y.factor() > 1.0f)) return f;
+  auto turns = [&](int64_t j) {
+    return y.original_max_position() * std::pow(th, -2.0 * j / d) / (2 * std::numbers::pi);
+  };
+  int64_t lo = 0, hi = 0;
+  while (lo + 1 < d && turns(lo + 1) >= y.beta_fast()) ++lo;
+  while (hi < d - 1 && turns(hi) > y.beta_slow()) ++hi;
+  const double share =
+      hi == lo ? (i > lo ? 1.0 : 0.0) : std::clamp(double(i - lo) / double(hi - lo), 0.0, 1.0);
+  return f / y.factor() * share + f * (1 - share);
+}
+
+// Interleaved pairs (2i, 2i+1) rotated by pos * freq_i, as model.py's complex view; YaRN scales
+// them by m(s, mscale) / m(s, mscale_all_dim).
+void rope_ref(double* v, int64_t d, int64_t pos, const config::Model& m) {
+  const config::RopeScaling& y = m.rope_scaling();
+  const double mag = y.factor() > 1.0f
+                         ? yarn_m(y.factor(), y.mscale()) / yarn_m(y.factor(), y.mscale_all_dim())
+                         : 1.0;
   for (int64_t i = 0; i < d / 2; ++i) {
-    const double ang = pos * std::pow(theta, -2.0 * i / d), a = v[2 * i], b = v[2 * i + 1];
-    v[2 * i] = a * std::cos(ang) - b * std::sin(ang);
-    v[2 * i + 1] = a * std::sin(ang) + b * std::cos(ang);
+    const double ang = pos * ref_freq(m, i, d), a = v[2 * i], b = v[2 * i + 1];
+    v[2 * i] = mag * (a * std::cos(ang) - b * std::sin(ang));
+    v[2 * i + 1] = mag * (a * std::sin(ang) + b * std::cos(ang));
   }
 }
 
-// Causal softmax(q k^T / sqrt(dk)) v per sequence and head; q, k [n, H, dk], v [n, H, dv].
-Mat attend(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t dk, int64_t dv) {
+// Causal softmax(t q k^T / sqrt(dk)) v per sequence and head; q, k [n, H, dk], v [n, H, dv];
+// t = 1, or YaRN's m(s, mscale_all_dim)^2.
+Mat attend(const config::Model& m, const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t dk,
+           int64_t dv) {
+  const config::RopeScaling& y = m.rope_scaling();
+  const double t = y.factor() > 1.0f ? std::pow(yarn_m(y.factor(), y.mscale_all_dim()), 2) : 1.0;
   const int64_t n = q.size() / (H * dk);
   Mat o(n * H * dv, 0.0);
   for (int64_t r = 0; r < n; ++r) {
@@ -170,7 +216,7 @@ Mat attend(const Mat& q, const Mat& k, const Mat& v, int64_t H, int64_t dk, int6
       for (int64_t s = first; s <= r; ++s) {
         double dotqk = 0;
         for (int64_t i = 0; i < dk; ++i) dotqk += q[(r * H + h) * dk + i] * k[(s * H + h) * dk + i];
-        p.push_back(dotqk / std::sqrt(static_cast<double>(dk)));
+        p.push_back(t * dotqk / std::sqrt(static_cast<double>(dk)));
       }
       const double mx = *std::max_element(p.begin(), p.end());
       double z = 0;
@@ -197,20 +243,20 @@ Mat reference_mla(Layer& l, const config::Model& m, const Mat& x) {
   Mat ckv(n * kvr);
   for (int64_t r = 0; r < n; ++r) {
     std::copy_n(&kv[r * (kvr + rp)], kvr, &ckv[r * kvr]);
-    rope_ref(&kv[r * (kvr + rp) + kvr], rp, r % kT, m.rope_theta());
+    rope_ref(&kv[r * (kvr + rp) + kvr], rp, r % kT, m);
   }
   Mat kvb = linear(rmsnorm(ckv, param_of(l, ".kv_norm.weight"), m.norm_eps()),
                    param_of(l, ".wkv_b.weight"), kvr);
   Mat k(n * H * dk), v(n * H * dv);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t h = 0; h < H; ++h) {
-      rope_ref(&qf[(r * H + h) * dk + np], rp, r % kT, m.rope_theta());
+      rope_ref(&qf[(r * H + h) * dk + np], rp, r % kT, m);
       std::copy_n(&kvb[(r * H + h) * (np + dv)], np, &k[(r * H + h) * dk]);
       std::copy_n(&kv[r * (kvr + rp) + kvr], rp, &k[(r * H + h) * dk + np]);
       std::copy_n(&kvb[(r * H + h) * (np + dv) + np], dv, &v[(r * H + h) * dv]);
     }
   }
-  return linear(attend(qf, k, v, H, dk, dv), param_of(l, ".wo.weight"), H * dv);
+  return linear(attend(m, qf, k, v, H, dk, dv), param_of(l, ".wo.weight"), H * dv);
 }
 
 Mat reference_mha(Layer& l, const config::Model& m, const Mat& x) {
@@ -218,17 +264,17 @@ Mat reference_mha(Layer& l, const config::Model& m, const Mat& x) {
   Mat q = linear(x, param_of(l, ".wq.weight"), kHidden);
   Mat k = linear(x, param_of(l, ".wk.weight"), kHidden);
   for (int64_t r = 0; r < n * H; ++r) {
-    rope_ref(&q[r * d], d, r / H % kT, m.rope_theta());
-    rope_ref(&k[r * d], d, r / H % kT, m.rope_theta());
+    rope_ref(&q[r * d], d, r / H % kT, m);
+    rope_ref(&k[r * d], d, r / H % kT, m);
   }
-  Mat o = attend(q, k, linear(x, param_of(l, ".wv.weight"), kHidden), H, d, d);
+  Mat o = attend(m, q, k, linear(x, param_of(l, ".wv.weight"), kHidden), H, d, d);
   return linear(o, param_of(l, ".wo.weight"), kHidden);
 }
 
 // fp32 against fp64: ~10 roundings (u = 6e-8) of O(1) values per output, measured 3e-7 of the
 // output scale; bound 3e-6. A wrong layout, RoPE part or softmax scale errs by O(0.1).
-void check_reference(bool mla) {
-  const config::Model m = small_model(mla);
+void check_reference(bool mla, bool yarn = false) {
+  const config::Model m = small_model(mla, 32, yarn);
   Layer l(m);
   const std::vector<float> x = randn(kN * kHidden, 14);
   const std::vector<float> y = l.forward(0, x);
@@ -244,6 +290,8 @@ void check_reference(bool mla) {
 
 TEST(Attention, MlaMatchesFp64Reference) { check_reference(true); }
 TEST(Attention, MhaMatchesFp64Reference) { check_reference(false); }
+TEST(Attention, MlaWithYarnMatchesFp64Reference) { check_reference(true, true); }
+TEST(Attention, MhaWithYarnMatchesFp64Reference) { check_reference(false, true); }
 
 // ---- (a) gradients vs central finite differences ----
 //
@@ -296,8 +344,8 @@ void check_tensor(Layer& l, const std::string& what, float* theta, const std::ve
   }
 }
 
-void check_gradients(bool mla, int q_lora) {
-  Layer l(small_model(mla, q_lora));
+void check_gradients(bool mla, int q_lora, bool yarn = false) {
+  Layer l(small_model(mla, q_lora, yarn));
   const std::vector<float> x = randn(kN * kHidden, 1), r = randn(kN * kHidden, 2);
   l.forward(0, x);
   std::vector<float> dx = l.backward(0, r);
@@ -316,6 +364,7 @@ void check_gradients(bool mla, int q_lora) {
 TEST(Attention, MlaGradientsMatchFiniteDifferences) { check_gradients(true, 32); }
 TEST(Attention, MlaNoQLoraGradientsMatchFiniteDifferences) { check_gradients(true, 0); }
 TEST(Attention, MhaGradientsMatchFiniteDifferences) { check_gradients(false, 0); }
+TEST(Attention, MlaWithYarnGradientsMatchFiniteDifferences) { check_gradients(true, 32, true); }
 
 // ---- (b) causality ----
 

@@ -37,6 +37,13 @@ def check_config(c):
     assert c["num_key_value_heads"] == c["num_attention_heads"]
     assert c["torch_dtype"] in ("bfloat16", "float32")
     assert c["n_routed_experts"] % c["n_group"] == 0 and c["topk_group"] <= c["n_group"]
+    # rope_scaling: null, or YaRN with DeepSeek-V3's keys (its released config.json)
+    r = c.get("rope_scaling", "absent")
+    assert r is None or (isinstance(r, dict) and r.get("type") == "yarn" and
+                         r.get("rope_type") == "yarn" and r["factor"] > 1 and
+                         isinstance(r["original_max_position_embeddings"], int) and
+                         r["beta_fast"] > r["beta_slow"] > 0 and
+                         r["mscale"] >= 0 and r["mscale_all_dim"] >= 0), f"rope_scaling {r}"
 
 
 def expected_layer(c, i, moe):

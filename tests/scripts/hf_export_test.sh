@@ -71,6 +71,35 @@ else
   echo "transformers check skipped: torch/transformers not installed for $HF_PY"
 fi
 
+# YaRN (model.rope_scaling): config.json carries it as DeepSeek-V3's does, and transformers'
+# YaRN computes what fp8pipe computes. init_std 0.1 makes the attention sharp enough that RoPE
+# matters: evaluated without YaRN, or with another mscale, the CE moves by 2.6e-3 and 2e-4
+# relative, far past the 1e-5 tolerance (measured when this was written).
+YARN=(--model.rope_scaling.factor=4 --model.rope_scaling.original_max_position=16
+  --model.rope_scaling.beta_fast=2 --model.rope_scaling.beta_slow=0.05
+  --model.rope_scaling.mscale=2 --model.rope_scaling.mscale_all_dim=1)
+"$BIN" train "$SRC/configs/tiny.textproto" --train.steps=3 --optim.warmup_steps=1 \
+  --train.eval_every=0 --checkpoint.dir="$TMP/ck_yarn" --checkpoint.every=3 --log.jsonl= \
+  --model.init_std=0.1 "${YARN[@]}" >"$TMP/train_yarn.log" 2>&1 ||
+  { tail -5 "$TMP/train_yarn.log"; die "training the tiny config with YaRN failed"; }
+"$BIN" ckpt export "$TMP/ck_yarn" "$TMP/yarn.safetensors" || die "consolidated export (yarn)"
+"$BIN" ckpt export "$TMP/ck_yarn" "$TMP/hf_yarn" --format hf --dtype fp32 || die "hf export (yarn)"
+python3 "$CHECK" "$TMP/hf_yarn" "$TMP/yarn.safetensors" || die "yarn folder check"
+python3 - "$TMP/hf_yarn/config.json" <<'PY' || die "yarn config.json"
+import json, sys
+r = json.load(open(sys.argv[1]))["rope_scaling"]
+want = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 2.0, "beta_slow": 0.05, "mscale": 2.0, "mscale_all_dim": 1.0}
+assert r == want, r
+PY
+if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
+  SETS=()
+  for a in "${YARN[@]}"; do SETS+=("--set=$a"); done
+  "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/hf_yarn" "$TMP/yarn.safetensors" \
+    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" "${SETS[@]}" ||
+    die "transformers check (yarn)"
+fi
+
 # Bad arguments are refused with the usage text.
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format onnx 2>/dev/null && die "--format onnx accepted"
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format hf --dtype fp8 2>/dev/null && die "--dtype fp8 accepted"
