@@ -1042,7 +1042,17 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  cudaStream_t cur() const { return tl_current ? tl_current : ctx_->compute; }
+  // The stream ops of this thread run on, with the backend's device made current first: the
+  // current device is per host thread and a new thread starts on device 0, so a thread that has
+  // not allocated yet (the FB overlap's backward half, parallel/executor.cc) would otherwise
+  // launch onto another device's stream on a multi-GPU node. cudaGetDevice is a host-side read.
+  cudaStream_t cur() const {
+    int d = -1;
+    if (cudaGetDevice(&d) != cudaSuccess || d != ctx_->device) {
+      check_or_die(cudaSetDevice(ctx_->device), "cudaSetDevice");
+    }
+    return tl_current ? tl_current : ctx_->compute;
+  }
 
   // one(i) for i in [0, n): call i on lane (i + 1) % L, L = min(FP8PIPE_GEMM_STREAMS, n). Lane 0 is
   // the calling stream; lanes 1.. are side streams that first wait for the calling stream's work so

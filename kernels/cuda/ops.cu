@@ -487,35 +487,39 @@ __global__ void k_ce_bwd(const float* logits, const int32_t* targets, int64_t V,
 __global__ void k_router(const float* logits, const float* bias, int64_t n, int64_t E, int64_t topk,
                          int64_t n_groups, int64_t max_groups, float route_scale, float* scores,
                          int32_t* idx, float* gates) {
+  // Per-thread arrays are sized by the top-k and group limits only: the biased affinities are read
+  // back from the scores row this thread wrote (same expression, same bits) and the node limit is
+  // a mask over groups, so the kernel's local memory, which the driver reserves for every thread
+  // the GPU can hold, stays small (it was 5 KiB a thread with E-sized arrays: ~1.3 GiB on an H100).
   for (int64_t r = gtid(); r < n; r += gstride()) {  // grid_for caps the grid: stride over tokens
-    float biased[kRouterMaxExperts];
-    uint8_t allowed[kRouterMaxExperts];
     const bool limited = n_groups > 1 && max_groups < n_groups;
     float* s = scores + r * E;
-    for (int64_t e = 0; e < E; ++e) {
-      s[e] = sigmoidf_(logits[r * E + e]);
-      biased[e] = s[e] + (bias ? bias[e] : 0.0f);
-    }
+    for (int64_t e = 0; e < E; ++e) s[e] = sigmoidf_(logits[r * E + e]);
+    auto biased = [s, bias](int64_t e) { return s[e] + (bias ? bias[e] : 0.0f); };
+    uint8_t group_ok[kRouterMaxGroups];
+    const int64_t gsize = limited ? E / n_groups : E;
     if (limited) {  // kernels/cpu/ops.cc limit_groups, verbatim
-      const int64_t gsize = E / n_groups;
       const int64_t per = min(gsize, max(int64_t{1}, topk / max_groups));
-      int32_t best[kRouterMaxExperts];
+      int32_t best[kRouterMaxTopk];  // per <= topk
       int32_t kept[kRouterMaxGroups];
       float gscore[kRouterMaxGroups];
+      auto all = [](int64_t) { return true; };
       for (int64_t g = 0; g < n_groups; ++g) {
-        top_k(biased + g * gsize, nullptr, gsize, per, best);
+        auto in_group = [&biased, g, gsize](int64_t e) { return biased(g * gsize + e); };
+        top_k_by(in_group, all, gsize, per, best);
         float sum = 0.0f;
-        for (int64_t q = 0; q < per; ++q) sum += biased[g * gsize + best[q]];
+        for (int64_t q = 0; q < per; ++q) sum += biased(g * gsize + best[q]);
         gscore[g] = sum;
       }
       top_k(gscore, nullptr, n_groups, max_groups, kept);
-      for (int64_t e = 0; e < E; ++e) allowed[e] = 0;
-      for (int64_t q = 0; q < max_groups; ++q) {
-        for (int64_t e = kept[q] * gsize; e < (kept[q] + 1) * gsize; ++e) allowed[e] = 1;
-      }
+      for (int64_t g = 0; g < n_groups; ++g) group_ok[g] = 0;
+      for (int64_t q = 0; q < max_groups; ++q) group_ok[kept[q]] = 1;
     }
+    auto allowed = [&group_ok, limited, gsize](int64_t e) {
+      return !limited || group_ok[e / gsize] != 0;
+    };
     int32_t* ir = idx + r * topk;
-    top_k(biased, limited ? allowed : nullptr, E, topk, ir);
+    top_k_by(biased, allowed, E, topk, ir);
     float sum = 0.0f;
     for (int64_t t = 0; t < topk; ++t) sum += s[ir[t]];
     for (int64_t t = 0; t < topk; ++t) gates[r * topk + t] = s[ir[t]] / sum * route_scale;
