@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 
@@ -629,6 +630,13 @@ Status Trainer::save_model(const std::string& path) {
 }
 
 Status Trainer::load_model(const std::string& path) {
+  FP8_ASSIGN_OR_RETURN(int64_t step, load_model_file(path));
+  if (step >= 0) step_ = step;
+  return Status::Ok();
+}
+
+// The weights and router biases of a model-only file; the step it records (-1 if none).
+Result<int64_t> Trainer::load_model_file(const std::string& path) {
   FP8_ASSIGN_OR_RETURN(auto r, safetensors::Reader::open(path));
   auto load = [&](model::Param& p) -> Status {
     FP8_ASSIGN_OR_RETURN(const safetensors::TensorView* v, r.get(p.name));
@@ -643,10 +651,65 @@ Status Trainer::load_model(const std::string& path) {
   for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(load(moe->bias()));
   FP8_RETURN_IF_ERROR(upload_params());
   if (ema_) ema_->reset();  // the average of other weights would mean nothing here
-  auto it = r.metadata().find("step");
-  if (it != r.metadata().end()) step_ = std::stoll(it->second);
   ++ctx_.weight_version;
-  return Status::Ok();
+  auto it = r.metadata().find("step");
+  return it == r.metadata().end() ? int64_t{-1} : std::stoll(it->second);
+}
+
+// checkpoint.init_from: another run's weights and router biases by global name, at step 0 with
+// fresh optimizer state. From a checkpoint the tensors are re-sliced from whichever shards hold
+// them (any layout); the optimizer moments and the data position there are not read.
+Status Trainer::init_from(const std::string& path) {
+  namespace fs = std::filesystem;
+  const std::string field = "checkpoint.init_from=" + path;
+  std::error_code ec;
+  if (fs::is_regular_file(path, ec)) {
+    auto step = load_model_file(path);
+    if (!step.ok()) return step.status().with_context(field);
+    if (is_root()) {
+      log::info("checkpoint: initialized the weights from {} (its step {}); starting at step 0",
+                path, *step);
+    }
+  } else if (fs::is_directory(path, ec)) {
+    // a step directory (it has a manifest), else a root whose newest committed step is used
+    const bool step_dir = fs::exists(fs::path(path) / std::string(ckpt::kManifestFile), ec);
+    auto found = step_dir ? ckpt::resolve(fs::path(path).parent_path().string(), path, false)
+                          : ckpt::resolve(path, "", false);
+    if (!found.ok()) return found.status().with_context(field);
+    if (!*found) {
+      return FP8_INVALID(
+          "{}: no committed checkpoint there (a checkpoint root, a step directory "
+          "or a model .safetensors file)",
+          field);
+    }
+    auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+    if (!loaded.ok()) return loaded.status().with_context(field);
+    auto read = [&](model::Param& p) -> Status {
+      const ckpt::TensorRecord* t = loaded->manifest().find(p.name);
+      if (!t) return FP8_INVALID("{}: no tensor '{}' (another model?)", field, p.name);
+      if (t->shape != p.value.shape()) {
+        return FP8_INVALID("{}: tensor '{}' has shape {}, this model needs {}", field, p.name,
+                           shape_str(t->shape), shape_str(p.value.shape()));
+      }
+      return loaded->read(p.name, "F32", 0, p.value.numel(), p.host_value.data());
+    };
+    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
+    for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
+    FP8_RETURN_IF_ERROR(upload_params());
+    if (ema_) ema_->reset();
+    ++ctx_.weight_version;
+    if (is_root()) {
+      log::info(
+          "checkpoint: initialized the weights from {} (step {}, {} tokens, {}); starting at "
+          "step 0 with fresh optimizer state",
+          loaded->step_dir(), loaded->manifest().step, loaded->manifest().tokens_seen,
+          loaded->manifest().topology.to_string());
+    }
+  } else {
+    return FP8_INVALID("{}: no such file or directory", field);
+  }
+  // placement=device keeps its own weights: start them from the loaded host copies
+  return dev_opt_ ? dev_opt_->load_from(*opt_) : Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -906,12 +969,19 @@ Status Trainer::restore_ema(const ckpt::Loaded& l) {
 
 Status Trainer::resume(const ResumeOptions& opt) {
   const auto& k = cfg_.checkpoint();
-  if (k.resume() == "none" || (k.resume() == "auto" && k.dir().empty())) return Status::Ok();
+  if (k.resume() == "none" || (k.resume() == "auto" && k.dir().empty())) {
+    return k.init_from().empty() ? Status::Ok() : init_from(k.init_from());
+  }
   const std::string which = k.resume() == "auto" ? "" : k.resume();
   FP8_ASSIGN_OR_RETURN(auto found, ckpt::resolve(k.dir(), which, opt.fallback));
   if (!found) {
+    if (!k.init_from().empty()) return init_from(k.init_from());
     log::info("checkpoint: no committed checkpoint under {}; starting at step 0", k.dir());
     return Status::Ok();
+  }
+  if (!k.init_from().empty() && is_root()) {  // this run's own progress wins
+    log::info("checkpoint: resuming this run from {}; checkpoint.init_from={} is not read",
+              found->step_dir, k.init_from());
   }
   FP8_RETURN_IF_ERROR(check_resumable(found->manifest, opt));
   FP8_ASSIGN_OR_RETURN(auto loaded,

@@ -67,6 +67,9 @@ class Trainer {
   // Model-only checkpoint (safetensors: every parameter and router bias by global name).
   Status save_model(const std::string& path);
   Status load_model(const std::string& path);
+  // checkpoint.init_from: another run's weights at step 0 (resume() calls it when there is
+  // nothing to resume).
+  Status init_from(const std::string& path);
 
   // Checkpoints (DESIGN.md §6, core/checkpoint.h), when checkpoint.dir is set. resume() follows
   // checkpoint.resume (auto: the newest committed checkpoint if any; none; a step directory) and
@@ -143,6 +146,7 @@ class Trainer {
   Status restore_optimizer(const ckpt::Loaded& l);
   Status restore_ema(const ckpt::Loaded& l);
   Status download_weights();  // optim.placement=device on a GPU: value -> host_value
+  Result<int64_t> load_model_file(const std::string& path);  // -> the step it records, or -1
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;

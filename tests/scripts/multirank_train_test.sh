@@ -5,8 +5,9 @@
 # dp=2 x ep=2 on two emulated 4-rank nodes) must match within 1e-5 relative, in FP32 and FP8 (the
 # ep layouts with fp32 combine rows: precision.bf16_combine=false). The default bf16 combine
 # must stay close to that and send fewer bytes. A batch ramp on pp=2 x dp=2 layouts must match its
-# one-process run. Then bad layouts must
-# fail on every rank with one clear message and a non-zero exit, without hanging.
+# one-process run. Runs started from a sharded checkpoint of another layout (checkpoint.init_from)
+# must train alike on one process and on pp=2 x dp=2. Then bad layouts must fail on every rank
+# with one clear message and a non-zero exit, without hanging.
 # Usage: multirank_train_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -180,6 +181,30 @@ then
   done
 else
   bad "ramp on one process"; tail -5 "$TMP/ramp_single.log"
+fi
+
+# checkpoint.init_from across layouts: a 4-rank dualpipe pp=2 x dp=2 x ep=2 run writes a sharded
+# checkpoint; a one-process run and a 4-rank dualpipev run both start from it (re-sliced by global
+# name, fresh optimizer, step 0) and must then train alike within 1e-5 (FP32, fp32 combine).
+INIT=(--precision.mode=FP32 --precision.bf16_combine=false --parallel.microbatches=8)
+if run init_src 4 "${INIT[@]}" --parallel.schedule=dualpipe --parallel.pp=2 --parallel.dp=2 \
+     --parallel.ep=2 --checkpoint.dir="$TMP/init_src" &&
+   run init_single 1 "${INIT[@]}" --checkpoint.init_from="$TMP/init_src" &&
+   grep -q "initialized the weights from $TMP/init_src/step_00000004" "$TMP/init_single.log" &&
+   run init_dualpipev 4 "${INIT[@]}" --parallel.schedule=dualpipev --parallel.pp=2 \
+     --parallel.dp=2 --checkpoint.init_from="$TMP/init_src" &&
+   grep -q "initialized the weights from $TMP/init_src/step_00000004" "$TMP/init_dualpipev.log" &&
+   compare init_single init_dualpipev >"$TMP/init.cmp" 2>&1 &&
+   python3 - "$TMP/init_src.r0.jsonl" "$TMP/init_single.r0.jsonl" <<'PY'; then
+import json, sys
+src, init = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:])
+# the loaded weights, not the seed's random init (which both layouts share): the first step
+# starts from the source's 4 trained steps
+assert init[0]["loss"] < src[0]["loss"] - 0.05, (init[0]["loss"], src[0]["loss"])
+PY
+  ok "init_from a sharded 4-rank checkpoint: one process and dualpipev pp=2 x dp=2 train alike"
+else
+  bad "init_from across layouts"; tail -5 "$TMP"/init_*.log "$TMP/init.cmp" 2>/dev/null
 fi
 
 expect_fail() {  # expect_fail DESCRIPTION NP PATTERN [overrides...]
