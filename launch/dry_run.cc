@@ -3,10 +3,13 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "core/config.h"
 #include "core/data.h"
+#include "core/model/attention.h"
+#include "kernels/cpu/rope.h"
 #include "launch/flops.h"
 #include "parallel/executor.h"
 #include "parallel/schedule.h"
@@ -129,6 +132,30 @@ Result<std::string> dry_run_report(const config::Config& cfg, int world) {
   }
   out += fmt::format("\nrun: train.steps={} train {} tokens\n", t.steps(),
                      plan.first_sample(t.steps()) * t.seq_len());
+  const kernels::RopeSpec rope = model::rope_spec(m);
+  if (rope.yarn()) {
+    const int64_t d = m.attention() == config::Model::MLA ? m.mla().qk_rope_head_dim()
+                      : m.head_dim() > 0                  ? m.head_dim()
+                                                          : m.hidden() / m.heads();
+    const std::vector<double> f = kernels::rope_frequencies(rope, d);
+    int64_t kept = 0, divided = 0;
+    for (size_t i = 0; i < f.size(); ++i) {
+      const double base = std::pow(rope.theta, -2.0 * double(i) / double(d));
+      kept += f[i] == base;
+      divided += f[i] == base / rope.factor;
+    }
+    out += fmt::format(
+        "rope: YaRN factor {} over {} positions (train.seq_len {}): of {} RoPE pairs {} keep "
+        "their frequency, {} are divided by {}, {} blend; attention logits x {:.4f}\n",
+        rope.factor, rope.original_max_position, t.seq_len(), f.size(), kept, divided, rope.factor,
+        f.size() - kept - divided, kernels::rope_softmax_factor(rope));
+  }
+  if (!cfg.checkpoint().init_from().empty()) {
+    out += fmt::format(
+        "init: the weights of {} at step 0 with fresh optimizer state, unless checkpoint.dir "
+        "holds a checkpoint of this run (checkpoint.init_from)\n",
+        cfg.checkpoint().init_from());
+  }
 
   const FlopBreakdown f = flops_per_token(m, t.seq_len());
   const double tokens = static_cast<double>(t.global_batch()) * t.seq_len();

@@ -86,6 +86,28 @@ TEST(DryRun, BatchRampListsEachSizeAndTheRunsTokens) {
   EXPECT_TRUE(has(*r, fmt::format("train.steps=300 train {} tokens", (56 + 297 * 32) * 16))) << *r;
 }
 
+// DeepSeek-V3's YaRN on tiny's 8 RoPE dims would be one pair; with a 64-dim RoPE head (as
+// DeepSeek-V3's) the pairs split 11 kept, 12 blended, 9 divided (Rope.YarnMatchesDeepSeekV3sRamp-
+// ByHand counts them from the turn counts); the logits' factor is (0.1 ln 40 + 1)^2.
+TEST(DryRun, YarnAndInitFromAreListed) {
+  auto r =
+      dry_run_report(tiny({"--model.mla.qk_rope_head_dim=64", "--model.rope_scaling.factor=40",
+                           "--model.rope_scaling.original_max_position=4096", "--train.seq_len=128",
+                           "--checkpoint.init_from=runs/pretrain/ckpt"}),
+                     1);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_TRUE(has(*r,
+                  "YaRN factor 40 over 4096 positions (train.seq_len 128): of 32 RoPE pairs "
+                  "11 keep their frequency, 9 are divided by 40, 12 blend; attention logits "
+                  "x 1.8739"))
+      << *r;
+  EXPECT_TRUE(has(*r, "init: the weights of runs/pretrain/ckpt at step 0")) << *r;
+  auto plain = dry_run_report(tiny({}), 1);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_FALSE(has(*plain, "YaRN")) << *plain;
+  EXPECT_FALSE(has(*plain, "init:")) << *plain;
+}
+
 TEST(DryRun, RefusesAWorldThatDoesNotFitTheLayout) {
   auto r = dry_run_report(tiny({"--parallel.pp=2", "--parallel.dp=2"}), 6);
   ASSERT_FALSE(r.ok());
