@@ -44,7 +44,7 @@ Status validate(const config::Config& cfg, int world_size = 0);
 std::string to_text(const config::Config& cfg);
 
 // The modules of train.recompute (comma-separated; validated against kRecomputeModules).
-constexpr std::string_view kRecomputeModules[] = {"mla_up_proj"};
+constexpr std::string_view kRecomputeModules[] = {"mla_up_proj", "rmsnorm"};
 std::vector<std::string> recompute_modules(const config::Train& t);
 bool recomputes(const config::Train& t, std::string_view module);
 

@@ -180,12 +180,19 @@ struct Attention::Impl {
   Status init_mla(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
   Status init_mha(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
   Result<Tensor> positions(ModelCtx& c, int64_t n, int64_t T);
-  Result<Tensor> query(ModelCtx& c, int mb, const Tensor& x, const Tensor& pos);
+  // The projections reading the block's normed input x: MLA wq_a (or wq) and wkv_a, MHA wq, wk
+  // and wv. They share x's prepared operand (FP8: one 1x128 quantization held once for their
+  // weight gradients, and one 128x1 re-quantization in W), as SwiGLU's w1 and w3 do.
+  std::vector<Linear*> input_group() {
+    if (!mla) return {&wq, &wk, &wv};
+    return {q_lowrank() ? &wq_a : &wq, &wkv_a};
+  }
+  Result<Tensor> query(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, const Tensor& pos);
   Result<Tensor> query_heads(ModelCtx& c, Tensor qf, const Tensor& pos);
-  Status mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Status mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
   Status mla_kv_heads(ModelCtx& c, const Tensor& kvb, Saved& s);
   Status recompute_qkv(ModelCtx& c, int mb, Saved& s);
-  Status mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s);
+  Status mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
   Result<Tensor> query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos);
   Result<Tensor> mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk, const Tensor& dv,
                                  const Tensor& pos);
@@ -262,14 +269,15 @@ Result<Tensor> Attention::Impl::positions(ModelCtx& c, int64_t n, int64_t T) {
 }
 
 // q [n, H*dk] = per head [q_nope | RoPE(q_rope)] (MHA: RoPE over the whole head).
-Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, const Tensor& pos) {
+Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp,
+                                      const Tensor& pos) {
   Tensor qf;
   if (q_lowrank()) {
-    FP8_ASSIGN_OR_RETURN(Tensor cq, wq_a.forward(c, mb, x));
+    FP8_ASSIGN_OR_RETURN(Tensor cq, wq_a.forward_prepared(c, mb, x, xp));
     FP8_ASSIGN_OR_RETURN(Tensor cqn, q_norm.forward(c, mb, cq));
     FP8_ASSIGN_OR_RETURN(qf, wq_b.forward(c, mb, cqn));
   } else {
-    FP8_ASSIGN_OR_RETURN(qf, wq.forward(c, mb, x));
+    FP8_ASSIGN_OR_RETURN(qf, wq.forward_prepared(c, mb, x, xp));
   }
   return query_heads(c, std::move(qf), pos);
 }
@@ -287,8 +295,8 @@ Result<Tensor> Attention::Impl::query_heads(ModelCtx& c, Tensor qf, const Tensor
 
 // MLA keys and values: [c_kv | k_rope] = x W_kva; [k_nope | v] per head = kv_norm(c_kv) W_kvb;
 // k = [k_nope | RoPE(k_rope) broadcast to every head].
-Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
-  FP8_ASSIGN_OR_RETURN(Tensor kv, wkv_a.forward(c, mb, x));
+Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(Tensor kv, wkv_a.forward_prepared(c, mb, x, xp));
   FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &rows, kv, 1, kv_lora, rope));
   FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
@@ -314,10 +322,10 @@ Status Attention::Impl::recompute_qkv(ModelCtx& c, int mb, Saved& s) {
   return mla_kv_heads(c, kvb, s);
 }
 
-Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, Saved& s) {
-  FP8_ASSIGN_OR_RETURN(s.k, wk.forward(c, mb, x));
+Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s) {
+  FP8_ASSIGN_OR_RETURN(s.k, wk.forward_prepared(c, mb, x, xp));
   FP8_RETURN_IF_ERROR(c.be->rope(s.k, s.pos, H, rope_spec, false));
-  FP8_ASSIGN_OR_RETURN(s.v, wv.forward(c, mb, x));
+  FP8_ASSIGN_OR_RETURN(s.v, wv.forward_prepared(c, mb, x, xp));
   return Status::Ok();
 }
 
@@ -330,8 +338,9 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
   s.B = B;
   s.T = T;
   FP8_ASSIGN_OR_RETURN(s.pos, a.positions(c, x.rows(), T));
-  FP8_ASSIGN_OR_RETURN(s.q, a.query(c, mb, x, s.pos));
-  FP8_RETURN_IF_ERROR(a.mla ? a.mla_kv(c, mb, x, s) : a.mha_kv(c, mb, x, s));
+  FP8_ASSIGN_OR_RETURN(Tensor xp, a.input_group().front()->prepare_input(c, x));
+  FP8_ASSIGN_OR_RETURN(s.q, a.query(c, mb, x, xp, s.pos));
+  FP8_RETURN_IF_ERROR(a.mla ? a.mla_kv(c, mb, x, xp, s) : a.mha_kv(c, mb, x, xp, s));
   FP8_ASSIGN_OR_RETURN(s.o, new_f32(c, x.rows(), a.H * a.vdim));
   FP8_ASSIGN_OR_RETURN(s.lse, c.be->empty({B * a.H * T}, DType::kF32));
   FP8_RETURN_IF_ERROR(attention_core_fwd(c, s.q, s.k, s.v, {B, T, a.H, a.scale}, s.o, s.lse));
@@ -409,9 +418,25 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   return dx;
 }
 
+Status Attention::drop_input(int mb) {
+  for (Linear* l : impl_->input_group()) FP8_RETURN_IF_ERROR(l->drop_input(mb));
+  return Status::Ok();
+}
+
+Status Attention::restore_input(ModelCtx& c, int mb, const Tensor& x) {
+  const std::vector<Linear*> group = impl_->input_group();
+  FP8_ASSIGN_OR_RETURN(Tensor xp, group.front()->prepare_input(c, x));
+  for (Linear* l : group) FP8_RETURN_IF_ERROR(l->restore_prepared(mb, xp));
+  return Status::Ok();
+}
+
 Status Attention::backward_weight(ModelCtx& c, int mb) {
   Impl& a = *impl_;
-  for (Linear* l : {&a.wq_a, &a.wq_b, &a.wq, &a.wkv_a, &a.wkv_b, &a.wk, &a.wv, &a.wo}) {
+  const std::vector<Linear*> group = a.input_group();
+  FP8_ASSIGN_OR_RETURN(Tensor xo, group.front()->weight_grad_input(c, mb));
+  for (Linear* l : group) FP8_RETURN_IF_ERROR(l->backward_weight(c, mb, xo));
+  xo = Tensor();
+  for (Linear* l : {&a.wq_b, &a.wkv_b, &a.wo}) {
     if (l->weight().value.defined()) FP8_RETURN_IF_ERROR(l->backward_weight(c, mb));
   }
   return Status::Ok();

@@ -22,6 +22,11 @@ class Attention {
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
   std::vector<Param*> params();
+  // Releases and restores the input the projections reading x keep for their weight gradients
+  // (one shared operand), for a caller that recomputes x (train.recompute=rmsnorm). Restore
+  // before backward_input: without a q latent, mla_up_proj's recompute reads it.
+  Status drop_input(int mb);
+  Status restore_input(ModelCtx& c, int mb, const Tensor& x);
 
  private:
   struct Impl;

@@ -20,6 +20,7 @@ Status Block::init(ModelCtx& c, const std::string& prefix, const config::Model& 
 Result<Tensor> Block::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T) {
   FP8_ASSIGN_OR_RETURN(Tensor xn, attn_norm_.forward(c, mb, x));
   FP8_ASSIGN_OR_RETURN(Tensor a, attn_.forward(c, mb, xn, B, T));
+  if (c.recompute_norm) FP8_RETURN_IF_ERROR(attn_.drop_input(mb));  // rebuilt from x in B
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), x.cols()));
   FP8_RETURN_IF_ERROR(c.be->add(x, a, h));
   FP8_ASSIGN_OR_RETURN(Tensor hn, ffn_norm_.forward(c, mb, h));
@@ -29,6 +30,9 @@ Result<Tensor> Block::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, i
   } else {
     FP8_ASSIGN_OR_RETURN(f, dense_->forward(c, mb, hn));
   }
+  if (c.recompute_norm) {  // rebuilt from h in B
+    FP8_RETURN_IF_ERROR(moe_ ? moe_->drop_input(mb) : dense_->drop_input(mb));
+  }
   FP8_ASSIGN_OR_RETURN(Tensor out, new_f32(c, x.rows(), x.cols()));
   FP8_RETURN_IF_ERROR(c.be->add(h, f, out));
   return out;
@@ -36,6 +40,10 @@ Result<Tensor> Block::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, i
 
 Result<Tensor> Block::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   // out = h + ffn(norm(h)): dh = dy + norm'(ffn'(dy)); h = x + attn(norm(x)): dx likewise.
+  if (c.recompute_norm) {  // the FFN's normed input again, before its backward reads it
+    FP8_ASSIGN_OR_RETURN(Tensor hn, ffn_norm_.recompute(c, mb));
+    FP8_RETURN_IF_ERROR(moe_ ? moe_->restore_input(c, mb, hn) : dense_->restore_input(c, mb, hn));
+  }
   Tensor df;
   if (moe_) {
     FP8_ASSIGN_OR_RETURN(df, moe_->backward_input(c, mb, dy));
@@ -44,6 +52,10 @@ Result<Tensor> Block::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   }
   FP8_ASSIGN_OR_RETURN(Tensor dh, ffn_norm_.backward(c, mb, df));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dy, dh));
+  if (c.recompute_norm) {
+    FP8_ASSIGN_OR_RETURN(Tensor xn, attn_norm_.recompute(c, mb));
+    FP8_RETURN_IF_ERROR(attn_.restore_input(c, mb, xn));
+  }
   FP8_ASSIGN_OR_RETURN(Tensor da, attn_.backward_input(c, mb, dh));
   FP8_ASSIGN_OR_RETURN(Tensor dx, attn_norm_.backward(c, mb, da));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dh, dx));

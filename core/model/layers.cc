@@ -17,6 +17,14 @@ Result<Tensor> RMSNorm::forward(ModelCtx& c, int mb, const Tensor& x) {
   return y;
 }
 
+Result<Tensor> RMSNorm::recompute(ModelCtx& c, int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  FP8_ASSIGN_OR_RETURN(Tensor rstd, c.be->empty({s->x.rows()}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, s->x.rows(), s->x.cols()));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(s->x, w_.value, eps_, y, rstd));
+  return y;
+}
+
 Result<Tensor> RMSNorm::backward(ModelCtx& c, int mb, const Tensor& dy) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   FP8_ASSIGN_OR_RETURN(Tensor dx, new_f32(c, dy.rows(), dy.cols()));
@@ -104,6 +112,17 @@ Result<Tensor> SwiGLU::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, dx3, dx));
   saved_.erase(mb);
   return dx;
+}
+
+Status SwiGLU::drop_input(int mb) {
+  FP8_RETURN_IF_ERROR(w1_.drop_input(mb));
+  return w3_.drop_input(mb);
+}
+
+Status SwiGLU::restore_input(ModelCtx& c, int mb, const Tensor& x) {
+  FP8_ASSIGN_OR_RETURN(Tensor xp, w1_.prepare_input(c, x));
+  FP8_RETURN_IF_ERROR(w1_.restore_prepared(mb, xp));
+  return w3_.restore_prepared(mb, xp);
 }
 
 Status SwiGLU::backward_weight(ModelCtx& c, int mb) {

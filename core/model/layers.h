@@ -13,6 +13,9 @@ class RMSNorm {
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);
   // dx; the weight gradient is accumulated at once (it is tiny, nothing to defer).
   Result<Tensor> backward(ModelCtx& c, int mb, const Tensor& dy);
+  // The forward's output of micro-batch mb again from the kept input (train.recompute=rmsnorm):
+  // the same op on the same x and weight, so the same bits.
+  Result<Tensor> recompute(ModelCtx& c, int mb);
   Param& weight() { return w_; }
 
  private:
@@ -48,6 +51,10 @@ class SwiGLU {
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
+  // Releases and restores the input w1 and w3 keep for their weight gradients (one shared
+  // operand), for a caller that recomputes x (train.recompute=rmsnorm).
+  Status drop_input(int mb);
+  Status restore_input(ModelCtx& c, int mb, const Tensor& x);
   std::vector<Param*> params() { return {&w1_.weight(), &w3_.weight(), &w2_.weight()}; }
 
  private:

@@ -112,9 +112,13 @@ Status Linear::drop_input(int mb) {
 }
 
 Status Linear::restore_input(ModelCtx& c, int mb, const Tensor& x) {
-  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   FP8_ASSIGN_OR_RETURN(Tensor p, prepare_input(c, x));
-  (use_fp8(c) ? s->xq : s->x) = std::move(p);
+  return restore_prepared(mb, p);
+}
+
+Status Linear::restore_prepared(int mb, const Tensor& prepared) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  (is_fp8(prepared.dtype()) ? s->xq : s->x) = prepared;  // as forward_prepared keeps it
   return Status::Ok();
 }
 

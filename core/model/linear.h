@@ -39,6 +39,8 @@ class Linear {
   // what forward keeps (FP8: its 1x128 quantization), before backward_weight needs it.
   Status drop_input(int mb);
   Status restore_input(ModelCtx& c, int mb, const Tensor& x);
+  // restore_input with the operand prepare_input made (shared by layers reading the same x).
+  Status restore_prepared(int mb, const Tensor& prepared);
 
   // The weight operand of this layer's GEMMs for the current weight version: FP8 W (128x128), or
   // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.

@@ -56,6 +56,10 @@ struct ModelCtx {
   // train.recompute=mla_up_proj: MLA attention keeps only its projections' inputs and re-runs the
   // query and key/value up-projections in the backward (bitwise the same q, k, v).
   bool recompute_mla_up = false;
+  // train.recompute=rmsnorm: a block's two RMSNorm outputs are not held from F to B (the
+  // attention's and FFN's Linears drop what they keep of them); the backward re-runs the norms
+  // from their kept inputs and the Linears re-prepare them (bitwise the same).
+  bool recompute_norm = false;
   // precision.fp8_swiglu_cache (FP8): the MoE's experts (routed and shared) hold g and u as FP8
   // 1x128 and recompute the SwiGLU output in the backward.
   bool fp8_swiglu_cache = false;

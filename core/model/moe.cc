@@ -775,6 +775,16 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   return y;
 }
 
+Status MoE::drop_input(int mb) {
+  FP8_RETURN_IF_ERROR(impl_->router.drop_input(mb));
+  return impl_->shared ? impl_->shared->drop_input(mb) : Status::Ok();
+}
+
+Status MoE::restore_input(ModelCtx& c, int mb, const Tensor& x) {
+  FP8_RETURN_IF_ERROR(impl_->router.restore_input(c, mb, x));
+  return impl_->shared ? impl_->shared->restore_input(c, mb, x) : Status::Ok();
+}
+
 // dx = shared'(dy) + routed experts' dx (gather/scatter transposes) + router dx (gates + balance).
 Result<Tensor> MoE::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
   Impl& p = *impl_;

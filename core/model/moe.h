@@ -35,6 +35,11 @@ class MoE {
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
+  // Releases and restores what the router and the shared experts keep of x for their weight
+  // gradients, for a caller that recomputes x (train.recompute=rmsnorm). The routed experts
+  // keep their own dispatched rows.
+  Status drop_input(int mb);
+  Status restore_input(ModelCtx& c, int mb, const Tensor& x);
   std::vector<Param*> params();  // router, shared and routed experts (not the bias)
   Param& bias();                 // e_score_correction_bias [E]: updated by the balancing rule
   MoeStepStats& stats();

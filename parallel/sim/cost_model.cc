@@ -27,6 +27,7 @@ struct BlockShape {
   double attn_fwd = 0;     // attention core FLOPs per token, forward
   double elementwise = 0;  // forward bytes per token of norms, residuals, SwiGLU, permute
   double act = 0;          // bytes per token held for the backward
+  double bw_hbm = 0;       // extra backward bytes per token (re-quantized recomputed inputs)
   double dense_params = 0, expert_params = 0;  // per GPU
   bool moe = false;
 };
@@ -94,11 +95,18 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, bool sw
   b.dense_params += s * 3 * d * h + d * e.routed_experts();
 }
 
+// recompute_norm: train.recompute has rmsnorm (TR §3.2.3): the two normed inputs (the attention's
+// and the FFN's FP8 copies, d bytes each) are not held; B re-runs the norms (its elementwise term
+// already counts recomputed norms) and re-quantizes them (read BF16, write FP8).
 BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
-                       bool recompute, bool swiglu_cache) {
+                       bool recompute, bool swiglu_cache, bool recompute_norm) {
   BlockShape b;
   add_attention(m, seq, recompute, b);
   add_ffn(m, moe, c.imbalance, ep, swiglu_cache, b);
+  if (recompute_norm) {
+    b.act -= 2.0 * m.hidden();
+    b.bw_hbm += 3 * 2.0 * m.hidden();
+  }
   for (const Gemm& g : b.gemms) {
     if (!(moe && g.rows != 1)) b.dense_params += g.k * g.n;  // routed experts counted above
   }
@@ -126,6 +134,7 @@ void block_work(const BlockShape& b, double t, Work& f, Work& bw, Work& w) {
   f.model += t * b.attn_fwd, bw.model += 2 * t * b.attn_fwd;
   f.hbm += t * b.elementwise;
   bw.hbm += 3 * t * b.elementwise;  // gradient passes (2x) + recomputed norms/SwiGLU (1x)
+  bw.hbm += t * b.bw_hbm;
 }
 
 }  // namespace
@@ -377,8 +386,9 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
   const bool recompute = recomputes(cfg.train(), "mla_up_proj");
   const bool cache =
       cfg.precision().fp8_swiglu_cache() && cfg.precision().mode() == config::Precision::FP8;
-  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute, cache);
-  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute, cache);
+  const bool recompute_norm = recomputes(cfg.train(), "rmsnorm");
+  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute, cache, recompute_norm);
+  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute, cache, recompute_norm);
   for (int st = 0; st < s.stages(); ++st) {
     const model::ModelPart& p = parts[st];
     ChunkCost c;

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "core/model/attention.h"
 #include "core/model/layers.h"
 #include "core/op_profile.h"
 #include "tests/test_profiled.h"
@@ -45,6 +46,56 @@ TEST(SwiGLUSharing, W1AndW3QuantizeTheirInputOnce) {
     double ss = 0;
     for (int64_t i = 0; i < p->grad.numel(); ++i) ss += std::abs(p->grad.data_as<float>()[i]);
     EXPECT_GT(ss, 0.0) << p->name;
+  }
+}
+
+// Attention's projections that read the block's normed input (MLA wq_a and wkv_a; without a q
+// latent wq and wkv_a; MHA wq, wk, wv) share it the same way: one 1x128 quantization of x in the
+// forward, held once, and one 128x1 re-quantization for their weight gradients. Counted: forward
+// = one quantization per weight (first forward) + x once + each other Linear's own input (MLA
+// with q latent: q_norm's and kv_norm's outputs and the core's output for wo); backward_weight =
+// one dY^T per weight + x once + the others' inputs.
+TEST(AttentionSharing, ProjectionsReadingTheInputQuantizeItOnce) {
+  struct Case {
+    bool mla;
+    int q_lora;
+    int weights, other_inputs;
+  };
+  for (const Case& k : {Case{true, 32, 5, 3}, Case{true, 0, 4, 2}, Case{false, 0, 4, 1}}) {
+    SCOPED_TRACE(testing::Message() << "mla " << k.mla << " q_lora " << k.q_lora);
+    testutil::ProfiledFp8Cpu p;
+    config::Model m;
+    m.set_hidden(256);
+    m.set_heads(2);
+    m.set_init_std(0.05f);
+    m.set_attention(k.mla ? config::Model::MLA : config::Model::MHA);
+    config::Mla* a = m.mutable_mla();
+    a->set_q_lora_rank(k.q_lora);
+    a->set_kv_lora_rank(128);
+    a->set_qk_nope_head_dim(64);
+    a->set_qk_rope_head_dim(64);
+    a->set_v_head_dim(128);
+    Attention attn;
+    ASSERT_TRUE(attn.init(p.c, "attn", m, /*seed=*/5).ok());
+    const int64_t B = 2, T = 32;
+    Tensor x = p.be->empty({B * T, 256}, DType::kF32).value();
+    std::mt19937 rng(2);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data_as<float>()[i] = d(rng);
+    p.prof->reset();
+    auto y = attn.forward(p.c, 0, x, B, T);
+    ASSERT_TRUE(y.ok()) << y.status().to_string();
+    EXPECT_EQ(calls_of(p.prof->totals(), "quantize"), k.weights + 1 + k.other_inputs);
+    ASSERT_TRUE(attn.backward_input(p.c, 0, *y).ok());
+    p.prof->reset();
+    ASSERT_TRUE(attn.backward_weight(p.c, 0).ok());
+    EXPECT_EQ(calls_of(p.prof->totals(), "quantize_transposed"), k.weights);
+    EXPECT_EQ(calls_of(p.prof->totals(), "requantize_transposed"), 1 + k.other_inputs);
+    for (Param* w : attn.params()) {
+      double ss = 0;
+      for (int64_t i = 0; i < w->grad.numel(); ++i) ss += std::abs(w->grad.data_as<float>()[i]);
+      EXPECT_GT(ss, 0.0) << w->name;
+    }
   }
 }
 
