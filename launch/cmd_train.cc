@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/hf_import.h"
 #include "core/log.h"
 #include "launch/commands.h"
 #include "launch/dry_run.h"
@@ -213,15 +214,19 @@ int cmd_eval(int argc, char** argv) {
   }
   if (ckpt.empty())
     return fail(
-        FP8_INVALID("eval needs --checkpoint PATH (a model.safetensors "
-                    "written by train, or its directory)"));
-  if (std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
+        FP8_INVALID("eval needs --checkpoint PATH (a model.safetensors written by train, its "
+                    "directory, or a Hugging Face DeepseekV3 folder)"));
+  // A Hugging Face DeepseekV3 folder is read by name (core/hf_import.h); another directory is
+  // a train run's, whose model.safetensors is read.
+  const bool hf_folder = hf::is_hf_folder(ckpt);
+  if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
   auto cfg = load_for_world(path, ov, mpi.world);
   if (!cfg.ok()) return fail(cfg.status());
   if (mpi.world > 1) return fail(FP8_INVALID("eval runs on one process (mpirun -np 1)"));
   auto trainer = Trainer::create(*cfg);
   if (!trainer.ok()) return fail(trainer.status());
-  if (Status s = (*trainer)->load_model(ckpt); !s.ok()) return fail(s);
+  if (Status s = hf_folder ? (*trainer)->init_from(ckpt) : (*trainer)->load_model(ckpt); !s.ok())
+    return fail(s);
   auto loss = (*trainer)->evaluate(batches > 0 ? batches : cfg->train().eval_batches());
   if (!loss.ok()) return fail(loss.status());
   fmt::print("eval loss {:.6f} nats/token ({} held-out batches, step {})\n", *loss,

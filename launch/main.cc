@@ -18,7 +18,7 @@ constexpr Command kCommands[] = {
      "CONFIG [--a.b=v ...] [--save PATH]   train (under mpirun: one process per rank)"},
     {"ckpt", fp8pipe::cli::cmd_ckpt, "inspect|verify DIR [--step N] | export DIR OUT [--step N]"},
     {"eval", fp8pipe::cli::cmd_eval,
-     "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model"},
+     "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model (or HF folder)"},
     {"config", fp8pipe::cli::cmd_config,
      "CONFIG [--a.b=v ...]   print the resolved config (after overrides) and validate it"},
     {"quantize", fp8pipe::cli::cmd_quantize,

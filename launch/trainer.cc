@@ -12,6 +12,7 @@
 #include <set>
 
 #include "core/config.h"
+#include "core/hf_import.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "core/op_profile.h"
@@ -664,7 +665,29 @@ Status Trainer::init_from(const std::string& path) {
   namespace fs = std::filesystem;
   const std::string field = "checkpoint.init_from=" + path;
   std::error_code ec;
-  if (fs::is_regular_file(path, ec)) {
+  if (hf::is_hf_folder(path)) {  // a Hugging Face DeepseekV3 folder (core/hf_import.h)
+    auto folder = hf::Folder::open(path, cfg_.model());
+    if (!folder.ok()) return folder.status().with_context(field);
+    auto read = [&](model::Param& p) -> Status {
+      const Status s = (*folder)->read(p.name, p.value.shape(), p.host_value.data_as<float>());
+      return s.ok() ? s : s.with_context(field);
+    };
+    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
+    for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
+    FP8_RETURN_IF_ERROR(upload_params());
+    if (ema_) ema_->reset();
+    ++ctx_.weight_version;
+    if (is_root()) {
+      std::vector<std::string> kinds;
+      for (const auto& [dtype, n] : (*folder)->dtypes_read()) {
+        kinds.push_back(fmt::format("{} {}", n, dtype));
+      }
+      log::info(
+          "checkpoint: initialized the weights from the Hugging Face folder {} ({} tensors); "
+          "starting at step 0 with fresh optimizer state",
+          path, fmt::join(kinds, ", "));
+    }
+  } else if (fs::is_regular_file(path, ec)) {
     auto step = load_model_file(path);
     if (!step.ok()) return step.status().with_context(field);
     if (is_root()) {

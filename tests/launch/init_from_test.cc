@@ -5,12 +5,18 @@
 // this run's own checkpoint, which wins over init_from on a restart.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "core/hf_export.h"
+#include "core/safetensors.h"
+#include "kernels/cpu/fp8_codec.h"
 #include "launch/trainer.h"
 #include "tests/launch/short_run.h"
 
@@ -69,10 +75,12 @@ class InitFrom : public ::testing::Test {
   void TearDown() override { std::filesystem::remove_all(root_); }
   std::string root_;
   const std::vector<std::string> kNoDecay = {"--optim.weight_decay=0", "--train.steps=10"};
+  std::vector<std::string> dims_;  // model overrides of both the source and the derived runs
 
   // The source run: 3 steps, a checkpoint and the model-only file; returns its weights.
   std::vector<float> source(std::unique_ptr<Trainer>* keep = nullptr) {
     std::vector<std::string> o = kNoDecay;
+    o.insert(o.end(), dims_.begin(), dims_.end());
     o.push_back("--checkpoint.dir=" + root_ + "/a");
     auto a = make_trainer(tiny_short(o));
     EXPECT_TRUE(a);
@@ -86,6 +94,7 @@ class InitFrom : public ::testing::Test {
   }
   std::unique_ptr<Trainer> derived(const std::string& from, const std::string& dir = "b") {
     std::vector<std::string> o = kNoDecay;
+    o.insert(o.end(), dims_.begin(), dims_.end());
     o.push_back("--checkpoint.dir=" + root_ + "/" + dir);
     o.push_back("--checkpoint.init_from=" + from);
     auto b = make_trainer(tiny_short(o));
@@ -173,6 +182,166 @@ TEST_F(InitFrom, ErrorsNameTheFieldAndWhatIsWrong) {
               std::string::npos)
         << e;
   }
+}
+
+// A Hugging Face DeepseekV3 folder as `fp8pipe ckpt export --format hf` writes it (the inverse
+// mapping, MTP's eh_proj split back into its halves, the main embed/head rather than the MTP
+// layers' copies): fp32 gives the source's weights bitwise, bf16 their round-to-nearest-even.
+TEST_F(InitFrom, HuggingFaceFolderGivesTheExportedWeights) {
+  const std::vector<float> src = source();
+  auto found = ckpt::resolve(root_ + "/a", "", false);
+  ASSERT_TRUE(found.ok() && *found);
+  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+  ASSERT_TRUE(loaded.ok());
+  for (const char* dtype : {"fp32", "bf16"}) {
+    SCOPED_TRACE(dtype);
+    const std::string dir = root_ + "/hf_" + dtype;
+    hf::Options opt;
+    opt.dtype = dtype;
+    ASSERT_TRUE(hf::export_folder(*loaded, dir, opt).ok());
+    auto b = derived(dir, std::string("b_") + dtype);
+    ASSERT_TRUE(b);
+    EXPECT_EQ(b->step(), 0);
+    const std::vector<float> got = weights(*b);
+    ASSERT_EQ(got.size(), src.size());
+    // the router biases (the last elements) stay F32 in both
+    const size_t biases = [&] {
+      size_t n = 0;
+      for (auto* moe : b->model().moes()) n += moe->bias().host_value.numel();
+      return n;
+    }();
+    int64_t off = 0;
+    for (size_t i = 0; i < src.size(); ++i) {
+      const bool f32 = std::string(dtype) == "fp32" || i >= src.size() - biases;
+      const float want = f32 ? src[i] : kernels::bf16_to_float(kernels::float_to_bf16(src[i]));
+      off += got[i] != want;
+    }
+    EXPECT_EQ(off, 0) << "of " << src.size() << " values";
+  }
+}
+
+// DeepSeek-V3 ships its Linear weights as F8_E4M3 with 128x128 block scales `<name>_scale_inv`
+// (w = code x scale_inv of the block). The fp32 export rewritten that way here, block by block
+// (scale = block amax / 448; 2 x 2 blocks with partial edge ones), imports as exactly those
+// products, within E4M3's 2^-4 relative step of the trained weights; norms, embeddings, head,
+// router and biases stay F32 as DeepSeek keeps them.
+TEST_F(InitFrom, HuggingFaceFp8BlockScaledWeights) {
+  // hidden 192 and expert width 160: matrices of 2 x 2 blocks with partial edge blocks
+  dims_ = {"--model.hidden=192", "--model.moe.expert_hidden=160"};
+  std::unique_ptr<Trainer> a;
+  source(&a);
+  auto found = ckpt::resolve(root_ + "/a", "", false);
+  ASSERT_TRUE(found.ok() && *found);
+  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+  ASSERT_TRUE(loaded.ok());
+  const std::string dir = root_ + "/hf_fp8";
+  hf::Options opt;
+  opt.dtype = "fp32";
+  ASSERT_TRUE(hf::export_folder(*loaded, dir, opt).ok());
+  std::map<std::string, std::vector<float>> expect;  // HF name -> dequantized values
+  {
+    auto r = safetensors::Reader::open(dir + "/model.safetensors");
+    ASSERT_TRUE(r.ok());
+    safetensors::Writer w;
+    for (const safetensors::TensorView& t : r->tensors()) {
+      std::vector<uint8_t> bytes(t.data, t.data + t.nbytes);
+      const bool linear = t.shape.size() == 2 && t.name.find("layers.") != std::string::npos &&
+                          t.name.find("norm") == std::string::npos &&
+                          t.name.find("mlp.gate.") == std::string::npos &&
+                          t.name.find("embed") == std::string::npos &&
+                          t.name.find("head") == std::string::npos;
+      if (!linear) {
+        ASSERT_TRUE(w.add(t.name, t.dtype, t.shape, std::move(bytes)).ok());
+        continue;
+      }
+      const int64_t R = t.shape[0], C = t.shape[1], RB = (R + 127) / 128, CB = (C + 127) / 128;
+      std::vector<float> v(R * C), deq(R * C), scale(RB * CB);
+      std::memcpy(v.data(), t.data, t.nbytes);
+      std::vector<uint8_t> codes(R * C);
+      for (int64_t rb = 0; rb < RB; ++rb) {
+        for (int64_t cb = 0; cb < CB; ++cb) {
+          float amax = 0;
+          for (int64_t r = rb * 128; r < std::min(R, rb * 128 + 128); ++r)
+            for (int64_t c = cb * 128; c < std::min(C, cb * 128 + 128); ++c)
+              amax = std::max(amax, std::abs(v[r * C + c]));
+          const float s = amax > 0 ? amax / 448.0f : 1.0f;
+          scale[rb * CB + cb] = s;
+          for (int64_t r = rb * 128; r < std::min(R, rb * 128 + 128); ++r) {
+            for (int64_t c = cb * 128; c < std::min(C, cb * 128 + 128); ++c) {
+              codes[r * C + c] = kernels::float_to_fp8(v[r * C + c] / s, kernels::Fp8Format::kE4M3);
+              deq[r * C + c] =
+                  kernels::fp8_to_float(codes[r * C + c], kernels::Fp8Format::kE4M3) * s;
+              EXPECT_LE(std::abs(deq[r * C + c] - v[r * C + c]), amax / 16) << t.name;
+            }
+          }
+        }
+      }
+      std::vector<uint8_t> sb(scale.size() * 4);
+      std::memcpy(sb.data(), scale.data(), sb.size());
+      ASSERT_TRUE(w.add(t.name, "F8_E4M3", t.shape, std::move(codes)).ok());
+      ASSERT_TRUE(w.add(t.name + "_scale_inv", "F32", {RB, CB}, std::move(sb)).ok());
+      expect[t.name] = std::move(deq);
+    }
+    w.set_metadata("format", "pt");
+    ASSERT_TRUE(w.write(dir + "/model.safetensors.new").ok());
+  }
+  std::filesystem::rename(dir + "/model.safetensors.new", dir + "/model.safetensors");
+  ASSERT_GT(expect.size(), 10u);
+  auto b = derived(dir, "b_fp8");
+  ASSERT_TRUE(b);
+  // each FP8-stored weight is the product, bitwise; e.g. layer 1's expert 0 w1 (gate_proj)
+  int64_t checked = 0;
+  for (model::Param* p : b->model().params()) {
+    std::string hf;
+    for (const auto& [name, deq] : expect) {
+      (void)deq;
+      if (p->name == "layers.1.ffn.experts.0.w1.weight" &&
+          name == "model.layers.1.mlp.experts.0.gate_proj.weight")
+        hf = name;
+      if (p->name == "layers.0.attn.wkv_b.weight" &&
+          name == "model.layers.0.self_attn.kv_b_proj.weight")
+        hf = name;
+      if (p->name == "mtp.0.eh_proj_h.weight" && name == "model.layers.4.eh_proj.weight") hf = name;
+    }
+    if (hf.empty()) continue;
+    const std::vector<float>& deq = expect.at(hf);
+    const float* v = p->host_value.data_as<float>();
+    const int64_t rows = p->value.shape()[0], cols = p->value.shape()[1];
+    const int64_t C = static_cast<int64_t>(deq.size()) / rows,
+                  col0 = C - cols;  // eh_proj: right half
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        EXPECT_EQ(v[r * cols + c], deq[r * C + col0 + c]) << p->name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 3);
+  // and a non-FP8 tensor came through as F32: the final norm
+  for (model::Param* p : b->model().params()) {
+    if (p->name != "norm.weight") continue;
+    for (model::Param* q : a->model().params()) {
+      if (q->name == "norm.weight") {
+        EXPECT_EQ(
+            0, std::memcmp(p->host_value.data(), q->host_value.data(), p->host_value.numel() * 4));
+      }
+    }
+  }
+}
+
+TEST_F(InitFrom, HuggingFaceFolderOfAnotherModelIsRefusedNamingTheField) {
+  source();
+  auto found = ckpt::resolve(root_ + "/a", "", false);
+  ASSERT_TRUE(found.ok() && *found);
+  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+  ASSERT_TRUE(loaded.ok());
+  ASSERT_TRUE(hf::export_folder(*loaded, root_ + "/hf", hf::Options{}).ok());
+  std::vector<std::string> o = kNoDecay;
+  o.insert(o.end(), {"--checkpoint.dir=" + root_ + "/c", "--checkpoint.init_from=" + root_ + "/hf",
+                     "--model.moe.expert_hidden=64"});
+  auto t = make_trainer(tiny_short(o));
+  ASSERT_TRUE(t);
+  const std::string e = t->resume(ResumeOptions{}).to_string();
+  EXPECT_NE(e.find("moe_intermediate_size is 32, model.moe.expert_hidden=64"), std::string::npos)
+      << e;
 }
 
 }  // namespace

@@ -155,6 +155,8 @@ def main():
         tokens = markov_tokens(windows * T + 1, V, args.seed)
     rows = np.stack([tokens[w * T:w * T + T + 1] for w in range(windows // 2, windows)])
     hf_over = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.hf)}
+    # transformers 5 writes "dtype" where 4.x (and fp8pipe's export) wrote "torch_dtype"
+    folder_dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
 
     # Runs: the folder as exported; and, when the group scores differ (fp8pipe sums the top
     # topk/topk_group of a group, transformers the top 2), also with group-limited routing off on
@@ -170,7 +172,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokens.bin")
         tokens.astype("<u2").tofile(path)
-        if cfg["torch_dtype"] == "bfloat16":
+        if folder_dtype == "bfloat16":
             args.model = bf16_rounded_copy(args.model, os.path.join(tmp, "model_bf16.safetensors"))
         for i, (label, sets, over) in enumerate(runs):
             ce_ours = fp8pipe_eval(args, path, T, sets)
@@ -183,7 +185,7 @@ def main():
                   f"{ce_hf:.6f}, fp8pipe {ce_ours:.6f}, rel diff {rel:.2e} ({note})")
             failed |= checked and rel > args.tol
     print(f"transformers {transformers.__version__}, torch {torch.__version__}: {args.hf_dir} "
-          f"({cfg['torch_dtype']}) loads as DeepseekV3ForCausalLM, no weight missing, "
+          f"({folder_dtype}) loads as DeepseekV3ForCausalLM, no weight missing, "
           f"{unused} MTP tensors unused")
     if failed:
         sys.exit("FAIL: transformers and fp8pipe disagree")

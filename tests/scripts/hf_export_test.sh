@@ -100,6 +100,50 @@ if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
     die "transformers check (yarn)"
 fi
 
+# Reading HF folders back (core/hf_import.h): `fp8pipe eval --checkpoint FOLDER` (and
+# checkpoint.init_from) of the fp32 export gives the exported model's loss to the last digit; of
+# a copy with DeepSeek-V3's FP8 weights (128x128 blocks, `<name>_scale_inv`, made by `fp8pipe
+# quantize`; norms, embeddings, head, router and biases kept) within 1% of it, not equal.
+eval_loss() { "$BIN" eval "$SRC/configs/tiny.textproto" --checkpoint "$1" "${@:2}" 2>/dev/null |
+  sed -n 's/^eval loss \([0-9.]*\) .*/\1/p'; }
+L_MODEL=$(eval_loss "$TMP/model.safetensors")
+L_HF=$(eval_loss "$TMP/hf_fp32")
+[[ -n $L_MODEL && $L_MODEL == "$L_HF" ]] || die "eval of the fp32 HF folder: $L_HF, of the model: $L_MODEL"
+mkdir -p "$TMP/hf_fp8"
+cp "$TMP/hf_fp32/config.json" "$TMP/hf_fp8/"
+python3 - "$TMP/hf_fp32" "$TMP/hf_fp32.safetensors" <<'PY' || die "merging the fp32 shards"
+import json, sys
+from safetensors.numpy import load_file, save_file
+d = sys.argv[1]
+files = sorted(set(json.load(open(d + "/model.safetensors.index.json"))["weight_map"].values()))
+merged = {}
+for f in files:
+    merged.update(load_file(d + "/" + f))
+save_file(merged, sys.argv[2], metadata={"format": "pt"})
+PY
+"$BIN" quantize "$TMP/hf_fp32.safetensors" "$TMP/hf_fp8/model.safetensors" --granularity 128x128 \
+  --skip 'norm|embed|head|mlp\.gate\.|bias' >"$TMP/quantize.log" 2>&1 ||
+  { tail -3 "$TMP/quantize.log"; die "fp8pipe quantize of the HF folder"; }
+# compared in FP32: in FP8 the model re-quantizes its weights in the same 128x128 blocks, which
+# gives back these very values, so the two losses would be equal
+L_MODEL=$(eval_loss "$TMP/model.safetensors" --precision.mode=FP32)
+"$BIN" eval "$SRC/configs/tiny.textproto" --checkpoint "$TMP/hf_fp8" --precision.mode=FP32 \
+  >"$TMP/eval_fp8.log" 2>&1 ||
+  { tail -3 "$TMP/eval_fp8.log"; die "eval of the FP8 HF folder"; }
+grep -q "F8_E4M3" "$TMP/eval_fp8.log" || die "the FP8 folder was not read as FP8"
+L_FP8=$(sed -n 's/^eval loss \([0-9.]*\) .*/\1/p' "$TMP/eval_fp8.log")
+python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(not (0 < abs(a - b) < 0.01 * a))" \
+  "$L_MODEL" "$L_FP8" || die "eval of the FP8 HF folder: $L_FP8, of the model: $L_MODEL"
+echo "HF folders read back: the fp32 folder evaluates to $L_HF as the model does; in FP32 the FP8-block folder to $L_FP8, the model to $L_MODEL"
+# A model transformers made (random init, no MTP): fp8pipe computes transformers' CE.
+if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
+  "$HF_PY" "$SRC/tests/scripts/make_hf_random.py" "$TMP/hf_fp32/config.json" "$TMP/hf_rand" ||
+    die "making a transformers model"
+  "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/hf_rand" "$TMP/hf_rand" \
+    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" --set=--model.mtp_depth=0 ||
+    die "transformers check (a transformers-made model read by fp8pipe)"
+fi
+
 # Bad arguments are refused with the usage text.
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format onnx 2>/dev/null && die "--format onnx accepted"
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format hf --dtype fp8 2>/dev/null && die "--dtype fp8 accepted"
