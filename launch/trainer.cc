@@ -637,6 +637,17 @@ Status Trainer::load_model(const std::string& path) {
   return Status::Ok();
 }
 
+// Every parameter and router bias this rank holds from `read` (into its host copy), then to the
+// backend; a moving average restarts at them (the average of other weights would mean nothing).
+Status Trainer::load_weights(const std::function<Status(model::Param&)>& read) {
+  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
+  for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
+  FP8_RETURN_IF_ERROR(upload_params());
+  if (ema_) ema_->reset();
+  ++ctx_.weight_version;
+  return Status::Ok();
+}
+
 // The weights and router biases of a model-only file; the step it records (-1 if none).
 Result<int64_t> Trainer::load_model_file(const std::string& path) {
   FP8_ASSIGN_OR_RETURN(auto r, safetensors::Reader::open(path));
@@ -649,11 +660,7 @@ Result<int64_t> Trainer::load_model_file(const std::string& path) {
     std::memcpy(p.host_value.data(), v->data, v->nbytes);
     return Status::Ok();
   };
-  for (auto* p : all_params()) FP8_RETURN_IF_ERROR(load(*p));
-  for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(load(moe->bias()));
-  FP8_RETURN_IF_ERROR(upload_params());
-  if (ema_) ema_->reset();  // the average of other weights would mean nothing here
-  ++ctx_.weight_version;
+  FP8_RETURN_IF_ERROR(load_weights(load));
   auto it = r.metadata().find("step");
   return it == r.metadata().end() ? int64_t{-1} : std::stoll(it->second);
 }
@@ -668,15 +675,10 @@ Status Trainer::init_from(const std::string& path) {
   if (hf::is_hf_folder(path)) {  // a Hugging Face DeepseekV3 folder (core/hf_import.h)
     auto folder = hf::Folder::open(path, cfg_.model());
     if (!folder.ok()) return folder.status().with_context(field);
-    auto read = [&](model::Param& p) -> Status {
+    FP8_RETURN_IF_ERROR(load_weights([&](model::Param& p) -> Status {
       const Status s = (*folder)->read(p.name, p.value.shape(), p.host_value.data_as<float>());
       return s.ok() ? s : s.with_context(field);
-    };
-    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
-    for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
-    FP8_RETURN_IF_ERROR(upload_params());
-    if (ema_) ema_->reset();
-    ++ctx_.weight_version;
+    }));
     if (is_root()) {
       std::vector<std::string> kinds;
       for (const auto& [dtype, n] : (*folder)->dtypes_read()) {
@@ -708,7 +710,7 @@ Status Trainer::init_from(const std::string& path) {
     }
     auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
     if (!loaded.ok()) return loaded.status().with_context(field);
-    auto read = [&](model::Param& p) -> Status {
+    FP8_RETURN_IF_ERROR(load_weights([&](model::Param& p) -> Status {
       const ckpt::TensorRecord* t = loaded->manifest().find(p.name);
       if (!t) return FP8_INVALID("{}: no tensor '{}' (another model?)", field, p.name);
       if (t->shape != p.value.shape()) {
@@ -716,12 +718,7 @@ Status Trainer::init_from(const std::string& path) {
                            shape_str(t->shape), shape_str(p.value.shape()));
       }
       return loaded->read(p.name, "F32", 0, p.value.numel(), p.host_value.data());
-    };
-    for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
-    for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
-    FP8_RETURN_IF_ERROR(upload_params());
-    if (ema_) ema_->reset();
-    ++ctx_.weight_version;
+    }));
     if (is_root()) {
       log::info(
           "checkpoint: initialized the weights from {} (step {}, {} tokens, {}); starting at "

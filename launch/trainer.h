@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -147,6 +148,7 @@ class Trainer {
   Status restore_ema(const ckpt::Loaded& l);
   Status download_weights();  // optim.placement=device on a GPU: value -> host_value
   Result<int64_t> load_model_file(const std::string& path);  // -> the step it records, or -1
+  Status load_weights(const std::function<Status(model::Param&)>& read);
 
   config::Config cfg_;
   std::unique_ptr<Backend> be_;

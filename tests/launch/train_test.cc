@@ -343,47 +343,55 @@ int64_t steps_with_peak(Trainer& t, int steps, std::vector<double>& loss,
   return peak;
 }
 
-// train.recompute=mla_up_proj moves where q, k, v come from, not a bit of the training: losses,
-// gradient norms and every saved weight are bitwise those without it over 3 steps, in FP8 and
-// BF16, under 1f1b and under dualpipev (two chunks on the rank, several micro-batches in flight),
-// and each step's peak of held tensors is lower.
+// Two 3-step tiny runs (8 sequences in 4 micro-batches) under `overrides`, with train.recompute
+// set to `without` and then `with`: losses, gradient norms and every saved weight must be bitwise
+// equal, and each step's peak of held tensors lower with the recomputation.
+void expect_recompute_is_bitwise_and_smaller(std::vector<std::string> overrides,
+                                             const std::string& without, const std::string& with) {
+  std::vector<double> loss[2], norm[2];
+  int64_t peak[2] = {0, 0};
+  std::string weights[2];
+  for (int re = 0; re < 2; ++re) {
+    std::vector<std::string> o = {
+        "--train.steps=3",           "--train.global_batch=8",
+        "--parallel.microbatches=4", "--optim.warmup_steps=1",
+        "--train.eval_every=0",      "--train.recompute=" + (re ? with : without)};
+    o.insert(o.end(), overrides.begin(), overrides.end());
+    auto t = make_trainer(tiny(o));
+    ASSERT_TRUE(t);
+    peak[re] = steps_with_peak(*t, 3, loss[re], norm[re]);
+    ASSERT_EQ(loss[re].size(), 3u);
+    const std::string path = ::testing::TempDir() + "train_test_recompute.safetensors";
+    ASSERT_TRUE(t->save_model(path).ok());
+    weights[re] = file_bytes(path);
+    std::remove(path.c_str());
+  }
+  EXPECT_EQ(loss[1], loss[0]);
+  EXPECT_EQ(norm[1], norm[0]);
+  EXPECT_FALSE(weights[0].empty());
+  EXPECT_TRUE(weights[1] == weights[0]) << "saved weights differ";
+  EXPECT_LT(peak[1], peak[0]);
+  if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
+}
+
+// train.recompute=mla_up_proj moves where q, k, v come from, not a bit of the training, in FP8
+// and BF16, under 1f1b and under dualpipev (two chunks on the rank, several micro-batches in
+// flight).
 TEST(TrainTest, RecomputedUpProjectionsTrainTheSameBitsInLessMemory) {
   for (const char* mode : {"FP8", "BF16"}) {
     for (const char* schedule : {"1f1b", "dualpipev"}) {
       SCOPED_TRACE(std::string(mode) + " " + schedule);
-      std::vector<double> loss[2], norm[2];
-      int64_t peak[2] = {0, 0};
-      std::string weights[2];
-      for (int re = 0; re < 2; ++re) {
-        auto t = make_trainer(tiny({"--train.steps=3", "--train.global_batch=8",
-                                    "--parallel.microbatches=4", "--optim.warmup_steps=1",
-                                    "--train.eval_every=0", std::string("--precision.mode=") + mode,
-                                    std::string("--parallel.schedule=") + schedule,
-                                    re ? "--train.recompute=mla_up_proj" : "--train.recompute="}));
-        ASSERT_TRUE(t);
-        EXPECT_EQ(t->ctx().recompute_mla_up, re == 1);
-        peak[re] = steps_with_peak(*t, 3, loss[re], norm[re]);
-        ASSERT_EQ(loss[re].size(), 3u);
-        const std::string path = ::testing::TempDir() + "train_test_recompute.safetensors";
-        ASSERT_TRUE(t->save_model(path).ok());
-        weights[re] = file_bytes(path);
-        std::remove(path.c_str());
-      }
-      EXPECT_EQ(loss[1], loss[0]);
-      EXPECT_EQ(norm[1], norm[0]);
-      EXPECT_FALSE(weights[0].empty());
-      EXPECT_TRUE(weights[1] == weights[0]) << "saved weights differ";
-      EXPECT_LT(peak[1], peak[0]);
-      if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
+      expect_recompute_is_bitwise_and_smaller(
+          {std::string("--precision.mode=") + mode, std::string("--parallel.schedule=") + schedule},
+          "", "mla_up_proj");
     }
   }
 }
 
 // train.recompute=rmsnorm re-runs each block's two norms in the backward instead of holding what
-// the projections keep of their outputs: losses, gradient norms and every saved weight are bitwise
-// those without it over 3 steps (FP8 and BF16, 1f1b and dualpipev, alone and with mla_up_proj,
-// whose recompute reads the restored input when there is no q latent), and each step's peak of
-// held tensors is lower. (Block.RecomputedNormsHoldExactlyTheirOutputsLess counts the bytes.)
+// the projections keep of their outputs: bitwise the same training in FP8 and BF16, 1f1b and
+// dualpipev, alone and with mla_up_proj, whose recompute reads the restored input when there is
+// no q latent. (Block.RecomputedNormsHoldExactlyTheirOutputsLess counts the bytes.)
 TEST(TrainTest, RecomputedNormsTrainTheSameBitsInLessMemory) {
   struct Case {
     const char* mode;
@@ -396,33 +404,10 @@ TEST(TrainTest, RecomputedNormsTrainTheSameBitsInLessMemory) {
         Case{"BF16", "dualpipev", "", "32"}, Case{"FP8", "dualpipev", "mla_up_proj", "0"}}) {
     SCOPED_TRACE(std::string(k.mode) + " " + k.schedule + " base '" + k.base + "' q_lora " +
                  k.q_lora);
-    std::vector<double> loss[2], norm[2];
-    int64_t peak[2] = {0, 0};
-    std::string weights[2];
-    for (int re = 0; re < 2; ++re) {
-      const std::string modules =
-          k.base.empty() ? (re ? "rmsnorm" : "") : (re ? k.base + ",rmsnorm" : k.base);
-      auto t = make_trainer(
-          tiny({"--train.steps=3", "--train.global_batch=8", "--parallel.microbatches=4",
-                "--optim.warmup_steps=1", "--train.eval_every=0",
-                std::string("--precision.mode=") + k.mode,
-                std::string("--parallel.schedule=") + k.schedule,
-                "--model.mla.q_lora_rank=" + k.q_lora, "--train.recompute=" + modules}));
-      ASSERT_TRUE(t);
-      EXPECT_EQ(t->ctx().recompute_norm, re == 1);
-      peak[re] = steps_with_peak(*t, 3, loss[re], norm[re]);
-      ASSERT_EQ(loss[re].size(), 3u);
-      const std::string path = ::testing::TempDir() + "train_test_recompute_norm.safetensors";
-      ASSERT_TRUE(t->save_model(path).ok());
-      weights[re] = file_bytes(path);
-      std::remove(path.c_str());
-    }
-    EXPECT_EQ(loss[1], loss[0]);
-    EXPECT_EQ(norm[1], norm[0]);
-    EXPECT_FALSE(weights[0].empty());
-    EXPECT_TRUE(weights[1] == weights[0]) << "saved weights differ";
-    EXPECT_LT(peak[1], peak[0]);
-    if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
+    expect_recompute_is_bitwise_and_smaller(
+        {std::string("--precision.mode=") + k.mode,
+         std::string("--parallel.schedule=") + k.schedule, "--model.mla.q_lora_rank=" + k.q_lora},
+        k.base, k.base.empty() ? "rmsnorm" : k.base + ",rmsnorm");
   }
 }
 
