@@ -15,6 +15,7 @@
 #include "core/log.h"
 #include "core/safetensors.h"
 #include "kernels/cpu/fp8_codec.h"
+#include "kernels/cpu/quantize.h"
 
 namespace fp8pipe::hf {
 namespace {
@@ -29,13 +30,17 @@ struct Mapper {
   void add(std::string name, Shape shape, std::string src, bool f32 = false) {
     out.push_back({std::move(name), std::move(shape), {std::move(src)}, f32});
   }
+  void linear(std::string name, Shape shape, std::string src) {
+    add(std::move(name), std::move(shape), std::move(src));
+    out.back().linear = true;
+  }
 
   // SwiGLU: our w1 gate, w3 up, w2 down; [out, in] like torch.nn.Linear.
   void mlp(const std::string& ours, const std::string& hf, int64_t inter) {
     const int64_t d = m.hidden();
-    add(hf + ".gate_proj.weight", {inter, d}, ours + ".w1.weight");
-    add(hf + ".up_proj.weight", {inter, d}, ours + ".w3.weight");
-    add(hf + ".down_proj.weight", {d, inter}, ours + ".w2.weight");
+    linear(hf + ".gate_proj.weight", {inter, d}, ours + ".w1.weight");
+    linear(hf + ".up_proj.weight", {inter, d}, ours + ".w3.weight");
+    linear(hf + ".down_proj.weight", {d, inter}, ours + ".w2.weight");
   }
 
   void attention(const std::string& ours, const std::string& hf) {
@@ -43,17 +48,18 @@ struct Mapper {
     const int64_t d = m.hidden(), H = m.heads(), q = a.q_lora_rank(), kv = a.kv_lora_rank();
     const int64_t dk = a.qk_nope_head_dim() + a.qk_rope_head_dim();
     if (q > 0) {
-      add(hf + ".q_a_proj.weight", {q, d}, ours + ".wq_a.weight");
+      linear(hf + ".q_a_proj.weight", {q, d}, ours + ".wq_a.weight");
       add(hf + ".q_a_layernorm.weight", {q}, ours + ".q_norm.weight");
-      add(hf + ".q_b_proj.weight", {H * dk, q}, ours + ".wq_b.weight");
+      linear(hf + ".q_b_proj.weight", {H * dk, q}, ours + ".wq_b.weight");
     } else {
-      add(hf + ".q_proj.weight", {H * dk, d}, ours + ".wq.weight");
+      linear(hf + ".q_proj.weight", {H * dk, d}, ours + ".wq.weight");
     }
-    add(hf + ".kv_a_proj_with_mqa.weight", {kv + a.qk_rope_head_dim(), d}, ours + ".wkv_a.weight");
+    linear(hf + ".kv_a_proj_with_mqa.weight", {kv + a.qk_rope_head_dim(), d},
+           ours + ".wkv_a.weight");
     add(hf + ".kv_a_layernorm.weight", {kv}, ours + ".kv_norm.weight");
-    add(hf + ".kv_b_proj.weight", {H * (a.qk_nope_head_dim() + a.v_head_dim()), kv},
-        ours + ".wkv_b.weight");
-    add(hf + ".o_proj.weight", {d, H * a.v_head_dim()}, ours + ".wo.weight");
+    linear(hf + ".kv_b_proj.weight", {H * (a.qk_nope_head_dim() + a.v_head_dim()), kv},
+           ours + ".wkv_b.weight");
+    linear(hf + ".o_proj.weight", {d, H * a.v_head_dim()}, ours + ".wo.weight");
   }
 
   void block(const std::string& ours, const std::string& hf, bool moe) {
@@ -201,7 +207,21 @@ Status check_sources(const ckpt::Manifest& man, const Mapped& t, ckpt::Kind weig
 }
 
 // Reads the sources of `t`, concatenates them along the last dimension and encodes the result.
-Result<std::vector<uint8_t>> assemble(const ckpt::Loaded& l, const Mapped& t, bool bf16) {
+// How a tensor is stored: F32, BF16, or F8_E4M3 codes plus an F32 [RB, CB] `_scale_inv`.
+enum class Store { kF32, kBF16, kFp8 };
+Store store_of(const Mapped& t, const std::string& dtype) {
+  if (t.keep_f32 || dtype == "fp32") return Store::kF32;
+  return dtype == "fp8" && t.linear && t.shape.size() == 2 ? Store::kFp8 : Store::kBF16;
+}
+int64_t blocks(int64_t n) { return (n + 127) / 128; }
+uint64_t stored_bytes(const Mapped& t, Store s) {
+  const uint64_t n = uint64_t(numel(t.shape));
+  if (s == Store::kFp8) return n + 4 * uint64_t(blocks(t.shape[0]) * blocks(t.shape[1]));
+  return n * (s == Store::kBF16 ? 2 : 4);
+}
+
+Result<std::vector<uint8_t>> assemble(const ckpt::Loaded& l, const Mapped& t, bool bf16,
+                                      std::vector<float>* values = nullptr) {
   const int64_t n = numel(t.shape), C = t.shape.back(), rows = C ? n / C : 0;
   std::vector<float> whole(size_t(n), 0.0f);
   int64_t off = 0;
@@ -213,6 +233,10 @@ Result<std::vector<uint8_t>> assemble(const ckpt::Loaded& l, const Mapped& t, bo
     for (int64_t i = 0; i < rows; ++i)
       std::copy_n(part.data() + i * c, c, whole.data() + i * C + off);
     off += c;
+  }
+  if (values) {  // the caller encodes them
+    *values = std::move(whole);
+    return std::vector<uint8_t>();
   }
   if (!bf16 || t.keep_f32) {
     std::vector<uint8_t> b(whole.size() * 4);
@@ -228,13 +252,14 @@ Result<std::vector<uint8_t>> assemble(const ckpt::Loaded& l, const Mapped& t, bo
 }
 
 // Groups tensors into shards of at most max_bytes (a larger tensor gets a shard of its own).
-std::vector<std::vector<size_t>> plan_shards(const std::vector<Mapped>& ts, bool bf16,
-                                             uint64_t max_bytes, uint64_t* total) {
+std::vector<std::vector<size_t>> plan_shards(const std::vector<Mapped>& ts,
+                                             const std::string& dtype, uint64_t max_bytes,
+                                             uint64_t* total) {
   std::vector<std::vector<size_t>> shards(1);
   uint64_t cur = 0;
   *total = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
-    const uint64_t b = uint64_t(numel(ts[i].shape)) * (bf16 && !ts[i].keep_f32 ? 2 : 4);
+    const uint64_t b = stored_bytes(ts[i], store_of(ts[i], dtype));
     if (cur > 0 && cur + b > max_bytes) {
       shards.emplace_back();
       cur = 0;
@@ -348,9 +373,9 @@ Result<std::string> config_json(const config::Model& m, int64_t max_positions,
 }
 
 Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Options& opt) {
-  if (opt.dtype != "bf16" && opt.dtype != "fp32")
-    return FP8_INVALID("--dtype={}: expected bf16 or fp32", opt.dtype);
-  const bool bf16 = opt.dtype == "bf16";
+  if (opt.dtype != "bf16" && opt.dtype != "fp32" && opt.dtype != "fp8")
+    return FP8_INVALID("--dtype={}: expected bf16, fp32 or fp8", opt.dtype);
+  const bool bf16 = opt.dtype != "fp32";
   const ckpt::Manifest& man = l.manifest();
   FP8_ASSIGN_OR_RETURN(config::Config cfg, parse_config_text(man.config, "manifest config"));
   apply_defaults(cfg);
@@ -378,16 +403,39 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
   fs::create_directories(out_dir, ec);
   if (ec) return FP8_ERROR(Code::kInternal, "cannot create {}: {}", out_dir, ec.message());
   uint64_t total = 0;
-  const auto shards = plan_shards(ts, bf16, std::max<uint64_t>(opt.max_shard_bytes, 1), &total);
+  const auto shards =
+      plan_shards(ts, opt.dtype, std::max<uint64_t>(opt.max_shard_bytes, 1), &total);
+  // fp8: the weights as the run's FP8 forward quantizes them (128x128 blocks, its scale rule)
+  const kernels::QuantParams qp{kernels::Fp8Format::kE4M3, cfg.precision().pow2_scales()};
   json::Value weight_map = json::Value::object();
   for (size_t s = 0; s < shards.size(); ++s) {
     safetensors::Writer w;
     const std::string file = shard_name(s, shards.size());
     for (size_t i : shards[s]) {
       const Mapped& t = ts[i];
+      const Store st = store_of(t, opt.dtype);
+      if (st == Store::kFp8) {
+        std::vector<float> v;
+        FP8_RETURN_IF_ERROR(assemble(l, t, bf16, &v).status());
+        const int64_t R = t.shape[0], C = t.shape[1], RB = blocks(R), CB = blocks(C);
+        std::vector<uint8_t> codes(size_t(R * C));
+        std::vector<float> s(size_t(kernels::scale_count(kernels::Granularity::k128x128, R, C)));
+        if (kernels::quantize(v.data(), R, C, kernels::Granularity::k128x128, qp, codes.data(),
+                              s.data()) != 0) {
+          return FP8_INVALID("hf export: '{}' has non-finite values; FP8 cannot hold them", t.name);
+        }
+        std::vector<uint8_t> sb(size_t(RB * CB) * 4);  // [RB][CB]: the padded rows dropped
+        for (int64_t rb = 0; rb < RB; ++rb)
+          std::memcpy(sb.data() + rb * CB * 4, s.data() + rb * kernels::pad4(CB), CB * 4);
+        FP8_RETURN_IF_ERROR(w.add(t.name, "F8_E4M3", t.shape, std::move(codes)));
+        FP8_RETURN_IF_ERROR(w.add(t.name + "_scale_inv", "F32", {RB, CB}, std::move(sb)));
+        weight_map.set(t.name, file);
+        weight_map.set(t.name + "_scale_inv", file);
+        continue;
+      }
       FP8_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, assemble(l, t, bf16));
       FP8_RETURN_IF_ERROR(
-          w.add(t.name, bf16 && !t.keep_f32 ? "BF16" : "F32", t.shape, std::move(bytes)));
+          w.add(t.name, st == Store::kBF16 ? "BF16" : "F32", t.shape, std::move(bytes)));
       weight_map.set(t.name, file);
     }
     w.set_metadata("format", "pt");  // transformers refuses safetensors metadata without it
@@ -402,6 +450,18 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
   }
   FP8_ASSIGN_OR_RETURN(std::string cj,
                        config_json(m, cfg.train().seq_len(), bf16 ? "bfloat16" : "float32"));
+  if (opt.dtype == "fp8") {  // DeepSeek-V3's release config.json says how its weights are stored
+    FP8_ASSIGN_OR_RETURN(json::Value j, json::parse(cj, "config.json"));
+    json::Value q = json::Value::object();
+    q.set("activation_scheme", "dynamic");
+    q.set("fmt", "e4m3");
+    q.set("quant_method", "fp8");
+    json::Value& bs = q.set("weight_block_size", json::Value::array());
+    bs.push_back(128);
+    bs.push_back(128);
+    j.set("quantization_config", std::move(q));
+    cj = json::write(j, 2) + "\n";
+  }
   return write_text(fs::path(out_dir) / "config.json", cj);
 }
 

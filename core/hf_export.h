@@ -21,6 +21,7 @@ struct Mapped {
   std::vector<int64_t> shape;
   std::vector<std::string> sources;
   bool keep_f32 = false;  // e_score_correction_bias stays F32 as DeepSeek ships it
+  bool linear = false;    // a Linear layer's weight: F8_E4M3 + `<name>_scale_inv` in an fp8 export
 };
 
 // Every tensor of the DeepseekV3 checkpoint for model config `m` (MLA only; MHA is an error).
@@ -33,7 +34,11 @@ Result<std::string> config_json(const config::Model& m, int64_t max_positions,
                                 const std::string& torch_dtype);
 
 struct Options {
-  std::string dtype = "bf16";             // tensor dtype: "bf16" or "fp32"
+  // Tensor dtype: "bf16", "fp32", or "fp8": DeepSeek-V3's release format, the Linear weights as
+  // F8_E4M3 with 128x128 block dequantization scales `<name>_scale_inv` (F32 [ceil(R/128),
+  // ceil(C/128)]) quantized as the run's FP8 forward quantizes them (precision.pow2_scales), the
+  // rest BF16, and config.json's quantization_config.
+  std::string dtype = "bf16";
   uint64_t max_shard_bytes = 5ull << 30;  // split into model-0000i-of-0000N files above this
   bool ema = false;  // the weights' moving average ("<name>.ema", optim.ema_decay) instead
 };

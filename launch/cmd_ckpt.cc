@@ -23,7 +23,7 @@ constexpr const char* kUsage =
     "usage: fp8pipe ckpt inspect DIR [--step N]\n"
     "       fp8pipe ckpt verify DIR [--step N]\n"
     "       fp8pipe ckpt export DIR OUT.safetensors [--step N] [--ema]\n"
-    "       fp8pipe ckpt export DIR OUTDIR --format hf [--step N] [--dtype bf16|fp32]\n"
+    "       fp8pipe ckpt export DIR OUTDIR --format hf [--step N] [--dtype bf16|fp32|fp8]\n"
     "                           [--max-shard-mb N] [--ema]\n"
     "DIR is a checkpoint root (checkpoint.dir) or one step_NNNNNNNN directory. --format hf\n"
     "writes a Hugging Face DeepseekV3 folder (config.json + safetensors; docs/HF_EXPORT.md).\n"
@@ -80,8 +80,8 @@ Result<Args> parse(int argc, char** argv) {
     return FP8_INVALID("--max-shard-mb={}: expected a positive number", a.shard_mb);
   if (a.format != "fp8pipe" && a.format != "hf")
     return FP8_INVALID("--format={}: expected fp8pipe or hf", a.format);
-  if (a.dtype != "bf16" && a.dtype != "fp32")
-    return FP8_INVALID("--dtype={}: expected bf16 or fp32", a.dtype);
+  if (a.dtype != "bf16" && a.dtype != "fp32" && a.dtype != "fp8")
+    return FP8_INVALID("--dtype={}: expected bf16, fp32 or fp8", a.dtype);
   return a;
 }
 

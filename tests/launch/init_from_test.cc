@@ -17,6 +17,7 @@
 #include "core/hf_export.h"
 #include "core/safetensors.h"
 #include "kernels/cpu/fp8_codec.h"
+#include "kernels/cpu/quantize.h"
 #include "launch/trainer.h"
 #include "tests/launch/short_run.h"
 
@@ -325,6 +326,57 @@ TEST_F(InitFrom, HuggingFaceFp8BlockScaledWeights) {
       }
     }
   }
+}
+
+// `ckpt export --format hf --dtype fp8` (DeepSeek-V3's release format) read back: the Linear
+// weights are exactly the dequantized 128x128 quantization the run's FP8 forward makes of them
+// (the CPU kernels' quantize then dequantize, with the run's scale rule), the other tensors their
+// bf16 rounding, the router biases F32. Dims as in the FP8 test above (multi-block, partial).
+TEST_F(InitFrom, HuggingFaceFp8ExportReadsBackAsTheForwardsWeights) {
+  dims_ = {"--model.hidden=192", "--model.moe.expert_hidden=160"};
+  std::unique_ptr<Trainer> a;
+  source(&a);
+  auto found = ckpt::resolve(root_ + "/a", "", false);
+  ASSERT_TRUE(found.ok() && *found);
+  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+  ASSERT_TRUE(loaded.ok());
+  hf::Options opt;
+  opt.dtype = "fp8";
+  ASSERT_TRUE(hf::export_folder(*loaded, root_ + "/hf8", opt).ok());
+  auto b = derived(root_ + "/hf8", "b8");
+  ASSERT_TRUE(b);
+  std::map<std::string, model::Param*> src;
+  for (model::Param* p : a->model().params()) src[p->name] = p;
+  const kernels::QuantParams qp = a->ctx().qp;
+  int64_t linear = 0, other = 0;
+  for (model::Param* p : b->model().params()) {
+    const model::Param& s = *src.at(p->name);
+    const float* v = s.host_value.data_as<float>();
+    const int64_t n = s.host_value.numel();
+    const std::string& nm = p->name;
+    const bool is_linear =
+        s.value.shape().size() == 2 && nm.find("norm") == std::string::npos &&
+        nm.find("eh_proj") == std::string::npos && nm.find("embed") == std::string::npos &&
+        nm.find("head") == std::string::npos && nm.find("ffn.gate.") == std::string::npos;
+    std::vector<float> want(n);
+    if (is_linear) {
+      const int64_t R = s.value.shape()[0], C = s.value.shape()[1];
+      std::vector<uint8_t> q(n);
+      std::vector<float> sc(kernels::scale_count(kernels::Granularity::k128x128, R, C));
+      kernels::quantize(v, R, C, kernels::Granularity::k128x128, qp, q.data(), sc.data());
+      kernels::dequantize(q.data(), sc.data(), R, C, kernels::Granularity::k128x128, qp.fmt,
+                          want.data());
+      ++linear;
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        want[i] = kernels::bf16_to_float(kernels::float_to_bf16(v[i]));
+      ++other;
+    }
+    const float* got = p->host_value.data_as<float>();
+    EXPECT_EQ(0, std::memcmp(got, want.data(), n * 4)) << nm;
+  }
+  EXPECT_GT(linear, 20);
+  EXPECT_GT(other, 5);
 }
 
 TEST_F(InitFrom, HuggingFaceFolderOfAnotherModelIsRefusedNamingTheField) {

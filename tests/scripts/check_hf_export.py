@@ -132,6 +132,40 @@ def ours_for(c, name, ours):
     return ours[f"{prefix}.{rest}"]
 
 
+LINEAR = (".q_a_proj.weight", ".q_b_proj.weight", ".q_proj.weight", ".kv_a_proj_with_mqa.weight",
+          ".kv_b_proj.weight", ".o_proj.weight", ".gate_proj.weight", ".up_proj.weight",
+          ".down_proj.weight")
+
+
+def e4m3_values():
+    """The 256 E4M3 codes as float32 (OCP FP8: bias 7, subnormals, 0x7F/0xFF NaN), written from
+    the format's definition."""
+    out = np.empty(256, np.float32)
+    for b in range(256):
+        s, e, m = b >> 7, (b >> 3) & 15, b & 7
+        v = (m / 8) * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+        out[b] = np.nan if (e == 15 and m == 7) else (-v if s else v)
+    return out
+
+
+def check_fp8(name, codes, scale, ref, pow2):
+    """A Linear weight stored as E4M3 with 128x128 block dequant scales: every block's scale is
+    positive (a power of two with power-of-two scales) and decode(code) x scale lies within half
+    an E4M3 step of the trained value: |err| <= 2^-4 |value| + the block's subnormal step."""
+    R, C = ref.shape
+    deq = e4m3_values()[codes.astype(np.int64)].reshape(R, C)
+    for rb in range((R + 127) // 128):
+        for cb in range((C + 127) // 128):
+            s = scale[rb, cb]
+            assert s > 0, f"{name}: scale {s} of block ({rb}, {cb})"
+            if pow2:
+                assert np.log2(s) == np.round(np.log2(s)), f"{name}: scale {s} is not a power of 2"
+            blk = np.s_[rb * 128:(rb + 1) * 128, cb * 128:(cb + 1) * 128]
+            err = np.abs(deq[blk] * s - ref[blk])
+            bound = 2.0 ** -4 * np.abs(ref[blk]) + 2.0 ** -10 * s
+            assert np.all(err <= bound), f"{name}: block ({rb}, {cb}) off by {err.max()}"
+
+
 def raw_tensors(path):
     """name -> (dtype, shape, raw bytes) straight from the file layout (for BF16 values)."""
     with open(path, "rb") as f:
@@ -189,6 +223,14 @@ def main():
     c = json.load(open(os.path.join(hf, "config.json")))
     check_config(c)
     want = expected_tensors(c)
+    q = c.get("quantization_config")  # DeepSeek-V3's FP8 release format (--dtype fp8)
+    fp8 = q is not None
+    if fp8:
+        assert q == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                     "weight_block_size": [128, 128]}, f"quantization_config {q}"
+        for name in [n for n in want if n.endswith(LINEAR)]:
+            R, C = want[name]
+            want[name + "_scale_inv"] = [(R + 127) // 128, (C + 127) // 128]
     files, index = shard_files(hf)
     got, raw = {}, {}
     for path in sorted(files):
@@ -208,8 +250,19 @@ def main():
         assert index["metadata"]["total_size"] == sum(len(r[2]) for r in raw.values())
     ours = load_file(consolidated)
     bf16 = c["torch_dtype"] == "bfloat16"
+    pow2 = True  # the run's precision.pow2_scales (the default; tiny keeps it)
     for name in want:
+        if name.endswith("_scale_inv"):
+            assert got[name][0] == "F32", f"{name}: dtype {got[name][0]}"
+            continue
         ref = ours_for(c, name, ours).astype(np.float32)
+        if fp8 and name.endswith(LINEAR):
+            assert got[name][0] == "F8_E4M3", f"{name}: dtype {got[name][0]}, expected F8_E4M3"
+            codes = np.frombuffer(raw[name][2], dtype=np.uint8).reshape(want[name])
+            scale = np.frombuffer(raw[name + "_scale_inv"][2], dtype="<f4").reshape(
+                want[name + "_scale_inv"])
+            check_fp8(name, codes, scale, ref, pow2)
+            continue
         keep_f32 = name.endswith("e_score_correction_bias")
         dtype = "F32" if keep_f32 or not bf16 else "BF16"
         assert got[name][0] == dtype, f"{name}: dtype {got[name][0]}, expected {dtype}"
@@ -223,7 +276,8 @@ def main():
             val, ref = u.view(np.float32).reshape(want[name]), bf16_round(ref)
         assert np.array_equal(val, ref), f"{name}: values differ from the fp8pipe export"
     check_rope_equivalence(c["qk_rope_head_dim"], c["rope_theta"])
-    print(f"OK {hf}: {len(want)} tensors in {len(files)} file(s), {c['torch_dtype']}, "
+    print(f"OK {hf}: {len(want)} tensors in {len(files)} file(s), {c['torch_dtype']}"
+          f"{' with FP8 128x128-block Linear weights (within half an E4M3 step)' if fp8 else ''}, "
           f"names/shapes per the DeepseekV3 schema, values equal to the fp8pipe export")
 
 

@@ -38,6 +38,11 @@ python3 "$CHECK" "$TMP/hf_bf16" "$TMP/model.safetensors" || die "bf16 folder che
 [ -f "$TMP/hf_fp32/model.safetensors.index.json" ] || die "fp32 export was not sharded"
 python3 "$CHECK" "$TMP/hf_fp32" "$TMP/model.safetensors" || die "fp32 sharded folder check"
 
+# DeepSeek-V3's release format (--dtype fp8): Linear weights F8_E4M3 with 128x128 block scales,
+# the rest bf16, config.json's quantization_config; read back, it evaluates within 1% (FP32).
+"$BIN" ckpt export "$TMP/ck" "$TMP/hf_fp8x" --format hf --dtype fp8 || die "hf export (fp8) failed"
+python3 "$CHECK" "$TMP/hf_fp8x" "$TMP/model.safetensors" || die "fp8 folder check"
+
 # The moving average: under the weights' names (router biases as trained), different values,
 # and its HF folder holds the same values.
 "$BIN" ckpt export "$TMP/ck" "$TMP/ema.safetensors" --ema || die "export --ema failed"
@@ -134,7 +139,10 @@ grep -q "F8_E4M3" "$TMP/eval_fp8.log" || die "the FP8 folder was not read as FP8
 L_FP8=$(sed -n 's/^eval loss \([0-9.]*\) .*/\1/p' "$TMP/eval_fp8.log")
 python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(not (0 < abs(a - b) < 0.01 * a))" \
   "$L_MODEL" "$L_FP8" || die "eval of the FP8 HF folder: $L_FP8, of the model: $L_MODEL"
-echo "HF folders read back: the fp32 folder evaluates to $L_HF as the model does; in FP32 the FP8-block folder to $L_FP8, the model to $L_MODEL"
+L_FP8X=$(eval_loss "$TMP/hf_fp8x" --precision.mode=FP32)
+python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(not (0 < abs(a - b) < 0.01 * a))" \
+  "$L_MODEL" "$L_FP8X" || die "eval of the --dtype fp8 export: $L_FP8X, of the model: $L_MODEL"
+echo "HF folders read back: the fp32 folder evaluates to $L_HF as the model does; in FP32 the FP8-block folders to $L_FP8 (fp8pipe quantize) and $L_FP8X (--dtype fp8), the model to $L_MODEL"
 # A model transformers made (random init, no MTP): fp8pipe computes transformers' CE.
 if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
   "$HF_PY" "$SRC/tests/scripts/make_hf_random.py" "$TMP/hf_fp32/config.json" "$TMP/hf_rand" ||
@@ -146,5 +154,5 @@ fi
 
 # Bad arguments are refused with the usage text.
 "$BIN" ckpt export "$TMP/ck" "$TMP/x" --format onnx 2>/dev/null && die "--format onnx accepted"
-"$BIN" ckpt export "$TMP/ck" "$TMP/x" --format hf --dtype fp8 2>/dev/null && die "--dtype fp8 accepted"
+"$BIN" ckpt export "$TMP/ck" "$TMP/x" --format hf --dtype fp16 2>/dev/null && die "--dtype fp16 accepted"
 echo "PASS: hf_export_test"
