@@ -84,6 +84,15 @@ Status check_config(const json::Value& c, const config::Model& m, const std::str
     }
   };
   differs("rope_theta", m.rope_theta(), "model.rope_theta");
+  const json::Value* rs = c.find("rope_scaling");
+  const json::Value* factor = rs && rs->is_object() ? rs->find("factor") : nullptr;
+  const double theirs = factor && factor->is_number() ? factor->as_double() : 1.0;
+  const double ours = std::max(1.0, double(m.rope_scaling().factor()));
+  if (std::abs(theirs - ours) > 1e-6 * ours) {
+    log::warn(
+        "{}: rope_scaling factor is {} (YaRN when > 1), this run's model.rope_scaling.factor={}",
+        path, theirs, ours);
+  }
   differs("rms_norm_eps", m.norm_eps(), "model.norm_eps");
   if (has_moe(m)) {
     differs("num_experts_per_tok", m.moe().topk(), "model.moe.topk");

@@ -206,6 +206,17 @@ PY
 else
   bad "init_from across layouts"; tail -5 "$TMP"/init_*.log "$TMP/init.cmp" 2>/dev/null
 fi
+# The same weights through a Hugging Face folder (fp32 export: exact), read by every rank of a
+# pp=2 x dp=2 x ep=2 dualpipe layout for the tensors it holds: trains as the one process did.
+if "$BIN" ckpt export "$TMP/init_src" "$TMP/init_hf" --format hf --dtype fp32 >/dev/null &&
+   run init_hf_ep 4 "${INIT[@]}" --parallel.schedule=dualpipe --parallel.pp=2 --parallel.dp=2 \
+     --parallel.ep=2 --checkpoint.init_from="$TMP/init_hf" &&
+   grep -q "from the Hugging Face folder" "$TMP/init_hf_ep.log" &&
+   compare init_single init_hf_ep >"$TMP/init_hf.cmp" 2>&1; then
+  ok "init_from a Hugging Face folder on pp=2 x dp=2 x ep=2: trains as one process from the checkpoint"
+else
+  bad "init_from a Hugging Face folder"; tail -5 "$TMP/init_hf_ep.log" "$TMP/init_hf.cmp" 2>/dev/null
+fi
 
 expect_fail() {  # expect_fail DESCRIPTION NP PATTERN [overrides...]
   local what=$1 np=$2 pat=$3; shift 3
