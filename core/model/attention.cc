@@ -190,7 +190,7 @@ struct Attention::Impl {
   Result<Tensor> query(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, const Tensor& pos);
   Result<Tensor> query_heads(ModelCtx& c, Tensor qf, const Tensor& pos);
   Status mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
-  Status mla_kv_heads(ModelCtx& c, const Tensor& kvb, Saved& s);
+  Status mla_kv_heads(ModelCtx& c, Tensor kvb, Saved& s);
   Status recompute_qkv(ModelCtx& c, int mb, Saved& s);
   Status mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
   Result<Tensor> query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos);
@@ -302,12 +302,13 @@ Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tenso
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
   FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, rope_spec, false));
   s.k_rope = std::move(lat.second);
-  return mla_kv_heads(c, kvb, s);
+  return mla_kv_heads(c, std::move(kvb), s);
 }
 
 // The up-projection's output kvb ([k_nope | v] per head) and s.k_rope -> s.k, s.v.
-Status Attention::Impl::mla_kv_heads(ModelCtx& c, const Tensor& kvb, Saved& s) {
+Status Attention::Impl::mla_kv_heads(ModelCtx& c, Tensor kvb, Saved& s) {
   FP8_ASSIGN_OR_RETURN(auto kv_parts, split_heads(c, &rows, kvb, H, nope, vdim));
+  kvb = Tensor();  // split into its parts: freed before k is assembled
   FP8_ASSIGN_OR_RETURN(Tensor k_rope, broadcast_heads(c, &rows, s.k_rope, H));
   FP8_ASSIGN_OR_RETURN(s.k, merge_heads(c, &rows, kv_parts.first, k_rope, H, nope, rope));
   s.v = std::move(kv_parts.second);
@@ -319,7 +320,9 @@ Status Attention::Impl::recompute_qkv(ModelCtx& c, int mb, Saved& s) {
   FP8_ASSIGN_OR_RETURN(Tensor qf, (q_lowrank() ? wq_b : wq).recompute(c, mb));
   FP8_ASSIGN_OR_RETURN(s.q, query_heads(c, std::move(qf), s.pos));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.recompute(c, mb));
-  return mla_kv_heads(c, kvb, s);
+  FP8_RETURN_IF_ERROR(mla_kv_heads(c, std::move(kvb), s));
+  s.k_rope = Tensor();  // now part of k
+  return Status::Ok();
 }
 
 Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s) {
@@ -349,12 +352,17 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
   } else {
     s.k_rope = Tensor();
   }
-  Tensor o = s.o;  // the backward uses the fp32 core output; W_o sees bf16 activations
-  if (c.precision != Precision::kFP32) {
-    FP8_ASSIGN_OR_RETURN(o, new_f32(c, s.o.rows(), s.o.cols()));
-    FP8_RETURN_IF_ERROR(c.be->round_bf16(s.o, o));
-  }
-  return a.wo.forward(c, mb, o);
+  if (c.precision == Precision::kFP32) return a.wo.forward(c, mb, s.o);
+  // W_o reads bf16 activations. One copy of them is held for the backward, as bf16: the core's
+  // backward reads it (D = rowsum(dO o), as FlashAttention does from its bf16 output) and W_o's
+  // input is re-prepared from it there (the same bits), instead of holding the fp32 core output
+  // and W_o's own copy. DeepSeek-V3 holds one E5M6 copy for both (TR §3.3.3).
+  FP8_ASSIGN_OR_RETURN(Tensor o, new_f32(c, s.o.rows(), s.o.cols()));
+  FP8_RETURN_IF_ERROR(c.be->round_bf16(s.o, o));
+  FP8_ASSIGN_OR_RETURN(s.o, hold_bf16(c, o));
+  FP8_ASSIGN_OR_RETURN(Tensor y, a.wo.forward(c, mb, o));
+  FP8_RETURN_IF_ERROR(a.wo.drop_input(mb));
+  return y;
 }
 
 // dq -> dx through the query path (inverse RoPE is the transpose of RoPE).
@@ -399,13 +407,21 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   Impl& a = *impl_;
   FP8_ASSIGN_OR_RETURN(Impl::Saved * s, a.saved.get(mb, "attention"));
   FP8_ASSIGN_OR_RETURN(Tensor dout, a.wo.backward_input(c, mb, dy));
+  // the held bf16 output widened for the core (in place of it, so no more bytes than the fp32
+  // output the core's backward always read)
+  if (c.precision != Precision::kFP32) {
+    FP8_ASSIGN_OR_RETURN(s->o, held_f32(c, s->o));
+  }
   if (!s->q.defined()) FP8_RETURN_IF_ERROR(a.recompute_qkv(c, mb, *s));
   FP8_ASSIGN_OR_RETURN(Tensor dq, new_f32(c, s->q.rows(), s->q.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dk, new_f32(c, s->k.rows(), s->k.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dv, new_f32(c, s->v.rows(), s->v.cols()));
   FP8_RETURN_IF_ERROR(attention_core_bwd(c, dout, s->q, s->k, s->v, s->o, s->lse,
                                          {s->B, s->T, a.H, a.scale}, dq, dk, dv));
-  s->q = s->k = s->v = s->o = s->lse = Tensor();  // the core's operands are not needed again
+  s->q = s->k = s->v = s->lse = Tensor();  // the core's operands are not needed again
+  // W_o's input again from the output, once q, k and v are gone (it is held until W)
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(a.wo.restore_input(c, mb, s->o));
+  s->o = Tensor();
   FP8_ASSIGN_OR_RETURN(Tensor dx, a.query_backward(c, mb, dq, s->pos));
   Tensor dx_kv;
   if (a.mla) {

@@ -51,9 +51,10 @@ void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockSha
     b.gemms.push_back({1, d, kl + a.qk_rope_head_dim(), true});
     b.gemms.push_back({1, kl, H * (a.qk_nope_head_dim() + dv), true, recompute});
     // Held (TR §3.2.3, §3.3.3): normed input FP8 (d), latents BF16 (q_lora + kv_lora + rope),
-    // attention output in E5M6 (1.5 B) for wo; q/k/v recomputed from the latents, else held
-    // in BF16 (the framework's layout: the RoPE key repeated per head).
-    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + 1.5 * H * dv;
+    // the attention output once for the core's backward and wo: BF16 in the framework (DeepSeek:
+    // E5M6, 1.5 B); q/k/v recomputed from the latents, else held in BF16 (the framework's
+    // layout: the RoPE key repeated per head).
+    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + 2 * H * dv;
     if (!recompute) b.act += 2 * (2 * H * dqk + H * dv);
   } else {
     dqk = dv = m.head_dim();

@@ -345,9 +345,12 @@ int64_t steps_with_peak(Trainer& t, int steps, std::vector<double>& loss,
 
 // Two 3-step tiny runs (8 sequences in 4 micro-batches) under `overrides`, with train.recompute
 // set to `without` and then `with`: losses, gradient norms and every saved weight must be bitwise
-// equal, and each step's peak of held tensors lower with the recomputation.
+// equal, and each step's peak of held tensors lower with the recomputation: strictly where
+// several micro-batches are in flight (dualpipev); 1f1b on one rank holds one, and its peak lies
+// in a backward outside what is recomputed (measured equal), where it must not rise.
 void expect_recompute_is_bitwise_and_smaller(std::vector<std::string> overrides,
-                                             const std::string& without, const std::string& with) {
+                                             const std::string& without, const std::string& with,
+                                             bool one_in_flight) {
   std::vector<double> loss[2], norm[2];
   int64_t peak[2] = {0, 0};
   std::string weights[2];
@@ -370,7 +373,11 @@ void expect_recompute_is_bitwise_and_smaller(std::vector<std::string> overrides,
   EXPECT_EQ(norm[1], norm[0]);
   EXPECT_FALSE(weights[0].empty());
   EXPECT_TRUE(weights[1] == weights[0]) << "saved weights differ";
-  EXPECT_LT(peak[1], peak[0]);
+  if (one_in_flight) {
+    EXPECT_LE(peak[1], peak[0]);
+  } else {
+    EXPECT_LT(peak[1], peak[0]);
+  }
   if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
 }
 
@@ -383,7 +390,7 @@ TEST(TrainTest, RecomputedUpProjectionsTrainTheSameBitsInLessMemory) {
       SCOPED_TRACE(std::string(mode) + " " + schedule);
       expect_recompute_is_bitwise_and_smaller(
           {std::string("--precision.mode=") + mode, std::string("--parallel.schedule=") + schedule},
-          "", "mla_up_proj");
+          "", "mla_up_proj", std::string(schedule) == "1f1b");
     }
   }
 }
@@ -407,7 +414,8 @@ TEST(TrainTest, RecomputedNormsTrainTheSameBitsInLessMemory) {
     expect_recompute_is_bitwise_and_smaller(
         {std::string("--precision.mode=") + k.mode,
          std::string("--parallel.schedule=") + k.schedule, "--model.mla.q_lora_rank=" + k.q_lora},
-        k.base, k.base.empty() ? "rmsnorm" : k.base + ",rmsnorm");
+        k.base, k.base.empty() ? "rmsnorm" : k.base + ",rmsnorm",
+        std::string(k.schedule) == "1f1b");
   }
 }
 
