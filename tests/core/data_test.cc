@@ -213,7 +213,7 @@ TEST(Batcher, PermuteIndexIsAPermutation) {
 
 TEST(Batcher, SyntheticDeterministicAndRankSlices) {
   auto m = SyntheticMarkov::create(64, 4, 3).value();
-  const BatchSpec spec{8, 16, 99, 0.01};
+  const BatchSpec spec{8, 16, 99, 0.01, nullptr};
   auto b1 = Batcher::create(m, spec).value();
   auto b2 = Batcher::create(SyntheticMarkov::create(64, 4, 3).value(), spec).value();
   const auto full = b1.global_batch(Split::kTrain, 5).value();
@@ -226,7 +226,7 @@ TEST(Batcher, SyntheticDeterministicAndRankSlices) {
   }
   EXPECT_NE(full, b1.global_batch(Split::kTrain, 6).value());
   EXPECT_NE(full, b1.global_batch(Split::kHeldout, 5).value());
-  auto other_seed = Batcher::create(m, {8, 16, 100, 0.01}).value();
+  auto other_seed = Batcher::create(m, {8, 16, 100, 0.01, nullptr}).value();
   EXPECT_NE(full, other_seed.global_batch(Split::kTrain, 5).value());
   // Row r of step s is sequence s * global_batch + r, whatever rank asks for it.
   EXPECT_EQ(b1.sample_of(Split::kTrain, 5, 3), 5 * 8 + 3);
@@ -243,7 +243,7 @@ std::shared_ptr<TokenFile> counting_file(const std::string& dir, int n) {
 
 TEST(Batcher, FileWindowsEpochsAndHeldout) {
   auto f = counting_file(temp_dir("epochs"), 8 * 100 + 1);  // 100 windows of 8 targets
-  auto b = Batcher::create(f, {9, 8, 5, 0.1}).value();
+  auto b = Batcher::create(f, {9, 8, 5, 0.1, nullptr}).value();
   EXPECT_EQ(b.windows(Split::kTrain), 90);
   EXPECT_EQ(b.windows(Split::kHeldout), 10);
   for (int epoch = 0; epoch < 2; ++epoch) {
@@ -274,7 +274,7 @@ TEST(Batcher, FileWindowsEpochsAndHeldout) {
 TEST(Batcher, FileRankSlicesAndErrors) {
   const std::string dir = temp_dir("slices");
   auto f = counting_file(dir, 1000);
-  auto b = Batcher::create(f, {6, 10, 1, 0.0}).value();
+  auto b = Batcher::create(f, {6, 10, 1, 0.0, nullptr}).value();
   const auto full = b.global_batch(Split::kTrain, 123).value();
   std::vector<int32_t> joined;
   for (auto [lo, hi] : std::vector<std::pair<int, int>>{{0, 1}, {1, 4}, {4, 6}}) {
@@ -284,8 +284,8 @@ TEST(Batcher, FileRankSlicesAndErrors) {
   EXPECT_EQ(joined, full);
   EXPECT_FALSE(b.global_batch(Split::kHeldout, 0).ok());  // heldout_fraction 0
   EXPECT_FALSE(b.rows(Split::kTrain, 0, 4, 7).ok());
-  EXPECT_FALSE(Batcher::create(f, {6, 999, 1, 0.5}).ok());  // one window, none left to train
-  EXPECT_FALSE(Batcher::create(f, {6, 10, 1, 1.0}).ok());
+  EXPECT_FALSE(Batcher::create(f, {6, 999, 1, 0.5, nullptr}).ok());  // one window, none left to train
+  EXPECT_FALSE(Batcher::create(f, {6, 10, 1, 1.0, nullptr}).ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -612,7 +612,7 @@ TEST(BatchPlan, RampedBatcherReadsTheConstantBatchStream) {
       counting_file(dir, 64 * 17 + 1), SyntheticMarkov::create(64, 4, 3).value()};
   for (const auto& src : sources) {
     SCOPED_TRACE(src->describe());
-    const BatchSpec flat{16, 16, 7, 0.1};
+    const BatchSpec flat{16, 16, 7, 0.1, nullptr};
     BatchSpec ramped = flat;
     ramped.plan = std::make_shared<const BatchPlan>(BatchPlan::ramp(4, 4, 40, 16).value());
     auto a = Batcher::create(src, flat).value();
@@ -637,7 +637,7 @@ TEST(BatchPlan, RampedBatcherReadsTheConstantBatchStream) {
               a.global_batch(Split::kHeldout, 3).value());
     EXPECT_FALSE(b.rows(Split::kTrain, 0, 0, 5).ok()) << "step 0 has 4 rows";
   }
-  BatchSpec wrong{16, 16, 7, 0.1};
+  BatchSpec wrong{16, 16, 7, 0.1, nullptr};
   wrong.plan = std::make_shared<const BatchPlan>(BatchPlan::ramp(4, 4, 40, 32).value());
   EXPECT_FALSE(Batcher::create(sources[1], wrong).ok()) << "plan for another batch";
 }

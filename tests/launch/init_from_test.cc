@@ -111,7 +111,7 @@ class InitFrom : public ::testing::Test {
 TEST_F(InitFrom, StartsAtStepZeroFromTheSourceWeightsWithFreshMoments) {
   std::unique_ptr<Trainer> a;
   const std::vector<float> src = source(&a);
-  for (const std::string from :
+  for (const std::string& from :
        {root_ + "/a", root_ + "/a/step_00000003", root_ + "/a/model.safetensors"}) {
     SCOPED_TRACE(from);
     auto b = derived(from, "b" + std::to_string(from.size()));
