@@ -379,6 +379,64 @@ TEST_F(InitFrom, HuggingFaceFp8ExportReadsBackAsTheForwardsWeights) {
   EXPECT_GT(other, 5);
 }
 
+// A folder whose FP8 tensor lacks its scales, has them in another shape, or holds a dtype the
+// reader does not take: each refused, naming the tensor and what was expected.
+TEST_F(InitFrom, HuggingFaceFolderWithBadTensorsIsRefusedNamingThem) {
+  source();
+  auto found = ckpt::resolve(root_ + "/a", "", false);
+  ASSERT_TRUE(found.ok() && *found);
+  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
+  ASSERT_TRUE(loaded.ok());
+  const std::string target = "model.layers.0.self_attn.o_proj.weight";
+  struct Case {
+    std::string label, dtype;
+    std::vector<int64_t> scale_shape;  // empty: no scale tensor
+    std::string expect;
+  };
+  const std::vector<Case> cases = {
+      {"no_scale", "F8_E4M3", {}, "no tensor '" + target + "_scale_inv'"},
+      {"bad_scale", "F8_E4M3", {2, 1}, "DeepSeek's 128x128 block scales of '" + target},
+      {"f16", "F16", {}, "'" + target + "' is F16 (readable: F32, BF16, F8_E4M3, F8_E5M2)"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.label);
+    const std::string dir = root_ + "/hf_" + k.label;
+    hf::Options opt;
+    opt.dtype = "fp32";
+    ASSERT_TRUE(hf::export_folder(*loaded, dir, opt).ok());
+    {
+      auto r = safetensors::Reader::open(dir + "/model.safetensors");
+      ASSERT_TRUE(r.ok());
+      safetensors::Writer w;
+      for (const safetensors::TensorView& t : r->tensors()) {
+        if (t.name != target) {
+          ASSERT_TRUE(
+              w.add(t.name, t.dtype, t.shape, std::vector<uint8_t>(t.data, t.data + t.nbytes))
+                  .ok());
+          continue;
+        }
+        const size_t n = static_cast<size_t>(t.numel()) * (k.dtype == "F16" ? 2 : 1);
+        ASSERT_TRUE(w.add(t.name, k.dtype, t.shape, std::vector<uint8_t>(n, 0)).ok());
+        if (!k.scale_shape.empty()) {
+          const size_t m = static_cast<size_t>(k.scale_shape[0] * k.scale_shape[1]) * 4;
+          ASSERT_TRUE(
+              w.add(t.name + "_scale_inv", "F32", k.scale_shape, std::vector<uint8_t>(m, 0)).ok());
+        }
+      }
+      w.set_metadata("format", "pt");
+      ASSERT_TRUE(w.write(dir + "/model.safetensors").ok());
+    }
+    std::vector<std::string> o = kNoDecay;
+    o.insert(o.end(),
+             {"--checkpoint.dir=" + root_ + "/c_" + k.label, "--checkpoint.init_from=" + dir});
+    auto t = make_trainer(tiny_short(o));
+    ASSERT_TRUE(t);
+    const std::string e = t->resume(ResumeOptions{}).to_string();
+    EXPECT_NE(e.find(k.expect), std::string::npos) << e;
+    EXPECT_NE(e.find("checkpoint.init_from=" + dir), std::string::npos) << e;
+  }
+}
+
 TEST_F(InitFrom, HuggingFaceFolderOfAnotherModelIsRefusedNamingTheField) {
   source();
   auto found = ckpt::resolve(root_ + "/a", "", false);
