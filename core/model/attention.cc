@@ -214,13 +214,15 @@ Status Attention::Impl::init_mla(ModelCtx& c, const std::string& p, const config
   const float std = m.init_std();
   if (q_lowrank()) {
     FP8_RETURN_IF_ERROR(wq_a.init(c, p + ".wq_a.weight", hidden, q_lora, seed, std));
-    FP8_RETURN_IF_ERROR(q_norm.init(c, p + ".q_norm.weight", q_lora, m.norm_eps(), seed));
+    // the latents are wq_a's and wkv_a's outputs: bf16-valued outside FP32, held as bf16
+    FP8_RETURN_IF_ERROR(q_norm.init(c, p + ".q_norm.weight", q_lora, m.norm_eps(), seed, true));
     FP8_RETURN_IF_ERROR(wq_b.init(c, p + ".wq_b.weight", q_lora, H * dk(), seed, std));
   } else {
     FP8_RETURN_IF_ERROR(wq.init(c, p + ".wq.weight", hidden, H * dk(), seed, std));
   }
   FP8_RETURN_IF_ERROR(wkv_a.init(c, p + ".wkv_a.weight", hidden, kv_lora + rope, seed, std));
-  FP8_RETURN_IF_ERROR(kv_norm.init(c, p + ".kv_norm.weight", kv_lora, m.norm_eps(), seed));
+  FP8_RETURN_IF_ERROR(
+      kv_norm.init(c, p + ".kv_norm.weight", kv_lora, m.norm_eps(), seed, /*bf16_input=*/true));
   FP8_RETURN_IF_ERROR(wkv_b.init(c, p + ".wkv_b.weight", kv_lora, H * (nope + vdim), seed, std));
   return wo.init(c, p + ".wo.weight", H * vdim, hidden, seed, std);
 }

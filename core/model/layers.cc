@@ -2,15 +2,21 @@
 
 namespace fp8pipe::model {
 
-Status RMSNorm::init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed) {
+Status RMSNorm::init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed,
+                     bool bf16_input) {
   eps_ = eps;
+  bf16_input_ = bf16_input;
   w_.decay = false;
   return init_param(*c.be, w_, name, {dim}, seed, 0.0f, 1.0f);
 }
 
 Result<Tensor> RMSNorm::forward(ModelCtx& c, int mb, const Tensor& x) {
   Saved& s = saved_.put(mb);
-  s.x = x;
+  if (bf16_input_) {
+    FP8_ASSIGN_OR_RETURN(s.x, hold_bf16(c, x));
+  } else {
+    s.x = x;
+  }
   FP8_ASSIGN_OR_RETURN(s.rstd, c.be->empty({x.rows()}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), x.cols()));
   FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(x, w_.value, eps_, y, s.rstd));
@@ -19,16 +25,18 @@ Result<Tensor> RMSNorm::forward(ModelCtx& c, int mb, const Tensor& x) {
 
 Result<Tensor> RMSNorm::recompute(ModelCtx& c, int mb) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
-  FP8_ASSIGN_OR_RETURN(Tensor rstd, c.be->empty({s->x.rows()}, DType::kF32));
-  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, s->x.rows(), s->x.cols()));
-  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(s->x, w_.value, eps_, y, rstd));
+  FP8_ASSIGN_OR_RETURN(Tensor x, held_f32(c, s->x));
+  FP8_ASSIGN_OR_RETURN(Tensor rstd, c.be->empty({x.rows()}, DType::kF32));
+  FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), x.cols()));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(x, w_.value, eps_, y, rstd));
   return y;
 }
 
 Result<Tensor> RMSNorm::backward(ModelCtx& c, int mb, const Tensor& dy) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  FP8_ASSIGN_OR_RETURN(Tensor x, held_f32(c, s->x));
   FP8_ASSIGN_OR_RETURN(Tensor dx, new_f32(c, dy.rows(), dy.cols()));
-  FP8_RETURN_IF_ERROR(c.be->rmsnorm_bwd(dy, s->x, w_.value, s->rstd, dx, w_.grad));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_bwd(dy, x, w_.value, s->rstd, dx, w_.grad));
   saved_.erase(mb);
   return dx;
 }

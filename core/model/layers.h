@@ -9,7 +9,10 @@ namespace fp8pipe::model {
 
 class RMSNorm {
  public:
-  Status init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed);
+  // bf16_input: x is always bf16-valued outside FP32 precision (a GEMM output, as MLA's latents
+  // are), so it is held as bf16 (hold_bf16: the same values in half the bytes).
+  Status init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed,
+              bool bf16_input = false);
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);
   // dx; the weight gradient is accumulated at once (it is tiny, nothing to defer).
   Result<Tensor> backward(ModelCtx& c, int mb, const Tensor& dy);
@@ -24,6 +27,7 @@ class RMSNorm {
   };
   Param w_;
   float eps_ = 1e-6f;
+  bool bf16_input_ = false;
   PerMicrobatch<Saved> saved_;
 };
 

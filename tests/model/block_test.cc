@@ -1,13 +1,16 @@
 // train.recompute=rmsnorm at the block level: what a block holds between its forward and its
 // backward falls by exactly the projections' copies of the two normed inputs, and the block
 // computes the same bits. The expected bytes are measured independently: a 1x128 quantization
-// and a bf16 cast of an [n, hidden] tensor, each counted alone by Backend::memory.
+// and a bf16 cast of an [n, hidden] tensor, each counted alone by Backend::memory. Also MLA's
+// latent norms, which hold their bf16-valued input as bf16.
 #include "core/model/block.h"
 
 #include <gtest/gtest.h>
 
 #include <random>
 #include <vector>
+
+#include "kernels/cpu/fp8_codec.h"
 
 namespace fp8pipe::model {
 namespace {
@@ -117,6 +120,60 @@ TEST(Block, RecomputedNormsHoldExactlyTheirOutputsLess) {
     }
     EXPECT_EQ(re.be->memory().in_use, keep.be->memory().in_use) << "all saved state freed";
   }
+}
+
+}  // namespace
+}  // namespace fp8pipe::model
+
+namespace fp8pipe::model {
+namespace {
+
+// MLA's latent norms (q_norm, kv_norm) read wq_a's and wkv_a's outputs, bf16-valued outside FP32:
+// they hold their input as bf16. Against a norm holding fp32: after the forward (the caller's
+// input and output released) it holds exactly 2 bytes an element less, and its output, input
+// gradient and weight gradient are bitwise the same.
+TEST(RMSNormMemory, Bf16ValuedInputIsHeldAsBf16WithTheSameResults) {
+  constexpr int64_t n = 48, d = 160;
+  std::vector<float> xv(n * d), dyv(n * d);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (float& v : xv) v = kernels::bf16_to_float(kernels::float_to_bf16(g(rng)));  // bf16 values
+  for (float& v : dyv) v = g(rng);
+  struct Norm {
+    std::unique_ptr<Backend> be = make_cpu_backend();
+    ModelCtx c;
+    RMSNorm norm;
+    int64_t held = 0;
+    std::vector<float> y, dx, dw;
+  };
+  Norm runs[2];
+  for (int bf16 = 0; bf16 < 2; ++bf16) {
+    Norm& r = runs[bf16];
+    r.c.be = r.be.get();
+    r.c.precision = Precision::kFP8;
+    ASSERT_TRUE(r.norm.init(r.c, "q_norm.weight", d, 1e-6f, /*seed=*/2, bf16 == 1).ok());
+    const int64_t base = r.be->memory().in_use;
+    {
+      Tensor x = r.be->empty({n, d}, DType::kF32).value();
+      std::copy(xv.begin(), xv.end(), x.data_as<float>());
+      auto y = r.norm.forward(r.c, 0, x);
+      ASSERT_TRUE(y.ok());
+      r.y.assign(y->data_as<float>(), y->data_as<float>() + n * d);
+    }
+    r.held = r.be->memory().in_use - base;
+    Tensor dy = r.be->empty({n, d}, DType::kF32).value();
+    std::copy(dyv.begin(), dyv.end(), dy.data_as<float>());
+    auto dx = r.norm.backward(r.c, 0, dy);
+    ASSERT_TRUE(dx.ok());
+    r.dx.assign(dx->data_as<float>(), dx->data_as<float>() + n * d);
+    const Tensor& gw = r.norm.weight().grad;
+    r.dw.assign(gw.data_as<float>(), gw.data_as<float>() + d);
+  }
+  EXPECT_EQ(runs[0].held - runs[1].held, n * d * 2);
+  EXPECT_EQ(runs[0].held, n * d * 4 + n * 4) << "fp32 input and rstd";
+  EXPECT_EQ(runs[1].y, runs[0].y);
+  EXPECT_EQ(runs[1].dx, runs[0].dx);
+  EXPECT_EQ(runs[1].dw, runs[0].dw);
 }
 
 }  // namespace
