@@ -63,7 +63,9 @@ void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockSha
   }
   b.gemms.push_back({1, H * dv, d, true});
   b.attn_fwd = 2 * (seq / 2.0) * H * (dqk + dv);  // causal: T/2 keys per query (launch/flops.h)
-  b.act += 2 * d + 4 * H;                         // residual input BF16, softmax statistics
+  // The two RMSNorms' inputs (the block input and x + attention: the framework's residual stream
+  // is fp32, so 2 x 4 bytes; a BF16 residual would hold 2 x 2) and the softmax statistics.
+  b.act += 8 * d + 4 * H;
   b.elementwise += 2 * 4 * d + 6 * d;             // 2 RMSNorms (read+write BF16), residual add
 }
 
