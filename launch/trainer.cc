@@ -49,6 +49,7 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.recompute_mla_up = recomputes(cfg.train(), "mla_up_proj");
   c.recompute_norm = recomputes(cfg.train(), "rmsnorm");
   c.fp8_swiglu_cache = cfg.precision().fp8_swiglu_cache();
+  c.bf16_norm_inputs = cfg.precision().bf16_norm_inputs();
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.
   if (c.precision == model::Precision::kFP8 && be->device() != Device::kCpu) {

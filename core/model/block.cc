@@ -4,10 +4,10 @@ namespace fp8pipe::model {
 
 Status Block::init(ModelCtx& c, const std::string& prefix, const config::Model& m, bool moe,
                    uint64_t seed) {
-  FP8_RETURN_IF_ERROR(
-      attn_norm_.init(c, prefix + ".attn_norm.weight", m.hidden(), m.norm_eps(), seed));
-  FP8_RETURN_IF_ERROR(
-      ffn_norm_.init(c, prefix + ".ffn_norm.weight", m.hidden(), m.norm_eps(), seed));
+  FP8_RETURN_IF_ERROR(attn_norm_.init(c, prefix + ".attn_norm.weight", m.hidden(), m.norm_eps(),
+                                      seed, /*bf16_input=*/false, /*residual=*/true));
+  FP8_RETURN_IF_ERROR(ffn_norm_.init(c, prefix + ".ffn_norm.weight", m.hidden(), m.norm_eps(), seed,
+                                     /*bf16_input=*/false, /*residual=*/true));
   FP8_RETURN_IF_ERROR(attn_.init(c, prefix + ".attn", m, seed));
   if (moe) {
     moe_ = std::make_unique<MoE>();

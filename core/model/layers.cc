@@ -3,23 +3,28 @@
 namespace fp8pipe::model {
 
 Status RMSNorm::init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed,
-                     bool bf16_input) {
+                     bool bf16_input, bool residual) {
   eps_ = eps;
   bf16_input_ = bf16_input;
+  residual_ = residual;
   w_.decay = false;
   return init_param(*c.be, w_, name, {dim}, seed, 0.0f, 1.0f);
 }
 
 Result<Tensor> RMSNorm::forward(ModelCtx& c, int mb, const Tensor& x) {
   Saved& s = saved_.put(mb);
+  Tensor in = x;  // what the norm reads
   if (bf16_input_) {
-    FP8_ASSIGN_OR_RETURN(s.x, hold_bf16(c, x));
+    FP8_ASSIGN_OR_RETURN(s.x, hold_bf16(c, x));  // the same values
+  } else if (residual_ && c.bf16_norm_inputs) {
+    FP8_ASSIGN_OR_RETURN(s.x, hold_bf16(c, x));  // rounded: read as such too
+    FP8_ASSIGN_OR_RETURN(in, held_f32(c, s.x));
   } else {
     s.x = x;
   }
   FP8_ASSIGN_OR_RETURN(s.rstd, c.be->empty({x.rows()}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(Tensor y, new_f32(c, x.rows(), x.cols()));
-  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(x, w_.value, eps_, y, s.rstd));
+  FP8_RETURN_IF_ERROR(c.be->rmsnorm_fwd(in, w_.value, eps_, y, s.rstd));
   return y;
 }
 

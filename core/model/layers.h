@@ -10,9 +10,11 @@ namespace fp8pipe::model {
 class RMSNorm {
  public:
   // bf16_input: x is always bf16-valued outside FP32 precision (a GEMM output, as MLA's latents
-  // are), so it is held as bf16 (hold_bf16: the same values in half the bytes).
+  // are), so it is held as bf16 (hold_bf16: the same values in half the bytes). residual: x is
+  // the fp32 residual stream (a block's norms); under ModelCtx::bf16_norm_inputs the norm reads
+  // x rounded to bf16 and holds that, so forward, recompute and backward see the same values.
   Status init(ModelCtx& c, const std::string& name, int64_t dim, float eps, uint64_t seed,
-              bool bf16_input = false);
+              bool bf16_input = false, bool residual = false);
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x);
   // dx; the weight gradient is accumulated at once (it is tiny, nothing to defer).
   Result<Tensor> backward(ModelCtx& c, int mb, const Tensor& dy);
@@ -27,7 +29,7 @@ class RMSNorm {
   };
   Param w_;
   float eps_ = 1e-6f;
-  bool bf16_input_ = false;
+  bool bf16_input_ = false, residual_ = false;
   PerMicrobatch<Saved> saved_;
 };
 

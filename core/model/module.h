@@ -63,6 +63,9 @@ struct ModelCtx {
   // precision.fp8_swiglu_cache (FP8): the MoE's experts (routed and shared) hold g and u as FP8
   // 1x128 and recompute the SwiGLU output in the backward.
   bool fp8_swiglu_cache = false;
+  // precision.bf16_norm_inputs (FP8, BF16): the blocks' RMSNorms read and hold their residual
+  // input rounded to bf16.
+  bool bf16_norm_inputs = false;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.

@@ -34,7 +34,9 @@ struct BlockShape {
 
 // recompute: train.recompute has mla_up_proj (MLA's query and key/value up-projections re-run
 // in the backward instead of holding q, k, v).
-void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockShape& b) {
+// bf16_norm_inputs: precision.bf16_norm_inputs (the block norms hold bf16 inputs).
+void add_attention(const config::Model& m, int64_t seq, bool recompute, bool bf16_norm_inputs,
+                   BlockShape& b) {
   const double d = m.hidden(), H = m.heads();
   double dqk = 0, dv = 0;
   if (m.attention() == config::Model::MLA) {
@@ -63,10 +65,10 @@ void add_attention(const config::Model& m, int64_t seq, bool recompute, BlockSha
   }
   b.gemms.push_back({1, H * dv, d, true});
   b.attn_fwd = 2 * (seq / 2.0) * H * (dqk + dv);  // causal: T/2 keys per query (launch/flops.h)
-  // The two RMSNorms' inputs (the block input and x + attention: the framework's residual stream
-  // is fp32, so 2 x 4 bytes; a BF16 residual would hold 2 x 2) and the softmax statistics.
-  b.act += 8 * d + 4 * H;
-  b.elementwise += 2 * 4 * d + 6 * d;             // 2 RMSNorms (read+write BF16), residual add
+  // The two RMSNorms' inputs (the block input and x + attention): the fp32 residual stream,
+  // 2 x 4 bytes, or 2 x 2 with precision.bf16_norm_inputs; and the softmax statistics.
+  b.act += (bf16_norm_inputs ? 4 : 8) * d + 4 * H;
+  b.elementwise += 2 * 4 * d + 6 * d;  // 2 RMSNorms (read+write BF16), residual add
 }
 
 // swiglu_cache: precision.fp8_swiglu_cache (the experts hold g, u in FP8 and recompute h).
@@ -102,9 +104,10 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, bool sw
 // and the FFN's FP8 copies, d bytes each) are not held; B re-runs the norms (its elementwise term
 // already counts recomputed norms) and re-quantizes them (read BF16, write FP8).
 BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
-                       bool recompute, bool swiglu_cache, bool recompute_norm) {
+                       bool recompute, bool swiglu_cache, bool recompute_norm,
+                       bool bf16_norm_inputs) {
   BlockShape b;
-  add_attention(m, seq, recompute, b);
+  add_attention(m, seq, recompute, bf16_norm_inputs, b);
   add_ffn(m, moe, c.imbalance, ep, swiglu_cache, b);
   if (recompute_norm) {
     b.act -= 2.0 * m.hidden();
@@ -390,8 +393,12 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
   const bool cache =
       cfg.precision().fp8_swiglu_cache() && cfg.precision().mode() == config::Precision::FP8;
   const bool recompute_norm = recomputes(cfg.train(), "rmsnorm");
-  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, recompute, cache, recompute_norm);
-  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, recompute, cache, recompute_norm);
+  const bool bf16_norms =
+      cfg.precision().bf16_norm_inputs() && cfg.precision().mode() != config::Precision::FP32;
+  const BlockShape dense_b =
+      block_shape(m, false, seq, cal, ep, recompute, cache, recompute_norm, bf16_norms);
+  const BlockShape moe_b =
+      block_shape(m, has_moe, seq, cal, ep, recompute, cache, recompute_norm, bf16_norms);
   for (int st = 0; st < s.stages(); ++st) {
     const model::ModelPart& p = parts[st];
     ChunkCost c;

@@ -405,18 +405,43 @@ TEST(TrainTest, RecomputedNormsTrainTheSameBitsInLessMemory) {
     const char* schedule;
     std::string base;  // train.recompute without rmsnorm
     std::string q_lora;
+    std::string bf16_norm_inputs = "false";
   };
   for (const Case& k :
        {Case{"FP8", "1f1b", "", "32"}, Case{"FP8", "dualpipev", "", "32"},
-        Case{"BF16", "dualpipev", "", "32"}, Case{"FP8", "dualpipev", "mla_up_proj", "0"}}) {
+        Case{"BF16", "dualpipev", "", "32"}, Case{"FP8", "dualpipev", "mla_up_proj", "0"},
+        Case{"FP8", "dualpipev", "", "32", "true"}}) {
     SCOPED_TRACE(std::string(k.mode) + " " + k.schedule + " base '" + k.base + "' q_lora " +
                  k.q_lora);
     expect_recompute_is_bitwise_and_smaller(
         {std::string("--precision.mode=") + k.mode,
-         std::string("--parallel.schedule=") + k.schedule, "--model.mla.q_lora_rank=" + k.q_lora},
+         std::string("--parallel.schedule=") + k.schedule, "--model.mla.q_lora_rank=" + k.q_lora,
+         "--precision.bf16_norm_inputs=" + k.bf16_norm_inputs},
         k.base, k.base.empty() ? "rmsnorm" : k.base + ",rmsnorm",
         std::string(k.schedule) == "1f1b");
   }
+}
+
+// precision.bf16_norm_inputs (FP8, dualpipev, 4 steps): the blocks' norms read and hold their
+// residual input rounded to bf16 (2^-9 relative), so the losses track the fp32-input run within
+// 1e-3 relative, do differ, and the peak of held tensors is lower.
+TEST(TrainTest, Bf16NormInputsTrackTheFp32ResidualInLessMemory) {
+  std::vector<double> loss[2], norm[2];
+  int64_t peak[2] = {0, 0};
+  for (int on = 0; on < 2; ++on) {
+    auto t = make_trainer(
+        tiny({"--train.steps=4", "--optim.warmup_steps=1", "--train.eval_every=0",
+              "--parallel.schedule=dualpipev",
+              std::string("--precision.bf16_norm_inputs=") + (on ? "true" : "false")}));
+    ASSERT_TRUE(t);
+    EXPECT_EQ(t->ctx().bf16_norm_inputs, on == 1);
+    peak[on] = steps_with_peak(*t, 4, loss[on], norm[on]);
+    ASSERT_EQ(loss[on].size(), 4u);
+  }
+  for (int s = 0; s < 4; ++s) EXPECT_NEAR(loss[1][s], loss[0][s], 1e-3 * loss[0][s]) << s + 1;
+  EXPECT_NE(loss[1][3], loss[0][3]);
+  EXPECT_LT(peak[1], peak[0]);
+  if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
 }
 
 // precision.fp8_swiglu_cache on the tiny model (FP8, 4 steps; experts 256 wide and dualpipev, so

@@ -176,5 +176,59 @@ TEST(RMSNormMemory, Bf16ValuedInputIsHeldAsBf16WithTheSameResults) {
   EXPECT_EQ(runs[1].dw, runs[0].dw);
 }
 
+// precision.bf16_norm_inputs: a block's norm (residual) reads its fp32 input rounded to bf16 and
+// holds that: its output and gradients are bitwise those of a plain norm given the rounded input
+// (an independent rounding here), it holds 2 bytes an element (+ rstd), and without the flag it
+// holds the fp32 input.
+TEST(RMSNormMemory, ResidualNormReadsAndHoldsBf16UnderTheFlag) {
+  constexpr int64_t n = 40, d = 192;
+  std::vector<float> xv(n * d), xr(n * d), dyv(n * d);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (int64_t i = 0; i < n * d; ++i) {
+    xv[i] = g(rng);  // fp32 residual values, not bf16
+    xr[i] = kernels::bf16_to_float(kernels::float_to_bf16(xv[i]));
+    dyv[i] = g(rng);
+  }
+  struct Out {
+    int64_t held = 0;
+    std::vector<float> y, dx, dw;
+  };
+  // residual norm under `flag` given `input`
+  auto run = [&](bool flag, const std::vector<float>& input) {
+    Out o;
+    auto be = make_cpu_backend();
+    ModelCtx c;
+    c.be = be.get();
+    c.precision = Precision::kFP8;
+    c.bf16_norm_inputs = flag;
+    RMSNorm norm;
+    EXPECT_TRUE(norm.init(c, "layers.0.attn_norm.weight", d, 1e-6f, 2, false, true).ok());
+    const int64_t base = be->memory().in_use;
+    {
+      Tensor x = be->empty({n, d}, DType::kF32).value();
+      std::copy(input.begin(), input.end(), x.data_as<float>());
+      auto y = norm.forward(c, 0, x);
+      EXPECT_TRUE(y.ok());
+      o.y.assign(y->data_as<float>(), y->data_as<float>() + n * d);
+    }
+    o.held = be->memory().in_use - base;
+    Tensor dy = be->empty({n, d}, DType::kF32).value();
+    std::copy(dyv.begin(), dyv.end(), dy.data_as<float>());
+    auto dx = norm.backward(c, 0, dy);
+    EXPECT_TRUE(dx.ok());
+    o.dx.assign(dx->data_as<float>(), dx->data_as<float>() + n * d);
+    o.dw.assign(norm.weight().grad.data_as<float>(), norm.weight().grad.data_as<float>() + d);
+    return o;
+  };
+  const Out flagged = run(true, xv), plain_rounded = run(false, xr), plain = run(false, xv);
+  EXPECT_EQ(flagged.y, plain_rounded.y);
+  EXPECT_EQ(flagged.dx, plain_rounded.dx);
+  EXPECT_EQ(flagged.dw, plain_rounded.dw);
+  EXPECT_NE(flagged.y, plain.y) << "the input was rounded";
+  EXPECT_EQ(flagged.held, n * d * 2 + n * 4);
+  EXPECT_EQ(plain.held, n * d * 4 + n * 4);
+}
+
 }  // namespace
 }  // namespace fp8pipe::model

@@ -281,6 +281,19 @@ TEST(SimRecompute, NormsTradeBackwardBytesForHeldBytes) {
   EXPECT_GT(cr.b.compute_s, ck.b.compute_s);
 }
 
+// precision.bf16_norm_inputs: each block's two norm inputs are held as bf16, 2 x 2 bytes a hidden
+// element per token instead of 2 x 4; the costs do not change.
+TEST(SimBf16NormInputs, HoldFourBytesLessPerHiddenElement) {
+  const auto [cfg, on] = dsv3_cost_model({"--precision.bf16_norm_inputs=true"});
+  const auto off = dsv3_cost_model({"--precision.bf16_norm_inputs=false"}).second;
+  const double d = cfg.model().hidden(), t = double(on.tokens_per_mb);
+  const ChunkCost &c_on = on.chunks[3], &c_off = off.chunks[3];
+  ASSERT_EQ(c_on.blocks, 4);
+  EXPECT_NEAR(c_off.act_bytes - c_on.act_bytes, c_on.blocks * t * 4 * d, 1e-9 * c_off.act_bytes);
+  EXPECT_EQ(c_on.b.work.hbm, c_off.b.work.hbm);
+  EXPECT_EQ(c_on.f.compute_s, c_off.f.compute_s);
+}
+
 // precision.fp8_swiglu_cache (set in the dsv3 config) against off: a MoE block holds the experts'
 // g and u in FP8 (2 bytes a hidden element of each of its k x imbalance + shared rows) instead of
 // bf16 g, u and the FP8 output (5): 3 bytes less per element; the costs do not change.
