@@ -93,6 +93,12 @@ class InitFrom : public ::testing::Test {
     if (keep) *keep = std::move(a);
     return w;
   }
+  // The source run's newest committed checkpoint, opened for export.
+  Result<ckpt::Loaded> source_checkpoint() {
+    FP8_ASSIGN_OR_RETURN(auto found, ckpt::resolve(root_ + "/a", "", false));
+    if (!found) return FP8_INVALID("no checkpoint under {}/a", root_);
+    return ckpt::Loaded::open(found->step_dir, std::move(found->manifest));
+  }
   std::unique_ptr<Trainer> derived(const std::string& from, const std::string& dir = "b") {
     std::vector<std::string> o = kNoDecay;
     o.insert(o.end(), dims_.begin(), dims_.end());
@@ -190,10 +196,8 @@ TEST_F(InitFrom, ErrorsNameTheFieldAndWhatIsWrong) {
 // layers' copies): fp32 gives the source's weights bitwise, bf16 their round-to-nearest-even.
 TEST_F(InitFrom, HuggingFaceFolderGivesTheExportedWeights) {
   const std::vector<float> src = source();
-  auto found = ckpt::resolve(root_ + "/a", "", false);
-  ASSERT_TRUE(found.ok() && *found);
-  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
-  ASSERT_TRUE(loaded.ok());
+  auto loaded = source_checkpoint();
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   for (const char* dtype : {"fp32", "bf16"}) {
     SCOPED_TRACE(dtype);
     const std::string dir = root_ + "/hf_" + dtype;
@@ -231,10 +235,8 @@ TEST_F(InitFrom, HuggingFaceFp8BlockScaledWeights) {
   dims_ = {"--model.hidden=192", "--model.moe.expert_hidden=160"};
   std::unique_ptr<Trainer> a;
   source(&a);
-  auto found = ckpt::resolve(root_ + "/a", "", false);
-  ASSERT_TRUE(found.ok() && *found);
-  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
-  ASSERT_TRUE(loaded.ok());
+  auto loaded = source_checkpoint();
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   const std::string dir = root_ + "/hf_fp8";
   hf::Options opt;
   opt.dtype = "fp32";
@@ -336,10 +338,8 @@ TEST_F(InitFrom, HuggingFaceFp8ExportReadsBackAsTheForwardsWeights) {
   dims_ = {"--model.hidden=192", "--model.moe.expert_hidden=160"};
   std::unique_ptr<Trainer> a;
   source(&a);
-  auto found = ckpt::resolve(root_ + "/a", "", false);
-  ASSERT_TRUE(found.ok() && *found);
-  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
-  ASSERT_TRUE(loaded.ok());
+  auto loaded = source_checkpoint();
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   hf::Options opt;
   opt.dtype = "fp8";
   ASSERT_TRUE(hf::export_folder(*loaded, root_ + "/hf8", opt).ok());
@@ -383,10 +383,8 @@ TEST_F(InitFrom, HuggingFaceFp8ExportReadsBackAsTheForwardsWeights) {
 // reader does not take: each refused, naming the tensor and what was expected.
 TEST_F(InitFrom, HuggingFaceFolderWithBadTensorsIsRefusedNamingThem) {
   source();
-  auto found = ckpt::resolve(root_ + "/a", "", false);
-  ASSERT_TRUE(found.ok() && *found);
-  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
-  ASSERT_TRUE(loaded.ok());
+  auto loaded = source_checkpoint();
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   const std::string target = "model.layers.0.self_attn.o_proj.weight";
   struct Case {
     std::string label, dtype;
@@ -439,10 +437,8 @@ TEST_F(InitFrom, HuggingFaceFolderWithBadTensorsIsRefusedNamingThem) {
 
 TEST_F(InitFrom, HuggingFaceFolderOfAnotherModelIsRefusedNamingTheField) {
   source();
-  auto found = ckpt::resolve(root_ + "/a", "", false);
-  ASSERT_TRUE(found.ok() && *found);
-  auto loaded = ckpt::Loaded::open((*found)->step_dir, std::move((*found)->manifest));
-  ASSERT_TRUE(loaded.ok());
+  auto loaded = source_checkpoint();
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
   ASSERT_TRUE(hf::export_folder(*loaded, root_ + "/hf", hf::Options{}).ok());
   std::vector<std::string> o = kNoDecay;
   o.insert(o.end(), {"--checkpoint.dir=" + root_ + "/c", "--checkpoint.init_from=" + root_ + "/hf",
