@@ -16,7 +16,9 @@ struct Command {
 constexpr Command kCommands[] = {
     {"train", fp8pipe::cli::cmd_train,
      "CONFIG [--a.b=v ...] [--save PATH]   train (under mpirun: one process per rank)"},
-    {"ckpt", fp8pipe::cli::cmd_ckpt, "inspect|verify DIR [--step N] | export DIR OUT [--step N]"},
+    {"ckpt", fp8pipe::cli::cmd_ckpt,
+     "inspect|verify DIR [--step N] | export DIR OUT [--step N] [--format hf --dtype "
+     "bf16|fp32|fp8]"},
     {"eval", fp8pipe::cli::cmd_eval,
      "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model (or HF folder)"},
     {"config", fp8pipe::cli::cmd_config,
