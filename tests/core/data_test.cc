@@ -284,7 +284,8 @@ TEST(Batcher, FileRankSlicesAndErrors) {
   EXPECT_EQ(joined, full);
   EXPECT_FALSE(b.global_batch(Split::kHeldout, 0).ok());  // heldout_fraction 0
   EXPECT_FALSE(b.rows(Split::kTrain, 0, 4, 7).ok());
-  EXPECT_FALSE(Batcher::create(f, {6, 999, 1, 0.5, nullptr}).ok());  // one window, none left to train
+  EXPECT_FALSE(
+      Batcher::create(f, {6, 999, 1, 0.5, nullptr}).ok());  // one window, none left to train
   EXPECT_FALSE(Batcher::create(f, {6, 10, 1, 1.0, nullptr}).ok());
 }
 
