@@ -419,14 +419,15 @@ Status export_folder(const ckpt::Loaded& l, const std::string& out_dir, const Op
         FP8_RETURN_IF_ERROR(assemble(l, t, bf16, &v).status());
         const int64_t R = t.shape[0], C = t.shape[1], RB = blocks(R), CB = blocks(C);
         std::vector<uint8_t> codes(size_t(R * C));
-        std::vector<float> s(size_t(kernels::scale_count(kernels::Granularity::k128x128, R, C)));
+        std::vector<float> scales(
+            size_t(kernels::scale_count(kernels::Granularity::k128x128, R, C)));
         if (kernels::quantize(v.data(), R, C, kernels::Granularity::k128x128, qp, codes.data(),
-                              s.data()) != 0) {
+                              scales.data()) != 0) {
           return FP8_INVALID("hf export: '{}' has non-finite values; FP8 cannot hold them", t.name);
         }
         std::vector<uint8_t> sb(size_t(RB * CB) * 4);  // [RB][CB]: the padded rows dropped
         for (int64_t rb = 0; rb < RB; ++rb)
-          std::memcpy(sb.data() + rb * CB * 4, s.data() + rb * kernels::pad4(CB), CB * 4);
+          std::memcpy(sb.data() + rb * CB * 4, scales.data() + rb * kernels::pad4(CB), CB * 4);
         FP8_RETURN_IF_ERROR(w.add(t.name, "F8_E4M3", t.shape, std::move(codes)));
         FP8_RETURN_IF_ERROR(w.add(t.name + "_scale_inv", "F32", {RB, CB}, std::move(sb)));
         weight_map.set(t.name, file);

@@ -229,7 +229,7 @@ TEST_F(InitFrom, HuggingFaceFolderGivesTheExportedWeights) {
 // (w = code x scale_inv of the block). The fp32 export rewritten that way here, block by block
 // (scale = block amax / 448; 2 x 2 blocks with partial edge ones), imports as exactly those
 // products, within E4M3's 2^-4 relative step of the trained weights; norms, embeddings, head,
-// router and biases stay F32 as DeepSeek keeps them.
+// router and biases stay as exported (F32; DeepSeek keeps them BF16, the biases F32).
 TEST_F(InitFrom, HuggingFaceFp8BlockScaledWeights) {
   // hidden 192 and expert width 160: matrices of 2 x 2 blocks with partial edge blocks
   dims_ = {"--model.hidden=192", "--model.moe.expert_hidden=160"};

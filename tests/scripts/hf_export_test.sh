@@ -73,7 +73,8 @@ if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
       --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" || die "transformers check ($d)"
   done
 else
-  echo "transformers check skipped: torch/transformers not installed for $HF_PY"
+  echo "transformers checks skipped (both exports, the YaRN export, a transformers-made model):" \
+    "torch/transformers not installed for $HF_PY (FP8PIPE_HF_PYTHON)"
 fi
 
 # YaRN (model.rope_scaling): config.json carries it as DeepSeek-V3's does, and transformers'
