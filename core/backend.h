@@ -120,7 +120,12 @@ class Backend {
                                              int64_t* nonfinite = nullptr) = 0;
   // Exact transpose of a 128x128-quantized tensor (bytes and block scales), for Dgrad.
   virtual Result<Tensor> transpose_fp8(const Tensor& q) = 0;
-  virtual Status dequantize(const Tensor& q, Tensor& out) = 0;  // out fp32, same shape
+  // out fp32, same shape; q FP8, or E5M6 (quantize_e5m6).
+  virtual Status dequantize(const Tensor& q, Tensor& out) = 0;
+  // E5M6 1x128 with power-of-two scales (kernels/cpu/quantize.h quantize_e5m6): x fp32 or bf16,
+  // the result kE5M6 (1.5 bytes an element) with its scales attached. DeepSeek-V3's cache of the
+  // attention output (precision.attn_out_cache); dequantize reads it back.
+  virtual Result<Tensor> quantize_e5m6(const Tensor& x, int64_t* nonfinite = nullptr) = 0;
   // quantize_transposed(dequantize(q)) for a 1x128-quantized q: a Wgrad operand made of the
   // cached FP8 input, bit for bit those two calls (this default); a device does it in one pass.
   virtual Result<Tensor> requantize_transposed(const Tensor& q, QuantParams p,

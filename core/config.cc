@@ -40,6 +40,7 @@ constexpr std::string_view kOnNonfinite[] = {"halt", "skip"};
 constexpr std::string_view kDevices[] = {"cpu", "cuda"};
 constexpr std::string_view kPlacements[] = {"auto", "host", "device"};
 constexpr std::string_view kAttention[] = {"auto", "fused", "gemm", "gemm_bf16"};
+constexpr std::string_view kAttnOutCache[] = {"auto", "bf16", "e5m6", "e4m3"};
 
 struct ChoiceField {
   std::string_view path;
@@ -59,6 +60,7 @@ constexpr ChoiceField kChoiceFields[] = {
     {"train.device", kDevices},
     {"optim.placement", kPlacements},
     {"precision.attention", kAttention},
+    {"precision.attn_out_cache", kAttnOutCache},
 };
 
 std::string lower(std::string_view s) {
@@ -536,6 +538,11 @@ void ValidatePrecision(const config::Precision& p, Checker& c) {
   choice(c, "precision.act_granularity", p.act_granularity());
   choice(c, "precision.weight_granularity", p.weight_granularity());
   choice(c, "precision.attention", p.attention());
+  choice(c, "precision.attn_out_cache", p.attn_out_cache());
+  c.expect(p.attn_out_cache() != "e4m3" || p.mode() == config::Precision::FP8,
+           "precision.attn_out_cache=\"e4m3\" holds W_o's FP8 input, so it needs "
+           "precision.mode=FP8 (got {}; valid for BF16: auto, bf16, e5m6)",
+           config::Precision::Mode_Name(p.mode()));
 }
 
 void ValidateTrain(const config::Train& t, Checker& c) {
@@ -826,6 +833,12 @@ std::vector<std::string> recompute_modules(const config::Train& t) {
 bool recomputes(const config::Train& t, std::string_view module) {
   const auto ms = recompute_modules(t);
   return std::find(ms.begin(), ms.end(), module) != ms.end();
+}
+
+std::string_view attn_out_cache(const config::Precision& p) {
+  if (p.mode() == config::Precision::FP32) return "bf16";
+  if (p.attn_out_cache() == "auto") return p.mode() == config::Precision::FP8 ? "e5m6" : "bf16";
+  return p.attn_out_cache();
 }
 
 std::span<const std::string_view> config_choices(std::string_view path) {

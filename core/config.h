@@ -47,6 +47,9 @@ std::string to_text(const config::Config& cfg);
 constexpr std::string_view kRecomputeModules[] = {"mla_up_proj", "rmsnorm"};
 std::vector<std::string> recompute_modules(const config::Train& t);
 bool recomputes(const config::Train& t, std::string_view module);
+// precision.attn_out_cache with auto resolved by the mode: "e5m6" under FP8, "bf16" otherwise;
+// "bf16" under FP32 whatever is set (FP32 holds the fp32 output).
+std::string_view attn_out_cache(const config::Precision& p);
 
 // Rows per training step: train.batch_ramp's plan (ramp samples = tokens / seq_len), or
 // train.global_batch every step without one.

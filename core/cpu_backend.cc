@@ -32,7 +32,7 @@ class CpuBackend final : public CpuOps {
   Result<Tensor> empty(const Shape& shape, DType dtype) override {
     FP8_RETURN_IF_ERROR(checks::empty(shape));
     auto buf = std::make_shared<Buffer>();
-    buf->bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+    buf->bytes = dtype_bytes(dtype, numel(shape));
     // 64-byte alignment for vector loads; aligned_alloc needs a size multiple of the alignment.
     const size_t alloc = (buf->bytes + 63) / 64 * 64;
     buf->ptr = alloc ? std::aligned_alloc(64, alloc) : nullptr;
@@ -83,6 +83,21 @@ class CpuBackend final : public CpuOps {
     return q;
   }
 
+  Result<Tensor> quantize_e5m6(const Tensor& x, int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(checks::quantize_e5m6(x));
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), DType::kE5M6));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k1x128, R, C)}, DType::kF32));
+    const int64_t bad =
+        x.dtype() == DType::kF32
+            ? k::quantize_e5m6(x.data_as<float>(), R, C, q.data_as<uint8_t>(), s.data_as<float>())
+            : k::quantize_e5m6_bf16(x.data_as<uint16_t>(), R, C, q.data_as<uint8_t>(),
+                                    s.data_as<float>());
+    if (nonfinite) *nonfinite = bad;
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, /*pow2=*/true);
+    return q;
+  }
+
   Result<Tensor> quantize_transposed(const Tensor& x, QuantParams p, int64_t* nonfinite) override {
     FP8_RETURN_IF_ERROR(checks::quantize_transposed(x));
     if (x.dtype() != DType::kF32) {  // the CPU kernel has no bf16 variant
@@ -113,6 +128,11 @@ class CpuBackend final : public CpuOps {
 
   Status dequantize(const Tensor& q, Tensor& out) override {
     FP8_RETURN_IF_ERROR(checks::dequantize(q, out));
+    if (q.dtype() == DType::kE5M6) {
+      k::dequantize_e5m6(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
+                         out.data_as<float>());
+      return Status::Ok();
+    }
     k::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
                   q.granularity(), fp8_format(q.dtype()), out.data_as<float>());
     return Status::Ok();

@@ -367,7 +367,7 @@ class CudaBackend final : public Backend {
 
   Result<Tensor> empty(const Shape& shape, DType dtype) override {
     FP8_RETURN_IF_ERROR(checks::empty(shape));
-    const size_t bytes = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+    const size_t bytes = dtype_bytes(dtype, numel(shape));
     FP8_ASSIGN_OR_RETURN(auto buf, alloc(bytes, ctx_->compute));
     return Tensor(shape, dtype, std::move(buf));
   }
@@ -466,10 +466,34 @@ class CudaBackend final : public Backend {
     return t;
   }
 
+  Result<Tensor> quantize_e5m6(const Tensor& x, int64_t* nonfinite) override {
+    FP8_RETURN_IF_ERROR(on_gpu("quantize_e5m6", {&x}));
+    FP8_RETURN_IF_ERROR(checks::quantize_e5m6(x));
+    const int64_t R = x.rows(), C = x.cols();
+    FP8_ASSIGN_OR_RETURN(Tensor q, empty(x.shape(), DType::kE5M6));
+    FP8_ASSIGN_OR_RETURN(Tensor s, empty({k::scale_count(Granularity::k1x128, R, C)}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(auto cnt, counter(nonfinite));
+    int* bad = cnt ? static_cast<int*>(cnt->ptr) : nullptr;
+    FP8_GPU("quantize_e5m6",
+            x.dtype() == DType::kF32
+                ? g::quantize_e5m6(x.data_as<float>(), R, C, q.data_as<uint8_t>(),
+                                   s.data_as<float>(), bad, cur())
+                : g::quantize_e5m6_bf16(x.data_as<uint16_t>(), R, C, q.data_as<uint8_t>(),
+                                        s.data_as<float>(), bad, cur()));
+    FP8_RETURN_IF_ERROR(read_counter(bad, nonfinite));
+    q.set_scale(std::make_shared<Tensor>(std::move(s)), Granularity::k1x128, /*pow2=*/true);
+    return q;
+  }
+
   Status dequantize(const Tensor& q, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("dequantize", {&q, &out}));
     FP8_RETURN_IF_ERROR(checks::dequantize(q, out));
     if (!q.numel()) return Status::Ok();
+    if (q.dtype() == DType::kE5M6) {
+      FP8_GPU("dequantize", g::dequantize_e5m6(q.data_as<uint8_t>(), q.scale()->data_as<float>(),
+                                               q.rows(), q.cols(), out.data_as<float>(), cur()));
+      return Status::Ok();
+    }
     FP8_GPU("dequantize",
             g::dequantize(q.data_as<uint8_t>(), q.scale()->data_as<float>(), q.rows(), q.cols(),
                           q.granularity(), fp8_format(q.dtype()), out.data_as<float>(), cur()));
@@ -1136,7 +1160,7 @@ class CudaBackend final : public Backend {
 
   // A temporary of one op (fp32 unless asked otherwise), freed on the stream that uses it.
   Result<Tensor> temp(const Shape& shape, DType dt = DType::kF32) {
-    FP8_ASSIGN_OR_RETURN(auto buf, alloc(numel(shape) * dtype_size(dt), cur()));
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(dtype_bytes(dt, numel(shape)), cur()));
     return Tensor(shape, dt, std::move(buf));
   }
 

@@ -15,8 +15,15 @@ size_t dtype_size(DType t) {
       return 4;
     case DType::kF64:
       return 8;
+    case DType::kE5M6:
+      return 0;  // packed: dtype_bytes
   }
   return 0;
+}
+
+size_t dtype_bytes(DType t, int64_t numel) {
+  if (t == DType::kE5M6) return static_cast<size_t>(kernels::e5m6_bytes(numel));
+  return static_cast<size_t>(numel) * dtype_size(t);
 }
 
 const char* dtype_name(DType t) {
@@ -33,6 +40,8 @@ const char* dtype_name(DType t) {
       return "i32";
     case DType::kF64:
       return "f64";
+    case DType::kE5M6:
+      return "e5m6";
   }
   return "?";
 }
@@ -51,6 +60,8 @@ const char* dtype_safetensors_name(DType t) {
       return "I32";
     case DType::kF64:
       return "F64";
+    case DType::kE5M6:
+      return "E5M6";  // not a safetensors dtype: E5M6 tensors are never written
   }
   return "?";
 }

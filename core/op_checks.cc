@@ -74,8 +74,16 @@ Status transpose_fp8(const Tensor& q) {
   return Status::Ok();
 }
 
+Status quantize_e5m6(const Tensor& x) { return float_input("quantize_e5m6", x); }
+
 Status dequantize(const Tensor& q, const Tensor& out) {
-  FP8_RETURN_IF_ERROR(fp8("dequantize", q));
+  if (q.dtype() == DType::kE5M6) {
+    if (!q.scale() || q.granularity() != Granularity::k1x128) {
+      return FP8_INVALID("dequantize: an E5M6 tensor needs its 1x128 scales, got {}", q.describe());
+    }
+  } else {
+    FP8_RETURN_IF_ERROR(fp8("dequantize", q));
+  }
   if (out.dtype() != DType::kF32 || out.numel() != q.numel()) {
     return FP8_INVALID("dequantize: output must be fp32 with {} elements, got {}", q.numel(),
                        out.describe());

@@ -33,7 +33,8 @@ Status copy(const Tensor& src, const Tensor& dst);  // dtype and count; devices:
 Status quantize(const Tensor& x);
 Status quantize_transposed(const Tensor& x);
 Status transpose_fp8(const Tensor& q);
-Status dequantize(const Tensor& q, const Tensor& out);
+Status quantize_e5m6(const Tensor& x);
+Status dequantize(const Tensor& q, const Tensor& out);  // FP8 or E5M6 q
 // quantize_groups / quantize_transposed_groups (x fp32 [total_rows, K]) and dequantize_groups.
 Status grouped_input(const char* op, const Tensor& x, const RowGroups& groups);
 Status dequantize_groups(const GroupedFp8& q, const RowGroups& groups, const Tensor& out);

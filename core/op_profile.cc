@@ -112,6 +112,9 @@ class ProfiledBackend final : public Backend {
   Result<Tensor> transpose_fp8(const Tensor& q) override {
     return timed("transpose_fp8", 0, [&] { return in_->transpose_fp8(q); });
   }
+  Result<Tensor> quantize_e5m6(const Tensor& x, int64_t* nonfinite) override {
+    return timed("quantize_e5m6", 0, [&] { return in_->quantize_e5m6(x, nonfinite); });
+  }
   Status dequantize(const Tensor& q, Tensor& out) override {
     return timed("dequantize", 0, [&] { return in_->dequantize(q, out); });
   }

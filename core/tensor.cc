@@ -54,7 +54,8 @@ Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
   Tensor t = *this;
   const int64_t row_elems = shape_.empty() ? 1 : numel() / shape_[0];
   t.shape_[0] = end - begin;
-  t.offset_ = offset_ + static_cast<size_t>(begin * row_elems) * dtype_size(dtype_);
+  // (a packed E5M6 row of odd length would start inside a byte; its tensors are never sliced)
+  t.offset_ = offset_ + dtype_bytes(dtype_, begin * row_elems);
   t.scale_.reset();  // a row slice of an FP8 tensor does not keep a consistent scale layout
   return t;
 }

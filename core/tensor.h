@@ -62,7 +62,7 @@ class Tensor {
   DType dtype() const { return dtype_; }
   Device device() const { return buf_ ? buf_->device : Device::kCpu; }
   int64_t numel() const { return fp8pipe::numel(shape_); }
-  size_t nbytes() const { return numel() * dtype_size(dtype_); }
+  size_t nbytes() const { return dtype_bytes(dtype_, numel()); }
   bool defined() const { return buf_ != nullptr; }
   // [rows, cols] view of a tensor as a matrix: rows = product of leading dims, cols = last dim.
   int64_t rows() const { return shape_.empty() ? 1 : numel() / shape_.back(); }

@@ -242,13 +242,15 @@ train_tiny_2rank_gpu_vs_cpu() {
 # all-to-all on device tensors (staged through host memory by parallel.comm_backend=mpi) in its
 # DeepSeek-V3 formats, FP8 codes and scales toward the experts and bf16 rows back; with
 # DeepSeek-V3's memory measures on both sides (recomputed MLA up-projections, the experts'
-# SwiGLU inputs held in FP8, the weights' moving average in host memory).
+# SwiGLU inputs held in FP8, the attention output held in E5M6, the weights' moving average in
+# host memory).
 train_tiny_ep_gpu_vs_cpu() {
   local n=${EP_STEPS:-10}
   gpu_vs_cpu train_ep "$LOG/train_ep" 2 "$n" configs/tiny.textproto --train.eval_every=0 \
     --checkpoint.dir= --checkpoint.every=0 --log.every=10 --optim.warmup_steps=1 \
     --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi \
-    --train.recompute=mla_up_proj --precision.fp8_swiglu_cache=true --optim.ema_decay=0.9
+    --train.recompute=mla_up_proj --precision.fp8_swiglu_cache=true --optim.ema_decay=0.9 \
+    --precision.attn_out_cache=e5m6
 }
 
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU

@@ -50,6 +50,10 @@ model::ModelCtx make_ctx(const config::Config& cfg, Backend* be) {
   c.recompute_norm = recomputes(cfg.train(), "rmsnorm");
   c.fp8_swiglu_cache = cfg.precision().fp8_swiglu_cache();
   c.bf16_norm_inputs = cfg.precision().bf16_norm_inputs();
+  const std::string_view cache = fp8pipe::attn_out_cache(cfg.precision());
+  c.attn_out_cache = cache == "e5m6"   ? model::ModelCtx::AttnOutCache::kE5M6
+                     : cache == "e4m3" ? model::ModelCtx::AttnOutCache::kE4M3
+                                       : model::ModelCtx::AttnOutCache::kBf16;
   // cuBLASLt's FP8 GEMMs refuse an expert's odd token counts (FP8.md §3.3): pad them on a GPU,
   // where the refused shapes would fall back to a dequantize + fp32 GEMM.
   if (c.precision == model::Precision::kFP8 && be->device() != Device::kCpu) {

@@ -176,6 +176,14 @@ struct Attention::Impl {
   RowCache rows;  // device row lists of the head packing and positions, by shape
   bool q_lowrank() const { return mla && q_lora > 0; }
   int64_t dk() const { return nope + rope; }
+  // The held output's form (ModelCtx::attn_out_cache); e4m3 needs W_o's FP8 input, FP32 holds
+  // the fp32 output itself (kBf16 stands for "no cache" there).
+  using Cache = ModelCtx::AttnOutCache;
+  static Cache out_cache(const ModelCtx& c) {
+    if (c.precision == Precision::kFP32) return Cache::kBf16;
+    if (c.attn_out_cache == Cache::kE4M3 && c.precision != Precision::kFP8) return Cache::kBf16;
+    return c.attn_out_cache;
+  }
 
   Status init_mla(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
   Status init_mha(ModelCtx& c, const std::string& p, const config::Model& m, uint64_t seed);
@@ -355,15 +363,28 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
     s.k_rope = Tensor();
   }
   if (c.precision == Precision::kFP32) return a.wo.forward(c, mb, s.o);
-  // W_o reads bf16 activations. One copy of them is held for the backward, as bf16: the core's
-  // backward reads it (D = rowsum(dO o), as FlashAttention does from its bf16 output) and W_o's
-  // input is re-prepared from it there (the same bits), instead of holding the fp32 core output
-  // and W_o's own copy. DeepSeek-V3 holds one E5M6 copy for both (TR §3.3.3).
+  // W_o reads bf16 activations. One copy of the output is held for the backward, where the core
+  // reads it (D = rowsum(dO o), as FlashAttention does from its bf16 output) and W_o's weight
+  // gradient is made from it (precision.attn_out_cache):
+  //  - bf16: those bf16 values; W_o's input is re-prepared from them (the same bits);
+  //  - e5m6: the fp32 core output as E5M6 1x128 codes and pow2 scales (DeepSeek-V3, TR §3.3.3);
+  //    W_o's wgrad operand is quantized 128x1 from the cached values;
+  //  - e4m3 (FP8): W_o's own FP8 1x128 input, kept as any Linear keeps it; the core reads its
+  //    dequantized values.
   FP8_ASSIGN_OR_RETURN(Tensor o, new_f32(c, s.o.rows(), s.o.cols()));
   FP8_RETURN_IF_ERROR(c.be->round_bf16(s.o, o));
-  FP8_ASSIGN_OR_RETURN(s.o, hold_bf16(c, o));
+  const Impl::Cache cache = a.out_cache(c);
+  if (cache == Impl::Cache::kE5M6) {
+    int64_t bad = 0;
+    FP8_ASSIGN_OR_RETURN(s.o, c.be->quantize_e5m6(s.o, c.count_nonfinite ? &bad : nullptr));
+    c.nonfinite_groups += bad;
+  } else if (cache == Impl::Cache::kBf16) {
+    FP8_ASSIGN_OR_RETURN(s.o, hold_bf16(c, o));
+  } else {
+    s.o = Tensor();
+  }
   FP8_ASSIGN_OR_RETURN(Tensor y, a.wo.forward(c, mb, o));
-  FP8_RETURN_IF_ERROR(a.wo.drop_input(mb));
+  if (cache != Impl::Cache::kE4M3) FP8_RETURN_IF_ERROR(a.wo.drop_input(mb));
   return y;
 }
 
@@ -409,9 +430,13 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   Impl& a = *impl_;
   FP8_ASSIGN_OR_RETURN(Impl::Saved * s, a.saved.get(mb, "attention"));
   FP8_ASSIGN_OR_RETURN(Tensor dout, a.wo.backward_input(c, mb, dy));
-  // the held bf16 output widened for the core (in place of it, so no more bytes than the fp32
+  // the held output's fp32 values for the core (in place of it, so no more bytes than the fp32
   // output the core's backward always read)
-  if (c.precision != Precision::kFP32) {
+  const Impl::Cache cache = a.out_cache(c);
+  if (cache == Impl::Cache::kE4M3) {
+    FP8_ASSIGN_OR_RETURN(Tensor xq, a.wo.held_fp8_input(mb));
+    FP8_ASSIGN_OR_RETURN(s->o, held_f32(c, xq));
+  } else if (c.precision != Precision::kFP32) {
     FP8_ASSIGN_OR_RETURN(s->o, held_f32(c, s->o));
   }
   if (!s->q.defined()) FP8_RETURN_IF_ERROR(a.recompute_qkv(c, mb, *s));
@@ -421,8 +446,13 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   FP8_RETURN_IF_ERROR(attention_core_bwd(c, dout, s->q, s->k, s->v, s->o, s->lse,
                                          {s->B, s->T, a.H, a.scale}, dq, dk, dv));
   s->q = s->k = s->v = s->lse = Tensor();  // the core's operands are not needed again
-  // W_o's input again from the output, once q, k and v are gone (it is held until W)
-  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(a.wo.restore_input(c, mb, s->o));
+  // W_o's input (or its wgrad operand) again from the output, once q, k and v are gone (it is
+  // held until W); an e4m3 cache is W_o's own input
+  if (cache == Impl::Cache::kE5M6) {
+    FP8_RETURN_IF_ERROR(a.wo.restore_wgrad_operand(c, mb, s->o));
+  } else if (cache == Impl::Cache::kBf16 && c.precision != Precision::kFP32) {
+    FP8_RETURN_IF_ERROR(a.wo.restore_input(c, mb, s->o));
+  }
   s->o = Tensor();
   FP8_ASSIGN_OR_RETURN(Tensor dx, a.query_backward(c, mb, dq, s->pos));
   Tensor dx_kv;

@@ -106,8 +106,7 @@ Result<Tensor> Linear::recompute(ModelCtx& c, int mb) {
 
 Status Linear::drop_input(int mb) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
-  s->x = Tensor();
-  s->xq = Tensor();
+  s->x = s->xq = s->xt = Tensor();
   return Status::Ok();
 }
 
@@ -120,6 +119,22 @@ Status Linear::restore_prepared(int mb, const Tensor& prepared) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   (is_fp8(prepared.dtype()) ? s->xq : s->x) = prepared;  // as forward_prepared keeps it
   return Status::Ok();
+}
+
+Status Linear::restore_wgrad_operand(ModelCtx& c, int mb, const Tensor& x) {
+  if (!use_fp8(c)) return restore_input(c, mb, x);
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  int64_t bad = 0;
+  FP8_ASSIGN_OR_RETURN(s->xt,
+                       c.be->quantize_transposed(x, c.qp, c.count_nonfinite ? &bad : nullptr));
+  c.nonfinite_groups += bad;
+  s->x = s->xq = Tensor();
+  return Status::Ok();
+}
+
+Result<Tensor> Linear::held_fp8_input(int mb) {
+  FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
+  return s->xq;
 }
 
 Result<Tensor> Linear::apply(ModelCtx& c, const Tensor& x) {
@@ -155,6 +170,7 @@ Result<Tensor> Linear::backward_input(ModelCtx& c, int mb, const Tensor& dy) {
 Result<Tensor> Linear::weight_grad_input(ModelCtx& c, int mb) {
   FP8_ASSIGN_OR_RETURN(Saved * s, saved_.get(mb, w_.name.c_str()));
   if (!use_fp8(c)) return s->x;
+  if (s->xt.defined()) return s->xt;  // restore_wgrad_operand
   // DeepSeek: dequantize the cached 1x128 X, re-quantize as 128x1 (written transposed), in one
   // pass on a device (Backend::requantize_transposed).
   int64_t bad = 0;

@@ -41,6 +41,12 @@ class Linear {
   Status restore_input(ModelCtx& c, int mb, const Tensor& x);
   // restore_input with the operand prepare_input made (shared by layers reading the same x).
   Status restore_prepared(int mb, const Tensor& prepared);
+  // FP8: the weight gradient's X operand made from x (fp32) directly, 128x1 quantized and
+  // written transposed, in place of the 1x128 input's re-quantization (the attention output's
+  // E5M6 cache: one rounding from the cached values, DeepSeek-V3 §3.3.3).
+  Status restore_wgrad_operand(ModelCtx& c, int mb, const Tensor& x);
+  // FP8: the 1x128 input kept for micro-batch mb (undefined if dropped).
+  Result<Tensor> held_fp8_input(int mb);
 
   // The weight operand of this layer's GEMMs for the current weight version: FP8 W (128x128), or
   // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.
@@ -64,6 +70,7 @@ class Linear {
   struct Saved {
     Tensor x;              // input: fp32 (FP32 mode) or a bf16 tensor (the bf16 path)
     Tensor xq;             // FP8 1x128 input, FP8 mode
+    Tensor xt;             // FP8: a ready weight-gradient operand (restore_wgrad_operand)
     Tensor dy;             // output gradient, kept from backward_input to backward_weight
     uint64_t version = 0;  // ModelCtx::weight_version of the forward (recompute checks it)
   };

@@ -60,9 +60,9 @@ Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x) {
 }
 
 Result<Tensor> held_f32(ModelCtx& c, const Tensor& h) {
-  if (h.dtype() != DType::kBF16 && !is_fp8(h.dtype())) return h;
+  if (h.dtype() == DType::kF32 || h.dtype() == DType::kF64 || h.dtype() == DType::kI32) return h;
   FP8_ASSIGN_OR_RETURN(Tensor x, c.be->empty(h.shape(), DType::kF32));
-  FP8_RETURN_IF_ERROR(is_fp8(h.dtype()) ? c.be->dequantize(h, x) : c.be->cast(h, x));
+  FP8_RETURN_IF_ERROR(h.dtype() == DType::kBF16 ? c.be->cast(h, x) : c.be->dequantize(h, x));
   return x;
 }
 

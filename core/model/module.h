@@ -66,6 +66,11 @@ struct ModelCtx {
   // precision.bf16_norm_inputs (FP8, BF16): the blocks' RMSNorms read and hold their residual
   // input rounded to bf16.
   bool bf16_norm_inputs = false;
+  // precision.attn_out_cache (FP8, BF16): how attention holds its output from the forward to
+  // the backward, for the core's backward and W_o's weight gradient: bf16 values (2 bytes),
+  // E5M6 1x128 codes with pow2 scales (1.5, DeepSeek-V3), or W_o's own FP8 input (1, FP8 only).
+  enum class AttnOutCache { kBf16, kE5M6, kE4M3 };
+  AttnOutCache attn_out_cache = AttnOutCache::kBf16;
   // Waits for an in-flight all-to-all. The executor's FB overlap sets it to hand the turn to the
   // other chunk of an FB pair (which runs up to its own next wait or its end) before waiting;
   // unset, it simply waits.
@@ -126,7 +131,7 @@ Result<Tensor> new_zeros(ModelCtx& c, int64_t rows, int64_t cols);
 // (the cast rounds exactly representable values to themselves). FP32 precision holds x itself.
 Result<Tensor> hold_bf16(ModelCtx& c, const Tensor& x);
 // The fp32 values of a held activation: a widened copy of a bf16 tensor, the dequantized values
-// of an FP8 one (hold_fp8), else h itself.
+// of an FP8 (hold_fp8) or E5M6 one, else h itself.
 Result<Tensor> held_f32(ModelCtx& c, const Tensor& h);
 // An activation held as FP8 1x128 codes and scales (precision.fp8_swiglu_cache): 1 byte an
 // element plus a scale per 128, at FP8's rounding (FP8.md §1.4).

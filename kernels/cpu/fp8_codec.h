@@ -139,4 +139,55 @@ FP8PIPE_HD float bf16_to_float(uint16_t b) { return bits_f32(static_cast<uint32_
 // Largest finite magnitude of each format (448 and 57344).
 FP8PIPE_HD float fp8_max(Fp8Format fmt) { return fmt == Fp8Format::kE4M3 ? 448.0f : 57344.0f; }
 
+// E5M6: DeepSeek-V3's 12-bit cache format for the attention output (TR §3.3.3), which the report
+// names but does not spell out. Defined here as IEEE binary16 with 4 fewer mantissa bits, as E5M2
+// is binary16 with 8 fewer: sign, 5 exponent bits (bias 15, field 31 = Inf/NaN), 6 mantissa bits,
+// subnormals. Largest finite 65024 = (2 - 2^-6) * 2^15, smallest normal 2^-14, smallest subnormal
+// 2^-20. Codes are the low 12 bits of a uint16_t.
+constexpr float kE5M6Max = 65024.0f;
+constexpr uint16_t kE5M6MaxCode = 0x7BF, kE5M6NaN = 0x7FF, kE5M6Sign = 0x800;
+
+// float32 -> E5M6, RNE on the exact value, SATFINITE (overflow and Inf go to +-65024), NaN ->
+// 0x7FF. The normal range rounds the float's mantissa to 6 bits with ties to even (a carry moves
+// into the exponent); below 2^-14, |x| * 2^20 is rounded to an integer by adding 2^23.
+FP8PIPE_HD uint16_t float_to_e5m6(float x) {
+  const uint32_t u = f32_bits(x);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return kE5M6NaN;
+  const uint32_t sign = (u >> 20) & kE5M6Sign;
+  uint32_t mag;
+  if (a < (113u << 23)) {  // below 2^-14: subnormal (or zero)
+    mag = f32_bits(bits_f32(a) * 1048576.0f + 8388608.0f) - 0x4B000000u;
+  } else {
+    mag = ((a + 0xFFFFu + ((a >> 17) & 1u)) >> 17) - (112u << 6);
+    if (mag > kE5M6MaxCode) mag = kE5M6MaxCode;
+  }
+  return static_cast<uint16_t>(sign | mag);
+}
+
+// E5M6 -> float32, exact (every E5M6 value is a float). NaN codes give 0x7FFFFFFF.
+FP8PIPE_HD float e5m6_to_float(uint16_t c) {
+  const uint32_t sign = static_cast<uint32_t>(c & kE5M6Sign) << 20;
+  const uint32_t exp_field = (c >> 6) & 31u, mant = c & 63u;
+  if (exp_field == 31) return bits_f32(mant ? 0x7FFFFFFFu : (sign | 0x7F800000u));
+  if (exp_field == 0) return bits_f32(sign | f32_bits(static_cast<float>(mant) * 0x1p-20f));
+  return bits_f32(sign | ((exp_field + 112u) << 23) | (mant << 17));
+}
+
+// E5M6 tensors are packed two codes to three bytes, in element order: element 2j's code in
+// byte 3j and the low nibble of 3j+1, element 2j+1's in the high nibble of 3j+1 and byte 3j+2.
+// An odd last element uses bytes 3j and the low nibble of 3j+1.
+FP8PIPE_HD int64_t e5m6_bytes(int64_t n) { return (3 * n + 1) / 2; }
+FP8PIPE_HD void e5m6_pack_pair(uint16_t c0, uint16_t c1, uint8_t* p) {
+  p[0] = static_cast<uint8_t>(c0 & 0xFFu);
+  p[1] = static_cast<uint8_t>(((c0 >> 8) & 0xFu) | ((c1 & 0xFu) << 4));
+  p[2] = static_cast<uint8_t>((c1 >> 4) & 0xFFu);
+}
+// Code of element i of a packed E5M6 array.
+FP8PIPE_HD uint16_t e5m6_load(const uint8_t* packed, int64_t i) {
+  const uint8_t* p = packed + 3 * (i >> 1);
+  if (i & 1) return static_cast<uint16_t>((p[1] >> 4) | (p[2] << 4));
+  return static_cast<uint16_t>(p[0] | ((p[1] & 0xFu) << 8));
+}
+
 }  // namespace fp8pipe::kernels

@@ -245,14 +245,18 @@ int64_t scale_count(Granularity g, int64_t rows, int64_t cols) {
 }
 
 void compute_scale(float amax, QuantParams p, float* sf, float* inv) {
+  compute_scale_max(amax, fp8_max(p.fmt), p.pow2, sf, inv);
+}
+
+void compute_scale_max(float amax, float fmax, bool pow2, float* sf, float* inv) {
   if (!std::isfinite(amax)) {
     *sf = kNaN;
     *inv = kNaN;
     return;
   }
   const float a = amax > 1e-4f ? amax : 1e-4f;
-  const float t = a / fp8_max(p.fmt);
-  if (!p.pow2) {
+  const float t = a / fmax;
+  if (!pow2) {
     *sf = t;
     *inv = 1.0f / t;
     return;
@@ -302,6 +306,62 @@ void dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Gr
       const float sf = scale_at(s, g, rows, cols, r, c0);
       const int64_t c1 = std::min(cols, c0 + kG);
       for (int64_t c = c0; c < c1; ++c) orow[c] = lut[qrow[c]] * sf;
+    }
+  }
+}
+
+namespace {
+// Element i's value scaled and encoded; pairs of elements go out as three bytes.
+template <class T>
+int64_t quantize_e5m6_any(const T* x, int64_t rows, int64_t cols, uint8_t* packed, float* s) {
+  const int64_t kb_n = ceil_div(cols, kG);
+  std::vector<float> inv(static_cast<size_t>(cols));  // the inverse scale of each column, this row
+  int64_t bad = 0;
+  uint16_t pending = 0;  // the code of an even element whose pair is not written yet
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * cols;
+    for (int64_t kb = 0; kb < kb_n; ++kb) {
+      const int64_t c0 = kb * kG, c1 = std::min(cols, c0 + kG);
+      const float amax = amax_from_bits(max_abs_bits(row + c0, c1 - c0, 0u));
+      compute_scale_max(amax, kE5M6Max, /*pow2=*/true, s + kb * rows + r, &inv[c0]);
+      std::fill(inv.begin() + c0 + 1, inv.begin() + c1, inv[c0]);
+      bad += std::isfinite(amax) ? 0 : 1;
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = r * cols + c;
+      const uint16_t code = float_to_e5m6(to_f32(row[c]) * inv[c]);
+      if (i & 1) {
+        e5m6_pack_pair(pending, code, packed + 3 * (i >> 1));
+      } else {
+        pending = code;
+      }
+    }
+  }
+  const int64_t n = rows * cols;
+  if (n & 1) {  // the odd last element: its byte and the low nibble of the next
+    uint8_t tail[3];
+    e5m6_pack_pair(pending, 0, tail);
+    packed[3 * (n >> 1)] = tail[0];
+    packed[3 * (n >> 1) + 1] = tail[1];
+  }
+  return bad;
+}
+}  // namespace
+
+int64_t quantize_e5m6(const float* x, int64_t rows, int64_t cols, uint8_t* packed, float* s) {
+  return quantize_e5m6_any(x, rows, cols, packed, s);
+}
+int64_t quantize_e5m6_bf16(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* packed,
+                           float* s) {
+  return quantize_e5m6_any(x, rows, cols, packed, s);
+}
+
+void dequantize_e5m6(const uint8_t* packed, const float* s, int64_t rows, int64_t cols,
+                     float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = r * cols + c;
+      out[i] = e5m6_to_float(e5m6_load(packed, i)) * s[(c / kG) * rows + r];
     }
   }
 }

@@ -31,6 +31,8 @@ int64_t scale_count(Granularity g, int64_t rows, int64_t cols);
 
 // FP8.md §2.2: sf (dequant) and inv (quant) from a group's amax. A NaN/Inf amax yields NaN scales.
 void compute_scale(float amax, QuantParams p, float* sf, float* inv);
+// The same for a format whose largest finite value is fmax (E5M6: kE5M6Max).
+void compute_scale_max(float amax, float fmax, bool pow2, float* sf, float* inv);
 
 // amax with the NaN policy of FP8.md §2.1: NaN or Inf anywhere -> NaN.
 float amax_f32(const float* x, int64_t n, int64_t stride = 1);
@@ -50,6 +52,15 @@ int64_t quantize_128x1_transposed(const float* x, int64_t rows, int64_t cols, Qu
 // x'[R][C] = f32(decode(q) * s) for the group of each element.
 void dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, Granularity g,
                 Fp8Format fmt, float* out);
+
+// E5M6 (fp8_codec.h) 1x128 with power-of-two scales (DeepSeek-V3's attention-output cache, TR
+// §3.3.3): X[R][C] (fp32 or bf16 bits) into e5m6_bytes(R*C) packed bytes and 1x128 scales in the
+// layout above, amax and scale as quantize() with fmax 65024. Returns the non-finite groups (their
+// scale is NaN and their codes 0x7FF). dequantize_e5m6 is the inverse: f32(decode(code) * s).
+int64_t quantize_e5m6(const float* x, int64_t rows, int64_t cols, uint8_t* packed, float* s);
+int64_t quantize_e5m6_bf16(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* packed,
+                           float* s);
+void dequantize_e5m6(const uint8_t* packed, const float* s, int64_t rows, int64_t cols, float* out);
 
 // Exact transpose of a 128x128-quantized tensor: bytes and block scales (FP8.md §1.4, Dgrad).
 void transpose_128x128(const uint8_t* q, const float* s, int64_t rows, int64_t cols, uint8_t* qt,

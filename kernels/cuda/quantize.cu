@@ -852,6 +852,108 @@ Result dequantize(const uint8_t* q, const float* s, int64_t rows, int64_t cols, 
   return dequantize_any(q, s, rows, cols, g, fmt, out, stream, GroupsDev{});
 }
 
+// ---------------------------------------------------------------------------------------------
+// E5M6 1x128 (the attention-output cache). Two launches, so that any shape works: a warp per
+// group writes its scale (as q1x128_scalar_kernel, fmax 65024, pow2), then a thread per pair of
+// elements encodes both into their three bytes (a pair may straddle rows when cols is odd).
+// The inverse scale is 1/sf, exact for a power of two, so the codes are the CPU's.
+
+namespace {
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    e5m6_scale_kernel(const T* __restrict__ x, int64_t R, int64_t C, int64_t KB,
+                      float* __restrict__ s, int* nonfinite) {
+  const int lane = threadIdx.x & 31;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (g >= R * KB) return;
+  const int64_t kb = g % KB, r = g / KB;
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t c = kb * kG + lane + 32 * i;
+    if (c < C) m = max(m, Elem<T>::abs_bits(x[r * C + c]));
+  }
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  const Scale sc = scale_from_bits(m, /*pow2=*/true, kE5M6Max);
+  if (lane == 0) {
+    s[kb * R + r] = sc.sf;
+    if (!sc.finite && nonfinite) atomicAdd(nonfinite, 1);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    e5m6_encode_kernel(const T* __restrict__ x, int64_t R, int64_t C, const float* __restrict__ s,
+                       uint8_t* __restrict__ packed) {
+  const int64_t n = R * C, pairs = (n + 1) / 2;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < pairs;
+       j += static_cast<int64_t>(gridDim.x) * kThreads) {
+    uint16_t code[2] = {0, 0};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = 2 * j + h;
+      if (i < n) {
+        const int64_t r = i / C, c = i % C;
+        const float inv = __fdiv_rn(1.0f, s[(c / kG) * R + r]);
+        code[h] = float_to_e5m6(__fmul_rn(Elem<T>::f32(x[i]), inv));
+      }
+    }
+    uint8_t b[3];
+    e5m6_pack_pair(code[0], code[1], b);
+    uint8_t* p = packed + 3 * j;
+    p[0] = b[0];
+    p[1] = b[1];
+    if (2 * j + 1 < n) p[2] = b[2];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    e5m6_dequant_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ s, int64_t R,
+                        int64_t C, float* __restrict__ out) {
+  const int64_t n = R * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = i / C, c = i % C;
+    out[i] = __fmul_rn(e5m6_to_float(e5m6_load(packed, i)), s[(c / kG) * R + r]);
+  }
+}
+
+int grid_for(int64_t items) {
+  return static_cast<int>(std::min<int64_t>(ceil_div(items, kThreads), 132 * 32));
+}
+
+template <class T>
+Result quantize_e5m6_any(const T* x, int64_t R, int64_t C, uint8_t* packed, float* s,
+                         int* nonfinite, cudaStream_t stream) {
+  if (R <= 0 || C <= 0) return Result::Ok();
+  const int64_t KB = ceil_div(C, kG);
+  FP8PIPE_KERNEL(blocks_for(R * KB, kThreads / 32), kThreads, stream, e5m6_scale_kernel<T>)
+  (x, R, C, KB, s, nonfinite);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  FP8PIPE_KERNEL(grid_for((R * C + 1) / 2), kThreads, stream, e5m6_encode_kernel<T>)
+  (x, R, C, s, packed);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+}  // namespace
+
+Result quantize_e5m6(const float* x, int64_t rows, int64_t cols, uint8_t* packed, float* s,
+                     int* nonfinite, cudaStream_t stream) {
+  return quantize_e5m6_any(x, rows, cols, packed, s, nonfinite, stream);
+}
+Result quantize_e5m6_bf16(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* packed, float* s,
+                          int* nonfinite, cudaStream_t stream) {
+  return quantize_e5m6_any(x, rows, cols, packed, s, nonfinite, stream);
+}
+Result dequantize_e5m6(const uint8_t* packed, const float* s, int64_t rows, int64_t cols,
+                       float* out, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return Result::Ok();
+  FP8PIPE_KERNEL(grid_for(rows * cols), kThreads, stream, e5m6_dequant_kernel)
+  (packed, s, rows, cols, out);
+  FP8PIPE_CUDA_LAUNCH_CHECK();
+  return Result::Ok();
+}
+
 Result quantize_1x128_groups(const float* x, int64_t rows, int64_t cols, GroupsDev groups,
                              QuantParams p, uint8_t* q, float* s, int* nonfinite,
                              cudaStream_t stream) {

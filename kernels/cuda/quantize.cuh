@@ -87,6 +87,15 @@ Result requantize_128x1_transposed(const uint8_t* q, const float* s, Fp8Format i
 Result dequantize_1x128_groups(const uint8_t* q, const float* s, int64_t rows, int64_t cols,
                                GroupsDev groups, Fp8Format fmt, float* out, cudaStream_t stream);
 
+// E5M6 1x128 with power-of-two scales (kernels/cpu/quantize.h quantize_e5m6, bit-identical):
+// packed codes (e5m6_bytes(rows * cols) bytes) and s[kb*rows+r]; and its inverse.
+Result quantize_e5m6(const float* x, int64_t rows, int64_t cols, uint8_t* packed, float* s,
+                     int* nonfinite, cudaStream_t stream);
+Result quantize_e5m6_bf16(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* packed, float* s,
+                          int* nonfinite, cudaStream_t stream);
+Result dequantize_e5m6(const uint8_t* packed, const float* s, int64_t rows, int64_t cols,
+                       float* out, cudaStream_t stream);
+
 // Exact transpose of a 128x128-quantized tensor: qt[cols][rows] and st (block scales transposed,
 // padded layout of the transposed shape, padding written as 0).
 Result transpose_128x128(const uint8_t* q, const float* s, int64_t rows, int64_t cols, uint8_t* qt,

@@ -32,11 +32,17 @@ struct BlockShape {
   bool moe = false;
 };
 
-// recompute: train.recompute has mla_up_proj (MLA's query and key/value up-projections re-run
-// in the backward instead of holding q, k, v).
-// bf16_norm_inputs: precision.bf16_norm_inputs (the block norms hold bf16 inputs).
-void add_attention(const config::Model& m, int64_t seq, bool recompute, bool bf16_norm_inputs,
-                   BlockShape& b) {
+// What a block holds from F to B, from the config's memory options.
+struct Holds {
+  bool recompute = false;       // train.recompute has mla_up_proj (q, k, v rebuilt in the backward)
+  bool swiglu_cache = false;    // precision.fp8_swiglu_cache in FP8 (experts hold g, u in FP8)
+  bool recompute_norm = false;  // train.recompute has rmsnorm
+  bool bf16_norm_inputs = false;  // precision.bf16_norm_inputs (the block norms hold bf16 inputs)
+  double attn_out_bytes = 2;      // precision.attn_out_cache: bf16 2, e5m6 1.5, e4m3 1 (FP8)
+};
+
+void add_attention(const config::Model& m, int64_t seq, const Holds& h, BlockShape& b) {
+  const bool recompute = h.recompute;
   const double d = m.hidden(), H = m.heads();
   double dqk = 0, dv = 0;
   if (m.attention() == config::Model::MLA) {
@@ -53,21 +59,22 @@ void add_attention(const config::Model& m, int64_t seq, bool recompute, bool bf1
     b.gemms.push_back({1, d, kl + a.qk_rope_head_dim(), true});
     b.gemms.push_back({1, kl, H * (a.qk_nope_head_dim() + dv), true, recompute});
     // Held (TR §3.2.3, §3.3.3): normed input FP8 (d), latents BF16 (q_lora + kv_lora + rope),
-    // the attention output once for the core's backward and wo: BF16 in the framework (DeepSeek:
-    // E5M6, 1.5 B); q/k/v recomputed from the latents, else held in BF16 (the framework's
-    // layout: the RoPE key repeated per head).
-    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + 2 * H * dv;
+    // the attention output once for the core's backward and wo (precision.attn_out_cache; as
+    // for every FP8 hold here, the scales' 4 bytes per 128 are not counted); q/k/v recomputed
+    // from the latents, else held in BF16 (the framework's layout: the RoPE key repeated per
+    // head).
+    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + h.attn_out_bytes * H * dv;
     if (!recompute) b.act += 2 * (2 * H * dqk + H * dv);
   } else {
     dqk = dv = m.head_dim();
     for (int i = 0; i < 3; ++i) b.gemms.push_back({1, d, H * dqk, true});
-    b.act += d + 2 * 3 * H * dqk + 2 * H * dv;  // FP8 input, BF16 q/k/v, BF16 attention output
+    b.act += d + 2 * 3 * H * dqk + h.attn_out_bytes * H * dv;  // FP8 input, BF16 q/k/v, output
   }
   b.gemms.push_back({1, H * dv, d, true});
   b.attn_fwd = 2 * (seq / 2.0) * H * (dqk + dv);  // causal: T/2 keys per query (launch/flops.h)
   // The two RMSNorms' inputs (the block input and x + attention): the fp32 residual stream,
   // 2 x 4 bytes, or 2 x 2 with precision.bf16_norm_inputs; and the softmax statistics.
-  b.act += (bf16_norm_inputs ? 4 : 8) * d + 4 * H;
+  b.act += (h.bf16_norm_inputs ? 4 : 8) * d + 4 * H;
   b.elementwise += 2 * 4 * d + 6 * d;  // 2 RMSNorms (read+write BF16), residual add
 }
 
@@ -104,12 +111,11 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, bool sw
 // and the FFN's FP8 copies, d bytes each) are not held; B re-runs the norms (its elementwise term
 // already counts recomputed norms) and re-quantizes them (read BF16, write FP8).
 BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
-                       bool recompute, bool swiglu_cache, bool recompute_norm,
-                       bool bf16_norm_inputs) {
+                       const Holds& h) {
   BlockShape b;
-  add_attention(m, seq, recompute, bf16_norm_inputs, b);
-  add_ffn(m, moe, c.imbalance, ep, swiglu_cache, b);
-  if (recompute_norm) {
+  add_attention(m, seq, h, b);
+  add_ffn(m, moe, c.imbalance, ep, h.swiglu_cache, b);
+  if (h.recompute_norm) {
     b.act -= 2.0 * m.hidden();
     b.bw_hbm += 3 * 2.0 * m.hidden();
   }
@@ -389,16 +395,17 @@ Result<CostModel> build_cost_model(const config::Config& cfg, const Schedule& s,
   const bool has_moe = m.moe().routed_experts() > 0;
   const int dense = has_moe ? m.dense_layers() : m.layers();
   const int ep = std::max(1, cfg.parallel().ep());
-  const bool recompute = recomputes(cfg.train(), "mla_up_proj");
-  const bool cache =
-      cfg.precision().fp8_swiglu_cache() && cfg.precision().mode() == config::Precision::FP8;
-  const bool recompute_norm = recomputes(cfg.train(), "rmsnorm");
-  const bool bf16_norms =
-      cfg.precision().bf16_norm_inputs() && cfg.precision().mode() != config::Precision::FP32;
-  const BlockShape dense_b =
-      block_shape(m, false, seq, cal, ep, recompute, cache, recompute_norm, bf16_norms);
-  const BlockShape moe_b =
-      block_shape(m, has_moe, seq, cal, ep, recompute, cache, recompute_norm, bf16_norms);
+  const config::Precision& pr = cfg.precision();
+  Holds holds;
+  holds.recompute = recomputes(cfg.train(), "mla_up_proj");
+  holds.swiglu_cache = pr.fp8_swiglu_cache() && pr.mode() == config::Precision::FP8;
+  holds.recompute_norm = recomputes(cfg.train(), "rmsnorm");
+  holds.bf16_norm_inputs = pr.bf16_norm_inputs() && pr.mode() != config::Precision::FP32;
+  const std::string_view cache = fp8pipe::attn_out_cache(pr);
+  if (cache == "e5m6") holds.attn_out_bytes = 1.5;
+  if (cache == "e4m3") holds.attn_out_bytes = 1;
+  const BlockShape dense_b = block_shape(m, false, seq, cal, ep, holds);
+  const BlockShape moe_b = block_shape(m, has_moe, seq, cal, ep, holds);
   for (int st = 0; st < s.stages(); ++st) {
     const model::ModelPart& p = parts[st];
     ChunkCost c;

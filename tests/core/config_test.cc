@@ -174,6 +174,7 @@ TEST(ConfigOverride, BadPathsAndValuesNameTheFieldAndChoices) {
       {{"--precision.mode=FP16"}, {"'FP16' is not a valid Mode", "FP8, BF16, FP32"}},
       {{"--parallel.schedule=gpipe"}, {"'gpipe'", "1f1b, zb1p, dualpipe, dualpipev"}},
       {{"--precision.gemm=slow"}, {"--precision.gemm=slow", "fast, exact"}},
+      {{"--precision.attn_out_cache=fp16"}, {"'fp16' is not a valid choice", "bf16, e5m6, e4m3"}},
       {{"parallel.pp=2"}, {"unexpected argument 'parallel.pp=2'"}},
       {{"--train.steps"}, {"--train.steps needs a value"}},
   };
@@ -346,6 +347,15 @@ std::vector<Rule> rules() {
        "tiny",
        0,
        set([](Config& c) { c.mutable_precision()->set_weight_granularity("1x32"); })},
+      {"AttnOutCacheChoice",
+       {},
+       {"precision.attn_out_cache=\"fp16\"", "bf16, e5m6, e4m3"},
+       "tiny",
+       0,
+       set([](Config& c) { c.mutable_precision()->set_attn_out_cache("fp16"); })},
+      {"AttnOutCacheE4m3NeedsFp8",
+       {"--precision.mode=BF16", "--precision.attn_out_cache=e4m3"},
+       {"precision.attn_out_cache=\"e4m3\"", "precision.mode=FP8", "got BF16", "bf16, e5m6"}},
       // train
       {"StepsPositive", {"--train.steps=0"}, {"train.steps=0 must be > 0"}},
       {"SeqLenPositive", {"--train.seq_len=0"}, {"train.seq_len=0 must be > 0"}},

@@ -177,6 +177,42 @@ TEST_F(CudaBackendTest, QuantizeBitIdentical) {
   }
 }
 
+// E5M6 1x128 (the attention-output cache): packed bytes, scales, non-finite counts and the
+// dequantized values bit-identical to the CPU's, for fp32 and bf16 inputs; 129 columns make
+// pairs of codes straddle rows and the element count odd (a half-used last byte pair).
+TEST_F(CudaBackendTest, QuantizeE5m6BitIdentical) {
+  for (const auto& [R, C] : {std::pair<int64_t, int64_t>{257, 300}, {33, 129}}) {
+    std::vector<float> x = randn(R * C, 3, 4.0f);
+    x[7] = NAN;
+    x[R * C - 2] = -INFINITY;
+    for (int i = 0; i < 40; ++i) x[C + i] *= 1e-9f;  // subnormal E5M6 codes after scaling
+    std::vector<uint16_t> xb(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = static_cast<uint16_t>(bits(x[i]) >> 16);
+    for (bool bf16 : {false, true}) {
+      const std::string what = std::to_string(R) + "x" + std::to_string(C) + (bf16 ? " bf16" : "");
+      const Tensor hx = bf16 ? host({R, C}, DType::kBF16, xb) : hostf({R, C}, x);
+      int64_t nc = -1, ng = -2;
+      Tensor qc = cpu_->quantize_e5m6(hx, &nc).value();
+      Tensor qg = gpu_->quantize_e5m6(dev(hx), &ng).value();
+      EXPECT_EQ(nc, 2) << what;
+      EXPECT_EQ(nc, ng) << what;
+      ASSERT_EQ(qg.dtype(), DType::kE5M6);
+      ASSERT_EQ(qg.nbytes(), static_cast<size_t>((3 * R * C + 1) / 2));
+      Tensor qgh = gpu_->to_host(qg).value();
+      std::vector<uint8_t> bc(qc.nbytes()), bg(qgh.nbytes());
+      std::memcpy(bc.data(), qc.data(), bc.size());
+      std::memcpy(bg.data(), qgh.data(), bg.size());
+      expect_bits(bc, bg, what + " packed codes");
+      expect_bits(vec<float>(*qc.scale()), back<float>(*qg.scale()), what + " scales");
+      Tensor oc = cpu_->empty({R, C}, DType::kF32).value();
+      Tensor og = gpu_->empty({R, C}, DType::kF32).value();
+      ASSERT_TRUE(cpu_->dequantize(qc, oc).ok());
+      ASSERT_TRUE(gpu_->dequantize(qg, og).ok());
+      expect_bits(vec<float>(oc), back<float>(og), what + " dequantize");
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, QuantizeTransposedAndTransposeFp8) {
   const int64_t R = 300, C = 260;
   const Tensor hx = hostf({R, C}, randn(R * C, 2, 5.0f)), dx = dev(hx);

@@ -27,6 +27,7 @@ struct Fmt {
 constexpr Fmt kE4M3{Fp8Format::kE4M3, 4, 3, 7, true};
 constexpr Fmt kE5M2{Fp8Format::kE5M2, 5, 2, 15, false};
 constexpr Fmt kBF16{Fp8Format::kE4M3, 8, 7, 127, false};  // id unused for BF16
+constexpr Fmt kE5M6{Fp8Format::kE4M3, 5, 6, 15, false};   // id unused: float_to_e5m6
 
 uint32_t bits_of(float x) {
   uint32_t u;
@@ -308,6 +309,79 @@ TEST(Fp8Codec, SpecExamples) {
   EXPECT_EQ(float_to_bf16(float_of(0x00008001u)), 0x0001);  // subnormals kept, no FTZ
   EXPECT_EQ(fp8_max(e4), 448.0f);
   EXPECT_EQ(fp8_max(e5), 57344.0f);
+}
+
+// ---- E5M6, the attention-output cache format (binary16 with 4 fewer mantissa bits), SATFINITE
+
+// All 2^32 floats against reference 1 built from E5M6's definition: overflow saturates to the
+// largest finite code 0x7BF (65024), NaN gives 0x7FF whatever the sign, the sign bit is 0x800.
+TEST(Fp8Codec, E5M6AllFloats) {
+  const Table t(kE5M6);
+  ASSERT_EQ(t.val[t.n - 1], 65024.0);
+  const Mismatch m = parallel_sweep([&t](uint32_t u0, uint32_t u1, Mismatch& mm) {
+    size_t i = 0;
+    for (uint32_t u = u0; u < u1; ++u) {
+      uint32_t ep = 0x7FF, en = 0x7FF;  // NaN, either sign
+      if (u <= 0x7F800000u) {
+        const size_t k = t.walk(static_cast<double>(float_of(u)), i);
+        ep = t.code[std::min(k, t.n - 1)];
+        en = ep | 0x800u;
+      }
+      mm.add(0, float_to_e5m6(float_of(u)) != ep, u);
+      mm.add(2, float_to_e5m6(float_of(u | 0x80000000u)) != en, u | 0x80000000u);
+    }
+  });
+  expect_clean(m, "E5M6");
+}
+
+TEST(Fp8Codec, E5M6DecodeAndRoundTripAllCodes) {
+  for (uint32_t c = 0; c < 4096; ++c) {
+    const double ref = ref_decode(c, kE5M6);
+    const float got = e5m6_to_float(static_cast<uint16_t>(c));
+    if (std::isnan(ref)) {
+      EXPECT_TRUE(std::isnan(got)) << "code " << c;
+      continue;
+    }
+    EXPECT_EQ(bits_of(got), bits_of(static_cast<float>(ref))) << "code " << c;
+    const uint32_t back = std::isinf(ref) ? (c & 0x800u) | 0x7BFu : c;  // Inf saturates
+    EXPECT_EQ(float_to_e5m6(got), back) << "code " << c;
+  }
+}
+
+TEST(Fp8Codec, E5M6SpecExamples) {
+  EXPECT_EQ(float_to_e5m6(1.0f), 0x3C0);                // exponent field 15
+  EXPECT_EQ(float_to_e5m6(1.0f + 0x1p-7f), 0x3C0);      // tie to even mantissa 0
+  EXPECT_EQ(float_to_e5m6(1.0f + 3 * 0x1p-7f), 0x3C2);  // tie to even mantissa 2
+  EXPECT_EQ(float_to_e5m6(65024.0f), 0x7BF);            // largest finite
+  EXPECT_EQ(float_to_e5m6(65280.0f), 0x7BF);            // tie toward overflow: SAT
+  EXPECT_EQ(float_to_e5m6(-std::numeric_limits<float>::infinity()), 0xFBF);
+  EXPECT_EQ(float_to_e5m6(0x1p-20f), 0x001);  // smallest subnormal
+  EXPECT_EQ(float_to_e5m6(0x1p-21f), 0x000);  // tie to even: zero
+  EXPECT_EQ(float_to_e5m6(std::nextafter(0x1p-21f, 1.0f)), 0x001);
+  EXPECT_EQ(float_to_e5m6(0x1p-14f - 0x1p-21f), 0x040);  // rounds up to 2^-14
+  EXPECT_EQ(float_to_e5m6(-0.0f), 0x800);
+  EXPECT_EQ(float_to_e5m6(float_of(0xFFC00001u)), 0x7FF);  // NaN sign dropped
+  EXPECT_EQ(e5m6_to_float(0x7C0), std::numeric_limits<float>::infinity());
+  EXPECT_EQ(kE5M6Max, 65024.0f);
+}
+
+// Two codes to three bytes, element order, and an odd tail using one byte and a nibble.
+TEST(Fp8Codec, E5M6Packing) {
+  EXPECT_EQ(e5m6_bytes(0), 0);
+  EXPECT_EQ(e5m6_bytes(1), 2);
+  EXPECT_EQ(e5m6_bytes(2), 3);
+  EXPECT_EQ(e5m6_bytes(7), 11);
+  uint8_t p[3];
+  e5m6_pack_pair(0xABC, 0x123, p);
+  EXPECT_EQ(p[0], 0xBC);
+  EXPECT_EQ(p[1], 0x3A);  // high nibble of 0xABC low, low nibble of 0x123 high
+  EXPECT_EQ(p[2], 0x12);
+  std::vector<uint8_t> buf(e5m6_bytes(5), 0);
+  const uint16_t codes[5] = {0x001, 0xFFF, 0x800, 0x7BF, 0x3C2};
+  for (int j = 0; j < 2; ++j) e5m6_pack_pair(codes[2 * j], codes[2 * j + 1], &buf[3 * j]);
+  buf[6] = codes[4] & 0xFF;
+  buf[7] = codes[4] >> 8;
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(e5m6_load(buf.data(), i), codes[i]) << i;
 }
 
 }  // namespace

@@ -476,5 +476,83 @@ TEST(Quantize, EncoderEqualsCodecOverInputRange) {
   }
 }
 
+// ---- E5M6 1x128 (the attention-output cache)
+
+// The scale of each 1x128 group is the smallest power of two s with s * 65024 >= max(amax, 1e-4)
+// (worked out here with frexp in double), each code is the E5M6 rounding of x / s (fp8_codec.h,
+// whose encoder the codec tests check against the format's definition), and the dequantized value
+// lies within half an E5M6 quantum of x: 2^-7 relative for normal codes.
+TEST(QuantizeE5m6, ScalesCodesAndErrorBound) {
+  for (const Shape sh :
+       {Shape{1, 1}, Shape{3, 5}, Shape{129, 257}, Shape{64, 256}, Shape{7, 129}}) {
+    std::mt19937 rng(static_cast<uint32_t>(sh.r * 1000 + sh.c));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_real_distribution<float> mag(-30.0f, 30.0f);
+    std::vector<float> x(sh.r * sh.c);
+    for (float& v : x) v = nd(rng) * std::exp2(mag(rng) / 4);  // +-2^7.5 spread within groups
+    std::vector<uint8_t> q(e5m6_bytes(sh.r * sh.c) + 1, 0xEE);
+    std::vector<float> sc(scale_count(G::k1x128, sh.r, sh.c)), y(x.size());
+    EXPECT_EQ(quantize_e5m6(x.data(), sh.r, sh.c, q.data(), sc.data()), 0);
+    EXPECT_EQ(q.back(), 0xEE) << "wrote past e5m6_bytes";
+    dequantize_e5m6(q.data(), sc.data(), sh.r, sh.c, y.data());
+    for (int64_t r = 0; r < sh.r; ++r) {
+      for (int64_t kb = 0; kb * 128 < sh.c; ++kb) {
+        double amax = 1e-4;
+        for (int64_t c = kb * 128; c < std::min<int64_t>(sh.c, kb * 128 + 128); ++c) {
+          amax = std::max(amax, std::fabs(static_cast<double>(x[r * sh.c + c])));
+        }
+        int e;
+        std::frexp(amax / 65024.0, &e);  // amax/65024 in [2^(e-1), 2^e)
+        double want = std::ldexp(1.0, e);
+        if (std::ldexp(want, -1) * 65024.0 >= amax) want /= 2;  // an exact power of two
+        const float s = sc[kb * sh.r + r];
+        ASSERT_EQ(static_cast<double>(s), want) << "row " << r << " block " << kb;
+        for (int64_t c = kb * 128; c < std::min<int64_t>(sh.c, kb * 128 + 128); ++c) {
+          const int64_t i = r * sh.c + c;
+          ASSERT_EQ(e5m6_load(q.data(), i), float_to_e5m6(x[i] / s)) << i;
+          const double err = std::fabs(static_cast<double>(y[i]) - x[i]);
+          EXPECT_LE(err, 0x1p-7 * std::fabs(x[i]) + std::ldexp(s, -21))
+              << i;  // or half a subnormal quantum
+        }
+      }
+    }
+  }
+}
+
+// bf16 inputs give the codes of their fp32 values; a group holding NaN or Inf gets a NaN scale
+// and NaN codes (counted), the others are untouched.
+TEST(QuantizeE5m6, Bf16InputAndNonFiniteGroups) {
+  const int64_t R = 5, C = 300;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> x(R * C);
+  std::vector<uint16_t> xb(R * C);
+  for (size_t i = 0; i < x.size(); ++i) {
+    xb[i] = static_cast<uint16_t>(bits_of(nd(rng)) >> 16);
+    x[i] = bf16_to_float(xb[i]);
+  }
+  std::vector<uint8_t> qf(e5m6_bytes(R * C)), qb(e5m6_bytes(R * C));
+  std::vector<float> sf(scale_count(G::k1x128, R, C)), sb(sf.size());
+  EXPECT_EQ(quantize_e5m6(x.data(), R, C, qf.data(), sf.data()), 0);
+  EXPECT_EQ(quantize_e5m6_bf16(xb.data(), R, C, qb.data(), sb.data()), 0);
+  EXPECT_EQ(qf, qb);
+  EXPECT_EQ(sf, sb);
+  x[2 * C + 130] = kNaNf;   // row 2, block 1
+  x[4 * C + 299] = -kInff;  // row 4, block 2 (partial)
+  EXPECT_EQ(quantize_e5m6(x.data(), R, C, qf.data(), sf.data()), 2);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < C; ++c) {
+      const bool bad = (r == 2 && c / 128 == 1) || (r == 4 && c / 128 == 2);
+      EXPECT_EQ(std::isnan(sf[(c / 128) * R + r]), bad) << r << "," << c;
+      if (bad) {
+        EXPECT_EQ(e5m6_load(qf.data(), r * C + c), 0x7FF) << r << "," << c;
+      } else {
+        EXPECT_EQ(sf[(c / 128) * R + r], sb[(c / 128) * R + r]);
+        EXPECT_EQ(e5m6_load(qf.data(), r * C + c), e5m6_load(qb.data(), r * C + c));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fp8pipe::kernels

@@ -444,6 +444,44 @@ TEST(TrainTest, Bf16NormInputsTrackTheFp32ResidualInLessMemory) {
   if (kVerbose) std::printf("peak held tensors: %ld -> %ld bytes\n", peak[0], peak[1]);
 }
 
+// precision.attn_out_cache (FP8, dualpipev, 4 steps): attention holds its output as E5M6 or as
+// W_o's FP8 input instead of bf16. Only the backward reads the cache (the forward is unchanged),
+// so the first step's loss is the same bits and the later ones track the bf16 run within 1e-3
+// relative while differing; the peak of held tensors falls with the cache's bytes (2, 1.5, 1).
+TEST(TrainTest, AttnOutCacheTracksTheBf16CacheInLessMemory) {
+  const char* caches[] = {"bf16", "e5m6", "e4m3"};
+  std::vector<double> loss[3], norm[3];
+  int64_t peak[3] = {0, 0, 0};
+  for (int k = 0; k < 3; ++k) {
+    auto t = make_trainer(tiny({"--train.steps=4", "--optim.warmup_steps=1", "--train.eval_every=0",
+                                "--parallel.schedule=dualpipev",
+                                std::string("--precision.attn_out_cache=") + caches[k]}));
+    ASSERT_TRUE(t);
+    EXPECT_EQ(static_cast<int>(t->ctx().attn_out_cache), k);
+    peak[k] = steps_with_peak(*t, 4, loss[k], norm[k]);
+    ASSERT_EQ(loss[k].size(), 4u);
+  }
+  for (int k = 1; k < 3; ++k) {
+    SCOPED_TRACE(caches[k]);
+    EXPECT_EQ(loss[k][0], loss[0][0]);
+    for (int s = 1; s < 4; ++s) EXPECT_NEAR(loss[k][s], loss[0][s], 1e-3 * loss[0][s]) << s + 1;
+    EXPECT_NE(loss[k][3], loss[0][3]);
+    EXPECT_LT(peak[k], peak[k - 1]);
+  }
+  if (kVerbose) std::printf("peak held tensors: %ld, %ld, %ld bytes\n", peak[0], peak[1], peak[2]);
+}
+
+// The default (auto) is DeepSeek-V3's E5M6 under FP8 and plain bf16 under BF16, whose run is the
+// FP8 run's twin baseline.
+TEST(TrainTest, AttnOutCacheAutoFollowsTheMode) {
+  using Cache = model::ModelCtx::AttnOutCache;
+  auto fp8 = make_trainer(tiny({}));
+  auto bf16 = make_trainer(tiny({"--precision.mode=BF16"}));
+  ASSERT_TRUE(fp8 && bf16);
+  EXPECT_EQ(fp8->ctx().attn_out_cache, Cache::kE5M6);
+  EXPECT_EQ(bf16->ctx().attn_out_cache, Cache::kBf16);
+}
+
 // precision.fp8_swiglu_cache on the tiny model (FP8, 4 steps; experts 256 wide and dualpipev, so
 // that expert activations of several micro-batches are held at the step's peak): the losses
 // track the uncached run within 1e-3 relative (the cache moves only the experts' gradients, by

@@ -512,6 +512,100 @@ TEST(Attention, RecomputedUpProjectionsGiveTheSameBits) {
 }
 
 // A recompute after a weight update would not rebuild the forward's q, k, v: refused.
+// ---- (g) precision.attn_out_cache: the output held from F to B as bf16, E5M6 or W_o's FP8 ----
+
+struct CacheRun {
+  std::vector<float> y, dx;
+  std::map<std::string, std::vector<float>> g;
+  int64_t held = 0;  // bytes held between the forward and the backward
+  int64_t left = 0;  // bytes held after the backward and the weight gradients
+};
+
+CacheRun run_cache(const config::Model& m, Precision p, ModelCtx::AttnOutCache cache) {
+  Layer l(m, p);
+  l.c.attn_out_cache = cache;
+  const std::vector<float> x = randn(kN * kHidden, 5), r = randn(kN * kHidden, 6);
+  const int64_t base = l.be->memory().in_use;
+  CacheRun out;
+  out.y = l.forward(0, x);
+  out.held = l.be->memory().in_use - base;
+  out.dx = l.backward(0, r);
+  out.left = l.be->memory().in_use - base;
+  out.g = l.grads();
+  return out;
+}
+
+// The output is the same bits under every cache (W_o reads the same bf16 values either way), and
+// what is held differs by exactly the cache's bytes for n = 16 tokens x 64 output columns (one
+// 1x128 group per row): bf16 2 bytes an element; E5M6 1.5, packed, plus a 4-byte scale per
+// group; e4m3 W_o's own 1-byte FP8 input and its scales, so nothing besides it.
+// Gradients, by what reads the cache:
+//  - the core's backward reads the output only in D = rowsum(dO o), which shapes dq and dk, not
+//    dv: MHA's wv gradient is the same bits under every cache;
+//  - W_o's weight gradient: e4m3 re-quantizes the forward's FP8 input, as the bf16 cache's
+//    re-prepared input does (the same bits); E5M6 quantizes 128x1 from its own values;
+//  - the rest move, by far less than the FP8 error itself (every path stays within check_close's
+//    FP8 bounds against FP32), and E4M3's 2^-4 rounding moves them more than E5M6's 2^-7.
+TEST(Attention, OutputCacheHoldsItsBytesAndKeepsTheGradientsClose) {
+  using Cache = ModelCtx::AttnOutCache;
+  const int64_t n = kN * kHeads * 16;  // output elements: H x v_head_dim per token
+  for (bool mla : {true, false}) {
+    SCOPED_TRACE(mla ? "MLA" : "MHA");
+    const config::Model m = small_model(mla);
+    const CacheRun ref = run_cache(m, Precision::kFP32, Cache::kBf16);
+    const CacheRun b = run_cache(m, Precision::kFP8, Cache::kBf16);
+    const CacheRun e = run_cache(m, Precision::kFP8, Cache::kE5M6);
+    const CacheRun f = run_cache(m, Precision::kFP8, Cache::kE4M3);
+    EXPECT_EQ(e.y, b.y);
+    EXPECT_EQ(f.y, b.y);
+    EXPECT_EQ(b.held - e.held, 2 * n - ((3 * n + 1) / 2 + 4 * kN));
+    EXPECT_EQ(b.held - f.held, 2 * n - (n + 4 * kN));
+    EXPECT_EQ(e.left, b.left);
+    EXPECT_EQ(f.left, b.left);
+    const double de = rel_frob(e.dx, b.dx), df = rel_frob(f.dx, b.dx);
+    EXPECT_GT(de, 0.0) << "the E5M6 values must reach the backward";
+    EXPECT_GT(df, de) << "E4M3's coarser rounding must show";
+    for (const CacheRun* r : {&e, &f}) {
+      EXPECT_LT(rel_frob(r->dx, ref.dx), 0.3);
+      for (const auto& [name, g] : ref.g) EXPECT_LT(rel_frob(r->g.at(name), g), 0.3) << name;
+    }
+    const std::string wo = std::string(kPrefix) + ".wo.weight";
+    EXPECT_EQ(f.g.at(wo), b.g.at(wo));
+    EXPECT_NE(e.g.at(wo), b.g.at(wo));
+    if (!mla) {
+      const std::string wv = std::string(kPrefix) + ".wv.weight";
+      EXPECT_EQ(e.g.at(wv), b.g.at(wv));
+      EXPECT_EQ(f.g.at(wv), b.g.at(wv));
+    }
+  }
+}
+
+// FP32 keeps the fp32 output whatever the cache asks; BF16 ignores e4m3, which needs W_o's FP8
+// input, and takes E5M6, W_o's bf16 input re-prepared from the cached values. With bf16 GEMMs
+// (rounding 2^-9) no FP8 rounding amplifies the cache's own error, so the gradients move by about
+// E5M6's relative rounding, 2^-7 = 0.0078 (measured <= 0.0074); bound 0.02.
+TEST(Attention, OutputCacheOutsideFp8) {
+  using Cache = ModelCtx::AttnOutCache;
+  const config::Model m = small_model(true);
+  const CacheRun f32 = run_cache(m, Precision::kFP32, Cache::kBf16);
+  const CacheRun f32e = run_cache(m, Precision::kFP32, Cache::kE5M6);
+  EXPECT_EQ(f32e.dx, f32.dx);
+  EXPECT_EQ(f32e.g, f32.g);
+  EXPECT_EQ(f32e.held, f32.held);
+  const CacheRun bf = run_cache(m, Precision::kBF16, Cache::kBf16);
+  const CacheRun bfe = run_cache(m, Precision::kBF16, Cache::kE5M6);
+  const CacheRun bff = run_cache(m, Precision::kBF16, Cache::kE4M3);
+  EXPECT_EQ(bff.dx, bf.dx);
+  EXPECT_EQ(bff.held, bf.held);
+  EXPECT_EQ(bfe.y, bf.y);
+  const int64_t n = kN * kHeads * 16;
+  EXPECT_EQ(bf.held - bfe.held, 2 * n - ((3 * n + 1) / 2 + 4 * kN));
+  const double d = rel_frob(bfe.dx, bf.dx);
+  EXPECT_GT(d, 0.0);
+  EXPECT_LT(d, 0.02);
+  for (const auto& [name, g] : bf.g) EXPECT_LT(rel_frob(bfe.g.at(name), g), 0.02) << name;
+}
+
 TEST(Attention, RecomputeRefusesAnUpdatedWeight) {
   Layer l(small_model(true), Precision::kFP8);
   l.c.recompute_mla_up = true;

@@ -294,6 +294,23 @@ TEST(SimBf16NormInputs, HoldFourBytesLessPerHiddenElement) {
   EXPECT_EQ(c_on.f.compute_s, c_off.f.compute_s);
 }
 
+// precision.attn_out_cache: the attention output (H x v_head_dim a token) held as bf16 (2 bytes),
+// E5M6 (1.5) or W_o's FP8 input (1; scales are not counted, as for every FP8 hold); the costs do
+// not change.
+TEST(SimAttnOutCache, HoldsTheCachesBytesPerOutputElement) {
+  const auto [cfg, e5] = dsv3_cost_model({"--precision.attn_out_cache=e5m6"});
+  const auto bf = dsv3_cost_model({"--precision.attn_out_cache=bf16"}).second;
+  const auto e4 = dsv3_cost_model({"--precision.attn_out_cache=e4m3"}).second;
+  const double hv = double(cfg.model().heads()) * cfg.model().mla().v_head_dim();
+  const double t = double(e5.tokens_per_mb);
+  const ChunkCost &c5 = e5.chunks[3], &cb = bf.chunks[3], &c4 = e4.chunks[3];
+  ASSERT_EQ(c5.blocks, 4);
+  EXPECT_NEAR(cb.act_bytes - c5.act_bytes, c5.blocks * t * 0.5 * hv, 1e-9 * cb.act_bytes);
+  EXPECT_NEAR(cb.act_bytes - c4.act_bytes, c5.blocks * t * 1.0 * hv, 1e-9 * cb.act_bytes);
+  EXPECT_EQ(c5.b.work.hbm, cb.b.work.hbm);
+  EXPECT_EQ(c5.f.compute_s, cb.f.compute_s);
+}
+
 // precision.fp8_swiglu_cache (set in the dsv3 config) against off: a MoE block holds the experts'
 // g and u in FP8 (2 bytes a hidden element of each of its k x imbalance + shared rows) instead of
 // bf16 g, u and the FP8 output (5): 3 bytes less per element; the costs do not change.
