@@ -1034,6 +1034,61 @@ std::vector<std::vector<int32_t>> byte_documents(std::string_view text, bool spl
   return docs;
 }
 
+std::vector<int32_t> fim_document(std::span<const int32_t> doc, int64_t index,
+                                  const FimOptions& fim) {
+  const std::vector<int32_t> same(doc.begin(), doc.end());
+  if (fim.rate <= 0 || doc.empty() || doc.back() != kEndOfDocument) return same;
+  const uint64_t key = mix_keys(fim.seed, static_cast<uint64_t>(index));
+  if (!(uniform01(splitmix64(key)) < fim.rate)) return same;
+  const std::span<const int32_t> body = doc.first(doc.size() - 1);
+  // Cut points: positions p in [0, n] where a character starts (or the end).
+  std::vector<int64_t> cuts;
+  for (size_t p = 0; p <= body.size(); ++p) {
+    if (p == body.size() || (body[p] & 0xC0) != 0x80) cuts.push_back(static_cast<int64_t>(p));
+  }
+  const auto pick = [&](uint64_t salt) {
+    const auto k = static_cast<size_t>(uniform01(splitmix64(key + salt)) * cuts.size());
+    return cuts[std::min(k, cuts.size() - 1)];
+  };
+  int64_t i = pick(1), j = pick(2);
+  if (i > j) std::swap(i, j);
+  std::vector<int32_t> out;
+  out.reserve(doc.size() + 3);
+  out.push_back(kFimBegin);
+  out.insert(out.end(), body.begin(), body.begin() + i);
+  out.push_back(kFimHole);
+  out.insert(out.end(), body.begin() + j, body.end());
+  out.push_back(kFimEnd);
+  out.insert(out.end(), body.begin() + i, body.begin() + j);
+  out.push_back(kEndOfDocument);
+  return out;
+}
+
+Result<std::vector<int32_t>> unfim_document(std::span<const int32_t> doc) {
+  if (doc.empty() || doc.front() != kFimBegin) return std::vector<int32_t>(doc.begin(), doc.end());
+  const auto at = [&](int32_t id) {
+    const auto it = std::find(doc.begin() + 1, doc.end(), id);
+    return static_cast<size_t>(it - doc.begin());
+  };
+  const size_t hole = at(kFimHole), end = at(kFimEnd);
+  if (hole == doc.size() || end == doc.size() || hole > end || doc.back() != kEndOfDocument) {
+    return FP8_INVALID(
+        "not a PSM document: needs <fim_begin> prefix <fim_hole> suffix <fim_end> middle "
+        "<end-of-document> (ids {}, {}, {}, {}; got {} tokens, hole at {}, end at {})",
+        kFimBegin, kFimHole, kFimEnd, kEndOfDocument, doc.size(), hole, end);
+  }
+  for (size_t p = 1; p + 1 < doc.size(); ++p) {
+    if ((doc[p] == kFimBegin || doc[p] == kFimHole || doc[p] == kFimEnd) && p != hole && p != end) {
+      return FP8_INVALID("not a PSM document: sentinel {} repeated at token {}", doc[p], p);
+    }
+  }
+  std::vector<int32_t> out(doc.begin() + 1, doc.begin() + hole);     // prefix
+  out.insert(out.end(), doc.begin() + end + 1, doc.end() - 1);       // middle
+  out.insert(out.end(), doc.begin() + hole + 1, doc.begin() + end);  // suffix
+  out.push_back(kEndOfDocument);
+  return out;
+}
+
 Result<PrepareStats> prepare_byte_data(const std::string& out_prefix,
                                        std::span<const std::string> files,
                                        const PrepareOptions& opt) {
@@ -1042,9 +1097,13 @@ Result<PrepareStats> prepare_byte_data(const std::string& out_prefix,
   st.dtype = opt.format == FileFormat::kMegatron && opt.dtype == TokenDType::kUInt32
                  ? TokenDType::kInt32
                  : opt.dtype;
-  if (info(st.dtype).max < kEndOfDocument) {
-    return FP8_INVALID("prepare-data: dtype {} cannot hold the end-of-document id {}",
-                       dtype_name(st.dtype), kEndOfDocument);
+  if (!(opt.fim.rate >= 0 && opt.fim.rate <= 1)) {
+    return FP8_INVALID("prepare-data: --fim-rate {} must be in [0, 1] (DeepSeek-V3: 0.1)",
+                       opt.fim.rate);
+  }
+  const int32_t top = opt.fim.rate > 0 ? kFimEnd : kEndOfDocument;
+  if (info(st.dtype).max < top) {
+    return FP8_INVALID("prepare-data: dtype {} cannot hold id {}", dtype_name(st.dtype), top);
   }
   FP8_ASSIGN_OR_RETURN(auto w, TokenWriter::create(out_prefix, opt.format, st.dtype));
   for (const std::string& path : files) {
@@ -1056,7 +1115,9 @@ Result<PrepareStats> prepare_byte_data(const std::string& out_prefix,
     const std::string text = ss.str();
     st.bytes_in += static_cast<int64_t>(text.size());
     for (const auto& doc : byte_documents(text, opt.split_docs)) {
-      FP8_RETURN_IF_ERROR(w->add_document(doc));
+      const std::vector<int32_t> out = fim_document(doc, st.documents, opt.fim);
+      st.fim_documents += out.size() != doc.size() ? 1 : 0;
+      FP8_RETURN_IF_ERROR(w->add_document(out));
       ++st.documents;
     }
     ++st.files;

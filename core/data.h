@@ -340,13 +340,39 @@ inline constexpr int64_t kByteVocab = 257;
 // document's bytes then kEndOfDocument. Empty documents are skipped.
 std::vector<std::vector<int32_t>> byte_documents(std::string_view text, bool split_docs);
 
+// Fill-in-the-middle (DeepSeek-V3 §4.1: the Prefix-Suffix-Middle framework at a rate of 0.1,
+// as DeepSeek-Coder): a document's bytes d (its end-of-document id set aside) are cut at two
+// points i <= j into prefix d[0,i), middle d[i,j) and suffix d[j,n) and written
+//   kFimBegin prefix kFimHole suffix kFimEnd middle kEndOfDocument,
+// so the model learns to produce a middle from the text around it while the plain next-token
+// objective stays unchanged. The sentinels take the ids after the bytes: FIM data needs
+// model.vocab_size >= kByteFimVocab = 260.
+inline constexpr int32_t kFimBegin = 257, kFimHole = 258, kFimEnd = 259;
+inline constexpr int64_t kByteFimVocab = 260;
+
+struct FimOptions {
+  double rate = 0;    // share of documents rewritten, [0, 1]; 0 = off
+  uint64_t seed = 0;  // document d is rewritten iff uniform01(mix_keys(seed, d)) < rate
+};
+// Document `index` of a run (counted from 0 over all input files), ending in kEndOfDocument, as
+// PSM when `fim` picks it, else unchanged. The cut points are uniform over the positions that
+// start a UTF-8 character (not 10xxxxxx continuation bytes) and the end, drawn from
+// mix_keys(seed, index), so the same (seed, index) always gives the same bytes.
+std::vector<int32_t> fim_document(std::span<const int32_t> doc, int64_t index,
+                                  const FimOptions& fim);
+// The inverse: prefix + middle + suffix + kEndOfDocument of a PSM document, a plain document
+// unchanged; errors name what is malformed (the sentinels missing, repeated or out of order).
+Result<std::vector<int32_t>> unfim_document(std::span<const int32_t> doc);
+
 struct PrepareOptions {
   FileFormat format = FileFormat::kFlat;
   TokenDType dtype = TokenDType::kUInt16;  // Megatron + uint32 is written as int32 (code 4)
   bool split_docs = false;
+  FimOptions fim;
 };
 struct PrepareStats {
   int64_t files = 0, documents = 0, tokens = 0, bytes_in = 0;
+  int64_t fim_documents = 0;               // documents written as PSM
   TokenDType dtype = TokenDType::kUInt16;  // as written
 };
 // Tokenizes `files` in order into OUT_PREFIX.bin (+ .idx for Megatron: one sequence per document).

@@ -1,8 +1,11 @@
 // `fp8pipe prepare-data OUT_PREFIX FILE... [--format flat|megatron] [--dtype uint16|uint32]
-// [--split-docs]`: byte-level tokenization of text files into a training token file (core/data.h):
-// byte b -> id b, each document ends with id 256, so model.vocab_size must be >= 257.
+// [--split-docs] [--fim-rate R] [--fim-seed S]`: byte-level tokenization of text files into a
+// training token file (core/data.h): byte b -> id b, each document ends with id 256, so
+// model.vocab_size must be >= 257; with fill-in-the-middle, a share R of the documents is
+// rewritten in DeepSeek-V3's PSM form with sentinels 257..259 (vocab >= 260).
 #include <fmt/format.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -15,9 +18,13 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: fp8pipe prepare-data OUT_PREFIX FILE... [--format flat|megatron] "
-    "[--dtype uint16|uint32] [--split-docs]\n"
+    "[--dtype uint16|uint32] [--split-docs] [--fim-rate R] [--fim-seed S]\n"
     "  Byte-level tokens: byte b -> id b (0..255), end-of-document 256 (vocab 257).\n"
     "  Documents are the files, or with --split-docs the runs of non-blank lines.\n"
+    "  --fim-rate R (0..1; DeepSeek-V3 0.1): that share of documents, chosen by --fim-seed\n"
+    "  (default 0), is written fill-in-the-middle, <fim_begin> prefix <fim_hole> suffix\n"
+    "  <fim_end> middle <end-of-document>, cut at two random character boundaries; the\n"
+    "  sentinels are ids 257, 258, 259 (vocab 260).\n"
     "  Writes OUT_PREFIX.bin (flat: raw ids; megatron: plus OUT_PREFIX.idx, one sequence per\n"
     "  document; --dtype uint32 is written as int32 there, Megatron has no uint32).\n";
 
@@ -47,6 +54,21 @@ Result<Args> parse_args(int argc, char** argv) {
       a.opt.dtype = v == "uint16" ? data::TokenDType::kUInt16 : data::TokenDType::kUInt32;
     } else if (s == "--split-docs") {
       a.opt.split_docs = true;
+    } else if (s == "--fim-rate" && has_value) {
+      const std::string v = argv[++i];
+      char* end = nullptr;
+      a.opt.fim.rate = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(a.opt.fim.rate >= 0 && a.opt.fim.rate <= 1)) {
+        return FP8_INVALID("--fim-rate is '{}'; it must be a number in [0, 1] (DeepSeek-V3: 0.1)",
+                           v);
+      }
+    } else if (s == "--fim-seed" && has_value) {
+      const std::string v = argv[++i];
+      char* end = nullptr;
+      a.opt.fim.seed = std::strtoull(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || v[0] == '-') {
+        return FP8_INVALID("--fim-seed is '{}'; it must be a non-negative integer", v);
+      }
     } else if (s.starts_with("--")) {
       return FP8_INVALID("unknown or incomplete option '{}'", s);
     } else {
@@ -78,12 +100,17 @@ int cmd_prepare_data(int argc, char** argv) {
     return 1;
   }
   const bool megatron = a.opt.format == data::FileFormat::kMegatron;
+  const bool fim = a.opt.fim.rate > 0;
   fmt::print(
-      "wrote {}.bin{}: {} files, {} bytes in, {} documents, {} tokens ({}, {}); vocab {} "
-      "(bytes 0..255, end-of-document {})\n",
+      "wrote {}.bin{}: {} files, {} bytes in, {} documents{}, {} tokens ({}, {}); vocab {} "
+      "(bytes 0..255, end-of-document {}{})\n",
       a.prefix, megatron ? fmt::format(" + {}.idx", a.prefix) : "", st->files, st->bytes_in,
-      st->documents, st->tokens, megatron ? "megatron" : "flat", data::dtype_name(st->dtype),
-      data::kByteVocab, data::kEndOfDocument);
+      st->documents, fim ? fmt::format(" ({} fill-in-the-middle)", st->fim_documents) : "",
+      st->tokens, megatron ? "megatron" : "flat", data::dtype_name(st->dtype),
+      fim ? data::kByteFimVocab : data::kByteVocab, data::kEndOfDocument,
+      fim ? fmt::format(", fim_begin {}, fim_hole {}, fim_end {}", data::kFimBegin, data::kFimHole,
+                        data::kFimEnd)
+          : "");
   return 0;
 }
 

@@ -549,6 +549,142 @@ TEST(PrepareData, WritesFlatAndMegatron) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fill-in-the-middle (DeepSeek-V3's PSM at a rate)
+
+std::vector<int32_t> bytes_doc(std::string_view s) {
+  std::vector<int32_t> d;
+  for (char c : s) d.push_back(static_cast<unsigned char>(c));
+  d.push_back(kEndOfDocument);
+  return d;
+}
+
+// Rate 1 rewrites every document: <fim_begin> prefix <fim_hole> suffix <fim_end> middle <eod>,
+// with prefix, middle and suffix the three consecutive pieces of the original, and the inverse
+// gives the original back.
+TEST(Fim, PsmLayout) {
+  const std::vector<int32_t> doc = bytes_doc("def add(a, b):\n    return a + b\n");
+  const size_t n = doc.size() - 1;
+  int split_somewhere = 0;
+  for (int64_t index = 0; index < 200; ++index) {
+    const std::vector<int32_t> out = fim_document(doc, index, {1.0, 7});
+    ASSERT_EQ(out.size(), doc.size() + 3);
+    ASSERT_EQ(out.front(), kFimBegin);
+    ASSERT_EQ(out.back(), kEndOfDocument);
+    const auto hole = std::find(out.begin(), out.end(), kFimHole) - out.begin();
+    const auto end = std::find(out.begin(), out.end(), kFimEnd) - out.begin();
+    ASSERT_LT(hole, end);
+    const size_t i = hole - 1;             // prefix length
+    const size_t suffix = end - hole - 1;  // suffix length
+    const size_t j = n - suffix;           // middle is [i, j)
+    ASSERT_LE(i, j);
+    EXPECT_TRUE(std::equal(doc.begin(), doc.begin() + i, out.begin() + 1));
+    EXPECT_TRUE(std::equal(doc.begin() + j, doc.begin() + n, out.begin() + hole + 1));
+    EXPECT_TRUE(std::equal(doc.begin() + i, doc.begin() + j, out.begin() + end + 1));
+    split_somewhere += (i > 0 && j < n && i < j) ? 1 : 0;
+    auto back = unfim_document(out);
+    ASSERT_TRUE(back.ok()) << back.status().to_string();
+    EXPECT_EQ(*back, doc);
+    EXPECT_EQ(fim_document(doc, index, {1.0, 7}), out) << "a pure function of (seed, index)";
+  }
+  EXPECT_GT(split_somewhere, 100) << "three non-empty pieces most of the time";
+  EXPECT_EQ(fim_document(doc, 3, {0.0, 7}), doc);
+  EXPECT_EQ(*unfim_document(doc), doc) << "a plain document passes through";
+}
+
+// The share of rewritten documents is the rate (20000 documents: 4 binomial standard
+// deviations); the two cuts, the smaller and larger of two uniform draws, average 1/3 and 2/3 of
+// the length; another seed picks other documents.
+TEST(Fim, RateAndCutDistribution) {
+  const std::vector<int32_t> doc = bytes_doc(std::string(99, 'x'));  // 100 cut positions
+  const int64_t N = 20000;
+  const double rate = 0.1;
+  int64_t hits = 0, same_in_other_seed = 0;
+  double lo = 0, hi = 0;
+  for (int64_t d = 0; d < N; ++d) {
+    const std::vector<int32_t> out = fim_document(doc, d, {rate, 1});
+    if (out.size() == doc.size()) continue;
+    ++hits;
+    const auto hole = std::find(out.begin(), out.end(), kFimHole) - out.begin();
+    const auto end = std::find(out.begin(), out.end(), kFimEnd) - out.begin();
+    lo += static_cast<double>(hole - 1) / 99;
+    hi += static_cast<double>(99 - (end - hole - 1)) / 99;
+    same_in_other_seed += fim_document(doc, d, {rate, 2}).size() != doc.size() ? 1 : 0;
+  }
+  const double sigma = std::sqrt(rate * (1 - rate) / N);
+  EXPECT_NEAR(static_cast<double>(hits) / N, rate, 4 * sigma);
+  // mean of min/max of two uniforms on 100 points: 1/3, 2/3 (sd of a mean ~0.24/sqrt(2000))
+  EXPECT_NEAR(lo / hits, 1.0 / 3, 0.03);
+  EXPECT_NEAR(hi / hits, 2.0 / 3, 0.03);
+  EXPECT_LT(same_in_other_seed, hits / 4) << "seed 2 picks other documents (~10% overlap)";
+}
+
+// Cuts fall between characters: no piece starts with a UTF-8 continuation byte.
+TEST(Fim, CutsAtCharacterBoundaries) {
+  const std::vector<int32_t> doc =
+      bytes_doc("h\xc3\xa9llo \xe6\xbc\xa2\xe5\xad\x97 \xf0\x9f\x99\x82!");
+  for (int64_t index = 0; index < 300; ++index) {
+    const std::vector<int32_t> out = fim_document(doc, index, {1.0, 3});
+    const auto hole = std::find(out.begin(), out.end(), kFimHole) - out.begin();
+    const auto end = std::find(out.begin(), out.end(), kFimEnd) - out.begin();
+    for (auto at : {static_cast<decltype(hole)>(1), hole + 1, end + 1}) {
+      const int32_t first = out[at];
+      if (first == kFimHole || first == kFimEnd || first == kEndOfDocument) continue;  // empty
+      EXPECT_NE(first & 0xC0, 0x80) << "piece starting at " << at << " of document " << index;
+    }
+  }
+}
+
+TEST(Fim, UnfimNamesWhatIsMalformed) {
+  const std::vector<std::vector<int32_t>> bad = {
+      {kFimBegin, 'a', kFimEnd, 'b', kEndOfDocument},                      // no hole
+      {kFimBegin, 'a', kFimEnd, 'b', kFimHole, kEndOfDocument},            // out of order
+      {kFimBegin, 'a', kFimHole, 'b', kFimEnd, kFimHole, kEndOfDocument},  // repeated
+      {kFimBegin, 'a', kFimHole, 'b', kFimEnd, 'c'},                       // no end of document
+  };
+  for (const auto& d : bad) {
+    auto r = unfim_document(d);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("not a PSM document"), std::string::npos);
+  }
+}
+
+// prepare-data with --fim-rate: the count it reports is the documents written in PSM form, and
+// undoing them gives the documents written without FIM; a rate outside [0, 1] is refused.
+TEST(PrepareData, FimWritesPsmDocumentsThatUndoToThePlainOnes) {
+  const std::string dir = temp_dir("prep_fim");
+  {
+    std::ofstream f(dir + "/docs.txt");
+    for (int d = 0; d < 300; ++d)
+      f << "doc " << d << " says " << std::string(d % 17, 'z') << "\n\n";
+  }
+  const std::vector<std::string> files = {dir + "/docs.txt"};
+  PrepareOptions plain{FileFormat::kMegatron, TokenDType::kUInt16, true};
+  PrepareOptions fim = plain;
+  fim.fim = {0.3, 11};
+  const auto sp = prepare_byte_data(dir + "/plain", files, plain).value();
+  const auto sf = prepare_byte_data(dir + "/fim", files, fim).value();
+  EXPECT_EQ(sp.fim_documents, 0);
+  EXPECT_EQ(sf.documents, sp.documents);
+  EXPECT_EQ(sf.tokens, sp.tokens + 3 * sf.fim_documents);
+  EXPECT_GT(sf.fim_documents, 50);
+  EXPECT_LT(sf.fim_documents, 130);
+  auto mp = MegatronIndexed::open(dir + "/plain", kByteFimVocab).value();
+  auto mf = MegatronIndexed::open(dir + "/fim", kByteFimVocab).value();
+  ASSERT_EQ(mf->num_documents(), 300);
+  int64_t psm = 0;
+  for (int64_t d = 0; d < 300; ++d) {
+    const std::vector<int32_t> f = mf->document(d).value();
+    psm += f.front() == kFimBegin ? 1 : 0;
+    EXPECT_EQ(unfim_document(f).value(), mp->document(d).value()) << d;
+  }
+  EXPECT_EQ(psm, sf.fim_documents);
+  fim.fim.rate = 1.5;
+  auto badr = prepare_byte_data(dir + "/bad", files, fim);
+  ASSERT_FALSE(badr.ok());
+  EXPECT_NE(badr.status().message().find("--fim-rate 1.5 must be in [0, 1]"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
 // BatchPlan: the batch ramp
 
 // Megatron-LM's rule (microbatches.py, RampupBatchsizeNumMicroBatchesCalculator), written from
