@@ -200,6 +200,9 @@ struct Attention::Impl {
   Status mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
   Status mla_kv_heads(ModelCtx& c, Tensor kvb, Saved& s);
   Status recompute_qkv(ModelCtx& c, int mb, Saved& s);
+  // train.recompute=rmsnorm: the latent norms' outputs again from their kept inputs, as the
+  // up-projections' inputs (dropped after the forward), before the backward needs them.
+  Status restore_latents(ModelCtx& c, int mb);
   Status mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s);
   Result<Tensor> query_backward(ModelCtx& c, int mb, Tensor& dq, const Tensor& pos);
   Result<Tensor> mla_kv_backward(ModelCtx& c, int mb, const Tensor& dk, const Tensor& dv,
@@ -286,6 +289,7 @@ Result<Tensor> Attention::Impl::query(ModelCtx& c, int mb, const Tensor& x, cons
     FP8_ASSIGN_OR_RETURN(Tensor cq, wq_a.forward_prepared(c, mb, x, xp));
     FP8_ASSIGN_OR_RETURN(Tensor cqn, q_norm.forward(c, mb, cq));
     FP8_ASSIGN_OR_RETURN(qf, wq_b.forward(c, mb, cqn));
+    if (c.recompute_norm) FP8_RETURN_IF_ERROR(wq_b.drop_input(mb));  // restore_latents in B
   } else {
     FP8_ASSIGN_OR_RETURN(qf, wq.forward_prepared(c, mb, x, xp));
   }
@@ -310,6 +314,7 @@ Status Attention::Impl::mla_kv(ModelCtx& c, int mb, const Tensor& x, const Tenso
   FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &rows, kv, 1, kv_lora, rope));
   FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.forward(c, mb, lat.first));
   FP8_ASSIGN_OR_RETURN(Tensor kvb, wkv_b.forward(c, mb, ckv));
+  if (c.recompute_norm) FP8_RETURN_IF_ERROR(wkv_b.drop_input(mb));  // restore_latents in B
   FP8_RETURN_IF_ERROR(c.be->rope(lat.second, s.pos, 1, rope_spec, false));
   s.k_rope = std::move(lat.second);
   return mla_kv_heads(c, std::move(kvb), s);
@@ -333,6 +338,15 @@ Status Attention::Impl::recompute_qkv(ModelCtx& c, int mb, Saved& s) {
   FP8_RETURN_IF_ERROR(mla_kv_heads(c, std::move(kvb), s));
   s.k_rope = Tensor();  // now part of k
   return Status::Ok();
+}
+
+Status Attention::Impl::restore_latents(ModelCtx& c, int mb) {
+  if (q_lowrank()) {
+    FP8_ASSIGN_OR_RETURN(Tensor cqn, q_norm.recompute(c, mb));
+    FP8_RETURN_IF_ERROR(wq_b.restore_input(c, mb, cqn));
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor ckv, kv_norm.recompute(c, mb));
+  return wkv_b.restore_input(c, mb, ckv);
 }
 
 Status Attention::Impl::mha_kv(ModelCtx& c, int mb, const Tensor& x, const Tensor& xp, Saved& s) {
@@ -439,6 +453,7 @@ Result<Tensor> Attention::backward_input(ModelCtx& c, int mb, const Tensor& dy) 
   } else if (c.precision != Precision::kFP32) {
     FP8_ASSIGN_OR_RETURN(s->o, held_f32(c, s->o));
   }
+  if (a.mla && c.recompute_norm) FP8_RETURN_IF_ERROR(a.restore_latents(c, mb));
   if (!s->q.defined()) FP8_RETURN_IF_ERROR(a.recompute_qkv(c, mb, *s));
   FP8_ASSIGN_OR_RETURN(Tensor dq, new_f32(c, s->q.rows(), s->q.cols()));
   FP8_ASSIGN_OR_RETURN(Tensor dk, new_f32(c, s->k.rows(), s->k.cols()));

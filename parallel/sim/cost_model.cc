@@ -58,12 +58,13 @@ void add_attention(const config::Model& m, int64_t seq, const Holds& h, BlockSha
     }
     b.gemms.push_back({1, d, kl + a.qk_rope_head_dim(), true});
     b.gemms.push_back({1, kl, H * (a.qk_nope_head_dim() + dv), true, recompute});
-    // Held (TR §3.2.3, §3.3.3): normed input FP8 (d), latents BF16 (q_lora + kv_lora + rope),
-    // the attention output once for the core's backward and wo (precision.attn_out_cache; as
-    // for every FP8 hold here, the scales' 4 bytes per 128 are not counted); q/k/v recomputed
-    // from the latents, else held in BF16 (the framework's layout: the RoPE key repeated per
-    // head).
-    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + h.attn_out_bytes * H * dv;
+    // Held (TR §3.2.3, §3.3.3): normed input FP8 (d), latents BF16 (q_lora + kv_lora + rope)
+    // and the up-projections' FP8 copies of the normed latents (q_lora + kv_lora; dropped under
+    // recompute_norm, block_shape), the attention output once for the core's backward and wo
+    // (precision.attn_out_cache; as for every FP8 hold here, the scales' 4 bytes per 128 are
+    // not counted); q/k/v recomputed from the latents, else held in BF16 (the framework's
+    // layout: the RoPE key repeated per head).
+    b.act += d + 2 * (ql + kl + a.qk_rope_head_dim()) + (ql + kl) + h.attn_out_bytes * H * dv;
     if (!recompute) b.act += 2 * (2 * H * dqk + H * dv);
   } else {
     dqk = dv = m.head_dim();
@@ -108,16 +109,20 @@ void add_ffn(const config::Model& m, bool moe, double imbalance, int ep, bool sw
 }
 
 // recompute_norm: train.recompute has rmsnorm (TR §3.2.3): the two normed inputs (the attention's
-// and the FFN's FP8 copies, d bytes each) are not held; B re-runs the norms (its elementwise term
-// already counts recomputed norms) and re-quantizes them (read BF16, write FP8).
+// and the FFN's FP8 copies, d bytes each) and MLA's two normed latents (wq_b's and wkv_b's FP8
+// copies) are not held; B re-runs the norms (its elementwise term already counts recomputed
+// norms) and re-quantizes them (read BF16, write FP8).
 BlockShape block_shape(const config::Model& m, bool moe, int64_t seq, const Calibration& c, int ep,
                        const Holds& h) {
   BlockShape b;
   add_attention(m, seq, h, b);
   add_ffn(m, moe, c.imbalance, ep, h.swiglu_cache, b);
-  if (h.recompute_norm) {
-    b.act -= 2.0 * m.hidden();
-    b.bw_hbm += 3 * 2.0 * m.hidden();
+  if (h.recompute_norm) {  // the block's two norms, and MLA's two latent norms
+    const double lat = m.attention() == config::Model::MLA
+                           ? double(m.mla().q_lora_rank()) + m.mla().kv_lora_rank()
+                           : 0.0;
+    b.act -= 2.0 * m.hidden() + lat;
+    b.bw_hbm += 3 * (2.0 * m.hidden() + lat);
   }
   for (const Gemm& g : b.gemms) {
     if (!(moe && g.rows != 1)) b.dense_params += g.k * g.n;  // routed experts counted above

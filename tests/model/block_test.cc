@@ -1,5 +1,6 @@
 // train.recompute=rmsnorm at the block level: what a block holds between its forward and its
-// backward falls by exactly the projections' copies of the two normed inputs, and the block
+// backward falls by exactly the projections' copies of the two normed inputs and of MLA's two
+// normed latents, and the block
 // computes the same bits. The expected bytes are measured independently: a 1x128 quantization
 // and a bf16 cast of an [n, hidden] tensor, each counted alone by Backend::memory. Also MLA's
 // latent norms, which hold their bf16-valued input as bf16.
@@ -61,10 +62,10 @@ struct BlockRun {
   }
 };
 
-// Bytes a [kN, kHidden] tensor's 1x128 FP8 quantization and its bf16 copy hold.
-std::pair<int64_t, int64_t> operand_bytes() {
+// Bytes a [kN, cols] tensor's 1x128 FP8 quantization and its bf16 copy hold.
+std::pair<int64_t, int64_t> operand_bytes(int64_t cols = kHidden) {
   auto be = make_cpu_backend();
-  Tensor x = be->empty({kN, kHidden}, DType::kF32).value();
+  Tensor x = be->empty({kN, cols}, DType::kF32).value();
   for (int64_t i = 0; i < x.numel(); ++i) x.data_as<float>()[i] = 1.0f + 0.01f * (i % 7);
   const int64_t base = be->memory().in_use;
   int64_t fp8 = 0, bf16 = 0;
@@ -74,7 +75,7 @@ std::pair<int64_t, int64_t> operand_bytes() {
     fp8 = be->memory().in_use - base;
   }
   {
-    Tensor b = be->empty({kN, kHidden}, DType::kBF16).value();
+    Tensor b = be->empty({kN, cols}, DType::kBF16).value();
     bf16 = be->memory().in_use - base;
   }
   return {fp8, bf16};
@@ -88,9 +89,12 @@ TEST(Block, RecomputedNormsHoldExactlyTheirOutputsLess) {
     SCOPED_TRACE(moe ? "MoE block" : "dense block");
     BlockRun keep(moe, false), re(moe, true);
     // Dropped per micro-batch: the attention's shared FP8 copy of the normed input (wq_a and
-    // wkv_a) and the FFN's: a dense SwiGLU's FP8 copy (w1 and w3), or the MoE's router bf16 copy
-    // and its shared expert's FP8 copy.
-    const int64_t per_mb = fp8 + (moe ? bf16 + fp8 : fp8);
+    // wkv_a), wq_b's and wkv_b's FP8 copies of the normed latents (q_lora, kv_lora wide), and
+    // the FFN's: a dense SwiGLU's FP8 copy (w1 and w3), or the MoE's router bf16 copy and its
+    // shared expert's FP8 copy.
+    const int64_t latents = operand_bytes(block_model().mla().q_lora_rank()).first +
+                            operand_bytes(block_model().mla().kv_lora_rank()).first;
+    const int64_t per_mb = fp8 + latents + (moe ? bf16 + fp8 : fp8);
     // inputs on a third backend, so that neither run's count includes them
     BlockRun inputs(moe, false);
     std::vector<Tensor> x = {inputs.tensor(1), inputs.tensor(2)};

@@ -265,17 +265,22 @@ TEST(SimRecompute, UpProjectionsTradeBackwardFlopsForHeldBytes) {
 }
 
 // train.recompute=rmsnorm (with mla_up_proj, as the dsv3 config) against mla_up_proj alone, per
-// chunk of 4 blocks: the two normed inputs' FP8 copies (hidden bytes each per token) are not held,
-// and the backward re-quantizes them (read BF16, write FP8: 3 bytes an element); FLOPs unchanged.
+// chunk of 4 blocks: the two normed inputs' FP8 copies (hidden bytes each per token) and MLA's
+// two normed latents' are not held, and the backward re-quantizes them (read BF16, write FP8: 3
+// bytes an element); FLOPs unchanged.
 TEST(SimRecompute, NormsTradeBackwardBytesForHeldBytes) {
   const auto [cfg, re] = dsv3_cost_model({"--train.recompute=mla_up_proj,rmsnorm"});
   const auto keep = dsv3_cost_model({"--train.recompute=mla_up_proj"}).second;
   ASSERT_EQ(re.chunks.size(), keep.chunks.size());
-  const double d = cfg.model().hidden(), t = double(re.tokens_per_mb);
+  const double t = double(re.tokens_per_mb);
+  // per token and block: the two normed inputs (hidden wide) and MLA's normed latents
+  // (q_lora + kv_lora wide), one FP8 byte each
+  const double w = 2.0 * cfg.model().hidden() + cfg.model().mla().q_lora_rank() +
+                   cfg.model().mla().kv_lora_rank();
   const ChunkCost &cr = re.chunks[3], &ck = keep.chunks[3];
   ASSERT_EQ(cr.blocks, 4);
-  EXPECT_NEAR(ck.act_bytes - cr.act_bytes, cr.blocks * t * 2 * d, 1e-9 * ck.act_bytes);
-  EXPECT_NEAR(cr.b.work.hbm - ck.b.work.hbm, cr.blocks * t * 3 * 2 * d, 1e-9 * ck.b.work.hbm);
+  EXPECT_NEAR(ck.act_bytes - cr.act_bytes, cr.blocks * t * w, 1e-9 * ck.act_bytes);
+  EXPECT_NEAR(cr.b.work.hbm - ck.b.work.hbm, cr.blocks * t * 3 * w, 1e-9 * ck.b.work.hbm);
   EXPECT_EQ(cr.b.work.fp8, ck.b.work.fp8);
   EXPECT_EQ(cr.f.work.hbm, ck.f.work.hbm);
   EXPECT_GT(cr.b.compute_s, ck.b.compute_s);
