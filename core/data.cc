@@ -1041,10 +1041,12 @@ std::vector<int32_t> fim_document(std::span<const int32_t> doc, int64_t index,
   const uint64_t key = mix_keys(fim.seed, static_cast<uint64_t>(index));
   if (!(uniform01(splitmix64(key)) < fim.rate)) return same;
   const std::span<const int32_t> body = doc.first(doc.size() - 1);
-  // Cut points: positions p in [0, n] where a character starts (or the end).
+  // Cut points: positions p in [0, n] where a character starts, and both ends.
   std::vector<int64_t> cuts;
   for (size_t p = 0; p <= body.size(); ++p) {
-    if (p == body.size() || (body[p] & 0xC0) != 0x80) cuts.push_back(static_cast<int64_t>(p));
+    if (p == 0 || p == body.size() || (body[p] & 0xC0) != 0x80) {
+      cuts.push_back(static_cast<int64_t>(p));
+    }
   }
   const auto pick = [&](uint64_t salt) {
     const auto k = static_cast<size_t>(uniform01(splitmix64(key + salt)) * cuts.size());

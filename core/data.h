@@ -356,7 +356,7 @@ struct FimOptions {
 };
 // Document `index` of a run (counted from 0 over all input files), ending in kEndOfDocument, as
 // PSM when `fim` picks it, else unchanged. The cut points are uniform over the positions that
-// start a UTF-8 character (not 10xxxxxx continuation bytes) and the end, drawn from
+// start a UTF-8 character (not 10xxxxxx continuation bytes) and both ends, drawn from
 // mix_keys(seed, index), so the same (seed, index) always gives the same bytes.
 std::vector<int32_t> fim_document(std::span<const int32_t> doc, int64_t index,
                                   const FimOptions& fim);

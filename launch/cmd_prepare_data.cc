@@ -5,6 +5,8 @@
 // rewritten in DeepSeek-V3's PSM form with sentinels 257..259 (vocab >= 260).
 #include <fmt/format.h>
 
+#include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -65,9 +67,11 @@ Result<Args> parse_args(int argc, char** argv) {
     } else if (s == "--fim-seed" && has_value) {
       const std::string v = argv[++i];
       char* end = nullptr;
+      errno = 0;
       a.opt.fim.seed = std::strtoull(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || v[0] == '-') {
-        return FP8_INVALID("--fim-seed is '{}'; it must be a non-negative integer", v);
+      if (v.empty() || *end != '\0' || !std::isdigit(static_cast<unsigned char>(v[0])) ||
+          errno == ERANGE) {
+        return FP8_INVALID("--fim-seed is '{}'; it must be an integer in [0, 2^64)", v);
       }
     } else if (s.starts_with("--")) {
       return FP8_INVALID("unknown or incomplete option '{}'", s);

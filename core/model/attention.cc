@@ -388,10 +388,8 @@ Result<Tensor> Attention::forward(ModelCtx& c, int mb, const Tensor& x, int64_t 
   FP8_ASSIGN_OR_RETURN(Tensor o, new_f32(c, s.o.rows(), s.o.cols()));
   FP8_RETURN_IF_ERROR(c.be->round_bf16(s.o, o));
   const Impl::Cache cache = a.out_cache(c);
-  if (cache == Impl::Cache::kE5M6) {
-    int64_t bad = 0;
-    FP8_ASSIGN_OR_RETURN(s.o, c.be->quantize_e5m6(s.o, c.count_nonfinite ? &bad : nullptr));
-    c.nonfinite_groups += bad;
+  if (cache == Impl::Cache::kE5M6) {  // (non-finite groups are counted by W_o's quantization)
+    FP8_ASSIGN_OR_RETURN(s.o, c.be->quantize_e5m6(s.o));
   } else if (cache == Impl::Cache::kBf16) {
     FP8_ASSIGN_OR_RETURN(s.o, hold_bf16(c, o));
   } else {
