@@ -80,6 +80,9 @@ Result<Tensor> Model::logits_and_loss(ModelCtx& c, int key, const Tensor& h, con
   FP8_ASSIGN_OR_RETURN(Tensor loss, c.be->empty({h.rows()}, DType::kF32));
   FP8_RETURN_IF_ERROR(c.be->cross_entropy_fwd(*logits, targets, loss));
   FP8_ASSIGN_OR_RETURN(*ce_sum, sum_host(c, loss));
+  // Held for the backward's softmax: the head's output is rounded to bf16 outside FP32, so a
+  // bf16 copy holds the same values in half the bytes ([rows, vocab] a depth).
+  FP8_ASSIGN_OR_RETURN(*logits, hold_bf16(c, *logits));
   return loss;
 }
 
@@ -151,7 +154,8 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
   for (int k = D; k >= 1; --k) {
     Mtp& t = mtp_[k - 1];
     const int key = mb * kSlots + k;
-    Tensor& lg = hs->logits[k];
+    FP8_ASSIGN_OR_RETURN(Tensor lg, held_f32(c, hs->logits[k]));
+    hs->logits[k] = Tensor();
     FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, lg.rows(), lg.cols()));
     FP8_RETURN_IF_ERROR(
         c.be->cross_entropy_bwd(lg, hs->targets[k], row_scale * cfg_.mtp_lambda() / D, dl));
@@ -171,8 +175,10 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
     FP8_ASSIGN_OR_RETURN(carry, new_zeros(c, hs->rows[k - 1], dhk.cols()));
     FP8_RETURN_IF_ERROR(c.be->scatter_add_rows(dhk, hs->keep[k], Tensor(), carry));
   }
-  FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, hs->logits[0].rows(), hs->logits[0].cols()));
-  FP8_RETURN_IF_ERROR(c.be->cross_entropy_bwd(hs->logits[0], hs->targets[0], row_scale, dl));
+  FP8_ASSIGN_OR_RETURN(Tensor lg0, held_f32(c, hs->logits[0]));
+  hs->logits[0] = Tensor();
+  FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, lg0.rows(), lg0.cols()));
+  FP8_RETURN_IF_ERROR(c.be->cross_entropy_bwd(lg0, hs->targets[0], row_scale, dl));
   FP8_ASSIGN_OR_RETURN(Tensor dhn, head_.backward_input(c, mb * kSlots, dl));
   FP8_ASSIGN_OR_RETURN(Tensor dh, final_norm_.backward(c, mb, dhn));
   if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));

@@ -78,7 +78,7 @@ class Model {
     std::unique_ptr<Block> block;
   };
   struct HeadSaved {
-    std::vector<Tensor> logits;   // per depth (0 = main)
+    std::vector<Tensor> logits;   // per depth (0 = main); bf16 outside FP32 (hold_bf16)
     std::vector<Tensor> targets;  // i32 per depth
     std::vector<Tensor> keep;     // i32 row indices of h^{k-1} kept for depth k
     std::vector<int64_t> rows;    // h^{k-1} rows per depth

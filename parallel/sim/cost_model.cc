@@ -318,7 +318,10 @@ void add_ends(const config::Config& cfg, const BlockShape& moe_block, const mode
   c.f.work.bf16 += fl, c.b.work.bf16 += fl, c.w.work.bf16 += fl;
   c.f.work.model += fl, c.b.work.model += fl, c.w.work.model += fl;
   c.f.work.hbm += t * heads * 3 * 4 * V;  // fp32 logits: write, softmax read+write
-  c.act_bytes += t * heads * 2 * d;
+  // held per head: its BF16 input (for W) and, since session 13, its logits as bf16 (the
+  // framework's hold_bf16 of the bf16-rounded head output), which B frees after the softmax
+  c.act_bytes += t * heads * 2 * (d + V);
+  c.act_b_bytes += t * heads * 2 * V;
 }
 
 }  // namespace

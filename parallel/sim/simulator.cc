@@ -72,17 +72,24 @@ struct RankState {
   double now = 0, comm_free = 0, held = 0, held_bytes = 0;
 };
 
-// Activations: + one chunk's worth at F, - at its full B or its W (TR Table 2's accounting).
+// Activations: + one chunk's worth at F, - at its full B or its W (TR Table 2's accounting);
+// a B that defers its W already frees what only the input gradient reads (act_b_bytes: the
+// logits), the W the rest.
 void track_activations(const Schedule& s, const OpCosts& c, const Instr& in, int r, RankState& st,
                        PipelineResult& out) {
   auto bytes = [&](int stage) { return c.model ? c.model->chunks[stage].act_bytes : 0.0; };
+  auto b_bytes = [&](int stage) { return c.model ? c.model->chunks[stage].act_b_bytes : 0.0; };
   auto add = [&](int stage, double sign) {
     st.held += sign;
     st.held_bytes += sign * bytes(stage);
   };
   if (in.op == Op::kF || in.op == Op::kFB) add(in.stage, 1);
   if (in.op == Op::kB && !in.defer_w) add(in.stage, -1);
-  if (in.op == Op::kW) add(in.stage, -1);
+  if (in.op == Op::kB && in.defer_w) st.held_bytes -= b_bytes(in.stage);
+  if (in.op == Op::kW) {
+    add(in.stage, -1);
+    st.held_bytes += b_bytes(in.stage);  // freed by its B already
+  }
   // FB: the forward's activations are allocated before the backward's are freed.
   out.peak_act_units[r] = std::max(out.peak_act_units[r], st.held);
   out.peak_act_bytes[r] = std::max(out.peak_act_bytes[r], st.held_bytes);

@@ -101,6 +101,47 @@ TEST(ModelPart, TwoChunksComposeToTheWholeModel) {
   }
 }
 
+// The head's logits ([rows, vocab] per depth) are held from F to B as bf16 outside FP32 (the
+// head's output is rounded to bf16 there, so the same values): two models that differ only in
+// vocab_size hold 2 bytes more per extra logit in BF16 and FP8 and 4 in FP32, with rows B·T for
+// the main head and B·(T-1) for the MTP depth. Dense blocks only, so nothing else depends on
+// the vocabulary (the first 256 embedding rows and every block are the same by name).
+TEST(ModelPart, HeadHoldsItsLogitsAsBf16OutsideFp32) {
+  const int64_t B = 2, T = 8;
+  for (const char* mode : {"FP32", "BF16", "FP8"}) {
+    SCOPED_TRACE(mode);
+    int64_t held[2] = {0, 0};
+    const int vocab[2] = {256, 384};
+    for (int v = 0; v < 2; ++v) {
+      auto cfg = load_config(
+          std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
+          std::vector<std::string>{std::string("--precision.mode=") + mode, "--train.seq_len=8",
+                                   "--model.vocab_size=" + std::to_string(vocab[v]),
+                                   "--model.dense_layers=4", "--model.moe.routed_experts=0"});
+      ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+      ASSERT_EQ(cfg->model().mtp_depth(), 1);
+      auto be = make_cpu_backend();
+      ModelCtx c;
+      c.be = be.get();
+      c.precision = std::string(mode) == "FP8"    ? Precision::kFP8
+                    : std::string(mode) == "BF16" ? Precision::kBF16
+                                                  : Precision::kFP32;
+      Model m;
+      ASSERT_TRUE(m.init(c, cfg->model(), 7).ok());
+      const MicroBatch mb = batch(B, T, 256);
+      ASSERT_TRUE(m.forward(c, 0, mb).ok());  // warm-up: weight caches
+      ASSERT_TRUE(m.backward(c, 0, 1.0f).ok());
+      const int64_t base = be->memory().in_use;
+      ASSERT_TRUE(m.forward(c, 1, mb).ok());
+      held[v] = be->memory().in_use - base;
+      ASSERT_TRUE(m.backward(c, 1, 1.0f).ok());
+      EXPECT_EQ(be->memory().in_use, base) << "all saved state freed";
+    }
+    const int64_t bytes = std::string(mode) == "FP32" ? 4 : 2;
+    EXPECT_EQ(held[1] - held[0], (vocab[1] - vocab[0]) * (B * T + B * (T - 1)) * bytes);
+  }
+}
+
 TEST(ModelPart, RejectsBadRanges) {
   const auto cfg = tiny();
   auto be = make_cpu_backend();

@@ -299,6 +299,22 @@ TEST(SimBf16NormInputs, HoldFourBytesLessPerHiddenElement) {
   EXPECT_EQ(c_on.f.compute_s, c_off.f.compute_s);
 }
 
+// The head chunk holds, per output head (main + MTP) and token, its bf16 input and its logits as
+// bf16 (2 bytes x vocab): a larger vocabulary adds exactly 2 x heads x tokens bytes a word to the
+// head chunk's held bytes and nothing to the others'.
+TEST(SimHead, HoldsTheLogitsAsBf16) {
+  const auto [cfg, a] = dsv3_cost_model({"--model.vocab_size=129280"});
+  const auto b = dsv3_cost_model({"--model.vocab_size=131328"}).second;
+  ASSERT_EQ(a.chunks.size(), b.chunks.size());
+  const double heads = 1 + cfg.model().mtp_depth(), t = double(a.tokens_per_mb);
+  for (size_t i = 0; i < a.chunks.size(); ++i) {
+    SCOPED_TRACE(i);
+    const double want = a.chunks[i].head ? 2 * heads * t * (131328 - 129280) : 0.0;
+    EXPECT_NEAR(b.chunks[i].act_bytes - a.chunks[i].act_bytes, want, 1e-9 * a.chunks[i].act_bytes);
+  }
+  EXPECT_TRUE(a.chunks.back().head);
+}
+
 // precision.attn_out_cache: the attention output (H x v_head_dim a token) held as bf16 (2 bytes),
 // E5M6 (1.5) or W_o's FP8 input (1; scales are not counted, as for every FP8 hold); the costs do
 // not change.
@@ -332,6 +348,45 @@ TEST(SimSwigluCache, HoldsThreeBytesLessPerExpertElement) {
   EXPECT_NEAR(c0.act_bytes - c1.act_bytes, want, 1e-9 * want);
   EXPECT_EQ(c0.b.compute_s, c1.b.compute_s);
   EXPECT_EQ(c0.f.compute_s, c1.f.compute_s);
+}
+
+// Held bytes: a chunk's act_bytes are held from its F to its full B or its W, except act_b_bytes
+// (the logits), which a B that defers its W already frees. Walking each rank's instruction list
+// with that rule gives the peak the simulator reports, on ZB1P (deferred W) and 1F1B, and the
+// logits part then adds less than it would if it were held to W.
+TEST(SimMemory, DeferredWFreesTheLogitsAtB) {
+  for (auto kind : {ScheduleKind::kZB1P, ScheduleKind::k1F1B}) {
+    SCOPED_TRACE(schedule_kind_name(kind));
+    const Schedule s = make(kind, 4, 12);
+    CostModel cm;
+    cm.chunks.resize(s.stages());
+    for (int st = 0; st < s.stages(); ++st) {
+      cm.chunks[st].stage = st;
+      cm.chunks[st].act_bytes = 100 + st;
+      cm.chunks[st].act_b_bytes = st == s.stages() - 1 ? 60 : 0;  // the head's logits
+    }
+    OpCosts c;
+    c.model = &cm;
+    auto r = simulate_pipeline(s, c);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    bool deferred = false;
+    for (size_t rank = 0; rank < s.rank_instrs.size(); ++rank) {
+      double held = 0, peak = 0, peak_to_w = 0, held_to_w = 0;
+      for (const Instr& in : s.rank_instrs[rank]) {
+        const ChunkCost& k = cm.chunks[in.stage];
+        if (in.op == Op::kF) held += k.act_bytes, held_to_w += k.act_bytes;
+        if (in.op == Op::kB && in.defer_w) held -= k.act_b_bytes, deferred = true;
+        if (in.op == Op::kB && !in.defer_w) held -= k.act_bytes, held_to_w -= k.act_bytes;
+        if (in.op == Op::kW) held -= k.act_bytes - k.act_b_bytes, held_to_w -= k.act_bytes;
+        peak = std::max(peak, held), peak_to_w = std::max(peak_to_w, held_to_w);
+      }
+      EXPECT_DOUBLE_EQ(r->peak_act_bytes[rank], peak) << "rank " << rank;
+      if (kind == ScheduleKind::kZB1P && rank == s.rank_instrs.size() - 1) {
+        EXPECT_LT(peak, peak_to_w) << "the last stage's logits go at B";
+      }
+    }
+    EXPECT_EQ(deferred, kind == ScheduleKind::kZB1P);
+  }
 }
 
 // Conservation: compute busy = sum of op costs; bytes sent = bytes received (with latency and a
