@@ -74,6 +74,15 @@ Status Model::embed_backward(ModelCtx& c, int mb, const Tensor& dx) {
   return embed_.backward(c, mb * kSlots, dx);
 }
 
+// train.recompute=rmsnorm: the norm's output of `key` again from its kept input, restored as
+// the input `reader` keeps for its weight gradient (under reader_key), before the norm's
+// backward releases what it kept.
+Status Model::restore_norm_output(ModelCtx& c, RMSNorm& norm, int key, Linear& reader,
+                                  int reader_key) {
+  FP8_ASSIGN_OR_RETURN(Tensor y, norm.recompute(c, key));
+  return reader.restore_input(c, reader_key < 0 ? key : reader_key, y);
+}
+
 Result<Tensor> Model::logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
                                       Tensor* logits, double* ce_sum) {
   FP8_ASSIGN_OR_RETURN(*logits, head_.forward(c, key, h));
@@ -105,6 +114,10 @@ Result<Tensor> Model::mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_pr
   FP8_ASSIGN_OR_RETURN(Tensor hn, t.hnorm.forward(c, key, hk));
   FP8_ASSIGN_OR_RETURN(Tensor x, t.eh_e.forward(c, key, en));
   FP8_ASSIGN_OR_RETURN(Tensor xh, t.eh_h.forward(c, key, hn));
+  if (c.recompute_norm) {  // enorm and hnorm re-run in the backward (head_backward_input)
+    FP8_RETURN_IF_ERROR(t.eh_e.drop_input(key));
+    FP8_RETURN_IF_ERROR(t.eh_h.drop_input(key));
+  }
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, xh, x));
   hs.keep[k] = keep_t;
   hs.rows[k - 1] = h_prev.rows();
@@ -128,6 +141,7 @@ Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
   double ce = 0;
   FP8_RETURN_IF_ERROR(
       logits_and_loss(c, mb * kSlots, hn, hs.targets[0], &hs.logits[0], &ce).status());
+  if (c.recompute_norm) FP8_RETURN_IF_ERROR(head_.drop_input(mb * kSlots));  // the norm re-runs
   lp.main = ce / lp.tokens;
   Tensor prev = h;
   for (int k = 1; k <= D; ++k) {
@@ -137,6 +151,7 @@ Result<LossParts> Model::head_forward(ModelCtx& c, int mb, const Tensor& h,
     FP8_ASSIGN_OR_RETURN(Tensor hkn, mtp_[k - 1].norm.forward(c, mb * kSlots + k, hk));
     FP8_RETURN_IF_ERROR(
         logits_and_loss(c, mb * kSlots + k, hkn, hs.targets[k], &hs.logits[k], &ce).status());
+    if (c.recompute_norm) FP8_RETURN_IF_ERROR(head_.drop_input(mb * kSlots + k));
     lp.mtp.push_back(ce / lp.tokens);
     prev = hk;
   }
@@ -160,11 +175,16 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
     FP8_RETURN_IF_ERROR(
         c.be->cross_entropy_bwd(lg, hs->targets[k], row_scale * cfg_.mtp_lambda() / D, dl));
     FP8_ASSIGN_OR_RETURN(Tensor dhkn, head_.backward_input(c, key, dl));
+    if (c.recompute_norm) FP8_RETURN_IF_ERROR(restore_norm_output(c, t.norm, key, head_));
     FP8_ASSIGN_OR_RETURN(Tensor dh, t.norm.backward(c, key, dhkn));
     if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));
     FP8_ASSIGN_OR_RETURN(Tensor dx, t.block->backward_input(c, key, dh));
     FP8_ASSIGN_OR_RETURN(Tensor den, t.eh_e.backward_input(c, key, dx));
     FP8_ASSIGN_OR_RETURN(Tensor dhn, t.eh_h.backward_input(c, key, dx));
+    if (c.recompute_norm) {
+      FP8_RETURN_IF_ERROR(restore_norm_output(c, t.enorm, key, t.eh_e));
+      FP8_RETURN_IF_ERROR(restore_norm_output(c, t.hnorm, key, t.eh_h));
+    }
     FP8_ASSIGN_OR_RETURN(Tensor de, t.enorm.backward(c, key, den));
     if (part_.embed) {
       FP8_RETURN_IF_ERROR(embed_.backward(c, key, de, &mtp_embed_grad_));
@@ -180,6 +200,8 @@ Result<Tensor> Model::head_backward_input(ModelCtx& c, int mb, float loss_scale)
   FP8_ASSIGN_OR_RETURN(Tensor dl, new_f32(c, lg0.rows(), lg0.cols()));
   FP8_RETURN_IF_ERROR(c.be->cross_entropy_bwd(lg0, hs->targets[0], row_scale, dl));
   FP8_ASSIGN_OR_RETURN(Tensor dhn, head_.backward_input(c, mb * kSlots, dl));
+  if (c.recompute_norm)
+    FP8_RETURN_IF_ERROR(restore_norm_output(c, final_norm_, mb, head_, mb * kSlots));
   FP8_ASSIGN_OR_RETURN(Tensor dh, final_norm_.backward(c, mb, dhn));
   if (carry.defined()) FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, carry, dh));
   return dh;

@@ -86,6 +86,8 @@ class Model {
   };
   Result<Tensor> mtp_forward(ModelCtx& c, int mb, int k, const Tensor& h_prev, int64_t len_prev,
                              const MicroBatch& batch, HeadSaved& hs);
+  Status restore_norm_output(ModelCtx& c, RMSNorm& norm, int key, Linear& reader,
+                             int reader_key = -1);
   Result<Tensor> logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
                                  Tensor* logits, double* ce_sum);
 

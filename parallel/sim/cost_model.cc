@@ -302,6 +302,9 @@ void add_ends(const config::Config& cfg, const BlockShape& moe_block, const mode
   const auto& m = cfg.model();
   const double d = m.hidden(), V = m.vocab_size();
   const double heads = (p.head ? 1 + m.mtp_depth() : 0);
+  // train.recompute=rmsnorm: the final and MTP norms re-run in B too (session 13), so the head's
+  // and eh_proj's inputs are not held; B re-prepares them (3 bytes an element, as block_shape)
+  const bool re_norm = recomputes(cfg.train(), "rmsnorm");
   if (p.embed) c.f.work.hbm += t * 4 * d, c.b.work.hbm += t * 8 * d, c.dense_params += V * d;
   if (p.head) c.dense_params += V * d + (m.mtp_depth() > 0 && !p.embed ? V * d : 0);
   for (int i = 0; p.head && i < m.mtp_depth(); ++i) {  // eh_proj (2d -> d) + one block
@@ -312,16 +315,19 @@ void add_ends(const config::Config& cfg, const BlockShape& moe_block, const mode
     block_work(mtp, t, f, b, w);
     c.f.work += f, c.b.work += b, c.w.work += w;
     c.dense_params += mtp.dense_params, c.expert_params += mtp.expert_params;
-    c.act_bytes += t * (mtp.act + 2 * d);
+    c.act_bytes += t * (mtp.act + (re_norm ? 0 : 2 * d));
+    c.b.work.hbm += re_norm ? t * 3 * 2 * d : 0;
   }
   const double fl = 2 * t * d * V * heads;  // BF16 head (TR §3.3)
   c.f.work.bf16 += fl, c.b.work.bf16 += fl, c.w.work.bf16 += fl;
   c.f.work.model += fl, c.b.work.model += fl, c.w.work.model += fl;
   c.f.work.hbm += t * heads * 3 * 4 * V;  // fp32 logits: write, softmax read+write
-  // held per head: its BF16 input (for W) and, since session 13, its logits as bf16 (the
-  // framework's hold_bf16 of the bf16-rounded head output), which B frees after the softmax
-  c.act_bytes += t * heads * 2 * (d + V);
+  // held per head: its BF16 input (for W; not with re_norm) and, since session 13, its logits as
+  // bf16 (the framework's hold_bf16 of the bf16-rounded head output), which B frees after the
+  // softmax
+  c.act_bytes += t * heads * 2 * ((re_norm ? 0 : d) + V);
   c.act_b_bytes += t * heads * 2 * V;
+  c.b.work.hbm += re_norm ? t * heads * 3 * d : 0;
 }
 
 }  // namespace

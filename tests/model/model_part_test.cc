@@ -3,6 +3,7 @@
 // loss and gradients (same init by global name), which is what the executor relies on.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 
 #include "core/config.h"
@@ -140,6 +141,58 @@ TEST(ModelPart, HeadHoldsItsLogitsAsBf16OutsideFp32) {
     const int64_t bytes = std::string(mode) == "FP32" ? 4 : 2;
     EXPECT_EQ(held[1] - held[0], (vocab[1] - vocab[0]) * (B * T + B * (T - 1)) * bytes);
   }
+}
+
+// train.recompute=rmsnorm on a head-only chunk (BF16, dense MTP block): besides the MTP block's
+// own norms, the final norm, the MTP module's enorm, hnorm and norm re-run in the backward, so
+// the Linears reading them (the head for the main and the MTP depth, eh_proj's two halves) drop
+// their bf16 inputs after the forward: exactly 2 bytes x hidden for each of those rows less, plus
+// the MTP block's attention input, MLA latents (q_lora + kv_lora) and FFN input copies; the loss
+// and every gradient are the same bits.
+TEST(ModelPart, RecomputedHeadNormsHoldTheirOutputsLess) {
+  const int64_t B = 2, T = 8;
+  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
+                         std::vector<std::string>{"--precision.mode=BF16", "--train.seq_len=8",
+                                                  "--model.dense_layers=4",
+                                                  "--model.moe.routed_experts=0"});
+  ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
+  const config::Model& mc = cfg->model();
+  ASSERT_EQ(mc.mtp_depth(), 1);
+  struct Run {
+    std::unique_ptr<Backend> be = make_cpu_backend();
+    ModelCtx c;
+    Model m;
+    int64_t held = 0;
+    double loss = 0;
+    std::map<std::string, std::vector<float>> g;
+  };
+  Run runs[2];
+  for (int re = 0; re < 2; ++re) {
+    Run& r = runs[re];
+    r.c.be = r.be.get();
+    r.c.precision = Precision::kBF16;
+    r.c.recompute_norm = re == 1;
+    ASSERT_TRUE(r.m.init(r.c, mc, 7, {mc.layers(), -1, false, true}).ok());
+    ASSERT_EQ(r.m.num_blocks(), 0);
+    const MicroBatch mb = batch(B, T, mc.vocab_size());
+    Tensor h = r.be->empty({B * T, mc.hidden()}, DType::kF32).value();
+    for (int64_t i = 0; i < h.numel(); ++i) h.data_as<float>()[i] = std::sin(0.37 * i);
+    const int64_t base = r.be->memory().in_use;
+    auto lp = r.m.head_forward(r.c, 0, h, mb);
+    ASSERT_TRUE(lp.ok()) << lp.status().to_string();
+    r.loss = lp->total;
+    r.held = r.be->memory().in_use - base;
+    auto dh = r.m.head_backward_input(r.c, 0, 1.0f);
+    ASSERT_TRUE(dh.ok()) << dh.status().to_string();
+    ASSERT_TRUE(r.m.head_backward_weight(r.c, 0).ok());
+    r.g = grads(r.m);
+    r.g["dh"].assign(dh->data_as<float>(), dh->data_as<float>() + dh->numel());
+  }
+  const int64_t d = mc.hidden(), n = B * T, n1 = B * (T - 1);
+  const int64_t lat = mc.mla().q_lora_rank() + mc.mla().kv_lora_rank();
+  EXPECT_EQ(runs[0].held - runs[1].held, 2 * d * n + n1 * (2 * d * 3 + 2 * d * 2 + 2 * lat));
+  EXPECT_EQ(runs[1].loss, runs[0].loss);
+  EXPECT_EQ(runs[1].g, runs[0].g);
 }
 
 TEST(ModelPart, RejectsBadRanges) {

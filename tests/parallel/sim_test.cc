@@ -315,6 +315,24 @@ TEST(SimHead, HoldsTheLogitsAsBf16) {
   EXPECT_TRUE(a.chunks.back().head);
 }
 
+// train.recompute=rmsnorm on the head chunk: the final and MTP norms re-run in B, so the heads'
+// bf16 inputs (2 x hidden a token per head) and eh_proj's FP8 input (2 x hidden per MTP module)
+// are not held, and B re-prepares them (3 bytes an element).
+TEST(SimHead, RecomputedNormsDropTheHeadInputs) {
+  const auto [cfg, re] = dsv3_cost_model({"--train.recompute=mla_up_proj,rmsnorm"});
+  const auto keep = dsv3_cost_model({"--train.recompute=mla_up_proj"}).second;
+  const ChunkCost &cr = re.chunks.back(), &ck = keep.chunks.back();
+  ASSERT_TRUE(cr.head);
+  ASSERT_EQ(cr.mtp, 1);
+  const double d = cfg.model().hidden(), t = double(re.tokens_per_mb);
+  const double w = 2.0 * d + cfg.model().mla().q_lora_rank() + cfg.model().mla().kv_lora_rank();
+  const double blocks = cr.blocks + cr.mtp;  // the MTP module's block drops its norms' copies too
+  const double want = blocks * t * w + t * (2 * 2 * d + 2 * d);
+  EXPECT_NEAR(ck.act_bytes - cr.act_bytes, want, 1e-9 * ck.act_bytes);
+  EXPECT_NEAR(cr.b.work.hbm - ck.b.work.hbm, blocks * t * 3 * w + t * 3 * (2 * d + 2 * d),
+              1e-9 * ck.b.work.hbm);
+}
+
 // precision.attn_out_cache: the attention output (H x v_head_dim a token) held as bf16 (2 bytes),
 // E5M6 (1.5) or W_o's FP8 input (1; scales are not counted, as for every FP8 hold); the costs do
 // not change.
