@@ -1,7 +1,7 @@
 // `fp8pipe plot RUN.jsonl [OTHER.jsonl ...] [-o OUT.svg] [--labels a,b] [--floor X]`: one SVG of
 // the training metrics (launch/metrics.h JSONL): loss (+ eval, + EMA eval, + floor), tokens/s,
-// expert load and lr, runs overlaid. A tiny JSON reader of its own (flat objects + the expert_load
-// array).
+// expert load and lr, runs overlaid, and the batch size when a run's varies (a batch ramp). A tiny
+// JSON reader of its own (flat objects + the expert_load array).
 #include <fmt/format.h>
 
 #include <cctype>
@@ -144,6 +144,7 @@ class JsonReader {
 
 struct Point {
   double step = 0, loss = NAN, lr = NAN, tokens_per_s = NAN, eval_loss = -1;
+  double batch = NAN;         // sequences in the step (train.batch_ramp makes it vary)
   double eval_ema_loss = -1;  // optim.ema_decay: the moving average's eval loss
   std::vector<std::pair<std::string, double>> loads;  // layer -> max/mean
 };
@@ -159,6 +160,7 @@ Point point_of(const Json& j) {
   p.loss = j.number("loss", NAN);
   p.lr = j.number("lr", NAN);
   p.tokens_per_s = j.number("tokens_per_s", NAN);
+  p.batch = j.number("batch", NAN);
   p.eval_loss = j.number("eval_loss", -1);
   p.eval_ema_loss = j.number("eval_ema_loss", -1);
   if (const Json* el = j.get("expert_load"); el && el->kind == Json::kArray) {
@@ -272,6 +274,19 @@ plot::Panel field_panel(const std::vector<Run>& runs, std::string id, std::strin
   return p;
 }
 
+// Whether any run's step records carry more than one batch size.
+bool batch_varies(const std::vector<Run>& runs) {
+  for (const auto& r : runs) {
+    double first = NAN;
+    for (const auto& pt : r.points) {
+      if (!std::isfinite(pt.batch)) continue;
+      if (!std::isfinite(first)) first = pt.batch;
+      if (pt.batch != first) return true;
+    }
+  }
+  return false;
+}
+
 // Max/mean expert load per MoE layer of the first run, y from 1 (perfect balance).
 plot::Panel load_panel(const Run& run) {
   plot::Panel p = make_panel("expert_load", "Expert load, max/mean (" + run.label + ")",
@@ -363,12 +378,15 @@ int cmd_plot(int argc, char** argv) {
     run->label = a.labels[i];
     runs.push_back(std::move(*run));
   }
-  const std::vector<plot::Panel> panels = {
+  std::vector<plot::Panel> panels = {
       loss_panel(runs, a.floor),
       field_panel(runs, "tokens_per_s", "Throughput", "tokens / s", &Point::tokens_per_s),
       load_panel(runs[0]),
       field_panel(runs, "lr", "Learning rate", "lr", &Point::lr),
   };
+  if (batch_varies(runs)) {  // a batch-size ramp (train.batch_ramp): its sizes against step
+    panels.push_back(field_panel(runs, "batch", "Batch size", "sequences", &Point::batch));
+  }
   std::string title;
   for (const auto& r : runs) title += (title.empty() ? "" : " vs ") + r.label;
   std::ofstream out(a.out);

@@ -120,6 +120,43 @@ for name, g in panels.items():  # tick labels are drawn
 print("SVG checks passed")
 EOF
 
+# A batch-size ramp (train.batch_ramp): run C's batch rises 8 -> 32, run D's stays 32; a "batch"
+# panel appears, its points mapping back to each run's sizes (runs A and B, without a "batch"
+# field, had none).
+python3 - "$TMP" <<'EOF' || die "could not write the ramp inputs"
+import json, sys
+d = sys.argv[1]
+def rec(step, batch):
+    return {"step": step, "loss": 5.0 - step * 0.1, "lr": 1e-4, "tokens_per_s": 1000,
+            "batch": batch, "eval_loss": -1, "expert_load": []}
+for name, sizes in (("c", [8, 8, 16, 16, 32, 32]), ("d", [32] * 6)):
+    with open(f"{d}/{name}.jsonl", "w") as f:
+        for i, b in enumerate(sizes):
+            f.write(json.dumps(rec(i + 1, b)) + "\n")
+EOF
+"$BIN" plot "$TMP/c.jsonl" "$TMP/d.jsonl" --labels ramp,flat -o "$TMP/ramp.svg" >"$TMP/ramp.log" 2>&1 ||
+  die "fp8pipe plot (ramp) failed: $(cat "$TMP/ramp.log")"
+python3 - "$TMP/ramp.svg" <<'EOF' || bad "batch panel checks"
+import sys, xml.etree.ElementTree as ET
+NS = "{http://www.w3.org/2000/svg}"
+root = ET.parse(sys.argv[1]).getroot()
+panels = {g.get("data-panel"): g for g in root.iter(NS + "g") if g.get("class") == "panel"}
+assert "batch" in panels, panels.keys()
+g = panels["batch"]
+x0, x1, px0, px1 = (float(g.get(k)) for k in ("data-x0", "data-x1", "data-px0", "data-px1"))
+y0, y1, py0, py1 = (float(g.get(k)) for k in ("data-y0", "data-y1", "data-py0", "data-py1"))
+X = lambda p: x0 + (p - px0) * (x1 - x0) / (px1 - px0)
+Y = lambda p: y0 + (p - py0) * (y1 - y0) / (py1 - py0)
+lines = [e for e in g.iter(NS + "polyline") if e.get("class") == "series"]
+want = {"ramp": [8, 8, 16, 16, 32, 32], "flat": [32] * 6}
+assert sorted(l.get("data-label") for l in lines) == ["flat", "ramp"], [l.get("data-label") for l in lines]
+for l in lines:
+    pts = [tuple(map(float, p.split(","))) for p in l.get("points").split()]
+    got = [(round(X(px)), round(Y(py))) for px, py in pts]
+    assert got == list(enumerate(want[l.get("data-label")], 1)), (l.get("data-label"), got)
+print("batch panel checks passed")
+EOF
+
 # Errors: exit 2 and a message naming the file.
 expect_error() {  # expect_error NEEDLE ARGS...
   local needle=$1
