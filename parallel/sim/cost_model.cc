@@ -303,8 +303,17 @@ void add_ends(const config::Config& cfg, const BlockShape& moe_block, const mode
   const double d = m.hidden(), V = m.vocab_size();
   const double heads = (p.head ? 1 + m.mtp_depth() : 0);
   // train.recompute=rmsnorm: the final and MTP norms re-run in B too (session 13), so the head's
-  // and eh_proj's inputs are not held; B re-prepares them (3 bytes an element, as block_shape)
+  // and eh_proj's inputs are not held; B re-prepares them (as block_shape: read the norm input as
+  // BF16, write the operand: 2 + 1 bytes an element for eh_proj's FP8, 2 + 2 for the head's BF16)
   const bool re_norm = recomputes(cfg.train(), "rmsnorm");
+  // The final norm's and each MTP module's three norms' fp32 inputs (h; e, h^{k-1} and the MTP
+  // block's output), held from F to B whatever is recomputed, and freed by B (the norms'
+  // backward) also when W is deferred (counted since session 13).
+  if (p.head) {
+    const double norm_inputs = t * 4 * d * (1 + 3 * m.mtp_depth());
+    c.act_bytes += norm_inputs;
+    c.act_b_bytes += norm_inputs;
+  }
   if (p.embed) c.f.work.hbm += t * 4 * d, c.b.work.hbm += t * 8 * d, c.dense_params += V * d;
   if (p.head) c.dense_params += V * d + (m.mtp_depth() > 0 && !p.embed ? V * d : 0);
   for (int i = 0; p.head && i < m.mtp_depth(); ++i) {  // eh_proj (2d -> d) + one block
@@ -327,7 +336,7 @@ void add_ends(const config::Config& cfg, const BlockShape& moe_block, const mode
   // softmax
   c.act_bytes += t * heads * 2 * ((re_norm ? 0 : d) + V);
   c.act_b_bytes += t * heads * 2 * V;
-  c.b.work.hbm += re_norm ? t * heads * 3 * d : 0;
+  c.b.work.hbm += re_norm ? t * heads * 4 * d : 0;
 }
 
 }  // namespace

@@ -72,7 +72,8 @@ struct ChunkCost {
   int mtp = 0;               // MTP modules on this stage (the last one)
   PassCost f, b, w;          // b = input gradient only (+ recompute); full backward = b + w
   double act_bytes = 0;      // activations held from F until W (or full B)
-  double act_b_bytes = 0;    // the part of act_bytes a deferred-W B already frees (the logits)
+  double act_b_bytes = 0;    // the part of act_bytes a deferred-W B already frees (the head
+                             // chunk's logits and norm inputs)
   double p2p_bytes = 0;      // activation (and gradient) message to the neighbour stage
   double params = 0;         // parameters held per GPU (routed experts / ep)
   double dense_params = 0;   // the part replicated over all dp (sharded by ZeRO-1 over dp)

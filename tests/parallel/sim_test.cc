@@ -303,6 +303,7 @@ TEST(SimBf16NormInputs, HoldFourBytesLessPerHiddenElement) {
 // bf16 (2 bytes x vocab): a larger vocabulary adds exactly 2 x heads x tokens bytes a word to the
 // head chunk's held bytes and nothing to the others'.
 TEST(SimHead, HoldsTheLogitsAsBf16) {
+  // (and, vocabulary aside, the norms' fp32 inputs: checked by SimHead.HoldsTheNormInputs)
   const auto [cfg, a] = dsv3_cost_model({"--model.vocab_size=129280"});
   const auto b = dsv3_cost_model({"--model.vocab_size=131328"}).second;
   ASSERT_EQ(a.chunks.size(), b.chunks.size());
@@ -315,9 +316,27 @@ TEST(SimHead, HoldsTheLogitsAsBf16) {
   EXPECT_TRUE(a.chunks.back().head);
 }
 
+// The head chunk also holds its norms' fp32 inputs, 4 bytes x hidden a token each: the final
+// norm's and, per MTP module, enorm's, hnorm's and its norm's. A deeper MTP (2 modules) adds one
+// module's block, eh_proj input, head (input, logits) and 3 norm inputs; with the block's own
+// holds taken from a middle chunk of the same blocks, the rest must be exactly those bytes.
+TEST(SimHead, HoldsTheNormInputs) {
+  const auto [cfg, one] = dsv3_cost_model({"--train.recompute=mla_up_proj"});
+  const auto two = dsv3_cost_model({"--train.recompute=mla_up_proj", "--model.mtp_depth=2"}).second;
+  const ChunkCost &h1 = one.chunks.back(), &h2 = two.chunks.back(), &mid = one.chunks[3];
+  ASSERT_TRUE(h1.head && h2.head);
+  ASSERT_EQ(h2.mtp, 2);
+  ASSERT_EQ(mid.moe_blocks, mid.blocks);
+  const double d = cfg.model().hidden(), V = cfg.model().vocab_size(),
+               t = double(one.tokens_per_mb);
+  const double block = mid.act_bytes / mid.blocks;  // one MoE block's holds
+  const double want = block + t * (2 * d /*eh_proj FP8*/ + 2 * (d + V) /*head*/ + 3 * 4 * d);
+  EXPECT_NEAR(h2.act_bytes - h1.act_bytes, want, 1e-9 * h2.act_bytes);
+}
+
 // train.recompute=rmsnorm on the head chunk: the final and MTP norms re-run in B, so the heads'
 // bf16 inputs (2 x hidden a token per head) and eh_proj's FP8 input (2 x hidden per MTP module)
-// are not held, and B re-prepares them (3 bytes an element).
+// are not held, and B re-prepares them (read 2 bytes an element, write 1 for FP8, 2 for bf16).
 TEST(SimHead, RecomputedNormsDropTheHeadInputs) {
   const auto [cfg, re] = dsv3_cost_model({"--train.recompute=mla_up_proj,rmsnorm"});
   const auto keep = dsv3_cost_model({"--train.recompute=mla_up_proj"}).second;
@@ -329,7 +348,7 @@ TEST(SimHead, RecomputedNormsDropTheHeadInputs) {
   const double blocks = cr.blocks + cr.mtp;  // the MTP module's block drops its norms' copies too
   const double want = blocks * t * w + t * (2 * 2 * d + 2 * d);
   EXPECT_NEAR(ck.act_bytes - cr.act_bytes, want, 1e-9 * ck.act_bytes);
-  EXPECT_NEAR(cr.b.work.hbm - ck.b.work.hbm, blocks * t * 3 * w + t * 3 * (2 * d + 2 * d),
+  EXPECT_NEAR(cr.b.work.hbm - ck.b.work.hbm, blocks * t * 3 * w + t * (3 * 2 * d + 4 * 2 * d),
               1e-9 * ck.b.work.hbm);
 }
 
