@@ -151,10 +151,10 @@ TEST(ModelPart, HeadHoldsItsLogitsAsBf16OutsideFp32) {
 // and every gradient are the same bits.
 TEST(ModelPart, RecomputedHeadNormsHoldTheirOutputsLess) {
   const int64_t B = 2, T = 8;
-  auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
-                         std::vector<std::string>{"--precision.mode=BF16", "--train.seq_len=8",
-                                                  "--model.dense_layers=4",
-                                                  "--model.moe.routed_experts=0"});
+  auto cfg = load_config(
+      std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
+      std::vector<std::string>{"--precision.mode=BF16", "--train.seq_len=8",
+                               "--model.dense_layers=4", "--model.moe.routed_experts=0"});
   ASSERT_TRUE(cfg.ok()) << cfg.status().to_string();
   const config::Model& mc = cfg->model();
   ASSERT_EQ(mc.mtp_depth(), 1);
