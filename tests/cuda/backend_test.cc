@@ -53,19 +53,19 @@ class CudaBackendTest : public ::testing::Test {
     d.set_scale(std::make_shared<Tensor>(dev(*h.scale())), h.granularity(), h.pow2_scales());
     return d;
   }
+  // A tensor's bytes as T (sized by nbytes: packed E5M6 codes read as uint8_t too).
   template <class T>
   std::vector<T> back(const Tensor& d) {
-    Tensor h = gpu_->to_host(d).value();
-    std::vector<T> v(h.numel());
-    std::memcpy(v.data(), h.data(), h.nbytes());
-    return v;
+    return vec<T>(gpu_->to_host(d).value());
   }
   template <class T>
   std::vector<T> vec(const Tensor& h) {
-    std::vector<T> v(h.numel());
-    std::memcpy(v.data(), h.data(), h.nbytes());
+    std::vector<T> v(h.nbytes() / sizeof(T));
+    std::memcpy(v.data(), h.data(), v.size() * sizeof(T));
     return v;
   }
+  // dequantize of a CPU-made and a GPU-made quantization gives the same bits.
+  void expect_same_dequantize(const Tensor& qc, const Tensor& qg, const std::string& what);
 
   std::unique_ptr<Backend> cpu_, gpu_;
 };
@@ -100,6 +100,15 @@ void expect_bits(const std::vector<T>& want, const std::vector<T>& got, const st
     }
   }
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << want.size() << " differ";
+}
+
+void CudaBackendTest::expect_same_dequantize(const Tensor& qc, const Tensor& qg,
+                                             const std::string& what) {
+  Tensor oc = cpu_->empty(qc.shape(), DType::kF32).value();
+  Tensor og = gpu_->empty(qg.shape(), DType::kF32).value();
+  ASSERT_TRUE(cpu_->dequantize(qc, oc).ok());
+  ASSERT_TRUE(gpu_->dequantize(qg, og).ok());
+  expect_bits(vec<float>(oc), back<float>(og), what + " dequantize");
 }
 
 void expect_near(const std::vector<float>& want, const std::vector<float>& got, float atol,
@@ -165,12 +174,7 @@ TEST_F(CudaBackendTest, QuantizeBitIdentical) {
           EXPECT_EQ(nc, ng) << what;
           expect_bits(vec<uint8_t>(qc), back<uint8_t>(qg), what + " codes");
           expect_bits(vec<float>(*qc.scale()), back<float>(*qg.scale()), what + " scales");
-          // dequantize of the same codes
-          Tensor oc = cpu_->empty({R, C}, DType::kF32).value();
-          Tensor og = gpu_->empty({R, C}, DType::kF32).value();
-          ASSERT_TRUE(cpu_->dequantize(qc, oc).ok());
-          ASSERT_TRUE(gpu_->dequantize(qg, og).ok());
-          expect_bits(vec<float>(oc), back<float>(og), what + " dequantize");
+          expect_same_dequantize(qc, qg, what);
         }
       }
     }
@@ -198,17 +202,9 @@ TEST_F(CudaBackendTest, QuantizeE5m6BitIdentical) {
       EXPECT_EQ(nc, ng) << what;
       ASSERT_EQ(qg.dtype(), DType::kE5M6);
       ASSERT_EQ(qg.nbytes(), static_cast<size_t>((3 * R * C + 1) / 2));
-      Tensor qgh = gpu_->to_host(qg).value();
-      std::vector<uint8_t> bc(qc.nbytes()), bg(qgh.nbytes());
-      std::memcpy(bc.data(), qc.data(), bc.size());
-      std::memcpy(bg.data(), qgh.data(), bg.size());
-      expect_bits(bc, bg, what + " packed codes");
+      expect_bits(vec<uint8_t>(qc), back<uint8_t>(qg), what + " packed codes");
       expect_bits(vec<float>(*qc.scale()), back<float>(*qg.scale()), what + " scales");
-      Tensor oc = cpu_->empty({R, C}, DType::kF32).value();
-      Tensor og = gpu_->empty({R, C}, DType::kF32).value();
-      ASSERT_TRUE(cpu_->dequantize(qc, oc).ok());
-      ASSERT_TRUE(gpu_->dequantize(qg, og).ok());
-      expect_bits(vec<float>(oc), back<float>(og), what + " dequantize");
+      expect_same_dequantize(qc, qg, what);
     }
   }
 }
