@@ -205,6 +205,12 @@ class Backend {
                                const Tensor& v, const Tensor& o, const Tensor& lse, int64_t B,
                                int64_t T, int64_t H, float scale, Tensor& dq, Tensor& dk,
                                Tensor& dv) = 0;
+  // Attention over a key/value cache (inference decoding, core/model/decode.h): q [n, H*dk] holds
+  // the last n of L positions, k [L, G*dk] and v [L, >= G*dv] all L (kv head g's values at
+  // columns g*dv of v's rows: MLA's latent cache passes its keys as v); query i sees keys
+  // 0..L-n+i, head h reads kv head h / (H / G); o [n, H*dv]. fp32, kernels/cpu/ops.h.
+  virtual Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H,
+                                  int64_t G, int64_t dv, float scale, Tensor& o) = 0;
   // Attention as GEMMs (precision.attention=gemm): the causal softmax of kernels/cpu/ops.h over
   // s [R, T] (p may alias s; with recompute lse [R] is read, else written) and its backward
   // (ds may alias dp).

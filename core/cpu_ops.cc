@@ -61,6 +61,15 @@ Status CpuOps::attention_fwd(const Tensor& q, const Tensor& kk, const Tensor& v,
   return Status::Ok();
 }
 
+Status CpuOps::attention_cached(const Tensor& q, const Tensor& kk, const Tensor& v, int64_t H,
+                                int64_t G, int64_t dv, float scale, Tensor& o) {
+  FP8_RETURN_IF_ERROR(checks::attention_cached(q, kk, v, H, G, dv, o));
+  if (q.rows() == 0) return Status::Ok();
+  k::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(), q.rows(),
+                      kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale, o.data_as<float>());
+  return Status::Ok();
+}
+
 Status CpuOps::attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& kk, const Tensor& v,
                              const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
                              float scale, Tensor& dq, Tensor& dk, Tensor& dv) {

@@ -20,6 +20,8 @@ class CpuOps : public Backend {
   Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& o, const Tensor& lse, int64_t B, int64_t T, int64_t H,
                        float scale, Tensor& dq, Tensor& dk, Tensor& dv) override;
+  Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t G,
+                          int64_t dv, float scale, Tensor& o) override;
   Status causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) override;
   Status softmax_bwd(const Tensor& p, const Tensor& dp, Tensor& ds) override;
   Status swiglu_fwd(const Tensor& g, const Tensor& u, Tensor& h) override;

@@ -735,6 +735,17 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  Status attention_cached(const Tensor& q, const Tensor& kk, const Tensor& v, int64_t H, int64_t G,
+                          int64_t dv, float scale, Tensor& o) override {
+    FP8_RETURN_IF_ERROR(on_gpu("attention_cached", {&q, &kk, &v, &o}));
+    FP8_RETURN_IF_ERROR(checks::attention_cached(q, kk, v, H, G, dv, o));
+    FP8_GPU("attention_cached",
+            g::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(),
+                                q.rows(), kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale,
+                                o.data_as<float>(), cur()));
+    return Status::Ok();
+  }
+
   Status causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) override {
     FP8_RETURN_IF_ERROR(on_gpu("causal_softmax", {&s, &p, &lse}));
     FP8_RETURN_IF_ERROR(checks::causal_softmax(s, p, lse));

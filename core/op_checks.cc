@@ -372,6 +372,24 @@ Status rope(const Tensor& x, const Tensor& pos, int64_t heads) {
   return need(pos.numel() == x.rows(), "rope", "one position per row", pos);
 }
 
+Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t G,
+                        int64_t dv, const Tensor& o) {
+  constexpr const char* op = "attention_cached";
+  FP8_RETURN_IF_ERROR(f32(op, {&q, &k, &v, &o}));
+  FP8_RETURN_IF_ERROR(need(H > 0 && G > 0 && H % G == 0 && dv > 0 && q.cols() % H == 0, op,
+                           fmt::format("heads {} must be a multiple of kv heads {}, dividing q's "
+                                       "columns, and dv {} > 0",
+                                       H, G, dv)
+                               .c_str(),
+                           q));
+  const int64_t dk = q.cols() / H;
+  FP8_RETURN_IF_ERROR(need(k.cols() == G * dk && q.rows() <= k.rows(), op,
+                           "k must be [L, G*dk] with L >= rows(q)", k));
+  FP8_RETURN_IF_ERROR(
+      need(v.rows() == k.rows() && v.cols() >= G * dv, op, "v must be [L, >= G*dv]", v));
+  return need(o.rows() == q.rows() && o.cols() == H * dv, op, "o must be [rows(q), H*dv]", o);
+}
+
 Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
                      int64_t H, const Tensor& o, const Tensor& lse) {
   FP8_RETURN_IF_ERROR(f32("attention_fwd", {&q, &k, &v, &o, &lse}));

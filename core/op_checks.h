@@ -64,6 +64,8 @@ Status rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
                    const Tensor& dx, const Tensor& dw_acc);
 Status rope(const Tensor& x, const Tensor& pos, int64_t heads);
 // B * T * H == 0 passes the shape checks: the op is then a no-op.
+Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t G,
+                        int64_t dv, const Tensor& o);
 Status attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t B, int64_t T,
                      int64_t H, const Tensor& o, const Tensor& lse);
 Status attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

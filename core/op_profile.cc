@@ -219,6 +219,11 @@ class ProfiledBackend final : public Backend {
       return in_->attention_bwd(dout, q, k, v, o, lse, B, T, H, scale, dq, dk, dv);
     });
   }
+  Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t G,
+                          int64_t dv, float scale, Tensor& o) override {
+    return timed("attention_cached", 0,
+                 [&] { return in_->attention_cached(q, k, v, H, G, dv, scale, o); });
+  }
   Status causal_softmax(const Tensor& s, Tensor& p, Tensor& lse, bool recompute) override {
     return timed("causal_softmax", 0, [&] { return in_->causal_softmax(s, p, lse, recompute); });
   }

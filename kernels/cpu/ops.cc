@@ -239,6 +239,32 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
   });
 }
 
+void attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                      float* o) {
+  const int64_t per_kv = H / G;
+  parallel_for(n * H, n * H * L * (dk + dv), [&](int64_t lo, int64_t hi) {
+    std::vector<float> s(L), acc(dv);
+    for (int64_t ih = lo; ih < hi; ++ih) {
+      const int64_t i = ih / H, h = ih % H, g = h / per_kv, seen = L - n + i + 1;
+      const float* qi = q + ih * dk;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < seen; ++j) {
+        const float* kj = k + (j * G + g) * dk;
+        float d = 0.0f;
+        for (int64_t c = 0; c < dk; ++c) d += qi[c] * kj[c];
+        m = std::max(m, s[j] = d * scale);
+      }
+      float l = 0.0f;
+      for (int64_t j = 0; j < seen; ++j) l += (s[j] = std::exp(s[j] - m));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < seen; ++j) axpy_n(s[j], v + j * v_ld + g * dv, dv, acc.data());
+      const float inv_l = 1.0f / l;
+      for (int64_t c = 0; c < dv; ++c) o[ih * dv + c] = acc[c] * inv_l;
+    }
+  });
+}
+
 // ---- SwiGLU, cross-entropy ----------------------------------------------------------------------
 
 void swiglu_fwd(const float* g, const float* u, int64_t n, float* h) {

@@ -35,6 +35,16 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
                    const float* o, const float* lse, int64_t B, int64_t T, int64_t H, int64_t dk,
                    int64_t dv, float scale, float* dq, float* dk_out, float* dv_out);
 
+// Attention of n new queries over a key/value cache (inference decoding): q [n][H][dk] are the
+// last n of L positions of a sequence whose keys k [L][G][dk] and values (rows v_ld floats apart,
+// kv head g's dv values at columns g*dv) cover positions 0..L-1; query i sees keys 0..L-n+i. Query
+// head h reads kv head h / (H / G): G = H is multi-head, G = 1 one head shared by all (MLA's
+// latent cache, whose values are the first columns of its keys). o [n][H][dv]. The softmax as
+// attention_fwd's (max subtracted, fp32).
+void attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                      float* o);
+
 // The pieces of attention as GEMMs (precision.attention=gemm; core/model/attention_core.cc).
 // Causal softmax over the rows of s[R][T], row r being query position r % T (columns j > r % T
 // masked): lse[r] = m + log(sum_{j<=i} exp(s[r][j] - m)) with m the row max and the sum in

@@ -319,6 +319,56 @@ __global__ void k_attn_fwd(const float* q, const float* k, const float* v, AttnA
   if (lane == 0) lse[bh * a.T + i] = m + logf(l);
 }
 
+// attention_cached: warp `wid` is query i = wid / H, head h = wid % H, over keys 0..L-n+i of kv
+// head h / (H / G). Lane holds columns lane + 32 t of q and of the output accumulator.
+constexpr int kDecodePerLane = static_cast<int>(kDecodeMaxHeadDim / 32);
+struct DecodeArgs {
+  int64_t n, L, H, G, dk, dv, v_ld;
+  float scale;
+};
+__global__ void k_attn_cached(const float* q, const float* k, const float* v, DecodeArgs a,
+                              float* o) {
+  const int64_t wid = gtid() / 32;
+  const int lane = threadIdx.x & 31;
+  if (wid >= a.n * a.H) return;
+  const int64_t i = wid / a.H, h = wid % a.H, g = h / (a.H / a.G), seen = a.L - a.n + i + 1;
+  float qr[kDecodePerLane], acc[kDecodePerLane];
+#pragma unroll
+  for (int t = 0; t < kDecodePerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    qr[t] = c < a.dk ? q[wid * a.dk + c] : 0.0f;
+    acc[t] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j = 0; j < seen; ++j) {
+    const float* kj = k + (j * a.G + g) * a.dk;
+    float part = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kDecodePerLane; ++t) {
+      const int64_t c = lane + 32 * t;
+      if (c < a.dk) part += qr[t] * kj[c];
+    }
+    const float s = warp_sum(part) * a.scale;
+    const float mn = fmaxf(m, s);
+    const float corr = expf(m - mn);
+    const float p = expf(s - mn);
+    l = l * corr + p;
+    const float* vj = v + j * a.v_ld + g * a.dv;
+#pragma unroll
+    for (int t = 0; t < kDecodePerLane; ++t) {
+      const int64_t c = lane + 32 * t;
+      if (c < a.dv) acc[t] = acc[t] * corr + p * vj[c];
+    }
+    m = mn;
+  }
+  const float inv_l = 1.0f / l;
+#pragma unroll
+  for (int t = 0; t < kDecodePerLane; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < a.dv) o[wid * a.dv + c] = acc[t] * inv_l;
+  }
+}
+
 // dQ by query rows; also stores D_i = rowsum(dO_i * O_i) for the key pass.
 __global__ void k_attn_bwd_dq(const float* dout, const float* q, const float* k, const float* v,
                               const float* o, const float* lse, AttnArgs a, float* dq,
@@ -695,6 +745,19 @@ Result attention_bwd(const float* dout, const float* q, const float* k, const fl
                  dscratch);
   FP8PIPE_LAUNCH(k_attn_bwd_dkdv, attn_grid(rows), kAttnThreads, stream, dout, q, k, v, lse,
                  dscratch, a, dk_out, dv_out);
+  return Result::Ok();
+}
+
+Result attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
+                        int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                        float* o, cudaStream_t stream) {
+  FP8PIPE_REQUIRE(dk <= kDecodeMaxHeadDim && dv <= kDecodeMaxHeadDim,
+                  "attention_cached: head dims above " + std::to_string(kDecodeMaxHeadDim));
+  FP8PIPE_REQUIRE(n * H <= ((int64_t{1} << 31) - 1) * (kAttnThreads / 32),
+                  "attention_cached: too many (query, head) rows for one grid");
+  if (n * H == 0) return Result::Ok();
+  const DecodeArgs a{n, L, H, G, dk, dv, v_ld, scale};
+  FP8PIPE_LAUNCH(k_attn_cached, attn_grid(n * H), kAttnThreads, stream, q, k, v, a, o);
   return Result::Ok();
 }
 

@@ -756,6 +756,31 @@ TEST_F(CudaBackendTest, Attention) {
   }
 }
 
+// Attention over a key/value cache (inference decoding): the warp-per-(query, head) kernel against
+// the CPU loop, multi-head and MLA's latent form (one 576-wide head shared by 128 heads, values
+// the keys' first 512 columns: DeepSeek-V3's shape), a prefill chunk and one-row steps.
+TEST_F(CudaBackendTest, AttentionCached) {
+  struct Dims {
+    int64_t n, L, H, G, dk, dv;
+  };
+  for (const Dims& s : {Dims{5, 37, 4, 4, 64, 48}, Dims{1, 37, 4, 2, 64, 64},
+                        Dims{2, 300, 128, 1, 576, 512}, Dims{33, 33, 16, 1, 576, 512}}) {
+    const bool latent = s.G == 1;
+    const float scale = 1.0f / std::sqrt(192.0f);
+    const Tensor q = hostf({s.n, s.H * s.dk}, randn(s.n * s.H * s.dk, 50));
+    const Tensor k = hostf({s.L, s.G * s.dk}, randn(s.L * s.G * s.dk, 51));
+    const Tensor v = latent ? k : hostf({s.L, s.G * s.dv}, randn(s.L * s.G * s.dv, 52));
+    const Tensor kg = dev(k), vg = latent ? kg : dev(v);
+    Tensor oc = cpu_->empty({s.n, s.H * s.dv}, DType::kF32).value();
+    Tensor og = gpu_->empty({s.n, s.H * s.dv}, DType::kF32).value();
+    ASSERT_TRUE(cpu_->attention_cached(q, k, v, s.H, s.G, s.dv, scale, oc).ok());
+    const Status st = gpu_->attention_cached(dev(q), kg, vg, s.H, s.G, s.dv, scale, og);
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    expect_near(vec<float>(oc), back<float>(og), 2e-5f, 1e-4f,
+                "attention_cached n=" + std::to_string(s.n) + " G=" + std::to_string(s.G));
+  }
+}
+
 // The attention core as batched GEMMs (core/model/attention_core.h, precision.attention=gemm, the
 // GPU default): cublasSgemmStridedBatched + the causal softmax kernels on the GPU against the CPU's
 // fused kernel, forward and backward, at an MLA head shape and an odd one.
