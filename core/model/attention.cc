@@ -173,6 +173,9 @@ struct Attention::Impl {
     int64_t B = 0, T = 0;
   };
   PerMicrobatch<Saved> saved;
+  // Decoding's latent form: wkv_b's forward weight values (fp32), per ModelCtx::weight_version.
+  Tensor wkv_b_f32;
+  uint64_t wkv_b_version = ~0ull;
   RowCache rows;  // device row lists of the head packing and positions, by shape
   bool q_lowrank() const { return mla && q_lora > 0; }
   int64_t dk() const { return nope + rope; }
@@ -501,6 +504,109 @@ Status Attention::backward_weight(ModelCtx& c, int mb) {
     if (l->weight().value.defined()) FP8_RETURN_IF_ERROR(l->backward_weight(c, mb));
   }
   return Status::Ok();
+}
+
+// ---- inference over a key/value cache -------------------------------------------------------
+
+int64_t AttnCache::bytes_per_position() const {
+  const int64_t w = (k.defined() ? k.cols() : 0) + (v.defined() ? v.cols() : 0);
+  return w * 4;
+}
+
+namespace {
+
+// Rows [past, past + rows(src)) of the cache tensor t (allocated [capacity, cols(src)] at first
+// use) = src.
+Status append_rows(ModelCtx& c, Tensor& t, int64_t capacity, int64_t past, const Tensor& src) {
+  if (!t.defined()) {
+    FP8_ASSIGN_OR_RETURN(t, c.be->empty({capacity, src.cols()}, DType::kF32));
+  }
+  Tensor dst = t.slice_rows(past, past + src.rows());
+  return c.be->copy(src, dst);
+}
+
+}  // namespace
+
+Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
+                                         int64_t past) {
+  Impl& a = *impl_;
+  const int64_t n = x.rows(), L = past + n;
+  if (x.cols() != a.hidden) {
+    return FP8_INVALID("attention: input {} is not [n, {}]", x.describe(), a.hidden);
+  }
+  if (past < 0 || L > cache.capacity) {
+    return FP8_INVALID("attention: positions {}..{} exceed the cache of {} positions", past, L - 1,
+                       cache.capacity);
+  }
+  std::vector<int32_t> p(n);
+  std::iota(p.begin(), p.end(), static_cast<int32_t>(past));
+  FP8_ASSIGN_OR_RETURN(Tensor pos, upload_i32(c, p));
+  FP8_ASSIGN_OR_RETURN(Tensor xp, a.input_group().front()->prepare_input(c, x));
+  FP8_ASSIGN_OR_RETURN(Tensor q, a.query(c, mb, x, xp, pos));
+  FP8_ASSIGN_OR_RETURN(Tensor o, new_f32(c, n, a.H * a.vdim));
+  const bool latent = a.mla && cache.latent;
+  if (a.mla) {
+    FP8_ASSIGN_OR_RETURN(Tensor kv, a.wkv_a.forward_prepared(c, mb, x, xp));
+    FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &a.rows, kv, 1, a.kv_lora, a.rope));
+    FP8_ASSIGN_OR_RETURN(Tensor ckv, a.kv_norm.forward(c, mb, lat.first));
+    FP8_RETURN_IF_ERROR(c.be->rope(lat.second, pos, 1, a.rope_spec, false));
+    if (latent) {
+      // c_kv as wkv_b's GEMM reads it (FP8: its 1x128 quantization; BF16: rounded), so the
+      // absorbed products use the values the training forward's keys and values are made of
+      FP8_ASSIGN_OR_RETURN(ckv, a.wkv_b.input_values_f32(c, ckv));
+      FP8_ASSIGN_OR_RETURN(Tensor row,
+                           merge_heads(c, &a.rows, ckv, lat.second, 1, a.kv_lora, a.rope));
+      FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, row));
+    } else {
+      FP8_ASSIGN_OR_RETURN(Tensor kvb, a.wkv_b.forward(c, mb, ckv));
+      Impl::Saved kv_heads;
+      kv_heads.k_rope = std::move(lat.second);
+      FP8_RETURN_IF_ERROR(a.mla_kv_heads(c, std::move(kvb), kv_heads));
+      FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, kv_heads.k));
+      FP8_RETURN_IF_ERROR(append_rows(c, cache.v, cache.capacity, past, kv_heads.v));
+    }
+  } else {
+    FP8_ASSIGN_OR_RETURN(Tensor k, a.wk.forward_prepared(c, mb, x, xp));
+    FP8_RETURN_IF_ERROR(c.be->rope(k, pos, a.H, a.rope_spec, false));
+    FP8_ASSIGN_OR_RETURN(Tensor v, a.wv.forward_prepared(c, mb, x, xp));
+    FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, k));
+    FP8_RETURN_IF_ERROR(append_rows(c, cache.v, cache.capacity, past, v));
+  }
+  if (!latent) {
+    const Tensor k = cache.k.slice_rows(0, L), v = cache.v.slice_rows(0, L);
+    FP8_RETURN_IF_ERROR(c.be->attention_cached(q, k, v, a.H, a.H, a.vdim, a.scale, o));
+  } else {
+    // Absorbed: q_nope . k_nope = (q_nope W_uk) . kv_norm(c_kv) per head, with W_uk / W_uv the
+    // key / value rows of wkv_b's head h ([nope + vdim, kv_lora] blocks of its weight); the
+    // output o_h = (softmax . c_kv) W_uv^T. One latent key/value head shared by all H heads.
+    const int64_t r = a.kv_lora, hs = (a.nope + a.vdim) * r;
+    if (a.wkv_b_version != c.weight_version || !a.wkv_b_f32.defined()) {
+      FP8_ASSIGN_OR_RETURN(a.wkv_b_f32, a.wkv_b.forward_weight_f32(c));
+      a.wkv_b_version = c.weight_version;
+    }
+    const Tensor& w = a.wkv_b_f32;
+    FP8_ASSIGN_OR_RETURN(auto qp, split_heads(c, &a.rows, q, a.H, a.nope, a.rope));
+    FP8_ASSIGN_OR_RETURN(Tensor q_abs, new_f32(c, n, a.H * r));
+    GemmBatch g;
+    g.batch = a.H, g.M = n, g.N = r, g.K = a.nope;
+    g.lda = a.H * a.nope, g.stride_a = a.nope;
+    g.ldb = r, g.stride_b = hs;
+    g.ldc = a.H * r, g.stride_c = r;
+    FP8_RETURN_IF_ERROR(c.be->gemm_batched(qp.first, w, q_abs, g));
+    FP8_ASSIGN_OR_RETURN(Tensor qc, merge_heads(c, &a.rows, q_abs, qp.second, a.H, r, a.rope));
+    const Tensor k = cache.k.slice_rows(0, L);
+    FP8_ASSIGN_OR_RETURN(Tensor o_lat, new_f32(c, n, a.H * r));
+    FP8_RETURN_IF_ERROR(c.be->attention_cached(qc, k, k, a.H, 1, r, a.scale, o_lat));
+    GemmBatch u;
+    u.batch = a.H, u.M = n, u.N = a.vdim, u.K = r, u.trans_b = true;
+    u.lda = a.H * r, u.stride_a = r;
+    u.ldb = r, u.offset_b = a.nope * r, u.stride_b = hs;
+    u.ldc = a.H * a.vdim, u.stride_c = a.vdim;
+    FP8_RETURN_IF_ERROR(c.be->gemm_batched(o_lat, w, o, u));
+  }
+  // W_o reads the output rounded to bf16 outside FP32, as in the training forward.
+  if (c.precision != Precision::kFP32) FP8_RETURN_IF_ERROR(c.be->round_bf16(o, o));
+  return a.wo.forward(c, mb, o);
 }
 
 std::vector<Param*> Attention::params() {

@@ -12,6 +12,20 @@ namespace fp8pipe::model {
 // RoPE of the model's attention: model.rope_theta, with YaRN when model.rope_scaling.factor > 1.
 kernels::RopeSpec rope_spec(const config::Model& m);
 
+// Keys and values of one attention layer for the positions decoded so far (inference:
+// Attention::forward_cached, core/model/decode.h), [capacity, width] each, allocated at first use.
+//   latent (MLA, DeepSeek-V3's inference form): k holds [kv_norm(c_kv) | RoPE(k_rope)] per
+//     position (kv_lora_rank + rope dims, v unused); queries are absorbed through wkv_b's key part
+//     and the output through its value part, so every head attends to one shared latent head.
+//   heads (MHA; MLA with latent = false): k [.., H*dk] and v [.., H*vdim] per position, exactly
+//     the training forward's keys and values.
+struct AttnCache {
+  int64_t capacity = 0;
+  bool latent = true;
+  Tensor k, v;
+  int64_t bytes_per_position() const;  // 0 before first use
+};
+
 class Attention {
  public:
   // prefix e.g. "layers.3.attn"; parameter names follow DeepSeek-V3's checkpoint
@@ -22,6 +36,11 @@ class Attention {
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
   std::vector<Param*> params();
+  // Inference: x [n, hidden] are positions past..past+n-1 of one sequence whose earlier keys and
+  // values are in `cache`; appends theirs and returns the attention output [n, hidden]. Keeps no
+  // state for a backward (mb: the caller's inference key, kInferenceMb).
+  Result<Tensor> forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
+                                int64_t past);
   // Releases and restores the input the projections reading x keep for their weight gradients
   // (one shared operand), for a caller that recomputes x (train.recompute=rmsnorm). Restore
   // before backward_input: without a q latent, mla_up_proj's recompute reads it.

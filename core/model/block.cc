@@ -21,6 +21,18 @@ Result<Tensor> Block::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, i
   FP8_ASSIGN_OR_RETURN(Tensor xn, attn_norm_.forward(c, mb, x));
   FP8_ASSIGN_OR_RETURN(Tensor a, attn_.forward(c, mb, xn, B, T));
   if (c.recompute_norm) FP8_RETURN_IF_ERROR(attn_.drop_input(mb));  // rebuilt from x in B
+  return ffn_half(c, mb, x, a, B, T);
+}
+
+Result<Tensor> Block::forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
+                                     int64_t past) {
+  FP8_ASSIGN_OR_RETURN(Tensor xn, attn_norm_.forward(c, mb, x));
+  FP8_ASSIGN_OR_RETURN(Tensor a, attn_.forward_cached(c, mb, xn, cache, past));
+  return ffn_half(c, mb, x, a, 1, x.rows());
+}
+
+Result<Tensor> Block::ffn_half(ModelCtx& c, int mb, const Tensor& x, const Tensor& a, int64_t B,
+                               int64_t T) {
   FP8_ASSIGN_OR_RETURN(Tensor h, new_f32(c, x.rows(), x.cols()));
   FP8_RETURN_IF_ERROR(c.be->add(x, a, h));
   FP8_ASSIGN_OR_RETURN(Tensor hn, ffn_norm_.forward(c, mb, h));

@@ -35,6 +35,28 @@ Result<Tensor> Linear::weight_operand(ModelCtx& c, bool dgrad) {
   return bf16_path(c) ? wb_ : w_.value;
 }
 
+namespace {
+
+// A GEMM operand's fp32 values: FP8 dequantized, bf16 widened, fp32 itself.
+Result<Tensor> operand_f32(ModelCtx& c, const Tensor& t) {
+  if (t.dtype() == DType::kF32) return t;
+  FP8_ASSIGN_OR_RETURN(Tensor f, new_f32(c, t.rows(), t.cols()));
+  FP8_RETURN_IF_ERROR(is_fp8(t.dtype()) ? c.be->dequantize(t, f) : c.be->cast(t, f));
+  return f;
+}
+
+}  // namespace
+
+Result<Tensor> Linear::forward_weight_f32(ModelCtx& c) {
+  FP8_ASSIGN_OR_RETURN(Tensor w, weight_operand(c, false));
+  return operand_f32(c, w);
+}
+
+Result<Tensor> Linear::input_values_f32(ModelCtx& c, const Tensor& x) {
+  FP8_ASSIGN_OR_RETURN(Tensor p, prepare_input(c, x));
+  return operand_f32(c, p);
+}
+
 // GEMM of a [n, k] with b ([m, k] when trans_b, else [k, m]), both fp32 or both bf16, into fp32;
 // the result rounded to bf16 values unless FP32.
 Result<Tensor> Linear::gemm_out(ModelCtx& c, const Tensor& a, const Tensor& b, bool trans_b) {

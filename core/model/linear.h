@@ -52,6 +52,13 @@ class Linear {
   // its exact transpose for the input gradient (dgrad); the bf16 path's bf16 W; FP32 W itself.
   // Layers that run this weight's GEMMs themselves (RoutedExperts) take it from here.
   Result<Tensor> weight_operand(ModelCtx& c, bool dgrad);
+  // The fp32 values [out, in] of the weight the forward GEMM reads (FP8: the dequantized 128x128
+  // blocks; the bf16 path: the bf16 rounding; FP32: the master), for a caller computing with W's
+  // slices itself (MLA's absorbed decoding).
+  Result<Tensor> forward_weight_f32(ModelCtx& c);
+  // The fp32 values of the input operand the forward GEMM reads for x (FP8: x's 1x128
+  // quantization dequantized; the bf16 path: x rounded to bf16; FP32: x).
+  Result<Tensor> input_values_f32(ModelCtx& c, const Tensor& x);
 
   Param& weight() { return w_; }
   int64_t in() const { return in_; }

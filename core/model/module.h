@@ -56,6 +56,8 @@ struct ModelCtx {
   // train.recompute=mla_up_proj: MLA attention keeps only its projections' inputs and re-runs the
   // query and key/value up-projections in the backward (bitwise the same q, k, v).
   bool recompute_mla_up = false;
+  // The forward serves inference (core/model/decode.h): the MoE drops no tokens (no capacity).
+  bool inference = false;
   // train.recompute=rmsnorm: a block's two RMSNorm outputs are not held from F to B (the
   // attention's and FFN's Linears drop what they keep of them); the backward re-runs the norms
   // from their kept inputs and the Linears re-prepare them (bitwise the same).
@@ -103,11 +105,18 @@ struct Param {
 Status init_param(Backend& be, Param& p, std::string name, Shape shape, uint64_t seed, float std,
                   float fill = 0.0f);
 
+// The micro-batch key of inference (core/model/decode.h): no backward reads what a layer saves
+// under it (or under key * kSlots + depth), so each call replaces the last one's.
+constexpr int kInferenceMb = 1 << 26;
+
 // Saved activations per micro-batch. `take` removes the entry (the last user frees it).
 template <typename T>
 class PerMicrobatch {
  public:
-  T& put(int mb) { return m_[mb]; }
+  T& put(int mb) {
+    if (mb >= kInferenceMb) m_.erase(mb);  // inference keeps only its latest call's state
+    return m_[mb];
+  }
   Result<T*> get(int mb, const char* who) {
     auto it = m_.find(mb);
     if (it == m_.end()) {

@@ -727,7 +727,7 @@ Result<Tensor> MoE::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int
   s = Impl::Saved{};
   s.B = B;
   s.T = T;
-  s.direct = !c.ep && p.capacity_factor <= 0.0f;
+  s.direct = !c.ep && (p.capacity_factor <= 0.0f || c.inference);
   FP8_RETURN_IF_ERROR(p.route(c, mb, x, s));
   p.stats.tokens += x.rows();
   if (!s.direct) p.stats.aux_loss += p.balance_loss(s.r, B, T);

@@ -244,6 +244,85 @@ Status Model::backward(ModelCtx& c, int mb, float loss_scale) {
   return Status::Ok();
 }
 
+// ---- inference ----------------------------------------------------------------------------------
+
+int64_t KvCache::bytes_per_position() const {
+  int64_t b = 0;
+  for (const auto* v : {&blocks, &mtp})
+    for (const AttnCache& a : *v) b += a.bytes_per_position();
+  return b;
+}
+
+Result<KvCache> Model::new_cache(int64_t capacity, bool latent) const {
+  if (!part_.embed || !part_.head || part_.block_begin != 0 ||
+      static_cast<int>(blocks_.size()) != cfg_.layers()) {
+    return FP8_INVALID(
+        "decoding needs the whole model in one chunk (embedding, every block, head)");
+  }
+  if (capacity <= 0) return FP8_INVALID("decode cache: capacity {} must be > 0", capacity);
+  KvCache kv;
+  kv.blocks.resize(blocks_.size());
+  kv.mtp.resize(mtp_.size());
+  for (auto* v : {&kv.blocks, &kv.mtp}) {
+    for (AttnCache& a : *v) {
+      a.capacity = capacity;
+      a.latent = latent;
+    }
+  }
+  return kv;
+}
+
+Result<DecodeOut> Model::decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
+                                KvCache& cache) {
+  if (cache.blocks.size() != blocks_.size()) {
+    return FP8_INVALID("decode: a cache of {} blocks for a model of {}", cache.blocks.size(),
+                       blocks_.size());
+  }
+  const int mb = kInferenceMb;
+  DecodeOut out;
+  FP8_ASSIGN_OR_RETURN(Tensor ids, upload_i32(c, tokens));
+  FP8_ASSIGN_OR_RETURN(out.h, embed_.forward(c, mb * kSlots, ids));
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    FP8_ASSIGN_OR_RETURN(out.h, blocks_[i]->forward_cached(c, mb, out.h, cache.blocks[i], past));
+  }
+  FP8_ASSIGN_OR_RETURN(Tensor hn, final_norm_.forward(c, mb, out.h));
+  FP8_ASSIGN_OR_RETURN(out.logits, head_.forward(c, mb * kSlots, hn));
+  return out;
+}
+
+Result<DecodeOut> Model::mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
+                                    const std::vector<int32_t>& tokens, int64_t past,
+                                    KvCache& cache) {
+  if (k < 1 || k > static_cast<int>(mtp_.size()) || cache.mtp.size() != mtp_.size()) {
+    return FP8_INVALID("mtp_decode: depth {} of a model with {} MTP modules", k, mtp_.size());
+  }
+  if (h_prev.rows() != static_cast<int64_t>(tokens.size())) {
+    return FP8_INVALID("mtp_decode: {} hidden rows for {} tokens", h_prev.rows(), tokens.size());
+  }
+  Mtp& t = mtp_[k - 1];
+  const int key = kInferenceMb * kSlots + k;
+  FP8_ASSIGN_OR_RETURN(Tensor ids, upload_i32(c, tokens));
+  FP8_ASSIGN_OR_RETURN(Tensor e, embed_.forward(c, key, ids));
+  FP8_ASSIGN_OR_RETURN(Tensor en, t.enorm.forward(c, key, e));
+  FP8_ASSIGN_OR_RETURN(Tensor hn, t.hnorm.forward(c, key, h_prev));
+  FP8_ASSIGN_OR_RETURN(Tensor x, t.eh_e.forward(c, key, en));
+  FP8_ASSIGN_OR_RETURN(Tensor xh, t.eh_h.forward(c, key, hn));
+  FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, xh, x));
+  DecodeOut out;
+  FP8_ASSIGN_OR_RETURN(out.h, t.block->forward_cached(c, key, x, cache.mtp[k - 1], past));
+  FP8_ASSIGN_OR_RETURN(Tensor hkn, t.norm.forward(c, key, out.h));
+  FP8_ASSIGN_OR_RETURN(out.logits, head_.forward(c, key, hkn));
+  return out;
+}
+
+Result<Tensor> Model::held_logits(ModelCtx& c, int mb, int depth) {
+  FP8_ASSIGN_OR_RETURN(HeadSaved * hs, head_saved_.get(mb, "held_logits"));
+  if (depth < 0 || depth >= static_cast<int>(hs->logits.size()) || !hs->logits[depth].defined()) {
+    return FP8_INVALID("held_logits: no logits of depth {} for micro-batch {}", depth, mb);
+  }
+  return held_f32(c, hs->logits[depth]);
+}
+
 std::vector<Param*> Model::params() {
   std::vector<Param*> ps;
   if (part_.embed) ps.push_back(&embed_.weight());

@@ -43,6 +43,18 @@ struct ModelPart {
   bool embed = true, head = true;
 };
 
+// Inference state of a whole model (core/model/decode.h): the attention caches of the main
+// blocks and of each MTP depth's block.
+struct KvCache {
+  std::vector<AttnCache> blocks, mtp;
+  int64_t bytes_per_position() const;
+};
+// One inference forward: the hidden states (the last block's output, un-normed: h^0, or h^k of
+// an MTP depth) and the logits of its rows.
+struct DecodeOut {
+  Tensor h, logits;
+};
+
 class Model {
  public:
   Status init(ModelCtx& c, const config::Model& m, uint64_t seed, ModelPart part = {});
@@ -61,6 +73,20 @@ class Model {
   Result<LossParts> head_forward(ModelCtx& c, int mb, const Tensor& h, const MicroBatch& batch);
   Result<Tensor> head_backward_input(ModelCtx& c, int mb, float loss_scale);  // -> dh
   Status head_backward_weight(ModelCtx& c, int mb);
+
+  // Inference over a key/value cache (whole models only; layers keep nothing for a backward).
+  // new_cache: room for `capacity` positions; latent: MLA's latent cache (AttnCache).
+  Result<KvCache> new_cache(int64_t capacity, bool latent) const;
+  // tokens at positions past..past+n-1 of one sequence -> h^0 and the main head's logits.
+  Result<DecodeOut> decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
+                           KvCache& cache);
+  // MTP depth k (1-based) at positions past..past+n-1 of its own sequence: row i reads h^{k-1}_i
+  // (h_prev) and the token t_{i+k} (tokens[i]); -> h^k and logits predicting t_{i+k+1}.
+  Result<DecodeOut> mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
+                               const std::vector<int32_t>& tokens, int64_t past, KvCache& cache);
+  // The logits of depth `depth` (0: main) that forward computed for micro-batch mb, as fp32
+  // (held until its backward).
+  Result<Tensor> held_logits(ModelCtx& c, int mb, int depth);
 
   std::vector<Param*> params();  // every trained parameter, in a fixed order, names unique
   // Gradient buffers that belong to a parameter but are kept apart (the MTP path's embedding

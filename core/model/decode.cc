@@ -1,0 +1,140 @@
+#include "core/model/decode.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+namespace fp8pipe::model {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// The logits of rows [0, rows) on the host.
+Result<std::vector<float>> host_logits(ModelCtx& c, const Tensor& logits) {
+  FP8_ASSIGN_OR_RETURN(Tensor h, c.be->to_host(logits));
+  const float* p = h.data_as<float>();
+  return std::vector<float>(p, p + h.numel());
+}
+
+// A one-row view (row r) of h [n, hidden].
+Tensor row_of(const Tensor& h, int64_t r) { return h.slice_rows(r, r + 1); }
+
+}  // namespace
+
+int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, double u) {
+  if (temperature <= 0.0f) {
+    return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+  }
+  std::vector<int32_t> ids(V);
+  std::iota(ids.begin(), ids.end(), 0);
+  const int64_t k = top_k > 0 ? std::min(top_k, V) : V;
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  std::vector<double> w(k);
+  const double top = logits[ids[0]];
+  for (int64_t i = 0; i < k; ++i) w[i] = std::exp((logits[ids[i]] - top) / temperature);
+  double target = u * std::accumulate(w.begin(), w.end(), 0.0);
+  for (int64_t i = 0; i < k; ++i) {
+    if ((target -= w[i]) < 0) return ids[i];
+  }
+  return ids[k - 1];
+}
+
+Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
+                                const GenerateOptions& o) {
+  const int64_t P = static_cast<int64_t>(prompt.size()), V = m.config().vocab_size();
+  if (P == 0) return FP8_INVALID("generate: the prompt is empty (at least one token)");
+  if (o.max_new_tokens < 0) {
+    return FP8_INVALID("generate: max_new_tokens {} must be >= 0", o.max_new_tokens);
+  }
+  for (int32_t t : prompt) {
+    if (t < 0 || t >= V) return FP8_INVALID("generate: prompt token {} outside [0, {})", t, V);
+  }
+  if (o.speculative && o.temperature > 0.0f) {
+    return FP8_INVALID("generate: speculative decoding is greedy only (temperature {} > 0)",
+                       o.temperature);
+  }
+  if (o.speculative && m.config().mtp_depth() < 1) {
+    return FP8_INVALID("generate: speculative decoding needs an MTP module (model.mtp_depth is 0)");
+  }
+  const bool inference = c.inference;
+  c.inference = true;
+  struct Restore {
+    ModelCtx& c;
+    bool v;
+    ~Restore() { c.inference = v; }
+  } restore{c, inference};
+
+  GenerateResult r;
+  // Positions: the prompt, the new tokens, and one draft row beyond them.
+  FP8_ASSIGN_OR_RETURN(KvCache cache, m.new_cache(P + o.max_new_tokens + 2, o.latent_cache));
+  std::mt19937_64 rng(o.seed);
+  std::uniform_real_distribution<double> unif(0.0, 1.0);
+  auto pick = [&](const std::vector<float>& lg, int64_t row) {
+    return pick_token(lg.data() + row * V, V, o.temperature, o.top_k, unif(rng));
+  };
+  auto emit = [&](int32_t t) {  // true: generation ends here
+    r.tokens.push_back(t);
+    return std::find(o.stop.begin(), o.stop.end(), t) != o.stop.end() ||
+           static_cast<int64_t>(r.tokens.size()) >= o.max_new_tokens;
+  };
+
+  auto t0 = Clock::now();
+  FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, prompt, 0, cache));
+  FP8_ASSIGN_OR_RETURN(auto lg, host_logits(c, st.logits));
+  int64_t L = P;
+  int32_t next = pick(lg, P - 1);
+  int32_t draft = -1;
+  if (o.speculative) {  // MTP positions 0..P-1 read (h^0_j, t_{j+1}), the last one `next`
+    std::vector<int32_t> shifted(prompt.begin() + 1, prompt.end());
+    shifted.push_back(next);
+    FP8_ASSIGN_OR_RETURN(DecodeOut ms, m.mtp_decode(c, 1, st.h, shifted, 0, cache));
+    FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
+    draft = pick(ml, P - 1);
+  }
+  r.prefill_s = seconds_since(t0);
+  r.cache_bytes_per_position = cache.bytes_per_position();
+  t0 = Clock::now();
+  if (o.max_new_tokens == 0) return r;
+  while (!emit(next)) {
+    if (!o.speculative) {
+      FP8_ASSIGN_OR_RETURN(st, m.decode(c, {next}, L, cache));
+      FP8_ASSIGN_OR_RETURN(lg, host_logits(c, st.logits));
+      ++L;
+      ++r.main_steps;
+      next = pick(lg, 0);
+      continue;
+    }
+    // Verify: rows (next, draft) at positions L, L+1. Both main and MTP caches hold L positions.
+    FP8_ASSIGN_OR_RETURN(st, m.decode(c, {next, draft}, L, cache));
+    FP8_ASSIGN_OR_RETURN(lg, host_logits(c, st.logits));
+    ++r.main_steps;
+    ++r.drafted;
+    const int32_t g0 = pick(lg, 0);
+    DecodeOut ms;
+    if (draft == g0) {  // both rows stand: two tokens this step
+      ++r.accepted;
+      if (emit(draft)) break;
+      next = pick(lg, 1);
+      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, st.h, {draft, next}, L, cache));
+      L += 2;
+    } else {  // the draft's row is dropped (its cache row is overwritten next step)
+      next = g0;
+      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, row_of(st.h, 0), {next}, L, cache));
+      L += 1;
+    }
+    FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
+    draft = pick(ml, ms.logits.rows() - 1);
+  }
+  r.decode_s = seconds_since(t0);
+  return r;
+}
+
+}  // namespace fp8pipe::model
