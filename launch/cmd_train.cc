@@ -5,6 +5,7 @@
 // process, without MPI or devices (launch/dry_run.h).
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "core/config.h"
 #include "core/hf_import.h"
 #include "core/log.h"
+#include "core/model/decode.h"
 #include "launch/commands.h"
 #include "launch/dry_run.h"
 #include "launch/trainer.h"
@@ -235,6 +237,106 @@ int cmd_eval(int argc, char** argv) {
     fmt::print("entropy rate of the synthetic source {:.6f} (gap {:.4f})\n", syn->entropy_rate(),
                *loss - syn->entropy_rate());
   }
+  return 0;
+}
+
+// Text of byte-level tokens (core/data.h): ids < 256 are bytes, others print as <id>.
+std::string token_text(const std::vector<int32_t>& t) {
+  std::string s;
+  for (int32_t id : t) {
+    if (id >= 0 && id < 256) {
+      s.push_back(static_cast<char>(id));
+    } else {
+      s += fmt::format("<{}>", id);
+    }
+  }
+  return s;
+}
+
+int cmd_generate(int argc, char** argv) {
+  MpiSession mpi;
+  // "--flag=VALUE" as "--flag VALUE" for this command's own flags
+  const std::vector<std::string> own = {"--checkpoint",  "--prompt",  "--max-new-tokens",
+                                        "--temperature", "--top-k",   "--seed",
+                                        "--speculative", "--kv-cache"};
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    const size_t eq = a.find('=');
+    if (eq != std::string::npos &&
+        std::find(own.begin(), own.end(), a.substr(0, eq)) != own.end()) {
+      args.push_back(a.substr(0, eq));
+      args.push_back(a.substr(eq + 1));
+    } else {
+      args.push_back(a);
+    }
+  }
+  std::vector<char*> av;
+  for (auto& a : args) av.push_back(a.data());
+  std::string path;
+  std::vector<std::pair<std::string, std::string>> opts;
+  std::vector<std::string> ov;
+  if (Status s = parse_args(static_cast<int>(av.size()), av.data(), own, &path, &opts, &ov);
+      !s.ok())
+    return fail(s);
+  std::string ckpt, prompt = "\n", speculative = "none", kv = "latent";
+  model::GenerateOptions o;
+  try {
+    for (auto& [k, v] : opts) {
+      if (k == "--checkpoint") ckpt = v;
+      if (k == "--prompt") prompt = v;
+      if (k == "--max-new-tokens") o.max_new_tokens = std::stoll(v);
+      if (k == "--temperature") o.temperature = std::stof(v);
+      if (k == "--top-k") o.top_k = std::stoll(v);
+      if (k == "--seed") o.seed = std::stoull(v);
+      if (k == "--speculative") speculative = v;
+      if (k == "--kv-cache") kv = v;
+    }
+  } catch (const std::exception&) {
+    return fail(FP8_INVALID("generate: a numeric option has a value that is not a number"));
+  }
+  if (ckpt.empty()) {
+    return fail(FP8_INVALID(
+        "generate needs --checkpoint PATH (a model.safetensors written by train, its directory, "
+        "or a Hugging Face DeepseekV3 folder)"));
+  }
+  if (speculative != "none" && speculative != "mtp") {
+    return fail(FP8_INVALID("generate: --speculative '{}' is not one of: none, mtp", speculative));
+  }
+  if (kv != "latent" && kv != "heads") {
+    return fail(FP8_INVALID("generate: --kv-cache '{}' is not one of: latent, heads", kv));
+  }
+  if (o.temperature < 0 || o.top_k < 0) {
+    return fail(FP8_INVALID("generate: --temperature {} and --top-k {} must be >= 0", o.temperature,
+                            o.top_k));
+  }
+  o.speculative = speculative == "mtp";
+  o.latent_cache = kv == "latent";
+  o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
+  const bool hf_folder = hf::is_hf_folder(ckpt);
+  if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
+  auto cfg = load_for_world(path, ov, mpi.world);
+  if (!cfg.ok()) return fail(cfg.status());
+  if (mpi.world > 1) return fail(FP8_INVALID("generate runs on one process (mpirun -np 1)"));
+  auto trainer = Trainer::create(*cfg);
+  if (!trainer.ok()) return fail(trainer.status());
+  if (Status s = hf_folder ? (*trainer)->init_from(ckpt) : (*trainer)->load_model(ckpt); !s.ok())
+    return fail(s);
+  std::vector<int32_t> ids;
+  for (unsigned char b : prompt) ids.push_back(b);
+  auto r = model::generate((*trainer)->ctx(), (*trainer)->model(), ids, o);
+  if (!r.ok()) return fail(r.status());
+  fmt::print("{}{}\n", prompt, token_text(r->tokens));
+  const double n = static_cast<double>(r->tokens.size());
+  log::info(
+      "generated {} tokens: prefill {} tokens {:.3f} s, decode {:.3f} s ({:.1f} tokens/s, {} main "
+      "steps){}; cache {} B a position ({} cache)",
+      r->tokens.size(), ids.size(), r->prefill_s, r->decode_s,
+      r->decode_s > 0 ? (n - 1) / r->decode_s : 0.0, r->main_steps,
+      o.speculative ? fmt::format(", MTP drafts accepted {} of {} ({:.1f}%)", r->accepted,
+                                  r->drafted, r->drafted ? 100.0 * r->accepted / r->drafted : 0.0)
+                    : std::string(),
+      r->cache_bytes_per_position, kv);
   return 0;
 }
 

@@ -18,6 +18,7 @@ int cmd_quantize(int argc, char** argv);      // quantize a safetensors file to 
 int cmd_bench(int argc, char** argv);         // micro-benchmarks (CPU; GPU when built with CUDA)
 int cmd_train(int argc, char** argv);         // train a model from a config
 int cmd_eval(int argc, char** argv);          // held-out loss of a saved model
+int cmd_generate(int argc, char** argv);      // sample text from a saved model
 int cmd_ckpt(int argc, char** argv);          // inspect, verify, export checkpoints
 int cmd_prepare_data(int argc, char** argv);  // byte-level text -> token files
 int cmd_schedule(int argc, char** argv);      // print + validate a pipeline schedule

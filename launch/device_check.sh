@@ -253,6 +253,40 @@ train_tiny_ep_gpu_vs_cpu() {
     --precision.attn_out_cache=e5m6
 }
 
+# `fp8pipe generate` on the GPU next to the CPU (Backend::attention_cached, the latent cache's
+# absorbed GEMMs, MTP speculative decoding): a model of configs/tiny at init_std 0.1 (saved after
+# one CPU step), greedy 64 tokens on each device in FP32 with the latent cache, plain and with
+# --speculative mtp, then FP8 plain. FP32 texts must be the same on both devices (logits differ by
+# summation order only, far below the gaps between this model's top logits); FP8 is reported.
+generate_gpu_vs_cpu() {
+  local bin dir=$LOG/generate dev mode text
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  mkdir -p "$dir"
+  local cfg=(configs/tiny.textproto --model.init_std=0.1 --train.eval_every=0 --checkpoint.dir=
+    --checkpoint.every=0 --optim.warmup_steps=1)
+  fp8 "$bin" train "${cfg[@]}" --precision.mode=FP32 --train.steps=1 --train.device=cpu \
+    --save "$dir/model.safetensors" || return $?
+  [[ -n ${VALIDATE_ONLY:-} ]] && return 0
+  local fail=0
+  for mode in FP32:none FP32:mtp FP8:none; do
+    for dev in cuda cpu; do
+      "$bin" generate "${cfg[@]}" "--precision.mode=${mode%:*}" --train.device=$dev \
+        --checkpoint "$dir/model.safetensors" --prompt "fp8pipe " --max-new-tokens 64 \
+        "--speculative=${mode#*:}" >"$dir/${mode/:/_}_$dev.txt" 2>"$dir/${mode/:/_}_$dev.log" || return $?
+      echo "generate ${mode/:/ speculative=} $dev: $(grep -o 'decode .*' "$dir/${mode/:/_}_$dev.log")"
+    done
+    if cmp -s "$dir/${mode/:/_}_cuda.txt" "$dir/${mode/:/_}_cpu.txt"; then
+      text=same
+    else
+      text=different
+      [[ ${mode%:*} == FP32 ]] && fail=1
+    fi
+    echo "generate ${mode/:/ speculative=}: cuda and cpu text $text"
+  done
+  return $fail
+}
+
 # configs/small.textproto on the GPU, FP8 then BF16 with the optimizer on the GPU
 # (optim.placement=auto), then FP8 with the host optimizer (placement=host: gradient downloads,
 # fp64 sums and AdamW on the host, weight uploads): a few steps each (shrunk batch), tokens/s from
@@ -339,7 +373,7 @@ expert_gemms() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms
+export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms generate_gpu_vs_cpu
 
 step env 30 env_info
 [[ -f $LOG/env.log ]] && cat "$LOG/env.log"
@@ -373,6 +407,7 @@ step small_op_profile 150 small_op_profile
 step moe_host 60 moe_host
 step expert_gemms 60 expert_gemms
 step train_tiny_ep_gpu_vs_cpu 60 train_tiny_ep_gpu_vs_cpu
+step generate_gpu_vs_cpu 60 generate_gpu_vs_cpu
 
 # ---- summary (last) ----
 echo
@@ -395,8 +430,9 @@ fi
 if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
 fi
-for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu small_fp8_vs_bf16; do
-  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |train_ep |small )" "$LOG/$f.log"
+for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu small_fp8_vs_bf16 \
+  generate_gpu_vs_cpu; do
+  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |train_ep |small |generate )" "$LOG/$f.log"
 done
 # FP8 GEMM shapes off cuBLASLt's rules (logged once per shape and run): zero-padded onto it, or on
 # the dequantize + fp32 fallback (which should stay at 0).

@@ -21,6 +21,9 @@ constexpr Command kCommands[] = {
      "bf16|fp32|fp8]"},
     {"eval", fp8pipe::cli::cmd_eval,
      "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model (or HF folder)"},
+    {"generate", fp8pipe::cli::cmd_generate,
+     "CONFIG --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] "
+     "[--seed S] [--speculative none|mtp] [--kv-cache latent|heads]   sample text"},
     {"config", fp8pipe::cli::cmd_config,
      "CONFIG [--a.b=v ...]   print the resolved config (after overrides) and validate it"},
     {"quantize", fp8pipe::cli::cmd_quantize,

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# End-to-end test of `fp8pipe generate`: a tiny model trains for a few steps on byte-level text
+# (prepare-data) and saves its model; generate then reads it back and
+#  - prints the prompt followed by --max-new-tokens byte tokens (or fewer, ending at the
+#    end-of-document id), the same text on every greedy run;
+#  - with --speculative mtp (MTP depth 1 drafts, verified by the main model) prints the same text
+#    as plain greedy decoding and reports its drafts and acceptances;
+#  - in FP32, the latent cache (MLA's absorbed form) and the per-head cache give the same text;
+#  - sampling is reproducible for a seed and changes with it;
+#  - bad options are refused naming the option, its value and the valid choices.
+# Usage (CTest): bash generate_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+# shellcheck source=tests/scripts/test_lib.sh
+source "$(dirname "$0")/test_lib.sh"
+test_init "$@"
+
+python3 - "$TMP/corpus.txt" <<'PY' || { echo "FAIL: could not write the corpus"; exit 1; }
+import random, sys
+random.seed(5)
+words = ["pipeline", "expert", "token", "scale", "block", "rank", "stage", "layer"]
+with open(sys.argv[1], "w") as f:
+    for _ in range(3000):
+        f.write(" ".join(random.choice(words) for _ in range(8)) + ".\n")
+PY
+"$BIN" prepare-data "$TMP/data" "$TMP/corpus.txt" --format megatron >"$TMP/prep.out" 2>&1 ||
+  bad "prepare-data: $(cat "$TMP/prep.out")"
+
+cfg=("$SRC/configs/tiny.textproto" --data.source=megatron "--data.path=$TMP/data"
+  --model.vocab_size=257 --train.seq_len=32)
+for mode in FP8 FP32; do
+  if "$BIN" train "${cfg[@]}" "--precision.mode=$mode" --train.steps=20 --optim.warmup_steps=1 \
+    --train.eval_every=0 --checkpoint.every=0 --checkpoint.dir= --save "$TMP/$mode.safetensors" \
+    >"$TMP/train_$mode.out" 2>&1; then
+    ok "train $mode 20 steps and save"
+  else
+    bad "train $mode: $(tail -5 "$TMP/train_$mode.out")"
+  fi
+done
+
+gen() {  # gen NAME MODE ARGS...: stdout to $TMP/NAME.txt, log to $TMP/NAME.log
+  local name=$1 mode=$2
+  shift 2
+  "$BIN" generate "${cfg[@]}" "--precision.mode=$mode" --checkpoint "$TMP/$mode.safetensors" \
+    --prompt "stage rank " "$@" >"$TMP/$name.txt" 2>"$TMP/$name.log"
+}
+
+gen greedy FP8 --max-new-tokens 64 || bad "greedy: $(tail -3 "$TMP/greedy.log")"
+gen greedy2 FP8 --max-new-tokens 64 || bad "greedy again: $(tail -3 "$TMP/greedy2.log")"
+text=$(cat "$TMP/greedy.txt")
+case "$text" in
+  "stage rank "*) ok "the output starts with the prompt" ;;
+  *) bad "output does not start with the prompt: '$text'" ;;
+esac
+# the prompt (11 bytes) plus 64 one-byte tokens (the corpus is ASCII; fewer if it ended)
+n=$(($(head -c -1 "$TMP/greedy.txt" | wc -c) - 11))
+if [ "$n" -ge 1 ] && [ "$n" -le 64 ] && grep -q "generated $n tokens" "$TMP/greedy.log"; then
+  ok "$n new tokens printed and reported"
+else
+  bad "$n new bytes; log: $(grep generated "$TMP/greedy.log")"
+fi
+cmp -s "$TMP/greedy.txt" "$TMP/greedy2.txt" && ok "greedy decoding repeats" ||
+  bad "two greedy runs differ"
+
+gen spec FP8 --max-new-tokens 64 --speculative mtp || bad "speculative: $(tail -3 "$TMP/spec.log")"
+cmp -s "$TMP/greedy.txt" "$TMP/spec.txt" && ok "MTP speculative decoding gives greedy's text" ||
+  bad "speculative text differs: '$(cat "$TMP/spec.txt")' vs '$text'"
+if grep -Eq "MTP drafts accepted [0-9]+ of [1-9][0-9]* \([0-9.]+%\)" "$TMP/spec.log"; then
+  ok "speculative run reports $(grep -Eo "accepted [0-9]+ of [0-9]+" "$TMP/spec.log")"
+else
+  bad "no acceptance line: $(grep generated "$TMP/spec.log")"
+fi
+
+gen latent32 FP32 --max-new-tokens 48 --kv-cache latent || bad "latent FP32"
+gen heads32 FP32 --max-new-tokens 48 --kv-cache heads || bad "heads FP32"
+cmp -s "$TMP/latent32.txt" "$TMP/heads32.txt" && ok "FP32: latent and per-head caches agree" ||
+  bad "FP32 caches differ: '$(cat "$TMP/latent32.txt")' vs '$(cat "$TMP/heads32.txt")'"
+grep -q "cache 640 B a position (latent cache)" "$TMP/latent32.log" &&
+  grep -q "cache 2560 B a position (heads cache)" "$TMP/heads32.log" &&
+  ok "latent cache: 640 B a position (4 layers x (32 + 8) floats), heads: 2560 (x 4 heads x 40)" ||
+  bad "cache sizes: $(grep -ho "cache [0-9]* B.*" "$TMP/latent32.log" "$TMP/heads32.log")"
+
+gen s1 FP8 --max-new-tokens 40 --temperature 1.0 --seed 1 || bad "sample seed 1"
+gen s1b FP8 --max-new-tokens 40 --temperature 1.0 --seed 1 || bad "sample seed 1 again"
+gen s2 FP8 --max-new-tokens 40 --temperature 1.0 --seed 2 || bad "sample seed 2"
+cmp -s "$TMP/s1.txt" "$TMP/s1b.txt" && ok "sampling repeats for a seed" || bad "seed 1 twice differs"
+cmp -s "$TMP/s1.txt" "$TMP/s2.txt" && bad "seeds 1 and 2 gave the same text" ||
+  ok "another seed samples other text"
+
+refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
+  local pat=$1
+  shift
+  if "$BIN" generate "${cfg[@]}" "$@" >"$TMP/refuse.out" 2>&1; then
+    bad "accepted: $*"
+  elif grep -q -- "$pat" "$TMP/refuse.out"; then
+    ok "refused $* ($pat)"
+  else
+    bad "refusal of $* does not say '$pat': $(cat "$TMP/refuse.out")"
+  fi
+}
+refuse "needs --checkpoint PATH"
+refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
+refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
+refuse "greedy only" --checkpoint "$TMP/FP8.safetensors" --speculative mtp --temperature 0.7
+refuse "needs an MTP module" --checkpoint "$TMP/FP32.safetensors" --precision.mode=FP32 \
+  --model.mtp_depth=0 --speculative=mtp
+
+test_summary
