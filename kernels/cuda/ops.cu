@@ -284,6 +284,23 @@ __device__ __forceinline__ int64_t row_off(int64_t b, int64_t t, int64_t h, cons
   return ((b * a.T + t) * a.H + h) * d;
 }
 
+// One key of an online softmax: score s of value row vj (lane's columns lane + 32 t of dv) into
+// the running max m, normalizer l and unnormalized output acc.
+template <int N>
+__device__ __forceinline__ void online_softmax_step(float s, const float* vj, int64_t dv, int lane,
+                                                    float& m, float& l, float (&acc)[N]) {
+  const float mn = fmaxf(m, s);
+  const float corr = expf(m - mn);
+  const float p = expf(s - mn);
+  l = l * corr + p;
+#pragma unroll
+  for (int t = 0; t < N; ++t) {
+    const int64_t c = lane + 32 * t;
+    if (c < dv) acc[t] = acc[t] * corr + p * vj[c];
+  }
+  m = mn;
+}
+
 __global__ void k_attn_fwd(const float* q, const float* k, const float* v, AttnArgs a, float* o,
                            float* lse) {
   const int64_t wid = gtid() / 32;
@@ -297,17 +314,7 @@ __global__ void k_attn_fwd(const float* q, const float* k, const float* v, AttnA
   float m = -INFINITY, l = 0.0f;
   for (int64_t j = 0; j <= i; ++j) {
     const float s = dot_row(qr, k + row_off(b, j, h, a, a.dk), a.dk, lane) * a.scale;
-    const float mn = fmaxf(m, s);
-    const float corr = expf(m - mn);
-    const float p = expf(s - mn);
-    l = l * corr + p;
-    const float* vj = v + row_off(b, j, h, a, a.dv);
-#pragma unroll
-    for (int t = 0; t < kMaxPerLane; ++t) {
-      const int64_t c = lane + 32 * t;
-      if (c < a.dv) acc[t] = acc[t] * corr + p * vj[c];
-    }
-    m = mn;
+    online_softmax_step(s, v + row_off(b, j, h, a, a.dv), a.dv, lane, m, l, acc);
   }
   const float inv_l = 1.0f / l;
   float* oi = o + row_off(b, i, h, a, a.dv);
@@ -349,17 +356,7 @@ __global__ void k_attn_cached(const float* q, const float* k, const float* v, De
       if (c < a.dk) part += qr[t] * kj[c];
     }
     const float s = warp_sum(part) * a.scale;
-    const float mn = fmaxf(m, s);
-    const float corr = expf(m - mn);
-    const float p = expf(s - mn);
-    l = l * corr + p;
-    const float* vj = v + j * a.v_ld + g * a.dv;
-#pragma unroll
-    for (int t = 0; t < kDecodePerLane; ++t) {
-      const int64_t c = lane + 32 * t;
-      if (c < a.dv) acc[t] = acc[t] * corr + p * vj[c];
-    }
-    m = mn;
+    online_softmax_step(s, v + j * a.v_ld + g * a.dv, a.dv, lane, m, l, acc);
   }
   const float inv_l = 1.0f / l;
 #pragma unroll

@@ -113,6 +113,19 @@ config::Config tiny(const std::string& mode, std::vector<std::string> extra = {}
   return *cfg;
 }
 
+// A model of the tiny config (init_std 0.1) on the CPU backend, with the config's context.
+struct TinyModel {
+  explicit TinyModel(const std::string& mode, uint64_t seed = 11,
+                     std::vector<std::string> extra = {})
+      : cfg(tiny(mode, std::move(extra))), be(make_cpu_backend()), c(make_ctx(cfg, be.get())) {
+    EXPECT_TRUE(m.init(c, cfg.model(), seed).ok());
+  }
+  config::Config cfg;
+  std::unique_ptr<Backend> be;
+  ModelCtx c;
+  Model m;
+};
+
 std::vector<int32_t> sequence(int64_t n, int V) {
   std::vector<int32_t> t;
   for (int64_t i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((i * 37 + 11) % V));
@@ -198,11 +211,8 @@ class DecodeVsTraining : public ::testing::TestWithParam<DecodeCase> {};
 // FP8 34% of the mode's distance, at init_std 0.1 where FP8 is 45% from FP32).
 TEST_P(DecodeVsTraining, LogitsMatchTheTrainingForward) {
   const DecodeCase& p = GetParam();
-  const auto cfg = tiny(p.mode);
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 7).ok());
+  TinyModel tm(p.mode, 7);
+  auto& [cfg, be, c, m] = tm;
   const auto t = sequence(14, cfg.model().vocab_size());
   const Logits ref = training_logits(c, m, t);
   const Logits got = decoded_logits(c, m, t, 5, p.latent);
@@ -242,11 +252,8 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return info.param.mode + (info.param.latent ? "_latent" : "_heads"); });
 
 TEST(DecodeVsTraining, MhaModelsCacheHeads) {
-  const auto cfg = tiny("FP32", {"--model.attention=MHA", "--model.head_dim=16"});
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 7).ok());
+  TinyModel tm("FP32", 7, {"--model.attention=MHA", "--model.head_dim=16"});
+  auto& [cfg, be, c, m] = tm;
   const auto t = sequence(10, cfg.model().vocab_size());
   const Logits ref = training_logits(c, m, t);
   const Logits got = decoded_logits(c, m, t, 3, /*latent=*/true);  // ignored for MHA
@@ -255,11 +262,8 @@ TEST(DecodeVsTraining, MhaModelsCacheHeads) {
 }
 
 TEST(DecodeCache, LatentHoldsFewerBytes) {
-  const auto cfg = tiny("FP32");
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 7).ok());
+  TinyModel tm("FP32", 7);
+  auto& [cfg, be, c, m] = tm;
   c.inference = true;
   const config::Mla& a = cfg.model().mla();
   const int64_t layers = cfg.model().layers() + cfg.model().mtp_depth(), H = cfg.model().heads();
@@ -301,11 +305,8 @@ std::vector<int32_t> greedy_by_full_forward(ModelCtx& c, Model& m, std::vector<i
 }
 
 TEST(Generate, GreedyMatchesRerunningTheTrainingForward) {
-  const auto cfg = tiny("FP32");
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 11).ok());
+  TinyModel tm("FP32", 11);
+  auto& [cfg, be, c, m] = tm;
   const std::vector<int32_t> prompt = {72, 101, 108, 108, 111};
   model::GenerateOptions o;
   o.max_new_tokens = 12;
@@ -363,11 +364,8 @@ TEST(Generate, SpeculativeOnATrainedModelTakesBothPaths) {
 }
 
 TEST(Generate, SamplingIsSeededAndTopOneIsGreedy) {
-  const auto cfg = tiny("FP32");
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 11).ok());
+  TinyModel tm("FP32", 11);
+  auto& [cfg, be, c, m] = tm;
   model::GenerateOptions o;
   o.max_new_tokens = 16;
   auto greedy = model::generate(c, m, {7, 8, 9}, o);
@@ -399,11 +397,8 @@ TEST(Generate, PickTokenSamplesTheSoftmax) {
 }
 
 TEST(Generate, StopsAtAStopTokenAndRefusesBadOptions) {
-  const auto cfg = tiny("FP32");
-  auto be = make_cpu_backend();
-  ModelCtx c = make_ctx(cfg, be.get());
-  Model m;
-  ASSERT_TRUE(m.init(c, cfg.model(), 11).ok());
+  TinyModel tm("FP32", 11);
+  auto& [cfg, be, c, m] = tm;
   model::GenerateOptions o;
   o.max_new_tokens = 10;
   auto full = model::generate(c, m, {1, 2}, o);
