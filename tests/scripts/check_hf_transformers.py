@@ -7,6 +7,7 @@ install; without them it prints 'skipped: transformers/torch not installed' and 
 
   check_hf_transformers.py HF_DIR MODEL.safetensors --fp8pipe BIN --config CONFIG
       [--set=--a.b=v ...] [--hf key=value ...] [--tol 1e-5] [--tokens FILE] [--seed N]
+      [--generate N]
 
 MODEL.safetensors is the fp8pipe model-only file of the same checkpoint (train's
 <checkpoint.dir>/model.safetensors or `fp8pipe ckpt export DIR OUT.safetensors`); CONFIG plus the
@@ -26,6 +27,12 @@ top topk/topk_group biased affinities, transformers by its top 2), the as-export
 reported, and the check is run again with group-limited routing off on both sides
 (--model.moe.n_groups=1 --model.moe.max_nodes=0; n_group=1 topk_group=1). --hf overrides
 config.json fields at load time.
+
+--generate N (fp32 folders): greedy decoding too. transformers' generate (its own per-head
+key/value cache) continues an ASCII prompt by N tokens; `fp8pipe generate` in FP32 must give the
+same N tokens with the latent cache (MLA's absorbed form), with the per-head cache and, where the
+model has an MTP module, with MTP speculative decoding (on the routing setting the CE check runs
+exactly).
 """
 import argparse
 import json
@@ -129,6 +136,29 @@ def hf_mean_ce(hf_dir, cfg, rows, hf_over):
     return ce, len(info["unexpected_keys"])
 
 
+def hf_greedy(hf_dir, over, prompt, n):
+    """transformers' greedy continuation of the byte ids of `prompt` by exactly n tokens."""
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, torch_dtype=torch.float32, attn_implementation="eager", **over)
+    model.eval()
+    x = torch.tensor([list(prompt)], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def fp8pipe_greedy(args, sets, prompt, n, extra):
+    """`fp8pipe generate` (FP32) continuing `prompt` by n tokens; the new byte ids."""
+    cmd = [args.fp8pipe, "generate", args.config, "--checkpoint", args.model,
+           "--precision.mode=FP32", "--prompt", prompt.decode("ascii"),
+           "--max-new-tokens", str(n)] + extra + sets
+    r = subprocess.run(cmd, capture_output=True)
+    if r.returncode != 0 or not r.stdout.startswith(prompt):
+        sys.exit(f"FAIL: {' '.join(cmd)}\n{r.stdout!r}{r.stderr.decode(errors='replace')}")
+    return list(r.stdout[len(prompt):].rstrip(b"\n")), r.stderr.decode(errors="replace")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("hf_dir")
@@ -139,6 +169,8 @@ def main():
     p.add_argument("--hf", action="append", default=[], help="config.json override key=value")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also compare N greedy tokens (fp32 folders)")
     p.add_argument("--tokens", help="uint16 token file to use (its first 64*seq_len+1 ids) "
                    "instead of a generated Markov chain")
     args = p.parse_args()
@@ -184,6 +216,24 @@ def main():
             print(f"{label}: mean CE over {len(rows)}x{T} held-out tokens: transformers "
                   f"{ce_hf:.6f}, fp8pipe {ce_ours:.6f}, rel diff {rel:.2e} ({note})")
             failed |= checked and rel > args.tol
+            if args.generate and checked and folder_dtype == "float32":
+                prompt = b"fp8pipe "
+                want = hf_greedy(args.hf_dir, over, prompt, args.generate)
+                ways = [[], ["--kv-cache", "heads"]]
+                if (cfg.get("num_nextn_predict_layers", 0) > 0 and
+                        "--model.mtp_depth=0" not in sets):
+                    ways.append(["--speculative", "mtp"])
+                for extra in ways:
+                    got, log = fp8pipe_greedy(args, sets, prompt, args.generate, extra)
+                    same = got == want
+                    acc = re.search(r"MTP drafts accepted \d+ of \d+", log)
+                    print(f"{label}: greedy {args.generate} tokens after {prompt!r}, fp8pipe "
+                          f"{' '.join(extra) or '--kv-cache latent'}"
+                          f"{' (' + acc.group(0) + ')' if acc else ''}: "
+                          f"{'the same as' if same else 'DIFFERENT from'} transformers")
+                    if not same:
+                        print(f"  transformers {want}\n  fp8pipe      {got}")
+                    failed |= not same
     print(f"transformers {transformers.__version__}, torch {torch.__version__}: {args.hf_dir} "
           f"({folder_dtype}) loads as DeepseekV3ForCausalLM, no weight missing, "
           f"{unused} MTP tensors unused")

@@ -64,13 +64,17 @@ PY
 python3 "$CHECK" "$TMP/hf_ema" "$TMP/ema.safetensors" || die "ema folder check"
 
 # Optional: both folders load in transformers and compute what fp8pipe computes (mean CE vs
-# `fp8pipe eval`, FP32). torch and transformers are not installed by launch/setup.sh;
+# `fp8pipe eval`, FP32; for the fp32 folders also greedy decoding, `fp8pipe generate` against
+# transformers' generate). torch and transformers are not installed by launch/setup.sh;
 # FP8PIPE_HF_PYTHON may name a Python that has them (docs/HF_EXPORT.md, "Loading in transformers").
 HF_PY=${FP8PIPE_HF_PYTHON:-python3}
 if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
   for d in hf_bf16 hf_fp32; do
+    gen=()
+    [ $d = hf_fp32 ] && gen=(--generate 32)  # and greedy decoding against transformers'
     "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/$d" "$TMP/model.safetensors" \
-      --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" || die "transformers check ($d)"
+      --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" "${gen[@]}" ||
+      die "transformers check ($d)"
   done
 else
   echo "transformers checks skipped (both exports, the YaRN export, a transformers-made model):" \
@@ -102,7 +106,7 @@ if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
   SETS=()
   for a in "${YARN[@]}"; do SETS+=("--set=$a"); done
   "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/hf_yarn" "$TMP/yarn.safetensors" \
-    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" "${SETS[@]}" ||
+    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" "${SETS[@]}" --generate 32 ||
     die "transformers check (yarn)"
 fi
 
@@ -149,7 +153,8 @@ if "$HF_PY" -c 'import torch, transformers' 2>/dev/null; then
   "$HF_PY" "$SRC/tests/scripts/make_hf_random.py" "$TMP/hf_fp32/config.json" "$TMP/hf_rand" ||
     die "making a transformers model"
   "$HF_PY" "$SRC/tests/scripts/check_hf_transformers.py" "$TMP/hf_rand" "$TMP/hf_rand" \
-    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" --set=--model.mtp_depth=0 ||
+    --fp8pipe "$BIN" --config "$SRC/configs/tiny.textproto" --set=--model.mtp_depth=0 \
+    --generate 32 ||
     die "transformers check (a transformers-made model read by fp8pipe)"
 fi
 
