@@ -95,10 +95,12 @@ fp8() {
     fi
     return
   fi
-  local a out=()
+  local a out=() skip=0
   for a in "$@"; do
+    ((skip)) && { skip=0; continue; }
     case $a in
       train) out+=(config) ;;
+      --save) skip=1 ;; # train's output path: not a config field
       --train.device=cuda) out+=(--train.device=cpu) ;;
       --log.*) ;; # outputs: not validated
       *) out+=("$a") ;;
