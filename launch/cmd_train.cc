@@ -201,6 +201,28 @@ int cmd_train(int argc, char** argv) {
   return 0;
 }
 
+// A saved model for `command` (eval, generate) on one process: the config of `path` with the
+// overrides, then the weights of `ckpt`: a model.safetensors written by train, its directory, or a
+// Hugging Face DeepseekV3 folder (read by name, core/hf_import.h).
+Result<std::unique_ptr<Trainer>> load_saved_model(const MpiSession& mpi, const char* command,
+                                                  const std::string& path,
+                                                  const std::vector<std::string>& ov,
+                                                  std::string ckpt) {
+  if (ckpt.empty()) {
+    return FP8_INVALID(
+        "{} needs --checkpoint PATH (a model.safetensors written by train, its directory, or a "
+        "Hugging Face DeepseekV3 folder)",
+        command);
+  }
+  const bool hf_folder = hf::is_hf_folder(ckpt);
+  if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
+  FP8_ASSIGN_OR_RETURN(auto cfg, load_for_world(path, ov, mpi.world));
+  if (mpi.world > 1) return FP8_INVALID("{} runs on one process (mpirun -np 1)", command);
+  FP8_ASSIGN_OR_RETURN(auto trainer, Trainer::create(cfg));
+  FP8_RETURN_IF_ERROR(hf_folder ? trainer->init_from(ckpt) : trainer->load_model(ckpt));
+  return trainer;
+}
+
 int cmd_eval(int argc, char** argv) {
   MpiSession mpi;
   std::string path;
@@ -214,25 +236,13 @@ int cmd_eval(int argc, char** argv) {
     if (k == "--checkpoint") ckpt = v;
     if (k == "--batches") batches = std::stoll(v);
   }
-  if (ckpt.empty())
-    return fail(
-        FP8_INVALID("eval needs --checkpoint PATH (a model.safetensors written by train, its "
-                    "directory, or a Hugging Face DeepseekV3 folder)"));
-  // A Hugging Face DeepseekV3 folder is read by name (core/hf_import.h); another directory is
-  // a train run's, whose model.safetensors is read.
-  const bool hf_folder = hf::is_hf_folder(ckpt);
-  if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
-  auto cfg = load_for_world(path, ov, mpi.world);
-  if (!cfg.ok()) return fail(cfg.status());
-  if (mpi.world > 1) return fail(FP8_INVALID("eval runs on one process (mpirun -np 1)"));
-  auto trainer = Trainer::create(*cfg);
+  auto trainer = load_saved_model(mpi, "eval", path, ov, ckpt);
   if (!trainer.ok()) return fail(trainer.status());
-  if (Status s = hf_folder ? (*trainer)->init_from(ckpt) : (*trainer)->load_model(ckpt); !s.ok())
-    return fail(s);
-  auto loss = (*trainer)->evaluate(batches > 0 ? batches : cfg->train().eval_batches());
+  if (batches <= 0) batches = (*trainer)->config().train().eval_batches();
+  auto loss = (*trainer)->evaluate(batches);
   if (!loss.ok()) return fail(loss.status());
-  fmt::print("eval loss {:.6f} nats/token ({} held-out batches, step {})\n", *loss,
-             batches > 0 ? batches : cfg->train().eval_batches(), (*trainer)->step());
+  fmt::print("eval loss {:.6f} nats/token ({} held-out batches, step {})\n", *loss, batches,
+             (*trainer)->step());
   if (const auto* syn = (*trainer)->synthetic()) {
     fmt::print("entropy rate of the synthetic source {:.6f} (gap {:.4f})\n", syn->entropy_rate(),
                *loss - syn->entropy_rate());
@@ -295,11 +305,6 @@ int cmd_generate(int argc, char** argv) {
   } catch (const std::exception&) {
     return fail(FP8_INVALID("generate: a numeric option has a value that is not a number"));
   }
-  if (ckpt.empty()) {
-    return fail(FP8_INVALID(
-        "generate needs --checkpoint PATH (a model.safetensors written by train, its directory, "
-        "or a Hugging Face DeepseekV3 folder)"));
-  }
   if (speculative != "none" && speculative != "mtp") {
     return fail(FP8_INVALID("generate: --speculative '{}' is not one of: none, mtp", speculative));
   }
@@ -313,15 +318,8 @@ int cmd_generate(int argc, char** argv) {
   o.speculative = speculative == "mtp";
   o.latent_cache = kv == "latent";
   o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
-  const bool hf_folder = hf::is_hf_folder(ckpt);
-  if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
-  auto cfg = load_for_world(path, ov, mpi.world);
-  if (!cfg.ok()) return fail(cfg.status());
-  if (mpi.world > 1) return fail(FP8_INVALID("generate runs on one process (mpirun -np 1)"));
-  auto trainer = Trainer::create(*cfg);
+  auto trainer = load_saved_model(mpi, "generate", path, ov, ckpt);
   if (!trainer.ok()) return fail(trainer.status());
-  if (Status s = hf_folder ? (*trainer)->init_from(ckpt) : (*trainer)->load_model(ckpt); !s.ok())
-    return fail(s);
   std::vector<int32_t> ids;
   for (unsigned char b : prompt) ids.push_back(b);
   auto r = model::generate((*trainer)->ctx(), (*trainer)->model(), ids, o);

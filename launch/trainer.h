@@ -89,6 +89,7 @@ class Trainer {
   bool stopped_early() const { return stopped_early_; }
 
   int64_t step() const { return step_; }
+  const config::Config& config() const { return cfg_; }
   model::Model& model() { return *model_; }  // this rank's first chunk (the whole model on one)
   bool is_root() const { return world_rank_ == 0; }
   model::ModelCtx& ctx() { return ctx_; }
