@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -266,9 +267,9 @@ std::string token_text(const std::vector<int32_t>& t) {
 int cmd_generate(int argc, char** argv) {
   MpiSession mpi;
   // "--flag=VALUE" as "--flag VALUE" for this command's own flags
-  const std::vector<std::string> own = {"--checkpoint",  "--prompt",  "--max-new-tokens",
-                                        "--temperature", "--top-k",   "--seed",
-                                        "--speculative", "--kv-cache"};
+  const std::vector<std::string> own = {"--checkpoint",  "--prompt",      "--max-new-tokens",
+                                        "--temperature", "--top-k",       "--top-p",
+                                        "--seed",        "--speculative", "--kv-cache"};
   std::vector<std::string> args;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
@@ -298,6 +299,7 @@ int cmd_generate(int argc, char** argv) {
       if (k == "--max-new-tokens") o.max_new_tokens = std::stoll(v);
       if (k == "--temperature") o.temperature = std::stof(v);
       if (k == "--top-k") o.top_k = std::stoll(v);
+      if (k == "--top-p") o.top_p = std::stof(v);
       if (k == "--seed") o.seed = std::stoull(v);
       if (k == "--speculative") speculative = v;
       if (k == "--kv-cache") kv = v;
@@ -315,6 +317,9 @@ int cmd_generate(int argc, char** argv) {
     return fail(FP8_INVALID("generate: --temperature {} and --top-k {} must be >= 0", o.temperature,
                             o.top_k));
   }
+  if (!(o.top_p > 0 && o.top_p <= 1)) {
+    return fail(FP8_INVALID("generate: --top-p {} must be in (0, 1]", o.top_p));
+  }
   o.speculative = speculative == "mtp";
   o.latent_cache = kv == "latent";
   o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
@@ -322,9 +327,16 @@ int cmd_generate(int argc, char** argv) {
   if (!trainer.ok()) return fail(trainer.status());
   std::vector<int32_t> ids;
   for (unsigned char b : prompt) ids.push_back(b);
+  // the text streams out as it is decided (the prompt first)
+  fmt::print("{}", prompt);
+  std::fflush(stdout);
+  o.on_token = [](int32_t t) {
+    fmt::print("{}", token_text({t}));
+    std::fflush(stdout);
+  };
   auto r = model::generate((*trainer)->ctx(), (*trainer)->model(), ids, o);
+  fmt::print("\n");
   if (!r.ok()) return fail(r.status());
-  fmt::print("{}{}\n", prompt, token_text(r->tokens));
   const double n = static_cast<double>(r->tokens.size());
   log::info(
       "generated {} tokens: prefill {} tokens {:.3f} s, decode {:.3f} s ({:.1f} tokens/s, {} main "

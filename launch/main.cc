@@ -23,7 +23,7 @@ constexpr Command kCommands[] = {
      "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model (or HF folder)"},
     {"generate", fp8pipe::cli::cmd_generate,
      "CONFIG --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] "
-     "[--seed S] [--speculative none|mtp] [--kv-cache latent|heads]   sample text"},
+     "[--top-p P] [--seed S] [--speculative none|mtp] [--kv-cache latent|heads]   sample text"},
     {"config", fp8pipe::cli::cmd_config,
      "CONFIG [--a.b=v ...]   print the resolved config (after overrides) and validate it"},
     {"quantize", fp8pipe::cli::cmd_quantize,

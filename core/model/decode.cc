@@ -27,7 +27,8 @@ Tensor row_of(const Tensor& h, int64_t r) { return h.slice_rows(r, r + 1); }
 
 }  // namespace
 
-int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, double u) {
+int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p,
+                   double u) {
   if (temperature <= 0.0f) {
     return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
   }
@@ -40,11 +41,17 @@ int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t to
   std::vector<double> w(k);
   const double top = logits[ids[0]];
   for (int64_t i = 0; i < k; ++i) w[i] = std::exp((logits[ids[i]] - top) / temperature);
-  double target = u * std::accumulate(w.begin(), w.end(), 0.0);
-  for (int64_t i = 0; i < k; ++i) {
+  const double total = std::accumulate(w.begin(), w.end(), 0.0);
+  int64_t kept = k;  // nucleus: the fewest leading ids reaching top_p of the mass
+  if (top_p < 1.0f) {
+    double mass = 0;
+    for (kept = 0; kept < k && mass < top_p * total;) mass += w[kept++];
+  }
+  double target = u * std::accumulate(w.begin(), w.begin() + kept, 0.0);
+  for (int64_t i = 0; i < kept; ++i) {
     if ((target -= w[i]) < 0) return ids[i];
   }
-  return ids[k - 1];
+  return ids[kept - 1];
 }
 
 Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
@@ -56,6 +63,9 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
   }
   for (int32_t t : prompt) {
     if (t < 0 || t >= V) return FP8_INVALID("generate: prompt token {} outside [0, {})", t, V);
+  }
+  if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) {
+    return FP8_INVALID("generate: top_p {} must be in (0, 1]", o.top_p);
   }
   if (o.speculative && o.temperature > 0.0f) {
     return FP8_INVALID("generate: speculative decoding is greedy only (temperature {} > 0)",
@@ -78,10 +88,11 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
   std::mt19937_64 rng(o.seed);
   std::uniform_real_distribution<double> unif(0.0, 1.0);
   auto pick = [&](const std::vector<float>& lg, int64_t row) {
-    return pick_token(lg.data() + row * V, V, o.temperature, o.top_k, unif(rng));
+    return pick_token(lg.data() + row * V, V, o.temperature, o.top_k, o.top_p, unif(rng));
   };
   auto emit = [&](int32_t t) {  // true: generation ends here
     r.tokens.push_back(t);
+    if (o.on_token) o.on_token(t);
     return std::find(o.stop.begin(), o.stop.end(), t) != o.stop.end() ||
            static_cast<int64_t>(r.tokens.size()) >= o.max_new_tokens;
   };

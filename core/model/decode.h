@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/model/transformer.h"
@@ -17,10 +18,12 @@ struct GenerateOptions {
   int64_t max_new_tokens = 64;
   float temperature = 0.0f;   // 0: greedy (argmax, the lowest id on ties)
   int64_t top_k = 0;          // sampling from the k most likely tokens (0: all)
+  float top_p = 1.0f;         // ... then the fewest most likely whose probabilities sum to >= top_p
   uint64_t seed = 0;          // the sampler's random stream
   bool speculative = false;   // MTP depth 1 drafts (greedy only)
   bool latent_cache = true;   // MLA's latent cache (AttnCache)
   std::vector<int32_t> stop;  // generation ends after any of these tokens
+  std::function<void(int32_t)> on_token;  // called with each token as it is decided (streaming)
 };
 
 struct GenerateResult {
@@ -32,8 +35,10 @@ struct GenerateResult {
 };
 
 // Picks the next token from one row of logits (fp32 [V] on the host): greedy, or sampled at
-// `temperature` from the top_k most likely with the uniform draw u in [0, 1).
-int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, double u);
+// `temperature` with the uniform draw u in [0, 1) from the top_k most likely (0: all), cut to the
+// fewest most likely whose probabilities (among those) sum to at least top_p (nucleus sampling).
+int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p,
+                   double u);
 
 Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
                                 const GenerateOptions& o);

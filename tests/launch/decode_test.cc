@@ -385,15 +385,26 @@ TEST(Generate, SamplingIsSeededAndTopOneIsGreedy) {
 TEST(Generate, PickTokenSamplesTheSoftmax) {
   // logits log(1), log(2), log(3), log(4) at temperature 1: probabilities 0.1, 0.2, 0.3, 0.4
   const float lg[4] = {0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)};
-  EXPECT_EQ(model::pick_token(lg, 4, 0.0f, 0, 0.5), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 0.0f, 0, 1.0f, 0.5), 3);
   // sorted by probability: 3 [0, .4), 2 [.4, .7), 1 [.7, .9), 0 [.9, 1)
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.39), 3);
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.41), 2);
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.71), 1);
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.95), 0);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 1.0f, 0.39), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 1.0f, 0.41), 2);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 1.0f, 0.71), 1);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 1.0f, 0.95), 0);
   // top-2 renormalises over {3, 2}: 4/7 and 3/7
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 2, 0.56), 3);
-  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 2, 0.58), 2);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 2, 1.0f, 0.56), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 2, 1.0f, 0.58), 2);
+  // top_p 0.5: 3 (0.4) alone falls short, 3 and 2 (0.7) reach it: 4/7 and 3/7 again
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.5f, 0.56), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.5f, 0.58), 2);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.5f, 0.99), 2);
+  // top_p 0.35 is reached by 3 alone; 0.75 takes 3, 2 and 1 (0.9): 4/9, 3/9, 2/9
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.35f, 0.99), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.75f, 0.40), 3);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.75f, 0.60), 2);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.75f, 0.77), 2);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.75f, 0.79), 1);
+  EXPECT_EQ(model::pick_token(lg, 4, 1.0f, 0, 0.75f, 0.99), 1);
 }
 
 TEST(Generate, StopsAtAStopTokenAndRefusesBadOptions) {

@@ -100,6 +100,7 @@ refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
 refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
+refuse "--top-p 1.5 must be in (0, 1]" --checkpoint "$TMP/FP8.safetensors" --top-p 1.5
 refuse "greedy only" --checkpoint "$TMP/FP8.safetensors" --speculative mtp --temperature 0.7
 refuse "needs an MTP module" --checkpoint "$TMP/FP32.safetensors" --precision.mode=FP32 \
   --model.mtp_depth=0 --speculative=mtp
