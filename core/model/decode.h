@@ -3,11 +3,14 @@
 // decoding (TR §5.4.3): MTP depth 1 drafts the token after next from the main model's last hidden
 // state, and the next main step verifies the draft and computes the token after it in the same
 // call (two rows), so an accepted draft yields two tokens per main step. Greedy drafts are
-// accepted when they equal the main model's choice, so the text is that of plain greedy decoding.
+// accepted when they equal the main model's choice, so the text is that of plain greedy decoding;
+// sampled drafts by speculative sampling's rule (verify_draft), so the text is distributed as
+// plain sampling's.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "core/model/transformer.h"
@@ -20,7 +23,7 @@ struct GenerateOptions {
   int64_t top_k = 0;          // sampling from the k most likely tokens (0: all)
   float top_p = 1.0f;         // ... then the fewest most likely whose probabilities sum to >= top_p
   uint64_t seed = 0;          // the sampler's random stream
-  bool speculative = false;   // MTP depth 1 drafts (greedy only)
+  bool speculative = false;   // MTP depth 1 drafts
   bool latent_cache = true;   // MLA's latent cache (AttnCache)
   std::vector<int32_t> stop;  // generation ends after any of these tokens
   std::function<void(int32_t)> on_token;  // called with each token as it is decided (streaming)
@@ -34,11 +37,27 @@ struct GenerateResult {
   double prefill_s = 0, decode_s = 0;  // wall time (the backend synchronized at each token)
 };
 
-// Picks the next token from one row of logits (fp32 [V] on the host): greedy, or sampled at
-// `temperature` with the uniform draw u in [0, 1) from the top_k most likely (0: all), cut to the
-// fewest most likely whose probabilities (among those) sum to at least top_p (nucleus sampling).
+// The sampling distribution of one row of logits (fp32 [V] on the host): greedy, the argmax alone
+// (the lowest id on ties); else softmax at `temperature` over the top_k most likely (0: all), cut
+// to the fewest most likely whose probabilities (among those) sum to at least top_p (nucleus
+// sampling). Candidates most likely first, probabilities summing to 1.
+struct TokenDist {
+  std::vector<int32_t> ids;
+  std::vector<double> p;
+  double prob(int32_t id) const;  // 0 outside the candidates
+};
+TokenDist token_dist(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p);
+// A token drawn with the uniform u in [0, 1) (candidates in order).
+int32_t sample(const TokenDist& d, double u);
 int32_t pick_token(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p,
                    double u);
+// Speculative sampling's verification (Leviathan et al. 2023, Chen et al. 2023): a draft drawn
+// from q is kept with probability min(1, p(draft) / q(draft)) (u_accept), else a token is drawn
+// from norm(max(0, p - q)) (u_resample); either way the result is distributed as p. Greedy is the
+// case of one-candidate p and q: the draft is kept iff it is p's argmax, else that argmax.
+// Returns the token and whether it is the draft.
+std::pair<int32_t, bool> verify_draft(const TokenDist& p, const TokenDist& q, int32_t draft,
+                                      double u_accept, double u_resample);
 
 Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
                                 const GenerateOptions& o);

@@ -4,7 +4,8 @@
 #  - prints the prompt followed by --max-new-tokens byte tokens (or fewer, ending at the
 #    end-of-document id), the same text on every greedy run;
 #  - with --speculative mtp (MTP depth 1 drafts, verified by the main model) prints the same text
-#    as plain greedy decoding and reports its drafts and acceptances;
+#    as plain greedy decoding and reports its drafts and acceptances; sampled, it repeats for a
+#    seed;
 #  - in FP32, the latent cache (MLA's absorbed form) and the per-head cache give the same text;
 #  - sampling is reproducible for a seed and changes with it;
 #  - bad options are refused naming the option, its value and the valid choices.
@@ -85,6 +86,14 @@ gen s2 FP8 --max-new-tokens 40 --temperature 1.0 --seed 2 || bad "sample seed 2"
 cmp -s "$TMP/s1.txt" "$TMP/s1b.txt" && ok "sampling repeats for a seed" || bad "seed 1 twice differs"
 cmp -s "$TMP/s1.txt" "$TMP/s2.txt" && bad "seeds 1 and 2 gave the same text" ||
   ok "another seed samples other text"
+# speculative sampling (drafts kept by p/q, else a token from the residual) repeats for a seed
+gen ss1 FP8 --max-new-tokens 40 --temperature 0.8 --top-p 0.9 --seed 1 --speculative mtp ||
+  bad "speculative sampling: $(tail -3 "$TMP/ss1.log")"
+gen ss1b FP8 --max-new-tokens 40 --temperature 0.8 --top-p 0.9 --seed 1 --speculative mtp ||
+  bad "speculative sampling again"
+cmp -s "$TMP/ss1.txt" "$TMP/ss1b.txt" && grep -q "MTP drafts accepted" "$TMP/ss1.log" &&
+  ok "speculative sampling repeats for a seed ($(grep -Eo "accepted [0-9]+ of [0-9]+" "$TMP/ss1.log"))" ||
+  bad "speculative sampling: $(cat "$TMP/ss1.txt") / $(cat "$TMP/ss1b.txt")"
 
 refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
   local pat=$1
@@ -101,7 +110,6 @@ refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
 refuse "--top-p 1.5 must be in (0, 1]" --checkpoint "$TMP/FP8.safetensors" --top-p 1.5
-refuse "greedy only" --checkpoint "$TMP/FP8.safetensors" --speculative mtp --temperature 0.7
 refuse "needs an MTP module" --checkpoint "$TMP/FP32.safetensors" --precision.mode=FP32 \
   --model.mtp_depth=0 --speculative=mtp
 
