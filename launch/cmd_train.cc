@@ -10,6 +10,8 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -267,9 +269,9 @@ std::string token_text(const std::vector<int32_t>& t) {
 int cmd_generate(int argc, char** argv) {
   MpiSession mpi;
   // "--flag=VALUE" as "--flag VALUE" for this command's own flags
-  const std::vector<std::string> own = {"--checkpoint",  "--prompt",      "--max-new-tokens",
-                                        "--temperature", "--top-k",       "--top-p",
-                                        "--seed",        "--speculative", "--kv-cache"};
+  const std::vector<std::string> own = {
+      "--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature",
+      "--top-k",      "--top-p",  "--seed",        "--speculative",    "--kv-cache"};
   std::vector<std::string> args;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
@@ -290,12 +292,13 @@ int cmd_generate(int argc, char** argv) {
   if (Status s = parse_args(static_cast<int>(av.size()), av.data(), own, &path, &opts, &ov);
       !s.ok())
     return fail(s);
-  std::string ckpt, prompt = "\n", speculative = "none", kv = "latent";
+  std::string ckpt, prompt = "\n", prompt_file, speculative = "none", kv = "latent";
   model::GenerateOptions o;
   try {
     for (auto& [k, v] : opts) {
       if (k == "--checkpoint") ckpt = v;
       if (k == "--prompt") prompt = v;
+      if (k == "--prompt-file") prompt_file = v;
       if (k == "--max-new-tokens") o.max_new_tokens = std::stoll(v);
       if (k == "--temperature") o.temperature = std::stof(v);
       if (k == "--top-k") o.top_k = std::stoll(v);
@@ -320,11 +323,27 @@ int cmd_generate(int argc, char** argv) {
   if (!(o.top_p > 0 && o.top_p <= 1)) {
     return fail(FP8_INVALID("generate: --top-p {} must be in (0, 1]", o.top_p));
   }
+  if (!prompt_file.empty()) {  // the file's bytes, as prepare-data tokenizes them
+    std::ifstream f(prompt_file, std::ios::binary);
+    if (!f)
+      return fail(FP8_ERROR(Code::kIo, "generate: cannot read --prompt-file '{}'", prompt_file));
+    prompt.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    if (prompt.empty()) {
+      return fail(FP8_INVALID("generate: --prompt-file '{}' is empty", prompt_file));
+    }
+  }
   o.speculative = speculative == "mtp";
   o.latent_cache = kv == "latent";
   o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
   auto trainer = load_saved_model(mpi, "generate", path, ov, ckpt);
   if (!trainer.ok()) return fail(trainer.status());
+  const int64_t positions = static_cast<int64_t>(prompt.size()) + o.max_new_tokens;
+  if (const int64_t trained = (*trainer)->config().train().seq_len(); positions > trained) {
+    log::warn(
+        "generate: up to {} positions, past the {} the model trained on (train.seq_len): RoPE "
+        "extrapolates there (model.rope_scaling extends a context by training)",
+        positions, trained);
+  }
   std::vector<int32_t> ids;
   for (unsigned char b : prompt) ids.push_back(b);
   // the text streams out as it is decided (the prompt first)

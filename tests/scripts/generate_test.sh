@@ -46,7 +46,9 @@ gen() {  # gen NAME MODE ARGS...: stdout to $TMP/NAME.txt, log to $TMP/NAME.log
 }
 
 gen greedy FP8 --max-new-tokens 64 || bad "greedy: $(tail -3 "$TMP/greedy.log")"
-gen greedy2 FP8 --max-new-tokens 64 || bad "greedy again: $(tail -3 "$TMP/greedy2.log")"
+printf 'stage rank ' >"$TMP/prompt.txt"
+gen greedy2 FP8 --max-new-tokens 64 --prompt-file "$TMP/prompt.txt" ||
+  bad "greedy again (--prompt-file): $(tail -3 "$TMP/greedy2.log")"
 text=$(cat "$TMP/greedy.txt")
 case "$text" in
   "stage rank "*) ok "the output starts with the prompt" ;;
@@ -59,8 +61,11 @@ if [ "$n" -ge 1 ] && [ "$n" -le 64 ] && grep -q "generated $n tokens" "$TMP/gree
 else
   bad "$n new bytes; log: $(grep generated "$TMP/greedy.log")"
 fi
-cmp -s "$TMP/greedy.txt" "$TMP/greedy2.txt" && ok "greedy decoding repeats" ||
+cmp -s "$TMP/greedy.txt" "$TMP/greedy2.txt" && ok "greedy decoding repeats (prompt from a file)" ||
   bad "two greedy runs differ"
+# 11 + 64 positions past train.seq_len 32: a warning says so
+grep -q "past the 32 the model trained on" "$TMP/greedy.log" && ok "warns past train.seq_len" ||
+  bad "no warning past train.seq_len: $(grep -i warn "$TMP/greedy.log")"
 
 gen spec FP8 --max-new-tokens 64 --speculative mtp || bad "speculative: $(tail -3 "$TMP/spec.log")"
 cmp -s "$TMP/greedy.txt" "$TMP/spec.txt" && ok "MTP speculative decoding gives greedy's text" ||
@@ -109,6 +114,7 @@ refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
 refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
+refuse "cannot read --prompt-file" --checkpoint "$TMP/FP8.safetensors" --prompt-file "$TMP/none"
 refuse "--top-p 1.5 must be in (0, 1]" --checkpoint "$TMP/FP8.safetensors" --top-p 1.5
 refuse "needs an MTP module" --checkpoint "$TMP/FP32.safetensors" --precision.mode=FP32 \
   --model.mtp_depth=0 --speculative=mtp
