@@ -4,7 +4,8 @@
 # as byte-level text, then `fp8pipe generate` greedy on a few prompts, plain against
 # --speculative mtp, alternating, REPS runs each. Prints per prompt the median decode tokens/s of
 # each (and of the per-head cache), their ratio, main-model steps and the drafts' acceptance, and
-# checks that both texts are the same.
+# checks that both texts are the same; and the acceptance of speculative sampling at temperature
+# 0.8 (one seed a run).
 # Usage: bench/generate_speculative.sh [BUILD_DIR] [OUT_DIR]   (STEPS=600: ~10 min on 2 cores)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,10 +27,11 @@ fi
 prompts=("The pipeline " "Each rank " "FP8 GEMMs " "## Checkpoints")
 for i in "${!prompts[@]}"; do
   for r in $(seq 1 "$reps"); do
-    for mode in plain spec heads; do
+    for mode in plain spec heads sampled; do
       args=()
       [[ $mode == spec ]] && args=(--speculative mtp)
       [[ $mode == heads ]] && args=(--kv-cache heads)
+      [[ $mode == sampled ]] && args=(--speculative mtp --temperature 0.8 --seed "$r")
       "$bin" generate "${cfg[@]}" --checkpoint "$out/model.safetensors" --prompt "${prompts[$i]}" \
         --max-new-tokens "$new" "${args[@]}" >"$out/p${i}_${mode}_$r.txt" 2>"$out/p${i}_${mode}_$r.log"
     done
@@ -46,12 +48,14 @@ def runs(i, mode):
         m = pat.search(open(f"{out}/p{i}_{mode}_{r}.log").read())
         rs.append(m.groups())
     return rs
-print(f"| prompt | tokens | plain tok/s | MTP tok/s | ratio | heads tok/s | main steps plain / MTP | accepted | same text |")
-print("|---|---|---|---|---|---|---|---|---|")
-tot_acc = tot_drafted = 0
+print(f"| prompt | tokens | plain tok/s | MTP tok/s | ratio | heads tok/s | main steps plain / MTP | accepted | same text | sampled T=0.8: accepted |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+tot_acc = tot_drafted = s_acc = s_drafted = 0
 ratios = []
 for i, p in enumerate(prompts):
-    pl, sp, hd = runs(i, "plain"), runs(i, "spec"), runs(i, "heads")
+    pl, sp, hd, sa = runs(i, "plain"), runs(i, "spec"), runs(i, "heads"), runs(i, "sampled")
+    sacc, sdr = sum(int(r[4]) for r in sa), sum(int(r[5]) for r in sa)
+    s_acc += sacc; s_drafted += sdr
     tp = statistics.median(float(r[2]) for r in pl)
     ts = statistics.median(float(r[2]) for r in sp)
     th = statistics.median(float(r[2]) for r in hd)
@@ -60,9 +64,11 @@ for i, p in enumerate(prompts):
     same = open(f"{out}/p{i}_plain_1.txt").read() == open(f"{out}/p{i}_spec_1.txt").read()
     ratios.append(ts / tp)
     print(f"| {p!r} | {pl[0][0]} | {tp:.0f} | {ts:.0f} | {ts / tp:.2f}x | {th:.0f} | {pl[0][3]} / {sp[0][3]} "
-          f"| {acc}/{drafted} ({100 * acc / drafted:.1f}%) | {'yes' if same else 'NO'} |")
+          f"| {acc}/{drafted} ({100 * acc / drafted:.1f}%) | {'yes' if same else 'NO'} "
+          f"| {sacc}/{sdr} ({100 * sacc / sdr:.1f}%, {reps} seeds) |")
 print(f"\nall prompts: {tot_acc}/{tot_drafted} drafts accepted ({100 * tot_acc / tot_drafted:.1f}%), "
-      f"median speed-up {statistics.median(ratios):.2f}x")
+      f"median speed-up {statistics.median(ratios):.2f}x; sampled at T=0.8: {s_acc}/{s_drafted} "
+      f"({100 * s_acc / s_drafted:.1f}%)")
 for i, p in enumerate(prompts):
     print(f"\n{p!r} ->", repr(open(f"{out}/p{i}_plain_1.txt").read()[:160]))
 PY
