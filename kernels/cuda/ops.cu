@@ -326,28 +326,33 @@ __global__ void k_attn_fwd(const float* q, const float* k, const float* v, AttnA
   if (lane == 0) lse[bh * a.T + i] = m + logf(l);
 }
 
-// attention_cached: warp `wid` is query i = wid / H, head h = wid % H, over keys 0..L-n+i of kv
-// head h / (H / G). Lane holds columns lane + 32 t of q and of the output accumulator.
+// attention_cached: block `blockIdx.x` is query i = blockIdx.x / H, head h, over keys 0..L-n+i of
+// kv head h / (H / G). Its kDecodeWarps warps take every kDecodeWarps-th key (a decoding step has
+// one query row per head, n * H blocks: one warp per row would leave most of the GPU idle over a
+// long cache), each an online softmax over its keys with lane's columns lane + 32 t of q and of
+// its output; the warps' (max, sum, output) are then merged through shared memory.
 constexpr int kDecodePerLane = static_cast<int>(kDecodeMaxHeadDim / 32);
+constexpr int kDecodeWarps = 8;
 struct DecodeArgs {
   int64_t n, L, H, G, dk, dv, v_ld;
   float scale;
 };
 __global__ void k_attn_cached(const float* q, const float* k, const float* v, DecodeArgs a,
                               float* o) {
-  const int64_t wid = gtid() / 32;
-  const int lane = threadIdx.x & 31;
-  if (wid >= a.n * a.H) return;
-  const int64_t i = wid / a.H, h = wid % a.H, g = h / (a.H / a.G), seen = a.L - a.n + i + 1;
+  __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps];
+  __shared__ float part_o[kDecodeWarps][kDecodeMaxHeadDim];
+  const int64_t row = blockIdx.x;  // (query, head)
+  const int w = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t i = row / a.H, h = row % a.H, g = h / (a.H / a.G), seen = a.L - a.n + i + 1;
   float qr[kDecodePerLane], acc[kDecodePerLane];
 #pragma unroll
   for (int t = 0; t < kDecodePerLane; ++t) {
     const int64_t c = lane + 32 * t;
-    qr[t] = c < a.dk ? q[wid * a.dk + c] : 0.0f;
+    qr[t] = c < a.dk ? q[row * a.dk + c] : 0.0f;
     acc[t] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int64_t j = 0; j < seen; ++j) {
+  for (int64_t j = w; j < seen; j += kDecodeWarps) {
     const float* kj = k + (j * a.G + g) * a.dk;
     float part = 0.0f;
 #pragma unroll
@@ -358,11 +363,29 @@ __global__ void k_attn_cached(const float* q, const float* k, const float* v, De
     const float s = warp_sum(part) * a.scale;
     online_softmax_step(s, v + j * a.v_ld + g * a.dv, a.dv, lane, m, l, acc);
   }
-  const float inv_l = 1.0f / l;
+  if (lane == 0) {
+    part_m[w] = m;
+    part_l[w] = l;
+  }
 #pragma unroll
   for (int t = 0; t < kDecodePerLane; ++t) {
     const int64_t c = lane + 32 * t;
-    if (c < a.dv) o[wid * a.dv + c] = acc[t] * inv_l;
+    if (c < a.dv) part_o[w][c] = acc[t];
+  }
+  __syncthreads();
+  float mx = -INFINITY;  // every row sees key 0, so some warp's max is finite
+  for (int x = 0; x < kDecodeWarps; ++x) mx = fmaxf(mx, part_m[x]);
+  float sum = 0.0f;
+  float f[kDecodeWarps];
+  for (int x = 0; x < kDecodeWarps; ++x) {
+    f[x] = part_m[x] == -INFINITY ? 0.0f : expf(part_m[x] - mx);  // a warp without keys adds 0
+    sum += part_l[x] * f[x];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t c = threadIdx.x; c < a.dv; c += blockDim.x) {
+    float val = 0.0f;
+    for (int x = 0; x < kDecodeWarps; ++x) val += part_o[x][c] * f[x];
+    o[row * a.dv + c] = val * inv;
   }
 }
 
@@ -750,11 +773,12 @@ Result attention_cached(const float* q, const float* k, const float* v, int64_t 
                         float* o, cudaStream_t stream) {
   FP8PIPE_REQUIRE(dk <= kDecodeMaxHeadDim && dv <= kDecodeMaxHeadDim,
                   "attention_cached: head dims above " + std::to_string(kDecodeMaxHeadDim));
-  FP8PIPE_REQUIRE(n * H <= ((int64_t{1} << 31) - 1) * (kAttnThreads / 32),
+  FP8PIPE_REQUIRE(n * H <= (int64_t{1} << 31) - 1,
                   "attention_cached: too many (query, head) rows for one grid");
   if (n * H == 0) return Result::Ok();
   const DecodeArgs a{n, L, H, G, dk, dv, v_ld, scale};
-  FP8PIPE_LAUNCH(k_attn_cached, attn_grid(n * H), kAttnThreads, stream, q, k, v, a, o);
+  FP8PIPE_LAUNCH(k_attn_cached, static_cast<unsigned>(n * H), kDecodeWarps * 32, stream, q, k, v, a,
+                 o);
   return Result::Ok();
 }
 

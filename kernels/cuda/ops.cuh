@@ -65,9 +65,9 @@ Result attention_bwd(const float* dout, const float* q, const float* k, const fl
                      int64_t dv, float scale, float* dq, float* dk_out, float* dv_out,
                      float* dscratch, cudaStream_t stream);
 
-// Attention over a key/value cache (kernels/cpu/ops.h attention_cached): one warp per (query,
-// head), online softmax; dk and dv up to kDecodeMaxHeadDim (MLA's latent keys are
-// kv_lora_rank + rope dims wide: 576 in DeepSeek-V3).
+// Attention over a key/value cache (kernels/cpu/ops.h attention_cached): a block of 8 warps per
+// (query, head), splitting the keys, online softmax; dk and dv up to kDecodeMaxHeadDim (MLA's
+// latent keys are kv_lora_rank + rope dims wide: 576 in DeepSeek-V3).
 constexpr int64_t kDecodeMaxHeadDim = 1024;
 Result attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
                         int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
