@@ -756,7 +756,7 @@ TEST_F(CudaBackendTest, Attention) {
   }
 }
 
-// Attention over a key/value cache (inference decoding): the warp-per-(query, head) kernel against
+// Attention over a key/value cache (inference decoding): the block-per-(query, head) kernel against
 // the CPU loop, multi-head and MLA's latent form (one 576-wide head shared by 128 heads, values
 // the keys' first 512 columns: DeepSeek-V3's shape), a prefill chunk and one-row steps.
 TEST_F(CudaBackendTest, AttentionCached) {
