@@ -136,18 +136,19 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
   };
 
   auto t0 = Clock::now();
-  FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, prompt, 0, cache));
+  // only last rows' logits are computed and read: a long prompt's [P, vocab] never exists
+  FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, prompt, 0, cache, 1));
   FP8_ASSIGN_OR_RETURN(auto lg, host_logits(c, st.logits));
   int64_t L = P;
-  int32_t next = pick(lg, P - 1);
+  int32_t next = pick(lg, 0);
   int32_t draft = -1;
   TokenDist q;          // the distribution the draft was drawn from
   if (o.speculative) {  // MTP positions 0..P-1 read (h^0_j, t_{j+1}), the last one `next`
     std::vector<int32_t> shifted(prompt.begin() + 1, prompt.end());
     shifted.push_back(next);
-    FP8_ASSIGN_OR_RETURN(DecodeOut ms, m.mtp_decode(c, 1, st.h, shifted, 0, cache));
+    FP8_ASSIGN_OR_RETURN(DecodeOut ms, m.mtp_decode(c, 1, st.h, shifted, 0, cache, 1));
     FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
-    q = dist(ml, P - 1);
+    q = dist(ml, 0);
     draft = sample(q, unif(rng));
   }
   r.prefill_s = seconds_since(t0);
@@ -175,7 +176,7 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
       ++r.accepted;
       if (emit(draft)) break;
       next = pick(lg, 1);
-      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, st.h, {draft, next}, L, cache));
+      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, st.h, {draft, next}, L, cache, 1));
       L += 2;
     } else {  // the draft's row is dropped (its cache row is overwritten next step)
       next = tok;
@@ -183,7 +184,7 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
       L += 1;
     }
     FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
-    q = dist(ml, ms.logits.rows() - 1);
+    q = dist(ml, 0);
     draft = sample(q, unif(rng));
   }
   r.decode_s = seconds_since(t0);

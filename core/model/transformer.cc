@@ -272,8 +272,13 @@ Result<KvCache> Model::new_cache(int64_t capacity, bool latent) const {
   return kv;
 }
 
+Result<Tensor> Model::decode_head(ModelCtx& c, int key, const Tensor& hn, int64_t rows) {
+  if (rows < 0 || rows >= hn.rows()) return head_.forward(c, key, hn);
+  return head_.forward(c, key, hn.slice_rows(hn.rows() - rows, hn.rows()));
+}
+
 Result<DecodeOut> Model::decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
-                                KvCache& cache) {
+                                KvCache& cache, int64_t logits_rows) {
   if (cache.blocks.size() != blocks_.size()) {
     return FP8_INVALID("decode: a cache of {} blocks for a model of {}", cache.blocks.size(),
                        blocks_.size());
@@ -286,13 +291,13 @@ Result<DecodeOut> Model::decode(ModelCtx& c, const std::vector<int32_t>& tokens,
     FP8_ASSIGN_OR_RETURN(out.h, blocks_[i]->forward_cached(c, mb, out.h, cache.blocks[i], past));
   }
   FP8_ASSIGN_OR_RETURN(Tensor hn, final_norm_.forward(c, mb, out.h));
-  FP8_ASSIGN_OR_RETURN(out.logits, head_.forward(c, mb * kSlots, hn));
+  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, mb * kSlots, hn, logits_rows));
   return out;
 }
 
 Result<DecodeOut> Model::mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
                                     const std::vector<int32_t>& tokens, int64_t past,
-                                    KvCache& cache) {
+                                    KvCache& cache, int64_t logits_rows) {
   if (k < 1 || k > static_cast<int>(mtp_.size()) || cache.mtp.size() != mtp_.size()) {
     return FP8_INVALID("mtp_decode: depth {} of a model with {} MTP modules", k, mtp_.size());
   }
@@ -311,7 +316,7 @@ Result<DecodeOut> Model::mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
   DecodeOut out;
   FP8_ASSIGN_OR_RETURN(out.h, t.block->forward_cached(c, key, x, cache.mtp[k - 1], past));
   FP8_ASSIGN_OR_RETURN(Tensor hkn, t.norm.forward(c, key, out.h));
-  FP8_ASSIGN_OR_RETURN(out.logits, head_.forward(c, key, hkn));
+  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, key, hkn, logits_rows));
   return out;
 }
 

@@ -77,13 +77,15 @@ class Model {
   // Inference over a key/value cache (whole models only; layers keep nothing for a backward).
   // new_cache: room for `capacity` positions; latent: MLA's latent cache (AttnCache).
   Result<KvCache> new_cache(int64_t capacity, bool latent) const;
-  // tokens at positions past..past+n-1 of one sequence -> h^0 and the main head's logits.
+  // tokens at positions past..past+n-1 of one sequence -> h^0 and the main head's logits (of the
+  // last `logits_rows` rows only when >= 0: a prefill needs its last row's).
   Result<DecodeOut> decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
-                           KvCache& cache);
+                           KvCache& cache, int64_t logits_rows = -1);
   // MTP depth k (1-based) at positions past..past+n-1 of its own sequence: row i reads h^{k-1}_i
   // (h_prev) and the token t_{i+k} (tokens[i]); -> h^k and logits predicting t_{i+k+1}.
   Result<DecodeOut> mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
-                               const std::vector<int32_t>& tokens, int64_t past, KvCache& cache);
+                               const std::vector<int32_t>& tokens, int64_t past, KvCache& cache,
+                               int64_t logits_rows = -1);
   // The logits of depth `depth` (0: main) that forward computed for micro-batch mb, as fp32
   // (held until its backward).
   Result<Tensor> held_logits(ModelCtx& c, int mb, int depth);
@@ -116,6 +118,8 @@ class Model {
                              int reader_key = -1);
   Result<Tensor> logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
                                  Tensor* logits, double* ce_sum);
+  // Inference: the head over the last `rows` rows of hn (all when < 0).
+  Result<Tensor> decode_head(ModelCtx& c, int key, const Tensor& hn, int64_t rows);
 
   config::Model cfg_;
   ModelPart part_;

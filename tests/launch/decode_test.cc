@@ -278,6 +278,12 @@ TEST(DecodeCache, LatentHoldsFewerBytes) {
                : H * (a.qk_nope_head_dim() + a.qk_rope_head_dim() + a.v_head_dim());
     EXPECT_EQ(cache.bytes_per_position(), 4 * layers * per_layer) << latent;
   }
+  // logits of the last rows only (a prefill's): those rows of the full call's
+  KvCache ca = m.new_cache(8, true).value(), cb = m.new_cache(8, true).value();
+  auto all = m.decode(c, {5, 6, 7, 8}, 0, ca), last = m.decode(c, {5, 6, 7, 8}, 0, cb, 1);
+  ASSERT_TRUE(all.ok() && last.ok());
+  ASSERT_EQ(last->logits.rows(), 1);
+  EXPECT_LT(rel_l2(host(c, last->logits), host(c, all->logits.slice_rows(3, 4))), 1e-6);
   KvCache small = m.new_cache(4, true).value();
   const auto over = m.decode(c, {1, 2, 3, 4, 5}, 0, small);
   ASSERT_FALSE(over.ok());
