@@ -4,8 +4,8 @@
 # as byte-level text, then `fp8pipe generate` greedy on a few prompts, plain against
 # --speculative mtp, alternating, REPS runs each. Prints per prompt the median decode tokens/s of
 # each (and of the per-head cache), their ratio, main-model steps and the drafts' acceptance, and
-# checks that both texts are the same; and the acceptance of speculative sampling at temperature
-# 0.8 (one seed a run).
+# checks that both texts are the same; the acceptance of speculative sampling at temperature 0.8
+# (one seed a run); and the 4 prompts decoded as one batch against one at a time.
 # Usage: bench/generate_speculative.sh [BUILD_DIR] [OUT_DIR]   (STEPS=600: ~10 min on 2 cores)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,10 +37,17 @@ for i in "${!prompts[@]}"; do
     done
   done
 done
+# the 4 prompts as one batch (greedy, plain): one forward a step over every sequence's row
+batch=()
+for p in "${prompts[@]}"; do batch+=(--prompt "$p"); done
+for r in $(seq 1 "$reps"); do
+  "$bin" generate "${cfg[@]}" --checkpoint "$out/model.safetensors" "${batch[@]}" \
+    --max-new-tokens "$new" >"$out/batch_$r.txt" 2>"$out/batch_$r.log"
+done
 python3 - "$out" "$reps" "${prompts[@]}" <<'PY'
 import re, statistics, sys
 out, reps, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-pat = re.compile(r"generated (\d+) tokens: .*decode ([\d.]+) s \(([\d.]+) tokens/s, (\d+) main steps\)"
+pat = re.compile(r"generated (\d+) tokens in \d+ sequence\(s\): .*decode ([\d.]+) s \(([\d.]+) tokens/s, (\d+) main steps\)"
                  r"(?:, MTP drafts accepted (\d+) of (\d+))?")
 def runs(i, mode):
     rs = []
@@ -69,6 +76,15 @@ for i, p in enumerate(prompts):
 print(f"\nall prompts: {tot_acc}/{tot_drafted} drafts accepted ({100 * tot_acc / tot_drafted:.1f}%), "
       f"median speed-up {statistics.median(ratios):.2f}x; sampled at T=0.8: {s_acc}/{s_drafted} "
       f"({100 * s_acc / s_drafted:.1f}%)")
+bt = statistics.median(float(pat.search(open(f"{out}/batch_{r}.log").read()).group(3))
+                       for r in range(1, reps + 1))
+single = statistics.median(statistics.median(float(r[2]) for r in runs(i, "plain"))
+                           for i in range(len(prompts)))
+texts = open(f"{out}/batch_1.txt").read()
+same_batch = all(f"--- sequence {i} ---\n" + open(f"{out}/p{i}_plain_1.txt").read() in texts
+                 for i in range(len(prompts)))
+print(f"batch of {len(prompts)} (greedy, plain): {bt:.0f} tokens/s against {single:.0f} for one "
+      f"sequence ({bt / single:.2f}x); each sequence's text as alone: {'yes' if same_batch else 'NO'}")
 for i, p in enumerate(prompts):
     print(f"\n{p!r} ->", repr(open(f"{out}/p{i}_plain_1.txt").read()[:160]))
 PY

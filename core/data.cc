@@ -210,6 +210,19 @@ int64_t decode(TokenDType t, const uint8_t* src, int64_t n, int64_t vocab, int32
   return -1;
 }
 
+// What an id outside the vocabulary is likely to be, and the setting that admits it.
+std::string vocab_hint(int64_t bad) {
+  if (bad == kEndOfDocument) {
+    return fmt::format(" (prepare-data's end-of-document id: model.vocab_size >= {})", kByteVocab);
+  }
+  if (bad > kEndOfDocument && bad < kByteFimVocab) {
+    return fmt::format(
+        " (a fill-in-the-middle sentinel of prepare-data --fim-rate: model.vocab_size >= {})",
+        kByteFimVocab);
+  }
+  return " (model.vocab_size; 0 infers it from the data)";
+}
+
 Status check_read(const std::string& what, int64_t offset, int64_t n, int64_t size) {
   if (offset < 0 || n < 0 || offset > size || n > size - offset) {
     return FP8_INVALID("{}: read of tokens [{}, {}) is outside [0, {})", what, offset, offset + n,
@@ -461,8 +474,8 @@ Status TokenFile::read(int64_t offset, int64_t n, int32_t* out) const {
   const int64_t i =
       decode(dtype_, map_->data() + offset * dtype_size(dtype_), n, vocab_, out, &bad);
   if (i >= 0) {
-    return FP8_INVALID("{}: token {} is {}, outside the vocabulary [0, {})", path_, offset + i, bad,
-                       vocab_);
+    return FP8_INVALID("{}: token {} is {}, outside the vocabulary [0, {}){}", path_, offset + i,
+                       bad, vocab_, vocab_hint(bad));
   }
   return Status::Ok();
 }
@@ -618,8 +631,8 @@ Status MegatronIndexed::read_sequence_part(int64_t seq, int64_t skip, int64_t n,
   const int64_t i =
       decode(dtype_, bin_->data() + seq_ptr_[seq] + skip * item, n, vocab_, out, &bad);
   if (i >= 0) {
-    return FP8_INVALID("{}.bin: token {} (sequence {}) is {}, outside the vocabulary [0, {})",
-                       prefix_, seq_begin_[seq] + skip + i, seq, bad, vocab_);
+    return FP8_INVALID("{}.bin: token {} (sequence {}) is {}, outside the vocabulary [0, {}){}",
+                       prefix_, seq_begin_[seq] + skip + i, seq, bad, vocab_, vocab_hint(bad));
   }
   return Status::Ok();
 }

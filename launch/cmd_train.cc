@@ -292,12 +292,13 @@ int cmd_generate(int argc, char** argv) {
   if (Status s = parse_args(static_cast<int>(av.size()), av.data(), own, &path, &opts, &ov);
       !s.ok())
     return fail(s);
-  std::string ckpt, prompt = "\n", prompt_file, speculative = "none", kv = "latent";
+  std::string ckpt, prompt_file, speculative = "none", kv = "latent";
+  std::vector<std::string> prompts;  // one sequence each (--prompt may repeat: a batch)
   model::GenerateOptions o;
   try {
     for (auto& [k, v] : opts) {
       if (k == "--checkpoint") ckpt = v;
-      if (k == "--prompt") prompt = v;
+      if (k == "--prompt") prompts.push_back(v);
       if (k == "--prompt-file") prompt_file = v;
       if (k == "--max-new-tokens") o.max_new_tokens = std::stoll(v);
       if (k == "--temperature") o.temperature = std::stof(v);
@@ -327,45 +328,63 @@ int cmd_generate(int argc, char** argv) {
     std::ifstream f(prompt_file, std::ios::binary);
     if (!f)
       return fail(FP8_ERROR(Code::kIo, "generate: cannot read --prompt-file '{}'", prompt_file));
-    prompt.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-    if (prompt.empty()) {
+    prompts.emplace_back(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    if (prompts.back().empty()) {
       return fail(FP8_INVALID("generate: --prompt-file '{}' is empty", prompt_file));
     }
   }
+  if (prompts.empty()) prompts.push_back("\n");
   o.speculative = speculative == "mtp";
   o.latent_cache = kv == "latent";
   o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
   auto trainer = load_saved_model(mpi, "generate", path, ov, ckpt);
   if (!trainer.ok()) return fail(trainer.status());
-  const int64_t positions = static_cast<int64_t>(prompt.size()) + o.max_new_tokens;
+  size_t longest = 0;
+  for (const auto& p : prompts) longest = std::max(longest, p.size());
+  const int64_t positions = static_cast<int64_t>(longest) + o.max_new_tokens;
   if (const int64_t trained = (*trainer)->config().train().seq_len(); positions > trained) {
     log::warn(
         "generate: up to {} positions, past the {} the model trained on (train.seq_len): RoPE "
         "extrapolates there (model.rope_scaling extends a context by training)",
         positions, trained);
   }
-  std::vector<int32_t> ids;
-  for (unsigned char b : prompt) ids.push_back(b);
-  // the text streams out as it is decided (the prompt first)
-  fmt::print("{}", prompt);
-  std::fflush(stdout);
-  o.on_token = [](int32_t t) {
-    fmt::print("{}", token_text({t}));
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& p : prompts) ids.emplace_back(p.begin(), p.end());
+  for (auto& v : ids)
+    for (int32_t& t : v) t = static_cast<unsigned char>(t);
+  const bool stream = prompts.size() == 1;
+  if (stream) {  // one sequence streams out as it is decided (the prompt first)
+    fmt::print("{}", prompts[0]);
     std::fflush(stdout);
-  };
-  auto r = model::generate((*trainer)->ctx(), (*trainer)->model(), ids, o);
-  fmt::print("\n");
+    o.on_token = [](size_t, int32_t t) {
+      fmt::print("{}", token_text({t}));
+      std::fflush(stdout);
+    };
+  }
+  auto r = model::generate_batch((*trainer)->ctx(), (*trainer)->model(), ids, o);
+  if (stream) fmt::print("\n");
   if (!r.ok()) return fail(r.status());
-  const double n = static_cast<double>(r->tokens.size());
+  int64_t tokens = 0, steps = 0, accepted = 0, drafted = 0;
+  for (size_t i = 0; i < r->size(); ++i) {
+    const model::GenerateResult& g = (*r)[i];
+    if (!stream) fmt::print("--- sequence {} ---\n{}{}\n", i, prompts[i], token_text(g.tokens));
+    tokens += static_cast<int64_t>(g.tokens.size());
+    steps = std::max(steps, g.main_steps);
+    accepted += g.accepted;
+    drafted += g.drafted;
+  }
+  const model::GenerateResult& g0 = r->front();
+  // the first token of each sequence comes from the prefill
+  const double decoded = static_cast<double>(tokens - static_cast<int64_t>(r->size()));
   log::info(
-      "generated {} tokens: prefill {} tokens {:.3f} s, decode {:.3f} s ({:.1f} tokens/s, {} main "
-      "steps){}; cache {} B a position ({} cache)",
-      r->tokens.size(), ids.size(), r->prefill_s, r->decode_s,
-      r->decode_s > 0 ? (n - 1) / r->decode_s : 0.0, r->main_steps,
-      o.speculative ? fmt::format(", MTP drafts accepted {} of {} ({:.1f}%)", r->accepted,
-                                  r->drafted, r->drafted ? 100.0 * r->accepted / r->drafted : 0.0)
+      "generated {} tokens in {} sequence(s): prefill {:.3f} s, decode {:.3f} s ({:.1f} tokens/s, "
+      "{} main steps){}; cache {} B a position ({} cache)",
+      tokens, r->size(), g0.prefill_s, g0.decode_s,
+      g0.decode_s > 0 ? std::max(0.0, decoded) / g0.decode_s : 0.0, steps,
+      o.speculative ? fmt::format(", MTP drafts accepted {} of {} ({:.1f}%)", accepted, drafted,
+                                  drafted ? 100.0 * accepted / drafted : 0.0)
                     : std::string(),
-      r->cache_bytes_per_position, kv);
+      g0.cache_bytes_per_position, kv);
   return 0;
 }
 

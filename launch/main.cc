@@ -22,7 +22,7 @@ constexpr Command kCommands[] = {
     {"eval", fp8pipe::cli::cmd_eval,
      "CONFIG --checkpoint PATH [--batches N]   held-out loss of a saved model (or HF folder)"},
     {"generate", fp8pipe::cli::cmd_generate,
-     "CONFIG --checkpoint PATH [--prompt TEXT | --prompt-file F] [--max-new-tokens N] "
+     "CONFIG --checkpoint PATH [--prompt TEXT ... | --prompt-file F] [--max-new-tokens N] "
      "[--temperature T] [--top-k K] "
      "[--top-p P] [--seed S] [--speculative none|mtp] [--kv-cache latent|heads]   sample text"},
     {"config", fp8pipe::cli::cmd_config,

@@ -527,24 +527,42 @@ Status append_rows(ModelCtx& c, Tensor& t, int64_t capacity, int64_t past, const
 
 }  // namespace
 
-Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
-                                         int64_t past) {
+Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x,
+                                         std::span<const CachedSeq> seqs) {
   Impl& a = *impl_;
-  const int64_t n = x.rows(), L = past + n;
-  if (x.cols() != a.hidden) {
-    return FP8_INVALID("attention: input {} is not [n, {}]", x.describe(), a.hidden);
+  const int64_t n = x.rows();
+  if (x.cols() != a.hidden || seqs.empty()) {
+    return FP8_INVALID("attention: input {} is not [n, {}] over one or more sequences",
+                       x.describe(), a.hidden);
   }
-  if (past < 0 || L > cache.capacity) {
-    return FP8_INVALID("attention: positions {}..{} exceed the cache of {} positions", past, L - 1,
-                       cache.capacity);
+  std::vector<int32_t> p;  // each row's position
+  for (const CachedSeq& q : seqs) {
+    if (q.past < 0 || q.rows < 0 || q.past + q.rows > q.cache->capacity) {
+      return FP8_INVALID("attention: positions {}..{} exceed the cache of {} positions", q.past,
+                         q.past + q.rows - 1, q.cache->capacity);
+    }
+    if (q.cache->latent != seqs[0].cache->latent) {
+      return FP8_INVALID("attention: one decoding call mixes latent and per-head caches");
+    }
+    for (int64_t r = 0; r < q.rows; ++r) p.push_back(static_cast<int32_t>(q.past + r));
   }
-  std::vector<int32_t> p(n);
-  std::iota(p.begin(), p.end(), static_cast<int32_t>(past));
+  if (static_cast<int64_t>(p.size()) != n) {
+    return FP8_INVALID("attention: the sequences hold {} rows of the input's {}", p.size(), n);
+  }
   FP8_ASSIGN_OR_RETURN(Tensor pos, upload_i32(c, p));
   FP8_ASSIGN_OR_RETURN(Tensor xp, a.input_group().front()->prepare_input(c, x));
   FP8_ASSIGN_OR_RETURN(Tensor q, a.query(c, mb, x, xp, pos));
   FP8_ASSIGN_OR_RETURN(Tensor o, new_f32(c, n, a.H * a.vdim));
-  const bool latent = a.mla && cache.latent;
+  const bool latent = a.mla && seqs[0].cache->latent;
+  // fn(sequence, its first row) over the sequences in order (their rows are consecutive in x)
+  auto each = [&](auto&& fn) -> Status {
+    int64_t r0 = 0;
+    for (const CachedSeq& sq : seqs) {
+      FP8_RETURN_IF_ERROR(fn(sq, r0));
+      r0 += sq.rows;
+    }
+    return Status::Ok();
+  };
   if (a.mla) {
     FP8_ASSIGN_OR_RETURN(Tensor kv, a.wkv_a.forward_prepared(c, mb, x, xp));
     FP8_ASSIGN_OR_RETURN(auto lat, split_heads(c, &a.rows, kv, 1, a.kv_lora, a.rope));
@@ -556,25 +574,41 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x, A
       FP8_ASSIGN_OR_RETURN(ckv, a.wkv_b.input_values_f32(c, ckv));
       FP8_ASSIGN_OR_RETURN(Tensor row,
                            merge_heads(c, &a.rows, ckv, lat.second, 1, a.kv_lora, a.rope));
-      FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, row));
+      FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) {
+        return append_rows(c, sq.cache->k, sq.cache->capacity, sq.past,
+                           row.slice_rows(r0, r0 + sq.rows));
+      }));
     } else {
       FP8_ASSIGN_OR_RETURN(Tensor kvb, a.wkv_b.forward(c, mb, ckv));
       Impl::Saved kv_heads;
       kv_heads.k_rope = std::move(lat.second);
       FP8_RETURN_IF_ERROR(a.mla_kv_heads(c, std::move(kvb), kv_heads));
-      FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, kv_heads.k));
-      FP8_RETURN_IF_ERROR(append_rows(c, cache.v, cache.capacity, past, kv_heads.v));
+      FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) -> Status {
+        FP8_RETURN_IF_ERROR(append_rows(c, sq.cache->k, sq.cache->capacity, sq.past,
+                                        kv_heads.k.slice_rows(r0, r0 + sq.rows)));
+        return append_rows(c, sq.cache->v, sq.cache->capacity, sq.past,
+                           kv_heads.v.slice_rows(r0, r0 + sq.rows));
+      }));
     }
   } else {
     FP8_ASSIGN_OR_RETURN(Tensor k, a.wk.forward_prepared(c, mb, x, xp));
     FP8_RETURN_IF_ERROR(c.be->rope(k, pos, a.H, a.rope_spec, false));
     FP8_ASSIGN_OR_RETURN(Tensor v, a.wv.forward_prepared(c, mb, x, xp));
-    FP8_RETURN_IF_ERROR(append_rows(c, cache.k, cache.capacity, past, k));
-    FP8_RETURN_IF_ERROR(append_rows(c, cache.v, cache.capacity, past, v));
+    FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) -> Status {
+      FP8_RETURN_IF_ERROR(
+          append_rows(c, sq.cache->k, sq.cache->capacity, sq.past, k.slice_rows(r0, r0 + sq.rows)));
+      return append_rows(c, sq.cache->v, sq.cache->capacity, sq.past,
+                         v.slice_rows(r0, r0 + sq.rows));
+    }));
   }
   if (!latent) {
-    const Tensor k = cache.k.slice_rows(0, L), v = cache.v.slice_rows(0, L);
-    FP8_RETURN_IF_ERROR(c.be->attention_cached(q, k, v, a.H, a.H, a.vdim, a.scale, o));
+    FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) {
+      const int64_t L = sq.past + sq.rows;
+      const Tensor k = sq.cache->k.slice_rows(0, L), v = sq.cache->v.slice_rows(0, L);
+      Tensor os = o.slice_rows(r0, r0 + sq.rows);
+      return c.be->attention_cached(q.slice_rows(r0, r0 + sq.rows), k, v, a.H, a.H, a.vdim, a.scale,
+                                    os);
+    }));
   } else {
     // Absorbed: q_nope . k_nope = (q_nope W_uk) . kv_norm(c_kv) per head, with W_uk / W_uv the
     // key / value rows of wkv_b's head h ([nope + vdim, kv_lora] blocks of its weight); the
@@ -594,9 +628,12 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x, A
     g.ldc = a.H * r, g.stride_c = r;
     FP8_RETURN_IF_ERROR(c.be->gemm_batched(qp.first, w, q_abs, g));
     FP8_ASSIGN_OR_RETURN(Tensor qc, merge_heads(c, &a.rows, q_abs, qp.second, a.H, r, a.rope));
-    const Tensor k = cache.k.slice_rows(0, L);
     FP8_ASSIGN_OR_RETURN(Tensor o_lat, new_f32(c, n, a.H * r));
-    FP8_RETURN_IF_ERROR(c.be->attention_cached(qc, k, k, a.H, 1, r, a.scale, o_lat));
+    FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) {
+      const Tensor k = sq.cache->k.slice_rows(0, sq.past + sq.rows);
+      Tensor os = o_lat.slice_rows(r0, r0 + sq.rows);
+      return c.be->attention_cached(qc.slice_rows(r0, r0 + sq.rows), k, k, a.H, 1, r, a.scale, os);
+    }));
     GemmBatch u;
     u.batch = a.H, u.M = n, u.N = a.vdim, u.K = r, u.trans_b = true;
     u.lda = a.H * r, u.stride_a = r;

@@ -4,6 +4,8 @@
 // Linears under FP8 precision; the attention core stays fp32 (FP8.md §1.1).
 #pragma once
 
+#include <span>
+
 #include "configs/fp8pipe.pb.h"
 #include "core/model/layers.h"
 
@@ -26,6 +28,12 @@ struct AttnCache {
   int64_t bytes_per_position() const;  // 0 before first use
 };
 
+// One sequence's rows of a decoding call (Attention::forward_cached).
+struct CachedSeq {
+  AttnCache* cache = nullptr;
+  int64_t past = 0, rows = 0;
+};
+
 class Attention {
  public:
   // prefix e.g. "layers.3.attn"; parameter names follow DeepSeek-V3's checkpoint
@@ -36,11 +44,12 @@ class Attention {
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
   std::vector<Param*> params();
-  // Inference: x [n, hidden] are positions past..past+n-1 of one sequence whose earlier keys and
-  // values are in `cache`; appends theirs and returns the attention output [n, hidden]. Keeps no
-  // state for a backward (mb: the caller's inference key, kInferenceMb).
-  Result<Tensor> forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
-                                int64_t past);
+  // Inference: the rows of x [n, hidden] are the sequences' in order, each `rows` positions
+  // past..past+rows-1 of a sequence whose earlier keys and values are in its cache; appends theirs
+  // and returns the attention output [n, hidden]. The projections run once over all rows, the
+  // core per sequence. Keeps no state for a backward (mb: the inference key, kInferenceMb).
+  Result<Tensor> forward_cached(ModelCtx& c, int mb, const Tensor& x,
+                                std::span<const CachedSeq> seqs);
   // Releases and restores the input the projections reading x keep for their weight gradients
   // (one shared operand), for a caller that recomputes x (train.recompute=rmsnorm). Restore
   // before backward_input: without a q latent, mla_up_proj's recompute reads it.

@@ -24,10 +24,10 @@ Result<Tensor> Block::forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, i
   return ffn_half(c, mb, x, a, B, T);
 }
 
-Result<Tensor> Block::forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
-                                     int64_t past) {
+Result<Tensor> Block::forward_cached(ModelCtx& c, int mb, const Tensor& x,
+                                     std::span<const CachedSeq> seqs) {
   FP8_ASSIGN_OR_RETURN(Tensor xn, attn_norm_.forward(c, mb, x));
-  FP8_ASSIGN_OR_RETURN(Tensor a, attn_.forward_cached(c, mb, xn, cache, past));
+  FP8_ASSIGN_OR_RETURN(Tensor a, attn_.forward_cached(c, mb, xn, seqs));
   return ffn_half(c, mb, x, a, 1, x.rows());
 }
 

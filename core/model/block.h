@@ -15,10 +15,10 @@ class Block {
   Status init(ModelCtx& c, const std::string& prefix, const config::Model& m, bool moe,
               uint64_t seed);
   Result<Tensor> forward(ModelCtx& c, int mb, const Tensor& x, int64_t B, int64_t T);
-  // Inference: x [n, hidden] at positions past..past+n-1 with the earlier keys and values in
-  // `cache` (Attention::forward_cached); a MoE sees the n rows as one sequence.
-  Result<Tensor> forward_cached(ModelCtx& c, int mb, const Tensor& x, AttnCache& cache,
-                                int64_t past);
+  // Inference: the sequences' rows of x [n, hidden] over their caches (Attention::forward_cached);
+  // the MoE routes the n rows as one batch (per-token, so the same result).
+  Result<Tensor> forward_cached(ModelCtx& c, int mb, const Tensor& x,
+                                std::span<const CachedSeq> seqs);
   Result<Tensor> backward_input(ModelCtx& c, int mb, const Tensor& dy);
   Status backward_weight(ModelCtx& c, int mb);
   std::vector<Param*> params();

@@ -22,9 +22,6 @@ Result<std::vector<float>> host_logits(ModelCtx& c, const Tensor& logits) {
   return std::vector<float>(p, p + h.numel());
 }
 
-// A one-row view (row r) of h [n, hidden].
-Tensor row_of(const Tensor& h, int64_t r) { return h.slice_rows(r, r + 1); }
-
 }  // namespace
 
 double TokenDist::prob(int32_t id) const {
@@ -93,15 +90,19 @@ std::pair<int32_t, bool> verify_draft(const TokenDist& p, const TokenDist& q, in
   return {sample(r, u_resample), false};
 }
 
-Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
-                                const GenerateOptions& o) {
-  const int64_t P = static_cast<int64_t>(prompt.size()), V = m.config().vocab_size();
-  if (P == 0) return FP8_INVALID("generate: the prompt is empty (at least one token)");
+Result<std::vector<GenerateResult>> generate_batch(ModelCtx& c, Model& m,
+                                                   const std::vector<std::vector<int32_t>>& prompts,
+                                                   const GenerateOptions& o) {
+  const int64_t V = m.config().vocab_size();
+  if (prompts.empty()) return FP8_INVALID("generate: no prompt");
+  for (const auto& prompt : prompts) {
+    if (prompt.empty()) return FP8_INVALID("generate: a prompt is empty (at least one token)");
+    for (int32_t t : prompt) {
+      if (t < 0 || t >= V) return FP8_INVALID("generate: prompt token {} outside [0, {})", t, V);
+    }
+  }
   if (o.max_new_tokens < 0) {
     return FP8_INVALID("generate: max_new_tokens {} must be >= 0", o.max_new_tokens);
-  }
-  for (int32_t t : prompt) {
-    if (t < 0 || t >= V) return FP8_INVALID("generate: prompt token {} outside [0, {})", t, V);
   }
   if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) {
     return FP8_INVALID("generate: top_p {} must be in (0, 1]", o.top_p);
@@ -117,78 +118,146 @@ Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t
     ~Restore() { c.inference = v; }
   } restore{c, inference};
 
-  GenerateResult r;
-  // Positions: the prompt, the new tokens, and one draft row beyond them.
-  FP8_ASSIGN_OR_RETURN(KvCache cache, m.new_cache(P + o.max_new_tokens + 2, o.latent_cache));
-  std::mt19937_64 rng(o.seed);
+  // One sequence's state. Its random stream is seed + its index, so a sequence draws the same
+  // tokens in any batch.
+  struct Seq {
+    KvCache cache;
+    int64_t L = 0;  // positions in the main (and MTP) caches
+    int32_t next = -1, draft = -1;
+    TokenDist q;  // the distribution the draft was drawn from
+    std::mt19937_64 rng;
+    bool done = false;
+    GenerateResult r;
+  };
+  const size_t S = prompts.size();
+  std::vector<Seq> seq(S);
   std::uniform_real_distribution<double> unif(0.0, 1.0);
+  for (size_t s = 0; s < S; ++s) {
+    const int64_t P = static_cast<int64_t>(prompts[s].size());
+    // Positions: the prompt, the new tokens, and one draft row beyond them.
+    FP8_ASSIGN_OR_RETURN(seq[s].cache, m.new_cache(P + o.max_new_tokens + 2, o.latent_cache));
+    seq[s].rng.seed(o.seed + s);
+    seq[s].L = P;
+  }
   auto dist = [&](const std::vector<float>& lg, int64_t row) {
     return token_dist(lg.data() + row * V, V, o.temperature, o.top_k, o.top_p);
   };
-  auto pick = [&](const std::vector<float>& lg, int64_t row) {
-    return sample(dist(lg, row), unif(rng));
-  };
-  auto emit = [&](int32_t t) {  // true: generation ends here
+  auto emit = [&](size_t s, int32_t t) {  // true: sequence s ends here
+    GenerateResult& r = seq[s].r;
     r.tokens.push_back(t);
-    if (o.on_token) o.on_token(t);
-    return std::find(o.stop.begin(), o.stop.end(), t) != o.stop.end() ||
-           static_cast<int64_t>(r.tokens.size()) >= o.max_new_tokens;
+    if (o.on_token) o.on_token(s, t);
+    seq[s].done = std::find(o.stop.begin(), o.stop.end(), t) != o.stop.end() ||
+                  static_cast<int64_t>(r.tokens.size()) >= o.max_new_tokens;
+    return seq[s].done;
+  };
+  // The MTP step of `rows` (sequence, rows of h in order, tokens): its drafts and their q.
+  struct MtpRows {
+    std::vector<DecodeSeq> seqs;
+    std::vector<size_t> owner;
+    std::vector<int32_t> h_rows;
+  };
+  auto mtp_step = [&](const Tensor& h, MtpRows& mr) -> Status {
+    if (mr.seqs.empty()) return Status::Ok();
+    FP8_ASSIGN_OR_RETURN(Tensor idx, upload_i32(c, mr.h_rows));
+    FP8_ASSIGN_OR_RETURN(Tensor hp, new_f32(c, static_cast<int64_t>(mr.h_rows.size()), h.cols()));
+    FP8_RETURN_IF_ERROR(c.be->gather_rows(h, idx, hp));
+    FP8_ASSIGN_OR_RETURN(DecodeOut ms, m.mtp_decode(c, 1, hp, mr.seqs));
+    FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
+    for (size_t j = 0; j < mr.owner.size(); ++j) {
+      Seq& q = seq[mr.owner[j]];
+      q.q = dist(ml, static_cast<int64_t>(j));
+      q.draft = sample(q.q, unif(q.rng));
+    }
+    return Status::Ok();
   };
 
   auto t0 = Clock::now();
-  // only last rows' logits are computed and read: a long prompt's [P, vocab] never exists
-  FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, prompt, 0, cache, 1));
-  FP8_ASSIGN_OR_RETURN(auto lg, host_logits(c, st.logits));
-  int64_t L = P;
-  int32_t next = pick(lg, 0);
-  int32_t draft = -1;
-  TokenDist q;          // the distribution the draft was drawn from
-  if (o.speculative) {  // MTP positions 0..P-1 read (h^0_j, t_{j+1}), the last one `next`
-    std::vector<int32_t> shifted(prompt.begin() + 1, prompt.end());
-    shifted.push_back(next);
-    FP8_ASSIGN_OR_RETURN(DecodeOut ms, m.mtp_decode(c, 1, st.h, shifted, 0, cache, 1));
-    FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
-    q = dist(ml, 0);
-    draft = sample(q, unif(rng));
+  {  // the prefill: every prompt in one forward, only each one's last row through the head
+    std::vector<DecodeSeq> ds;
+    for (size_t s = 0; s < S; ++s) ds.push_back({prompts[s], 0, &seq[s].cache, 1});
+    FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, ds));
+    FP8_ASSIGN_OR_RETURN(auto lg, host_logits(c, st.logits));
+    for (size_t s = 0; s < S; ++s) seq[s].next = sample(dist(lg, s), unif(seq[s].rng));
+    if (o.speculative) {  // MTP positions 0..P-1 read (h^0_j, t_{j+1}), the last one `next`
+      MtpRows mr;
+      int32_t r0 = 0;
+      for (size_t s = 0; s < S; ++s) {
+        std::vector<int32_t> shifted(prompts[s].begin() + 1, prompts[s].end());
+        shifted.push_back(seq[s].next);
+        mr.seqs.push_back({std::move(shifted), 0, &seq[s].cache, 1});
+        mr.owner.push_back(s);
+        for (size_t j = 0; j < prompts[s].size(); ++j) mr.h_rows.push_back(r0++);
+      }
+      FP8_RETURN_IF_ERROR(mtp_step(st.h, mr));
+    }
   }
-  r.prefill_s = seconds_since(t0);
-  r.cache_bytes_per_position = cache.bytes_per_position();
+  const double prefill_s = seconds_since(t0);
   t0 = Clock::now();
-  if (o.max_new_tokens == 0) return r;
-  while (!emit(next)) {
-    if (!o.speculative) {
-      FP8_ASSIGN_OR_RETURN(st, m.decode(c, {next}, L, cache));
-      FP8_ASSIGN_OR_RETURN(lg, host_logits(c, st.logits));
-      ++L;
-      ++r.main_steps;
-      next = pick(lg, 0);
-      continue;
-    }
-    // Verify: rows (next, draft) at positions L, L+1. Both main and MTP caches hold L positions.
-    FP8_ASSIGN_OR_RETURN(st, m.decode(c, {next, draft}, L, cache));
-    FP8_ASSIGN_OR_RETURN(lg, host_logits(c, st.logits));
-    ++r.main_steps;
-    ++r.drafted;
-    const double u_accept = unif(rng), u_resample = unif(rng);
-    const auto [tok, kept] = verify_draft(dist(lg, 0), q, draft, u_accept, u_resample);
-    DecodeOut ms;
-    if (kept) {  // both rows stand: two tokens this step
-      ++r.accepted;
-      if (emit(draft)) break;
-      next = pick(lg, 1);
-      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, st.h, {draft, next}, L, cache, 1));
-      L += 2;
-    } else {  // the draft's row is dropped (its cache row is overwritten next step)
-      next = tok;
-      FP8_ASSIGN_OR_RETURN(ms, m.mtp_decode(c, 1, row_of(st.h, 0), {next}, L, cache));
-      L += 1;
-    }
-    FP8_ASSIGN_OR_RETURN(auto ml, host_logits(c, ms.logits));
-    q = dist(ml, 0);
-    draft = sample(q, unif(rng));
+  std::vector<size_t> active;
+  for (size_t s = 0; s < S; ++s) {
+    if (o.max_new_tokens > 0 && !emit(s, seq[s].next)) active.push_back(s);
   }
-  r.decode_s = seconds_since(t0);
-  return r;
+  while (!active.empty()) {
+    std::vector<DecodeSeq> ds;
+    for (size_t s : active) {
+      std::vector<int32_t> rows = {seq[s].next};
+      if (o.speculative) rows.push_back(seq[s].draft);  // verify at positions L, L+1
+      ds.push_back({std::move(rows), seq[s].L, &seq[s].cache, -1});
+    }
+    FP8_ASSIGN_OR_RETURN(DecodeOut st, m.decode(c, ds));
+    FP8_ASSIGN_OR_RETURN(auto lg, host_logits(c, st.logits));
+    MtpRows mr;
+    const int64_t per = o.speculative ? 2 : 1;  // rows a sequence this step
+    for (size_t j = 0; j < active.size(); ++j) {
+      Seq& q = seq[active[j]];
+      const int64_t row = static_cast<int64_t>(j) * per;
+      ++q.r.main_steps;
+      if (!o.speculative) {
+        ++q.L;
+        q.next = sample(dist(lg, row), unif(q.rng));
+        continue;
+      }
+      ++q.r.drafted;
+      const double u_accept = unif(q.rng), u_resample = unif(q.rng);
+      const auto [tok, kept] = verify_draft(dist(lg, row), q.q, q.draft, u_accept, u_resample);
+      if (kept) {  // both rows stand: two tokens this step
+        ++q.r.accepted;
+        if (emit(active[j], q.draft)) continue;
+        q.next = sample(dist(lg, row + 1), unif(q.rng));
+        mr.seqs.push_back({{q.draft, q.next}, q.L, &q.cache, 1});
+        mr.h_rows.insert(mr.h_rows.end(),
+                         {static_cast<int32_t>(row), static_cast<int32_t>(row + 1)});
+        q.L += 2;
+      } else {  // the draft's row is dropped (its cache row is overwritten next step)
+        q.next = tok;
+        mr.seqs.push_back({{q.next}, q.L, &q.cache, 1});
+        mr.h_rows.push_back(static_cast<int32_t>(row));
+        q.L += 1;
+      }
+      mr.owner.push_back(active[j]);
+    }
+    FP8_RETURN_IF_ERROR(mtp_step(st.h, mr));
+    std::vector<size_t> still;
+    for (size_t s : active) {
+      if (!seq[s].done && !emit(s, seq[s].next)) still.push_back(s);
+    }
+    active = std::move(still);
+  }
+  const double decode_s = seconds_since(t0);
+  std::vector<GenerateResult> out;
+  for (Seq& q : seq) {
+    q.r.prefill_s = prefill_s;
+    q.r.decode_s = decode_s;
+    q.r.cache_bytes_per_position = q.cache.bytes_per_position();
+    out.push_back(std::move(q.r));
+  }
+  return out;
+}
+
+Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
+                                const GenerateOptions& o) {
+  FP8_ASSIGN_OR_RETURN(auto r, generate_batch(c, m, {prompt}, o));
+  return std::move(r.front());
 }
 
 }  // namespace fp8pipe::model

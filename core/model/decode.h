@@ -26,7 +26,8 @@ struct GenerateOptions {
   bool speculative = false;   // MTP depth 1 drafts
   bool latent_cache = true;   // MLA's latent cache (AttnCache)
   std::vector<int32_t> stop;  // generation ends after any of these tokens
-  std::function<void(int32_t)> on_token;  // called with each token as it is decided (streaming)
+  // called with (sequence, token) as each token is decided (streaming)
+  std::function<void(size_t, int32_t)> on_token;
 };
 
 struct GenerateResult {
@@ -61,5 +62,12 @@ std::pair<int32_t, bool> verify_draft(const TokenDist& p, const TokenDist& q, in
 
 Result<GenerateResult> generate(ModelCtx& c, Model& m, const std::vector<int32_t>& prompt,
                                 const GenerateOptions& o);
+// Several prompts decoded together: each step is one forward over every unfinished sequence's
+// rows (the projections, MoE and head batched; attention per sequence over its own cache).
+// Sequence s draws from the random stream seed + s, so its tokens are those it gets alone with
+// that seed. Timings are the batch's.
+Result<std::vector<GenerateResult>> generate_batch(ModelCtx& c, Model& m,
+                                                   const std::vector<std::vector<int32_t>>& prompts,
+                                                   const GenerateOptions& o);
 
 }  // namespace fp8pipe::model

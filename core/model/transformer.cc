@@ -272,34 +272,63 @@ Result<KvCache> Model::new_cache(int64_t capacity, bool latent) const {
   return kv;
 }
 
-Result<Tensor> Model::decode_head(ModelCtx& c, int key, const Tensor& hn, int64_t rows) {
-  if (rows < 0 || rows >= hn.rows()) return head_.forward(c, key, hn);
-  return head_.forward(c, key, hn.slice_rows(hn.rows() - rows, hn.rows()));
+Result<Tensor> Model::decode_head(ModelCtx& c, int key, const Tensor& hn,
+                                  std::span<const DecodeSeq> seqs) {
+  std::vector<int32_t> keep;
+  int64_t r0 = 0;
+  for (const DecodeSeq& q : seqs) {
+    const int64_t n = static_cast<int64_t>(q.tokens.size());
+    const int64_t k = q.logits_rows < 0 ? n : std::min(n, q.logits_rows);
+    for (int64_t r = r0 + n - k; r < r0 + n; ++r) keep.push_back(static_cast<int32_t>(r));
+    r0 += n;
+  }
+  if (static_cast<int64_t>(keep.size()) == hn.rows()) return head_.forward(c, key, hn);
+  FP8_ASSIGN_OR_RETURN(Tensor idx, upload_i32(c, keep));
+  FP8_ASSIGN_OR_RETURN(Tensor rows, new_f32(c, static_cast<int64_t>(keep.size()), hn.cols()));
+  if (!keep.empty()) FP8_RETURN_IF_ERROR(c.be->gather_rows(hn, idx, rows));
+  return head_.forward(c, key, rows);
 }
 
-Result<DecodeOut> Model::decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
-                                KvCache& cache, int64_t logits_rows) {
-  if (cache.blocks.size() != blocks_.size()) {
-    return FP8_INVALID("decode: a cache of {} blocks for a model of {}", cache.blocks.size(),
-                       blocks_.size());
+std::vector<CachedSeq> Model::layer_seqs(std::span<const DecodeSeq> seqs, bool mtp, size_t i) {
+  std::vector<CachedSeq> out;
+  for (const DecodeSeq& q : seqs) {
+    out.push_back({mtp ? &q.cache->mtp[i] : &q.cache->blocks[i], q.past,
+                   static_cast<int64_t>(q.tokens.size())});
+  }
+  return out;
+}
+
+Result<DecodeOut> Model::decode(ModelCtx& c, std::span<const DecodeSeq> seqs) {
+  std::vector<int32_t> tokens;
+  for (const DecodeSeq& q : seqs) {
+    if (!q.cache || q.cache->blocks.size() != blocks_.size()) {
+      return FP8_INVALID("decode: a sequence without a cache of this model's {} blocks",
+                         blocks_.size());
+    }
+    tokens.insert(tokens.end(), q.tokens.begin(), q.tokens.end());
   }
   const int mb = kInferenceMb;
   DecodeOut out;
   FP8_ASSIGN_OR_RETURN(Tensor ids, upload_i32(c, tokens));
   FP8_ASSIGN_OR_RETURN(out.h, embed_.forward(c, mb * kSlots, ids));
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    FP8_ASSIGN_OR_RETURN(out.h, blocks_[i]->forward_cached(c, mb, out.h, cache.blocks[i], past));
+    const std::vector<CachedSeq> layer = layer_seqs(seqs, false, i);
+    FP8_ASSIGN_OR_RETURN(out.h, blocks_[i]->forward_cached(c, mb, out.h, layer));
   }
   FP8_ASSIGN_OR_RETURN(Tensor hn, final_norm_.forward(c, mb, out.h));
-  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, mb * kSlots, hn, logits_rows));
+  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, mb * kSlots, hn, seqs));
   return out;
 }
 
 Result<DecodeOut> Model::mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
-                                    const std::vector<int32_t>& tokens, int64_t past,
-                                    KvCache& cache, int64_t logits_rows) {
-  if (k < 1 || k > static_cast<int>(mtp_.size()) || cache.mtp.size() != mtp_.size()) {
-    return FP8_INVALID("mtp_decode: depth {} of a model with {} MTP modules", k, mtp_.size());
+                                    std::span<const DecodeSeq> seqs) {
+  std::vector<int32_t> tokens;
+  for (const DecodeSeq& q : seqs) {
+    if (!q.cache || k < 1 || k > static_cast<int>(mtp_.size()) ||
+        q.cache->mtp.size() != mtp_.size()) {
+      return FP8_INVALID("mtp_decode: depth {} of a model with {} MTP modules", k, mtp_.size());
+    }
+    tokens.insert(tokens.end(), q.tokens.begin(), q.tokens.end());
   }
   if (h_prev.rows() != static_cast<int64_t>(tokens.size())) {
     return FP8_INVALID("mtp_decode: {} hidden rows for {} tokens", h_prev.rows(), tokens.size());
@@ -314,9 +343,10 @@ Result<DecodeOut> Model::mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
   FP8_ASSIGN_OR_RETURN(Tensor xh, t.eh_h.forward(c, key, hn));
   FP8_RETURN_IF_ERROR(c.be->axpy(1.0f, xh, x));
   DecodeOut out;
-  FP8_ASSIGN_OR_RETURN(out.h, t.block->forward_cached(c, key, x, cache.mtp[k - 1], past));
+  const std::vector<CachedSeq> layer = layer_seqs(seqs, true, k - 1);
+  FP8_ASSIGN_OR_RETURN(out.h, t.block->forward_cached(c, key, x, layer));
   FP8_ASSIGN_OR_RETURN(Tensor hkn, t.norm.forward(c, key, out.h));
-  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, key, hkn, logits_rows));
+  FP8_ASSIGN_OR_RETURN(out.logits, decode_head(c, key, hkn, seqs));
   return out;
 }
 

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "core/model/block.h"
@@ -49,10 +50,18 @@ struct KvCache {
   std::vector<AttnCache> blocks, mtp;
   int64_t bytes_per_position() const;
 };
-// One inference forward: the hidden states (the last block's output, un-normed: h^0, or h^k of
-// an MTP depth) and the logits of its rows.
+// One inference forward: the hidden states of its rows (the last block's output, un-normed: h^0,
+// or h^k of an MTP depth) and the logits of the rows asked for.
 struct DecodeOut {
   Tensor h, logits;
+};
+// One sequence of a batched decoding call: its tokens at positions past..past+n-1 over its cache,
+// and how many of its last rows need logits (< 0: all).
+struct DecodeSeq {
+  std::vector<int32_t> tokens;
+  int64_t past = 0;
+  KvCache* cache = nullptr;
+  int64_t logits_rows = -1;
 };
 
 class Model {
@@ -77,15 +86,26 @@ class Model {
   // Inference over a key/value cache (whole models only; layers keep nothing for a backward).
   // new_cache: room for `capacity` positions; latent: MLA's latent cache (AttnCache).
   Result<KvCache> new_cache(int64_t capacity, bool latent) const;
-  // tokens at positions past..past+n-1 of one sequence -> h^0 and the main head's logits (of the
-  // last `logits_rows` rows only when >= 0: a prefill needs its last row's).
+  // The sequences' tokens (rows in order) -> h^0 and the main head's logits of each sequence's
+  // last `logits_rows` rows (a prefill needs its last row's), in order.
+  Result<DecodeOut> decode(ModelCtx& c, std::span<const DecodeSeq> seqs);
+  // MTP depth k (1-based) over each sequence's own positions past..: row i reads h^{k-1}_i (the
+  // rows of h_prev, in order) and the token t_{i+k} (tokens[i]); -> h^k and logits predicting
+  // t_{i+k+1}.
+  Result<DecodeOut> mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
+                               std::span<const DecodeSeq> seqs);
+  // One sequence.
   Result<DecodeOut> decode(ModelCtx& c, const std::vector<int32_t>& tokens, int64_t past,
-                           KvCache& cache, int64_t logits_rows = -1);
-  // MTP depth k (1-based) at positions past..past+n-1 of its own sequence: row i reads h^{k-1}_i
-  // (h_prev) and the token t_{i+k} (tokens[i]); -> h^k and logits predicting t_{i+k+1}.
+                           KvCache& cache, int64_t logits_rows = -1) {
+    const DecodeSeq s{tokens, past, &cache, logits_rows};
+    return decode(c, {&s, 1});
+  }
   Result<DecodeOut> mtp_decode(ModelCtx& c, int k, const Tensor& h_prev,
                                const std::vector<int32_t>& tokens, int64_t past, KvCache& cache,
-                               int64_t logits_rows = -1);
+                               int64_t logits_rows = -1) {
+    const DecodeSeq s{tokens, past, &cache, logits_rows};
+    return mtp_decode(c, k, h_prev, {&s, 1});
+  }
   // The logits of depth `depth` (0: main) that forward computed for micro-batch mb, as fp32
   // (held until its backward).
   Result<Tensor> held_logits(ModelCtx& c, int mb, int depth);
@@ -118,8 +138,11 @@ class Model {
                              int reader_key = -1);
   Result<Tensor> logits_and_loss(ModelCtx& c, int key, const Tensor& h, const Tensor& targets,
                                  Tensor* logits, double* ce_sum);
-  // Inference: the head over the last `rows` rows of hn (all when < 0).
-  Result<Tensor> decode_head(ModelCtx& c, int key, const Tensor& hn, int64_t rows);
+  // Inference: the head over the rows of hn that seqs ask logits of; the per-layer sequences of
+  // the attention caches (blocks, or mtp when depth > 0).
+  Result<Tensor> decode_head(ModelCtx& c, int key, const Tensor& hn,
+                             std::span<const DecodeSeq> seqs);
+  static std::vector<CachedSeq> layer_seqs(std::span<const DecodeSeq> seqs, bool mtp, size_t i);
 
   config::Model cfg_;
   ModelPart part_;

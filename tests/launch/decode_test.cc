@@ -369,6 +369,39 @@ TEST(Generate, SpeculativeOnATrainedModelTakesBothPaths) {
   RecordProperty("accepted", std::to_string(spec->accepted) + "/" + std::to_string(spec->drafted));
 }
 
+// A batch decodes its prompts (of different lengths, finishing at different steps) together,
+// each sequence giving the tokens it gets alone: greedy and speculative, FP32 and FP8 (rows are
+// independent but for GEMM summation order); sampled, sequence s as alone with seed + s.
+TEST(Generate, BatchGivesEachSequenceItsOwnTokens) {
+  const std::vector<std::vector<int32_t>> prompts = {{3, 1, 4}, {1, 5, 9, 2, 6, 5}, {8}};
+  for (const std::string mode : {"FP32", "FP8"}) {
+    for (const bool spec : {false, true}) {
+      for (const float temp : {0.0f, 0.9f}) {
+        TinyModel tm(mode, 11);
+        auto& [cfg, be, c, m] = tm;
+        model::GenerateOptions o;
+        o.max_new_tokens = 24;
+        o.speculative = spec;
+        o.temperature = temp;
+        o.seed = 40;
+        o.stop = {77};  // may end a sequence early
+        auto batch = model::generate_batch(c, m, prompts, o);
+        ASSERT_TRUE(batch.ok()) << batch.status().to_string();
+        ASSERT_EQ(batch->size(), prompts.size());
+        for (size_t s = 0; s < prompts.size(); ++s) {
+          o.seed = 40 + s;
+          auto alone = model::generate(c, m, prompts[s], o);
+          ASSERT_TRUE(alone.ok());
+          EXPECT_EQ((*batch)[s].tokens, alone->tokens)
+              << mode << " speculative " << spec << " temperature " << temp << " sequence " << s;
+          EXPECT_EQ((*batch)[s].accepted, alone->accepted);
+        }
+        o.seed = 40;
+      }
+    }
+  }
+}
+
 TEST(Generate, SamplingIsSeededAndTopOneIsGreedy) {
   TinyModel tm("FP32", 11);
   auto& [cfg, be, c, m] = tm;

@@ -2,7 +2,8 @@
 # End-to-end test of `fp8pipe generate`: a tiny model trains for a few steps on byte-level text
 # (prepare-data) and saves its model; generate then reads it back and
 #  - prints the prompt followed by --max-new-tokens byte tokens (or fewer, ending at the
-#    end-of-document id), the same text on every greedy run;
+#    end-of-document id), the same text on every greedy run, from --prompt or --prompt-file;
+#  - decodes several --prompt together, each sequence giving the text it gets alone;
 #  - with --speculative mtp (MTP depth 1 drafts, verified by the main model) prints the same text
 #    as plain greedy decoding and reports its drafts and acceptances; sampled, it repeats for a
 #    seed;
@@ -42,13 +43,16 @@ gen() {  # gen NAME MODE ARGS...: stdout to $TMP/NAME.txt, log to $TMP/NAME.log
   local name=$1 mode=$2
   shift 2
   "$BIN" generate "${cfg[@]}" "--precision.mode=$mode" --checkpoint "$TMP/$mode.safetensors" \
-    --prompt "stage rank " "$@" >"$TMP/$name.txt" 2>"$TMP/$name.log"
+    "${PROMPT[@]}" "$@" >"$TMP/$name.txt" 2>"$TMP/$name.log"
 }
+PROMPT=(--prompt "stage rank ")
 
 gen greedy FP8 --max-new-tokens 64 || bad "greedy: $(tail -3 "$TMP/greedy.log")"
 printf 'stage rank ' >"$TMP/prompt.txt"
-gen greedy2 FP8 --max-new-tokens 64 --prompt-file "$TMP/prompt.txt" ||
+PROMPT=(--prompt-file "$TMP/prompt.txt")
+gen greedy2 FP8 --max-new-tokens 64 ||
   bad "greedy again (--prompt-file): $(tail -3 "$TMP/greedy2.log")"
+PROMPT=(--prompt "stage rank ")
 text=$(cat "$TMP/greedy.txt")
 case "$text" in
   "stage rank "*) ok "the output starts with the prompt" ;;
@@ -66,6 +70,23 @@ cmp -s "$TMP/greedy.txt" "$TMP/greedy2.txt" && ok "greedy decoding repeats (prom
 # 11 + 64 positions past train.seq_len 32: a warning says so
 grep -q "past the 32 the model trained on" "$TMP/greedy.log" && ok "warns past train.seq_len" ||
   bad "no warning past train.seq_len: $(grep -i warn "$TMP/greedy.log")"
+
+# a batch: --prompt twice, each sequence printed under a header, each the text it gets alone
+PROMPT=(--prompt "expert " --prompt "stage rank ")
+gen batch FP8 --max-new-tokens 64 || bad "batch: $(tail -3 "$TMP/batch.log")"
+PROMPT=(--prompt "expert ")
+gen alone FP8 --max-new-tokens 64 || bad "expert alone"
+PROMPT=(--prompt "stage rank ")
+python3 - "$TMP" <<'PY' && ok "a batch of 2 prompts: each sequence's text as alone" || bad "batch text"
+import sys
+t = sys.argv[1]
+out = open(f"{t}/batch.txt").read()
+parts = out.split("--- sequence 1 ---\n")
+assert parts[0].startswith("--- sequence 0 ---\n"), out[:80]
+assert parts[0][len("--- sequence 0 ---\n"):] == open(f"{t}/alone.txt").read(), parts[0]
+assert parts[1] == open(f"{t}/greedy.txt").read(), parts[1]
+PY
+grep -q "in 2 sequence(s)" "$TMP/batch.log" || bad "batch log: $(grep generated "$TMP/batch.log")"
 
 gen spec FP8 --max-new-tokens 64 --speculative mtp || bad "speculative: $(tail -3 "$TMP/spec.log")"
 cmp -s "$TMP/greedy.txt" "$TMP/spec.txt" && ok "MTP speculative decoding gives greedy's text" ||

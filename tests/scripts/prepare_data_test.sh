@@ -80,6 +80,6 @@ if "$BIN" train "$SRC/configs/tiny.textproto" "${common[@]}" --model.vocab_size=
   >"$TMP/small.out" 2>&1; then
   die "vocab 257 accepted FIM sentinels"
 fi
-grep -qE "is 25[789], outside the vocabulary \[0, 257\)" "$TMP/small.out" ||
+grep -qE "is 25[789], outside the vocabulary \[0, 257\) \(a fill-in-the-middle sentinel of prepare-data --fim-rate: model.vocab_size >= 260\)" "$TMP/small.out" ||
   die "the vocab error does not name the sentinel: $(grep -m1 ' E\]' "$TMP/small.out")"
 echo "prepare_data_test: ok"
