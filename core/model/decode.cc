@@ -15,7 +15,7 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// The logits of rows [0, rows) on the host.
+// The values of an fp32 tensor (logits) on the host.
 Result<std::vector<float>> host_logits(ModelCtx& c, const Tensor& logits) {
   FP8_ASSIGN_OR_RETURN(Tensor h, c.be->to_host(logits));
   const float* p = h.data_as<float>();

@@ -5,7 +5,7 @@
 // call (two rows), so an accepted draft yields two tokens per main step. Greedy drafts are
 // accepted when they equal the main model's choice, so the text is that of plain greedy decoding;
 // sampled drafts by speculative sampling's rule (verify_draft), so the text is distributed as
-// plain sampling's.
+// plain sampling's. Several prompts decode as one batch (generate_batch).
 #pragma once
 
 #include <cstdint>
