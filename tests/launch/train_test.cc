@@ -298,7 +298,9 @@ TEST(TrainTest, SavedModelGivesBitwiseTheSameEvalLoss) {
     ++a->ctx().weight_version;
     auto ea = a->evaluate(2);
     ASSERT_TRUE(ea.ok());
-    const std::string path = ::testing::TempDir() + "train_test_model.safetensors";
+    const std::string path = ::testing::TempDir() + "train_test_model_" +
+                             ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+                             ".safetensors";
     const Status saved = a->save_model(path);
     ASSERT_TRUE(saved.ok()) << saved.to_string();
 
@@ -364,7 +366,10 @@ void expect_recompute_is_bitwise_and_smaller(std::vector<std::string> overrides,
     ASSERT_TRUE(t);
     peak[re] = steps_with_peak(*t, 3, loss[re], norm[re]);
     ASSERT_EQ(loss[re].size(), 3u);
-    const std::string path = ::testing::TempDir() + "train_test_recompute.safetensors";
+    // per test: CTest runs the tests that share this helper at the same time
+    const std::string path = ::testing::TempDir() + "train_test_recompute_" +
+                             ::testing::UnitTest::GetInstance()->current_test_info()->name() +
+                             ".safetensors";
     ASSERT_TRUE(t->save_model(path).ok());
     weights[re] = file_bytes(path);
     std::remove(path.c_str());
