@@ -65,8 +65,13 @@ Status CpuOps::attention_cached(const Tensor& q, const Tensor& kk, const Tensor&
                                 int64_t G, int64_t dv, float scale, Tensor& o) {
   FP8_RETURN_IF_ERROR(checks::attention_cached(q, kk, v, H, G, dv, o));
   if (q.rows() == 0) return Status::Ok();
-  k::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(), q.rows(),
-                      kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale, o.data_as<float>());
+  if (kk.dtype() == DType::kBF16) {
+    k::attention_cached(q.data_as<float>(), kk.data_as<uint16_t>(), v.data_as<uint16_t>(), q.rows(),
+                        kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale, o.data_as<float>());
+  } else {
+    k::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(), q.rows(),
+                        kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale, o.data_as<float>());
+  }
   return Status::Ok();
 }
 

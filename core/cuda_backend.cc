@@ -739,10 +739,17 @@ class CudaBackend final : public Backend {
                           int64_t dv, float scale, Tensor& o) override {
     FP8_RETURN_IF_ERROR(on_gpu("attention_cached", {&q, &kk, &v, &o}));
     FP8_RETURN_IF_ERROR(checks::attention_cached(q, kk, v, H, G, dv, o));
-    FP8_GPU("attention_cached",
-            g::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(),
-                                q.rows(), kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale,
-                                o.data_as<float>(), cur()));
+    if (kk.dtype() == DType::kBF16) {
+      FP8_GPU("attention_cached",
+              g::attention_cached(q.data_as<float>(), kk.data_as<uint16_t>(), v.data_as<uint16_t>(),
+                                  q.rows(), kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale,
+                                  o.data_as<float>(), cur()));
+    } else {
+      FP8_GPU("attention_cached",
+              g::attention_cached(q.data_as<float>(), kk.data_as<float>(), v.data_as<float>(),
+                                  q.rows(), kk.rows(), H, G, q.cols() / H, dv, v.cols(), scale,
+                                  o.data_as<float>(), cur()));
+    }
     return Status::Ok();
   }
 

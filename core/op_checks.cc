@@ -375,7 +375,10 @@ Status rope(const Tensor& x, const Tensor& pos, int64_t heads) {
 Status attention_cached(const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, int64_t G,
                         int64_t dv, const Tensor& o) {
   constexpr const char* op = "attention_cached";
-  FP8_RETURN_IF_ERROR(f32(op, {&q, &k, &v, &o}));
+  FP8_RETURN_IF_ERROR(f32(op, {&q, &o}));
+  FP8_RETURN_IF_ERROR(need(k.defined() && v.defined() && k.dtype() == v.dtype() &&
+                               (k.dtype() == DType::kF32 || k.dtype() == DType::kBF16),
+                           op, "k and v must be both fp32 or both bf16", v));
   FP8_RETURN_IF_ERROR(need(H > 0 && G > 0 && H % G == 0 && dv > 0 && q.cols() % H == 0, op,
                            fmt::format("heads {} must be a multiple of kv heads {}, dividing q's "
                                        "columns, and dv {} > 0",

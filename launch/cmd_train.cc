@@ -270,8 +270,8 @@ int cmd_generate(int argc, char** argv) {
   MpiSession mpi;
   // "--flag=VALUE" as "--flag VALUE" for this command's own flags
   const std::vector<std::string> own = {
-      "--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature",
-      "--top-k",      "--top-p",  "--seed",        "--speculative",    "--kv-cache"};
+      "--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature",   "--top-k",
+      "--top-p",      "--seed",   "--speculative", "--kv-cache",       "--kv-cache-dtype"};
   std::vector<std::string> args;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
@@ -292,7 +292,7 @@ int cmd_generate(int argc, char** argv) {
   if (Status s = parse_args(static_cast<int>(av.size()), av.data(), own, &path, &opts, &ov);
       !s.ok())
     return fail(s);
-  std::string ckpt, prompt_file, speculative = "none", kv = "latent";
+  std::string ckpt, prompt_file, speculative = "none", kv = "latent", kv_dtype = "auto";
   std::vector<std::string> prompts;  // one sequence each (--prompt may repeat: a batch)
   model::GenerateOptions o;
   try {
@@ -307,6 +307,7 @@ int cmd_generate(int argc, char** argv) {
       if (k == "--seed") o.seed = std::stoull(v);
       if (k == "--speculative") speculative = v;
       if (k == "--kv-cache") kv = v;
+      if (k == "--kv-cache-dtype") kv_dtype = v;
     }
   } catch (const std::exception&) {
     return fail(FP8_INVALID("generate: a numeric option has a value that is not a number"));
@@ -316,6 +317,10 @@ int cmd_generate(int argc, char** argv) {
   }
   if (kv != "latent" && kv != "heads") {
     return fail(FP8_INVALID("generate: --kv-cache '{}' is not one of: latent, heads", kv));
+  }
+  if (kv_dtype != "auto" && kv_dtype != "fp32" && kv_dtype != "bf16") {
+    return fail(
+        FP8_INVALID("generate: --kv-cache-dtype '{}' is not one of: auto, fp32, bf16", kv_dtype));
   }
   if (o.temperature < 0 || o.top_k < 0) {
     return fail(FP8_INVALID("generate: --temperature {} and --top-k {} must be >= 0", o.temperature,
@@ -339,6 +344,10 @@ int cmd_generate(int argc, char** argv) {
   o.stop = {static_cast<int32_t>(data::kEndOfDocument)};
   auto trainer = load_saved_model(mpi, "generate", path, ov, ckpt);
   if (!trainer.ok()) return fail(trainer.status());
+  // auto: bf16 where the model's activations are bf16 (FP8 and BF16 precision), else fp32
+  const bool fp32_model = (*trainer)->ctx().precision == model::Precision::kFP32;
+  o.cache_dtype =
+      kv_dtype == "bf16" || (kv_dtype == "auto" && !fp32_model) ? DType::kBF16 : DType::kF32;
   size_t longest = 0;
   for (const auto& p : prompts) longest = std::max(longest, p.size());
   const int64_t positions = static_cast<int64_t>(longest) + o.max_new_tokens;
@@ -378,13 +387,13 @@ int cmd_generate(int argc, char** argv) {
   const double decoded = static_cast<double>(tokens - static_cast<int64_t>(r->size()));
   log::info(
       "generated {} tokens in {} sequence(s): prefill {:.3f} s, decode {:.3f} s ({:.1f} tokens/s, "
-      "{} main steps){}; cache {} B a position ({} cache)",
+      "{} main steps){}; cache {} B a position ({} cache, {})",
       tokens, r->size(), g0.prefill_s, g0.decode_s,
       g0.decode_s > 0 ? std::max(0.0, decoded) / g0.decode_s : 0.0, steps,
       o.speculative ? fmt::format(", MTP drafts accepted {} of {} ({:.1f}%)", accepted, drafted,
                                   drafted ? 100.0 * accepted / drafted : 0.0)
                     : std::string(),
-      g0.cache_bytes_per_position, kv);
+      g0.cache_bytes_per_position, kv, dtype_name(o.cache_dtype));
   return 0;
 }
 

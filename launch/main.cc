@@ -24,7 +24,8 @@ constexpr Command kCommands[] = {
     {"generate", fp8pipe::cli::cmd_generate,
      "CONFIG --checkpoint PATH [--prompt TEXT ... | --prompt-file F] [--max-new-tokens N] "
      "[--temperature T] [--top-k K] "
-     "[--top-p P] [--seed S] [--speculative none|mtp] [--kv-cache latent|heads]   sample text"},
+     "[--top-p P] [--seed S] [--speculative none|mtp] [--kv-cache latent|heads] [--kv-cache-dtype "
+     "auto|fp32|bf16]   sample text"},
     {"config", fp8pipe::cli::cmd_config,
      "CONFIG [--a.b=v ...]   print the resolved config (after overrides) and validate it"},
     {"quantize", fp8pipe::cli::cmd_quantize,

@@ -510,19 +510,20 @@ Status Attention::backward_weight(ModelCtx& c, int mb) {
 
 int64_t AttnCache::bytes_per_position() const {
   const int64_t w = (k.defined() ? k.cols() : 0) + (v.defined() ? v.cols() : 0);
-  return w * 4;
+  return w * dtype_size(dtype);
 }
 
 namespace {
 
-// Rows [past, past + rows(src)) of the cache tensor t (allocated [capacity, cols(src)] at first
-// use) = src.
-Status append_rows(ModelCtx& c, Tensor& t, int64_t capacity, int64_t past, const Tensor& src) {
+// Rows [past, past + rows(src)) of the cache tensor t (allocated [capacity, cols(src)] of the
+// cache's dtype at first use) = src (fp32; rounded to bf16 for a bf16 cache).
+Status append_rows(ModelCtx& c, Tensor& t, const AttnCache& cache, int64_t past,
+                   const Tensor& src) {
   if (!t.defined()) {
-    FP8_ASSIGN_OR_RETURN(t, c.be->empty({capacity, src.cols()}, DType::kF32));
+    FP8_ASSIGN_OR_RETURN(t, c.be->empty({cache.capacity, src.cols()}, cache.dtype));
   }
   Tensor dst = t.slice_rows(past, past + src.rows());
-  return c.be->copy(src, dst);
+  return cache.dtype == DType::kF32 ? c.be->copy(src, dst) : c.be->cast(src, dst);
 }
 
 }  // namespace
@@ -541,8 +542,8 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x,
       return FP8_INVALID("attention: positions {}..{} exceed the cache of {} positions", q.past,
                          q.past + q.rows - 1, q.cache->capacity);
     }
-    if (q.cache->latent != seqs[0].cache->latent) {
-      return FP8_INVALID("attention: one decoding call mixes latent and per-head caches");
+    if (q.cache->latent != seqs[0].cache->latent || q.cache->dtype != seqs[0].cache->dtype) {
+      return FP8_INVALID("attention: one decoding call mixes cache forms or dtypes");
     }
     for (int64_t r = 0; r < q.rows; ++r) p.push_back(static_cast<int32_t>(q.past + r));
   }
@@ -575,8 +576,7 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x,
       FP8_ASSIGN_OR_RETURN(Tensor row,
                            merge_heads(c, &a.rows, ckv, lat.second, 1, a.kv_lora, a.rope));
       FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) {
-        return append_rows(c, sq.cache->k, sq.cache->capacity, sq.past,
-                           row.slice_rows(r0, r0 + sq.rows));
+        return append_rows(c, sq.cache->k, *sq.cache, sq.past, row.slice_rows(r0, r0 + sq.rows));
       }));
     } else {
       FP8_ASSIGN_OR_RETURN(Tensor kvb, a.wkv_b.forward(c, mb, ckv));
@@ -584,9 +584,9 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x,
       kv_heads.k_rope = std::move(lat.second);
       FP8_RETURN_IF_ERROR(a.mla_kv_heads(c, std::move(kvb), kv_heads));
       FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) -> Status {
-        FP8_RETURN_IF_ERROR(append_rows(c, sq.cache->k, sq.cache->capacity, sq.past,
+        FP8_RETURN_IF_ERROR(append_rows(c, sq.cache->k, *sq.cache, sq.past,
                                         kv_heads.k.slice_rows(r0, r0 + sq.rows)));
-        return append_rows(c, sq.cache->v, sq.cache->capacity, sq.past,
+        return append_rows(c, sq.cache->v, *sq.cache, sq.past,
                            kv_heads.v.slice_rows(r0, r0 + sq.rows));
       }));
     }
@@ -596,9 +596,8 @@ Result<Tensor> Attention::forward_cached(ModelCtx& c, int mb, const Tensor& x,
     FP8_ASSIGN_OR_RETURN(Tensor v, a.wv.forward_prepared(c, mb, x, xp));
     FP8_RETURN_IF_ERROR(each([&](const CachedSeq& sq, int64_t r0) -> Status {
       FP8_RETURN_IF_ERROR(
-          append_rows(c, sq.cache->k, sq.cache->capacity, sq.past, k.slice_rows(r0, r0 + sq.rows)));
-      return append_rows(c, sq.cache->v, sq.cache->capacity, sq.past,
-                         v.slice_rows(r0, r0 + sq.rows));
+          append_rows(c, sq.cache->k, *sq.cache, sq.past, k.slice_rows(r0, r0 + sq.rows)));
+      return append_rows(c, sq.cache->v, *sq.cache, sq.past, v.slice_rows(r0, r0 + sq.rows));
     }));
   }
   if (!latent) {

@@ -21,9 +21,11 @@ kernels::RopeSpec rope_spec(const config::Model& m);
 //     and the output through its value part, so every head attends to one shared latent head.
 //   heads (MHA; MLA with latent = false): k [.., H*dk] and v [.., H*vdim] per position, exactly
 //     the training forward's keys and values.
+// Held as fp32 or bf16 (`dtype`; rounded to nearest even as appended, widened exactly as read).
 struct AttnCache {
   int64_t capacity = 0;
   bool latent = true;
+  DType dtype = DType::kF32;
   Tensor k, v;
   int64_t bytes_per_position() const;  // 0 before first use
 };

@@ -135,7 +135,8 @@ Result<std::vector<GenerateResult>> generate_batch(ModelCtx& c, Model& m,
   for (size_t s = 0; s < S; ++s) {
     const int64_t P = static_cast<int64_t>(prompts[s].size());
     // Positions: the prompt, the new tokens, and one draft row beyond them.
-    FP8_ASSIGN_OR_RETURN(seq[s].cache, m.new_cache(P + o.max_new_tokens + 2, o.latent_cache));
+    FP8_ASSIGN_OR_RETURN(seq[s].cache,
+                         m.new_cache(P + o.max_new_tokens + 2, o.latent_cache, o.cache_dtype));
     seq[s].rng.seed(o.seed + s);
     seq[s].L = P;
   }

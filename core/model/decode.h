@@ -19,13 +19,14 @@ namespace fp8pipe::model {
 
 struct GenerateOptions {
   int64_t max_new_tokens = 64;
-  float temperature = 0.0f;   // 0: greedy (argmax, the lowest id on ties)
-  int64_t top_k = 0;          // sampling from the k most likely tokens (0: all)
-  float top_p = 1.0f;         // ... then the fewest most likely whose probabilities sum to >= top_p
-  uint64_t seed = 0;          // the sampler's random stream
-  bool speculative = false;   // MTP depth 1 drafts
-  bool latent_cache = true;   // MLA's latent cache (AttnCache)
-  std::vector<int32_t> stop;  // generation ends after any of these tokens
+  float temperature = 0.0f;  // 0: greedy (argmax, the lowest id on ties)
+  int64_t top_k = 0;         // sampling from the k most likely tokens (0: all)
+  float top_p = 1.0f;        // ... then the fewest most likely whose probabilities sum to >= top_p
+  uint64_t seed = 0;         // the sampler's random stream
+  bool speculative = false;  // MTP depth 1 drafts
+  bool latent_cache = true;  // MLA's latent cache (AttnCache)
+  DType cache_dtype = DType::kF32;  // fp32 or bf16 (AttnCache)
+  std::vector<int32_t> stop;        // generation ends after any of these tokens
   // called with (sequence, token) as each token is decided (streaming)
   std::function<void(size_t, int32_t)> on_token;
 };

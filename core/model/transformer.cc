@@ -253,13 +253,16 @@ int64_t KvCache::bytes_per_position() const {
   return b;
 }
 
-Result<KvCache> Model::new_cache(int64_t capacity, bool latent) const {
+Result<KvCache> Model::new_cache(int64_t capacity, bool latent, DType dtype) const {
   if (!part_.embed || !part_.head || part_.block_begin != 0 ||
       static_cast<int>(blocks_.size()) != cfg_.layers()) {
     return FP8_INVALID(
         "decoding needs the whole model in one chunk (embedding, every block, head)");
   }
   if (capacity <= 0) return FP8_INVALID("decode cache: capacity {} must be > 0", capacity);
+  if (dtype != DType::kF32 && dtype != DType::kBF16) {
+    return FP8_INVALID("decode cache: dtype {} is not one of: fp32, bf16", dtype_name(dtype));
+  }
   KvCache kv;
   kv.blocks.resize(blocks_.size());
   kv.mtp.resize(mtp_.size());
@@ -267,6 +270,7 @@ Result<KvCache> Model::new_cache(int64_t capacity, bool latent) const {
     for (AttnCache& a : *v) {
       a.capacity = capacity;
       a.latent = latent;
+      a.dtype = dtype;
     }
   }
   return kv;

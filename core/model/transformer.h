@@ -84,8 +84,9 @@ class Model {
   Status head_backward_weight(ModelCtx& c, int mb);
 
   // Inference over a key/value cache (whole models only; layers keep nothing for a backward).
-  // new_cache: room for `capacity` positions; latent: MLA's latent cache (AttnCache).
-  Result<KvCache> new_cache(int64_t capacity, bool latent) const;
+  // new_cache: room for `capacity` positions; latent: MLA's latent cache; dtype fp32 or bf16
+  // (AttnCache).
+  Result<KvCache> new_cache(int64_t capacity, bool latent, DType dtype = DType::kF32) const;
   // The sequences' tokens (rows in order) -> h^0 and the main head's logits of each sequence's
   // last `logits_rows` rows (a prefill needs its last row's), in order.
   Result<DecodeOut> decode(ModelCtx& c, std::span<const DecodeSeq> seqs);

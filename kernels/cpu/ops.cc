@@ -239,30 +239,54 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
   });
 }
 
-void attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
-                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
-                      float* o) {
+namespace {
+
+inline float cache_value(float x) { return x; }
+inline float cache_value(uint16_t x) { return bf16_to_float(x); }
+
+template <typename KV>
+void attention_cached_impl(const float* q, const KV* k, const KV* v, int64_t n, int64_t L,
+                           int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                           float* o) {
   const int64_t per_kv = H / G;
   parallel_for(n * H, n * H * L * (dk + dv), [&](int64_t lo, int64_t hi) {
-    std::vector<float> s(L), acc(dv);
+    std::vector<float> s(L), acc(dv), vrow(dv);
     for (int64_t ih = lo; ih < hi; ++ih) {
       const int64_t i = ih / H, h = ih % H, g = h / per_kv, seen = L - n + i + 1;
       const float* qi = q + ih * dk;
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < seen; ++j) {
-        const float* kj = k + (j * G + g) * dk;
+        const KV* kj = k + (j * G + g) * dk;
         float d = 0.0f;
-        for (int64_t c = 0; c < dk; ++c) d += qi[c] * kj[c];
+        for (int64_t c = 0; c < dk; ++c) d += qi[c] * cache_value(kj[c]);
         m = std::max(m, s[j] = d * scale);
       }
       float l = 0.0f;
       for (int64_t j = 0; j < seen; ++j) l += (s[j] = std::exp(s[j] - m));
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < seen; ++j) axpy_n(s[j], v + j * v_ld + g * dv, dv, acc.data());
+      for (int64_t j = 0; j < seen; ++j) {
+        const KV* vj = v + j * v_ld + g * dv;
+        for (int64_t c = 0; c < dv; ++c) vrow[c] = cache_value(vj[c]);
+        axpy_n(s[j], vrow.data(), dv, acc.data());
+      }
       const float inv_l = 1.0f / l;
       for (int64_t c = 0; c < dv; ++c) o[ih * dv + c] = acc[c] * inv_l;
     }
   });
+}
+
+}  // namespace
+
+void attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                      float* o) {
+  attention_cached_impl(q, k, v, n, L, H, G, dk, dv, v_ld, scale, o);
+}
+
+void attention_cached(const float* q, const uint16_t* k, const uint16_t* v, int64_t n, int64_t L,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                      float* o) {
+  attention_cached_impl(q, k, v, n, L, H, G, dk, dv, v_ld, scale, o);
 }
 
 // ---- SwiGLU, cross-entropy ----------------------------------------------------------------------

@@ -44,6 +44,10 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
 void attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
                       int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
                       float* o);
+// The same over a bf16 cache (k and v as bf16 bit patterns, widened exactly as they are read).
+void attention_cached(const float* q, const uint16_t* k, const uint16_t* v, int64_t n, int64_t L,
+                      int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                      float* o);
 
 // The pieces of attention as GEMMs (precision.attention=gemm; core/model/attention_core.cc).
 // Causal softmax over the rows of s[R][T], row r being query position r % T (columns j > r % T

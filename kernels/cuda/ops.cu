@@ -286,8 +286,11 @@ __device__ __forceinline__ int64_t row_off(int64_t b, int64_t t, int64_t h, cons
 
 // One key of an online softmax: score s of value row vj (lane's columns lane + 32 t of dv) into
 // the running max m, normalizer l and unnormalized output acc.
-template <int N>
-__device__ __forceinline__ void online_softmax_step(float s, const float* vj, int64_t dv, int lane,
+__device__ __forceinline__ float cache_value(float x) { return x; }
+__device__ __forceinline__ float cache_value(uint16_t x) { return bf16_to_float(x); }
+
+template <int N, typename VT>
+__device__ __forceinline__ void online_softmax_step(float s, const VT* vj, int64_t dv, int lane,
                                                     float& m, float& l, float (&acc)[N]) {
   const float mn = fmaxf(m, s);
   const float corr = expf(m - mn);
@@ -296,7 +299,7 @@ __device__ __forceinline__ void online_softmax_step(float s, const float* vj, in
 #pragma unroll
   for (int t = 0; t < N; ++t) {
     const int64_t c = lane + 32 * t;
-    if (c < dv) acc[t] = acc[t] * corr + p * vj[c];
+    if (c < dv) acc[t] = acc[t] * corr + p * cache_value(vj[c]);
   }
   m = mn;
 }
@@ -337,8 +340,8 @@ struct DecodeArgs {
   int64_t n, L, H, G, dk, dv, v_ld;
   float scale;
 };
-__global__ void k_attn_cached(const float* q, const float* k, const float* v, DecodeArgs a,
-                              float* o) {
+template <typename KV>
+__global__ void k_attn_cached(const float* q, const KV* k, const KV* v, DecodeArgs a, float* o) {
   __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps];
   __shared__ float part_o[kDecodeWarps][kDecodeMaxHeadDim];
   const int64_t row = blockIdx.x;  // (query, head)
@@ -353,12 +356,12 @@ __global__ void k_attn_cached(const float* q, const float* k, const float* v, De
   }
   float m = -INFINITY, l = 0.0f;
   for (int64_t j = w; j < seen; j += kDecodeWarps) {
-    const float* kj = k + (j * a.G + g) * a.dk;
+    const KV* kj = k + (j * a.G + g) * a.dk;
     float part = 0.0f;
 #pragma unroll
     for (int t = 0; t < kDecodePerLane; ++t) {
       const int64_t c = lane + 32 * t;
-      if (c < a.dk) part += qr[t] * kj[c];
+      if (c < a.dk) part += qr[t] * cache_value(kj[c]);
     }
     const float s = warp_sum(part) * a.scale;
     online_softmax_step(s, v + j * a.v_ld + g * a.dv, a.dv, lane, m, l, acc);
@@ -768,18 +771,31 @@ Result attention_bwd(const float* dout, const float* q, const float* k, const fl
   return Result::Ok();
 }
 
-Result attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
-                        int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
-                        float* o, cudaStream_t stream) {
+template <typename KV>
+Result attention_cached_t(const float* q, const KV* k, const KV* v, int64_t n, int64_t L, int64_t H,
+                          int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale, float* o,
+                          cudaStream_t stream) {
   FP8PIPE_REQUIRE(dk <= kDecodeMaxHeadDim && dv <= kDecodeMaxHeadDim,
                   "attention_cached: head dims above " + std::to_string(kDecodeMaxHeadDim));
   FP8PIPE_REQUIRE(n * H <= (int64_t{1} << 31) - 1,
                   "attention_cached: too many (query, head) rows for one grid");
   if (n * H == 0) return Result::Ok();
   const DecodeArgs a{n, L, H, G, dk, dv, v_ld, scale};
-  FP8PIPE_LAUNCH(k_attn_cached, static_cast<unsigned>(n * H), kDecodeWarps * 32, stream, q, k, v, a,
-                 o);
+  FP8PIPE_LAUNCH(k_attn_cached<KV>, static_cast<unsigned>(n * H), kDecodeWarps * 32, stream, q, k,
+                 v, a, o);
   return Result::Ok();
+}
+
+Result attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
+                        int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                        float* o, cudaStream_t stream) {
+  return attention_cached_t(q, k, v, n, L, H, G, dk, dv, v_ld, scale, o, stream);
+}
+
+Result attention_cached(const float* q, const uint16_t* k, const uint16_t* v, int64_t n, int64_t L,
+                        int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                        float* o, cudaStream_t stream) {
+  return attention_cached_t(q, k, v, n, L, H, G, dk, dv, v_ld, scale, o, stream);
 }
 
 Result swiglu_fwd(const float* g, const float* u, int64_t n, float* h, cudaStream_t stream) {

@@ -72,6 +72,10 @@ constexpr int64_t kDecodeMaxHeadDim = 1024;
 Result attention_cached(const float* q, const float* k, const float* v, int64_t n, int64_t L,
                         int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
                         float* o, cudaStream_t stream);
+// The same over a bf16 cache (bit patterns, widened exactly as read).
+Result attention_cached(const float* q, const uint16_t* k, const uint16_t* v, int64_t n, int64_t L,
+                        int64_t H, int64_t G, int64_t dk, int64_t dv, int64_t v_ld, float scale,
+                        float* o, cudaStream_t stream);
 
 Result swiglu_fwd(const float* g, const float* u, int64_t n, float* h, cudaStream_t stream);
 Result swiglu_bwd(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du,

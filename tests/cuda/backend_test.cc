@@ -778,6 +778,15 @@ TEST_F(CudaBackendTest, AttentionCached) {
     ASSERT_TRUE(st.ok()) << st.to_string();
     expect_near(vec<float>(oc), back<float>(og), 2e-5f, 1e-4f,
                 "attention_cached n=" + std::to_string(s.n) + " G=" + std::to_string(s.G));
+    // the same cache in bf16 (the CPU's bf16 kernel widens exactly, as the GPU's)
+    Tensor kb = cpu_->empty(k.shape(), DType::kBF16).value();
+    Tensor vb = cpu_->empty(v.shape(), DType::kBF16).value();
+    ASSERT_TRUE(cpu_->cast(k, kb).ok() && cpu_->cast(v, vb).ok());
+    const Tensor kbg = dev(kb), vbg = latent ? kbg : dev(vb);
+    ASSERT_TRUE(cpu_->attention_cached(q, kb, latent ? kb : vb, s.H, s.G, s.dv, scale, oc).ok());
+    ASSERT_TRUE(gpu_->attention_cached(dev(q), kbg, vbg, s.H, s.G, s.dv, scale, og).ok());
+    expect_near(vec<float>(oc), back<float>(og), 2e-5f, 1e-4f,
+                "attention_cached bf16 n=" + std::to_string(s.n) + " G=" + std::to_string(s.G));
   }
 }
 

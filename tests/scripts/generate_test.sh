@@ -101,10 +101,20 @@ gen latent32 FP32 --max-new-tokens 48 --kv-cache latent || bad "latent FP32"
 gen heads32 FP32 --max-new-tokens 48 --kv-cache heads || bad "heads FP32"
 cmp -s "$TMP/latent32.txt" "$TMP/heads32.txt" && ok "FP32: latent and per-head caches agree" ||
   bad "FP32 caches differ: '$(cat "$TMP/latent32.txt")' vs '$(cat "$TMP/heads32.txt")'"
-grep -q "cache 640 B a position (latent cache)" "$TMP/latent32.log" &&
-  grep -q "cache 2560 B a position (heads cache)" "$TMP/heads32.log" &&
+grep -q "cache 640 B a position (latent cache, fp32)" "$TMP/latent32.log" &&
+  grep -q "cache 2560 B a position (heads cache, fp32)" "$TMP/heads32.log" &&
   ok "latent cache: 640 B a position (4 layers x (32 + 8) floats), heads: 2560 (x 4 heads x 40)" ||
   bad "cache sizes: $(grep -ho "cache [0-9]* B.*" "$TMP/latent32.log" "$TMP/heads32.log")"
+
+# FP8 caches bf16 by default (half the bytes); FP32 can ask for it, and greedy text then moves
+# by bf16 rounding at most
+grep -q "cache 320 B a position (latent cache, bf16)" "$TMP/greedy.log" &&
+  ok "FP8: a bf16 latent cache, 320 B a position" ||
+  bad "FP8 cache: $(grep -o "cache [0-9]* B.*" "$TMP/greedy.log")"
+gen latent32b FP32 --max-new-tokens 48 --kv-cache-dtype bf16 || bad "latent FP32 bf16 cache"
+grep -q "cache 320 B a position (latent cache, bf16)" "$TMP/latent32b.log" &&
+  ok "FP32 with --kv-cache-dtype bf16: 320 B a position" ||
+  bad "bf16 cache: $(grep -o "cache [0-9]* B.*" "$TMP/latent32b.log")"
 
 gen s1 FP8 --max-new-tokens 40 --temperature 1.0 --seed 1 || bad "sample seed 1"
 gen s1b FP8 --max-new-tokens 40 --temperature 1.0 --seed 1 || bad "sample seed 1 again"
@@ -136,6 +146,8 @@ refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
 refuse "cannot read --prompt-file" --checkpoint "$TMP/FP8.safetensors" --prompt-file "$TMP/none"
+refuse "'fp16' is not one of: auto, fp32, bf16" --checkpoint "$TMP/FP8.safetensors" \
+  --kv-cache-dtype fp16
 refuse "--top-p 1.5 must be in (0, 1]" --checkpoint "$TMP/FP8.safetensors" --top-p 1.5
 refuse "needs an MTP module" --checkpoint "$TMP/FP32.safetensors" --precision.mode=FP32 \
   --model.mtp_depth=0 --speculative=mtp
