@@ -266,7 +266,28 @@ std::string token_text(const std::vector<int32_t>& t) {
   return s;
 }
 
+constexpr const char* kGenerateUsage =
+    "usage: fp8pipe generate CONFIG --checkpoint PATH [options] [--a.b=v ...]\n"
+    "  Byte-level text from a saved model (train's model.safetensors, its run directory, or a\n"
+    "  Hugging Face DeepseekV3 folder) under the config it trained with, on one process.\n"
+    "  --prompt TEXT          a prompt (repeat for a batch; default a newline)\n"
+    "  --prompt-file F        the file's bytes as a prompt\n"
+    "  --max-new-tokens N     tokens to generate per prompt (default 64; stops at "
+    "end-of-document)\n"
+    "  --temperature T        0: greedy (default); else sampling at T\n"
+    "  --top-k K, --top-p P   sample from the K most likely / the fewest reaching mass P\n"
+    "  --seed S               the sampler's stream (prompt i uses S + i)\n"
+    "  --speculative mtp      MTP depth 1 drafts each next-but-one token, the main model verifies\n"
+    "  --kv-cache latent|heads       MLA's latent cache (default) or per-head keys and values\n"
+    "  --kv-cache-dtype auto|fp32|bf16  auto: bf16 outside FP32 precision\n";
+
 int cmd_generate(int argc, char** argv) {
+  for (int i = 0; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--help" || std::string_view(argv[i]) == "-h") {
+      std::fputs(kGenerateUsage, stdout);
+      return 0;
+    }
+  }
   MpiSession mpi;
   // "--flag=VALUE" as "--flag VALUE" for this command's own flags
   const std::vector<std::string> own = {

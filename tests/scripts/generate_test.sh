@@ -142,6 +142,9 @@ refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
     bad "refusal of $* does not say '$pat': $(cat "$TMP/refuse.out")"
   fi
 }
+"$BIN" generate --help >"$TMP/help.out" 2>&1 && grep -q "^usage: fp8pipe generate CONFIG" "$TMP/help.out" &&
+  grep -q -- "--kv-cache-dtype" "$TMP/help.out" && ok "generate --help prints its options" ||
+  bad "generate --help: $(head -3 "$TMP/help.out")"
 refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
