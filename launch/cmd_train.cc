@@ -219,8 +219,20 @@ Result<std::unique_ptr<Trainer>> load_saved_model(const MpiSession& mpi, const c
   }
   const bool hf_folder = hf::is_hf_folder(ckpt);
   if (!hf_folder && std::filesystem::is_directory(ckpt)) ckpt += "/model.safetensors";
-  FP8_ASSIGN_OR_RETURN(auto cfg, load_for_world(path, ov, mpi.world));
   if (mpi.world > 1) return FP8_INVALID("{} runs on one process (mpirun -np 1)", command);
+  FP8_ASSIGN_OR_RETURN(auto cfg, load_config(path, ov));
+  // The whole model runs in this one process, whatever layout the config trained with.
+  config::Parallel& par = *cfg.mutable_parallel();
+  if (par.pp() != 1 || par.dp() != 1 || par.ep() != 1) {
+    log::info("{}: one process, so the layout pp={} dp={} ep={} ({}) becomes pp=1 dp=1 ep=1 (1f1b)",
+              command, par.pp(), par.dp(), par.ep(), par.schedule());
+    par.set_pp(1);
+    par.set_dp(1);
+    par.set_ep(1);
+    par.set_schedule("1f1b");
+    par.set_comm_backend("mpi");
+  }
+  FP8_RETURN_IF_ERROR(validate(cfg, mpi.world));
   FP8_ASSIGN_OR_RETURN(auto trainer, Trainer::create(cfg));
   FP8_RETURN_IF_ERROR(hf_folder ? trainer->init_from(ckpt) : trainer->load_model(ckpt));
   return trainer;

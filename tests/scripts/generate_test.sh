@@ -145,6 +145,12 @@ refuse() {  # refuse PATTERN ARGS...: generate must fail and print PATTERN
 "$BIN" generate --help >"$TMP/help.out" 2>&1 && grep -q "^usage: fp8pipe generate CONFIG" "$TMP/help.out" &&
   grep -q -- "--kv-cache-dtype" "$TMP/help.out" && ok "generate --help prints its options" ||
   bad "generate --help: $(head -3 "$TMP/help.out")"
+# a config of another layout (the run's) runs on one process with pp=dp=ep=1: the same text
+gen layout FP8 --max-new-tokens 64 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 \
+  --parallel.schedule=dualpipev || bad "layout: $(tail -3 "$TMP/layout.log")"
+cmp -s "$TMP/greedy.txt" "$TMP/layout.txt" && grep -q "becomes pp=1 dp=1 ep=1" "$TMP/layout.log" &&
+  ok "a pp=2 dp=2 ep=2 config generates on one process, the same text" ||
+  bad "layout: $(cat "$TMP/layout.txt"); $(grep becomes "$TMP/layout.log")"
 refuse "needs --checkpoint PATH"
 refuse "'beam' is not one of: none, mtp" --checkpoint "$TMP/FP8.safetensors" --speculative beam
 refuse "'paged' is not one of: latent, heads" --checkpoint "$TMP/FP8.safetensors" --kv-cache paged
