@@ -61,7 +61,8 @@ struct MpiSession {
   }
 };
 
-// Splits argv into the config path, "--flag VALUE" options named in `own`, and overrides.
+// Splits argv into the config path, "--flag VALUE" (or "--flag=VALUE") options named in `own`,
+// and overrides.
 Status parse_args(int argc, char** argv, const std::vector<std::string>& own, std::string* path,
                   std::vector<std::pair<std::string, std::string>>* opts,
                   std::vector<std::string>* overrides) {
@@ -71,6 +72,9 @@ Status parse_args(int argc, char** argv, const std::vector<std::string>& own, st
     for (const auto& o : own) {
       if (a == o && i + 1 < argc) {
         opts->push_back({o, argv[++i]});
+        matched = true;
+      } else if (a.size() > o.size() && a.compare(0, o.size(), o) == 0 && a[o.size()] == '=') {
+        opts->push_back({o, a.substr(o.size() + 1)});  // "--flag=VALUE"
         matched = true;
       }
     }
@@ -301,30 +305,13 @@ int cmd_generate(int argc, char** argv) {
     }
   }
   MpiSession mpi;
-  // "--flag=VALUE" as "--flag VALUE" for this command's own flags
   const std::vector<std::string> own = {
       "--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature",   "--top-k",
       "--top-p",      "--seed",   "--speculative", "--kv-cache",       "--kv-cache-dtype"};
-  std::vector<std::string> args;
-  for (int i = 0; i < argc; ++i) {
-    const std::string a = argv[i];
-    const size_t eq = a.find('=');
-    if (eq != std::string::npos &&
-        std::find(own.begin(), own.end(), a.substr(0, eq)) != own.end()) {
-      args.push_back(a.substr(0, eq));
-      args.push_back(a.substr(eq + 1));
-    } else {
-      args.push_back(a);
-    }
-  }
-  std::vector<char*> av;
-  for (auto& a : args) av.push_back(a.data());
   std::string path;
   std::vector<std::pair<std::string, std::string>> opts;
   std::vector<std::string> ov;
-  if (Status s = parse_args(static_cast<int>(av.size()), av.data(), own, &path, &opts, &ov);
-      !s.ok())
-    return fail(s);
+  if (Status s = parse_args(argc, argv, own, &path, &opts, &ov); !s.ok()) return fail(s);
   std::string ckpt, prompt_file, speculative = "none", kv = "latent", kv_dtype = "auto";
   std::vector<std::string> prompts;  // one sequence each (--prompt may repeat: a batch)
   model::GenerateOptions o;
