@@ -98,7 +98,13 @@ Result<std::vector<GenerateResult>> generate_batch(ModelCtx& c, Model& m,
   for (const auto& prompt : prompts) {
     if (prompt.empty()) return FP8_INVALID("generate: a prompt is empty (at least one token)");
     for (int32_t t : prompt) {
-      if (t < 0 || t >= V) return FP8_INVALID("generate: prompt token {} outside [0, {})", t, V);
+      if (t < 0 || t >= V) {
+        return FP8_INVALID(
+            "generate: prompt token {} is outside the model's vocabulary [0, {}) "
+            "(model.vocab_size; "
+            "fp8pipe generate reads a prompt's bytes as byte-level tokens 0..255)",
+            t, V);
+      }
     }
   }
   if (o.max_new_tokens < 0) {
