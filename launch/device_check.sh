@@ -233,11 +233,15 @@ train_tiny_gpu_vs_cpu() {
 
 # Two ranks (pp=2, 1F1B) on the GPU, both on GPU 0 (parallel.comm_backend=mpi stages the
 # pipeline's device tensors through host memory), next to the same two ranks on the CPU.
-train_tiny_2rank_gpu_vs_cpu() {
+two_rank_args() {
   local n=${TWO_RANK_STEPS:-20}
-  gpu_vs_cpu train_2rank "$LOG/train_2rank" 2 "$n" configs/tiny.textproto --train.eval_every=0 \
-    --checkpoint.dir= --checkpoint.every=0 --log.every=10 "--optim.warmup_steps=$((n >= 10 ? 5 : 1))" \
-    --parallel.pp=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi
+  echo configs/tiny.textproto --train.eval_every=0 --checkpoint.dir= --checkpoint.every=0 \
+    --log.every=10 "--optim.warmup_steps=$((n >= 10 ? 5 : 1))" --parallel.pp=2 --parallel.schedule=1f1b
+}
+train_tiny_2rank_gpu_vs_cpu() {
+  # shellcheck disable=SC2046 # the arguments have no spaces
+  gpu_vs_cpu train_2rank "$LOG/train_2rank" 2 "${TWO_RANK_STEPS:-20}" $(two_rank_args) \
+    --parallel.comm_backend=mpi
 }
 
 # Two ranks with expert parallelism (dp=2 x ep=2, FP8) on GPU 0 next to the CPU: the MoE's
@@ -246,13 +250,52 @@ train_tiny_2rank_gpu_vs_cpu() {
 # DeepSeek-V3's memory measures on both sides (recomputed MLA up-projections, the experts'
 # SwiGLU inputs held in FP8, the attention output held in E5M6, the weights' moving average in
 # host memory).
-train_tiny_ep_gpu_vs_cpu() {
-  local n=${EP_STEPS:-10}
-  gpu_vs_cpu train_ep "$LOG/train_ep" 2 "$n" configs/tiny.textproto --train.eval_every=0 \
-    --checkpoint.dir= --checkpoint.every=0 --log.every=10 --optim.warmup_steps=1 \
-    --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --parallel.comm_backend=mpi \
+ep_args() {
+  echo configs/tiny.textproto --train.eval_every=0 --checkpoint.dir= --checkpoint.every=0 \
+    --log.every=10 --optim.warmup_steps=1 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b \
     --train.recompute=mla_up_proj --precision.fp8_swiglu_cache=true --optim.ema_decay=0.9 \
     --precision.attn_out_cache=e5m6
+}
+train_tiny_ep_gpu_vs_cpu() {
+  # shellcheck disable=SC2046
+  gpu_vs_cpu train_ep "$LOG/train_ep" 2 "${EP_STEPS:-10}" $(ep_args) --parallel.comm_backend=mpi
+}
+
+# The two 2-rank runs above again with parallel.comm_backend=nccl (the pipeline's sends and the
+# MoE's all-to-all on NCCL, device buffers, one GPU per rank): the bytes moved are the same, so
+# every logged loss and gradient norm must equal the MPI-staged GPU run's. Needs 2 GPUs
+# (FP8PIPE_EMU_DEVICES on the CUDA emulation, whose NCCL runs between processes).
+train_nccl_vs_mpi() {
+  local bin gpus=${FP8PIPE_EMU_DEVICES:-} label dir steps args
+  bin=$(find_bin fp8pipe)
+  [[ -n $bin ]] || { echo "fp8pipe binary not found under $BUILD"; return 127; }
+  [[ -n $gpus ]] || gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if ((gpus < 2)); then
+    echo "skipped: NCCL needs one GPU per rank, $gpus visible"
+    return 0
+  fi
+  for label in train_2rank train_ep; do
+    dir=$LOG/$label
+    if [[ $label == train_2rank ]]; then
+      steps=${TWO_RANK_STEPS:-20} args=$(two_rank_args)
+    else
+      steps=${EP_STEPS:-10} args=$(ep_args)
+    fi
+    [[ -f $dir/cuda.r0.jsonl ]] || { echo "$label: no MPI-staged GPU run to compare with"; return 1; }
+    # shellcheck disable=SC2086
+    FP8_NP=2 fp8 "$bin" train $args "--train.steps=$steps" --train.device=cuda \
+      --parallel.comm_backend=nccl --log.jsonl="$dir/nccl.r{rank}.jsonl" || return $?
+    [[ -n ${VALIDATE_ONLY:-} ]] && continue
+    python3 - "$dir/nccl.r0.jsonl" "$dir/cuda.r0.jsonl" "$label" <<'PY' || return 1
+import json, sys
+a, b = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:3])
+assert len(a) == len(b) > 0, (len(a), len(b))
+same = all(x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"] for x, y in zip(a, b))
+print(f"nccl {sys.argv[3]}: {len(a)} steps, losses and grad norms "
+      f"{'identical to' if same else 'DIFFER from'} the MPI-staged run (last loss {a[-1]['loss']})")
+sys.exit(0 if same else 1)
+PY
+  done
 }
 
 # `fp8pipe generate` on the GPU next to the CPU (Backend::attention_cached, the latent cache's
@@ -375,7 +418,7 @@ expert_gemms() {
 }
 
 export ROOT LOG BUILD JOBS BIN_DIR
-export -f env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms generate_gpu_vs_cpu
+export -f two_rank_args ep_args train_nccl_vs_mpi env_info build_targets fp8 gpu_vs_cpu find_bin check_prebuilt small_op_profile train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu sanitize_failed run_tests run_bench train_tiny_gpu_vs_cpu small_fp8_vs_bf16 moe_host expert_gemms generate_gpu_vs_cpu
 
 step env 30 env_info
 [[ -f $LOG/env.log ]] && cat "$LOG/env.log"
@@ -409,6 +452,7 @@ step small_op_profile 150 small_op_profile
 step moe_host 60 moe_host
 step expert_gemms 60 expert_gemms
 step train_tiny_ep_gpu_vs_cpu 60 train_tiny_ep_gpu_vs_cpu
+step train_nccl_vs_mpi 150 train_nccl_vs_mpi
 step generate_gpu_vs_cpu 60 generate_gpu_vs_cpu
 
 # ---- summary (last) ----
@@ -433,8 +477,8 @@ if [[ -f $LOG/gpu_bench.log ]]; then
   sed -n '/^quantize (/,$p' "$LOG/gpu_bench.log"
 fi
 for f in train_tiny_gpu_vs_cpu train_tiny_2rank_gpu_vs_cpu train_tiny_ep_gpu_vs_cpu small_fp8_vs_bf16 \
-  generate_gpu_vs_cpu; do
-  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |train_ep |small |generate )" "$LOG/$f.log"
+  generate_gpu_vs_cpu train_nccl_vs_mpi; do
+  [[ -f $LOG/$f.log ]] && grep -E "^(step |train_tiny |train_2rank |train_ep |small |generate |nccl |skipped)" "$LOG/$f.log"
 done
 # FP8 GEMM shapes off cuBLASLt's rules (logged once per shape and run): zero-padded onto it, or on
 # the dequantize + fp32 fallback (which should stay at 0).

@@ -11,10 +11,12 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -36,6 +38,62 @@ struct KickTarget {
   std::mutex mu;
   NcclComm* comm = nullptr;
   std::atomic<bool> unflushed{false};
+};
+
+// The process's issue order (nccl_comm.h, "Issue order"): every op of every NcclComm takes a
+// ticket when it is posted, and a comm thread enqueues an op on the device only when every op
+// posted before it, on any comm, has been enqueued. So the device receives NCCL operations in
+// the order the program posted them, the same on every rank that posts alike, whichever comm
+// thread runs first. Also the list of live comms for the process-wide kick.
+class IssueOrder {
+ public:
+  static IssueOrder& get() {
+    static IssueOrder* o = new IssueOrder;  // never destroyed: comms may outlive static teardown
+    return *o;
+  }
+  uint64_t take() {
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t t = next_++;
+    unissued_.insert(t);
+    return t;
+  }
+  // True when every ticket before t has been issued. FP8PIPE_NCCL_ISSUE_ORDER=per_comm drops the
+  // rule (each comm thread issues as soon as its own ops allow, as before): only for showing the
+  // deadlock it prevents (kernels/cuda_emu's serial NCCL; CTest mpi.comm_nccl_per_comm_order).
+  bool turn_of(uint64_t t) {
+    if (per_comm_) return true;
+    std::lock_guard<std::mutex> lk(mu_);
+    return unissued_.empty() || *unissued_.begin() >= t;
+  }
+  void issued(uint64_t t) {
+    std::lock_guard<std::mutex> lk(mu_);
+    unissued_.erase(t);
+  }
+  void add(const std::shared_ptr<KickTarget>& k) {
+    std::lock_guard<std::mutex> lk(mu_);
+    comms_.push_back(k);
+  }
+  void remove(const KickTarget* k) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::erase_if(comms_, [k](const std::shared_ptr<KickTarget>& c) { return c.get() == k; });
+  }
+  // Trigger (a) for every comm of the process: a wait on one comm may need an earlier batch of
+  // another issued first (its turn comes after it).
+  void kick_all();
+  // A comm now holds an unflushed batch: the next kick_all looks (a spinning test() otherwise
+  // costs one atomic load).
+  void note_unflushed() { maybe_unflushed_.store(true, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> maybe_unflushed_{false};
+  const bool per_comm_ = [] {
+    const char* e = std::getenv("FP8PIPE_NCCL_ISSUE_ORDER");
+    return e != nullptr && std::string(e) == "per_comm";
+  }();
+  std::mutex mu_;
+  uint64_t next_ = 1;
+  std::set<uint64_t> unissued_;
+  std::vector<std::shared_ptr<KickTarget>> comms_;
 };
 
 #define FP8_NCCL(expr)                                                                   \
@@ -126,11 +184,21 @@ struct Op {
   std::function<void()> after;  // host work once the op is complete (copy counts out, ...)
   cudaEvent_t ev = nullptr;
   std::vector<Staged> staged;
-  bool p2p = false;  // send / recv: deferred, and issued in a group with its batch
-  uint64_t seq = 0;  // position in the comm's issue order (1, 2, ...)
+  bool p2p = false;     // send / recv: deferred, and issued in a group with its batch
+  uint64_t seq = 0;     // position in the comm's issue order (1, 2, ...)
+  uint64_t ticket = 0;  // position in the process's issue order (IssueOrder), 0 once issued
 };
 
+// Marks the op enqueued on the device (or failed) in the process's issue order.
+void release_ticket(Op& op) {
+  if (op.ticket == 0) return;
+  IssueOrder::get().issued(op.ticket);
+  op.ticket = 0;
+}
+
 class NcclComm final : public Comm {
+  friend class IssueOrder;  // kick_all flushes every comm's pending batch
+
  public:
   NcclComm(ncclComm_t comm, Group group, const NcclOptions& opts, cudaStream_t stream)
       : comm_(comm),
@@ -142,6 +210,7 @@ class NcclComm final : public Comm {
         history_(std::make_shared<History>()),
         kick_(std::make_shared<KickTarget>()) {
     kick_->comm = this;
+    IssueOrder::get().add(kick_);
     worker_ = std::thread([this] { loop(); });
   }
 
@@ -150,6 +219,7 @@ class NcclComm final : public Comm {
       std::lock_guard<std::mutex> lk(kick_->mu);
       kick_->comm = nullptr;
     }
+    IssueOrder::get().remove(kick_.get());
     flush_pending();  // (c): the pending point-to-point batch is issued, then drained
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -365,12 +435,9 @@ class NcclComm final : public Comm {
     op->what = fmt::format("{} on {}", what, group_.name);
     std::shared_ptr<History> h = history_;
     op->state = std::make_shared<WorkState>(op->what, timeout_s_, [h] { return h->format(); });
-    // (a): a wait or test on any Work of this comm issues the pending point-to-point batch.
-    op->state->set_kick([k = kick_] {
-      if (!k->unflushed.load(std::memory_order_acquire)) return;
-      std::lock_guard<std::mutex> lk(k->mu);
-      if (k->comm) k->comm->flush_pending();
-    });
+    // (a): a wait or test on any Work of this comm issues the pending point-to-point batch, and
+    // those of the process's other comms (their turn may come before this op's).
+    op->state->set_kick([] { IssueOrder::get().kick_all(); });
     if (order_after_) op->ready = order_after_->record();
     return op;
   }
@@ -395,9 +462,11 @@ class NcclComm final : public Comm {
         return w;
       }
       op->seq = ++last_seq_;
+      op->ticket = IssueOrder::get().take();
       // (b): any other op issues the point-to-point batch posted before it, as a group, first.
       if (!op->p2p) flush_upto_ = op->seq;
       kick_->unflushed.store(flush_upto_ < last_seq_, std::memory_order_release);
+      if (flush_upto_ < last_seq_) IssueOrder::get().note_unflushed();
       queue_.push_back(std::move(op));
     }
     cv_.notify_all();
@@ -577,6 +646,7 @@ class NcclComm final : public Comm {
     }
     history_->record(fmt::format("point-to-point batch of {} ops on {}: issued as one group",
                                  ops.size(), group_.name));
+    for (auto& op : ops) release_ticket(*op);
     for (size_t i = 0; i < ops.size(); ++i) {
       if (st[i].ok()) st[i] = group_status;
       if (st[i].ok()) {
@@ -608,6 +678,7 @@ class NcclComm final : public Comm {
   }
 
   void finish(Op& op, Status s) {
+    release_ticket(op);
     Status u = unstage(op);
     if (s.ok()) s = u;
     if (s.ok() && op.after) op.after();
@@ -634,6 +705,7 @@ class NcclComm final : public Comm {
           s = nx.status();
         }
         if (s.ok()) {
+          release_ticket(*blocked_);  // its last phase is on the device
           inflight_.push_back(std::move(blocked_));
         } else {
           finish(*blocked_, s);
@@ -696,7 +768,10 @@ class NcclComm final : public Comm {
       closed_ = true;
       closed_status_ = s;
     }
-    for (auto& op : q) op->state->complete(s);
+    for (auto& op : q) {
+      release_ticket(*op);
+      op->state->complete(s);
+    }
   }
 
   void loop() {
@@ -728,8 +803,9 @@ class NcclComm final : public Comm {
         if (Status s = start(*op); !s.ok()) {
           finish(*op, s);
         } else if (op->next) {
-          blocked_ = std::move(op);
+          blocked_ = std::move(op);  // its turn in the issue order ends with its last phase
         } else {
+          release_ticket(*op);
           inflight_.push_back(std::move(op));
         }
       }
@@ -758,10 +834,13 @@ class NcclComm final : public Comm {
 
   // Moves the next ops to issue out of the queue, if they can go now: the head op once its
   // producer event has completed, or, when the head is point-to-point, the flushed batch (the
-  // consecutive point-to-point ops posted up to the flush point) once all of theirs have.
+  // consecutive point-to-point ops posted up to the flush point) once all of theirs have; and in
+  // either case only when its turn has come in the process's issue order (a batch takes the
+  // turn of its first op).
   bool take_next(std::vector<std::unique_ptr<Op>>* ops) {
     std::lock_guard<std::mutex> lk(mu_);
     if (queue_.empty()) return false;
+    if (!IssueOrder::get().turn_of(queue_.front()->ticket)) return false;
     size_t n = 1;
     if (queue_.front()->p2p) {
       if (deferred_locked()) return false;  // no trigger yet
@@ -802,6 +881,21 @@ class NcclComm final : public Comm {
   std::atomic<bool> released_{false};  // comm_ destroyed or aborted
   std::thread worker_;
 };
+
+void IssueOrder::kick_all() {
+  if (!maybe_unflushed_.exchange(false, std::memory_order_acq_rel)) return;
+  std::vector<std::shared_ptr<KickTarget>> cs;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (const auto& k : comms_) {
+      if (k->unflushed.load(std::memory_order_acquire)) cs.push_back(k);
+    }
+  }
+  for (const auto& k : cs) {
+    std::lock_guard<std::mutex> lk(k->mu);
+    if (k->comm) k->comm->flush_pending();
+  }
+}
 
 }  // namespace
 

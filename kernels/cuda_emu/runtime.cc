@@ -14,6 +14,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_runtime_api.h"
@@ -213,9 +214,12 @@ void note_launch_error(cudaError_t e) {
 // FP8PIPE_EMU_LAZY=0 runs all work at enqueue time instead.
 namespace {
 constexpr size_t kMaxPending = 4096;
+// A queued item returns true once it is done. Only a gated item (submit_gated: an NCCL operation
+// waiting for its peers) returns false; it is called again at the next flush, and the stream's
+// later work waits behind it.
 struct Pending {
   uint64_t seq;
-  std::function<void()> work;
+  std::function<bool()> work;
 };
 struct Queues {
   std::recursive_mutex mu;
@@ -233,19 +237,53 @@ bool lazy() {
   }();
   return on;
 }
-}  // namespace
+// Depth of flushes on this thread: a flush inside a queued item (cudaStreamWaitEvent's) must not
+// wait for a gated item, since it holds the queue lock that the waiting would have to release.
+thread_local int flush_depth = 0;
 
-void flush_until(cudaStream_t s, uint64_t seq) {
+// Runs s's items up to seq while they complete; false if a gated item is still in flight.
+bool try_flush_until(cudaStream_t s, uint64_t seq) {
   Queues& Q = queues();
   std::lock_guard<std::recursive_mutex> lk(Q.mu);
   auto it = Q.q.find(s);
-  if (it == Q.q.end()) return;
+  if (it == Q.q.end()) return true;
   std::deque<Pending>& d = it->second;
+  ++flush_depth;
+  bool reached = true;
   while (!d.empty() && d.front().seq <= seq) {
-    Pending p = std::move(d.front());
+    if (!d.front().work()) {
+      reached = false;
+      break;
+    }
     d.pop_front();
-    p.work();
   }
+  --flush_depth;
+  return reached;
+}
+bool try_flush_all() {
+  Queues& Q = queues();
+  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  bool all = true;
+  for (auto& [s, d] : Q.q) all = try_flush_until(s, UINT64_MAX) && all;
+  return all;
+}
+// Retries `attempt` until it succeeds, without the queue lock in between: a gated item completes
+// on the NCCL emulation's progress thread. Inside an item (flush_depth > 0) it tries once.
+template <class F>
+void wait_for(F attempt) {
+  for (int spins = 0; !attempt(); ++spins) {
+    if (flush_depth > 0) return;
+    if (spins < 64) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(spins < 4096 ? 20 : 500));
+    }
+  }
+}
+}  // namespace
+
+void flush_until(cudaStream_t s, uint64_t seq) {
+  wait_for([&] { return try_flush_until(s, seq); });
 }
 
 void flush_stream(cudaStream_t s) {
@@ -257,34 +295,44 @@ void flush_stream(cudaStream_t s) {
 }
 
 void flush_all() {
-  Queues& Q = queues();
-  std::lock_guard<std::recursive_mutex> lk(Q.mu);
-  for (auto& [s, d] : Q.q) flush_until(s, UINT64_MAX);
+  wait_for([] { return try_flush_all(); });
 }
 
-uint64_t submit(cudaStream_t s, std::function<void()> work) {
+bool reached(cudaStream_t s, uint64_t seq) { return try_flush_until(s, seq); }
+
+uint64_t submit_gated(cudaStream_t s, std::function<bool()> work) {
   if (!lazy()) {
-    work();
+    wait_for(work);
     return 0;
   }
   Queues& Q = queues();
-  std::lock_guard<std::recursive_mutex> lk(Q.mu);
+  std::unique_lock<std::recursive_mutex> lk(Q.mu);
   if (s == nullptr) {
+    lk.unlock();
     flush_all();
-    work();
+    wait_for(work);
     return 0;
   }
   std::deque<Pending>& d = Q.q[s];
   const uint64_t seq = Q.next_seq++;
   d.push_back({seq, std::move(work)});
-  if (d.size() > kMaxPending) flush_until(s, d[d.size() / 2].seq);
+  // Bounds memory; a gated item in flight may stop it short, and the queue grows meanwhile.
+  if (d.size() > kMaxPending) try_flush_until(s, d[d.size() / 2].seq);
   return seq;
 }
 
+uint64_t submit(cudaStream_t s, std::function<void()> work) {
+  return submit_gated(s, [w = std::move(work)] {
+    w();
+    return true;
+  });
+}
+
 void forget_stream(cudaStream_t s) {
+  flush_until(s, UINT64_MAX);
   Queues& Q = queues();
   std::lock_guard<std::recursive_mutex> lk(Q.mu);
-  flush_until(s, UINT64_MAX);
+  try_flush_until(s, UINT64_MAX);  // work queued meanwhile (none in the backend's use)
   Q.q.erase(s);
 }
 
@@ -374,17 +422,34 @@ cudaError_t cudaPeekAtLastError() {
   return st().last;
 }
 
+namespace fp8pipe::cuda_emu {
+int device_count() {
+  static const int n = [] {
+    const char* e = std::getenv("FP8PIPE_EMU_DEVICES");
+    const int v = e ? std::atoi(e) : 1;
+    return v >= 1 && v <= 64 ? v : 1;
+  }();
+  return n;
+}
+}  // namespace fp8pipe::cuda_emu
+namespace {
+thread_local int current_device = 0;  // CUDA's current device is per host thread
+}  // namespace
 cudaError_t cudaGetDeviceCount(int* n) {
-  *n = 1;
+  *n = device_count();
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= device_count()) return cudaErrorInvalidDevice;
+  current_device = d;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = current_device;
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
-  if (d != 0) return cudaErrorInvalidDevice;
+  if (d < 0 || d >= device_count()) return cudaErrorInvalidDevice;
   *p = cudaDeviceProp{};
   std::snprintf(p->name, sizeof(p->name), "fp8pipe CUDA emulator (CPU)");
   p->major = 9;  // presents itself as Hopper, the only architecture the backend accepts
@@ -410,8 +475,8 @@ cudaError_t cudaDeviceSynchronize() {
   return check_all_canaries();
 }
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int d) {
-  static EmuMemPool p;
-  if (d != 0) return cudaErrorInvalidDevice;
+  static EmuMemPool p;  // one pool: the devices share the host's memory
+  if (d < 0 || d >= device_count()) return cudaErrorInvalidDevice;
   *pool = &p;
   return cudaSuccess;
 }
@@ -556,7 +621,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
   // stream's work up to the marker runs first.
   const cudaStream_t other = e->st->stream;
   const uint64_t seq = e->st->seq;
-  if (seq != 0) submit(s, [other, seq] { flush_until(other, seq); });
+  if (seq != 0) submit_gated(s, [other, seq] { return reached(other, seq); });
   return cudaSuccess;
 }
 
@@ -589,6 +654,9 @@ namespace {
 void reach(const EventState& st) {
   if (st.seq != 0 && !st.recorded) flush_until(st.stream, st.seq);
 }
+bool try_reach(const EventState& st) {
+  return st.seq == 0 || st.recorded || reached(st.stream, st.seq);
+}
 }  // namespace
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
@@ -597,8 +665,9 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   if (e == nullptr) return cudaErrorInvalidResourceHandle;
-  reach(*e->st);  // a query lets the device make progress: here, up to the event
-  return cudaSuccess;
+  // A query lets the device make progress: here, up to the event, unless an NCCL operation in
+  // flight before it holds the stream.
+  return try_reach(*e->st) ? cudaSuccess : cudaErrorNotReady;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (a == nullptr || b == nullptr) return cudaErrorInvalidValue;

@@ -154,6 +154,15 @@ void run_kernel(dim3 grid, dim3 block, cudaStream_t stream, const char* name,
 // Stream work (runtime.cc): `work` runs in order with the stream's other work, when the host
 // needs it (see there); returns its place, 0 when it already ran.
 uint64_t submit(cudaStream_t s, std::function<void()> work);
+// Work that may take several calls: `work` returns false while it waits for something outside
+// the device (an emulated NCCL operation waiting for its peers); the stream's later work waits
+// behind it, and a flush that must finish waits, without holding the queue lock, until it does.
+uint64_t submit_gated(cudaStream_t s, std::function<bool()> work);
+// Runs s's work up to place seq as far as it completes now; true if it got there.
+bool reached(cudaStream_t s, uint64_t seq);
+// The number of emulated devices: FP8PIPE_EMU_DEVICES (default 1). They share the host's memory;
+// each process's ranks take one each, as NCCL requires (one GPU per rank of a communicator).
+int device_count();
 // Runs the stream's pending work (all of it, or up to place `seq`); nullptr: every stream's.
 void flush_stream(cudaStream_t s);
 void flush_until(cudaStream_t s, uint64_t seq);

@@ -199,6 +199,41 @@ TEST(MpiComm, ManyOpsInFlightKeepCollectiveOrder) {
   }
 }
 
+// Two comms, one posting order on every rank (a two-phase op on world, then an all-reduce on
+// dp), but with rank-dependent timing: half of each dp group posts the all-reduce at once (its
+// comm thread could issue it before world's data phase), the other half 300 ms later (after it).
+// On NCCL, where a GPU may run one NCCL kernel at a time, issuing in those two orders deadlocks;
+// the NCCL comm issues in posting order across comms (nccl_comm.h "Issue order"), so it passes
+// under the emulation's serial NCCL, and fails there with FP8PIPE_NCCL_ISSUE_ORDER=per_comm
+// (CTest mpi.comm_nccl_per_comm_order). The MPI comm has no such constraint.
+TEST(MpiComm, TwoCommsKeepPostingOrderWhateverTheTiming) {
+  Comm& a = *comms().world;
+  Comm& b = *comms().dp;
+  if (b.size() < 2) GTEST_SKIP() << "dp=1";
+  const int n = a.size(), r = a.rank();
+  std::vector<int64_t> sc(n, 2);
+  std::vector<int32_t> send(2 * n, r), recv;
+  std::vector<int64_t> rc;
+  Work wa = a.all_to_all_v_counted(
+      send.data(), sc, DataType::kInt32, 1,
+      [&](int64_t t) {
+        recv.resize(t);
+        return static_cast<void*>(recv.data());
+      },
+      &rc);
+  if (b.rank() % 2 == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  double x = b.rank() + 1;
+  Work wb = b.all_reduce(&x, &x, 1, DataType::kFloat64, ReduceOp::kSum);
+  WAIT_OK(wb);
+  WAIT_OK(wa);
+  EXPECT_EQ(x, b.size() * (b.size() + 1) / 2.0);
+  ASSERT_EQ(recv.size(), static_cast<size_t>(2 * n));
+  for (int q = 0; q < n; ++q) {
+    ASSERT_EQ(recv[2 * q], q);
+    ASSERT_EQ(recv[2 * q + 1], q);
+  }
+}
+
 // A two-phase op that fails in its data phase (on every rank alike) releases the collectives
 // queued behind it, and reports the failure naming the op.
 TEST(MpiComm, FailedTwoPhaseOpReleasesQueuedCollectives) {

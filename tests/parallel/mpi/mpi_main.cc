@@ -4,9 +4,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "tests/parallel/mpi/mpi_env.h"
+#ifdef FP8PIPE_HAVE_NCCL
+#include <cuda_runtime_api.h>
+
+#include "parallel/nccl_comm.h"
+#endif
 
 namespace fp8pipe::parallel::mpitest {
 namespace {
@@ -14,6 +21,7 @@ namespace {
 MpiWorld g_world;
 std::optional<Topology> g_topo;
 std::optional<CommSet> g_comms;
+std::optional<CommSet> g_nccl;  // FP8PIPE_TEST_COMM=nccl: the tests run on NCCL mirrors
 
 // Non-zero ranks: failures only, so 4 ranks do not print 4 copies of every passing test.
 class FailurePrinter : public ::testing::EmptyTestEventListener {
@@ -43,6 +51,23 @@ Status setup() {
   g_topo = std::move(t);
   FP8_ASSIGN_OR_RETURN(CommSet c, create_comms(*g_topo, CommOptions{kTimeoutS}));
   g_comms = std::move(c);
+  const char* which = std::getenv("FP8PIPE_TEST_COMM");
+  if (which && std::string(which) == "nccl") {
+#ifdef FP8PIPE_HAVE_NCCL
+    // One GPU per rank (one host): host buffers are staged through device memory.
+    int gpus = 0;
+    if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < 1) {
+      return Status(Code::kInvalidArgument, "FP8PIPE_TEST_COMM=nccl: no CUDA device");
+    }
+    parallel::NcclOptions o;
+    o.timeout_s = kTimeoutS;
+    o.device = g_world.rank % gpus;
+    FP8_ASSIGN_OR_RETURN(CommSet nc, create_nccl_comms(*g_comms, o));
+    g_nccl = std::move(nc);
+#else
+    return Status(Code::kInvalidArgument, "FP8PIPE_TEST_COMM=nccl: built without NCCL");
+#endif
+  }
   return Status::Ok();
 }
 
@@ -50,7 +75,7 @@ Status setup() {
 
 const MpiWorld& world() { return g_world; }
 const Topology& topo() { return *g_topo; }
-CommSet& comms() { return *g_comms; }
+CommSet& comms() { return g_nccl ? *g_nccl : *g_comms; }
 
 }  // namespace fp8pipe::parallel::mpitest
 
@@ -70,6 +95,7 @@ int main(int argc, char** argv) {
     listeners.Append(new mt::FailurePrinter(mt::g_world.rank));
   }
   const int rc = RUN_ALL_TESTS();
+  mt::g_nccl.reset();
   mt::g_comms.reset();
   if (auto s = fp8pipe::parallel::mpi_finalize(); !s.ok()) {
     std::fprintf(stderr, "%s\n", s.to_string().c_str());
