@@ -33,6 +33,17 @@
 //     every j, then wait_all) cannot deadlock, since NCCL progresses a group's ops together, and
 //     a send to self is valid when its receive is in the same batch. Unlike MPI, an op that is
 //     never waited on or tested is not issued until (b) or (c).
+//   - Issue order. Each comm has its own thread and stream, so without a rule the device would
+//     receive the ops of different comms in whatever order those threads run, which may differ
+//     between ranks; NCCL requires ranks that use communicators concurrently to launch in a
+//     matching order (a GPU may run one NCCL kernel at a time). So every op of every NcclComm in
+//     the process takes a ticket when it is posted, and is enqueued on the device only when all
+//     ops posted before it, on any comm, have been (a point-to-point batch takes the turn of its
+//     first op; a two-phase op holds the turn until its last phase is enqueued). Ranks that post
+//     alike then launch alike, whatever the timing. Trigger (a) therefore flushes the pending
+//     batches of every comm of the process. Checked by MpiComm.TwoCommsKeepPostingOrderWhatever-
+//     TheTiming on the CUDA emulation's serial NCCL (CTest mpi.comm_nccl; it deadlocks with
+//     FP8PIPE_NCCL_ISSUE_ORDER=per_comm, CTest mpi.comm_nccl_per_comm_order).
 //   - No census on timeout: a timed-out wait names the op and this comm's last ops only.
 //   - all_to_all_v_counted holds later ops of the same comm until its counts phase has completed
 //     and its data phase is issued (the same collective order on every rank, as the MPI comm).
