@@ -1,10 +1,10 @@
 // The NCCL Comm on one rank (all one GPU machine allows: NCCL refuses two ranks on one GPU;
-// several ranks run the MPI comm's tests on NCCL under the CUDA emulation, CTest mpi.comm_nccl). The unique id travels over a
-// one-rank stand-in for the MPI comm. Checks every collective on device buffers and on host
-// buffers (staged), all_to_all_v with the self block, the counted variant, agree() and argument
-// checks; and point-to-point with self, which only completes when the deferred batch issues the
-// send and its receive in one NCCL group (nccl_comm.h). Outputs are cleared before each op, so an
-// op that moved nothing fails the test.
+// several ranks run the MPI comm's tests on NCCL under the CUDA emulation, CTest mpi.comm_nccl).
+// The unique id travels over a one-rank stand-in for the MPI comm. Checks every collective on
+// device buffers and on host buffers (staged), all_to_all_v with the self block, the counted
+// variant, agree() and argument checks; and point-to-point with self, which only completes when the
+// deferred batch issues the send and its receive in one NCCL group (nccl_comm.h). Outputs are
+// cleared before each op, so an op that moved nothing fails the test.
 #include "parallel/nccl_comm.h"
 
 #include <cuda_runtime_api.h>
