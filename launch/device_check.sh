@@ -231,12 +231,14 @@ train_tiny_gpu_vs_cpu() {
     "--optim.warmup_steps=$((n >= 40 ? 20 : 1))"
 }
 
-# Two ranks (pp=2, 1F1B) on the GPU, both on GPU 0 (parallel.comm_backend=mpi stages the
+# Two ranks (pp=2, DualPipe: both directions' sends and receives, which over NCCL need the
+# executor's matched groups) on the GPU, both on GPU 0 (parallel.comm_backend=mpi stages the
 # pipeline's device tensors through host memory), next to the same two ranks on the CPU.
 two_rank_args() {
   local n=${TWO_RANK_STEPS:-20}
   echo configs/tiny.textproto --train.eval_every=0 --checkpoint.dir= --checkpoint.every=0 \
-    --log.every=10 "--optim.warmup_steps=$((n >= 10 ? 5 : 1))" --parallel.pp=2 --parallel.schedule=1f1b
+    --log.every=10 "--optim.warmup_steps=$((n >= 10 ? 5 : 1))" --parallel.pp=2 \
+    --parallel.schedule=dualpipe
 }
 train_tiny_2rank_gpu_vs_cpu() {
   # shellcheck disable=SC2046 # the arguments have no spaces
@@ -452,7 +454,7 @@ step small_op_profile 150 small_op_profile
 step moe_host 60 moe_host
 step expert_gemms 60 expert_gemms
 step train_tiny_ep_gpu_vs_cpu 60 train_tiny_ep_gpu_vs_cpu
-step train_nccl_vs_mpi 150 train_nccl_vs_mpi
+step train_nccl_vs_mpi 240 train_nccl_vs_mpi
 step generate_gpu_vs_cpu 60 generate_gpu_vs_cpu
 
 # ---- summary (last) ----

@@ -48,16 +48,6 @@ Status Trainer::setup_parallel(const Runtime* rt) {
 #endif
   }
   FP8_ASSIGN_OR_RETURN(auto kind, parallel::parse_schedule_kind(p.schedule()));
-  if (nccl_comms_ && world_rank_ == 0 &&
-      (kind == parallel::ScheduleKind::kDualPipe || kind == parallel::ScheduleKind::kDualPipeV)) {
-    // docs/ARCHITECTURE.md, "Issue order": the executor's point-to-point groups do not match
-    // across ranks under DualPipe, and NCCL's blocking sends can then wait on each other.
-    log::warn(
-        "parallel.comm_backend=\"nccl\" with parallel.schedule=\"{}\": the pipeline's send/receive "
-        "groups are not matched across ranks yet and deadlock under blocking NCCL sends (seen on "
-        "the CUDA emulation at pp=2); use parallel.comm_backend=\"mpi\" with DualPipe",
-        p.schedule());
-  }
   FP8_ASSIGN_OR_RETURN(auto s,
                        parallel::make_schedule(kind, p.pp(), std::max(1, p.microbatches())));
   sched_ = std::move(s);

@@ -121,6 +121,10 @@ class Comm {
   // Buffers may be device memory (NCCL). False (MPI): host memory only; a caller holding device
   // tensors stages them through the host (the pipeline executor, the MoE's exchange).
   virtual bool device_buffers() const { return false; }
+  // Point-to-point ops block until matched and are issued in groups (NCCL, nccl_comm.h): a caller
+  // that sends and receives in both directions must post matched groups (the pipeline executor
+  // does, parallel/p2p_plan.h). False (MPI): sends and receives progress independently.
+  virtual bool p2p_matched_groups() const { return false; }
   int rank() const { return group().index; }
   int size() const { return group().size(); }
   const std::string& name() const { return group().name; }

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
+#include <string_view>
 #include <thread>
 
 namespace fp8pipe::parallel {
@@ -51,7 +53,13 @@ PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
       chunks_(std::move(chunks)),
       ctx_(ctx),
       hidden_(hidden),
-      fb_overlap_(fb_overlap) {}
+      fb_overlap_(fb_overlap),
+      matched_(pp && pp->p2p_matched_groups()) {
+  if (const char* e = std::getenv("FP8PIPE_P2P_GROUPS")) {
+    if (std::string_view(e) == "matched") matched_ = true;
+    if (std::string_view(e) == "eager") matched_ = false;
+  }
+}
 
 PipelineExecutor::~PipelineExecutor() = default;
 
@@ -63,6 +71,7 @@ Status PipelineExecutor::set_schedule(const Schedule& s) {
         s.ranks, s.stages(), sched_->ranks, sched_->stages());
   }
   sched_ = &s;
+  plan_sched_ = nullptr;
   return Status::Ok();
 }
 
@@ -210,35 +219,92 @@ Result<int> PipelineExecutor::tag_of(const Instr& in) const {
   return static_cast<int>(tag);
 }
 
-Status PipelineExecutor::send(const Instr& in) {
+Status PipelineExecutor::send(const Instr& in, int index) {
   auto& from = in.op == Op::kSendAct ? act_out_ : grad_out_;
   auto it = from.find({in.dir, in.mb});
   if (it == from.end() || !pp_) {
     return FP8_ERROR(Code::kInternal, "{}: nothing to send on rank {}", instr_label(in), rank_);
   }
-  FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
   Tensor t = it->second;
   from.erase(it);
   if (t.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm (MPI)
-    FP8_ASSIGN_OR_RETURN(t, ctx_->be->to_host(t));             // kept alive in pending_ until sent
+    FP8_ASSIGN_OR_RETURN(t, ctx_->be->to_host(t));             // kept alive until sent
   }
+  if (matched_) {  // posted at its plan point (run_point)
+    outbox_[index] = t;
+    return Status::Ok();
+  }
+  FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
   pending_.push_back({pp_->send(t.data(), t.numel(), DataType::kFloat32, in.peer, tag), t});
   return Status::Ok();
 }
 
-Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
+Result<PipelineExecutor::Posted> PipelineExecutor::post_recv(const Instr& in, int index,
+                                                             const BatchFn& batch) {
   if (!pp_) return FP8_ERROR(Code::kInternal, "{}: no pipeline communicator", instr_label(in));
   const model::MicroBatch& b = batch(sched_->stream_of(in.dir), in.mb);
-  FP8_ASSIGN_OR_RETURN(Tensor t, ctx_->be->empty({b.B * b.T, hidden_}, DType::kF32));
+  Posted p;
+  p.index = index;
+  FP8_ASSIGN_OR_RETURN(p.dst, ctx_->be->empty({b.B * b.T, hidden_}, DType::kF32));
   FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
-  if (t.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm: stage
-    FP8_ASSIGN_OR_RETURN(Tensor h, make_cpu_backend()->empty(t.shape(), DType::kF32));
-    FP8_RETURN_IF_ERROR(pp_->recv(h.data(), h.numel(), DataType::kFloat32, in.peer, tag).wait());
-    FP8_RETURN_IF_ERROR(ctx_->be->copy(h, t));
-  } else {
-    FP8_RETURN_IF_ERROR(pp_->recv(t.data(), t.numel(), DataType::kFloat32, in.peer, tag).wait());
+  Tensor into = p.dst;
+  if (p.dst.device() != Device::kCpu && !pp_->device_buffers()) {  // a host-only comm: stage
+    FP8_ASSIGN_OR_RETURN(p.host, make_cpu_backend()->empty(p.dst.shape(), DType::kF32));
+    into = p.host;
+    p.staged = true;
   }
-  (in.op == Op::kRecvAct ? act_in_ : grad_in_)[{in.dir, in.mb}] = t;
+  p.work = pp_->recv(into.data(), into.numel(), DataType::kFloat32, in.peer, tag);
+  return p;
+}
+
+Status PipelineExecutor::finish_recv(const Instr& in, Posted p) {
+  FP8_RETURN_IF_ERROR(p.work.wait());
+  if (p.staged) FP8_RETURN_IF_ERROR(ctx_->be->copy(p.host, p.dst));
+  (in.op == Op::kRecvAct ? act_in_ : grad_in_)[{in.dir, in.mb}] = p.dst;
+  return Status::Ok();
+}
+
+Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
+  FP8_ASSIGN_OR_RETURN(Posted p, post_recv(in, -1, batch));
+  return finish_recv(in, p);
+}
+
+Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
+  const auto& list = sched_->rank_instrs[rank_];
+  const double t0 = tracer_ ? tracer_->now_us() : 0;
+  std::vector<Posted> recvs;
+  for (const P2pGroup& g : pt.groups) {
+    Work last;
+    for (int i : g.ops) {
+      const Instr& in = list[i];
+      if (in.op == Op::kSendAct || in.op == Op::kSendGrad) {
+        auto it = outbox_.find(i);
+        if (it == outbox_.end()) {
+          return FP8_ERROR(Code::kInternal, "{}: planned at instruction {} before it was produced",
+                           instr_label(in), pt.at);
+        }
+        FP8_ASSIGN_OR_RETURN(int tag, tag_of(in));
+        const Tensor t = it->second;
+        outbox_.erase(it);
+        last = pp_->send(t.data(), t.numel(), DataType::kFloat32, in.peer, tag);
+        pending_.push_back({last, t});
+        if (tracer_) tracer_->instant(instr_label(in), "comm", tracer_->now_us(), trace_step_);
+      } else {
+        FP8_ASSIGN_OR_RETURN(Posted p, post_recv(in, i, batch));
+        last = p.work;
+        recvs.push_back(std::move(p));
+      }
+    }
+    // Issue the group now, as one group (a test is a trigger of the NCCL comm's batch; a no-op
+    // for MPI): the next group must not join it (nccl_comm.h).
+    last.test();
+  }
+  for (Posted& p : recvs) {
+    const Instr& in = list[p.index];
+    if (Status s = finish_recv(in, p); !s.ok())
+      return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
+    if (tracer_) tracer_->interval(instr_label(in), "comm", t0, tracer_->now_us(), trace_step_);
+  }
   return Status::Ok();
 }
 
@@ -405,7 +471,27 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
-  for (const Instr& in : sched_->rank_instrs[rank_]) {
+  const std::vector<P2pPoint>* points = nullptr;
+  if (matched_ && pp_) {
+    // Early sends only without expert all-to-alls in the step (p2p_plan.h).
+    const bool early = ctx_->ep == nullptr;
+    if (plan_sched_ != sched_ || plan_early_ != early) {
+      FP8_ASSIGN_OR_RETURN(plan_, plan_p2p_groups(*sched_, early));
+      plan_sched_ = sched_;
+      plan_early_ = early;
+    }
+    points = &plan_.ranks[rank_];
+  }
+  const auto& list = sched_->rank_instrs[rank_];
+  size_t next_point = 0;
+  auto reach = [&](int i) -> Status {  // runs the plan's point at instruction i, if any
+    if (!points || next_point >= points->size() || (*points)[next_point].at != i)
+      return Status::Ok();
+    return run_point((*points)[next_point++], batch);
+  };
+  for (int i = 0; i < static_cast<int>(list.size()); ++i) {
+    const Instr& in = list[i];
+    FP8_RETURN_IF_ERROR(reach(i));
     const double t0 = tracer_ ? tracer_->now_us() : 0;
     Status s;
     switch (in.op) {
@@ -417,16 +503,18 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
         break;
       case Op::kSendAct:
       case Op::kSendGrad:
-        s = send(in);
+        s = send(in, i);
         break;
       case Op::kRecvAct:
       case Op::kRecvGrad:
-        s = recv(in, batch);
+        if (!points) s = recv(in, batch);  // else posted and waited at its plan point
         break;
     }
     if (!s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
-    if (tracer_) {  // compute ops on the compute row; a receive's wait and a send's post on comm
+    if (tracer_ && (!points || !in.is_comm())) {
+      // Compute ops on the compute row; a receive's wait and a send's post on comm (with matched
+      // groups: at the plan point, run_point).
       const double t1 = tracer_->now_us();
       const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;
       if (send)
@@ -434,6 +522,11 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
       else
         tracer_->interval(instr_label(in), in.is_comm() ? "comm" : "compute", t0, t1, trace_step_);
     }
+  }
+  FP8_RETURN_IF_ERROR(reach(static_cast<int>(list.size())));
+  if (!outbox_.empty()) {
+    outbox_.clear();
+    return FP8_ERROR(Code::kInternal, "pipeline rank {}: sends left unposted by the plan", rank_);
   }
   for (auto& [w, t] : pending_) FP8_RETURN_IF_ERROR(w.wait());
   pending_.clear();

@@ -13,6 +13,7 @@
 #include "core/model/transformer.h"
 #include "parallel/comm.h"
 #include "parallel/expert_comm.h"
+#include "parallel/p2p_plan.h"
 #include "parallel/schedule.h"
 #include "parallel/trace.h"
 
@@ -58,6 +59,14 @@ class PipelineExecutor {
   // The instruction list of the following runs: the same layout (kind, ranks, stages) with
   // another micro-batch count (a batch ramp's steps). `s` must outlive those runs.
   Status set_schedule(const Schedule& s);
+  // Matched point-to-point groups (parallel/p2p_plan.h): sends and receives are held until their
+  // plan's points and posted there in groups that the peers post alike. Needed by a comm whose
+  // point-to-point ops block until matched (Comm::p2p_matched_groups, NCCL), the default there;
+  // off (MPI's default): sends go when produced and each receive is waited where it stands.
+  // FP8PIPE_P2P_GROUPS=matched|eager overrides the default (eager over NCCL is a negative
+  // control: DualPipe deadlocks).
+  void set_matched_groups(bool on) { matched_ = on; }
+  bool matched_groups() const { return matched_; }
   bool fb_overlap() const { return fb_overlap_; }
   void set_fb_overlap(bool on) { fb_overlap_ = on; }
 
@@ -85,8 +94,19 @@ class PipelineExecutor {
   // On a device the gradients are downloaded first (one copy per parameter per instruction),
   // unless Param::grad_acc_dev is set (optim.placement=device): then the sum stays there.
   Status flush_grads(int dir);
-  Status send(const Instr& in);
+  Status send(const Instr& in, int index);
   Status recv(const Instr& in, const BatchFn& batch);
+  // A receive posted into a new tensor (through a host tensor on a host-only comm).
+  struct Posted {
+    int index = 0;
+    Work work;
+    Tensor dst, host;
+    bool staged = false;  // received into host, copied to dst when done
+  };
+  Result<Posted> post_recv(const Instr& in, int index, const BatchFn& batch);
+  Status finish_recv(const Instr& in, Posted p);
+  // Matched groups: posts the groups of plan point `pt`, then waits for their receives.
+  Status run_point(const P2pPoint& pt, const BatchFn& batch);
   Result<int> tag_of(const Instr& in) const;
   bool is_last(int stage) const { return stage == sched_->stages() - 1; }
   // Where the output of (stream, stage) goes when the next stage is on this rank: its dir.
@@ -101,6 +121,11 @@ class PipelineExecutor {
   int64_t hidden_;
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
   std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
+  bool matched_ = false;
+  P2pPlan plan_;  // for plan_sched_, with early sends iff plan_early_
+  const Schedule* plan_sched_ = nullptr;
+  bool plan_early_ = false;
+  std::map<int, Tensor> outbox_;  // matched groups: sends produced, not posted yet (by index)
   ExecutorStats stats_;
   bool fb_overlap_ = true;
   Tracer* tracer_ = nullptr;

@@ -184,9 +184,10 @@ struct Op {
   std::function<void()> after;  // host work once the op is complete (copy counts out, ...)
   cudaEvent_t ev = nullptr;
   std::vector<Staged> staged;
-  bool p2p = false;     // send / recv: deferred, and issued in a group with its batch
-  uint64_t seq = 0;     // position in the comm's issue order (1, 2, ...)
-  uint64_t ticket = 0;  // position in the process's issue order (IssueOrder), 0 once issued
+  bool p2p = false;        // send / recv: deferred, and issued in a group with its batch
+  bool batch_end = false;  // the last op of a flushed batch: later ones form another group
+  uint64_t seq = 0;        // position in the comm's issue order (1, 2, ...)
+  uint64_t ticket = 0;     // position in the process's issue order (IssueOrder), 0 once issued
 };
 
 // Marks the op enqueued on the device (or failed) in the process's issue order.
@@ -249,6 +250,7 @@ class NcclComm final : public Comm {
   const Group& group() const override { return group_; }
   double timeout_s() const override { return timeout_s_; }
   bool device_buffers() const override { return true; }
+  bool p2p_matched_groups() const override { return true; }
 
   Work send(const void* buf, int64_t count, DataType t, int peer, int tag) override {
     const std::string what =
@@ -482,6 +484,7 @@ class NcclComm final : public Comm {
       std::lock_guard<std::mutex> lk(mu_);
       if (flush_upto_ >= last_seq_) return;
       flush_upto_ = last_seq_;
+      queue_.back()->batch_end = true;  // the newest op is the batch's last (still queued)
       kick_->unflushed.store(false, std::memory_order_release);
     }
     cv_.notify_all();
@@ -844,7 +847,9 @@ class NcclComm final : public Comm {
     size_t n = 1;
     if (queue_.front()->p2p) {
       if (deferred_locked()) return false;  // no trigger yet
-      while (n < queue_.size() && queue_[n]->p2p && queue_[n]->seq <= flush_upto_) ++n;
+      while (n < queue_.size() && !queue_[n - 1]->batch_end && queue_[n]->p2p &&
+             queue_[n]->seq <= flush_upto_)
+        ++n;
     }
     for (size_t i = 0; i < n; ++i) {
       if (queue_[i]->ready && !queue_[i]->ready->query()) return false;

@@ -28,11 +28,18 @@
 //       (b) any other op (a collective, barrier, counts, all-to-all) is posted on this comm: the
 //           batch posted before it is issued first, then that op (issue order is kept);
 //       (c) the comm is destroyed (the batch is issued, then drained or aborted as any op).
-//     So the semantics are MPI's nonblocking ones: a program that posts every send it owes before
-//     it waits on a receive (pipeline 1F1B: send, recv, wait; grad_sync: recv(j), send(j) for
-//     every j, then wait_all) cannot deadlock, since NCCL progresses a group's ops together, and
-//     a send to self is valid when its receive is in the same batch. Unlike MPI, an op that is
-//     never waited on or tested is not issued until (b) or (c).
+//     A trigger closes the batch: ops posted after it form the next group, even when the comm
+//     thread takes both at once (the pipeline executor's matched groups rely on it:
+//     parallel/p2p_plan.h; it posts each group and then tests one of its Works).
+//     Within a batch the semantics are MPI's nonblocking ones: a program that posts every send it
+//     owes before it waits on a receive (grad_sync: recv(j), send(j) for every j, then wait_all)
+//     cannot deadlock, since NCCL progresses a group's ops together, and a send to self is valid
+//     when its receive is in the same batch. Unlike MPI, a send completes only once the peer has
+//     issued its receive, and the comm's later groups wait behind it on the stream: a batch whose
+//     send is received only in the peer's NEXT batch, while the peer's batch holds such a send
+//     too, deadlocks (p2p_matched_groups(); the pipeline executor therefore issues matched
+//     groups, parallel/p2p_plan.h). An op that is never waited on or tested is not issued until
+//     (b) or (c).
 //   - Issue order. Each comm has its own thread and stream, so without a rule the device would
 //     receive the ops of different comms in whatever order those threads run, which may differ
 //     between ranks; NCCL requires ranks that use communicators concurrently to launch in a

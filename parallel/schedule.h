@@ -18,6 +18,8 @@
 // the buffer stays alive until the send completes); a RECV blocks until its data has arrived.
 // Every RECV sits right before the compute that needs it, or where DeepSeek's implementation
 // waits for it; every SEND right after the compute that produced it, or where DeepSeek posts it.
+// Over NCCL (blocking sends) the executor posts them in matched groups instead (p2p_plan.h),
+// derived from these lists: the same messages, each receive complete where it stands here.
 //
 // DualPipe / DualPipeV reproduce deepseek-ai/DualPipe (dualpipe.py / dualpipev.py, commit
 // 3da1bbea) op for op, sends and receives included; tests/parallel/golden/ holds traces of that

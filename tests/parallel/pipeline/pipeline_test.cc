@@ -11,17 +11,51 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include "core/config.h"
 #include "parallel/executor.h"
 #include "parallel/expert_comm.h"
 #include "parallel/grad_sync.h"
+#ifdef FP8PIPE_HAVE_NCCL
+#include <cuda_runtime_api.h>
+
+#include "parallel/nccl_comm.h"
+#endif
 #include "tests/test_files.h"
 
 namespace fp8pipe::parallel {
 namespace {
 
 int g_rank = 0, g_world = 1;
+bool g_matched = false;  // run_layout: the executor's matched point-to-point groups
+
+// The layout's communicators: MPI, or (FP8PIPE_TEST_COMM=nccl, a build with NCCL) their NCCL
+// mirrors, one (emulated) GPU per rank, host buffers staged through device memory.
+struct TestComms {
+  std::optional<CommSet> mpi, nccl;
+  Comm& get(GroupKind k) { return nccl ? nccl->get(k) : mpi->get(k); }
+};
+
+Status make_comms(const Topology& topo, TestComms* out) {
+  FP8_ASSIGN_OR_RETURN(CommSet c, create_comms(topo, CommOptions{60}));
+  out->mpi = std::move(c);
+  const char* which = std::getenv("FP8PIPE_TEST_COMM");
+  if (!which || std::string(which) != "nccl") return Status::Ok();
+#ifdef FP8PIPE_HAVE_NCCL
+  int gpus = 0;
+  if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < 1)
+    return FP8_INVALID("FP8PIPE_TEST_COMM=nccl: no CUDA device");
+  NcclOptions o;
+  o.timeout_s = 60;
+  o.device = g_rank % gpus;
+  FP8_ASSIGN_OR_RETURN(CommSet n, create_nccl_comms(*out->mpi, o));
+  out->nccl = std::move(n);
+  return Status::Ok();
+#else
+  return FP8_INVALID("FP8PIPE_TEST_COMM=nccl: built without NCCL");
+#endif
+}
 
 config::Config tiny(int layers) {
   auto cfg = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/tiny.textproto",
@@ -87,8 +121,10 @@ void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M, EpLayout e
   auto topo =
       Topology::create(pp, dp, ep.ep, ep.ranks_per_node ? ep.ranks_per_node : pp * dp, g_rank);
   ASSERT_TRUE(topo.ok()) << topo.status().to_string();
-  auto comms = create_comms(*topo, CommOptions{60});
-  ASSERT_TRUE(comms.ok()) << comms.status().to_string();
+  TestComms tc;
+  auto* comms = &tc;
+  const Status cs = make_comms(*topo, comms);
+  ASSERT_TRUE(cs.ok()) << cs.to_string();
   auto sched = make_schedule(kind, pp, M);
   ASSERT_TRUE(sched.ok()) << sched.status().to_string();
   auto parts = partition_stages(cfg.model(), sched->stages());
@@ -121,6 +157,7 @@ void run_layout(ScheduleKind kind, int pp, int dp, int layers, int M, EpLayout e
   };
   PipelineExecutor ex(*sched, prank, &comms->get(GroupKind::kPipeline), ptrs, &c,
                       cfg.model().hidden());
+  if (g_matched) ex.set_matched_groups(true);
   auto st = ex.run(batch, 1.0f / (dp * M));
   ASSERT_TRUE(st.ok()) << st.status().to_string();
 
@@ -204,6 +241,25 @@ TEST(Pipeline, DualPipeV) {
   if (g_world == 4) run_layout(ScheduleKind::kDualPipeV, 4, 1, 8, 8);
 }
 
+// Matched point-to-point groups (parallel/p2p_plan.h, what the NCCL comm gets): every kind against
+// the reference again, with early sends (no ep) and without (ep = 2).
+TEST(Pipeline, MatchedGroups) {
+  g_matched = true;
+  if (g_world == 2) {
+    run_layout(ScheduleKind::k1F1B, 2, 1, 4, 4);
+    run_layout(ScheduleKind::kZB1P, 2, 1, 4, 5);
+    run_layout(ScheduleKind::kDualPipe, 2, 1, 4, 6);
+    run_layout(ScheduleKind::kDualPipeV, 2, 1, 4, 4);
+  }
+  if (g_world == 4) {
+    run_layout(ScheduleKind::kZB1P, 4, 1, 4, 9);
+    run_layout(ScheduleKind::kDualPipeV, 4, 1, 8, 8);
+    run_layout(ScheduleKind::kDualPipe, 2, 2, 4, 4, {2});
+    run_layout(ScheduleKind::kZB1P, 2, 2, 4, 5, {2});
+  }
+  g_matched = false;
+}
+
 // Routed experts sharded over ep ranks, tokens moved by all-to-all: the same gradients and loss.
 // Two-level dispatch (ep spanning two emulated nodes of two ranks) sends a token at most once to
 // each other node, never more than flat dispatch does; with node-limited routing (max_nodes 2 of
@@ -238,6 +294,7 @@ struct ExecOpts {
   bool overlap = false, trace = false;
   bool fp8_dispatch = false, bf16_combine = false;  // ModelCtx's wire formats
   bool two_level = false;                           // two-level dispatch over 1-rank nodes
+  bool matched = false;                             // matched point-to-point groups
 };
 
 // One step of this rank's instruction list, FB halves overlapped or not; optionally traced.
@@ -251,13 +308,15 @@ ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::st
   ExecOut out;
   auto topo = Topology::create(pp, dp, ep, pp * dp, g_rank);
   EXPECT_TRUE(topo.ok()) << topo.status().to_string();
-  auto comms = create_comms(*topo, CommOptions{60});
-  EXPECT_TRUE(comms.ok()) << comms.status().to_string();
+  TestComms tc;
+  auto* comms = &tc;
+  const Status cs = topo.ok() ? make_comms(*topo, comms) : topo.status();
+  EXPECT_TRUE(cs.ok()) << cs.to_string();
   auto sched = make_schedule(kind, pp, M);
   EXPECT_TRUE(sched.ok()) << sched.status().to_string();
   auto parts = partition_stages(cfg->model(), sched->stages());
   EXPECT_TRUE(parts.ok()) << parts.status().to_string();
-  if (!topo.ok() || !comms.ok() || !sched.ok() || !parts.ok()) return out;
+  if (!topo.ok() || !cs.ok() || !sched.ok() || !parts.ok()) return out;
 
   auto be = make_cpu_backend();
   model::ModelCtx c;
@@ -292,6 +351,7 @@ ExecOut run_exec(ScheduleKind kind, int pp, int dp, int M, int ep, const std::st
   PipelineExecutor ex(*sched, prank, &comms->get(GroupKind::kPipeline), ptrs, &c,
                       cfg->model().hidden(), overlap);
   EXPECT_EQ(ex.fb_overlap(), overlap);
+  if (o.matched) ex.set_matched_groups(true);
   Tracer tracer(g_rank);
   if (trace) ex.set_tracer(&tracer, 1);
   auto st = ex.run(batch, 1.0f / (dp * M));
@@ -363,6 +423,10 @@ TEST(FbOverlap, BitwiseEqualToSequentialFB) {
     EXPECT_FALSE(off.grads.empty()) << what;
     expect_same(off, on, what + " overlap");
     expect_same(off, traced, what + " overlap traced");
+    // Matched point-to-point groups (parallel/p2p_plan.h) move the same messages at other times.
+    const ExecOut matched = run_exec(k.kind, k.pp, k.dp, k.M, k.ep, k.mode,
+                                     {.overlap = true, .trace = true, .matched = true});
+    expect_same(off, matched, what + " overlap traced, matched groups");
     // Compute slices of both FB halves, and (ep > 1) all-to-alls on one row per chunk.
     EXPECT_NE(traced.trace.find("\"cat\":\"compute\""), std::string::npos) << what;
     EXPECT_NE(traced.trace.find("\"cat\":\"a2a\""), std::string::npos) << what;
