@@ -122,9 +122,8 @@ class PipelineExecutor {
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
   std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
   bool matched_ = false;
-  P2pPlan plan_;  // for plan_sched_, with early sends iff plan_early_
+  P2pPlan plan_;  // for plan_sched_
   const Schedule* plan_sched_ = nullptr;
-  bool plan_early_ = false;
   std::map<int, Tensor> outbox_;  // matched groups: sends produced, not posted yet (by index)
   ExecutorStats stats_;
   bool fb_overlap_ = true;

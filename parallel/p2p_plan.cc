@@ -104,7 +104,7 @@ Result<P2pPlan> plan_p2p_groups(const Schedule& s, bool early_sends) {
           return transfer_of(s, r, s.rank_instrs[r][a.second]) <
                  transfer_of(s, r, s.rank_instrs[r][b.second]);
         });
-        P2pGroup g{round, {}};
+        P2pGroup g{round, {}, at != run[r].point};
         for (const auto& op : ops) g.ops.push_back(op.second);
         auto& points = plan.ranks[r];
         if (points.empty() || points.back().at != at) points.push_back({at, {}});

@@ -37,6 +37,7 @@ namespace fp8pipe::parallel {
 struct P2pGroup {
   int round = 0;
   std::vector<int> ops;  // indices into Schedule::rank_instrs[rank], ordered by transfer_of
+  bool early = false;    // sends only, placed where produced, before their receiver waits
 };
 
 struct P2pPoint {
@@ -53,12 +54,16 @@ struct P2pPlan {
 };
 
 // early_sends: a send whose receiver is not waiting yet when its sender passes it may still go at
-// that point, in a group of its own after the point's others, when the sender issues nothing
-// between then and the round its receiver asks for it (so the rounds stay in order on the
-// sender's stream). The group then holds the sender's stream, not its compute, until the
-// receiver comes. Only where no other NCCL operation of the rank runs in between (no expert
-// all-to-all during the step): a GPU may run one NCCL kernel at a time, and one waiting for a
-// later round would hold up an all-to-all of an earlier one.
+// that point, in a group of its own after the point's others (P2pGroup::early), when the sender
+// issues nothing between then and the round its receiver asks for it, so that the rounds stay in
+// order on the sender's stream. The group holds the sender's comm stream until the receiver
+// comes. Without early sends such a send goes at the sender's point of that round instead (a
+// late send: the receiver then waits for the sender's compute in between). The executor always
+// plans early sends; with expert all-to-alls in the step it also waits at the point for the
+// early groups (holds them): a GPU may run one NCCL kernel at a time, and an all-to-all queued
+// behind a send that waits for a later round could wait on a rank that waits on it. Held, the
+// sender's host issues nothing until its receiver has come (the sender waits instead of the
+// receiver).
 Result<P2pPlan> plan_p2p_groups(const Schedule& s, bool early_sends);
 
 }  // namespace fp8pipe::parallel

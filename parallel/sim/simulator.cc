@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 
 #include "parallel/executor.h"
 #include "parallel/sim/measured.h"
@@ -97,6 +98,17 @@ void track_activations(const Schedule& s, const OpCosts& c, const Instr& in, int
   (void)s;
 }
 
+void run_compute(const Schedule& s, const OpCosts& c, const Instr& in, int r, RankState& st,
+                 PipelineResult& out, bool keep) {
+  const double d = c.op(in);
+  if (keep) out.events.push_back({r, false, instr_label(in), st.now, d});
+  st.now += d;
+  out.busy[r] += d;
+  out.op_cost_sum += d;
+  out.exposed_a2a[r] += c.exposed_comm(in);
+  track_activations(s, c, in, r, st, out);
+}
+
 // Runs rank r until it blocks on a RECV whose SEND has not been posted; true if it moved.
 bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
              std::map<Transfer, double>& arrival, PipelineResult& out, bool keep) {
@@ -126,21 +138,170 @@ bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
       // The message carries the sender's stage output: its size is the sender stage's.
       out.bytes_received += c.send_bytes(tr.src_stage);
     } else {
-      const double d = c.op(in);
-      if (keep) out.events.push_back({r, false, instr_label(in), st.now, d});
-      st.now += d;
-      out.busy[r] += d;
-      out.op_cost_sum += d;
-      out.exposed_a2a[r] += c.exposed_comm(in);
-      track_activations(s, c, in, r, st, out);
+      run_compute(s, c, in, r, st, out, keep);
     }
   }
   return moved;
 }
 
+// ---- matched point-to-point groups (p2p_plan.h: the executor over NCCL) ----
+//
+// The host posts every group of a plan point when it reaches it; the rank's comm stream runs its
+// groups one after another: a group starts at max(post, the previous group's end) and ends when
+// each of its messages has moved, max(its start, the partner group's start) + bytes/bw +
+// latency. The host waits at the point for the groups that hold receives; send-only groups hold
+// only the comm stream.
+struct GroupSim {
+  int point = 0, round = 0;
+  bool has_recv = false;
+  bool held = false;  // an early group the host waits for (expert all-to-alls in the step)
+  struct Msg {
+    int rank = 0, group = 0;  // the partner's group
+    double dur = 0;
+    double bytes = 0;
+    bool send = false;
+  };
+  std::vector<Msg> msgs;
+  double post = -1, start = -1, end = -1;
+};
+
+struct MatchedRank {
+  std::vector<GroupSim> groups;  // in plan order
+  std::vector<int> first;        // [point] -> index of its first group
+  size_t next_point = 0, next_comm = 0;
+  double comm_free = 0;
+};
+
+// Resolves rank r's comm stream as far as the partners' starts allow; true if it moved.
+bool resolve_comm(std::vector<MatchedRank>& m, int r, PipelineResult& out, bool keep) {
+  MatchedRank& mr = m[r];
+  bool moved = false;
+  while (mr.next_comm < mr.groups.size()) {
+    GroupSim& g = mr.groups[mr.next_comm];
+    if (g.post < 0) break;
+    if (g.start < 0) g.start = std::max(g.post, mr.comm_free), moved = true;
+    double end = g.start;
+    for (const GroupSim::Msg& msg : g.msgs) {
+      const double peer = m[msg.rank].groups[msg.group].start;
+      if (peer < 0) return moved;
+      end = std::max(end, std::max(g.start, peer) + msg.dur);
+    }
+    g.end = mr.comm_free = end;
+    for (const GroupSim::Msg& msg : g.msgs)
+      (msg.send ? out.bytes_sent : out.bytes_received) += msg.bytes;
+    if (keep) out.events.push_back({r, true, fmt::format("G{}", g.round), g.start, end - g.start});
+    ++mr.next_comm;
+    moved = true;
+  }
+  return moved;
+}
+
+bool advance_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan, int r, RankState& st,
+                     std::vector<MatchedRank>& m, PipelineResult& out, bool keep) {
+  MatchedRank& mr = m[r];
+  const auto& points = plan.ranks[r];
+  const size_t n = s.rank_instrs[r].size();
+  bool moved = resolve_comm(m, r, out, keep);
+  while (true) {
+    if (mr.next_point < points.size() && points[mr.next_point].at == static_cast<int>(st.pc)) {
+      const size_t p = mr.next_point;
+      const size_t g0 = mr.first[p], g1 = g0 + points[p].groups.size();
+      if (mr.groups[g0].post < 0) {
+        for (size_t g = g0; g < g1; ++g) mr.groups[g].post = st.now;
+        moved = true;
+        resolve_comm(m, r, out, keep);
+      }
+      double ready = st.now;
+      for (size_t g = g0; g < g1; ++g) {
+        if (!mr.groups[g].has_recv && !mr.groups[g].held) continue;
+        if (mr.groups[g].end < 0) return moved;  // waits for a receive
+        ready = std::max(ready, mr.groups[g].end);
+      }
+      out.recv_wait[r] += ready - st.now;
+      if (keep && ready > st.now) out.events.push_back({r, true, "R", st.now, ready - st.now});
+      st.now = ready;
+      ++mr.next_point;
+      moved = true;
+    }
+    if (st.pc >= n) break;
+    const Instr& in = s.rank_instrs[r][st.pc];
+    if (in.is_comm()) {
+      const double host = c.overhead(in);
+      st.now += host, out.busy[r] += host;
+    } else {
+      run_compute(s, c, in, r, st, out, keep);
+    }
+    ++st.pc;
+    moved = true;
+  }
+  return moved;
+}
+
+Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan,
+                                        bool hold_early, bool keep_events) {
+  PipelineResult out;
+  const size_t n = s.ranks;
+  out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
+  out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
+  if (plan.ranks.size() != n) return FP8_INVALID("simulate: a plan of another schedule");
+  std::vector<RankState> st(n);
+  std::vector<MatchedRank> m(n);
+  // Each message's two ends: (rank, group, sender stage).
+  struct End {
+    int rank = -1, group = -1;
+  };
+  std::map<Transfer, std::pair<End, End>> ends;  // send end, receive end
+  for (int r = 0; r < s.ranks; ++r) {
+    for (size_t p = 0; p < plan.ranks[r].size(); ++p) {
+      m[r].first.push_back(static_cast<int>(m[r].groups.size()));
+      for (const P2pGroup& g : plan.ranks[r][p].groups) {
+        const int gi = static_cast<int>(m[r].groups.size());
+        GroupSim gs;
+        gs.point = static_cast<int>(p), gs.round = g.round, gs.held = g.early && hold_early;
+        for (int i : g.ops) {
+          const Instr& in = s.rank_instrs[r][i];
+          const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;
+          gs.has_recv |= !send;
+          auto& e = ends[transfer_of(s, r, in)];
+          (send ? e.first : e.second) = {r, gi};
+        }
+        m[r].groups.push_back(std::move(gs));
+      }
+    }
+  }
+  for (const auto& [tr, e] : ends) {
+    if (e.first.rank < 0 || e.second.rank < 0)
+      return FP8_INVALID("simulate: a planned message without both ends (rank {} -> {})", tr.src,
+                         tr.dst);
+    const double bytes = c.send_bytes(tr.src_stage);
+    const double dur = c.send_time(tr.src_stage) + c.latency();
+    m[e.first.rank].groups[e.first.group].msgs.push_back(
+        {e.second.rank, e.second.group, dur, bytes, true});
+    m[e.second.rank].groups[e.second.group].msgs.push_back(
+        {e.first.rank, e.first.group, dur, bytes, false});
+  }
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (int r = 0; r < s.ranks; ++r)
+      moved |= advance_matched(s, c, plan, r, st[r], m, out, keep_events);
+  }
+  for (int r = 0; r < s.ranks; ++r) {
+    if (st[r].pc < s.rank_instrs[r].size() || m[r].next_comm < m[r].groups.size()) {
+      return FP8_INVALID(
+          "simulate: rank {} is stuck at instruction #{} with matched groups; validate the "
+          "schedule",
+          r, st[r].pc);
+    }
+    out.makespan = std::max(out.makespan, st[r].now);
+  }
+  return out;
+}
+
 }  // namespace
 
-Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bool keep_events) {
+Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bool keep_events,
+                                         const P2pPlan* groups, bool hold_early) {
+  if (groups) return simulate_matched(s, c, *groups, hold_early, keep_events);
   PipelineResult out;
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
@@ -221,7 +382,13 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
   OpCosts oc;
   oc.model = &cm;
   StepResult r;
-  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events));
+  // Over NCCL the executor posts matched groups, holding early ones with ep (p2p_plan.h).
+  std::optional<P2pPlan> plan;
+  if (cfg.parallel().comm_backend() == "nccl") {
+    FP8_ASSIGN_OR_RETURN(plan, plan_p2p_groups(s, /*early_sends=*/true));
+  }
+  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr,
+                                                 cfg.parallel().ep() > 1));
   double tail = 0;
   const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
   for (int k = 0; k < s.ranks; ++k) {

@@ -8,6 +8,7 @@
 
 #include "configs/fp8pipe.pb.h"
 #include "core/status.h"
+#include "parallel/p2p_plan.h"
 #include "parallel/schedule.h"
 #include "parallel/sim/cost_model.h"
 
@@ -62,8 +63,15 @@ struct PipelineResult {
 // them (after the op that produced the data), serialise there, and arrive latency + bytes/bw
 // later; a RECV blocks the compute stream until its message has arrived. With keep_events, the
 // events are compute ops, sends (comm row) and receive waits (comm row, "R<..", maybe 0 long).
+// With `groups` (the executor's matched groups over NCCL, p2p_plan.h) sends and receives move at
+// their plan points instead: the host posts a point's groups when it reaches it, the comm stream
+// runs a rank's groups one after another, a message moves once both its groups have started
+// (rendezvous: NCCL's blocking sends), and the host waits at the point for the groups holding
+// receives, and with hold_early for the early groups too (as the executor does when the step
+// has expert all-to-alls). simulate_step uses it when parallel.comm_backend is "nccl".
 Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c,
-                                         bool keep_events = false);
+                                         bool keep_events = false, const P2pPlan* groups = nullptr,
+                                         bool hold_early = false);
 
 // Memory per GPU, bytes.
 struct Memory {

@@ -126,6 +126,7 @@ TEST(P2pPlan, EveryKindAndSizeRunsUnderTheNcclModel) {
                                  std::to_string(ranks) + " mbs " + std::to_string(mbs);
         const Schedule s = make(kind, ranks, mbs);
         ASSERT_TRUE(validate_schedule(s).ok()) << what;
+        int late_without = 0;
         for (bool early : {false, true}) {
           auto plan = plan_p2p_groups(s, early);
           ASSERT_TRUE(plan.ok()) << what << ": " << plan.status().to_string();
@@ -170,6 +171,23 @@ TEST(P2pPlan, EveryKindAndSizeRunsUnderTheNcclModel) {
           else if (ranks == 8 && mult == 2)
             std::printf("%s: %d late sends of %d rounds without early sends\n", what.c_str(),
                         plan->late_sends, plan->rounds);
+          // Early groups (sends only) exactly where they replace late sends.
+          int early_groups = 0;
+          for (const auto& pts : plan->ranks) {
+            for (const P2pPoint& pt : pts) {
+              for (const P2pGroup& g : pt.groups) {
+                early_groups += g.early;
+                for (int i : g.ops)
+                  if (g.early) EXPECT_TRUE(is_send(s.rank_instrs[&pts - &plan->ranks[0]][i]));
+              }
+            }
+          }
+          if (!early) {
+            late_without = plan->late_sends;
+            EXPECT_EQ(early_groups, 0) << what;
+          } else {
+            EXPECT_EQ(early_groups > 0, late_without > 0) << what;
+          }
         }
       }
     }

@@ -451,6 +451,66 @@ TEST(SimConservation, WorkAndBytes) {
   }
 }
 
+// Matched point-to-point groups (the executor over NCCL, p2p_plan.h): with free messages a
+// rendezvous can only delay a receive (it completes once the send is posted AND its group has
+// started), so no makespan drops below the eager one. 1F1B and DualPipe, whose plans have no late
+// sends, keep it at Table 2's figure ratios; so does every kind with early sends that the host
+// does not wait for (no ep). Held early sends (ep) and late sends cost time; printed. Work and
+// bytes are conserved; with messages that cost time every pipeline waits somewhere.
+TEST(SimMatched, RendezvousCostsOnlyWhereSendsGoLateOrAreHeld) {
+  const OpCosts c = costs(1, 2, 1, 3);
+  for (auto kind : {ScheduleKind::k1F1B, ScheduleKind::kZB1P, ScheduleKind::kDualPipe,
+                    ScheduleKind::kDualPipeV}) {
+    for (int ranks : {2, 4, 8}) {
+      const int mbs =
+          kind == ScheduleKind::kZB1P || kind == ScheduleKind::k1F1B ? 3 * ranks + 1 : 4 * ranks;
+      const Schedule s = make(kind, ranks, mbs);
+      const std::string what = std::string(schedule_kind_name(kind)) + " " + std::to_string(ranks) +
+                               "x" + std::to_string(mbs);
+      const PipelineResult eager = run(kind, ranks, mbs, c);
+      auto late = plan_p2p_groups(s, false), early = plan_p2p_groups(s, true);
+      ASSERT_TRUE(late.ok() && early.ok()) << what;
+      if (kind == ScheduleKind::k1F1B || kind == ScheduleKind::kDualPipe)
+        EXPECT_EQ(late->late_sends, 0) << what;
+      double span[3] = {0, 0, 0};  // late sends, early sends, early sends held
+      for (int mode = 0; mode < 3; ++mode) {
+        auto r = simulate_pipeline(s, c, false, mode == 0 ? &*late : &*early, mode == 2);
+        ASSERT_TRUE(r.ok()) << what << ": " << r.status().to_string();
+        EXPECT_GE(r->makespan, eager.makespan - 1e-9) << what << " mode " << mode;
+        EXPECT_NEAR(r->op_cost_sum, eager.op_cost_sum, 1e-9) << what;
+        span[mode] = r->makespan;
+      }
+      EXPECT_DOUBLE_EQ(span[1], eager.makespan) << what;
+      if (late->late_sends == 0) EXPECT_DOUBLE_EQ(span[0], eager.makespan) << what;
+      if (ranks == 8) {
+        std::printf(
+            "%s: makespan %.0f eager; matched: %.0f with %d late sends, %.0f with early "
+            "sends held\n",
+            what.c_str(), eager.makespan, span[0], late->late_sends, span[2]);
+      }
+    }
+  }
+  for (auto kind : {ScheduleKind::k1F1B, ScheduleKind::kZB1P, ScheduleKind::kDualPipe,
+                    ScheduleKind::kDualPipeV}) {
+    const Schedule s = make(kind, 4, 12);
+    OpCosts cc = costs(1, 2, 0.7, 2.6);
+    cc.p2p_bytes = 1e6, cc.p2p_latency = 0.05, cc.p2p_bytes_per_s = 5e6;
+    auto plan = plan_p2p_groups(s, false);
+    ASSERT_TRUE(plan.ok());
+    auto eager = simulate_pipeline(s, cc);
+    auto r = simulate_pipeline(s, cc, true, &*plan);
+    ASSERT_TRUE(r.ok() && eager.ok());
+    EXPECT_DOUBLE_EQ(r->bytes_sent, eager->bytes_sent) << schedule_kind_name(kind);
+    EXPECT_DOUBLE_EQ(r->bytes_received, eager->bytes_received) << schedule_kind_name(kind);
+    double wait = 0;
+    for (double w : r->recv_wait) wait += w;
+    EXPECT_GT(wait, 0) << schedule_kind_name(kind);
+    const auto group = std::find_if(r->events.begin(), r->events.end(),
+                                    [](const TraceEvent& e) { return e.comm && e.name[0] == 'G'; });
+    EXPECT_NE(group, r->events.end()) << schedule_kind_name(kind);  // group events on comm rows
+  }
+}
+
 // The full DeepSeek-V3 config on 2048 GPUs: every kind simulates; timing printed, not asserted.
 TEST(SimDsv3, Simulates) {
   for (const char* kind : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
