@@ -478,6 +478,7 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
+  outbox_.clear();                // a run that failed may have left some
   const std::vector<P2pPoint>* points = nullptr;
   if (matched_ && pp_) {
     if (plan_sched_ != sched_) {
