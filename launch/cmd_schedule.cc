@@ -1,9 +1,14 @@
 // `fp8pipe schedule --kind K --stages PP --microbatches M [--trace FILE.json] [--svg FILE.svg]
-// [--cost F,B,W,FB] [--instrs]`: builds the schedule, validates it by simulating all ranks, and
-// prints the DESIGN.md §5 text format (or, with --instrs, every instruction incl. sends/receives).
+// [--cost F,B,W,FB] [--instrs] [--groups]`: builds the schedule, validates it by simulating all
+// ranks, and prints the DESIGN.md §5 text format (or, with --instrs, every instruction incl.
+// sends/receives). --groups then prints the matched point-to-point groups that the executor posts
+// over NCCL (parallel/p2p_plan.h), a line per rank, and on stderr their rounds, early and late
+// sends, and with --cost the makespan under them next to the eager one (MPI).
 // --stages counts pipeline RANKS (config parallel.pp). An invalid request or schedule prints the
 // rule (and for a bad schedule the step x rank grid) and exits 2. --trace / --svg draw the timeline
 // under the cost model (default 1,2,1,3: DeepSeek's figure ratios) and print bubbles on stderr.
+#include <fmt/format.h>
+
 #include <charconv>
 #include <cstdio>
 #include <fstream>
@@ -13,8 +18,10 @@
 
 #include "launch/cli_files.h"
 #include "launch/commands.h"
+#include "parallel/p2p_plan.h"
 #include "parallel/schedule.h"
 #include "parallel/schedule_format.h"
+#include "parallel/sim/simulator.h"
 #include "parallel/validate.h"
 
 namespace fp8pipe::cli {
@@ -24,14 +31,14 @@ namespace pl = fp8pipe::parallel;
 
 constexpr char kUsage[] =
     "usage: fp8pipe schedule --kind 1f1b|zb1p|dualpipe|dualpipev --stages PP --microbatches M "
-    "[--trace FILE.json] [--svg FILE.svg] [--cost F,B,W,FB] [--instrs]";
+    "[--trace FILE.json] [--svg FILE.svg] [--cost F,B,W,FB] [--instrs] [--groups]";
 
 struct Options {
   pl::ScheduleKind kind = pl::ScheduleKind::kDualPipe;
   int stages = 0, microbatches = 0;
   std::string trace, svg;
   pl::Costs costs;
-  bool cost_given = false, instrs = false;
+  bool cost_given = false, instrs = false, groups = false;
 };
 
 Result<int> parse_int(std::string_view flag, std::string_view v) {
@@ -60,7 +67,7 @@ Status set_flag(Options& o, std::string_view flag, std::string_view v) {
   } else {
     return FP8_INVALID(
         "unknown flag '{}' (valid: --kind, --stages, --microbatches, --trace, --svg, --cost, "
-        "--instrs)",
+        "--instrs, --groups)",
         flag);
   }
   return Status::Ok();
@@ -71,8 +78,8 @@ Result<Options> parse(int argc, char** argv) {
   bool kind = false;
   for (int i = 0; i < argc; ++i) {
     const std::string_view flag = argv[i];
-    if (flag == "--instrs") {
-      o.instrs = true;
+    if (flag == "--instrs" || flag == "--groups") {
+      (flag == "--instrs" ? o.instrs : o.groups) = true;
       continue;
     }
     if (i + 1 >= argc) return FP8_INVALID("{} needs a value\n{}", flag, kUsage);
@@ -95,6 +102,46 @@ Status draw(const Options& o, const pl::Schedule& s) {
   return Status::Ok();
 }
 
+// --groups: each rank's plan points, "@AT" (before instruction AT), then its groups, "[ops]#ROUND"
+// ("e" after the round: an early send-only group); stderr: the counts and, with --cost, the
+// makespans of the step simulator (free messages) eager, and matched with early sends not held
+// (no ep) and held (ep).
+Status print_groups(const Options& o, const pl::Schedule& s) {
+  FP8_ASSIGN_OR_RETURN(const pl::P2pPlan plan, pl::plan_p2p_groups(s, /*early_sends=*/true));
+  FP8_ASSIGN_OR_RETURN(const pl::P2pPlan late, pl::plan_p2p_groups(s, /*early_sends=*/false));
+  int groups = 0, early = 0;
+  for (int r = 0; r < s.ranks; ++r) {
+    std::string line = fmt::format("rank {}:", r);
+    for (const pl::P2pPoint& pt : plan.ranks[r]) {
+      line += fmt::format(" @{}", pt.at);
+      for (const pl::P2pGroup& g : pt.groups) {
+        std::string ops;
+        for (int i : g.ops) ops += (ops.empty() ? "" : " ") + pl::instr_label(s.rank_instrs[r][i]);
+        line += fmt::format(" [{}]#{}{}", ops, g.round, g.early ? "e" : "");
+        ++groups, early += g.early;
+      }
+    }
+    std::printf("%s\n", line.c_str());
+  }
+  std::string summary = fmt::format(
+      "matched groups (NCCL): {} groups in {} rounds, {} of them early sends; without early "
+      "sends {} sends would go late",
+      groups, plan.rounds, early, late.late_sends);
+  if (o.cost_given) {
+    pl::sim::OpCosts c;
+    c.f = o.costs.f, c.b_input = o.costs.b - o.costs.w, c.w = o.costs.w, c.fb = o.costs.fb;
+    FP8_ASSIGN_OR_RETURN(const auto eager, pl::sim::simulate_pipeline(s, c));
+    FP8_ASSIGN_OR_RETURN(const auto free, pl::sim::simulate_pipeline(s, c, false, &plan, false));
+    FP8_ASSIGN_OR_RETURN(const auto held, pl::sim::simulate_pipeline(s, c, false, &plan, true));
+    summary += fmt::format(
+        "; makespan {:g} eager (MPI), {:g} matched, {:g} with early sends held "
+        "(ep > 1)",
+        eager.makespan, free.makespan, held.makespan);
+  }
+  std::fprintf(stderr, "%s\n", summary.c_str());
+  return Status::Ok();
+}
+
 }  // namespace
 
 int cmd_schedule(int argc, char** argv) {
@@ -113,6 +160,7 @@ int cmd_schedule(int argc, char** argv) {
       opts->instrs ? pl::format_instructions(*sched) : pl::format_schedule(*sched);
   std::fwrite(text.data(), 1, text.size(), stdout);
   st = draw(*opts, *sched);
+  if (st.ok() && opts->groups) st = print_groups(*opts, *sched);
   if (!st.ok()) {
     std::fprintf(stderr, "%s\n", st.to_string().c_str());
     return 1;
