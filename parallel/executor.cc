@@ -273,7 +273,6 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
   const auto& list = sched_->rank_instrs[rank_];
   const double t0 = tracer_ ? tracer_->now_us() : 0;
   std::vector<Posted> recvs;
-  std::vector<Work> held;  // early groups' sends, waited here when the step has all-to-alls
   for (const P2pGroup& g : pt.groups) {
     Work last;
     for (int i : g.ops) {
@@ -289,8 +288,6 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
         outbox_.erase(it);
         last = pp_->send(t.data(), t.numel(), DataType::kFloat32, in.peer, tag);
         pending_.push_back({last, t});
-        // Held: no all-to-all may queue behind a send that waits for a later round (p2p_plan.h).
-        if (g.early && ctx_->ep) held.push_back(last);
         if (tracer_) tracer_->instant(instr_label(in), "comm", tracer_->now_us(), trace_step_);
       } else {
         FP8_ASSIGN_OR_RETURN(Posted p, post_recv(in, i, batch));
@@ -307,10 +304,6 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
     if (Status s = finish_recv(in, p); !s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
     if (tracer_) tracer_->interval(instr_label(in), "comm", t0, tracer_->now_us(), trace_step_);
-  }
-  for (const Work& w : held) {
-    if (Status s = w.wait(); !s.ok())
-      return s.with_context(fmt::format("pipeline rank {} at a held send", rank_));
   }
   return Status::Ok();
 }

@@ -56,14 +56,14 @@ struct P2pPlan {
 // early_sends: a send whose receiver is not waiting yet when its sender passes it may still go at
 // that point, in a group of its own after the point's others (P2pGroup::early), when the sender
 // issues nothing between then and the round its receiver asks for it, so that the rounds stay in
-// order on the sender's stream. The group holds the sender's comm stream until the receiver
-// comes. Without early sends such a send goes at the sender's point of that round instead (a
-// late send: the receiver then waits for the sender's compute in between). The executor always
-// plans early sends; with expert all-to-alls in the step it also waits at the point for the
-// early groups (holds them): a GPU may run one NCCL kernel at a time, and an all-to-all queued
-// behind a send that waits for a later round could wait on a rank that waits on it. Held, the
-// sender's host issues nothing until its receiver has come (the sender waits instead of the
-// receiver).
+// order on the sender's stream. The group holds the sender's comm stream, not its compute, until
+// the receiver comes. Without early sends such a send goes at the sender's point of that round (a
+// late send: the receiver then waits for the sender's compute in between). The executor plans
+// early sends. Expert all-to-alls do not break the induction even where a GPU runs one NCCL
+// kernel at a time and one queues behind an early send: they run among the dp replicas of one
+// pipeline rank, which post the same operations in the same order, so they act as local steps of
+// that rank's stream, which the rounds already order (the all-to-all, and the compute after it,
+// then waits for the early send's receiver; a stall, not a deadlock).
 Result<P2pPlan> plan_p2p_groups(const Schedule& s, bool early_sends);
 
 }  // namespace fp8pipe::parallel

@@ -154,7 +154,6 @@ bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
 struct GroupSim {
   int point = 0, round = 0;
   bool has_recv = false;
-  bool held = false;  // an early group the host waits for (expert all-to-alls in the step)
   struct Msg {
     int rank = 0, group = 0;  // the partner's group
     double dur = 0;
@@ -213,7 +212,7 @@ bool advance_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan, i
       }
       double ready = st.now;
       for (size_t g = g0; g < g1; ++g) {
-        if (!mr.groups[g].has_recv && !mr.groups[g].held) continue;
+        if (!mr.groups[g].has_recv) continue;
         if (mr.groups[g].end < 0) return moved;  // waits for a receive
         ready = std::max(ready, mr.groups[g].end);
       }
@@ -238,7 +237,7 @@ bool advance_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan, i
 }
 
 Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan,
-                                        bool hold_early, bool keep_events) {
+                                        bool keep_events) {
   PipelineResult out;
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
@@ -257,7 +256,7 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
       for (const P2pGroup& g : plan.ranks[r][p].groups) {
         const int gi = static_cast<int>(m[r].groups.size());
         GroupSim gs;
-        gs.point = static_cast<int>(p), gs.round = g.round, gs.held = g.early && hold_early;
+        gs.point = static_cast<int>(p), gs.round = g.round;
         for (int i : g.ops) {
           const Instr& in = s.rank_instrs[r][i];
           const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;
@@ -300,8 +299,8 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
 }  // namespace
 
 Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bool keep_events,
-                                         const P2pPlan* groups, bool hold_early) {
-  if (groups) return simulate_matched(s, c, *groups, hold_early, keep_events);
+                                         const P2pPlan* groups) {
+  if (groups) return simulate_matched(s, c, *groups, keep_events);
   PipelineResult out;
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
@@ -382,13 +381,12 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
   OpCosts oc;
   oc.model = &cm;
   StepResult r;
-  // Over NCCL the executor posts matched groups, holding early ones with ep (p2p_plan.h).
+  // Over NCCL the executor posts matched groups (p2p_plan.h).
   std::optional<P2pPlan> plan;
   if (cfg.parallel().comm_backend() == "nccl") {
     FP8_ASSIGN_OR_RETURN(plan, plan_p2p_groups(s, /*early_sends=*/true));
   }
-  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr,
-                                                 cfg.parallel().ep() > 1));
+  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr));
   double tail = 0;
   const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
   for (int k = 0; k < s.ranks; ++k) {

@@ -67,11 +67,10 @@ struct PipelineResult {
 // their plan points instead: the host posts a point's groups when it reaches it, the comm stream
 // runs a rank's groups one after another, a message moves once both its groups have started
 // (rendezvous: NCCL's blocking sends), and the host waits at the point for the groups holding
-// receives, and with hold_early for the early groups too (as the executor does when the step
-// has expert all-to-alls). simulate_step uses it when parallel.comm_backend is "nccl".
+// receives. Not modelled: an expert all-to-all queued behind an early send on a GPU that runs one
+// NCCL kernel at a time. simulate_step uses it when parallel.comm_backend is "nccl".
 Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c,
-                                         bool keep_events = false, const P2pPlan* groups = nullptr,
-                                         bool hold_early = false);
+                                         bool keep_events = false, const P2pPlan* groups = nullptr);
 
 // Memory per GPU, bytes.
 struct Memory {

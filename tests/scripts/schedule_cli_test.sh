@@ -3,7 +3,7 @@
 # (parallel/p2p_plan.h). For every kind, each rank's groups hold each of its sends and receives
 # exactly once (counted against `--instrs`); with DeepSeek's figure ratios DualPipe's makespan
 # under the groups is its eager one (no send waits for more compute: dualpipe.py's batches are
-# matched), and ZB1P's held early sends cost time. A bad flag names the valid ones.
+# matched); ZB1P keeps it with early sends, not with late ones. A bad flag names the valid ones.
 # Usage: schedule_cli_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -44,22 +44,22 @@ PY
     bad "$kind: no summary line"
 done
 
-span() { sed -n 's/.*makespan \([0-9.]*\) eager (MPI), \([0-9.]*\) matched, \([0-9.]*\) with early.*/\1 \2 \3/p' "$1"; }
+span() { sed -n 's/.*makespan \([0-9.]*\) eager (MPI), \([0-9.]*\) matched, \([0-9.]*\) with late.*/\1 \2 \3/p' "$1"; }
 "$BIN" schedule --kind dualpipe --stages 8 --microbatches 20 --groups --cost 1,2,1,3 \
   >/dev/null 2>"$TMP/dp.txt"
 read -r e m h <<<"$(span "$TMP/dp.txt")"
 if [[ -n $e && $e == "$m" && $e == "$h" ]]; then
-  ok "dualpipe pp=8: makespan $e eager = matched = held"
+  ok "dualpipe pp=8: makespan $e eager = matched = with late sends"
 else
-  bad "dualpipe pp=8: makespans eager/matched/held '$e' '$m' '$h'"
+  bad "dualpipe pp=8: makespans eager/matched/late '$e' '$m' '$h'"
 fi
 "$BIN" schedule --kind zb1p --stages 8 --microbatches 25 --groups --cost 1,2,1,3 \
   >/dev/null 2>"$TMP/zb.txt"
 read -r e m h <<<"$(span "$TMP/zb.txt")"
 if [[ -n $e && $e == "$m" ]] && python3 -c "import sys; sys.exit(not float('$h') > float('$e'))"; then
-  ok "zb1p pp=8: makespan $e eager = matched, $h with early sends held"
+  ok "zb1p pp=8: makespan $e eager = matched, $h with late sends"
 else
-  bad "zb1p pp=8: makespans eager/matched/held '$e' '$m' '$h'"
+  bad "zb1p pp=8: makespans eager/matched/late '$e' '$m' '$h'"
 fi
 
 if "$BIN" schedule --kind dualpipe --stages 4 --microbatches 8 --group x 2>"$TMP/bad.txt"; then

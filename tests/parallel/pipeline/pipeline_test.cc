@@ -242,7 +242,7 @@ TEST(Pipeline, DualPipeV) {
 }
 
 // Matched point-to-point groups (parallel/p2p_plan.h, what the NCCL comm gets): every kind against
-// the reference again, with early sends (no ep) and without (ep = 2).
+// the reference again, without and with expert parallelism (-np 8: mpi.pipeline_nccl_np8).
 TEST(Pipeline, MatchedGroups) {
   g_matched = true;
   if (g_world == 2) {
@@ -256,6 +256,11 @@ TEST(Pipeline, MatchedGroups) {
     run_layout(ScheduleKind::kDualPipeV, 4, 1, 8, 8);
     run_layout(ScheduleKind::kDualPipe, 2, 2, 4, 4, {2});
     run_layout(ScheduleKind::kZB1P, 2, 2, 4, 5, {2});
+  }
+  if (g_world == 8) {  // pp=4 x dp=2 x ep=2: early sends next to expert all-to-alls
+    run_layout(ScheduleKind::kZB1P, 4, 2, 4, 9, {2});
+    run_layout(ScheduleKind::kDualPipeV, 4, 2, 8, 8, {2});
+    run_layout(ScheduleKind::kDualPipe, 4, 2, 4, 8, {2});
   }
   g_matched = false;
 }
