@@ -12,6 +12,7 @@
 #include "kernels/cpu/rope.h"
 #include "launch/flops.h"
 #include "parallel/executor.h"
+#include "parallel/p2p_plan.h"
 #include "parallel/schedule.h"
 #include "parallel/topology.h"
 #include "parallel/validate.h"
@@ -112,6 +113,20 @@ Result<std::string> dry_run_report(const config::Config& cfg, int world) {
     }
     out += fmt::format("  pipeline rank {}: {} instructions: {}\n", pr,
                        sched.rank_instrs[pr].size(), fmt::join(parts_n, ", "));
+  }
+
+  if (p.comm_backend() == "nccl" && p.pp() > 1) {
+    // What the executor will post over NCCL (blocking sends): its matched groups, planned here.
+    FP8_ASSIGN_OR_RETURN(const parallel::P2pPlan groups,
+                         parallel::plan_p2p_groups(sched, /*early_sends=*/true));
+    int n = 0, early = 0;
+    for (const auto& points : groups.ranks)
+      for (const parallel::P2pPoint& pt : points)
+        for (const parallel::P2pGroup& g : pt.groups) ++n, early += g.early;
+    out += fmt::format(
+        "  pipeline messages over NCCL (parallel/p2p_plan.h): {} matched send/receive groups in "
+        "{} rounds, {} of them early sends (fp8pipe schedule --groups lists them)\n",
+        n, groups.rounds, early);
   }
 
   FP8_ASSIGN_OR_RETURN(const data::BatchPlan plan, batch_plan(cfg));

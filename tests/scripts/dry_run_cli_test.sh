@@ -17,6 +17,20 @@ else
   bad "dry run output"
   cat "$TMP/out"
 fi
+# Over NCCL the dry run also plans the pipeline's matched send/receive groups (p2p_plan.h): ZB1P
+# at pp=4 has early sends (its W-only stretches), DualPipe none.
+for spec in "zb1p 9 [1-9][0-9]*" "dualpipe 8 0"; do
+  read -r kind mb early <<<"$spec"
+  if "$BIN" train "$CFG" --dry-run --parallel.pp=4 --parallel.schedule="$kind" \
+    --parallel.microbatches="$mb" --train.global_batch=$((2 * mb)) --train.device=cuda \
+    --parallel.comm_backend=nccl >"$TMP/nccl" 2>&1 &&
+    grep -Eq "pipeline messages over NCCL .*: [0-9]+ matched send/receive groups in [0-9]+ rounds, $early of them early sends" "$TMP/nccl"; then
+    ok "dry run over NCCL ($kind): matched groups planned"
+  else
+    bad "dry run over NCCL ($kind)"
+    cat "$TMP/nccl"
+  fi
+done
 if "$BIN" train "$CFG" --dry-run --world-size 3 >"$TMP/w3" 2>&1; then
   bad "--world-size 3 was accepted for pp=1 dp=1"
 elif grep -q "must equal the world size 3 (valid: pp=1 dp=3; pp=3 dp=1)" "$TMP/w3"; then
