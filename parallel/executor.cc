@@ -269,9 +269,24 @@ Status PipelineExecutor::recv(const Instr& in, const BatchFn& batch) {
   return finish_recv(in, p);
 }
 
+void PipelineExecutor::trace_comm_run() {
+  if (!tracer_) return;
+  const auto& list = sched_->rank_instrs[rank_];
+  for (const auto& [i, t] : trace_run_) {
+    const Instr& in = list[i];
+    if (in.op == Op::kSendAct || in.op == Op::kSendGrad) {
+      tracer_->instant(instr_label(in), "comm", t, trace_step_);
+    } else {
+      auto it = trace_recv_end_.find(i);
+      tracer_->interval(instr_label(in), "comm", t, it == trace_recv_end_.end() ? t : it->second,
+                        trace_step_);
+    }
+  }
+  trace_run_.clear(), trace_recv_end_.clear();
+}
+
 Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
   const auto& list = sched_->rank_instrs[rank_];
-  const double t0 = tracer_ ? tracer_->now_us() : 0;
   std::vector<Posted> recvs;
   for (const P2pGroup& g : pt.groups) {
     Work last;
@@ -288,7 +303,6 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
         outbox_.erase(it);
         last = pp_->send(t.data(), t.numel(), DataType::kFloat32, in.peer, tag);
         pending_.push_back({last, t});
-        if (tracer_) tracer_->instant(instr_label(in), "comm", tracer_->now_us(), trace_step_);
       } else {
         FP8_ASSIGN_OR_RETURN(Posted p, post_recv(in, i, batch));
         last = p.work;
@@ -303,8 +317,9 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
     const Instr& in = list[p.index];
     if (Status s = finish_recv(in, p); !s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
-    if (tracer_) tracer_->interval(instr_label(in), "comm", t0, tracer_->now_us(), trace_step_);
+    if (tracer_) trace_recv_end_[p.index] = tracer_->now_us();
   }
+  trace_comm_run();
   return Status::Ok();
 }
 
@@ -472,6 +487,7 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
   outbox_.clear();                // a run that failed may have left some
+  trace_run_.clear(), trace_recv_end_.clear();
   const std::vector<P2pPoint>* points = nullptr;
   if (matched_ && pp_) {
     if (plan_sched_ != sched_) {
@@ -510,9 +526,10 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
     }
     if (!s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
+    if (tracer_ && points && in.is_comm()) trace_run_.push_back({i, t0});
     if (tracer_ && (!points || !in.is_comm())) {
       // Compute ops on the compute row; a receive's wait and a send's post on comm (with matched
-      // groups: at the plan point, run_point).
+      // groups: recorded at the plan point, in instruction order, trace_comm_run).
       const double t1 = tracer_->now_us();
       const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;
       if (send)
@@ -522,6 +539,7 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
     }
   }
   FP8_RETURN_IF_ERROR(reach(static_cast<int>(list.size())));
+  trace_comm_run();
   if (!outbox_.empty()) {
     outbox_.clear();
     return FP8_ERROR(Code::kInternal, "pipeline rank {}: sends left unposted by the plan", rank_);

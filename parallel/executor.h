@@ -125,6 +125,12 @@ class PipelineExecutor {
   P2pPlan plan_;  // for plan_sched_
   const Schedule* plan_sched_ = nullptr;
   std::map<int, Tensor> outbox_;  // matched groups: sends produced, not posted yet (by index)
+  // Matched groups under a tracer: the comm instructions passed since the last point (index,
+  // time) and the receives' wait ends, recorded at the point in instruction order (trace.h: the
+  // calibration reads the instruction level in that order); a send's instant is when produced.
+  std::vector<std::pair<int, double>> trace_run_;
+  std::map<int, double> trace_recv_end_;
+  void trace_comm_run();
   ExecutorStats stats_;
   bool fb_overlap_ = true;
   Tracer* tracer_ = nullptr;
