@@ -6,8 +6,7 @@
 //   - instructions: one complete event ("ph":"X") per executed F, B, W, FB and receive wait, and
 //     an instant ("i") per send post (with matched point-to-point groups, p2p_plan.h: per send
 //     when produced, a run's comm events recorded at its plan point), in instruction order; the
-//     simulator's calibration
-//     (parallel/sim/measured.h) reads exactly these;
+//     simulator's calibration (parallel/sim/measured.h) reads exactly these;
 //   - phases: begin/end pairs ("B"/"E", with a category) for what happens inside an instruction:
 //     cat "compute", the compute slices of a compute instruction, each from its start or the end
 //     of an all-to-all wait to the post of the next all-to-all (nested in the instruction on the
