@@ -109,7 +109,6 @@ Status draw(const Options& o, const pl::Schedule& s) {
 Status print_groups(const Options& o, const pl::Schedule& s) {
   FP8_ASSIGN_OR_RETURN(const pl::P2pPlan plan, pl::plan_p2p_groups(s, /*early_sends=*/true));
   FP8_ASSIGN_OR_RETURN(const pl::P2pPlan late, pl::plan_p2p_groups(s, /*early_sends=*/false));
-  int groups = 0, early = 0;
   for (int r = 0; r < s.ranks; ++r) {
     std::string line = fmt::format("rank {}:", r);
     for (const pl::P2pPoint& pt : plan.ranks[r]) {
@@ -118,7 +117,6 @@ Status print_groups(const Options& o, const pl::Schedule& s) {
         std::string ops;
         for (int i : g.ops) ops += (ops.empty() ? "" : " ") + pl::instr_label(s.rank_instrs[r][i]);
         line += fmt::format(" [{}]#{}{}", ops, g.round, g.early ? "e" : "");
-        ++groups, early += g.early;
       }
     }
     std::printf("%s\n", line.c_str());
@@ -126,7 +124,7 @@ Status print_groups(const Options& o, const pl::Schedule& s) {
   std::string summary = fmt::format(
       "matched groups (NCCL): {} groups in {} rounds, {} of them early sends; without early "
       "sends {} sends would go late",
-      groups, plan.rounds, early, late.late_sends);
+      plan.groups, plan.rounds, plan.early_groups, late.late_sends);
   if (o.cost_given) {
     pl::sim::OpCosts c;
     c.f = o.costs.f, c.b_input = o.costs.b - o.costs.w, c.w = o.costs.w, c.fb = o.costs.fb;

@@ -119,14 +119,10 @@ Result<std::string> dry_run_report(const config::Config& cfg, int world) {
     // What the executor will post over NCCL (blocking sends): its matched groups, planned here.
     FP8_ASSIGN_OR_RETURN(const parallel::P2pPlan groups,
                          parallel::plan_p2p_groups(sched, /*early_sends=*/true));
-    int n = 0, early = 0;
-    for (const auto& points : groups.ranks)
-      for (const parallel::P2pPoint& pt : points)
-        for (const parallel::P2pGroup& g : pt.groups) ++n, early += g.early;
     out += fmt::format(
         "  pipeline messages over NCCL (parallel/p2p_plan.h): {} matched send/receive groups in "
         "{} rounds, {} of them early sends (fp8pipe schedule --groups lists them)\n",
-        n, groups.rounds, early);
+        groups.groups, groups.rounds, groups.early_groups);
   }
 
   FP8_ASSIGN_OR_RETURN(const data::BatchPlan plan, batch_plan(cfg));

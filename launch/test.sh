@@ -24,7 +24,7 @@ if [[ ${EMU:-1} != 0 ]]; then
   emu_abs=$(cd "$emu" && pwd)
   ln -sf "$emu_abs/tests/cuda_tests" "$emu_abs/launch/fp8pipe" "$emu_abs/launch/gpu_bench" \
     "$emu/bin/"
-  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 rank, on 2 (pp=2) and on 2 with
+  # ~40 s a tiny step on the emulation (2 cores): 2 steps on 1 rank, on 2 (pp=2, DualPipe) and on 2 with
   # ep=2, next to the CPU, and the 2-rank runs again over NCCL;
   # gpu_bench on one small shape of each kind (--smoke: its code paths, not speed).
   # Two emulated GPUs, so that the NCCL step (train_nccl_vs_mpi) can give each rank its own.

@@ -56,8 +56,12 @@ PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
       fb_overlap_(fb_overlap),
       matched_(pp && pp->p2p_matched_groups()) {
   if (const char* e = std::getenv("FP8PIPE_P2P_GROUPS")) {
-    if (std::string_view(e) == "matched") matched_ = true;
-    if (std::string_view(e) == "eager") matched_ = false;
+    const std::string_view v(e);
+    if (v == "matched" || v == "eager") {
+      matched_ = v == "matched";
+    } else {  // reported by run(), which can fail
+      env_error_ = FP8_INVALID("FP8PIPE_P2P_GROUPS='{}' (valid: matched, eager)", v);
+    }
   }
 }
 
@@ -484,6 +488,7 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
 }
 
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
+  FP8_RETURN_IF_ERROR(env_error_);
   stats_ = {};
   ctx_->loss_scale = loss_scale;  // MoE balance-loss gradients on stages without the head
   outbox_.clear();                // a run that failed may have left some

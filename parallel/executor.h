@@ -122,7 +122,8 @@ class PipelineExecutor {
   std::map<Key, Tensor> act_in_, act_out_, grad_in_, grad_out_;
   std::vector<std::pair<Work, Tensor>> pending_;  // sends in flight and their buffers
   bool matched_ = false;
-  P2pPlan plan_;  // for plan_sched_
+  Status env_error_;  // a bad FP8PIPE_P2P_GROUPS, returned by run()
+  P2pPlan plan_;      // for plan_sched_
   const Schedule* plan_sched_ = nullptr;
   std::map<int, Tensor> outbox_;  // matched groups: sends produced, not posted yet (by index)
   // Matched groups under a tracer: the comm instructions passed since the last point (index,

@@ -88,6 +88,8 @@ class IssueOrder {
   std::atomic<bool> maybe_unflushed_{false};
   const bool per_comm_ = [] {
     const char* e = std::getenv("FP8PIPE_NCCL_ISSUE_ORDER");
+    if (e != nullptr && std::string(e) != "per_comm" && std::string(e) != "process")
+      log::warn("FP8PIPE_NCCL_ISSUE_ORDER='{}' ignored (valid: process, per_comm)", e);
     return e != nullptr && std::string(e) == "per_comm";
   }();
   std::mutex mu_;

@@ -14,8 +14,7 @@ bool is_send(const Instr& in) { return in.op == Op::kSendAct || in.op == Op::kSe
 
 struct RankRun {
   int pc = 0;                  // next instruction to pass
-  int point = -1;              // where the rank stands (a point), -1 before the first round
-  int last_compute = -1;       // index of the last compute passed (for late sends)
+  int point = 0;               // where the rank stands: the point after its last comm run
   std::vector<int> waiting;    // receives of the comm run before `point`, not issued yet
   std::set<int> posted;        // sends passed, not issued yet
   std::map<int, int> post_at;  // send -> the first point after it
@@ -47,7 +46,7 @@ Result<P2pPlan> plan_p2p_groups(const Schedule& s, bool early_sends) {
     const auto& list = s.rank_instrs[r];
     const int n = static_cast<int>(list.size());
     RankRun& st = run[r];
-    while (st.pc < n && !list[st.pc].is_comm()) st.last_compute = st.pc++;
+    while (st.pc < n && !list[st.pc].is_comm()) ++st.pc;
     std::vector<int> sends;
     while (st.pc < n && list[st.pc].is_comm()) {
       (is_send(list[st.pc]) ? sends : st.waiting).push_back(st.pc);
@@ -108,6 +107,7 @@ Result<P2pPlan> plan_p2p_groups(const Schedule& s, bool early_sends) {
         for (const auto& op : ops) g.ops.push_back(op.second);
         auto& points = plan.ranks[r];
         if (points.empty() || points.back().at != at) points.push_back({at, {}});
+        ++plan.groups, plan.early_groups += g.early;
         points.back().groups.push_back(std::move(g));
         last_point[r] = at;
       }

@@ -36,8 +36,10 @@ namespace fp8pipe::parallel {
 
 struct P2pGroup {
   int round = 0;
-  std::vector<int> ops;  // indices into Schedule::rank_instrs[rank], ordered by transfer_of
-  bool early = false;    // sends only, placed where produced, before their receiver waits
+  // Indices into Schedule::rank_instrs[rank], ordered by (the point their message's send is
+  // issued at, transfer_of): a pair's messages alike on both sides.
+  std::vector<int> ops;
+  bool early = false;  // sends only, placed where produced, before their receiver waits
 };
 
 struct P2pPoint {
@@ -48,6 +50,7 @@ struct P2pPoint {
 struct P2pPlan {
   std::vector<std::vector<P2pPoint>> ranks;  // [rank] -> its points with groups, in list order
   int rounds = 0;
+  int groups = 0, early_groups = 0;  // over all ranks
   // Sends issued at a later point than the first one after their instruction (their receiver was
   // not waiting yet in the lock-step run): each waits for more of its sender's compute.
   int late_sends = 0;

@@ -152,7 +152,7 @@ bool advance(const Schedule& s, const OpCosts& c, int r, RankState& st,
 // latency. The host waits at the point for the groups that hold receives; send-only groups hold
 // only the comm stream.
 struct GroupSim {
-  int point = 0, round = 0;
+  int round = 0;
   bool has_recv = false;
   struct Msg {
     int rank = 0, group = 0;  // the partner's group
@@ -245,7 +245,7 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
   if (plan.ranks.size() != n) return FP8_INVALID("simulate: a plan of another schedule");
   std::vector<RankState> st(n);
   std::vector<MatchedRank> m(n);
-  // Each message's two ends: (rank, group, sender stage).
+  // Each message's two ends: (rank, index of the group in that rank's list).
   struct End {
     int rank = -1, group = -1;
   };
@@ -256,7 +256,7 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
       for (const P2pGroup& g : plan.ranks[r][p].groups) {
         const int gi = static_cast<int>(m[r].groups.size());
         GroupSim gs;
-        gs.point = static_cast<int>(p), gs.round = g.round;
+        gs.round = g.round;
         for (int i : g.ops) {
           const Instr& in = s.rank_instrs[r][i];
           const bool send = in.op == Op::kSendAct || in.op == Op::kSendGrad;

@@ -68,7 +68,9 @@ struct PipelineResult {
 // runs a rank's groups one after another, a message moves once both its groups have started
 // (rendezvous: NCCL's blocking sends), and the host waits at the point for the groups holding
 // receives. Not modelled: an expert all-to-all queued behind an early send on a GPU that runs one
-// NCCL kernel at a time. simulate_step uses it when parallel.comm_backend is "nccl".
+// NCCL kernel at a time. Events then are compute ops, each group on the comm row ("G<round>",
+// from its start to its end) and the host's waits at points ("R"). simulate_step uses it when
+// parallel.comm_backend is "nccl".
 Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c,
                                          bool keep_events = false, const P2pPlan* groups = nullptr);
 

@@ -172,16 +172,18 @@ TEST(P2pPlan, EveryKindAndSizeRunsUnderTheNcclModel) {
             std::printf("%s: %d late sends of %d rounds without early sends\n", what.c_str(),
                         plan->late_sends, plan->rounds);
           // Early groups (sends only) exactly where they replace late sends.
-          int early_groups = 0;
+          int early_groups = 0, groups = 0;
           for (const auto& pts : plan->ranks) {
             for (const P2pPoint& pt : pts) {
               for (const P2pGroup& g : pt.groups) {
-                early_groups += g.early;
+                early_groups += g.early, ++groups;
                 for (int i : g.ops)
                   if (g.early) EXPECT_TRUE(is_send(s.rank_instrs[&pts - &plan->ranks[0]][i]));
               }
             }
           }
+          EXPECT_EQ(plan->groups, groups) << what;  // the counts the CLI reports
+          EXPECT_EQ(plan->early_groups, early_groups) << what;
           if (!early) {
             late_without = plan->late_sends;
             EXPECT_EQ(early_groups, 0) << what;

@@ -266,6 +266,33 @@ TEST(Pipeline, MatchedGroups) {
   g_matched = false;
 }
 
+// A bad FP8PIPE_P2P_GROUPS is an error naming the variable, its value and the valid ones, not a
+// silent default (a single-rank pipeline: the executor reports it from run()).
+TEST(Pipeline, BadP2pGroupsSettingIsAnError) {
+  const auto cfg = tiny(4);
+  auto sched = make_schedule(ScheduleKind::k1F1B, 1, 2);
+  ASSERT_TRUE(sched.ok());
+  auto be = make_cpu_backend();
+  model::ModelCtx c;
+  c.be = be.get();
+  model::Model m;
+  ASSERT_TRUE(m.init(c, cfg.model(), 7).ok());
+  std::map<int, model::MicroBatch> batches;
+  auto batch = [&](int, int mb) -> const model::MicroBatch& {
+    return batches.try_emplace(mb, micro_batch(mb, 2, 8, cfg.model().vocab_size())).first->second;
+  };
+  setenv("FP8PIPE_P2P_GROUPS", "eagr", 1);
+  PipelineExecutor bad(*sched, 0, nullptr, {&m}, &c, cfg.model().hidden());
+  unsetenv("FP8PIPE_P2P_GROUPS");
+  auto st = bad.run(batch, 0.5f);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.status().to_string().find("FP8PIPE_P2P_GROUPS='eagr' (valid: matched, eager)"),
+            std::string::npos)
+      << st.status().to_string();
+  PipelineExecutor good(*sched, 0, nullptr, {&m}, &c, cfg.model().hidden());
+  EXPECT_TRUE(good.run(batch, 0.5f).ok());
+}
+
 // Routed experts sharded over ep ranks, tokens moved by all-to-all: the same gradients and loss.
 // Two-level dispatch (ep spanning two emulated nodes of two ranks) sends a token at most once to
 // each other node, never more than flat dispatch does; with node-limited routing (max_nodes 2 of
