@@ -50,6 +50,16 @@ struct GemmArgs {
   float alpha = 1.0f, beta = 0.0f;
 };
 
+// One range of Backend::copy_ranges: elements [dst_off, dst_off + n) of dst (in row-major order)
+// := elements [src_off, src_off + n) of src, the same dtype.
+struct CopyRange {
+  Tensor src;
+  int64_t src_off = 0;
+  Tensor dst;
+  int64_t dst_off = 0;
+  int64_t n = 0;
+};
+
 // Contiguous row groups of one [M, K] activation: the MoE's local experts, each a run of rows of
 // the expert-sorted (and padded) buffer. Group g is rows offsets[g] .. offsets[g+1]; tiles[g]
 // counts the 128-row tiles of the groups before g (a group's 128x1 tiles start at its first row).
@@ -103,6 +113,10 @@ class Backend {
   Result<Tensor> zeros(const Shape& shape, DType dtype);
   virtual Status fill_zero(Tensor& t) = 0;
   virtual Status copy(const Tensor& src, Tensor& dst) = 0;
+  // Many element ranges at once (ZeRO-1's packing of every name's shard, parallel/grad_sync.h),
+  // each as copy() of those elements; no destination range overlaps another range. A device
+  // copies the ranges between its own tensors in one launch; this default, one after another.
+  virtual Status copy_ranges(std::span<const CopyRange> rs);
   // Bytes of this backend's live tensors (MemoryCounter): what activation recomputation and
   // placements are judged by; the trainer logs the peak of each step.
   virtual MemoryUse memory() const = 0;
@@ -250,6 +264,7 @@ class Backend {
   // out[rows[i]] += w[i] * in[i]; w may be an undefined Tensor (weight 1).
   virtual Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w,
                                   Tensor& out) = 0;
+  // out = a + b elementwise: all fp32, or all fp64 (the gradient sums across ranks).
   virtual Status add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   virtual Status axpy(float alpha, const Tensor& x, Tensor& y) = 0;
   // axpy into several same-sized tensors at once (the experts' weight gradients): *ys[z] +=

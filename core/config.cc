@@ -705,11 +705,6 @@ void ValidateLayout(const Config& cfg, int world, Checker& c) {
              "warmup_steps + optim.decay_steps when decay_steps > 0)",
              o.warmup_steps(), total);
   }
-  c.expect(cfg.optim().placement() != "device" || (ranks == 1 && p.schedule() != "dualpipe"),
-           "optim.placement=\"device\" needs one process holding one copy of each parameter: "
-           "parallel.pp·parallel.dp = {}·{} = {} must be 1 and parallel.schedule must not be "
-           "dualpipe (got {}); use optim.placement=\"host\" or \"auto\"",
-           p.pp(), p.dp(), ranks, p.schedule());
   c.expect(world <= 0 || ranks == world,
            "parallel.pp·parallel.dp = {}·{} = {} must equal the world size {} (valid: {})", p.pp(),
            p.dp(), ranks, world, fmt::join(layouts, "; "));

@@ -352,6 +352,19 @@ Result<GroupedFp8> Backend::requantize_transposed_groups(const GroupedFp8& q,
   return quantize_transposed_groups(x, groups, p);
 }
 
+// The reference: one copy() per range, over flat views.
+Status Backend::copy_ranges(std::span<const CopyRange> rs) {
+  for (const CopyRange& r : rs) {
+    FP8_RETURN_IF_ERROR(checks::copy_range(r));
+    if (r.n == 0) continue;
+    FP8_ASSIGN_OR_RETURN(Tensor src, r.src.reshape({r.src.numel()}));
+    FP8_ASSIGN_OR_RETURN(Tensor dst, r.dst.reshape({r.dst.numel()}));
+    Tensor to = dst.slice_rows(r.dst_off, r.dst_off + r.n);
+    FP8_RETURN_IF_ERROR(copy(src.slice_rows(r.src_off, r.src_off + r.n), to));
+  }
+  return Status::Ok();
+}
+
 // The grouped GEMMs' reference: one call after another.
 Status Backend::gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) {
   FP8_RETURN_IF_ERROR(checks::gemm_fp8_grouped(gs));

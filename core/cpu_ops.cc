@@ -224,7 +224,11 @@ Status CpuOps::scatter_add_rows(const Tensor& in, const Tensor& rows, const Tens
 
 Status CpuOps::add(const Tensor& a, const Tensor& b, Tensor& out) {
   FP8_RETURN_IF_ERROR(checks::add(a, b, out));
-  k::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>());
+  if (a.dtype() == DType::kF64) {
+    k::add(a.data_as<double>(), b.data_as<double>(), a.numel(), out.data_as<double>());
+  } else {
+    k::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>());
+  }
   return Status::Ok();
 }
 

@@ -385,6 +385,54 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  // Ranges between tensors of this GPU in one launch (a table of segments and 16 KB chunks);
+  // any range with a host tensor takes the one-by-one default.
+  Status copy_ranges(std::span<const CopyRange> rs) override {
+    std::vector<g::CopySeg> segs;
+    std::vector<int32_t> items;
+    for (const CopyRange& r : rs) {
+      FP8_RETURN_IF_ERROR(checks::copy_range(r));
+      if (r.src.device() == Device::kCpu || r.dst.device() == Device::kCpu) {
+        return Backend::copy_ranges(rs);
+      }
+      FP8_RETURN_IF_ERROR(on_gpu("copy_ranges", {&r.src, &r.dst}));
+      const int64_t es = dtype_size(r.src.dtype());
+      const int64_t bytes = r.n * es;
+      if (bytes == 0) continue;
+      const int64_t chunks = (bytes + g::kCopyChunk - 1) / g::kCopyChunk;
+      if (static_cast<int64_t>(items.size()) / 2 + chunks > (int64_t{1} << 30) ||
+          segs.size() >= (size_t{1} << 30)) {
+        return FP8_INVALID("copy_ranges: more than 2^30 ranges or 16 KB chunks");
+      }
+      for (int64_t c = 0; c < chunks; ++c) {
+        items.push_back(static_cast<int32_t>(segs.size()));
+        items.push_back(static_cast<int32_t>(c));
+      }
+      segs.push_back({static_cast<const char*>(r.src.data()) + r.src_off * es,
+                      static_cast<char*>(r.dst.data()) + r.dst_off * es, bytes});
+    }
+    if (segs.empty()) return Status::Ok();
+    const size_t seg_bytes = segs.size() * sizeof(g::CopySeg);
+    const size_t item_bytes = items.size() * sizeof(int32_t);
+    FP8_ASSIGN_OR_RETURN(auto table, alloc(seg_bytes + item_bytes, cur()));
+    auto* base = static_cast<char*>(table->ptr);
+    auto upload = [&](char* at, const void* from, size_t n) -> Status {
+      if (n <= StagingRing::kMaxCopy) {  // no synchronization
+        FP8_CUDA("copy_ranges (table)", ctx_->staging.upload(at, from, n, cur()));
+        return Status::Ok();
+      }
+      FP8_CUDA("copy_ranges (table)", cudaMemcpyAsync(at, from, n, cudaMemcpyHostToDevice, cur()));
+      FP8_CUDA("copy_ranges (table)", cudaStreamSynchronize(cur()));
+      return Status::Ok();
+    };
+    FP8_RETURN_IF_ERROR(upload(base, segs.data(), seg_bytes));
+    FP8_RETURN_IF_ERROR(upload(base + seg_bytes, items.data(), item_bytes));
+    FP8_GPU("copy_ranges", g::copy_ranges(reinterpret_cast<const g::CopySeg*>(base),
+                                          reinterpret_cast<const int32_t*>(base + seg_bytes),
+                                          static_cast<int64_t>(items.size() / 2), cur()));
+    return Status::Ok();
+  }
+
   Status copy(const Tensor& src, Tensor& dst) override {
     FP8_RETURN_IF_ERROR(checks::copy(src, dst));
     if (!src.nbytes()) return Status::Ok();
@@ -993,8 +1041,13 @@ class CudaBackend final : public Backend {
   Status add(const Tensor& a, const Tensor& b, Tensor& out) override {
     FP8_RETURN_IF_ERROR(on_gpu("add", {&a, &b, &out}));
     FP8_RETURN_IF_ERROR(checks::add(a, b, out));
-    FP8_GPU("add",
-            g::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>(), cur()));
+    if (a.dtype() == DType::kF64) {
+      FP8_GPU("add", g::add(a.data_as<double>(), b.data_as<double>(), a.numel(),
+                            out.data_as<double>(), cur()));
+    } else {
+      FP8_GPU("add", g::add(a.data_as<float>(), b.data_as<float>(), a.numel(), out.data_as<float>(),
+                            cur()));
+    }
     return Status::Ok();
   }
 
@@ -1060,12 +1113,44 @@ class CudaBackend final : public Backend {
     for (const Tensor* t : gs) FP8_RETURN_IF_ERROR(on_gpu("sum_squares", {t}));
     if (gs.empty()) return Status::Ok();
     const int64_t slots = static_cast<int64_t>(gs.size());
+    if (slots > (int64_t{1} << 31) / g::kSumSqBlocks) {
+      return FP8_INVALID("sum_squares: {} tensors, at most {}", slots,
+                         (int64_t{1} << 31) / g::kSumSqBlocks);
+    }
     FP8_ASSIGN_OR_RETURN(auto work, alloc((slots * g::kSumSqBlocks + 1) * sizeof(double), cur()));
     auto* w = static_cast<double*>(work->ptr);
+    FP8_CUDA("sum_squares", cudaMemsetAsync(w, 0, slots * g::kSumSqBlocks * sizeof(double), cur()));
+    // One launch for all tensors: a table of their pointers and lengths, then one (tensor,
+    // partial) item per partial that holds elements (a small tensor has few).
+    std::vector<int64_t> table(2 * slots);  // pointers, then lengths
+    std::vector<int32_t> items;
     for (int64_t i = 0; i < slots; ++i) {
-      FP8_GPU("sum_squares", g::sum_squares_partial(gs[i]->data_as<float>(), gs[i]->numel(),
-                                                    w + i * g::kSumSqBlocks, cur()));
+      const int64_t n = gs[i]->numel();
+      table[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(gs[i]->data()));
+      table[slots + i] = n;
+      const int64_t parts =
+          std::min<int64_t>(g::kSumSqBlocks, (n + g::kSumSqThreads - 1) / g::kSumSqThreads);
+      for (int64_t b = 0; b < parts; ++b) {
+        items.push_back(static_cast<int32_t>(i));
+        items.push_back(static_cast<int32_t>(b));
+      }
     }
+    const size_t table_bytes = table.size() * sizeof(int64_t);
+    const size_t items_bytes = items.size() * sizeof(int32_t);
+    FP8_ASSIGN_OR_RETURN(auto dev, alloc(table_bytes + std::max<size_t>(items_bytes, 4), cur()));
+    auto* base = static_cast<char*>(dev->ptr);
+    // Plain async copies: the op synchronizes below, so the host vectors outlive them.
+    FP8_CUDA("sum_squares (table)",
+             cudaMemcpyAsync(base, table.data(), table_bytes, cudaMemcpyHostToDevice, cur()));
+    if (!items.empty()) {
+      FP8_CUDA("sum_squares (items)", cudaMemcpyAsync(base + table_bytes, items.data(), items_bytes,
+                                                      cudaMemcpyHostToDevice, cur()));
+    }
+    FP8_GPU("sum_squares",
+            g::sum_squares_items(reinterpret_cast<const float* const*>(base),
+                                 reinterpret_cast<const int64_t*>(base) + slots,
+                                 reinterpret_cast<const int32_t*>(base + table_bytes),
+                                 static_cast<int64_t>(items.size() / 2), w, cur()));
     FP8_GPU("sum_squares", g::sum_squares_final(w, slots, cur()));
     double h = 0.0;
     FP8_CUDA("sum_squares", cudaMemcpyAsync(&h, w + slots * g::kSumSqBlocks, sizeof(h),

@@ -60,6 +60,21 @@ Status copy(const Tensor& src, const Tensor& dst) {
   return Status::Ok();
 }
 
+Status copy_range(const CopyRange& r) {
+  if (!r.src.defined() || !r.dst.defined() || r.src.dtype() != r.dst.dtype() ||
+      dtype_size(r.src.dtype()) == 0) {
+    return FP8_INVALID(
+        "copy_ranges: source {} and destination {} must be defined, of one unpacked dtype",
+        r.src.describe(), r.dst.describe());
+  }
+  if (r.n < 0 || r.src_off < 0 || r.dst_off < 0 || r.src_off + r.n > r.src.numel() ||
+      r.dst_off + r.n > r.dst.numel()) {
+    return FP8_INVALID("copy_ranges: {} elements from {} of {} to {} of {} are out of range", r.n,
+                       r.src_off, r.src.describe(), r.dst_off, r.dst.describe());
+  }
+  return Status::Ok();
+}
+
 // ---- FP8 numerics and the fp32 GEMM
 
 Status quantize(const Tensor& x) { return float_input("quantize", x); }
@@ -545,7 +560,12 @@ Status scatter_add_rows(const Tensor& in, const Tensor& rows, const Tensor& w, c
 }
 
 Status add(const Tensor& a, const Tensor& b, const Tensor& out) {
-  FP8_RETURN_IF_ERROR(f32("add", {&a, &b, &out}));
+  if (!a.defined() || a.dtype() != DType::kF64) {
+    FP8_RETURN_IF_ERROR(f32("add", {&a, &b, &out}));
+  } else {  // fp64: the gradient sums' reductions (parallel/grad_sync.h)
+    for (const Tensor* t : {&b, &out})
+      FP8_RETURN_IF_ERROR(need(t->dtype() == DType::kF64, "add", "fp64 like a required", *t));
+  }
   FP8_RETURN_IF_ERROR(same("add", a, b));
   return same("add", a, out);
 }

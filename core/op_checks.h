@@ -30,6 +30,7 @@ Status fp8(const char* op, const Tensor& q);          // FP8 with scales attache
 // ---- one per Backend op (same argument names; scalars only where a rule needs them)
 Status empty(const Shape& shape);
 Status copy(const Tensor& src, const Tensor& dst);  // dtype and count; devices: the backend
+Status copy_range(const CopyRange& r);              // dtypes, and offsets within both tensors
 Status quantize(const Tensor& x);
 Status quantize_transposed(const Tensor& x);
 Status transpose_fp8(const Tensor& q);

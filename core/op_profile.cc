@@ -96,6 +96,9 @@ class ProfiledBackend final : public Backend {
   Status copy(const Tensor& src, Tensor& dst) override {
     return timed("copy", 0, [&] { return in_->copy(src, dst); });
   }
+  Status copy_ranges(std::span<const CopyRange> rs) override {
+    return timed("copy_ranges", 0, [&] { return in_->copy_ranges(rs); });
+  }
   Stream& compute() override { return in_->compute(); }
   std::unique_ptr<Stream> create_stream(const std::string& name) override {
     return in_->create_stream(name);

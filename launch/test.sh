@@ -2,9 +2,9 @@
 # The README's test command: set up, build, run every CPU test (CUDA tests are labelled "cuda"
 # and run on a GPU machine through launch/device_check.sh), then the CUDA backend on the CPU
 # emulation of CUDA (kernels/cuda_emu; EMU=0 skips it): the CUDA tests with blocks and threads in
-# reverse and shuffled order (races), the NCCL comm over 4 processes (the emulation's NCCL) and the
-# pipeline executor over it, then, through launch/device_check.sh's own steps, the CUDA tests,
-# gpu_bench and short GPU-vs-CPU training runs.
+# reverse and shuffled order (races), the NCCL comm over 4 processes (the emulation's NCCL), the
+# pipeline executor and the device optimizer's ZeRO-1 exchanges over it, then, through
+# launch/device_check.sh's own steps, the CUDA tests, gpu_bench and short GPU-vs-CPU training runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -19,7 +19,7 @@ if [[ ${EMU:-1} != 0 ]]; then
   cmake --build "$emu" -j "${JOBS:-$(nproc)}" --target cuda_tests cuda_emu_tests fp8pipe gpu_bench \
     parallel_mpi_tests pipeline_mpi_tests
   ctest --test-dir "$emu" --output-on-failure \
-    -R "cuda_emu_tests|cuda_tests_order_|mpi.comm_nccl$|mpi.pipeline_nccl_np"
+    -R "cuda_emu_tests|cuda_tests_order_|mpi.comm_nccl$|mpi.pipeline_nccl_np|mpi.placement_nccl"
   mkdir -p "$emu/bin"
   emu_abs=$(cd "$emu" && pwd)
   ln -sf "$emu_abs/tests/cuda_tests" "$emu_abs/launch/fp8pipe" "$emu_abs/launch/gpu_bench" \

@@ -197,33 +197,13 @@ Status Trainer::setup_optimizer() {
 }
 
 // optim.placement: device puts the fp64 gradient sums and AdamW on be_ (Param::grad_acc_dev,
-// DeviceAdamW); auto does so on a GPU when the layout allows it (one process, one copy of each
-// parameter), where it saves the per-step gradient downloads, the host AdamW and the weight
-// uploads.
+// DeviceAdamW, and on several ranks the ZeRO-1 exchanges on the backend: DeviceNameSync); auto
+// does so on a GPU, where it saves the per-instruction gradient downloads, the host AdamW and the
+// weight uploads.
 Result<bool> Trainer::use_device_optimizer() {
   const std::string& placement = cfg_.optim().placement();
-  std::string why_not;
-  if (world_size_ != 1) why_not = fmt::format("the world has {} ranks", world_size_);
-  for (const Owned& o : owned_) {
-    if (why_not.empty() && o.copies.size() != 1) {
-      why_not = fmt::format("this rank holds {} copies of '{}' (parallel.schedule={})",
-                            o.copies.size(), o.name, cfg_.parallel().schedule());
-    }
-  }
-  if (placement == "device" && !why_not.empty()) {
-    return FP8_INVALID(
-        "optim.placement=\"device\" needs one process holding one copy of each parameter, but {}; "
-        "use optim.placement=\"host\" or \"auto\"",
-        why_not);
-  }
-  if (placement == "host" || !why_not.empty() ||
-      (placement == "auto" && be_->device() == Device::kCpu)) {
-    if (placement == "auto" && be_->device() != Device::kCpu) {
-      log::info("optimizer: on the host (optim.placement=auto: {})", why_not);
-    }
-    return false;
-  }
-  return true;
+  if (placement == "device") return true;
+  return placement == "auto" && be_->device() != Device::kCpu;
 }
 
 Status Trainer::flatten_params() {
@@ -255,17 +235,49 @@ Status Trainer::flatten_params() {
 }
 
 Status Trainer::setup_device_optimizer() {
-  // owned_ lists all_params() in order, one copy each here: the flat layout's order.
+  // owned_ follows all_params() (first copies), so the groups' flat offsets increase.
+  std::map<const model::Param*, int64_t> offset;
+  const auto params = all_params();
+  for (size_t i = 0; i < params.size(); ++i) offset[params[i]] = flat_offset_[i];
   std::vector<optim::TensorGroup> groups;
+  std::vector<int64_t> offsets;
+  bool exchange = world_size_ > 1;
+  std::vector<parallel::DeviceEntry> sums, weights;
+  std::map<std::string, std::vector<int>> holders;
   for (const Owned& o : owned_) {
     model::Param* p = o.copies.front();
-    groups.push_back({o.name, &p->value, &p->grad, p->decay});
+    exchange = exchange || o.copies.size() > 1;
+    parallel::DeviceEntry sum{o.name, {}}, weight{o.name, {}};
+    for (model::Param* c : o.copies) {
+      sum.copies.push_back(c->grad_acc_dev);
+      weight.copies.push_back(c->value);
+    }
+    sums.push_back(std::move(sum));
+    weights.push_back(std::move(weight));
+    holders[o.name] = o.holders;
+    if (o.begin == o.end) continue;  // an empty shard: no host group either
+    groups.push_back({o.name, &p->value, &p->grad, p->decay, o.begin, o.end});
+    offsets.push_back(offset.at(p));
   }
-  const optim::FlatLayout flat{flat_value_, flat_grad_, flat_offset_};
+  if (exchange) {
+    parallel::Comm* world =
+        exchange_comms() ? &exchange_comms()->get(parallel::GroupKind::kWorld) : nullptr;
+    dev_grad_sync_ =
+        std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_, world);
+    dev_param_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, std::move(weights), holders,
+                                                                 world_rank_, world);
+  }
+  const optim::FlatLayout flat{flat_value_, flat_grad_, offsets};
   FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups), flat));
   dev_opt_.emplace(std::move(d));
-  log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={})", be_->name(),
-            cfg_.optim().placement());
+  std::string how;
+  if (world_size_ > 1) {
+    how = fmt::format(", ZeRO-1 exchanges over {}", nccl_comms_ ? "NCCL on device tensors" : "MPI");
+  } else if (exchange) {
+    how = ", local copies summed there";
+  }
+  log::info("optimizer: fp64 gradient sums and AdamW on {} (optim.placement={}){}", be_->name(),
+            cfg_.optim().placement(), how);
   return Status::Ok();
 }
 
@@ -393,7 +405,8 @@ Result<StepResult> Trainer::train_step() {
   r.batch = batcher_->rows_in(data::Split::kTrain, step_);
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
   FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, all_params()));
-  FP8_ASSIGN_OR_RETURN(r.grad_norm, dev_opt_ ? device_grad_norm() : sync_grads_and_norm());
+  FP8_ASSIGN_OR_RETURN(r.grad_norm,
+                       dev_opt_ ? device_sync_grads_and_norm() : sync_grads_and_norm());
   r.lr = lr_->lr(step_ + 1, tokens_seen_);
   const bool finite = std::isfinite(r.grad_norm) && std::isfinite(r.loss.total);
   if (!finite) {
@@ -412,6 +425,7 @@ Result<StepResult> Trainer::train_step() {
     if (ema_) ema_->wait();  // the last average has read the weights this step overwrites
     if (dev_opt_) {
       FP8_RETURN_IF_ERROR(dev_opt_->step(r.lr, clip));
+      if (dev_param_sync_) FP8_RETURN_IF_ERROR(dev_param_sync_->all_gather());
     } else {
       FP8_RETURN_IF_ERROR(opt_->step(r.lr, clip));
       FP8_RETURN_IF_ERROR(gather_params());

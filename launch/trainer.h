@@ -91,6 +91,8 @@ class Trainer {
   int64_t step() const { return step_; }
   const config::Config& config() const { return cfg_; }
   model::Model& model() { return *model_; }  // this rank's first chunk (the whole model on one)
+  // Every local chunk's parameters (a name twice where this rank holds two copies of it).
+  std::vector<model::Param*> params() const { return all_params(); }
   bool is_root() const { return world_rank_ == 0; }
   model::ModelCtx& ctx() { return ctx_; }
   const data::SyntheticMarkov* synthetic() const { return synthetic_.get(); }
@@ -109,7 +111,9 @@ class Trainer {
   Result<const parallel::Schedule*> schedule_for(int microbatches);
   std::map<int, parallel::Schedule> ramp_scheds_;
   Result<double> sync_grads_and_norm();
-  Result<double> device_grad_norm();    // optim.placement=device: the norm of the rounded sums
+  // optim.placement=device: the sums by name on the backend (ZeRO-1 reduce-scatter), rounded,
+  // and the norm of this rank's shards summed over the world.
+  Result<double> device_sync_grads_and_norm();
   Result<bool> use_device_optimizer();  // optim.placement, with the reason when it cannot
   Status flatten_params();
   Status setup_device_optimizer();
@@ -175,6 +179,9 @@ class Trainer {
   std::unique_ptr<parallel::NameSync> grad_sync_, load_sync_;
   std::vector<Owned> owned_;  // by global name
   std::unique_ptr<parallel::ShardGather> param_gather_;
+  // optim.placement=device where a name has several copies (ranks or chunks): the gradient
+  // reduce-scatter and weight all-gather on the backend's tensors (null: nothing to exchange).
+  std::unique_ptr<parallel::DeviceNameSync> dev_grad_sync_, dev_param_sync_;
   std::unique_ptr<parallel::Tracer> tracer_;
   const std::atomic<bool>* stop_flag_ = nullptr;
   bool stopped_early_ = false;

@@ -132,8 +132,8 @@ Result<const parallel::Schedule*> Trainer::schedule_for(int microbatches) {
   return &it->second;
 }
 
-// Sums every parameter's copies by global name, then the global gradient norm (each name counted
-// once, on its lowest holder).
+// Sums every parameter's copies by global name, then the global gradient norm: each rank adds
+// the squares of its ZeRO-1 shards (each element counted once over the world), in owned_ order.
 Result<double> Trainer::sync_grads_and_norm() {
   if (!grad_sync_) {
     std::map<std::string, parallel::SyncEntry> entries;
@@ -158,26 +158,40 @@ Result<double> Trainer::sync_grads_and_norm() {
     for (int64_t i = 0; i < p->host_grad.numel(); ++i) g[i] = static_cast<float>(p->grad_acc[i]);
   }
   std::vector<double> sq = {0.0};
-  std::set<std::string> counted;
-  for (auto* p : all_params()) {
-    if (!grad_sync_->is_leader(p->name) || !counted.insert(p->name).second) continue;
-    const float* g = p->host_grad.data_as<float>();
-    for (int64_t i = 0; i < p->host_grad.numel(); ++i) sq[0] += static_cast<double>(g[i]) * g[i];
+  for (const Owned& o : owned_) {
+    const float* g = o.copies.front()->host_grad.data_as<float>();
+    for (int64_t i = o.begin; i < o.end; ++i) sq[0] += static_cast<double>(g[i]) * g[i];
   }
   FP8_RETURN_IF_ERROR(sum_over_world(sq));
   return std::sqrt(sq[0]);
 }
 
-// optim.placement=device (one process, one copy of each parameter): each fp64 sum is rounded
-// to fp32 in place of the parameter's gradient, and the squares are summed in all_params()
-// order, as sync_grads_and_norm does on the host (bitwise on the CPU backend).
-Result<double> Trainer::device_grad_norm() {
-  // The flat buffers hold every gradient in all_params() order (zero gaps add exact zeros).
-  double sq = 0.0;
+// optim.placement=device: the sums by name on the backend (DeviceNameSync: the host path's
+// shards and bits), each fp64 sum rounded to fp32 in place of the parameter's gradient, and the
+// squares of this rank's shards in owned_ order, as sync_grads_and_norm does on the host
+// (bitwise on the CPU backend). One rank with one copy of everything sums the flat buffer at once
+// (its zero gaps add exact zeros).
+Result<double> Trainer::device_sync_grads_and_norm() {
+  if (dev_grad_sync_) FP8_RETURN_IF_ERROR(dev_grad_sync_->reduce_scatter_sum());
   FP8_RETURN_IF_ERROR(be_->round_f64(flat_acc_, flat_grad_));
-  const Tensor* all[] = {&flat_grad_};
-  FP8_RETURN_IF_ERROR(be_->sum_squares(all, &sq));  // one synchronization on a device
-  return std::sqrt(sq);
+  std::vector<double> sq = {0.0};
+  if (!dev_grad_sync_) {
+    const Tensor* all[] = {&flat_grad_};
+    FP8_RETURN_IF_ERROR(be_->sum_squares(all, &sq[0]));  // one synchronization on a device
+    return std::sqrt(sq[0]);
+  }
+  std::vector<Tensor> shards;
+  for (const Owned& o : owned_) {
+    if (o.begin == o.end) continue;
+    FP8_ASSIGN_OR_RETURN(Tensor g,
+                         o.copies.front()->grad.reshape({o.copies.front()->grad.numel()}));
+    shards.push_back(g.slice_rows(o.begin, o.end));
+  }
+  std::vector<const Tensor*> ptrs;
+  for (const Tensor& t : shards) ptrs.push_back(&t);
+  FP8_RETURN_IF_ERROR(be_->sum_squares(ptrs, &sq[0]));
+  FP8_RETURN_IF_ERROR(sum_over_world(sq));
+  return std::sqrt(sq[0]);
 }
 
 // Expert loads summed over every copy of each MoE layer (keyed by its bias name), then the

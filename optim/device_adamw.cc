@@ -1,5 +1,6 @@
 #include "optim/device_adamw.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace fp8pipe::optim {
@@ -19,40 +20,52 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
     return FP8_INVALID("device adamw: a flat layout of {} offsets for {} groups",
                        flat.offset.size(), groups.size());
   }
-  FP8_ASSIGN_OR_RETURN(d.m_flat_, be.zeros({total}, DType::kBF16));
-  FP8_ASSIGN_OR_RETURN(d.v_flat_, be.zeros({total}, DType::kBF16));
   d.value_ = flat.value;
   d.grad_ = flat.grad;
+  // Where each group's moments start in the flat moments (laid out below).
+  std::vector<int64_t> moment(groups.size());
+  int64_t moments = 0;
+  bool last_whole = false;
   for (size_t i = 0; i < groups.size(); ++i) {
-    const TensorGroup& g = groups[i];
+    TensorGroup& g = groups[i];
     if (!g.param || !g.grad || g.name != hg[i].name) {
       return FP8_INVALID("device adamw: group {} is '{}', the host optimizer's is '{}'", i, g.name,
                          hg[i].name);
     }
     const int64_t n = g.param->numel();
-    if (hg[i].begin != 0 || hg[i].end != n || g.grad->numel() != n ||
-        g.weight_decay != hg[i].weight_decay) {
+    if (g.end < 0) g.end = n;
+    if (hg[i].begin != g.begin || hg[i].end != g.end || g.begin < 0 || g.begin >= g.end ||
+        g.end > n || g.grad->numel() != n || g.weight_decay != hg[i].weight_decay) {
       return FP8_INVALID(
-          "device adamw: group '{}' must be the whole tensor ({} elements) with the host's decay "
-          "flag; the host holds [{}, {})",
-          g.name, n, hg[i].begin, hg[i].end);
+          "device adamw: group '{}' steps [{}, {}) of {} elements with decay {}; the host "
+          "optimizer's steps [{}, {}) with decay {}",
+          g.name, g.begin, g.end, n, g.weight_decay, hg[i].begin, hg[i].end, hg[i].weight_decay);
     }
     const int64_t at = flat.offset[i];
     if (at < 0 || at + n > total || (i > 0 && at < flat.offset[i - 1])) {
       return FP8_INVALID("device adamw: group '{}' at offset {} does not fit the flat layout",
                          g.name, at);
     }
-    FP8_ASSIGN_OR_RETURN(Tensor m, d.m_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
-    FP8_ASSIGN_OR_RETURN(Tensor v, d.v_flat_.slice_rows(at, at + n).reshape(g.param->shape()));
-    // Consecutive groups with the same decay flag share a run (up to the next group's start).
-    if (!d.runs_.empty() && d.runs_.back().weight_decay == g.weight_decay) {
-      d.runs_.back().end = at + n;
+    const bool whole = g.begin == 0 && g.end == n;
+    // A whole tensor after a whole tensor with the same decay flag joins its run, gap included.
+    if (whole && last_whole && d.runs_.back().weight_decay == g.weight_decay) {
+      Run& r = d.runs_.back();
+      moment[i] = r.moment + (at - r.begin);
+      r.end = at + n;
+      moments = r.moment + (r.end - r.begin);
     } else {
-      if (!d.runs_.empty()) d.runs_.back().end = at;  // the gap before it joins the last run
-      d.runs_.push_back({at, at + n, g.weight_decay});
+      moment[i] = moments;
+      d.runs_.push_back({at + g.begin, at + g.end, moments, g.weight_decay});
+      moments += g.end - g.begin;
     }
-    d.m_.push_back(std::move(m));
-    d.v_.push_back(std::move(v));
+    last_whole = whole;
+  }
+  FP8_ASSIGN_OR_RETURN(d.m_flat_, be.zeros({std::max<int64_t>(moments, 1)}, DType::kBF16));
+  FP8_ASSIGN_OR_RETURN(d.v_flat_, be.zeros({std::max<int64_t>(moments, 1)}, DType::kBF16));
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const int64_t len = groups[i].end - groups[i].begin;
+    d.m_.push_back(d.m_flat_.slice_rows(moment[i], moment[i] + len));
+    d.v_.push_back(d.v_flat_.slice_rows(moment[i], moment[i] + len));
   }
   d.groups_ = std::move(groups);
   FP8_RETURN_IF_ERROR(d.load_from(host));
@@ -62,9 +75,10 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
 Status DeviceAdamW::step(float lr, float grad_scale) {
   FP8_RETURN_IF_ERROR(check_step_args(lr, grad_scale));
   ++step_;
-  for (const Run& r : runs_) {  // one call per run of equal decay flags
+  for (const Run& r : runs_) {  // one call per run
     Tensor p = value_.slice_rows(r.begin, r.end), g = grad_.slice_rows(r.begin, r.end);
-    Tensor m = m_flat_.slice_rows(r.begin, r.end), v = v_flat_.slice_rows(r.begin, r.end);
+    const int64_t mo = r.moment + (r.end - r.begin);
+    Tensor m = m_flat_.slice_rows(r.moment, mo), v = v_flat_.slice_rows(r.moment, mo);
     FP8_RETURN_IF_ERROR(
         be_->adamw(p, g, m, v, step_scalars(cfg_, r.weight_decay, lr, step_, grad_scale)));
   }
@@ -80,7 +94,8 @@ Status DeviceAdamW::store_to(AdamW& host) const {
       FP8_ASSIGN_OR_RETURN(Tensor h, be_->to_host(*t));
       const auto* b = static_cast<const uint8_t*>(h.data());
       st.arrays.push_back(StateArray{groups_[i].name + (t == &m_[i] ? ".exp_avg" : ".exp_avg_sq"),
-                                     0, t->numel(), std::vector<uint8_t>(b, b + h.nbytes())});
+                                     groups_[i].begin, groups_[i].end,
+                                     std::vector<uint8_t>(b, b + h.nbytes())});
     }
   }
   return host.import_state(st);

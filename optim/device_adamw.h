@@ -13,19 +13,23 @@
 
 namespace fp8pipe::optim {
 
-// One whole parameter on the backend: fp32 value and fp32 gradient (the step's rounded sum).
+// One parameter on the backend: fp32 value and fp32 gradient (the step's rounded sum), of which
+// the group steps elements [begin, end) (ZeRO-1: this rank's shard; end < 0: to the end).
 struct TensorGroup {
   std::string name;
   Tensor* param = nullptr;
   Tensor* grad = nullptr;
   bool weight_decay = true;
+  int64_t begin = 0, end = -1;
 };
 
 // The parameters and gradients as consecutive views of two flat buffers (launch/trainer.cc):
 // group i's tensors start at element offset[i] of `value` and `grad`, groups in buffer order,
-// anything between them zero. The moments are then laid out alike, and a step is one
-// Backend::adamw per run of consecutive groups with the same decay flag (zeros stay zeros)
-// instead of one per group.
+// anything between them zero. The moments hold each group's [begin, end) in group order; where
+// consecutive groups with the same decay flag are whole tensors the moments keep the gap between
+// them too, so a step is one Backend::adamw per such run (zeros stay zeros) instead of one per
+// group. (One rank, one copy of each parameter: one call per run of equal flags; ZeRO-1 shards:
+// one call per shard.)
 struct FlatLayout {
   Tensor value, grad;
   std::vector<int64_t> offset;
@@ -34,8 +38,8 @@ struct FlatLayout {
 class DeviceAdamW {
  public:
   // The twin of `host` (its config, step count and moments) on `be`: one group per host group,
-  // in the same order with the same names, each covering its whole tensor (no ZeRO shards), the
-  // groups' tensors laid out as `flat` says.
+  // in the same order with the same names and element ranges, the groups' tensors laid out as
+  // `flat` says. The moments take the shards' elements only (ZeRO-1).
   static Result<DeviceAdamW> create(Backend& be, const AdamW& host, std::vector<TensorGroup> groups,
                                     const FlatLayout& flat);
 
@@ -51,9 +55,10 @@ class DeviceAdamW {
   AdamWConfig cfg_;
   std::vector<TensorGroup> groups_;
   std::vector<Tensor> m_, v_;  // bf16, one per group (views of the flat moments)
-  // [begin, end) element ranges of the flat buffers and their decay flag.
+  // [begin, end) element ranges of the flat value/grad buffers, where the run's moments start in
+  // the flat moments, and the decay flag.
   struct Run {
-    int64_t begin, end;
+    int64_t begin, end, moment;
     bool weight_decay;
   };
   std::vector<Run> runs_;

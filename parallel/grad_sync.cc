@@ -247,4 +247,183 @@ Status ShardGather::all_gather() {
   return Status::Ok();
 }
 
+namespace {
+
+DataType wire_type(DType d) { return d == DType::kF64 ? DataType::kFloat64 : DataType::kFloat32; }
+
+}  // namespace
+
+DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
+                               std::map<std::string, std::vector<int>> holders, int world_rank,
+                               Comm* world)
+    : be_(be), entries_(std::move(entries)), rank_(world_rank), world_(world) {
+  std::sort(entries_.begin(), entries_.end(),
+            [](const DeviceEntry& a, const DeviceEntry& b) { return a.name < b.name; });
+  std::map<std::vector<int>, size_t> index;
+  for (const DeviceEntry& e : entries_) {
+    const auto& ranks = holders[e.name];
+    if (ranks.size() < 2) continue;
+    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
+    if (fresh) {
+      const int me = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
+      sets_.push_back({ranks, {}, me});
+    }
+    sets_[it->second].entries.push_back(&e);
+  }
+  stage_ = be_.device() != Device::kCpu && !(world_ && world_->device_buffers());
+  if (stage_) host_ = make_cpu_backend();
+}
+
+int64_t DeviceNameSync::pack_size(const Set& set, int j) const {
+  const int n = static_cast<int>(set.ranks.size());
+  int64_t total = 0;
+  for (const DeviceEntry* e : set.entries) {
+    const optim::Range r = optim::shard_range(e->copies.front().numel(), j, n);
+    total += r.end - r.begin;
+  }
+  return total;
+}
+
+Result<Tensor> DeviceNameSync::pack(const Set& set, int j) {
+  const DType dt = set.entries.front()->copies.front().dtype();
+  FP8_ASSIGN_OR_RETURN(Tensor buf, be_.empty({pack_size(set, j)}, dt));
+  FP8_RETURN_IF_ERROR(be_.copy_ranges(ranges(set, j, buf, /*to_buf=*/true)));
+  return buf;
+}
+
+Status DeviceNameSync::unpack(const Set& set, int j, const Tensor& buf) {
+  return be_.copy_ranges(ranges(set, j, buf, /*to_buf=*/false));
+}
+
+std::vector<CopyRange> DeviceNameSync::ranges(const Set& set, int j, const Tensor& buf,
+                                              bool to_buf) const {
+  const int n = static_cast<int>(set.ranks.size());
+  std::vector<CopyRange> rs;
+  int64_t at = 0;
+  for (const DeviceEntry* e : set.entries) {
+    const Tensor& t = e->copies.front();
+    const optim::Range r = optim::shard_range(t.numel(), j, n);
+    if (r.end == r.begin) continue;
+    if (to_buf) {
+      rs.push_back({t, r.begin, buf, at, r.end - r.begin});
+    } else {
+      rs.push_back({buf, at, t, r.begin, r.end - r.begin});
+    }
+    at += r.end - r.begin;
+  }
+  return rs;
+}
+
+Work DeviceNameSync::send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep) {
+  Tensor wire = t;
+  if (stage_) {
+    auto h = be_.to_host(t);
+    if (!h.ok()) return Work::failed(h.status());
+    wire = *h;
+  }
+  keep.push_back(wire);  // alive until the sends are done
+  return world_->send(wire.data(), wire.numel(), wire_type(wire.dtype()), peer, tag);
+}
+
+Result<Tensor> DeviceNameSync::recv(int64_t n, DType dt, int peer, int tag,
+                                    std::vector<Work>& works) {
+  Backend& on = stage_ ? *host_ : be_;
+  FP8_ASSIGN_OR_RETURN(Tensor t, on.empty({n}, dt));
+  works.push_back(world_->recv(t.data(), n, wire_type(dt), peer, tag));
+  return t;
+}
+
+Status DeviceNameSync::reduce_scatter_sum() {
+  for (DeviceEntry& e : entries_) {  // local copies first: the first copy holds the rank's sum
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      FP8_RETURN_IF_ERROR(be_.add(e.copies[0], e.copies[c], e.copies[0]));
+  }
+  if (sets_.empty()) return Status::Ok();
+  if (!world_) return FP8_ERROR(Code::kInternal, "gradient sync needs a world communicator");
+  std::vector<Work> works;
+  std::vector<Tensor> keep;
+  // contrib[k][j]: member j's part of this rank's shard of set k (its own, packed, at j = me).
+  std::vector<std::vector<Tensor>> contrib(sets_.size());
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    const int n = static_cast<int>(set.ranks.size());
+    const int tag = static_cast<int>(k % 32768);
+    const DType dt = set.entries.front()->copies.front().dtype();
+    const int64_t mine = pack_size(set, set.me);
+    contrib[k].resize(n);
+    for (int j = 0; j < n; ++j) {
+      if (j == set.me) {
+        if (mine > 0) {
+          FP8_ASSIGN_OR_RETURN(contrib[k][j], pack(set, j));
+        }
+        continue;
+      }
+      if (mine > 0) {
+        FP8_ASSIGN_OR_RETURN(contrib[k][j], recv(mine, dt, set.ranks[j], tag, works));
+      }
+      if (pack_size(set, j) > 0) {
+        FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
+        works.push_back(send(out, set.ranks[j], tag, keep));
+      }
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(works));
+  for (size_t k = 0; k < sets_.size(); ++k) {  // the n parts in rank order, as NameSync's leader
+    const Set& set = sets_[k];
+    auto& parts = contrib[k];
+    if (!parts[set.me].defined()) continue;  // an empty shard
+    for (Tensor& t : parts) {
+      if (stage_ && t.device() == Device::kCpu) {
+        FP8_ASSIGN_OR_RETURN(Tensor d, be_.empty(t.shape(), t.dtype()));
+        FP8_RETURN_IF_ERROR(be_.copy(t, d));
+        t = d;
+      }
+    }
+    Tensor& acc = parts[0];
+    for (size_t j = 1; j < parts.size(); ++j) FP8_RETURN_IF_ERROR(be_.add(acc, parts[j], acc));
+    FP8_RETURN_IF_ERROR(unpack(set, set.me, acc));
+  }
+  return Status::Ok();
+}
+
+Status DeviceNameSync::all_gather() {
+  std::vector<Work> works;
+  std::vector<Tensor> keep;
+  std::vector<std::vector<Tensor>> theirs(sets_.size());
+  if (!sets_.empty() && !world_) {
+    return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
+  }
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    const int n = static_cast<int>(set.ranks.size());
+    const int tag = static_cast<int>(k % 32768);
+    const DType dt = set.entries.front()->copies.front().dtype();
+    Tensor mine;
+    if (pack_size(set, set.me) > 0) {
+      FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me));
+    }
+    theirs[k].resize(n);
+    for (int j = 0; j < n; ++j) {
+      if (j == set.me) continue;
+      const int64_t size = pack_size(set, j);
+      if (size > 0) {
+        FP8_ASSIGN_OR_RETURN(theirs[k][j], recv(size, dt, set.ranks[j], tag, works));
+      }
+      if (mine.defined()) works.push_back(send(mine, set.ranks[j], tag, keep));
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(works));
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    for (size_t j = 0; j < theirs[k].size(); ++j) {
+      if (theirs[k][j].defined())
+        FP8_RETURN_IF_ERROR(unpack(sets_[k], static_cast<int>(j), theirs[k][j]));
+    }
+  }
+  for (DeviceEntry& e : entries_) {  // a second local copy follows the first
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      FP8_RETURN_IF_ERROR(be_.copy(e.copies[0], e.copies[c]));
+  }
+  return Status::Ok();
+}
+
 }  // namespace fp8pipe::parallel

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/model/transformer.h"
 #include "parallel/comm.h"
 #include "parallel/schedule.h"
@@ -86,6 +87,60 @@ class ShardGather {
   std::vector<Set> sets_;
   int rank_;
   Comm* world_;
+};
+
+// The same exchanges on Backend tensors (optim.placement=device on several ranks, or one rank
+// holding two copies): ZeRO-1's gradient reduce-scatter of the fp64 sums and the weights'
+// all-gather, with the shards of NameSync / ShardGather (optim::shard_range of each name over its
+// holders_of) and the same bits. The reduce-scatter is direct: member j of a set of holders
+// receives shard j of every other member's sum and adds the n contributions in rank order, which
+// are the leader's additions in NameSync, so the values are bitwise its values; each rank then
+// sends (n - 1)/n of a sum and receives as much, with no leader (NameSync's leader receives
+// n - 1 whole sums). A comm with device buffers (NCCL) moves the tensors themselves; any other
+// comm (MPI) gets host copies on a device backend. Per set and peer, one message carries the
+// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each.
+struct DeviceEntry {
+  std::string name;
+  std::vector<Tensor>
+      copies;  // this rank's local copies (views of one dtype: f64 sums, f32 weights)
+};
+
+class DeviceNameSync {
+ public:
+  DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
+                 std::map<std::string, std::vector<int>> holders, int world_rank, Comm* world);
+  // fp64 sums: a rank's first copy of a name (position i of n in its holders) ends holding
+  // shard_range(numel, i, n) of the sum over every copy on every holder; the rest of it, and its
+  // other local copies, are stale.
+  Status reduce_scatter_sum();
+  // Weights: the first copy's own shard (just updated) goes to every holder; afterwards every
+  // copy on every holder has every shard.
+  Status all_gather();
+
+ private:
+  struct Set {
+    std::vector<int> ranks;
+    std::vector<const DeviceEntry*> entries;  // in name order
+    int me = 0;                               // this rank's position in `ranks`
+  };
+  int64_t pack_size(const Set& set, int j) const;  // elements of shard j over the set's names
+  // Shard j of every name of the set from its first copy, concatenated in name order.
+  Result<Tensor> pack(const Set& set, int j);
+  // The inverse of pack into the first copies (buf may be on the host).
+  Status unpack(const Set& set, int j, const Tensor& buf);
+  // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
+  std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
+  // Posts the transfer of t (on the backend); a recv into a host tensor when staging.
+  Work send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep);
+  Result<Tensor> recv(int64_t n, DType dt, int peer, int tag, std::vector<Work>& works);
+
+  Backend& be_;
+  std::vector<DeviceEntry> entries_;
+  std::vector<Set> sets_;  // sets of two or more ranks, by first name: the same order everywhere
+  int rank_;
+  Comm* world_;
+  bool stage_;  // host copies on the wire (a device backend and a host-memory comm)
+  std::unique_ptr<Backend> host_;
 };
 
 }  // namespace fp8pipe::parallel

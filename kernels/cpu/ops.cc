@@ -448,6 +448,9 @@ void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int6
 void add(const float* a, const float* b, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
+void add(const double* a, const double* b, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
 
 void axpy(float alpha, const float* x, int64_t n, float* y) { axpy_n(alpha, x, n, y); }
 

@@ -96,7 +96,8 @@ void scatter_add_rows(const float* in, const int32_t* rows, const float* w, int6
 
 // Elementwise helpers.
 void add(const float* a, const float* b, int64_t n, float* out);  // out = a + b
-void axpy(float alpha, const float* x, int64_t n, float* y);      // y += alpha * x
-void round_bf16(const float* x, int64_t n, float* out);           // out = f32(bf16_rne(x))
+void add(const double* a, const double* b, int64_t n, double* out);
+void axpy(float alpha, const float* x, int64_t n, float* y);  // y += alpha * x
+void round_bf16(const float* x, int64_t n, float* out);       // out = f32(bf16_rne(x))
 
 }  // namespace fp8pipe::kernels

@@ -601,7 +601,27 @@ __global__ void k_router(const float* logits, const float* bias, int64_t n, int6
 
 // ---- elementwise --------------------------------------------------------------------------------
 
-__global__ void k_add(const float* a, const float* b, int64_t n, float* out) {
+__global__ void k_copy_ranges(const CopySeg* segs, const int32_t* items) {
+  const CopySeg sg = segs[items[2 * blockIdx.x]];
+  const int64_t begin = static_cast<int64_t>(items[2 * blockIdx.x + 1]) * kCopyChunk;
+  const int64_t n = (sg.bytes - begin < kCopyChunk ? sg.bytes - begin : kCopyChunk);
+  const char* src = sg.src + begin;
+  char* dst = sg.dst + begin;
+  const uintptr_t align = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                          static_cast<uintptr_t>(n);
+  if ((align & 15) == 0) {
+    for (int64_t i = threadIdx.x; i < n / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+  } else if ((align & 3) == 0) {
+    for (int64_t i = threadIdx.x; i < n / 4; i += blockDim.x)
+      reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+template <class T>
+__global__ void k_add(const T* a, const T* b, int64_t n, T* out) {
   for (int64_t i = gtid(); i < n; i += gstride()) out[i] = a[i] + b[i];
 }
 __global__ void k_axpy(float alpha, const float* x, int64_t n, float* y) {
@@ -987,7 +1007,20 @@ Result balance_stats(const float* scores, const int32_t* idx, int64_t B, int64_t
 
 Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
-  FP8PIPE_LAUNCH(k_add, grid_for(n), kThreads, stream, a, b, n, out);
+  FP8PIPE_LAUNCH(k_add<float>, grid_for(n), kThreads, stream, a, b, n, out);
+  return Result::Ok();
+}
+
+Result copy_ranges(const CopySeg* segs, const int32_t* items, int64_t n_items,
+                   cudaStream_t stream) {
+  if (n_items == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_copy_ranges, static_cast<unsigned>(n_items), kThreads, stream, segs, items);
+  return Result::Ok();
+}
+
+Result add(const double* a, const double* b, int64_t n, double* out, cudaStream_t stream) {
+  if (n == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_add<double>, grid_for(n), kThreads, stream, a, b, n, out);
   return Result::Ok();
 }
 

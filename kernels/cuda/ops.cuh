@@ -120,6 +120,17 @@ Result scatter_add_rows(const float* in, const int32_t* rows, const float* w, in
                         int64_t R, float* out, cudaStream_t stream);
 
 Result add(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);
+Result add(const double* a, const double* b, int64_t n, double* out, cudaStream_t stream);
+// Byte ranges copied in one launch: segs[i] = {src, dst, bytes}; items[2k], items[2k + 1] = the
+// segment and the kCopyChunk-byte chunk of it that block k copies (16-byte words where src, dst
+// and the chunk allow, else 4-byte words or bytes).
+struct CopySeg {
+  const char* src;
+  char* dst;
+  int64_t bytes;
+};
+constexpr int64_t kCopyChunk = 16384;
+Result copy_ranges(const CopySeg* segs, const int32_t* items, int64_t n_items, cudaStream_t stream);
 Result axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);
 // ys[z] (a device pointer table of `count` arrays of n) += alpha * x[z*n ..]: axpy per array.
 Result axpy_batch(float alpha, const float* x, int64_t n, float* const* ys, int64_t count,
@@ -150,12 +161,18 @@ Result row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out
                cudaStream_t stream);
 // out[i] = float(acc[i]), round to nearest even (bit-identical).
 Result round_f64(const double* acc, int64_t n, float* out, cudaStream_t stream);
-// Squared sums in fp64, deterministic run to run (not the CPU's index-order bits): for each of
-// several arrays, sum_squares_partial writes kSumSqBlocks partial sums (fixed strided subsets,
-// fixed tree) to its own slot of `work`; sum_squares_final adds all `slots` * kSumSqBlocks
-// partials in a fixed order into work[slots * kSumSqBlocks].
+// Squared sums in fp64, deterministic run to run (not the CPU's index-order bits): array `slot`
+// has kSumSqBlocks partial sums (fixed strided subsets, fixed tree) at work[slot * kSumSqBlocks];
+// sum_squares_final adds all `slots` * kSumSqBlocks partials in a fixed order into
+// work[slots * kSumSqBlocks]. sum_squares_items computes the partials of every array in one
+// launch: block k takes item k (items[2k] the array, items[2k + 1] the partial), so only the
+// partials that hold elements (block b of an n-element array: b * kSumSqThreads < n) need an item;
+// the caller zeroes `work` first, which is what the others sum to. ptrs/lens: each array's data and
+// length.
 constexpr int kSumSqBlocks = 256;
-Result sum_squares_partial(const float* g, int64_t n, double* slot, cudaStream_t stream);
+constexpr int kSumSqThreads = 256;  // threads per partial
+Result sum_squares_items(const float* const* ptrs, const int64_t* lens, const int32_t* items,
+                         int64_t n_items, double* work, cudaStream_t stream);
 Result sum_squares_final(double* work, int64_t slots, cudaStream_t stream);
 
 }  // namespace fp8pipe::kernels::gpu

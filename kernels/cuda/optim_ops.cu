@@ -8,6 +8,7 @@ namespace fp8pipe::kernels::gpu {
 namespace {
 
 constexpr int kThreads = 256;
+static_assert(kThreads == kSumSqThreads, "the sum-of-squares items assume this block size");
 
 int grid_for(int64_t n) {
   const int64_t b = (n + kThreads - 1) / kThreads;
@@ -56,15 +57,19 @@ __global__ void k_row_dot(const float* a, const float* b, int64_t R, int64_t C, 
   }
 }
 
-__global__ void k_sumsq_partial(const float* g, int64_t n, double* partial) {
+__global__ void k_sumsq_items(const float* const* ptrs, const int64_t* lens, const int32_t* items,
+                              double* work) {
+  const int slot = items[2 * blockIdx.x], part = items[2 * blockIdx.x + 1];
+  const float* g = ptrs[slot];
+  const int64_t n = lens[slot];
   const int64_t stride = static_cast<int64_t>(kSumSqBlocks) * kThreads;
   double s = 0.0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+  for (int64_t i = static_cast<int64_t>(part) * kThreads + threadIdx.x; i < n; i += stride) {
     const double x = g[i];
     s += x * x;  // exact square of an fp32 value; -fmad=false keeps the add separate
   }
   const double b = block_sum(s);
-  if (threadIdx.x == 0) partial[blockIdx.x] = b;
+  if (threadIdx.x == 0) work[static_cast<int64_t>(slot) * kSumSqBlocks + part] = b;
 }
 
 __global__ void k_sumsq_final(double* work, int64_t n) {
@@ -99,8 +104,11 @@ Result row_dot(const float* a, const float* b, int64_t R, int64_t C, double* out
   return Result::Ok();
 }
 
-Result sum_squares_partial(const float* g, int64_t n, double* slot, cudaStream_t stream) {
-  FP8PIPE_KERNEL(kSumSqBlocks, kThreads, stream, k_sumsq_partial)(g, n, slot);
+Result sum_squares_items(const float* const* ptrs, const int64_t* lens, const int32_t* items,
+                         int64_t n_items, double* work, cudaStream_t stream) {
+  if (n_items == 0) return Result::Ok();
+  FP8PIPE_KERNEL(static_cast<unsigned>(n_items), kThreads, stream, k_sumsq_items)
+  (ptrs, lens, items, work);
   FP8PIPE_CUDA_LAUNCH_CHECK();
   return Result::Ok();
 }

@@ -34,6 +34,28 @@ TEST(CpuBackend, EmptyZerosCopyAndErrors) {
   EXPECT_FALSE(bad_reshape.ok());
 }
 
+// copy_ranges: each range lands where an element loop puts it (2-D tensors, seen flat), the
+// bytes outside every range are untouched, and a range past either end is refused naming it.
+TEST(CpuBackend, CopyRanges) {
+  auto be = make_cpu_backend();
+  Tensor a = randn(*be, {7, 9}, 2), b = randn(*be, {4, 5}, 3);
+  Tensor d = be->zeros({10, 10}, DType::kF32).value();
+  std::vector<float> want(100, 0.0f);
+  const std::vector<CopyRange> rs = {{a, 3, d, 0, 20}, {b, 0, d, 50, 20}, {a, 62, d, 99, 1}};
+  for (const CopyRange& r : rs) {
+    for (int64_t i = 0; i < r.n; ++i) want[r.dst_off + i] = r.src.data_as<float>()[r.src_off + i];
+  }
+  ASSERT_TRUE(be->copy_ranges(rs).ok());
+  EXPECT_EQ(std::memcmp(d.data(), want.data(), sizeof(float) * 100), 0);
+  const std::vector<CopyRange> past = {{a, 60, d, 0, 4}};
+  const Status s = be->copy_ranges(past);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.to_string().find("out of range"), std::string::npos) << s.to_string();
+  Tensor f64 = be->zeros({4}, DType::kF64).value();
+  const std::vector<CopyRange> mixed = {{a, 0, f64, 0, 2}};
+  EXPECT_FALSE(be->copy_ranges(mixed).ok());
+}
+
 // Backend::memory counts each live buffer's requested bytes once (views and handle copies share
 // it), also when the last handle dies on another thread; the peak holds until reset_peak_memory.
 TEST(CpuBackend, MemoryCountsLiveBuffers) {

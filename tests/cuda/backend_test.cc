@@ -1137,6 +1137,86 @@ TEST_F(CudaBackendTest, OptimizerOps) {
   EXPECT_FALSE(gpu_->accumulate_grad(rg, wrong).ok());  // the sum must be f64
 }
 
+// copy_ranges in one launch (ZeRO-1's packing): 500 ranges of fp32, fp64 and bf16 at odd offsets
+// and lengths (the 16-byte, 4-byte and byte paths), some past one 16 KB chunk, between device
+// tensors, bit for bit the CPU backend's one-copy-per-range reference; a host source falls back
+// to that reference.
+TEST_F(CudaBackendTest, CopyRangesMatchesCpu) {
+  for (DType dt : {DType::kF32, DType::kF64, DType::kBF16}) {
+    const int64_t es = static_cast<int64_t>(dtype_size(dt)), N = 200000;
+    Tensor sc = cpu_->empty({N}, dt).value(), dc = cpu_->empty({N}, dt).value();
+    const std::vector<float> bits = randn(N * es / 4 + 1, 90 + static_cast<uint32_t>(es));
+    std::memcpy(sc.data(), bits.data(), N * es);
+    std::memset(dc.data(), 0x5a, N * es);
+    Tensor sg = dev(sc), dg = dev(dc);
+    std::vector<CopyRange> rc, rg;
+    const std::vector<int32_t> len = randi(500, 91, 0, 600);
+    int64_t at = 0;
+    for (size_t i = 0; i < len.size(); ++i) {
+      const int64_t n = i % 50 == 7 ? 9000 : len[i];  // some ranges span 16 KB chunks
+      const int64_t from = (static_cast<int64_t>(i) * 7919) % (N - n);
+      rc.push_back({sc, from, dc, at, n});
+      rg.push_back({sg, from, dg, at, n});
+      at += n + static_cast<int64_t>(i % 3);  // gaps stay untouched
+    }
+    ASSERT_LT(at, N);
+    ASSERT_TRUE(cpu_->copy_ranges(rc).ok());
+    ASSERT_TRUE(gpu_->copy_ranges(rg).ok());
+    expect_bits(vec<uint8_t>(dc), back<uint8_t>(dg), "copy_ranges");
+    Tensor dg2 = dev(sc);
+    std::vector<CopyRange> from_host = {{sc, 1, dg2, 0, 1000}};
+    ASSERT_TRUE(gpu_->copy_ranges(from_host).ok());
+    std::vector<uint8_t> want = vec<uint8_t>(sc);
+    std::memmove(want.data(), want.data() + es, 1000 * es);
+    expect_bits(want, back<uint8_t>(dg2), "copy_ranges from the host");
+  }
+}
+
+// The norm of ZeRO-1 shards (many tensors, most small, some empty) in one launch, and the fp64
+// adds of the gradient reduce-scatter (parallel::DeviceNameSync): the sum of squares within
+// 1e-12 of the CPU's index-order sum and deterministic; fp64 add bit for bit the CPU's.
+TEST_F(CudaBackendTest, ShardNormAndFp64Add) {
+  std::vector<Tensor> cs, gs;
+  std::vector<int32_t> sizes = randi(300, 70, 0, 3000);
+  sizes[5] = 0;
+  sizes[6] = 256;
+  sizes[7] = 257;
+  sizes.push_back(256 * 256 + 513);  // more elements than the partials' threads
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    cs.push_back(hostf(Shape{sizes[i]}, randn(sizes[i], 71 + static_cast<uint32_t>(i))));
+    gs.push_back(dev(cs.back()));
+  }
+  std::vector<const Tensor*> cp, gp;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    cp.push_back(&cs[i]);
+    gp.push_back(&gs[i]);
+  }
+  double sc = 0, sg1 = 0, sg2 = 0;
+  ASSERT_TRUE(cpu_->sum_squares(cp, &sc).ok());
+  ASSERT_TRUE(gpu_->sum_squares(gp, &sg1).ok());
+  ASSERT_TRUE(gpu_->sum_squares(gp, &sg2).ok());
+  EXPECT_EQ(sg1, sg2) << "sum_squares is not deterministic";
+  EXPECT_GT(sc, 0.0);
+  EXPECT_NEAR(sg1, sc, 1e-12 * sc);
+  const int64_t n = 100003;
+  std::vector<double> a(n), b(n);
+  const std::vector<float> ra = randn(n, 80), rb = randn(n, 81);
+  for (int64_t i = 0; i < n; ++i) {  // values whose sums round in fp64
+    a[i] = static_cast<double>(ra[i]) / 3.0;
+    b[i] = static_cast<double>(rb[i]) * 1e-9 / 7.0;
+  }
+  Tensor ac = cpu_->empty({n}, DType::kF64).value(), bc = cpu_->empty({n}, DType::kF64).value();
+  std::memcpy(ac.data(), a.data(), n * sizeof(double));
+  std::memcpy(bc.data(), b.data(), n * sizeof(double));
+  Tensor ag = dev(ac), bg = dev(bc), og = gpu_->empty({n}, DType::kF64).value();
+  ASSERT_TRUE(gpu_->add(ag, bg, og).ok());
+  std::vector<double> want(n);
+  for (int64_t i = 0; i < n; ++i) want[i] = a[i] + b[i];
+  expect_bits(want, back<double>(og), "add f64");
+  Tensor f32 = gpu_->empty({n}, DType::kF32).value();
+  EXPECT_FALSE(gpu_->add(ag, bg, f32).ok());  // no mixed types
+}
+
 // Ops launched on a side stream run there; events order them against the compute stream.
 TEST_F(CudaBackendTest, StreamsAndEvents) {
   const int64_t n = 1 << 20;

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# optim.placement=device on several ranks (parallel::DeviceNameSync: ZeRO-1's gradient
+# reduce-scatter and weight all-gather on the backend's tensors, the sharded device AdamW)
+# against the host optimizer under real mpirun. On the CPU backend both placements must give the
+# same bits: every rank's losses, gradient norms and evaluation losses of the weights' moving
+# average, and every checkpoint shard (weights, Adam moments, the average) byte for byte, for
+# DualPipe pp=2 x dp=2 x ep=2 (FP8) and DualPipeV pp=2 x dp=2 (two local copies of the embedding
+# on ranks that also exchange it). A checkpoint written by the host placement resumes under the
+# device placement to the host run's final shards.
+# With PLACEMENT_CUDA=1 (the CUDA emulation's CTest mpi.placement_nccl, FP8PIPE_EMU_DEVICES=4),
+# the same DualPipe layout runs on train.device=cuda over NCCL: device tensors on the wire. The
+# device's squared norm is a tree sum (not the host's index order), so there the two placements
+# agree within 1e-6 relative in loss and gradient norm instead of bitwise.
+# Usage: multirank_placement_test.sh BUILD_DIR SOURCE_DIR
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
+test_init "$@"
+COMMON=(--train.steps=4 --log.every=1 --optim.warmup_steps=1 --train.seq_len=16)
+
+run() {  # run NAME NP [overrides...]
+  local name=$1 np=$2; shift 2
+  timeout 400 mpirun -np "$np" "$BIN" train "$SRC/configs/tiny.textproto" "${COMMON[@]}" \
+    --log.jsonl="$TMP/$name.r{rank}.jsonl" "$@" >"$TMP/$name.log" 2>&1
+}
+
+same_logs() {  # same_logs A B NP [TOL]: every rank's step and eval records, exactly or within TOL
+  python3 - "$TMP" "$1" "$2" "$3" "${4:-0}" <<'PY'
+import json, sys
+tmp, a, b, np, tol = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+keys = ("loss", "grad_norm", "mtp_loss", "eval_loss", "eval_ema_loss")
+n = 0
+for r in range(np):
+    load = lambda name: [json.loads(l) for l in open(f"{tmp}/{name}.r{r}.jsonl") if l.startswith("{")]
+    x, y = load(a), load(b)
+    assert len(x) == len(y) and any("grad_norm" in e for e in x), (r, len(x), len(y))
+    for ex, ey in zip(x, y):
+        for k in keys:
+            if k not in ex:
+                continue
+            if tol == 0:
+                assert ex[k] == ey[k], f"rank {r} step {ex.get('step')} {k}: {ex[k]} vs {ey[k]}"
+            else:
+                rel = abs(ex[k] - ey[k]) / max(abs(ex[k]), 1e-30)
+                assert rel <= tol, f"rank {r} step {ex.get('step')} {k}: {ex[k]} vs {ey[k]} ({rel:.1e})"
+            n += 1
+print(f"{n} values {'identical' if tol == 0 else f'within {tol:g}'} over {np} ranks")
+PY
+}
+
+same_shards() {  # same_shards DIR_A DIR_B: every rank's shard byte for byte
+  local f n=0
+  for f in "$1"/rank_*.safetensors; do
+    cmp -s "$f" "$2/$(basename "$f")" || { echo "$(basename "$f") differs"; return 1; }
+    n=$((n + 1))
+  done
+  ((n > 0)) || { echo "no shards in $1"; return 1; }
+  echo "$n shards identical"
+}
+
+if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
+  # DualPipe pp=2 x dp=2 x ep=2 (FP8), checkpoints at steps 2 and 4, the moving average evaluated.
+  DP=(--parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
+      --precision.mode=FP8 --checkpoint.every=2 --train.eval_every=2 --train.eval_batches=1
+      --optim.ema_decay=0.9)
+  for place in host device; do
+    run "dp_$place" 4 "${DP[@]}" --optim.placement=$place --checkpoint.dir="$TMP/ck_$place" ||
+      { bad "DualPipe pp=2 x dp=2 x ep=2, optim.placement=$place"; tail -5 "$TMP/dp_$place.log"; }
+  done
+  if grep -q "AdamW on cpu (optim.placement=device), ZeRO-1 exchanges over MPI" "$TMP/dp_device.log" &&
+     same_logs dp_host dp_device 4 >"$TMP/dp.cmp" 2>&1 &&
+     same_shards "$TMP/ck_host/step_00000002" "$TMP/ck_device/step_00000002" >>"$TMP/dp.cmp" &&
+     same_shards "$TMP/ck_host/step_00000004" "$TMP/ck_device/step_00000004" >>"$TMP/dp.cmp"; then
+    ok "DualPipe pp=2 x dp=2 x ep=2 FP8: device placement gives the host bits ($(tr '\n' ';' <"$TMP/dp.cmp"))"
+  else
+    bad "DualPipe pp=2 x dp=2 x ep=2 FP8: device vs host placement"; cat "$TMP/dp.cmp"
+  fi
+
+  # The host placement's step-2 checkpoint, resumed under the device placement, ends at the host
+  # run's step-4 shards.
+  if run resume 4 "${DP[@]}" --optim.placement=device --checkpoint.dir="$TMP/ck_resume" \
+       --checkpoint.resume="$TMP/ck_host/step_00000002" &&
+     grep -q "resumed from $TMP/ck_host/step_00000002" "$TMP/resume.log" &&
+     same_shards "$TMP/ck_host/step_00000004" "$TMP/ck_resume/step_00000004" >"$TMP/resume.cmp"; then
+    ok "host checkpoint resumed on the device placement: $(cat "$TMP/resume.cmp") at step 4"
+  else
+    bad "host checkpoint resumed on the device placement"; tail -5 "$TMP/resume.log"
+    cat "$TMP/resume.cmp" 2>/dev/null
+  fi
+
+  # DualPipeV pp=2 x dp=2: each rank holds "embed.weight" twice and shares it with its replica.
+  for place in host device; do
+    run "dv_$place" 4 --parallel.pp=2 --parallel.dp=2 --parallel.schedule=dualpipev \
+      --precision.mode=FP32 --checkpoint.dir="$TMP/dv_$place" --checkpoint.every=4 \
+      --train.eval_every=0 --optim.placement=$place ||
+      { bad "DualPipeV pp=2 x dp=2, optim.placement=$place"; tail -5 "$TMP/dv_$place.log"; }
+  done
+  if same_logs dv_host dv_device 4 >"$TMP/dv.cmp" 2>&1 &&
+     same_shards "$TMP/dv_host/step_00000004" "$TMP/dv_device/step_00000004" >>"$TMP/dv.cmp"; then
+    ok "DualPipeV pp=2 x dp=2: device placement gives the host bits ($(tr '\n' ';' <"$TMP/dv.cmp"))"
+  else
+    bad "DualPipeV pp=2 x dp=2: device vs host placement"; cat "$TMP/dv.cmp"
+  fi
+else
+  # The CUDA emulation: train.device=cuda, one emulated GPU per rank, NCCL on device tensors.
+  CU=(--train.steps=3 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
+      --precision.mode=FP8 --train.device=cuda --parallel.comm_backend=nccl --checkpoint.dir=
+      --checkpoint.every=0 --train.eval_every=0)
+  for place in host device; do
+    run "cu_$place" 4 "${CU[@]}" --optim.placement=$place ||
+      { bad "CUDA emulation over NCCL, optim.placement=$place"; tail -5 "$TMP/cu_$place.log"; }
+  done
+  if grep -q "ZeRO-1 exchanges over NCCL on device tensors" "$TMP/cu_device.log" &&
+     same_logs cu_host cu_device 4 1e-6 >"$TMP/cu.cmp" 2>&1; then
+    ok "CUDA emulation, DualPipe pp=2 x dp=2 x ep=2 over NCCL: device placement matches host ($(cat "$TMP/cu.cmp"))"
+  else
+    bad "CUDA emulation over NCCL: device vs host placement"; cat "$TMP/cu.cmp" 2>/dev/null
+    grep -h "optimizer" "$TMP/cu_device.log" | head -2
+  fi
+fi
+test_summary
