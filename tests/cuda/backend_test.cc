@@ -1143,7 +1143,7 @@ TEST_F(CudaBackendTest, OptimizerOps) {
 // to that reference.
 TEST_F(CudaBackendTest, CopyRangesMatchesCpu) {
   for (DType dt : {DType::kF32, DType::kF64, DType::kBF16}) {
-    const int64_t es = static_cast<int64_t>(dtype_size(dt)), N = 200000;
+    const int64_t es = static_cast<int64_t>(dtype_size(dt)), N = 400000;
     Tensor sc = cpu_->empty({N}, dt).value(), dc = cpu_->empty({N}, dt).value();
     const std::vector<float> bits = randn(N * es / 4 + 1, 90 + static_cast<uint32_t>(es));
     std::memcpy(sc.data(), bits.data(), N * es);
