@@ -10,7 +10,8 @@
 # With PLACEMENT_CUDA=1 (the CUDA emulation's CTest mpi.placement_nccl, FP8PIPE_EMU_DEVICES=4),
 # the same DualPipe layout runs on train.device=cuda over NCCL: device tensors on the wire. The
 # device's squared norm is a tree sum (not the host's index order), so there the two placements
-# agree within 1e-6 relative in loss and gradient norm instead of bitwise.
+# agree within 1e-6 relative in loss and gradient norm instead of bitwise; a device-placement
+# checkpoint resumes to the uninterrupted run's next step exactly.
 # Usage: multirank_placement_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -103,12 +104,30 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
 else
   # The CUDA emulation: train.device=cuda, one emulated GPU per rank, NCCL on device tensors.
   CU=(--train.steps=3 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
-      --precision.mode=FP8 --train.device=cuda --parallel.comm_backend=nccl --checkpoint.dir=
-      --checkpoint.every=0 --train.eval_every=0)
+      --precision.mode=FP8 --train.device=cuda --parallel.comm_backend=nccl --checkpoint.every=2
+      --train.eval_every=0)
   for place in host device; do
-    run "cu_$place" 4 "${CU[@]}" --optim.placement=$place ||
+    run "cu_$place" 4 "${CU[@]}" --optim.placement=$place --checkpoint.dir="$TMP/cu_ck_$place" ||
       { bad "CUDA emulation over NCCL, optim.placement=$place"; tail -5 "$TMP/cu_$place.log"; }
   done
+  # The device run's step-2 checkpoint (device weights and sharded moments through the host
+  # copies) resumed on the device: step 3 as in the uninterrupted run, bit for bit.
+  if run cu_resume 4 "${CU[@]}" --optim.placement=device --checkpoint.dir="$TMP/cu_ck_resume" \
+       --checkpoint.resume="$TMP/cu_ck_device/step_00000002" &&
+     python3 - "$TMP/cu_device.r0.jsonl" "$TMP/cu_resume.r0.jsonl" >"$TMP/cu_resume.cmp" 2>&1 <<'PY'
+import json, sys
+a, b = ([json.loads(l) for l in open(p) if l.startswith('{"step"')] for p in sys.argv[1:3])
+assert len(a) == 3 and len(b) == 1 and b[0]["step"] == 3, (len(a), len(b))
+for k in ("loss", "grad_norm", "mtp_loss"):
+    assert a[2][k] == b[0][k], (k, a[2][k], b[0][k])
+print(f"step 3 loss {b[0]['loss']}, norm {b[0]['grad_norm']} as uninterrupted")
+PY
+  then
+    ok "CUDA emulation: a device-placement checkpoint resumes exactly ($(cat "$TMP/cu_resume.cmp"))"
+  else
+    bad "CUDA emulation: device-placement resume"; tail -5 "$TMP/cu_resume.log"
+    cat "$TMP/cu_resume.cmp" 2>/dev/null
+  fi
   if grep -q "ZeRO-1 exchanges over NCCL on device tensors" "$TMP/cu_device.log" &&
      same_logs cu_host cu_device 4 1e-6 >"$TMP/cu.cmp" 2>&1; then
     ok "CUDA emulation, DualPipe pp=2 x dp=2 x ep=2 over NCCL: device placement matches host ($(cat "$TMP/cu.cmp"))"
