@@ -272,7 +272,8 @@ Status Trainer::setup_device_optimizer() {
   dev_opt_.emplace(std::move(d));
   std::string how;
   if (world_size_ > 1) {
-    how = fmt::format(", ZeRO-1 exchanges over {}", nccl_comms_ ? "NCCL on device tensors" : "MPI");
+    how = fmt::format(", ZeRO-1 exchanges over {} in {} buckets",
+                      nccl_comms_ ? "NCCL on device tensors" : "MPI", dev_grad_sync_->buckets());
   } else if (exchange) {
     how = ", local copies summed there";
   }

@@ -53,8 +53,8 @@ PipelineExecutor::PipelineExecutor(const Schedule& s, int pp_rank, Comm* pp,
       chunks_(std::move(chunks)),
       ctx_(ctx),
       hidden_(hidden),
-      fb_overlap_(fb_overlap),
-      matched_(pp && pp->p2p_matched_groups()) {
+      matched_(pp && pp->p2p_matched_groups()),
+      fb_overlap_(fb_overlap) {
   if (const char* e = std::getenv("FP8PIPE_P2P_GROUPS")) {
     const std::string_view v(e);
     if (v == "matched" || v == "eager") {

@@ -1,7 +1,9 @@
 #include "parallel/grad_sync.h"
 
 #include <algorithm>
+#include <cstdlib>
 
+#include "core/log.h"
 #include "optim/adamw.h"
 #include "parallel/executor.h"
 
@@ -270,6 +272,38 @@ DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
     }
     sets_[it->second].entries.push_back(&e);
   }
+  // Buckets: a set larger than a bucket splits into runs of whole names (one name may exceed it).
+  // A set's members hold the same names, so every member cuts it alike.
+  double mb = kDefaultBucketMB;
+  if (const char* env = std::getenv("FP8PIPE_ZERO1_BUCKET_MB")) {
+    char* end = nullptr;
+    const double v = std::strtod(env, &end);
+    if (end != env && *end == '\0' && v > 0) {
+      mb = v;
+    } else {
+      log::warn("FP8PIPE_ZERO1_BUCKET_MB='{}' is not a positive number of MB: using {}", env,
+                kDefaultBucketMB);
+    }
+  }
+  const auto bucket = static_cast<int64_t>(mb * 1024 * 1024);
+  auto bytes = [](const DeviceEntry* e) {
+    const Tensor& t = e->copies.front();
+    return t.numel() * static_cast<int64_t>(dtype_size(t.dtype()));
+  };
+  std::vector<Set> split;
+  for (const Set& set : sets_) {
+    split.push_back({set.ranks, {}, set.me});
+    int64_t filled = 0;
+    for (const DeviceEntry* e : set.entries) {
+      if (!split.back().entries.empty() && filled + bytes(e) > bucket) {
+        split.push_back({set.ranks, {}, set.me});
+        filled = 0;
+      }
+      split.back().entries.push_back(e);
+      filled += bytes(e);
+    }
+  }
+  sets_ = std::move(split);
   stage_ = be_.device() != Device::kCpu && !(world_ && world_->device_buffers());
   if (stage_) host_ = make_cpu_backend();
 }
@@ -340,26 +374,37 @@ Status DeviceNameSync::reduce_scatter_sum() {
   }
   if (sets_.empty()) return Status::Ok();
   if (!world_) return FP8_ERROR(Code::kInternal, "gradient sync needs a world communicator");
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(reduce_round(k, k + 1));
+  return Status::Ok();
+}
+
+// Sets [b, e): every message posted, then waited on, then summed (the round's memory: about two
+// packed copies of its sums). The trainer's rounds are one set each: members that hold other
+// sets besides post different sets, and a round that mixed sets could wait in one NCCL group on a
+// peer's next group. Sets go in one order on every rank (by first name), so the smallest set not
+// yet done is every member's current round: no cycle.
+Status DeviceNameSync::reduce_round(size_t b, size_t e) {
   std::vector<Work> works;
   std::vector<Tensor> keep;
   // contrib[k][j]: member j's part of this rank's shard of set k (its own, packed, at j = me).
-  std::vector<std::vector<Tensor>> contrib(sets_.size());
-  for (size_t k = 0; k < sets_.size(); ++k) {
+  std::vector<std::vector<Tensor>> contrib(e - b);
+  for (size_t k = b; k < e; ++k) {
     const Set& set = sets_[k];
     const int n = static_cast<int>(set.ranks.size());
     const int tag = static_cast<int>(k % 32768);
     const DType dt = set.entries.front()->copies.front().dtype();
     const int64_t mine = pack_size(set, set.me);
-    contrib[k].resize(n);
+    auto& parts = contrib[k - b];
+    parts.resize(n);
     for (int j = 0; j < n; ++j) {
       if (j == set.me) {
         if (mine > 0) {
-          FP8_ASSIGN_OR_RETURN(contrib[k][j], pack(set, j));
+          FP8_ASSIGN_OR_RETURN(parts[j], pack(set, j));
         }
         continue;
       }
       if (mine > 0) {
-        FP8_ASSIGN_OR_RETURN(contrib[k][j], recv(mine, dt, set.ranks[j], tag, works));
+        FP8_ASSIGN_OR_RETURN(parts[j], recv(mine, dt, set.ranks[j], tag, works));
       }
       if (pack_size(set, j) > 0) {
         FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
@@ -368,9 +413,9 @@ Status DeviceNameSync::reduce_scatter_sum() {
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = 0; k < sets_.size(); ++k) {  // the n parts in rank order, as NameSync's leader
+  for (size_t k = b; k < e; ++k) {  // the n parts in rank order, as NameSync's leader
     const Set& set = sets_[k];
-    auto& parts = contrib[k];
+    auto& parts = contrib[k - b];
     if (!parts[set.me].defined()) continue;  // an empty shard
     for (Tensor& t : parts) {
       if (stage_ && t.device() == Device::kCpu) {
@@ -387,13 +432,22 @@ Status DeviceNameSync::reduce_scatter_sum() {
 }
 
 Status DeviceNameSync::all_gather() {
-  std::vector<Work> works;
-  std::vector<Tensor> keep;
-  std::vector<std::vector<Tensor>> theirs(sets_.size());
   if (!sets_.empty() && !world_) {
     return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
   }
-  for (size_t k = 0; k < sets_.size(); ++k) {
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(gather_round(k, k + 1));
+  for (DeviceEntry& e : entries_) {  // a second local copy follows the first
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      FP8_RETURN_IF_ERROR(be_.copy(e.copies[0], e.copies[c]));
+  }
+  return Status::Ok();
+}
+
+Status DeviceNameSync::gather_round(size_t b, size_t e) {
+  std::vector<Work> works;
+  std::vector<Tensor> keep;
+  std::vector<std::vector<Tensor>> theirs(e - b);
+  for (size_t k = b; k < e; ++k) {
     const Set& set = sets_[k];
     const int n = static_cast<int>(set.ranks.size());
     const int tag = static_cast<int>(k % 32768);
@@ -402,26 +456,23 @@ Status DeviceNameSync::all_gather() {
     if (pack_size(set, set.me) > 0) {
       FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me));
     }
-    theirs[k].resize(n);
+    theirs[k - b].resize(n);
     for (int j = 0; j < n; ++j) {
       if (j == set.me) continue;
       const int64_t size = pack_size(set, j);
       if (size > 0) {
-        FP8_ASSIGN_OR_RETURN(theirs[k][j], recv(size, dt, set.ranks[j], tag, works));
+        FP8_ASSIGN_OR_RETURN(theirs[k - b][j], recv(size, dt, set.ranks[j], tag, works));
       }
       if (mine.defined()) works.push_back(send(mine, set.ranks[j], tag, keep));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = 0; k < sets_.size(); ++k) {
-    for (size_t j = 0; j < theirs[k].size(); ++j) {
-      if (theirs[k][j].defined())
-        FP8_RETURN_IF_ERROR(unpack(sets_[k], static_cast<int>(j), theirs[k][j]));
+  for (size_t k = b; k < e; ++k) {
+    for (size_t j = 0; j < theirs[k - b].size(); ++j) {
+      if (theirs[k - b][j].defined()) {
+        FP8_RETURN_IF_ERROR(unpack(sets_[k], static_cast<int>(j), theirs[k - b][j]));
+      }
     }
-  }
-  for (DeviceEntry& e : entries_) {  // a second local copy follows the first
-    for (size_t c = 1; c < e.copies.size(); ++c)
-      FP8_RETURN_IF_ERROR(be_.copy(e.copies[0], e.copies[c]));
   }
   return Status::Ok();
 }

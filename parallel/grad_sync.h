@@ -98,7 +98,10 @@ class ShardGather {
 // sends (n - 1)/n of a sum and receives as much, with no leader (NameSync's leader receives
 // n - 1 whole sums). A comm with device buffers (NCCL) moves the tensors themselves; any other
 // comm (MPI) gets host copies on a device backend. Per set and peer, one message carries the
-// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each.
+// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each. Sets are
+// cut into buckets of at most FP8PIPE_ZERO1_BUCKET_MB (default 256 MB of sums or weights; one
+// name may exceed it) and exchanged one after another: a bucket's send and receive buffers
+// (about twice its size) are the transient memory.
 struct DeviceEntry {
   std::string name;
   std::vector<Tensor>
@@ -107,6 +110,7 @@ struct DeviceEntry {
 
 class DeviceNameSync {
  public:
+  static constexpr double kDefaultBucketMB = 256;
   DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
                  std::map<std::string, std::vector<int>> holders, int world_rank, Comm* world);
   // fp64 sums: a rank's first copy of a name (position i of n in its holders) ends holding
@@ -116,6 +120,8 @@ class DeviceNameSync {
   // Weights: the first copy's own shard (just updated) goes to every holder; afterwards every
   // copy on every holder has every shard.
   Status all_gather();
+  // Messages to each peer, one set's bucket at a time (FP8PIPE_ZERO1_BUCKET_MB).
+  size_t buckets() const { return sets_.size(); }
 
  private:
   struct Set {
@@ -130,13 +136,18 @@ class DeviceNameSync {
   Status unpack(const Set& set, int j, const Tensor& buf);
   // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
   std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
+  Status reduce_round(size_t b, size_t e);  // sets [b, e), posted together
+  Status gather_round(size_t b, size_t e);
   // Posts the transfer of t (on the backend); a recv into a host tensor when staging.
   Work send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep);
   Result<Tensor> recv(int64_t n, DType dt, int peer, int tag, std::vector<Work>& works);
 
   Backend& be_;
   std::vector<DeviceEntry> entries_;
-  std::vector<Set> sets_;  // sets of two or more ranks, by first name: the same order everywhere
+  // Sets of two or more ranks, by first name (the same order everywhere), a set larger than a
+  // bucket cut into runs of whole names, exchanged one after another so that one set's packed
+  // buffers bound the memory.
+  std::vector<Set> sets_;
   int rank_;
   Comm* world_;
   bool stage_;  // host copies on the wire (a device backend and a host-memory comm)

@@ -470,8 +470,9 @@ TEST(SimMatched, RendezvousCostsOnlyWhereSendsGoLate) {
       const PipelineResult eager = run(kind, ranks, mbs, c);
       auto late = plan_p2p_groups(s, false), early = plan_p2p_groups(s, true);
       ASSERT_TRUE(late.ok() && early.ok()) << what;
-      if (kind == ScheduleKind::k1F1B || kind == ScheduleKind::kDualPipe)
+      if (kind == ScheduleKind::k1F1B || kind == ScheduleKind::kDualPipe) {
         EXPECT_EQ(late->late_sends, 0) << what;
+      }
       double span[2] = {0, 0};  // late sends, early sends
       for (int mode = 0; mode < 2; ++mode) {
         auto r = simulate_pipeline(s, c, false, mode == 0 ? &*late : &*early);
@@ -481,7 +482,9 @@ TEST(SimMatched, RendezvousCostsOnlyWhereSendsGoLate) {
         span[mode] = r->makespan;
       }
       EXPECT_DOUBLE_EQ(span[1], eager.makespan) << what;
-      if (late->late_sends == 0) EXPECT_DOUBLE_EQ(span[0], eager.makespan) << what;
+      if (late->late_sends == 0) {
+        EXPECT_DOUBLE_EQ(span[0], eager.makespan) << what;
+      }
       if (ranks == 8) {
         std::printf("%s: makespan %.0f eager and with early sends; %.0f with %d late sends\n",
                     what.c_str(), eager.makespan, span[0], late->late_sends);

@@ -89,15 +89,19 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   fi
 
   # DualPipeV pp=2 x dp=2: each rank holds "embed.weight" twice and shares it with its replica.
+  # The device run cuts its exchanges into 20 KB buckets (FP8PIPE_ZERO1_BUCKET_MB), one after
+  # another: the same bits.
   for place in host device; do
-    run "dv_$place" 4 --parallel.pp=2 --parallel.dp=2 --parallel.schedule=dualpipev \
+    FP8PIPE_ZERO1_BUCKET_MB=$([ $place = device ] && echo 0.02 || echo 256) run "dv_$place" 4 --parallel.pp=2 --parallel.dp=2 --parallel.schedule=dualpipev \
       --precision.mode=FP32 --checkpoint.dir="$TMP/dv_$place" --checkpoint.every=4 \
       --train.eval_every=0 --optim.placement=$place ||
       { bad "DualPipeV pp=2 x dp=2, optim.placement=$place"; tail -5 "$TMP/dv_$place.log"; }
   done
-  if same_logs dv_host dv_device 4 >"$TMP/dv.cmp" 2>&1 &&
+  buckets=$(sed -n 's/.*ZeRO-1 exchanges over MPI in \([0-9]*\) buckets.*/\1/p' "$TMP/dv_device.log" | head -n 1)
+  echo "DualPipeV device run: ${buckets:-?} buckets of 20 KB"
+  if [ "${buckets:-0}" -gt 10 ] && same_logs dv_host dv_device 4 >"$TMP/dv.cmp" 2>&1 &&
      same_shards "$TMP/dv_host/step_00000004" "$TMP/dv_device/step_00000004" >>"$TMP/dv.cmp"; then
-    ok "DualPipeV pp=2 x dp=2: device placement gives the host bits ($(tr '\n' ';' <"$TMP/dv.cmp"))"
+    ok "DualPipeV pp=2 x dp=2, $buckets buckets: device placement gives the host bits ($(tr '\n' ';' <"$TMP/dv.cmp"))"
   else
     bad "DualPipeV pp=2 x dp=2: device vs host placement"; cat "$TMP/dv.cmp"
   fi
@@ -106,8 +110,10 @@ else
   CU=(--train.steps=3 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
       --precision.mode=FP8 --train.device=cuda --parallel.comm_backend=nccl --checkpoint.every=2
       --train.eval_every=0)
+  # The device run in 50 KB buckets: sets exchanged one after another on the serial NCCL.
   for place in host device; do
-    run "cu_$place" 4 "${CU[@]}" --optim.placement=$place --checkpoint.dir="$TMP/cu_ck_$place" ||
+    FP8PIPE_ZERO1_BUCKET_MB=$([ $place = device ] && echo 0.05 || echo 256) \
+      run "cu_$place" 4 "${CU[@]}" --optim.placement=$place --checkpoint.dir="$TMP/cu_ck_$place" ||
       { bad "CUDA emulation over NCCL, optim.placement=$place"; tail -5 "$TMP/cu_$place.log"; }
   done
   # The device run's step-2 checkpoint (device weights and sharded moments through the host
@@ -128,7 +134,7 @@ PY
     bad "CUDA emulation: device-placement resume"; tail -5 "$TMP/cu_resume.log"
     cat "$TMP/cu_resume.cmp" 2>/dev/null
   fi
-  if grep -q "ZeRO-1 exchanges over NCCL on device tensors" "$TMP/cu_device.log" &&
+  if grep -Eq "ZeRO-1 exchanges over NCCL on device tensors in [0-9]{2,} buckets" "$TMP/cu_device.log" &&
      same_logs cu_host cu_device 4 1e-6 >"$TMP/cu.cmp" 2>&1; then
     ok "CUDA emulation, DualPipe pp=2 x dp=2 x ep=2 over NCCL: device placement matches host ($(cat "$TMP/cu.cmp"))"
   else
