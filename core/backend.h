@@ -60,6 +60,13 @@ struct CopyRange {
   int64_t n = 0;
 };
 
+// One run of Backend::adamw_runs: elements [begin, end) of the flat weights and gradients, the
+// moments from `moment` on, and which of the two scalar sets applies.
+struct AdamWRun {
+  int64_t begin = 0, end = 0, moment = 0;
+  bool weight_decay = true;
+};
+
 // Contiguous row groups of one [M, K] activation: the MoE's local experts, each a run of rows of
 // the expert-sorted (and padded) buffer. Group g is rows offsets[g] .. offsets[g+1]; tiles[g]
 // counts the 128-row tiles of the groups before g (a group's 128x1 tiles start at its first row).
@@ -288,6 +295,12 @@ class Backend {
   // bf16 moments; all with the same element count.
   virtual Status adamw(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
                        const kernels::AdamWScalars& s) = 0;
+  // adamw over runs of flat buffers in one call (optim::DeviceAdamW's step: ZeRO-1 shards, runs
+  // of whole tensors): run r is adamw(p[r.begin, r.end), g[same], m[r.moment, r.moment + len),
+  // v[same], s[r.weight_decay ? 1 : 0]); runs do not overlap. A device runs them in one launch;
+  // this default, one adamw per run.
+  virtual Status adamw_runs(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                            std::span<const AdamWRun> runs, const kernels::AdamWScalars s[2]);
 
   // Copies a device tensor to host memory (a plain copy on the CPU backend).
   Result<Tensor> to_host(const Tensor& t);

@@ -365,6 +365,20 @@ Status Backend::copy_ranges(std::span<const CopyRange> rs) {
   return Status::Ok();
 }
 
+// The reference: one adamw per run, over views of the flat buffers.
+Status Backend::adamw_runs(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                           std::span<const AdamWRun> runs, const kernels::AdamWScalars s[2]) {
+  for (const AdamWRun& r : runs) {
+    FP8_RETURN_IF_ERROR(checks::adamw_run(p, g, m, v, r));
+    if (r.end == r.begin) continue;
+    Tensor pv = p.slice_rows(r.begin, r.end),
+           mv = m.slice_rows(r.moment, r.moment + r.end - r.begin),
+           vv = v.slice_rows(r.moment, r.moment + r.end - r.begin);
+    FP8_RETURN_IF_ERROR(adamw(pv, g.slice_rows(r.begin, r.end), mv, vv, s[r.weight_decay ? 1 : 0]));
+  }
+  return Status::Ok();
+}
+
 // The grouped GEMMs' reference: one call after another.
 Status Backend::gemm_fp8_grouped(std::span<const Fp8GemmArgs> gs, GemmMode mode) {
   FP8_RETURN_IF_ERROR(checks::gemm_fp8_grouped(gs));

@@ -416,17 +416,9 @@ class CudaBackend final : public Backend {
     const size_t item_bytes = items.size() * sizeof(int32_t);
     FP8_ASSIGN_OR_RETURN(auto table, alloc(seg_bytes + item_bytes, cur()));
     auto* base = static_cast<char*>(table->ptr);
-    auto upload = [&](char* at, const void* from, size_t n) -> Status {
-      if (n <= StagingRing::kMaxCopy) {  // no synchronization
-        FP8_CUDA("copy_ranges (table)", ctx_->staging.upload(at, from, n, cur()));
-        return Status::Ok();
-      }
-      FP8_CUDA("copy_ranges (table)", cudaMemcpyAsync(at, from, n, cudaMemcpyHostToDevice, cur()));
-      FP8_CUDA("copy_ranges (table)", cudaStreamSynchronize(cur()));
-      return Status::Ok();
-    };
-    FP8_RETURN_IF_ERROR(upload(base, segs.data(), seg_bytes));
-    FP8_RETURN_IF_ERROR(upload(base + seg_bytes, items.data(), item_bytes));
+    FP8_RETURN_IF_ERROR(upload_table(base, segs.data(), seg_bytes, "copy_ranges (table)"));
+    FP8_RETURN_IF_ERROR(
+        upload_table(base + seg_bytes, items.data(), item_bytes, "copy_ranges (table)"));
     FP8_GPU("copy_ranges", g::copy_ranges(reinterpret_cast<const g::CopySeg*>(base),
                                           reinterpret_cast<const int32_t*>(base + seg_bytes),
                                           static_cast<int64_t>(items.size() / 2), cur()));
@@ -1159,6 +1151,41 @@ class CudaBackend final : public Backend {
     *total += h;
     return Status::Ok();
   }
+  // Every run in one launch: a table of runs and kAdamWChunk-element chunks.
+  Status adamw_runs(Tensor& p, const Tensor& gr, Tensor& m, Tensor& v,
+                    std::span<const AdamWRun> runs, const kernels::AdamWScalars s[2]) override {
+    FP8_RETURN_IF_ERROR(on_gpu("adamw_runs", {&p, &gr, &m, &v}));
+    std::vector<g::AdamWRunDev> table;
+    std::vector<int32_t> items;
+    for (const AdamWRun& r : runs) {
+      FP8_RETURN_IF_ERROR(checks::adamw_run(p, gr, m, v, r));
+      if (r.end == r.begin) continue;
+      const int64_t chunks = (r.end - r.begin + g::kAdamWChunk - 1) / g::kAdamWChunk;
+      if (static_cast<int64_t>(items.size()) / 2 + chunks > (int64_t{1} << 30)) {
+        return FP8_INVALID("adamw_runs: more than 2^30 chunks of {} elements", g::kAdamWChunk);
+      }
+      for (int64_t c = 0; c < chunks; ++c) {
+        items.push_back(static_cast<int32_t>(table.size()));
+        items.push_back(static_cast<int32_t>(c));
+      }
+      table.push_back({r.begin, r.end, r.moment, r.weight_decay ? 1 : 0});
+    }
+    if (table.empty()) return Status::Ok();
+    const size_t run_bytes = table.size() * sizeof(g::AdamWRunDev);
+    const size_t item_bytes = items.size() * sizeof(int32_t);
+    FP8_ASSIGN_OR_RETURN(auto dev, alloc(run_bytes + item_bytes, cur()));
+    auto* base = static_cast<char*>(dev->ptr);
+    FP8_RETURN_IF_ERROR(upload_table(base, table.data(), run_bytes, "adamw_runs (table)"));
+    FP8_RETURN_IF_ERROR(
+        upload_table(base + run_bytes, items.data(), item_bytes, "adamw_runs (table)"));
+    FP8_GPU("adamw_runs",
+            g::adamw_runs(p.data_as<float>(), gr.data_as<float>(), m.data_as<uint16_t>(),
+                          v.data_as<uint16_t>(), reinterpret_cast<const g::AdamWRunDev*>(base),
+                          reinterpret_cast<const int32_t*>(base + run_bytes),
+                          static_cast<int64_t>(items.size() / 2), s[0], s[1], cur()));
+    return Status::Ok();
+  }
+
   Status adamw(Tensor& p, const Tensor& gr, Tensor& m, Tensor& v,
                const kernels::AdamWScalars& s) override {
     FP8_RETURN_IF_ERROR(on_gpu("adamw", {&p, &gr, &m, &v}));
@@ -1169,6 +1196,18 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // A host table into device memory in stream order: through the staging ring (no
+  // synchronization) up to its largest copy, else a synchronous copy; `from` may go at return.
+  Status upload_table(void* at, const void* from, size_t n, const char* what) {
+    if (n <= StagingRing::kMaxCopy) {
+      FP8_CUDA(what, ctx_->staging.upload(at, from, n, cur()));
+      return Status::Ok();
+    }
+    FP8_CUDA(what, cudaMemcpyAsync(at, from, n, cudaMemcpyHostToDevice, cur()));
+    FP8_CUDA(what, cudaStreamSynchronize(cur()));
+    return Status::Ok();
+  }
+
   // The stream ops of this thread run on, with the backend's device made current first: the
   // current device is per host thread and a new thread starts on device 0, so a thread that has
   // not allocated yet (the FB overlap's backward half, parallel/executor.cc) would otherwise

@@ -60,6 +60,26 @@ Status copy(const Tensor& src, const Tensor& dst) {
   return Status::Ok();
 }
 
+Status adamw_run(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                 const AdamWRun& r) {
+  if (p.rank() != 1 || g.rank() != 1 || m.rank() != 1 || v.rank() != 1 ||
+      p.dtype() != DType::kF32 || g.dtype() != DType::kF32 || m.dtype() != DType::kBF16 ||
+      v.dtype() != DType::kBF16 || g.numel() != p.numel() || v.numel() != m.numel()) {
+    return FP8_INVALID(
+        "adamw_runs: p, g must be 1-D fp32 of one length and m, v 1-D bf16 of one length; got {}, "
+        "{}, {}, {}",
+        p.describe(), g.describe(), m.describe(), v.describe());
+  }
+  if (r.begin < 0 || r.end < r.begin || r.end > p.numel() || r.moment < 0 ||
+      r.moment + (r.end - r.begin) > m.numel()) {
+    return FP8_INVALID(
+        "adamw_runs: run [{}, {}) with moments from {} is outside {} weights / {} "
+        "moments",
+        r.begin, r.end, r.moment, p.numel(), m.numel());
+  }
+  return Status::Ok();
+}
+
 Status copy_range(const CopyRange& r) {
   if (!r.src.defined() || !r.dst.defined() || r.src.dtype() != r.dst.dtype() ||
       dtype_size(r.src.dtype()) == 0) {

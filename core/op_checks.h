@@ -100,6 +100,9 @@ Status accumulate_grad(const Tensor& grad, const Tensor& acc);
 Status round_f64(const Tensor& acc, const Tensor& out);
 Status sum_squares(std::span<const Tensor* const> gs, const double* total);
 Status adamw(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v);
+// One run of adamw_runs: p, g 1-D fp32 of one length, m, v 1-D bf16, the run inside both.
+Status adamw_run(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                 const AdamWRun& r);
 
 // ---- data-dependent errors: the backend finds the first bad id, these word the error
 Status bad_token_id(int64_t position, int32_t id, int64_t vocab);  // embedding_fwd

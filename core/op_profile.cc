@@ -313,6 +313,10 @@ class ProfiledBackend final : public Backend {
                const kernels::AdamWScalars& s) override {
     return timed("adamw", 0, [&] { return in_->adamw(p, g, m, v, s); });
   }
+  Status adamw_runs(Tensor& p, const Tensor& g, Tensor& m, Tensor& v,
+                    std::span<const AdamWRun> runs, const kernels::AdamWScalars s[2]) override {
+    return timed("adamw_runs", 0, [&] { return in_->adamw_runs(p, g, m, v, runs, s); });
+  }
 
  private:
   // Calls fn between two timed events on the compute stream (where the model's operators run),

@@ -75,14 +75,9 @@ Result<DeviceAdamW> DeviceAdamW::create(Backend& be, const AdamW& host,
 Status DeviceAdamW::step(float lr, float grad_scale) {
   FP8_RETURN_IF_ERROR(check_step_args(lr, grad_scale));
   ++step_;
-  for (const Run& r : runs_) {  // one call per run
-    Tensor p = value_.slice_rows(r.begin, r.end), g = grad_.slice_rows(r.begin, r.end);
-    const int64_t mo = r.moment + (r.end - r.begin);
-    Tensor m = m_flat_.slice_rows(r.moment, mo), v = v_flat_.slice_rows(r.moment, mo);
-    FP8_RETURN_IF_ERROR(
-        be_->adamw(p, g, m, v, step_scalars(cfg_, r.weight_decay, lr, step_, grad_scale)));
-  }
-  return Status::Ok();
+  const kernels::AdamWScalars sc[2] = {step_scalars(cfg_, false, lr, step_, grad_scale),
+                                       step_scalars(cfg_, true, lr, step_, grad_scale)};
+  return be_->adamw_runs(value_, grad_, m_flat_, v_flat_, runs_, sc);  // one launch on a device
 }
 
 // The state travels as AdamWState (bf16 bytes, little-endian as the host stores them).

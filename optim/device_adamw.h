@@ -56,11 +56,8 @@ class DeviceAdamW {
   std::vector<TensorGroup> groups_;
   std::vector<Tensor> m_, v_;  // bf16, one per group (views of the flat moments)
   // [begin, end) element ranges of the flat value/grad buffers, where the run's moments start in
-  // the flat moments, and the decay flag.
-  struct Run {
-    int64_t begin, end, moment;
-    bool weight_decay;
-  };
+  // the flat moments, and the decay flag: one Backend::adamw_runs per step.
+  using Run = AdamWRun;
   std::vector<Run> runs_;
   Tensor value_, grad_, m_flat_, v_flat_;
   int64_t step_ = 0;

@@ -649,6 +649,20 @@ __global__ void k_adamw(float* p, const float* g, uint16_t* m, uint16_t* v, int6
   for (int64_t i = gtid(); i < n; i += gstride()) adamw_element(p[i], g[i], m[i], v[i], s);
 }
 
+// k_adamw over the chunk of a run that block k owns (items), with the run's scalars.
+__global__ void k_adamw_runs(float* p, const float* g, uint16_t* m, uint16_t* v,
+                             const AdamWRunDev* runs, const int32_t* items, AdamWScalars s0,
+                             AdamWScalars s1) {
+  const AdamWRunDev r = runs[items[2 * blockIdx.x]];
+  const int64_t first = r.begin + static_cast<int64_t>(items[2 * blockIdx.x + 1]) * kAdamWChunk;
+  const int64_t last = first + kAdamWChunk < r.end ? first + kAdamWChunk : r.end;
+  const AdamWScalars& s = r.decay ? s1 : s0;
+  for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
+    const int64_t j = r.moment + (i - r.begin);
+    adamw_element(p[i], g[i], m[j], v[j], s);
+  }
+}
+
 // MoE dispatch order: expert counts (integer atomics: exact in any order), then after the stable
 // sort each place's token and each assignment's place.
 __global__ void k_count_experts(const int32_t* idx, int64_t nk, int64_t E, int32_t* counts) {
@@ -1054,6 +1068,15 @@ Result f32_to_bf16(const float* x, int64_t n, uint16_t* out, cudaStream_t stream
 Result bf16_to_f32(const uint16_t* x, int64_t n, float* out, cudaStream_t stream) {
   if (n == 0) return Result::Ok();
   FP8PIPE_LAUNCH(k_from_bf16, grid_for(n), kThreads, stream, x, n, out);
+  return Result::Ok();
+}
+
+Result adamw_runs(float* p, const float* g, uint16_t* m, uint16_t* v, const AdamWRunDev* runs,
+                  const int32_t* items, int64_t n_items, AdamWScalars s0, AdamWScalars s1,
+                  cudaStream_t stream) {
+  if (n_items == 0) return Result::Ok();
+  FP8PIPE_LAUNCH(k_adamw_runs, static_cast<unsigned>(n_items), kThreads, stream, p, g, m, v, runs,
+                 items, s0, s1);
   return Result::Ok();
 }
 

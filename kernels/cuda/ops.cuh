@@ -151,6 +151,16 @@ Result softmax_bwd(const float* p, const float* dp, int64_t R, int64_t T, float*
 // adamw_scalars(), same operation order, no FMA contraction: the build uses -fmad=false).
 Result adamw_step(float* p, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                   const AdamWScalars& s, cudaStream_t stream);
+// adamw_step over runs in one launch: runs[r] = {begin, end, moment, decay (0/1)} of the flat
+// buffers, items[2k], items[2k + 1] = the run and the kAdamWChunk-element chunk block k updates;
+// s[decay] are the run's scalars.
+struct AdamWRunDev {
+  int64_t begin, end, moment, decay;
+};
+constexpr int64_t kAdamWChunk = 8192;
+Result adamw_runs(float* p, const float* g, uint16_t* m, uint16_t* v, const AdamWRunDev* runs,
+                  const int32_t* items, int64_t n_items, AdamWScalars s0, AdamWScalars s1,
+                  cudaStream_t stream);
 
 // The optimizer on the device (kernels/cuda/optim_ops.cu; Backend::accumulate_grad .. adamw).
 // acc[i] += double(g[i]); g[i] = 0 (bit-identical to the CPU loop: one exact add per element).

@@ -1172,6 +1172,49 @@ TEST_F(CudaBackendTest, CopyRangesMatchesCpu) {
   }
 }
 
+// adamw_runs in one launch (DeviceAdamW's step): runs of both decay flags at odd offsets, one
+// longer than a chunk, moments packed apart from the weights; bit for bit the CPU's one adamw per
+// run, elements outside every run untouched.
+TEST_F(CudaBackendTest, AdamWRunsMatchesCpu) {
+  const int64_t n = 30000, nm = 20000;
+  Tensor pc = hostf(Shape{n}, randn(n, 120, 0.05f)), gc = hostf(Shape{n}, randn(n, 121));
+  std::vector<uint16_t> mb(nm), vb(nm);
+  const std::vector<float> mr = randn(nm, 122, 0.01f), vr = randn(nm, 123, 0.01f);
+  for (int64_t i = 0; i < nm; ++i) {  // bf16 bits of plausible moments (v >= 0)
+    uint32_t a, b;
+    const float va = std::abs(vr[i]);
+    std::memcpy(&a, &mr[i], 4);
+    std::memcpy(&b, &va, 4);
+    mb[i] = static_cast<uint16_t>(a >> 16);
+    vb[i] = static_cast<uint16_t>(b >> 16);
+  }
+  Tensor mc = cpu_->empty({nm}, DType::kBF16).value(), vc = cpu_->empty({nm}, DType::kBF16).value();
+  std::memcpy(mc.data(), mb.data(), nm * 2);
+  std::memcpy(vc.data(), vb.data(), nm * 2);
+  Tensor pg = dev(pc), gg = dev(gc), mg = dev(mc), vg = dev(vc);
+  const std::vector<AdamWRun> runs = {{3, 500, 0, true},
+                                      {700, 9900, 497, false},
+                                      {10001, 10002, 9697, true},
+                                      {12000, 19000, 9800, true}};
+  kernels::AdamWHyper h;
+  h.lr = 1e-3f;
+  h.weight_decay = 0.1f;
+  h.step = 2;
+  kernels::AdamWScalars s[2];
+  s[1] = kernels::adamw_scalars(h);
+  h.weight_decay = 0.0f;
+  s[0] = kernels::adamw_scalars(h);
+  ASSERT_TRUE(cpu_->adamw_runs(pc, gc, mc, vc, runs, s).ok());
+  ASSERT_TRUE(gpu_->adamw_runs(pg, gg, mg, vg, runs, s).ok());
+  expect_bits(vec<float>(pc), back<float>(pg), "adamw_runs p");
+  expect_bits(vec<uint16_t>(mc), back<uint16_t>(mg), "adamw_runs m");
+  expect_bits(vec<uint16_t>(vc), back<uint16_t>(vg), "adamw_runs v");
+  EXPECT_EQ(vec<float>(pc)[600], randn(n, 120, 0.05f)[600]);  // between runs: untouched
+  EXPECT_NE(vec<float>(pc)[800], randn(n, 120, 0.05f)[800]);  // inside one: stepped
+  const std::vector<AdamWRun> past = {{0, 100, nm - 50, true}};
+  EXPECT_FALSE(gpu_->adamw_runs(pg, gg, mg, vg, past, s).ok());
+}
+
 // The norm of ZeRO-1 shards (many tensors, most small, some empty) in one launch, and the fp64
 // adds of the gradient reduce-scatter (parallel::DeviceNameSync): the sum of squares within
 // 1e-12 of the CPU's index-order sum and deterministic; fp64 add bit for bit the CPU's.
