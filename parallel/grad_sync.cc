@@ -85,11 +85,17 @@ bool NameSync::is_leader(const std::string& name) const {
   return it == holders_.end() || it->second.empty() || it->second.front() == rank_;
 }
 
-Status NameSync::sum(bool scatter) {
-  // Local copies first: the first copy holds the rank's sum.
+// The local copies' sum into the first copy.
+void NameSync::sum_local() {
   for (SyncEntry& e : entries_)
     for (size_t c = 1; c < e.copies.size(); ++c)
       for (int64_t i = 0; i < e.numel; ++i) e.copies[0][i] += e.copies[c][i];
+}
+
+// Every copy := the sum, through the lowest holder: members send their sums to it, it adds them
+// in rank order and sends every member the total.
+Status NameSync::all_reduce_sum() {
+  sum_local();
   std::vector<std::vector<double>> mine(sets_.size());
   std::vector<std::vector<std::vector<double>>> theirs(sets_.size());
   std::vector<Work> phase1, phase2;
@@ -114,63 +120,92 @@ Status NameSync::sum(bool scatter) {
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase1));
-  // Member m's part of a set's sums: everything, or (scatter) its shard of each name.
-  auto part = [&](const Set& set, size_t m, auto&& fn) {
-    int64_t off = 0;
-    for (const SyncEntry* e : set.entries) {
-      const optim::Range r = scatter ? optim::shard_range(e->numel, static_cast<int>(m),
-                                                          static_cast<int>(set.ranks.size()))
-                                     : optim::Range{0, e->numel};
-      fn(e, off, r);
-      off += e->numel;
-    }
-  };
-  std::vector<std::vector<std::vector<double>>> parts(sets_.size());
   for (size_t k = 0; k < sets_.size(); ++k) {  // phase 2: leader sums in rank order, sends back
     const Set& set = sets_[k];
     if (set.ranks.size() < 2) continue;
     auto& buf = mine[k];
     const int tag = static_cast<int>(k % 32768);
-    parts[k].resize(set.ranks.size());
     if (set.ranks.front() == rank_) {
       for (size_t m = 1; m < set.ranks.size(); ++m)
         for (size_t i = 0; i < buf.size(); ++i) buf[i] += theirs[k][m][i];
-      for (size_t m = 1; m < set.ranks.size(); ++m) {
-        auto& out = parts[k][m];
-        part(set, m, [&](const SyncEntry*, int64_t off, optim::Range r) {
-          out.insert(out.end(), buf.begin() + off + r.begin, buf.begin() + off + r.end);
-        });
+      for (size_t m = 1; m < set.ranks.size(); ++m)
         phase2.push_back(
-            world_->send(out.data(), out.size(), DataType::kFloat64, set.ranks[m], tag));
-      }
+            world_->send(buf.data(), buf.size(), DataType::kFloat64, set.ranks[m], tag));
     } else {
-      const size_t m = static_cast<size_t>(std::find(set.ranks.begin(), set.ranks.end(), rank_) -
-                                           set.ranks.begin());
-      int64_t n = 0;
-      part(set, m, [&](const SyncEntry*, int64_t, optim::Range r) { n += r.end - r.begin; });
-      parts[k][m].resize(n);
       phase2.push_back(
-          world_->recv(parts[k][m].data(), n, DataType::kFloat64, set.ranks.front(), tag));
+          world_->recv(buf.data(), buf.size(), DataType::kFloat64, set.ranks.front(), tag));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(phase2));
   for (size_t k = 0; k < sets_.size(); ++k) {  // unpack into every local copy
     const Set& set = sets_[k];
     if (set.ranks.size() < 2) continue;
-    if (set.ranks.front() == rank_) {
-      part(set, 0, [&](const SyncEntry* e, int64_t off, optim::Range) {
-        for (double* c : e->copies)
-          std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
-      });
-      continue;
-    }
-    const size_t m = static_cast<size_t>(std::find(set.ranks.begin(), set.ranks.end(), rank_) -
-                                         set.ranks.begin());
-    int64_t at = 0;
-    part(set, m, [&](const SyncEntry* e, int64_t, optim::Range r) {
+    int64_t off = 0;
+    for (const SyncEntry* e : set.entries) {
       for (double* c : e->copies)
-        std::copy(parts[k][m].begin() + at, parts[k][m].begin() + at + (r.end - r.begin),
-                  c + r.begin);
+        std::copy(mine[k].begin() + off, mine[k].begin() + off + e->numel, c);
+      off += e->numel;
+    }
+  }
+  for (const SyncEntry& e : entries_)  // sets of one rank: spread the local sum to all copies
+    for (size_t c = 1; c < e.copies.size(); ++c)
+      std::copy(e.copies[0], e.copies[0] + e.numel, e.copies[c]);
+  return Status::Ok();
+}
+
+// Direct: member j receives shard j of every other member's sum and adds the n parts in rank
+// order (the additions a leader would make), then writes its shard to its local copies.
+Status NameSync::reduce_scatter_sum() {
+  sum_local();
+  // Member j's shard of every name of a set, in name order: (entry, range) pairs.
+  auto shard = [](const Set& set, int j, auto&& fn) {
+    const int n = static_cast<int>(set.ranks.size());
+    for (const SyncEntry* e : set.entries) fn(e, optim::shard_range(e->numel, j, n));
+  };
+  auto pack = [&](const Set& set, int j) {
+    std::vector<double> out;
+    shard(set, j, [&](const SyncEntry* e, optim::Range r) {
+      out.insert(out.end(), e->copies[0] + r.begin, e->copies[0] + r.end);
+    });
+    return out;
+  };
+  // parts[k][j]: member j's contribution to this rank's shard of set k (its own at j = me).
+  std::vector<std::vector<std::vector<double>>> parts(sets_.size()), sent(sets_.size());
+  std::vector<int> me(sets_.size(), 0);
+  std::vector<Work> works;
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    const int n = static_cast<int>(set.ranks.size());
+    if (n < 2) continue;
+    if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
+    me[k] =
+        static_cast<int>(std::find(set.ranks.begin(), set.ranks.end(), rank_) - set.ranks.begin());
+    const int tag = static_cast<int>(k % 32768);
+    parts[k].resize(n);
+    sent[k].resize(n);
+    parts[k][me[k]] = pack(set, me[k]);
+    const size_t size = parts[k][me[k]].size();
+    for (int j = 0; j < n; ++j) {
+      if (j == me[k]) continue;
+      parts[k][j].resize(size);
+      works.push_back(
+          world_->recv(parts[k][j].data(), size, DataType::kFloat64, set.ranks[j], tag));
+      sent[k][j] = pack(set, j);
+      works.push_back(world_->send(sent[k][j].data(), sent[k][j].size(), DataType::kFloat64,
+                                   set.ranks[j], tag));
+    }
+  }
+  FP8_RETURN_IF_ERROR(wait_all(works));
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    const Set& set = sets_[k];
+    if (set.ranks.size() < 2) continue;
+    std::vector<double>& acc = parts[k][0];
+    for (size_t j = 1; j < parts[k].size(); ++j)
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += parts[k][j][i];
+    int64_t at = 0;
+    shard(set, me[k], [&](const SyncEntry* e, optim::Range r) {
+      for (double* c : e->copies)
+        std::copy(acc.begin() + at, acc.begin() + at + (r.end - r.begin), c + r.begin);
       at += r.end - r.begin;
     });
   }
@@ -413,7 +448,7 @@ Status DeviceNameSync::reduce_round(size_t b, size_t e) {
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = b; k < e; ++k) {  // the n parts in rank order, as NameSync's leader
+  for (size_t k = b; k < e; ++k) {  // the n parts in rank order, as NameSync's
     const Set& set = sets_[k];
     auto& parts = contrib[k - b];
     if (!parts[set.me].defined()) continue;  // an empty shard

@@ -2,9 +2,9 @@
 // each pipeline rank whose chunks hold it (DualPipe keeps every stage on two ranks; the embedding
 // sits in the first stage and, for MTP, in the last). Every copy ends with the sum over all of
 // them, so replicas stay identical after identical optimizer steps. Also used for the MoE expert
-// loads behind the router-bias update. Pure layout logic (holders_of) plus a two-phase
-// point-to-point exchange on the world communicator: members send to the set's lowest rank, which
-// sums in rank order (deterministic) and sends the result back.
+// loads behind the router-bias update. Pure layout logic (holders_of) plus point-to-point
+// exchanges on the world communicator, summing in rank order (deterministic): the all-reduce
+// through the set's lowest rank, the reduce-scatter directly between the members.
 #pragma once
 
 #include <map>
@@ -40,11 +40,12 @@ class NameSync {
   NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
            int world_rank, Comm* world);
   // Every copy := the sum over all copies on all holders, in fp64. Deterministic.
-  Status all_reduce_sum() { return sum(false); }
-  // ZeRO-1's reduce-scatter: the same sums, but each holder (position i of n in its holders)
-  // receives only optim::shard_range(numel, i, n) of each name, the rest of its copies being
-  // stale; the lowest holder (the leader) has the whole sum. Half the traffic of all_reduce_sum.
-  Status reduce_scatter_sum() { return sum(true); }
+  Status all_reduce_sum();
+  // ZeRO-1's reduce-scatter: the same sums, bit for bit, but each holder (position i of n in its
+  // holders) gets only optim::shard_range(numel, i, n) of each name, the rest of its copies being
+  // stale. Direct, as DeviceNameSync's: member i adds the n members' shard i in rank order; each
+  // rank sends and receives (n - 1)/n of its sums.
+  Status reduce_scatter_sum();
   // True when this rank is the lowest holder of `name` (to count a name once globally).
   bool is_leader(const std::string& name) const;
 
@@ -54,7 +55,7 @@ class NameSync {
     std::vector<const SyncEntry*> entries;  // in name order
     int64_t numel = 0;
   };
-  Status sum(bool scatter);
+  void sum_local();
   std::vector<SyncEntry> entries_;
   std::map<std::string, std::vector<int>> holders_;
   std::vector<Set> sets_;  // sorted by their first name: the same order on every rank
@@ -92,11 +93,10 @@ class ShardGather {
 // The same exchanges on Backend tensors (optim.placement=device on several ranks, or one rank
 // holding two copies): ZeRO-1's gradient reduce-scatter of the fp64 sums and the weights'
 // all-gather, with the shards of NameSync / ShardGather (optim::shard_range of each name over its
-// holders_of) and the same bits. The reduce-scatter is direct: member j of a set of holders
-// receives shard j of every other member's sum and adds the n contributions in rank order, which
-// are the leader's additions in NameSync, so the values are bitwise its values; each rank then
-// sends (n - 1)/n of a sum and receives as much, with no leader (NameSync's leader receives
-// n - 1 whole sums). A comm with device buffers (NCCL) moves the tensors themselves; any other
+// holders_of) and the same bits. The reduce-scatter is direct, as NameSync's: member j of a set
+// of holders receives shard j of every other member's sum and adds the n contributions in rank
+// order (the additions a leader would make); each rank sends (n - 1)/n of a sum and receives as
+// much. A comm with device buffers (NCCL) moves the tensors themselves; any other
 // comm (MPI) gets host copies on a device backend. Per set and peer, one message carries the
 // shards of all the set's names, packed and unpacked by one Backend::copy_ranges each. Sets are
 // cut into buckets of at most FP8PIPE_ZERO1_BUCKET_MB (default 256 MB of sums or weights; one
