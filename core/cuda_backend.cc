@@ -399,26 +399,15 @@ class CudaBackend final : public Backend {
       const int64_t es = dtype_size(r.src.dtype());
       const int64_t bytes = r.n * es;
       if (bytes == 0) continue;
-      const int64_t chunks = (bytes + g::kCopyChunk - 1) / g::kCopyChunk;
-      if (static_cast<int64_t>(items.size()) / 2 + chunks > (int64_t{1} << 30) ||
-          segs.size() >= (size_t{1} << 30)) {
-        return FP8_INVALID("copy_ranges: more than 2^30 ranges or 16 KB chunks");
-      }
-      for (int64_t c = 0; c < chunks; ++c) {
-        items.push_back(static_cast<int32_t>(segs.size()));
-        items.push_back(static_cast<int32_t>(c));
-      }
+      FP8_RETURN_IF_ERROR(add_chunk_items(
+          items, segs.size(), (bytes + g::kCopyChunk - 1) / g::kCopyChunk, "copy_ranges"));
       segs.push_back({static_cast<const char*>(r.src.data()) + r.src_off * es,
                       static_cast<char*>(r.dst.data()) + r.dst_off * es, bytes});
     }
     if (segs.empty()) return Status::Ok();
     const size_t seg_bytes = segs.size() * sizeof(g::CopySeg);
-    const size_t item_bytes = items.size() * sizeof(int32_t);
-    FP8_ASSIGN_OR_RETURN(auto table, alloc(seg_bytes + item_bytes, cur()));
+    FP8_ASSIGN_OR_RETURN(auto table, upload_tables(segs.data(), seg_bytes, items, "copy_ranges"));
     auto* base = static_cast<char*>(table->ptr);
-    FP8_RETURN_IF_ERROR(upload_table(base, segs.data(), seg_bytes, "copy_ranges (table)"));
-    FP8_RETURN_IF_ERROR(
-        upload_table(base + seg_bytes, items.data(), item_bytes, "copy_ranges (table)"));
     FP8_GPU("copy_ranges", g::copy_ranges(reinterpret_cast<const g::CopySeg*>(base),
                                           reinterpret_cast<const int32_t*>(base + seg_bytes),
                                           static_cast<int64_t>(items.size() / 2), cur()));
@@ -1105,9 +1094,9 @@ class CudaBackend final : public Backend {
     for (const Tensor* t : gs) FP8_RETURN_IF_ERROR(on_gpu("sum_squares", {t}));
     if (gs.empty()) return Status::Ok();
     const int64_t slots = static_cast<int64_t>(gs.size());
-    if (slots > (int64_t{1} << 31) / g::kSumSqBlocks) {
+    if (slots > (int64_t{1} << 30) / g::kSumSqBlocks) {  // the partials' int32 indices
       return FP8_INVALID("sum_squares: {} tensors, at most {}", slots,
-                         (int64_t{1} << 31) / g::kSumSqBlocks);
+                         (int64_t{1} << 30) / g::kSumSqBlocks);
     }
     FP8_ASSIGN_OR_RETURN(auto work, alloc((slots * g::kSumSqBlocks + 1) * sizeof(double), cur()));
     auto* w = static_cast<double*>(work->ptr);
@@ -1120,24 +1109,14 @@ class CudaBackend final : public Backend {
       const int64_t n = gs[i]->numel();
       table[i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(gs[i]->data()));
       table[slots + i] = n;
-      const int64_t parts =
-          std::min<int64_t>(g::kSumSqBlocks, (n + g::kSumSqThreads - 1) / g::kSumSqThreads);
-      for (int64_t b = 0; b < parts; ++b) {
-        items.push_back(static_cast<int32_t>(i));
-        items.push_back(static_cast<int32_t>(b));
-      }
+      FP8_RETURN_IF_ERROR(add_chunk_items(
+          items, static_cast<size_t>(i),
+          std::min<int64_t>(g::kSumSqBlocks, (n + g::kSumSqThreads - 1) / g::kSumSqThreads),
+          "sum_squares"));
     }
     const size_t table_bytes = table.size() * sizeof(int64_t);
-    const size_t items_bytes = items.size() * sizeof(int32_t);
-    FP8_ASSIGN_OR_RETURN(auto dev, alloc(table_bytes + std::max<size_t>(items_bytes, 4), cur()));
+    FP8_ASSIGN_OR_RETURN(auto dev, upload_tables(table.data(), table_bytes, items, "sum_squares"));
     auto* base = static_cast<char*>(dev->ptr);
-    // Plain async copies: the op synchronizes below, so the host vectors outlive them.
-    FP8_CUDA("sum_squares (table)",
-             cudaMemcpyAsync(base, table.data(), table_bytes, cudaMemcpyHostToDevice, cur()));
-    if (!items.empty()) {
-      FP8_CUDA("sum_squares (items)", cudaMemcpyAsync(base + table_bytes, items.data(), items_bytes,
-                                                      cudaMemcpyHostToDevice, cur()));
-    }
     FP8_GPU("sum_squares",
             g::sum_squares_items(reinterpret_cast<const float* const*>(base),
                                  reinterpret_cast<const int64_t*>(base) + slots,
@@ -1160,24 +1139,15 @@ class CudaBackend final : public Backend {
     for (const AdamWRun& r : runs) {
       FP8_RETURN_IF_ERROR(checks::adamw_run(p, gr, m, v, r));
       if (r.end == r.begin) continue;
-      const int64_t chunks = (r.end - r.begin + g::kAdamWChunk - 1) / g::kAdamWChunk;
-      if (static_cast<int64_t>(items.size()) / 2 + chunks > (int64_t{1} << 30)) {
-        return FP8_INVALID("adamw_runs: more than 2^30 chunks of {} elements", g::kAdamWChunk);
-      }
-      for (int64_t c = 0; c < chunks; ++c) {
-        items.push_back(static_cast<int32_t>(table.size()));
-        items.push_back(static_cast<int32_t>(c));
-      }
+      FP8_RETURN_IF_ERROR(add_chunk_items(items, table.size(),
+                                          (r.end - r.begin + g::kAdamWChunk - 1) / g::kAdamWChunk,
+                                          "adamw_runs"));
       table.push_back({r.begin, r.end, r.moment, r.weight_decay ? 1 : 0});
     }
     if (table.empty()) return Status::Ok();
     const size_t run_bytes = table.size() * sizeof(g::AdamWRunDev);
-    const size_t item_bytes = items.size() * sizeof(int32_t);
-    FP8_ASSIGN_OR_RETURN(auto dev, alloc(run_bytes + item_bytes, cur()));
+    FP8_ASSIGN_OR_RETURN(auto dev, upload_tables(table.data(), run_bytes, items, "adamw_runs"));
     auto* base = static_cast<char*>(dev->ptr);
-    FP8_RETURN_IF_ERROR(upload_table(base, table.data(), run_bytes, "adamw_runs (table)"));
-    FP8_RETURN_IF_ERROR(
-        upload_table(base + run_bytes, items.data(), item_bytes, "adamw_runs (table)"));
     FP8_GPU("adamw_runs",
             g::adamw_runs(p.data_as<float>(), gr.data_as<float>(), m.data_as<uint16_t>(),
                           v.data_as<uint16_t>(), reinterpret_cast<const g::AdamWRunDev*>(base),
@@ -1196,16 +1166,41 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // A host table into device memory in stream order: through the staging ring (no
-  // synchronization) up to its largest copy, else a synchronous copy; `from` may go at return.
-  Status upload_table(void* at, const void* from, size_t n, const char* what) {
-    if (n <= StagingRing::kMaxCopy) {
-      FP8_CUDA(what, ctx_->staging.upload(at, from, n, cur()));
-      return Status::Ok();
+  // The block work items of a one-launch op over many pieces (copy_ranges, sum_squares,
+  // adamw_runs): `chunks` (piece, chunk) int32 pairs for `piece`; an error past 2^30 items.
+  static Status add_chunk_items(std::vector<int32_t>& items, size_t piece, int64_t chunks,
+                                const char* op) {
+    if (static_cast<int64_t>(items.size() / 2) + chunks > (int64_t{1} << 30) ||
+        piece >= (size_t{1} << 30)) {
+      return FP8_INVALID("{}: more than 2^30 pieces or chunks in one call", op);
     }
-    FP8_CUDA(what, cudaMemcpyAsync(at, from, n, cudaMemcpyHostToDevice, cur()));
-    FP8_CUDA(what, cudaStreamSynchronize(cur()));
+    for (int64_t c = 0; c < chunks; ++c) {
+      items.push_back(static_cast<int32_t>(piece));
+      items.push_back(static_cast<int32_t>(c));
+    }
     return Status::Ok();
+  }
+
+  // A host table (table_bytes, a multiple of 8) followed by its work items in one device buffer,
+  // in stream order: each part through the staging ring (no synchronization) up to its largest
+  // copy, else a synchronous copy; the host vectors may go at return.
+  Result<std::shared_ptr<Buffer>> upload_tables(const void* table, size_t table_bytes,
+                                                const std::vector<int32_t>& items, const char* op) {
+    const size_t item_bytes = items.size() * sizeof(int32_t);
+    FP8_ASSIGN_OR_RETURN(auto buf, alloc(table_bytes + std::max<size_t>(item_bytes, 4), cur()));
+    auto* base = static_cast<char*>(buf->ptr);
+    for (const auto& [at, from, n] :
+         {std::tuple<char*, const void*, size_t>{base, table, table_bytes},
+          {base + table_bytes, items.data(), item_bytes}}) {
+      if (n == 0) continue;
+      if (n <= StagingRing::kMaxCopy) {
+        FP8_CUDA(op, ctx_->staging.upload(at, from, n, cur()));
+      } else {
+        FP8_CUDA(op, cudaMemcpyAsync(at, from, n, cudaMemcpyHostToDevice, cur()));
+        FP8_CUDA(op, cudaStreamSynchronize(cur()));
+      }
+    }
+    return buf;
   }
 
   // The stream ops of this thread run on, with the backend's device made current first: the

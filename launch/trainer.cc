@@ -262,10 +262,11 @@ Status Trainer::setup_device_optimizer() {
   if (exchange) {
     parallel::Comm* world =
         exchange_comms() ? &exchange_comms()->get(parallel::GroupKind::kWorld) : nullptr;
+    FP8_ASSIGN_OR_RETURN(const int64_t bucket, parallel::DeviceNameSync::bucket_bytes());
     dev_grad_sync_ =
-        std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_, world);
+        std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_, world, bucket);
     dev_param_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, std::move(weights), holders,
-                                                                 world_rank_, world);
+                                                                 world_rank_, world, bucket);
   }
   const optim::FlatLayout flat{flat_value_, flat_grad_, offsets};
   FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups), flat));

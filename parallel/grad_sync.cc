@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdlib>
 
-#include "core/log.h"
 #include "optim/adamw.h"
 #include "parallel/executor.h"
 
@@ -290,9 +289,22 @@ DataType wire_type(DType d) { return d == DType::kF64 ? DataType::kFloat64 : Dat
 
 }  // namespace
 
+Result<int64_t> DeviceNameSync::bucket_bytes() {
+  const char* env = std::getenv("FP8PIPE_ZERO1_BUCKET_MB");
+  if (!env) return static_cast<int64_t>(kDefaultBucketMB * 1024 * 1024);
+  char* end = nullptr;
+  const double mb = std::strtod(env, &end);
+  if (end == env || *end != '\0' || !(mb > 0) || mb > 1e9) {
+    return FP8_INVALID(
+        "FP8PIPE_ZERO1_BUCKET_MB='{}': expected a positive number of MB (default {})", env,
+        kDefaultBucketMB);
+  }
+  return std::max<int64_t>(1, static_cast<int64_t>(mb * 1024 * 1024));
+}
+
 DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
                                std::map<std::string, std::vector<int>> holders, int world_rank,
-                               Comm* world)
+                               Comm* world, int64_t bucket)
     : be_(be), entries_(std::move(entries)), rank_(world_rank), world_(world) {
   std::sort(entries_.begin(), entries_.end(),
             [](const DeviceEntry& a, const DeviceEntry& b) { return a.name < b.name; });
@@ -309,18 +321,6 @@ DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
   }
   // Buckets: a set larger than a bucket splits into runs of whole names (one name may exceed it).
   // A set's members hold the same names, so every member cuts it alike.
-  double mb = kDefaultBucketMB;
-  if (const char* env = std::getenv("FP8PIPE_ZERO1_BUCKET_MB")) {
-    char* end = nullptr;
-    const double v = std::strtod(env, &end);
-    if (end != env && *end == '\0' && v > 0) {
-      mb = v;
-    } else {
-      log::warn("FP8PIPE_ZERO1_BUCKET_MB='{}' is not a positive number of MB: using {}", env,
-                kDefaultBucketMB);
-    }
-  }
-  const auto bucket = static_cast<int64_t>(mb * 1024 * 1024);
   auto bytes = [](const DeviceEntry* e) {
     const Tensor& t = e->copies.front();
     return t.numel() * static_cast<int64_t>(dtype_size(t.dtype()));
@@ -409,68 +409,59 @@ Status DeviceNameSync::reduce_scatter_sum() {
   }
   if (sets_.empty()) return Status::Ok();
   if (!world_) return FP8_ERROR(Code::kInternal, "gradient sync needs a world communicator");
-  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(reduce_round(k, k + 1));
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(reduce_set(k));
   return Status::Ok();
 }
 
-// Sets [b, e): every message posted, then waited on, then summed (the round's memory: about two
-// packed copies of its sums). The trainer's rounds are one set each: members that hold other
-// sets besides post different sets, and a round that mixed sets could wait in one NCCL group on a
-// peer's next group. Sets go in one order on every rank (by first name), so the smallest set not
-// yet done is every member's current round: no cycle.
-Status DeviceNameSync::reduce_round(size_t b, size_t e) {
+// Set k: every message posted, then waited on, then summed (its memory: about two packed copies
+// of its sums). One set per round: members that hold other sets besides post different sets, and
+// a round that mixed sets could wait in one NCCL group on a peer's next group. Sets go in one
+// order on every rank (by first name), so the smallest set not yet done is every member's
+// current round: no cycle.
+Status DeviceNameSync::reduce_set(size_t k) {
+  const Set& set = sets_[k];
+  const int n = static_cast<int>(set.ranks.size());
+  const int tag = static_cast<int>(k % 32768);
+  const DType dt = set.entries.front()->copies.front().dtype();
+  const int64_t mine = pack_size(set, set.me);
   std::vector<Work> works;
   std::vector<Tensor> keep;
-  // contrib[k][j]: member j's part of this rank's shard of set k (its own, packed, at j = me).
-  std::vector<std::vector<Tensor>> contrib(e - b);
-  for (size_t k = b; k < e; ++k) {
-    const Set& set = sets_[k];
-    const int n = static_cast<int>(set.ranks.size());
-    const int tag = static_cast<int>(k % 32768);
-    const DType dt = set.entries.front()->copies.front().dtype();
-    const int64_t mine = pack_size(set, set.me);
-    auto& parts = contrib[k - b];
-    parts.resize(n);
-    for (int j = 0; j < n; ++j) {
-      if (j == set.me) {
-        if (mine > 0) {
-          FP8_ASSIGN_OR_RETURN(parts[j], pack(set, j));
-        }
-        continue;
-      }
+  // parts[j]: member j's part of this rank's shard (its own, packed, at j = me).
+  std::vector<Tensor> parts(n);
+  for (int j = 0; j < n; ++j) {
+    if (j == set.me) {
       if (mine > 0) {
-        FP8_ASSIGN_OR_RETURN(parts[j], recv(mine, dt, set.ranks[j], tag, works));
+        FP8_ASSIGN_OR_RETURN(parts[j], pack(set, j));
       }
-      if (pack_size(set, j) > 0) {
-        FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
-        works.push_back(send(out, set.ranks[j], tag, keep));
-      }
+      continue;
+    }
+    if (mine > 0) {
+      FP8_ASSIGN_OR_RETURN(parts[j], recv(mine, dt, set.ranks[j], tag, works));
+    }
+    if (pack_size(set, j) > 0) {
+      FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
+      works.push_back(send(out, set.ranks[j], tag, keep));
     }
   }
   FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = b; k < e; ++k) {  // the n parts in rank order, as NameSync's
-    const Set& set = sets_[k];
-    auto& parts = contrib[k - b];
-    if (!parts[set.me].defined()) continue;  // an empty shard
-    for (Tensor& t : parts) {
-      if (stage_ && t.device() == Device::kCpu) {
-        FP8_ASSIGN_OR_RETURN(Tensor d, be_.empty(t.shape(), t.dtype()));
-        FP8_RETURN_IF_ERROR(be_.copy(t, d));
-        t = d;
-      }
+  if (mine == 0) return Status::Ok();  // an empty shard
+  for (Tensor& t : parts) {            // the n parts in rank order, as NameSync's
+    if (stage_ && t.device() == Device::kCpu) {
+      FP8_ASSIGN_OR_RETURN(Tensor d, be_.empty(t.shape(), t.dtype()));
+      FP8_RETURN_IF_ERROR(be_.copy(t, d));
+      t = d;
     }
-    Tensor& acc = parts[0];
-    for (size_t j = 1; j < parts.size(); ++j) FP8_RETURN_IF_ERROR(be_.add(acc, parts[j], acc));
-    FP8_RETURN_IF_ERROR(unpack(set, set.me, acc));
   }
-  return Status::Ok();
+  Tensor& acc = parts[0];
+  for (int j = 1; j < n; ++j) FP8_RETURN_IF_ERROR(be_.add(acc, parts[j], acc));
+  return unpack(set, set.me, acc);
 }
 
 Status DeviceNameSync::all_gather() {
   if (!sets_.empty() && !world_) {
     return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
   }
-  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(gather_round(k, k + 1));
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(gather_set(k));
   for (DeviceEntry& e : entries_) {  // a second local copy follows the first
     for (size_t c = 1; c < e.copies.size(); ++c)
       FP8_RETURN_IF_ERROR(be_.copy(e.copies[0], e.copies[c]));
@@ -478,36 +469,28 @@ Status DeviceNameSync::all_gather() {
   return Status::Ok();
 }
 
-Status DeviceNameSync::gather_round(size_t b, size_t e) {
+Status DeviceNameSync::gather_set(size_t k) {
+  const Set& set = sets_[k];
+  const int n = static_cast<int>(set.ranks.size());
+  const int tag = static_cast<int>(k % 32768);
+  const DType dt = set.entries.front()->copies.front().dtype();
   std::vector<Work> works;
-  std::vector<Tensor> keep;
-  std::vector<std::vector<Tensor>> theirs(e - b);
-  for (size_t k = b; k < e; ++k) {
-    const Set& set = sets_[k];
-    const int n = static_cast<int>(set.ranks.size());
-    const int tag = static_cast<int>(k % 32768);
-    const DType dt = set.entries.front()->copies.front().dtype();
-    Tensor mine;
-    if (pack_size(set, set.me) > 0) {
-      FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me));
+  std::vector<Tensor> keep, theirs(n);
+  Tensor mine;
+  if (pack_size(set, set.me) > 0) {
+    FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me));
+  }
+  for (int j = 0; j < n; ++j) {
+    if (j == set.me) continue;
+    const int64_t size = pack_size(set, j);
+    if (size > 0) {
+      FP8_ASSIGN_OR_RETURN(theirs[j], recv(size, dt, set.ranks[j], tag, works));
     }
-    theirs[k - b].resize(n);
-    for (int j = 0; j < n; ++j) {
-      if (j == set.me) continue;
-      const int64_t size = pack_size(set, j);
-      if (size > 0) {
-        FP8_ASSIGN_OR_RETURN(theirs[k - b][j], recv(size, dt, set.ranks[j], tag, works));
-      }
-      if (mine.defined()) works.push_back(send(mine, set.ranks[j], tag, keep));
-    }
+    if (mine.defined()) works.push_back(send(mine, set.ranks[j], tag, keep));
   }
   FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = b; k < e; ++k) {
-    for (size_t j = 0; j < theirs[k - b].size(); ++j) {
-      if (theirs[k - b][j].defined()) {
-        FP8_RETURN_IF_ERROR(unpack(sets_[k], static_cast<int>(j), theirs[k - b][j]));
-      }
-    }
+  for (int j = 0; j < n; ++j) {
+    if (theirs[j].defined()) FP8_RETURN_IF_ERROR(unpack(set, j, theirs[j]));
   }
   return Status::Ok();
 }

@@ -111,8 +111,12 @@ struct DeviceEntry {
 class DeviceNameSync {
  public:
   static constexpr double kDefaultBucketMB = 256;
+  // The bucket in bytes from FP8PIPE_ZERO1_BUCKET_MB (default kDefaultBucketMB), or an error
+  // naming a value that is not a positive number.
+  static Result<int64_t> bucket_bytes();
   DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
-                 std::map<std::string, std::vector<int>> holders, int world_rank, Comm* world);
+                 std::map<std::string, std::vector<int>> holders, int world_rank, Comm* world,
+                 int64_t bucket);
   // fp64 sums: a rank's first copy of a name (position i of n in its holders) ends holding
   // shard_range(numel, i, n) of the sum over every copy on every holder; the rest of it, and its
   // other local copies, are stale.
@@ -136,8 +140,8 @@ class DeviceNameSync {
   Status unpack(const Set& set, int j, const Tensor& buf);
   // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
   std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
-  Status reduce_round(size_t b, size_t e);  // sets [b, e), posted together
-  Status gather_round(size_t b, size_t e);
+  Status reduce_set(size_t k);  // set k's messages, posted together, then its sums
+  Status gather_set(size_t k);
   // Posts the transfer of t (on the backend); a recv into a host tensor when staging.
   Work send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep);
   Result<Tensor> recv(int64_t n, DType dt, int peer, int tag, std::vector<Work>& works);

@@ -105,6 +105,16 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   else
     bad "DualPipeV pp=2 x dp=2: device vs host placement"; cat "$TMP/dv.cmp"
   fi
+
+  # A bucket size that is not a positive number stops the run at start-up, naming the variable.
+  if FP8PIPE_ZERO1_BUCKET_MB=lots run bad_bucket 2 --parallel.pp=2 --optim.placement=device \
+       --checkpoint.dir= --checkpoint.every=0 --train.eval_every=0; then
+    bad "FP8PIPE_ZERO1_BUCKET_MB=lots was accepted"
+  elif grep -q "FP8PIPE_ZERO1_BUCKET_MB='lots': expected a positive number of MB" "$TMP/bad_bucket.log"; then
+    ok "FP8PIPE_ZERO1_BUCKET_MB=lots: refused, naming it"
+  else
+    bad "FP8PIPE_ZERO1_BUCKET_MB=lots: no clear error"; tail -5 "$TMP/bad_bucket.log"
+  fi
 else
   # The CUDA emulation: train.device=cuda, one emulated GPU per rank, NCCL on device tensors.
   CU=(--train.steps=3 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
