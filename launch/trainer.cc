@@ -399,6 +399,7 @@ Result<StepResult> Trainer::train_step() {
   }
   for (auto* moe : all_moes()) moe->reset_stats();
   ctx_.nonfinite_groups = 0;
+  nan_checked_ = false;
   StepResult r;
   // Settings that follow the tokens trained before this step (DeepSeek-V3's λ and γ switches).
   const float lambda =
@@ -406,7 +407,9 @@ Result<StepResult> Trainer::train_step() {
   for (auto& c : chunks_) c->set_mtp_lambda(lambda);
   r.batch = batcher_->rows_in(data::Split::kTrain, step_);
   FP8_ASSIGN_OR_RETURN(r.loss, run_microbatches(data::Split::kTrain, step_, true));
-  FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, all_params()));
+  if (!nan_checked_) {  // else injected at the first chunk's end (on_chunk_final)
+    FP8_RETURN_IF_ERROR(fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, all_params()));
+  }
   FP8_ASSIGN_OR_RETURN(r.grad_norm,
                        dev_opt_ ? device_sync_grads_and_norm() : sync_grads_and_norm());
   r.lr = lr_->lr(step_ + 1, tokens_seen_);

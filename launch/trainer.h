@@ -111,6 +111,17 @@ class Trainer {
   Result<const parallel::Schedule*> schedule_for(int microbatches);
   std::map<int, parallel::Schedule> ramp_scheds_;
   Result<double> sync_grads_and_norm();
+  Status make_grad_sync();  // the host placement's NameSync of the fp64 sums (once)
+  // optim.overlap_grad_reduce on several ranks: the exchange whose sets start during the
+  // pipeline (GradOverlap over grad_sync_ or dev_grad_sync_), made at the first training run.
+  Status setup_grad_overlap();
+  // The executor's hook at chunk dir's last backward work: FP8PIPE_TEST_NAN_GRAD's injection
+  // (before anything of the step is sent), then the overlap.
+  Status on_chunk_final(int dir, bool more_compute);
+  std::unique_ptr<parallel::GradOverlap> overlap_;
+  bool overlap_checked_ = false;  // setup_grad_overlap ran
+  bool nan_checked_ = false;      // this step's fault injection ran
+  int64_t overlap_logged_ = 0;    // steps whose overlap count was logged
   // optim.placement=device: the sums by name on the backend (ZeRO-1 reduce-scatter), rounded,
   // and the norm of this rank's shards summed over the world.
   Result<double> device_sync_grads_and_norm();

@@ -9,6 +9,7 @@
 
 #include "core/config.h"
 #include "core/log.h"
+#include "launch/fault_inject.h"
 #include "launch/trainer.h"
 #include "optim/bias_update.h"
 #ifdef FP8PIPE_HAVE_NCCL
@@ -88,6 +89,20 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
   const int64_t B = step_rows / (int64_t{dp} * M);
   FP8_ASSIGN_OR_RETURN(const parallel::Schedule* sched, schedule_for(M));
   FP8_RETURN_IF_ERROR(exec_->set_schedule(*sched));
+  if (backward) FP8_RETURN_IF_ERROR(setup_grad_overlap());
+  const bool overlap = backward && overlap_;
+  if (overlap) {
+    FP8_ASSIGN_OR_RETURN(const parallel::P2pPlan* plan, exec_->plan());
+    overlap_->begin(*sched, plan);
+    parallel::PipelineExecutor::GradHooks hooks;
+    hooks.chunk_final = [this](int dir, bool more) { return on_chunk_final(dir, more); };
+    if (plan) {
+      hooks.before_round = [this](int round, bool more) {
+        return overlap_->before_round(round, more);
+      };
+    }
+    exec_->set_grad_hooks(std::move(hooks));
+  }
   FP8_ASSIGN_OR_RETURN(auto rows, batcher_->rows(split, step, d * M * B, (d + 1) * M * B));
   std::map<std::pair<int, int>, model::MicroBatch> cache;
   auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
@@ -103,7 +118,27 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
   };
   const float scale = backward ? 1.0f / static_cast<float>(dp * M) : 0.0f;
   for (auto* p : all_params()) std::fill(p->grad_acc.begin(), p->grad_acc.end(), 0.0);
-  FP8_ASSIGN_OR_RETURN(auto st, exec_->run(batch, scale));
+  auto run = exec_->run(batch, scale);
+  exec_->set_grad_hooks({});
+  FP8_ASSIGN_OR_RETURN(auto st, std::move(run));
+  if (overlap) {
+    FP8_RETURN_IF_ERROR(overlap_->end());  // the rest, in the order every member posts them
+    // Once: how much of the exchange the pipeline can hide.
+    if (overlap_logged_ < 1) {
+      std::vector<double> n = {static_cast<double>(overlap_->started()),
+                               static_cast<double>(overlap_->hidden()),
+                               static_cast<double>(overlap_->local_sets())};
+      FP8_RETURN_IF_ERROR(sum_over_world(n));
+      if (is_root()) {
+        log::info(
+            "ZeRO-1 overlap: {} of {} gradient exchanges (sets of holders, counted on "
+            "each member) started during the pipeline, {} of them with compute left on "
+            "their rank ({})",
+            n[0], n[2], n[1], overlap_->matched() ? "at matched-group rounds" : "when final");
+      }
+      ++overlap_logged_;
+    }
+  }
   const size_t D = st.loss.mtp.size();
   std::vector<double> v = {st.loss.main, st.loss.total, static_cast<double>(st.loss.tokens),
                            static_cast<double>(st.loss_microbatches), 0.0};
@@ -132,9 +167,7 @@ Result<const parallel::Schedule*> Trainer::schedule_for(int microbatches) {
   return &it->second;
 }
 
-// Sums every parameter's copies by global name, then the global gradient norm: each rank adds
-// the squares of its ZeRO-1 shards (each element counted once over the world), in owned_ order.
-Result<double> Trainer::sync_grads_and_norm() {
+Status Trainer::make_grad_sync() {
   if (!grad_sync_) {
     std::map<std::string, parallel::SyncEntry> entries;
     std::map<std::string, std::vector<int>> holders;
@@ -152,6 +185,42 @@ Result<double> Trainer::sync_grads_and_norm() {
     grad_sync_ = std::make_unique<parallel::NameSync>(
         list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
   }
+  return Status::Ok();
+}
+
+Status Trainer::setup_grad_overlap() {
+  if (overlap_checked_) return Status::Ok();
+  overlap_checked_ = true;
+  if (!cfg_.optim().overlap_grad_reduce() || world_size_ == 1) return Status::Ok();
+  parallel::SetExchange* ex = nullptr;
+  if (dev_opt_) {
+    ex = dev_grad_sync_.get();
+  } else {
+    FP8_RETURN_IF_ERROR(make_grad_sync());
+    ex = grad_sync_.get();
+  }
+  if (!ex) return Status::Ok();
+  auto dirs_of = [this](int rank, const std::string& name) {
+    return parallel::dirs_holding(name, *sched_, parts_, topo_->coords_of(rank).stage);
+  };
+  auto pp_of = [this](int rank) { return topo_->coords_of(rank).stage; };
+  overlap_ = std::make_unique<parallel::GradOverlap>(*ex, world_rank_, dirs_of, pp_of);
+  return Status::Ok();
+}
+
+Status Trainer::on_chunk_final(int dir, bool more_compute) {
+  if (!nan_checked_) {
+    nan_checked_ = true;
+    FP8_RETURN_IF_ERROR(
+        fault_inject::maybe_nan_grad(*be_, world_rank_, step_ + 1, chunks_[dir]->params()));
+  }
+  return overlap_->chunk_final(dir, more_compute);
+}
+
+// Sums every parameter's copies by global name, then the global gradient norm: each rank adds
+// the squares of its ZeRO-1 shards (each element counted once over the world), in owned_ order.
+Result<double> Trainer::sync_grads_and_norm() {
+  FP8_RETURN_IF_ERROR(make_grad_sync());
   FP8_RETURN_IF_ERROR(grad_sync_->reduce_scatter_sum());  // ZeRO-1: this rank's shards
   for (auto* p : all_params()) {  // the fp64 sums, rounded once, are what the optimizer sees
     float* g = p->host_grad.data_as<float>();

@@ -293,6 +293,8 @@ Status PipelineExecutor::run_point(const P2pPoint& pt, const BatchFn& batch) {
   const auto& list = sched_->rank_instrs[rank_];
   std::vector<Posted> recvs;
   for (const P2pGroup& g : pt.groups) {
+    if (hooks_.before_round)
+      FP8_RETURN_IF_ERROR(hooks_.before_round(g.round, pt.at <= last_compute_));
     Work last;
     for (int i : g.ops) {
       const Instr& in = list[i];
@@ -487,6 +489,26 @@ Status PipelineExecutor::compute(const Instr& in, const BatchFn& batch, float lo
   return s;
 }
 
+Result<const P2pPlan*> PipelineExecutor::plan() {
+  if (!matched_ || !pp_) return nullptr;
+  if (plan_sched_ != sched_) {
+    FP8_ASSIGN_OR_RETURN(plan_, plan_p2p_groups(*sched_, /*early_sends=*/true));
+    plan_sched_ = sched_;
+  }
+  return &plan_;
+}
+
+int PipelineExecutor::last_grad_instr(const Schedule& s, int rank, int dir) {
+  const auto& list = s.rank_instrs[rank];
+  for (int i = static_cast<int>(list.size()) - 1; i >= 0; --i) {
+    const Instr& in = list[i];
+    if (((in.op == Op::kB || in.op == Op::kW) && in.dir == dir) ||
+        (in.op == Op::kFB && in.dir_b == dir))
+      return i;
+  }
+  return -1;
+}
+
 Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_scale) {
   FP8_RETURN_IF_ERROR(env_error_);
   stats_ = {};
@@ -494,14 +516,17 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
   outbox_.clear();                // a run that failed may have left some
   trace_run_.clear(), trace_recv_end_.clear();
   const std::vector<P2pPoint>* points = nullptr;
-  if (matched_ && pp_) {
-    if (plan_sched_ != sched_) {
-      FP8_ASSIGN_OR_RETURN(plan_, plan_p2p_groups(*sched_, /*early_sends=*/true));
-      plan_sched_ = sched_;
-    }
-    points = &plan_.ranks[rank_];
-  }
+  FP8_ASSIGN_OR_RETURN(const P2pPlan* plan, this->plan());
+  if (plan) points = &plan->ranks[rank_];
   const auto& list = sched_->rank_instrs[rank_];
+  last_compute_ = -1;
+  for (int i = 0; i < static_cast<int>(list.size()); ++i)
+    if (!list[i].is_comm()) last_compute_ = i;
+  std::vector<int> last_grad(chunks_.size(), -1);  // where chunk_final goes
+  if (hooks_.chunk_final) {
+    for (size_t d = 0; d < chunks_.size(); ++d)
+      last_grad[d] = last_grad_instr(*sched_, rank_, static_cast<int>(d));
+  }
   size_t next_point = 0;
   auto reach = [&](int i) -> Status {  // runs the plan's point at instruction i, if any
     if (!points || next_point >= points->size() || (*points)[next_point].at != i)
@@ -528,6 +553,10 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
       case Op::kRecvGrad:
         if (!points) s = recv(in, batch);  // else posted and waited at its plan point
         break;
+    }
+    if (s.ok() && !in.is_comm() && hooks_.chunk_final) {
+      for (size_t d = 0; d < last_grad.size() && s.ok(); ++d)
+        if (last_grad[d] == i) s = hooks_.chunk_final(static_cast<int>(d), i < last_compute_);
     }
     if (!s.ok())
       return s.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));

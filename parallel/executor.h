@@ -66,6 +66,23 @@ class PipelineExecutor {
   // FP8PIPE_P2P_GROUPS=matched|eager overrides the default (eager over NCCL is a negative
   // control: DualPipe deadlocks).
   void set_matched_groups(bool on) { matched_ = on; }
+  // The plan of the current schedule's matched groups (computed once per schedule), or null when
+  // groups are off or there is no pipeline communicator.
+  Result<const P2pPlan*> plan();
+  // Calls into the gradient exchange while the pipeline runs (launch/trainer.cc, ZeRO-1 overlap):
+  // chunk_final(dir, ...) after the flush of chunk dir's last B, W or FB backward instruction of
+  // the run (its gradient sums are final on this rank); before_round(r, ...) before this rank
+  // posts a matched group of round r (matched groups only). more_compute: compute instructions
+  // follow on this rank (what is posted now can hide behind them). Empty functions are skipped;
+  // {} clears them.
+  struct GradHooks {
+    std::function<Status(int dir, bool more_compute)> chunk_final;
+    std::function<Status(int round, bool more_compute)> before_round;
+  };
+  void set_grad_hooks(GradHooks h) { hooks_ = std::move(h); }
+  // Index of chunk dir's last instruction that adds to its gradients (B, W, or FB's backward
+  // half), or -1 when the list has none (a forward-only list).
+  static int last_grad_instr(const Schedule& s, int rank, int dir);
   bool matched_groups() const { return matched_; }
   bool fb_overlap() const { return fb_overlap_; }
   void set_fb_overlap(bool on) { fb_overlap_ = on; }
@@ -134,6 +151,8 @@ class PipelineExecutor {
   void trace_comm_run();
   ExecutorStats stats_;
   bool fb_overlap_ = true;
+  GradHooks hooks_;
+  int last_compute_ = -1;  // this run's last compute instruction
   Tracer* tracer_ = nullptr;
   int64_t trace_step_ = 0;
   std::unique_ptr<CompletionClock> clock_;  // while tracing all-to-alls

@@ -64,6 +64,121 @@ std::vector<int> holders_of(const std::string& name, const Schedule& s,
   return ranks;
 }
 
+std::vector<int> dirs_holding(const std::string& name, const Schedule& s,
+                              const std::vector<model::ModelPart>& stages, int pp_rank) {
+  std::vector<int> dirs;
+  for (int st : stages_holding(name, stages))
+    for (int dir = 0; dir < chunks_per_rank(s); ++dir)
+      if (stage_of(s, pp_rank, dir) == st) dirs.push_back(dir);
+  std::sort(dirs.begin(), dirs.end());
+  dirs.erase(std::unique(dirs.begin(), dirs.end()), dirs.end());
+  return dirs;
+}
+
+GradOverlap::GradOverlap(SetExchange& ex, int world_rank, DirsOf dirs_of,
+                         std::function<int(int)> pp_of)
+    : ex_(ex), rank_(world_rank), dirs_of_(std::move(dirs_of)), pp_of_(std::move(pp_of)) {
+  local_dirs_.resize(ex_.sets());
+  for (size_t k = 0; k < ex_.sets(); ++k) {
+    auto& d = local_dirs_[k];
+    for (const std::string& name : ex_.set_names(k))
+      for (int dir : dirs_of_(rank_, name)) d.push_back(dir);
+    std::sort(d.begin(), d.end());
+    d.erase(std::unique(d.begin(), d.end()), d.end());
+  }
+}
+
+void GradOverlap::begin(const Schedule& s, const P2pPlan* plan) {
+  matched_ = plan != nullptr;
+  next_ = 0;
+  started_ = hidden_ = 0;
+  final_.assign(chunks_per_rank(s), false);
+  for (size_t d = 0; d < final_.size(); ++d)  // a chunk without backward work is final already
+    final_[d] = PipelineExecutor::last_grad_instr(s, pp_of_(rank_), static_cast<int>(d)) < 0;
+  order_.resize(ex_.sets());
+  for (size_t k = 0; k < order_.size(); ++k) order_[k] = k;
+  if (!matched_) return;
+  if (rounds_for_ != &s) {
+    // The round of pipeline rank p's first matched group after instruction i (kEnd if none).
+    auto round_after = [&](int p, int i) {
+      if (i < 0) return 0;  // no backward work: final from the start
+      for (const P2pPoint& pt : plan->ranks[p])
+        if (pt.at > i && !pt.groups.empty()) return pt.groups.front().round;
+      return kEnd;
+    };
+    round_.assign(ex_.sets(), 0);
+    for (size_t k = 0; k < ex_.sets(); ++k) {
+      const auto names = ex_.set_names(k);
+      for (int m : ex_.set_ranks(k)) {
+        const int p = pp_of_(m);
+        std::vector<int> dirs;
+        for (const std::string& name : names)
+          for (int dir : dirs_of_(m, name)) dirs.push_back(dir);
+        for (int dir : dirs)
+          round_[k] =
+              std::max(round_[k], round_after(p, PipelineExecutor::last_grad_instr(s, p, dir)));
+      }
+    }
+    rounds_for_ = &s;
+  }
+  std::stable_sort(order_.begin(), order_.end(),
+                   [&](size_t a, size_t b) { return round_[a] < round_[b]; });
+}
+
+Status GradOverlap::start(size_t k, bool more_compute) {
+  FP8_RETURN_IF_ERROR(ex_.start(k));
+  if (ex_.set_ranks(k).size() >= 2 && !ending_) {
+    ++started_;
+    if (more_compute) ++hidden_;
+  }
+  return Status::Ok();
+}
+
+Status GradOverlap::end() {
+  ending_ = true;
+  Status s = before_round(kEnd, false);
+  ending_ = false;
+  return s;
+}
+
+Status GradOverlap::chunk_final(int dir, bool more_compute) {
+  if (dir < 0 || dir >= static_cast<int>(final_.size()))
+    return FP8_ERROR(Code::kInternal, "gradient overlap: chunk {} of {}", dir, final_.size());
+  final_[dir] = true;
+  if (matched_) return Status::Ok();  // posted at rounds (before_round)
+  for (size_t k = 0; k < ex_.sets(); ++k) {
+    if (ex_.started(k)) continue;
+    bool ready = true;
+    for (int d : local_dirs_[k]) ready = ready && final_[d];
+    if (!ready) continue;
+    FP8_RETURN_IF_ERROR(start(k, more_compute));
+  }
+  return Status::Ok();
+}
+
+int GradOverlap::local_sets() const {
+  int n = 0;
+  for (size_t k = 0; k < ex_.sets(); ++k) n += ex_.set_ranks(k).size() >= 2 ? 1 : 0;
+  return n;
+}
+
+Status GradOverlap::before_round(int round, bool more_compute) {
+  for (; next_ < order_.size() && (!matched_ || round_[order_[next_]] <= round); ++next_) {
+    const size_t k = order_[next_];
+    if (ex_.started(k)) continue;
+    for (int d : local_dirs_[k]) {
+      if (round < kEnd && !final_[d]) {  // the rounds promise the chunks are done
+        return FP8_ERROR(Code::kInternal,
+                         "gradient overlap: set {} planned at round {} before chunk {} of rank {} "
+                         "is final",
+                         k, round_[k], d, rank_);
+      }
+    }
+    FP8_RETURN_IF_ERROR(start(k, more_compute));
+  }
+  return Status::Ok();
+}
+
 NameSync::NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
                    int world_rank, Comm* world)
     : entries_(std::move(entries)), holders_(std::move(holders)), rank_(world_rank), world_(world) {
@@ -73,10 +188,20 @@ NameSync::NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::ve
   for (const SyncEntry& e : entries_) {
     const auto& ranks = holders_[e.name];
     auto [it, fresh] = index.try_emplace(ranks, sets_.size());
-    if (fresh) sets_.push_back({ranks, {}, 0});
+    if (fresh) {
+      const int me = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
+      sets_.push_back({ranks, {}, 0, me});
+    }
     sets_[it->second].entries.push_back(&e);
     sets_[it->second].numel += e.numel;
   }
+  flights_.resize(sets_.size());
+}
+
+std::vector<std::string> NameSync::set_names(size_t k) const {
+  std::vector<std::string> out;
+  for (const SyncEntry* e : sets_[k].entries) out.push_back(e->name);
+  return out;
 }
 
 bool NameSync::is_leader(const std::string& name) const {
@@ -86,9 +211,13 @@ bool NameSync::is_leader(const std::string& name) const {
 
 // The local copies' sum into the first copy.
 void NameSync::sum_local() {
-  for (SyncEntry& e : entries_)
-    for (size_t c = 1; c < e.copies.size(); ++c)
-      for (int64_t i = 0; i < e.numel; ++i) e.copies[0][i] += e.copies[c][i];
+  for (const Set& set : sets_) sum_local(set);
+}
+
+void NameSync::sum_local(const Set& set) {
+  for (const SyncEntry* e : set.entries)
+    for (size_t c = 1; c < e->copies.size(); ++c)
+      for (int64_t i = 0; i < e->numel; ++i) e->copies[0][i] += e->copies[c][i];
 }
 
 // Every copy := the sum, through the lowest holder: members send their sums to it, it adds them
@@ -152,62 +281,74 @@ Status NameSync::all_reduce_sum() {
   return Status::Ok();
 }
 
-// Direct: member j receives shard j of every other member's sum and adds the n parts in rank
-// order (the additions a leader would make), then writes its shard to its local copies.
-Status NameSync::reduce_scatter_sum() {
-  sum_local();
-  // Member j's shard of every name of a set, in name order: (entry, range) pairs.
-  auto shard = [](const Set& set, int j, auto&& fn) {
-    const int n = static_cast<int>(set.ranks.size());
-    for (const SyncEntry* e : set.entries) fn(e, optim::shard_range(e->numel, j, n));
-  };
-  auto pack = [&](const Set& set, int j) {
+namespace {
+
+// Member j's shard of every name of a set, in name order: (entry, range) pairs.
+template <class Set, class Fn>
+void each_shard(const Set& set, int j, Fn&& fn) {
+  const int n = static_cast<int>(set.ranks.size());
+  for (const SyncEntry* e : set.entries) fn(e, optim::shard_range(e->numel, j, n));
+}
+
+}  // namespace
+
+// Direct: member j receives shard j of every other member's sum (posted here) and adds the n
+// parts in rank order (reduce_scatter_sum), the additions a leader would make.
+Status NameSync::start(size_t k) {
+  Flight& f = flights_[k];
+  if (f.started) return Status::Ok();
+  f.started = true;
+  const Set& set = sets_[k];
+  sum_local(set);
+  const int n = static_cast<int>(set.ranks.size());
+  if (n < 2) return Status::Ok();
+  if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
+  auto pack = [&](int j) {
     std::vector<double> out;
-    shard(set, j, [&](const SyncEntry* e, optim::Range r) {
+    each_shard(set, j, [&](const SyncEntry* e, optim::Range r) {
       out.insert(out.end(), e->copies[0] + r.begin, e->copies[0] + r.end);
     });
     return out;
   };
-  // parts[k][j]: member j's contribution to this rank's shard of set k (its own at j = me).
-  std::vector<std::vector<std::vector<double>>> parts(sets_.size()), sent(sets_.size());
-  std::vector<int> me(sets_.size(), 0);
-  std::vector<Work> works;
-  for (size_t k = 0; k < sets_.size(); ++k) {
-    const Set& set = sets_[k];
-    const int n = static_cast<int>(set.ranks.size());
-    if (n < 2) continue;
-    if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
-    me[k] =
-        static_cast<int>(std::find(set.ranks.begin(), set.ranks.end(), rank_) - set.ranks.begin());
-    const int tag = static_cast<int>(k % 32768);
-    parts[k].resize(n);
-    sent[k].resize(n);
-    parts[k][me[k]] = pack(set, me[k]);
-    const size_t size = parts[k][me[k]].size();
-    for (int j = 0; j < n; ++j) {
-      if (j == me[k]) continue;
-      parts[k][j].resize(size);
-      works.push_back(
-          world_->recv(parts[k][j].data(), size, DataType::kFloat64, set.ranks[j], tag));
-      sent[k][j] = pack(set, j);
-      works.push_back(world_->send(sent[k][j].data(), sent[k][j].size(), DataType::kFloat64,
-                                   set.ranks[j], tag));
-    }
+  const int tag = static_cast<int>(k % 32768);
+  f.parts.resize(n);
+  f.sent.resize(n);
+  f.parts[set.me] = pack(set.me);
+  const size_t size = f.parts[set.me].size();
+  for (int j = 0; j < n; ++j) {
+    if (j == set.me) continue;
+    f.parts[j].resize(size);
+    f.works.push_back(world_->recv(f.parts[j].data(), size, DataType::kFloat64, set.ranks[j], tag));
+    f.sent[j] = pack(j);
+    f.works.push_back(
+        world_->send(f.sent[j].data(), f.sent[j].size(), DataType::kFloat64, set.ranks[j], tag));
   }
-  FP8_RETURN_IF_ERROR(wait_all(works));
+  return Status::Ok();
+}
+
+Status NameSync::reduce_scatter_sum() {
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(start(k));
+  Status waited;
+  for (Flight& f : flights_) {
+    Status s = wait_all(f.works);
+    if (waited.ok()) waited = s;
+  }
   for (size_t k = 0; k < sets_.size(); ++k) {
+    Flight f = std::move(flights_[k]);
+    flights_[k] = Flight{};
     const Set& set = sets_[k];
-    if (set.ranks.size() < 2) continue;
-    std::vector<double>& acc = parts[k][0];
-    for (size_t j = 1; j < parts[k].size(); ++j)
-      for (size_t i = 0; i < acc.size(); ++i) acc[i] += parts[k][j][i];
+    if (!waited.ok() || set.ranks.size() < 2) continue;
+    std::vector<double>& acc = f.parts[0];
+    for (size_t j = 1; j < f.parts.size(); ++j)
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += f.parts[j][i];
     int64_t at = 0;
-    shard(set, me[k], [&](const SyncEntry* e, optim::Range r) {
+    each_shard(set, set.me, [&](const SyncEntry* e, optim::Range r) {
       for (double* c : e->copies)
         std::copy(acc.begin() + at, acc.begin() + at + (r.end - r.begin), c + r.begin);
       at += r.end - r.begin;
     });
   }
+  FP8_RETURN_IF_ERROR(waited);
   for (const SyncEntry& e : entries_)  // sets of one rank: spread the local sum to all copies
     for (size_t c = 1; c < e.copies.size(); ++c)
       std::copy(e.copies[0], e.copies[0] + e.numel, e.copies[c]);
@@ -339,8 +480,15 @@ DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
     }
   }
   sets_ = std::move(split);
+  flights_.resize(sets_.size());
   stage_ = be_.device() != Device::kCpu && !(world_ && world_->device_buffers());
   if (stage_) host_ = make_cpu_backend();
+}
+
+std::vector<std::string> DeviceNameSync::set_names(size_t k) const {
+  std::vector<std::string> out;
+  for (const DeviceEntry* e : sets_[k].entries) out.push_back(e->name);
+  return out;
 }
 
 int64_t DeviceNameSync::pack_size(const Set& set, int j) const {
@@ -403,57 +551,84 @@ Result<Tensor> DeviceNameSync::recv(int64_t n, DType dt, int peer, int tag,
 }
 
 Status DeviceNameSync::reduce_scatter_sum() {
-  for (DeviceEntry& e : entries_) {  // local copies first: the first copy holds the rank's sum
+  std::vector<bool> in_set(entries_.size(), false);
+  for (const Set& set : sets_)
+    for (const DeviceEntry* e : set.entries) in_set[e - entries_.data()] = true;
+  for (size_t i = 0; i < entries_.size(); ++i) {  // names no other rank holds: local copies only
+    if (in_set[i]) continue;
+    DeviceEntry& e = entries_[i];
     for (size_t c = 1; c < e.copies.size(); ++c)
       FP8_RETURN_IF_ERROR(be_.add(e.copies[0], e.copies[c], e.copies[0]));
   }
   if (sets_.empty()) return Status::Ok();
   if (!world_) return FP8_ERROR(Code::kInternal, "gradient sync needs a world communicator");
-  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(reduce_set(k));
+  for (size_t k = 0; k < sets_.size(); ++k) {
+    FP8_RETURN_IF_ERROR(start(k));
+    FP8_RETURN_IF_ERROR(finish_set(k));
+  }
   return Status::Ok();
 }
 
-// Set k: every message posted, then waited on, then summed (its memory: about two packed copies
-// of its sums). One set per round: members that hold other sets besides post different sets, and
-// a round that mixed sets could wait in one NCCL group on a peer's next group. Sets go in one
-// order on every rank (by first name), so the smallest set not yet done is every member's
-// current round: no cycle.
-Status DeviceNameSync::reduce_set(size_t k) {
+// Bucket k: local copies first (the first copy holds the rank's sum), then every message posted
+// as one group. Buckets started here one at a time go one per round: members that hold other
+// sets besides post different sets, and a round that mixed sets could wait in one NCCL group on
+// a peer's next group. Sets go in one order on every rank (by first name), so the smallest set
+// not yet done is every member's current round: no cycle. Started earlier (GradOverlap), they go
+// in its global order.
+Status DeviceNameSync::start(size_t k) {
+  Flight& f = flights_[k];
+  if (f.started) return Status::Ok();
+  if (!world_) return FP8_ERROR(Code::kInternal, "gradient sync needs a world communicator");
+  f.started = true;
   const Set& set = sets_[k];
+  for (const DeviceEntry* e : set.entries) {
+    for (size_t c = 1; c < e->copies.size(); ++c) {
+      Tensor first = e->copies[0];
+      FP8_RETURN_IF_ERROR(be_.add(first, e->copies[c], first));
+    }
+  }
   const int n = static_cast<int>(set.ranks.size());
   const int tag = static_cast<int>(k % 32768);
   const DType dt = set.entries.front()->copies.front().dtype();
   const int64_t mine = pack_size(set, set.me);
-  std::vector<Work> works;
-  std::vector<Tensor> keep;
-  // parts[j]: member j's part of this rank's shard (its own, packed, at j = me).
-  std::vector<Tensor> parts(n);
+  f.parts.assign(n, Tensor());
   for (int j = 0; j < n; ++j) {
     if (j == set.me) {
       if (mine > 0) {
-        FP8_ASSIGN_OR_RETURN(parts[j], pack(set, j));
+        FP8_ASSIGN_OR_RETURN(f.parts[j], pack(set, j));
       }
       continue;
     }
     if (mine > 0) {
-      FP8_ASSIGN_OR_RETURN(parts[j], recv(mine, dt, set.ranks[j], tag, works));
+      FP8_ASSIGN_OR_RETURN(f.parts[j], recv(mine, dt, set.ranks[j], tag, f.works));
     }
     if (pack_size(set, j) > 0) {
       FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
-      works.push_back(send(out, set.ranks[j], tag, keep));
+      f.works.push_back(send(out, set.ranks[j], tag, f.keep));
     }
   }
-  FP8_RETURN_IF_ERROR(wait_all(works));
-  if (mine == 0) return Status::Ok();  // an empty shard
-  for (Tensor& t : parts) {            // the n parts in rank order, as NameSync's
+  // Issue them now as one group (a test triggers an NCCL comm's batch; a no-op for MPI): the
+  // next bucket or pipeline group must not join it.
+  if (!f.works.empty()) f.works.back().test();
+  return Status::Ok();
+}
+
+// Bucket k's messages waited on, then the n parts added in rank order, as NameSync's.
+Status DeviceNameSync::finish_set(size_t k) {
+  Flight f = std::move(flights_[k]);
+  flights_[k] = Flight{};
+  const Set& set = sets_[k];
+  FP8_RETURN_IF_ERROR(wait_all(f.works));
+  if (pack_size(set, set.me) == 0) return Status::Ok();  // an empty shard
+  for (Tensor& t : f.parts) {
     if (stage_ && t.device() == Device::kCpu) {
       FP8_ASSIGN_OR_RETURN(Tensor d, be_.empty(t.shape(), t.dtype()));
       FP8_RETURN_IF_ERROR(be_.copy(t, d));
       t = d;
     }
   }
-  Tensor& acc = parts[0];
-  for (int j = 1; j < n; ++j) FP8_RETURN_IF_ERROR(be_.add(acc, parts[j], acc));
+  Tensor& acc = f.parts[0];
+  for (size_t j = 1; j < f.parts.size(); ++j) FP8_RETURN_IF_ERROR(be_.add(acc, f.parts[j], acc));
   return unpack(set, set.me, acc);
 }
 

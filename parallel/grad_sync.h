@@ -7,6 +7,7 @@
 // through the set's lowest rank, the reduce-scatter directly between the members.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "core/backend.h"
 #include "core/model/transformer.h"
 #include "parallel/comm.h"
+#include "parallel/p2p_plan.h"
 #include "parallel/schedule.h"
 #include "parallel/topology.h"
 
@@ -27,6 +29,77 @@ std::vector<int> holders_of(const std::string& name, const Schedule& s,
                             int64_t routed_experts = 0);
 // The routed expert a parameter name belongs to ("layers.3.ffn.experts.5.w1.weight" -> 5), or -1.
 int expert_of(const std::string& name);
+// The local chunks (dirs) of pipeline rank `pp_rank` that hold parameter `name`.
+std::vector<int> dirs_holding(const std::string& name, const Schedule& s,
+                              const std::vector<model::ModelPart>& stages, int pp_rank);
+
+// A reduce-scatter whose sets of holders can start one at a time (NameSync, DeviceNameSync):
+// GradOverlap starts them while the pipeline runs, reduce_scatter_sum() starts the rest and ends
+// them all.
+class SetExchange {
+ public:
+  virtual ~SetExchange() = default;
+  virtual size_t sets() const = 0;
+  virtual const std::vector<int>& set_ranks(size_t k) const = 0;  // ascending world ranks
+  virtual std::vector<std::string> set_names(size_t k) const = 0;
+  virtual bool started(size_t k) const = 0;
+  // Sums this rank's local copies of set k's names and posts its messages.
+  virtual Status start(size_t k) = 0;
+};
+
+// ZeRO-1's gradient reduce-scatter overlapped with the pipeline (optim.overlap_grad_reduce, as
+// Megatron's overlap-grad-reduce): a set of holders starts its exchange on this rank once the
+// chunks holding its names have run their last backward work of the step (the pipeline's
+// cool-down then hides it), instead of after the last instruction. The values are unchanged:
+// the same messages are added in the same order, only sent earlier.
+// - Over MPI (nonblocking, matched by tag) a set starts as soon as its local chunks are final.
+// - Over matched groups (NCCL: a rank's operations of all communicators run in the order it posts
+//   them, and a GPU may run one NCCL kernel at a time) every member must post the set at the same
+//   place of one global order. Set k gets a round R_k: the latest, over its members and the
+//   chunks holding its names there, of the round of the member's first matched group after that
+//   chunk's last backward instruction (the end of the list if none). Every member posts it right
+//   before its first group of round >= R_k (so after its own chunks are final), the sets of one
+//   round in set order. Each rank's posts then follow one global order (round, then set), every
+//   group and set being posted by all of its ranks at the same place of that order; the expert
+//   all-to-alls run among dp replicas, which have the same rounds and post alike. By induction
+//   over that order no operation waits on one that its peer posts later: no deadlock.
+class GradOverlap {
+ public:
+  // dirs_of(world rank, name): the chunks of that rank holding name; pp_of(world rank): its
+  // pipeline rank.
+  using DirsOf = std::function<std::vector<int>(int rank, const std::string& name)>;
+  GradOverlap(SetExchange& ex, int world_rank, DirsOf dirs_of, std::function<int(int)> pp_of);
+  // Before a run of schedule s (plan: its matched groups, or null for MPI).
+  void begin(const Schedule& s, const P2pPlan* plan);
+  // PipelineExecutor::GradHooks. more_compute: this rank computes after it (counted by hidden()).
+  Status chunk_final(int dir, bool more_compute);
+  Status before_round(int round, bool more_compute);
+  // Starts the sets not started yet (the end of the pipeline), in the order of before_round.
+  Status end();
+  // Sets of two or more ranks started since begin(), before end(); of those, the ones started
+  // with compute still to run on this rank.
+  int started() const { return started_; }
+  int hidden() const { return hidden_; }
+  int local_sets() const;  // sets of two or more ranks, this rank a member
+  bool matched() const { return matched_; }
+  static constexpr int kEnd = 1 << 30;  // a round after every group: the end of the list
+
+ private:
+  SetExchange& ex_;
+  int rank_;
+  DirsOf dirs_of_;
+  std::function<int(int)> pp_of_;
+  std::vector<std::vector<int>> local_dirs_;  // per set: this rank's chunks holding its names
+  std::vector<int> round_;                    // per set (matched groups)
+  std::vector<size_t> order_;                 // sets by (round, index)
+  size_t next_ = 0;
+  bool matched_ = false;
+  std::vector<bool> final_;  // per chunk, this run
+  int started_ = 0, hidden_ = 0;
+  bool ending_ = false;  // in end()
+  Status start(size_t k, bool more_compute);
+  const Schedule* rounds_for_ = nullptr;  // the schedule round_ was computed for
+};
 
 struct SyncEntry {
   std::string name;
@@ -34,7 +107,7 @@ struct SyncEntry {
   int64_t numel = 0;
 };
 
-class NameSync {
+class NameSync : public SetExchange {
  public:
   // entries: this rank's named buffers; holders[name] = the world ranks holding that name.
   NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
@@ -45,17 +118,34 @@ class NameSync {
   // holders) gets only optim::shard_range(numel, i, n) of each name, the rest of its copies being
   // stale. Direct, as DeviceNameSync's: member i adds the n members' shard i in rank order; each
   // rank sends and receives (n - 1)/n of its sums.
+  // Sets started by start() (GradOverlap) are ended here; the others start here.
   Status reduce_scatter_sum();
   // True when this rank is the lowest holder of `name` (to count a name once globally).
   bool is_leader(const std::string& name) const;
+
+  size_t sets() const override { return sets_.size(); }
+  const std::vector<int>& set_ranks(size_t k) const override { return sets_[k].ranks; }
+  std::vector<std::string> set_names(size_t k) const override;
+  bool started(size_t k) const override { return flights_[k].started; }
+  Status start(size_t k) override;  // the reduce-scatter's set k
 
  private:
   struct Set {
     std::vector<int> ranks;
     std::vector<const SyncEntry*> entries;  // in name order
     int64_t numel = 0;
+    int me = 0;  // this rank's position in ranks
+  };
+  // Set k's reduce-scatter in flight: parts[j] is member j's part of this rank's shard (its own
+  // at j = me), sent[j] what goes to member j.
+  struct Flight {
+    bool started = false;
+    std::vector<std::vector<double>> parts, sent;
+    std::vector<Work> works;
   };
   void sum_local();
+  void sum_local(const Set& set);
+  std::vector<Flight> flights_;
   std::vector<SyncEntry> entries_;
   std::map<std::string, std::vector<int>> holders_;
   std::vector<Set> sets_;  // sorted by their first name: the same order on every rank
@@ -108,7 +198,7 @@ struct DeviceEntry {
       copies;  // this rank's local copies (views of one dtype: f64 sums, f32 weights)
 };
 
-class DeviceNameSync {
+class DeviceNameSync : public SetExchange {
  public:
   static constexpr double kDefaultBucketMB = 256;
   // The bucket in bytes from FP8PIPE_ZERO1_BUCKET_MB (default kDefaultBucketMB), or an error
@@ -120,12 +210,21 @@ class DeviceNameSync {
   // fp64 sums: a rank's first copy of a name (position i of n in its holders) ends holding
   // shard_range(numel, i, n) of the sum over every copy on every holder; the rest of it, and its
   // other local copies, are stale.
+  // Buckets started by start() (GradOverlap) are ended here, in order; the others start and end
+  // here one at a time.
   Status reduce_scatter_sum();
   // Weights: the first copy's own shard (just updated) goes to every holder; afterwards every
   // copy on every holder has every shard.
   Status all_gather();
   // Messages to each peer, one set's bucket at a time (FP8PIPE_ZERO1_BUCKET_MB).
   size_t buckets() const { return sets_.size(); }
+
+  size_t sets() const override { return sets_.size(); }
+  const std::vector<int>& set_ranks(size_t k) const override { return sets_[k].ranks; }
+  std::vector<std::string> set_names(size_t k) const override;
+  bool started(size_t k) const override { return flights_[k].started; }
+  // Bucket k of the reduce-scatter: its local copies summed, its messages posted as one group.
+  Status start(size_t k) override;
 
  private:
   struct Set {
@@ -140,7 +239,14 @@ class DeviceNameSync {
   Status unpack(const Set& set, int j, const Tensor& buf);
   // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
   std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
-  Status reduce_set(size_t k);  // set k's messages, posted together, then its sums
+  // Bucket k in flight: parts[j] is member j's part of this rank's shard (its own, packed, at
+  // j = me); keep holds the send buffers.
+  struct Flight {
+    bool started = false;
+    std::vector<Tensor> parts, keep;
+    std::vector<Work> works;
+  };
+  Status finish_set(size_t k);  // waits for bucket k's messages, then its sums
   Status gather_set(size_t k);
   // Posts the transfer of t (on the backend); a recv into a host tensor when staging.
   Work send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep);
@@ -152,6 +258,7 @@ class DeviceNameSync {
   // bucket cut into runs of whole names, exchanged one after another so that one set's packed
   // buffers bound the memory.
   std::vector<Set> sets_;
+  std::vector<Flight> flights_;  // per bucket (the reduce-scatter)
   int rank_;
   Comm* world_;
   bool stage_;  // host copies on the wire (a device backend and a host-memory comm)

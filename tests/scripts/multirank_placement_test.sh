@@ -12,6 +12,9 @@
 # device's squared norm is a tree sum (not the host's index order), so there the two placements
 # agree within 1e-6 relative in loss and gradient norm instead of bitwise; a device-placement
 # checkpoint resumes to the uninterrupted run's next step exactly.
+# optim.overlap_grad_reduce (parallel::GradOverlap): runs with the exchange started during the
+# pipeline give the bits of runs with it after the pipeline, over MPI (DualPipe), over matched
+# groups on MPI (1F1B) and, on the emulation, over the serial NCCL (1F1B).
 # Usage: multirank_placement_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -88,6 +91,37 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
     cat "$TMP/resume.cmp" 2>/dev/null
   fi
 
+  # optim.overlap_grad_reduce (default true: every run above starts each set's exchange during the
+  # pipeline, once its chunks are final): the same DualPipe run with the exchange after the
+  # pipeline gives the same bits, and the overlapped run started its exchanges early.
+  run dp_after 4 "${DP[@]}" --optim.placement=host --optim.overlap_grad_reduce=false \
+    --checkpoint.dir="$TMP/ck_after" ||
+    { bad "DualPipe, optim.overlap_grad_reduce=false"; tail -5 "$TMP/dp_after.log"; }
+  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) gradient exchanges.*started during the pipeline.*/\1 of \2/p' "$TMP/dp_host.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && ! grep -q "ZeRO-1 overlap" "$TMP/dp_after.log" &&
+     same_logs dp_after dp_host 4 >"$TMP/after.cmp" 2>&1 &&
+     same_shards "$TMP/ck_after/step_00000004" "$TMP/ck_host/step_00000004" >>"$TMP/after.cmp"; then
+    ok "DualPipe: the exchange overlapped ($early sets started during the pipeline) gives the bits of the exchange after it ($(tr '\n' ';' <"$TMP/after.cmp"))"
+  else
+    bad "DualPipe: overlapped vs after-the-pipeline exchange (started: '${early}')"; cat "$TMP/after.cmp" 2>/dev/null
+  fi
+  # Matched point-to-point groups (NCCL's mode, forced on MPI): sets start at the rounds of
+  # parallel::GradOverlap. 1F1B pp=2: the last stage's sets start before its last group.
+  M=(--parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --train.steps=3
+     --checkpoint.every=3 --train.eval_every=0)
+  FP8PIPE_P2P_GROUPS=matched run m_on 4 "${M[@]}" --optim.placement=device \
+    --checkpoint.dir="$TMP/ck_m_on" || { bad "1F1B matched groups, overlap"; tail -5 "$TMP/m_on.log"; }
+  FP8PIPE_P2P_GROUPS=matched run m_off 4 "${M[@]}" --optim.placement=host \
+    --optim.overlap_grad_reduce=false --checkpoint.dir="$TMP/ck_m_off" ||
+    { bad "1F1B matched groups, no overlap"; tail -5 "$TMP/m_off.log"; }
+  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/m_on.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs m_on m_off 4 >"$TMP/m.cmp" 2>&1 &&
+     same_shards "$TMP/ck_m_on/step_00000003" "$TMP/ck_m_off/step_00000003" >>"$TMP/m.cmp"; then
+    ok "1F1B matched groups: $early sets started at their rounds, the bits of the exchange after the pipeline ($(tr '\n' ';' <"$TMP/m.cmp"))"
+  else
+    bad "1F1B matched groups: overlapped vs after (started: '${early}')"; cat "$TMP/m.cmp" 2>/dev/null
+  fi
+
   # DualPipeV pp=2 x dp=2: each rank holds "embed.weight" twice and shares it with its replica.
   # The device run cuts its exchanges into 20 KB buckets (FP8PIPE_ZERO1_BUCKET_MB), one after
   # another: the same bits.
@@ -126,6 +160,21 @@ else
       run "cu_$place" 4 "${CU[@]}" --optim.placement=$place --checkpoint.dir="$TMP/cu_ck_$place" ||
       { bad "CUDA emulation over NCCL, optim.placement=$place"; tail -5 "$TMP/cu_$place.log"; }
   done
+  # 1F1B pp=2 on the serial NCCL: the last stage's sets start at their matched-group round, in
+  # the middle of the pipeline's NCCL operations (a wrong place would hang); the same bits as
+  # the exchange after the pipeline.
+  C1=(--train.steps=2 --parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b
+      --train.device=cuda --parallel.comm_backend=nccl --optim.placement=device
+      --checkpoint.dir= --checkpoint.every=0 --train.eval_every=0)
+  run cu_on 4 "${C1[@]}" || { bad "CUDA emulation 1F1B over NCCL, overlap"; tail -5 "$TMP/cu_on.log"; }
+  run cu_off 4 "${C1[@]}" --optim.overlap_grad_reduce=false ||
+    { bad "CUDA emulation 1F1B over NCCL, no overlap"; tail -5 "$TMP/cu_off.log"; }
+  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/cu_on.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs cu_on cu_off 4 >"$TMP/cu_on.cmp" 2>&1; then
+    ok "CUDA emulation 1F1B over NCCL: $early sets started at their rounds, the bits of the exchange after the pipeline ($(cat "$TMP/cu_on.cmp"))"
+  else
+    bad "CUDA emulation 1F1B over NCCL: overlapped vs after (started: '${early}')"; cat "$TMP/cu_on.cmp" 2>/dev/null
+  fi
   # The device run's step-2 checkpoint (device weights and sharded moments through the host
   # copies) resumed on the device: step 3 as in the uninterrupted run, bit for bit.
   if run cu_resume 4 "${CU[@]}" --optim.placement=device --checkpoint.dir="$TMP/cu_ck_resume" \
