@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "parallel/executor.h"
+#include "parallel/grad_sync.h"
 #include "parallel/sim/measured.h"
 
 namespace fp8pipe::parallel::sim {
@@ -104,6 +105,8 @@ void run_compute(const Schedule& s, const OpCosts& c, const Instr& in, int r, Ra
   if (keep) out.events.push_back({r, false, instr_label(in), st.now, d});
   st.now += d;
   out.busy[r] += d;
+  if (in.op == Op::kB || in.op == Op::kW) out.chunk_final[r][in.dir] = st.now;
+  if (in.op == Op::kFB) out.chunk_final[r][in.dir_b] = st.now;
   out.op_cost_sum += d;
   out.exposed_a2a[r] += c.exposed_comm(in);
   track_activations(s, c, in, r, st, out);
@@ -206,7 +209,10 @@ bool advance_matched(const Schedule& s, const OpCosts& c, const P2pPlan& plan, i
       const size_t p = mr.next_point;
       const size_t g0 = mr.first[p], g1 = g0 + points[p].groups.size();
       if (mr.groups[g0].post < 0) {
-        for (size_t g = g0; g < g1; ++g) mr.groups[g].post = st.now;
+        for (size_t g = g0; g < g1; ++g) {
+          mr.groups[g].post = st.now;
+          out.group_posts[r].push_back({mr.groups[g].round, st.now});
+        }
         moved = true;
         resolve_comm(m, r, out, keep);
       }
@@ -242,6 +248,8 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
   out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
+  out.end.assign(n, 0), out.group_posts.assign(n, {});
+  out.chunk_final.assign(n, std::vector<double>(chunks_per_rank(s), 0));
   if (plan.ranks.size() != n) return FP8_INVALID("simulate: a plan of another schedule");
   std::vector<RankState> st(n);
   std::vector<MatchedRank> m(n);
@@ -292,6 +300,7 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
           r, st[r].pc);
     }
     out.makespan = std::max(out.makespan, st[r].now);
+    out.end[r] = st[r].now;
   }
   return out;
 }
@@ -305,6 +314,8 @@ Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bo
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
   out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
+  out.end.assign(n, 0), out.group_posts.assign(n, {});
+  out.chunk_final.assign(n, std::vector<double>(chunks_per_rank(s), 0));
   std::vector<RankState> st(n);
   std::map<Transfer, double> arrival;
   for (bool moved = true; moved;) {
@@ -318,6 +329,7 @@ Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bo
           instr_label(s.rank_instrs[r][st[r].pc]));
     }
     out.makespan = std::max(out.makespan, st[r].now);
+    out.end[r] = st[r].now;
   }
   return out;
 }
@@ -342,15 +354,17 @@ void rank_params(const config::Config& cfg, const Schedule& s, const CostModel& 
 }
 
 // ZeRO-1 over dp: reduce-scatter FP32 gradients, all-gather BF16 parameters, ring over n ranks
-// (bytes per GPU (n-1)/n x size) at the inter-node rate; experts over dp/ep replicas.
+// (bytes per GPU (n-1)/n x size) at the inter-node rate; experts over dp/ep replicas. rs_s: the
+// reduce-scatter's part of sync_s.
 void rank_step(const config::Config& cfg, const CostModel& cm, double dense, double expert,
-               double& sync_s, double& opt_s, Memory& mem) {
+               double& sync_s, double& rs_s, double& opt_s, Memory& mem) {
   const auto& p = cfg.parallel();
   const Calibration& c = cm.cal;
   const double dp = p.dp(), edp = std::max(1, p.dp() / std::max(1, p.ep()));
   const double ring =
       ((dp - 1) / dp * dense + (edp - 1) / edp * expert) * (c.grad_comm_bytes + c.param_bytes);
   sync_s = ring / (cm.net_bytes_per_s * c.net_eff) * (1 - c.dp_overlap);
+  rs_s = sync_s * c.grad_comm_bytes / (c.grad_comm_bytes + c.param_bytes);
   const bool z1 = cfg.optim().zero1();
   const double shard = z1 ? dense / dp + expert / edp : dense + expert;
   // Optimizer state: FP32 master + BF16 Adam moments (TR §3.2.3) = 8 B per sharded param.
@@ -359,6 +373,65 @@ void rank_step(const config::Config& cfg, const CostModel& cm, double dense, dou
   mem.params = (dense + expert) * c.param_bytes;
   mem.grads = (dense + expert) * 4;  // FP32 gradient accumulators (TR §3.3), not sharded
   mem.optimizer = shard * 8;
+}
+
+// optim.overlap_grad_reduce: when rank k's reduce-scatter ends if each chunk's part starts once
+// every holder of its stage may post it (parallel/grad_sync.h GradOverlap): over MPI when each
+// holder's chunk is final; over matched groups at the set's round R, the latest over the holders
+// of the round of their first group after that chunk's last backward instruction, each holder
+// posting before its first group of round >= R. The parts run one after another on the rank's
+// network, each taking rs_s in proportion to its chunk's parameters. dp replicas are symmetric.
+double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineResult& pipe,
+                         const P2pPlan* plan, int k, double rs_s) {
+  if (rs_s <= 0) return 0;
+  const int D = chunks_per_rank(s);
+  struct Part {
+    double start, params;
+  };
+  std::vector<Part> parts;
+  double total = 0;
+  for (int d = 0; d < D; ++d) {
+    const int st = stage_of(s, k, d);
+    std::vector<std::pair<int, int>> holders;  // (pipeline rank, dir) holding stage st
+    for (int r = 0; r < s.ranks; ++r)
+      for (int e = 0; e < D; ++e)
+        if (stage_of(s, r, e) == st) holders.push_back({r, e});
+    double start = 0;
+    if (!plan) {
+      for (auto [r, e] : holders) start = std::max(start, pipe.chunk_final[r][e]);
+    } else {
+      int round = 0;
+      for (auto [r, e] : holders) {
+        const int i = PipelineExecutor::last_grad_instr(s, r, e);
+        int after = GradOverlap::kEnd;
+        for (const P2pPoint& pt : plan->ranks[r]) {
+          if (pt.at > i && !pt.groups.empty()) {
+            after = pt.groups.front().round;
+            break;
+          }
+        }
+        round = std::max(round, after);
+      }
+      for (auto [r, e] : holders) {
+        double t = pipe.end[r];
+        for (auto [g, at] : pipe.group_posts[r]) {
+          if (g >= round) {
+            t = at;
+            break;
+          }
+        }
+        start = std::max(start, t);
+      }
+    }
+    const double params = cm.chunks[st].dense_params + cm.chunks[st].expert_params;
+    parts.push_back({start, params});
+    total += params;
+  }
+  std::sort(parts.begin(), parts.end(),
+            [](const Part& a, const Part& b) { return a.start < b.start; });
+  double t = 0;
+  for (const Part& p : parts) t = std::max(t, p.start) + (total > 0 ? rs_s * p.params / total : 0);
+  return t;
 }
 
 void throughput(const config::Config& cfg, const Schedule& s, const CostModel& cm, StepResult& r) {
@@ -387,13 +460,20 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
     FP8_ASSIGN_OR_RETURN(plan, plan_p2p_groups(s, /*early_sends=*/true));
   }
   FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr));
-  double tail = 0;
+  const bool overlap = cfg.optim().overlap_grad_reduce();
+  double tail = 0, finish = r.pipe.makespan;  // finish: the worst rank's step end (overlap)
   const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
   for (int k = 0; k < s.ranks; ++k) {
-    double dense = 0, expert = 0, sync = 0, opt = 0;
+    double dense = 0, expert = 0, sync = 0, rs = 0, opt = 0;
     Memory mem;
     rank_params(cfg, s, cm, k, dense, expert);
-    rank_step(cfg, cm, dense, expert, sync, opt, mem);
+    rank_step(cfg, cm, dense, expert, sync, rs, opt, mem);
+    if (overlap) {  // the reduce-scatter under the pipeline, the all-gather after the optimizer
+      const double rs_end = overlapped_rs_end(s, cm, r.pipe, plan ? &*plan : nullptr, k, rs);
+      const double end = std::max(r.pipe.end[k], rs_end) + opt + (sync - rs);
+      if (end > finish) finish = end;
+    }
+    r.dp_sync_total_s = std::max(r.dp_sync_total_s, sync);
     r.params_by_rank.push_back(dense + expert);
     mem.activations = r.pipe.peak_act_bytes[k];
     mem.buffers = buffers;
@@ -413,6 +493,10 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
     if (ib + nvl > r.ep_ib_bytes + r.ep_nvlink_bytes) r.ep_ib_bytes = ib, r.ep_nvlink_bytes = nvl;
   }
   r.step_s = r.pipe.makespan + tail;
+  if (overlap) {  // the step ends with its last rank; what of the sync shows is the rest
+    r.step_s = std::max(r.pipe.makespan, finish);
+    r.dp_sync_s = std::max(0.0, r.step_s - r.pipe.makespan - r.optimizer_s);
+  }
   r.bubble_frac = r.pipe.makespan > 0 ? r.bubble_s / r.pipe.makespan : 0;
   throughput(cfg, s, cm, r);
   return r;
@@ -432,8 +516,13 @@ std::string format_step(const config::Config& cfg, const Schedule& s, const Cost
       "ms F&B={:.2f} ms\n",
       c.blocks, c.moe_blocks, 1e3 * c.f.compute_s, 1e3 * c.f.a2a_s, 1e3 * c.b.compute_s,
       1e3 * c.b.a2a_s, 1e3 * c.w.compute_s, 1e3 * fb_time(cm, c.stage, c.stage));
-  o += fmt::format("step        {:.3f} s = pipeline {:.3f} + dp sync {:.3f} + optimizer {:.3f}\n",
-                   r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s);
+  o += fmt::format("step        {:.3f} s = pipeline {:.3f} + dp sync {:.3f} + optimizer {:.3f}{}\n",
+                   r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s,
+                   cfg.optim().overlap_grad_reduce()
+                       ? fmt::format(" (dp sync exposed of {:.3f}: the reduce-scatter overlaps "
+                                     "the pipeline)",
+                                     r.dp_sync_total_s)
+                       : std::string());
   o += fmt::format("bubble      {:.3f} s ({:.1f}% of the pipeline, worst rank)\n", r.bubble_s,
                    100 * r.bubble_frac);
   o +=

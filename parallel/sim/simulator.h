@@ -55,6 +55,12 @@ struct PipelineResult {
   std::vector<double> peak_act_bytes;         // [rank] same, bytes (model costs only)
   double bytes_sent = 0, bytes_received = 0;  // pipeline p2p, all ranks
   double op_cost_sum = 0;                     // sum of op() over every compute instruction
+  std::vector<double> end;                    // [rank] its last op's end
+  // [rank][dir] end of the chunk's last backward work (B, W, FB's backward half): where its
+  // gradient sums are final (the ZeRO-1 overlap's start over MPI).
+  std::vector<std::vector<double>> chunk_final;
+  // Matched groups: [rank] (round, host time) of each group as the host posts it, in order.
+  std::vector<std::vector<std::pair<int, double>>> group_posts;
   std::vector<TraceEvent> events;
   double bubble(int r) const { return makespan - busy[r]; }
 };
@@ -82,7 +88,9 @@ struct Memory {
 
 struct StepResult {
   PipelineResult pipe;
-  double step_s = 0, dp_sync_s = 0, optimizer_s = 0;
+  // dp_sync_s: the DP exchange's time beyond the pipeline (exposed); dp_sync_total_s: all of it on
+  // the worst rank (optim.overlap_grad_reduce hides the difference under the pipeline).
+  double step_s = 0, dp_sync_s = 0, dp_sync_total_s = 0, optimizer_s = 0;
   double bubble_s = 0, bubble_frac = 0;  // worst rank: makespan - busy, and / makespan
   double exposed_comm_s = 0;             // worst rank: exposed a2a + p2p waits + exposed DP sync
   Memory mem;                            // the rank with the largest total
