@@ -263,8 +263,8 @@ Status Trainer::setup_device_optimizer() {
     parallel::Comm* world =
         exchange_comms() ? &exchange_comms()->get(parallel::GroupKind::kWorld) : nullptr;
     FP8_ASSIGN_OR_RETURN(const int64_t bucket, parallel::DeviceNameSync::bucket_bytes());
-    dev_grad_sync_ =
-        std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_, world, bucket);
+    dev_grad_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_,
+                                                                world, bucket, grad_set_key());
     dev_param_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, std::move(weights), holders,
                                                                  world_rank_, world, bucket);
   }

@@ -112,6 +112,9 @@ class Trainer {
   std::map<int, parallel::Schedule> ramp_scheds_;
   Result<double> sync_grads_and_norm();
   Status make_grad_sync();  // the host placement's NameSync of the fp64 sums (once)
+  // The gradient exchange's sets: by holders and by the stages holding a name, so that each
+  // stage's exchange can start when it is final (DualPipe's stage s and pp-1-s share holders).
+  parallel::SetKey grad_set_key() const;
   // optim.overlap_grad_reduce on several ranks: the exchange whose sets start during the
   // pipeline (GradOverlap over grad_sync_ or dev_grad_sync_), made at the first training run.
   Status setup_grad_overlap();

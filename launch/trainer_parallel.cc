@@ -183,9 +183,14 @@ Status Trainer::make_grad_sync() {
     std::vector<parallel::SyncEntry> list;
     for (auto& [n, e] : entries) list.push_back(e);
     grad_sync_ = std::make_unique<parallel::NameSync>(
-        list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
+        list, holders, world_rank_, comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr,
+        grad_set_key());
   }
   return Status::Ok();
+}
+
+parallel::SetKey Trainer::grad_set_key() const {
+  return [this](const std::string& name) { return parallel::stages_holding(name, parts_); };
 }
 
 Status Trainer::setup_grad_overlap() {

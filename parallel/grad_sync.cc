@@ -7,9 +7,6 @@
 #include "parallel/executor.h"
 
 namespace fp8pipe::parallel {
-namespace {
-
-// The global stages (model parts) holding parameter `name`.
 std::vector<int> stages_holding(const std::string& name,
                                 const std::vector<model::ModelPart>& stages) {
   std::vector<int> out;
@@ -25,6 +22,15 @@ std::vector<int> stages_holding(const std::string& name,
     out.push_back(S - 1);  // final norm, head, MTP modules
   }
   return out;
+}
+
+namespace {
+
+// Where a name goes: its holders and its key (SetKey).
+using SetIndex = std::map<std::pair<std::vector<int>, std::vector<int>>, size_t>;
+std::pair<std::vector<int>, std::vector<int>> set_key(const std::vector<int>& ranks,
+                                                      const SetKey& key, const std::string& name) {
+  return {ranks, key ? key(name) : std::vector<int>{}};
 }
 
 }  // namespace
@@ -180,14 +186,14 @@ Status GradOverlap::before_round(int round, bool more_compute) {
 }
 
 NameSync::NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
-                   int world_rank, Comm* world)
+                   int world_rank, Comm* world, const SetKey& key)
     : entries_(std::move(entries)), holders_(std::move(holders)), rank_(world_rank), world_(world) {
   std::sort(entries_.begin(), entries_.end(),
             [](const SyncEntry& a, const SyncEntry& b) { return a.name < b.name; });
-  std::map<std::vector<int>, size_t> index;
+  SetIndex index;
   for (const SyncEntry& e : entries_) {
     const auto& ranks = holders_[e.name];
-    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
+    auto [it, fresh] = index.try_emplace(set_key(ranks, key, e.name), sets_.size());
     if (fresh) {
       const int me = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
       sets_.push_back({ranks, {}, 0, me});
@@ -445,15 +451,15 @@ Result<int64_t> DeviceNameSync::bucket_bytes() {
 
 DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
                                std::map<std::string, std::vector<int>> holders, int world_rank,
-                               Comm* world, int64_t bucket)
+                               Comm* world, int64_t bucket, const SetKey& key)
     : be_(be), entries_(std::move(entries)), rank_(world_rank), world_(world) {
   std::sort(entries_.begin(), entries_.end(),
             [](const DeviceEntry& a, const DeviceEntry& b) { return a.name < b.name; });
-  std::map<std::vector<int>, size_t> index;
+  SetIndex index;
   for (const DeviceEntry& e : entries_) {
     const auto& ranks = holders[e.name];
     if (ranks.size() < 2) continue;
-    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
+    auto [it, fresh] = index.try_emplace(set_key(ranks, key, e.name), sets_.size());
     if (fresh) {
       const int me = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
       sets_.push_back({ranks, {}, me});

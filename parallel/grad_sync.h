@@ -29,6 +29,14 @@ std::vector<int> holders_of(const std::string& name, const Schedule& s,
                             int64_t routed_experts = 0);
 // The routed expert a parameter name belongs to ("layers.3.ffn.experts.5.w1.weight" -> 5), or -1.
 int expert_of(const std::string& name);
+// The global stages (model parts) holding parameter `name`, ascending.
+std::vector<int> stages_holding(const std::string& name,
+                                const std::vector<model::ModelPart>& stages);
+// A finer cut of the sets of holders: names of one holder list go in one set only if their keys
+// are equal too (the trainer keys by stages_holding, so that under DualPipe, where stage s and
+// stage pp-1-s have the same holders, each stage's names form a set that can start when that
+// stage is final). Empty: by holders alone. Every member must key alike.
+using SetKey = std::function<std::vector<int>(const std::string& name)>;
 // The local chunks (dirs) of pipeline rank `pp_rank` that hold parameter `name`.
 std::vector<int> dirs_holding(const std::string& name, const Schedule& s,
                               const std::vector<model::ModelPart>& stages, int pp_rank);
@@ -111,7 +119,7 @@ class NameSync : public SetExchange {
  public:
   // entries: this rank's named buffers; holders[name] = the world ranks holding that name.
   NameSync(std::vector<SyncEntry> entries, std::map<std::string, std::vector<int>> holders,
-           int world_rank, Comm* world);
+           int world_rank, Comm* world, const SetKey& key = {});
   // Every copy := the sum over all copies on all holders, in fp64. Deterministic.
   Status all_reduce_sum();
   // ZeRO-1's reduce-scatter: the same sums, bit for bit, but each holder (position i of n in its
@@ -206,7 +214,7 @@ class DeviceNameSync : public SetExchange {
   static Result<int64_t> bucket_bytes();
   DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
                  std::map<std::string, std::vector<int>> holders, int world_rank, Comm* world,
-                 int64_t bucket);
+                 int64_t bucket, const SetKey& key = {});
   // fp64 sums: a rank's first copy of a name (position i of n in its holders) ends holding
   // shard_range(numel, i, n) of the sum over every copy on every holder; the rest of it, and its
   // other local copies, are stale.

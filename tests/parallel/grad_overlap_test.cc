@@ -24,17 +24,18 @@
 namespace fp8pipe::parallel {
 namespace {
 
-// The sets of holders a rank exchanges, grouped as NameSync does: names in order, one set per
-// distinct holder list, sets in the order of their first name. start() records the set.
+// The sets of holders a rank exchanges, grouped as the trainer's NameSync does: names in order,
+// one set per distinct (holder list, stages holding the name), sets in the order of their first
+// name. start() records the set.
 class RecordingExchange : public SetExchange {
  public:
   RecordingExchange(const std::vector<std::string>& names,
-                    const std::map<std::string, std::vector<int>>& holders) {
+                    const std::map<std::string, std::vector<int>>& holders, const SetKey& key) {
     std::vector<std::string> sorted = names;
     std::sort(sorted.begin(), sorted.end());
-    std::map<std::vector<int>, size_t> index;
+    std::map<std::pair<std::vector<int>, std::vector<int>>, size_t> index;
     for (const std::string& n : sorted) {
-      auto [it, fresh] = index.try_emplace(holders.at(n), sets_.size());
+      auto [it, fresh] = index.try_emplace({holders.at(n), key(n)}, sets_.size());
       if (fresh) sets_.push_back({holders.at(n), {}});
       sets_[it->second].names.push_back(n);
     }
@@ -64,6 +65,7 @@ class RecordingExchange : public SetExchange {
 struct Op {
   bool zero = false;
   std::vector<int> ranks;                    // zero: the set's members
+  std::vector<std::string> names;            // zero: the set's names
   std::vector<std::pair<int, Transfer>> io;  // pipeline: (world peer, message)
 };
 
@@ -112,8 +114,11 @@ std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>
       const auto& h = holders[n];
       if (std::find(h.begin(), h.end(), w) != h.end()) mine.push_back(n);
     }
-    RecordingExchange ex(mine, holders);
-    ex.on_start = [&, w](size_t k) { queues[w].push_back({true, ex.set_ranks(k), {}}); };
+    RecordingExchange ex(mine, holders,
+                         [&](const std::string& n) { return stages_holding(n, parts); });
+    ex.on_start = [&, w](size_t k) {
+      queues[w].push_back({true, ex.set_ranks(k), ex.set_names(k), {}});
+    };
     GradOverlap ov(
         ex, w,
         [&](int rank, const std::string& n) {
@@ -159,11 +164,11 @@ std::string run_model(const std::vector<std::vector<Op>>& queues) {
   // the message itself here), a set's exchange on each other member (the sets a pair shares go
   // in one order on both, else that is a mismatch too).
   std::map<std::tuple<int, int, Transfer>, int> at;  // (rank, peer, message) -> queue index
-  std::map<std::pair<int, std::vector<int>>, int> set_at;
+  std::map<std::pair<int, std::vector<std::string>>, int> set_at;
   for (int r = 0; r < R; ++r) {
     for (int k = 0; k < static_cast<int>(queues[r].size()); ++k) {
       const Op& op = queues[r][k];
-      if (op.zero && !set_at.try_emplace({r, op.ranks}, k).second) return "a set posted twice";
+      if (op.zero && !set_at.try_emplace({r, op.names}, k).second) return "a set posted twice";
       for (const auto& [peer, t] : op.io) at[{r, peer, t}] = k;
     }
   }
@@ -174,7 +179,7 @@ std::string run_model(const std::vector<std::vector<Op>>& queues) {
       const Op& op = queues[r][k];
       for (int m : op.ranks) {
         if (m == r) continue;
-        auto it = set_at.find({m, op.ranks});
+        auto it = set_at.find({m, op.names});
         if (it == set_at.end()) return "rank " + std::to_string(m) + " never posts a set";
         partners[r][k].push_back({m, it->second});
       }
