@@ -105,13 +105,6 @@ void GradOverlap::begin(const Schedule& s, const P2pPlan* plan) {
   for (size_t k = 0; k < order_.size(); ++k) order_[k] = k;
   if (!matched_) return;
   if (rounds_for_ != &s) {
-    // The round of pipeline rank p's first matched group after instruction i (kEnd if none).
-    auto round_after = [&](int p, int i) {
-      if (i < 0) return 0;  // no backward work: final from the start
-      for (const P2pPoint& pt : plan->ranks[p])
-        if (pt.at > i && !pt.groups.empty()) return pt.groups.front().round;
-      return kEnd;
-    };
     round_.assign(ex_.sets(), 0);
     for (size_t k = 0; k < ex_.sets(); ++k) {
       const auto names = ex_.set_names(k);
@@ -121,14 +114,21 @@ void GradOverlap::begin(const Schedule& s, const P2pPlan* plan) {
         for (const std::string& name : names)
           for (int dir : dirs_of_(m, name)) dirs.push_back(dir);
         for (int dir : dirs)
-          round_[k] =
-              std::max(round_[k], round_after(p, PipelineExecutor::last_grad_instr(s, p, dir)));
+          round_[k] = std::max(round_[k],
+                               round_after(*plan, p, PipelineExecutor::last_grad_instr(s, p, dir)));
       }
     }
     rounds_for_ = &s;
   }
   std::stable_sort(order_.begin(), order_.end(),
                    [&](size_t a, size_t b) { return round_[a] < round_[b]; });
+}
+
+int GradOverlap::round_after(const P2pPlan& plan, int p, int i) {
+  int last = -1;  // rounds never go back along a rank's points
+  for (const P2pPoint& pt : plan.ranks[p])
+    if (pt.at <= i && !pt.groups.empty()) last = pt.groups.back().round;
+  return last + 1;
 }
 
 Status GradOverlap::start(size_t k, bool more_compute) {

@@ -64,13 +64,13 @@ class SetExchange {
 // - Over matched groups (NCCL: a rank's operations of all communicators run in the order it posts
 //   them, and a GPU may run one NCCL kernel at a time) every member must post the set at the same
 //   place of one global order. Set k gets a round R_k: the latest, over its members and the
-//   chunks holding its names there, of the round of the member's first matched group after that
-//   chunk's last backward instruction (the end of the list if none). Every member posts it right
-//   before its first group of round >= R_k (so after its own chunks are final), the sets of one
-//   round in set order. Each rank's posts then follow one global order (round, then set), every
-//   group and set being posted by all of its ranks at the same place of that order; the expert
-//   all-to-alls run among dp replicas, which have the same rounds and post alike. By induction
-//   over that order no operation waits on one that its peer posts later: no deadlock.
+//   chunks holding its names there, of round_after(that chunk's last backward instruction).
+//   Every member posts it right before its first group of round >= R_k (the end of its list if
+//   none), which is after its own chunks are final, the sets of one round in set order. Each rank's
+//   posts then follow one global order (round, then set), every group and set being posted by all
+//   of its ranks at the same place of that order; the expert all-to-alls run among dp replicas,
+//   which have the same rounds and post alike. By induction over that order no operation waits on
+//   one that its peer posts later: no deadlock.
 class GradOverlap {
  public:
   // dirs_of(world rank, name): the chunks of that rank holding name; pp_of(world rank): its
@@ -91,6 +91,10 @@ class GradOverlap {
   int local_sets() const;  // sets of two or more ranks, this rank a member
   bool matched() const { return matched_; }
   static constexpr int kEnd = 1 << 30;  // a round after every group: the end of the list
+  // The first round whose groups pipeline rank p posts only after its instruction i: one past
+  // the last round it posts at or before i (0 if none). Posting a set right before p's first
+  // group of round >= that is after instruction i.
+  static int round_after(const P2pPlan& plan, int p, int i);
 
  private:
   SetExchange& ex_;

@@ -378,8 +378,8 @@ void rank_step(const config::Config& cfg, const CostModel& cm, double dense, dou
 // optim.overlap_grad_reduce: when rank k's reduce-scatter ends if each chunk's part starts once
 // every holder of its stage may post it (parallel/grad_sync.h GradOverlap): over MPI when each
 // holder's chunk is final; over matched groups at the set's round R, the latest over the holders
-// of the round of their first group after that chunk's last backward instruction, each holder
-// posting before its first group of round >= R. The parts run one after another on the rank's
+// of GradOverlap::round_after(that chunk's last backward instruction), each holder posting before
+// its first group of round >= R (or at its end). The parts run one after another on the rank's
 // network, each taking rs_s in proportion to its chunk's parameters. dp replicas are symmetric.
 double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineResult& pipe,
                          const P2pPlan* plan, int k, double rs_s) {
@@ -402,15 +402,8 @@ double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineR
     } else {
       int round = 0;
       for (auto [r, e] : holders) {
-        const int i = PipelineExecutor::last_grad_instr(s, r, e);
-        int after = GradOverlap::kEnd;
-        for (const P2pPoint& pt : plan->ranks[r]) {
-          if (pt.at > i && !pt.groups.empty()) {
-            after = pt.groups.front().round;
-            break;
-          }
-        }
-        round = std::max(round, after);
+        round = std::max(
+            round, GradOverlap::round_after(*plan, r, PipelineExecutor::last_grad_instr(s, r, e)));
       }
       for (auto [r, e] : holders) {
         double t = pipe.end[r];
