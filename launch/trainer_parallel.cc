@@ -3,6 +3,7 @@
 // (DualPipe's two copies of a stage, dp replicas) plus the global gradient norm and expert loads.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -129,12 +130,18 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
                                static_cast<double>(overlap_->hidden()),
                                static_cast<double>(overlap_->local_sets())};
       FP8_RETURN_IF_ERROR(sum_over_world(n));
+      // Each rank's most message buffers held at once (every set is started by now), the
+      // largest over ranks: the overlap's transient memory.
+      std::vector<double> peak(world_size_, 0.0);
+      peak[world_rank_] = static_cast<double>(overlap_->exchange().take_peak_buffer_bytes());
+      FP8_RETURN_IF_ERROR(sum_over_world(peak));
       if (is_root()) {
         log::info(
             "ZeRO-1 overlap: {} of {} gradient exchanges (sets of holders, counted on "
             "each member) started during the pipeline, {} of them with compute left on "
-            "their rank ({})",
-            n[0], n[2], n[1], overlap_->matched() ? "at matched-group rounds" : "when final");
+            "their rank ({}); at most {:.2f} MB of message buffers held at once on a rank",
+            n[0], n[2], n[1], overlap_->matched() ? "at matched-group rounds" : "when final",
+            *std::max_element(peak.begin(), peak.end()) / (1024.0 * 1024.0));
       }
       ++overlap_logged_;
     }

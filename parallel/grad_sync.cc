@@ -309,27 +309,37 @@ Status NameSync::start(size_t k) {
   const int n = static_cast<int>(set.ranks.size());
   if (n < 2) return Status::Ok();
   if (!world_) return FP8_ERROR(Code::kInternal, "parameter sync needs a world communicator");
-  auto pack = [&](int j) {
-    std::vector<double> out;
-    each_shard(set, j, [&](const SyncEntry* e, optim::Range r) {
-      out.insert(out.end(), e->copies[0] + r.begin, e->copies[0] + r.end);
-    });
-    return out;
-  };
   const int tag = static_cast<int>(k % 32768);
   f.parts.resize(n);
   f.sent.resize(n);
-  f.parts[set.me] = pack(set.me);
-  const size_t size = f.parts[set.me].size();
+  size_t size = 0;
+  each_shard(set, set.me, [&](const SyncEntry*, optim::Range r) { size += r.end - r.begin; });
   for (int j = 0; j < n; ++j) {
     if (j == set.me) continue;
     f.parts[j].resize(size);
     f.works.push_back(world_->recv(f.parts[j].data(), size, DataType::kFloat64, set.ranks[j], tag));
-    f.sent[j] = pack(j);
+    f.sent[j] = pack(set, j);
     f.works.push_back(
         world_->send(f.sent[j].data(), f.sent[j].size(), DataType::kFloat64, set.ranks[j], tag));
+    f.bytes += static_cast<int64_t>((size + f.sent[j].size()) * sizeof(double));
   }
+  buffer_bytes_ += f.bytes;
+  peak_buffer_bytes_ = std::max(peak_buffer_bytes_, buffer_bytes_);
   return Status::Ok();
+}
+
+std::vector<double> NameSync::pack(const Set& set, int j) const {
+  std::vector<double> out;
+  each_shard(set, j, [&](const SyncEntry* e, optim::Range r) {
+    out.insert(out.end(), e->copies[0] + r.begin, e->copies[0] + r.end);
+  });
+  return out;
+}
+
+int64_t NameSync::take_peak_buffer_bytes() {
+  const int64_t p = peak_buffer_bytes_;
+  peak_buffer_bytes_ = buffer_bytes_;
+  return p;
 }
 
 Status NameSync::reduce_scatter_sum() {
@@ -342,8 +352,10 @@ Status NameSync::reduce_scatter_sum() {
   for (size_t k = 0; k < sets_.size(); ++k) {
     Flight f = std::move(flights_[k]);
     flights_[k] = Flight{};
+    buffer_bytes_ -= f.bytes;
     const Set& set = sets_[k];
     if (!waited.ok() || set.ranks.size() < 2) continue;
+    f.parts[set.me] = pack(set, set.me);  // the first copies' shard, final since start()
     std::vector<double>& acc = f.parts[0];
     for (size_t j = 1; j < f.parts.size(); ++j)
       for (size_t i = 0; i < acc.size(); ++i) acc[i] += f.parts[j][i];
@@ -491,6 +503,12 @@ DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
   if (stage_) host_ = make_cpu_backend();
 }
 
+int64_t DeviceNameSync::take_peak_buffer_bytes() {
+  const int64_t p = peak_buffer_bytes_;
+  peak_buffer_bytes_ = buffer_bytes_;
+  return p;
+}
+
 std::vector<std::string> DeviceNameSync::set_names(size_t k) const {
   std::vector<std::string> out;
   for (const DeviceEntry* e : sets_[k].entries) out.push_back(e->name);
@@ -598,21 +616,21 @@ Status DeviceNameSync::start(size_t k) {
   const DType dt = set.entries.front()->copies.front().dtype();
   const int64_t mine = pack_size(set, set.me);
   f.parts.assign(n, Tensor());
+  const int64_t elem = static_cast<int64_t>(dtype_size(dt));
   for (int j = 0; j < n; ++j) {
-    if (j == set.me) {
-      if (mine > 0) {
-        FP8_ASSIGN_OR_RETURN(f.parts[j], pack(set, j));
-      }
-      continue;
-    }
+    if (j == set.me) continue;  // packed when the bucket ends (finish_set)
     if (mine > 0) {
       FP8_ASSIGN_OR_RETURN(f.parts[j], recv(mine, dt, set.ranks[j], tag, f.works));
+      f.bytes += mine * elem;
     }
     if (pack_size(set, j) > 0) {
       FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
       f.works.push_back(send(out, set.ranks[j], tag, f.keep));
+      f.bytes += pack_size(set, j) * elem;
     }
   }
+  buffer_bytes_ += f.bytes;
+  peak_buffer_bytes_ = std::max(peak_buffer_bytes_, buffer_bytes_);
   // Issue them now as one group (a test triggers an NCCL comm's batch; a no-op for MPI): the
   // next bucket or pipeline group must not join it.
   if (!f.works.empty()) f.works.back().test();
@@ -623,9 +641,12 @@ Status DeviceNameSync::start(size_t k) {
 Status DeviceNameSync::finish_set(size_t k) {
   Flight f = std::move(flights_[k]);
   flights_[k] = Flight{};
+  buffer_bytes_ -= f.bytes;
   const Set& set = sets_[k];
   FP8_RETURN_IF_ERROR(wait_all(f.works));
   if (pack_size(set, set.me) == 0) return Status::Ok();  // an empty shard
+  // This rank's own part: its first copies' shard, final since start().
+  FP8_ASSIGN_OR_RETURN(f.parts[set.me], pack(set, set.me));
   for (Tensor& t : f.parts) {
     if (stage_ && t.device() == Device::kCpu) {
       FP8_ASSIGN_OR_RETURN(Tensor d, be_.empty(t.shape(), t.dtype()));

@@ -53,6 +53,9 @@ class SetExchange {
   virtual bool started(size_t k) const = 0;
   // Sums this rank's local copies of set k's names and posts its messages.
   virtual Status start(size_t k) = 0;
+  // The most bytes of message buffers held at once since the last call (started sets hold
+  // theirs until reduce_scatter_sum ends them); resets the count.
+  virtual int64_t take_peak_buffer_bytes() = 0;
 };
 
 // ZeRO-1's gradient reduce-scatter overlapped with the pipeline (optim.overlap_grad_reduce, as
@@ -90,6 +93,7 @@ class GradOverlap {
   int hidden() const { return hidden_; }
   int local_sets() const;  // sets of two or more ranks, this rank a member
   bool matched() const { return matched_; }
+  SetExchange& exchange() { return ex_; }
   static constexpr int kEnd = 1 << 30;  // a round after every group: the end of the list
   // The first round whose groups pipeline rank p posts only after its instruction i: one past
   // the last round it posts at or before i (0 if none). Posting a set right before p's first
@@ -140,6 +144,7 @@ class NameSync : public SetExchange {
   std::vector<std::string> set_names(size_t k) const override;
   bool started(size_t k) const override { return flights_[k].started; }
   Status start(size_t k) override;  // the reduce-scatter's set k
+  int64_t take_peak_buffer_bytes() override;
 
  private:
   struct Set {
@@ -148,15 +153,18 @@ class NameSync : public SetExchange {
     int64_t numel = 0;
     int me = 0;  // this rank's position in ranks
   };
-  // Set k's reduce-scatter in flight: parts[j] is member j's part of this rank's shard (its own
-  // at j = me), sent[j] what goes to member j.
+  // Set k's reduce-scatter in flight: parts[j] is member j's part of this rank's shard (its own,
+  // read from the first copies when the set ends), sent[j] what goes to member j.
   struct Flight {
     bool started = false;
     std::vector<std::vector<double>> parts, sent;
     std::vector<Work> works;
+    int64_t bytes = 0;  // of parts and sent
   };
   void sum_local();
   void sum_local(const Set& set);
+  std::vector<double> pack(const Set& set, int j) const;  // shard j of the names, in order
+  int64_t buffer_bytes_ = 0, peak_buffer_bytes_ = 0;
   std::vector<Flight> flights_;
   std::vector<SyncEntry> entries_;
   std::map<std::string, std::vector<int>> holders_;
@@ -237,6 +245,7 @@ class DeviceNameSync : public SetExchange {
   bool started(size_t k) const override { return flights_[k].started; }
   // Bucket k of the reduce-scatter: its local copies summed, its messages posted as one group.
   Status start(size_t k) override;
+  int64_t take_peak_buffer_bytes() override;
 
  private:
   struct Set {
@@ -251,13 +260,16 @@ class DeviceNameSync : public SetExchange {
   Status unpack(const Set& set, int j, const Tensor& buf);
   // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
   std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
-  // Bucket k in flight: parts[j] is member j's part of this rank's shard (its own, packed, at
-  // j = me); keep holds the send buffers.
+  // Bucket k in flight: parts[j] is member j's part of this rank's shard (its own packed from
+  // the first copies when the bucket ends, so a started bucket holds only its messages); keep
+  // holds the send buffers.
   struct Flight {
     bool started = false;
     std::vector<Tensor> parts, keep;
     std::vector<Work> works;
+    int64_t bytes = 0;  // of the received parts and the send buffers
   };
+  int64_t buffer_bytes_ = 0, peak_buffer_bytes_ = 0;
   Status finish_set(size_t k);  // waits for bucket k's messages, then its sums
   Status gather_set(size_t k);
   // Posts the transfer of t (on the backend); a recv into a host tensor when staging.

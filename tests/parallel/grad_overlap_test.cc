@@ -50,6 +50,7 @@ class RecordingExchange : public SetExchange {
     if (on_start) on_start(k);
     return Status::Ok();
   }
+  int64_t take_peak_buffer_bytes() override { return 0; }
   std::function<void(size_t)> on_start;
 
  private:
