@@ -1,11 +1,12 @@
 // ZeRO-1's gradient exchange overlapped with the pipeline (parallel/grad_sync.h GradOverlap),
 // checked by a model of NCCL written here independently of the overlap's rounds: every world
 // rank (pp x dp) queues its operations in the order it posts them (its matched pipeline groups
-// from plan_p2p_groups, and each set of holders' exchange where GradOverlap starts it, driven
-// through the executor's hooks in instruction order) and runs them one after another, as a GPU
-// that runs one NCCL kernel at a time; an operation ends when every partner has launched its
-// part (a pipeline message's partner is the group holding its other end, a set's exchange the
-// same set on every other member). Every layout must drain every queue, and GradOverlap must
+// from plan_p2p_groups, each compute instruction's expert all-to-all among its ep group, and each
+// set of holders' exchange where GradOverlap starts it, driven through the executor's hooks in
+// instruction order) and runs them one after another, as a GPU that runs one NCCL kernel at a
+// time; an operation ends when every partner has launched its part (a pipeline message's partner
+// is the group holding its other end, a set's exchange or an all-to-all the same one on every
+// other member). Every layout must drain every queue, and GradOverlap must
 // never start a set before this rank's chunks holding it are final. The same model deadlocks the
 // simple rule (a set starts as soon as its chunks are final, as over MPI), which shows that it
 // can fail.
@@ -62,11 +63,13 @@ class RecordingExchange : public SetExchange {
   std::vector<bool> started_;
 };
 
-// One queued operation of a world rank: a pipeline group (its messages) or a set's exchange.
+// One queued operation of a world rank: a pipeline group (its messages), a set's exchange, or
+// an expert all-to-all of a compute instruction among the ep group (the dp replicas of one
+// pipeline rank that share the experts).
 struct Op {
-  bool zero = false;
-  std::vector<int> ranks;                    // zero: the set's members
-  std::vector<std::string> names;            // zero: the set's names
+  bool zero = false;                         // a set's exchange or an all-to-all
+  std::vector<int> ranks;                    // zero: the members
+  std::vector<std::string> names;            // zero: the set's names, or {"a2a", instruction}
   std::vector<std::pair<int, Transfer>> io;  // pipeline: (world peer, message)
 };
 
@@ -144,8 +147,17 @@ std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>
       }
       return Status::Ok();
     };
+    // The ep group: the ranks of this pipeline rank and ep group (l.ep of them), one all-to-all
+    // per compute instruction (a real one has several, in the same order on every member).
+    std::vector<int> ep_group;
+    for (int m = 0; m < world; ++m) {
+      const auto c = topo->coords_of(m);
+      if (c.stage == p && c.ep_group == topo->coords_of(w).ep_group) ep_group.push_back(m);
+    }
     for (int i = 0; i < n; ++i) {
       Status st = point(i);
+      if (!list[i].is_comm() && ep_group.size() > 1)
+        queues[w].push_back({true, ep_group, {"a2a", std::to_string(i)}, {}});
       for (int dir = 0; dir < chunks_per_rank(s) && st.ok(); ++dir)
         if (last[dir] == i) st = ov.chunk_final(dir, true);
       if (!st.ok()) return name_of(l) + " rank " + std::to_string(w) + ": " + st.to_string();
@@ -169,7 +181,7 @@ std::string run_model(const std::vector<std::vector<Op>>& queues) {
   for (int r = 0; r < R; ++r) {
     for (int k = 0; k < static_cast<int>(queues[r].size()); ++k) {
       const Op& op = queues[r][k];
-      if (op.zero && !set_at.try_emplace({r, op.names}, k).second) return "a set posted twice";
+      if (op.zero && !set_at.try_emplace({r, op.names}, k).second) return "an operation twice";
       for (const auto& [peer, t] : op.io) at[{r, peer, t}] = k;
     }
   }
@@ -181,7 +193,7 @@ std::string run_model(const std::vector<std::vector<Op>>& queues) {
       for (int m : op.ranks) {
         if (m == r) continue;
         auto it = set_at.find({m, op.names});
-        if (it == set_at.end()) return "rank " + std::to_string(m) + " never posts a set";
+        if (it == set_at.end()) return "rank " + std::to_string(m) + " never posts " + op.names[0];
         partners[r][k].push_back({m, it->second});
       }
       for (const auto& [peer, t] : op.io) {
@@ -224,10 +236,15 @@ TEST(GradOverlap, MatchedRoundsNeverDeadlockTheNcclModel) {
           int early = 0;
           ASSERT_EQ(queues_of(l, /*matched=*/true, q, &early), "") << name_of(l);
           EXPECT_EQ(run_model(q), "") << name_of(l) << " mbs=" << mbs;
-          // Every set once on each of its members.
-          for (int r = 0; r < static_cast<int>(q.size()); ++r)
-            for (const Op& op : q[r])
+          // Every set once on each of its members; the all-to-alls where ep > 1.
+          int a2a = 0;
+          for (int r = 0; r < static_cast<int>(q.size()); ++r) {
+            for (const Op& op : q[r]) {
               if (op.zero) EXPECT_TRUE(std::count(op.ranks.begin(), op.ranks.end(), r) == 1);
+              a2a += op.zero && op.names[0] == "a2a";
+            }
+          }
+          EXPECT_EQ(a2a > 0, ep > 1) << name_of(l);
           early_total += early;
           ++layouts;
         }
