@@ -7,14 +7,15 @@
 # DualPipe pp=2 x dp=2 x ep=2 (FP8) and DualPipeV pp=2 x dp=2 (two local copies of the embedding
 # on ranks that also exchange it). A checkpoint written by the host placement resumes under the
 # device placement to the host run's final shards.
-# With PLACEMENT_CUDA=1 (the CUDA emulation's CTest mpi.placement_nccl, FP8PIPE_EMU_DEVICES=4),
+# With PLACEMENT_CUDA=1 (the CUDA emulation's CTest mpi.placement_nccl, FP8PIPE_EMU_DEVICES=8),
 # the same DualPipe layout runs on train.device=cuda over NCCL: device tensors on the wire. The
 # device's squared norm is a tree sum (not the host's index order), so there the two placements
 # agree within 1e-6 relative in loss and gradient norm instead of bitwise; a device-placement
 # checkpoint resumes to the uninterrupted run's next step exactly.
 # optim.overlap_grad_reduce (parallel::GradOverlap): runs with the exchange started during the
 # pipeline give the bits of runs with it after the pipeline, over MPI (DualPipe), over matched
-# groups on MPI (1F1B) and, on the emulation, over the serial NCCL (DualPipe).
+# groups on MPI (1F1B) and, on the emulation, over the serial NCCL (DualPipe at pp=2 and, on 8
+# emulated GPUs, at pp=4).
 # Usage: multirank_placement_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -171,6 +172,20 @@ else
     ok "CUDA emulation DualPipe over NCCL: $early sets started at their rounds, the bits of the exchange after the pipeline ($(cat "$TMP/cu_after.cmp"))"
   else
     bad "CUDA emulation over NCCL: overlapped vs after (started: '${early}')"; cat "$TMP/cu_after.cmp" 2>/dev/null
+  fi
+  # DualPipe pp=4 x dp=2 x ep=2 on 8 emulated GPUs: sets start at their rounds among four pipeline
+  # ranks' groups and the expert all-to-alls of the serial NCCL; the bits of the exchange after.
+  P4=(--train.steps=2 --parallel.pp=4 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
+      --train.device=cuda --parallel.comm_backend=nccl --optim.placement=device --checkpoint.dir=
+      --checkpoint.every=0 --train.eval_every=0)
+  run p4_on 8 "${P4[@]}" || { bad "CUDA emulation pp=4 over NCCL, overlap"; tail -5 "$TMP/p4_on.log"; }
+  run p4_off 8 "${P4[@]}" --optim.overlap_grad_reduce=false ||
+    { bad "CUDA emulation pp=4 over NCCL, no overlap"; tail -5 "$TMP/p4_off.log"; }
+  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/p4_on.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs p4_on p4_off 8 >"$TMP/p4.cmp" 2>&1; then
+    ok "CUDA emulation DualPipe pp=4 x dp=2 x ep=2 over NCCL: $early sets started at their rounds, the bits of the exchange after the pipeline ($(cat "$TMP/p4.cmp"))"
+  else
+    bad "CUDA emulation pp=4 over NCCL: overlapped vs after (started: '${early}')"; cat "$TMP/p4.cmp" 2>/dev/null
   fi
   # The device run's step-2 checkpoint (device weights and sharded moments through the host
   # copies) resumed on the device: step 3 as in the uninterrupted run, bit for bit.
