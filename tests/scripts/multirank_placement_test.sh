@@ -62,6 +62,22 @@ same_shards() {  # same_shards DIR_A DIR_B: every rank's shard byte for byte
   echo "$n shards identical"
 }
 
+# overlap_same LABEL ON OFF NP MODE [SHARDS_ON SHARDS_OFF]: run ON (optim.overlap_grad_reduce on)
+# logged sets started during the pipeline, MODE "when final" or "at matched-group rounds"; run OFF
+# (the exchange after the pipeline) logged none; both give the same bits: every rank's records
+# and, given two checkpoint directories, every shard.
+overlap_same() {
+  local early
+  early=$(sed -n "s/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) gradient exchanges.*started during the pipeline.*($5).*/\1 of \2/p" "$TMP/$2.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && ! grep -q "ZeRO-1 overlap" "$TMP/$3.log" &&
+     same_logs "$2" "$3" "$4" >"$TMP/$2.cmp" 2>&1 &&
+     { [ $# -lt 7 ] || same_shards "$6" "$7" >>"$TMP/$2.cmp"; }; then
+    ok "$1: $early sets started during the pipeline ($5), the bits of the exchange after it ($(tr '\n' ';' <"$TMP/$2.cmp"))"
+  else
+    bad "$1: overlapped vs after the pipeline (started: '${early}')"; cat "$TMP/$2.cmp" 2>/dev/null
+  fi
+}
+
 if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   # DualPipe pp=2 x dp=2 x ep=2 (FP8), checkpoints at steps 2 and 4, the moving average evaluated.
   DP=(--parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
@@ -98,14 +114,8 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   run dp_after 4 "${DP[@]}" --optim.placement=host --optim.overlap_grad_reduce=false \
     --checkpoint.dir="$TMP/ck_after" ||
     { bad "DualPipe, optim.overlap_grad_reduce=false"; tail -5 "$TMP/dp_after.log"; }
-  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) gradient exchanges.*started during the pipeline.*/\1 of \2/p' "$TMP/dp_host.log")
-  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && ! grep -q "ZeRO-1 overlap" "$TMP/dp_after.log" &&
-     same_logs dp_after dp_host 4 >"$TMP/after.cmp" 2>&1 &&
-     same_shards "$TMP/ck_after/step_00000004" "$TMP/ck_host/step_00000004" >>"$TMP/after.cmp"; then
-    ok "DualPipe: the exchange overlapped ($early sets started during the pipeline) gives the bits of the exchange after it ($(tr '\n' ';' <"$TMP/after.cmp"))"
-  else
-    bad "DualPipe: overlapped vs after-the-pipeline exchange (started: '${early}')"; cat "$TMP/after.cmp" 2>/dev/null
-  fi
+  overlap_same "DualPipe over MPI" dp_host dp_after 4 "when final" \
+    "$TMP/ck_host/step_00000004" "$TMP/ck_after/step_00000004"
   # Matched point-to-point groups (NCCL's mode, forced on MPI): sets start at the rounds of
   # parallel::GradOverlap. 1F1B pp=2: the last stage's sets start before its last group.
   M=(--parallel.pp=2 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=1f1b --train.steps=3
@@ -115,13 +125,8 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   FP8PIPE_P2P_GROUPS=matched run m_off 4 "${M[@]}" --optim.placement=host \
     --optim.overlap_grad_reduce=false --checkpoint.dir="$TMP/ck_m_off" ||
     { bad "1F1B matched groups, no overlap"; tail -5 "$TMP/m_off.log"; }
-  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/m_on.log")
-  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs m_on m_off 4 >"$TMP/m.cmp" 2>&1 &&
-     same_shards "$TMP/ck_m_on/step_00000003" "$TMP/ck_m_off/step_00000003" >>"$TMP/m.cmp"; then
-    ok "1F1B matched groups: $early sets started at their rounds, the bits of the exchange after the pipeline ($(tr '\n' ';' <"$TMP/m.cmp"))"
-  else
-    bad "1F1B matched groups: overlapped vs after (started: '${early}')"; cat "$TMP/m.cmp" 2>/dev/null
-  fi
+  overlap_same "1F1B, matched groups on MPI" m_on m_off 4 "at matched-group rounds" \
+    "$TMP/ck_m_on/step_00000003" "$TMP/ck_m_off/step_00000003"
 
   # DualPipeV pp=2 x dp=2: each rank holds "embed.weight" twice and shares it with its replica.
   # The device run cuts its exchanges into 20 KB buckets (FP8PIPE_ZERO1_BUCKET_MB), one after
@@ -167,12 +172,7 @@ else
   FP8PIPE_ZERO1_BUCKET_MB=0.05 run cu_after 4 "${CU[@]}" --optim.placement=device \
     --optim.overlap_grad_reduce=false --checkpoint.dir="$TMP/cu_ck_after" ||
     { bad "CUDA emulation over NCCL, no overlap"; tail -5 "$TMP/cu_after.log"; }
-  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/cu_device.log")
-  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs cu_device cu_after 4 >"$TMP/cu_after.cmp" 2>&1; then
-    ok "CUDA emulation DualPipe over NCCL: $early sets started at their rounds, the bits of the exchange after the pipeline ($(cat "$TMP/cu_after.cmp"))"
-  else
-    bad "CUDA emulation over NCCL: overlapped vs after (started: '${early}')"; cat "$TMP/cu_after.cmp" 2>/dev/null
-  fi
+  overlap_same "CUDA emulation, DualPipe over NCCL" cu_device cu_after 4 "at matched-group rounds"
   # DualPipe pp=4 x dp=2 x ep=2 on 8 emulated GPUs: sets start at their rounds among four pipeline
   # ranks' groups and the expert all-to-alls of the serial NCCL; the bits of the exchange after.
   P4=(--train.steps=2 --parallel.pp=4 --parallel.dp=2 --parallel.ep=2 --parallel.schedule=dualpipe
@@ -181,12 +181,8 @@ else
   run p4_on 8 "${P4[@]}" || { bad "CUDA emulation pp=4 over NCCL, overlap"; tail -5 "$TMP/p4_on.log"; }
   run p4_off 8 "${P4[@]}" --optim.overlap_grad_reduce=false ||
     { bad "CUDA emulation pp=4 over NCCL, no overlap"; tail -5 "$TMP/p4_off.log"; }
-  early=$(sed -n 's/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) .*(at matched-group rounds).*/\1 of \2/p' "$TMP/p4_on.log")
-  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && same_logs p4_on p4_off 8 >"$TMP/p4.cmp" 2>&1; then
-    ok "CUDA emulation DualPipe pp=4 x dp=2 x ep=2 over NCCL: $early sets started at their rounds, the bits of the exchange after the pipeline ($(cat "$TMP/p4.cmp"))"
-  else
-    bad "CUDA emulation pp=4 over NCCL: overlapped vs after (started: '${early}')"; cat "$TMP/p4.cmp" 2>/dev/null
-  fi
+  overlap_same "CUDA emulation, DualPipe pp=4 x dp=2 x ep=2 over NCCL" p4_on p4_off 8 \
+    "at matched-group rounds"
   # The device run's step-2 checkpoint (device weights and sharded moments through the host
   # copies) resumed on the device: step 3 as in the uninterrupted run, bit for bit.
   if run cu_resume 4 "${CU[@]}" --optim.placement=device --checkpoint.dir="$TMP/cu_ck_resume" \
