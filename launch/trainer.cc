@@ -265,8 +265,8 @@ Status Trainer::setup_device_optimizer() {
     FP8_ASSIGN_OR_RETURN(const int64_t bucket, parallel::DeviceNameSync::bucket_bytes());
     dev_grad_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, sums, holders, world_rank_,
                                                                 world, bucket, grad_set_key());
-    dev_param_sync_ = std::make_unique<parallel::DeviceNameSync>(*be_, std::move(weights), holders,
-                                                                 world_rank_, world, bucket);
+    dev_param_sync_ = std::make_unique<parallel::DeviceNameSync>(
+        *be_, std::move(weights), holders, world_rank_, world, bucket, grad_set_key());
   }
   const optim::FlatLayout flat{flat_value_, flat_grad_, offsets};
   FP8_ASSIGN_OR_RETURN(auto d, optim::DeviceAdamW::create(*be_, *opt_, std::move(groups), flat));
@@ -285,6 +285,7 @@ Status Trainer::setup_device_optimizer() {
 
 // optim.placement=device: the host copies that saves read (weights, moments, step count).
 Status Trainer::sync_host() {
+  FP8_RETURN_IF_ERROR(finish_param_gather());  // saves read whole weights
   if (!dev_opt_) return Status::Ok();
   if (be_->device() != Device::kCpu) {
     for (auto* p : all_params()) FP8_RETURN_IF_ERROR(be_->copy(p->value, p->host_value));
@@ -300,6 +301,7 @@ void Trainer::setup_owned() {
       owned_[it->second].copies.push_back(p);
       continue;
     }
+    owned_at_[p->name] = owned_.size();
     Owned o;
     o.name = p->name;
     o.copies = {p};
@@ -315,8 +317,10 @@ void Trainer::setup_owned() {
   }
 }
 
-Status Trainer::gather_params() {
-  if (!param_gather_) {
+Status Trainer::setup_param_gather() {
+  if (gather_checked_) return Status::Ok();
+  gather_checked_ = true;
+  if (!dev_opt_) {
     std::vector<parallel::GatherEntry> entries;
     std::map<std::string, std::vector<int>> holders;
     for (const Owned& o : owned_) {
@@ -326,12 +330,78 @@ Status Trainer::gather_params() {
     }
     param_gather_ = std::make_unique<parallel::ShardGather>(
         std::move(entries), std::move(holders), world_rank_,
-        comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr);
+        comms_ ? &comms_->get(parallel::GroupKind::kWorld) : nullptr, grad_set_key());
   }
+  if (!cfg_.optim().overlap_param_gather() || world_size_ == 1) return Status::Ok();
+  parallel::GatherExchange* ex = dev_opt_
+                                     ? static_cast<parallel::GatherExchange*>(dev_param_sync_.get())
+                                     : param_gather_.get();
+  if (!ex) return Status::Ok();
+  if (!dev_opt_ && nccl_comms_) {
+    // The host all-gather goes over MPI, whose messages move only inside MPI calls; a rank
+    // waiting on the pipeline's NCCL makes none, so a wait inside the pipeline could hang.
+    if (is_root()) {
+      log::info(
+          "optim.overlap_param_gather: off with optim.placement=host and "
+          "parallel.comm_backend=nccl (the host all-gather runs over MPI after the optimizer)");
+    }
+    return Status::Ok();
+  }
+  // Per set: this rank's chunks holding it (a set's names have the same stages, SetKey); the
+  // sets posted in GatherOverlap's global order.
+  const int my_stage = topo_->coords().stage;
+  std::vector<std::vector<int>> dirs(ex->sets());
+  std::set<std::string> in_sets;
+  for (size_t k = 0; k < ex->sets(); ++k) {
+    const std::vector<std::string> names = ex->set_names(k);
+    dirs[k] = parallel::dirs_holding(names.front(), *sched_, parts_, my_stage);
+    in_sets.insert(names.begin(), names.end());
+  }
+  std::vector<size_t> order = parallel::GatherOverlap::global_order(*ex, parts_);
+  for (const Owned& o : owned_)
+    if (!in_sets.count(o.name)) unshared_.push_back(o.name);
+  gather_overlap_ = std::make_unique<parallel::GatherOverlap>(
+      *ex, std::move(dirs), std::move(order),
+      [this, ex](size_t k) { return weights_ready(ex->set_names(k)); });
+  return Status::Ok();
+}
+
+Status Trainer::gather_params(bool defer) {
+  FP8_RETURN_IF_ERROR(finish_param_gather());  // one all-gather in flight at a time
+  FP8_RETURN_IF_ERROR(setup_param_gather());
+  if (defer && gather_overlap_) {
+    FP8_RETURN_IF_ERROR(gather_overlap_->start());
+    gather_posted_ = true;
+    return weights_ready(unshared_);
+  }
+  if (dev_opt_) return dev_param_sync_ ? dev_param_sync_->all_gather() : Status::Ok();
   FP8_RETURN_IF_ERROR(param_gather_->all_gather());
   for (const Owned& o : owned_) {  // a second local copy (DualPipe's embedding) follows the first
     for (size_t c = 1; c < o.copies.size(); ++c)
       FP8_RETURN_IF_ERROR(be_->copy(o.copies.front()->host_value, o.copies[c]->host_value));
+  }
+  return Status::Ok();
+}
+
+Status Trainer::finish_param_gather() {
+  if (!gather_overlap_ || !gather_overlap_->pending()) return Status::Ok();
+  return gather_overlap_->finish();
+}
+
+Status Trainer::weights_ready(const std::vector<std::string>& names) {
+  const bool upload = !dev_opt_ && be_->device() != Device::kCpu;
+  for (const std::string& name : names) {
+    const Owned& o = owned_[owned_at_.at(name)];
+    const model::Param* first = o.copies.front();
+    for (size_t c = 1; c < o.copies.size(); ++c) {
+      if (dev_opt_) {
+        FP8_RETURN_IF_ERROR(be_->copy(first->value, o.copies[c]->value));
+      } else {
+        FP8_RETURN_IF_ERROR(be_->copy(first->host_value, o.copies[c]->host_value));
+      }
+    }
+    if (upload)
+      for (model::Param* p : o.copies) FP8_RETURN_IF_ERROR(be_->copy(p->host_value, p->value));
   }
   return Status::Ok();
 }
@@ -430,14 +500,16 @@ Result<StepResult> Trainer::train_step() {
     if (ema_) ema_->wait();  // the last average has read the weights this step overwrites
     if (dev_opt_) {
       FP8_RETURN_IF_ERROR(dev_opt_->step(r.lr, clip));
-      if (dev_param_sync_) FP8_RETURN_IF_ERROR(dev_param_sync_->all_gather());
     } else {
       FP8_RETURN_IF_ERROR(opt_->step(r.lr, clip));
-      FP8_RETURN_IF_ERROR(gather_params());
     }
+    // Inside run() with optim.overlap_param_gather: posted here, ended in the next step.
+    const bool defer = defer_gather_ && cfg_.optim().overlap_param_gather();
+    FP8_RETURN_IF_ERROR(gather_params(defer));
     ++ctx_.weight_version;
     FP8_RETURN_IF_ERROR(update_router_biases());
-    FP8_RETURN_IF_ERROR(upload_params(/*weights=*/!dev_opt_));
+    // Uploads of the host placement's weights: by weights_ready when the all-gather was posted.
+    FP8_RETURN_IF_ERROR(upload_params(/*weights=*/!dev_opt_ && !(defer && gather_overlap_)));
     if (ema_) {
       FP8_RETURN_IF_ERROR(download_weights());  // the average reads the host copies
       ema_->update_async();
@@ -489,6 +561,7 @@ Status Trainer::run(MetricsSink& sink) {
   const auto& t = cfg_.train();
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
+  defer_gather_ = true;  // each step's all-gather may end in the next (optim.overlap_param_gather)
   while (step_ < t.steps()) {
     const auto t0 = Clock::now();
     FP8_RETURN_IF_ERROR(trace_step_begin());
@@ -519,6 +592,8 @@ Status Trainer::run(MetricsSink& sink) {
       break;
     }
   }
+  defer_gather_ = false;
+  FP8_RETURN_IF_ERROR(finish_param_gather());  // the weights whole when run() returns
   if (op_profile_ && profile_start_) {
     FP8_RETURN_IF_ERROR(write_op_profile(
         std::chrono::duration<double, std::milli>(Clock::now() - *profile_start_).count()));
@@ -591,6 +666,7 @@ Status Trainer::trace_step_end() {
 }
 
 Result<double> Trainer::evaluate(int64_t batches) {
+  FP8_RETURN_IF_ERROR(finish_param_gather());
   double sum = 0;
   for (int64_t b = 0; b < batches; ++b) {
     FP8_ASSIGN_OR_RETURN(auto lp, run_microbatches(data::Split::kHeldout, b, false));
@@ -614,6 +690,7 @@ Status Trainer::download_weights() {
 
 Result<double> Trainer::evaluate_ema(int64_t batches) {
   if (!ema_) return FP8_INVALID("evaluate_ema: optim.ema_decay is 0 (no moving average)");
+  FP8_RETURN_IF_ERROR(finish_param_gather());
   FP8_RETURN_IF_ERROR(download_weights());
   std::vector<std::vector<float>> keep;
   for (const Owned& o : owned_) {
@@ -664,6 +741,7 @@ Status Trainer::load_model(const std::string& path) {
 // Every parameter and router bias this rank holds from `read` (into its host copy), then to the
 // backend; a moving average restarts at them (the average of other weights would mean nothing).
 Status Trainer::load_weights(const std::function<Status(model::Param&)>& read) {
+  FP8_RETURN_IF_ERROR(finish_param_gather());  // a late shard must not overwrite what is read
   for (auto* p : all_params()) FP8_RETURN_IF_ERROR(read(*p));
   for (auto* moe : all_moes()) FP8_RETURN_IF_ERROR(read(moe->bias()));
   FP8_RETURN_IF_ERROR(upload_params());

@@ -149,7 +149,26 @@ class Trainer {
     int64_t begin = 0, end = 0;
   };
   void setup_owned();
-  Status gather_params();  // after the optimizer step: every holder gets every shard
+  std::map<std::string, size_t> owned_at_;  // name -> index in owned_
+  // After the optimizer step: every holder gets every shard, every local copy the weights. With
+  // defer and optim.overlap_param_gather on several ranks, the sets are only posted
+  // (gather_overlap_): each ends before its chunk's first use in the next step's pipeline, or at
+  // finish_param_gather().
+  Status gather_params(bool defer = false);
+  Status setup_param_gather();   // param_gather_ (host placement) and gather_overlap_, once
+  Status finish_param_gather();  // ends a deferred all-gather (before reading the weights)
+  // Names whose shards have landed: their second local copies follow the first and, with the
+  // host placement on a device, the host copies go up.
+  Status weights_ready(const std::vector<std::string>& names);
+  std::unique_ptr<parallel::GatherOverlap> gather_overlap_;
+  std::vector<std::string> unshared_;  // owned names of no gather set (this rank holds them alone)
+  bool gather_checked_ = false;        // setup_param_gather ran
+  bool defer_gather_ = false;          // run(): leave the all-gather to the next step
+  bool gather_posted_ = false;         // a deferred all-gather was posted and not yet logged
+  int64_t gather_logged_ = 0;
+  // Once, the first training run after a deferred all-gather: how much ended inside the pipeline
+  // (collective).
+  Status log_param_gather();
   // Host master weights (unless the optimizer runs on the device) and router biases -> the
   // device (CPU: no-op).
   Status upload_params(bool weights = true);

@@ -92,18 +92,23 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
   FP8_RETURN_IF_ERROR(exec_->set_schedule(*sched));
   if (backward) FP8_RETURN_IF_ERROR(setup_grad_overlap());
   const bool overlap = backward && overlap_;
+  parallel::PipelineExecutor::GradHooks hooks;
   if (overlap) {
     FP8_ASSIGN_OR_RETURN(const parallel::P2pPlan* plan, exec_->plan());
     overlap_->begin(*sched, plan);
-    parallel::PipelineExecutor::GradHooks hooks;
     hooks.chunk_final = [this](int dir, bool more) { return on_chunk_final(dir, more); };
     if (plan) {
       hooks.before_round = [this](int round, bool more) {
         return overlap_->before_round(round, more);
       };
     }
-    exec_->set_grad_hooks(std::move(hooks));
   }
+  if (gather_overlap_ && gather_overlap_->pending()) {  // the last step's weights, chunk by chunk
+    hooks.chunk_first = [this](int dir, bool computed) {
+      return gather_overlap_->chunk_first(dir, computed);
+    };
+  }
+  exec_->set_grad_hooks(std::move(hooks));
   FP8_ASSIGN_OR_RETURN(auto rows, batcher_->rows(split, step, d * M * B, (d + 1) * M * B));
   std::map<std::pair<int, int>, model::MicroBatch> cache;
   auto batch = [&](int stream, int mb) -> const model::MicroBatch& {
@@ -122,6 +127,8 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
   auto run = exec_->run(batch, scale);
   exec_->set_grad_hooks({});
   FP8_ASSIGN_OR_RETURN(auto st, std::move(run));
+  FP8_RETURN_IF_ERROR(finish_param_gather());  // sets of chunks without compute (none so far)
+  if (backward && gather_posted_) FP8_RETURN_IF_ERROR(log_param_gather());
   if (overlap) {
     FP8_RETURN_IF_ERROR(overlap_->end());  // the rest, in the order every member posts them
     // Once: how much of the exchange the pipeline can hide.
@@ -217,6 +224,30 @@ Status Trainer::setup_grad_overlap() {
   };
   auto pp_of = [this](int rank) { return topo_->coords_of(rank).stage; };
   overlap_ = std::make_unique<parallel::GradOverlap>(*ex, world_rank_, dirs_of, pp_of);
+  return Status::Ok();
+}
+
+Status Trainer::log_param_gather() {
+  gather_posted_ = false;
+  if (gather_logged_ >= 1) return Status::Ok();
+  ++gather_logged_;
+  const parallel::GatherOverlap& g = *gather_overlap_;
+  std::vector<double> n = {
+      static_cast<double>(g.at_first_use()), static_cast<double>(g.after_compute()),
+      static_cast<double>(g.by_finish()), static_cast<double>(gather_overlap_->exchange().sets())};
+  FP8_RETURN_IF_ERROR(sum_over_world(n));
+  std::vector<double> peak(world_size_, 0.0);
+  peak[world_rank_] = static_cast<double>(gather_overlap_->exchange().take_peak_buffer_bytes());
+  FP8_RETURN_IF_ERROR(sum_over_world(peak));
+  if (is_root()) {
+    log::info(
+        "ZeRO-1 overlap: {} of {} weight all-gathers (sets of holders, counted on each member) "
+        "ended at their chunk's first use in the next step, {} of them after compute had run on "
+        "their rank, {} by a wait outside it (an evaluation, a checkpoint); at most {:.2f} MB of "
+        "message "
+        "buffers held at once on a rank",
+        n[0], n[3], n[1], n[2], *std::max_element(peak.begin(), peak.end()) / (1024.0 * 1024.0));
+  }
   return Status::Ok();
 }
 

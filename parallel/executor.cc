@@ -527,6 +527,16 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
     for (size_t d = 0; d < chunks_.size(); ++d)
       last_grad[d] = last_grad_instr(*sched_, rank_, static_cast<int>(d));
   }
+  std::vector<int> first_use(chunks_.size(), -1);  // where chunk_first goes
+  if (hooks_.chunk_first) {
+    for (int i = static_cast<int>(list.size()) - 1; i >= 0; --i) {
+      const Instr& in = list[i];
+      if (in.is_comm()) continue;
+      first_use[in.dir] = i;
+      if (in.op == Op::kFB) first_use[in.dir_b] = i;
+    }
+  }
+  bool computed = false;
   size_t next_point = 0;
   auto reach = [&](int i) -> Status {  // runs the plan's point at instruction i, if any
     if (!points || next_point >= points->size() || (*points)[next_point].at != i)
@@ -536,6 +546,17 @@ Result<ExecutorStats> PipelineExecutor::run(const BatchFn& batch, float loss_sca
   for (int i = 0; i < static_cast<int>(list.size()); ++i) {
     const Instr& in = list[i];
     FP8_RETURN_IF_ERROR(reach(i));
+    for (size_t d = 0; d < first_use.size(); ++d) {  // the chunk's weights land (ZeRO-1 overlap)
+      if (first_use[d] != i) continue;
+      const double w0 = tracer_ ? tracer_->now_us() : 0;
+      Status h = hooks_.chunk_first(static_cast<int>(d), computed);
+      if (!h.ok())
+        return h.with_context(fmt::format("pipeline rank {} at {}", rank_, instr_label(in)));
+      if (tracer_)
+        tracer_->interval(fmt::format("weights {}", d), "zero1", w0, tracer_->now_us(),
+                          trace_step_);
+    }
+    if (!in.is_comm()) computed = true;
     const double t0 = tracer_ ? tracer_->now_us() : 0;
     Status s;
     switch (in.op) {

@@ -73,11 +73,14 @@ class PipelineExecutor {
   // chunk_final(dir, ...) after the flush of chunk dir's last B, W or FB backward instruction of
   // the run (its gradient sums are final on this rank); before_round(r, ...) before this rank
   // posts a matched group of round r (matched groups only). more_compute: compute instructions
-  // follow on this rank (what is posted now can hide behind them). Empty functions are skipped;
-  // {} clears them.
+  // follow on this rank (what is posted now can hide behind them). chunk_first(dir, computed)
+  // before the first compute instruction of the run that uses chunk dir (ZeRO-1's weight
+  // all-gather, overlapped, ends there); computed: this rank has run compute already. Empty
+  // functions are skipped; {} clears them.
   struct GradHooks {
     std::function<Status(int dir, bool more_compute)> chunk_final;
     std::function<Status(int round, bool more_compute)> before_round;
+    std::function<Status(int dir, bool computed)> chunk_first;
   };
   void set_grad_hooks(GradHooks h) { hooks_ = std::move(h); }
   // Index of chunk dir's last instruction that adds to its gradients (B, W, or FB's backward

@@ -373,70 +373,167 @@ Status NameSync::reduce_scatter_sum() {
   return Status::Ok();
 }
 
+GatherOverlap::GatherOverlap(GatherExchange& ex, std::vector<std::vector<int>> local_dirs,
+                             std::vector<size_t> order, std::function<Status(size_t k)> ready)
+    : ex_(ex),
+      local_dirs_(std::move(local_dirs)),
+      order_(std::move(order)),
+      ready_(std::move(ready)) {}
+
+std::vector<size_t> GatherOverlap::global_order(const GatherExchange& ex,
+                                                const std::vector<model::ModelPart>& stages) {
+  std::vector<std::pair<std::pair<int, std::string>, size_t>> keyed;
+  for (size_t k = 0; k < ex.sets(); ++k) {
+    const std::string first = ex.set_names(k).front();
+    const std::vector<int> st = stages_holding(first, stages);
+    keyed.push_back({{st.empty() ? 0 : st.front(), first}, k});
+  }
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<size_t> order;
+  for (const auto& [key, k] : keyed) order.push_back(k);
+  return order;
+}
+
+Status GatherOverlap::start() {
+  if (pending_ > 0) return FP8_ERROR(Code::kInternal, "weight all-gather started twice");
+  at_first_use_ = after_compute_ = by_finish_ = 0;
+  for (size_t k : order_) {
+    FP8_RETURN_IF_ERROR(ex_.start_gather(k));
+    ++pending_;
+  }
+  return Status::Ok();
+}
+
+Status GatherOverlap::end(size_t k) {
+  FP8_RETURN_IF_ERROR(ex_.finish_gather(k));
+  --pending_;
+  return ready_ ? ready_(k) : Status::Ok();
+}
+
+Status GatherOverlap::chunk_first(int dir, bool computed) {
+  for (size_t k : order_) {
+    if (!ex_.gathering(k)) continue;
+    const auto& dirs = local_dirs_[k];
+    if (std::find(dirs.begin(), dirs.end(), dir) == dirs.end()) continue;
+    FP8_RETURN_IF_ERROR(end(k));
+    ++at_first_use_;
+    after_compute_ += computed ? 1 : 0;
+  }
+  return Status::Ok();
+}
+
+Status GatherOverlap::finish() {
+  for (size_t k : order_) {
+    if (!ex_.gathering(k)) continue;
+    FP8_RETURN_IF_ERROR(end(k));
+    ++by_finish_;
+  }
+  return Status::Ok();
+}
+
 ShardGather::ShardGather(std::vector<GatherEntry> entries,
                          std::map<std::string, std::vector<int>> holders, int world_rank,
-                         Comm* world)
+                         Comm* world, const SetKey& key)
     : entries_(std::move(entries)), rank_(world_rank), world_(world) {
   std::sort(entries_.begin(), entries_.end(),
             [](const GatherEntry& a, const GatherEntry& b) { return a.name < b.name; });
-  std::map<std::vector<int>, size_t> index;
+  SetIndex index;
   for (const GatherEntry& e : entries_) {
     const auto& ranks = holders[e.name];
     if (ranks.size() < 2) continue;
-    auto [it, fresh] = index.try_emplace(ranks, sets_.size());
-    if (fresh) sets_.push_back({ranks, {}});
+    auto [it, fresh] = index.try_emplace(set_key(ranks, key, e.name), sets_.size());
+    if (fresh) {
+      const int me = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank_) - ranks.begin());
+      sets_.push_back({ranks, {}, me});
+    }
     sets_[it->second].entries.push_back(&e);
   }
+  flights_.resize(sets_.size());
+}
+
+std::vector<std::string> ShardGather::set_names(size_t k) const {
+  std::vector<std::string> out;
+  for (const GatherEntry* e : sets_[k].entries) out.push_back(e->name);
+  return out;
+}
+
+int64_t ShardGather::take_peak_buffer_bytes() {
+  const int64_t p = peak_buffer_bytes_;
+  peak_buffer_bytes_ = buffer_bytes_;
+  return p;
 }
 
 Status ShardGather::all_gather() {
-  if (sets_.empty()) return Status::Ok();
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(start_gather(k));
+  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(finish_gather(k));
+  return Status::Ok();
+}
+
+// Member j's message: its shard of each name of at least kGatherInPlace elements on its own,
+// straight from and into the weights, in name order, then the smaller shards packed into one.
+Status ShardGather::start_gather(size_t k) {
+  Flight& f = flights_[k];
+  if (f.started) return Status::Ok();
   if (!world_) return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
-  // Member j's shards of a set's names, concatenated in name order.
-  auto pack_size = [](const Set& set, int j) {
-    int64_t n = 0;
-    for (const GatherEntry* e : set.entries) {
-      const optim::Range r = optim::shard_range(e->numel, j, static_cast<int>(set.ranks.size()));
-      n += r.end - r.begin;
-    }
-    return n;
-  };
-  std::vector<std::vector<float>> mine(sets_.size());
-  std::vector<std::vector<std::vector<float>>> theirs(sets_.size());
-  std::vector<Work> works;
-  for (size_t k = 0; k < sets_.size(); ++k) {
-    const Set& set = sets_[k];
-    const int n = static_cast<int>(set.ranks.size());
-    const int me =
-        static_cast<int>(std::find(set.ranks.begin(), set.ranks.end(), rank_) - set.ranks.begin());
-    for (const GatherEntry* e : set.entries) {
-      const optim::Range r = optim::shard_range(e->numel, me, n);
-      mine[k].insert(mine[k].end(), e->data + r.begin, e->data + r.end);
-    }
-    theirs[k].resize(n);
-    const int tag = static_cast<int>(k % 32768);
-    for (int j = 0; j < n; ++j) {
-      if (j == me) continue;
-      theirs[k][j].resize(pack_size(set, j));
-      works.push_back(world_->recv(theirs[k][j].data(), theirs[k][j].size(), DataType::kFloat32,
-                                   set.ranks[j], tag));
-      works.push_back(
-          world_->send(mine[k].data(), mine[k].size(), DataType::kFloat32, set.ranks[j], tag));
-    }
+  f.started = true;
+  const Set& set = sets_[k];
+  const int n = static_cast<int>(set.ranks.size());
+  for (const GatherEntry* e : set.entries) {
+    const optim::Range r = optim::shard_range(e->numel, set.me, n);
+    if (r.end - r.begin < kGatherInPlace)
+      f.mine.insert(f.mine.end(), e->data + r.begin, e->data + r.end);
   }
-  FP8_RETURN_IF_ERROR(wait_all(works));
-  for (size_t k = 0; k < sets_.size(); ++k) {
-    const Set& set = sets_[k];
-    const int n = static_cast<int>(set.ranks.size());
-    for (int j = 0; j < n; ++j) {
-      if (set.ranks[j] == rank_) continue;
-      int64_t off = 0;
-      for (const GatherEntry* e : set.entries) {
-        const optim::Range r = optim::shard_range(e->numel, j, n);
-        std::copy(theirs[k][j].begin() + off, theirs[k][j].begin() + off + (r.end - r.begin),
-                  e->data + r.begin);
-        off += r.end - r.begin;
+  f.theirs.resize(n);
+  const int tag = static_cast<int>(k % 32768);
+  for (int j = 0; j < n; ++j) {
+    if (j == set.me) continue;
+    const int peer = set.ranks[j];
+    int64_t small = 0;
+    for (const GatherEntry* e : set.entries) {
+      const optim::Range r = optim::shard_range(e->numel, j, n);
+      if (r.end - r.begin >= kGatherInPlace) {
+        f.works.push_back(
+            world_->recv(e->data + r.begin, r.end - r.begin, DataType::kFloat32, peer, tag));
+      } else {
+        small += r.end - r.begin;
       }
+      const optim::Range m = optim::shard_range(e->numel, set.me, n);
+      if (m.end - m.begin >= kGatherInPlace) {
+        f.works.push_back(
+            world_->send(e->data + m.begin, m.end - m.begin, DataType::kFloat32, peer, tag));
+      }
+    }
+    if (small > 0) {
+      f.theirs[j].resize(small);
+      f.works.push_back(world_->recv(f.theirs[j].data(), small, DataType::kFloat32, peer, tag));
+    }
+    if (!f.mine.empty()) {
+      f.works.push_back(world_->send(f.mine.data(), f.mine.size(), DataType::kFloat32, peer, tag));
+    }
+    f.bytes += static_cast<int64_t>((small + f.mine.size()) * sizeof(float));
+  }
+  buffer_bytes_ += f.bytes;
+  peak_buffer_bytes_ = std::max(peak_buffer_bytes_, buffer_bytes_);
+  return Status::Ok();
+}
+
+Status ShardGather::finish_gather(size_t k) {
+  if (!flights_[k].started) return Status::Ok();
+  Flight f = std::move(flights_[k]);
+  flights_[k] = Flight{};
+  buffer_bytes_ -= f.bytes;
+  FP8_RETURN_IF_ERROR(wait_all(f.works));
+  const Set& set = sets_[k];
+  const int n = static_cast<int>(set.ranks.size());
+  for (int j = 0; j < n; ++j) {  // the packed small shards (the large ones landed in place)
+    if (j == set.me) continue;
+    int64_t off = 0;
+    for (const GatherEntry* e : set.entries) {
+      const optim::Range r = optim::shard_range(e->numel, j, n);
+      if (r.end - r.begin >= kGatherInPlace) continue;
+      std::copy(f.theirs[j].begin() + off, f.theirs[j].begin() + off + (r.end - r.begin),
+                e->data + r.begin);
+      off += r.end - r.begin;
     }
   }
   return Status::Ok();
@@ -499,6 +596,7 @@ DeviceNameSync::DeviceNameSync(Backend& be, std::vector<DeviceEntry> entries,
   }
   sets_ = std::move(split);
   flights_.resize(sets_.size());
+  gathers_.resize(sets_.size());
   stage_ = be_.device() != Device::kCpu && !(world_ && world_->device_buffers());
   if (stage_) host_ = make_cpu_backend();
 }
@@ -525,23 +623,36 @@ int64_t DeviceNameSync::pack_size(const Set& set, int j) const {
   return total;
 }
 
-Result<Tensor> DeviceNameSync::pack(const Set& set, int j) {
+Result<Tensor> DeviceNameSync::pack(const Set& set, int j, bool packed_only) {
   const DType dt = set.entries.front()->copies.front().dtype();
-  FP8_ASSIGN_OR_RETURN(Tensor buf, be_.empty({pack_size(set, j)}, dt));
-  FP8_RETURN_IF_ERROR(be_.copy_ranges(ranges(set, j, buf, /*to_buf=*/true)));
+  FP8_ASSIGN_OR_RETURN(Tensor buf,
+                       be_.empty({packed_only ? packed_size(set, j) : pack_size(set, j)}, dt));
+  FP8_RETURN_IF_ERROR(be_.copy_ranges(ranges(set, j, buf, /*to_buf=*/true, packed_only)));
   return buf;
+}
+
+int64_t DeviceNameSync::packed_size(const Set& set, int j) const {
+  const int n = static_cast<int>(set.ranks.size());
+  int64_t total = 0;
+  for (const DeviceEntry* e : set.entries) {
+    if (in_place(e, j, n)) continue;
+    const optim::Range r = optim::shard_range(e->copies.front().numel(), j, n);
+    total += r.end - r.begin;
+  }
+  return total;
 }
 
 Status DeviceNameSync::unpack(const Set& set, int j, const Tensor& buf) {
   return be_.copy_ranges(ranges(set, j, buf, /*to_buf=*/false));
 }
 
-std::vector<CopyRange> DeviceNameSync::ranges(const Set& set, int j, const Tensor& buf,
-                                              bool to_buf) const {
+std::vector<CopyRange> DeviceNameSync::ranges(const Set& set, int j, const Tensor& buf, bool to_buf,
+                                              bool packed_only) const {
   const int n = static_cast<int>(set.ranks.size());
   std::vector<CopyRange> rs;
   int64_t at = 0;
   for (const DeviceEntry* e : set.entries) {
+    if (packed_only && in_place(e, j, n)) continue;
     const Tensor& t = e->copies.front();
     const optim::Range r = optim::shard_range(t.numel(), j, n);
     if (r.end == r.begin) continue;
@@ -663,7 +774,10 @@ Status DeviceNameSync::all_gather() {
   if (!sets_.empty() && !world_) {
     return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
   }
-  for (size_t k = 0; k < sets_.size(); ++k) FP8_RETURN_IF_ERROR(gather_set(k));
+  for (size_t k = 0; k < sets_.size(); ++k) {  // one bucket at a time: its buffers bound memory
+    FP8_RETURN_IF_ERROR(start_gather(k));
+    FP8_RETURN_IF_ERROR(finish_gather(k));
+  }
   for (DeviceEntry& e : entries_) {  // a second local copy follows the first
     for (size_t c = 1; c < e.copies.size(); ++c)
       FP8_RETURN_IF_ERROR(be_.copy(e.copies[0], e.copies[c]));
@@ -671,28 +785,68 @@ Status DeviceNameSync::all_gather() {
   return Status::Ok();
 }
 
-Status DeviceNameSync::gather_set(size_t k) {
+// As ShardGather's: shards of at least kGatherInPlace elements on their own, straight from and
+// into the first copies (not when staging through the host), the rest packed into one message.
+bool DeviceNameSync::in_place(const DeviceEntry* e, int j, int n) const {
+  const optim::Range r = optim::shard_range(e->copies.front().numel(), j, n);
+  return !stage_ && r.end - r.begin >= kGatherInPlace;
+}
+
+Status DeviceNameSync::start_gather(size_t k) {
+  Flight& f = gathers_[k];
+  if (f.started) return Status::Ok();
+  if (!world_) return FP8_ERROR(Code::kInternal, "parameter all-gather needs a world communicator");
+  f.started = true;
   const Set& set = sets_[k];
   const int n = static_cast<int>(set.ranks.size());
   const int tag = static_cast<int>(k % 32768);
   const DType dt = set.entries.front()->copies.front().dtype();
-  std::vector<Work> works;
-  std::vector<Tensor> keep, theirs(n);
+  const int64_t elem = static_cast<int64_t>(dtype_size(dt));
+  const DataType wire = wire_type(dt);
+  f.parts.assign(n, Tensor());
   Tensor mine;
-  if (pack_size(set, set.me) > 0) {
-    FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me));
+  if (packed_size(set, set.me) > 0) {
+    FP8_ASSIGN_OR_RETURN(mine, pack(set, set.me, /*packed_only=*/true));
   }
+  auto at = [&](const Tensor& t, int64_t i) { return static_cast<char*>(t.data()) + i * elem; };
   for (int j = 0; j < n; ++j) {
     if (j == set.me) continue;
-    const int64_t size = pack_size(set, j);
-    if (size > 0) {
-      FP8_ASSIGN_OR_RETURN(theirs[j], recv(size, dt, set.ranks[j], tag, works));
+    const int peer = set.ranks[j];
+    for (const DeviceEntry* e : set.entries) {
+      const Tensor& t = e->copies.front();
+      if (in_place(e, j, n)) {
+        const optim::Range r = optim::shard_range(t.numel(), j, n);
+        f.works.push_back(world_->recv(at(t, r.begin), r.end - r.begin, wire, peer, tag));
+      }
+      if (in_place(e, set.me, n)) {
+        const optim::Range m = optim::shard_range(t.numel(), set.me, n);
+        f.works.push_back(world_->send(at(t, m.begin), m.end - m.begin, wire, peer, tag));
+      }
     }
-    if (mine.defined()) works.push_back(send(mine, set.ranks[j], tag, keep));
+    const int64_t size = packed_size(set, j);
+    if (size > 0) {
+      FP8_ASSIGN_OR_RETURN(f.parts[j], recv(size, dt, peer, tag, f.works));
+      f.bytes += size * elem;
+    }
+    if (mine.defined()) f.works.push_back(send(mine, peer, tag, f.keep));
   }
-  FP8_RETURN_IF_ERROR(wait_all(works));
-  for (int j = 0; j < n; ++j) {
-    if (theirs[j].defined()) FP8_RETURN_IF_ERROR(unpack(set, j, theirs[j]));
+  if (mine.defined()) f.bytes += mine.numel() * elem;
+  buffer_bytes_ += f.bytes;
+  peak_buffer_bytes_ = std::max(peak_buffer_bytes_, buffer_bytes_);
+  if (!f.works.empty()) f.works.back().test();  // one NCCL group per bucket, issued now
+  return Status::Ok();
+}
+
+Status DeviceNameSync::finish_gather(size_t k) {
+  if (!gathers_[k].started) return Status::Ok();
+  Flight f = std::move(gathers_[k]);
+  gathers_[k] = Flight{};
+  buffer_bytes_ -= f.bytes;
+  FP8_RETURN_IF_ERROR(wait_all(f.works));
+  for (size_t j = 0; j < f.parts.size(); ++j) {
+    if (!f.parts[j].defined()) continue;
+    FP8_RETURN_IF_ERROR(be_.copy_ranges(
+        ranges(sets_[k], static_cast<int>(j), f.parts[j], /*to_buf=*/false, /*packed_only=*/true)));
   }
   return Status::Ok();
 }

@@ -117,6 +117,69 @@ class GradOverlap {
   const Schedule* rounds_for_ = nullptr;  // the schedule round_ was computed for
 };
 
+// ZeRO-1's weight all-gather in sets that start together and end one at a time (ShardGather,
+// DeviceNameSync): GatherOverlap posts them after the optimizer step and ends each right before
+// the next step's first use of the chunks holding its names.
+class GatherExchange {
+ public:
+  // A member's shard of a name of at least this many elements travels on its own, sent from and
+  // received into the weights themselves (no buffer: the overlap holds every set in flight at
+  // once); smaller shards of a set go packed in one message per peer.
+  static constexpr int64_t kGatherInPlace = 4096;
+  virtual ~GatherExchange() = default;
+  virtual size_t sets() const = 0;  // sets of two or more holders (a device's buckets)
+  virtual std::vector<std::string> set_names(size_t k) const = 0;
+  // Posts set k: this rank's shard (just updated) to every other member, theirs into buffers.
+  virtual Status start_gather(size_t k) = 0;
+  // Waits for set k's shards and writes them into the first copies (no-op unless started).
+  virtual Status finish_gather(size_t k) = 0;
+  virtual bool gathering(size_t k) const = 0;  // started, not finished
+  // As SetExchange's: the most bytes of message buffers held at once since the last call.
+  virtual int64_t take_peak_buffer_bytes() = 0;
+};
+
+// ZeRO-1's parameter all-gather overlapped with the next step (optim.overlap_param_gather, as
+// Megatron's overlap-param-gather): every set is posted right after the optimizer step and set k
+// is waited for only before the first compute instruction of a local chunk holding its names
+// (PipelineExecutor::GradHooks::chunk_first), so a stage's gather hides behind what runs before
+// its first forward (the warm-up's receive wait, the other direction's chunk). The values are
+// unchanged: the same shards land before anything reads them. Every rank posts its sets in one
+// global order (`order`: by the lowest stage holding a set's names, then its first name), before
+// any operation of the next step; matched-group comms (NCCL) therefore run them first on every
+// member and no wait can block on an operation posted after it. Reads of the weights outside
+// the pipeline (evaluation, checkpoints, the end of a run) call finish() first.
+class GatherOverlap {
+ public:
+  // local_dirs[k]: this rank's chunks holding set k's names; order: every set once, the global
+  // posting order; ready(k): after set k's shards have landed (local copies, uploads).
+  GatherOverlap(GatherExchange& ex, std::vector<std::vector<int>> local_dirs,
+                std::vector<size_t> order, std::function<Status(size_t k)> ready);
+  Status start();  // after the optimizer step: every set posted, in order
+  // PipelineExecutor::GradHooks::chunk_first: chunk dir's sets end. computed: this rank has run
+  // compute of the step already (counted by after_compute()).
+  Status chunk_first(int dir, bool computed);
+  Status finish();  // every set still in flight ends, in order
+  bool pending() const { return pending_ > 0; }
+  // Of the sets started by the last start(): ended at a chunk's first use, and of those, after
+  // compute had run on this rank; ended by finish() instead.
+  int at_first_use() const { return at_first_use_; }
+  int after_compute() const { return after_compute_; }
+  int by_finish() const { return by_finish_; }
+  GatherExchange& exchange() { return ex_; }
+  // The global posting order of ex's sets: by the lowest stage holding a set's names, then its
+  // first name (the same relative order on every member of any two sets).
+  static std::vector<size_t> global_order(const GatherExchange& ex,
+                                          const std::vector<model::ModelPart>& stages);
+
+ private:
+  Status end(size_t k);
+  GatherExchange& ex_;
+  std::vector<std::vector<int>> local_dirs_;
+  std::vector<size_t> order_;
+  std::function<Status(size_t)> ready_;
+  int pending_ = 0, at_first_use_ = 0, after_compute_ = 0, by_finish_ = 0;
+};
+
 struct SyncEntry {
   std::string name;
   std::vector<double*> copies;  // this rank's local copies (one per chunk holding it)
@@ -175,27 +238,48 @@ class NameSync : public SetExchange {
 
 // ZeRO-1's parameter all-gather by global name: holder i (of n, in holders_of order) of a name
 // owns optim::shard_range(numel, i, n) of it and has just updated that shard; afterwards every
-// holder has every shard (fp32, in place). Point-to-point on the world communicator, one message
-// per (set of holders, pair of members) carrying all that set's names.
+// holder has every shard (fp32, in place). Point-to-point on the world communicator: per set of
+// holders and pair of members, one message per name whose shard has at least kGatherInPlace
+// elements (straight from and into the weights) and one carrying the rest of the set's shards.
 struct GatherEntry {
   std::string name;
   float* data = nullptr;  // this rank's full copy
   int64_t numel = 0;
 };
 
-class ShardGather {
+class ShardGather : public GatherExchange {
  public:
+  // key: as NameSync's (the trainer's per-stage sets, so that each chunk's weights can land on
+  // their own). Sets of one rank have nothing to gather and are left out.
   ShardGather(std::vector<GatherEntry> entries, std::map<std::string, std::vector<int>> holders,
-              int world_rank, Comm* world);
-  Status all_gather();
+              int world_rank, Comm* world, const SetKey& key = {});
+  Status all_gather();  // every set started and finished
+
+  size_t sets() const override { return sets_.size(); }
+  std::vector<std::string> set_names(size_t k) const override;
+  Status start_gather(size_t k) override;
+  Status finish_gather(size_t k) override;
+  bool gathering(size_t k) const override { return flights_[k].started; }
+  int64_t take_peak_buffer_bytes() override;
 
  private:
   struct Set {
     std::vector<int> ranks;
     std::vector<const GatherEntry*> entries;  // in name order
+    int me = 0;                               // this rank's position in ranks
+  };
+  // Set k in flight: this rank's shards packed (mine) and every other member's (theirs[j]).
+  struct Flight {
+    bool started = false;
+    std::vector<float> mine;
+    std::vector<std::vector<float>> theirs;
+    std::vector<Work> works;
+    int64_t bytes = 0;
   };
   std::vector<GatherEntry> entries_;
   std::vector<Set> sets_;
+  std::vector<Flight> flights_;
+  int64_t buffer_bytes_ = 0, peak_buffer_bytes_ = 0;
   int rank_;
   Comm* world_;
 };
@@ -208,7 +292,9 @@ class ShardGather {
 // order (the additions a leader would make); each rank sends (n - 1)/n of a sum and receives as
 // much. A comm with device buffers (NCCL) moves the tensors themselves; any other
 // comm (MPI) gets host copies on a device backend. Per set and peer, one message carries the
-// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each. Sets are
+// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each (the
+// all-gather sends a shard of at least kGatherInPlace elements on its own, from and into the
+// weights, unless staging through the host). Sets are
 // cut into buckets of at most FP8PIPE_ZERO1_BUCKET_MB (default 256 MB of sums or weights; one
 // name may exceed it) and exchanged one after another: a bucket's send and receive buffers
 // (about twice its size) are the transient memory.
@@ -218,7 +304,7 @@ struct DeviceEntry {
       copies;  // this rank's local copies (views of one dtype: f64 sums, f32 weights)
 };
 
-class DeviceNameSync : public SetExchange {
+class DeviceNameSync : public SetExchange, public GatherExchange {
  public:
   static constexpr double kDefaultBucketMB = 256;
   // The bucket in bytes from FP8PIPE_ZERO1_BUCKET_MB (default kDefaultBucketMB), or an error
@@ -246,6 +332,12 @@ class DeviceNameSync : public SetExchange {
   // Bucket k of the reduce-scatter: its local copies summed, its messages posted as one group.
   Status start(size_t k) override;
   int64_t take_peak_buffer_bytes() override;
+  // Bucket k of the all-gather (GatherOverlap; all_gather() runs them one at a time): its
+  // messages posted as one group; finished, the shards are in the first copies (the second local
+  // copies are the caller's, as all_gather's last loop).
+  Status start_gather(size_t k) override;
+  Status finish_gather(size_t k) override;
+  bool gathering(size_t k) const override { return gathers_[k].started; }
 
  private:
   struct Set {
@@ -254,12 +346,16 @@ class DeviceNameSync : public SetExchange {
     int me = 0;                               // this rank's position in `ranks`
   };
   int64_t pack_size(const Set& set, int j) const;  // elements of shard j over the set's names
-  // Shard j of every name of the set from its first copy, concatenated in name order.
-  Result<Tensor> pack(const Set& set, int j);
+  // Shard j of every name of the set from its first copy, concatenated in name order (packed_only:
+  // only the names whose shard j does not move in place, in_place).
+  Result<Tensor> pack(const Set& set, int j, bool packed_only = false);
+  bool in_place(const DeviceEntry* e, int j, int n) const;  // the all-gather's shard j of e
+  int64_t packed_size(const Set& set, int j) const;         // pack_size of those not in place
   // The inverse of pack into the first copies (buf may be on the host).
   Status unpack(const Set& set, int j, const Tensor& buf);
   // Shard j of each name's first copy against consecutive runs of buf (Backend::copy_ranges).
-  std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf) const;
+  std::vector<CopyRange> ranges(const Set& set, int j, const Tensor& buf, bool to_buf,
+                                bool packed_only = false) const;
   // Bucket k in flight: parts[j] is member j's part of this rank's shard (its own packed from
   // the first copies when the bucket ends, so a started bucket holds only its messages); keep
   // holds the send buffers.
@@ -271,7 +367,6 @@ class DeviceNameSync : public SetExchange {
   };
   int64_t buffer_bytes_ = 0, peak_buffer_bytes_ = 0;
   Status finish_set(size_t k);  // waits for bucket k's messages, then its sums
-  Status gather_set(size_t k);
   // Posts the transfer of t (on the backend); a recv into a host tensor when staging.
   Work send(const Tensor& t, int peer, int tag, std::vector<Tensor>& keep);
   Result<Tensor> recv(int64_t n, DType dt, int peer, int tag, std::vector<Work>& works);
@@ -283,6 +378,8 @@ class DeviceNameSync : public SetExchange {
   // buffers bound the memory.
   std::vector<Set> sets_;
   std::vector<Flight> flights_;  // per bucket (the reduce-scatter)
+  // Per bucket (the all-gather): parts[j] member j's shards, keep this rank's packed shard.
+  std::vector<Flight> gathers_;
   int rank_;
   Comm* world_;
   bool stage_;  // host copies on the wire (a device backend and a host-memory comm)

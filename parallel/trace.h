@@ -12,7 +12,9 @@
 //     of an all-to-all wait to the post of the next all-to-all (nested in the instruction on the
 //     compute row; in an overlapped FB the slices of its forward and backward halves alternate),
 //     and cat "a2a", each MoE all-to-all from its post to its completion on a row of its own
-//     per model chunk ("a2a d0", "a2a d1"). Readers of the instruction level skip them;
+//     per model chunk ("a2a d0", "a2a d1"), and on row "zero1" each wait for a chunk's weights
+//     before its first instruction (optim.overlap_param_gather). Readers of the instruction level
+//     skip them;
 //     bench/a2a_overlap.py measures how much all-to-all time they show hidden behind compute.
 #pragma once
 

@@ -101,6 +101,11 @@ void track_activations(const Schedule& s, const OpCosts& c, const Instr& in, int
 
 void run_compute(const Schedule& s, const OpCosts& c, const Instr& in, int r, RankState& st,
                  PipelineResult& out, bool keep) {
+  if (c.release) {  // the chunk's weights (optim.overlap_param_gather)
+    double at = (*c.release)[r][in.dir];
+    if (in.op == Op::kFB) at = std::max(at, (*c.release)[r][in.dir_b]);
+    if (at > st.now) out.weight_wait[r] += at - st.now, st.now = at;
+  }
   const double d = c.op(in);
   if (keep) out.events.push_back({r, false, instr_label(in), st.now, d});
   st.now += d;
@@ -247,6 +252,7 @@ Result<PipelineResult> simulate_matched(const Schedule& s, const OpCosts& c, con
   PipelineResult out;
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
+  out.weight_wait.assign(n, 0);
   out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
   out.end.assign(n, 0), out.group_posts.assign(n, {});
   out.chunk_final.assign(n, std::vector<double>(chunks_per_rank(s), 0));
@@ -313,6 +319,7 @@ Result<PipelineResult> simulate_pipeline(const Schedule& s, const OpCosts& c, bo
   PipelineResult out;
   const size_t n = s.ranks;
   out.busy.assign(n, 0), out.exposed_a2a.assign(n, 0), out.recv_wait.assign(n, 0);
+  out.weight_wait.assign(n, 0);
   out.peak_act_units.assign(n, 0), out.peak_act_bytes.assign(n, 0);
   out.end.assign(n, 0), out.group_posts.assign(n, {});
   out.chunk_final.assign(n, std::vector<double>(chunks_per_rank(s), 0));
@@ -427,6 +434,30 @@ double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineR
   return t;
 }
 
+// optim.overlap_param_gather: when each chunk's weights land in the next step. Every rank posts
+// its all-gather parts after the optimizer (the step's start here), in the global order of
+// parallel/grad_sync.h GatherOverlap (lowest stage first); they run one after another on the
+// rank's network, each taking ag_s in proportion to its chunk's parameters.
+std::vector<double> gather_release(const Schedule& s, const CostModel& cm, int k, double ag_s) {
+  const int D = chunks_per_rank(s);
+  std::vector<std::pair<int, int>> parts;  // (stage, dir)
+  double total = 0;
+  for (int d = 0; d < D; ++d) {
+    const int st = stage_of(s, k, d);
+    parts.push_back({st, d});
+    total += cm.chunks[st].dense_params + cm.chunks[st].expert_params;
+  }
+  std::sort(parts.begin(), parts.end());
+  std::vector<double> release(D, 0);
+  double t = 0;
+  for (auto [st, d] : parts) {
+    const double params = cm.chunks[st].dense_params + cm.chunks[st].expert_params;
+    t += total > 0 ? ag_s * params / total : 0;
+    release[d] = t;
+  }
+  return release;
+}
+
 void throughput(const config::Config& cfg, const Schedule& s, const CostModel& cm, StepResult& r) {
   const double gpus = double(cfg.parallel().pp()) * cfg.parallel().dp();
   r.tokens_per_step = double(cfg.train().global_batch()) * cfg.train().seq_len();
@@ -452,28 +483,46 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
   if (cfg.parallel().comm_backend() == "nccl") {
     FP8_ASSIGN_OR_RETURN(plan, plan_p2p_groups(s, /*early_sends=*/true));
   }
+  // Each rank's exchange costs (its chunks' parameters); with optim.overlap_param_gather the
+  // all-gather of the last step delays each chunk's first instruction until its weights land.
+  std::vector<double> sync_by_rank(s.ranks), rs_by_rank(s.ranks), opt_by_rank(s.ranks);
+  std::vector<Memory> mem_by_rank(s.ranks);
+  std::vector<std::pair<double, double>> params_by_rank(s.ranks);  // (dense, expert)
+  std::vector<std::vector<double>> release;
+  const bool overlap_ag = cfg.optim().overlap_param_gather();
+  for (int k = 0; k < s.ranks; ++k) {
+    auto& [dense, expert] = params_by_rank[k];
+    rank_params(cfg, s, cm, k, dense, expert);
+    rank_step(cfg, cm, dense, expert, sync_by_rank[k], rs_by_rank[k], opt_by_rank[k],
+              mem_by_rank[k]);
+    if (overlap_ag) release.push_back(gather_release(s, cm, k, sync_by_rank[k] - rs_by_rank[k]));
+  }
+  if (overlap_ag) oc.release = &release;
   FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr));
   const bool overlap = cfg.optim().overlap_grad_reduce();
   double tail = 0, finish = r.pipe.makespan;  // finish: the worst rank's step end (overlap)
   const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
   for (int k = 0; k < s.ranks; ++k) {
-    double dense = 0, expert = 0, sync = 0, rs = 0, opt = 0;
-    Memory mem;
-    rank_params(cfg, s, cm, k, dense, expert);
-    rank_step(cfg, cm, dense, expert, sync, rs, opt, mem);
-    double exposed_sync = sync;
-    if (overlap) {  // the reduce-scatter under the pipeline, the all-gather after the optimizer
+    const auto [dense, expert] = params_by_rank[k];
+    const double sync = sync_by_rank[k], rs = rs_by_rank[k], opt = opt_by_rank[k];
+    Memory mem = mem_by_rank[k];
+    // What of the exchange follows the pipeline: all of it, or the reduce-scatter only when the
+    // all-gather runs under the next step (its wait is in the pipeline's weight_wait).
+    const double after = overlap_ag ? rs : sync;
+    double exposed_sync = after + r.pipe.weight_wait[k];
+    if (overlap) {  // the reduce-scatter under the pipeline
       const double rs_end = overlapped_rs_end(s, cm, r.pipe, plan ? &*plan : nullptr, k, rs);
-      const double end = std::max(r.pipe.end[k], rs_end) + opt + (sync - rs);
+      const double ag = overlap_ag ? 0 : sync - rs;
+      const double end = std::max(r.pipe.end[k], rs_end) + opt + ag;
       if (end > finish) finish = end;
-      exposed_sync = std::max(r.pipe.end[k], rs_end) - r.pipe.end[k] + (sync - rs);
+      exposed_sync = std::max(r.pipe.end[k], rs_end) - r.pipe.end[k] + ag + r.pipe.weight_wait[k];
     }
     r.dp_sync_total_s = std::max(r.dp_sync_total_s, sync);
     r.params_by_rank.push_back(dense + expert);
     mem.activations = r.pipe.peak_act_bytes[k];
     mem.buffers = buffers;
     if (mem.total() > r.mem.total()) r.mem = mem, r.params_per_gpu = dense + expert;
-    if (sync + opt > tail) tail = sync + opt, r.dp_sync_s = sync, r.optimizer_s = opt;
+    if (after + opt > tail) tail = after + opt, r.dp_sync_s = after, r.optimizer_s = opt;
     const double bubble = r.pipe.bubble(k);
     r.bubble_s = std::max(r.bubble_s, bubble);
     r.exposed_comm_s =
@@ -511,13 +560,21 @@ std::string format_step(const config::Config& cfg, const Schedule& s, const Cost
       "ms F&B={:.2f} ms\n",
       c.blocks, c.moe_blocks, 1e3 * c.f.compute_s, 1e3 * c.f.a2a_s, 1e3 * c.b.compute_s,
       1e3 * c.b.a2a_s, 1e3 * c.w.compute_s, 1e3 * fb_time(cm, c.stage, c.stage));
+  const bool rs = cfg.optim().overlap_grad_reduce(), ag = cfg.optim().overlap_param_gather();
+  std::string hidden;
+  if (rs || ag) {
+    const double wait = r.pipe.weight_wait.empty() ? 0
+                                                   : *std::max_element(r.pipe.weight_wait.begin(),
+                                                                       r.pipe.weight_wait.end());
+    hidden = fmt::format(" (of {:.3f} in all: {}{}{})", r.dp_sync_total_s,
+                         rs ? "the reduce-scatter overlaps the pipeline" : "", rs && ag ? ", " : "",
+                         ag ? fmt::format("the all-gather the next step's, chunks waiting at most "
+                                          "{:.3f} s for weights",
+                                          wait)
+                            : "");
+  }
   o += fmt::format("step        {:.3f} s = pipeline {:.3f} + dp sync {:.3f} + optimizer {:.3f}{}\n",
-                   r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s,
-                   cfg.optim().overlap_grad_reduce()
-                       ? fmt::format(" (of {:.3f} in all: the reduce-scatter overlaps "
-                                     "the pipeline)",
-                                     r.dp_sync_total_s)
-                       : std::string());
+                   r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s, hidden);
   o += fmt::format("bubble      {:.3f} s ({:.1f}% of the pipeline, worst rank)\n", r.bubble_s,
                    100 * r.bubble_frac);
   o +=

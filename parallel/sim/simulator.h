@@ -29,6 +29,9 @@ struct OpCosts {
   // (the message's whole cost is its latency) and comm ops hold the compute stream for their
   // measured host overhead.
   const MeasuredCosts* measured = nullptr;
+  // Optional, [rank][dir]: no compute op of the chunk starts before it (optim.overlap_param_gather:
+  // when its weights, posted after the last optimizer step, have landed).
+  const std::vector<std::vector<double>>* release = nullptr;
 
   double op(const Instr& in) const;
   double overhead(const Instr& in) const;      // comm ops: compute-stream time (0 unless measured)
@@ -50,6 +53,7 @@ struct PipelineResult {
   std::vector<double> busy;                   // [rank] compute-stream busy time
   std::vector<double> exposed_a2a;            // [rank] EP all-to-all inside busy, not overlapped
   std::vector<double> recv_wait;              // [rank] compute idle waiting on a RECV
+  std::vector<double> weight_wait;            // [rank] compute idle waiting on OpCosts::release
   std::vector<double> peak_act_units;         // [rank] peak held activations, in micro-batches
                                               //   of one chunk (weighted by the stage's bytes)
   std::vector<double> peak_act_bytes;         // [rank] same, bytes (model costs only)
@@ -89,7 +93,9 @@ struct Memory {
 struct StepResult {
   PipelineResult pipe;
   // dp_sync_s: the DP exchange's time beyond the pipeline (exposed); dp_sync_total_s: all of it on
-  // the worst rank (optim.overlap_grad_reduce hides the difference under the pipeline).
+  // the worst rank (optim.overlap_grad_reduce hides the reduce-scatter under the pipeline,
+  // optim.overlap_param_gather the all-gather under the next step's: what it does not hide shows
+  // in pipe.weight_wait and the makespan).
   double step_s = 0, dp_sync_s = 0, dp_sync_total_s = 0, optimizer_s = 0;
   double bubble_s = 0, bubble_frac = 0;  // worst rank: makespan - busy, and / makespan
   double exposed_comm_s = 0;             // worst rank: exposed a2a + p2p waits + exposed DP sync

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <vector>
@@ -63,6 +64,45 @@ class RecordingExchange : public SetExchange {
   std::vector<bool> started_;
 };
 
+// The weight all-gather's sets as ShardGather and DeviceNameSync cut them (sets of two or more
+// holders, keyed by stages); start_gather() records the set.
+class RecordingGather : public GatherExchange {
+ public:
+  RecordingGather(const std::vector<std::string>& names,
+                  const std::map<std::string, std::vector<int>>& holders, const SetKey& key) {
+    std::vector<std::string> sorted = names;
+    std::sort(sorted.begin(), sorted.end());
+    std::map<std::pair<std::vector<int>, std::vector<int>>, size_t> index;
+    for (const std::string& n : sorted) {
+      if (holders.at(n).size() < 2) continue;
+      auto [it, fresh] = index.try_emplace({holders.at(n), key(n)}, ranks_.size());
+      if (fresh) ranks_.push_back(holders.at(n)), names_.emplace_back();
+      names_[it->second].push_back(n);
+    }
+    on_.assign(ranks_.size(), false);
+  }
+  size_t sets() const override { return ranks_.size(); }
+  std::vector<std::string> set_names(size_t k) const override { return names_[k]; }
+  const std::vector<int>& ranks(size_t k) const { return ranks_[k]; }
+  Status start_gather(size_t k) override {
+    on_[k] = true;
+    if (on_start) on_start(k);
+    return Status::Ok();
+  }
+  Status finish_gather(size_t k) override {
+    on_[k] = false;
+    return Status::Ok();
+  }
+  bool gathering(size_t k) const override { return on_[k]; }
+  int64_t take_peak_buffer_bytes() override { return 0; }
+  std::function<void(size_t)> on_start;
+
+ private:
+  std::vector<std::vector<int>> ranks_;
+  std::vector<std::vector<std::string>> names_;
+  std::vector<bool> on_;
+};
+
 // One queued operation of a world rank: a pipeline group (its messages), a set's exchange, or
 // an expert all-to-all of a compute instruction among the ep group (the dp replicas of one
 // pipeline rank that share the experts).
@@ -83,10 +123,14 @@ std::string name_of(const Layout& l) {
          " dp=" + std::to_string(l.dp) + " ep=" + std::to_string(l.ep);
 }
 
+// How the last step's weight all-gather is posted before the step (GatherOverlap): not at all,
+// in GatherOverlap::global_order, or by this rank's chunks (a negative control).
+enum class Gather { kNone, kGlobal, kByChunk };
+
 // Builds every world rank's queue. matched: GradOverlap at the plan's rounds; else as over MPI
 // (a set starts when its chunks are final). Returns "" or the first error.
 std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>>& queues,
-                      int* early) {
+                      int* early, Gather gather = Gather::kNone) {
   auto sched = make_schedule(l.kind, l.pp, l.mbs);
   if (!sched.ok()) return sched.status().to_string();
   const Schedule& s = *sched;
@@ -132,6 +176,28 @@ std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>
     ov.begin(s, matched ? &*plan : nullptr);
     const auto& list = s.rank_instrs[p];
     const int n = static_cast<int>(list.size());
+    // The weight all-gather, posted after the last optimizer step: before any of this step's
+    // operations. Its waits (GatherOverlap::chunk_first) hold only the host, behind them.
+    RecordingGather g(mine, holders,
+                      [&](const std::string& n) { return stages_holding(n, parts); });
+    std::vector<std::vector<int>> gdirs(g.sets());
+    for (size_t k = 0; k < g.sets(); ++k)
+      gdirs[k] = dirs_holding(g.set_names(k).front(), s, parts, p);
+    std::vector<size_t> order = GatherOverlap::global_order(g, parts);
+    if (gather == Gather::kByChunk) {  // this rank's chunk order: dir 0's sets, then dir 1's
+      auto dir = [&](size_t k) { return *std::min_element(gdirs[k].begin(), gdirs[k].end()); };
+      std::stable_sort(order.begin(), order.end(),
+                       [&](size_t a, size_t b) { return dir(a) < dir(b); });
+    }
+    g.on_start = [&, w](size_t k) {
+      queues[w].push_back({true, g.ranks(k), g.set_names(k), {}});
+      queues[w].back().names.insert(queues[w].back().names.begin(), "gather");
+    };
+    GatherOverlap gov(g, gdirs, order, {});
+    if (gather != Gather::kNone) {
+      Status st = gov.start();
+      if (!st.ok()) return st.to_string();
+    }
     std::vector<int> last(chunks_per_rank(s));
     for (int dir = 0; dir < chunks_per_rank(s); ++dir)
       last[dir] = PipelineExecutor::last_grad_instr(s, p, dir);
@@ -154,8 +220,17 @@ std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>
       const auto c = topo->coords_of(m);
       if (c.stage == p && c.ep_group == topo->coords_of(w).ep_group) ep_group.push_back(m);
     }
+    std::vector<bool> used(chunks_per_rank(s), false);
     for (int i = 0; i < n; ++i) {
       Status st = point(i);
+      if (!list[i].is_comm()) {  // the executor's chunk_first hook
+        for (int dir :
+             {list[i].dir, list[i].op == decltype(list[i].op)::kFB ? list[i].dir_b : -1}) {
+          if (dir < 0 || used[dir] || !st.ok()) continue;
+          used[dir] = true;
+          st = gov.chunk_first(dir, i > 0);
+        }
+      }
       if (!list[i].is_comm() && ep_group.size() > 1)
         queues[w].push_back({true, ep_group, {"a2a", std::to_string(i)}, {}});
       for (int dir = 0; dir < chunks_per_rank(s) && st.ok(); ++dir)
@@ -165,6 +240,9 @@ std::string queues_of(const Layout& l, bool matched, std::vector<std::vector<Op>
     Status st = point(n);
     if (st.ok()) st = ov.end();
     if (!st.ok()) return name_of(l) + " rank " + std::to_string(w) + ": " + st.to_string();
+    // Every set of the all-gather ended at its chunk's first use, none left for finish().
+    if (gather != Gather::kNone && (gov.pending() || gov.at_first_use() != int(g.sets())))
+      return name_of(l) + " rank " + std::to_string(w) + ": a weight set not used by the step";
     *early += ov.started();
   }
   return "";
@@ -240,7 +318,9 @@ TEST(GradOverlap, MatchedRoundsNeverDeadlockTheNcclModel) {
           int a2a = 0;
           for (int r = 0; r < static_cast<int>(q.size()); ++r) {
             for (const Op& op : q[r]) {
-              if (op.zero) EXPECT_TRUE(std::count(op.ranks.begin(), op.ranks.end(), r) == 1);
+              if (op.zero) {
+                EXPECT_TRUE(std::count(op.ranks.begin(), op.ranks.end(), r) == 1);
+              }
               a2a += op.zero && op.names[0] == "a2a";
             }
           }
@@ -253,6 +333,40 @@ TEST(GradOverlap, MatchedRoundsNeverDeadlockTheNcclModel) {
   }
   EXPECT_EQ(layouts, 72);
   EXPECT_GT(early_total, 0);  // some sets do start before the end of the list
+}
+
+// optim.overlap_param_gather: the last step's all-gather posted before the step in
+// GatherOverlap::global_order, then the step as above, drains every layout. Posted by each
+// rank's own chunk order instead (its first chunk's sets, then its second's), some deadlock:
+// DualPipe's rank s holds stage s as its first chunk and stage pp-1-s as its second, its mirror
+// rank pp-1-s the same two stages the other way round, and they share both sets.
+TEST(GatherOverlap, GlobalOrderNeverDeadlocksTheNcclModel) {
+  int layouts = 0, gathers = 0, deadlocks = 0;
+  for (ScheduleKind kind : {ScheduleKind::k1F1B, ScheduleKind::kZB1P, ScheduleKind::kDualPipe,
+                            ScheduleKind::kDualPipeV}) {
+    for (int pp : {2, 4, 8}) {
+      for (auto [dp, ep] : {std::pair{1, 1}, {2, 1}, {2, 2}}) {
+        const bool dual = kind == ScheduleKind::kDualPipe || kind == ScheduleKind::kDualPipeV;
+        const Layout l{kind, pp, dp, ep, dual ? 2 * pp : pp};
+        std::vector<std::vector<Op>> q;
+        int early = 0;
+        ASSERT_EQ(queues_of(l, /*matched=*/true, q, &early, Gather::kGlobal), "") << name_of(l);
+        EXPECT_EQ(run_model(q), "") << name_of(l);
+        for (const auto& ops : q)
+          for (const Op& op : ops) gathers += op.zero && op.names[0] == "gather";
+        ASSERT_EQ(queues_of(l, /*matched=*/true, q, &early, Gather::kByChunk), "") << name_of(l);
+        deadlocks += run_model(q).rfind("deadlock", 0) == 0;
+        ++layouts;
+      }
+    }
+  }
+  EXPECT_EQ(layouts, 36);
+  EXPECT_GT(gathers, 0);
+  std::printf(
+      "%d layouts drain with the all-gather in the global order; %d deadlock in each "
+      "rank's chunk order\n",
+      layouts, deadlocks);
+  EXPECT_GE(deadlocks, 1);
 }
 
 TEST(GradOverlap, StartingWhenFinalDeadlocksTheNcclModel) {

@@ -12,10 +12,11 @@
 # device's squared norm is a tree sum (not the host's index order), so there the two placements
 # agree within 1e-6 relative in loss and gradient norm instead of bitwise; a device-placement
 # checkpoint resumes to the uninterrupted run's next step exactly.
-# optim.overlap_grad_reduce (parallel::GradOverlap): runs with the exchange started during the
-# pipeline give the bits of runs with it after the pipeline, over MPI (DualPipe), over matched
-# groups on MPI (1F1B) and, on the emulation, over the serial NCCL (DualPipe at pp=2 and, on 8
-# emulated GPUs, at pp=4).
+# optim.overlap_grad_reduce (parallel::GradOverlap) and optim.overlap_param_gather
+# (parallel::GatherOverlap): runs with the reduce-scatter started during the pipeline and the
+# weight all-gather ended in the next step's give the bits of runs with both between the
+# pipelines, over MPI (DualPipe), over matched groups on MPI (1F1B) and, on the emulation, over
+# the serial NCCL (DualPipe at pp=2 and, on 8 emulated GPUs, at pp=4).
 # Usage: multirank_placement_test.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/test_lib.sh"  # test_init, ok, bad, test_summary
@@ -62,19 +63,23 @@ same_shards() {  # same_shards DIR_A DIR_B: every rank's shard byte for byte
   echo "$n shards identical"
 }
 
-# overlap_same LABEL ON OFF NP MODE [SHARDS_ON SHARDS_OFF]: run ON (optim.overlap_grad_reduce on)
-# logged sets started during the pipeline, MODE "when final" or "at matched-group rounds"; run OFF
-# (the exchange after the pipeline) logged none; both give the same bits: every rank's records
-# and, given two checkpoint directories, every shard.
+# overlap_same LABEL ON OFF NP MODE [SHARDS_ON SHARDS_OFF]: run ON (optim.overlap_grad_reduce and
+# optim.overlap_param_gather on) logged sets started during the pipeline, MODE "when final" or "at
+# matched-group rounds", and weight sets ended at their chunk's first use in the next step; run
+# OFF (both exchanges between the pipelines) logged neither; both give the same bits: every
+# rank's records and, given two checkpoint directories, every shard.
 overlap_same() {
-  local early
+  local early gathered
   early=$(sed -n "s/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) gradient exchanges.*started during the pipeline.*($5).*/\1 of \2/p" "$TMP/$2.log")
-  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && ! grep -q "ZeRO-1 overlap" "$TMP/$3.log" &&
+  gathered=$(sed -n "s/.*ZeRO-1 overlap: \([0-9]*\) of \([0-9]*\) weight all-gathers.*ended at their chunk's first use.*/\1 of \2/p" "$TMP/$2.log")
+  if [ -n "$early" ] && [ "${early%% *}" -gt 0 ] && [ -n "$gathered" ] &&
+     [ "${gathered%% *}" -gt 0 ] && ! grep -q "ZeRO-1 overlap" "$TMP/$3.log" &&
      same_logs "$2" "$3" "$4" >"$TMP/$2.cmp" 2>&1 &&
      { [ $# -lt 7 ] || same_shards "$6" "$7" >>"$TMP/$2.cmp"; }; then
-    ok "$1: $early sets started during the pipeline ($5), the bits of the exchange after it ($(tr '\n' ';' <"$TMP/$2.cmp"))"
+    ok "$1: $early sets started during the pipeline ($5), $gathered weight sets ended at their chunk's first use in the next step, the bits of both exchanges outside the pipeline ($(tr '\n' ';' <"$TMP/$2.cmp"))"
   else
-    bad "$1: overlapped vs after the pipeline (started: '${early}')"; cat "$TMP/$2.cmp" 2>/dev/null
+    bad "$1: overlapped vs outside the pipeline (started: '${early}', gathered: '${gathered}')"
+    cat "$TMP/$2.cmp" 2>/dev/null
   fi
 }
 
@@ -112,7 +117,7 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   # pipeline, once its chunks are final): the same DualPipe run with the exchange after the
   # pipeline gives the same bits, and the overlapped run started its exchanges early.
   run dp_after 4 "${DP[@]}" --optim.placement=host --optim.overlap_grad_reduce=false \
-    --checkpoint.dir="$TMP/ck_after" ||
+    --optim.overlap_param_gather=false --checkpoint.dir="$TMP/ck_after" ||
     { bad "DualPipe, optim.overlap_grad_reduce=false"; tail -5 "$TMP/dp_after.log"; }
   overlap_same "DualPipe over MPI" dp_host dp_after 4 "when final" \
     "$TMP/ck_host/step_00000004" "$TMP/ck_after/step_00000004"
@@ -123,7 +128,8 @@ if [[ ${PLACEMENT_CUDA:-0} != 1 ]]; then
   FP8PIPE_P2P_GROUPS=matched run m_on 4 "${M[@]}" --optim.placement=device \
     --checkpoint.dir="$TMP/ck_m_on" || { bad "1F1B matched groups, overlap"; tail -5 "$TMP/m_on.log"; }
   FP8PIPE_P2P_GROUPS=matched run m_off 4 "${M[@]}" --optim.placement=host \
-    --optim.overlap_grad_reduce=false --checkpoint.dir="$TMP/ck_m_off" ||
+    --optim.overlap_grad_reduce=false --optim.overlap_param_gather=false \
+    --checkpoint.dir="$TMP/ck_m_off" ||
     { bad "1F1B matched groups, no overlap"; tail -5 "$TMP/m_off.log"; }
   overlap_same "1F1B, matched groups on MPI" m_on m_off 4 "at matched-group rounds" \
     "$TMP/ck_m_on/step_00000003" "$TMP/ck_m_off/step_00000003"
@@ -170,7 +176,8 @@ else
   # some sets at their matched-group rounds, in the middle of the pipeline's NCCL operations on
   # the serial NCCL (a wrong place would hang there), with the same bits.
   FP8PIPE_ZERO1_BUCKET_MB=0.05 run cu_after 4 "${CU[@]}" --optim.placement=device \
-    --optim.overlap_grad_reduce=false --checkpoint.dir="$TMP/cu_ck_after" ||
+    --optim.overlap_grad_reduce=false --optim.overlap_param_gather=false \
+    --checkpoint.dir="$TMP/cu_ck_after" ||
     { bad "CUDA emulation over NCCL, no overlap"; tail -5 "$TMP/cu_after.log"; }
   overlap_same "CUDA emulation, DualPipe over NCCL" cu_device cu_after 4 "at matched-group rounds"
   # DualPipe pp=4 x dp=2 x ep=2 on 8 emulated GPUs: sets start at their rounds among four pipeline
@@ -179,7 +186,7 @@ else
       --train.device=cuda --parallel.comm_backend=nccl --optim.placement=device --checkpoint.dir=
       --checkpoint.every=0 --train.eval_every=0)
   run p4_on 8 "${P4[@]}" || { bad "CUDA emulation pp=4 over NCCL, overlap"; tail -5 "$TMP/p4_on.log"; }
-  run p4_off 8 "${P4[@]}" --optim.overlap_grad_reduce=false ||
+  run p4_off 8 "${P4[@]}" --optim.overlap_grad_reduce=false --optim.overlap_param_gather=false ||
     { bad "CUDA emulation pp=4 over NCCL, no overlap"; tail -5 "$TMP/p4_off.log"; }
   overlap_same "CUDA emulation, DualPipe pp=4 x dp=2 x ep=2 over NCCL" p4_on p4_off 8 \
     "at matched-group rounds"
