@@ -510,8 +510,9 @@ Status ShardGather::start_gather(size_t k) {
     if (!f.mine.empty()) {
       f.works.push_back(world_->send(f.mine.data(), f.mine.size(), DataType::kFloat32, peer, tag));
     }
-    f.bytes += static_cast<int64_t>((small + f.mine.size()) * sizeof(float));
+    f.bytes += static_cast<int64_t>(small * sizeof(float));
   }
+  f.bytes += static_cast<int64_t>(f.mine.size() * sizeof(float));  // one buffer for every peer
   buffer_bytes_ += f.bytes;
   peak_buffer_bytes_ = std::max(peak_buffer_bytes_, buffer_bytes_);
   return Status::Ok();
