@@ -175,6 +175,7 @@ class Trainer {
   ckpt::Collective checkpoint_collective();
   std::vector<model::MoE*> all_moes() const;
   Status sum_over_world(std::vector<double>& v);
+  Result<double> max_over_world(double v);  // the largest v over the world's ranks
   StepRecord record(const StepResult& r, double seconds);
   Status setup_checkpoints();
   Status maybe_checkpoint();

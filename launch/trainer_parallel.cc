@@ -80,6 +80,13 @@ Status Trainer::sum_over_world(std::vector<double>& v) {
       .wait();
 }
 
+Result<double> Trainer::max_over_world(double v) {
+  std::vector<double> all(world_size_, 0.0);
+  all[world_rank_] = v;
+  FP8_RETURN_IF_ERROR(sum_over_world(all));
+  return *std::max_element(all.begin(), all.end());
+}
+
 // One global batch: this replica's micro-batches through the schedule; losses are global means.
 Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t step, bool backward) {
   const int64_t T = cfg_.train().seq_len();
@@ -139,16 +146,15 @@ Result<model::LossParts> Trainer::run_microbatches(data::Split split, int64_t st
       FP8_RETURN_IF_ERROR(sum_over_world(n));
       // Each rank's most message buffers held at once (every set is started by now), the
       // largest over ranks: the overlap's transient memory.
-      std::vector<double> peak(world_size_, 0.0);
-      peak[world_rank_] = static_cast<double>(overlap_->exchange().take_peak_buffer_bytes());
-      FP8_RETURN_IF_ERROR(sum_over_world(peak));
+      FP8_ASSIGN_OR_RETURN(const double peak,
+                           max_over_world(overlap_->exchange().take_peak_buffer_bytes()));
       if (is_root()) {
         log::info(
             "ZeRO-1 overlap: {} of {} gradient exchanges (sets of holders, counted on "
             "each member) started during the pipeline, {} of them with compute left on "
             "their rank ({}); at most {:.2f} MB of message buffers held at once on a rank",
             n[0], n[2], n[1], overlap_->matched() ? "at matched-group rounds" : "when final",
-            *std::max_element(peak.begin(), peak.end()) / (1024.0 * 1024.0));
+            peak / (1024.0 * 1024.0));
       }
       ++overlap_logged_;
     }
@@ -236,17 +242,15 @@ Status Trainer::log_param_gather() {
       static_cast<double>(g.at_first_use()), static_cast<double>(g.after_compute()),
       static_cast<double>(g.by_finish()), static_cast<double>(gather_overlap_->exchange().sets())};
   FP8_RETURN_IF_ERROR(sum_over_world(n));
-  std::vector<double> peak(world_size_, 0.0);
-  peak[world_rank_] = static_cast<double>(gather_overlap_->exchange().take_peak_buffer_bytes());
-  FP8_RETURN_IF_ERROR(sum_over_world(peak));
+  FP8_ASSIGN_OR_RETURN(const double peak,
+                       max_over_world(gather_overlap_->exchange().take_peak_buffer_bytes()));
   if (is_root()) {
     log::info(
         "ZeRO-1 overlap: {} of {} weight all-gathers (sets of holders, counted on each member) "
         "ended at their chunk's first use in the next step, {} of them after compute had run on "
         "their rank, {} by a wait outside it (an evaluation, a checkpoint); at most {:.2f} MB of "
-        "message "
-        "buffers held at once on a rank",
-        n[0], n[3], n[1], n[2], *std::max_element(peak.begin(), peak.end()) / (1024.0 * 1024.0));
+        "message buffers held at once on a rank",
+        n[0], n[3], n[1], n[2], peak / (1024.0 * 1024.0));
   }
   return Status::Ok();
 }
