@@ -382,14 +382,27 @@ void rank_step(const config::Config& cfg, const CostModel& cm, double dense, dou
   mem.optimizer = shard * 8;
 }
 
+// When a transfer of `work` seconds (at the NIC's full rate) started at t ends if, until
+// `busy_until` (the rank's pipeline end), it gets only `share` of the NIC: the EP all-to-all
+// takes the rest (ep_nic_share).
+double nic_done(double t, double work, double busy_until, double share) {
+  if (t < busy_until) {
+    const double slow = (busy_until - t) * share;  // work done before busy_until
+    if (work <= slow) return t + work / share;
+    work -= slow, t = busy_until;
+  }
+  return t + work;
+}
+
 // optim.overlap_grad_reduce: when rank k's reduce-scatter ends if each chunk's part starts once
 // every holder of its stage may post it (parallel/grad_sync.h GradOverlap): over MPI when each
 // holder's chunk is final; over matched groups at the set's round R, the latest over the holders
 // of GradOverlap::round_after(that chunk's last backward instruction), each holder posting before
 // its first group of round >= R (or at its end). The parts run one after another on the rank's
-// network, each taking rs_s in proportion to its chunk's parameters. dp replicas are symmetric.
+// network, each taking rs_s in proportion to its chunk's parameters, at `share` of the NIC while
+// the rank's pipeline runs (nic_done). dp replicas are symmetric.
 double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineResult& pipe,
-                         const P2pPlan* plan, int k, double rs_s) {
+                         const P2pPlan* plan, int k, double rs_s, double share) {
   if (rs_s <= 0) return 0;
   const int D = chunks_per_rank(s);
   struct Part {
@@ -430,15 +443,19 @@ double overlapped_rs_end(const Schedule& s, const CostModel& cm, const PipelineR
   std::sort(parts.begin(), parts.end(),
             [](const Part& a, const Part& b) { return a.start < b.start; });
   double t = 0;
-  for (const Part& p : parts) t = std::max(t, p.start) + (total > 0 ? rs_s * p.params / total : 0);
+  for (const Part& p : parts) {
+    t = nic_done(std::max(t, p.start), total > 0 ? rs_s * p.params / total : 0, pipe.end[k], share);
+  }
   return t;
 }
 
 // optim.overlap_param_gather: when each chunk's weights land in the next step. Every rank posts
 // its all-gather parts after the optimizer (the step's start here), in the global order of
 // parallel/grad_sync.h GatherOverlap (lowest stage first); they run one after another on the
-// rank's network, each taking ag_s in proportion to its chunk's parameters.
-std::vector<double> gather_release(const Schedule& s, const CostModel& cm, int k, double ag_s) {
+// rank's network, each taking ag_s in proportion to its chunk's parameters, at `share` of it
+// once the rank computes.
+std::vector<double> gather_release(const Schedule& s, const CostModel& cm, int k, double ag_s,
+                                   double share) {
   const int D = chunks_per_rank(s);
   std::vector<std::pair<int, int>> parts;  // (stage, dir)
   double total = 0;
@@ -448,14 +465,46 @@ std::vector<double> gather_release(const Schedule& s, const CostModel& cm, int k
     total += cm.chunks[st].dense_params + cm.chunks[st].expert_params;
   }
   std::sort(parts.begin(), parts.end());
+  // Until the rank's first compute instruction can start (its chunk's part landed) it runs no
+  // all-to-all of its own: the parts up to that one get the whole NIC, the later ones `share`.
+  int first = 0;
+  for (const Instr& in : s.rank_instrs[k]) {
+    if (!in.is_comm()) {
+      first = in.dir;
+      break;
+    }
+  }
   std::vector<double> release(D, 0);
-  double t = 0;
+  double t = 0, rate = 1;
   for (auto [st, d] : parts) {
     const double params = cm.chunks[st].dense_params + cm.chunks[st].expert_params;
-    t += total > 0 ? ag_s * params / total : 0;
+    t += total > 0 ? ag_s * params / total / rate : 0;
     release[d] = t;
+    if (d == first) rate = share;
   }
   return release;
+}
+
+// Bytes rank k's EP all-to-alls send in a step over IB and NVLink.
+void ep_traffic(const Schedule& s, const CostModel& cm, int k, double& ib, double& nvl) {
+  ib = nvl = 0;
+  auto add = [&](const PassCost& p) { ib += p.ib_bytes, nvl += p.nvlink_bytes; };
+  for (const Instr& in : s.rank_instrs[k]) {
+    if (in.op == Op::kF || in.op == Op::kFB) add(cm.chunks[in.stage].f);
+    if (in.op == Op::kB) add(cm.chunks[in.stage].b);
+    if (in.op == Op::kFB) add(cm.chunks[in.stage_b].b);
+  }
+}
+
+// The share of rank k's NIC left to the DP exchange while its pipeline runs: the EP all-to-all's
+// IB traffic, spread evenly over the pipeline's `span` (a first-order model: the all-to-all
+// comes in bursts, and the cool-down where most reduce-scatter parts run has fewer of them),
+// takes the rest. At least 10%.
+double ep_nic_share(const Schedule& s, const CostModel& cm, int k, double span) {
+  double ib = 0, nvl = 0;
+  ep_traffic(s, cm, k, ib, nvl);
+  const double busy = ib / (cm.net_bytes_per_s * cm.cal.net_eff);
+  return span > 0 ? std::max(0.1, 1 - busy / span) : 1.0;
 }
 
 void throughput(const config::Config& cfg, const Schedule& s, const CostModel& cm, StepResult& r) {
@@ -488,18 +537,29 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
   std::vector<double> sync_by_rank(s.ranks), rs_by_rank(s.ranks), opt_by_rank(s.ranks);
   std::vector<Memory> mem_by_rank(s.ranks);
   std::vector<std::pair<double, double>> params_by_rank(s.ranks);  // (dense, expert)
-  std::vector<std::vector<double>> release;
-  const bool overlap_ag = cfg.optim().overlap_param_gather();
   for (int k = 0; k < s.ranks; ++k) {
     auto& [dense, expert] = params_by_rank[k];
     rank_params(cfg, s, cm, k, dense, expert);
     rank_step(cfg, cm, dense, expert, sync_by_rank[k], rs_by_rank[k], opt_by_rank[k],
               mem_by_rank[k]);
-    if (overlap_ag) release.push_back(gather_release(s, cm, k, sync_by_rank[k] - rs_by_rank[k]));
   }
-  if (overlap_ag) oc.release = &release;
-  FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr));
   const bool overlap = cfg.optim().overlap_grad_reduce();
+  const bool overlap_ag = cfg.optim().overlap_param_gather();
+  FP8_ASSIGN_OR_RETURN(
+      r.pipe, simulate_pipeline(s, oc, keep_events && !overlap_ag, plan ? &*plan : nullptr));
+  // The DP exchange under the pipeline shares each rank's NIC with its EP all-to-all, at the
+  // share left over the pipeline's span (the all-gather's from the pipeline without it).
+  std::vector<double> share(s.ranks, 1.0);
+  for (int k = 0; k < s.ranks && (overlap || overlap_ag); ++k)
+    share[k] = ep_nic_share(s, cm, k, r.pipe.makespan);
+  std::vector<std::vector<double>> release;
+  if (overlap_ag) {
+    for (int k = 0; k < s.ranks; ++k)
+      release.push_back(gather_release(s, cm, k, sync_by_rank[k] - rs_by_rank[k], share[k]));
+    oc.release = &release;
+    FP8_ASSIGN_OR_RETURN(r.pipe, simulate_pipeline(s, oc, keep_events, plan ? &*plan : nullptr));
+  }
+  r.dp_nic_share = *std::min_element(share.begin(), share.end());
   double tail = 0, finish = r.pipe.makespan;  // finish: the worst rank's step end (overlap)
   const double buffers = cm.cal.comm_buffer_gib * (1ull << 30) + 4 * cm.chunks[0].p2p_bytes;
   for (int k = 0; k < s.ranks; ++k) {
@@ -511,7 +571,8 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
     const double after = overlap_ag ? rs : sync;
     double exposed_sync = after + r.pipe.weight_wait[k];
     if (overlap) {  // the reduce-scatter under the pipeline
-      const double rs_end = overlapped_rs_end(s, cm, r.pipe, plan ? &*plan : nullptr, k, rs);
+      const double rs_end =
+          overlapped_rs_end(s, cm, r.pipe, plan ? &*plan : nullptr, k, rs, share[k]);
       const double ag = overlap_ag ? 0 : sync - rs;
       const double end = std::max(r.pipe.end[k], rs_end) + opt + ag;
       if (end > finish) finish = end;
@@ -528,12 +589,7 @@ Result<StepResult> simulate_step(const config::Config& cfg, const Schedule& s, c
     r.exposed_comm_s =
         std::max(r.exposed_comm_s, r.pipe.exposed_a2a[k] + r.pipe.recv_wait[k] + exposed_sync);
     double ib = 0, nvl = 0;
-    auto add = [&](const PassCost& p) { ib += p.ib_bytes, nvl += p.nvlink_bytes; };
-    for (const Instr& in : s.rank_instrs[k]) {
-      if (in.op == Op::kF || in.op == Op::kFB) add(cm.chunks[in.stage].f);
-      if (in.op == Op::kB) add(cm.chunks[in.stage].b);
-      if (in.op == Op::kFB) add(cm.chunks[in.stage_b].b);
-    }
+    ep_traffic(s, cm, k, ib, nvl);
     if (ib + nvl > r.ep_ib_bytes + r.ep_nvlink_bytes) r.ep_ib_bytes = ib, r.ep_nvlink_bytes = nvl;
   }
   r.step_s = r.pipe.makespan + tail;
@@ -566,12 +622,16 @@ std::string format_step(const config::Config& cfg, const Schedule& s, const Cost
     const double wait = r.pipe.weight_wait.empty() ? 0
                                                    : *std::max_element(r.pipe.weight_wait.begin(),
                                                                        r.pipe.weight_wait.end());
-    hidden = fmt::format(" (of {:.3f} in all: {}{}{})", r.dp_sync_total_s,
-                         rs ? "the reduce-scatter overlaps the pipeline" : "", rs && ag ? ", " : "",
-                         ag ? fmt::format("the all-gather the next step's, chunks waiting at most "
-                                          "{:.3f} s for weights",
-                                          wait)
-                            : "");
+    hidden = fmt::format(
+        " (of {:.3f} in all: {}{}{}; under the pipeline at {:.0f}% of the NIC, the EP all-to-all "
+        "taking the rest)",
+        r.dp_sync_total_s, rs ? "the reduce-scatter overlaps the pipeline" : "",
+        rs && ag ? ", " : "",
+        ag ? fmt::format("the all-gather the next step's, chunks waiting at most {:.3f} s for "
+                         "weights",
+                         wait)
+           : "",
+        100 * r.dp_nic_share);
   }
   o += fmt::format("step        {:.3f} s = pipeline {:.3f} + dp sync {:.3f} + optimizer {:.3f}{}\n",
                    r.step_s, r.pipe.makespan, r.dp_sync_s, r.optimizer_s, hidden);

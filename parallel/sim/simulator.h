@@ -97,6 +97,9 @@ struct StepResult {
   // optim.overlap_param_gather the all-gather under the next step's: what it does not hide shows
   // in pipe.weight_wait and the makespan).
   double step_s = 0, dp_sync_s = 0, dp_sync_total_s = 0, optimizer_s = 0;
+  // The least share of a rank's NIC the DP exchange gets while the pipeline runs (the EP
+  // all-to-all's IB traffic takes the rest; 1 when nothing of the exchange overlaps it).
+  double dp_nic_share = 1;
   double bubble_s = 0, bubble_frac = 0;  // worst rank: makespan - busy, and / makespan
   double exposed_comm_s = 0;             // worst rank: exposed a2a + p2p waits + exposed DP sync
   Memory mem;                            // the rank with the largest total

@@ -615,6 +615,40 @@ TEST(SimDsv3, OverlappedParameterGather) {
   }
 }
 
+// Under the pipeline the DP exchange gets the NIC share the EP all-to-all leaves: on the busiest
+// rank 1 - (its IB bytes at the network rate) / the pipeline's span, from the step's reported
+// bytes (ranks differ by at most a few per cent). Without the overlaps nothing of the exchange
+// runs under the pipeline: share 1. And a slower network can only lengthen the step.
+TEST(SimDsv3, DpExchangeSharesTheNicWithTheAllToAll) {
+  auto [cfg, cm] = dsv3_cost_model({"--optim.overlap_param_gather=false"});
+  auto s =
+      make_schedule(ScheduleKind::kDualPipe, cfg.parallel().pp(), cfg.parallel().microbatches());
+  ASSERT_TRUE(s.ok());
+  auto r = simulate_step(cfg, *s, cm);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  const double busy = r->ep_ib_bytes / (cm.net_bytes_per_s * cm.cal.net_eff);
+  EXPECT_NEAR(r->dp_nic_share, 1 - busy / r->pipe.makespan, 0.02);
+  EXPECT_GT(r->dp_nic_share, 0.3);
+  EXPECT_LT(r->dp_nic_share, 0.9);
+  std::printf(
+      "DualPipe: the DP exchange gets %.1f%% of the NIC under the pipeline (EP IB %.3g B "
+      "in %.3f s)\n",
+      100 * r->dp_nic_share, r->ep_ib_bytes, r->pipe.makespan);
+  config::Config after = cfg;
+  after.mutable_optim()->set_overlap_grad_reduce(false);
+  auto a = simulate_step(after, *s, cm);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->dp_nic_share, 1.0);
+  Calibration slow = cm.cal;
+  slow.net_eff *= 0.5;
+  auto cm2 = build_cost_model(cfg, *s, slow);
+  ASSERT_TRUE(cm2.ok());
+  auto r2 = simulate_step(cfg, *s, *cm2);
+  ASSERT_TRUE(r2.ok());
+  EXPECT_GT(r2->step_s, r->step_s);
+  EXPECT_LT(r2->dp_nic_share, r->dp_nic_share);
+}
+
 // ---- The simulator calibrated on measured traces (measured.h) ----
 
 // Known per-stage costs, all different, with F&B pairs cheaper than F + B + W (as if overlapped).
