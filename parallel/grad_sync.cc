@@ -289,11 +289,19 @@ Status NameSync::all_reduce_sum() {
 
 namespace {
 
-// Member j's shard of every name of a set, in name order: (entry, range) pairs.
+// Member j's shard of every name of a set in the order its messages carry them: first the names
+// whose shard j has at least kShardAlone elements (each its own message, sent straight from
+// the sums), then the others (packed into one), each group in name order. fn(entry, range,
+// alone).
 template <class Set, class Fn>
 void each_shard(const Set& set, int j, Fn&& fn) {
   const int n = static_cast<int>(set.ranks.size());
-  for (const SyncEntry* e : set.entries) fn(e, optim::shard_range(e->numel, j, n));
+  for (bool alone : {true, false}) {
+    for (const SyncEntry* e : set.entries) {
+      const optim::Range r = optim::shard_range(e->numel, j, n);
+      if ((r.end - r.begin >= kShardAlone) == alone) fn(e, r, alone);
+    }
+  }
 }
 
 }  // namespace
@@ -313,14 +321,39 @@ Status NameSync::start(size_t k) {
   f.parts.resize(n);
   f.sent.resize(n);
   size_t size = 0;
-  each_shard(set, set.me, [&](const SyncEntry*, optim::Range r) { size += r.end - r.begin; });
+  each_shard(set, set.me, [&](const SyncEntry*, optim::Range r, bool) { size += r.end - r.begin; });
   for (int j = 0; j < n; ++j) {
     if (j == set.me) continue;
+    const int peer = set.ranks[j];
+    // Member j's part of this rank's shard: a message per large name, then the packed rest.
     f.parts[j].resize(size);
-    f.works.push_back(world_->recv(f.parts[j].data(), size, DataType::kFloat64, set.ranks[j], tag));
-    f.sent[j] = pack(set, j);
-    f.works.push_back(
-        world_->send(f.sent[j].data(), f.sent[j].size(), DataType::kFloat64, set.ranks[j], tag));
+    size_t at = 0, packed_at = size;
+    each_shard(set, set.me, [&](const SyncEntry*, optim::Range r, bool alone) {
+      const size_t len = r.end - r.begin;
+      if (alone) {
+        f.works.push_back(world_->recv(f.parts[j].data() + at, len, DataType::kFloat64, peer, tag));
+      } else if (packed_at == size) {
+        packed_at = at;
+      }
+      at += len;
+    });
+    if (packed_at < size) {
+      f.works.push_back(world_->recv(f.parts[j].data() + packed_at, size - packed_at,
+                                     DataType::kFloat64, peer, tag));
+    }
+    // This rank's part of member j's shard, alike: large names straight from the first copies.
+    each_shard(set, j, [&](const SyncEntry* e, optim::Range r, bool alone) {
+      if (alone) {
+        f.works.push_back(
+            world_->send(e->copies[0] + r.begin, r.end - r.begin, DataType::kFloat64, peer, tag));
+      } else {
+        f.sent[j].insert(f.sent[j].end(), e->copies[0] + r.begin, e->copies[0] + r.end);
+      }
+    });
+    if (!f.sent[j].empty()) {
+      f.works.push_back(
+          world_->send(f.sent[j].data(), f.sent[j].size(), DataType::kFloat64, peer, tag));
+    }
     f.bytes += static_cast<int64_t>((size + f.sent[j].size()) * sizeof(double));
   }
   buffer_bytes_ += f.bytes;
@@ -330,7 +363,7 @@ Status NameSync::start(size_t k) {
 
 std::vector<double> NameSync::pack(const Set& set, int j) const {
   std::vector<double> out;
-  each_shard(set, j, [&](const SyncEntry* e, optim::Range r) {
+  each_shard(set, j, [&](const SyncEntry* e, optim::Range r, bool) {
     out.insert(out.end(), e->copies[0] + r.begin, e->copies[0] + r.end);
   });
   return out;
@@ -360,7 +393,7 @@ Status NameSync::reduce_scatter_sum() {
     for (size_t j = 1; j < f.parts.size(); ++j)
       for (size_t i = 0; i < acc.size(); ++i) acc[i] += f.parts[j][i];
     int64_t at = 0;
-    each_shard(set, set.me, [&](const SyncEntry* e, optim::Range r) {
+    each_shard(set, set.me, [&](const SyncEntry* e, optim::Range r, bool) {
       for (double* c : e->copies)
         std::copy(acc.begin() + at, acc.begin() + at + (r.end - r.begin), c + r.begin);
       at += r.end - r.begin;
@@ -469,7 +502,7 @@ Status ShardGather::all_gather() {
   return Status::Ok();
 }
 
-// Member j's message: its shard of each name of at least kGatherInPlace elements on its own,
+// Member j's message: its shard of each name of at least kShardAlone elements on its own,
 // straight from and into the weights, in name order, then the smaller shards packed into one.
 Status ShardGather::start_gather(size_t k) {
   Flight& f = flights_[k];
@@ -480,7 +513,7 @@ Status ShardGather::start_gather(size_t k) {
   const int n = static_cast<int>(set.ranks.size());
   for (const GatherEntry* e : set.entries) {
     const optim::Range r = optim::shard_range(e->numel, set.me, n);
-    if (r.end - r.begin < kGatherInPlace)
+    if (r.end - r.begin < kShardAlone)
       f.mine.insert(f.mine.end(), e->data + r.begin, e->data + r.end);
   }
   f.theirs.resize(n);
@@ -491,14 +524,14 @@ Status ShardGather::start_gather(size_t k) {
     int64_t small = 0;
     for (const GatherEntry* e : set.entries) {
       const optim::Range r = optim::shard_range(e->numel, j, n);
-      if (r.end - r.begin >= kGatherInPlace) {
+      if (r.end - r.begin >= kShardAlone) {
         f.works.push_back(
             world_->recv(e->data + r.begin, r.end - r.begin, DataType::kFloat32, peer, tag));
       } else {
         small += r.end - r.begin;
       }
       const optim::Range m = optim::shard_range(e->numel, set.me, n);
-      if (m.end - m.begin >= kGatherInPlace) {
+      if (m.end - m.begin >= kShardAlone) {
         f.works.push_back(
             world_->send(e->data + m.begin, m.end - m.begin, DataType::kFloat32, peer, tag));
       }
@@ -531,7 +564,7 @@ Status ShardGather::finish_gather(size_t k) {
     int64_t off = 0;
     for (const GatherEntry* e : set.entries) {
       const optim::Range r = optim::shard_range(e->numel, j, n);
-      if (r.end - r.begin >= kGatherInPlace) continue;
+      if (r.end - r.begin >= kShardAlone) continue;
       std::copy(f.theirs[j].begin() + off, f.theirs[j].begin() + off + (r.end - r.begin),
                 e->data + r.begin);
       off += r.end - r.begin;
@@ -652,17 +685,22 @@ std::vector<CopyRange> DeviceNameSync::ranges(const Set& set, int j, const Tenso
   const int n = static_cast<int>(set.ranks.size());
   std::vector<CopyRange> rs;
   int64_t at = 0;
-  for (const DeviceEntry* e : set.entries) {
-    if (packed_only && in_place(e, j, n)) continue;
-    const Tensor& t = e->copies.front();
-    const optim::Range r = optim::shard_range(t.numel(), j, n);
-    if (r.end == r.begin) continue;
-    if (to_buf) {
-      rs.push_back({t, r.begin, buf, at, r.end - r.begin});
-    } else {
-      rs.push_back({buf, at, t, r.begin, r.end - r.begin});
+  // The names whose shard j travels alone first (unless packed_only), then the packed ones: the
+  // order of each member's messages.
+  for (bool alone : {true, false}) {
+    if (alone && packed_only) continue;
+    for (const DeviceEntry* e : set.entries) {
+      if (in_place(e, j, n) != alone) continue;
+      const Tensor& t = e->copies.front();
+      const optim::Range r = optim::shard_range(t.numel(), j, n);
+      if (r.end == r.begin) continue;
+      if (to_buf) {
+        rs.push_back({t, r.begin, buf, at, r.end - r.begin});
+      } else {
+        rs.push_back({buf, at, t, r.begin, r.end - r.begin});
+      }
+      at += r.end - r.begin;
     }
-    at += r.end - r.begin;
   }
   return rs;
 }
@@ -729,16 +767,36 @@ Status DeviceNameSync::start(size_t k) {
   const int64_t mine = pack_size(set, set.me);
   f.parts.assign(n, Tensor());
   const int64_t elem = static_cast<int64_t>(dtype_size(dt));
+  const DataType wire = wire_type(dt);
+  auto at = [&](const Tensor& t, int64_t i) { return static_cast<char*>(t.data()) + i * elem; };
+  const int64_t mine_packed = packed_size(set, set.me);
   for (int j = 0; j < n; ++j) {
     if (j == set.me) continue;  // packed when the bucket ends (finish_set)
-    if (mine > 0) {
-      FP8_ASSIGN_OR_RETURN(f.parts[j], recv(mine, dt, set.ranks[j], tag, f.works));
+    const int peer = set.ranks[j];
+    if (mine > 0) {  // member j's part of this rank's shard, laid out as ranges() orders it
+      Backend& on = stage_ ? *host_ : be_;
+      FP8_ASSIGN_OR_RETURN(f.parts[j], on.empty({mine}, dt));
+      int64_t off = 0;
+      for (const DeviceEntry* e : set.entries) {  // the names that come alone, first
+        if (!in_place(e, set.me, n)) continue;
+        const optim::Range r = optim::shard_range(e->copies.front().numel(), set.me, n);
+        f.works.push_back(world_->recv(at(f.parts[j], off), r.end - r.begin, wire, peer, tag));
+        off += r.end - r.begin;
+      }
+      if (mine_packed > 0)
+        f.works.push_back(world_->recv(at(f.parts[j], off), mine_packed, wire, peer, tag));
       f.bytes += mine * elem;
     }
-    if (pack_size(set, j) > 0) {
-      FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j));
-      f.works.push_back(send(out, set.ranks[j], tag, f.keep));
-      f.bytes += pack_size(set, j) * elem;
+    for (const DeviceEntry* e : set.entries) {  // this rank's part of member j's shard, alike
+      if (!in_place(e, j, n)) continue;
+      const Tensor& t = e->copies.front();
+      const optim::Range r = optim::shard_range(t.numel(), j, n);
+      f.works.push_back(world_->send(at(t, r.begin), r.end - r.begin, wire, peer, tag));
+    }
+    if (packed_size(set, j) > 0) {
+      FP8_ASSIGN_OR_RETURN(Tensor out, pack(set, j, /*packed_only=*/true));
+      f.works.push_back(send(out, peer, tag, f.keep));
+      f.bytes += packed_size(set, j) * elem;
     }
   }
   buffer_bytes_ += f.bytes;
@@ -786,11 +844,11 @@ Status DeviceNameSync::all_gather() {
   return Status::Ok();
 }
 
-// As ShardGather's: shards of at least kGatherInPlace elements on their own, straight from and
+// As ShardGather's: shards of at least kShardAlone elements on their own, straight from and
 // into the first copies (not when staging through the host), the rest packed into one message.
 bool DeviceNameSync::in_place(const DeviceEntry* e, int j, int n) const {
   const optim::Range r = optim::shard_range(e->copies.front().numel(), j, n);
-  return !stage_ && r.end - r.begin >= kGatherInPlace;
+  return !stage_ && r.end - r.begin >= kShardAlone;
 }
 
 Status DeviceNameSync::start_gather(size_t k) {

@@ -41,6 +41,13 @@ using SetKey = std::function<std::vector<int>(const std::string& name)>;
 std::vector<int> dirs_holding(const std::string& name, const Schedule& s,
                               const std::vector<model::ModelPart>& stages, int pp_rank);
 
+// ZeRO-1's exchanges (NameSync, ShardGather, DeviceNameSync on device buffers) send a member's
+// shard of a name of at least this many elements as its own message, straight from the tensor
+// (the all-gather also receives it straight into the weights), and the smaller shards of a set
+// packed into one message per peer: no copy of the large ones, whose buffers the overlaps would
+// otherwise hold for every set in flight at once.
+constexpr int64_t kShardAlone = 4096;
+
 // A reduce-scatter whose sets of holders can start one at a time (NameSync, DeviceNameSync):
 // GradOverlap starts them while the pipeline runs, reduce_scatter_sum() starts the rest and ends
 // them all.
@@ -122,10 +129,6 @@ class GradOverlap {
 // the next step's first use of the chunks holding its names.
 class GatherExchange {
  public:
-  // A member's shard of a name of at least this many elements travels on its own, sent from and
-  // received into the weights themselves (no buffer: the overlap holds every set in flight at
-  // once); smaller shards of a set go packed in one message per peer.
-  static constexpr int64_t kGatherInPlace = 4096;
   virtual ~GatherExchange() = default;
   virtual size_t sets() const = 0;  // sets of two or more holders (a device's buckets)
   virtual std::vector<std::string> set_names(size_t k) const = 0;
@@ -226,7 +229,7 @@ class NameSync : public SetExchange {
   };
   void sum_local();
   void sum_local(const Set& set);
-  std::vector<double> pack(const Set& set, int j) const;  // shard j of the names, in order
+  std::vector<double> pack(const Set& set, int j) const;  // shard j of the names, as each_shard
   int64_t buffer_bytes_ = 0, peak_buffer_bytes_ = 0;
   std::vector<Flight> flights_;
   std::vector<SyncEntry> entries_;
@@ -239,7 +242,7 @@ class NameSync : public SetExchange {
 // ZeRO-1's parameter all-gather by global name: holder i (of n, in holders_of order) of a name
 // owns optim::shard_range(numel, i, n) of it and has just updated that shard; afterwards every
 // holder has every shard (fp32, in place). Point-to-point on the world communicator: per set of
-// holders and pair of members, one message per name whose shard has at least kGatherInPlace
+// holders and pair of members, one message per name whose shard has at least kShardAlone
 // elements (straight from and into the weights) and one carrying the rest of the set's shards.
 struct GatherEntry {
   std::string name;
@@ -291,13 +294,13 @@ class ShardGather : public GatherExchange {
 // of holders receives shard j of every other member's sum and adds the n contributions in rank
 // order (the additions a leader would make); each rank sends (n - 1)/n of a sum and receives as
 // much. A comm with device buffers (NCCL) moves the tensors themselves; any other
-// comm (MPI) gets host copies on a device backend. Per set and peer, one message carries the
-// shards of all the set's names, packed and unpacked by one Backend::copy_ranges each (the
-// all-gather sends a shard of at least kGatherInPlace elements on its own, from and into the
-// weights, unless staging through the host). Sets are
+// comm (MPI) gets host copies on a device backend. Per set and peer, a shard of at least
+// kShardAlone elements travels on its own (sent from the tensor; the all-gather's received into
+// the weights) unless staging through the host, and one message carries the other shards of the
+// set's names, packed and unpacked by one Backend::copy_ranges each. Sets are
 // cut into buckets of at most FP8PIPE_ZERO1_BUCKET_MB (default 256 MB of sums or weights; one
-// name may exceed it) and exchanged one after another: a bucket's send and receive buffers
-// (about twice its size) are the transient memory.
+// name may exceed it) and exchanged one after another: a bucket's buffers (about its size: the
+// receives, and the small shards packed to send) are the transient memory.
 struct DeviceEntry {
   std::string name;
   std::vector<Tensor>
