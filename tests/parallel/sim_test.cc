@@ -532,6 +532,19 @@ TEST(SimDsv3, Simulates) {
   }
 }
 
+// The dsv3 preset under schedule `kind` with `flags`, over `comm`: set after loading, since a build
+// without CUDA refuses nccl's train.device=cuda, and the simulator reads only the field.
+config::Config dsv3_over(const std::string& kind, const std::string& comm,
+                         const std::vector<std::string>& flags) {
+  std::vector<std::string> f = {"--parallel.schedule=" + kind};
+  f.insert(f.end(), flags.begin(), flags.end());
+  auto c = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto", f);
+  EXPECT_TRUE(c.ok()) << c.status().to_string();
+  config::Config cfg = c.ok() ? *c : config::Config();
+  cfg.mutable_parallel()->set_comm_backend(comm);
+  return cfg;
+}
+
 // optim.overlap_grad_reduce: the reduce-scatter under the pipeline can only shorten the step, never
 // below the pipeline plus the optimizer; without it the step is the pipeline plus the worst
 // rank's sync and optimizer, as before. Over MPI and over NCCL's matched groups.
@@ -539,17 +552,10 @@ TEST(SimDsv3, OverlappedGradientExchange) {
   for (const char* kind : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
     for (const char* comm : {"mpi", "nccl"}) {
       auto load = [&](bool overlap) {
-        auto c = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto",
-                             std::vector<std::string>{std::string("--parallel.schedule=") + kind,
-                                                      std::string("--optim.overlap_grad_reduce=") +
-                                                          (overlap ? "true" : "false"),
-                                                      "--optim.overlap_param_gather=false"});
-        EXPECT_TRUE(c.ok()) << c.status().to_string();
-        config::Config cfg = c.ok() ? *c : config::Config();
-        // Set after loading: a build without CUDA refuses nccl's train.device=cuda, and the
-        // simulator reads only the field.
-        cfg.mutable_parallel()->set_comm_backend(comm);
-        return cfg;
+        return dsv3_over(
+            kind, comm,
+            {std::string("--optim.overlap_grad_reduce=") + (overlap ? "true" : "false"),
+             "--optim.overlap_param_gather=false"});
       };
       auto on = step(load(true)), off = step(load(false));
       const std::string what = std::string(kind) + " over " + comm;
@@ -581,14 +587,9 @@ TEST(SimDsv3, OverlappedParameterGather) {
   for (const char* kind : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
     for (const char* comm : {"mpi", "nccl"}) {
       auto load = [&](bool overlap) {
-        auto c = load_config(std::string(FP8PIPE_SOURCE_DIR) + "/configs/dsv3-671b-2048.textproto",
-                             std::vector<std::string>{std::string("--parallel.schedule=") + kind,
-                                                      std::string("--optim.overlap_param_gather=") +
-                                                          (overlap ? "true" : "false")});
-        EXPECT_TRUE(c.ok()) << c.status().to_string();
-        config::Config cfg = c.ok() ? *c : config::Config();
-        cfg.mutable_parallel()->set_comm_backend(comm);  // as in OverlappedGradientExchange
-        return cfg;
+        return dsv3_over(
+            kind, comm,
+            {std::string("--optim.overlap_param_gather=") + (overlap ? "true" : "false")});
       };
       auto on = step(load(true)), off = step(load(false));
       const std::string what = std::string(kind) + " over " + comm;
