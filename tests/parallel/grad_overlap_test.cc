@@ -9,7 +9,9 @@
 // other member). Every layout must drain every queue, and GradOverlap must
 // never start a set before this rank's chunks holding it are final. The same model deadlocks the
 // simple rule (a set starts as soon as its chunks are final, as over MPI), which shows that it
-// can fail.
+// can fail. The weight all-gather overlapped with the next step (GatherOverlap) goes through the
+// same model: its sets in GatherOverlap::global_order ahead of the step drain every layout; in
+// each rank's chunk order some deadlock.
 #include <gtest/gtest.h>
 
 #include <algorithm>
